@@ -1,0 +1,1 @@
+"""handoff's framework-free engine and connectors (no dagster imports here)."""

@@ -1,0 +1,32 @@
+"""ERP customer (source): what the system of record must hold for a customer to be synced."""
+
+from __future__ import annotations
+
+import pandera.pandas as pa
+from pandera.typing import Series
+
+from integrations.contracts.contract import Contract
+from integrations.contracts.rules import is_email
+
+
+class ErpCustomerV1(pa.DataFrameModel):
+    customer_id: Series[int] = pa.Field(gt=0, unique=True)
+    customer_number: Series[str] = pa.Field(str_matches=r"^C\d{7}$")
+    first_name: Series[str] = pa.Field(str_length={"min_value": 1}, metadata={"pii": True})
+    last_name: Series[str] = pa.Field(str_length={"min_value": 1}, metadata={"pii": True})
+    email: Series[str] = pa.Field(metadata={"pii": True})
+    phone: Series[str] = pa.Field(nullable=True, metadata={"pii": True})
+    company_name: Series[str] = pa.Field(nullable=True)
+    city: Series[str] = pa.Field(nullable=True)
+    country: Series[str] = pa.Field(str_matches=r"^[A-Z]{2}$")
+
+    @pa.check("email", name="email_shape", error="is not a valid email address")
+    def email_shape(cls, email: Series[str]) -> Series[bool]:
+        return is_email(email)
+
+    class Config:
+        coerce = True
+        strict = False
+
+
+ERP_CUSTOMER = Contract(name="erp.customer", version=1, model=ErpCustomerV1)

@@ -1,0 +1,204 @@
+"""A client for the HubSpot CRM v3 objects API: batch upsert, search, list, batch archive.
+
+Transport faults are handled by urllib3's Retry: 429 honours Retry-After, 5xx and dropped
+connections back off exponentially with jitter. Every POST used here is idempotent (upsert by
+natural key, archive, search), so retrying it is safe. Errors never carry request headers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+MAX_BATCH = 100  # HubSpot's limit for batch endpoints
+SEARCH_PAGE = 100
+SEARCH_WINDOW = 10_000  # HubSpot's search stops paging here; the client restarts from the last date
+RETRYABLE = (429, 500, 502, 503, 504)
+
+
+class CrmError(Exception):
+    """Base of the CRM client's errors; messages carry no credentials."""
+
+
+class CrmUnavailable(CrmError):
+    """Could not reach the CRM, or it kept answering 429/5xx after every retry."""
+
+
+class CrmAuthError(CrmError):
+    """The CRM refused the access token."""
+
+
+class CrmRequestRejected(CrmError):
+    """The CRM refused the request's content (4xx): the body's message and category are kept."""
+
+    def __init__(self, status: int, category: str, message: str):
+        self.status, self.category = status, category
+        super().__init__(f"{status} {category}: {message}")
+
+
+def last_modified_property(object_type: str) -> str:
+    """HubSpot names it differently for contacts than for every other object."""
+    return "lastmodifieddate" if object_type == "contacts" else "hs_lastmodifieddate"
+
+
+class CrmClient:
+    def __init__(
+        self,
+        base_url: str,
+        access_token: str,
+        *,
+        timeout: float = 30.0,
+        retries: int = 6,
+        backoff: float = 0.5,
+        backoff_max: float = 30.0,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.session = requests.Session()
+        self.session.headers.update(
+            {"Authorization": f"Bearer {access_token}", "Content-Type": "application/json"}
+        )
+        retry = Retry(
+            total=retries,
+            backoff_factor=backoff,
+            backoff_max=backoff_max,
+            backoff_jitter=backoff,
+            status_forcelist=RETRYABLE,
+            allowed_methods=None,  # POSTs here are idempotent (see the module docstring)
+            respect_retry_after_header=True,
+            raise_on_status=False,
+        )
+        self.session.mount("http://", HTTPAdapter(max_retries=retry))
+        self.session.mount("https://", HTTPAdapter(max_retries=retry))
+
+    def close(self) -> None:
+        self.session.close()
+
+    def _request(self, method: str, path: str, *, json: object = None, params: dict | None = None) -> dict:
+        where = f"{method} {path}"
+        try:
+            response = self.session.request(
+                method, f"{self.base_url}{path}", json=json, params=params, timeout=self.timeout
+            )
+        except requests.RequestException as error:
+            # The exception's text can hold the URL but never headers; keep only its kind.
+            raise CrmUnavailable(f"{where}: {type(error).__name__} talking to {self.base_url}") from None
+        if response.status_code in RETRYABLE:
+            raise CrmUnavailable(f"{where}: answered {response.status_code} after every retry")
+        if response.status_code in (401, 403):
+            raise CrmAuthError(
+                f"{where}: the CRM refused the access token ({response.status_code}); "
+                "check CRM_ACCESS_TOKEN"
+            )
+        if response.status_code >= 400:
+            body = _json_or_empty(response)
+            raise CrmRequestRejected(
+                response.status_code,
+                str(body.get("category", "ERROR")),
+                str(body.get("message", response.reason)),
+            )
+        return _json_or_empty(response)
+
+    def batch_upsert(
+        self, object_type: str, id_property: str, inputs: Sequence[dict[str, object]]
+    ) -> list[dict]:
+        """Upsert up to 100 objects keyed by `id_property`; returns the API's result per object.
+
+        Each input is `{"id": <id_property value>, "properties": {...}, "objectWriteTraceId": ...}`.
+        """
+        if len(inputs) > MAX_BATCH:
+            raise ValueError(f"batch upsert takes at most {MAX_BATCH} inputs, got {len(inputs)}")
+        body = {"inputs": [{**item, "idProperty": id_property} for item in inputs]}
+        answer = self._request(
+            "POST", f"/crm/v3/objects/{object_type}/batch/upsert",
+            json=body, params={"idProperty": id_property},
+        )
+        return list(answer.get("results", []))
+
+    def batch_archive(self, object_type: str, ids: Sequence[str]) -> None:
+        if len(ids) > MAX_BATCH:
+            raise ValueError(f"batch archive takes at most {MAX_BATCH} ids, got {len(ids)}")
+        self._request(
+            "POST", f"/crm/v3/objects/{object_type}/batch/archive",
+            json={"inputs": [{"id": str(object_id)} for object_id in ids]},
+        )
+
+    def search_modified_since(
+        self, object_type: str, since: datetime, properties: Sequence[str] = ()
+    ) -> Iterator[dict]:
+        """Objects modified at or after `since` (UTC), oldest first, across every page."""
+        modified = last_modified_property(object_type)
+        floor_ms = _naive_utc_ms(since) if since.tzinfo is None else int(since.timestamp() * 1000)
+        skip: set[str] = set()  # already served at the floor instant of a restarted search
+        while True:
+            after, last_ms, at_last = None, floor_ms, set(skip)
+            while True:
+                body = {
+                    "filterGroups": [
+                        {"filters": [{"propertyName": modified, "operator": "GTE", "value": str(floor_ms)}]}
+                    ],
+                    "sorts": [{"propertyName": modified, "direction": "ASCENDING"}],
+                    "properties": [*properties, modified],
+                    "limit": SEARCH_PAGE,
+                    **({"after": after} if after else {}),
+                }
+                page = self._request("POST", f"/crm/v3/objects/{object_type}/search", json=body)
+                for item in page.get("results", []):
+                    if item["id"] in skip:
+                        continue
+                    moment = _iso_ms(item["properties"].get(modified)) or last_ms
+                    if moment != last_ms:
+                        last_ms, at_last = moment, set()
+                    at_last.add(item["id"])
+                    yield item
+                after = page.get("paging", {}).get("next", {}).get("after")
+                if not after:
+                    return
+                if int(after) >= SEARCH_WINDOW:
+                    break
+            # HubSpot stops paging a search at 10,000 results: search again from the newest instant.
+            if last_ms == floor_ms and at_last == skip:
+                raise CrmError(f"more than {SEARCH_WINDOW} {object_type} share one modification instant")
+            floor_ms, skip = last_ms, at_last
+
+    def list_objects(
+        self, object_type: str, properties: Sequence[str] = (), archived: bool = False
+    ) -> Iterator[dict]:
+        """Every object of a type (or every archived one), following `after` paging."""
+        params: dict[str, object] = {"limit": 100, "archived": str(archived).lower()}
+        if properties:
+            params["properties"] = ",".join(properties)
+        while True:
+            page = self._request("GET", f"/crm/v3/objects/{object_type}", params=params)
+            yield from page.get("results", [])
+            after = page.get("paging", {}).get("next", {}).get("after")
+            if not after:
+                return
+            params["after"] = after
+
+
+def _json_or_empty(response: requests.Response) -> dict:
+    if not response.content:
+        return {}
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _naive_utc_ms(moment: datetime) -> int:
+    return int(moment.replace(tzinfo=UTC).timestamp() * 1000)
+
+
+def _iso_ms(value: object) -> int | None:
+    if not value:
+        return None
+    text = str(value)
+    if text.isdigit():
+        return int(text)
+    return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)

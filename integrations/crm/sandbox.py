@@ -1,0 +1,440 @@
+"""The CRM sandbox: the subset of the HubSpot CRM v3 objects API that handoff uses, on SQLite.
+
+Served by `handoff crm-sandbox --port P`. Bearer-token auth, HubSpot-shaped error bodies,
+`createdAt`/`updatedAt` per record (untouched when an upsert changes nothing), unique values
+(email for contacts, any idProperty) enforced case-insensitively as HubSpot does.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+from integrations.contracts.rules import EMAIL_PATTERN
+from integrations.crm.client import MAX_BATCH, last_modified_property
+
+OBJECT_TYPES = ("contacts", "companies", "deals", "tickets")
+# Properties that must be unique per object type, besides whatever idProperty a request names.
+UNIQUE_PROPERTIES = {"contacts": ("email",), "companies": (), "deals": (), "tickets": ()}
+MAX_SEARCH_PAGE = 200
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS objects (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    object_type TEXT NOT NULL,
+    properties TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    archived INTEGER NOT NULL DEFAULT 0,
+    archived_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS ix_objects_modified ON objects (object_type, archived, updated_ms, id);
+CREATE TABLE IF NOT EXISTS unique_values (
+    object_type TEXT NOT NULL,
+    property TEXT NOT NULL,
+    value TEXT NOT NULL,
+    object_id INTEGER NOT NULL,
+    PRIMARY KEY (object_type, property, value)
+);
+CREATE INDEX IF NOT EXISTS ix_unique_values_object ON unique_values (object_id);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, category: str, message: str, **extra: object):
+        super().__init__(message)
+        self.status, self.category, self.message, self.extra = status, category, message, extra
+
+    def body(self) -> dict[str, object]:
+        return {
+            "status": "error",
+            "message": self.message,
+            "correlationId": str(uuid.uuid4()),
+            "category": self.category,
+            **self.extra,
+        }
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+def _to_ms(value: object) -> int:
+    text = str(value)
+    if re.fullmatch(r"-?\d+", text):
+        return int(text)
+    return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+class SandboxStore:
+    """The sandbox's records in one SQLite file; one lock makes each request atomic."""
+
+    def __init__(self, path: Path):
+        self.connection = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self.connection.execute("PRAGMA journal_mode=WAL")
+        self.connection.executescript(SCHEMA)
+        self.lock = threading.Lock()
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def _bump(self, name: str, by: int) -> None:
+        self.connection.execute(
+            "INSERT INTO counters VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = value + ?",
+            (name, by, by),
+        )
+
+    def stats(self) -> dict[str, int]:
+        with self.lock:
+            return dict(self.connection.execute("SELECT name, value FROM counters"))
+
+    def _find(self, object_type: str, prop: str, value: str) -> int | None:
+        row = self.connection.execute(
+            "SELECT object_id FROM unique_values WHERE object_type=? AND property=? AND value=?",
+            (object_type, prop, value.lower()),
+        ).fetchone()
+        return row[0] if row else None
+
+    def _view(self, row, properties: list[str] | None = None) -> dict[str, object]:
+        object_id, object_type, props, created, updated, archived, archived_ms = row
+        stored = json.loads(props)
+        modified = last_modified_property(object_type)
+        stored.update(hs_object_id=str(object_id), createdate=_iso(created), **{modified: _iso(updated)})
+        if properties:
+            stored = {name: stored.get(name) for name in properties}
+        view = {
+            "id": str(object_id),
+            "properties": stored,
+            "createdAt": _iso(created),
+            "updatedAt": _iso(updated),
+            "archived": bool(archived),
+        }
+        if archived:
+            view["archivedAt"] = _iso(archived_ms)
+        return view
+
+    def batch_upsert(self, object_type: str, body: dict, default_id_property: str | None) -> dict:
+        inputs = body.get("inputs")
+        if not isinstance(inputs, list) or not inputs:
+            raise ApiError(400, "VALIDATION_ERROR", "inputs must be a non-empty list")
+        if len(inputs) > MAX_BATCH:
+            raise ApiError(400, "VALIDATION_ERROR", f"at most {MAX_BATCH} inputs per batch, got {len(inputs)}")
+        started = _now_ms()
+        with self.lock:
+            self.connection.execute("BEGIN IMMEDIATE")
+            try:
+                results = [
+                    self._upsert_one(object_type, item, default_id_property, position)
+                    for position, item in enumerate(inputs)
+                ]
+                self._bump("upsert_inputs", len(inputs))
+                self._bump("records_changed", sum(changed for _, changed in results))
+                self.connection.execute("COMMIT")
+            except BaseException:
+                self.connection.execute("ROLLBACK")
+                raise
+        return {
+            "status": "COMPLETE",
+            "results": [view for view, _ in results],
+            "startedAt": _iso(started),
+            "completedAt": _iso(_now_ms()),
+        }
+
+    def _upsert_one(self, object_type: str, item: object, default_id_property: str | None, position: int):
+        if not isinstance(item, dict):
+            raise ApiError(400, "VALIDATION_ERROR", f"inputs[{position}] must be an object")
+        id_property = item.get("idProperty") or default_id_property
+        id_value = item.get("id")
+        properties = item.get("properties")
+        if not id_property or id_value in (None, ""):
+            raise ApiError(400, "VALIDATION_ERROR", f"inputs[{position}] needs id and idProperty")
+        if not isinstance(properties, dict):
+            raise ApiError(400, "VALIDATION_ERROR", f"inputs[{position}].properties must be an object")
+        bad = [name for name, value in properties.items() if not isinstance(value, str | int | float | bool | None)]
+        if bad:
+            raise ApiError(400, "VALIDATION_ERROR", f"inputs[{position}]: property values must be scalars: {bad}")
+        properties = {name: ("" if value is None else str(value)) for name, value in properties.items()}
+        properties[id_property] = str(id_value)
+        email = properties.get("email")
+        if object_type == "contacts" and email and not re.fullmatch(EMAIL_PATTERN, email):
+            raise ApiError(400, "VALIDATION_ERROR", f"inputs[{position}]: email is not a valid email address",
+                           subCategory="INVALID_EMAIL")
+        existing = self._find(object_type, id_property, str(id_value))
+        for unique in (id_property, *UNIQUE_PROPERTIES.get(object_type, ())):
+            value = properties.get(unique)
+            owner = self._find(object_type, unique, value) if value else None
+            if owner is not None and owner != existing:
+                raise ApiError(
+                    409, "CONFLICT",
+                    f"inputs[{position}]: {unique} already belongs to object {owner}",
+                    subCategory="OBJECT_ALREADY_EXISTS",
+                )
+        now = _now_ms()
+        changed = True
+        if existing is None:
+            cursor = self.connection.execute(
+                "INSERT INTO objects (object_type, properties, created_ms, updated_ms) VALUES (?, ?, ?, ?)",
+                (object_type, json.dumps(properties, sort_keys=True), now, now),
+            )
+            object_id, new = cursor.lastrowid, True
+        else:
+            object_id, new = existing, False
+            (stored,) = self.connection.execute("SELECT properties FROM objects WHERE id=?", (existing,)).fetchone()
+            merged = {**json.loads(stored), **properties}
+            changed = merged != json.loads(stored)
+            if changed:
+                self.connection.execute(
+                    "UPDATE objects SET properties=?, updated_ms=? WHERE id=?",
+                    (json.dumps(merged, sort_keys=True), now, existing),
+                )
+                self.connection.execute(
+                    "DELETE FROM unique_values WHERE object_id=? AND object_type=?", (existing, object_type)
+                )
+            properties = merged
+        if changed:
+            for unique in {id_property, *UNIQUE_PROPERTIES.get(object_type, ())}:
+                if properties.get(unique):
+                    self.connection.execute(
+                        "INSERT OR REPLACE INTO unique_values VALUES (?, ?, ?, ?)",
+                        (object_type, unique, properties[unique].lower(), object_id),
+                    )
+        row = self.connection.execute("SELECT * FROM objects WHERE id=?", (object_id,)).fetchone()
+        return {**self._view(row), "new": new}, changed
+
+    def batch_archive(self, object_type: str, body: dict) -> None:
+        inputs = body.get("inputs")
+        if not isinstance(inputs, list) or len(inputs) > MAX_BATCH:
+            raise ApiError(400, "VALIDATION_ERROR", f"inputs must be a list of at most {MAX_BATCH} ids")
+        ids = []
+        for item in inputs:
+            if not isinstance(item, dict) or not str(item.get("id", "")).isdigit():
+                raise ApiError(400, "VALIDATION_ERROR", "each input must be {\"id\": \"<object id>\"}")
+            ids.append(int(item["id"]))
+        now = _now_ms()
+        with self.lock:
+            self.connection.execute("BEGIN IMMEDIATE")
+            for object_id in ids:
+                cursor = self.connection.execute(
+                    "UPDATE objects SET archived=1, archived_ms=? WHERE id=? AND object_type=? AND archived=0",
+                    (now, object_id, object_type),
+                )
+                if cursor.rowcount:
+                    self.connection.execute("DELETE FROM unique_values WHERE object_id=?", (object_id,))
+            self._bump("archive_inputs", len(ids))
+            self.connection.execute("COMMIT")
+
+    def get(self, object_type: str, object_id: str, properties: list[str] | None) -> dict:
+        with self.lock:
+            row = self.connection.execute(
+                "SELECT * FROM objects WHERE id=? AND object_type=?", (object_id, object_type)
+            ).fetchone()
+        if row is None or not str(object_id).isdigit():
+            raise ApiError(404, "OBJECT_NOT_FOUND", f"no {object_type} object with id {object_id}")
+        return self._view(row, properties)
+
+    def list(self, object_type: str, limit: int, after: int, archived: bool, properties: list[str] | None):
+        with self.lock:
+            rows = self.connection.execute(
+                "SELECT * FROM objects WHERE object_type=? AND archived=? AND id>? ORDER BY id LIMIT ?",
+                (object_type, int(archived), after, limit + 1),
+            ).fetchall()
+        page = {"results": [self._view(row, properties) for row in rows[:limit]]}
+        if len(rows) > limit:
+            page["paging"] = {"next": {"after": str(rows[limit - 1][0])}}
+        return page
+
+    def search(self, object_type: str, body: dict) -> dict:
+        limit = int(body.get("limit") or 10)
+        if not 0 < limit <= MAX_SEARCH_PAGE:
+            raise ApiError(400, "VALIDATION_ERROR", f"limit must be between 1 and {MAX_SEARCH_PAGE}")
+        offset = int(body.get("after") or 0)
+        modified = last_modified_property(object_type)
+        with self.lock:
+            rows = self.connection.execute(
+                "SELECT * FROM objects WHERE object_type=? AND archived=0 ORDER BY updated_ms, id",
+                (object_type,),
+            ).fetchall()
+        views = [self._view(row) for row in rows]
+        groups = body.get("filterGroups") or []
+        if groups:
+            views = [view for view in views if any(_matches(view, group, modified) for group in groups)]
+        for sort in reversed(body.get("sorts") or []):
+            name = sort.get("propertyName", modified) if isinstance(sort, dict) else str(sort)
+            descending = isinstance(sort, dict) and sort.get("direction") == "DESCENDING"
+            views.sort(key=lambda view, name=name: _sort_key(view["properties"].get(name), name, modified),
+                       reverse=descending)
+        wanted = body.get("properties")
+        page = views[offset : offset + limit]
+        if wanted:
+            for view in page:
+                view["properties"] = {name: view["properties"].get(name) for name in (*wanted, "hs_object_id")}
+        answer: dict[str, object] = {"total": len(views), "results": page}
+        if offset + limit < len(views):
+            answer["paging"] = {"next": {"after": str(offset + limit)}}
+        return answer
+
+
+def _sort_key(value: object, name: str, modified: str):
+    if name in (modified, "createdate") and value:
+        return _to_ms(value)
+    return "" if value is None else str(value)
+
+
+_OPERATORS = {
+    "EQ": lambda a, b: a == b, "NEQ": lambda a, b: a != b,
+    "GT": lambda a, b: a > b, "GTE": lambda a, b: a >= b,
+    "LT": lambda a, b: a < b, "LTE": lambda a, b: a <= b,
+}
+
+
+def _matches(view: dict, group: dict, modified: str) -> bool:
+    for rule in group.get("filters", []):
+        name, operator = rule.get("propertyName"), rule.get("operator")
+        if operator == "HAS_PROPERTY":
+            if not view["properties"].get(name):
+                return False
+            continue
+        if operator not in _OPERATORS:
+            raise ApiError(400, "VALIDATION_ERROR", f"unsupported filter operator {operator!r}")
+        value = view["properties"].get(name)
+        if value is None:
+            return False
+        wanted = rule.get("value")
+        if name in (modified, "createdate"):
+            value, wanted = _to_ms(value), _to_ms(wanted)
+        elif isinstance(value, str) and isinstance(wanted, str):
+            value, wanted = value.lower(), wanted.lower()
+        if not _OPERATORS[operator](value, wanted):
+            return False
+    return True
+
+
+class SandboxHandler(BaseHTTPRequestHandler):
+    server: SandboxServer
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # one small response must not wait 40 ms for a delayed ACK
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base's name
+        if self.server.verbose:
+            super().log_message(format, *args)
+
+    def do_GET(self) -> None:
+        self._handle("GET")
+
+    def do_POST(self) -> None:
+        self._handle("POST")
+
+    def _handle(self, method: str) -> None:
+        url = urlparse(self.path)
+        query = parse_qs(url.query)
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        try:
+            self._authorise()
+            status, body = self._route(method, url.path.rstrip("/"), query, raw)
+        except ApiError as error:
+            status, body = error.status, error.body()
+        except Exception as error:  # a bug in the sandbox must still answer like an API
+            status, body = 500, ApiError(500, "INTERNAL_ERROR", f"{type(error).__name__}").body()
+        self._send(status, body)
+
+    def _authorise(self) -> None:
+        header = self.headers.get("Authorization", "")
+        token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+        if not token or not hmac.compare_digest(token.encode(), self.server.token.encode()):
+            raise ApiError(
+                401, "INVALID_AUTHENTICATION",
+                "Authentication credentials not found or invalid. Send 'Authorization: Bearer <token>'.",
+            )
+
+    def _route(self, method: str, path: str, query: dict, raw: bytes) -> tuple[int, dict | None]:
+        store = self.server.store
+        if path == "/_sandbox/stats" and method == "GET":
+            return 200, store.stats()
+        match = re.fullmatch(r"/crm/v3/objects/([a-z_]+)(?:/([^/]+))?(?:/([a-z]+))?", path)
+        if not match:
+            raise ApiError(404, "OBJECT_NOT_FOUND", f"no route for {method} {path}")
+        object_type, second, third = match.groups()
+        if object_type not in OBJECT_TYPES:
+            raise ApiError(404, "OBJECT_NOT_FOUND", f"unknown object type {object_type!r}")
+        properties = ",".join(query.get("properties", [])).split(",") if query.get("properties") else None
+        if method == "GET" and second is None:
+            limit = int(query.get("limit", ["10"])[0])
+            after = int(query.get("after", ["0"])[0] or 0)
+            archived = query.get("archived", ["false"])[0].lower() == "true"
+            return 200, store.list(object_type, min(max(limit, 1), 100), after, archived, properties)
+        if method == "GET" and third is None:
+            return 200, store.get(object_type, second, properties)
+        if method != "POST":
+            raise ApiError(405, "METHOD_NOT_ALLOWED", f"{method} is not allowed on {path}")
+        body = self._json(raw)
+        if (second, third) == ("batch", "upsert"):
+            return 200, store.batch_upsert(object_type, body, query.get("idProperty", [None])[0])
+        if (second, third) == ("batch", "archive"):
+            store.batch_archive(object_type, body)
+            return 204, None
+        if second == "search" and third is None:
+            return 200, store.search(object_type, body)
+        raise ApiError(404, "OBJECT_NOT_FOUND", f"no route for {method} {path}")
+
+    @staticmethod
+    def _json(raw: bytes) -> dict:
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError as error:
+            raise ApiError(400, "VALIDATION_ERROR", f"the body is not valid JSON: {error.msg}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "VALIDATION_ERROR", "the body must be a JSON object")
+        return body
+
+    def _send(self, status: int, body: dict | None) -> None:
+        payload = b"" if body is None else json.dumps(body).encode()
+        self.send_response(status, HTTPStatus(status).phrase)
+        if payload:
+            self.send_header("Content-Type", "application/json;charset=utf-8")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+class SandboxServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, path: Path, token: str, host: str = "127.0.0.1", port: int = 0, verbose: bool = False):
+        if not token:
+            raise ValueError("the CRM sandbox needs a token: set CRM_ACCESS_TOKEN")
+        self.store = SandboxStore(path)
+        self.token = token
+        self.verbose = verbose
+        super().__init__((host, port), SandboxHandler)
+
+    @property
+    def base_url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start_in_thread(self) -> threading.Thread:
+        thread = threading.Thread(target=self.serve_forever, name="crm-sandbox", daemon=True)
+        thread.start()
+        return thread
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.store.close()

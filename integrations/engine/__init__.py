@@ -1,0 +1,1 @@
+"""The sync engine: extract, validate, map, diff, load, commit, delete (DESIGN.md, steps 1–7)."""

@@ -1,0 +1,40 @@
+"""What the engine needs from a destination: upsert by natural key, and archive."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class OutboundRecord:
+    key: str  # the ledger's record key (the source key)
+    properties: dict[str, object]
+    trace_id: str  # idempotency key: (flow, key, content hash)
+
+
+@dataclass(frozen=True)
+class Written:
+    key: str
+    destination_id: str
+    created: bool
+
+
+class RecordsRejected(Exception):
+    """The destination refused the batch because of what is in it (not a transient failure)."""
+
+
+class DestinationUnavailable(Exception):
+    """The destination could not be reached, or kept failing after retries."""
+
+
+class Destination(Protocol):
+    name: str
+    max_batch: int
+
+    def upsert(self, records: Sequence[OutboundRecord]) -> list[Written]:
+        """Upsert by natural key; raise RecordsRejected when the content is refused."""
+
+    def archive(self, destination_ids: Sequence[str]) -> None:
+        """Archive (soft-delete) records by their destination ids; already archived is fine."""

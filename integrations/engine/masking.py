@@ -1,0 +1,33 @@
+"""PII masking that keeps a recognisable shape: `jane.doe@example.com` → `j***@e***.com`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+MASK = "***"
+
+
+def mask_email(value: str) -> str:
+    local, _, domain = value.rpartition("@")
+    if not local:
+        return mask_text(value)
+    host, dot, tld = domain.rpartition(".")
+    masked_domain = f"{host[:1]}{MASK}{dot}{tld}" if host else f"{domain[:1]}{MASK}"
+    return f"{local[:1]}{MASK}@{masked_domain}"
+
+
+def mask_text(value: str) -> str:
+    return f"{value[:1]}{MASK}" if value else value
+
+
+def mask_value(value: object) -> object:
+    """Mask one PII value; emails keep their shape, other text keeps its first character."""
+    if value is None or (isinstance(value, float) and value != value):
+        return value
+    text = str(value)
+    return mask_email(text) if "@" in text else mask_text(text)
+
+
+def mask_record(record: Mapping[str, object], pii_fields: Iterable[str]) -> dict[str, object]:
+    pii = set(pii_fields)
+    return {name: mask_value(value) if name in pii else value for name, value in record.items()}

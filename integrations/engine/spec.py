@@ -1,0 +1,59 @@
+"""A flow, declared once: where rows come from, what they must be, where they go."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import pandas as pd
+
+from integrations.contracts import Contract
+
+
+@dataclass(frozen=True)
+class SourceTable:
+    """A table in a system of record, read incrementally by `(cursor, key)`."""
+
+    table: str
+    key: str
+    cursor: str = "updated_at"
+    deleted: str | None = "deleted_at"
+
+
+@dataclass(frozen=True)
+class Target:
+    """The destination dataset (asset key `<system>/<dataset>`) and the property that keys it."""
+
+    system: str
+    dataset: str
+    id_property: str
+
+
+@dataclass(frozen=True)
+class ErrorBudget:
+    """Above `max_share` rejected rows the sync stops instead of pushing mostly-bad data.
+
+    The share is judged once `min_rows` rows were read, and always at the end of a run.
+    """
+
+    max_share: float = 0.10
+    min_rows: int = 20
+
+
+@dataclass(frozen=True)
+class FlowSpec:
+    """Everything the engine needs to know about a flow; no connections, no framework."""
+
+    name: str
+    source: SourceTable
+    source_contract: Contract
+    target: Target
+    target_contract: Contract
+    # Source rows (valid by source_contract) → target records, same index, by documented meaning.
+    mapping: Callable[[pd.DataFrame], pd.DataFrame]
+    description: str = ""
+    batch_size: int = 1000
+    lookback: timedelta = timedelta(minutes=5)
+    error_budget: ErrorBudget = field(default_factory=ErrorBudget)
+    archive_deleted: bool = True

@@ -1,0 +1,314 @@
+"""One sync run of one flow: DESIGN.md's steps 1–7, batch by batch.
+
+Per batch: extract → validate (source contract) → map → validate (target contract) → diff against
+the ledger → load the changed records (bisecting a refused chunk so only its bad records are
+dead-lettered) → archive soft-deleted records → commit ledger, dead letters, watermark and an
+audit entry in one state transaction. Re-running any window changes nothing that is in sync.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import pandas as pd
+
+from integrations.contracts.contract import ContractViolation, RowRejection
+from integrations.engine.destination import (
+    Destination,
+    DestinationUnavailable,
+    OutboundRecord,
+    RecordsRejected,
+    Written,
+)
+from integrations.engine.hashing import content_hash, idempotency_key
+from integrations.engine.masking import mask_record
+from integrations.engine.spec import FlowSpec
+from integrations.engine.state import BatchCommit, DeadLetter, StateStore, Watermark
+from integrations.sql.source import SqlSource
+
+logger = logging.getLogger(__name__)
+
+COUNTS = ("read", "valid", "rejected", "unchanged", "held", "inserted", "updated", "archived")
+PHASES = ("extract", "validate", "map", "diff", "load", "commit")
+SAMPLE_SIZE = 5
+
+
+class SyncError(Exception):
+    """A sync that stopped: says which flow, what happened and what to do."""
+
+    def __init__(self, flow: str, what: str, todo: str):
+        self.flow, self.what, self.todo = flow, what, todo
+        super().__init__(f"flow {flow}: {what}. What to do: {todo}")
+
+
+class ErrorBudgetExceeded(SyncError):
+    pass
+
+
+@dataclass
+class SyncResult:
+    flow: str
+    run_id: str
+    full: bool
+    counts: Counter = field(default_factory=Counter)
+    timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    watermark_before: Watermark | None = None
+    watermark_after: Watermark | None = None
+    batches: int = 0
+    seconds: float = 0.0
+    reasons: Counter = field(default_factory=Counter)
+    samples: list[dict[str, object]] = field(default_factory=list)
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.counts["read"] / self.seconds if self.seconds else 0.0
+
+    @property
+    def written(self) -> int:
+        return self.counts["inserted"] + self.counts["updated"] + self.counts["archived"]
+
+
+class _Clock:
+    def __init__(self, timings: dict[str, float]):
+        self.timings = timings
+        self.mark = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.timings[phase] += now - self.mark
+        self.mark = now
+
+
+def _json_ready(frame: pd.DataFrame) -> list[dict[str, object]]:
+    """Rows as plain dicts: NaN/NaT → None, timestamps → ISO text."""
+    plain = frame.astype(object).where(frame.notna(), None)
+    records = plain.to_dict("records")
+    for record in records:
+        for name, value in record.items():
+            if isinstance(value, datetime | pd.Timestamp):
+                record[name] = value.isoformat()
+            elif hasattr(value, "item"):  # numpy scalars
+                record[name] = value.item()
+    return records
+
+
+class Sync:
+    """Runs `spec` from `source` into `destination`, keeping books in `state`."""
+
+    def __init__(
+        self,
+        spec: FlowSpec,
+        source: SqlSource,
+        destination: Destination,
+        state: StateStore,
+        *,
+        run_id: str,
+        actor: str,
+        why: str,
+        log: logging.Logger | logging.LoggerAdapter | None = None,
+    ):
+        self.spec, self.source, self.destination, self.state = spec, source, destination, state
+        self.run_id, self.actor, self.why = run_id, actor, why
+        self.log = log or logger
+
+    def run(self, full: bool = False) -> SyncResult:
+        """Sync what changed since the watermark (minus the lookback), or every row if `full`."""
+        spec = self.spec
+        result = SyncResult(flow=spec.name, run_id=self.run_id, full=full)
+        result.watermark_before = self.state.watermark(spec.name)
+        since = None
+        if result.watermark_before is not None and not full:
+            since = result.watermark_before.updated_at - spec.lookback
+        started = time.perf_counter()
+        clock = _Clock(result.timings)
+        for batch in self.source.batches(since, spec.batch_size):
+            clock.lap("extract")
+            self._sync_batch(batch, result, clock)
+            result.batches += 1
+            result.seconds = time.perf_counter() - started
+            self.log.info(
+                "%s: batch %d committed: %d rows done, %.0f rows/s, %d written, %d rejected",
+                spec.name, result.batches, result.counts["read"], result.rows_per_second,
+                result.written, result.counts["rejected"],
+            )
+            clock.mark = time.perf_counter()
+        result.seconds = time.perf_counter() - started
+        result.watermark_after = self.state.watermark(spec.name)
+        self._check_budget(result, final=True)
+        return result
+
+    # --- one batch ---------------------------------------------------------------------------
+
+    def _sync_batch(self, batch: pd.DataFrame, result: SyncResult, clock: _Clock) -> None:
+        spec = self.spec
+        key_column, deleted_column = spec.source.key, spec.source.deleted
+        batch = batch.set_axis(batch[key_column].astype(str), axis=0)
+        batch.index.name = None
+        result.counts["read"] += len(batch)
+        deleted = batch[deleted_column].notna() if deleted_column else pd.Series(False, index=batch.index)
+        live, gone = batch[~deleted], batch[deleted]
+
+        try:
+            source_verdict = spec.source_contract.judge(live)
+            clock.lap("validate")
+            mapped = spec.mapping(source_verdict.valid)
+            clock.lap("map")
+            target_verdict = spec.target_contract.judge(mapped)
+        except ContractViolation as error:
+            raise SyncError(spec.name, str(error), "fix the source schema or the contract, then rerun") from error
+        clock.lap("validate")
+        rejections = source_verdict.rejections + target_verdict.rejections
+        letters = [self._contract_letter(live, rejection) for rejection in rejections]
+        valid = target_verdict.valid
+        result.counts["valid"] += len(valid)
+
+        records = dict(zip(valid.index, _json_ready(valid), strict=True))
+        hashes = {key: content_hash(record) for key, record in records.items()}
+        ledger = self.state.ledger_entries(spec.name, list(records) + list(gone.index))
+        held = self.state.open_dead_letter_hashes(spec.name, list(records))
+        outbound = []
+        for key, record in records.items():
+            known = ledger.get(key)
+            if known is not None and known.content_hash == hashes[key] and not known.archived:
+                result.counts["unchanged"] += 1
+            elif held.get(key) == hashes[key]:
+                result.counts["held"] += 1  # refused before with this exact content: replay, don't resend
+            else:
+                trace = idempotency_key(spec.name, key, hashes[key])
+                outbound.append(OutboundRecord(key=key, properties=record, trace_id=trace))
+        to_archive = {
+            key: entry.destination_id
+            for key, entry in ledger.items()
+            if key in gone.index and not entry.archived and entry.destination_id
+        }
+        result.counts["unchanged"] += len(gone) - len(to_archive)
+        clock.lap("diff")
+
+        self._note_rejections(result, letters)
+        self._check_budget(result, final=False, pending=letters)
+
+        written, refused = self._load(outbound, live)
+        letters += refused
+        self._note_rejections(result, refused)
+        if spec.archive_deleted and to_archive:
+            self._call_destination(lambda: self._archive(list(to_archive.values())))
+        clock.lap("load")
+
+        for item in written:
+            result.counts["inserted" if item.created else "updated"] += 1
+        result.counts["archived"] += len(to_archive)
+        synced = [
+            {"record_key": item.key, "content_hash": hashes[item.key],
+             "destination_id": item.destination_id, "archived": False}
+            for item in written
+        ] + [
+            {"record_key": key, "content_hash": "archived", "destination_id": destination_id, "archived": True}
+            for key, destination_id in to_archive.items()
+        ]
+        last = batch.iloc[-1]
+        watermark = Watermark(pd.Timestamp(last[spec.source.cursor]).to_pydatetime(), last[key_column].item()
+                              if hasattr(last[key_column], "item") else last[key_column])
+        if result.watermark_before and (watermark.updated_at, str(watermark.key)) < (
+            result.watermark_before.updated_at, str(result.watermark_before.key)
+        ):
+            watermark = result.watermark_before  # a lookback batch never moves the watermark back
+        commit = BatchCommit(spec.name, self.run_id, synced=synced, dead_letters=letters, watermark=watermark)
+        counts = Counter(inserted=sum(w.created for w in written), updated=sum(not w.created for w in written),
+                         archived=len(to_archive), dead_lettered=len(letters))
+        self.state.commit_batch(
+            commit,
+            audit={"actor": self.actor, "action": "sync_batch", "why": self.why,
+                   "detail": {**counts, "rows": len(batch), "watermark": watermark.as_dict()}},
+        )
+        clock.lap("commit")
+
+    # --- load, with bisection of refused chunks --------------------------------------------
+
+    def _load(
+        self, outbound: Sequence[OutboundRecord], source_rows: pd.DataFrame
+    ) -> tuple[list[Written], list[DeadLetter]]:
+        written: list[Written] = []
+        refused: list[DeadLetter] = []
+        size = self.destination.max_batch
+        for start in range(0, len(outbound), size):
+            self._load_chunk(outbound[start : start + size], source_rows, written, refused)
+        return written, refused
+
+    def _load_chunk(self, chunk, source_rows, written: list[Written], refused: list[DeadLetter]) -> None:
+        try:
+            written.extend(self._call_destination(lambda: self.destination.upsert(chunk)))
+        except RecordsRejected as error:
+            if len(chunk) == 1:
+                record = chunk[0]
+                refused.append(
+                    DeadLetter(
+                        flow=self.spec.name, record_key=record.key, reason_kind="destination",
+                        reason=f"{self.destination.name} refused the record: {error}",
+                        payload=_json_ready(source_rows.loc[[record.key]])[0],
+                        content_hash=content_hash(record.properties),
+                    )
+                )
+                return
+            middle = math.ceil(len(chunk) / 2)
+            self._load_chunk(chunk[:middle], source_rows, written, refused)
+            self._load_chunk(chunk[middle:], source_rows, written, refused)
+
+    def _archive(self, destination_ids: list[str]) -> None:
+        size = self.destination.max_batch
+        for start in range(0, len(destination_ids), size):
+            self.destination.archive(destination_ids[start : start + size])
+
+    def _call_destination(self, call):
+        try:
+            return call()
+        except DestinationUnavailable as error:
+            raise SyncError(
+                self.spec.name,
+                f"{self.destination.name} is unavailable: {error}",
+                "nothing after the last committed batch was marked synced; rerun when "
+                f"{self.destination.name} answers again (the rerun resumes from the watermark)",
+            ) from error
+
+    # --- rejections and the error budget ----------------------------------------------------
+
+    def _contract_letter(self, rows: pd.DataFrame, rejection: RowRejection) -> DeadLetter:
+        return DeadLetter(
+            flow=self.spec.name, record_key=str(rejection.index), reason_kind="contract",
+            reason=rejection.reason, payload=_json_ready(rows.loc[[rejection.index]])[0],
+        )
+
+    def _note_rejections(self, result: SyncResult, letters: Sequence[DeadLetter]) -> None:
+        result.counts["rejected"] += len(letters)
+        pii = self.spec.source_contract.pii_fields | self.spec.target_contract.pii_fields
+        for letter in letters:
+            result.reasons[letter.reason] += 1
+            if len(result.samples) < SAMPLE_SIZE:
+                result.samples.append(
+                    {"key": letter.record_key, "reason": letter.reason,
+                     "record": mask_record(letter.payload, pii)}
+                )
+
+    def _check_budget(self, result: SyncResult, final: bool, pending: Sequence[DeadLetter] = ()) -> None:
+        budget = self.spec.error_budget
+        seen = result.counts["valid"] + result.counts["rejected"]
+        if not seen or (not final and seen < budget.min_rows):
+            return
+        share = result.counts["rejected"] / seen
+        if share <= budget.max_share:
+            return
+        if pending:  # the batch's rejected rows are kept, but nothing of it is loaded
+            self.state.commit_batch(BatchCommit(self.spec.name, self.run_id, dead_letters=list(pending)))
+        top = "; ".join(f"{reason} ({n})" for reason, n in result.reasons.most_common(3))
+        raise ErrorBudgetExceeded(
+            self.spec.name,
+            f"{result.counts['rejected']} of {seen} rows ({share:.1%}) failed, above the error budget "
+            f"of {budget.max_share:.0%}; top reasons: {top}",
+            f"inspect them with `handoff dlq list --flow {self.spec.name}`, fix the source "
+            "(or the contract), then rerun; the watermark did not advance past the failing batch",
+        )

@@ -1,0 +1,1 @@
+"""The demo ERP, the system of record: its schema, seeding and a change simulator."""

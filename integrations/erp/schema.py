@@ -1,0 +1,92 @@
+"""The ERP schema: customers, products, orders, invoices, payments.
+
+Every table has `updated_at` (the sync cursor) and `deleted_at` (soft deletes).
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+
+def _lifecycle_columns() -> list[sa.Column]:
+    return [
+        sa.Column("created_at", sa.DateTime, nullable=False),
+        sa.Column("updated_at", sa.DateTime, nullable=False),
+        sa.Column("deleted_at", sa.DateTime, nullable=True),
+    ]
+
+
+customers = sa.Table(
+    "customers",
+    metadata,
+    sa.Column("customer_id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("customer_number", sa.String(16), nullable=False, unique=True),
+    sa.Column("first_name", sa.String(80), nullable=False),
+    sa.Column("last_name", sa.String(80), nullable=False),
+    sa.Column("email", sa.String(255), nullable=True),
+    sa.Column("phone", sa.String(40), nullable=True),
+    sa.Column("company_name", sa.String(160), nullable=True),
+    sa.Column("city", sa.String(80), nullable=True),
+    sa.Column("country", sa.String(2), nullable=True),
+    *_lifecycle_columns(),
+    sa.Index("ix_customers_updated_at", "updated_at", "customer_id"),
+)
+
+products = sa.Table(
+    "products",
+    metadata,
+    sa.Column("product_id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("sku", sa.String(32), nullable=False, unique=True),
+    sa.Column("name", sa.String(160), nullable=False),
+    sa.Column("unit_price", sa.Numeric(12, 2), nullable=False),
+    *_lifecycle_columns(),
+    sa.Index("ix_products_updated_at", "updated_at", "product_id"),
+)
+
+orders = sa.Table(
+    "orders",
+    metadata,
+    sa.Column("order_id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("customer_id", sa.Integer, sa.ForeignKey("customers.customer_id"), nullable=False),
+    sa.Column("product_id", sa.Integer, sa.ForeignKey("products.product_id"), nullable=False),
+    sa.Column("quantity", sa.Integer, nullable=False),
+    sa.Column("order_date", sa.Date, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("total", sa.Numeric(12, 2), nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    *_lifecycle_columns(),
+    sa.Index("ix_orders_updated_at", "updated_at", "order_id"),
+)
+
+invoices = sa.Table(
+    "invoices",
+    metadata,
+    sa.Column("invoice_id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("invoice_number", sa.String(20), nullable=False, unique=True),
+    sa.Column("order_id", sa.Integer, sa.ForeignKey("orders.order_id"), nullable=False),
+    sa.Column("customer_id", sa.Integer, sa.ForeignKey("customers.customer_id"), nullable=False),
+    sa.Column("invoice_date", sa.Date, nullable=False),
+    sa.Column("due_date", sa.Date, nullable=False),
+    sa.Column("amount", sa.Numeric(12, 2), nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    *_lifecycle_columns(),
+    sa.Index("ix_invoices_updated_at", "updated_at", "invoice_id"),
+    sa.Index("ix_invoices_invoice_date", "invoice_date"),
+)
+
+payments = sa.Table(
+    "payments",
+    metadata,
+    sa.Column("payment_id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("invoice_id", sa.Integer, sa.ForeignKey("invoices.invoice_id"), nullable=False),
+    sa.Column("paid_on", sa.Date, nullable=False),
+    sa.Column("amount", sa.Numeric(12, 2), nullable=False),
+    sa.Column("method", sa.String(16), nullable=False),
+    *_lifecycle_columns(),
+    sa.Index("ix_payments_updated_at", "updated_at", "payment_id"),
+)
+
+TABLES_IN_LOAD_ORDER = [customers, products, orders, invoices, payments]

@@ -1,0 +1,36 @@
+"""Where things live, read from the environment; unset means the embedded default."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def handoff_home() -> Path:
+    """The folder of the embedded SQLite files (`HANDOFF_HOME`, default `.handoff/`)."""
+    home = Path(os.environ.get("HANDOFF_HOME") or ".handoff").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def _sqlite_url(filename: str) -> str:
+    return f"sqlite:///{handoff_home() / filename}"
+
+
+def erp_database_url() -> str:
+    """The ERP (system of record): `ERP_DATABASE_URL` or the embedded SQLite file."""
+    return os.environ.get("ERP_DATABASE_URL") or _sqlite_url("erp.sqlite")
+
+
+def state_url() -> str:
+    """Ledger, cursors, DLQ and audit trail: `HANDOFF_STATE_URL` or the embedded SQLite file."""
+    return os.environ.get("HANDOFF_STATE_URL") or _sqlite_url("state.sqlite")
+
+
+def crm_base_url() -> str:
+    """The CRM endpoint: `CRM_BASE_URL` or the local sandbox's default address."""
+    return os.environ.get("CRM_BASE_URL") or "http://127.0.0.1:8765"
+
+
+def crm_sandbox_path() -> Path:
+    return handoff_home() / "crm_sandbox.sqlite"

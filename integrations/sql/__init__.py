@@ -1,0 +1,1 @@
+"""SQL sources and destinations (SQLAlchemy 2 Core)."""

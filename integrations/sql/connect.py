@@ -1,0 +1,52 @@
+"""Engines with the settings every handoff database needs, whatever the dialect."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+
+def normalise_url(url: str) -> str:
+    """`postgresql://` means psycopg 3 here, the driver with COPY."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def create_engine(url: str) -> sa.Engine:
+    """An engine; SQLite files get WAL and a busy timeout so sync and sensors can share them."""
+    engine = sa.create_engine(normalise_url(url), pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+
+        @sa.event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection, _record):
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+    return engine
+
+
+def redacted(url: str) -> str:
+    """The URL as it may appear in logs: never with its password."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def upsert_statement(
+    dialect_name: str, table: sa.Table, key_columns: list[str], update_columns: list[str]
+):
+    """`INSERT … ON CONFLICT (key) DO UPDATE` for SQLite and PostgreSQL, to run executemany."""
+    if dialect_name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect_name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        raise NotImplementedError(f"upsert is not implemented for the {dialect_name} dialect")
+    statement = insert(table)
+    return statement.on_conflict_do_update(
+        index_elements=key_columns,
+        set_={name: statement.excluded[name] for name in update_columns},
+    )
