@@ -34,7 +34,8 @@ class Target:
 class ErrorBudget:
     """Above `max_share` rejected rows the sync stops instead of pushing mostly-bad data.
 
-    The share is judged once `min_rows` rows were read, and always at the end of a run.
+    The share is judged before each batch is loaded, once the run has seen `min_rows` rows: a
+    small incremental run with one bad row dead-letters it and goes on.
     """
 
     max_share: float = 0.10
@@ -57,3 +58,7 @@ class FlowSpec:
     lookback: timedelta = timedelta(minutes=5)
     error_budget: ErrorBudget = field(default_factory=ErrorBudget)
     archive_deleted: bool = True
+    # When to run, for whichever orchestrator runs the flow (the engine itself ignores these).
+    schedule: str | None = "0 * * * *"
+    watch_source: bool = True
+    pool: str | None = None

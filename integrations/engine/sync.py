@@ -140,7 +140,7 @@ class Sync:
             clock.mark = time.perf_counter()
         result.seconds = time.perf_counter() - started
         result.watermark_after = self.state.watermark(spec.name)
-        self._check_budget(result, final=True)
+        self._check_budget(result)
         return result
 
     # --- one batch ---------------------------------------------------------------------------
@@ -153,6 +153,7 @@ class Sync:
         result.counts["read"] += len(batch)
         deleted = batch[deleted_column].notna() if deleted_column else pd.Series(False, index=batch.index)
         live, gone = batch[~deleted], batch[deleted]
+        live = self._without_held(live, result)
 
         try:
             source_verdict = spec.source_contract.judge(live)
@@ -171,14 +172,11 @@ class Sync:
         records = dict(zip(valid.index, _json_ready(valid), strict=True))
         hashes = {key: content_hash(record) for key, record in records.items()}
         ledger = self.state.ledger_entries(spec.name, list(records) + list(gone.index))
-        held = self.state.open_dead_letter_hashes(spec.name, list(records))
         outbound = []
         for key, record in records.items():
             known = ledger.get(key)
             if known is not None and known.content_hash == hashes[key] and not known.archived:
                 result.counts["unchanged"] += 1
-            elif held.get(key) == hashes[key]:
-                result.counts["held"] += 1  # refused before with this exact content: replay, don't resend
             else:
                 trace = idempotency_key(spec.name, key, hashes[key])
                 outbound.append(OutboundRecord(key=key, properties=record, trace_id=trace))
@@ -191,7 +189,7 @@ class Sync:
         clock.lap("diff")
 
         self._note_rejections(result, letters)
-        self._check_budget(result, final=False, pending=letters)
+        self._check_budget(result, pending=letters)
 
         written, refused = self._load(outbound, live)
         letters += refused
@@ -228,6 +226,18 @@ class Sync:
         )
         clock.lap("commit")
 
+    def _without_held(self, live: pd.DataFrame, result: SyncResult) -> pd.DataFrame:
+        """Drop rows already dead-lettered with this exact content: they wait for a fix or a replay,
+        they are not refused again on every run."""
+        held = self.state.open_dead_letter_hashes(self.spec.name, list(live.index))
+        if not held:
+            return live
+        payloads = _json_ready(live.loc[list(held)])
+        unchanged = [key for key, payload in zip(held, payloads, strict=True)
+                     if content_hash(payload) == held[key]]
+        result.counts["held"] += len(unchanged)
+        return live.drop(index=unchanged)
+
     # --- load, with bisection of refused chunks --------------------------------------------
 
     def _load(
@@ -245,13 +255,12 @@ class Sync:
             written.extend(self._call_destination(lambda: self.destination.upsert(chunk)))
         except RecordsRejected as error:
             if len(chunk) == 1:
-                record = chunk[0]
+                payload = _json_ready(source_rows.loc[[chunk[0].key]])[0]
                 refused.append(
                     DeadLetter(
-                        flow=self.spec.name, record_key=record.key, reason_kind="destination",
+                        flow=self.spec.name, record_key=chunk[0].key, reason_kind="destination",
                         reason=f"{self.destination.name} refused the record: {error}",
-                        payload=_json_ready(source_rows.loc[[record.key]])[0],
-                        content_hash=content_hash(record.properties),
+                        payload=payload, content_hash=content_hash(payload),
                     )
                 )
                 return
@@ -278,9 +287,10 @@ class Sync:
     # --- rejections and the error budget ----------------------------------------------------
 
     def _contract_letter(self, rows: pd.DataFrame, rejection: RowRejection) -> DeadLetter:
+        payload = _json_ready(rows.loc[[rejection.index]])[0]
         return DeadLetter(
             flow=self.spec.name, record_key=str(rejection.index), reason_kind="contract",
-            reason=rejection.reason, payload=_json_ready(rows.loc[[rejection.index]])[0],
+            reason=rejection.reason, payload=payload, content_hash=content_hash(payload),
         )
 
     def _note_rejections(self, result: SyncResult, letters: Sequence[DeadLetter]) -> None:
@@ -294,10 +304,10 @@ class Sync:
                      "record": mask_record(letter.payload, pii)}
                 )
 
-    def _check_budget(self, result: SyncResult, final: bool, pending: Sequence[DeadLetter] = ()) -> None:
+    def _check_budget(self, result: SyncResult, pending: Sequence[DeadLetter] = ()) -> None:
         budget = self.spec.error_budget
         seen = result.counts["valid"] + result.counts["rejected"]
-        if not seen or (not final and seen < budget.min_rows):
+        if seen < budget.min_rows:
             return
         share = result.counts["rejected"] / seen
         if share <= budget.max_share:

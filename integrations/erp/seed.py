@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import logging
-import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -19,8 +17,6 @@ import sqlalchemy as sa
 
 from integrations.erp import schema
 from integrations.sql.connect import create_engine
-
-log = logging.getLogger(__name__)
 
 FIRST_NAMES = (
     "Ada Alan Alice Amara Ana Arjun Ben Bianca Carlos Chen Chloe Daniel Dmitri Elena Emma Farah "
@@ -267,7 +263,6 @@ def seed_erp(url: str, rows: int, seed: int = 42) -> dict[str, int]:
     if loader is None:
         raise NotImplementedError(f"seeding is implemented for {sorted(LOADERS)}, not {engine.dialect.name}")
     rng = np.random.default_rng(seed)
-    started = time.perf_counter()
     customers = generate_customers(rows, rng)
     products = generate_products(max(50, min(5000, rows // 100)), rng)
     orders, invoices, payments = generate_sales(rows, products, rng)
@@ -289,5 +284,4 @@ def seed_erp(url: str, rows: int, seed: int = 42) -> dict[str, int]:
             index.create(engine)
         counts[table.name] = len(next(iter(columns.values())))
     engine.dispose()
-    log.info("seeded %s in %.1f s: %s", engine.url.render_as_string(), time.perf_counter() - started, counts)
     return counts

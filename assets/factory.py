@@ -1,0 +1,149 @@
+"""One factory turns a FlowSpec into its Dagster asset, with the contract as an asset check.
+
+The asset's resources are keyed by system: `erp` (source), `state`, and the target's system
+(`crm` for CRM objects), which must offer `destination(target)` as a context manager.
+"""
+
+
+import dagster as dg
+
+from integrations.contracts import Contract
+from integrations.engine.spec import FlowSpec
+from integrations.engine.sync import ErrorBudgetExceeded, Sync, SyncError, SyncResult
+
+CONTRACT_CHECK = "contract"
+API_SYSTEMS = {"crm", "helpdesk"}
+
+
+class SyncConfig(dg.Config):
+    full_refresh: bool = False
+    """Read every source row (reconciliation) instead of only what changed since the watermark."""
+
+
+def asset_key(spec: FlowSpec) -> dg.AssetKey:
+    return dg.AssetKey([spec.target.system, spec.target.dataset])
+
+
+def source_key(spec: FlowSpec) -> dg.AssetKey:
+    return dg.AssetKey(["erp", spec.source.table])
+
+
+def source_asset_specs(specs: list[FlowSpec]) -> list[dg.AssetSpec]:
+    """The ERP tables the flows read, as external assets: lineage from source to destination."""
+    tables = sorted({spec.source.table for spec in specs})
+    return [
+        dg.AssetSpec(
+            key=["erp", table], group_name="erp", kinds={"sql"},
+            description=f"ERP table `{table}`: the system of record, read incrementally by `updated_at`.",
+        )
+        for table in tables
+    ]
+
+
+def table_schema(contract: Contract) -> dg.TableSchema:
+    columns = []
+    for name, column in contract.schema.columns.items():
+        constraints = dg.TableColumnConstraints(
+            nullable=bool(column.nullable), unique=bool(column.unique),
+            other=[str(check) for check in column.checks] + (["pii"] if name in contract.pii_fields else []),
+        )
+        columns.append(dg.TableColumn(name=name, type=str(column.dtype), constraints=constraints))
+    return dg.TableSchema(columns=columns)
+
+
+def trigger_of(context: dg.AssetExecutionContext) -> str:
+    tags = context.run.tags
+    if "dagster/backfill" in tags:
+        return f"backfill {tags['dagster/backfill']}"
+    if "dagster/schedule_name" in tags:
+        return f"schedule {tags['dagster/schedule_name']}"
+    if "dagster/sensor_name" in tags:
+        return f"sensor {tags['dagster/sensor_name']}"
+    return "manual"
+
+
+def _metadata(spec: FlowSpec, result: SyncResult) -> dict[str, object]:
+    counts = {name: int(result.counts[name]) for name in
+              ("read", "valid", "rejected", "unchanged", "held", "inserted", "updated", "archived")}
+    return {
+        **counts,
+        "written": result.written,
+        "all_unchanged": result.written == 0 and result.counts["rejected"] == 0,
+        "batches": result.batches,
+        "seconds": round(result.seconds, 3),
+        "rows_per_second": round(result.rows_per_second, 1),
+        "timings": dg.MetadataValue.json({k: round(v, 4) for k, v in result.timings.items()}),
+        "cursor_before": dg.MetadataValue.json(result.watermark_before.as_dict() if result.watermark_before else None),
+        "cursor": dg.MetadataValue.json(result.watermark_after.as_dict() if result.watermark_after else None),
+        "full_refresh": result.full,
+        "top_failure_reasons": dg.MetadataValue.json(dict(result.reasons.most_common(5))),
+        "contract": f"{spec.source_contract.label} → {spec.target_contract.label}",
+        "dagster/column_schema": table_schema(spec.target_contract),
+    }
+
+
+def _contract_check(spec: FlowSpec, result: SyncResult) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        check_name=CONTRACT_CHECK,
+        passed=result.counts["rejected"] == 0,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "valid": int(result.counts["valid"]),
+            "rejected": int(result.counts["rejected"]),
+            "reasons": dg.MetadataValue.json(dict(result.reasons.most_common(10))),
+            "samples": dg.MetadataValue.json(result.samples),
+            "contract": spec.target_contract.label,
+        },
+    )
+
+
+def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
+    key = asset_key(spec)
+    system = spec.target.system
+    api_facing = system in API_SYSTEMS
+
+    @dg.asset(
+        key=key,
+        group_name=system,
+        kinds={"hubspot" if system == "crm" else system, "python"},
+        description=spec.description or f"{spec.name}: {spec.source.table} → {key.to_user_string()}",
+        deps=[source_key(spec)],
+        check_specs=[
+            dg.AssetCheckSpec(
+                CONTRACT_CHECK, asset=key,
+                description=f"Every row satisfies {spec.source_contract.label} and {spec.target_contract.label}; "
+                "failures are dead-lettered with their reason.",
+            )
+        ],
+        required_resource_keys={"erp", "state", system},
+        pool=spec.pool,
+        retry_policy=dg.RetryPolicy(
+            max_retries=3, delay=15, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+        ) if api_facing else None,
+        metadata={"flow": spec.name, "contract": spec.target_contract.label},
+    )
+    def _sync(context: dg.AssetExecutionContext, config: SyncConfig):
+        destination_resource = getattr(context.resources, system)
+        with (
+            context.resources.erp.source(spec.source) as source,
+            destination_resource.destination(spec.target) as destination,
+            context.resources.state.open() as state,
+        ):
+            sync = Sync(
+                spec, source, destination, state,
+                run_id=context.run.run_id, actor=f"dagster run {context.run.run_id}",
+                why=trigger_of(context), log=context.log,
+            )
+            try:
+                result = sync.run(full=config.full_refresh)
+            except SyncError as error:
+                raise dg.Failure(
+                    description=str(error),
+                    metadata={"flow": spec.name, "what_to_do": error.todo},
+                    allow_retries=not isinstance(error, ErrorBudgetExceeded) and api_facing,
+                ) from error
+        return dg.MaterializeResult(
+            metadata=_metadata(spec, result), check_results=[_contract_check(spec, result)]
+        )
+
+    return _sync

@@ -1,0 +1,39 @@
+"""The handoff code location: every flow's asset, checks, sensor and schedule, and the resources."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import dagster as dg
+
+from assets import FLOWS
+from assets.factory import flow_asset, source_asset_specs
+from integrations import settings
+from resources import CrmResource, ErpDatabase, StateStoreResource
+from sensors.schedules import flow_schedules
+from sensors.source_changed import source_changed_sensors
+
+
+def from_env(name: str, embedded_default: Callable[[], str]) -> str | dg.EnvVar:
+    """`dg.EnvVar(name)` when the variable is set; unset means the embedded default (DESIGN.md)."""
+    return dg.EnvVar(name) if os.environ.get(name) else embedded_default()
+
+
+def resources() -> dict[str, dg.ConfigurableResource]:
+    return {
+        "erp": ErpDatabase(url=from_env("ERP_DATABASE_URL", settings.erp_database_url)),
+        "state": StateStoreResource(url=from_env("HANDOFF_STATE_URL", settings.state_url)),
+        "crm": CrmResource(
+            base_url=from_env("CRM_BASE_URL", settings.crm_base_url),
+            access_token=dg.EnvVar("CRM_ACCESS_TOKEN"),
+        ),
+    }
+
+
+defs = dg.Definitions(
+    assets=[*source_asset_specs(FLOWS), *(flow_asset(spec) for spec in FLOWS)],
+    sensors=source_changed_sensors(FLOWS),
+    schedules=flow_schedules(FLOWS),
+    resources=resources(),
+)

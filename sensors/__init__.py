@@ -1,0 +1,1 @@
+"""When flows run: source-change sensors and schedules."""

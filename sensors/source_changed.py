@@ -1,0 +1,64 @@
+"""A sensor per source table: a run when the table's high-water mark passed what the flows synced.
+
+The cursor holds the last high-water mark seen; a tick costs one `max(updated_at)` query per table
+plus one watermark read per flow, so it stays far below Dagster's 60 s tick budget.
+"""
+
+import json
+from collections import defaultdict
+
+import dagster as dg
+
+from assets.factory import asset_key
+from integrations.engine.spec import FlowSpec
+from resources import ErpDatabase, StateStoreResource
+
+
+def _sensor(table: str, specs: list[FlowSpec]) -> dg.SensorDefinition:
+    keys = [asset_key(spec) for spec in specs]
+
+    @dg.sensor(
+        name=f"erp_{table}_changed",
+        description=f"Requests a sync of {', '.join(k.to_user_string() for k in keys)} when ERP "
+        f"`{table}` changed since they last synced.",
+        target=keys,
+        minimum_interval_seconds=30,
+        default_status=dg.DefaultSensorStatus.STOPPED,
+    )
+    def _changed(context: dg.SensorEvaluationContext, erp: ErpDatabase, state: StateStoreResource):
+        cursor = json.loads(context.cursor) if context.cursor else {}
+        with erp.source(specs[0].source) as source:
+            high_water_mark = source.high_water_mark()
+        if high_water_mark is None:
+            return dg.SensorResult(skip_reason=f"ERP {table} is empty", cursor=context.cursor)
+        seen = cursor.get("high_water_mark")
+        if seen is not None and high_water_mark.isoformat() <= seen:
+            return dg.SensorResult(skip_reason=f"ERP {table} unchanged since {seen}", cursor=context.cursor)
+        with state.open() as store:
+            behind = [
+                asset_key(spec) for spec in specs
+                if (mark := store.watermark(spec.name)) is None or mark.updated_at < high_water_mark
+            ]
+        new_cursor = json.dumps({"high_water_mark": high_water_mark.isoformat()})
+        if not behind:
+            return dg.SensorResult(skip_reason=f"flows already synced up to {high_water_mark}", cursor=new_cursor)
+        return dg.SensorResult(
+            run_requests=[
+                dg.RunRequest(
+                    run_key=f"erp_{table}:{high_water_mark.isoformat()}",
+                    asset_selection=behind,
+                    tags={"handoff/high_water_mark": high_water_mark.isoformat()},
+                )
+            ],
+            cursor=new_cursor,
+        )
+
+    return _changed
+
+
+def source_changed_sensors(specs: list[FlowSpec]) -> list[dg.SensorDefinition]:
+    by_table: dict[str, list[FlowSpec]] = defaultdict(list)
+    for spec in specs:
+        if spec.watch_source:
+            by_table[spec.source.table].append(spec)
+    return [_sensor(table, table_specs) for table, table_specs in sorted(by_table.items())]

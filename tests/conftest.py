@@ -1,0 +1,124 @@
+"""Real parts: SQLite files, PostgreSQL on 127.0.0.1:5432, the CRM sandbox over real HTTP."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from integrations.crm.client import CrmClient
+from integrations.crm.sandbox import SandboxServer
+from integrations.erp.seed import seed_erp
+
+POSTGRES_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def postgres_available() -> bool:
+    try:
+        with psycopg.connect(POSTGRES_ADMIN):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def postgres() -> bool:
+    if postgres_available():
+        return True
+    if IN_CI:
+        pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432, and CI=true requires it")
+    pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
+
+
+@pytest.fixture
+def postgres_database(postgres):
+    """A throwaway database; returns a factory so a test can have several."""
+    created: list[str] = []
+
+    def make() -> str:
+        name = f"handoff_test_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as connection:
+            connection.execute(f'CREATE DATABASE "{name}"')
+        created.append(name)
+        return f"postgresql://postgres@127.0.0.1:5432/{name}"
+
+    yield make
+    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as connection:
+        for name in created:
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def crm_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+@pytest.fixture
+def crm_sandbox(tmp_path: Path, crm_token: str):
+    server = SandboxServer(tmp_path / "crm_sandbox.sqlite", crm_token)
+    server.start_in_thread()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def crm_client(crm_sandbox, crm_token) -> CrmClient:
+    client = CrmClient(crm_sandbox.base_url, crm_token, retries=2, backoff=0.05)
+    yield client
+    client.close()
+
+
+@dataclass
+class World:
+    """An ERP, a state store and a CRM sandbox, wired through the environment as in production."""
+
+    erp_url: str
+    state_url: str
+    crm: SandboxServer
+    token: str
+    home: Path
+
+    def env(self) -> dict[str, str]:
+        return {
+            "HANDOFF_HOME": str(self.home),
+            "ERP_DATABASE_URL": self.erp_url,
+            "HANDOFF_STATE_URL": self.state_url,
+            "CRM_BASE_URL": self.crm.base_url,
+            "CRM_ACCESS_TOKEN": self.token,
+        }
+
+
+WORLD_ROWS = 3000
+
+
+def _world(request, tmp_path, crm_sandbox, crm_token, monkeypatch, kind: str) -> World:
+    if kind == "postgres":
+        make = request.getfixturevalue("postgres_database")
+        erp_url, state_url = make(), make()
+    else:
+        erp_url = f"sqlite:///{tmp_path / 'erp.sqlite'}"
+        state_url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+    seed_erp(erp_url, rows=WORLD_ROWS, seed=7)
+    world = World(erp_url, state_url, crm_sandbox, crm_token, tmp_path)
+    for name, value in world.env().items():
+        monkeypatch.setenv(name, value)
+    return world
+
+
+@pytest.fixture
+def world(request, tmp_path, crm_sandbox, crm_token, monkeypatch) -> World:
+    """The embedded world: SQLite ERP and state."""
+    return _world(request, tmp_path, crm_sandbox, crm_token, monkeypatch, "sqlite")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def any_world(request, tmp_path, crm_sandbox, crm_token, monkeypatch) -> World:
+    """The same test on the embedded world and on PostgreSQL (ERP and state)."""
+    return _world(request, tmp_path, crm_sandbox, crm_token, monkeypatch, request.param)

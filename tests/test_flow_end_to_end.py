@@ -1,0 +1,108 @@
+"""crm/contacts through real Dagster: materialize, rerun, sensor-driven change, PostgreSQL too."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+import sqlalchemy as sa
+
+from assets.crm_contacts import CRM_CONTACTS
+from assets.factory import flow_asset
+from definitions import defs, resources
+from integrations.engine.state import StateStore
+from integrations.erp.changes import live_customer_ids, move_customers, soft_delete_customers
+from integrations.sql.connect import create_engine
+from tests.expectations import assert_crm_matches_erp, crm_contacts
+
+CONTACTS = dg.AssetKey(["crm", "contacts"])
+
+
+def materialize(instance: dg.DagsterInstance, tags: dict[str, str] | None = None) -> dg.ExecuteInJobResult:
+    return dg.materialize([flow_asset(CRM_CONTACTS)], resources=resources(), instance=instance, tags=tags)
+
+
+def metadata(result: dg.ExecuteInJobResult) -> dict[str, object]:
+    (event,) = result.get_asset_materialization_events()
+    return {key: value.value for key, value in event.materialization.metadata.items()}
+
+
+def test_first_sync_fills_the_crm_and_a_rerun_sends_nothing(any_world, crm_client):
+    with dg.instance_for_test() as instance:
+        first = materialize(instance)
+        assert first.success
+        counts = metadata(first)
+        assert counts["inserted"] > 0 and counts["rejected"] > 0
+        assert_crm_matches_erp(any_world.erp_url, crm_client)
+        before = {c["id"]: c["updatedAt"] for c in crm_contacts(crm_client)}
+        received = any_world.crm.store.stats()["upsert_inputs"]
+
+        second = materialize(instance)
+        assert second.success
+        again = metadata(second)
+        assert again["written"] == 0 and again["all_unchanged"] is True
+        assert any_world.crm.store.stats()["upsert_inputs"] == received, "the rerun sent records"
+        assert {c["id"]: c["updatedAt"] for c in crm_contacts(crm_client)} == before
+
+        (check,) = first.get_asset_check_evaluations()
+        assert check.check_name == "contract" and not check.passed
+        assert check.metadata["rejected"].value == counts["rejected"]
+        samples = check.metadata["samples"].value
+        assert samples and all("***" in str(s["record"]["email"]) for s in samples if s["record"]["email"])
+        assert "dagster/column_schema" in first.get_asset_materialization_events()[0].materialization.metadata
+
+
+def test_sensor_requests_one_run_that_writes_exactly_the_changes(any_world, crm_client):
+    erp = create_engine(any_world.erp_url)
+    sensor = defs.resolve_sensor_def("erp_customers_changed")
+    with dg.instance_for_test() as instance:
+        assert materialize(instance).success
+        idle = sensor(dg.build_sensor_context(instance=instance, cursor=None, resources=resources(),
+                                              definitions=defs))
+        assert not idle.run_requests, "nothing changed since the sync: no run"
+        cursor = idle.cursor
+
+        valid = sorted(int(n[1:]) for n in __import__("tests.expectations").expectations.valid_customers(
+            any_world.erp_url))
+        live = set(live_customer_ids(erp))
+        chosen = [customer_id for customer_id in valid if customer_id in live][:30]
+        move_customers(erp, chosen[:25])
+        soft_delete_customers(erp, chosen[25:30])
+
+        tick = sensor(dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources(),
+                                              definitions=defs))
+        assert len(tick.run_requests) == 1
+        request = tick.run_requests[0]
+        assert request.asset_selection == [CONTACTS]
+        repeat = sensor(dg.build_sensor_context(instance=instance, cursor=tick.cursor, resources=resources(),
+                                                definitions=defs))
+        assert not repeat.run_requests, "the same change must not request a second run"
+
+        result = materialize(instance, tags={**request.tags, "dagster/sensor_name": "erp_customers_changed"})
+        counts = metadata(result)
+        assert (counts["inserted"], counts["updated"], counts["archived"]) == (0, 25, 5)
+        assert counts["rejected"] == 0
+        archived = list(crm_client.list_objects("contacts", ["erp_customer_id"], archived=True))
+        assert sorted(int(c["properties"]["erp_customer_id"][1:]) for c in archived) == sorted(chosen[25:30])
+        assert_crm_matches_erp(any_world.erp_url, crm_client)
+
+        with StateStore(any_world.state_url).engine.connect() as connection:
+            actions = connection.execute(sa.text("SELECT why FROM audit_log ORDER BY id DESC")).scalars().first()
+        assert actions == "sensor erp_customers_changed"
+    erp.dispose()
+
+
+def test_rejected_customers_are_dead_lettered_with_a_reason(world, crm_client):
+    with dg.instance_for_test() as instance:
+        counts = metadata(materialize(instance))
+    store = StateStore(world.state_url)
+    letters = store.list_dead_letters(flow=CRM_CONTACTS.name, limit=10_000)
+    assert len(letters) == counts["rejected"] > 0
+    reasons = {letter.reason for letter in letters}
+    assert any("email is not a valid email address" in reason for reason in reasons)
+    assert any("country is missing" in reason for reason in reasons)
+    assert any("ignoring case" in reason or "already belongs" in reason for reason in reasons)
+    assert all(letter.reason_kind in {"contract", "destination"} for letter in letters)
+    audit = store.audit_entries(CRM_CONTACTS.name)
+    assert audit and audit[-1]["actor"].startswith("dagster run ")
+    assert json.dumps([entry["detail"] for entry in audit]).count("@") == 0, "no email in the audit trail"
