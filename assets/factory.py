@@ -4,7 +4,6 @@ The asset's resources are keyed by system: `erp` (source), `state`, and the targ
 (`crm` for CRM objects), which must offer `destination(target)` as a context manager.
 """
 
-
 import dagster as dg
 
 from integrations.contracts import Contract
@@ -33,7 +32,9 @@ def source_asset_specs(specs: list[FlowSpec]) -> list[dg.AssetSpec]:
     tables = sorted({spec.source.table for spec in specs})
     return [
         dg.AssetSpec(
-            key=["erp", table], group_name="erp", kinds={"sql"},
+            key=["erp", table],
+            group_name="erp",
+            kinds={"sql"},
             description=f"ERP table `{table}`: the system of record, read incrementally by `updated_at`.",
         )
         for table in tables
@@ -44,8 +45,10 @@ def table_schema(contract: Contract) -> dg.TableSchema:
     columns = []
     for name, column in contract.schema.columns.items():
         constraints = dg.TableColumnConstraints(
-            nullable=bool(column.nullable), unique=bool(column.unique),
-            other=[str(check) for check in column.checks] + (["pii"] if name in contract.pii_fields else []),
+            nullable=bool(column.nullable),
+            unique=bool(column.unique),
+            other=[str(check) for check in column.checks]
+            + (["pii"] if name in contract.pii_fields else []),
         )
         columns.append(dg.TableColumn(name=name, type=str(column.dtype), constraints=constraints))
     return dg.TableSchema(columns=columns)
@@ -63,8 +66,19 @@ def trigger_of(context: dg.AssetExecutionContext) -> str:
 
 
 def _metadata(spec: FlowSpec, result: SyncResult) -> dict[str, object]:
-    counts = {name: int(result.counts[name]) for name in
-              ("read", "valid", "rejected", "unchanged", "held", "inserted", "updated", "archived")}
+    counts = {
+        name: int(result.counts[name])
+        for name in (
+            "read",
+            "valid",
+            "rejected",
+            "unchanged",
+            "held",
+            "inserted",
+            "updated",
+            "archived",
+        )
+    }
     return {
         **counts,
         "written": result.written,
@@ -73,8 +87,12 @@ def _metadata(spec: FlowSpec, result: SyncResult) -> dict[str, object]:
         "seconds": round(result.seconds, 3),
         "rows_per_second": round(result.rows_per_second, 1),
         "timings": dg.MetadataValue.json({k: round(v, 4) for k, v in result.timings.items()}),
-        "cursor_before": dg.MetadataValue.json(result.watermark_before.as_dict() if result.watermark_before else None),
-        "cursor": dg.MetadataValue.json(result.watermark_after.as_dict() if result.watermark_after else None),
+        "cursor_before": dg.MetadataValue.json(
+            result.watermark_before.as_dict() if result.watermark_before else None
+        ),
+        "cursor": dg.MetadataValue.json(
+            result.watermark_after.as_dict() if result.watermark_after else None
+        ),
         "full_refresh": result.full,
         "top_failure_reasons": dg.MetadataValue.json(dict(result.reasons.most_common(5))),
         "contract": f"{spec.source_contract.label} → {spec.target_contract.label}",
@@ -106,11 +124,13 @@ def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
         key=key,
         group_name=system,
         kinds={"hubspot" if system == "crm" else system, "python"},
-        description=spec.description or f"{spec.name}: {spec.source.table} → {key.to_user_string()}",
+        description=spec.description
+        or f"{spec.name}: {spec.source.table} → {key.to_user_string()}",
         deps=[source_key(spec)],
         check_specs=[
             dg.AssetCheckSpec(
-                CONTRACT_CHECK, asset=key,
+                CONTRACT_CHECK,
+                asset=key,
                 description=f"Every row satisfies {spec.source_contract.label} and {spec.target_contract.label}; "
                 "failures are dead-lettered with their reason.",
             )
@@ -119,7 +139,9 @@ def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
         pool=spec.pool,
         retry_policy=dg.RetryPolicy(
             max_retries=3, delay=15, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
-        ) if api_facing else None,
+        )
+        if api_facing
+        else None,
         metadata={"flow": spec.name, "contract": spec.target_contract.label},
     )
     def _sync(context: dg.AssetExecutionContext, config: SyncConfig):
@@ -130,9 +152,14 @@ def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
             context.resources.state.open() as state,
         ):
             sync = Sync(
-                spec, source, destination, state,
-                run_id=context.run.run_id, actor=f"dagster run {context.run.run_id}",
-                why=trigger_of(context), log=context.log,
+                spec,
+                source,
+                destination,
+                state,
+                run_id=context.run.run_id,
+                actor=f"dagster run {context.run.run_id}",
+                why=trigger_of(context),
+                log=context.log,
             )
             try:
                 result = sync.run(full=config.full_refresh)

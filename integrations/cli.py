@@ -31,7 +31,10 @@ def cmd_seed(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     counts = seed_erp(url, rows=args.rows, seed=args.seed)
     seconds = time.perf_counter() - started
-    print(f"seeded {redacted(url)} in {seconds:.1f} s: " + ", ".join(f"{n} {t}" for t, n in counts.items()))
+    print(
+        f"seeded {redacted(url)} in {seconds:.1f} s: "
+        + ", ".join(f"{n} {t}" for t, n in counts.items())
+    )
     return 0
 
 
@@ -40,9 +43,14 @@ def cmd_crm_sandbox(args: argparse.Namespace) -> int:
 
     token = os.environ.get("CRM_ACCESS_TOKEN")
     if not token:
-        print("handoff crm-sandbox: set CRM_ACCESS_TOKEN to the token clients must present", file=sys.stderr)
+        print(
+            "handoff crm-sandbox: set CRM_ACCESS_TOKEN to the token clients must present",
+            file=sys.stderr,
+        )
         return 2
-    server = SandboxServer(settings.crm_sandbox_path(), token, host=args.host, port=args.port, verbose=args.verbose)
+    server = SandboxServer(
+        settings.crm_sandbox_path(), token, host=args.host, port=args.port, verbose=args.verbose
+    )
     print(f"CRM sandbox serving {server.base_url} from {settings.crm_sandbox_path()}", flush=True)
     try:
         server.serve_forever()
@@ -61,7 +69,9 @@ def _dlq_row(letter, pii: frozenset[str]) -> dict[str, object]:
         "kind": letter.reason_kind,
         "reason": letter.reason,
         "attempts": letter.attempts,
-        "first_seen": letter.first_seen.isoformat(timespec="seconds") if letter.first_seen else None,
+        "first_seen": letter.first_seen.isoformat(timespec="seconds")
+        if letter.first_seen
+        else None,
         "last_seen": letter.last_seen.isoformat(timespec="seconds") if letter.last_seen else None,
         "email": mask_record({"email": letter.payload.get("email")}, pii)["email"],
     }
@@ -80,8 +90,13 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
         return 0
     print(f"{'id':>6}  {'flow':<32} {'key':<10} {'email':<22} {'att':>3}  reason")
     for row in rows:
-        print(f"{row['id']:>6}  {row['flow']:<32} {row['key']:<10} {row['email'] or '-':<22} "
-              f"{row['attempts']:>3}  {row['reason']}")
+        print(
+            f"{row['id']:>6}  {row['flow']:<32} {row['key']:<10} {row['email'] or '-':<22} "
+            f"{row['attempts']:>3}  {row['reason']}"
+        )
+    total = store.count_open_dead_letters(args.flow)
+    if not args.all and total > len(rows):
+        print(f"(showing {len(rows)} of {total} open; --limit N shows more)")
     return 0
 
 
@@ -89,13 +104,17 @@ def cmd_dlq_show(args: argparse.Namespace) -> int:
     store = StateStore(settings.state_url())
     letter = store.get_dead_letter(args.id)
     if letter is None:
-        print(f"handoff dlq show: no dead letter with id {args.id}; `handoff dlq list` shows the ids",
-              file=sys.stderr)
+        print(
+            f"handoff dlq show: no dead letter with id {args.id}; `handoff dlq list` shows the ids",
+            file=sys.stderr,
+        )
         return 1
     shown = _dlq_row(letter, _pii_fields())
     shown.pop("email")
     shown["payload (PII masked)"] = mask_record(letter.payload, _pii_fields())
-    shown["resolved_at"] = letter.resolved_at.isoformat(timespec="seconds") if letter.resolved_at else None
+    shown["resolved_at"] = (
+        letter.resolved_at.isoformat(timespec="seconds") if letter.resolved_at else None
+    )
     print(json.dumps(shown, indent=2, default=str))
     return 0
 
@@ -106,16 +125,23 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     engine = create_engine(settings.erp_database_url())
     rng = np.random.default_rng(args.seed)
     rounds = 0
-    print(f"changing {args.changes} ERP customers every {args.every} s in {redacted(str(engine.url))}; Ctrl-C stops")
+    print(
+        f"changing {args.changes} ERP customers every {args.every} s in {redacted(str(engine.url))}; Ctrl-C stops"
+    )
     try:
         while args.rounds == 0 or rounds < args.rounds:
             ids = live_customer_ids(engine)
-            chosen = [int(i) for i in rng.choice(ids, size=min(args.changes, len(ids)), replace=False)]
+            chosen = [
+                int(i) for i in rng.choice(ids, size=min(args.changes, len(ids)), replace=False)
+            ]
             deleted = chosen[:1] if rng.random() < args.delete_share else []
-            move_customers(engine, chosen[len(deleted):], seed=int(rng.integers(1 << 30)))
+            move_customers(engine, chosen[len(deleted) :], seed=int(rng.integers(1 << 30)))
             soft_delete_customers(engine, deleted)
             rounds += 1
-            print(f"round {rounds}: moved {len(chosen) - len(deleted)}, soft-deleted {len(deleted)}", flush=True)
+            print(
+                f"round {rounds}: moved {len(chosen) - len(deleted)}, soft-deleted {len(deleted)}",
+                flush=True,
+            )
             time.sleep(args.every)
     except KeyboardInterrupt:
         pass
@@ -126,9 +152,15 @@ def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="handoff", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
 
-    seed = commands.add_parser("seed", help="fill the ERP (ERP_DATABASE_URL, or SQLite under HANDOFF_HOME)")
-    seed.add_argument("--rows", type=int, default=10_000, help="number of customers (default 10000)")
-    seed.add_argument("--seed", type=int, default=42, help="random seed: the same seed gives the same data")
+    seed = commands.add_parser(
+        "seed", help="fill the ERP (ERP_DATABASE_URL, or SQLite under HANDOFF_HOME)"
+    )
+    seed.add_argument(
+        "--rows", type=int, default=10_000, help="number of customers (default 10000)"
+    )
+    seed.add_argument(
+        "--seed", type=int, default=42, help="random seed: the same seed gives the same data"
+    )
     seed.set_defaults(run=cmd_seed)
 
     sandbox = commands.add_parser("crm-sandbox", help="serve the local HubSpot-compatible CRM")
@@ -137,7 +169,9 @@ def parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--verbose", action="store_true", help="log every request")
     sandbox.set_defaults(run=cmd_crm_sandbox)
 
-    dlq = commands.add_parser("dlq", help="the dead-letter queue").add_subparsers(dest="dlq", required=True)
+    dlq = commands.add_parser("dlq", help="the dead-letter queue").add_subparsers(
+        dest="dlq", required=True
+    )
     listing = dlq.add_parser("list", help="open dead letters, PII masked")
     listing.add_argument("--flow")
     listing.add_argument("--all", action="store_true", help="include resolved ones")
@@ -151,8 +185,12 @@ def parser() -> argparse.ArgumentParser:
     simulate = commands.add_parser("simulate", help="change a few ERP customers every few seconds")
     simulate.add_argument("--every", type=float, default=5.0, help="seconds between rounds")
     simulate.add_argument("--changes", type=int, default=5, help="customers changed per round")
-    simulate.add_argument("--delete-share", type=float, default=0.2, help="chance a round soft-deletes one")
-    simulate.add_argument("--rounds", type=int, default=0, help="stop after N rounds (0: run until Ctrl-C)")
+    simulate.add_argument(
+        "--delete-share", type=float, default=0.2, help="chance a round soft-deletes one"
+    )
+    simulate.add_argument(
+        "--rounds", type=int, default=0, help="stop after N rounds (0: run until Ctrl-C)"
+    )
     simulate.add_argument("--seed", type=int, default=7)
     simulate.set_defaults(run=cmd_simulate)
     return root

@@ -33,15 +33,20 @@ def _sensor(table: str, specs: list[FlowSpec]) -> dg.SensorDefinition:
             return dg.SensorResult(skip_reason=f"ERP {table} is empty", cursor=context.cursor)
         seen = cursor.get("high_water_mark")
         if seen is not None and high_water_mark.isoformat() <= seen:
-            return dg.SensorResult(skip_reason=f"ERP {table} unchanged since {seen}", cursor=context.cursor)
+            return dg.SensorResult(
+                skip_reason=f"ERP {table} unchanged since {seen}", cursor=context.cursor
+            )
         with state.open() as store:
             behind = [
-                asset_key(spec) for spec in specs
+                asset_key(spec)
+                for spec in specs
                 if (mark := store.watermark(spec.name)) is None or mark.updated_at < high_water_mark
             ]
         new_cursor = json.dumps({"high_water_mark": high_water_mark.isoformat()})
         if not behind:
-            return dg.SensorResult(skip_reason=f"flows already synced up to {high_water_mark}", cursor=new_cursor)
+            return dg.SensorResult(
+                skip_reason=f"flows already synced up to {high_water_mark}", cursor=new_cursor
+            )
         return dg.SensorResult(
             run_requests=[
                 dg.RunRequest(

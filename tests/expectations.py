@@ -26,7 +26,10 @@ def valid_customers(erp_url: str) -> dict[str, str]:
     return {
         number: email.strip().lower()
         for number, email, country in rows
-        if email and EMAIL.fullmatch(email.strip()) and country and re.fullmatch(r"[A-Z]{2}", country)
+        if email
+        and EMAIL.fullmatch(email.strip())
+        and country
+        and re.fullmatch(r"[A-Z]{2}", country)
     }
 
 

@@ -18,8 +18,12 @@ from tests.expectations import assert_crm_matches_erp, crm_contacts
 CONTACTS = dg.AssetKey(["crm", "contacts"])
 
 
-def materialize(instance: dg.DagsterInstance, tags: dict[str, str] | None = None) -> dg.ExecuteInJobResult:
-    return dg.materialize([flow_asset(CRM_CONTACTS)], resources=resources(), instance=instance, tags=tags)
+def materialize(
+    instance: dg.DagsterInstance, tags: dict[str, str] | None = None
+) -> dg.ExecuteInJobResult:
+    return dg.materialize(
+        [flow_asset(CRM_CONTACTS)], resources=resources(), instance=instance, tags=tags
+    )
 
 
 def metadata(result: dg.ExecuteInJobResult) -> dict[str, object]:
@@ -48,8 +52,13 @@ def test_first_sync_fills_the_crm_and_a_rerun_sends_nothing(any_world, crm_clien
         assert check.check_name == "contract" and not check.passed
         assert check.metadata["rejected"].value == counts["rejected"]
         samples = check.metadata["samples"].value
-        assert samples and all("***" in str(s["record"]["email"]) for s in samples if s["record"]["email"])
-        assert "dagster/column_schema" in first.get_asset_materialization_events()[0].materialization.metadata
+        assert samples and all(
+            "***" in str(s["record"]["email"]) for s in samples if s["record"]["email"]
+        )
+        assert (
+            "dagster/column_schema"
+            in first.get_asset_materialization_events()[0].materialization.metadata
+        )
 
 
 def test_sensor_requests_one_run_that_writes_exactly_the_changes(any_world, crm_client):
@@ -57,37 +66,58 @@ def test_sensor_requests_one_run_that_writes_exactly_the_changes(any_world, crm_
     sensor = defs.resolve_sensor_def("erp_customers_changed")
     with dg.instance_for_test() as instance:
         assert materialize(instance).success
-        idle = sensor(dg.build_sensor_context(instance=instance, cursor=None, resources=resources(),
-                                              definitions=defs))
+        idle = sensor(
+            dg.build_sensor_context(
+                instance=instance, cursor=None, resources=resources(), definitions=defs
+            )
+        )
         assert not idle.run_requests, "nothing changed since the sync: no run"
         cursor = idle.cursor
 
-        valid = sorted(int(n[1:]) for n in __import__("tests.expectations").expectations.valid_customers(
-            any_world.erp_url))
+        valid = sorted(
+            int(n[1:])
+            for n in __import__("tests.expectations").expectations.valid_customers(
+                any_world.erp_url
+            )
+        )
         live = set(live_customer_ids(erp))
         chosen = [customer_id for customer_id in valid if customer_id in live][:30]
         move_customers(erp, chosen[:25])
         soft_delete_customers(erp, chosen[25:30])
 
-        tick = sensor(dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources(),
-                                              definitions=defs))
+        tick = sensor(
+            dg.build_sensor_context(
+                instance=instance, cursor=cursor, resources=resources(), definitions=defs
+            )
+        )
         assert len(tick.run_requests) == 1
         request = tick.run_requests[0]
         assert request.asset_selection == [CONTACTS]
-        repeat = sensor(dg.build_sensor_context(instance=instance, cursor=tick.cursor, resources=resources(),
-                                                definitions=defs))
+        repeat = sensor(
+            dg.build_sensor_context(
+                instance=instance, cursor=tick.cursor, resources=resources(), definitions=defs
+            )
+        )
         assert not repeat.run_requests, "the same change must not request a second run"
 
-        result = materialize(instance, tags={**request.tags, "dagster/sensor_name": "erp_customers_changed"})
+        result = materialize(
+            instance, tags={**request.tags, "dagster/sensor_name": "erp_customers_changed"}
+        )
         counts = metadata(result)
         assert (counts["inserted"], counts["updated"], counts["archived"]) == (0, 25, 5)
         assert counts["rejected"] == 0
         archived = list(crm_client.list_objects("contacts", ["erp_customer_id"], archived=True))
-        assert sorted(int(c["properties"]["erp_customer_id"][1:]) for c in archived) == sorted(chosen[25:30])
+        assert sorted(int(c["properties"]["erp_customer_id"][1:]) for c in archived) == sorted(
+            chosen[25:30]
+        )
         assert_crm_matches_erp(any_world.erp_url, crm_client)
 
         with StateStore(any_world.state_url).engine.connect() as connection:
-            actions = connection.execute(sa.text("SELECT why FROM audit_log ORDER BY id DESC")).scalars().first()
+            actions = (
+                connection.execute(sa.text("SELECT why FROM audit_log ORDER BY id DESC"))
+                .scalars()
+                .first()
+            )
         assert actions == "sensor erp_customers_changed"
     erp.dispose()
 
@@ -105,4 +135,6 @@ def test_rejected_customers_are_dead_lettered_with_a_reason(world, crm_client):
     assert all(letter.reason_kind in {"contract", "destination"} for letter in letters)
     audit = store.audit_entries(CRM_CONTACTS.name)
     assert audit and audit[-1]["actor"].startswith("dagster run ")
-    assert json.dumps([entry["detail"] for entry in audit]).count("@") == 0, "no email in the audit trail"
+    assert json.dumps([entry["detail"] for entry in audit]).count("@") == 0, (
+        "no email in the audit trail"
+    )

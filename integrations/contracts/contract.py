@@ -53,7 +53,9 @@ class Contract:
     def pii_fields(self) -> frozenset[str]:
         """Fields marked `metadata={"pii": True}`: masked wherever a person reads them."""
         return frozenset(
-            name for name, column in self.schema.columns.items() if (column.metadata or {}).get("pii")
+            name
+            for name, column in self.schema.columns.items()
+            if (column.metadata or {}).get("pii")
         )
 
     def judge(self, batch: pd.DataFrame) -> Verdict:
@@ -83,7 +85,10 @@ class Contract:
             reason = _readable(check) if whole_row else f"{column} {_readable(check)}"
             if reason not in reasons[index]:
                 reasons[index].append(reason)
-        rejected = [RowRejection(index, f"{self.label}: " + "; ".join(why)) for index, why in reasons.items()]
+        rejected = [
+            RowRejection(index, f"{self.label}: " + "; ".join(why))
+            for index, why in reasons.items()
+        ]
         valid_rows = batch.drop(index=list(reasons))
         return Verdict(valid=self.model.validate(valid_rows), rejections=rejected)
 

@@ -78,7 +78,9 @@ class CrmClient:
     def close(self) -> None:
         self.session.close()
 
-    def _request(self, method: str, path: str, *, json: object = None, params: dict | None = None) -> dict:
+    def _request(
+        self, method: str, path: str, *, json: object = None, params: dict | None = None
+    ) -> dict:
         where = f"{method} {path}"
         try:
             response = self.session.request(
@@ -86,7 +88,9 @@ class CrmClient:
             )
         except requests.RequestException as error:
             # The exception's text can hold the URL but never headers; keep only its kind.
-            raise CrmUnavailable(f"{where}: {type(error).__name__} talking to {self.base_url}") from None
+            raise CrmUnavailable(
+                f"{where}: {type(error).__name__} talking to {self.base_url}"
+            ) from None
         if response.status_code in RETRYABLE:
             raise CrmUnavailable(f"{where}: answered {response.status_code} after every retry")
         if response.status_code in (401, 403):
@@ -114,8 +118,10 @@ class CrmClient:
             raise ValueError(f"batch upsert takes at most {MAX_BATCH} inputs, got {len(inputs)}")
         body = {"inputs": [{**item, "idProperty": id_property} for item in inputs]}
         answer = self._request(
-            "POST", f"/crm/v3/objects/{object_type}/batch/upsert",
-            json=body, params={"idProperty": id_property},
+            "POST",
+            f"/crm/v3/objects/{object_type}/batch/upsert",
+            json=body,
+            params={"idProperty": id_property},
         )
         return list(answer.get("results", []))
 
@@ -123,7 +129,8 @@ class CrmClient:
         if len(ids) > MAX_BATCH:
             raise ValueError(f"batch archive takes at most {MAX_BATCH} ids, got {len(ids)}")
         self._request(
-            "POST", f"/crm/v3/objects/{object_type}/batch/archive",
+            "POST",
+            f"/crm/v3/objects/{object_type}/batch/archive",
             json={"inputs": [{"id": str(object_id)} for object_id in ids]},
         )
 
@@ -139,7 +146,15 @@ class CrmClient:
             while True:
                 body = {
                     "filterGroups": [
-                        {"filters": [{"propertyName": modified, "operator": "GTE", "value": str(floor_ms)}]}
+                        {
+                            "filters": [
+                                {
+                                    "propertyName": modified,
+                                    "operator": "GTE",
+                                    "value": str(floor_ms),
+                                }
+                            ]
+                        }
                     ],
                     "sorts": [{"propertyName": modified, "direction": "ASCENDING"}],
                     "properties": [*properties, modified],
@@ -162,7 +177,9 @@ class CrmClient:
                     break
             # HubSpot stops paging a search at 10,000 results: search again from the newest instant.
             if last_ms == floor_ms and at_last == skip:
-                raise CrmError(f"more than {SEARCH_WINDOW} {object_type} share one modification instant")
+                raise CrmError(
+                    f"more than {SEARCH_WINDOW} {object_type} share one modification instant"
+                )
             floor_ms, skip = last_ms, at_last
 
     def list_objects(

@@ -45,7 +45,8 @@ class CrmObjects:
             raise DestinationUnavailable(str(error)) from error
         # Read the answer record by record: a 2xx is never taken as success wholesale.
         by_id = {
-            str(result.get("properties", {}).get(self.id_property, "")).lower(): result for result in results
+            str(result.get("properties", {}).get(self.id_property, "")).lower(): result
+            for result in results
         }
         written, missing = [], []
         for record, item in zip(records, inputs, strict=True):
@@ -53,9 +54,13 @@ class CrmObjects:
             if result is None:
                 missing.append(record.key)
             else:
-                written.append(Written(record.key, str(result["id"]), bool(result.get("new", False))))
+                written.append(
+                    Written(record.key, str(result["id"]), bool(result.get("new", False)))
+                )
         if missing:
-            raise RecordsRejected(f"the CRM returned no result for {len(missing)} of {len(records)} inputs")
+            raise RecordsRejected(
+                f"the CRM returned no result for {len(missing)} of {len(records)} inputs"
+            )
         return written
 
     def archive(self, destination_ids: Sequence[str]) -> None:

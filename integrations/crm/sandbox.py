@@ -73,7 +73,9 @@ def _now_ms() -> int:
 def _iso(ms: int | None) -> str | None:
     if ms is None:
         return None
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    return (
+        datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    )
 
 
 def _to_ms(value: object) -> int:
@@ -116,7 +118,9 @@ class SandboxStore:
         object_id, object_type, props, created, updated, archived, archived_ms = row
         stored = json.loads(props)
         modified = last_modified_property(object_type)
-        stored.update(hs_object_id=str(object_id), createdate=_iso(created), **{modified: _iso(updated)})
+        stored.update(
+            hs_object_id=str(object_id), createdate=_iso(created), **{modified: _iso(updated)}
+        )
         if properties:
             stored = {name: stored.get(name) for name in properties}
         view = {
@@ -135,7 +139,9 @@ class SandboxStore:
         if not isinstance(inputs, list) or not inputs:
             raise ApiError(400, "VALIDATION_ERROR", "inputs must be a non-empty list")
         if len(inputs) > MAX_BATCH:
-            raise ApiError(400, "VALIDATION_ERROR", f"at most {MAX_BATCH} inputs per batch, got {len(inputs)}")
+            raise ApiError(
+                400, "VALIDATION_ERROR", f"at most {MAX_BATCH} inputs per batch, got {len(inputs)}"
+            )
         started = _now_ms()
         with self.lock:
             self.connection.execute("BEGIN IMMEDIATE")
@@ -157,7 +163,9 @@ class SandboxStore:
             "completedAt": _iso(_now_ms()),
         }
 
-    def _upsert_one(self, object_type: str, item: object, default_id_property: str | None, position: int):
+    def _upsert_one(
+        self, object_type: str, item: object, default_id_property: str | None, position: int
+    ):
         if not isinstance(item, dict):
             raise ApiError(400, "VALIDATION_ERROR", f"inputs[{position}] must be an object")
         id_property = item.get("idProperty") or default_id_property
@@ -166,23 +174,40 @@ class SandboxStore:
         if not id_property or id_value in (None, ""):
             raise ApiError(400, "VALIDATION_ERROR", f"inputs[{position}] needs id and idProperty")
         if not isinstance(properties, dict):
-            raise ApiError(400, "VALIDATION_ERROR", f"inputs[{position}].properties must be an object")
-        bad = [name for name, value in properties.items() if not isinstance(value, str | int | float | bool | None)]
+            raise ApiError(
+                400, "VALIDATION_ERROR", f"inputs[{position}].properties must be an object"
+            )
+        bad = [
+            name
+            for name, value in properties.items()
+            if not isinstance(value, str | int | float | bool | None)
+        ]
         if bad:
-            raise ApiError(400, "VALIDATION_ERROR", f"inputs[{position}]: property values must be scalars: {bad}")
-        properties = {name: ("" if value is None else str(value)) for name, value in properties.items()}
+            raise ApiError(
+                400,
+                "VALIDATION_ERROR",
+                f"inputs[{position}]: property values must be scalars: {bad}",
+            )
+        properties = {
+            name: ("" if value is None else str(value)) for name, value in properties.items()
+        }
         properties[id_property] = str(id_value)
         email = properties.get("email")
         if object_type == "contacts" and email and not re.fullmatch(EMAIL_PATTERN, email):
-            raise ApiError(400, "VALIDATION_ERROR", f"inputs[{position}]: email is not a valid email address",
-                           subCategory="INVALID_EMAIL")
+            raise ApiError(
+                400,
+                "VALIDATION_ERROR",
+                f"inputs[{position}]: email is not a valid email address",
+                subCategory="INVALID_EMAIL",
+            )
         existing = self._find(object_type, id_property, str(id_value))
         for unique in (id_property, *UNIQUE_PROPERTIES.get(object_type, ())):
             value = properties.get(unique)
             owner = self._find(object_type, unique, value) if value else None
             if owner is not None and owner != existing:
                 raise ApiError(
-                    409, "CONFLICT",
+                    409,
+                    "CONFLICT",
                     f"inputs[{position}]: {unique} already belongs to object {owner}",
                     subCategory="OBJECT_ALREADY_EXISTS",
                 )
@@ -196,7 +221,9 @@ class SandboxStore:
             object_id, new = cursor.lastrowid, True
         else:
             object_id, new = existing, False
-            (stored,) = self.connection.execute("SELECT properties FROM objects WHERE id=?", (existing,)).fetchone()
+            (stored,) = self.connection.execute(
+                "SELECT properties FROM objects WHERE id=?", (existing,)
+            ).fetchone()
             merged = {**json.loads(stored), **properties}
             changed = merged != json.loads(stored)
             if changed:
@@ -205,7 +232,8 @@ class SandboxStore:
                     (json.dumps(merged, sort_keys=True), now, existing),
                 )
                 self.connection.execute(
-                    "DELETE FROM unique_values WHERE object_id=? AND object_type=?", (existing, object_type)
+                    "DELETE FROM unique_values WHERE object_id=? AND object_type=?",
+                    (existing, object_type),
                 )
             properties = merged
         if changed:
@@ -221,11 +249,13 @@ class SandboxStore:
     def batch_archive(self, object_type: str, body: dict) -> None:
         inputs = body.get("inputs")
         if not isinstance(inputs, list) or len(inputs) > MAX_BATCH:
-            raise ApiError(400, "VALIDATION_ERROR", f"inputs must be a list of at most {MAX_BATCH} ids")
+            raise ApiError(
+                400, "VALIDATION_ERROR", f"inputs must be a list of at most {MAX_BATCH} ids"
+            )
         ids = []
         for item in inputs:
             if not isinstance(item, dict) or not str(item.get("id", "")).isdigit():
-                raise ApiError(400, "VALIDATION_ERROR", "each input must be {\"id\": \"<object id>\"}")
+                raise ApiError(400, "VALIDATION_ERROR", 'each input must be {"id": "<object id>"}')
             ids.append(int(item["id"]))
         now = _now_ms()
         with self.lock:
@@ -236,7 +266,9 @@ class SandboxStore:
                     (now, object_id, object_type),
                 )
                 if cursor.rowcount:
-                    self.connection.execute("DELETE FROM unique_values WHERE object_id=?", (object_id,))
+                    self.connection.execute(
+                        "DELETE FROM unique_values WHERE object_id=?", (object_id,)
+                    )
             self._bump("archive_inputs", len(ids))
             self.connection.execute("COMMIT")
 
@@ -249,7 +281,9 @@ class SandboxStore:
             raise ApiError(404, "OBJECT_NOT_FOUND", f"no {object_type} object with id {object_id}")
         return self._view(row, properties)
 
-    def list(self, object_type: str, limit: int, after: int, archived: bool, properties: list[str] | None):
+    def list(
+        self, object_type: str, limit: int, after: int, archived: bool, properties: list[str] | None
+    ):
         with self.lock:
             rows = self.connection.execute(
                 "SELECT * FROM objects WHERE object_type=? AND archived=? AND id>? ORDER BY id LIMIT ?",
@@ -263,7 +297,9 @@ class SandboxStore:
     def search(self, object_type: str, body: dict) -> dict:
         limit = int(body.get("limit") or 10)
         if not 0 < limit <= MAX_SEARCH_PAGE:
-            raise ApiError(400, "VALIDATION_ERROR", f"limit must be between 1 and {MAX_SEARCH_PAGE}")
+            raise ApiError(
+                400, "VALIDATION_ERROR", f"limit must be between 1 and {MAX_SEARCH_PAGE}"
+            )
         offset = int(body.get("after") or 0)
         modified = last_modified_property(object_type)
         with self.lock:
@@ -274,17 +310,23 @@ class SandboxStore:
         views = [self._view(row) for row in rows]
         groups = body.get("filterGroups") or []
         if groups:
-            views = [view for view in views if any(_matches(view, group, modified) for group in groups)]
+            views = [
+                view for view in views if any(_matches(view, group, modified) for group in groups)
+            ]
         for sort in reversed(body.get("sorts") or []):
             name = sort.get("propertyName", modified) if isinstance(sort, dict) else str(sort)
             descending = isinstance(sort, dict) and sort.get("direction") == "DESCENDING"
-            views.sort(key=lambda view, name=name: _sort_key(view["properties"].get(name), name, modified),
-                       reverse=descending)
+            views.sort(
+                key=lambda view, name=name: _sort_key(view["properties"].get(name), name, modified),
+                reverse=descending,
+            )
         wanted = body.get("properties")
         page = views[offset : offset + limit]
         if wanted:
             for view in page:
-                view["properties"] = {name: view["properties"].get(name) for name in (*wanted, "hs_object_id")}
+                view["properties"] = {
+                    name: view["properties"].get(name) for name in (*wanted, "hs_object_id")
+                }
         answer: dict[str, object] = {"total": len(views), "results": page}
         if offset + limit < len(views):
             answer["paging"] = {"next": {"after": str(offset + limit)}}
@@ -298,9 +340,12 @@ def _sort_key(value: object, name: str, modified: str):
 
 
 _OPERATORS = {
-    "EQ": lambda a, b: a == b, "NEQ": lambda a, b: a != b,
-    "GT": lambda a, b: a > b, "GTE": lambda a, b: a >= b,
-    "LT": lambda a, b: a < b, "LTE": lambda a, b: a <= b,
+    "EQ": lambda a, b: a == b,
+    "NEQ": lambda a, b: a != b,
+    "GT": lambda a, b: a > b,
+    "GTE": lambda a, b: a >= b,
+    "LT": lambda a, b: a < b,
+    "LTE": lambda a, b: a <= b,
 }
 
 
@@ -331,7 +376,7 @@ class SandboxHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # one small response must not wait 40 ms for a delayed ACK
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base's name
+    def log_message(self, format: str, *args: object) -> None:
         if self.server.verbose:
             super().log_message(format, *args)
 
@@ -360,7 +405,8 @@ class SandboxHandler(BaseHTTPRequestHandler):
         token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
         if not token or not hmac.compare_digest(token.encode(), self.server.token.encode()):
             raise ApiError(
-                401, "INVALID_AUTHENTICATION",
+                401,
+                "INVALID_AUTHENTICATION",
                 "Authentication credentials not found or invalid. Send 'Authorization: Bearer <token>'.",
             )
 
@@ -374,12 +420,16 @@ class SandboxHandler(BaseHTTPRequestHandler):
         object_type, second, third = match.groups()
         if object_type not in OBJECT_TYPES:
             raise ApiError(404, "OBJECT_NOT_FOUND", f"unknown object type {object_type!r}")
-        properties = ",".join(query.get("properties", [])).split(",") if query.get("properties") else None
+        properties = (
+            ",".join(query.get("properties", [])).split(",") if query.get("properties") else None
+        )
         if method == "GET" and second is None:
             limit = int(query.get("limit", ["10"])[0])
             after = int(query.get("after", ["0"])[0] or 0)
             archived = query.get("archived", ["false"])[0].lower() == "true"
-            return 200, store.list(object_type, min(max(limit, 1), 100), after, archived, properties)
+            return 200, store.list(
+                object_type, min(max(limit, 1), 100), after, archived, properties
+            )
         if method == "GET" and third is None:
             return 200, store.get(object_type, second, properties)
         if method != "POST":
@@ -399,7 +449,9 @@ class SandboxHandler(BaseHTTPRequestHandler):
         try:
             body = json.loads(raw or b"{}")
         except ValueError as error:
-            raise ApiError(400, "VALIDATION_ERROR", f"the body is not valid JSON: {error.msg}") from None
+            raise ApiError(
+                400, "VALIDATION_ERROR", f"the body is not valid JSON: {error.msg}"
+            ) from None
         if not isinstance(body, dict):
             raise ApiError(400, "VALIDATION_ERROR", "the body must be a JSON object")
         return body
@@ -417,7 +469,9 @@ class SandboxHandler(BaseHTTPRequestHandler):
 class SandboxServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, path: Path, token: str, host: str = "127.0.0.1", port: int = 0, verbose: bool = False):
+    def __init__(
+        self, path: Path, token: str, host: str = "127.0.0.1", port: int = 0, verbose: bool = False
+    ):
         if not token:
             raise ValueError("the CRM sandbox needs a token: set CRM_ACCESS_TOKEN")
         self.store = SandboxStore(path)

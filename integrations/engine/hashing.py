@@ -8,7 +8,9 @@ from collections.abc import Mapping
 
 
 def canonical_json(record: Mapping[str, object]) -> str:
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return json.dumps(
+        record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
+    )
 
 
 def content_hash(record: Mapping[str, object]) -> str:

@@ -176,7 +176,9 @@ class StateStore:
     def watermark(self, flow: str) -> Watermark | None:
         with self.engine.connect() as connection:
             row = connection.execute(
-                sa.select(cursors.c.watermark_at, cursors.c.watermark_key).where(cursors.c.flow == flow)
+                sa.select(cursors.c.watermark_at, cursors.c.watermark_key).where(
+                    cursors.c.flow == flow
+                )
             ).first()
         return Watermark(row.watermark_at, json.loads(row.watermark_key)) if row else None
 
@@ -193,7 +195,9 @@ class StateStore:
                     ).where(ledger.c.flow == flow, ledger.c.record_key.in_(chunk))
                 )
                 for row in rows:
-                    found[row.record_key] = LedgerEntry(row.content_hash, row.destination_id, row.archived)
+                    found[row.record_key] = LedgerEntry(
+                        row.content_hash, row.destination_id, row.archived
+                    )
         return found
 
     def open_dead_letter_hashes(self, flow: str, keys: Sequence[str]) -> dict[str, str | None]:
@@ -229,13 +233,12 @@ class StateStore:
             ).first()
         return _dead_letter(row) if row else None
 
-    def count_open_dead_letters(self, flow: str) -> int:
+    def count_open_dead_letters(self, flow: str | None = None) -> int:
+        query = sa.select(sa.func.count()).where(dead_letters.c.resolved_at.is_(None))
+        if flow:
+            query = query.where(dead_letters.c.flow == flow)
         with self.engine.connect() as connection:
-            return connection.execute(
-                sa.select(sa.func.count()).where(
-                    dead_letters.c.flow == flow, dead_letters.c.resolved_at.is_(None)
-                )
-            ).scalar_one()
+            return connection.execute(query).scalar_one()
 
     def audit_entries(self, flow: str | None = None) -> list[dict[str, object]]:
         query = sa.select(audit_log).order_by(audit_log.c.id)
@@ -243,7 +246,8 @@ class StateStore:
             query = query.where(audit_log.c.flow == flow)
         with self.engine.connect() as connection:
             return [
-                {**row._asdict(), "detail": json.loads(row.detail)} for row in connection.execute(query)
+                {**row._asdict(), "detail": json.loads(row.detail)}
+                for row in connection.execute(query)
             ]
 
     # --- writes ------------------------------------------------------------------------------
@@ -255,9 +259,14 @@ class StateStore:
             if batch.synced:
                 connection.execute(
                     self._upsert_ledger,
-                    [{**row, "flow": batch.flow, "synced_at": now, "run_id": batch.run_id} for row in batch.synced],
+                    [
+                        {**row, "flow": batch.flow, "synced_at": now, "run_id": batch.run_id}
+                        for row in batch.synced
+                    ],
                 )
-                self._resolve(connection, batch.flow, [str(row["record_key"]) for row in batch.synced], now)
+                self._resolve(
+                    connection, batch.flow, [str(row["record_key"]) for row in batch.synced], now
+                )
             if batch.dead_letters:
                 self._put_dead_letters(connection, batch.run_id, batch.dead_letters, now)
             if batch.watermark is not None:
@@ -272,24 +281,49 @@ class StateStore:
                     },
                 )
             if audit is not None:
-                self._append_audit(connection, now=now, run_id=batch.run_id, flow=batch.flow, **audit)
+                self._append_audit(
+                    connection, now=now, run_id=batch.run_id, flow=batch.flow, **audit
+                )
 
-    def append_audit(self, *, actor: str, action: str, why: str, detail: dict[str, object],
-                     run_id: str | None = None, flow: str | None = None) -> None:
+    def append_audit(
+        self,
+        *,
+        actor: str,
+        action: str,
+        why: str,
+        detail: dict[str, object],
+        run_id: str | None = None,
+        flow: str | None = None,
+    ) -> None:
         with self.engine.begin() as connection:
-            self._append_audit(connection, now=utcnow(), actor=actor, action=action, why=why,
-                               detail=detail, run_id=run_id, flow=flow)
+            self._append_audit(
+                connection,
+                now=utcnow(),
+                actor=actor,
+                action=action,
+                why=why,
+                detail=detail,
+                run_id=run_id,
+                flow=flow,
+            )
 
     def reset_watermark(self, flow: str) -> None:
         with self.engine.begin() as connection:
             connection.execute(sa.delete(cursors).where(cursors.c.flow == flow))
 
     @staticmethod
-    def _append_audit(connection, *, now, actor, action, why, detail, run_id=None, flow=None) -> None:
+    def _append_audit(
+        connection, *, now, actor, action, why, detail, run_id=None, flow=None
+    ) -> None:
         connection.execute(
             sa.insert(audit_log).values(
-                at=now, actor=actor, run_id=run_id, flow=flow, action=action,
-                detail=json.dumps(detail, sort_keys=True, default=str), why=why,
+                at=now,
+                actor=actor,
+                run_id=run_id,
+                flow=flow,
+                action=action,
+                detail=json.dumps(detail, sort_keys=True, default=str),
+                why=why,
             )
         )
 
@@ -307,7 +341,9 @@ class StateStore:
             )
 
     @staticmethod
-    def _put_dead_letters(connection, run_id: str, letters: Iterable[DeadLetter], now: datetime) -> None:
+    def _put_dead_letters(
+        connection, run_id: str, letters: Iterable[DeadLetter], now: datetime
+    ) -> None:
         letters = list(letters)
         flow_keys = {(letter.flow, letter.record_key) for letter in letters}
         existing: dict[tuple[str, str], int] = {}
@@ -335,8 +371,13 @@ class StateStore:
             known = existing.get((letter.flow, letter.record_key))
             if known is None:
                 inserts.append(
-                    {**values, "flow": letter.flow, "record_key": letter.record_key,
-                     "first_seen": now, "attempts": 1}
+                    {
+                        **values,
+                        "flow": letter.flow,
+                        "record_key": letter.record_key,
+                        "first_seen": now,
+                        "attempts": 1,
+                    }
                 )
             else:
                 connection.execute(

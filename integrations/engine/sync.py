@@ -134,8 +134,12 @@ class Sync:
             result.seconds = time.perf_counter() - started
             self.log.info(
                 "%s: batch %d committed: %d rows done, %.0f rows/s, %d written, %d rejected",
-                spec.name, result.batches, result.counts["read"], result.rows_per_second,
-                result.written, result.counts["rejected"],
+                spec.name,
+                result.batches,
+                result.counts["read"],
+                result.rows_per_second,
+                result.written,
+                result.counts["rejected"],
             )
             clock.mark = time.perf_counter()
         result.seconds = time.perf_counter() - started
@@ -151,7 +155,9 @@ class Sync:
         batch = batch.set_axis(batch[key_column].astype(str), axis=0)
         batch.index.name = None
         result.counts["read"] += len(batch)
-        deleted = batch[deleted_column].notna() if deleted_column else pd.Series(False, index=batch.index)
+        deleted = (
+            batch[deleted_column].notna() if deleted_column else pd.Series(False, index=batch.index)
+        )
         live, gone = batch[~deleted], batch[deleted]
         live = self._without_held(live, result)
 
@@ -162,7 +168,9 @@ class Sync:
             clock.lap("map")
             target_verdict = spec.target_contract.judge(mapped)
         except ContractViolation as error:
-            raise SyncError(spec.name, str(error), "fix the source schema or the contract, then rerun") from error
+            raise SyncError(
+                spec.name, str(error), "fix the source schema or the contract, then rerun"
+            ) from error
         clock.lap("validate")
         rejections = source_verdict.rejections + target_verdict.rejections
         letters = [self._contract_letter(live, rejection) for rejection in rejections]
@@ -202,27 +210,49 @@ class Sync:
             result.counts["inserted" if item.created else "updated"] += 1
         result.counts["archived"] += len(to_archive)
         synced = [
-            {"record_key": item.key, "content_hash": hashes[item.key],
-             "destination_id": item.destination_id, "archived": False}
+            {
+                "record_key": item.key,
+                "content_hash": hashes[item.key],
+                "destination_id": item.destination_id,
+                "archived": False,
+            }
             for item in written
         ] + [
-            {"record_key": key, "content_hash": "archived", "destination_id": destination_id, "archived": True}
+            {
+                "record_key": key,
+                "content_hash": "archived",
+                "destination_id": destination_id,
+                "archived": True,
+            }
             for key, destination_id in to_archive.items()
         ]
         last = batch.iloc[-1]
-        watermark = Watermark(pd.Timestamp(last[spec.source.cursor]).to_pydatetime(), last[key_column].item()
-                              if hasattr(last[key_column], "item") else last[key_column])
+        watermark = Watermark(
+            pd.Timestamp(last[spec.source.cursor]).to_pydatetime(),
+            last[key_column].item() if hasattr(last[key_column], "item") else last[key_column],
+        )
         if result.watermark_before and (watermark.updated_at, str(watermark.key)) < (
-            result.watermark_before.updated_at, str(result.watermark_before.key)
+            result.watermark_before.updated_at,
+            str(result.watermark_before.key),
         ):
             watermark = result.watermark_before  # a lookback batch never moves the watermark back
-        commit = BatchCommit(spec.name, self.run_id, synced=synced, dead_letters=letters, watermark=watermark)
-        counts = Counter(inserted=sum(w.created for w in written), updated=sum(not w.created for w in written),
-                         archived=len(to_archive), dead_lettered=len(letters))
+        commit = BatchCommit(
+            spec.name, self.run_id, synced=synced, dead_letters=letters, watermark=watermark
+        )
+        counts = Counter(
+            inserted=sum(w.created for w in written),
+            updated=sum(not w.created for w in written),
+            archived=len(to_archive),
+            dead_lettered=len(letters),
+        )
         self.state.commit_batch(
             commit,
-            audit={"actor": self.actor, "action": "sync_batch", "why": self.why,
-                   "detail": {**counts, "rows": len(batch), "watermark": watermark.as_dict()}},
+            audit={
+                "actor": self.actor,
+                "action": "sync_batch",
+                "why": self.why,
+                "detail": {**counts, "rows": len(batch), "watermark": watermark.as_dict()},
+            },
         )
         clock.lap("commit")
 
@@ -233,8 +263,11 @@ class Sync:
         if not held:
             return live
         payloads = _json_ready(live.loc[list(held)])
-        unchanged = [key for key, payload in zip(held, payloads, strict=True)
-                     if content_hash(payload) == held[key]]
+        unchanged = [
+            key
+            for key, payload in zip(held, payloads, strict=True)
+            if content_hash(payload) == held[key]
+        ]
         result.counts["held"] += len(unchanged)
         return live.drop(index=unchanged)
 
@@ -250,7 +283,9 @@ class Sync:
             self._load_chunk(outbound[start : start + size], source_rows, written, refused)
         return written, refused
 
-    def _load_chunk(self, chunk, source_rows, written: list[Written], refused: list[DeadLetter]) -> None:
+    def _load_chunk(
+        self, chunk, source_rows, written: list[Written], refused: list[DeadLetter]
+    ) -> None:
         try:
             written.extend(self._call_destination(lambda: self.destination.upsert(chunk)))
         except RecordsRejected as error:
@@ -258,9 +293,12 @@ class Sync:
                 payload = _json_ready(source_rows.loc[[chunk[0].key]])[0]
                 refused.append(
                     DeadLetter(
-                        flow=self.spec.name, record_key=chunk[0].key, reason_kind="destination",
+                        flow=self.spec.name,
+                        record_key=chunk[0].key,
+                        reason_kind="destination",
                         reason=f"{self.destination.name} refused the record: {error}",
-                        payload=payload, content_hash=content_hash(payload),
+                        payload=payload,
+                        content_hash=content_hash(payload),
                     )
                 )
                 return
@@ -289,8 +327,12 @@ class Sync:
     def _contract_letter(self, rows: pd.DataFrame, rejection: RowRejection) -> DeadLetter:
         payload = _json_ready(rows.loc[[rejection.index]])[0]
         return DeadLetter(
-            flow=self.spec.name, record_key=str(rejection.index), reason_kind="contract",
-            reason=rejection.reason, payload=payload, content_hash=content_hash(payload),
+            flow=self.spec.name,
+            record_key=str(rejection.index),
+            reason_kind="contract",
+            reason=rejection.reason,
+            payload=payload,
+            content_hash=content_hash(payload),
         )
 
     def _note_rejections(self, result: SyncResult, letters: Sequence[DeadLetter]) -> None:
@@ -300,8 +342,11 @@ class Sync:
             result.reasons[letter.reason] += 1
             if len(result.samples) < SAMPLE_SIZE:
                 result.samples.append(
-                    {"key": letter.record_key, "reason": letter.reason,
-                     "record": mask_record(letter.payload, pii)}
+                    {
+                        "key": letter.record_key,
+                        "reason": letter.reason,
+                        "record": mask_record(letter.payload, pii),
+                    }
                 )
 
     def _check_budget(self, result: SyncResult, pending: Sequence[DeadLetter] = ()) -> None:
@@ -313,7 +358,9 @@ class Sync:
         if share <= budget.max_share:
             return
         if pending:  # the batch's rejected rows are kept, but nothing of it is loaded
-            self.state.commit_batch(BatchCommit(self.spec.name, self.run_id, dead_letters=list(pending)))
+            self.state.commit_batch(
+                BatchCommit(self.spec.name, self.run_id, dead_letters=list(pending))
+            )
         top = "; ".join(f"{reason} ({n})" for reason, n in result.reasons.most_common(3))
         raise ErrorBudgetExceeded(
             self.spec.name,

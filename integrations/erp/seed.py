@@ -36,7 +36,9 @@ COMPANY_SUFFIXES = ["GmbH", "Ltd", "Inc", "SA", "BV", "AB", "Oy", "LLC"]
 DOMAINS = ["example.com", "example.org", "mail.example.net", "post.example.de", "inbox.example.fr"]
 COUNTRIES = ["DE", "FR", "GB", "US", "NL", "SE", "ES", "IT", "PL", "BR", "JP", "IN", "CA", "AU"]
 CITIES = ["Berlin", "Paris", "London", "Boston", "Utrecht", "Malmo", "Sevilla", "Turin", "Gdansk"]
-PRODUCT_WORDS = "Cable Desk Lamp Chair Router Monitor Keyboard Drill Kettle Shelf Sensor Valve".split()
+PRODUCT_WORDS = (
+    "Cable Desk Lamp Chair Router Monitor Keyboard Drill Kettle Shelf Sensor Valve".split()
+)
 
 # Shares of customers with each fault (see the module docstring).
 MALFORMED_EMAIL_SHARE = 0.02
@@ -80,7 +82,8 @@ def generate_customers(n: int, rng: np.random.Generator) -> dict[str, list]:
     last = np.array(LAST_NAMES)[rng.integers(0, len(LAST_NAMES), n)]
     domains = np.array(DOMAINS)[rng.integers(0, len(DOMAINS), n)]
     emails = [
-        f"{f.lower()}.{la.lower()}.{i}@{d}" for f, la, i, d in zip(first, last, ids, domains, strict=True)
+        f"{f.lower()}.{la.lower()}.{i}@{d}"
+        for f, la, i, d in zip(first, last, ids, domains, strict=True)
     ]
 
     fault = rng.random(n)
@@ -106,7 +109,10 @@ def generate_customers(n: int, rng: np.random.Generator) -> dict[str, list]:
 
     countries = np.array(COUNTRIES, dtype=object)[rng.integers(0, len(COUNTRIES), n)]
     countries[no_country] = None
-    phones = [f"+{cc} {num:09d}" for cc, num in zip(rng.integers(1, 99, n), rng.integers(0, 10**9, n), strict=True)]
+    phones = [
+        f"+{cc} {num:09d}"
+        for cc, num in zip(rng.integers(1, 99, n), rng.integers(0, 10**9, n), strict=True)
+    ]
     for index in np.flatnonzero(rng.random(n) < 0.1):
         phones[index] = None
     has_company = rng.random(n) < 0.7
@@ -120,7 +126,9 @@ def generate_customers(n: int, rng: np.random.Generator) -> dict[str, list]:
         )
     ]
     created = _random_instants(rng, n, EPOCH, LAST_SEEDED_CHANGE)
-    updated = created + ((LAST_SEEDED_CHANGE - created) * rng.random(n) * 0.5).astype("timedelta64[us]")
+    updated = created + ((LAST_SEEDED_CHANGE - created) * rng.random(n) * 0.5).astype(
+        "timedelta64[us]"
+    )
     deleted_at = np.array(_timestamps(updated), dtype=object)
     deleted_at[~deleted] = None
     return {
@@ -130,7 +138,9 @@ def generate_customers(n: int, rng: np.random.Generator) -> dict[str, list]:
         "last_name": last.tolist(),
         "email": emails,
         "phone": phones,
-        "company_name": [name if keep else None for name, keep in zip(company_names, has_company, strict=True)],
+        "company_name": [
+            name if keep else None for name, keep in zip(company_names, has_company, strict=True)
+        ],
         "city": np.array(CITIES)[rng.integers(0, len(CITIES), n)].tolist(),
         "country": countries.tolist(),
         "created_at": _timestamps(created),
@@ -206,7 +216,9 @@ def generate_sales(
         "invoice_id": invoice_ids[paid].tolist(),
         "paid_on": _dates(paid_at),
         "amount": totals[order_rows][paid].tolist(),
-        "method": np.array(["card", "transfer", "direct_debit"])[rng.integers(0, 3, len(paid))].tolist(),
+        "method": np.array(["card", "transfer", "direct_debit"])[
+            rng.integers(0, 3, len(paid))
+        ].tolist(),
         "created_at": _timestamps(paid_at),
         "updated_at": _timestamps(paid_at),
         "deleted_at": [None] * len(paid),
@@ -239,9 +251,10 @@ def _load_postgresql(engine: sa.Engine, table: sa.Table, columns: dict[str, list
     raw = engine.raw_connection()
     try:
         connection = raw.driver_connection
-        with connection.cursor() as cursor, cursor.copy(
-            f"COPY {table.name} ({', '.join(names)}) FROM STDIN (FORMAT csv)"
-        ) as copy:
+        with (
+            connection.cursor() as cursor,
+            cursor.copy(f"COPY {table.name} ({', '.join(names)}) FROM STDIN (FORMAT csv)") as copy,
+        ):
             copy.write(buffer.getvalue())
         connection.commit()
     finally:
@@ -261,7 +274,9 @@ def seed_erp(url: str, rows: int, seed: int = 42) -> dict[str, int]:
     engine = create_engine(url)
     loader = LOADERS.get(engine.dialect.name)
     if loader is None:
-        raise NotImplementedError(f"seeding is implemented for {sorted(LOADERS)}, not {engine.dialect.name}")
+        raise NotImplementedError(
+            f"seeding is implemented for {sorted(LOADERS)}, not {engine.dialect.name}"
+        )
     rng = np.random.default_rng(seed)
     customers = generate_customers(rows, rng)
     products = generate_products(max(50, min(5000, rows // 100)), rng)

@@ -28,7 +28,9 @@ class SqlSource:
         try:
             self.table = sa.Table(spec.table, sa.MetaData(), autoload_with=engine)
         except sa.exc.NoSuchTableError as error:
-            raise SourceSchemaError(f"table {spec.table!r} is not in the source database") from error
+            raise SourceSchemaError(
+                f"table {spec.table!r} is not in the source database"
+            ) from error
         wanted = [spec.key, spec.cursor] + ([spec.deleted] if spec.deleted else [])
         missing = [name for name in wanted if name not in self.table.c]
         if missing:
@@ -43,7 +45,10 @@ class SqlSource:
         columns = list(self.table.c.keys())
         while True:
             query = (
-                sa.select(self.table).where(condition).order_by(self.cursor, self.key).limit(batch_size)
+                sa.select(self.table)
+                .where(condition)
+                .order_by(self.cursor, self.key)
+                .limit(batch_size)
             )
             with self.engine.connect() as connection:
                 rows = connection.execute(query).all()

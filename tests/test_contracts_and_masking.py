@@ -1,0 +1,72 @@
+"""Contracts split batches by row with readable reasons; PII keeps its shape but not its value."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from assets.crm_contacts import customer_to_contact
+from integrations.contracts.crm_contact import CRM_CONTACT
+from integrations.contracts.erp_customer import ERP_CUSTOMER
+from integrations.engine.hashing import content_hash, idempotency_key
+from integrations.engine.masking import mask_email, mask_record
+
+
+def customers(**overrides: list) -> pd.DataFrame:
+    base = {
+        "customer_id": [1, 2, 3, 4],
+        "customer_number": ["C0000001", "C0000002", "C0000003", "C0000004"],
+        "first_name": ["Ada", "Alan", "Grace", "Edsger"],
+        "last_name": ["Lovelace", "Turing", "Hopper", "Dijkstra"],
+        "email": ["ada@example.com", "alan@example", "Grace.H@Example.com", "ADA@example.com"],
+        "phone": [None, "+44 1", "+1 2", "+31 3"],
+        "company_name": [None, "Bletchley", None, None],
+        "city": ["London", None, "Arlington", "Austin"],
+        "country": ["GB", "GB", None, "NL"],
+    }
+    return pd.DataFrame({**base, **overrides}).set_axis(["1", "2", "3", "4"])
+
+
+def test_source_contract_names_each_broken_rule_without_the_value():
+    verdict = ERP_CUSTOMER.judge(customers())
+    reasons = {rejection.index: rejection.reason for rejection in verdict.rejections}
+    assert set(reasons) == {"2", "3"}
+    assert reasons["2"] == "erp.customer@v1: email is not a valid email address"
+    assert reasons["3"] == "erp.customer@v1: country is missing"
+    assert all("alan@" not in reason for reason in reasons.values())
+    assert list(verdict.valid.index) == ["1", "4"]
+
+
+def test_target_contract_refuses_the_second_email_that_differs_only_in_case():
+    valid = ERP_CUSTOMER.judge(customers()).valid
+    verdict = CRM_CONTACT.judge(customer_to_contact(valid))
+    assert [(r.index, r.reason) for r in verdict.rejections] == [
+        ("4", "crm.contact@v1: email is used by another customer in this batch (ignoring case)")
+    ]
+    assert verdict.valid["email"].tolist() == ["ada@example.com"]
+
+
+def test_contracts_are_versioned_and_mark_pii():
+    assert ERP_CUSTOMER.label == "erp.customer@v1" and CRM_CONTACT.label == "crm.contact@v1"
+    assert {"email", "phone", "first_name", "last_name"} <= ERP_CUSTOMER.pii_fields
+    assert "country" not in CRM_CONTACT.pii_fields and "email" in CRM_CONTACT.pii_fields
+
+
+def test_masking_keeps_a_recognisable_shape():
+    assert mask_email("jane.doe@example.com") == "j***@e***.com"
+    assert mask_email("x@mail.example.co.uk") == "x***@m***.uk"
+    masked = mask_record(
+        {"email": "ada@example.com", "phone": "+44 20", "city": "London"}, {"email", "phone"}
+    )
+    assert masked == {"email": "a***@e***.com", "phone": "+***", "city": "London"}
+
+
+def test_hashes_are_canonical_and_stable():
+    assert content_hash({"b": 1, "a": "x"}) == content_hash({"a": "x", "b": 1})
+    assert (
+        content_hash({"a": "x"}) == "8fd817243634b144f70a61aca7dfe389"
+    )  # md5 of {"a":"x"}: pinned, ledgers store it
+    assert (
+        idempotency_key("f", "1", "h")
+        == idempotency_key("f", "1", "h")
+        != idempotency_key("f", "2", "h")
+    )

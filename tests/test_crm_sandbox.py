@@ -1,0 +1,99 @@
+"""The CRM sandbox speaks the HubSpot v3 subset: auth, upsert, list, search, archive, errors."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+
+from integrations.crm.client import CrmAuthError, CrmClient, CrmRequestRejected
+
+
+def contact(number: int, email: str | None = None, **extra: str) -> dict:
+    return {
+        "id": f"C{number:07d}",
+        "properties": {
+            "email": email or f"person.{number}@example.com",
+            "firstname": "Ada",
+            **extra,
+        },
+    }
+
+
+def test_requests_without_the_token_get_a_hubspot_error_body(crm_sandbox):
+    answer = requests.get(f"{crm_sandbox.base_url}/crm/v3/objects/contacts", timeout=5)
+    assert answer.status_code == 401
+    body = answer.json()
+    assert body["status"] == "error" and body["category"] == "INVALID_AUTHENTICATION"
+    assert body["correlationId"] and "Bearer" in body["message"]
+    with pytest.raises(CrmAuthError, match="CRM_ACCESS_TOKEN") as caught:
+        list(CrmClient(crm_sandbox.base_url, "wrong-token").list_objects("contacts"))
+    assert "wrong-token" not in str(caught.value)
+
+
+def test_upsert_creates_then_updates_and_keeps_updated_at_when_nothing_changed(crm_client):
+    created = crm_client.batch_upsert("contacts", "erp_customer_id", [contact(1), contact(2)])
+    assert [r["new"] for r in created] == [True, True]
+    assert all(r["createdAt"] == r["updatedAt"] for r in created)
+    time.sleep(0.01)
+    same = crm_client.batch_upsert("contacts", "erp_customer_id", [contact(1)])
+    assert same[0]["new"] is False and same[0]["updatedAt"] == created[0]["updatedAt"]
+    time.sleep(0.01)
+    moved = crm_client.batch_upsert("contacts", "erp_customer_id", [contact(1, city="Oslo")])
+    assert moved[0]["id"] == created[0]["id"] and moved[0]["updatedAt"] > created[0]["updatedAt"]
+    assert moved[0]["properties"]["city"] == "Oslo"
+
+
+def test_emails_are_unique_ignoring_case_and_invalid_ones_are_refused(crm_client):
+    crm_client.batch_upsert("contacts", "erp_customer_id", [contact(1, "ada@example.com")])
+    with pytest.raises(CrmRequestRejected) as conflict:
+        crm_client.batch_upsert("contacts", "erp_customer_id", [contact(2, "ADA@Example.com")])
+    assert conflict.value.status == 409 and conflict.value.category == "CONFLICT"
+    with pytest.raises(CrmRequestRejected) as invalid:
+        crm_client.batch_upsert("contacts", "erp_customer_id", [contact(3, "not-an-email")])
+    assert invalid.value.status == 400 and "email" in str(invalid.value)
+    assert [c["properties"]["erp_customer_id"] for c in crm_client.list_objects("contacts")] == [
+        "C0000001"
+    ], "a refused batch changes nothing"
+
+
+def test_batches_over_100_and_bad_json_are_validation_errors(crm_sandbox, crm_token):
+    headers = {"Authorization": f"Bearer {crm_token}"}
+    url = f"{crm_sandbox.base_url}/crm/v3/objects/contacts/batch/upsert?idProperty=erp_customer_id"
+    too_many = requests.post(
+        url, json={"inputs": [contact(i) for i in range(101)]}, headers=headers, timeout=5
+    )
+    assert too_many.status_code == 400 and too_many.json()["category"] == "VALIDATION_ERROR"
+    broken = requests.post(url, data=b"{not json", headers=headers, timeout=5)
+    assert broken.status_code == 400 and "JSON" in broken.json()["message"]
+
+
+def test_listing_pages_with_after_and_shows_archived_objects_apart(crm_client):
+    for start in range(0, 250, 100):
+        crm_client.batch_upsert(
+            "contacts", "erp_customer_id", [contact(n) for n in range(start, min(start + 100, 250))]
+        )
+    listed = list(crm_client.list_objects("contacts", ["erp_customer_id"]))
+    assert len(listed) == 250 and len({c["id"] for c in listed}) == 250
+    crm_client.batch_archive("contacts", [listed[0]["id"], listed[1]["id"]])
+    archived = list(crm_client.list_objects("contacts", archived=True))
+    assert {c["id"] for c in archived} == {listed[0]["id"], listed[1]["id"]}
+    assert all(c["archived"] and c["archivedAt"] for c in archived)
+    assert len(list(crm_client.list_objects("contacts"))) == 248
+
+
+def test_search_on_the_last_modified_date_pages_through_everything_changed(crm_client):
+    crm_client.batch_upsert("contacts", "erp_customer_id", [contact(n) for n in range(100)])
+    time.sleep(0.02)
+    from datetime import UTC, datetime
+
+    since = datetime.now(UTC)
+    time.sleep(0.02)
+    changed = [contact(n, city="Porto") for n in range(0, 100, 2)]
+    crm_client.batch_upsert("contacts", "erp_customer_id", changed)
+    found = list(crm_client.search_modified_since("contacts", since, ["erp_customer_id", "city"]))
+    assert sorted(c["properties"]["erp_customer_id"] for c in found) == sorted(
+        c["id"] for c in changed
+    )
+    assert all(c["properties"]["city"] == "Porto" for c in found)

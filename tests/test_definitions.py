@@ -1,0 +1,50 @@
+"""The code location loads, in-process and through `dagster definitions validate`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+
+from definitions import defs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_asset_graph_resolves_with_flows_checks_sensors_and_schedules():
+    graph = defs.resolve_asset_graph()
+    contacts = dg.AssetKey(["crm", "contacts"])
+    assert contacts in graph.get_all_asset_keys()
+    assert graph.get(contacts).parent_keys == {dg.AssetKey(["erp", "customers"])}
+    assert dg.AssetCheckKey(contacts, "contract") in graph.asset_check_keys
+    defs.resolve_implicit_global_asset_job_def()
+    assert defs.resolve_sensor_def("erp_customers_changed")
+    schedule = defs.resolve_schedule_def("erp_customers_to_crm_contacts_schedule")
+    assert schedule.cron_schedule == "0 * * * *"
+    assets_def = defs.resolve_assets_def(contacts)
+    assert assets_def.op.pool == "crm_api"
+    assert assets_def.op.retry_policy.backoff == dg.Backoff.EXPONENTIAL
+
+
+def test_dagster_definitions_validate_passes(tmp_path):
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path), "HANDOFF_HOME": str(tmp_path)}
+    (tmp_path / "dagster.yaml").write_text("")
+    done = subprocess.run(
+        [
+            Path(sys.executable).with_name("dagster"),
+            "definitions",
+            "validate",
+            "-w",
+            "workspace.yaml",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "All code locations passed validation" in done.stdout + done.stderr

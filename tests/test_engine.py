@@ -1,0 +1,177 @@
+"""The engine without Dagster: budgets, bisection, watermarks, DLQ resolution, the audit trail."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import sqlalchemy as sa
+
+from assets.crm_contacts import CRM_CONTACTS
+from integrations.cli import main
+from integrations.crm.destination import CrmObjects
+from integrations.engine.state import StateStore
+from integrations.engine.sync import ErrorBudgetExceeded, Sync
+from integrations.erp.changes import move_customers
+from integrations.sql.connect import create_engine
+from integrations.sql.source import SourceSchemaError, SqlSource
+
+
+@pytest.fixture
+def erp(world):
+    engine = create_engine(world.erp_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def state(world):
+    store = StateStore(world.state_url)
+    yield store
+    store.dispose()
+
+
+def sync(erp, crm_client, state, run_id="run-1", full=False, log=None):
+    source = SqlSource(erp, CRM_CONTACTS.source)
+    destination = CrmObjects(crm_client, "contacts", "erp_customer_id")
+    return Sync(
+        CRM_CONTACTS, source, destination, state, run_id=run_id, actor="test", why="manual", log=log
+    ).run(full=full)
+
+
+def test_counts_add_up_and_progress_is_logged_per_batch(world, erp, crm_client, state, caplog):
+    with caplog.at_level(logging.INFO):
+        result = sync(erp, crm_client, state, log=logging.getLogger("test"))
+    c = result.counts
+    assert c["read"] == 3000 and result.batches == 3
+    assert c["valid"] == c["inserted"] + c["updated"] + c["unchanged"] - deleted_never_synced(
+        erp
+    ) + (c["rejected"] - contract_rejections(state))
+    assert c["inserted"] == len(list(crm_client.list_objects("contacts")))
+    progress = [r.getMessage() for r in caplog.records if "committed" in r.getMessage()]
+    assert len(progress) == 3 and all("rows/s" in line for line in progress)
+    assert result.watermark_after is not None
+    with erp.connect() as connection:
+        newest = connection.execute(
+            sa.text(
+                "SELECT updated_at, customer_id FROM customers ORDER BY updated_at DESC, customer_id DESC"
+            )
+        ).first()
+    assert result.watermark_after.key == newest.customer_id
+
+
+def deleted_never_synced(erp) -> int:
+    with erp.connect() as connection:
+        return connection.execute(
+            sa.text("SELECT count(*) FROM customers WHERE deleted_at IS NOT NULL")
+        ).scalar()
+
+
+def contract_rejections(state) -> int:
+    return sum(letter.reason_kind == "contract" for letter in state.list_dead_letters(limit=10_000))
+
+
+def test_a_refused_record_is_isolated_by_bisection(world, erp, crm_client, state):
+    with erp.connect() as connection:
+        number, email = connection.execute(
+            sa.text(
+                "SELECT customer_number, email FROM customers WHERE deleted_at IS NULL AND country IS NOT NULL "
+                "AND email LIKE '%@example.com' ORDER BY updated_at LIMIT 1 OFFSET 10"
+            )
+        ).one()
+    # Someone else already holds this email in the CRM: the sandbox answers 409 for its batch.
+    crm_client.batch_upsert(
+        "contacts", "erp_customer_id", [{"id": "X0000001", "properties": {"email": email}}]
+    )
+    result = sync(erp, crm_client, state)
+    refused = [d for d in state.list_dead_letters(limit=10_000) if d.reason_kind == "destination"]
+    mine = [d for d in refused if d.payload["customer_number"] == number]
+    assert (
+        len(mine) == 1 and "409 CONFLICT" in mine[0].reason and "already belongs" in mine[0].reason
+    )
+    contacts = {
+        c["properties"]["erp_customer_id"]
+        for c in crm_client.list_objects("contacts", ["erp_customer_id"])
+    }
+    assert number not in contacts and len(contacts) == result.counts["inserted"] + 1
+
+
+def test_the_error_budget_stops_a_mostly_bad_sync_before_it_loads(world, erp, crm_client, state):
+    with erp.begin() as connection:
+        connection.execute(
+            sa.text("UPDATE customers SET email = 'broken' WHERE customer_id % 3 = 0")
+        )
+    with pytest.raises(ErrorBudgetExceeded) as caught:
+        sync(erp, crm_client, state)
+    message = str(caught.value)
+    assert "erp_customers_to_crm_contacts" in message and "error budget of 10%" in message
+    assert (
+        "handoff dlq list --flow erp_customers_to_crm_contacts" in message
+        and "broken" not in message
+    )
+    assert list(crm_client.list_objects("contacts")) == [], (
+        "nothing of the failing batch was loaded"
+    )
+    assert state.watermark(CRM_CONTACTS.name) is None
+    assert state.count_open_dead_letters(CRM_CONTACTS.name) > 300, "the rejected rows are kept"
+
+
+def test_a_fixed_source_row_leaves_the_dlq_when_it_lands(world, erp, crm_client, state):
+    sync(erp, crm_client, state)
+    letter = next(
+        d for d in state.list_dead_letters(limit=10_000) if "email is not a valid" in d.reason
+    )
+    again = sync(erp, crm_client, state, run_id="run-2", full=True)
+    assert again.counts["held"] >= 1 and again.written == 0, "unchanged bad rows are not re-judged"
+    with erp.begin() as connection:
+        connection.execute(
+            sa.text(
+                "UPDATE customers SET email = :email, updated_at = CURRENT_TIMESTAMP WHERE customer_id = :id"
+            ),
+            {"email": f"fixed.{letter.record_key}@example.com", "id": int(letter.record_key)},
+        )
+    move_customers(erp, [int(letter.record_key)])
+    fixed = sync(erp, crm_client, state, run_id="run-3")
+    assert fixed.counts["inserted"] == 1
+    assert state.get_dead_letter(letter.id).resolved_at is not None
+
+
+def test_the_audit_trail_is_append_only(world, erp, crm_client, state):
+    sync(erp, crm_client, state)
+    entries = state.audit_entries(CRM_CONTACTS.name)
+    assert [e["action"] for e in entries] == ["sync_batch"] * 3
+    assert entries[0]["actor"] == "test" and entries[0]["why"] == "manual"
+    for statement in ("UPDATE audit_log SET actor = 'someone else'", "DELETE FROM audit_log"):
+        with (
+            pytest.raises(sa.exc.DatabaseError, match="append-only"),
+            state.engine.begin() as connection,
+        ):
+            connection.execute(sa.text(statement))
+
+
+def test_configured_identifiers_are_checked_against_the_schema(erp):
+    from integrations.engine.spec import SourceTable
+
+    with pytest.raises(SourceSchemaError, match="no column"):
+        SqlSource(erp, SourceTable("customers", key="customer_id; DROP TABLE customers"))
+    with pytest.raises(SourceSchemaError, match="not in the source"):
+        SqlSource(erp, SourceTable("clients", key="id"))
+
+
+def test_dlq_cli_lists_and_shows_with_masked_pii(world, erp, crm_client, state, capsys):
+    sync(erp, crm_client, state)
+    assert main(["dlq", "list", "--limit", "20"]) == 0
+    assert "(showing 20 of " in capsys.readouterr().out
+    assert main(["dlq", "list", "--limit", "10000"]) == 0
+    listing = capsys.readouterr().out
+    letters = state.list_dead_letters(limit=10_000)
+    assert len(listing.strip().splitlines()) == len(letters) + 1
+    raw_emails = [
+        d.payload["email"] for d in letters if d.payload.get("email") and "@" in d.payload["email"]
+    ]
+    assert raw_emails and not any(email in listing for email in raw_emails)
+    assert "***@" in listing
+    assert main(["dlq", "show", str(letters[0].id)]) == 0
+    shown = capsys.readouterr().out
+    assert letters[0].reason in shown and letters[0].payload["last_name"] not in shown
+    assert main(["dlq", "show", "999999"]) == 1

@@ -1,0 +1,254 @@
+"""crm/contacts through the real webserver, as `make demo` runs it: `dagster dev`, then GraphQL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.expectations import assert_crm_matches_erp
+
+ROOT = Path(__file__).resolve().parents[1]
+DAGSTER = Path(sys.executable).with_name("dagster")
+CONTACTS = ["crm", "contacts"]
+STARTUP_SECONDS = 120
+RUN_SECONDS = 180
+
+WORKSPACE = """
+query Workspace {
+  workspaceOrError {
+    __typename
+    ... on Workspace {
+      locationEntries {
+        name
+        loadStatus
+        locationOrLoadError {
+          __typename
+          ... on RepositoryLocation { name repositories { name } }
+          ... on PythonError { message stack }
+        }
+      }
+    }
+    ... on PythonError { message }
+  }
+}
+"""
+
+ASSET_NODES = """
+query AssetNodes {
+  assetNodes { assetKey { path } }
+}
+"""
+
+LAUNCH_RUN = """
+mutation LaunchRun($executionParams: ExecutionParams!) {
+  launchRun(executionParams: $executionParams) {
+    __typename
+    ... on LaunchRunSuccess { run { runId status } }
+    ... on Error { message }
+    ... on PythonError { stack }
+    ... on RunConfigValidationInvalid { pipelineName errors { message } }
+    ... on InvalidStepError { invalidStepKey }
+    ... on InvalidOutputError { stepKey invalidOutputName }
+  }
+}
+"""
+
+RUN_STATUS = """
+query RunStatus($runId: ID!) {
+  runOrError(runId: $runId) {
+    __typename
+    ... on Run { status }
+    ... on Error { message }
+  }
+}
+"""
+
+RUN_FAILURES = """
+query RunFailures($runId: ID!) {
+  runOrError(runId: $runId) {
+    ... on Run {
+      eventConnection(limit: 10000) {
+        events {
+          __typename
+          ... on ExecutionStepFailureEvent { message error { message } }
+          ... on RunFailureEvent { message error { message } }
+        }
+      }
+    }
+  }
+}
+"""
+
+
+@dataclass
+class Webserver:
+    """A running `dagster dev` and the file its output goes to."""
+
+    process: subprocess.Popen
+    url: str
+    log: Path
+
+    def log_tail(self, lines: int = 80) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def explain(self, message: str) -> str:
+        return f"{message}\n--- tail of {self.log} ---\n{self.log_tail()}"
+
+    def graphql(self, query: str, **variables: object) -> dict:
+        response = requests.post(
+            self.url, json={"query": query, "variables": variables}, timeout=30
+        )
+        try:
+            body = response.json()
+        except requests.JSONDecodeError:
+            body = {"errors": [response.text]}
+        assert response.ok and not body.get("errors"), self.explain(
+            f"GraphQL answered {response.status_code}: {body.get('errors')}"
+        )
+        return body["data"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the whole process group (webserver, daemon, code servers, run workers), then
+    SIGKILL to whatever is left of it."""
+    for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@contextmanager
+def dagster_dev(tmp_path: Path) -> Iterator[Webserver]:
+    dagster_home = tmp_path / "dagster_home"
+    dagster_home.mkdir()
+    (dagster_home / "dagster.yaml").touch()
+    port = free_port()
+    log = tmp_path / "dagster_dev.log"
+    command = [str(DAGSTER), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)]
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env={**os.environ, "DAGSTER_HOME": str(dagster_home)},
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            yield Webserver(process, f"http://127.0.0.1:{port}/graphql", log)
+        finally:
+            stop(process)
+
+
+def wait_for_location(server: Webserver) -> str:
+    """The name of the workspace's only code location, once it has loaded without error."""
+    deadline = time.monotonic() + STARTUP_SECONDS
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        returncode = server.process.poll()
+        assert returncode is None, server.explain(f"dagster dev exited with {returncode}")
+        try:
+            workspace = server.graphql(WORKSPACE)["workspaceOrError"]
+        except requests.RequestException as error:
+            last = repr(error)
+        else:
+            assert workspace["__typename"] == "Workspace", server.explain(str(workspace))
+            entries = workspace["locationEntries"]
+            last = str(entries)
+            if entries and all(entry["loadStatus"] == "LOADED" for entry in entries):
+                (entry,) = entries
+                location = entry["locationOrLoadError"]
+                assert location["__typename"] == "RepositoryLocation", server.explain(
+                    f"code location {entry['name']} failed to load: {location}"
+                )
+                return location["name"]
+        time.sleep(1)
+    pytest.fail(server.explain(f"no loaded code location after {STARTUP_SECONDS} s: {last}"))
+
+
+def describe_error(result: dict) -> str:
+    details = [result["__typename"], result.get("message", "")]
+    details += [error["message"] for error in result.get("errors", [])]
+    details += result.get("stack", [])
+    details += [
+        f"{k}={result[k]}"
+        for k in ("invalidStepKey", "stepKey", "invalidOutputName")
+        if k in result
+    ]
+    return "\n".join(str(detail) for detail in details if detail)
+
+
+def run_failures(server: Webserver, run_id: str) -> str:
+    run = server.graphql(RUN_FAILURES, runId=run_id)["runOrError"]
+    events = run.get("eventConnection", {}).get("events", [])
+    return "\n".join(
+        f"{event['__typename']}: {event['message']} {(event.get('error') or {}).get('message', '')}"
+        for event in events
+        if event.get("message")
+    )
+
+
+def wait_for_run(server: Webserver, run_id: str) -> None:
+    deadline = time.monotonic() + RUN_SECONDS
+    status = "unknown"
+    while time.monotonic() < deadline:
+        run = server.graphql(RUN_STATUS, runId=run_id)["runOrError"]
+        assert run["__typename"] == "Run", server.explain(f"run {run_id}: {describe_error(run)}")
+        status = run["status"]
+        if status == "SUCCESS":
+            return
+        assert status not in {"FAILURE", "CANCELED"}, server.explain(
+            f"run {run_id} ended {status}:\n{run_failures(server, run_id)}"
+        )
+        time.sleep(1)
+    pytest.fail(server.explain(f"run {run_id} still {status} after {RUN_SECONDS} s"))
+
+
+@pytest.mark.slow
+def test_materialize_contacts_through_the_webserver(world, crm_client, tmp_path):
+    with dagster_dev(tmp_path) as server:
+        location = wait_for_location(server)
+
+        nodes = server.graphql(ASSET_NODES)["assetNodes"]
+        keys = [node["assetKey"]["path"] for node in nodes]
+        assert CONTACTS in keys, server.explain(f"{CONTACTS} is not among the asset nodes {keys}")
+
+        execution_params = {
+            "selector": {
+                "repositoryLocationName": location,
+                "repositoryName": "__repository__",
+                "jobName": "__ASSET_JOB",
+                "assetSelection": [{"path": CONTACTS}],
+            },
+        }
+        launched = server.graphql(LAUNCH_RUN, executionParams=execution_params)["launchRun"]
+        assert launched["__typename"] == "LaunchRunSuccess", server.explain(
+            f"launchRun failed: {describe_error(launched)}"
+        )
+        wait_for_run(server, launched["run"]["runId"])
+
+    assert_crm_matches_erp(world.erp_url, crm_client)
