@@ -34,7 +34,12 @@ CRM_CONTACTS = FlowSpec(
     "customers are archived.",
     source=SourceTable(table="customers", key="customer_id"),
     source_contract=ERP_CUSTOMER,
-    target=Target(system="crm", dataset="contacts", id_property="erp_customer_id"),
+    target=Target(
+        system="crm",
+        dataset="contacts",
+        id_property="erp_customer_id",
+        unique_ignoring_case=("email",),
+    ),
     target_contract=CRM_CONTACT,
     mapping=customer_to_contact,
     pool="crm_api",

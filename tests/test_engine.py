@@ -12,7 +12,7 @@ from integrations.cli import main
 from integrations.crm.destination import CrmObjects
 from integrations.engine.state import StateStore
 from integrations.engine.sync import ErrorBudgetExceeded, Sync
-from integrations.erp.changes import move_customers
+from integrations.erp.changes import move_customers, soft_delete_customers
 from integrations.sql.connect import create_engine
 from integrations.sql.source import SourceSchemaError, SqlSource
 
@@ -175,3 +175,25 @@ def test_dlq_cli_lists_and_shows_with_masked_pii(world, erp, crm_client, state, 
     shown = capsys.readouterr().out
     assert letters[0].reason in shown and letters[0].payload["last_name"] not in shown
     assert main(["dlq", "show", "999999"]) == 1
+
+
+def test_an_email_clash_across_batches_is_caught_before_the_crm_and_freed_by_archiving(
+    world, erp, crm_client, state
+):
+    first = sync(erp, crm_client, state)
+    clashes = [
+        d for d in state.list_dead_letters(limit=10_000) if "already used by record" in d.reason
+    ]
+    assert clashes, "the seed has case duplicates in different batches"
+    assert not [d for d in state.list_dead_letters(limit=10_000) if d.reason_kind == "destination"]
+    assert world.crm.store.stats()["upsert_inputs"] == first.written, (
+        "nothing was refused by the CRM"
+    )
+
+    loser = clashes[0]
+    holder = loser.reason.split("already used by record ")[1].split(" ")[0]
+    soft_delete_customers(erp, [int(holder)])
+    move_customers(erp, [int(loser.record_key)])
+    after = sync(erp, crm_client, state, run_id="run-2")
+    assert (after.counts["archived"], after.counts["inserted"]) == (1, 1)
+    assert state.get_dead_letter(loser.id).resolved_at is not None

@@ -28,6 +28,9 @@ class Target:
     system: str
     dataset: str
     id_property: str
+    # Fields the destination keeps unique ignoring case (HubSpot: a contact's email). The engine
+    # checks them across the whole dataset, so a clash is caught before it reaches the destination.
+    unique_ignoring_case: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

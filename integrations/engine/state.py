@@ -59,6 +59,17 @@ dead_letters = sa.Table(
     sa.Index("ix_dead_letters_flow_key", "flow", "record_key"),
 )
 
+# Who holds each unique value (as a digest of its lower-cased text: no PII in the clear).
+unique_claims = sa.Table(
+    "unique_claims",
+    metadata,
+    sa.Column("flow", sa.String(120), primary_key=True),
+    sa.Column("field", sa.String(120), primary_key=True),
+    sa.Column("value_digest", sa.String(64), primary_key=True),
+    sa.Column("record_key", sa.String(255), nullable=False),
+    sa.Index("ix_unique_claims_key", "flow", "record_key"),
+)
+
 audit_log = sa.Table(
     "audit_log",
     metadata,
@@ -138,6 +149,9 @@ class BatchCommit:
     synced: list[dict[str, object]] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     watermark: Watermark | None = None
+    # (field, value digest, record key) now held by written records; archived keys release theirs.
+    claims: list[tuple[str, str, str]] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)
 
 
 def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
@@ -215,6 +229,21 @@ class StateStore:
                 found.update({row.record_key: row.content_hash for row in rows})
         return found
 
+    def unique_owners(self, flow: str, field_name: str, digests: Sequence[str]) -> dict[str, str]:
+        """value digest → the record key that holds it, for digests already claimed."""
+        found: dict[str, str] = {}
+        with self.engine.connect() as connection:
+            for chunk in _chunks(digests):
+                rows = connection.execute(
+                    sa.select(unique_claims.c.value_digest, unique_claims.c.record_key).where(
+                        unique_claims.c.flow == flow,
+                        unique_claims.c.field == field_name,
+                        unique_claims.c.value_digest.in_(chunk),
+                    )
+                )
+                found.update({row.value_digest: row.record_key for row in rows})
+        return found
+
     def list_dead_letters(
         self, flow: str | None = None, include_resolved: bool = False, limit: int = 100
     ) -> list[DeadLetter]:
@@ -267,6 +296,8 @@ class StateStore:
                 self._resolve(
                     connection, batch.flow, [str(row["record_key"]) for row in batch.synced], now
                 )
+            if batch.claims or batch.released:
+                self._claim(connection, batch)
             if batch.dead_letters:
                 self._put_dead_letters(connection, batch.run_id, batch.dead_letters, now)
             if batch.watermark is not None:
@@ -326,6 +357,24 @@ class StateStore:
                 why=why,
             )
         )
+
+    @staticmethod
+    def _claim(connection, batch: BatchCommit) -> None:
+        holders = sorted({key for _, _, key in batch.claims} | set(batch.released))
+        for chunk in _chunks(holders):
+            connection.execute(
+                sa.delete(unique_claims).where(
+                    unique_claims.c.flow == batch.flow, unique_claims.c.record_key.in_(chunk)
+                )
+            )
+        if batch.claims:
+            connection.execute(
+                sa.insert(unique_claims),
+                [
+                    {"flow": batch.flow, "field": name, "value_digest": digest, "record_key": key}
+                    for name, digest, key in batch.claims
+                ],
+            )
 
     @staticmethod
     def _resolve(connection, flow: str, keys: Sequence[str], now: datetime) -> None:

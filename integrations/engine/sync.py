@@ -8,13 +8,13 @@ audit entry in one state transaction. Re-running any window changes nothing that
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 
 import pandas as pd
 
@@ -85,17 +85,18 @@ class _Clock:
         self.mark = now
 
 
+def _digest(value: object) -> str:
+    return hashlib.md5(str(value).lower().encode(), usedforsecurity=False).hexdigest()
+
+
 def _json_ready(frame: pd.DataFrame) -> list[dict[str, object]]:
-    """Rows as plain dicts: NaN/NaT → None, timestamps → ISO text."""
-    plain = frame.astype(object).where(frame.notna(), None)
-    records = plain.to_dict("records")
-    for record in records:
-        for name, value in record.items():
-            if isinstance(value, datetime | pd.Timestamp):
-                record[name] = value.isoformat()
-            elif hasattr(value, "item"):  # numpy scalars
-                record[name] = value.item()
-    return records
+    """Rows as plain dicts (Python scalars, None for nulls, ISO text for timestamps), vectorised."""
+    frame = frame.copy()
+    for name in frame.columns:
+        if pd.api.types.is_datetime64_any_dtype(frame[name]):
+            text = frame[name].dt.strftime("%Y-%m-%dT%H:%M:%S.%f")
+            frame[name] = text.where(frame[name].notna(), None)
+    return frame.astype(object).where(frame.notna(), None).to_dict("records")
 
 
 class Sync:
@@ -172,9 +173,9 @@ class Sync:
                 spec.name, str(error), "fix the source schema or the contract, then rerun"
             ) from error
         clock.lap("validate")
-        rejections = source_verdict.rejections + target_verdict.rejections
-        letters = [self._contract_letter(live, rejection) for rejection in rejections]
-        valid = target_verdict.valid
+        valid, taken = self._unclaimed(target_verdict.valid, releasing=set(gone.index))
+        rejections = source_verdict.rejections + target_verdict.rejections + taken
+        letters = self._contract_letters(live, rejections)
         result.counts["valid"] += len(valid)
 
         records = dict(zip(valid.index, _json_ready(valid), strict=True))
@@ -191,7 +192,10 @@ class Sync:
         to_archive = {
             key: entry.destination_id
             for key, entry in ledger.items()
-            if key in gone.index and not entry.archived and entry.destination_id
+            if spec.archive_deleted
+            and key in gone.index
+            and not entry.archived
+            and entry.destination_id
         }
         result.counts["unchanged"] += len(gone) - len(to_archive)
         clock.lap("diff")
@@ -199,11 +203,11 @@ class Sync:
         self._note_rejections(result, letters)
         self._check_budget(result, pending=letters)
 
+        if to_archive:
+            self._call_destination(lambda: self._archive(list(to_archive.values())))
         written, refused = self._load(outbound, live)
         letters += refused
         self._note_rejections(result, refused)
-        if spec.archive_deleted and to_archive:
-            self._call_destination(lambda: self._archive(list(to_archive.values())))
         clock.lap("load")
 
         for item in written:
@@ -236,8 +240,20 @@ class Sync:
             str(result.watermark_before.key),
         ):
             watermark = result.watermark_before  # a lookback batch never moves the watermark back
+        claims = [
+            (name, _digest(records[item.key][name]), item.key)
+            for name in spec.target.unique_ignoring_case
+            for item in written
+            if records[item.key].get(name)
+        ]
         commit = BatchCommit(
-            spec.name, self.run_id, synced=synced, dead_letters=letters, watermark=watermark
+            spec.name,
+            self.run_id,
+            synced=synced,
+            dead_letters=letters,
+            watermark=watermark,
+            claims=claims,
+            released=list(to_archive),
         )
         counts = Counter(
             inserted=sum(w.created for w in written),
@@ -255,6 +271,22 @@ class Sync:
             },
         )
         clock.lap("commit")
+
+    def _unclaimed(
+        self, valid: pd.DataFrame, releasing: set[str]
+    ) -> tuple[pd.DataFrame, list[RowRejection]]:
+        """Split off records whose unique value (ignoring case) another record already holds;
+        records archived in this batch release theirs (they are archived before the upserts)."""
+        taken: list[RowRejection] = []
+        for name in self.spec.target.unique_ignoring_case:
+            digests = valid[name].map(_digest, na_action="ignore")
+            owners = self.state.unique_owners(self.spec.name, name, digests.dropna().tolist())
+            for key, digest in digests.dropna().items():
+                owner = owners.get(digest)
+                if owner is not None and owner != key and owner not in releasing:
+                    reason = f"{name} is already used by record {owner} (ignoring case)"
+                    taken.append(RowRejection(key, f"{self.spec.target_contract.label}: {reason}"))
+        return valid.drop(index=[rejection.index for rejection in taken]), taken
 
     def _without_held(self, live: pd.DataFrame, result: SyncResult) -> pd.DataFrame:
         """Drop rows already dead-lettered with this exact content: they wait for a fix or a replay,
@@ -324,16 +356,21 @@ class Sync:
 
     # --- rejections and the error budget ----------------------------------------------------
 
-    def _contract_letter(self, rows: pd.DataFrame, rejection: RowRejection) -> DeadLetter:
-        payload = _json_ready(rows.loc[[rejection.index]])[0]
-        return DeadLetter(
-            flow=self.spec.name,
-            record_key=str(rejection.index),
-            reason_kind="contract",
-            reason=rejection.reason,
-            payload=payload,
-            content_hash=content_hash(payload),
-        )
+    def _contract_letters(
+        self, rows: pd.DataFrame, rejections: list[RowRejection]
+    ) -> list[DeadLetter]:
+        payloads = _json_ready(rows.loc[[rejection.index for rejection in rejections]])
+        return [
+            DeadLetter(
+                flow=self.spec.name,
+                record_key=str(rejection.index),
+                reason_kind="contract",
+                reason=rejection.reason,
+                payload=payload,
+                content_hash=content_hash(payload),
+            )
+            for rejection, payload in zip(rejections, payloads, strict=True)
+        ]
 
     def _note_rejections(self, result: SyncResult, letters: Sequence[DeadLetter]) -> None:
         result.counts["rejected"] += len(letters)
