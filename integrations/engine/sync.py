@@ -74,6 +74,16 @@ class SyncResult:
         return self.counts["inserted"] + self.counts["updated"] + self.counts["archived"]
 
 
+@dataclass
+class _Plan:
+    """One batch's decision: the valid records, their hashes, what to send, what to archive."""
+
+    records: dict[str, dict[str, object]]
+    hashes: dict[str, str]
+    outbound: list[OutboundRecord]
+    to_archive: dict[str, str]
+
+
 class _Clock:
     def __init__(self, timings: dict[str, float]):
         self.timings = timings
@@ -152,16 +162,41 @@ class Sync:
 
     def _sync_batch(self, batch: pd.DataFrame, result: SyncResult, clock: _Clock) -> None:
         spec = self.spec
-        key_column, deleted_column = spec.source.key, spec.source.deleted
-        batch = batch.set_axis(batch[key_column].astype(str), axis=0)
+        batch = batch.set_axis(batch[spec.source.key].astype(str), axis=0)
         batch.index.name = None
         result.counts["read"] += len(batch)
         deleted = (
-            batch[deleted_column].notna() if deleted_column else pd.Series(False, index=batch.index)
+            batch[spec.source.deleted].notna()
+            if spec.source.deleted
+            else pd.Series(False, index=batch.index)
         )
         live, gone = batch[~deleted], batch[deleted]
         live = self._without_held(live, result)
 
+        valid, letters = self._validate(live, gone, clock)
+        result.counts["valid"] += len(valid)
+        plan = self._diff(valid, gone, result)
+        clock.lap("diff")
+        self._note_rejections(result, letters)
+        self._check_budget(result, pending=letters)
+
+        if plan.to_archive:
+            self._call_destination(lambda: self._archive(list(plan.to_archive.values())))
+        written, refused = self._load(plan.outbound, live)
+        self._note_rejections(result, refused)
+        clock.lap("load")
+
+        for item in written:
+            result.counts["inserted" if item.created else "updated"] += 1
+        result.counts["archived"] += len(plan.to_archive)
+        self._commit(batch, plan, written, letters + refused, result.watermark_before)
+        clock.lap("commit")
+
+    def _validate(
+        self, live: pd.DataFrame, gone: pd.DataFrame, clock: _Clock
+    ) -> tuple[pd.DataFrame, list[DeadLetter]]:
+        """Source contract → mapping → target contract → dataset-wide unique values."""
+        spec = self.spec
         try:
             source_verdict = spec.source_contract.judge(live)
             clock.lap("validate")
@@ -172,51 +207,49 @@ class Sync:
             raise SyncError(
                 spec.name, str(error), "fix the source schema or the contract, then rerun"
             ) from error
-        clock.lap("validate")
         valid, taken = self._unclaimed(target_verdict.valid, releasing=set(gone.index))
+        clock.lap("validate")
         rejections = source_verdict.rejections + target_verdict.rejections + taken
-        letters = self._contract_letters(live, rejections)
-        result.counts["valid"] += len(valid)
+        return valid, self._contract_letters(live, rejections)
 
+    def _diff(self, valid: pd.DataFrame, gone: pd.DataFrame, result: SyncResult) -> _Plan:
+        """What to send (content differs from the ledger's) and what to archive."""
         records = dict(zip(valid.index, _json_ready(valid), strict=True))
         hashes = {key: content_hash(record) for key, record in records.items()}
-        ledger = self.state.ledger_entries(spec.name, list(records) + list(gone.index))
+        ledger = self.state.ledger_entries(self.spec.name, list(records) + list(gone.index))
         outbound = []
         for key, record in records.items():
             known = ledger.get(key)
             if known is not None and known.content_hash == hashes[key] and not known.archived:
                 result.counts["unchanged"] += 1
             else:
-                trace = idempotency_key(spec.name, key, hashes[key])
+                trace = idempotency_key(self.spec.name, key, hashes[key])
                 outbound.append(OutboundRecord(key=key, properties=record, trace_id=trace))
         to_archive = {
             key: entry.destination_id
             for key, entry in ledger.items()
-            if spec.archive_deleted
+            if self.spec.archive_deleted
             and key in gone.index
             and not entry.archived
             and entry.destination_id
         }
         result.counts["unchanged"] += len(gone) - len(to_archive)
-        clock.lap("diff")
+        return _Plan(records, hashes, outbound, to_archive)
 
-        self._note_rejections(result, letters)
-        self._check_budget(result, pending=letters)
-
-        if to_archive:
-            self._call_destination(lambda: self._archive(list(to_archive.values())))
-        written, refused = self._load(outbound, live)
-        letters += refused
-        self._note_rejections(result, refused)
-        clock.lap("load")
-
-        for item in written:
-            result.counts["inserted" if item.created else "updated"] += 1
-        result.counts["archived"] += len(to_archive)
+    def _commit(
+        self,
+        batch: pd.DataFrame,
+        plan: _Plan,
+        written: list[Written],
+        letters: list[DeadLetter],
+        before: Watermark | None,
+    ) -> None:
+        """Ledger, unique-value claims, dead letters, watermark and audit: one transaction."""
+        spec = self.spec
         synced = [
             {
                 "record_key": item.key,
-                "content_hash": hashes[item.key],
+                "content_hash": plan.hashes[item.key],
                 "destination_id": item.destination_id,
                 "archived": False,
             }
@@ -228,49 +261,42 @@ class Sync:
                 "destination_id": destination_id,
                 "archived": True,
             }
-            for key, destination_id in to_archive.items()
+            for key, destination_id in plan.to_archive.items()
         ]
-        last = batch.iloc[-1]
-        watermark = Watermark(
-            pd.Timestamp(last[spec.source.cursor]).to_pydatetime(),
-            last[key_column].item() if hasattr(last[key_column], "item") else last[key_column],
-        )
-        if result.watermark_before and (watermark.updated_at, str(watermark.key)) < (
-            result.watermark_before.updated_at,
-            str(result.watermark_before.key),
-        ):
-            watermark = result.watermark_before  # a lookback batch never moves the watermark back
         claims = [
-            (name, _digest(records[item.key][name]), item.key)
+            (name, _digest(plan.records[item.key][name]), item.key)
             for name in spec.target.unique_ignoring_case
             for item in written
-            if records[item.key].get(name)
+            if plan.records[item.key].get(name)
         ]
-        commit = BatchCommit(
-            spec.name,
-            self.run_id,
-            synced=synced,
-            dead_letters=letters,
-            watermark=watermark,
-            claims=claims,
-            released=list(to_archive),
+        last = batch.iloc[-1]
+        key = last[spec.source.key]
+        watermark = Watermark(
+            pd.Timestamp(last[spec.source.cursor]).to_pydatetime(),
+            key.item() if hasattr(key, "item") else key,
         )
-        counts = Counter(
-            inserted=sum(w.created for w in written),
-            updated=sum(not w.created for w in written),
-            archived=len(to_archive),
-            dead_lettered=len(letters),
-        )
+        if before and (watermark.updated_at, watermark.key) < (before.updated_at, before.key):
+            watermark = before  # a lookback batch never moves the watermark back
+        detail = {
+            "rows": len(batch),
+            "inserted": sum(item.created for item in written),
+            "updated": sum(not item.created for item in written),
+            "archived": len(plan.to_archive),
+            "dead_lettered": len(letters),
+            "watermark": watermark.as_dict(),
+        }
         self.state.commit_batch(
-            commit,
-            audit={
-                "actor": self.actor,
-                "action": "sync_batch",
-                "why": self.why,
-                "detail": {**counts, "rows": len(batch), "watermark": watermark.as_dict()},
-            },
+            BatchCommit(
+                spec.name,
+                self.run_id,
+                synced=synced,
+                dead_letters=letters,
+                watermark=watermark,
+                claims=claims,
+                released=list(plan.to_archive),
+            ),
+            audit={"actor": self.actor, "action": "sync_batch", "why": self.why, "detail": detail},
         )
-        clock.lap("commit")
 
     def _unclaimed(
         self, valid: pd.DataFrame, releasing: set[str]
