@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import secrets
 import subprocess
 import sys
@@ -113,6 +112,14 @@ def step_change(env: dict[str, str]) -> dict[str, object]:
     return {"seconds": 0.0, "rows": len(chosen), "written": len(chosen)}
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited over fork)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 STEPS = {"raw": step_raw, "sync": step_sync, "change": step_change}
 
 
@@ -138,7 +145,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.step:
         figures = STEPS[args.step](dict(os.environ))
-        figures["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        figures["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(figures))
         return
 
@@ -187,7 +194,7 @@ def main() -> None:
             sandbox.terminate()
             sandbox.wait()
         rate = figures["rows"] / figures["seconds"] if figures["seconds"] else 0.0
-        print(label, figures.get("timings"), file=sys.stderr)
+        print(f"{label}: phase seconds {figures.get('timings')}", file=sys.stderr)
         rows.append((label, figures["seconds"], rate, figures["written"], figures["peak_rss_mb"]))
 
     print(f"\n{args.rows:,} customers, ERP and state on {args.erp}, CRM sandbox in its own process")

@@ -72,3 +72,15 @@ def test_seeding_postgresql_uses_the_same_data(postgres_database, tmp_path):
     seed_erp(sqlite, rows=400, seed=9)
     query = "SELECT customer_number, email, country FROM customers ORDER BY customer_id"
     assert rows(url, query) == rows(sqlite, query)
+
+
+def test_simulate_changes_a_few_customers_per_round(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HANDOFF_HOME", str(tmp_path))
+    monkeypatch.delenv("ERP_DATABASE_URL", raising=False)
+    url = f"sqlite:///{tmp_path / 'erp.sqlite'}"
+    seed_erp(url, rows=200, seed=1)
+    newest = "SELECT count(*) FROM customers WHERE updated_at > '2026-07-01'"
+    assert rows(url, newest) == [(0,)]
+    assert main(["simulate", "--rounds", "2", "--every", "0", "--changes", "3"]) == 0
+    assert "round 2" in capsys.readouterr().out
+    assert rows(url, newest) == [(6,)]
