@@ -8,7 +8,13 @@ import dagster as dg
 
 from integrations.contracts import Contract
 from integrations.engine.spec import FlowSpec
-from integrations.engine.sync import ErrorBudgetExceeded, Sync, SyncError, SyncResult
+from integrations.engine.sync import (
+    ArchiveGuardTripped,
+    ErrorBudgetExceeded,
+    Sync,
+    SyncError,
+    SyncResult,
+)
 
 CONTRACT_CHECK = "contract"
 API_SYSTEMS = {"crm", "helpdesk"}
@@ -17,6 +23,8 @@ API_SYSTEMS = {"crm", "helpdesk"}
 class SyncConfig(dg.Config):
     full_refresh: bool = False
     """Read every source row (reconciliation) instead of only what changed since the watermark."""
+    allow_mass_archive: bool = False
+    """Let this run archive more than the flow's archive guard allows (after checking the source)."""
 
 
 def asset_key(spec: FlowSpec) -> dg.AssetKey:
@@ -115,6 +123,16 @@ def _contract_check(spec: FlowSpec, result: SyncResult) -> dg.AssetCheckResult:
     )
 
 
+def _failure(spec: FlowSpec, error: SyncError, api_facing: bool) -> dg.Failure:
+    metadata: dict[str, object] = {"flow": spec.name, "what_to_do": error.todo}
+    if isinstance(error, ArchiveGuardTripped):
+        metadata["archive_plan"] = dg.MetadataValue.json(
+            {"would_archive": error.total, "keys": error.plan}
+        )
+    retryable = api_facing and not isinstance(error, ErrorBudgetExceeded | ArchiveGuardTripped)
+    return dg.Failure(description=str(error), metadata=metadata, allow_retries=retryable)
+
+
 def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
     key = asset_key(spec)
     system = spec.target.system
@@ -162,13 +180,11 @@ def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
                 log=context.log,
             )
             try:
-                result = sync.run(full=config.full_refresh)
+                result = sync.run(
+                    full=config.full_refresh, allow_mass_archive=config.allow_mass_archive
+                )
             except SyncError as error:
-                raise dg.Failure(
-                    description=str(error),
-                    metadata={"flow": spec.name, "what_to_do": error.todo},
-                    allow_retries=not isinstance(error, ErrorBudgetExceeded) and api_facing,
-                ) from error
+                raise _failure(spec, error, api_facing) from error
         return dg.MaterializeResult(
             metadata=_metadata(spec, result), check_results=[_contract_check(spec, result)]
         )

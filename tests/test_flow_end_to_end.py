@@ -138,3 +138,36 @@ def test_rejected_customers_are_dead_lettered_with_a_reason(world, crm_client):
     assert json.dumps([entry["detail"] for entry in audit]).count("@") == 0, (
         "no email in the audit trail"
     )
+
+
+def test_a_mass_delete_stops_at_the_archive_guard_and_lists_its_plan(world, crm_client):
+    erp = create_engine(world.erp_url)
+    with dg.instance_for_test() as instance:
+        assert materialize(instance).success
+        live_before = len(crm_contacts(crm_client))
+        soft_delete_customers(erp, live_customer_ids(erp))
+
+        stopped = dg.materialize(
+            [flow_asset(CRM_CONTACTS)],
+            resources=resources(),
+            instance=instance,
+            raise_on_error=False,
+        )
+        assert not stopped.success
+        (failure,) = [e for e in stopped.all_events if e.event_type_value == "STEP_FAILURE"]
+        info = failure.step_failure_data.user_failure_data
+        assert "above the archive guard of 20%" in info.description
+        assert "allow_mass_archive" in info.description
+        plan = info.metadata["archive_plan"].value
+        assert plan["would_archive"] == live_before and len(plan["keys"]) == 100
+        assert len(crm_contacts(crm_client)) == live_before, "the CRM keeps all its contacts"
+
+        confirmed = dg.materialize(
+            [flow_asset(CRM_CONTACTS)],
+            resources=resources(),
+            instance=instance,
+            run_config={"ops": {"crm__contacts": {"config": {"allow_mass_archive": True}}}},
+        )
+        assert metadata(confirmed)["archived"] == live_before
+        assert crm_contacts(crm_client) == []
+    erp.dispose()

@@ -46,6 +46,15 @@ class ErrorBudget:
 
 
 @dataclass(frozen=True)
+class ArchiveGuard:
+    """A run that would archive more than `max_share` of the synced records (and more than
+    `min_records`) stops before writing anything: mass deletes in a source are usually mistakes."""
+
+    max_share: float = 0.2
+    min_records: int = 10
+
+
+@dataclass(frozen=True)
 class FlowSpec:
     """Everything the engine needs to know about a flow; no connections, no framework."""
 
@@ -61,6 +70,7 @@ class FlowSpec:
     lookback: timedelta = timedelta(minutes=5)
     error_budget: ErrorBudget = field(default_factory=ErrorBudget)
     archive_deleted: bool = True
+    archive_guard: ArchiveGuard = field(default_factory=lambda: ArchiveGuard())
     # When to run, for whichever orchestrator runs the flow (the engine itself ignores these).
     schedule: str | None = "0 * * * *"
     watch_source: bool = True

@@ -214,6 +214,15 @@ class StateStore:
                     )
         return found
 
+    def count_synced(self, flow: str) -> int:
+        """Records the flow holds live (not archived) in the destination."""
+        with self.engine.connect() as connection:
+            return connection.execute(
+                sa.select(sa.func.count()).where(
+                    ledger.c.flow == flow, ledger.c.archived.is_(False)
+                )
+            ).scalar_one()
+
     def open_dead_letter_hashes(self, flow: str, keys: Sequence[str]) -> dict[str, str | None]:
         """Content hash of each key's unresolved dead letter, for keys that have one."""
         found: dict[str, str | None] = {}

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import pandas as pd
 
@@ -49,6 +50,14 @@ class SyncError(Exception):
 
 class ErrorBudgetExceeded(SyncError):
     pass
+
+
+class ArchiveGuardTripped(SyncError):
+    """The run would archive too much; `plan` lists the archives it would have made."""
+
+    def __init__(self, flow: str, what: str, todo: str, plan: list[str], total: int):
+        super().__init__(flow, what, todo)
+        self.plan, self.total = plan, total
 
 
 @dataclass
@@ -95,6 +104,10 @@ class _Clock:
         self.mark = now
 
 
+def _natural(key: str) -> tuple[int, str]:
+    return (int(key), "") if key.isdigit() else (0, key)
+
+
 def _digest(value: object) -> str:
     return hashlib.md5(str(value).lower().encode(), usedforsecurity=False).hexdigest()
 
@@ -128,14 +141,19 @@ class Sync:
         self.run_id, self.actor, self.why = run_id, actor, why
         self.log = log or logger
 
-    def run(self, full: bool = False) -> SyncResult:
-        """Sync what changed since the watermark (minus the lookback), or every row if `full`."""
+    def run(self, full: bool = False, allow_mass_archive: bool = False) -> SyncResult:
+        """Sync what changed since the watermark (minus the lookback), or every row if `full`.
+
+        Before anything is written, the archive guard counts what the run would archive.
+        """
         spec = self.spec
         result = SyncResult(flow=spec.name, run_id=self.run_id, full=full)
         result.watermark_before = self.state.watermark(spec.name)
         since = None
         if result.watermark_before is not None and not full:
             since = result.watermark_before.updated_at - spec.lookback
+        if self.spec.archive_deleted and not allow_mass_archive:
+            self._guard_archives(since)
         started = time.perf_counter()
         clock = _Clock(result.timings)
         for batch in self.source.batches(since, spec.batch_size):
@@ -157,6 +175,25 @@ class Sync:
         result.watermark_after = self.state.watermark(spec.name)
         self._check_budget(result)
         return result
+
+    def _guard_archives(self, since: datetime | None) -> None:
+        keys = [str(key) for key in self.source.deleted_keys(since)]
+        ledger = self.state.ledger_entries(self.spec.name, keys)
+        doomed = sorted((key for key, entry in ledger.items() if not entry.archived), key=_natural)
+        synced = self.state.count_synced(self.spec.name)
+        guard = self.spec.archive_guard
+        if len(doomed) <= guard.min_records or len(doomed) <= guard.max_share * synced:
+            return
+        raise ArchiveGuardTripped(
+            self.spec.name,
+            f"the run would archive {len(doomed)} of {synced} synced records "
+            f"({len(doomed) / max(synced, 1):.0%}), above the archive guard of "
+            f"{guard.max_share:.0%}; nothing was written",
+            "check the source for a mistaken mass delete; if it is intended, rerun with "
+            "allow_mass_archive (run config) to archive them",
+            plan=doomed[:100],
+            total=len(doomed),
+        )
 
     # --- one batch ---------------------------------------------------------------------------
 

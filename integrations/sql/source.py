@@ -63,6 +63,17 @@ class SqlSource:
                 sa.literal(last[columns.index(self.spec.key)], self.key.type),
             )
 
+    def deleted_keys(self, since: datetime | None) -> list[object]:
+        """Keys of soft-deleted rows with cursor ≥ `since`: what a run would archive at most."""
+        if not self.spec.deleted:
+            return []
+        deleted = self.table.c[self.spec.deleted]
+        query = sa.select(self.key).where(deleted.is_not(None))
+        if since is not None:
+            query = query.where(self.cursor >= since)
+        with self.engine.connect() as connection:
+            return list(connection.execute(query).scalars())
+
     def high_water_mark(self) -> datetime | None:
         """The newest cursor value in the table: the sensor's cheap 'did anything change?'."""
         with self.engine.connect() as connection:
