@@ -8,7 +8,8 @@ from collections.abc import Callable
 import dagster as dg
 
 from assets import FLOWS
-from assets.factory import flow_asset, source_asset_specs
+from assets.checks import reconciliation_check
+from assets.factory import asset_key, flow_asset, source_asset_specs
 from integrations import settings
 from resources import CrmResource, ErpDatabase, StateStoreResource
 from sensors.schedules import flow_schedules
@@ -33,6 +34,7 @@ def resources() -> dict[str, dg.ConfigurableResource]:
 
 defs = dg.Definitions(
     assets=[*source_asset_specs(FLOWS), *(flow_asset(spec) for spec in FLOWS)],
+    asset_checks=[reconciliation_check(spec, asset_key(spec)) for spec in FLOWS],
     sensors=source_changed_sensors(FLOWS),
     schedules=flow_schedules(FLOWS),
     resources=resources(),

@@ -6,7 +6,10 @@ The asset's resources are keyed by system: `erp` (source), `state`, and the targ
 
 import dagster as dg
 
+from assets.checks import contract_check_result, contract_check_spec, drift_metadata
+from assets.connections import flow_connections, required_resources
 from integrations.contracts import Contract
+from integrations.engine.reconcile import reconcile
 from integrations.engine.spec import FlowSpec
 from integrations.engine.sync import (
     ArchiveGuardTripped,
@@ -16,7 +19,6 @@ from integrations.engine.sync import (
     SyncResult,
 )
 
-CONTRACT_CHECK = "contract"
 API_SYSTEMS = {"crm", "helpdesk"}
 
 
@@ -25,6 +27,8 @@ class SyncConfig(dg.Config):
     """Read every source row (reconciliation) instead of only what changed since the watermark."""
     allow_mass_archive: bool = False
     """Let this run archive more than the flow's archive guard allows (after checking the source)."""
+    repair: bool = False
+    """Reconcile, then send again exactly the records missing or differing in the destination."""
 
 
 def asset_key(spec: FlowSpec) -> dg.AssetKey:
@@ -108,21 +112,6 @@ def _metadata(spec: FlowSpec, result: SyncResult) -> dict[str, object]:
     }
 
 
-def _contract_check(spec: FlowSpec, result: SyncResult) -> dg.AssetCheckResult:
-    return dg.AssetCheckResult(
-        check_name=CONTRACT_CHECK,
-        passed=result.counts["rejected"] == 0,
-        severity=dg.AssetCheckSeverity.WARN,
-        metadata={
-            "valid": int(result.counts["valid"]),
-            "rejected": int(result.counts["rejected"]),
-            "reasons": dg.MetadataValue.json(dict(result.reasons.most_common(10))),
-            "samples": dg.MetadataValue.json(result.samples),
-            "contract": spec.target_contract.label,
-        },
-    )
-
-
 def _failure(spec: FlowSpec, error: SyncError, api_facing: bool) -> dg.Failure:
     metadata: dict[str, object] = {"flow": spec.name, "what_to_do": error.todo}
     if isinstance(error, ArchiveGuardTripped):
@@ -145,15 +134,8 @@ def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
         description=spec.description
         or f"{spec.name}: {spec.source.table} → {key.to_user_string()}",
         deps=[source_key(spec)],
-        check_specs=[
-            dg.AssetCheckSpec(
-                CONTRACT_CHECK,
-                asset=key,
-                description=f"Every row satisfies {spec.source_contract.label} and {spec.target_contract.label}; "
-                "failures are dead-lettered with their reason.",
-            )
-        ],
-        required_resource_keys={"erp", "state", system},
+        check_specs=[contract_check_spec(spec, key)],
+        required_resource_keys=required_resources(spec),
         pool=spec.pool,
         retry_policy=dg.RetryPolicy(
             max_retries=3, delay=15, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
@@ -163,12 +145,8 @@ def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
         metadata={"flow": spec.name, "contract": spec.target_contract.label},
     )
     def _sync(context: dg.AssetExecutionContext, config: SyncConfig):
-        destination_resource = getattr(context.resources, system)
-        with (
-            context.resources.erp.source(spec.source) as source,
-            destination_resource.destination(spec.target) as destination,
-            context.resources.state.open() as state,
-        ):
+        drift = None
+        with flow_connections(context.resources, spec) as (source, destination, state):
             sync = Sync(
                 spec,
                 source,
@@ -180,13 +158,22 @@ def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
                 log=context.log,
             )
             try:
-                result = sync.run(
-                    full=config.full_refresh, allow_mass_archive=config.allow_mass_archive
-                )
+                if config.repair:
+                    drift = reconcile(spec, source, destination, state)
+                    result = sync.repair(drift.missing + drift.differing)
+                else:
+                    result = sync.run(
+                        full=config.full_refresh, allow_mass_archive=config.allow_mass_archive
+                    )
             except SyncError as error:
                 raise _failure(spec, error, api_facing) from error
+        metadata = _metadata(spec, result)
+        if drift is not None:
+            metadata.update(
+                {f"repair/{name}": value for name, value in drift_metadata(drift).items()}
+            )
         return dg.MaterializeResult(
-            metadata=_metadata(spec, result), check_results=[_contract_check(spec, result)]
+            metadata=metadata, check_results=[contract_check_result(spec, result)]
         )
 
     return _sync

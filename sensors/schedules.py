@@ -1,15 +1,17 @@
-"""A schedule per flow that declares one (hourly by default): the safety net under the sensors."""
-
-from __future__ import annotations
+"""Schedules: each flow's sync (hourly by default, the safety net under the sensors) and its
+daily reconciliation check."""
 
 import dagster as dg
 
+from assets.checks import RECONCILIATION_CHECK
 from assets.factory import asset_key
 from integrations.engine.spec import FlowSpec
 
+RECONCILIATION_CRON = "30 3 * * *"
+
 
 def flow_schedules(specs: list[FlowSpec]) -> list[dg.ScheduleDefinition]:
-    return [
+    syncs = [
         dg.ScheduleDefinition(
             name=f"{spec.name}_schedule",
             target=[asset_key(spec)],
@@ -19,3 +21,18 @@ def flow_schedules(specs: list[FlowSpec]) -> list[dg.ScheduleDefinition]:
         for spec in specs
         if spec.schedule
     ]
+    reconciliations = [
+        dg.ScheduleDefinition(
+            name=f"{spec.name}_reconciliation_schedule",
+            job=dg.define_asset_job(
+                f"{spec.name}_reconciliation",
+                selection=dg.AssetSelection.checks(
+                    dg.AssetCheckKey(asset_key(spec), RECONCILIATION_CHECK)
+                ),
+            ),
+            cron_schedule=RECONCILIATION_CRON,
+            default_status=dg.DefaultScheduleStatus.STOPPED,
+        )
+        for spec in specs
+    ]
+    return syncs + reconciliations

@@ -82,7 +82,7 @@ query RunErrors($runId: ID!) {
         events {
           __typename
           ... on MessageEvent { message }
-          ... on ErrorEvent { error { message } }
+          ... on ErrorEvent { error { message causes { message } } }
         }
       }
     }
@@ -208,11 +208,13 @@ def run_errors(server: Webserver, run_id: str) -> str:
     """The run's failures and retries so far, with their error messages."""
     run = server.graphql(RUN_ERRORS, runId=run_id)["runOrError"]
     events = run.get("eventConnection", {}).get("events", [])
-    return "\n".join(
-        f"{event['__typename']}: {event['message']} {(event.get('error') or {}).get('message', '')}"
-        for event in events
-        if event.get("error") or event["__typename"].endswith("FailureEvent")
-    )
+    lines = []
+    for event in events:
+        error = event.get("error") or {}
+        if error or event["__typename"].endswith("FailureEvent"):
+            causes = [cause["message"] for cause in error.get("causes", [])]
+            lines.append(" | ".join([f"{event['__typename']}: {event['message']}", *causes]))
+    return "\n".join(lines)
 
 
 def wait_for_run(server: Webserver, run_id: str) -> None:

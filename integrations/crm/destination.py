@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from integrations.crm.client import (
     MAX_BATCH,
@@ -62,6 +62,14 @@ class CrmObjects:
                 f"the CRM returned no result for {len(missing)} of {len(records)} inputs"
             )
         return written
+
+    def snapshot(self, fields: Sequence[str]) -> Iterator[tuple[str, str, dict[str, object]]]:
+        try:
+            for item in self.client.list_objects(self.object_type, [self.id_property, *fields]):
+                properties = item.get("properties", {})
+                yield str(properties.get(self.id_property) or ""), str(item["id"]), properties
+        except (CrmUnavailable, CrmAuthError) as error:
+            raise DestinationUnavailable(str(error)) from error
 
     def archive(self, destination_ids: Sequence[str]) -> None:
         try:

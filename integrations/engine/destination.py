@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -38,3 +38,6 @@ class Destination(Protocol):
 
     def archive(self, destination_ids: Sequence[str]) -> None:
         """Archive (soft-delete) records by their destination ids; already archived is fine."""
+
+    def snapshot(self, fields: Sequence[str]) -> Iterator[tuple[str, str, dict[str, object]]]:
+        """Every live record as (id_property value, destination id, its `fields`)."""

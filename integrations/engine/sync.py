@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -122,6 +122,18 @@ def _json_ready(frame: pd.DataFrame) -> list[dict[str, object]]:
     return frame.astype(object).where(frame.notna(), None).to_dict("records")
 
 
+def expected_records(spec: FlowSpec, source: SqlSource) -> Iterator[tuple[str, dict[str, object]]]:
+    """Every live source record that passes both contracts, mapped: what the destination
+    should hold (reconciliation reads the whole source this way)."""
+    for batch in source.batches(None, spec.batch_size):
+        batch = batch.set_axis(batch[spec.source.key].astype(str), axis=0)
+        if spec.source.deleted:
+            batch = batch[batch[spec.source.deleted].isna()]
+        valid = spec.source_contract.judge(batch).valid
+        mapped = spec.target_contract.judge(spec.mapping(valid)).valid
+        yield from zip(mapped.index, _json_ready(mapped), strict=True)
+
+
 class Sync:
     """Runs `spec` from `source` into `destination`, keeping books in `state`."""
 
@@ -140,6 +152,7 @@ class Sync:
         self.spec, self.source, self.destination, self.state = spec, source, destination, state
         self.run_id, self.actor, self.why = run_id, actor, why
         self.log = log or logger
+        self._force: set[str] = set()
 
     def run(self, full: bool = False, allow_mass_archive: bool = False) -> SyncResult:
         """Sync what changed since the watermark (minus the lookback), or every row if `full`.
@@ -158,7 +171,7 @@ class Sync:
         clock = _Clock(result.timings)
         for batch in self.source.batches(since, spec.batch_size):
             clock.lap("extract")
-            self._sync_batch(batch, result, clock)
+            self._sync_batch(batch, result, clock, move_watermark=True)
             result.batches += 1
             result.seconds = time.perf_counter() - started
             self.log.info(
@@ -197,7 +210,27 @@ class Sync:
 
     # --- one batch ---------------------------------------------------------------------------
 
-    def _sync_batch(self, batch: pd.DataFrame, result: SyncResult, clock: _Clock) -> None:
+    def repair(self, keys: Sequence[str]) -> SyncResult:
+        """Send these records again whatever the ledger says (reconciliation found them drifted).
+        The watermark stays where it is."""
+        result = SyncResult(flow=self.spec.name, run_id=self.run_id, full=False)
+        result.watermark_before = self.state.watermark(self.spec.name)
+        self._force = set(keys)
+        started = time.perf_counter()
+        clock = _Clock(result.timings)
+        for batch in self.source.rows_with_keys(list(keys), self.spec.batch_size):
+            clock.lap("extract")
+            self._sync_batch(batch, result, clock, move_watermark=False)
+            result.batches += 1
+            clock.mark = time.perf_counter()
+        result.seconds = time.perf_counter() - started
+        result.watermark_after = result.watermark_before
+        self._force = set()
+        return result
+
+    def _sync_batch(
+        self, batch: pd.DataFrame, result: SyncResult, clock: _Clock, move_watermark: bool
+    ) -> None:
         spec = self.spec
         batch = batch.set_axis(batch[spec.source.key].astype(str), axis=0)
         batch.index.name = None
@@ -226,7 +259,8 @@ class Sync:
         for item in written:
             result.counts["inserted" if item.created else "updated"] += 1
         result.counts["archived"] += len(plan.to_archive)
-        self._commit(batch, plan, written, letters + refused, result.watermark_before)
+        before = result.watermark_before
+        self._commit(batch, plan, written, letters + refused, before, move_watermark)
         clock.lap("commit")
 
     def _validate(
@@ -257,7 +291,8 @@ class Sync:
         outbound = []
         for key, record in records.items():
             known = ledger.get(key)
-            if known is not None and known.content_hash == hashes[key] and not known.archived:
+            same = known is not None and known.content_hash == hashes[key] and not known.archived
+            if same and key not in self._force:
                 result.counts["unchanged"] += 1
             else:
                 trace = idempotency_key(self.spec.name, key, hashes[key])
@@ -280,6 +315,7 @@ class Sync:
         written: list[Written],
         letters: list[DeadLetter],
         before: Watermark | None,
+        move_watermark: bool,
     ) -> None:
         """Ledger, unique-value claims, dead letters, watermark and audit: one transaction."""
         spec = self.spec
@@ -328,7 +364,7 @@ class Sync:
                 self.run_id,
                 synced=synced,
                 dead_letters=letters,
-                watermark=watermark,
+                watermark=watermark if move_watermark else None,
                 claims=claims,
                 released=list(plan.to_archive),
             ),

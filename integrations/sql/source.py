@@ -7,7 +7,7 @@ crashed sync resumes where its last committed batch ended.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 
 import pandas as pd
@@ -62,6 +62,18 @@ class SqlSource:
                 sa.literal(last[columns.index(self.spec.cursor)], self.cursor.type),
                 sa.literal(last[columns.index(self.spec.key)], self.key.type),
             )
+
+    def rows_with_keys(self, keys: Sequence[object], batch_size: int) -> Iterator[pd.DataFrame]:
+        """The rows with these keys (a repair), in (cursor, key) order within each batch."""
+        columns = list(self.table.c.keys())
+        native = [self.key.type.python_type(key) for key in keys]
+        for start in range(0, len(native), batch_size):
+            chunk = native[start : start + batch_size]
+            query = sa.select(self.table).where(self.key.in_(chunk)).order_by(self.cursor, self.key)
+            with self.engine.connect() as connection:
+                rows = connection.execute(query).all()
+            if rows:
+                yield pd.DataFrame.from_records(rows, columns=columns)
 
     def deleted_keys(self, since: datetime | None) -> list[object]:
         """Keys of soft-deleted rows with cursor ≥ `since`: what a run would archive at most."""

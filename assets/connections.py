@@ -1,0 +1,27 @@
+"""Open a flow's source, destination and state store from the run's resources, together."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from integrations.engine.destination import Destination
+from integrations.engine.spec import FlowSpec
+from integrations.engine.state import StateStore
+from integrations.sql.source import SqlSource
+
+
+def required_resources(spec: FlowSpec) -> set[str]:
+    """`erp` (source), `state`, and the target's system, which offers `destination(target)`."""
+    return {"erp", "state", spec.target.system}
+
+
+@contextmanager
+def flow_connections(
+    resources, spec: FlowSpec
+) -> Iterator[tuple[SqlSource, Destination, StateStore]]:
+    destinations = getattr(resources, spec.target.system)
+    with (
+        resources.erp.source(spec.source) as source,
+        destinations.destination(spec.target) as destination,
+        resources.state.open() as state,
+    ):
+        yield source, destination, state
