@@ -9,7 +9,7 @@ import dagster as dg
 from assets.checks import contract_check_result, contract_check_spec, drift_metadata
 from assets.connections import flow_connections, required_resources
 from integrations.contracts import Contract
-from integrations.engine.reconcile import reconcile
+from integrations.engine.reconcile import Drift, reconcile
 from integrations.engine.spec import FlowSpec
 from integrations.engine.sync import (
     ArchiveGuardTripped,
@@ -18,6 +18,7 @@ from integrations.engine.sync import (
     SyncError,
     SyncResult,
 )
+from integrations.sql.source import SourceSchemaError
 
 API_SYSTEMS = {"crm", "helpdesk"}
 
@@ -122,6 +123,28 @@ def _failure(spec: FlowSpec, error: SyncError, api_facing: bool) -> dg.Failure:
     return dg.Failure(description=str(error), metadata=metadata, allow_retries=retryable)
 
 
+def _run(
+    context: dg.AssetExecutionContext, spec: FlowSpec, config: SyncConfig
+) -> tuple[SyncResult, Drift | None]:
+    with flow_connections(context.resources, spec) as (source, destination, state):
+        sync = Sync(
+            spec,
+            source,
+            destination,
+            state,
+            run_id=context.run.run_id,
+            actor=f"dagster run {context.run.run_id}",
+            why=trigger_of(context),
+            log=context.log,
+        )
+        if config.repair:
+            drift = reconcile(spec, source, destination, state)
+            return sync.repair(drift.missing + drift.differing), drift
+        return sync.run(
+            full=config.full_refresh, allow_mass_archive=config.allow_mass_archive
+        ), None
+
+
 def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
     key = asset_key(spec)
     system = spec.target.system
@@ -145,28 +168,17 @@ def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
         metadata={"flow": spec.name, "contract": spec.target_contract.label},
     )
     def _sync(context: dg.AssetExecutionContext, config: SyncConfig):
-        drift = None
-        with flow_connections(context.resources, spec) as (source, destination, state):
-            sync = Sync(
-                spec,
-                source,
-                destination,
-                state,
-                run_id=context.run.run_id,
-                actor=f"dagster run {context.run.run_id}",
-                why=trigger_of(context),
-                log=context.log,
-            )
-            try:
-                if config.repair:
-                    drift = reconcile(spec, source, destination, state)
-                    result = sync.repair(drift.missing + drift.differing)
-                else:
-                    result = sync.run(
-                        full=config.full_refresh, allow_mass_archive=config.allow_mass_archive
-                    )
-            except SyncError as error:
-                raise _failure(spec, error, api_facing) from error
+        try:
+            result, drift = _run(context, spec, config)
+        except SyncError as error:
+            raise _failure(spec, error, api_facing) from error
+        except SourceSchemaError as error:
+            raise dg.Failure(
+                description=f"flow {spec.name}: {error}. What to do: check ERP_DATABASE_URL and "
+                "that the ERP is seeded (`handoff seed`) or migrated",
+                metadata={"flow": spec.name},
+                allow_retries=False,
+            ) from error
         metadata = _metadata(spec, result)
         if drift is not None:
             metadata.update(

@@ -13,7 +13,7 @@ from definitions import defs, resources
 from integrations.engine.state import StateStore
 from integrations.erp.changes import live_customer_ids, move_customers, soft_delete_customers
 from integrations.sql.connect import create_engine
-from tests.expectations import assert_crm_matches_erp, crm_contacts
+from tests.expectations import assert_crm_matches_erp, crm_contacts, valid_customers
 
 CONTACTS = dg.AssetKey(["crm", "contacts"])
 
@@ -74,14 +74,8 @@ def test_sensor_requests_one_run_that_writes_exactly_the_changes(any_world, crm_
         assert not idle.run_requests, "nothing changed since the sync: no run"
         cursor = idle.cursor
 
-        valid = sorted(
-            int(n[1:])
-            for n in __import__("tests.expectations").expectations.valid_customers(
-                any_world.erp_url
-            )
-        )
-        live = set(live_customer_ids(erp))
-        chosen = [customer_id for customer_id in valid if customer_id in live][:30]
+        valid = sorted(int(number[1:]) for number in valid_customers(any_world.erp_url))
+        chosen = valid[:30]
         move_customers(erp, chosen[:25])
         soft_delete_customers(erp, chosen[25:30])
 
