@@ -11,12 +11,13 @@ from assets import FLOWS
 from assets.checks import reconciliation_check
 from assets.factory import asset_key, flow_asset, source_asset_specs
 from integrations import settings
-from resources import CrmResource, ErpDatabase, StateStoreResource
+from resources import CrmResource, ErpDatabase, Notifier, StateStoreResource
+from sensors.alerts import alert_sensors
 from sensors.schedules import flow_schedules
 from sensors.source_changed import source_changed_sensors
 
 
-def from_env(name: str, embedded_default: Callable[[], str]) -> str | dg.EnvVar:
+def from_env(name: str, embedded_default: Callable[[], str | None]) -> str | dg.EnvVar | None:
     """`dg.EnvVar(name)` when the variable is set; unset means the embedded default (DESIGN.md)."""
     return dg.EnvVar(name) if os.environ.get(name) else embedded_default()
 
@@ -29,13 +30,14 @@ def resources() -> dict[str, dg.ConfigurableResource]:
             base_url=from_env("CRM_BASE_URL", settings.crm_base_url),
             access_token=dg.EnvVar("CRM_ACCESS_TOKEN"),
         ),
+        "notifier": Notifier(webhook_url=from_env("HANDOFF_ALERT_WEBHOOK_URL", lambda: None)),
     }
 
 
 defs = dg.Definitions(
     assets=[*source_asset_specs(FLOWS), *(flow_asset(spec) for spec in FLOWS)],
     asset_checks=[reconciliation_check(spec, asset_key(spec)) for spec in FLOWS],
-    sensors=source_changed_sensors(FLOWS),
+    sensors=[*source_changed_sensors(FLOWS), *alert_sensors(FLOWS)],
     schedules=flow_schedules(FLOWS),
     resources=resources(),
 )

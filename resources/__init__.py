@@ -2,6 +2,7 @@
 
 from resources.crm import CrmResource
 from resources.erp import ErpDatabase
+from resources.notifier import Notifier
 from resources.state import StateStoreResource
 
-__all__ = ["CrmResource", "ErpDatabase", "StateStoreResource"]
+__all__ = ["CrmResource", "ErpDatabase", "Notifier", "StateStoreResource"]

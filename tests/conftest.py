@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import threading
 import uuid
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psycopg
@@ -122,3 +125,39 @@ def world(request, tmp_path, crm_sandbox, crm_token, monkeypatch) -> World:
 def any_world(request, tmp_path, crm_sandbox, crm_token, monkeypatch) -> World:
     """The same test on the embedded world and on PostgreSQL (ERP and state)."""
     return _world(request, tmp_path, crm_sandbox, crm_token, monkeypatch, request.param)
+
+
+class AlertReceiver(ThreadingHTTPServer):
+    """A local webhook receiver: keeps every JSON body posted to it."""
+
+    def __init__(self):
+        self.received: list[dict] = []
+        super().__init__(("127.0.0.1", 0), _AlertHandler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/hooks/alerts"
+
+
+class _AlertHandler(BaseHTTPRequestHandler):
+    server: AlertReceiver
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.received.append(json.loads(body))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+@pytest.fixture
+def alert_receiver(monkeypatch):
+    receiver = AlertReceiver()
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HANDOFF_ALERT_WEBHOOK_URL", receiver.url)
+    yield receiver
+    receiver.shutdown()
+    receiver.server_close()

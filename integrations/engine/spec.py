@@ -75,3 +75,6 @@ class FlowSpec:
     schedule: str | None = "0 * * * *"
     watch_source: bool = True
     pool: str | None = None
+    # When to alert: no successful sync for this long; a dead letter left open this long.
+    max_staleness: timedelta = timedelta(hours=3)
+    dead_letter_max_age: timedelta = timedelta(days=1)

@@ -271,6 +271,23 @@ class StateStore:
             ).first()
         return _dead_letter(row) if row else None
 
+    def old_dead_letters(
+        self, flow: str, seen_before: datetime, after_id: int = 0
+    ) -> tuple[int, datetime | None, int]:
+        """Open dead letters first seen before `seen_before` with id > `after_id`:
+        (how many, the oldest first_seen, the highest id)."""
+        query = sa.select(
+            sa.func.count(), sa.func.min(dead_letters.c.first_seen), sa.func.max(dead_letters.c.id)
+        ).where(
+            dead_letters.c.flow == flow,
+            dead_letters.c.resolved_at.is_(None),
+            dead_letters.c.first_seen < seen_before,
+            dead_letters.c.id > after_id,
+        )
+        with self.engine.connect() as connection:
+            count, oldest, highest = connection.execute(query).one()
+        return count, oldest, highest or after_id
+
     def count_open_dead_letters(self, flow: str | None = None) -> int:
         query = sa.select(sa.func.count()).where(dead_letters.c.resolved_at.is_(None))
         if flow:

@@ -1,0 +1,134 @@
+"""Alerts for what asynchrony hides: a flow that stopped succeeding, dead letters nobody handled,
+and failed runs. Each condition alerts once (the sensors' cursors remember what was said)."""
+
+import json
+from datetime import timedelta
+
+import dagster as dg
+
+from assets.factory import asset_key
+from integrations.alerts import Alert
+from integrations.engine.spec import FlowSpec
+from integrations.engine.state import utcnow
+from resources import Notifier, StateStoreResource
+
+
+def stale_flow_sensor(specs: list[FlowSpec]) -> dg.SensorDefinition:
+    @dg.sensor(
+        name="handoff_stale_flows",
+        description="Alerts once when a flow has not materialized successfully within its "
+        "max_staleness.",
+        minimum_interval_seconds=300,
+        default_status=dg.DefaultSensorStatus.STOPPED,
+    )
+    def _stale(context: dg.SensorEvaluationContext, notifier: Notifier):
+        said = json.loads(context.cursor) if context.cursor else {}
+        now = utcnow().timestamp()
+        alerted = []
+        for spec in specs:
+            event = context.instance.get_latest_materialization_event(asset_key(spec))
+            last = event.timestamp if event else None
+            if last is not None and now - last <= spec.max_staleness.total_seconds():
+                continue
+            episode = str(last)  # one alert per stretch of staleness, not one per tick
+            if said.get(spec.name) == episode:
+                continue
+            age = "never succeeded" if last is None else f"last succeeded {_ago(now - last)} ago"
+            notifier.send(
+                Alert(
+                    kind="stale_flow",
+                    flow=spec.name,
+                    message=f"{asset_key(spec).to_user_string()} {age} (allowed: "
+                    f"{_ago(spec.max_staleness.total_seconds())})",
+                    what_to_do="check its schedule and sensor are on and its latest run's logs "
+                    "in the Dagster UI, then materialize it",
+                )
+            )
+            said[spec.name] = episode
+            alerted.append(spec.name)
+        return dg.SensorResult(
+            cursor=json.dumps(said),
+            skip_reason=None if alerted else "every flow is fresh, or already alerted",
+        )
+
+    return _stale
+
+
+def dead_letter_sensor(specs: list[FlowSpec]) -> dg.SensorDefinition:
+    @dg.sensor(
+        name="handoff_old_dead_letters",
+        description="Alerts once per dead letter left open longer than its flow's "
+        "dead_letter_max_age.",
+        minimum_interval_seconds=300,
+        default_status=dg.DefaultSensorStatus.STOPPED,
+    )
+    def _old(context: dg.SensorEvaluationContext, notifier: Notifier, state: StateStoreResource):
+        said = json.loads(context.cursor) if context.cursor else {}
+        alerted = []
+        with state.open() as store:
+            for spec in specs:
+                count, oldest, highest = store.old_dead_letters(
+                    spec.name, utcnow() - spec.dead_letter_max_age, after_id=said.get(spec.name, 0)
+                )
+                if not count:
+                    continue
+                notifier.send(
+                    Alert(
+                        kind="old_dead_letters",
+                        flow=spec.name,
+                        message=f"{count} dead letters open for more than "
+                        f"{_ago(spec.dead_letter_max_age.total_seconds())} (oldest since "
+                        f"{oldest:%Y-%m-%d %H:%M} UTC)",
+                        what_to_do=f"`handoff dlq list --flow {spec.name}`: fix the source rows "
+                        "(they sync on their next change) or replay them",
+                        details={"count": count},
+                    )
+                )
+                said[spec.name] = highest
+                alerted.append(spec.name)
+        return dg.SensorResult(
+            cursor=json.dumps(said),
+            skip_reason=None if alerted else "no dead letter is older than its limit",
+        )
+
+    return _old
+
+
+def run_failure_sensor(specs: list[FlowSpec]) -> dg.SensorDefinition:
+    flows_by_step = {"__".join(asset_key(spec).path): spec.name for spec in specs}
+
+    @dg.run_failure_sensor(
+        name="handoff_run_failures",
+        description="Alerts once for every failed run, naming its flows and their errors.",
+        default_status=dg.DefaultSensorStatus.STOPPED,
+    )
+    def _failed(context: dg.RunFailureSensorContext, notifier: Notifier):
+        run = context.dagster_run
+        failures = context.get_step_failure_events()
+        names = sorted({flows_by_step.get(e.step_key, e.step_key) for e in failures if e.step_key})
+        errors = [
+            failure.step_failure_data.error.message.strip()
+            for failure in failures
+            if failure.step_failure_data.error
+        ]
+        notifier.send(
+            Alert(
+                kind="run_failure",
+                flow=", ".join(names) or run.job_name,
+                message=f"run {run.run_id} failed: "
+                + (" | ".join(errors) or context.failure_event.message or "no error message"),
+                what_to_do=f"open run {run.run_id} in the Dagster UI, act on the error above, "
+                "then rerun",
+                details={"run_id": run.run_id},
+            )
+        )
+
+    return _failed
+
+
+def alert_sensors(specs: list[FlowSpec]) -> list[dg.SensorDefinition]:
+    return [stale_flow_sensor(specs), dead_letter_sensor(specs), run_failure_sensor(specs)]
+
+
+def _ago(seconds: float) -> str:
+    return str(timedelta(seconds=int(seconds)))

@@ -1,0 +1,89 @@
+"""A stale flow, an old dead letter and a failed run each give exactly one alert on the webhook."""
+
+import dataclasses
+from datetime import timedelta
+
+import dagster as dg
+
+from assets.crm_contacts import CRM_CONTACTS
+from assets.factory import flow_asset
+from definitions import resources
+from sensors.alerts import dead_letter_sensor, run_failure_sensor, stale_flow_sensor
+
+
+def tick(sensor, instance, cursor=None):
+    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources())
+    return sensor(context)
+
+
+def test_a_stale_flow_alerts_once(world, alert_receiver):
+    impatient = dataclasses.replace(CRM_CONTACTS, max_staleness=timedelta(0))
+    sensor = stale_flow_sensor([impatient])
+    with dg.instance_for_test() as instance:
+        assert dg.materialize(
+            [flow_asset(CRM_CONTACTS)], resources=resources(), instance=instance
+        ).success
+        first = tick(sensor, instance)
+        second = tick(sensor, instance, first.cursor)
+        assert second.skip_reason
+        fresh = tick(stale_flow_sensor([CRM_CONTACTS]), instance)
+        assert fresh.skip_reason, "within its max_staleness the flow is fresh"
+    (alert,) = alert_receiver.received
+    assert alert["handoff"]["kind"] == "stale_flow"
+    assert alert["handoff"]["flow"] == "erp_customers_to_crm_contacts"
+    assert "last succeeded" in alert["text"] and "What to do:" in alert["text"]
+
+
+def test_old_dead_letters_alert_once(world, alert_receiver):
+    hasty = dataclasses.replace(CRM_CONTACTS, dead_letter_max_age=timedelta(0))
+    sensor = dead_letter_sensor([hasty])
+    with dg.instance_for_test() as instance:
+        assert dg.materialize(
+            [flow_asset(CRM_CONTACTS)], resources=resources(), instance=instance
+        ).success
+        first = tick(sensor, instance)
+        assert tick(sensor, instance, first.cursor).skip_reason
+        assert tick(dead_letter_sensor([CRM_CONTACTS]), instance).skip_reason, "not old yet"
+    (alert,) = alert_receiver.received
+    assert (
+        alert["handoff"]["kind"] == "old_dead_letters" and alert["handoff"]["details"]["count"] > 0
+    )
+    assert "handoff dlq list --flow erp_customers_to_crm_contacts" in alert["text"]
+    assert "@" not in alert["text"], "no email in an alert"
+
+
+def test_a_failed_run_alerts_once_with_the_flow_and_what_to_do(
+    world, alert_receiver, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("ERP_DATABASE_URL", f"sqlite:///{tmp_path / 'empty.sqlite'}")
+    with dg.instance_for_test() as instance:
+        failed = dg.materialize(
+            [flow_asset(CRM_CONTACTS)],
+            resources=resources(),
+            instance=instance,
+            raise_on_error=False,
+        )
+        assert not failed.success
+        run = instance.get_run_by_id(failed.run_id)
+        (event,) = [e for e in failed.all_events if e.event_type_value == "PIPELINE_FAILURE"]
+        context = dg.build_run_status_sensor_context(
+            sensor_name="handoff_run_failures",
+            dagster_event=event,
+            dagster_instance=instance,
+            dagster_run=run,
+            resources=resources(),
+        ).for_run_failure()
+        run_failure_sensor([CRM_CONTACTS])(context)
+    (alert,) = alert_receiver.received
+    assert alert["handoff"]["kind"] == "run_failure"
+    assert alert["handoff"]["flow"] == "erp_customers_to_crm_contacts"
+    assert failed.run_id in alert["text"] and "What to do:" in alert["text"]
+
+
+def test_a_receiver_that_is_down_does_not_break_alerting(world, monkeypatch, caplog):
+    monkeypatch.setenv("HANDOFF_ALERT_WEBHOOK_URL", "http://127.0.0.1:9/nowhere")
+    sensor = stale_flow_sensor([CRM_CONTACTS])
+    with dg.instance_for_test() as instance:
+        result = tick(sensor, instance)
+    assert "never succeeded" in caplog.text and "could not post" in caplog.text
+    assert result.cursor
