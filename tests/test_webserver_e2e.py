@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -143,10 +144,10 @@ def stop(process: subprocess.Popen) -> None:
 
 
 @contextmanager
-def dagster_dev(tmp_path: Path) -> Iterator[Webserver]:
+def dagster_dev(tmp_path: Path, instance_yaml: Path, env: dict[str, str]) -> Iterator[Webserver]:
     dagster_home = tmp_path / "dagster_home"
     dagster_home.mkdir()
-    (dagster_home / "dagster.yaml").touch()
+    shutil.copy(instance_yaml, dagster_home / "dagster.yaml")
     port = free_port()
     log = tmp_path / "dagster_dev.log"
     command = [str(DAGSTER), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)]
@@ -154,7 +155,7 @@ def dagster_dev(tmp_path: Path) -> Iterator[Webserver]:
         process = subprocess.Popen(
             command,
             cwd=ROOT,
-            env={**os.environ, "DAGSTER_HOME": str(dagster_home)},
+            env={**os.environ, **env, "DAGSTER_HOME": str(dagster_home)},
             stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=subprocess.STDOUT,
@@ -237,9 +238,21 @@ def wait_for_run(server: Webserver, run_id: str) -> None:
     )
 
 
+@pytest.fixture(params=["local", pytest.param("postgres", marks=pytest.mark.postgres)])
+def instance(request) -> tuple[Path, dict[str, str]]:
+    """The demo's instance (SQLite storage), and production's (deploy/dagster.yaml, PostgreSQL)."""
+    if request.param == "local":
+        return ROOT / "deploy" / "dagster.local.yaml", {}
+    url = request.getfixturevalue("postgres_database")()
+    # dagster-postgres is built on psycopg2; SQLAlchemy 2.1 would otherwise pick psycopg 3.
+    return ROOT / "deploy" / "dagster.yaml", {
+        "DAGSTER_PG_URL": url.replace("postgresql://", "postgresql+psycopg2://")
+    }
+
+
 @pytest.mark.slow
-def test_materialize_contacts_through_the_webserver(world, crm_client, tmp_path):
-    with dagster_dev(tmp_path) as server:
+def test_materialize_contacts_through_the_webserver(world, crm_client, tmp_path, instance):
+    with dagster_dev(tmp_path, *instance) as server:
         location = wait_for_location(server)
 
         nodes = server.graphql(ASSET_NODES)["assetNodes"]
