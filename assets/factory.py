@@ -166,6 +166,7 @@ def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
         if api_facing
         else None,
         metadata={"flow": spec.name, "contract": spec.target_contract.label},
+        freshness_policy=dg.FreshnessPolicy.time_window(fail_window=spec.max_staleness),
     )
     def _sync(context: dg.AssetExecutionContext, config: SyncConfig):
         try:

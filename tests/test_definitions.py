@@ -20,6 +20,12 @@ def test_the_asset_graph_resolves_with_flows_checks_sensors_and_schedules():
     assert contacts in graph.get_all_asset_keys()
     assert graph.get(contacts).parent_keys == {dg.AssetKey(["erp", "customers"])}
     assert dg.AssetCheckKey(contacts, "contract") in graph.asset_check_keys
+    assert dg.AssetCheckKey(contacts, "reconciliation") in graph.asset_check_keys
+    assert (
+        graph.get(contacts).freshness_policy.fail_window.to_timedelta().total_seconds() == 3 * 3600
+    )
+    for name in ("handoff_stale_flows", "handoff_old_dead_letters", "handoff_run_failures"):
+        assert defs.resolve_sensor_def(name)
     defs.resolve_implicit_global_asset_job_def()
     assert defs.resolve_sensor_def("erp_customers_changed")
     schedule = defs.resolve_schedule_def("erp_customers_to_crm_contacts_schedule")
