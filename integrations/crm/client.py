@@ -125,6 +125,42 @@ class CrmClient:
         )
         return list(answer.get("results", []))
 
+    def batch_read_ids(
+        self, object_type: str, id_property: str, values: Sequence[str]
+    ) -> dict[str, str]:
+        """Object ids by `id_property` value (lower-cased), for the values the CRM knows."""
+        if len(values) > MAX_BATCH:
+            raise ValueError(f"batch read takes at most {MAX_BATCH} ids, got {len(values)}")
+        answer = self._request(
+            "POST",
+            f"/crm/v3/objects/{object_type}/batch/read",
+            json={
+                "idProperty": id_property,
+                "properties": [id_property],
+                "inputs": [{"id": value} for value in values],
+            },
+        )
+        return {
+            str(item["properties"].get(id_property, "")).lower(): str(item["id"])
+            for item in answer.get("results", [])
+        }
+
+    def associate(self, from_type: str, to_type: str, pairs: Sequence[tuple[str, str]]) -> None:
+        """Default (unlabelled) associations, e.g. deal → contact; associating twice is harmless."""
+        if len(pairs) > MAX_BATCH:
+            raise ValueError(f"batch associate takes at most {MAX_BATCH} pairs, got {len(pairs)}")
+        self._request(
+            "POST",
+            f"/crm/v4/associations/{from_type}/{to_type}/batch/associate/default",
+            json={"inputs": [{"from": {"id": f}, "to": {"id": t}} for f, t in pairs]},
+        )
+
+    def associated_ids(self, from_type: str, object_id: str, to_type: str) -> list[str]:
+        answer = self._request(
+            "GET", f"/crm/v4/objects/{from_type}/{object_id}/associations/{to_type}"
+        )
+        return [str(item["toObjectId"]) for item in answer.get("results", [])]
+
     def batch_archive(self, object_type: str, ids: Sequence[str]) -> None:
         if len(ids) > MAX_BATCH:
             raise ValueError(f"batch archive takes at most {MAX_BATCH} ids, got {len(ids)}")

@@ -47,6 +47,13 @@ CREATE TABLE IF NOT EXISTS unique_values (
     PRIMARY KEY (object_type, property, value)
 );
 CREATE INDEX IF NOT EXISTS ix_unique_values_object ON unique_values (object_id);
+CREATE TABLE IF NOT EXISTS associations (
+    from_type TEXT NOT NULL,
+    from_id INTEGER NOT NULL,
+    to_type TEXT NOT NULL,
+    to_id INTEGER NOT NULL,
+    PRIMARY KEY (from_type, from_id, to_type, to_id)
+);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
@@ -294,6 +301,93 @@ class SandboxStore:
             page["paging"] = {"next": {"after": str(rows[limit - 1][0])}}
         return page
 
+    def batch_read(self, object_type: str, body: dict) -> tuple[int, dict]:
+        """Objects by an id property; unknown ids come back as errors (207), like HubSpot."""
+        id_property = body.get("idProperty") or "hs_object_id"
+        inputs = body.get("inputs")
+        if not isinstance(inputs, list) or len(inputs) > MAX_BATCH:
+            raise ApiError(400, "VALIDATION_ERROR", f"inputs must be a list of at most {MAX_BATCH}")
+        results, missing = [], []
+        with self.lock:
+            for item in inputs:
+                value = str(item.get("id", "")) if isinstance(item, dict) else ""
+                if id_property == "hs_object_id":
+                    object_id = int(value) if value.isdigit() else None
+                else:
+                    object_id = self._find(object_type, id_property, value)
+                row = None
+                if object_id is not None:
+                    row = self.connection.execute(
+                        "SELECT * FROM objects WHERE id=? AND object_type=? AND archived=0",
+                        (object_id, object_type),
+                    ).fetchone()
+                if row is None:
+                    missing.append(value)
+                else:
+                    results.append(self._view(row, body.get("properties") or None))
+        answer: dict[str, object] = {"status": "COMPLETE", "results": results}
+        if missing:
+            answer["numErrors"] = 1
+            answer["errors"] = [
+                {
+                    "status": "error",
+                    "category": "OBJECT_NOT_FOUND",
+                    "message": f"Could not get some {object_type} objects, they may be deleted or not exist.",
+                    "context": {"ids": missing},
+                }
+            ]
+        return (207 if missing else 200), answer
+
+    def associate(self, from_type: str, to_type: str, body: dict) -> dict:
+        inputs = body.get("inputs")
+        if not isinstance(inputs, list) or len(inputs) > MAX_BATCH:
+            raise ApiError(400, "VALIDATION_ERROR", f"inputs must be a list of at most {MAX_BATCH}")
+        pairs = []
+        for position, item in enumerate(inputs):
+            try:
+                pairs.append((int(item["from"]["id"]), int(item["to"]["id"])))
+            except (KeyError, TypeError, ValueError):
+                raise ApiError(
+                    400, "VALIDATION_ERROR", f"inputs[{position}] needs from.id and to.id"
+                ) from None
+        with self.lock:
+            for from_id, to_id in pairs:
+                for kind, object_id in ((from_type, from_id), (to_type, to_id)):
+                    exists = self.connection.execute(
+                        "SELECT 1 FROM objects WHERE id=? AND object_type=? AND archived=0",
+                        (object_id, kind),
+                    ).fetchone()
+                    if not exists:
+                        raise ApiError(
+                            400, "VALIDATION_ERROR", f"no {kind} object with id {object_id}"
+                        )
+            self.connection.executemany(
+                "INSERT OR IGNORE INTO associations VALUES (?, ?, ?, ?)",
+                [(from_type, from_id, to_type, to_id) for from_id, to_id in pairs],
+            )
+        return {
+            "status": "COMPLETE",
+            "results": [
+                {
+                    "from": {"id": str(f)},
+                    "to": {"id": str(t)},
+                    "associationTypes": [
+                        {"category": "HUBSPOT_DEFINED", "typeId": 3, "label": None}
+                    ],
+                }
+                for f, t in pairs
+            ],
+        }
+
+    def associations_of(self, from_type: str, from_id: str, to_type: str) -> dict:
+        with self.lock:
+            rows = self.connection.execute(
+                "SELECT to_id FROM associations WHERE from_type=? AND from_id=? AND to_type=? "
+                "ORDER BY to_id",
+                (from_type, int(from_id) if from_id.isdigit() else -1, to_type),
+            ).fetchall()
+        return {"results": [{"toObjectId": row[0], "associationTypes": []} for row in rows]}
+
     def search(self, object_type: str, body: dict) -> dict:
         limit = int(body.get("limit") or 10)
         if not 0 < limit <= MAX_SEARCH_PAGE:
@@ -414,6 +508,14 @@ class SandboxHandler(BaseHTTPRequestHandler):
         store = self.server.store
         if path == "/_sandbox/stats" and method == "GET":
             return 200, store.stats()
+        association = re.fullmatch(
+            r"/crm/v4/associations/([a-z_]+)/([a-z_]+)/batch/associate/default", path
+        )
+        if association and method == "POST":
+            return 200, store.associate(*association.groups(), self._json(raw))
+        listed = re.fullmatch(r"/crm/v4/objects/([a-z_]+)/(\d+)/associations/([a-z_]+)", path)
+        if listed and method == "GET":
+            return 200, store.associations_of(*listed.groups())
         match = re.fullmatch(r"/crm/v3/objects/([a-z_]+)(?:/([^/]+))?(?:/([a-z]+))?", path)
         if not match:
             raise ApiError(404, "OBJECT_NOT_FOUND", f"no route for {method} {path}")
@@ -437,6 +539,8 @@ class SandboxHandler(BaseHTTPRequestHandler):
         body = self._json(raw)
         if (second, third) == ("batch", "upsert"):
             return 200, store.batch_upsert(object_type, body, query.get("idProperty", [None])[0])
+        if (second, third) == ("batch", "read"):
+            return store.batch_read(object_type, body)
         if (second, third) == ("batch", "archive"):
             store.batch_archive(object_type, body)
             return 204, None

@@ -12,6 +12,17 @@ from integrations.contracts import Contract
 
 
 @dataclass(frozen=True)
+class Lookup:
+    """A column taken from a parent table: `name` = parent.`value` where parent.`key` = `via`."""
+
+    name: str
+    table: str
+    via: str
+    key: str
+    value: str
+
+
+@dataclass(frozen=True)
 class SourceTable:
     """A table in a system of record, read incrementally by `(cursor, key)`."""
 
@@ -19,6 +30,28 @@ class SourceTable:
     key: str
     cursor: str = "updated_at"
     deleted: str | None = "deleted_at"
+    lookups: tuple[Lookup, ...] = ()
+
+
+@dataclass(frozen=True)
+class DailyPartitions:
+    """The flow's business date: each day is a partition, a backfill rewrites exactly its days."""
+
+    column: str
+    start: str  # first day, YYYY-MM-DD
+
+
+@dataclass(frozen=True)
+class Association:
+    """A record links to another object of the destination, named by that object's natural key.
+
+    `field` is a field of the mapped record (hashed, so a new link is a change) that the
+    destination does not store as a property: it resolves it and links the two objects.
+    """
+
+    field: str
+    to_dataset: str
+    to_id_property: str
 
 
 @dataclass(frozen=True)
@@ -31,6 +64,7 @@ class Target:
     # Fields the destination keeps unique ignoring case (HubSpot: a contact's email). The engine
     # checks them across the whole dataset, so a clash is caught before it reaches the destination.
     unique_ignoring_case: tuple[str, ...] = ()
+    associations: tuple[Association, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -68,6 +102,10 @@ class FlowSpec:
     description: str = ""
     batch_size: int = 1000
     lookback: timedelta = timedelta(minutes=5)
+    # Rows for which this is False are out of the flow (an unpaid invoice is no deal): archived
+    # like soft-deleted rows if they were synced before.
+    in_scope: Callable[[pd.DataFrame], pd.Series] | None = None
+    partitions: DailyPartitions | None = None
     error_budget: ErrorBudget = field(default_factory=ErrorBudget)
     archive_deleted: bool = True
     archive_guard: ArchiveGuard = field(default_factory=lambda: ArchiveGuard())

@@ -104,6 +104,16 @@ class _Clock:
         self.mark = now
 
 
+def _out_of_flow(spec: FlowSpec, batch: pd.DataFrame) -> pd.Series:
+    """Soft-deleted rows, and rows the flow's `in_scope` leaves out: both are archived."""
+    gone = pd.Series(False, index=batch.index)
+    if spec.source.deleted:
+        gone |= batch[spec.source.deleted].notna()
+    if spec.in_scope is not None:
+        gone |= ~spec.in_scope(batch).astype(bool)
+    return gone
+
+
 def _natural(key: str) -> tuple[int, str]:
     return (int(key), "") if key.isdigit() else (0, key)
 
@@ -127,8 +137,7 @@ def expected_records(spec: FlowSpec, source: SqlSource) -> Iterator[tuple[str, d
     should hold (reconciliation reads the whole source this way)."""
     for batch in source.batches(None, spec.batch_size):
         batch = batch.set_axis(batch[spec.source.key].astype(str), axis=0)
-        if spec.source.deleted:
-            batch = batch[batch[spec.source.deleted].isna()]
+        batch = batch[~_out_of_flow(spec, batch)]
         valid = spec.source_contract.judge(batch).valid
         mapped = spec.target_contract.judge(spec.mapping(valid)).valid
         yield from zip(mapped.index, _json_ready(mapped), strict=True)
@@ -159,24 +168,56 @@ class Sync:
 
         Before anything is written, the archive guard counts what the run would archive.
         """
-        spec = self.spec
-        result = SyncResult(flow=spec.name, run_id=self.run_id, full=full)
-        result.watermark_before = self.state.watermark(spec.name)
+        before = self.state.watermark(self.spec.name)
         since = None
-        if result.watermark_before is not None and not full:
-            since = result.watermark_before.updated_at - spec.lookback
+        if before is not None and not full:
+            since = before.updated_at - self.spec.lookback
         if self.spec.archive_deleted and not allow_mass_archive:
             self._guard_archives(since)
+        batches = self.source.batches(since, self.spec.batch_size)
+        return self._drive(batches, before, full=full, move_watermark=True)
+
+    def run_window(self, start: datetime, end: datetime) -> SyncResult:
+        """Rewrite exactly one window of the business date (a partition or a backfill's range):
+        every row dated in [start, end), compared with the ledger; the watermark stays."""
+        partitions = self.spec.partitions
+        if partitions is None:
+            raise ValueError(f"flow {self.spec.name} is not partitioned")
+        within = self.source.in_window(partitions.column, start, end)
+        batches = self.source.batches(None, self.spec.batch_size, within=within)
+        before = self.state.watermark(self.spec.name)
+        return self._drive(batches, before, full=False, move_watermark=False)
+
+    def repair(self, keys: Sequence[str]) -> SyncResult:
+        """Send these records again whatever the ledger says (reconciliation found them drifted).
+        The watermark stays where it is."""
+        self._force = set(keys)
+        try:
+            batches = self.source.rows_with_keys(list(keys), self.spec.batch_size)
+            before = self.state.watermark(self.spec.name)
+            return self._drive(batches, before, full=False, move_watermark=False)
+        finally:
+            self._force = set()
+
+    def _drive(
+        self,
+        batches: Iterator[pd.DataFrame],
+        before: Watermark | None,
+        full: bool,
+        move_watermark: bool,
+    ) -> SyncResult:
+        result = SyncResult(flow=self.spec.name, run_id=self.run_id, full=full)
+        result.watermark_before = before
         started = time.perf_counter()
         clock = _Clock(result.timings)
-        for batch in self.source.batches(since, spec.batch_size):
+        for batch in batches:
             clock.lap("extract")
-            self._sync_batch(batch, result, clock, move_watermark=True)
+            self._sync_batch(batch, result, clock, move_watermark=move_watermark)
             result.batches += 1
             result.seconds = time.perf_counter() - started
             self.log.info(
                 "%s: batch %d committed: %d rows done, %.0f rows/s, %d written, %d rejected",
-                spec.name,
+                self.spec.name,
                 result.batches,
                 result.counts["read"],
                 result.rows_per_second,
@@ -185,7 +226,7 @@ class Sync:
             )
             clock.mark = time.perf_counter()
         result.seconds = time.perf_counter() - started
-        result.watermark_after = self.state.watermark(spec.name)
+        result.watermark_after = self.state.watermark(self.spec.name)
         self._check_budget(result)
         return result
 
@@ -210,24 +251,6 @@ class Sync:
 
     # --- one batch ---------------------------------------------------------------------------
 
-    def repair(self, keys: Sequence[str]) -> SyncResult:
-        """Send these records again whatever the ledger says (reconciliation found them drifted).
-        The watermark stays where it is."""
-        result = SyncResult(flow=self.spec.name, run_id=self.run_id, full=False)
-        result.watermark_before = self.state.watermark(self.spec.name)
-        self._force = set(keys)
-        started = time.perf_counter()
-        clock = _Clock(result.timings)
-        for batch in self.source.rows_with_keys(list(keys), self.spec.batch_size):
-            clock.lap("extract")
-            self._sync_batch(batch, result, clock, move_watermark=False)
-            result.batches += 1
-            clock.mark = time.perf_counter()
-        result.seconds = time.perf_counter() - started
-        result.watermark_after = result.watermark_before
-        self._force = set()
-        return result
-
     def _sync_batch(
         self, batch: pd.DataFrame, result: SyncResult, clock: _Clock, move_watermark: bool
     ) -> None:
@@ -235,12 +258,8 @@ class Sync:
         batch = batch.set_axis(batch[spec.source.key].astype(str), axis=0)
         batch.index.name = None
         result.counts["read"] += len(batch)
-        deleted = (
-            batch[spec.source.deleted].notna()
-            if spec.source.deleted
-            else pd.Series(False, index=batch.index)
-        )
-        live, gone = batch[~deleted], batch[deleted]
+        gone_mask = _out_of_flow(spec, batch)
+        live, gone = batch[~gone_mask], batch[gone_mask]
         live = self._without_held(live, result)
 
         valid, letters = self._validate(live, gone, clock)

@@ -37,16 +37,49 @@ class SqlSource:
             raise SourceSchemaError(f"table {spec.table!r} has no column(s) {missing}")
         self.key = self.table.c[spec.key]
         self.cursor = self.table.c[spec.cursor]
+        self.select, self.columns = self._with_lookups()
 
-    def batches(self, since: datetime | None, batch_size: int) -> Iterator[pd.DataFrame]:
-        """Rows with cursor ≥ `since` (all rows when None), in (cursor, key) order."""
+    def _with_lookups(self) -> tuple[sa.Select, list[str]]:
+        joined, extra = self.table, []
+        for lookup in self.spec.lookups:
+            try:
+                parent = sa.Table(lookup.table, sa.MetaData(), autoload_with=self.engine)
+            except sa.exc.NoSuchTableError as error:
+                raise SourceSchemaError(
+                    f"lookup table {lookup.table!r} is not in the source"
+                ) from error
+            missing = [c for c in (lookup.key, lookup.value) if c not in parent.c]
+            if missing or lookup.via not in self.table.c:
+                raise SourceSchemaError(f"lookup {lookup.name!r} names unknown columns")
+            joined = joined.outerjoin(parent, self.table.c[lookup.via] == parent.c[lookup.key])
+            extra.append(parent.c[lookup.value].label(lookup.name))
+        columns = [*self.table.c.keys(), *(lookup.name for lookup in self.spec.lookups)]
+        return sa.select(self.table, *extra).select_from(joined), columns
+
+    def in_window(self, column: str, start: datetime, end: datetime) -> sa.ColumnElement[bool]:
+        """`start <= column < end`, as dates when the column is a date."""
+        if column not in self.table.c:
+            raise SourceSchemaError(f"table {self.spec.table!r} has no column {column!r}")
+        target = self.table.c[column]
+        if isinstance(target.type, sa.Date):
+            start, end = start.date(), end.date()
+        return sa.and_(target >= start, target < end)
+
+    def batches(
+        self,
+        since: datetime | None,
+        batch_size: int,
+        within: sa.ColumnElement[bool] | None = None,
+    ) -> Iterator[pd.DataFrame]:
+        """Rows with cursor ≥ `since` (all rows when None) and `within` (a partition window),
+        in (cursor, key) order."""
         position = sa.tuple_(self.cursor, self.key)
+        scope = within if within is not None else sa.true()
         condition = self.cursor >= since if since is not None else sa.true()
-        columns = list(self.table.c.keys())
+        columns = self.columns
         while True:
             query = (
-                sa.select(self.table)
-                .where(condition)
+                self.select.where(scope, condition)
                 .order_by(self.cursor, self.key)
                 .limit(batch_size)
             )
@@ -65,15 +98,14 @@ class SqlSource:
 
     def rows_with_keys(self, keys: Sequence[object], batch_size: int) -> Iterator[pd.DataFrame]:
         """The rows with these keys (a repair), in (cursor, key) order within each batch."""
-        columns = list(self.table.c.keys())
         native = [self.key.type.python_type(key) for key in keys]
         for start in range(0, len(native), batch_size):
             chunk = native[start : start + batch_size]
-            query = sa.select(self.table).where(self.key.in_(chunk)).order_by(self.cursor, self.key)
+            query = self.select.where(self.key.in_(chunk)).order_by(self.cursor, self.key)
             with self.engine.connect() as connection:
                 rows = connection.execute(query).all()
             if rows:
-                yield pd.DataFrame.from_records(rows, columns=columns)
+                yield pd.DataFrame.from_records(rows, columns=self.columns)
 
     def deleted_keys(self, since: datetime | None) -> list[object]:
         """Keys of soft-deleted rows with cursor ≥ `since`: what a run would archive at most."""
