@@ -4,6 +4,8 @@ The asset's resources are keyed by system: `erp` (source), `state`, and the targ
 (`crm` for CRM objects), which must offer `destination(target)` as a context manager.
 """
 
+import functools
+
 import dagster as dg
 
 from assets.checks import contract_check_result, contract_check_spec, drift_metadata
@@ -123,6 +125,16 @@ def _failure(spec: FlowSpec, error: SyncError, api_facing: bool) -> dg.Failure:
     return dg.Failure(description=str(error), metadata=metadata, allow_retries=retryable)
 
 
+@functools.cache
+def daily_partitions(start: str) -> dg.DailyPartitionsDefinition:
+    """One shared definition per start date: flows over the same business dates line up."""
+    return dg.DailyPartitionsDefinition(start_date=start)
+
+
+def partitions_of(spec: FlowSpec) -> dg.DailyPartitionsDefinition | None:
+    return daily_partitions(spec.partitions.start) if spec.partitions else None
+
+
 def _run(
     context: dg.AssetExecutionContext, spec: FlowSpec, config: SyncConfig
 ) -> tuple[SyncResult, Drift | None]:
@@ -140,6 +152,9 @@ def _run(
         if config.repair:
             drift = reconcile(spec, source, destination, state)
             return sync.repair(drift.missing + drift.differing), drift
+        if spec.partitions:
+            window = context.partition_time_window
+            return sync.run_window(window.start, window.end), None
         return sync.run(
             full=config.full_refresh, allow_mass_archive=config.allow_mass_archive
         ), None
@@ -160,6 +175,8 @@ def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
         check_specs=[contract_check_spec(spec, key)],
         required_resource_keys=required_resources(spec),
         pool=spec.pool,
+        partitions_def=partitions_of(spec),
+        backfill_policy=dg.BackfillPolicy.single_run() if spec.partitions else None,
         retry_policy=dg.RetryPolicy(
             max_retries=3, delay=15, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
         )

@@ -19,7 +19,17 @@ def flow_schedules(specs: list[FlowSpec]) -> list[dg.ScheduleDefinition]:
             default_status=dg.DefaultScheduleStatus.STOPPED,
         )
         for spec in specs
-        if spec.schedule
+        if spec.schedule and not spec.partitions
+    ]
+    # A partitioned flow syncs each day's partition once the day is over.
+    daily = [
+        dg.build_schedule_from_partitioned_job(
+            dg.define_asset_job(f"{spec.name}_daily", selection=[asset_key(spec)]),
+            name=f"{spec.name}_schedule",
+            default_status=dg.DefaultScheduleStatus.STOPPED,
+        )
+        for spec in specs
+        if spec.partitions
     ]
     reconciliations = [
         dg.ScheduleDefinition(
@@ -35,4 +45,4 @@ def flow_schedules(specs: list[FlowSpec]) -> list[dg.ScheduleDefinition]:
         )
         for spec in specs
     ]
-    return syncs + reconciliations
+    return syncs + daily + reconciliations

@@ -15,7 +15,8 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
+from decimal import Decimal
 
 import pandas as pd
 
@@ -123,13 +124,25 @@ def _digest(value: object) -> str:
 
 
 def _json_ready(frame: pd.DataFrame) -> list[dict[str, object]]:
-    """Rows as plain dicts (Python scalars, None for nulls, ISO text for timestamps), vectorised."""
+    """Rows as plain dicts (Python scalars, None for nulls, ISO text for dates and timestamps,
+    exact text for decimals), converted column by column."""
     frame = frame.copy()
     for name in frame.columns:
-        if pd.api.types.is_datetime64_any_dtype(frame[name]):
-            text = frame[name].dt.strftime("%Y-%m-%dT%H:%M:%S.%f")
-            frame[name] = text.where(frame[name].notna(), None)
+        column = frame[name]
+        if pd.api.types.is_datetime64_any_dtype(column):
+            text = column.dt.strftime("%Y-%m-%dT%H:%M:%S.%f")
+            frame[name] = text.where(column.notna(), None)
+        elif column.dtype == object:
+            sample = column.dropna().head(1).tolist()
+            if sample and isinstance(sample[0], date | Decimal):
+                frame[name] = column.map(_plain, na_action="ignore")
     return frame.astype(object).where(frame.notna(), None).to_dict("records")
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, date):
+        return value.isoformat()
+    return str(value) if isinstance(value, Decimal) else value
 
 
 def expected_records(spec: FlowSpec, source: SqlSource) -> Iterator[tuple[str, dict[str, object]]]:
