@@ -18,6 +18,19 @@ def _lifecycle_columns() -> list[sa.Column]:
     ]
 
 
+organisations = sa.Table(
+    "organisations",
+    metadata,
+    sa.Column("organisation_id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("organisation_number", sa.String(16), nullable=False, unique=True),
+    sa.Column("name", sa.String(160), nullable=False),
+    sa.Column("domain", sa.String(160), nullable=True),
+    sa.Column("city", sa.String(80), nullable=True),
+    sa.Column("country", sa.String(2), nullable=True),
+    *_lifecycle_columns(),
+    sa.Index("ix_organisations_updated_at", "updated_at", "organisation_id"),
+)
+
 customers = sa.Table(
     "customers",
     metadata,
@@ -27,6 +40,10 @@ customers = sa.Table(
     sa.Column("last_name", sa.String(80), nullable=False),
     sa.Column("email", sa.String(255), nullable=True),
     sa.Column("phone", sa.String(40), nullable=True),
+    sa.Column(
+        "organisation_id", sa.Integer, sa.ForeignKey("organisations.organisation_id"), nullable=True
+    ),
+    # The organisation's name as printed on the customer record (ERPs keep it denormalised).
     sa.Column("company_name", sa.String(160), nullable=True),
     sa.Column("city", sa.String(80), nullable=True),
     sa.Column("country", sa.String(2), nullable=True),
@@ -89,4 +106,4 @@ payments = sa.Table(
     sa.Index("ix_payments_updated_at", "updated_at", "payment_id"),
 )
 
-TABLES_IN_LOAD_ORDER = [customers, products, orders, invoices, payments]
+TABLES_IN_LOAD_ORDER = [organisations, customers, products, orders, invoices, payments]

@@ -76,7 +76,38 @@ def _malform(email: str, variant: int) -> str:
     ][variant % 4]
 
 
-def generate_customers(n: int, rng: np.random.Generator) -> dict[str, list]:
+def generate_organisations(n: int, rng: np.random.Generator) -> dict[str, list]:
+    """Companies with unique names and domains; a few percent lack a country."""
+    ids = np.arange(1, n + 1)
+    words, suffixes = len(COMPANY_WORDS), len(COMPANY_SUFFIXES)
+    combos = words * words * suffixes
+    names = []
+    picks = rng.choice(combos, size=n, replace=False) if n <= combos else rng.permutation(n)
+    for i in picks:
+        name = (
+            f"{COMPANY_WORDS[i % words]} {COMPANY_WORDS[(i // words) % words]} "
+            f"{COMPANY_SUFFIXES[(i // words**2) % suffixes]}"
+        )
+        names.append(name if i < combos else f"{name} {i // combos + 1}")
+    countries = np.array(COUNTRIES, dtype=object)[rng.integers(0, len(COUNTRIES), n)]
+    countries[rng.random(n) < MISSING_COUNTRY_SHARE] = None
+    created = _random_instants(rng, n, EPOCH, LAST_SEEDED_CHANGE)
+    return {
+        "organisation_id": ids.tolist(),
+        "organisation_number": [f"O{i:07d}" for i in ids],
+        "name": names,
+        "domain": [name.lower().replace(" ", "-") + ".example.com" for name in names],
+        "city": np.array(CITIES)[rng.integers(0, len(CITIES), n)].tolist(),
+        "country": countries.tolist(),
+        "created_at": _timestamps(created),
+        "updated_at": _timestamps(created),
+        "deleted_at": [None] * n,
+    }
+
+
+def generate_customers(
+    n: int, rng: np.random.Generator, organisations: dict[str, list]
+) -> dict[str, list]:
     ids = np.arange(1, n + 1)
     first = np.array(FIRST_NAMES)[rng.integers(0, len(FIRST_NAMES), n)]
     last = np.array(LAST_NAMES)[rng.integers(0, len(LAST_NAMES), n)]
@@ -115,16 +146,10 @@ def generate_customers(n: int, rng: np.random.Generator) -> dict[str, list]:
     ]
     for index in np.flatnonzero(rng.random(n) < 0.1):
         phones[index] = None
-    has_company = rng.random(n) < 0.7
-    company_names = [
-        f"{COMPANY_WORDS[a]} {COMPANY_WORDS[b]} {COMPANY_SUFFIXES[c]}"
-        for a, b, c in zip(
-            rng.integers(0, len(COMPANY_WORDS), n),
-            rng.integers(0, len(COMPANY_WORDS), n),
-            rng.integers(0, len(COMPANY_SUFFIXES), n),
-            strict=True,
-        )
-    ]
+    has_organisation = rng.random(n) < 0.7
+    organisation_ids = rng.integers(1, len(organisations["organisation_id"]) + 1, n)
+    organisation_ids = np.where(has_organisation, organisation_ids, 0)
+    names = organisations["name"]
     created = _random_instants(rng, n, EPOCH, LAST_SEEDED_CHANGE)
     updated = created + ((LAST_SEEDED_CHANGE - created) * rng.random(n) * 0.5).astype(
         "timedelta64[us]"
@@ -138,9 +163,8 @@ def generate_customers(n: int, rng: np.random.Generator) -> dict[str, list]:
         "last_name": last.tolist(),
         "email": emails,
         "phone": phones,
-        "company_name": [
-            name if keep else None for name, keep in zip(company_names, has_company, strict=True)
-        ],
+        "organisation_id": [int(i) if i else None for i in organisation_ids],
+        "company_name": [names[i - 1] if i else None for i in organisation_ids],
         "city": np.array(CITIES)[rng.integers(0, len(CITIES), n)].tolist(),
         "country": countries.tolist(),
         "created_at": _timestamps(created),
@@ -278,10 +302,12 @@ def seed_erp(url: str, rows: int, seed: int = 42) -> dict[str, int]:
             f"seeding is implemented for {sorted(LOADERS)}, not {engine.dialect.name}"
         )
     rng = np.random.default_rng(seed)
-    customers = generate_customers(rows, rng)
+    organisations = generate_organisations(max(10, rows // 20), rng)
+    customers = generate_customers(rows, rng, organisations)
     products = generate_products(max(50, min(5000, rows // 100)), rng)
     orders, invoices, payments = generate_sales(rows, products, rng)
     tables: Sequence[tuple[sa.Table, dict[str, list]]] = [
+        (schema.organisations, organisations),
         (schema.customers, customers),
         (schema.products, products),
         (schema.orders, orders),
