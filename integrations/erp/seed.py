@@ -130,11 +130,15 @@ def generate_customers(
         emails[index] = _malform(emails[index], int(index))
     # A case duplicate copies the email of an earlier clean customer, in another case.
     clean_ids = np.flatnonzero(clean)
+    copied: set[int] = set()
     for index in np.flatnonzero(case_dupe):
         earlier = int(np.searchsorted(clean_ids, index))
         if earlier == 0:
             continue
         target = clean_ids[rng.integers(0, earlier)]
+        if target in copied:
+            continue  # one twin per email: every email stays unique when case counts
+        copied.add(target)
         local, domain = emails[target].split("@")
         emails[index] = f"{local.title()}@{domain.upper()}"
 
