@@ -10,6 +10,11 @@ from integrations.engine.spec import FlowSpec
 RECONCILIATION_CRON = "30 3 * * *"
 
 
+def pool_tags(spec: FlowSpec) -> dict[str, str]:
+    """`handoff/pool` on scheduled and sensed runs: deploy/dagster.yaml limits runs per pool."""
+    return {"handoff/pool": spec.pool} if spec.pool else {}
+
+
 def flow_schedules(specs: list[FlowSpec]) -> list[dg.ScheduleDefinition]:
     syncs = [
         dg.ScheduleDefinition(
@@ -17,6 +22,7 @@ def flow_schedules(specs: list[FlowSpec]) -> list[dg.ScheduleDefinition]:
             target=[asset_key(spec)],
             cron_schedule=spec.schedule,
             default_status=dg.DefaultScheduleStatus.STOPPED,
+            tags=pool_tags(spec),
         )
         for spec in specs
         if spec.schedule and not spec.partitions
@@ -24,7 +30,9 @@ def flow_schedules(specs: list[FlowSpec]) -> list[dg.ScheduleDefinition]:
     # A partitioned flow syncs each day's partition once the day is over.
     daily = [
         dg.build_schedule_from_partitioned_job(
-            dg.define_asset_job(f"{spec.name}_daily", selection=[asset_key(spec)]),
+            dg.define_asset_job(
+                f"{spec.name}_daily", selection=[asset_key(spec)], tags=pool_tags(spec)
+            ),
             name=f"{spec.name}_schedule",
             default_status=dg.DefaultScheduleStatus.STOPPED,
         )

@@ -12,6 +12,7 @@ import dagster as dg
 from assets.factory import asset_key
 from integrations.engine.spec import FlowSpec
 from resources import ErpDatabase, StateStoreResource
+from sensors.schedules import pool_tags
 
 
 def _sensor(table: str, specs: list[FlowSpec]) -> dg.SensorDefinition:
@@ -52,7 +53,10 @@ def _sensor(table: str, specs: list[FlowSpec]) -> dg.SensorDefinition:
                 dg.RunRequest(
                     run_key=f"erp_{table}:{high_water_mark.isoformat()}",
                     asset_selection=behind,
-                    tags={"handoff/high_water_mark": high_water_mark.isoformat()},
+                    tags={
+                        "handoff/high_water_mark": high_water_mark.isoformat(),
+                        **pool_tags(specs[0]),
+                    },
                 )
             ],
             cursor=new_cursor,
