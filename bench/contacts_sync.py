@@ -197,6 +197,11 @@ def main() -> None:
         print(f"{label}: phase seconds {figures.get('timings')}", file=sys.stderr)
         rows.append((label, figures["seconds"], rate, figures["written"], figures["peak_rss_mb"]))
 
+    if args.erp == "postgres":
+        with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as c:
+            for name in names:
+                c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
     print(f"\n{args.rows:,} customers, ERP and state on {args.erp}, CRM sandbox in its own process")
     print(f"{'step':<36}{'seconds':>9}{'rows/s':>10}{'written':>10}{'peak RSS MB':>13}")
     for label, seconds, rate, written, rss in rows:
