@@ -15,9 +15,8 @@ from integrations.engine.destination import Destination
 from integrations.engine.hashing import content_hash
 from integrations.engine.spec import FlowSpec
 from integrations.engine.state import StateStore
+from integrations.engine.sync import expected_records
 from integrations.sql.source import SqlSource
-
-SAMPLE = 5
 
 
 @dataclass
@@ -58,8 +57,6 @@ def _digest(pairs: dict[str, str]) -> str:
 def reconcile(
     spec: FlowSpec, source: SqlSource, destination: Destination, state: StateStore
 ) -> Drift:
-    from integrations.engine.sync import expected_records
-
     fields = [
         name for name in spec.target_contract.schema.columns if name != spec.target.id_property
     ]

@@ -342,32 +342,6 @@ class StateStore:
                     connection, now=now, run_id=batch.run_id, flow=batch.flow, **audit
                 )
 
-    def append_audit(
-        self,
-        *,
-        actor: str,
-        action: str,
-        why: str,
-        detail: dict[str, object],
-        run_id: str | None = None,
-        flow: str | None = None,
-    ) -> None:
-        with self.engine.begin() as connection:
-            self._append_audit(
-                connection,
-                now=utcnow(),
-                actor=actor,
-                action=action,
-                why=why,
-                detail=detail,
-                run_id=run_id,
-                flow=flow,
-            )
-
-    def reset_watermark(self, flow: str) -> None:
-        with self.engine.begin() as connection:
-            connection.execute(sa.delete(cursors).where(cursors.c.flow == flow))
-
     @staticmethod
     def _append_audit(
         connection, *, now, actor, action, why, detail, run_id=None, flow=None

@@ -1,9 +1,11 @@
 """One sync run of one flow: DESIGN.md's steps 1–7, batch by batch.
 
-Per batch: extract → validate (source contract) → map → validate (target contract) → diff against
-the ledger → load the changed records (bisecting a refused chunk so only its bad records are
-dead-lettered) → archive soft-deleted records → commit ledger, dead letters, watermark and an
-audit entry in one state transaction. Re-running any window changes nothing that is in sync.
+Per batch: extract → drop rows held in the DLQ with unchanged content → validate (source
+contract) → map → validate (target contract, then unique values across the dataset) → diff
+against the ledger → archive soft-deleted and out-of-scope records (first: that frees their unique
+values) → upsert the changed records (bisecting a refused chunk so only its bad records are
+dead-lettered) → commit ledger, unique-value claims, dead letters, watermark and an audit entry in
+one state transaction. Re-running any window changes nothing that is in sync.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ from integrations.sql.source import SqlSource
 
 logger = logging.getLogger(__name__)
 
-COUNTS = ("read", "valid", "rejected", "unchanged", "held", "inserted", "updated", "archived")
 PHASES = ("extract", "validate", "map", "diff", "load", "commit")
 SAMPLE_SIZE = 5
 
