@@ -119,6 +119,20 @@ def cmd_dlq_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    verdict = StateStore(settings.state_url()).verify_audit()
+    if verdict.intact:
+        print(f"audit trail intact: {verdict.entries} entries, head {(verdict.head or '')[:16]}")
+        return 0
+    print(
+        f"audit trail broken at entry {verdict.broken_id} (position {verdict.broken_position}): "
+        f"{verdict.problem}; the {verdict.entries} entries before it verify. What to do: treat "
+        "the trail from there on as untrusted and investigate who changed the state database",
+        file=sys.stderr,
+    )
+    return 1
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from integrations.erp.changes import live_customer_ids, move_customers, soft_delete_customers
 
@@ -181,6 +195,12 @@ def parser() -> argparse.ArgumentParser:
     show = dlq.add_parser("show", help="one dead letter with its payload, PII masked")
     show.add_argument("id", type=int)
     show.set_defaults(run=cmd_dlq_show)
+
+    audit = commands.add_parser("audit", help="the audit trail").add_subparsers(
+        dest="audit", required=True
+    )
+    verify = audit.add_parser("verify", help="walk the hash chain; report the first broken link")
+    verify.set_defaults(run=cmd_audit_verify)
 
     simulate = commands.add_parser("simulate", help="change a few ERP customers every few seconds")
     simulate.add_argument("--every", type=float, default=5.0, help="seconds between rounds")

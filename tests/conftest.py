@@ -16,7 +16,9 @@ import pytest
 
 from integrations.crm.client import CrmClient
 from integrations.crm.sandbox import SandboxServer
+from integrations.engine.state import StateStore
 from integrations.erp.seed import seed_erp
+from integrations.sql.connect import create_engine
 
 POSTGRES_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -161,3 +163,19 @@ def alert_receiver(monkeypatch):
     yield receiver
     receiver.shutdown()
     receiver.server_close()
+
+
+@pytest.fixture
+def erp(world):
+    """The world's ERP engine."""
+    engine = create_engine(world.erp_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def state(world):
+    """The world's state store."""
+    store = StateStore(world.state_url)
+    yield store
+    store.dispose()

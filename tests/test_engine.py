@@ -9,34 +9,10 @@ import sqlalchemy as sa
 
 from assets.crm_contacts import CRM_CONTACTS
 from integrations.cli import main
-from integrations.crm.destination import CrmObjects
-from integrations.engine.state import StateStore
-from integrations.engine.sync import ErrorBudgetExceeded, Sync
+from integrations.engine.sync import ErrorBudgetExceeded
 from integrations.erp.changes import move_customers, soft_delete_customers
-from integrations.sql.connect import create_engine
 from integrations.sql.source import SourceSchemaError, SqlSource
-
-
-@pytest.fixture
-def erp(world):
-    engine = create_engine(world.erp_url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def state(world):
-    store = StateStore(world.state_url)
-    yield store
-    store.dispose()
-
-
-def sync(erp, crm_client, state, run_id="run-1", full=False, log=None):
-    source = SqlSource(erp, CRM_CONTACTS.source)
-    destination = CrmObjects(crm_client, "contacts", "erp_customer_id")
-    return Sync(
-        CRM_CONTACTS, source, destination, state, run_id=run_id, actor="test", why="manual", log=log
-    ).run(full=full)
+from tests.contacts import sync
 
 
 def test_counts_add_up_and_progress_is_logged_per_batch(world, erp, crm_client, state, caplog):

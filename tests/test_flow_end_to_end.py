@@ -120,6 +120,7 @@ def test_sensor_requests_one_run_that_writes_exactly_the_changes(any_world, crm_
                 .first()
             )
         assert actions == "sensor erp_customers_changed"
+        assert StateStore(any_world.state_url).verify_audit().intact
     erp.dispose()
 
 

@@ -7,6 +7,7 @@ destination accepted the batch: a crash before the commit means the batch is sen
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -81,7 +82,12 @@ audit_log = sa.Table(
     sa.Column("action", sa.String(32), nullable=False),
     sa.Column("detail", sa.Text, nullable=False),
     sa.Column("why", sa.Text, nullable=False),
+    # A hash chain: each entry seals the one before it, so an edit or a removal shows.
+    sa.Column("prev_hash", sa.String(64), nullable=False),
+    sa.Column("entry_hash", sa.String(64), nullable=False, unique=True),
 )
+
+GENESIS = "0" * 64
 
 # The audit trail is append-only: the database itself refuses to change or remove an entry.
 _APPEND_ONLY = {
@@ -305,6 +311,33 @@ class StateStore:
                 for row in connection.execute(query)
             ]
 
+    def verify_audit(self) -> AuditVerdict:
+        """Walk the hash chain from the first entry; report the first broken link."""
+        previous, count = GENESIS, 0
+        with self.engine.connect() as connection:
+            for position, row in enumerate(
+                connection.execute(sa.select(audit_log).order_by(audit_log.c.id)), start=1
+            ):
+                entry = row._asdict()
+                if entry["prev_hash"] != previous:
+                    return AuditVerdict(
+                        False,
+                        count,
+                        entry["id"],
+                        position,
+                        "the entry before it was removed or replaced",
+                    )
+                if _seal(entry) != entry["entry_hash"]:
+                    return AuditVerdict(
+                        False,
+                        count,
+                        entry["id"],
+                        position,
+                        "its content was changed after it was written",
+                    )
+                previous, count = entry["entry_hash"], position
+        return AuditVerdict(True, count, None, None, "intact", head=previous)
+
     # --- writes ------------------------------------------------------------------------------
 
     def commit_batch(self, batch: BatchCommit, audit: dict[str, object] | None = None) -> None:
@@ -346,17 +379,27 @@ class StateStore:
     def _append_audit(
         connection, *, now, actor, action, why, detail, run_id=None, flow=None
     ) -> None:
-        connection.execute(
-            sa.insert(audit_log).values(
-                at=now,
-                actor=actor,
-                run_id=run_id,
-                flow=flow,
-                action=action,
-                detail=json.dumps(detail, sort_keys=True, default=str),
-                why=why,
-            )
-        )
+        # Writers take turns at the chain's head: no two entries may seal the same predecessor.
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql("LOCK TABLE audit_log IN SHARE ROW EXCLUSIVE MODE")
+        else:
+            connection.exec_driver_sql(
+                "UPDATE cursors SET flow = flow WHERE 0"
+            )  # takes the write lock
+        head = connection.execute(
+            sa.select(audit_log.c.entry_hash).order_by(audit_log.c.id.desc()).limit(1)
+        ).scalar()
+        entry = {
+            "at": now,
+            "actor": actor,
+            "run_id": run_id,
+            "flow": flow,
+            "action": action,
+            "detail": json.dumps(detail, sort_keys=True, default=str),
+            "why": why,
+            "prev_hash": head or GENESIS,
+        }
+        connection.execute(sa.insert(audit_log).values(**entry, entry_hash=_seal(entry)))
 
     @staticmethod
     def _claim(connection, batch: BatchCommit) -> None:
@@ -436,6 +479,26 @@ class StateStore:
                 )
         if inserts:
             connection.execute(sa.insert(dead_letters), inserts)
+
+
+@dataclass(frozen=True)
+class AuditVerdict:
+    intact: bool
+    entries: int  # entries verified before the first broken link (all of them when intact)
+    broken_id: int | None
+    broken_position: int | None
+    problem: str
+    head: str | None = None
+
+
+def _seal(entry: dict[str, object]) -> str:
+    """sha256 over the entry's fields and its predecessor's hash, canonically encoded."""
+    fields = [
+        entry[name]
+        for name in ("prev_hash", "at", "actor", "run_id", "flow", "action", "detail", "why")
+    ]
+    fields[1] = fields[1].isoformat(timespec="microseconds")
+    return hashlib.sha256(json.dumps(fields, separators=(",", ":")).encode()).hexdigest()
 
 
 def _dead_letter(row) -> DeadLetter:
