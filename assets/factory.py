@@ -13,6 +13,7 @@ from assets.connections import flow_connections, required_resources
 from integrations.contracts import Contract
 from integrations.engine.reconcile import Drift, reconcile
 from integrations.engine.spec import FlowSpec
+from integrations.engine.state import StateStoreUnavailable
 from integrations.engine.sync import (
     ArchiveGuardTripped,
     ErrorBudgetExceeded,
@@ -20,7 +21,7 @@ from integrations.engine.sync import (
     SyncError,
     SyncResult,
 )
-from integrations.sql.source import SourceSchemaError
+from integrations.sql.source import SourceSchemaError, SourceUnavailable
 
 API_SYSTEMS = {"crm", "helpdesk"}
 
@@ -199,6 +200,13 @@ def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
             result, drift = _run(context, spec, config)
         except SyncError as error:
             raise _failure(spec, error, api_facing) from error
+        except (SourceUnavailable, StateStoreUnavailable) as error:
+            raise dg.Failure(
+                description=f"flow {spec.name}: {error}. What to do: nothing was marked synced "
+                "that was not written; rerun when the database answers",
+                metadata={"flow": spec.name},
+                allow_retries=True,
+            ) from error
         except SourceSchemaError as error:
             raise dg.Failure(
                 description=f"flow {spec.name}: {error}. What to do: check ERP_DATABASE_URL and "
