@@ -1,4 +1,4 @@
-"""`handoff`: the operators' command line (seed, crm-sandbox, dlq, simulate)."""
+"""`handoff`: the operators' command line (seed, crm-sandbox, rt, dlq, simulate)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -58,6 +59,28 @@ def cmd_crm_sandbox(args: argparse.Namespace) -> int:
         pass
     finally:
         server.server_close()
+    return 0
+
+
+def cmd_rt(args: argparse.Namespace) -> int:
+    from integrations.helpdesk.local_rt import LocalRt, LocalRtError
+
+    rt = LocalRt(Path(args.home) if args.home else settings.local_rt_home())
+    try:
+        if args.action == "stop":
+            rt.stop()
+            return 0
+        started = time.perf_counter()
+        url = rt.reset() if args.action == "reset" else rt.start()
+    except LocalRtError as error:
+        print(f"handoff rt {args.action}: {error}", file=sys.stderr)
+        return 1
+    print(url)
+    print(
+        f"RT ready in {time.perf_counter() - started:.1f} s: user {rt.user}, password in "
+        f"{rt.home / 'password'}, log {rt.home / 'rt-server.log'}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -182,6 +205,13 @@ def parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--verbose", action="store_true", help="log every request")
     sandbox.set_defaults(run=cmd_crm_sandbox)
+
+    rt = commands.add_parser(
+        "rt", help="a throwaway local Request Tracker 5 (installs the Debian packages as root)"
+    )
+    rt.add_argument("action", choices=["start", "stop", "reset"])
+    rt.add_argument("--home", help="its folder (default: RT_HOME or $HANDOFF_HOME/rt)")
+    rt.set_defaults(run=cmd_rt)
 
     dlq = commands.add_parser("dlq", help="the dead-letter queue").add_subparsers(
         dest="dlq", required=True

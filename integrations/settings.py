@@ -34,3 +34,8 @@ def crm_base_url() -> str:
 
 def crm_sandbox_path() -> Path:
     return handoff_home() / "crm_sandbox.sqlite"
+
+
+def local_rt_home() -> Path:
+    """The folder of the throwaway local RT (`handoff rt start`): `RT_HOME` or under HANDOFF_HOME."""
+    return Path(os.environ.get("RT_HOME") or handoff_home() / "rt").resolve()

@@ -1,4 +1,5 @@
-"""Real parts: SQLite files, PostgreSQL on 127.0.0.1:5432, the CRM sandbox over real HTTP."""
+"""Real parts: SQLite files, PostgreSQL on 127.0.0.1:5432, the CRM sandbox over real HTTP, and a
+real Request Tracker 5 on 127.0.0.1 (installed and started by the session)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from integrations.crm.client import CrmClient
 from integrations.crm.sandbox import SandboxServer
 from integrations.engine.state import StateStore
 from integrations.erp.seed import seed_erp
+from integrations.helpdesk.client import RtClient
+from integrations.helpdesk.local_rt import LocalRt, LocalRtError
 from integrations.sql.connect import create_engine
 
 POSTGRES_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
@@ -179,3 +182,35 @@ def state(world):
     store = StateStore(world.state_url)
     yield store
     store.dispose()
+
+
+@pytest.fixture(scope="session")
+def rt_server(tmp_path_factory) -> LocalRt:
+    """One RT5 for the session: packages installed when absent, a throwaway SQLite database."""
+    server = LocalRt(tmp_path_factory.mktemp("rt"))
+    try:
+        server.start()
+    except LocalRtError as error:
+        if IN_CI:
+            pytest.fail(f"Request Tracker 5 could not be started, and CI=true requires it: {error}")
+        pytest.skip(f"Request Tracker 5 could not be started: {error}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def rt(rt_server: LocalRt, monkeypatch) -> LocalRt:
+    """The session's RT, reset to its freshly initialised database and wired through the
+    environment as in production."""
+    rt_server.reset()
+    monkeypatch.setenv("RT_BASE_URL", rt_server.base_url)
+    monkeypatch.setenv("RT_USER", rt_server.user)
+    monkeypatch.setenv("RT_PASSWORD", rt_server.password)
+    return rt_server
+
+
+@pytest.fixture
+def rt_client(rt: LocalRt) -> RtClient:
+    client = RtClient(rt.base_url, user=rt.user, password=rt.password, retries=2, backoff=0.05)
+    yield client
+    client.close()
