@@ -214,3 +214,27 @@ def rt_client(rt: LocalRt) -> RtClient:
     client = RtClient(rt.base_url, user=rt.user, password=rt.password, retries=2, backoff=0.05)
     yield client
     client.close()
+
+
+@dataclass
+class HelpdeskWorld:
+    """A small SQLite ERP and state store next to the test's RT, wired through the environment."""
+
+    erp_url: str
+    state_url: str
+    rt: LocalRt
+
+
+HELPDESK_WORLD_ROWS = 150  # RT writes one user per request: a small ERP keeps the tests quick
+
+
+@pytest.fixture
+def helpdesk_world(rt, tmp_path, monkeypatch) -> HelpdeskWorld:
+    erp_url = f"sqlite:///{tmp_path / 'erp.sqlite'}"
+    state_url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+    seed_erp(erp_url, rows=HELPDESK_WORLD_ROWS, seed=7)
+    monkeypatch.setenv("HANDOFF_HOME", str(tmp_path))
+    monkeypatch.setenv("ERP_DATABASE_URL", erp_url)
+    monkeypatch.setenv("HANDOFF_STATE_URL", state_url)
+    monkeypatch.setenv("CRM_ACCESS_TOKEN", secrets.token_urlsafe(8))  # resources() binds it
+    return HelpdeskWorld(erp_url, state_url, rt)

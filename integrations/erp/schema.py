@@ -92,6 +92,8 @@ invoices = sa.Table(
     *_lifecycle_columns(),
     sa.Index("ix_invoices_updated_at", "updated_at", "invoice_id"),
     sa.Index("ix_invoices_invoice_date", "invoice_date"),
+    # A customer's invoices (the helpdesk's support tier sums them per customer).
+    sa.Index("ix_invoices_customer_id", "customer_id", "status"),
 )
 
 payments = sa.Table(
