@@ -13,6 +13,7 @@ from assets.factory import asset_key, flow_asset, source_asset_specs
 from integrations import settings
 from integrations.engine.spec import FlowSpec
 from resources import CrmResource, ErpDatabase, HelpdeskResource, Notifier, StateStoreResource
+from resources.secrets import require_helpdesk_credentials, require_secrets
 from sensors.alerts import alert_sensors
 from sensors.schedules import flow_schedules
 from sensors.source_changed import source_changed_sensors
@@ -26,7 +27,10 @@ def from_env(name: str, embedded_default: Callable[[], str | None]) -> str | dg.
 def resources() -> dict[str, dg.ConfigurableResource]:
     return {
         "erp": ErpDatabase(url=from_env("ERP_DATABASE_URL", settings.erp_database_url)),
-        "state": StateStoreResource(url=from_env("HANDOFF_STATE_URL", settings.state_url)),
+        "state": StateStoreResource(
+            url=from_env("HANDOFF_STATE_URL", settings.state_url),
+            dlq_key=dg.EnvVar("HANDOFF_DLQ_KEY"),
+        ),
         "crm": CrmResource(
             base_url=from_env("CRM_BASE_URL", settings.crm_base_url),
             access_token=dg.EnvVar("CRM_ACCESS_TOKEN"),
@@ -56,4 +60,7 @@ def definitions(flows: list[FlowSpec]) -> dg.Definitions:
     )
 
 
+require_secrets()
+if settings.rt_base_url():
+    require_helpdesk_credentials()
 defs = definitions(active_flows())

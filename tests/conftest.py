@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from cryptography.fernet import Fernet
 
 from integrations.crm.client import CrmClient
 from integrations.crm.sandbox import SandboxServer
@@ -22,6 +23,11 @@ from integrations.erp.seed import seed_erp
 from integrations.helpdesk.client import RtClient
 from integrations.helpdesk.local_rt import LocalRt, LocalRtError
 from integrations.sql.connect import create_engine
+
+# The code location refuses to load without its secrets; tests run with throwaway ones.
+DLQ_KEY = Fernet.generate_key().decode()
+os.environ.setdefault("HANDOFF_DLQ_KEY", DLQ_KEY)
+os.environ.setdefault("CRM_ACCESS_TOKEN", secrets.token_urlsafe(24))
 
 POSTGRES_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -100,6 +106,7 @@ class World:
             "HANDOFF_STATE_URL": self.state_url,
             "CRM_BASE_URL": self.crm.base_url,
             "CRM_ACCESS_TOKEN": self.token,
+            "HANDOFF_DLQ_KEY": DLQ_KEY,
         }
 
 
@@ -179,7 +186,7 @@ def erp(world):
 @pytest.fixture
 def state(world):
     """The world's state store."""
-    store = StateStore(world.state_url)
+    store = StateStore(world.state_url, dlq_key=DLQ_KEY)
     yield store
     store.dispose()
 
@@ -224,6 +231,9 @@ class HelpdeskWorld:
     state_url: str
     rt: LocalRt
 
+    def state(self) -> StateStore:
+        return StateStore(self.state_url, dlq_key=DLQ_KEY)
+
 
 HELPDESK_WORLD_ROWS = 150  # RT writes one user per request: a small ERP keeps the tests quick
 
@@ -236,5 +246,4 @@ def helpdesk_world(rt, tmp_path, monkeypatch) -> HelpdeskWorld:
     monkeypatch.setenv("HANDOFF_HOME", str(tmp_path))
     monkeypatch.setenv("ERP_DATABASE_URL", erp_url)
     monkeypatch.setenv("HANDOFF_STATE_URL", state_url)
-    monkeypatch.setenv("CRM_ACCESS_TOKEN", secrets.token_urlsafe(8))  # resources() binds it
     return HelpdeskWorld(erp_url, state_url, rt)

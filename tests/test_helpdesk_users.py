@@ -15,7 +15,6 @@ import sqlalchemy as sa
 from assets.factory import flow_asset
 from assets.helpdesk_users import HELPDESK_USERS
 from definitions import resources
-from integrations.engine.state import StateStore
 from integrations.engine.sync import Sync, SyncError
 from integrations.erp.changes import move_customers, soft_delete_customers
 from integrations.helpdesk.client import RtClient
@@ -120,7 +119,7 @@ def test_an_rt_outage_mid_sync_fails_naming_rt_and_the_next_run_loses_nothing(he
     rt = helpdesk_world.rt
     spec = dataclasses.replace(HELPDESK_USERS, batch_size=40)
     erp = create_engine(helpdesk_world.erp_url)
-    state = StateStore(helpdesk_world.state_url)
+    state = helpdesk_world.state()
     log = logging.getLogger("test.rt_outage")
     log.setLevel(logging.INFO)
     log.addHandler(StopRtAfterFirstBatch(rt))
