@@ -29,6 +29,8 @@ def resources() -> dict[str, dg.ConfigurableResource]:
         "crm": CrmResource(
             base_url=from_env("CRM_BASE_URL", settings.crm_base_url),
             access_token=dg.EnvVar("CRM_ACCESS_TOKEN"),
+            requests_per_second=settings.crm_requests_per_second(),
+            rate_limit_url=from_env("HANDOFF_STATE_URL", settings.state_url),
         ),
         "notifier": Notifier(webhook_url=from_env("HANDOFF_ALERT_WEBHOOK_URL", lambda: None)),
     }

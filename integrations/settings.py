@@ -32,5 +32,11 @@ def crm_base_url() -> str:
     return os.environ.get("CRM_BASE_URL") or "http://127.0.0.1:8765"
 
 
+def crm_requests_per_second() -> float | None:
+    """The CRM's API request limit (`CRM_REQUESTS_PER_SECOND`); unset: no client-side limit."""
+    value = os.environ.get("CRM_REQUESTS_PER_SECOND")
+    return float(value) if value else None
+
+
 def crm_sandbox_path() -> Path:
     return handoff_home() / "crm_sandbox.sqlite"

@@ -18,6 +18,7 @@ from integrations.crm.client import CrmClient
 from integrations.crm.sandbox import SandboxServer
 from integrations.engine.state import StateStore
 from integrations.erp.seed import seed_erp
+from integrations.http import ApiLimits
 from integrations.sql.connect import create_engine
 
 POSTGRES_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
@@ -75,7 +76,7 @@ def crm_sandbox(tmp_path: Path, crm_token: str):
 
 @pytest.fixture
 def crm_client(crm_sandbox, crm_token) -> CrmClient:
-    client = CrmClient(crm_sandbox.base_url, crm_token, retries=2, backoff=0.05)
+    client = CrmClient(crm_sandbox.base_url, crm_token, ApiLimits(retries=2, backoff=0.05))
     yield client
     client.close()
 

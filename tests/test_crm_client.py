@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from integrations.crm.client import CrmClient, CrmUnavailable
+from integrations.http import ApiLimits
 
 TOKEN = "s3cret-token-value"
 
@@ -68,14 +69,14 @@ def url(server: FlakyCrm) -> str:
 
 def test_429_waits_as_long_as_retry_after_says(flaky):
     server = flaky([(429, {"Retry-After": "1"}), (200, {})])
-    CrmClient(url(server), TOKEN, backoff=0.01).batch_upsert("contacts", "email", [])
+    CrmClient(url(server), TOKEN, ApiLimits(backoff=0.01)).batch_upsert("contacts", "email", [])
     assert len(server.seen) == 2
     assert server.seen[1] - server.seen[0] >= 0.95
 
 
 def test_5xx_bursts_are_retried_with_backoff(flaky):
     server = flaky([(503, {}), (502, {}), (500, {}), (200, {})])
-    CrmClient(url(server), TOKEN, backoff=0.05).batch_upsert("contacts", "email", [])
+    CrmClient(url(server), TOKEN, ApiLimits(backoff=0.05)).batch_upsert("contacts", "email", [])
     assert len(server.seen) == 4
     gaps = [b - a for a, b in zip(server.seen, server.seen[1:], strict=False)]
     assert gaps[-1] > gaps[0], "backoff grows"
@@ -83,15 +84,17 @@ def test_5xx_bursts_are_retried_with_backoff(flaky):
 
 def test_an_outage_ends_in_a_clear_error_without_the_token(flaky):
     server = flaky([(503, {})] * 10)
-    with pytest.raises(CrmUnavailable, match="503 after every retry") as caught:
-        CrmClient(url(server), TOKEN, retries=2, backoff=0.01).batch_upsert("contacts", "email", [])
+    with pytest.raises(CrmUnavailable, match="503 Service Unavailable after 3 attempts") as caught:
+        CrmClient(url(server), TOKEN, ApiLimits(retries=2, backoff=0.01)).batch_upsert(
+            "contacts", "email", []
+        )
     assert TOKEN not in str(caught.value)
     assert len(server.seen) == 3
 
 
 def test_a_closed_port_is_unavailable_not_a_crash():
     with pytest.raises(CrmUnavailable, match="ConnectionError") as caught:
-        CrmClient("http://127.0.0.1:9", TOKEN, retries=1, backoff=0.01).batch_archive(
+        CrmClient("http://127.0.0.1:9", TOKEN, ApiLimits(retries=1, backoff=0.01)).batch_archive(
             "contacts", ["1"]
         )
     assert TOKEN not in str(caught.value)

@@ -33,14 +33,18 @@ def test_requests_without_the_token_get_a_hubspot_error_body(crm_sandbox):
 
 
 def test_upsert_creates_then_updates_and_keeps_updated_at_when_nothing_changed(crm_client):
-    created = crm_client.batch_upsert("contacts", "erp_customer_id", [contact(1), contact(2)])
+    created = crm_client.batch_upsert(
+        "contacts", "erp_customer_id", [contact(1), contact(2)]
+    ).results
     assert [r["new"] for r in created] == [True, True]
     assert all(r["createdAt"] == r["updatedAt"] for r in created)
     time.sleep(0.01)
-    same = crm_client.batch_upsert("contacts", "erp_customer_id", [contact(1)])
+    same = crm_client.batch_upsert("contacts", "erp_customer_id", [contact(1)]).results
     assert same[0]["new"] is False and same[0]["updatedAt"] == created[0]["updatedAt"]
     time.sleep(0.01)
-    moved = crm_client.batch_upsert("contacts", "erp_customer_id", [contact(1, city="Oslo")])
+    moved = crm_client.batch_upsert(
+        "contacts", "erp_customer_id", [contact(1, city="Oslo")]
+    ).results
     assert moved[0]["id"] == created[0]["id"] and moved[0]["updatedAt"] > created[0]["updatedAt"]
     assert moved[0]["properties"]["city"] == "Oslo"
 

@@ -435,7 +435,7 @@ class Sync:
         result.counts["held"] += len(unchanged)
         return live.drop(index=unchanged)
 
-    # --- load, with bisection of refused chunks --------------------------------------------
+    # --- load: per-record refusals, bisection of chunks refused whole --------------------------------------------
 
     def _load(
         self, outbound: Sequence[OutboundRecord], source_rows: pd.DataFrame
@@ -450,25 +450,33 @@ class Sync:
     def _load_chunk(
         self, chunk, source_rows, written: list[Written], refused: list[DeadLetter]
     ) -> None:
+        """Upsert a chunk; records refused one by one go to the DLQ with the destination's own
+        reason, and a chunk refused as a whole is bisected to find its bad records."""
         try:
-            written.extend(self._call_destination(lambda: self.destination.upsert(chunk)))
+            outcome = self._call_destination(lambda: self.destination.upsert(chunk))
         except RecordsRejected as error:
             if len(chunk) == 1:
-                payload = _json_ready(source_rows.loc[[chunk[0].key]])[0]
-                refused.append(
-                    DeadLetter(
-                        flow=self.spec.name,
-                        record_key=chunk[0].key,
-                        reason_kind="destination",
-                        reason=f"{self.destination.name} refused the record: {error}",
-                        payload=payload,
-                        content_hash=content_hash(payload),
-                    )
-                )
+                refused.append(self._refusal(chunk[0].key, str(error), source_rows))
                 return
             middle = math.ceil(len(chunk) / 2)
             self._load_chunk(chunk[:middle], source_rows, written, refused)
             self._load_chunk(chunk[middle:], source_rows, written, refused)
+            return
+        written.extend(outcome.written)
+        refused.extend(
+            self._refusal(item.key, item.reason, source_rows) for item in outcome.refused
+        )
+
+    def _refusal(self, key: str, reason: str, source_rows: pd.DataFrame) -> DeadLetter:
+        payload = _json_ready(source_rows.loc[[key]])[0]
+        return DeadLetter(
+            flow=self.spec.name,
+            record_key=key,
+            reason_kind="destination",
+            reason=f"{self.destination.name} refused the record: {reason}",
+            payload=payload,
+            content_hash=content_hash(payload),
+        )
 
     def _archive(self, destination_ids: list[str]) -> None:
         size = self.destination.max_batch
