@@ -14,7 +14,7 @@ One `ApiClient` per system (CRM, helpdesk, ...), built from a name, a base URL, 
 429: the caller reads it) and raises `ApiUnavailable` (or its kind `CircuitOpen`) when the
 system cannot be reached. What each attempt goes through, in order:
 
-1. The **circuit breaker** of (system, base URL), shared by every client of this process: after
+1. The **circuit breaker** of (system, base URL), shared by the clients of this process: after
    `failures_to_open` consecutive failed attempts (5xx, timeout, dropped connection) it opens and
    calls fail at once, without touching the network, for `open_seconds`; then one probe goes
    through (half-open): success closes it, failure opens it again. Transitions are logged; the
@@ -152,14 +152,15 @@ class CircuitBreaker:
             }
 
 
-_breakers: dict[tuple[str, str], CircuitBreaker] = {}
+_breakers: dict[tuple[str, str, int, float], CircuitBreaker] = {}
 _breakers_lock = threading.Lock()
 
 
 def breaker_for(system: str, base_url: str, limits: ApiLimits) -> CircuitBreaker:
-    """The process's breaker for this system at this address (every client shares it)."""
+    """The process's breaker for this system at this address (every client with the same
+    breaker settings shares it: a run's later calls fail fast when an earlier one tripped it)."""
     with _breakers_lock:
-        key = (system, base_url)
+        key = (system, base_url, limits.failures_to_open, limits.open_seconds)
         if key not in _breakers:
             _breakers[key] = CircuitBreaker(system, limits.failures_to_open, limits.open_seconds)
         return _breakers[key]
