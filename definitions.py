@@ -34,6 +34,8 @@ def resources() -> dict[str, dg.ConfigurableResource]:
         "crm": CrmResource(
             base_url=from_env("CRM_BASE_URL", settings.crm_base_url),
             access_token=dg.EnvVar("CRM_ACCESS_TOKEN"),
+            requests_per_second=settings.crm_requests_per_second(),
+            rate_limit_url=from_env("HANDOFF_STATE_URL", settings.state_url),
         ),
         "helpdesk": HelpdeskResource(
             base_url=from_env("RT_BASE_URL", settings.rt_base_url),

@@ -16,12 +16,12 @@ def required_resources(spec: FlowSpec) -> set[str]:
 
 @contextmanager
 def flow_connections(
-    resources, spec: FlowSpec
+    resources, spec: FlowSpec, log=None
 ) -> Iterator[tuple[SqlSource, Destination, StateStore]]:
     destinations = getattr(resources, spec.target.system)
     with (
         resources.erp.source(spec.source) as source,
-        destinations.destination(spec.target) as destination,
+        destinations.destination(spec.target, log=log) as destination,
         resources.state.open() as state,
     ):
         yield source, destination, state

@@ -11,6 +11,7 @@ import socket
 import sys
 import time
 import uuid
+from dataclasses import fields
 from datetime import timedelta
 from pathlib import Path
 
@@ -79,8 +80,16 @@ def cmd_crm_sandbox(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from integrations.crm.faults import Faults
+
+    faults = Faults(**{f.name: getattr(args, f.name) for f in fields(Faults)})
     server = SandboxServer(
-        settings.crm_sandbox_path(), token, host=args.host, port=args.port, verbose=args.verbose
+        settings.crm_sandbox_path(),
+        token,
+        host=args.host,
+        port=args.port,
+        verbose=args.verbose,
+        faults=faults,
     )
     print(f"CRM sandbox serving {server.base_url} from {settings.crm_sandbox_path()}", flush=True)
     try:
@@ -112,6 +121,17 @@ def cmd_rt(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _fault_arguments(group) -> None:
+    """One flag per fault setting, e.g. `--rate-limit 10 --error-rate 0.3`; all off by default."""
+    from integrations.crm.faults import Faults
+
+    for setting in fields(Faults):
+        kind = int if setting.name in ("rate_burst", "outage_after_requests", "seed") else float
+        group.add_argument(
+            f"--{setting.name.replace('_', '-')}", type=kind, default=setting.default
+        )
 
 
 def _dlq_row(letter: DeadLetter) -> dict[str, object]:
@@ -364,6 +384,7 @@ def parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--port", type=int, default=8765)
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--verbose", action="store_true", help="log every request")
+    _fault_arguments(sandbox.add_argument_group("faults (see integrations/crm/faults.py)"))
     sandbox.set_defaults(run=cmd_crm_sandbox)
 
     rt = commands.add_parser(

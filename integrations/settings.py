@@ -41,6 +41,12 @@ def crm_access_token() -> str | None:
     return os.environ.get("CRM_ACCESS_TOKEN") or None
 
 
+def crm_requests_per_second() -> float | None:
+    """The CRM's API request limit (`CRM_REQUESTS_PER_SECOND`); unset: no client-side limit."""
+    value = os.environ.get("CRM_REQUESTS_PER_SECOND")
+    return float(value) if value else None
+
+
 def crm_sandbox_path() -> Path:
     return handoff_home() / "crm_sandbox.sqlite"
 

@@ -22,6 +22,7 @@ from integrations.engine.state import StateStore
 from integrations.erp.seed import seed_erp
 from integrations.helpdesk.client import RtClient
 from integrations.helpdesk.local_rt import LocalRt, LocalRtError
+from integrations.http import ApiLimits
 from integrations.sql.connect import create_engine
 
 # The code location refuses to load without its secrets; tests run with throwaway ones.
@@ -84,7 +85,7 @@ def crm_sandbox(tmp_path: Path, crm_token: str):
 
 @pytest.fixture
 def crm_client(crm_sandbox, crm_token) -> CrmClient:
-    client = CrmClient(crm_sandbox.base_url, crm_token, retries=2, backoff=0.05)
+    client = CrmClient(crm_sandbox.base_url, crm_token, ApiLimits(retries=2, backoff=0.05))
     yield client
     client.close()
 
@@ -218,7 +219,9 @@ def rt(rt_server: LocalRt, monkeypatch) -> LocalRt:
 
 @pytest.fixture
 def rt_client(rt: LocalRt) -> RtClient:
-    client = RtClient(rt.base_url, user=rt.user, password=rt.password, retries=2, backoff=0.05)
+    client = RtClient(
+        rt.base_url, user=rt.user, password=rt.password, limits=ApiLimits(retries=2, backoff=0.05)
+    )
     yield client
     client.close()
 

@@ -1,11 +1,9 @@
-"""The RT5 REST2 client against a real Request Tracker, and its transport against real HTTP
-servers that answer 429 and 503."""
+"""The RT5 REST2 client against a real Request Tracker: paging, refusals, credentials, and an
+outage that opens the shared transport's circuit breaker."""
 
 from __future__ import annotations
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
 
 import pytest
 
@@ -16,6 +14,7 @@ from integrations.helpdesk.client import (
     RtUnavailable,
 )
 from integrations.helpdesk.support_tier import TIER_FIELD
+from integrations.http import ApiLimits
 
 
 def test_setup_is_idempotent_and_keeps_the_admin_password_out_of_the_config(rt):
@@ -54,7 +53,9 @@ def test_rt_refusals_keep_rts_message(rt_client):
 
 
 def test_wrong_credentials_fail_clearly_without_the_password(rt):
-    client = RtClient(rt.base_url, user=rt.user, password="not-the-password", retries=0)
+    client = RtClient(
+        rt.base_url, user=rt.user, password="not-the-password", limits=ApiLimits(retries=0)
+    )
     with pytest.raises(RtAuthError, match="RT_USER") as caught:
         client.ping()
     assert "not-the-password" not in str(caught.value)
@@ -76,60 +77,17 @@ def test_ticket_search_follows_pages_and_names_requestor_and_queue(rt, rt_client
     assert paging.newest_ticket_update() is not None
 
 
-class FlakyServer(ThreadingHTTPServer):
-    """Answers `failures` times with `status` (Retry-After: 0), then 200 with JSON."""
-
-    def __init__(self, status: int, failures: int):
-        self.status, self.failures, self.requests = status, failures, 0
-        super().__init__(("127.0.0.1", 0), _FlakyHandler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _FlakyHandler(BaseHTTPRequestHandler):
-    server: FlakyServer
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        self.server.requests += 1
-        if self.server.requests <= self.server.failures:
-            self.send_response(self.server.status)
-            self.send_header("Retry-After", "0")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        body = json.dumps({"Version": "5.0.3", "Plugins": []}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
-@pytest.mark.parametrize("status", [429, 503])
-def test_transient_answers_are_retried(status):
-    server = FlakyServer(status, failures=2)
-    try:
-        client = RtClient(server.url, user="u", password="p", retries=3, backoff=0.01)
-        assert client.ping()["Version"] == "5.0.3"
-        assert server.requests == 3
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def test_an_rt_that_keeps_failing_is_unavailable_and_named():
-    server = FlakyServer(503, failures=100)
-    try:
-        client = RtClient(server.url, user="u", password="secret-pw", retries=2, backoff=0.01)
-        with pytest.raises(RtUnavailable, match="RT GET /rt: answered 503") as caught:
-            client.ping()
-        assert "secret-pw" not in str(caught.value)
-    finally:
-        server.shutdown()
-        server.server_close()
+def test_an_rt_outage_opens_the_circuit_names_rt_and_a_probe_closes_it(rt):
+    limits = ApiLimits(retries=5, backoff=0.01, failures_to_open=3, open_seconds=0.5)
+    client = RtClient(rt.base_url, user=rt.user, password=rt.password, limits=limits)
+    assert client.ping()
+    rt.stop(graceful=False)
+    with pytest.raises(RtUnavailable, match="RT circuit open after 3 consecutive") as caught:
+        client.ping()
+    assert rt.password not in str(caught.value)
+    with pytest.raises(RtUnavailable, match="RT circuit open"):
+        client.ping()  # fails fast, without calling RT
+    rt.start()
+    time.sleep(0.6)
+    assert client.ping(), "the half-open probe reaches RT again and closes the circuit"
+    assert client.api.stats()["circuit"]["state"] == "closed"

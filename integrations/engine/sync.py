@@ -648,7 +648,7 @@ class Sync:
         result.counts["held"] += len(unchanged)
         return live.drop(index=unchanged), set(held)
 
-    # --- load, with bisection of refused chunks --------------------------------------------
+    # --- load: per-record refusals, bisection of chunks refused whole --------------------------------------------
 
     def _load(
         self, outbound: Sequence[OutboundRecord], source_rows: pd.DataFrame, plan: _Plan
@@ -663,23 +663,33 @@ class Sync:
     def _load_chunk(
         self, chunk, source_rows, written: list[Written], refused: list[DeadLetter]
     ) -> None:
+        """Upsert a chunk; records refused one by one go to the DLQ with the destination's own
+        reason, and a chunk refused as a whole is bisected to find its bad records."""
         try:
-            written.extend(self._call_destination(lambda: self.destination.upsert(chunk)))
+            outcome = self._call_destination(lambda: self.destination.upsert(chunk))
         except RecordsRejected as error:
             if len(chunk) == 1:
-                record = chunk[0]
-                payload = _json_ready(source_rows.loc[[record.key]])[0]
-                pii = self.spec.source_contract.pii_fields | self.spec.target_contract.pii_fields
-                values = [payload.get(name) for name in pii] + [
-                    record.properties.get(name) for name in pii
-                ]
-                reason = scrub(f"{self.destination.name} refused the record: {error}", values)
-                letter = self._letter(record.key, "destination-rejected", reason, payload)
-                refused.append(letter)
+                refused.append(self._refusal(chunk[0], str(error), source_rows))
                 return
             middle = math.ceil(len(chunk) / 2)
             self._load_chunk(chunk[:middle], source_rows, written, refused)
             self._load_chunk(chunk[middle:], source_rows, written, refused)
+            return
+        written.extend(outcome.written)
+        by_key = {record.key: record for record in chunk}
+        refused.extend(
+            self._refusal(by_key[item.key], item.reason, source_rows) for item in outcome.refused
+        )
+
+    def _refusal(
+        self, record: OutboundRecord, reason: str, source_rows: pd.DataFrame
+    ) -> DeadLetter:
+        """A refused record's dead letter; the destination's words are scrubbed of its PII."""
+        payload = _json_ready(source_rows.loc[[record.key]])[0]
+        pii = self.spec.source_contract.pii_fields | self.spec.target_contract.pii_fields
+        values = [payload.get(name) for name in pii] + [record.properties.get(name) for name in pii]
+        reason = scrub(f"{self.destination.name} refused the record: {reason}", values)
+        return self._letter(record.key, "destination-rejected", reason, payload)
 
     def _archive(self, destination_ids: list[str]) -> None:
         size = self.destination.max_batch

@@ -2,23 +2,22 @@
 
 Authentication is basic (RT_USER/RT_PASSWORD) or an RT auth token (RT_TOKEN, from the
 RT::Authen::Token extension, sent as `Authorization: token …`). Searches follow REST2's paging
-(`page`/`per_page`, at most 100 a page). Transport faults – 429 with Retry-After, 5xx, dropped
-connections – are handled in `_transport` alone, so the shared HTTP module can replace it.
-Errors name RT and the request, never the credentials.
+(`page`/`per_page`, at most 100 a page). Transport (timeouts, retries honouring Retry-After,
+the shared rate limit, the circuit breaker) is the shared `integrations.http.ApiClient`, under
+the system name "RT". Errors name RT and the request, never the credentials.
 """
 
 from __future__ import annotations
 
-import json
+import base64
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 
 import requests
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
+
+from integrations.http import ApiClient, ApiLimits, ApiUnavailable, SharedTokenBucket
 
 PAGE = 100  # REST2's largest page
-RETRYABLE = (429, 500, 502, 503, 504)
 
 
 class RtError(Exception):
@@ -53,26 +52,6 @@ def ticketsql_time(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _transport(retries: int, backoff: float, backoff_max: float) -> requests.Session:
-    """The one place that decides how requests travel: retries, backoff and Retry-After."""
-    session = requests.Session()
-    retry = Retry(
-        total=retries,
-        backoff_factor=backoff,
-        backoff_max=backoff_max,
-        backoff_jitter=backoff,
-        status_forcelist=RETRYABLE,
-        # GET, PUT and searches are idempotent; a create (POST /user, /ticket) is retried only
-        # when RT never answered, and the caller re-reads before creating again.
-        allowed_methods=None,
-        respect_retry_after_header=True,
-        raise_on_status=False,
-    )
-    session.mount("http://", HTTPAdapter(max_retries=retry))
-    session.mount("https://", HTTPAdapter(max_retries=retry))
-    return session
-
-
 class RtClient:
     def __init__(
         self,
@@ -81,27 +60,30 @@ class RtClient:
         user: str | None = None,
         password: str | None = None,
         token: str | None = None,
-        timeout: float = 30.0,
-        retries: int = 6,
-        backoff: float = 0.5,
-        backoff_max: float = 30.0,
+        limits: ApiLimits | None = None,
+        bucket: SharedTokenBucket | None = None,
+        log=None,
         page_size: int = PAGE,
     ):
-        if not token and not (user and password):
-            raise RtAuthError("set RT_TOKEN, or RT_USER and RT_PASSWORD, to reach RT")
-        self.base_url = base_url.rstrip("/")
-        self.api = f"{self.base_url}/REST/2.0"
-        self.timeout = timeout
-        self.page_size = min(page_size, PAGE)
-        self.session = _transport(retries, backoff, backoff_max)
-        self.session.headers["Accept"] = "application/json"
         if token:
-            self.session.headers["Authorization"] = f"token {token}"
+            authorization = f"token {token}"
+        elif user and password:
+            authorization = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
         else:
-            self.session.auth = (user or "", password or "")
+            raise RtAuthError("set RT_TOKEN, or RT_USER and RT_PASSWORD, to reach RT")
+        self.api = ApiClient(
+            "RT",
+            base_url,
+            {"Authorization": authorization, "Accept": "application/json"},
+            limits or ApiLimits(),
+            bucket=bucket,
+            log=log,
+        )
+        self.base_url = self.api.base_url
+        self.page_size = min(page_size, PAGE)
 
     def close(self) -> None:
-        self.session.close()
+        self.api.close()
 
     def _request(
         self,
@@ -110,23 +92,17 @@ class RtClient:
         *,
         body: object = None,
         params: Sequence[tuple[str, object]] | None = None,
+        idempotent: bool = True,
     ) -> object:
+        """One call through the shared transport. Every POST here is a search, or a user
+        create that a resend cannot double (RT refuses a second user of the same name)."""
         where = f"{method} {path}"
         try:
-            response = self.session.request(
-                method,
-                f"{self.api}{path}",
-                data=None if body is None else json.dumps(body),
-                headers={"Content-Type": "application/json"} if body is not None else None,
-                params=params,
-                timeout=self.timeout,
+            response = self.api.request(
+                method, f"/REST/2.0{path}", json=body, params=params, idempotent=idempotent
             )
-        except requests.RequestException as error:
-            raise RtUnavailable(
-                f"RT {where}: {type(error).__name__} talking to {self.base_url}"
-            ) from None
-        if response.status_code in RETRYABLE:
-            raise RtUnavailable(f"RT {where}: answered {response.status_code} after every retry")
+        except ApiUnavailable as error:
+            raise RtUnavailable(str(error)) from None
         if response.status_code in (401, 403):
             raise RtAuthError(
                 f"RT {where}: refused the credentials ({response.status_code}); check RT_USER/"
@@ -228,7 +204,8 @@ class RtClient:
         return rt_time(items[0].get("LastUpdated")) if items else None
 
     def create_ticket(self, fields: Mapping[str, object]) -> int:
-        answer = self._request("POST", "/ticket", body=dict(fields))
+        """Not resent once it may have reached RT: a second ticket would be a duplicate."""
+        answer = self._request("POST", "/ticket", body=dict(fields), idempotent=False)
         return int(answer["id"]) if isinstance(answer, dict) else 0
 
     def update_ticket(self, ticket_id: int, fields: Mapping[str, object]) -> list[str]:

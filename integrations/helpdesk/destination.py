@@ -4,7 +4,8 @@ RT has no batch endpoint for users, so a chunk costs one search for what RT hold
 request per user that is new or differs, sending only the fields that differ (RT records a
 transaction per changed field, so an unchanged field is never sent). A second search checks
 that RT stored what was sent: REST2 answers 201 even when it drops a custom-field value it
-refuses, and a 2xx is never taken as success wholesale.
+refuses, and a 2xx is never taken as success wholesale. A user RT refuses (an address another
+user has) is reported on its own; the others of the chunk are written.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from integrations.engine.destination import (
     DestinationUnavailable,
     OutboundRecord,
     RecordsRejected,
+    Refusal,
+    Upserted,
     Written,
 )
 from integrations.helpdesk.client import (
@@ -52,27 +55,40 @@ class RtUsers:
     def __init__(self, client: RtClient, id_property: str = "Name"):
         self.client, self.id_property = client, id_property
 
-    def upsert(self, records: Sequence[OutboundRecord]) -> list[Written]:
+    def upsert(self, records: Sequence[OutboundRecord]) -> Upserted:
         wanted = {self._name(record): self._wanted(record) for record in records}
+        written: list[Written] = []
+        refused: list[Refusal] = []
         try:
             held = self._held(list(wanted), wanted)
-            written = []
             for record in records:
                 name = self._name(record)
                 current = held.get(name)
-                if current is None:
-                    self.client.create_user(self._body({**wanted[name], "Name": name}))
-                else:
-                    changes = {k: v for k, v in wanted[name].items() if current.get(k) != v}
-                    if changes:
-                        self.client.update_user(name, self._body(changes))
+                try:
+                    if current is None:
+                        self.client.create_user(self._body({**wanted[name], "Name": name}))
+                    else:
+                        changes = {k: v for k, v in wanted[name].items() if current.get(k) != v}
+                        if changes:
+                            self.client.update_user(name, self._body(changes))
+                except RtRequestRejected as error:
+                    refused.append(Refusal(record.key, str(error)))
+                    continue
                 written.append(Written(record.key, name, created=current is None))
-            self._verify(wanted)
-        except RtRequestRejected as error:
-            raise RecordsRejected(str(error)) from error
+            wrong = self._not_stored(
+                {item.destination_id: wanted[item.destination_id] for item in written}
+            )
         except (RtUnavailable, RtAuthError) as error:
             raise DestinationUnavailable(str(error)) from error
-        return written
+        refused += [
+            Refusal(item.key, f"RT did not store {wrong[item.destination_id]}")
+            for item in written
+            if item.destination_id in wrong
+        ]
+        return Upserted([item for item in written if item.destination_id not in wrong], refused)
+
+    def health(self) -> dict[str, object]:
+        return self.client.api.stats()
 
     def archive(self, destination_ids: Sequence[str]) -> None:
         """Disable the users (RT keeps their tickets and history); already disabled is fine."""
@@ -132,15 +148,15 @@ class RtUsers:
             body["CustomFields"] = custom
         return body
 
-    def _verify(self, wanted: Mapping[str, Mapping[str, str]]) -> None:
+    def _not_stored(self, wanted: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+        """Users whose fields RT holds otherwise than sent, with those fields' names."""
+        if not wanted:
+            return {}
         held = self._held(list(wanted), wanted)
-        wrong = []
+        wrong = {}
         for name, want in wanted.items():
             stored = held.get(name, {})
             differing = sorted(k for k, v in want.items() if stored.get(k) != v)
             if differing:
-                wrong.append(f"{name} ({', '.join(differing)})")
-        if wrong:
-            raise RecordsRejected(
-                f"RT did not store every field it was sent: {'; '.join(wrong[:5])}"
-            )
+                wrong[name] = ", ".join(differing)
+        return wrong
