@@ -226,7 +226,13 @@ class StateStore:
         """`dlq_key` (a Fernet key, from `HANDOFF_DLQ_KEY`) encrypts dead-letter payloads at
         rest; without it the store can read everything but a payload, and write no dead letter."""
         self.url = url
-        self._fernet = Fernet(dlq_key) if dlq_key else None
+        try:
+            self._fernet = Fernet(dlq_key) if dlq_key else None
+        except ValueError:
+            raise MissingSecret(
+                "HANDOFF_DLQ_KEY is not a Fernet key (32 url-safe base64 bytes); "
+                "`handoff dlq keygen` makes one"
+            ) from None
         self.engine = create_engine(url)
         metadata.create_all(self.engine)
         with self.engine.begin() as connection:
