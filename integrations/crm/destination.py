@@ -36,6 +36,9 @@ class CrmObjects:
         self.associations = tuple(associations)
         self.name = f"CRM {object_type}"
 
+    def prepare(self, spec) -> None:
+        """Nothing to check up front: the CRM answers record by record."""
+
     def upsert(self, records: Sequence[OutboundRecord]) -> list[Written]:
         links = {field: None for field in (a.field for a in self.associations)}
         inputs = [
