@@ -17,6 +17,11 @@ def _sqlite_url(filename: str) -> str:
     return f"sqlite:///{handoff_home() / filename}"
 
 
+def database_url_variable(system: str) -> str:
+    """The variable naming a system's database: `ERP_DATABASE_URL`, `FINANCE_DATABASE_URL`, …"""
+    return f"{system.upper()}_DATABASE_URL"
+
+
 def erp_database_url() -> str:
     """The ERP (system of record): `ERP_DATABASE_URL` or the embedded SQLite file."""
     return os.environ.get("ERP_DATABASE_URL") or _sqlite_url("erp.sqlite")

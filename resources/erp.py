@@ -11,7 +11,8 @@ from integrations.sql.source import SqlSource
 
 
 class ErpDatabase(dg.ConfigurableResource):
-    """The system of record (SQLite or PostgreSQL), by SQLAlchemy URL."""
+    """A system of record (an ERP: SQLite, PostgreSQL or MariaDB), by SQLAlchemy URL; one
+    resource per system (`erp`, `chinook`), keyed as the flows' `SourceTable.system`."""
 
     url: str
 

@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psycopg
+import pymysql
 import pytest
 from cryptography.fernet import Fernet
 
@@ -42,13 +43,18 @@ def postgres_available() -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def postgres() -> bool:
-    if postgres_available():
+def require_service(name: str, address: str, available: bool) -> bool:
+    """A test needing a service skips without it, except in CI, where it fails."""
+    if available:
         return True
     if IN_CI:
-        pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432, and CI=true requires it")
-    pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
+        pytest.fail(f"{name} is not reachable on {address}, and CI=true requires it")
+    pytest.skip(f"{name} is not reachable on {address}")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> bool:
+    return require_service("PostgreSQL", "127.0.0.1:5432", postgres_available())
 
 
 @pytest.fixture
@@ -67,6 +73,61 @@ def postgres_database(postgres):
     with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as connection:
         for name in created:
             connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+MARIADB_ADMIN = {"host": "127.0.0.1", "port": 3306, "user": "root", "password": ""}
+
+
+def mariadb_available() -> bool:
+    try:
+        pymysql.connect(**MARIADB_ADMIN, connect_timeout=3).close()
+        return True
+    except pymysql.err.OperationalError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def mariadb() -> bool:
+    return require_service("MariaDB", "127.0.0.1:3306", mariadb_available())
+
+
+@pytest.fixture
+def mariadb_database(mariadb):
+    """A throwaway MariaDB database; returns a factory so a test can have several."""
+    created: list[str] = []
+
+    def make() -> str:
+        name = f"handoff_test_{uuid.uuid4().hex[:12]}"
+        connection = pymysql.connect(**MARIADB_ADMIN, autocommit=True)
+        with connection.cursor() as cursor:
+            cursor.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+        connection.close()
+        created.append(name)
+        return f"mariadb://root@127.0.0.1:3306/{name}"
+
+    yield make
+    connection = pymysql.connect(**MARIADB_ADMIN, autocommit=True)
+    with connection.cursor() as cursor:
+        for name in created:
+            cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
+    connection.close()
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("mariadb", marks=pytest.mark.mariadb),
+    ]
+)
+def sql_database(request, tmp_path):
+    """A factory of empty databases of each dialect handoff supports, one test per dialect."""
+    if request.param == "postgres":
+        return request.getfixturevalue("postgres_database")
+    if request.param == "mariadb":
+        return request.getfixturevalue("mariadb_database")
+    names = iter(range(1000))
+    return lambda: f"sqlite:///{tmp_path / f'db{next(names)}.sqlite'}"
 
 
 @pytest.fixture

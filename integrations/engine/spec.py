@@ -43,11 +43,18 @@ class RecentTotal:
 
 @dataclass(frozen=True)
 class SourceTable:
-    """A table in a system of record, read incrementally by `(cursor, key)`."""
+    """A table in a system of record, read incrementally by `(cursor, key)`.
+
+    `system` names the system of record (`erp`, `chinook`, …): the source asset is
+    `<system>/<table>` and the Dagster resource of that name provides the connection. A table
+    without a change cursor (`cursor=None`) is read whole on every run, or by partition window;
+    the ledger's diff still sends only what changed.
+    """
 
     table: str
     key: str
-    cursor: str = "updated_at"
+    cursor: str | None = "updated_at"
+    system: str = "erp"
     deleted: str | None = "deleted_at"
     lookups: tuple[Lookup, ...] = ()
     totals: tuple[RecentTotal, ...] = ()

@@ -286,6 +286,7 @@ class Sync:
         full: bool,
         move_watermark: bool,
     ) -> SyncResult:
+        self.destination.prepare(self.spec)
         result = SyncResult(flow=self.spec.name, run_id=self.run_id, full=full)
         result.watermark_before = before
         started = time.perf_counter()
@@ -541,14 +542,7 @@ class Sync:
             for item in written
             if plan.records[item.key].get(name)
         ]
-        last = batch.iloc[-1]
-        key = last[spec.source.key]
-        watermark = Watermark(
-            pd.Timestamp(last[spec.source.cursor]).to_pydatetime(),
-            key.item() if hasattr(key, "item") else key,
-        )
-        if before and (watermark.updated_at, watermark.key) < (before.updated_at, before.key):
-            watermark = before  # a lookback batch never moves the watermark back
+        watermark = self._watermark(batch, before)
         records = self._audit_records(plan, written, letters)
         detail = {
             "rows": len(batch),
@@ -556,7 +550,7 @@ class Sync:
             "updated": sum(not item.created for item in written),
             "archived": len(plan.to_archive),
             "dead_lettered": len(letters),
-            "watermark": watermark.as_dict(),
+            "watermark": watermark.as_dict() if watermark else None,
         }
         self.state.commit_batch(
             BatchCommit(
@@ -613,6 +607,20 @@ class Sync:
             for letter in letters
         ]
         return records
+
+    def _watermark(self, batch: pd.DataFrame, before: Watermark | None) -> Watermark | None:
+        """The batch's last (cursor, key); none for a source without a cursor."""
+        if self.spec.source.cursor is None:
+            return None
+        last = batch.iloc[-1]
+        key = last[self.spec.source.key]
+        watermark = Watermark(
+            pd.Timestamp(last[self.spec.source.cursor]).to_pydatetime(),
+            key.item() if hasattr(key, "item") else key,
+        )
+        if before and (watermark.updated_at, watermark.key) < (before.updated_at, before.key):
+            return before  # a lookback batch never moves the watermark back
+        return watermark
 
     def _unclaimed(
         self, valid: pd.DataFrame, releasing: set[str]

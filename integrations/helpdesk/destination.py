@@ -55,6 +55,9 @@ class RtUsers:
     def __init__(self, client: RtClient, id_property: str = "Name"):
         self.client, self.id_property = client, id_property
 
+    def prepare(self, spec) -> None:
+        """Nothing to check up front: RT answers user by user (the verify step reads back)."""
+
     def upsert(self, records: Sequence[OutboundRecord]) -> Upserted:
         wanted = {self._name(record): self._wanted(record) for record in records}
         written: list[Written] = []

@@ -1,8 +1,9 @@
-"""A table in a system of record, streamed in keyset-paginated batches.
+"""A table in a system of record (SQLite, PostgreSQL or MariaDB), streamed in batches.
 
-Each batch is one short query `WHERE (cursor, key) > (last cursor, last key) ORDER BY cursor, key
-LIMIT n`: memory is bounded by the batch, no transaction stays open across batches, and a
-crashed sync resumes where its last committed batch ended.
+A read is one query ordered by `(cursor, key)`, streamed through a server-side cursor (psycopg's
+named cursor, PyMySQL's SSCursor, SQLite's stepping) and cut into DataFrames of `batch_size`
+rows: memory is bounded by the batch, never by the table, and each row is read once. A crashed
+sync resumes from its last committed batch's watermark.
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ class SqlSource:
             raise SourceSchemaError(
                 f"table {spec.table!r} is not in the source database"
             ) from error
-        wanted = [spec.key, spec.cursor] + ([spec.deleted] if spec.deleted else [])
+        wanted = [name for name in (spec.key, spec.cursor, spec.deleted) if name]
         missing = [name for name in wanted if name not in self.table.c]
         if missing:
             raise SourceSchemaError(f"table {spec.table!r} has no column(s) {missing}")
         self.key = self.table.c[spec.key]
-        self.cursor = self.table.c[spec.cursor]
+        # A table without a change cursor is read whole; the ledger's diff finds what changed.
+        self.cursor = self.table.c[spec.cursor] if spec.cursor else None
+        self.order = [self.key] if self.cursor is None else [self.cursor, self.key]
         self.select, self.columns = self._with_lookups()
 
     def _reflect(self, table: str, role: str) -> sa.Table:
@@ -97,30 +100,19 @@ class SqlSource:
         batch_size: int,
         within: sa.ColumnElement[bool] | None = None,
     ) -> Iterator[pd.DataFrame]:
-        """Rows with cursor ≥ `since` (all rows when None) and `within` (a partition window),
-        in (cursor, key) order."""
-        position = sa.tuple_(self.cursor, self.key)
-        scope = within if within is not None else sa.true()
-        condition = self.cursor >= since if since is not None else sa.true()
-        columns = self.columns
-        while True:
-            query = (
-                self.select.where(scope, condition)
-                .order_by(self.cursor, self.key)
-                .limit(batch_size)
-            )
-            with self.engine.connect() as connection:
-                rows = connection.execute(query).all()
-            if not rows:
-                return
-            yield pd.DataFrame.from_records(rows, columns=columns)
-            if len(rows) < batch_size:
-                return
-            last = rows[-1]
-            condition = position > sa.tuple_(
-                sa.literal(last[columns.index(self.spec.cursor)], self.cursor.type),
-                sa.literal(last[columns.index(self.spec.key)], self.key.type),
-            )
+        """Rows with cursor ≥ `since` (all rows when None or without a cursor) and `within`
+        (a partition window), in (cursor, key) order."""
+        query = self.select.order_by(*self.order)
+        if within is not None:
+            query = query.where(within)
+        if since is not None and self.cursor is not None:
+            query = query.where(self.cursor >= since)
+        with self.engine.connect() as connection:
+            result = connection.execution_options(
+                stream_results=True, yield_per=batch_size
+            ).execute(query)
+            for rows in result.partitions(batch_size):
+                yield pd.DataFrame.from_records(rows, columns=self.columns)
 
     def rows_with_keys(self, keys: Sequence[object], batch_size: int) -> Iterator[pd.DataFrame]:
         """The rows with these keys (a repair), in (cursor, key) order within each batch."""
@@ -132,7 +124,7 @@ class SqlSource:
                 continue  # a key of the wrong type names no row of this table
         for start in range(0, len(native), batch_size):
             chunk = native[start : start + batch_size]
-            query = self.select.where(self.key.in_(chunk)).order_by(self.cursor, self.key)
+            query = self.select.where(self.key.in_(chunk)).order_by(*self.order)
             with self.engine.connect() as connection:
                 rows = connection.execute(query).all()
             if rows:
@@ -144,12 +136,15 @@ class SqlSource:
             return []
         deleted = self.table.c[self.spec.deleted]
         query = sa.select(self.key).where(deleted.is_not(None))
-        if since is not None:
+        if since is not None and self.cursor is not None:
             query = query.where(self.cursor >= since)
         with self.engine.connect() as connection:
             return list(connection.execute(query).scalars())
 
     def high_water_mark(self) -> datetime | None:
-        """The newest cursor value in the table: the sensor's cheap 'did anything change?'."""
+        """The newest cursor value in the table: the sensor's cheap 'did anything change?'
+        (None for an empty table or one without a cursor)."""
+        if self.cursor is None:
+            return None
         with self.engine.connect() as connection:
             return connection.execute(sa.select(sa.func.max(self.cursor))).scalar_one()
