@@ -4,9 +4,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from integrations.engine.destination import Destination
+from integrations.engine.source import Source
 from integrations.engine.spec import FlowSpec
 from integrations.engine.state import StateStore
-from integrations.sql.source import SqlSource
 
 
 def required_resources(spec: FlowSpec) -> set[str]:
@@ -18,7 +18,7 @@ def required_resources(spec: FlowSpec) -> set[str]:
 @contextmanager
 def flow_connections(
     resources, spec: FlowSpec, log=None
-) -> Iterator[tuple[SqlSource, Destination, StateStore]]:
+) -> Iterator[tuple[Source, Destination, StateStore]]:
     sources = getattr(resources, spec.source.system)
     destinations = getattr(resources, spec.target.system)
     with (

@@ -14,6 +14,7 @@ from assets.connections import flow_connections, required_resources
 from integrations.contracts import Contract
 from integrations.engine.destination import DestinationMismatch
 from integrations.engine.reconcile import Drift, reconcile
+from integrations.engine.source import SourceUnavailable
 from integrations.engine.spec import FlowSpec
 from integrations.engine.sync import (
     ArchiveGuardTripped,
@@ -54,7 +55,7 @@ def source_asset_specs(specs: list[FlowSpec]) -> list[dg.AssetSpec]:
         dg.AssetSpec(
             key=[system, table],
             group_name=system,
-            kinds={"sql"},
+            kinds={system} if system in API_SYSTEMS else {"sql"},
             description=f"Table `{table}` of {system}, a system of record, read "
             + (f"incrementally by `{source.cursor}`." if source.cursor else "whole (no cursor)."),
         )
@@ -204,7 +205,7 @@ def _sync_or_repair(context, spec, config, source, destination, state):
 def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
     key = asset_key(spec)
     system = spec.target.system
-    api_facing = system in API_SYSTEMS
+    api_facing = bool({spec.source.system, system} & API_SYSTEMS)
 
     @dg.asset(
         key=key,
@@ -243,6 +244,14 @@ def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
         except DestinationMismatch as error:
             raise dg.Failure(
                 description=str(error), metadata={"flow": spec.name}, allow_retries=False
+            ) from error
+        except SourceUnavailable as error:
+            raise dg.Failure(
+                description=f"flow {spec.name}: {spec.source.system} could not be read: {error}. "
+                "What to do: rerun when it answers again; nothing after the last committed batch "
+                "was marked synced (the rerun resumes from the watermark)",
+                metadata={"flow": spec.name},
+                allow_retries=True,
             ) from error
         metadata = {**_metadata(spec, result), **_transport_metadata(spec, transport)}
         if drift is not None:

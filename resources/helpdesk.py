@@ -6,9 +6,10 @@ from contextlib import contextmanager
 import dagster as dg
 from pydantic import Field
 
-from integrations.engine.spec import Target
+from integrations.engine.spec import SourceTable, Target
 from integrations.helpdesk.client import RtClient
 from integrations.helpdesk.destination import RtUsers
+from integrations.helpdesk.source import RtTickets
 from resources.api import ApiResource
 
 
@@ -48,3 +49,10 @@ class HelpdeskResource(ApiResource):
             raise ValueError(f"RT offers users as a destination, not {target.dataset!r}")
         with self.client(log) as client:
             yield RtUsers(client, target.id_property)
+
+    @contextmanager
+    def source(self, table: SourceTable, log=None) -> Iterator[RtTickets]:
+        if table.table != "tickets":
+            raise ValueError(f"RT offers tickets as a source, not {table.table!r}")
+        with self.client(log) as client:
+            yield RtTickets(client, table)

@@ -36,6 +36,7 @@ from integrations.engine.destination import (
 )
 from integrations.engine.hashing import canonical_json, content_hash, idempotency_key
 from integrations.engine.masking import mask_record, mask_value, scrub
+from integrations.engine.source import Source
 from integrations.engine.spec import FlowSpec
 from integrations.engine.state import (
     AuditRecord,
@@ -44,7 +45,6 @@ from integrations.engine.state import (
     StateStore,
     Watermark,
 )
-from integrations.sql.source import SqlSource
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def _plain(value: object) -> object:
     return str(value) if isinstance(value, Decimal) else value
 
 
-def expected_records(spec: FlowSpec, source: SqlSource) -> Iterator[tuple[str, dict[str, object]]]:
+def expected_records(spec: FlowSpec, source: Source) -> Iterator[tuple[str, dict[str, object]]]:
     """Every live source record that passes both contracts, mapped: what the destination
     should hold (reconciliation reads the whole source this way)."""
     for batch in source.batches(None, spec.batch_size):
@@ -206,7 +206,7 @@ class Sync:
     def __init__(
         self,
         spec: FlowSpec,
-        source: SqlSource,
+        source: Source,
         destination: Destination,
         state: StateStore,
         *,
