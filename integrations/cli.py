@@ -26,9 +26,9 @@ from integrations.sql.connect import create_engine, redacted
 
 def _flows() -> dict[str, FlowSpec]:
     """The declared flows by name (their modules are framework-free)."""
-    from assets import FLOWS
+    from assets import FLOWS, HELPDESK_FLOWS
 
-    return {spec.name: spec for spec in FLOWS}
+    return {spec.name: spec for spec in FLOWS + HELPDESK_FLOWS}
 
 
 def _pii_fields(flow: str) -> frozenset[str]:
