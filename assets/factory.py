@@ -16,6 +16,7 @@ from integrations.engine.destination import DestinationMismatch
 from integrations.engine.reconcile import Drift, reconcile
 from integrations.engine.source import SourceUnavailable
 from integrations.engine.spec import FlowSpec
+from integrations.engine.state import StateStoreUnavailable
 from integrations.engine.sync import (
     ArchiveGuardTripped,
     ErrorBudgetExceeded,
@@ -233,6 +234,13 @@ def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
             result, drift = _run(context, spec, config, transport)
         except SyncError as error:
             raise _failure(spec, error, api_facing, transport) from error
+        except (SourceUnavailable, StateStoreUnavailable) as error:
+            raise dg.Failure(
+                description=f"flow {spec.name}: {error}. What to do: nothing was marked synced "
+                "that was not written; rerun when it answers again",
+                metadata={"flow": spec.name},
+                allow_retries=True,
+            ) from error
         except SourceSchemaError as error:
             raise dg.Failure(
                 description=f"flow {spec.name}: {error}. What to do: check "
@@ -244,14 +252,6 @@ def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
         except DestinationMismatch as error:
             raise dg.Failure(
                 description=str(error), metadata={"flow": spec.name}, allow_retries=False
-            ) from error
-        except SourceUnavailable as error:
-            raise dg.Failure(
-                description=f"flow {spec.name}: {spec.source.system} could not be read: {error}. "
-                "What to do: rerun when it answers again; nothing after the last committed batch "
-                "was marked synced (the rerun resumes from the watermark)",
-                metadata={"flow": spec.name},
-                allow_retries=True,
             ) from error
         metadata = {**_metadata(spec, result), **_transport_metadata(spec, transport)}
         if drift is not None:

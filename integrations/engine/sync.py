@@ -36,13 +36,14 @@ from integrations.engine.destination import (
 )
 from integrations.engine.hashing import canonical_json, content_hash, idempotency_key
 from integrations.engine.masking import mask_record, mask_value, scrub
-from integrations.engine.source import Source
+from integrations.engine.source import Source, SourceUnavailable
 from integrations.engine.spec import FlowSpec
 from integrations.engine.state import (
     AuditRecord,
     BatchCommit,
     DeadLetter,
     StateStore,
+    StateStoreUnavailable,
     Watermark,
 )
 
@@ -291,9 +292,18 @@ class Sync:
         result.watermark_before = before
         started = time.perf_counter()
         clock = _Clock(result.timings)
-        for batch in batches:
+        for batch in self._guarded(batches):
             clock.lap("extract")
-            self._sync_batch(batch, result, clock, move_watermark=move_watermark)
+            try:
+                self._sync_batch(batch, result, clock, move_watermark=move_watermark)
+            except StateStoreUnavailable as error:
+                raise SyncError(
+                    self.spec.name,
+                    str(error),
+                    "the batch in flight may be in the destination but not in the ledger; rerun "
+                    "when the state store answers: the rerun sends it again, and upserts make "
+                    "that harmless",
+                ) from error
             result.batches += 1
             result.seconds = time.perf_counter() - started
             self.log.info(
@@ -311,6 +321,18 @@ class Sync:
         result.open_dead_letters = self.state.dead_letter_kinds(self.spec.name)
         self._check_budget(result)
         return result
+
+    def _guarded(self, batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        """The source's batches; a source lost mid-extract stops the run with what to do."""
+        try:
+            yield from batches
+        except SourceUnavailable as error:
+            raise SyncError(
+                self.spec.name,
+                str(error),
+                "every batch before it is committed; rerun when the source answers (the rerun "
+                "resumes from the watermark)",
+            ) from error
 
     def _guard_archives(self, since: datetime | None, approved: bool) -> None:
         keys = [str(key) for key in self.source.deleted_keys(since)]

@@ -14,17 +14,23 @@ from datetime import UTC, datetime
 import pandas as pd
 import sqlalchemy as sa
 
+from integrations.engine.source import SourceUnavailable
 from integrations.engine.spec import RecentTotal, SourceTable
+from integrations.sql.connect import raise_on_lost_connection
 
 
 class SourceSchemaError(Exception):
     """The configured table or columns are not in the source database."""
 
 
+__all__ = ["SourceSchemaError", "SourceUnavailable", "SqlSource"]
+
+
 class SqlSource:
     def __init__(self, engine: sa.Engine, spec: SourceTable):
         self.engine = engine
         self.spec = spec
+        raise_on_lost_connection(engine, SourceUnavailable, f"the source database of {spec.table}")
         # Identifiers from configuration are checked against the reflected schema, never interpolated.
         try:
             self.table = sa.Table(spec.table, sa.MetaData(), autoload_with=engine)
