@@ -36,6 +36,7 @@ from integrations.engine.destination import (
 )
 from integrations.engine.hashing import canonical_json, content_hash, idempotency_key
 from integrations.engine.masking import mask_record, mask_value, scrub
+from integrations.engine.source import Source, SourceUnavailable
 from integrations.engine.spec import FlowSpec
 from integrations.engine.state import (
     AuditRecord,
@@ -45,7 +46,6 @@ from integrations.engine.state import (
     StateStoreUnavailable,
     Watermark,
 )
-from integrations.sql.source import SourceUnavailable, SqlSource
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def _plain(value: object) -> object:
     return str(value) if isinstance(value, Decimal) else value
 
 
-def expected_records(spec: FlowSpec, source: SqlSource) -> Iterator[tuple[str, dict[str, object]]]:
+def expected_records(spec: FlowSpec, source: Source) -> Iterator[tuple[str, dict[str, object]]]:
     """Every live source record that passes both contracts, mapped: what the destination
     should hold (reconciliation reads the whole source this way)."""
     for batch in source.batches(None, spec.batch_size):
@@ -215,7 +215,7 @@ class Sync:
     def __init__(
         self,
         spec: FlowSpec,
-        source: SqlSource,
+        source: Source,
         destination: Destination,
         state: StateStore,
         *,
@@ -295,6 +295,7 @@ class Sync:
         full: bool,
         move_watermark: bool,
     ) -> SyncResult:
+        self.destination.prepare(self.spec)
         result = SyncResult(flow=self.spec.name, run_id=self.run_id, full=full)
         result.watermark_before = before
         started = time.perf_counter()
@@ -575,14 +576,7 @@ class Sync:
             for item in written
             if plan.records[item.key].get(name)
         ]
-        last = batch.iloc[-1]
-        key = last[spec.source.key]
-        watermark = Watermark(
-            pd.Timestamp(last[spec.source.cursor]).to_pydatetime(),
-            key.item() if hasattr(key, "item") else key,
-        )
-        if before and (watermark.updated_at, watermark.key) < (before.updated_at, before.key):
-            watermark = before  # a lookback batch never moves the watermark back
+        watermark = self._watermark(batch, before)
         records = self._audit_records(plan, written, letters)
         detail = {
             "rows": len(batch),
@@ -590,7 +584,7 @@ class Sync:
             "updated": sum(not item.created for item in written),
             "archived": len(plan.to_archive),
             "dead_lettered": len(letters),
-            "watermark": watermark.as_dict(),
+            "watermark": watermark.as_dict() if watermark else None,
         }
         self.state.commit_batch(
             BatchCommit(
@@ -648,6 +642,20 @@ class Sync:
         ]
         return records
 
+    def _watermark(self, batch: pd.DataFrame, before: Watermark | None) -> Watermark | None:
+        """The batch's last (cursor, key); none for a source without a cursor."""
+        if self.spec.source.cursor is None:
+            return None
+        last = batch.iloc[-1]
+        key = last[self.spec.source.key]
+        watermark = Watermark(
+            pd.Timestamp(last[self.spec.source.cursor]).to_pydatetime(),
+            key.item() if hasattr(key, "item") else key,
+        )
+        if before and (watermark.updated_at, watermark.key) < (before.updated_at, before.key):
+            return before  # a lookback batch never moves the watermark back
+        return watermark
+
     def _unclaimed(
         self, valid: pd.DataFrame, releasing: set[str]
     ) -> tuple[pd.DataFrame, list[RowRejection]]:
@@ -682,7 +690,7 @@ class Sync:
         result.counts["held"] += len(unchanged)
         return live.drop(index=unchanged), set(held)
 
-    # --- load, with bisection of refused chunks --------------------------------------------
+    # --- load: per-record refusals, bisection of chunks refused whole --------------------------------------------
 
     def _load(
         self, outbound: Sequence[OutboundRecord], source_rows: pd.DataFrame, plan: _Plan
@@ -697,23 +705,33 @@ class Sync:
     def _load_chunk(
         self, chunk, source_rows, written: list[Written], refused: list[DeadLetter]
     ) -> None:
+        """Upsert a chunk; records refused one by one go to the DLQ with the destination's own
+        reason, and a chunk refused as a whole is bisected to find its bad records."""
         try:
-            written.extend(self._call_destination(lambda: self.destination.upsert(chunk)))
+            outcome = self._call_destination(lambda: self.destination.upsert(chunk))
         except RecordsRejected as error:
             if len(chunk) == 1:
-                record = chunk[0]
-                payload = _json_ready(source_rows.loc[[record.key]])[0]
-                pii = self.spec.source_contract.pii_fields | self.spec.target_contract.pii_fields
-                values = [payload.get(name) for name in pii] + [
-                    record.properties.get(name) for name in pii
-                ]
-                reason = scrub(f"{self.destination.name} refused the record: {error}", values)
-                letter = self._letter(record.key, "destination-rejected", reason, payload)
-                refused.append(letter)
+                refused.append(self._refusal(chunk[0], str(error), source_rows))
                 return
             middle = math.ceil(len(chunk) / 2)
             self._load_chunk(chunk[:middle], source_rows, written, refused)
             self._load_chunk(chunk[middle:], source_rows, written, refused)
+            return
+        written.extend(outcome.written)
+        by_key = {record.key: record for record in chunk}
+        refused.extend(
+            self._refusal(by_key[item.key], item.reason, source_rows) for item in outcome.refused
+        )
+
+    def _refusal(
+        self, record: OutboundRecord, reason: str, source_rows: pd.DataFrame
+    ) -> DeadLetter:
+        """A refused record's dead letter; the destination's words are scrubbed of its PII."""
+        payload = _json_ready(source_rows.loc[[record.key]])[0]
+        pii = self.spec.source_contract.pii_fields | self.spec.target_contract.pii_fields
+        values = [payload.get(name) for name in pii] + [record.properties.get(name) for name in pii]
+        reason = scrub(f"{self.destination.name} refused the record: {reason}", values)
+        return self._letter(record.key, "destination-rejected", reason, payload)
 
     def _archive(self, destination_ids: list[str]) -> None:
         size = self.destination.max_batch
