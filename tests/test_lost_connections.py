@@ -64,13 +64,13 @@ def test_a_connection_dropped_between_batches_is_replaced(pg_world, erp, crm_cli
     @sa.event.listens_for(erp.pool, "checkin")
     def _(dbapi_connection, record):
         returned[0] += 1
-        if returned[0] == 4 and dbapi_connection is not None:  # idle in the pool, then cut
+        if returned[0] == 2 and dbapi_connection is not None:  # idle in the pool, then cut
             with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
                 pid = dbapi_connection.info.backend_pid
                 admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
 
     result = sync(erp, crm_client, state)
-    assert returned[0] > 4, "the cut happened before the extract ended"
+    assert returned[0] > 2, "the cut happened before the extract ended"
     assert result.batches == 3 and result.counts["read"] == 3000
     assert_crm_matches_erp(pg_world.erp_url, crm_client)
 
@@ -78,7 +78,22 @@ def test_a_connection_dropped_between_batches_is_replaced(pg_world, erp, crm_cli
 def test_the_erp_lost_mid_extract_stops_the_run_clearly_and_the_rerun_completes(
     pg_world, erp, crm_client, state
 ):
-    cut(erp, "SELECT customers.customer_id", 3, "before_cursor_execute")
+    """The extract streams through one server-side cursor: its session is cut once the first
+    batch is committed, while the stream still has rows to give."""
+    streaming, cuts = [], []
+
+    @sa.event.listens_for(erp, "before_cursor_execute")
+    def _(conn, cursor, statement, *args):
+        if "ORDER BY" in statement and "FROM customers" in statement:
+            streaming.append(conn.connection.dbapi_connection.info.backend_pid)
+
+    @sa.event.listens_for(state.engine, "after_cursor_execute")
+    def _(conn, cursor, statement, *args):
+        if statement.startswith("INSERT INTO cursors") and streaming and not cuts:
+            cuts.append(streaming[-1])
+            with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (cuts[0],))
+
     with pytest.raises(SyncError) as stopped:
         sync(erp, crm_client, state)
     message = str(stopped.value)
