@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import dagster as dg
 
-from assets import FLOWS, HELPDESK_FLOWS
+from assets import CRM_TO_ERP_FLOWS, FLOWS, HELPDESK_FLOWS
 from assets.checks import reconciliation_check
 from assets.factory import asset_key, flow_asset, source_asset_specs
 from integrations import settings
@@ -17,6 +17,7 @@ from resources.secrets import require_helpdesk_credentials, require_secrets
 from sensors.alerts import alert_sensors
 from sensors.schedules import flow_schedules
 from sensors.source_changed import source_changed_sensors
+from sensors.webhook_inbox import webhook_inbox_sensors
 
 
 def from_env(name: str, embedded_default: Callable[[], str | None]) -> str | dg.EnvVar | None:
@@ -48,15 +49,19 @@ def resources() -> dict[str, dg.ConfigurableResource]:
 
 
 def active_flows() -> list[FlowSpec]:
-    """The CRM flows, and the helpdesk's when RT_BASE_URL says where RT is."""
-    return FLOWS + (HELPDESK_FLOWS if settings.rt_base_url() else [])
+    """The CRM flows both ways, and the helpdesk's when RT_BASE_URL says where RT is."""
+    return FLOWS + CRM_TO_ERP_FLOWS + (HELPDESK_FLOWS if settings.rt_base_url() else [])
 
 
 def definitions(flows: list[FlowSpec]) -> dg.Definitions:
     return dg.Definitions(
         assets=[*source_asset_specs(flows), *(flow_asset(spec) for spec in flows)],
         asset_checks=[reconciliation_check(spec, asset_key(spec)) for spec in flows],
-        sensors=[*source_changed_sensors(flows), *alert_sensors(flows)],
+        sensors=[
+            *source_changed_sensors(flows),
+            *webhook_inbox_sensors(flows),
+            *alert_sensors(flows),
+        ],
         schedules=flow_schedules(flows),
         resources=resources(),
     )

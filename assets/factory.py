@@ -51,7 +51,12 @@ def source_key(spec: FlowSpec) -> dg.AssetKey:
 
 def source_asset_specs(specs: list[FlowSpec]) -> list[dg.AssetSpec]:
     """The source tables the flows read, as external assets: lineage from source to destination."""
-    sources = {(spec.source.system, spec.source.table): spec.source for spec in specs}
+    produced = {(spec.target.system, spec.target.dataset) for spec in specs}
+    sources = {
+        (spec.source.system, spec.source.table): spec.source
+        for spec in specs
+        if (spec.source.system, spec.source.table) not in produced  # a flow's asset already
+    }
     return [
         dg.AssetSpec(
             key=[system, table],

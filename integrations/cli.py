@@ -1,4 +1,4 @@
-"""`handoff`: the operators' command line (seed, crm-sandbox, rt, dlq, audit, simulate)."""
+"""`handoff`: the operators' command line (seed, crm-sandbox, webhooks, rt, dlq, audit, simulate)."""
 
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ from integrations.sql.connect import create_engine, redacted
 
 def _flows() -> dict[str, FlowSpec]:
     """The declared flows by name (their modules are framework-free)."""
-    from assets import FLOWS, HELPDESK_FLOWS
+    from assets import CRM_TO_ERP_FLOWS, FLOWS, HELPDESK_FLOWS
 
-    return {spec.name: spec for spec in FLOWS + HELPDESK_FLOWS}
+    return {spec.name: spec for spec in FLOWS + CRM_TO_ERP_FLOWS + HELPDESK_FLOWS}
 
 
 def _pii_fields(flow: str) -> frozenset[str]:
@@ -81,16 +81,24 @@ def cmd_crm_sandbox(args: argparse.Namespace) -> int:
         )
         return 2
     from integrations.crm.faults import Faults
+    from integrations.webhooks.signatures import parse_secrets
 
     faults = Faults(**{f.name: getattr(args, f.name) for f in fields(Faults)})
-    server = SandboxServer(
-        settings.crm_sandbox_path(),
-        token,
-        host=args.host,
-        port=args.port,
-        verbose=args.verbose,
-        faults=faults,
-    )
+    try:
+        server = SandboxServer(
+            settings.crm_sandbox_path(),
+            token,
+            host=args.host,
+            port=args.port,
+            verbose=args.verbose,
+            faults=faults,
+            webhook_secrets=parse_secrets(os.environ.get("CRM_WEBHOOK_SECRET")),
+            webhook_url=args.webhook_url,
+            webhook_scheme=args.webhook_scheme,
+        )
+    except ValueError as error:
+        print(f"handoff crm-sandbox: {error}", file=sys.stderr)
+        return 2
     print(f"CRM sandbox serving {server.base_url} from {settings.crm_sandbox_path()}", flush=True)
     try:
         server.serve_forever()
@@ -98,6 +106,52 @@ def cmd_crm_sandbox(args: argparse.Namespace) -> int:
         pass
     finally:
         server.server_close()
+    return 0
+
+
+def cmd_webhooks_serve(args: argparse.Namespace) -> int:
+    from integrations.webhooks.inbox import WebhookInbox
+    from integrations.webhooks.server import WebhookServer
+    from integrations.webhooks.signatures import parse_secrets
+
+    secrets = parse_secrets(os.environ.get("CRM_WEBHOOK_SECRET"))
+    if not secrets:
+        print(
+            "handoff webhooks serve: set CRM_WEBHOOK_SECRET to the CRM's signing secret "
+            "(several, space-separated, while rotating)",
+            file=sys.stderr,
+        )
+        return 2
+    inbox = WebhookInbox(settings.state_url())
+    server = WebhookServer(
+        inbox,
+        secrets,
+        host=args.host,
+        port=args.port,
+        public_url=args.public_url,
+        max_body=args.max_body,
+    )
+    print(
+        f"CRM webhooks: POST to {server.url}, inbox in {redacted(settings.state_url())}", flush=True
+    )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        inbox.dispose()
+    return 0
+
+
+def cmd_webhooks_status(args: argparse.Namespace) -> int:
+    from integrations.webhooks.inbox import WebhookInbox
+
+    inbox = WebhookInbox(settings.state_url())
+    try:
+        print(json.dumps(inbox.counts()))
+    finally:
+        inbox.dispose()
     return 0
 
 
@@ -385,7 +439,30 @@ def parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--verbose", action="store_true", help="log every request")
     _fault_arguments(sandbox.add_argument_group("faults (see integrations/crm/faults.py)"))
+    hooks = sandbox.add_argument_group("webhooks (signed with CRM_WEBHOOK_SECRET)")
+    hooks.add_argument("--webhook-url", help="POST every change here (or POST /_sandbox/webhooks)")
+    hooks.add_argument("--webhook-scheme", choices=["hubspot", "standard"], default="hubspot")
     sandbox.set_defaults(run=cmd_crm_sandbox)
+
+    webhooks = commands.add_parser(
+        "webhooks",
+        help="receive CRM webhooks into the inbox that the crm_webhooks sensor reads",
+        description="The CRM → ERP flows run when CRM webhooks arrive: `serve` verifies each "
+        "request's signature (HubSpot v3 or Standard Webhooks, secrets from CRM_WEBHOOK_SECRET, "
+        "several space-separated while rotating), refuses stale, replayed, oversized and "
+        "malformed ones with a 4xx, and stores the events in the state store's inbox.",
+    ).add_subparsers(dest="webhooks", required=True)
+    serve = webhooks.add_parser("serve", help="serve the webhook receiver on POST /webhooks/crm")
+    serve.add_argument("--port", type=int, required=True)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument(
+        "--public-url",
+        help="the receiver's base URL as the CRM calls it, behind a proxy (HubSpot signs it)",
+    )
+    serve.add_argument("--max-body", type=int, default=256 * 1024, help="bytes (default 256 KiB)")
+    serve.set_defaults(run=cmd_webhooks_serve)
+    status = webhooks.add_parser("status", help="deliveries, events and events waiting for a run")
+    status.set_defaults(run=cmd_webhooks_status)
 
     rt = commands.add_parser(
         "rt", help="a throwaway local Request Tracker 5 (installs the Debian packages as root)"

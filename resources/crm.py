@@ -7,7 +7,8 @@ from pydantic import Field
 
 from integrations.crm.client import CrmClient
 from integrations.crm.destination import CrmObjects
-from integrations.engine.spec import Target
+from integrations.crm.source import CrmObjectsSource
+from integrations.engine.spec import SourceTable, Target
 from resources.api import ApiResource
 
 
@@ -19,11 +20,22 @@ class CrmResource(ApiResource):
     access_token: str = Field(description="Bind to dg.EnvVar('CRM_ACCESS_TOKEN'); never a literal.")
 
     @contextmanager
-    def destination(self, target: Target, log=None) -> Iterator[CrmObjects]:
+    def client(self, log=None) -> Iterator[CrmClient]:
         limits = self.limits()
         bucket = self.bucket("crm", limits)
         client = CrmClient(self.base_url, self.access_token, limits, bucket=bucket, log=log)
         try:
-            yield CrmObjects.for_target(client, target)
+            yield client
         finally:
             client.close()
+
+    @contextmanager
+    def destination(self, target: Target, log=None) -> Iterator[CrmObjects]:
+        with self.client(log) as client:
+            yield CrmObjects.for_target(client, target)
+
+    @contextmanager
+    def source(self, table: SourceTable, log=None) -> Iterator[CrmObjectsSource]:
+        """Contacts or deals read by the search API (the CRM → ERP flows)."""
+        with self.client(log) as client:
+            yield CrmObjectsSource(client, table)

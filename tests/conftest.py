@@ -3,6 +3,7 @@ real Request Tracker 5 on 127.0.0.1 (installed and started by the session)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -25,11 +26,15 @@ from integrations.helpdesk.client import RtClient
 from integrations.helpdesk.local_rt import LocalRt, LocalRtError
 from integrations.http import ApiLimits
 from integrations.sql.connect import create_engine
+from integrations.webhooks.signatures import parse_secrets
 
 # The code location refuses to load without its secrets; tests run with throwaway ones.
 DLQ_KEY = Fernet.generate_key().decode()
 os.environ.setdefault("HANDOFF_DLQ_KEY", DLQ_KEY)
 os.environ.setdefault("CRM_ACCESS_TOKEN", secrets.token_urlsafe(24))
+os.environ.setdefault(
+    "CRM_WEBHOOK_SECRET", "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+)
 
 POSTGRES_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -137,7 +142,12 @@ def crm_token() -> str:
 
 @pytest.fixture
 def crm_sandbox(tmp_path: Path, crm_token: str):
-    server = SandboxServer(tmp_path / "crm_sandbox.sqlite", crm_token)
+    # Signs webhooks once a test subscribes a receiver (POST /_sandbox/webhooks); none before.
+    server = SandboxServer(
+        tmp_path / "crm_sandbox.sqlite",
+        crm_token,
+        webhook_secrets=parse_secrets(os.environ["CRM_WEBHOOK_SECRET"]),
+    )
     server.start_in_thread()
     yield server
     server.shutdown()

@@ -231,6 +231,35 @@ class CrmClient:
                 )
             floor_ms, skip = last_ms, at_last
 
+    def batch_read(
+        self, object_type: str, ids: Sequence[str], properties: Sequence[str] = ()
+    ) -> list[dict]:
+        """The live objects with these CRM ids (unknown or archived ids are left out)."""
+        if len(ids) > MAX_BATCH:
+            raise ValueError(f"batch read takes at most {MAX_BATCH} ids, got {len(ids)}")
+        answer = self._request(
+            "POST",
+            f"/crm/v3/objects/{object_type}/batch/read",
+            json={"properties": list(properties), "inputs": [{"id": str(i)} for i in ids]},
+        )
+        return list(answer.get("results", []))
+
+    def newest_modification(self, object_type: str) -> datetime | None:
+        """When the most recently modified object of this type changed (UTC), if any."""
+        modified = last_modified_property(object_type)
+        answer = self._request(
+            "POST",
+            f"/crm/v3/objects/{object_type}/search",
+            json={
+                "sorts": [{"propertyName": modified, "direction": "DESCENDING"}],
+                "properties": [modified],
+                "limit": 1,
+            },
+        )
+        results = answer.get("results") or []
+        moment = _iso_ms(results[0]["properties"].get(modified)) if results else None
+        return None if moment is None else datetime.fromtimestamp(moment / 1000, UTC)
+
     def list_objects(
         self, object_type: str, properties: Sequence[str] = (), archived: bool = False
     ) -> Iterator[dict]:

@@ -7,7 +7,8 @@ Served by `handoff crm-sandbox --port P`. Bearer-token auth, HubSpot-shaped erro
 `Idempotency-Key` on a POST is honoured as Stripe does: the same key with the same request
 replays the first answer (header `Idempotent-Replayed: true`) without acting again; the same key
 with a different request is refused with 422. Faults (rate limits, 5xx, latency, dropped
-connections, per-record refusals, outages) are injected by `integrations.crm.faults`.
+connections, per-record refusals, outages) are injected by `integrations.crm.faults`. Every change
+is sent as a signed webhook to a subscriber, when one is set (`integrations.crm.webhooks`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,6 +32,7 @@ from urllib.parse import parse_qs, urlparse
 from integrations.contracts.rules import EMAIL_PATTERN
 from integrations.crm.client import MAX_BATCH, last_modified_property
 from integrations.crm.faults import FaultInjector, Faults, Verdict
+from integrations.crm.webhooks import Change, WebhookSender
 
 OBJECT_TYPES = ("contacts", "companies", "deals", "tickets")
 # Properties that must be unique per object type, besides whatever idProperty a request names.
@@ -115,6 +118,7 @@ class SandboxStore:
         self.connection.execute("PRAGMA journal_mode=WAL")
         self.connection.executescript(SCHEMA)
         self.lock = threading.Lock()
+        self.on_change = lambda changes: None  # the webhook sender's, once there is one
 
     def close(self) -> None:
         self.connection.close()
@@ -187,8 +191,20 @@ class SandboxStore:
                     if position not in refused
                 ]
                 self._bump("upsert_inputs", len(results))
-                self._bump("records_changed", sum(changed for _, changed in results))
+                self._bump("records_changed", sum(bool(changed) for _, changed in results))
                 self.connection.execute("COMMIT")
+                self.on_change(
+                    [
+                        Change(
+                            object_type,
+                            int(view["id"]),
+                            "creation" if view["new"] else "propertyChange",
+                            changed,
+                        )
+                        for view, changed in results
+                        if changed
+                    ]
+                )
             except BaseException:
                 self.connection.execute("ROLLBACK")
                 raise
@@ -269,7 +285,7 @@ class SandboxStore:
                     subCategory="OBJECT_ALREADY_EXISTS",
                 )
         now = _now_ms()
-        changed = True
+        changed = properties  # what a webhook reports: every property of a new object
         if existing is None:
             cursor = self.connection.execute(
                 "INSERT INTO objects (object_type, properties, created_ms, updated_ms) VALUES (?, ?, ?, ?)",
@@ -282,7 +298,8 @@ class SandboxStore:
                 "SELECT properties FROM objects WHERE id=?", (existing,)
             ).fetchone()
             merged = {**json.loads(stored), **properties}
-            changed = merged != json.loads(stored)
+            before = json.loads(stored)
+            changed = {name: value for name, value in merged.items() if before.get(name) != value}
             if changed:
                 self.connection.execute(
                     "UPDATE objects SET properties=?, updated_ms=? WHERE id=?",
@@ -315,6 +332,7 @@ class SandboxStore:
                 raise ApiError(400, "VALIDATION_ERROR", 'each input must be {"id": "<object id>"}')
             ids.append(int(item["id"]))
         now = _now_ms()
+        deleted: list[int] = []
         with self.lock:
             self.connection.execute("BEGIN IMMEDIATE")
             for object_id in ids:
@@ -323,11 +341,15 @@ class SandboxStore:
                     (now, object_id, object_type),
                 )
                 if cursor.rowcount:
+                    deleted.append(object_id)
                     self.connection.execute(
                         "DELETE FROM unique_values WHERE object_id=?", (object_id,)
                     )
             self._bump("archive_inputs", len(ids))
             self.connection.execute("COMMIT")
+            self.on_change(
+                [Change(object_type, object_id, "deletion", {}) for object_id in deleted]
+            )
 
     def get(self, object_type: str, object_id: str, properties: list[str] | None) -> dict:
         with self.lock:
@@ -631,6 +653,16 @@ class SandboxHandler(BaseHTTPRequestHandler):
             return 200, store.stats()
         if path == "/_sandbox/traffic" and method == "GET":
             return 200, self.server.faults.traffic()
+        if path == "/_sandbox/webhooks":
+            if method == "POST":
+                body = self._json(raw)
+                try:
+                    return 200, self.server.webhooks.subscribe(
+                        body.get("url"), body.get("scheme", "hubspot")
+                    )
+                except ValueError as error:
+                    raise ApiError(400, "VALIDATION_ERROR", str(error)) from None
+            return 200, self.server.webhooks.describe()
         if path == "/_sandbox/faults":
             if method == "POST":
                 try:
@@ -715,10 +747,15 @@ class SandboxServer(ThreadingHTTPServer):
         port: int = 0,
         verbose: bool = False,
         faults: Faults | None = None,
+        webhook_secrets: Sequence[str] = (),
+        webhook_url: str | None = None,
+        webhook_scheme: str = "hubspot",
     ):
         if not token:
             raise ValueError("the CRM sandbox needs a token: set CRM_ACCESS_TOKEN")
         self.store = SandboxStore(path)
+        self.webhooks = WebhookSender(webhook_secrets, webhook_url, webhook_scheme)
+        self.store.on_change = self.webhooks.notify
         self.faults = FaultInjector(faults)
         self.idempotency_lock = threading.Lock()
         self.token = token

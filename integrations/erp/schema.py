@@ -124,4 +124,39 @@ support_tickets = sa.Table(
     sa.Index("ix_support_tickets_customer_number", "customer_number"),
 )
 
+# Staging: CRM contacts and deals as handoff brings them in from the CRM (erp/crm_contact_updates,
+# erp/crm_deals), keyed by the CRM's object id; the ERP's owners take what they trust from here.
+crm_contact_updates = sa.Table(
+    "crm_contact_updates",
+    metadata,
+    sa.Column("crm_contact_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("erp_customer_id", sa.String(16), nullable=True),
+    sa.Column("email", sa.String(255), nullable=True),
+    sa.Column("firstname", sa.String(80), nullable=True),
+    sa.Column("lastname", sa.String(80), nullable=True),
+    sa.Column("phone", sa.String(40), nullable=True),
+    sa.Column("company", sa.String(160), nullable=True),
+    sa.Column("city", sa.String(80), nullable=True),
+    sa.Column("country", sa.String(2), nullable=True),
+    sa.Column("crm_modified_at", sa.DateTime, nullable=False),
+    sa.Column("archived_at", sa.DateTime, nullable=True),
+    sa.Index("ix_crm_contact_updates_erp_customer_id", "erp_customer_id"),
+)
+
+crm_deals = sa.Table(
+    "crm_deals",
+    metadata,
+    sa.Column("crm_deal_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("erp_invoice_id", sa.String(20), nullable=True),
+    sa.Column("dealname", sa.String(255), nullable=False),
+    sa.Column("amount", sa.Numeric(14, 2), nullable=True),
+    sa.Column("currency", sa.String(3), nullable=True),
+    sa.Column("dealstage", sa.String(64), nullable=False),
+    sa.Column("pipeline", sa.String(64), nullable=True),
+    sa.Column("close_date", sa.DateTime, nullable=True),
+    sa.Column("crm_modified_at", sa.DateTime, nullable=False),
+    sa.Column("archived_at", sa.DateTime, nullable=True),
+    sa.Index("ix_crm_deals_erp_invoice_id", "erp_invoice_id"),
+)
+
 TABLES_IN_LOAD_ORDER = [organisations, customers, products, orders, invoices, payments]

@@ -1,0 +1,1 @@
+"""CRM webhooks: signatures, event validation, the inbox in the state store, the receiver."""

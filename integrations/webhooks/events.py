@@ -1,0 +1,96 @@
+"""CRM webhook events as HubSpot sends them, validated at the edge before anything is stored.
+
+A delivery is a JSON array of up to 100 events (HubSpot), or one event object (one Standard
+Webhooks message). Each event names what changed, never the whole record: the flow reads the
+record from the CRM's API, so a lost or reordered event costs nothing but latency.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+MAX_EVENTS = 100  # HubSpot batches at most 100 events per request
+OBJECT_TYPES = {"contact": "contacts", "company": "companies", "deal": "deals", "ticket": "tickets"}
+ACTIONS = {
+    "creation",
+    "deletion",
+    "propertyChange",
+    "merge",
+    "restore",
+    "associationChange",
+    "privacyDeletion",
+}
+_EARLIEST_MS = 946_684_800_000  # 2000-01-01: an occurredAt before it is not a real event
+
+
+class PayloadRefused(ValueError):
+    """The body is not a delivery of CRM events; the message says what is wrong and where."""
+
+
+class NotJson(PayloadRefused):
+    """The body does not parse as JSON at all."""
+
+
+@dataclass(frozen=True)
+class CrmEvent:
+    """One change in the CRM: `object_type` is the API's plural (`contacts`, `deals`)."""
+
+    event_key: str
+    subscription_type: str
+    object_type: str
+    object_id: int
+    occurred_at: datetime
+    property_name: str | None
+
+
+def _whole(event: dict, name: str, where: str, required: bool = True) -> int | None:
+    value = event.get(name)
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise PayloadRefused(f"{where}.{name} must be a non-negative whole number")
+    return value
+
+
+def _event(event: object, where: str) -> CrmEvent:
+    if not isinstance(event, dict):
+        raise PayloadRefused(f"{where} must be an object")
+    subscription = event.get("subscriptionType")
+    if not isinstance(subscription, str) or subscription.count(".") != 1:
+        raise PayloadRefused(f"{where}.subscriptionType must look like 'contact.propertyChange'")
+    kind, action = subscription.split(".")
+    if kind not in OBJECT_TYPES or action not in ACTIONS:
+        raise PayloadRefused(f"{where}.subscriptionType {subscription!r} is not a CRM event type")
+    event_id = _whole(event, "eventId", where)
+    object_id = _whole(event, "objectId", where)
+    occurred = _whole(event, "occurredAt", where)
+    portal = _whole(event, "portalId", where, required=False)
+    if occurred < _EARLIEST_MS or occurred > 4_102_444_800_000:
+        raise PayloadRefused(f"{where}.occurredAt must be epoch milliseconds")
+    name = event.get("propertyName")
+    if action == "propertyChange" and (not isinstance(name, str) or not 0 < len(name) <= 100):
+        raise PayloadRefused(f"{where}.propertyName must name the changed property")
+    return CrmEvent(
+        event_key=f"{portal or 0}:{event_id}",
+        subscription_type=subscription,
+        object_type=OBJECT_TYPES[kind],
+        object_id=object_id,
+        occurred_at=datetime.fromtimestamp(occurred / 1000, UTC).replace(tzinfo=None),
+        property_name=name if action == "propertyChange" else None,
+    )
+
+
+def parse_delivery(body: bytes) -> list[CrmEvent]:
+    """The events of one delivery, or `PayloadRefused` naming the first problem."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise NotJson(f"the body is not JSON: {error}") from None
+    events = [payload] if isinstance(payload, dict) else payload
+    if not isinstance(events, list) or not events:
+        raise PayloadRefused("the body must be an event object or a non-empty array of them")
+    if len(events) > MAX_EVENTS:
+        raise PayloadRefused(f"at most {MAX_EVENTS} events per delivery, got {len(events)}")
+    return [_event(event, f"events[{n}]") for n, event in enumerate(events)]

@@ -1,0 +1,153 @@
+"""The webhook inbox: accepted CRM events in the state store, until a sensor requests their run.
+
+A delivery and its events are stored in one transaction. The delivery id (Standard Webhooks'
+`webhook-id`, or a digest of HubSpot's signed timestamp and signature) is unique: the same
+request sent again is a replay and is refused. An event already stored under another delivery
+(the sender retried after a lost answer) is counted as a duplicate and not stored again.
+Events keep no property values (they can be PII): the flow reads the record from the CRM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from integrations.engine.state import utcnow
+from integrations.sql.connect import create_engine
+from integrations.webhooks.events import CrmEvent
+
+metadata = sa.MetaData()
+
+webhook_deliveries = sa.Table(
+    "webhook_deliveries",
+    metadata,
+    sa.Column("delivery_id", sa.String(255), primary_key=True),
+    sa.Column("scheme", sa.String(32), nullable=False),
+    sa.Column("received_at", sa.DateTime, nullable=False),
+    sa.Column("events", sa.Integer, nullable=False),
+)
+
+webhook_inbox = sa.Table(
+    "webhook_inbox",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("event_key", sa.String(120), nullable=False, unique=True),
+    sa.Column("delivery_id", sa.String(255), nullable=False),
+    sa.Column("subscription_type", sa.String(64), nullable=False),
+    sa.Column("object_type", sa.String(32), nullable=False),
+    sa.Column("object_id", sa.BigInteger, nullable=False),
+    sa.Column("property_name", sa.String(100), nullable=True),
+    sa.Column("occurred_at", sa.DateTime, nullable=False),
+    sa.Column("received_at", sa.DateTime, nullable=False),
+    # Set once the run covering the event was requested (the sensor's committed cursor passed it).
+    sa.Column("consumed_at", sa.DateTime, nullable=True),
+    sa.Column("run_key", sa.String(120), nullable=True),
+    sa.Index("ix_webhook_inbox_unconsumed", "consumed_at", "id"),
+)
+
+
+class ReplayRefused(Exception):
+    """This delivery was received before."""
+
+
+@dataclass(frozen=True)
+class Accepted:
+    stored: int
+    duplicates: int
+
+
+@dataclass(frozen=True)
+class InboxEvent:
+    id: int
+    subscription_type: str
+    object_type: str
+    object_id: int
+
+
+def _insert_ignoring_duplicates(dialect: str):
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(webhook_inbox).on_conflict_do_nothing(index_elements=["event_key"])
+
+
+class WebhookInbox:
+    """The inbox tables in the state store's database (SQLite or PostgreSQL), at `url`."""
+
+    def __init__(self, url: str):
+        self.engine = create_engine(url)
+        metadata.create_all(self.engine)
+        self._insert = _insert_ignoring_duplicates(self.engine.dialect.name)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    def accept(self, delivery_id: str, scheme: str, events: Sequence[CrmEvent]) -> Accepted:
+        """Store a verified, valid delivery; `ReplayRefused` if its id was seen before."""
+        now = utcnow()
+        stored = 0
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(
+                    webhook_deliveries.insert().values(
+                        delivery_id=delivery_id, scheme=scheme, received_at=now, events=len(events)
+                    )
+                )
+                for event in events:
+                    stored += connection.execute(
+                        self._insert.values(
+                            event_key=event.event_key,
+                            delivery_id=delivery_id,
+                            subscription_type=event.subscription_type,
+                            object_type=event.object_type,
+                            object_id=event.object_id,
+                            property_name=event.property_name,
+                            occurred_at=event.occurred_at,
+                            received_at=now,
+                        )
+                    ).rowcount
+        except sa.exc.IntegrityError:
+            raise ReplayRefused(f"delivery {delivery_id} was received before") from None
+        return Accepted(stored=stored, duplicates=len(events) - stored)
+
+    def after(self, last_id: int, limit: int) -> list[InboxEvent]:
+        """Events stored after inbox id `last_id`, oldest first (the sensor's cursor)."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                sa.select(
+                    webhook_inbox.c.id,
+                    webhook_inbox.c.subscription_type,
+                    webhook_inbox.c.object_type,
+                    webhook_inbox.c.object_id,
+                )
+                .where(webhook_inbox.c.id > last_id)
+                .order_by(webhook_inbox.c.id)
+                .limit(limit)
+            ).all()
+        return [InboxEvent(*row) for row in rows]
+
+    def mark_consumed(self, up_to_id: int, run_key: str) -> int:
+        """Events up to `up_to_id` not yet consumed are now covered by the run `run_key`."""
+        with self.engine.begin() as connection:
+            return connection.execute(
+                webhook_inbox.update()
+                .where(webhook_inbox.c.id <= up_to_id, webhook_inbox.c.consumed_at.is_(None))
+                .values(consumed_at=utcnow(), run_key=run_key)
+            ).rowcount
+
+    def counts(self) -> dict[str, int]:
+        """Deliveries, stored events, and events still waiting for a run."""
+        with self.engine.connect() as connection:
+            deliveries = connection.execute(
+                sa.select(sa.func.count()).select_from(webhook_deliveries)
+            ).scalar_one()
+            events, waiting = connection.execute(
+                sa.select(
+                    sa.func.count(),
+                    sa.func.count().filter(webhook_inbox.c.consumed_at.is_(None)),
+                ).select_from(webhook_inbox)
+            ).one()
+        return {"deliveries": deliveries, "events": events, "waiting": waiting}
