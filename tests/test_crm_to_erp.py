@@ -1,0 +1,226 @@
+"""CRM → ERP: a change in the CRM sandbox reaches the ERP's staging tables through a signed webhook,
+the inbox, the crm_webhooks sensor and the run it requests; a burst of 1,000 events (10%
+duplicates) is stored once each and leads to the right rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import dagster as dg
+import requests
+import sqlalchemy as sa
+
+from assets.erp_crm_contact_updates import ERP_CRM_CONTACT_UPDATES
+from assets.erp_crm_deals import ERP_CRM_DEALS
+from assets.factory import flow_asset
+from definitions import active_flows, definitions, resources
+from integrations.sql.connect import create_engine
+from tests.webhooks import event, receiver, signed
+
+SECRET = os.environ["CRM_WEBHOOK_SECRET"]
+CONTACT_UPDATES = dg.AssetKey(["erp", "crm_contact_updates"])
+DEALS = dg.AssetKey(["erp", "crm_deals"])
+ASSETS = [flow_asset(ERP_CRM_CONTACT_UPDATES), flow_asset(ERP_CRM_DEALS)]
+
+
+def staged(erp_url: str, table: str, key: str) -> dict[int, dict[str, object]]:
+    engine = create_engine(erp_url)
+    with engine.connect() as connection:
+        rows = connection.execute(sa.text(f"SELECT * FROM {table}")).mappings().all()
+    engine.dispose()
+    return {row[key]: dict(row) for row in rows}
+
+
+def tick(instance, cursor):
+    defs = definitions(active_flows())
+    sensor = defs.resolve_sensor_def("crm_webhooks")
+    return sensor(
+        dg.build_sensor_context(
+            instance=instance, cursor=cursor, resources=resources(), definitions=defs
+        )
+    )
+
+
+def run(instance, request: dg.RunRequest) -> dg.ExecuteInJobResult:
+    result = dg.materialize(
+        ASSETS,
+        selection=request.asset_selection,
+        resources=resources(),
+        instance=instance,
+        tags=request.tags,
+    )
+    assert result.success
+    return result
+
+
+def counts(result: dg.ExecuteInJobResult) -> dict[str, dict[str, object]]:
+    return {
+        event.asset_key.to_user_string(): {
+            key: value.value for key, value in event.materialization.metadata.items()
+        }
+        for event in result.get_asset_materialization_events()
+    }
+
+
+def subscribe(world, url: str, scheme: str) -> None:
+    answer = requests.post(
+        f"{world.crm.base_url}/_sandbox/webhooks",
+        json={"url": url, "scheme": scheme},
+        headers={"Authorization": f"Bearer {world.token}"},
+        timeout=5,
+    )
+    assert answer.ok, answer.text
+
+
+def test_a_crm_change_reaches_the_erp_by_webhook_inbox_sensor_and_run(world, crm_client):
+    with receiver(world.state_url, [SECRET]) as server, dg.instance_for_test() as instance:
+        assert not tick(instance, None).run_requests, "an empty inbox asks for nothing"
+        subscribe(world, server.url, "hubspot")
+        contacts = crm_client.batch_upsert(
+            "contacts",
+            "email",
+            [
+                {"id": "ada@example.com", "properties": {"firstname": "Ada", "country": "gb"}},
+                {"id": "Bob@Example.com", "properties": {"firstname": "Bob", "country": "FR"}},
+                # Not a country code: the staging contract refuses it, the DLQ keeps it.
+                {"id": "cy@example.com", "properties": {"firstname": "Cy", "country": "France"}},
+            ],
+        ).results
+        (deal,) = crm_client.batch_upsert(
+            "deals",
+            "dealname",
+            [
+                {
+                    "id": "Big one",
+                    "properties": {"amount": "1200.50", "dealstage": "appointmentscheduled"},
+                }
+            ],
+        ).results
+        assert world.crm.webhooks.wait_idle()
+        assert server.inbox.counts()["events"] == 4, "a creation event per object"
+
+        first = tick(instance, None)
+        (request,) = first.run_requests
+        assert set(request.asset_selection) == {CONTACT_UPDATES, DEALS}
+        assert server.inbox.counts()["waiting"] == 4, "consumed once the cursor is committed"
+        metadata = counts(run(instance, request))
+        assert metadata["erp/crm_contact_updates"]["inserted"] == 2
+        assert metadata["erp/crm_contact_updates"]["rejected"] == 1
+        assert metadata["erp/crm_deals"]["inserted"] == 1
+
+        rows = staged(world.erp_url, "crm_contact_updates", "crm_contact_id")
+        ids = {item["properties"]["email"].lower(): int(item["id"]) for item in contacts}
+        assert set(rows) == {ids["ada@example.com"], ids["bob@example.com"]}
+        assert rows[ids["bob@example.com"]]["email"] == "bob@example.com"
+        assert rows[ids["ada@example.com"]]["country"] == "GB"
+        deals = staged(world.erp_url, "crm_deals", "crm_deal_id")
+        assert float(deals[int(deal["id"])]["amount"]) == 1200.50
+        assert deals[int(deal["id"])]["dealstage"] == "appointmentscheduled"
+
+        idle = tick(instance, first.cursor)
+        assert not idle.run_requests
+        assert server.inbox.counts()["waiting"] == 0
+
+        # A salesperson moves Ada to Lyon: one propertyChange event, one run, one row updated.
+        crm_client.batch_upsert(
+            "contacts", "email", [{"id": "ada@example.com", "properties": {"city": "Lyon"}}]
+        )
+        assert world.crm.webhooks.wait_idle()
+        second = tick(instance, idle.cursor)
+        (request,) = second.run_requests
+        assert request.asset_selection == [CONTACT_UPDATES]
+        metadata = counts(run(instance, request))["erp/crm_contact_updates"]
+        assert (metadata["inserted"], metadata["updated"]) == (0, 1)
+        rows = staged(world.erp_url, "crm_contact_updates", "crm_contact_id")
+        assert rows[ids["ada@example.com"]]["city"] == "Lyon"
+        assert not tick(instance, second.cursor).run_requests
+
+
+def test_the_sandbox_signs_with_standard_webhooks_too(world, crm_client):
+    with receiver(world.state_url, [SECRET]) as server:
+        subscribe(world, server.url, "standard")
+        crm_client.batch_upsert("contacts", "email", [{"id": "eve@example.com", "properties": {}}])
+        assert world.crm.webhooks.wait_idle()
+        assert world.crm.webhooks.describe()["refused"] == 0
+        assert server.inbox.counts()["events"] == 1
+
+
+def test_a_burst_of_1000_events_with_10_percent_duplicates_is_stored_once_each(world, crm_client):
+    contacts = [
+        int(item["id"])
+        for start in range(0, 700, 100)
+        for item in crm_client.batch_upsert(
+            "contacts",
+            "email",
+            [
+                {"id": f"burst{n}@example.com", "properties": {"firstname": f"B{n}"}}
+                for n in range(start, start + 100)
+            ],
+        ).results
+    ]
+    deals = [
+        int(item["id"])
+        for start in range(0, 200, 100)
+        for item in crm_client.batch_upsert(
+            "deals",
+            "dealname",
+            [
+                {"id": f"Deal {n}", "properties": {"amount": str(n), "dealstage": "qualified"}}
+                for n in range(start, start + 100)
+            ],
+        ).results
+    ]
+    events = [event(object_id) for object_id in contacts] + [
+        event(object_id, "deal.creation") for object_id in deals
+    ]
+    chooser = random.Random(4)
+    with receiver(world.state_url, [SECRET]) as server, dg.instance_for_test() as instance:
+        # 900 deliveries of one event each, HubSpot- and Standard-signed in turn; then 50 exact
+        # replays (refused, 409) and 50 retries of an event under a new delivery (200, not stored).
+        deliveries = []
+        for n, item in enumerate(events):
+            body = json.dumps([item]).encode()
+            deliveries.append(
+                (body, signed(server.url, SECRET, body, ("standard", "hubspot")[n % 2]))
+            )
+        replays = chooser.sample(deliveries, 50)
+        retries = []
+        for item in chooser.sample(events, 50):
+            body = json.dumps([item]).encode()
+            retries.append((body, signed(server.url, SECRET, body)))
+        burst = deliveries + replays + retries
+        chooser.shuffle(burst)
+        session = requests.Session()
+        session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=16))
+
+        def send(delivery):
+            body, headers = delivery
+            return session.post(server.url, data=body, headers=headers, timeout=30)
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(send, burst))
+        seconds = time.perf_counter() - started
+
+        statuses = [answer.status_code for answer in answers]
+        assert len(burst) == 1000
+        assert (statuses.count(200), statuses.count(409)) == (950, 50)
+        accepted = [answer.json() for answer in answers if answer.status_code == 200]
+        assert sum(a["stored"] for a in accepted) == 900
+        assert sum(a["duplicates"] for a in accepted) == 50
+        assert server.inbox.counts() == {"deliveries": 950, "events": 900, "waiting": 900}
+        print(
+            f"\nburst: 1000 deliveries in {seconds:.2f} s ({1000 / seconds:.0f}/s), 900 stored, "
+            f"50 replays refused (409), 50 retried events counted as duplicates"
+        )
+
+        (request,) = tick(instance, None).run_requests
+        metadata = counts(run(instance, request))
+        assert metadata["erp/crm_contact_updates"]["inserted"] == 700
+        assert metadata["erp/crm_deals"]["inserted"] == 200
+    assert set(staged(world.erp_url, "crm_contact_updates", "crm_contact_id")) == set(contacts)
+    assert set(staged(world.erp_url, "crm_deals", "crm_deal_id")) == set(deals)
