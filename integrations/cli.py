@@ -100,12 +100,19 @@ def cmd_crm_sandbox(args: argparse.Namespace) -> int:
         print(f"handoff crm-sandbox: {error}", file=sys.stderr)
         return 2
     print(f"CRM sandbox serving {server.base_url} from {settings.crm_sandbox_path()}", flush=True)
+    return _serve_until_interrupted(server)
+
+
+def _serve_until_interrupted(server, *closing) -> int:
+    """Serve until Ctrl-C, then close the server and whatever it used (`dispose()`)."""
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
+        for resource in closing:
+            resource.dispose()
     return 0
 
 
@@ -134,14 +141,7 @@ def cmd_webhooks_serve(args: argparse.Namespace) -> int:
     print(
         f"CRM webhooks: POST to {server.url}, inbox in {redacted(settings.state_url())}", flush=True
     )
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-        inbox.dispose()
-    return 0
+    return _serve_until_interrupted(server, inbox)
 
 
 def cmd_webhooks_status(args: argparse.Namespace) -> int:

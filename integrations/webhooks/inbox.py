@@ -9,14 +9,21 @@ Events keep no property values (they can be PII): the flow reads the record from
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import sqlalchemy as sa
 
 from integrations.engine.state import utcnow
 from integrations.sql.connect import create_engine
 from integrations.webhooks.events import CrmEvent
+from integrations.webhooks.signatures import TOLERANCE_SECONDS
+
+# A replay older than this carries a timestamp the signature check refuses as stale anyway.
+REPLAY_MEMORY = timedelta(seconds=2 * TOLERANCE_SECONDS)
+FORGET_EVERY = 500  # deliveries accepted between two clean-ups of old delivery ids
 
 metadata = sa.MetaData()
 
@@ -71,7 +78,8 @@ def _insert_ignoring_duplicates(dialect: str):
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
-    return insert(webhook_inbox).on_conflict_do_nothing(index_elements=["event_key"])
+    statement = insert(webhook_inbox).on_conflict_do_nothing(index_elements=["event_key"])
+    return statement.returning(webhook_inbox.c.id)
 
 
 class WebhookInbox:
@@ -81,6 +89,7 @@ class WebhookInbox:
         self.engine = create_engine(url)
         metadata.create_all(self.engine)
         self._insert = _insert_ignoring_duplicates(self.engine.dialect.name)
+        self._accepted = itertools.count(1)
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -97,7 +106,7 @@ class WebhookInbox:
                     )
                 )
                 for event in events:
-                    stored += connection.execute(
+                    inserted = connection.execute(
                         self._insert.values(
                             event_key=event.event_key,
                             delivery_id=delivery_id,
@@ -108,10 +117,20 @@ class WebhookInbox:
                             occurred_at=event.occurred_at,
                             received_at=now,
                         )
-                    ).rowcount
+                    ).first()
+                    stored += inserted is not None  # nothing returned: already stored
         except sa.exc.IntegrityError:
             raise ReplayRefused(f"delivery {delivery_id} was received before") from None
+        if next(self._accepted) % FORGET_EVERY == 0:
+            self.forget_deliveries(before=now - REPLAY_MEMORY)
         return Accepted(stored=stored, duplicates=len(events) - stored)
+
+    def forget_deliveries(self, before) -> int:
+        """Drop delivery ids received before `before`: their replays are stale by now."""
+        with self.engine.begin() as connection:
+            return connection.execute(
+                webhook_deliveries.delete().where(webhook_deliveries.c.received_at < before)
+            ).rowcount
 
     def after(self, last_id: int, limit: int) -> list[InboxEvent]:
         """Events stored after inbox id `last_id`, oldest first (the sensor's cursor)."""

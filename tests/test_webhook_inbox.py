@@ -1,0 +1,89 @@
+"""The inbox and its sensor: events consumed only once their run's request is committed; the inbox
+on PostgreSQL as on SQLite."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import dagster as dg
+import pytest
+import sqlalchemy as sa
+
+from definitions import active_flows, definitions, resources
+from integrations.engine.state import utcnow
+from integrations.webhooks.events import parse_delivery
+from integrations.webhooks.inbox import ReplayRefused, WebhookInbox, webhook_inbox
+from sensors.webhook_inbox import NO_FLOW
+from tests.webhooks import event
+
+
+def events(*items) -> list:
+    return parse_delivery(json.dumps(list(items)).encode())
+
+
+@pytest.fixture
+def inbox(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+    monkeypatch.setenv("HANDOFF_HOME", str(tmp_path))
+    monkeypatch.setenv("HANDOFF_STATE_URL", url)
+    inbox = WebhookInbox(url)
+    yield inbox
+    inbox.dispose()
+
+
+def tick(instance, cursor):
+    defs = definitions(active_flows())
+    return defs.resolve_sensor_def("crm_webhooks")(
+        dg.build_sensor_context(
+            instance=instance, cursor=cursor, resources=resources(), definitions=defs
+        )
+    )
+
+
+def run_keys(inbox: WebhookInbox) -> list[str | None]:
+    with inbox.engine.connect() as connection:
+        return list(
+            connection.execute(
+                sa.select(webhook_inbox.c.run_key).order_by(webhook_inbox.c.id)
+            ).scalars()
+        )
+
+
+def test_events_are_consumed_once_the_request_covering_them_is_committed(inbox):
+    with dg.instance_for_test() as instance:
+        inbox.accept("d1", "test", events(event(1, "company.creation")))
+        ignored = tick(instance, None)
+        assert not ignored.run_requests and "no flow" in ignored.skip_reason.skip_message
+        inbox.accept(
+            "d2", "test", events(event(2), event(3, "contact.propertyChange", propertyName="city"))
+        )
+
+        wanted = tick(instance, ignored.cursor)
+        retried = tick(instance, ignored.cursor)  # the tick failed before Dagster committed it
+        (request,) = wanted.run_requests
+        assert retried.run_requests[0].run_key == request.run_key == "crm_webhooks:2-3"
+        assert request.asset_selection == [dg.AssetKey(["erp", "crm_contact_updates"])]
+        assert run_keys(inbox) == [NO_FLOW, None, None], "not consumed before the commit"
+
+        idle = tick(instance, wanted.cursor)
+        assert not idle.run_requests
+        assert run_keys(inbox) == [NO_FLOW, request.run_key, request.run_key]
+        assert inbox.counts() == {"deliveries": 2, "events": 3, "waiting": 0}
+
+
+def test_the_inbox_on_postgresql_refuses_replays_and_counts_duplicates(postgres_database):
+    inbox = WebhookInbox(postgres_database())
+    try:
+        same = event(9, event_id=99)
+        assert inbox.accept("d1", "test", events(same, event(10))).stored == 2
+        with pytest.raises(ReplayRefused):
+            inbox.accept("d1", "test", events(event(11)))
+        again = inbox.accept("d2", "test", events(same))
+        assert (again.stored, again.duplicates) == (0, 1)
+        assert inbox.counts() == {"deliveries": 2, "events": 2, "waiting": 2}
+        assert [e.object_id for e in inbox.after(0, 10)] == [9, 10]
+        assert inbox.forget_deliveries(before=utcnow() + timedelta(seconds=1)) == 2
+        assert inbox.counts()["events"] == 2, "events stay; only delivery ids are forgotten"
+    finally:
+        inbox.dispose()
