@@ -161,13 +161,29 @@ def test_a_crm_change_reaches_the_erp_by_webhook_inbox_sensor_and_run(
         assert key not in text, "the webhook signing secret leaked"
 
 
-def test_the_sandbox_signs_with_standard_webhooks_too(world, crm_client):
+def test_the_sandbox_signs_with_standard_webhooks_too_and_reports_each_kind_of_change(
+    world, crm_client
+):
     with receiver(world.state_url, [SECRET]) as server:
         subscribe(world, server.url, "standard")
-        crm_client.batch_upsert("contacts", "email", [{"id": "eve@example.com", "properties": {}}])
+        (eve,) = created(
+            crm_client, "contacts", "email", [{"id": "eve@example.com", "properties": {}}]
+        )
+        crm_client.batch_upsert(
+            "contacts", "email", [{"id": "eve@example.com", "properties": {"city": "Oslo"}}]
+        )
+        crm_client.batch_upsert(
+            "contacts", "email", [{"id": "eve@example.com", "properties": {"city": "Oslo"}}]
+        )  # nothing changed: no event
+        crm_client.batch_archive("contacts", [str(eve)])
         assert world.crm.webhooks.wait_idle()
         assert world.crm.webhooks.describe()["refused"] == 0
-        assert server.inbox.counts()["events"] == 1
+        seen = [(e.subscription_type, e.object_id) for e in server.inbox.after(0, 10)]
+        assert seen == [
+            ("contact.creation", eve),
+            ("contact.propertyChange", eve),
+            ("contact.deletion", eve),
+        ]
 
 
 def test_a_burst_of_1000_events_with_10_percent_duplicates_is_stored_once_each(

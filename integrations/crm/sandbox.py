@@ -193,21 +193,21 @@ class SandboxStore:
                 self._bump("upsert_inputs", len(results))
                 self._bump("records_changed", sum(bool(changed) for _, changed in results))
                 self.connection.execute("COMMIT")
-                self.on_change(
-                    [
-                        Change(
-                            object_type,
-                            int(view["id"]),
-                            "creation" if view["new"] else "propertyChange",
-                            changed,
-                        )
-                        for view, changed in results
-                        if changed
-                    ]
-                )
             except BaseException:
                 self.connection.execute("ROLLBACK")
                 raise
+        self.on_change(
+            [
+                Change(
+                    object_type,
+                    int(view["id"]),
+                    "creation" if view["new"] else "propertyChange",
+                    changed,
+                )
+                for view, changed in results
+                if changed
+            ]
+        )
         answer: dict[str, object] = {
             "status": "COMPLETE",
             "results": [view for view, _ in results],
@@ -347,9 +347,7 @@ class SandboxStore:
                     )
             self._bump("archive_inputs", len(ids))
             self.connection.execute("COMMIT")
-            self.on_change(
-                [Change(object_type, object_id, "deletion", {}) for object_id in deleted]
-            )
+        self.on_change([Change(object_type, object_id, "deletion", {}) for object_id in deleted])
 
     def get(self, object_type: str, object_id: str, properties: list[str] | None) -> dict:
         with self.lock:
