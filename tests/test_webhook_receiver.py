@@ -159,6 +159,10 @@ def test_signatures_are_checked_over_method_uri_body_and_timestamp():
     with pytest.raises(SignatureRefused, match="minutes"):
         verify([secret], "POST", url, headers, body, now=now + 301)
     assert parse_secrets(" a, b  c ") == ["a", "b", "c"]
+    # HubSpot signs the URI with escapes such as %3A and %40 decoded.
+    escaped = url + "?portal=a%3Ab%40c"
+    decoded = hubspot_headers(secret, "POST", url + "?portal=a:b@c", body, now=now)
+    assert verify([secret], "POST", escaped, decoded, body, now=now).scheme == "hubspot-v3"
 
 
 def test_the_inbox_counts_an_event_sent_again_under_a_new_delivery_as_a_duplicate(tmp_path):

@@ -18,12 +18,20 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 TOLERANCE_SECONDS = 300
 STANDARD_PREFIX = "whsec_"
+# HubSpot signs the URI with these escapes decoded (its v3 validation guide lists them).
+_HUBSPOT_DECODED = re.compile(r"%(3A|2F|3F|40|21|24|27|28|29|2A|2C|3B)", re.IGNORECASE)
+
+
+def hubspot_uri(uri: str) -> str:
+    """The URI as HubSpot's v3 signature covers it."""
+    return _HUBSPOT_DECODED.sub(lambda match: chr(int(match.group(1), 16)), uri)
 
 
 class SignatureRefused(Exception):
@@ -62,7 +70,7 @@ def _hmac_b64(key: bytes, message: bytes) -> str:
 def hubspot_headers(secret: str, method: str, uri: str, body: bytes, now: float | None = None):
     """The headers HubSpot's v3 signature puts on a request to `uri`."""
     timestamp = str(int((time.time() if now is None else now) * 1000))
-    message = method.upper().encode() + uri.encode() + body + timestamp.encode()
+    message = method.upper().encode() + hubspot_uri(uri).encode() + body + timestamp.encode()
     return {
         "X-HubSpot-Signature-v3": _hmac_b64(secret.encode(), message),
         "X-HubSpot-Request-Timestamp": timestamp,
@@ -157,7 +165,8 @@ def _verify_hubspot(secrets, method: str, uri: str, headers, body: bytes, now: f
     timestamp = _number(headers.get("X-HubSpot-Request-Timestamp"), "X-HubSpot-Request-Timestamp")
     _fresh(timestamp / 1000, now, "X-HubSpot-Request-Timestamp")
     offered = headers.get("X-HubSpot-Signature-v3", "").strip().encode()
-    message = method.upper().encode() + uri.encode() + body + str(timestamp).encode()
+    signed_uri = hubspot_uri(uri).encode()
+    message = method.upper().encode() + signed_uri + body + str(timestamp).encode()
     matched = [
         hmac.compare_digest(_hmac_b64(secret.encode(), message).encode(), offered)
         for secret in secrets
