@@ -206,9 +206,12 @@ def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
         partitions_def=partitions_of(spec),
         backfill_policy=dg.BackfillPolicy.single_run() if spec.partitions else None,
         retry_policy=dg.RetryPolicy(
-            max_retries=3, delay=15, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+            max_retries=spec.run_retries,
+            delay=15,
+            backoff=dg.Backoff.EXPONENTIAL,
+            jitter=dg.Jitter.PLUS_MINUS,
         )
-        if api_facing
+        if api_facing and spec.run_retries
         else None,
         metadata={"flow": spec.name, "contract": spec.target_contract.label},
         freshness_policy=dg.FreshnessPolicy.time_window(fail_window=spec.max_staleness),

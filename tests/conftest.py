@@ -180,3 +180,29 @@ def state(world):
     store = StateStore(world.state_url)
     yield store
     store.dispose()
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--outage-seconds",
+        type=float,
+        default=4.0,
+        help="length of the CRM outage in the fault suite's scenario (d); 30 shows the "
+        "issue's case (about 1-2 minutes)",
+    )
+
+
+_FIGURES: list[str] = []
+
+
+@pytest.fixture
+def figures():
+    """Lines a test reports; printed in the run's summary (no -s needed)."""
+    return _FIGURES
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _FIGURES:
+        terminalreporter.section("figures")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)

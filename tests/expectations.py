@@ -37,16 +37,25 @@ def crm_contacts(client: CrmClient) -> list[dict]:
     return list(client.list_objects("contacts", properties=["erp_customer_id", "email", "city"]))
 
 
-def assert_crm_matches_erp(erp_url: str, client: CrmClient) -> None:
+def assert_crm_matches_erp(
+    erp_url: str, client: CrmClient, refused: set[str] = frozenset()
+) -> None:
     """Every valid customer is a contact, once; customers sharing an email (ignoring case) have
-    exactly one contact among them; nothing else is in the CRM."""
+    exactly one contact among them (none if the CRM `refused` theirs: dead-lettered with its
+    reason); nothing else is in the CRM."""
     expected = valid_customers(erp_url)
     contacts = crm_contacts(client)
     numbers = [contact["properties"]["erp_customer_id"] for contact in contacts]
     assert len(numbers) == len(set(numbers)), "duplicate contacts for one customer"
     assert set(numbers) <= set(expected), "contacts that are not valid ERP customers"
+    assert not set(numbers) & set(refused), "refused customers are in the CRM"
     by_email: dict[str, list[str]] = defaultdict(list)
     for number, email in expected.items():
         by_email[email].append(number)
-    missing = [group for group in by_email.values() if len(set(group) & set(numbers)) != 1]
+    synced = set(numbers)
+    missing = [
+        group
+        for group in by_email.values()
+        if len(set(group) & synced) > 1 or not set(group) & (synced | set(refused))
+    ]
     assert not missing, f"{len(missing)} valid customers (or email groups) are missing or doubled"
