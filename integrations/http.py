@@ -197,7 +197,11 @@ class SharedTokenBucket:
         self.tolerance = (max(limits.burst, 1) - 1) * self.interval
         self.engine = create_engine(url)
         now = _DATABASE_NOW[self.engine.dialect.name]
-        _buckets.create_all(self.engine)
+        try:
+            _buckets.create_all(self.engine)
+        except sa.exc.DatabaseError:  # two processes creating it at once: one of them wins
+            if not sa.inspect(self.engine).has_table(api_rate_limits.name):
+                raise
         try:
             with self.engine.begin() as connection:
                 connection.execute(api_rate_limits.insert().values(name=name, next_free=0.0))
