@@ -12,6 +12,7 @@ from assets.checks import reconciliation_check
 from assets.factory import asset_key, flow_asset, source_asset_specs
 from integrations import settings
 from resources import CrmResource, ErpDatabase, Notifier, StateStoreResource
+from resources.secrets import require_secrets
 from sensors.alerts import alert_sensors
 from sensors.schedules import flow_schedules
 from sensors.source_changed import source_changed_sensors
@@ -25,7 +26,10 @@ def from_env(name: str, embedded_default: Callable[[], str | None]) -> str | dg.
 def resources() -> dict[str, dg.ConfigurableResource]:
     return {
         "erp": ErpDatabase(url=from_env("ERP_DATABASE_URL", settings.erp_database_url)),
-        "state": StateStoreResource(url=from_env("HANDOFF_STATE_URL", settings.state_url)),
+        "state": StateStoreResource(
+            url=from_env("HANDOFF_STATE_URL", settings.state_url),
+            dlq_key=dg.EnvVar("HANDOFF_DLQ_KEY"),
+        ),
         "crm": CrmResource(
             base_url=from_env("CRM_BASE_URL", settings.crm_base_url),
             access_token=dg.EnvVar("CRM_ACCESS_TOKEN"),
@@ -36,6 +40,7 @@ def resources() -> dict[str, dg.ConfigurableResource]:
     }
 
 
+require_secrets()
 defs = dg.Definitions(
     assets=[*source_asset_specs(FLOWS), *(flow_asset(spec) for spec in FLOWS)],
     asset_checks=[reconciliation_check(spec, asset_key(spec)) for spec in FLOWS],

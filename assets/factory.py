@@ -13,6 +13,7 @@ from assets.connections import flow_connections, required_resources
 from integrations.contracts import Contract
 from integrations.engine.reconcile import Drift, reconcile
 from integrations.engine.spec import FlowSpec
+from integrations.engine.state import StateStoreUnavailable
 from integrations.engine.sync import (
     ArchiveGuardTripped,
     ErrorBudgetExceeded,
@@ -20,7 +21,7 @@ from integrations.engine.sync import (
     SyncError,
     SyncResult,
 )
-from integrations.sql.source import SourceSchemaError
+from integrations.sql.source import SourceSchemaError, SourceUnavailable
 
 API_SYSTEMS = {"crm", "helpdesk"}
 
@@ -32,6 +33,8 @@ class SyncConfig(dg.Config):
     """Let this run archive more than the flow's archive guard allows (after checking the source)."""
     repair: bool = False
     """Reconcile, then send again exactly the records missing or differing in the destination."""
+    replay: bool = False
+    """Sync the flow's open dead letters again (from the source, or their payload), nothing else."""
 
 
 def asset_key(spec: FlowSpec) -> dg.AssetKey:
@@ -69,8 +72,10 @@ def table_schema(contract: Contract) -> dg.TableSchema:
     return dg.TableSchema(columns=columns)
 
 
-def trigger_of(context: dg.AssetExecutionContext) -> str:
+def trigger_of(context: dg.AssetExecutionContext, config: SyncConfig) -> str:
     tags = context.run.tags
+    if config.replay:
+        return "replay"
     if "dagster/backfill" in tags:
         return f"backfill {tags['dagster/backfill']}"
     if "dagster/schedule_name" in tags:
@@ -110,6 +115,9 @@ def _metadata(spec: FlowSpec, result: SyncResult) -> dict[str, object]:
         ),
         "full_refresh": result.full,
         "top_failure_reasons": dg.MetadataValue.json(dict(result.reasons.most_common(5))),
+        "failures_by_kind": dg.MetadataValue.json(dict(result.kinds.most_common())),
+        "dead_letters_open": sum(result.open_dead_letters.values()),
+        "dead_letters_open_by_kind": dg.MetadataValue.json(result.open_dead_letters),
         "contract": f"{spec.source_contract.label} → {spec.target_contract.label}",
         "dagster/column_schema": table_schema(spec.target_contract),
     }
@@ -162,13 +170,13 @@ def _run(
     connections = flow_connections(context.resources, spec, log=context.log)
     with connections as (source, destination, state):
         try:
-            return _sync_or_repair(context, spec, config, source, destination, state)
+            return _sync_replay_or_repair(context, spec, config, source, destination, state)
         finally:
             transport.update(destination.health())
             context.log.info("%s transport: %s", spec.target.system, transport)
 
 
-def _sync_or_repair(context, spec, config, source, destination, state):
+def _sync_replay_or_repair(context, spec, config, source, destination, state):
     sync = Sync(
         spec,
         source,
@@ -176,9 +184,11 @@ def _sync_or_repair(context, spec, config, source, destination, state):
         state,
         run_id=context.run.run_id,
         actor=f"dagster run {context.run.run_id}",
-        why=trigger_of(context),
+        why=trigger_of(context, config),
         log=context.log,
     )
+    if config.replay:
+        return sync.replay(state.list_dead_letters(flow=spec.name, limit=None)), None
     if config.repair:
         drift = reconcile(spec, source, destination, state)
         return sync.repair(drift.missing + drift.differing), drift
@@ -222,6 +232,13 @@ def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
             result, drift = _run(context, spec, config, transport)
         except SyncError as error:
             raise _failure(spec, error, api_facing, transport) from error
+        except (SourceUnavailable, StateStoreUnavailable) as error:
+            raise dg.Failure(
+                description=f"flow {spec.name}: {error}. What to do: nothing was marked synced "
+                "that was not written; rerun when the database answers",
+                metadata={"flow": spec.name},
+                allow_retries=True,
+            ) from error
         except SourceSchemaError as error:
             raise dg.Failure(
                 description=f"flow {spec.name}: {error}. What to do: check ERP_DATABASE_URL and "

@@ -26,6 +26,7 @@ import uuid
 from pathlib import Path
 
 import requests
+from cryptography.fernet import Fernet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,19 +34,19 @@ ROOT = Path(__file__).resolve().parents[1]
 def step_sync(env: dict[str, str]) -> dict[str, object]:
     """One sync in this process: the contacts flow (renamed per ERP), rate-limited."""
     from assets.crm_contacts import CRM_CONTACTS
-    from integrations.crm.client import CrmClient
+    from integrations.crm.client import CrmClient, shared_bucket
     from integrations.crm.destination import CrmObjects
     from integrations.engine.state import StateStore
     from integrations.engine.sync import Sync, SyncError
-    from integrations.http import ApiLimits, SharedTokenBucket
+    from integrations.http import ApiLimits
     from integrations.sql.connect import create_engine
     from integrations.sql.source import SqlSource
 
     spec = dataclasses.replace(CRM_CONTACTS, name=env["BENCH_FLOW"])
     limits = ApiLimits(requests_per_second=float(env["BENCH_LIMIT"]), burst=int(env["BENCH_BURST"]))
-    bucket = SharedTokenBucket(env["BENCH_BUCKET_URL"], "crm", limits)
+    bucket = shared_bucket(env["BENCH_BUCKET_URL"], env["CRM_BASE_URL"], limits)
     client = CrmClient(env["CRM_BASE_URL"], env["CRM_ACCESS_TOKEN"], limits, bucket=bucket)
-    state = StateStore(env["HANDOFF_STATE_URL"])
+    state = StateStore(env["HANDOFF_STATE_URL"], dlq_key=env["HANDOFF_DLQ_KEY"])
     started = time.perf_counter()
     sync = Sync(
         spec,
@@ -172,6 +173,7 @@ def main() -> None:
         "CRM_ACCESS_TOKEN": token,
         "BENCH_LIMIT": str(args.limit),
         "BENCH_BURST": str(args.burst),
+        "HANDOFF_DLQ_KEY": Fernet.generate_key().decode(),
     }
     erps = {}
     for name, seed_value in (("a", 1), ("b", 2)):

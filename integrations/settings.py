@@ -38,5 +38,14 @@ def crm_requests_per_second() -> float | None:
     return float(value) if value else None
 
 
+def dlq_key() -> str | None:
+    """The Fernet key that encrypts dead-letter payloads at rest (`HANDOFF_DLQ_KEY`)."""
+    return os.environ.get("HANDOFF_DLQ_KEY") or None
+
+
+def crm_access_token() -> str | None:
+    return os.environ.get("CRM_ACCESS_TOKEN") or None
+
+
 def crm_sandbox_path() -> Path:
     return handoff_home() / "crm_sandbox.sqlite"

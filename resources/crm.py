@@ -6,10 +6,10 @@ from contextlib import contextmanager
 import dagster as dg
 from pydantic import Field
 
-from integrations.crm.client import CrmClient
+from integrations.crm.client import CrmClient, shared_bucket
 from integrations.crm.destination import CrmObjects
 from integrations.engine.spec import Target
-from integrations.http import ApiLimits, SharedTokenBucket
+from integrations.http import ApiLimits
 
 
 class CrmResource(dg.ConfigurableResource):
@@ -48,13 +48,11 @@ class CrmResource(dg.ConfigurableResource):
     @contextmanager
     def destination(self, target: Target, log=None) -> Iterator[CrmObjects]:
         limits = self.limits()
-        bucket = None
-        if limits.requests_per_second:
-            if not self.rate_limit_url:
-                raise ValueError("requests_per_second needs rate_limit_url (the state store)")
-            bucket = SharedTokenBucket(self.rate_limit_url, f"crm {self.base_url}", limits)
+        if limits.requests_per_second and not self.rate_limit_url:
+            raise ValueError("requests_per_second needs rate_limit_url (the state store)")
+        bucket = shared_bucket(self.rate_limit_url or "", self.base_url, limits)
         client = CrmClient(self.base_url, self.access_token, limits, bucket=bucket, log=log)
         try:
-            yield CrmObjects(client, target.dataset, target.id_property, target.associations)
+            yield CrmObjects.for_target(client, target)
         finally:
             client.close()

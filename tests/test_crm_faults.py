@@ -19,6 +19,7 @@ from definitions import resources
 from integrations.engine.spec import ErrorBudget
 from integrations.engine.state import StateStore
 from resources import CrmResource
+from tests.conftest import DLQ_KEY
 from tests.expectations import assert_crm_matches_erp
 from tests.sandbox_faults import achieved_rate, busiest_second, set_faults, traffic
 
@@ -49,12 +50,12 @@ def metadata(result) -> dict[str, object]:
 
 
 def refused_by_crm(world) -> list:
-    store = StateStore(world.state_url)
+    store = StateStore(world.state_url, dlq_key=DLQ_KEY)
     try:
         letters = store.list_dead_letters(flow=FLOW, limit=100_000)
     finally:
         store.dispose()
-    return [letter for letter in letters if letter.reason_kind == "destination"]
+    return [letter for letter in letters if letter.reason_kind == "destination-rejected"]
 
 
 def test_a_a_10_per_second_limit_is_kept_not_discovered_by_429s(world, crm_client, figures):

@@ -21,7 +21,7 @@ from integrations.engine.destination import (
     Written,
 )
 from integrations.engine.hashing import content_hash, idempotency_key
-from integrations.engine.spec import Association
+from integrations.engine.spec import Association, Target
 
 
 class CrmObjects:
@@ -40,13 +40,17 @@ class CrmObjects:
         self.associations = tuple(associations)
         self.name = f"CRM {object_type}"
 
+    @classmethod
+    def for_target(cls, client: CrmClient, target: Target) -> CrmObjects:
+        return cls(client, target.dataset, target.id_property, target.associations)
+
     def upsert(self, records: Sequence[OutboundRecord]) -> Upserted:
         links = {field: None for field in (a.field for a in self.associations)}
         inputs = [
             {
                 "id": str(record.properties[self.id_property]),
                 "properties": {k: v for k, v in record.properties.items() if k not in links},
-                "objectWriteTraceId": record.trace_id,
+                "objectWriteTraceId": record.correlation_id or record.trace_id,
             }
             for record in records
         ]

@@ -14,16 +14,22 @@ import pandas as pd
 import sqlalchemy as sa
 
 from integrations.engine.spec import SourceTable
+from integrations.sql.connect import raise_on_lost_connection
 
 
 class SourceSchemaError(Exception):
     """The configured table or columns are not in the source database."""
 
 
+class SourceUnavailable(Exception):
+    """The source database could not be reached, or dropped the connection mid-extract."""
+
+
 class SqlSource:
     def __init__(self, engine: sa.Engine, spec: SourceTable):
         self.engine = engine
         self.spec = spec
+        raise_on_lost_connection(engine, SourceUnavailable, f"the source database of {spec.table}")
         # Identifiers from configuration are checked against the reflected schema, never interpolated.
         try:
             self.table = sa.Table(spec.table, sa.MetaData(), autoload_with=engine)
@@ -98,7 +104,12 @@ class SqlSource:
 
     def rows_with_keys(self, keys: Sequence[object], batch_size: int) -> Iterator[pd.DataFrame]:
         """The rows with these keys (a repair), in (cursor, key) order within each batch."""
-        native = [self.key.type.python_type(key) for key in keys]
+        native = []
+        for key in keys:
+            try:
+                native.append(self.key.type.python_type(key))
+            except (TypeError, ValueError):
+                continue  # a key of the wrong type names no row of this table
         for start in range(0, len(native), batch_size):
             chunk = native[start : start + batch_size]
             query = self.select.where(self.key.in_(chunk)).order_by(self.cursor, self.key)
