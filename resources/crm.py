@@ -24,7 +24,11 @@ class CrmResource(dg.ConfigurableResource):
     requests_per_second: float | None = Field(
         default=None, description="The CRM's request limit (HubSpot: 10 to 19); unset: none."
     )
-    burst: int = Field(default=1, description="Requests sent at once from a full bucket.")
+    burst: int = Field(
+        default=3,
+        description="Requests sent at once from a full bucket: lets a sync catch up after "
+        "reading a batch (HubSpot counts per 10 s, so bursts of a few stay within it).",
+    )
     rate_limit_url: str | None = Field(
         default=None, description="Database holding the shared token bucket: the state store."
     )
