@@ -1,7 +1,8 @@
 """One factory turns a FlowSpec into its Dagster asset, with the contract as an asset check.
 
-The asset's resources are keyed by system: `erp` (source), `state`, and the target's system
-(`crm` for CRM objects), which must offer `destination(target)` as a context manager.
+The asset's resources are keyed by system: the source's system (`erp`, `chinook`: offers
+`source(table)`), `state`, and the target's system (`crm`, `finance`), which must offer
+`destination(target)` as a context manager.
 """
 
 import functools
@@ -11,7 +12,9 @@ import dagster as dg
 from assets.checks import contract_check_result, contract_check_spec, drift_metadata
 from assets.connections import flow_connections, required_resources
 from integrations.contracts import Contract
+from integrations.engine.destination import DestinationMismatch
 from integrations.engine.reconcile import Drift, reconcile
+from integrations.engine.source import SourceUnavailable
 from integrations.engine.spec import FlowSpec
 from integrations.engine.state import StateStoreUnavailable
 from integrations.engine.sync import (
@@ -21,7 +24,8 @@ from integrations.engine.sync import (
     SyncError,
     SyncResult,
 )
-from integrations.sql.source import SourceSchemaError, SourceUnavailable
+from integrations.settings import database_url_variable
+from integrations.sql.source import SourceSchemaError
 
 API_SYSTEMS = {"crm", "helpdesk"}
 
@@ -42,20 +46,21 @@ def asset_key(spec: FlowSpec) -> dg.AssetKey:
 
 
 def source_key(spec: FlowSpec) -> dg.AssetKey:
-    return dg.AssetKey(["erp", spec.source.table])
+    return dg.AssetKey([spec.source.system, spec.source.table])
 
 
 def source_asset_specs(specs: list[FlowSpec]) -> list[dg.AssetSpec]:
-    """The ERP tables the flows read, as external assets: lineage from source to destination."""
-    tables = sorted({spec.source.table for spec in specs})
+    """The source tables the flows read, as external assets: lineage from source to destination."""
+    sources = {(spec.source.system, spec.source.table): spec.source for spec in specs}
     return [
         dg.AssetSpec(
-            key=["erp", table],
-            group_name="erp",
-            kinds={"sql"},
-            description=f"ERP table `{table}`: the system of record, read incrementally by `updated_at`.",
+            key=[system, table],
+            group_name=system,
+            kinds={system} if system in API_SYSTEMS else {"sql"},
+            description=f"Table `{table}` of {system}, a system of record, read "
+            + (f"incrementally by `{source.cursor}`." if source.cursor else "whole (no cursor)."),
         )
-        for table in tables
+        for (system, table), source in sorted(sources.items())
     ]
 
 
@@ -201,7 +206,7 @@ def _sync_replay_or_repair(context, spec, config, source, destination, state):
 def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
     key = asset_key(spec)
     system = spec.target.system
-    api_facing = system in API_SYSTEMS
+    api_facing = bool({spec.source.system, system} & API_SYSTEMS)
 
     @dg.asset(
         key=key,
@@ -235,16 +240,21 @@ def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
         except (SourceUnavailable, StateStoreUnavailable) as error:
             raise dg.Failure(
                 description=f"flow {spec.name}: {error}. What to do: nothing was marked synced "
-                "that was not written; rerun when the database answers",
+                "that was not written; rerun when it answers again",
                 metadata={"flow": spec.name},
                 allow_retries=True,
             ) from error
         except SourceSchemaError as error:
             raise dg.Failure(
-                description=f"flow {spec.name}: {error}. What to do: check ERP_DATABASE_URL and "
-                "that the ERP is seeded (`handoff seed`) or migrated",
+                description=f"flow {spec.name}: {error}. What to do: check "
+                f"{database_url_variable(spec.source.system)} and that {spec.source.system} is "
+                "seeded (`handoff seed` for the demo ERP) or migrated",
                 metadata={"flow": spec.name},
                 allow_retries=False,
+            ) from error
+        except DestinationMismatch as error:
+            raise dg.Failure(
+                description=str(error), metadata={"flow": spec.name}, allow_retries=False
             ) from error
         metadata = {**_metadata(spec, result), **_transport_metadata(spec, transport)}
         if drift is not None:

@@ -17,6 +17,11 @@ def _sqlite_url(filename: str) -> str:
     return f"sqlite:///{handoff_home() / filename}"
 
 
+def database_url_variable(system: str) -> str:
+    """The variable naming a system's database: `ERP_DATABASE_URL`, `FINANCE_DATABASE_URL`, …"""
+    return f"{system.upper()}_DATABASE_URL"
+
+
 def erp_database_url() -> str:
     """The ERP (system of record): `ERP_DATABASE_URL` or the embedded SQLite file."""
     return os.environ.get("ERP_DATABASE_URL") or _sqlite_url("erp.sqlite")
@@ -32,12 +37,6 @@ def crm_base_url() -> str:
     return os.environ.get("CRM_BASE_URL") or "http://127.0.0.1:8765"
 
 
-def crm_requests_per_second() -> float | None:
-    """The CRM's API request limit (`CRM_REQUESTS_PER_SECOND`); unset: no client-side limit."""
-    value = os.environ.get("CRM_REQUESTS_PER_SECOND")
-    return float(value) if value else None
-
-
 def dlq_key() -> str | None:
     """The Fernet key that encrypts dead-letter payloads at rest (`HANDOFF_DLQ_KEY`)."""
     return os.environ.get("HANDOFF_DLQ_KEY") or None
@@ -47,5 +46,21 @@ def crm_access_token() -> str | None:
     return os.environ.get("CRM_ACCESS_TOKEN") or None
 
 
+def crm_requests_per_second() -> float | None:
+    """The CRM's API request limit (`CRM_REQUESTS_PER_SECOND`); unset: no client-side limit."""
+    value = os.environ.get("CRM_REQUESTS_PER_SECOND")
+    return float(value) if value else None
+
+
 def crm_sandbox_path() -> Path:
     return handoff_home() / "crm_sandbox.sqlite"
+
+
+def rt_base_url() -> str | None:
+    """Request Tracker's base URL (`RT_BASE_URL`); unset means no helpdesk."""
+    return os.environ.get("RT_BASE_URL") or None
+
+
+def local_rt_home() -> Path:
+    """The folder of the throwaway local RT (`handoff rt start`): `RT_HOME` or under HANDOFF_HOME."""
+    return Path(os.environ.get("RT_HOME") or handoff_home() / "rt").resolve()

@@ -11,33 +11,35 @@ import dagster as dg
 
 from assets.factory import asset_key
 from integrations.engine.spec import FlowSpec
-from resources import ErpDatabase, StateStoreResource
 from sensors.schedules import pool_tags
 
 
-def _sensor(table: str, specs: list[FlowSpec]) -> dg.SensorDefinition:
+def _sensor(system: str, table: str, specs: list[FlowSpec]) -> dg.SensorDefinition:
     keys = [asset_key(spec) for spec in specs]
 
     @dg.sensor(
-        name=f"erp_{table}_changed",
-        description=f"Requests a sync of {', '.join(k.to_user_string() for k in keys)} when ERP "
-        f"`{table}` changed since they last synced.",
+        name=f"{system}_{table}_changed",
+        description=f"Requests a sync of {', '.join(k.to_user_string() for k in keys)} when "
+        f"{system} `{table}` changed since they last synced.",
         target=keys,
         minimum_interval_seconds=30,
         default_status=dg.DefaultSensorStatus.STOPPED,
+        required_resource_keys={system, "state"},
     )
-    def _changed(context: dg.SensorEvaluationContext, erp: ErpDatabase, state: StateStoreResource):
+    def _changed(context: dg.SensorEvaluationContext, **_resources):
+        # The source's resource key is the system's name, so resources come from the context
+        # (a direct call also passes them as keyword arguments).
         cursor = json.loads(context.cursor) if context.cursor else {}
-        with erp.source(specs[0].source) as source:
+        with getattr(context.resources, system).source(specs[0].source) as source:
             high_water_mark = source.high_water_mark()
         if high_water_mark is None:
-            return dg.SensorResult(skip_reason=f"ERP {table} is empty", cursor=context.cursor)
+            return dg.SensorResult(skip_reason=f"{system} {table} is empty", cursor=context.cursor)
         seen = cursor.get("high_water_mark")
         if seen is not None and high_water_mark.isoformat() <= seen:
             return dg.SensorResult(
-                skip_reason=f"ERP {table} unchanged since {seen}", cursor=context.cursor
+                skip_reason=f"{system} {table} unchanged since {seen}", cursor=context.cursor
             )
-        with state.open() as store:
+        with context.resources.state.open() as store:
             behind = [
                 asset_key(spec)
                 for spec in specs
@@ -51,7 +53,7 @@ def _sensor(table: str, specs: list[FlowSpec]) -> dg.SensorDefinition:
         return dg.SensorResult(
             run_requests=[
                 dg.RunRequest(
-                    run_key=f"erp_{table}:{high_water_mark.isoformat()}",
+                    run_key=f"{system}_{table}:{high_water_mark.isoformat()}",
                     asset_selection=behind,
                     tags={
                         "handoff/high_water_mark": high_water_mark.isoformat(),
@@ -66,8 +68,12 @@ def _sensor(table: str, specs: list[FlowSpec]) -> dg.SensorDefinition:
 
 
 def source_changed_sensors(specs: list[FlowSpec]) -> list[dg.SensorDefinition]:
-    by_table: dict[str, list[FlowSpec]] = defaultdict(list)
+    """One sensor per watched source table; tables without a change cursor cannot be watched."""
+    by_table: dict[tuple[str, str], list[FlowSpec]] = defaultdict(list)
     for spec in specs:
-        if spec.watch_source:
-            by_table[spec.source.table].append(spec)
-    return [_sensor(table, table_specs) for table, table_specs in sorted(by_table.items())]
+        if spec.watch_source and spec.source.cursor:
+            by_table[(spec.source.system, spec.source.table)].append(spec)
+    return [
+        _sensor(system, table, table_specs)
+        for (system, table), table_specs in sorted(by_table.items())
+    ]

@@ -1,4 +1,5 @@
-"""Real parts: SQLite files, PostgreSQL on 127.0.0.1:5432, the CRM sandbox over real HTTP."""
+"""Real parts: SQLite files, PostgreSQL on 127.0.0.1:5432, the CRM sandbox over real HTTP, and a
+real Request Tracker 5 on 127.0.0.1 (installed and started by the session)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psycopg
+import pymysql
 import pytest
 from cryptography.fernet import Fernet
 
@@ -19,6 +21,8 @@ from integrations.crm.client import CrmClient
 from integrations.crm.sandbox import SandboxServer
 from integrations.engine.state import StateStore
 from integrations.erp.seed import seed_erp
+from integrations.helpdesk.client import RtClient
+from integrations.helpdesk.local_rt import LocalRt, LocalRtError
 from integrations.http import ApiLimits
 from integrations.sql.connect import create_engine
 
@@ -39,13 +43,18 @@ def postgres_available() -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def postgres() -> bool:
-    if postgres_available():
+def require_service(name: str, address: str, available: bool) -> bool:
+    """A test needing a service skips without it, except in CI, where it fails."""
+    if available:
         return True
     if IN_CI:
-        pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432, and CI=true requires it")
-    pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
+        pytest.fail(f"{name} is not reachable on {address}, and CI=true requires it")
+    pytest.skip(f"{name} is not reachable on {address}")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> bool:
+    return require_service("PostgreSQL", "127.0.0.1:5432", postgres_available())
 
 
 @pytest.fixture
@@ -64,6 +73,61 @@ def postgres_database(postgres):
     with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as connection:
         for name in created:
             connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+MARIADB_ADMIN = {"host": "127.0.0.1", "port": 3306, "user": "root", "password": ""}
+
+
+def mariadb_available() -> bool:
+    try:
+        pymysql.connect(**MARIADB_ADMIN, connect_timeout=3).close()
+        return True
+    except pymysql.err.OperationalError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def mariadb() -> bool:
+    return require_service("MariaDB", "127.0.0.1:3306", mariadb_available())
+
+
+@pytest.fixture
+def mariadb_database(mariadb):
+    """A throwaway MariaDB database; returns a factory so a test can have several."""
+    created: list[str] = []
+
+    def make() -> str:
+        name = f"handoff_test_{uuid.uuid4().hex[:12]}"
+        connection = pymysql.connect(**MARIADB_ADMIN, autocommit=True)
+        with connection.cursor() as cursor:
+            cursor.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+        connection.close()
+        created.append(name)
+        return f"mariadb://root@127.0.0.1:3306/{name}"
+
+    yield make
+    connection = pymysql.connect(**MARIADB_ADMIN, autocommit=True)
+    with connection.cursor() as cursor:
+        for name in created:
+            cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
+    connection.close()
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("mariadb", marks=pytest.mark.mariadb),
+    ]
+)
+def sql_database(request, tmp_path):
+    """A factory of empty databases of each dialect handoff supports, one test per dialect."""
+    if request.param == "postgres":
+        return request.getfixturevalue("postgres_database")
+    if request.param == "mariadb":
+        return request.getfixturevalue("mariadb_database")
+    names = iter(range(1000))
+    return lambda: f"sqlite:///{tmp_path / f'db{next(names)}.sqlite'}"
 
 
 @pytest.fixture
@@ -213,3 +277,63 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("figures")
         for line in _FIGURES:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def rt_server(tmp_path_factory) -> LocalRt:
+    """One RT5 for the session: packages installed when absent, a throwaway SQLite database."""
+    server = LocalRt(tmp_path_factory.mktemp("rt"))
+    try:
+        server.start()
+    except LocalRtError as error:
+        if IN_CI:
+            pytest.fail(f"Request Tracker 5 could not be started, and CI=true requires it: {error}")
+        pytest.skip(f"Request Tracker 5 could not be started: {error}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def rt(rt_server: LocalRt, monkeypatch) -> LocalRt:
+    """The session's RT, reset to its freshly initialised database and wired through the
+    environment as in production."""
+    rt_server.reset()
+    monkeypatch.setenv("RT_BASE_URL", rt_server.base_url)
+    monkeypatch.setenv("RT_USER", rt_server.user)
+    monkeypatch.setenv("RT_PASSWORD", rt_server.password)
+    return rt_server
+
+
+@pytest.fixture
+def rt_client(rt: LocalRt) -> RtClient:
+    client = RtClient(
+        rt.base_url, user=rt.user, password=rt.password, limits=ApiLimits(retries=2, backoff=0.05)
+    )
+    yield client
+    client.close()
+
+
+@dataclass
+class HelpdeskWorld:
+    """A small SQLite ERP and state store next to the test's RT, wired through the environment."""
+
+    erp_url: str
+    state_url: str
+    rt: LocalRt
+
+    def state(self) -> StateStore:
+        return StateStore(self.state_url, dlq_key=DLQ_KEY)
+
+
+HELPDESK_WORLD_ROWS = 150  # RT writes one user per request: a small ERP keeps the tests quick
+
+
+@pytest.fixture
+def helpdesk_world(rt, tmp_path, monkeypatch) -> HelpdeskWorld:
+    erp_url = f"sqlite:///{tmp_path / 'erp.sqlite'}"
+    state_url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+    seed_erp(erp_url, rows=HELPDESK_WORLD_ROWS, seed=7)
+    monkeypatch.setenv("HANDOFF_HOME", str(tmp_path))
+    monkeypatch.setenv("ERP_DATABASE_URL", erp_url)
+    monkeypatch.setenv("HANDOFF_STATE_URL", state_url)
+    return HelpdeskWorld(erp_url, state_url, rt)

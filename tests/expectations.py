@@ -43,12 +43,22 @@ def assert_crm_matches_erp(
     """Every valid customer is a contact, once; customers sharing an email (ignoring case) have
     exactly one contact among them (none if the CRM `refused` theirs: dead-lettered with its
     reason); nothing else is in the CRM."""
-    expected = valid_customers(erp_url)
     contacts = crm_contacts(client)
-    numbers = [contact["properties"]["erp_customer_id"] for contact in contacts]
-    assert len(numbers) == len(set(numbers)), "duplicate contacts for one customer"
-    assert set(numbers) <= set(expected), "contacts that are not valid ERP customers"
-    assert not set(numbers) & set(refused), "refused customers are in the CRM"
+    assert_one_per_valid_customer(
+        erp_url, [contact["properties"]["erp_customer_id"] for contact in contacts], refused
+    )
+
+
+def assert_one_per_valid_customer(
+    erp_url: str, numbers: list[str], refused: set[str] = frozenset()
+) -> None:
+    """`numbers` (the customer numbers a destination holds) name every valid customer once;
+    of customers sharing an email (ignoring case) exactly one (or none when the destination
+    `refused` theirs); and nobody else."""
+    expected = valid_customers(erp_url)
+    assert len(numbers) == len(set(numbers)), "duplicate records for one customer"
+    assert set(numbers) <= set(expected), "records that are not valid ERP customers"
+    assert not set(numbers) & set(refused), "refused customers are in the destination"
     by_email: dict[str, list[str]] = defaultdict(list)
     for number, email in expected.items():
         by_email[email].append(number)

@@ -44,6 +44,9 @@ class CrmObjects:
     def for_target(cls, client: CrmClient, target: Target) -> CrmObjects:
         return cls(client, target.dataset, target.id_property, target.associations)
 
+    def prepare(self, spec) -> None:
+        """Nothing to check up front: the CRM answers record by record."""
+
     def upsert(self, records: Sequence[OutboundRecord]) -> Upserted:
         links = {field: None for field in (a.field for a in self.associations)}
         inputs = [

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from integrations.engine.spec import FlowSpec
 
 
 @dataclass(frozen=True)
@@ -52,9 +55,18 @@ class DestinationUnavailable(Exception):
     """The destination could not be reached, or kept failing after retries."""
 
 
+class DestinationMismatch(Exception):
+    """The destination cannot hold the flow's records (a missing table or column, a wrong type,
+    a key that is not unique): found before anything is written."""
+
+
 class Destination(Protocol):
     name: str
     max_batch: int
+
+    def prepare(self, spec: FlowSpec) -> None:
+        """Before the first write: raise DestinationMismatch when the destination cannot hold
+        the flow's records, naming the flow, what does not fit and what to do."""
 
     def upsert(self, records: Sequence[OutboundRecord]) -> Upserted:
         """Upsert by natural key. Records the destination refused one by one come back in

@@ -36,6 +36,7 @@ from integrations.engine.destination import (
 )
 from integrations.engine.hashing import canonical_json, content_hash, idempotency_key
 from integrations.engine.masking import mask_record, mask_value, scrub
+from integrations.engine.source import Source, SourceUnavailable
 from integrations.engine.spec import FlowSpec
 from integrations.engine.state import (
     AuditRecord,
@@ -45,7 +46,6 @@ from integrations.engine.state import (
     StateStoreUnavailable,
     Watermark,
 )
-from integrations.sql.source import SourceUnavailable, SqlSource
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +160,14 @@ def _unusable_key(value: object) -> str | None:
     return None
 
 
+def _key_text(value: object) -> str:
+    """A key as text; whole numbers that pandas turned into floats (a key column with a null)
+    stay whole: 42.0 → "42"."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def _natural(key: str) -> tuple[int, str]:
     return (int(key), "") if key.isdigit() else (0, key)
 
@@ -190,7 +198,7 @@ def _plain(value: object) -> object:
     return str(value) if isinstance(value, Decimal) else value
 
 
-def expected_records(spec: FlowSpec, source: SqlSource) -> Iterator[tuple[str, dict[str, object]]]:
+def expected_records(spec: FlowSpec, source: Source) -> Iterator[tuple[str, dict[str, object]]]:
     """Every live source record that passes both contracts, mapped: what the destination
     should hold (reconciliation reads the whole source this way)."""
     for batch in source.batches(None, spec.batch_size):
@@ -207,7 +215,7 @@ class Sync:
     def __init__(
         self,
         spec: FlowSpec,
-        source: SqlSource,
+        source: Source,
         destination: Destination,
         state: StateStore,
         *,
@@ -287,6 +295,7 @@ class Sync:
         full: bool,
         move_watermark: bool,
     ) -> SyncResult:
+        self.destination.prepare(self.spec)
         result = SyncResult(flow=self.spec.name, run_id=self.run_id, full=full)
         result.watermark_before = before
         started = time.perf_counter()
@@ -411,7 +420,7 @@ class Sync:
         keys = batch[self.spec.source.key]
         problems = keys.map(_unusable_key)
         usable = problems.isna()
-        text = keys[usable].astype(str)
+        text = keys[usable].map(_key_text)
         repeated = text.duplicated(keep=False)
         letters = []
         for position in (~usable).to_numpy().nonzero()[0]:
@@ -463,6 +472,8 @@ class Sync:
     def _map(self, valid: pd.DataFrame) -> tuple[pd.DataFrame, list[RowRejection]]:
         """The flow's mapping over the batch; when it fails, row by row, so that only the rows
         it cannot map are dead-lettered."""
+        if valid.empty:
+            return self._no_records(), []
         try:
             return self.spec.mapping(valid), []
         except Exception:  # the mapping is the flow's code: any error is about its input
@@ -480,8 +491,10 @@ class Sync:
             return self.spec.mapping(row), []
         except Exception as error:
             reason = f"mapping of flow {self.spec.name} failed: {type(error).__name__}"
-            empty = self.spec.mapping(row.iloc[0:0])
-            return empty, [RowRejection(key, reason) for key in row.index]
+            return self._no_records(), [RowRejection(key, reason) for key in row.index]
+
+    def _no_records(self) -> pd.DataFrame:
+        return pd.DataFrame(columns=list(self.spec.target_contract.schema.columns), dtype=object)
 
     def _diff(
         self, valid: pd.DataFrame, gone: pd.DataFrame, result: SyncResult, open_letters: set[str]
@@ -563,14 +576,7 @@ class Sync:
             for item in written
             if plan.records[item.key].get(name)
         ]
-        last = batch.iloc[-1]
-        key = last[spec.source.key]
-        watermark = Watermark(
-            pd.Timestamp(last[spec.source.cursor]).to_pydatetime(),
-            key.item() if hasattr(key, "item") else key,
-        )
-        if before and (watermark.updated_at, watermark.key) < (before.updated_at, before.key):
-            watermark = before  # a lookback batch never moves the watermark back
+        watermark = self._watermark(batch, before)
         records = self._audit_records(plan, written, letters)
         detail = {
             "rows": len(batch),
@@ -578,7 +584,7 @@ class Sync:
             "updated": sum(not item.created for item in written),
             "archived": len(plan.to_archive),
             "dead_lettered": len(letters),
-            "watermark": watermark.as_dict(),
+            "watermark": watermark.as_dict() if watermark else None,
         }
         self.state.commit_batch(
             BatchCommit(
@@ -635,6 +641,20 @@ class Sync:
             for letter in letters
         ]
         return records
+
+    def _watermark(self, batch: pd.DataFrame, before: Watermark | None) -> Watermark | None:
+        """The batch's last (cursor, key); none for a source without a cursor."""
+        if self.spec.source.cursor is None:
+            return None
+        last = batch.iloc[-1]
+        key = last[self.spec.source.key]
+        watermark = Watermark(
+            pd.Timestamp(last[self.spec.source.cursor]).to_pydatetime(),
+            key.item() if hasattr(key, "item") else key,
+        )
+        if before and (watermark.updated_at, watermark.key) < (before.updated_at, before.key):
+            return before  # a lookback batch never moves the watermark back
+        return watermark
 
     def _unclaimed(
         self, valid: pd.DataFrame, releasing: set[str]
@@ -706,7 +726,7 @@ class Sync:
     def _refusal(
         self, record: OutboundRecord, reason: str, source_rows: pd.DataFrame
     ) -> DeadLetter:
-        """A refused record's dead letter, with the destination's reason scrubbed of PII."""
+        """A refused record's dead letter; the destination's words are scrubbed of its PII."""
         payload = _json_ready(source_rows.loc[[record.key]])[0]
         pii = self.spec.source_contract.pii_fields | self.spec.target_contract.pii_fields
         values = [payload.get(name) for name in pii] + [record.properties.get(name) for name in pii]

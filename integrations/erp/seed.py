@@ -2,7 +2,7 @@
 
 A few percent of customers carry the faults real ERPs have: malformed emails, missing
 countries, and emails that differ from another customer's only in case. The generator is
-vectorised (numpy) and loads with executemany on SQLite and COPY on PostgreSQL, so a
+vectorised (numpy) and loads with executemany on SQLite and MariaDB and COPY on PostgreSQL, so a
 million customers seed in seconds.
 """
 
@@ -289,9 +289,29 @@ def _load_postgresql(engine: sa.Engine, table: sa.Table, columns: dict[str, list
         raw.close()
 
 
+def _load_mysql(engine: sa.Engine, table: sa.Table, columns: dict[str, list]) -> None:
+    names = list(columns)
+    raw = engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        rows = list(zip(*columns.values(), strict=True))
+        # PyMySQL turns an executemany INSERT into multi-row statements of up to ~1 MB each.
+        for start in range(0, len(rows), 50_000):
+            cursor.executemany(
+                f"INSERT INTO {table.name} ({', '.join(names)}) "
+                f"VALUES ({', '.join('%s' for _ in names)})",
+                rows[start : start + 50_000],
+            )
+        raw.commit()
+    finally:
+        raw.close()
+
+
 LOADERS: dict[str, Callable[[sa.Engine, sa.Table, dict[str, list]], None]] = {
     "sqlite": _load_sqlite,
     "postgresql": _load_postgresql,
+    "mysql": _load_mysql,
+    "mariadb": _load_mysql,
 }
 
 
@@ -328,5 +348,6 @@ def seed_erp(url: str, rows: int, seed: int = 42) -> dict[str, int]:
         for index in table.indexes:
             index.create(engine)
         counts[table.name] = len(next(iter(columns.values())))
+    schema.metadata.create_all(engine)  # the staging tables handoff fills, empty
     engine.dispose()
     return counts

@@ -5,12 +5,23 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
+DEFAULT_DRIVERS = {
+    # psycopg 3: the driver with COPY.
+    "postgresql": "postgresql+psycopg",
+    "postgres": "postgresql+psycopg",
+    # PyMySQL: pure Python, server-side cursors, multi-row executemany.
+    "mysql": "mysql+pymysql",
+    "mariadb": "mariadb+pymysql",
+}
+
 
 def normalise_url(url: str) -> str:
-    """`postgresql://` means psycopg 3 here, the driver with COPY."""
+    """A URL without a driver gets the one handoff is built on (psycopg 3, PyMySQL)."""
     parsed = make_url(url)
-    if parsed.drivername in ("postgresql", "postgres"):
-        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.drivername in DEFAULT_DRIVERS:
+        parsed = parsed.set(drivername=DEFAULT_DRIVERS[parsed.drivername])
+    if parsed.get_backend_name() in ("mysql", "mariadb") and "charset" not in parsed.query:
+        parsed = parsed.update_query_dict({"charset": "utf8mb4"})
     return parsed.render_as_string(hide_password=False)
 
 

@@ -1,19 +1,21 @@
-"""A table in a system of record, streamed in keyset-paginated batches.
+"""A table in a system of record (SQLite, PostgreSQL or MariaDB), streamed in batches.
 
-Each batch is one short query `WHERE (cursor, key) > (last cursor, last key) ORDER BY cursor, key
-LIMIT n`: memory is bounded by the batch, no transaction stays open across batches, and a
-crashed sync resumes where its last committed batch ended.
+A read is one query ordered by `(cursor, key)`, streamed through a server-side cursor (psycopg's
+named cursor, PyMySQL's SSCursor, SQLite's stepping) and cut into DataFrames of `batch_size`
+rows: memory is bounded by the batch, never by the table, and each row is read once. A crashed
+sync resumes from its last committed batch's watermark.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 import pandas as pd
 import sqlalchemy as sa
 
-from integrations.engine.spec import SourceTable
+from integrations.engine.source import SourceUnavailable
+from integrations.engine.spec import RecentTotal, SourceTable
 from integrations.sql.connect import raise_on_lost_connection
 
 
@@ -21,8 +23,7 @@ class SourceSchemaError(Exception):
     """The configured table or columns are not in the source database."""
 
 
-class SourceUnavailable(Exception):
-    """The source database could not be reached, or dropped the connection mid-extract."""
+__all__ = ["SourceSchemaError", "SourceUnavailable", "SqlSource"]
 
 
 class SqlSource:
@@ -37,29 +38,57 @@ class SqlSource:
             raise SourceSchemaError(
                 f"table {spec.table!r} is not in the source database"
             ) from error
-        wanted = [spec.key, spec.cursor] + ([spec.deleted] if spec.deleted else [])
+        wanted = [name for name in (spec.key, spec.cursor, spec.deleted) if name]
         missing = [name for name in wanted if name not in self.table.c]
         if missing:
             raise SourceSchemaError(f"table {spec.table!r} has no column(s) {missing}")
         self.key = self.table.c[spec.key]
-        self.cursor = self.table.c[spec.cursor]
+        # A table without a change cursor is read whole; the ledger's diff finds what changed.
+        self.cursor = self.table.c[spec.cursor] if spec.cursor else None
+        self.order = [self.key] if self.cursor is None else [self.cursor, self.key]
         self.select, self.columns = self._with_lookups()
+
+    def _reflect(self, table: str, role: str) -> sa.Table:
+        try:
+            return sa.Table(table, sa.MetaData(), autoload_with=self.engine)
+        except sa.exc.NoSuchTableError as error:
+            raise SourceSchemaError(f"{role} table {table!r} is not in the source") from error
+
+    def _total(self, total: RecentTotal) -> sa.Label:
+        """A correlated subquery per row; the child's `via` column should be indexed."""
+        child = self._reflect(total.table, "total")
+        wanted = [total.via, total.value, total.dated, *(column for column, _ in total.where)]
+        if any(name not in child.c for name in wanted):
+            raise SourceSchemaError(
+                f"total {total.name!r} names unknown columns of {total.table!r}"
+            )
+        dated = child.c[total.dated]
+        since = datetime.now(UTC).replace(tzinfo=None) - total.window
+        conditions = [
+            child.c[total.via] == self.key,
+            dated >= (since.date() if isinstance(dated.type, sa.Date) else since),
+            *(child.c[column] == value for column, value in total.where),
+        ]
+        if self.spec.deleted and self.spec.deleted in child.c:
+            conditions.append(child.c[self.spec.deleted].is_(None))
+        summed = sa.func.coalesce(sa.func.sum(child.c[total.value]), 0)
+        return sa.select(summed).where(*conditions).scalar_subquery().label(total.name)
 
     def _with_lookups(self) -> tuple[sa.Select, list[str]]:
         joined, extra = self.table, []
         for lookup in self.spec.lookups:
-            try:
-                parent = sa.Table(lookup.table, sa.MetaData(), autoload_with=self.engine)
-            except sa.exc.NoSuchTableError as error:
-                raise SourceSchemaError(
-                    f"lookup table {lookup.table!r} is not in the source"
-                ) from error
+            parent = self._reflect(lookup.table, "lookup")
             missing = [c for c in (lookup.key, lookup.value) if c not in parent.c]
             if missing or lookup.via not in self.table.c:
                 raise SourceSchemaError(f"lookup {lookup.name!r} names unknown columns")
             joined = joined.outerjoin(parent, self.table.c[lookup.via] == parent.c[lookup.key])
             extra.append(parent.c[lookup.value].label(lookup.name))
-        columns = [*self.table.c.keys(), *(lookup.name for lookup in self.spec.lookups)]
+        extra += [self._total(total) for total in self.spec.totals]
+        columns = [
+            *self.table.c.keys(),
+            *(lookup.name for lookup in self.spec.lookups),
+            *(total.name for total in self.spec.totals),
+        ]
         return sa.select(self.table, *extra).select_from(joined), columns
 
     def in_window(self, column: str, start: datetime, end: datetime) -> sa.ColumnElement[bool]:
@@ -77,30 +106,19 @@ class SqlSource:
         batch_size: int,
         within: sa.ColumnElement[bool] | None = None,
     ) -> Iterator[pd.DataFrame]:
-        """Rows with cursor ≥ `since` (all rows when None) and `within` (a partition window),
-        in (cursor, key) order."""
-        position = sa.tuple_(self.cursor, self.key)
-        scope = within if within is not None else sa.true()
-        condition = self.cursor >= since if since is not None else sa.true()
-        columns = self.columns
-        while True:
-            query = (
-                self.select.where(scope, condition)
-                .order_by(self.cursor, self.key)
-                .limit(batch_size)
-            )
-            with self.engine.connect() as connection:
-                rows = connection.execute(query).all()
-            if not rows:
-                return
-            yield pd.DataFrame.from_records(rows, columns=columns)
-            if len(rows) < batch_size:
-                return
-            last = rows[-1]
-            condition = position > sa.tuple_(
-                sa.literal(last[columns.index(self.spec.cursor)], self.cursor.type),
-                sa.literal(last[columns.index(self.spec.key)], self.key.type),
-            )
+        """Rows with cursor ≥ `since` (all rows when None or without a cursor) and `within`
+        (a partition window), in (cursor, key) order."""
+        query = self.select.order_by(*self.order)
+        if within is not None:
+            query = query.where(within)
+        if since is not None and self.cursor is not None:
+            query = query.where(self.cursor >= since)
+        with self.engine.connect() as connection:
+            result = connection.execution_options(
+                stream_results=True, yield_per=batch_size
+            ).execute(query)
+            for rows in result.partitions(batch_size):
+                yield pd.DataFrame.from_records(rows, columns=self.columns)
 
     def rows_with_keys(self, keys: Sequence[object], batch_size: int) -> Iterator[pd.DataFrame]:
         """The rows with these keys (a repair), in (cursor, key) order within each batch."""
@@ -112,7 +130,7 @@ class SqlSource:
                 continue  # a key of the wrong type names no row of this table
         for start in range(0, len(native), batch_size):
             chunk = native[start : start + batch_size]
-            query = self.select.where(self.key.in_(chunk)).order_by(self.cursor, self.key)
+            query = self.select.where(self.key.in_(chunk)).order_by(*self.order)
             with self.engine.connect() as connection:
                 rows = connection.execute(query).all()
             if rows:
@@ -124,12 +142,15 @@ class SqlSource:
             return []
         deleted = self.table.c[self.spec.deleted]
         query = sa.select(self.key).where(deleted.is_not(None))
-        if since is not None:
+        if since is not None and self.cursor is not None:
             query = query.where(self.cursor >= since)
         with self.engine.connect() as connection:
             return list(connection.execute(query).scalars())
 
     def high_water_mark(self) -> datetime | None:
-        """The newest cursor value in the table: the sensor's cheap 'did anything change?'."""
+        """The newest cursor value in the table: the sensor's cheap 'did anything change?'
+        (None for an empty table or one without a cursor)."""
+        if self.cursor is None:
+            return None
         with self.engine.connect() as connection:
             return connection.execute(sa.select(sa.func.max(self.cursor))).scalar_one()

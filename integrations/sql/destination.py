@@ -1,0 +1,245 @@
+"""A table in a SQL database as a sync destination: upsert by key, archive by `archived_at`.
+
+One transaction per upsert call (the engine's chunk), by dialect:
+- PostgreSQL: COPY the chunk into a temporary table, then one `INSERT … SELECT … ON CONFLICT (key)
+  DO UPDATE … WHERE (columns) IS DISTINCT FROM (excluded)`: rows already equal are not rewritten.
+- MariaDB/MySQL: `INSERT … ON DUPLICATE KEY UPDATE`, sent as multi-row statements by PyMySQL.
+- SQLite: `INSERT … ON CONFLICT (key) DO UPDATE`, executemany.
+The table must fit the flow (see integrations/sql/fit.py), checked by `prepare` before any write.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, date, datetime
+from decimal import Decimal
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql, sqlite
+
+from integrations.engine.destination import (
+    DestinationUnavailable,
+    OutboundRecord,
+    RecordsRejected,
+    Upserted,
+    Written,
+)
+from integrations.engine.spec import FlowSpec, Target
+from integrations.sql.fit import ARCHIVED_AT, create_table, python_type, reflect_fitting_table
+
+_IN_CHUNK = 500
+_TEMP_TABLE = "handoff_upsert_batch"
+
+
+class SqlTable:
+    """One table of a SQL database, keyed by the target's `id_property`."""
+
+    max_batch = 50_000
+
+    def __init__(self, engine: sa.Engine, target: Target, create_missing: bool = False):
+        self.engine, self.target, self.create_missing = engine, target, create_missing
+        self.dialect = engine.dialect.name
+        self.name = f"{self.dialect} table {target.dataset}"
+        self._table: sa.Table | None = None
+        self._fields: list[str] = []
+
+    # --- before the first write -------------------------------------------------------------
+
+    def prepare(self, spec: FlowSpec) -> None:
+        """Create the table from the contract if allowed and missing; check that it fits."""
+        if self.create_missing and not sa.inspect(self.engine).has_table(spec.target.dataset):
+            create_table(self.engine, spec)
+        self._table = reflect_fitting_table(self.engine, spec)
+        self._fields = list(spec.target_contract.schema.columns)
+
+    @property
+    def table(self) -> sa.Table:
+        if self._table is None:  # reads (snapshot, archive) need no contract
+            self._table = sa.Table(self.target.dataset, sa.MetaData(), autoload_with=self.engine)
+        return self._table
+
+    # --- writes ------------------------------------------------------------------------------
+
+    def upsert(self, records: Sequence[OutboundRecord]) -> Upserted:
+        """One transaction: the database takes the chunk whole or refuses it whole."""
+        if not records:
+            return Upserted([])
+        fields = self._fields or list(records[0].properties)
+        key = self.target.id_property
+        rows = [tuple(record.properties.get(name) for name in fields) for record in records]
+        try:
+            with self.engine.begin() as connection:
+                if self.dialect == "postgresql":
+                    created = self._upsert_postgresql(connection, fields, rows)
+                else:
+                    created = self._upsert_executemany(connection, fields, rows)
+        except sa.exc.DBAPIError as error:
+            raise _classified(error) from error
+        return Upserted(
+            [
+                Written(
+                    record.key,
+                    str(record.properties[key]),
+                    created.get(str(record.properties[key]), False),
+                )
+                for record in records
+            ]
+        )
+
+    def health(self) -> dict[str, object]:
+        """A database connection has no API transport to report on."""
+        return {}
+
+    def _upsert_postgresql(
+        self, connection: sa.Connection, fields: list[str], rows: list[tuple]
+    ) -> dict[str, bool]:
+        quote = self.engine.dialect.identifier_preparer.quote
+        table, key = quote(self.table.name), quote(self.target.id_property)
+        columns = ", ".join(quote(name) for name in fields)
+        others = [quote(name) for name in fields if name != self.target.id_property]
+        archived = quote(ARCHIVED_AT)
+        connection.exec_driver_sql(
+            f"CREATE TEMPORARY TABLE {_TEMP_TABLE} ON COMMIT DROP AS "
+            f"SELECT {columns} FROM {table} WITH NO DATA"
+        )
+        with (
+            connection.connection.driver_connection.cursor() as cursor,
+            cursor.copy(f"COPY {_TEMP_TABLE} ({columns}) FROM STDIN") as copy,
+        ):
+            for row in rows:
+                copy.write_row(row)
+        mine = ", ".join([*(f"{table}.{name}" for name in others), f"{table}.{archived}"])
+        theirs = ", ".join([*(f"EXCLUDED.{name}" for name in others), "NULL"])
+        updates = ", ".join(
+            [*(f"{name} = EXCLUDED.{name}" for name in others), f"{archived} = NULL"]
+        )
+        returned = connection.exec_driver_sql(
+            f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {_TEMP_TABLE} "
+            f"ON CONFLICT ({key}) DO UPDATE SET {updates} "
+            f"WHERE ({mine}) IS DISTINCT FROM ({theirs}) "
+            f"RETURNING {key}, (xmax = 0)"
+        )
+        # Rows left out of RETURNING were already equal: kept, not rewritten, not created.
+        return {str(value): inserted for value, inserted in returned}
+
+    def _upsert_executemany(
+        self, connection: sa.Connection, fields: list[str], rows: list[tuple]
+    ) -> dict[str, bool]:
+        table, key = self.table, self.target.id_property
+        position = fields.index(key)
+        keys = [row[position] for row in rows]
+        existing: set[str] = set()
+        for start in range(0, len(keys), _IN_CHUNK):
+            query = sa.select(table.c[key]).where(table.c[key].in_(keys[start : start + _IN_CHUNK]))
+            existing.update(str(value) for value in connection.execute(query).scalars())
+        converters = [_converter(table.c[name]) for name in fields]
+        parameters = [
+            {
+                name: convert(value)
+                for name, convert, value in zip(fields, converters, row, strict=True)
+            }
+            for row in rows
+        ]
+        connection.execute(self._upsert_statement(fields), parameters)
+        return {str(value): str(value) not in existing for value in keys}
+
+    def _upsert_statement(self, fields: list[str]):
+        table, key = self.table, self.target.id_property
+        if self.dialect == "sqlite":
+            statement = sqlite.insert(table)
+            updates = {name: statement.excluded[name] for name in fields if name != key}
+            return statement.on_conflict_do_update(
+                index_elements=[key], set_={**updates, ARCHIVED_AT: sa.null()}
+            )
+        if self.dialect in ("mysql", "mariadb"):
+            statement = mysql.insert(table)
+            updates = {name: statement.inserted[name] for name in fields if name != key}
+            return statement.on_duplicate_key_update({**updates, ARCHIVED_AT: sa.null()})
+        raise NotImplementedError(f"no upsert for the {self.dialect} dialect")
+
+    def archive(self, destination_ids: Sequence[str]) -> None:
+        """Mark records archived (`archived_at` = now); archived ones keep their first time."""
+        column = self.table.c[self.target.id_property]
+        native = python_type(column) or str
+        ids = [native(value) if native is int else value for value in destination_ids]
+        now = datetime.now(UTC).replace(tzinfo=None)
+        try:
+            with self.engine.begin() as connection:
+                for start in range(0, len(ids), _IN_CHUNK):
+                    connection.execute(
+                        sa.update(self.table)
+                        .where(
+                            column.in_(ids[start : start + _IN_CHUNK]),
+                            self.table.c[ARCHIVED_AT].is_(None),
+                        )
+                        .values({ARCHIVED_AT: now})
+                    )
+        except sa.exc.DBAPIError as error:
+            raise _classified(error) from error
+
+    # --- reads -------------------------------------------------------------------------------
+
+    def snapshot(self, fields: Sequence[str]) -> Iterator[tuple[str, str, dict[str, object]]]:
+        """Every live record, with values as the engine sends them (ISO text, floats)."""
+        table, key = self.table, self.target.id_property
+        wanted = [name for name in fields if name in table.c]
+        query = sa.select(table.c[key], *(table.c[name] for name in wanted)).where(
+            table.c[ARCHIVED_AT].is_(None)
+        )
+        try:
+            with self.engine.connect() as connection:
+                result = connection.execution_options(stream_results=True, yield_per=10_000)
+                for row in result.execute(query):
+                    values = {
+                        name: _as_sent(value) for name, value in zip(wanted, row[1:], strict=True)
+                    }
+                    yield str(row[0]), str(row[0]), values
+        except sa.exc.DBAPIError as error:
+            raise _classified(error) from error
+
+
+def _converter(column: sa.Column) -> Callable[[object], object]:
+    """Records carry dates and timestamps as ISO text; SQLite and PyMySQL binds want objects."""
+    kind = python_type(column)
+    if kind is datetime:
+        return lambda value: datetime.fromisoformat(value) if isinstance(value, str) else value
+    if kind is date:
+        return lambda value: date.fromisoformat(value[:10]) if isinstance(value, str) else value
+    return lambda value: value
+
+
+def _as_sent(value: object) -> object:
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%dT%H:%M:%S.%f")
+    if isinstance(value, date):
+        return value.isoformat()
+    return float(value) if isinstance(value, Decimal) else value
+
+
+def _unreachable(error: sa.exc.DBAPIError) -> bool:
+    if error.connection_invalidated or isinstance(error, sa.exc.InterfaceError):
+        return True
+    if not isinstance(error, sa.exc.OperationalError):
+        return False
+    code = error.orig.args[0] if error.orig is not None and error.orig.args else None
+    # PyMySQL files server-side data errors (1366 a wrong value, 4025 a CHECK) as
+    # OperationalError too; only the client's codes (2000–2999) mean no connection.
+    return not isinstance(code, int) or 2000 <= code < 3000
+
+
+# MariaDB repeats the offending value in some messages; a value can be personal data.
+_QUOTED_VALUE = re.compile(r"(entry|value) '.*?'", re.IGNORECASE)
+
+
+def _classified(error: sa.exc.DBAPIError) -> Exception:
+    """A refused write (constraint, type, length) or an unreachable database, worded without
+    the offending values."""
+    original = error.orig
+    if _unreachable(error):
+        return DestinationUnavailable(f"{type(original).__name__}: the database is unreachable")
+    diagnostic = getattr(original, "diag", None)
+    message = getattr(diagnostic, "message_primary", None) or (
+        original.args[-1] if original is not None and original.args else str(error)
+    )
+    return RecordsRejected(_QUOTED_VALUE.sub(r"\1 '…'", str(message)))

@@ -1,0 +1,177 @@
+"""Does a destination table fit a flow? Checked against the reflected schema before the first write.
+
+A SQL destination table holds one column per field of the flow's target contract, keyed by the
+target's `id_property` (its primary key, or a single-column unique constraint), plus
+`archived_at`: a nullable timestamp, NULL for a live record and the time of archiving for a
+record soft-deleted in the source or out of the flow's scope (it is set back to NULL when the
+record comes back). Other columns are allowed if the database can fill them (nullable, or with a
+default). A missing table can be created from the contract (`create_table`).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import date, datetime
+from decimal import Decimal
+
+import sqlalchemy as sa
+
+from integrations.contracts import Contract
+from integrations.engine.destination import DestinationMismatch
+from integrations.engine.spec import FlowSpec
+
+ARCHIVED_AT = "archived_at"
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+# What each contract dtype may be stored in (by the reflected column's Python type).
+_FITS: dict[str, tuple[type, ...]] = {
+    "str": (str, date, datetime),  # ISO dates as text land in DATE/TIMESTAMP columns too
+    "int": (int, Decimal, float),
+    "float": (float, Decimal),
+    "bool": (bool, int),
+    "datetime": (datetime,),
+    "date": (date, str),
+}
+_CREATED_TYPES: dict[str, sa.types.TypeEngine] = {
+    "int": sa.BigInteger(),
+    "float": sa.Float(53),
+    "bool": sa.Boolean(),
+    "datetime": sa.DateTime(),
+    "date": sa.Date(),
+}
+
+
+def kind_of(contract: Contract, field: str) -> str:
+    """The contract field's kind: str, int, float, bool, datetime or date."""
+    dtype = str(contract.schema.columns[field].dtype).lower()
+    for kind in ("datetime", "date", "int", "float", "bool"):
+        if dtype.startswith(kind):
+            return kind
+    return "str"
+
+
+def python_type(column: sa.Column) -> type | None:
+    try:
+        return column.type.python_type
+    except NotImplementedError:
+        return None
+
+
+def check_identifier(flow: str, name: str) -> str:
+    if not IDENTIFIER.fullmatch(name):
+        raise DestinationMismatch(
+            f"flow {flow}: {name!r} is not a plain SQL identifier. What to do: name destination "
+            "tables and fields with letters, digits and underscores"
+        )
+    return name
+
+
+def create_table(engine: sa.Engine, spec: FlowSpec) -> sa.Table:
+    """The destination table the contract describes, created if it is missing."""
+    contract, key = spec.target_contract, spec.target.id_property
+    columns = []
+    for name, field in contract.schema.columns.items():
+        check_identifier(spec.name, name)
+        kind = kind_of(contract, name)
+        # Keys need a bounded length on MariaDB; other text is unbounded.
+        type_ = _CREATED_TYPES.get(kind) or (sa.String(255) if name == key else sa.Text())
+        columns.append(
+            sa.Column(name, type_, primary_key=name == key, nullable=bool(field.nullable))
+        )
+    columns.append(sa.Column(ARCHIVED_AT, sa.DateTime, nullable=True))
+    table = sa.Table(check_identifier(spec.name, spec.target.dataset), sa.MetaData(), *columns)
+    table.create(engine, checkfirst=True)
+    return table
+
+
+def reflect_fitting_table(engine: sa.Engine, spec: FlowSpec) -> sa.Table:
+    """The reflected destination table, or DestinationMismatch naming the flow, table and column."""
+    name = spec.target.dataset
+    try:
+        table = sa.Table(name, sa.MetaData(), autoload_with=engine)
+    except sa.exc.NoSuchTableError:
+        raise DestinationMismatch(
+            f"flow {spec.name}: the destination has no table {name!r}. What to do: create it "
+            f"with a column per field of {spec.target_contract.label}, {spec.target.id_property!r} "
+            f"as primary key and a nullable timestamp {ARCHIVED_AT!r}, or let handoff create it "
+            "(create_missing_tables)"
+        ) from None
+    problems = _misfits(engine, table, spec)
+    if problems:
+        column, problem, todo = problems[0]
+        more = f" ({len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise DestinationMismatch(
+            f"flow {spec.name}: destination table {name!r}, column {column!r}: {problem}{more}. "
+            f"What to do: {todo}"
+        )
+    return table
+
+
+def _misfits(engine: sa.Engine, table: sa.Table, spec: FlowSpec) -> list[tuple[str, str, str]]:
+    contract, key = spec.target_contract, spec.target.id_property
+    label = contract.label
+    problems: list[tuple[str, str, str]] = []
+    for name, field in contract.schema.columns.items():
+        if name not in table.c:
+            problems.append((name, f"missing ({label} has it)", f"add the column {name!r}"))
+            continue
+        column, kind = table.c[name], kind_of(contract, name)
+        stored = python_type(column)
+        if stored is not None and not issubclass(stored, _FITS[kind]):
+            problems.append(
+                (
+                    name,
+                    f"type {column.type} cannot hold the contract's {kind} values",
+                    f"change the column to a {kind} type, or the contract",
+                )
+            )
+        if field.nullable and not column.nullable:
+            problems.append(
+                (
+                    name,
+                    f"NOT NULL, but {label} allows nulls",
+                    "make the column nullable, or the contract field required",
+                )
+            )
+    if key in table.c and not _is_unique(engine, table, key):
+        problems.append(
+            (
+                key,
+                "not the primary key nor unique: an upsert by it would duplicate records",
+                f"make {key!r} the primary key or add a unique constraint on it alone",
+            )
+        )
+    archived = table.c.get(ARCHIVED_AT)
+    if archived is None or not archived.nullable or python_type(archived) is not datetime:
+        problems.append(
+            (
+                ARCHIVED_AT,
+                "missing, or not a nullable timestamp (it marks archived records)",
+                f"add a nullable timestamp column {ARCHIVED_AT!r}",
+            )
+        )
+    for column in table.c:
+        fillable = (
+            column.nullable
+            or column.server_default is not None
+            or column.autoincrement is True
+            or column.identity is not None
+        )
+        if column.name not in contract.schema.columns and not fillable:
+            problems.append(
+                (
+                    column.name,
+                    f"NOT NULL without a default, and not in {label}",
+                    "give it a default, make it nullable, or add it to the contract",
+                )
+            )
+    return problems
+
+
+def _is_unique(engine: sa.Engine, table: sa.Table, key: str) -> bool:
+    if [column.name for column in table.primary_key.columns] == [key]:
+        return True
+    inspector = sa.inspect(engine)
+    constraints = inspector.get_unique_constraints(table.name)
+    indexes = [index for index in inspector.get_indexes(table.name) if index.get("unique")]
+    return any(item["column_names"] == [key] for item in [*constraints, *indexes])

@@ -1,0 +1,160 @@
+"""SQL destinations and sources on real SQLite, PostgreSQL and MariaDB."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pandera.pandas as pa
+import pytest
+import sqlalchemy as sa
+from pandera.typing import Series
+
+from integrations.contracts import Contract
+from integrations.engine.destination import DestinationMismatch, OutboundRecord, RecordsRejected
+from integrations.engine.spec import FlowSpec, SourceTable, Target
+from integrations.erp.seed import seed_erp
+from integrations.sql.connect import create_engine
+from integrations.sql.destination import SqlTable
+from integrations.sql.source import SqlSource
+
+
+class LedgerLineV1(pa.DataFrameModel):
+    line_number: Series[str] = pa.Field(unique=True)
+    amount: Series[float]
+    booked_on: Series[str]
+    memo: Series[str] = pa.Field(nullable=True)
+
+
+LINES = FlowSpec(
+    name="test_ledger_lines",
+    source=SourceTable(table="unused", key="id"),
+    source_contract=Contract("test.source", 1, LedgerLineV1),
+    target=Target(system="books", dataset="ledger_lines", id_property="line_number"),
+    target_contract=Contract("test.ledger_line", 1, LedgerLineV1),
+    mapping=lambda rows: rows,
+)
+
+
+def record(number: str, amount: float, memo: str | None = "x") -> OutboundRecord:
+    properties = {"line_number": number, "amount": amount, "booked_on": "2025-01-02", "memo": memo}
+    return OutboundRecord(key=number.removeprefix("L"), properties=properties, trace_id=number)
+
+
+def rows(engine: sa.Engine) -> dict[str, tuple]:
+    with engine.connect() as connection:
+        found = connection.execute(
+            sa.text("SELECT line_number, amount, memo, archived_at FROM ledger_lines")
+        ).all()
+    return {row[0]: (float(row[1]), row[2], row[3]) for row in found}
+
+
+@pytest.fixture
+def engine(sql_database):
+    engine = create_engine(sql_database())
+    yield engine
+    engine.dispose()
+
+
+def test_upsert_by_key_archive_and_come_back(engine):
+    table = SqlTable(engine, LINES.target, create_missing=True)
+    table.prepare(LINES)
+    written = table.upsert(
+        [record("L1", 10.0), record("L2", 20.5, None), record("L3", 30.0)]
+    ).written
+    assert [(w.key, w.destination_id, w.created) for w in written] == [
+        ("1", "L1", True),
+        ("2", "L2", True),
+        ("3", "L3", True),
+    ]
+
+    again = table.upsert([record("L2", 21.0, "fixed"), record("L4", 40.0)]).written
+    assert [(w.destination_id, w.created) for w in again] == [("L2", False), ("L4", True)]
+    assert rows(engine)["L2"][:2] == (21.0, "fixed")
+
+    table.archive(["L1"])
+    assert rows(engine)["L1"][2] is not None
+    assert sorted(id_value for id_value, _, _ in table.snapshot(["amount"])) == ["L2", "L3", "L4"]
+
+    table.upsert([record("L1", 10.0)])
+    assert rows(engine)["L1"][2] is None, "a record sent again is live again"
+    assert len(rows(engine)) == 4
+
+
+def test_equal_rows_are_left_alone(engine):
+    table = SqlTable(engine, LINES.target, create_missing=True)
+    table.prepare(LINES)
+    table.upsert([record("L1", 10.0)])
+    written = table.upsert([record("L1", 10.0)]).written
+    assert [(w.destination_id, w.created) for w in written] == [("L1", False)]
+    assert rows(engine)["L1"][:2] == (10.0, "x")
+
+
+def create(engine: sa.Engine, *columns: sa.Column | sa.Constraint) -> None:
+    sa.Table("ledger_lines", sa.MetaData(), *columns).create(engine)
+
+
+def ledger_columns(
+    keyed: bool = True, amount=sa.Float, memo_nullable: bool = True, archived: bool = True
+) -> list[sa.Column]:
+    """The table LINES needs, or one with a single fault."""
+    return [
+        sa.Column("line_number", sa.String(20), primary_key=keyed),
+        sa.Column("amount", amount),
+        sa.Column("booked_on", sa.String(10)),
+        sa.Column("memo", sa.Text, nullable=memo_nullable),
+        *([sa.Column("archived_at", sa.DateTime)] if archived else []),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("fault", "column", "problem"),
+    [
+        ({"keyed": False}, "line_number", "not the primary key nor unique"),
+        ({"memo_nullable": False}, "memo", "NOT NULL, but test.ledger_line@v1 allows nulls"),
+        ({"amount": sa.Integer}, "amount", "cannot hold the contract's float values"),
+        ({"archived": False}, "archived_at", "missing, or not a nullable timestamp"),
+    ],
+    ids=["key-not-unique", "not-null", "type", "archive-column"],
+)
+def test_a_table_that_does_not_fit_is_refused_before_any_write(engine, fault, column, problem):
+    create(engine, *ledger_columns(**fault))
+    with pytest.raises(DestinationMismatch) as refused:
+        SqlTable(engine, LINES.target).prepare(LINES)
+    message = str(refused.value)
+    assert "flow test_ledger_lines" in message
+    assert "table 'ledger_lines'" in message
+    assert f"column {column!r}" in message
+    assert problem in message
+    assert "What to do:" in message
+    with engine.connect() as connection:
+        assert connection.execute(sa.text("SELECT count(*) FROM ledger_lines")).scalar() == 0
+
+
+def test_a_missing_table_is_named_with_what_to_do(engine):
+    with pytest.raises(DestinationMismatch, match=r"no table 'ledger_lines'.*What to do"):
+        SqlTable(engine, LINES.target).prepare(LINES)
+
+
+def test_a_refused_record_is_rejected_without_its_value(engine):
+    create(engine, *ledger_columns(), sa.CheckConstraint("amount > 0", name="positive_amount"))
+    table = SqlTable(engine, LINES.target)
+    table.prepare(LINES)
+    with pytest.raises(RecordsRejected) as refused:
+        table.upsert([record("L1", 10.0), record("L2", -987654.0)])
+    assert "987654" not in str(refused.value)
+    assert rows(engine) == {}, "the whole chunk is one transaction"
+
+
+def test_source_streams_in_batches_by_cursor_and_key(sql_database):
+    url = sql_database()
+    seed_erp(url, rows=250, seed=3)
+    engine = create_engine(url)
+    source = SqlSource(engine, SourceTable(table="customers", key="customer_id"))
+    batches = list(source.batches(None, 100))
+    assert [len(batch) for batch in batches] == [100, 100, 50]
+    everything = pd.concat(batches)
+    order = list(zip(everything["updated_at"], everything["customer_id"], strict=True))
+    assert order == sorted(order)
+    middle = everything["updated_at"].iloc[125]
+    since = list(source.batches(middle.to_pydatetime(), 100))
+    assert sum(len(batch) for batch in since) == (everything["updated_at"] >= middle).sum()
+    engine.dispose()
