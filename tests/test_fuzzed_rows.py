@@ -26,6 +26,7 @@ from integrations.crm.sandbox import SandboxServer
 from integrations.engine.spec import ErrorBudget
 from integrations.engine.state import StateStore
 from integrations.engine.sync import Sync
+from integrations.http import ApiLimits
 from integrations.sql.connect import create_engine
 from integrations.sql.source import SqlSource
 from tests.conftest import DLQ_KEY
@@ -134,7 +135,7 @@ def test_every_row_lands_or_is_dead_lettered_with_a_reason(example):
         sandbox.start_in_thread()
         erp = create_engine(load_source(folder / "erp.sqlite", rows))
         state = StateStore(f"sqlite:///{folder / 'state.sqlite'}", dlq_key=DLQ_KEY)
-        client = CrmClient(sandbox.base_url, token, retries=1, backoff=0.01)
+        client = CrmClient(sandbox.base_url, token, ApiLimits(retries=1, backoff=0.01))
         try:
             result = Sync(
                 SPEC,
