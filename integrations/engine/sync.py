@@ -690,7 +690,7 @@ class Sync:
         result.counts["held"] += len(unchanged)
         return live.drop(index=unchanged), set(held)
 
-    # --- load: per-record refusals, bisection of chunks refused whole --------------------------------------------
+    # --- load: per-record refusals, bisection of chunks refused whole -------------------------
 
     def _load(
         self, outbound: Sequence[OutboundRecord], source_rows: pd.DataFrame, plan: _Plan
