@@ -187,7 +187,7 @@ def test_the_sandbox_signs_with_standard_webhooks_too_and_reports_each_kind_of_c
 
 
 def test_a_burst_of_1000_events_with_10_percent_duplicates_is_stored_once_each(
-    any_world, crm_client
+    any_world, crm_client, figures
 ):
     world = any_world  # the inbox and the ERP on SQLite, then on PostgreSQL
     contacts = created(
@@ -244,9 +244,10 @@ def test_a_burst_of_1000_events_with_10_percent_duplicates_is_stored_once_each(
         assert sum(a["stored"] for a in accepted) == 900
         assert sum(a["duplicates"] for a in accepted) == 50
         assert server.inbox.counts() == {"deliveries": 950, "events": 900, "waiting": 900}
-        print(
-            f"\nburst ({world.state_url.split(':')[0]} inbox): 1000 deliveries in {seconds:.2f} s ({1000 / seconds:.0f}/s), 900 stored, "
-            f"50 replays refused (409), 50 retried events counted as duplicates"
+        figures.append(
+            f"burst ({world.state_url.split(':')[0]} inbox): 1000 deliveries in {seconds:.2f} s "
+            f"({1000 / seconds:.0f}/s), 900 stored, 50 replays refused (409), 50 retried events "
+            "counted as duplicates"
         )
 
         (request,) = tick(instance, None).run_requests
