@@ -96,8 +96,8 @@ class WebhookSender:
         self._queue: queue.Queue[dict] = queue.Queue()
         self._busy = threading.Lock()
         self._session = requests.Session()
+        self._worker: threading.Thread | None = None
         self.subscribe(url, scheme)
-        threading.Thread(target=self._work, name="crm-sandbox-webhooks", daemon=True).start()
 
     def subscribe(self, url: str | None, scheme: str = "hubspot") -> dict[str, object]:
         if scheme not in SCHEMES:
@@ -107,6 +107,11 @@ class WebhookSender:
         if url and scheme == "standard" and not any(s.startswith("whsec_") for s in self.secrets):
             raise ValueError("Standard Webhooks need a whsec_ secret in CRM_WEBHOOK_SECRET")
         self.url, self.scheme = url or None, scheme
+        if self.url and self._worker is None:  # a sandbox without a subscriber runs no thread
+            self._worker = threading.Thread(
+                target=self._work, name="crm-sandbox-webhooks", daemon=True
+            )
+            self._worker.start()
         return self.describe()
 
     def describe(self) -> dict[str, object]:
