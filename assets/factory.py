@@ -175,13 +175,13 @@ def _run(
     connections = flow_connections(context.resources, spec, log=context.log)
     with connections as (source, destination, state):
         try:
-            return _sync_or_repair(context, spec, config, source, destination, state)
+            return _sync_replay_or_repair(context, spec, config, source, destination, state)
         finally:
             transport.update(destination.health())
             context.log.info("%s transport: %s", spec.target.system, transport)
 
 
-def _sync_or_repair(context, spec, config, source, destination, state):
+def _sync_replay_or_repair(context, spec, config, source, destination, state):
     sync = Sync(
         spec,
         source,
@@ -221,9 +221,12 @@ def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
         partitions_def=partitions_of(spec),
         backfill_policy=dg.BackfillPolicy.single_run() if spec.partitions else None,
         retry_policy=dg.RetryPolicy(
-            max_retries=3, delay=15, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+            max_retries=spec.run_retries,
+            delay=15,
+            backoff=dg.Backoff.EXPONENTIAL,
+            jitter=dg.Jitter.PLUS_MINUS,
         )
-        if api_facing
+        if api_facing and spec.run_retries
         else None,
         metadata={"flow": spec.name, "contract": spec.target_contract.label},
         freshness_policy=dg.FreshnessPolicy.time_window(fail_window=spec.max_staleness),

@@ -19,13 +19,17 @@ from integrations.sql.source import SqlSource
 
 @contextmanager
 def crm_destination(target: Target) -> Iterator[Destination]:
-    from integrations.crm.client import CrmClient
+    from integrations.crm.client import CrmClient, shared_bucket
     from integrations.crm.destination import CrmObjects
+    from integrations.http import ApiLimits
 
     token = settings.crm_access_token()
     if not token:
         raise MissingSecret("CRM_ACCESS_TOKEN is not set: the CRM destination needs it")
-    client = CrmClient(settings.crm_base_url(), token)
+    base_url = settings.crm_base_url()
+    limits = ApiLimits(requests_per_second=settings.crm_requests_per_second())
+    bucket = shared_bucket(settings.state_url(), base_url, limits)
+    client = CrmClient(base_url, token, limits, bucket=bucket)
     try:
         yield CrmObjects.for_target(client, target)
     finally:

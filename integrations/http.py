@@ -197,7 +197,11 @@ class SharedTokenBucket:
         self.tolerance = (max(limits.burst, 1) - 1) * self.interval
         self.engine = create_engine(url)
         now = _DATABASE_NOW[self.engine.dialect.name]
-        _buckets.create_all(self.engine)
+        try:
+            _buckets.create_all(self.engine)
+        except sa.exc.DatabaseError:  # two processes creating it at once: one of them wins
+            if not sa.inspect(self.engine).has_table(api_rate_limits.name):
+                raise
         try:
             with self.engine.begin() as connection:
                 connection.execute(api_rate_limits.insert().values(name=name, next_free=0.0))
@@ -297,32 +301,10 @@ class ApiClient:
             self.breaker.before_attempt(self.log)
             if self.bucket is not None:
                 self.waited += self.bucket.acquire()
-            self.counts["attempts"] += 1
-            response: requests.Response | None = None
-            failure, error = "", None
-            try:
-                response = self.session.request(
-                    method,
-                    url,
-                    json=json,
-                    params=params,
-                    headers=headers,
-                    timeout=(self.limits.connect_timeout, self.limits.read_timeout),
-                )
-            except requests.Timeout as caught:
-                failure, error = f"timeout ({type(caught).__name__})", caught
-            except requests.RequestException as caught:
-                # Its text can hold the URL but never headers; keep only its kind.
-                failure, error = type(caught).__name__, caught
-            if response is not None:
-                self.counts[f"{response.status_code // 100}xx"] += 1
-                if response.status_code not in RETRYABLE:
-                    self.breaker.succeeded(self.log)
-                    return response
-                self.counts[str(response.status_code)] += 1
-                failure = f"{response.status_code} {response.reason}"
-            else:
-                self.counts["connection_errors"] += 1
+            response, failure, error = self._attempt(method, url, json, params, headers)
+            if response is not None and response.status_code not in RETRYABLE:
+                self.breaker.succeeded(self.log)
+                return response
             if response is not None and response.status_code == 429:
                 self.breaker.succeeded(self.log)  # throttled means alive, not broken
             else:
@@ -343,6 +325,27 @@ class ApiClient:
                 ) from None
             self.counts["retries"] += 1
             self._pause(retry, response)
+
+    def _attempt(self, method, url, json, params, headers):
+        """One request with the timeouts: (response, None, None) or (None, what failed, error)."""
+        self.counts["attempts"] += 1
+        try:
+            response = self.session.request(
+                method,
+                url,
+                json=json,
+                params=params,
+                headers=headers,
+                timeout=(self.limits.connect_timeout, self.limits.read_timeout),
+            )
+        except requests.RequestException as error:
+            self.counts["connection_errors"] += 1
+            # Its text can hold the URL but never headers; keep only its kind.
+            return None, type(error).__name__, error
+        self.counts[f"{response.status_code // 100}xx"] += 1
+        if response.status_code in RETRYABLE:
+            self.counts[str(response.status_code)] += 1
+        return response, f"{response.status_code} {response.reason}", None
 
     def _pause(self, retry: Retry, response: requests.Response | None) -> None:
         """Retry-After when the answer has one (shared through the bucket), else backoff."""

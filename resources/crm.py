@@ -17,6 +17,11 @@ class CrmResource(ApiResource):
 
     base_url: str
     access_token: str = Field(description="Bind to dg.EnvVar('CRM_ACCESS_TOKEN'); never a literal.")
+    burst: int = Field(
+        default=3,
+        description="Requests sent at once from a full bucket: lets a sync catch up after "
+        "reading a batch (HubSpot counts per 10 s, so bursts of a few stay within it).",
+    )
 
     @contextmanager
     def destination(self, target: Target, log=None) -> Iterator[CrmObjects]:

@@ -311,3 +311,29 @@ def helpdesk_world(rt, tmp_path, monkeypatch) -> HelpdeskWorld:
     monkeypatch.setenv("ERP_DATABASE_URL", erp_url)
     monkeypatch.setenv("HANDOFF_STATE_URL", state_url)
     return HelpdeskWorld(erp_url, state_url, rt)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--outage-seconds",
+        type=float,
+        default=4.0,
+        help="length of the CRM outage in the fault suite's scenario (d); 30 shows the "
+        "issue's case (about 1-2 minutes)",
+    )
+
+
+_FIGURES: list[str] = []
+
+
+@pytest.fixture
+def figures():
+    """Lines a test reports; printed in the run's summary (no -s needed)."""
+    return _FIGURES
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _FIGURES:
+        terminalreporter.section("figures")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)

@@ -37,23 +37,35 @@ def crm_contacts(client: CrmClient) -> list[dict]:
     return list(client.list_objects("contacts", properties=["erp_customer_id", "email", "city"]))
 
 
-def assert_crm_matches_erp(erp_url: str, client: CrmClient) -> None:
+def assert_crm_matches_erp(
+    erp_url: str, client: CrmClient, refused: set[str] = frozenset()
+) -> None:
     """Every valid customer is a contact, once; customers sharing an email (ignoring case) have
-    exactly one contact among them; nothing else is in the CRM."""
+    exactly one contact among them (none if the CRM `refused` theirs: dead-lettered with its
+    reason); nothing else is in the CRM."""
     contacts = crm_contacts(client)
     assert_one_per_valid_customer(
-        erp_url, [contact["properties"]["erp_customer_id"] for contact in contacts]
+        erp_url, [contact["properties"]["erp_customer_id"] for contact in contacts], refused
     )
 
 
-def assert_one_per_valid_customer(erp_url: str, numbers: list[str]) -> None:
+def assert_one_per_valid_customer(
+    erp_url: str, numbers: list[str], refused: set[str] = frozenset()
+) -> None:
     """`numbers` (the customer numbers a destination holds) name every valid customer once;
-    of customers sharing an email (ignoring case) exactly one; and nobody else."""
+    of customers sharing an email (ignoring case) exactly one (none if the destination
+    `refused` theirs); and nobody else."""
     expected = valid_customers(erp_url)
     assert len(numbers) == len(set(numbers)), "duplicate records for one customer"
     assert set(numbers) <= set(expected), "records that are not valid ERP customers"
+    assert not set(numbers) & set(refused), "refused customers are in the destination"
     by_email: dict[str, list[str]] = defaultdict(list)
     for number, email in expected.items():
         by_email[email].append(number)
-    missing = [group for group in by_email.values() if len(set(group) & set(numbers)) != 1]
+    synced = set(numbers)
+    missing = [
+        group
+        for group in by_email.values()
+        if len(set(group) & synced) > 1 or not set(group) & (synced | set(refused))
+    ]
     assert not missing, f"{len(missing)} valid customers (or email groups) are missing or doubled"

@@ -12,18 +12,9 @@ import requests
 
 from integrations.crm.client import CrmClient, CrmRequestRejected, CrmUnavailable
 from integrations.http import ApiClient, ApiLimits, ApiUnavailable, SharedTokenBucket
+from tests.sandbox_faults import set_faults
 
 QUICK = ApiLimits(backoff=0.02, backoff_max=0.2)
-
-
-def set_faults(sandbox, token: str, **faults) -> None:
-    answer = requests.post(
-        f"{sandbox.base_url}/_sandbox/faults",
-        json=faults,
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=5,
-    )
-    answer.raise_for_status()
 
 
 def counts(sandbox) -> dict[str, int]:

@@ -52,6 +52,14 @@ def last_modified_property(object_type: str) -> str:
     return "lastmodifieddate" if object_type == "contacts" else "hs_lastmodifieddate"
 
 
+def shared_bucket(state_url: str, base_url: str, limits: ApiLimits) -> SharedTokenBucket | None:
+    """The token bucket every run and process writing to this CRM shares (in the state store),
+    or None when no request limit is configured."""
+    if not limits.requests_per_second:
+        return None
+    return SharedTokenBucket(state_url, f"crm {base_url.rstrip('/')}", limits)
+
+
 class CrmClient:
     def __init__(
         self,

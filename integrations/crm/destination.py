@@ -138,7 +138,7 @@ class CrmObjects:
                 )
             else:
                 reason = errors.get(
-                    record.trace_id, "the CRM answered neither a result nor an error"
+                    item["objectWriteTraceId"], "the CRM answered neither a result nor an error"
                 )
                 refused.append(Refusal(record.key, reason))
         return Upserted(written, refused)

@@ -140,6 +140,9 @@ class FlowSpec:
     schedule: str | None = "0 * * * *"
     watch_source: bool = True
     pool: str | None = None
+    # Whole-run retries of an API-facing flow (after its client's own retries gave up or its
+    # circuit opened), spaced out exponentially with jitter by the orchestrator.
+    run_retries: int = 3
     # When to alert: no successful sync for this long; a dead letter left open this long.
     max_staleness: timedelta = timedelta(hours=3)
     dead_letter_max_age: timedelta = timedelta(days=1)

@@ -678,7 +678,7 @@ class Sync:
         result.counts["held"] += len(unchanged)
         return live.drop(index=unchanged), set(held)
 
-    # --- load: per-record refusals, bisection of chunks refused whole --------------------------------------------
+    # --- load: per-record refusals, bisection of chunks refused whole -------------------------
 
     def _load(
         self, outbound: Sequence[OutboundRecord], source_rows: pd.DataFrame, plan: _Plan
@@ -714,7 +714,7 @@ class Sync:
     def _refusal(
         self, record: OutboundRecord, reason: str, source_rows: pd.DataFrame
     ) -> DeadLetter:
-        """A refused record's dead letter; the destination's words are scrubbed of its PII."""
+        """A refused record's dead letter, with the destination's reason scrubbed of PII."""
         payload = _json_ready(source_rows.loc[[record.key]])[0]
         pii = self.spec.source_contract.pii_fields | self.spec.target_contract.pii_fields
         values = [payload.get(name) for name in pii] + [record.properties.get(name) for name in pii]
