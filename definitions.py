@@ -18,6 +18,7 @@ from resources import (
     SqlDestinationDatabase,
     StateStoreResource,
 )
+from resources.secrets import require_secrets
 from sensors.alerts import alert_sensors
 from sensors.schedules import flow_schedules
 from sensors.source_changed import source_changed_sensors
@@ -38,7 +39,10 @@ def resources() -> dict[str, dg.ConfigurableResource]:
             url=from_env("FINANCE_DATABASE_URL", settings.finance_database_url),
             create_missing_tables=not os.environ.get("FINANCE_DATABASE_URL"),
         ),
-        "state": StateStoreResource(url=from_env("HANDOFF_STATE_URL", settings.state_url)),
+        "state": StateStoreResource(
+            url=from_env("HANDOFF_STATE_URL", settings.state_url),
+            dlq_key=dg.EnvVar("HANDOFF_DLQ_KEY"),
+        ),
         "crm": CrmResource(
             base_url=from_env("CRM_BASE_URL", settings.crm_base_url),
             access_token=dg.EnvVar("CRM_ACCESS_TOKEN"),
@@ -47,6 +51,7 @@ def resources() -> dict[str, dg.ConfigurableResource]:
     }
 
 
+require_secrets()
 defs = dg.Definitions(
     assets=[*source_asset_specs(FLOWS), *(flow_asset(spec) for spec in FLOWS)],
     asset_checks=[reconciliation_check(spec, asset_key(spec)) for spec in FLOWS],

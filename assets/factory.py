@@ -35,6 +35,8 @@ class SyncConfig(dg.Config):
     """Let this run archive more than the flow's archive guard allows (after checking the source)."""
     repair: bool = False
     """Reconcile, then send again exactly the records missing or differing in the destination."""
+    replay: bool = False
+    """Sync the flow's open dead letters again (from the source, or their payload), nothing else."""
 
 
 def asset_key(spec: FlowSpec) -> dg.AssetKey:
@@ -73,8 +75,10 @@ def table_schema(contract: Contract) -> dg.TableSchema:
     return dg.TableSchema(columns=columns)
 
 
-def trigger_of(context: dg.AssetExecutionContext) -> str:
+def trigger_of(context: dg.AssetExecutionContext, config: SyncConfig) -> str:
     tags = context.run.tags
+    if config.replay:
+        return "replay"
     if "dagster/backfill" in tags:
         return f"backfill {tags['dagster/backfill']}"
     if "dagster/schedule_name" in tags:
@@ -114,6 +118,9 @@ def _metadata(spec: FlowSpec, result: SyncResult) -> dict[str, object]:
         ),
         "full_refresh": result.full,
         "top_failure_reasons": dg.MetadataValue.json(dict(result.reasons.most_common(5))),
+        "failures_by_kind": dg.MetadataValue.json(dict(result.kinds.most_common())),
+        "dead_letters_open": sum(result.open_dead_letters.values()),
+        "dead_letters_open_by_kind": dg.MetadataValue.json(result.open_dead_letters),
         "contract": f"{spec.source_contract.label} → {spec.target_contract.label}",
         "dagster/column_schema": table_schema(spec.target_contract),
     }
@@ -150,9 +157,11 @@ def _run(
             state,
             run_id=context.run.run_id,
             actor=f"dagster run {context.run.run_id}",
-            why=trigger_of(context),
+            why=trigger_of(context, config),
             log=context.log,
         )
+        if config.replay:
+            return sync.replay(state.list_dead_letters(flow=spec.name, limit=None)), None
         if config.repair:
             drift = reconcile(spec, source, destination, state)
             return sync.repair(drift.missing + drift.differing), drift

@@ -24,6 +24,8 @@ import time
 import uuid
 from pathlib import Path
 
+from cryptography.fernet import Fernet
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -82,7 +84,7 @@ def step_sync(env: dict[str, str]) -> dict[str, object]:
     from integrations.sql.source import SqlSource
 
     engine = create_engine(env["ERP_DATABASE_URL"])
-    state = StateStore(env["HANDOFF_STATE_URL"])
+    state = StateStore(env["HANDOFF_STATE_URL"], dlq_key=Fernet.generate_key().decode())
     client = CrmClient(env["CRM_BASE_URL"], env["CRM_ACCESS_TOKEN"])
     result = Sync(
         CRM_CONTACTS,

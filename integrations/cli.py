@@ -1,27 +1,57 @@
-"""`handoff`: the operators' command line (seed, crm-sandbox, dlq, simulate)."""
+"""`handoff`: the operators' command line (seed, crm-sandbox, dlq, audit, simulate)."""
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import os
+import socket
 import sys
 import time
+import uuid
+from datetime import timedelta
 
 import numpy as np
 
 from integrations import settings
 from integrations.engine.masking import mask_record
-from integrations.engine.state import StateStore
+from integrations.engine.spec import FlowSpec
+from integrations.engine.state import REASON_KINDS, DeadLetter, StateStore, utcnow
 from integrations.sql.connect import create_engine, redacted
 
 
-def _pii_fields() -> frozenset[str]:
-    from integrations.contracts.crm_contact import CRM_CONTACT
-    from integrations.contracts.erp_customer import ERP_CUSTOMER
+def _flows() -> dict[str, FlowSpec]:
+    """The declared flows by name (their modules are framework-free)."""
+    from assets import FLOWS
 
-    return ERP_CUSTOMER.pii_fields | CRM_CONTACT.pii_fields
+    return {spec.name: spec for spec in FLOWS}
+
+
+def _pii_fields(flow: str) -> frozenset[str]:
+    """The flow's PII fields; every flow's when the flow is unknown (mask more, never less)."""
+    specs = _flows()
+    chosen = [specs[flow]] if flow in specs else list(specs.values())
+    return frozenset().union(
+        *(spec.source_contract.pii_fields | spec.target_contract.pii_fields for spec in chosen)
+    )
+
+
+def _store() -> StateStore:
+    return StateStore(settings.state_url(), dlq_key=settings.dlq_key())
+
+
+def _actor(command: str) -> str:
+    return f"{getpass.getuser()}@{socket.gethostname()} via handoff {command}"
+
+
+def _age(text: str) -> timedelta:
+    """`90s`, `30m`, `2h`, `7d`."""
+    units = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+    if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not an age like 90s, 30m, 2h or 7d")
+    return timedelta(**{units[text[-1]]: int(text[:-1])})
 
 
 def cmd_seed(args: argparse.Namespace) -> int:
@@ -61,7 +91,7 @@ def cmd_crm_sandbox(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dlq_row(letter, pii: frozenset[str]) -> dict[str, object]:
+def _dlq_row(letter: DeadLetter) -> dict[str, object]:
     return {
         "id": letter.id,
         "flow": letter.flow,
@@ -69,58 +99,142 @@ def _dlq_row(letter, pii: frozenset[str]) -> dict[str, object]:
         "kind": letter.reason_kind,
         "reason": letter.reason,
         "attempts": letter.attempts,
-        "first_seen": letter.first_seen.isoformat(timespec="seconds")
-        if letter.first_seen
-        else None,
-        "last_seen": letter.last_seen.isoformat(timespec="seconds") if letter.last_seen else None,
-        "email": mask_record({"email": letter.payload.get("email")}, pii)["email"],
+        "first_seen": _when(letter.first_seen),
+        "last_seen": _when(letter.last_seen),
+        "correlation_id": letter.correlation_id,
     }
 
 
+def _when(moment) -> str | None:
+    return moment.isoformat(timespec="seconds") if moment else None
+
+
+def _selected(store: StateStore, args: argparse.Namespace, limit: int | None) -> list[DeadLetter]:
+    older = getattr(args, "older_than", None)
+    return store.list_dead_letters(
+        flow=args.flow,
+        include_resolved=getattr(args, "all", False),
+        limit=limit,
+        reason_kind=args.kind,
+        seen_before=utcnow() - older if older else None,
+        ids=args.id or (),
+        keys=getattr(args, "key", None) or (),
+    )
+
+
 def cmd_dlq_list(args: argparse.Namespace) -> int:
-    store = StateStore(settings.state_url())
-    letters = store.list_dead_letters(flow=args.flow, include_resolved=args.all, limit=args.limit)
-    pii = _pii_fields()
-    rows = [_dlq_row(letter, pii) for letter in letters]
+    store = _store()
+    rows = [_dlq_row(letter) for letter in _selected(store, args, args.limit)]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
-        print("the dead-letter queue is empty" + (f" for {args.flow}" if args.flow else ""))
+        print("no dead letters match" + (f" in {args.flow}" if args.flow else ""))
         return 0
-    print(f"{'id':>6}  {'flow':<32} {'key':<10} {'email':<22} {'att':>3}  reason")
+    print(f"{'id':>6}  {'flow':<32} {'key':<12} {'kind':<20} {'att':>3}  reason")
     for row in rows:
         print(
-            f"{row['id']:>6}  {row['flow']:<32} {row['key']:<10} {row['email'] or '-':<22} "
+            f"{row['id']:>6}  {row['flow']:<32} {row['key']:<12} {row['kind']:<20} "
             f"{row['attempts']:>3}  {row['reason']}"
         )
     total = store.count_open_dead_letters(args.flow)
     if not args.all and total > len(rows):
-        print(f"(showing {len(rows)} of {total} open; --limit N shows more)")
+        print(f"(showing {len(rows)} of {total} open; filters or --limit N show others)")
     return 0
 
 
 def cmd_dlq_show(args: argparse.Namespace) -> int:
-    store = StateStore(settings.state_url())
-    letter = store.get_dead_letter(args.id)
+    letter = _store().get_dead_letter(args.id)
     if letter is None:
         print(
             f"handoff dlq show: no dead letter with id {args.id}; `handoff dlq list` shows the ids",
             file=sys.stderr,
         )
         return 1
-    shown = _dlq_row(letter, _pii_fields())
-    shown.pop("email")
-    shown["payload (PII masked)"] = mask_record(letter.payload, _pii_fields())
-    shown["resolved_at"] = (
-        letter.resolved_at.isoformat(timespec="seconds") if letter.resolved_at else None
-    )
+    shown = _dlq_row(letter)
+    pii = _pii_fields(letter.flow)
+    if letter.payload is None:
+        shown["payload"] = "(encrypted: set HANDOFF_DLQ_KEY to the key the flows run with)"
+    elif "rows" in letter.payload:
+        shown["payload (PII masked)"] = [mask_record(row, pii) for row in letter.payload["rows"]]
+    else:
+        shown["payload (PII masked)"] = mask_record(letter.payload, pii)
+    shown["resolved_at"] = _when(letter.resolved_at)
+    shown["resolution"] = letter.resolution
     print(json.dumps(shown, indent=2, default=str))
     return 0
 
 
+def cmd_dlq_replay(args: argparse.Namespace) -> int:
+    """Sync open dead letters again, flow by flow, through the engine."""
+    from integrations.connections import open_flow
+    from integrations.engine.sync import Sync, SyncError
+
+    store = _store()
+    letters = _selected(store, args, limit=None)
+    if not letters:
+        print("no open dead letters match; nothing to replay")
+        return 0
+    specs, failed = _flows(), False
+    run_id = f"replay-{uuid.uuid4().hex[:12]}"
+    for flow in sorted({letter.flow for letter in letters}):
+        chosen = [letter for letter in letters if letter.flow == flow]
+        if flow not in specs:
+            print(f"{flow}: no such flow is declared; {len(chosen)} letters left as they are")
+            failed = True
+            continue
+        try:
+            with open_flow(specs[flow]) as (source, destination, state):
+                result = Sync(
+                    specs[flow],
+                    source,
+                    destination,
+                    state,
+                    run_id=run_id,
+                    actor=_actor("dlq replay"),
+                    why="replay",
+                ).replay(chosen)
+        except SyncError as error:
+            print(f"handoff dlq replay: {error}", file=sys.stderr)
+            failed = True
+            continue
+        still = store.list_dead_letters(flow=flow, ids=[letter.id for letter in chosen])
+        print(
+            f"{flow}: replayed {len(chosen)} (run {run_id}): {result.written} written, "
+            f"{len(chosen) - len(still)} left the DLQ, {len(still)} still failing"
+        )
+        failed = failed or bool(still)
+    return 1 if failed else 0
+
+
+def cmd_dlq_discard(args: argparse.Namespace) -> int:
+    if not (args.id or args.flow):
+        print("handoff dlq discard: name the letters with --id or --flow", file=sys.stderr)
+        return 2
+    store = _store()
+    letters = _selected(store, args, limit=None)
+    if not letters:
+        print("no open dead letters match; nothing discarded")
+        return 0
+    store.discard_dead_letters(
+        letters,
+        actor=_actor("dlq discard"),
+        why=args.reason,
+        run_id=f"discard-{uuid.uuid4().hex[:12]}",
+    )
+    print(f"discarded {len(letters)} dead letters (audited, reason: {args.reason})")
+    return 0
+
+
+def cmd_dlq_keygen(args: argparse.Namespace) -> int:
+    from cryptography.fernet import Fernet
+
+    print(Fernet.generate_key().decode())
+    return 0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    verdict = StateStore(settings.state_url()).verify_audit()
+    verdict = _store().verify_audit()
     if verdict.intact:
         print(f"audit trail intact: {verdict.entries} entries, head {(verdict.head or '')[:16]}")
         return 0
@@ -131,6 +245,52 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 1
+
+
+def cmd_audit_show(args: argparse.Namespace) -> int:
+    """A record's story: where it stands in each flow, every audited action, its dead letters."""
+    store = _store()
+    story = {
+        "key": args.key,
+        "ledger": [
+            {**row, "synced_at": _when(row["synced_at"])}
+            for row in store.ledger_rows(args.key)
+            if not args.flow or row["flow"] == args.flow
+        ],
+        "history": [
+            {**entry, "at": _when(entry["at"])}
+            for entry in store.record_history(args.key, flow=args.flow)
+        ],
+        "dead_letters": [
+            {**_dlq_row(letter), "resolution": letter.resolution}
+            for letter in store.list_dead_letters(
+                flow=args.flow, include_resolved=True, limit=None, keys=[args.key]
+            )
+        ],
+    }
+    if args.json:
+        print(json.dumps(story, indent=2, default=str))
+        return 0 if story["history"] or story["ledger"] else 1
+    if not story["history"] and not story["ledger"]:
+        print(f"no record {args.key!r} in the audit trail", file=sys.stderr)
+        return 1
+    for row in story["ledger"]:
+        state = "archived" if row["archived"] else "live"
+        print(
+            f"{row['flow']}: {state} as {row['destination_id']}, last synced {row['synced_at']} "
+            f"by run {row['run_id']}"
+        )
+    for entry in story["history"]:
+        print(
+            f"{entry['at']}  {entry['flow']}  {entry['action']:<11} run {entry['run_id']} "
+            f"({entry['trigger']}; {entry['actor']})  {json.dumps(entry['diff'], default=str)}"
+        )
+    for letter in story["dead_letters"]:
+        print(
+            f"dead letter {letter['id']} ({letter['flow']}, {letter['kind']}): {letter['reason']}"
+            f" [{letter['resolution'] or 'open'}]"
+        )
+    return 0
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -186,8 +346,16 @@ def parser() -> argparse.ArgumentParser:
     dlq = commands.add_parser("dlq", help="the dead-letter queue").add_subparsers(
         dest="dlq", required=True
     )
-    listing = dlq.add_parser("list", help="open dead letters, PII masked")
-    listing.add_argument("--flow")
+
+    def letters(command: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        command.add_argument("--flow", help="only this flow's letters")
+        command.add_argument("--kind", choices=REASON_KINDS, help="only this kind of reason")
+        command.add_argument("--older-than", type=_age, help="first seen at least this long ago")
+        command.add_argument("--id", type=int, action="append", help="this letter (repeatable)")
+        command.add_argument("--key", action="append", help="this record key (repeatable)")
+        return command
+
+    listing = letters(dlq.add_parser("list", help="dead letters, PII masked"))
     listing.add_argument("--all", action="store_true", help="include resolved ones")
     listing.add_argument("--limit", type=int, default=100)
     listing.add_argument("--json", action="store_true")
@@ -195,12 +363,26 @@ def parser() -> argparse.ArgumentParser:
     show = dlq.add_parser("show", help="one dead letter with its payload, PII masked")
     show.add_argument("id", type=int)
     show.set_defaults(run=cmd_dlq_show)
+    replay = letters(
+        dlq.add_parser("replay", help="sync open letters again from the source (or payload)")
+    )
+    replay.set_defaults(run=cmd_dlq_replay)
+    discard = letters(dlq.add_parser("discard", help="close letters without syncing (audited)"))
+    discard.add_argument("--reason", required=True, help="why: kept in the audit trail")
+    discard.set_defaults(run=cmd_dlq_discard)
+    keygen = dlq.add_parser("keygen", help="print a new key for HANDOFF_DLQ_KEY")
+    keygen.set_defaults(run=cmd_dlq_keygen)
 
     audit = commands.add_parser("audit", help="the audit trail").add_subparsers(
         dest="audit", required=True
     )
     verify = audit.add_parser("verify", help="walk the hash chain; report the first broken link")
     verify.set_defaults(run=cmd_audit_verify)
+    story = audit.add_parser("show", help="one record's story across runs and flows")
+    story.add_argument("--key", required=True, help="the record key (the source's key)")
+    story.add_argument("--flow", help="only this flow")
+    story.add_argument("--json", action="store_true")
+    story.set_defaults(run=cmd_audit_show)
 
     simulate = commands.add_parser("simulate", help="change a few ERP customers every few seconds")
     simulate.add_argument("--every", type=float, default=5.0, help="seconds between rounds")

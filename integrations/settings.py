@@ -60,5 +60,14 @@ def crm_base_url() -> str:
     return os.environ.get("CRM_BASE_URL") or "http://127.0.0.1:8765"
 
 
+def dlq_key() -> str | None:
+    """The Fernet key that encrypts dead-letter payloads at rest (`HANDOFF_DLQ_KEY`)."""
+    return os.environ.get("HANDOFF_DLQ_KEY") or None
+
+
+def crm_access_token() -> str | None:
+    return os.environ.get("CRM_ACCESS_TOKEN") or None
+
+
 def crm_sandbox_path() -> Path:
     return handoff_home() / "crm_sandbox.sqlite"

@@ -25,6 +25,6 @@ class CrmResource(dg.ConfigurableResource):
             self.base_url, self.access_token, timeout=self.timeout_seconds, retries=self.max_retries
         )
         try:
-            yield CrmObjects(client, target.dataset, target.id_property, target.associations)
+            yield CrmObjects.for_target(client, target)
         finally:
             client.close()

@@ -14,12 +14,18 @@ from pathlib import Path
 import psycopg
 import pymysql
 import pytest
+from cryptography.fernet import Fernet
 
 from integrations.crm.client import CrmClient
 from integrations.crm.sandbox import SandboxServer
 from integrations.engine.state import StateStore
 from integrations.erp.seed import seed_erp
 from integrations.sql.connect import create_engine
+
+# The code location refuses to load without its secrets; tests run with throwaway ones.
+DLQ_KEY = Fernet.generate_key().decode()
+os.environ.setdefault("HANDOFF_DLQ_KEY", DLQ_KEY)
+os.environ.setdefault("CRM_ACCESS_TOKEN", secrets.token_urlsafe(24))
 
 POSTGRES_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -158,6 +164,7 @@ class World:
             "HANDOFF_STATE_URL": self.state_url,
             "CRM_BASE_URL": self.crm.base_url,
             "CRM_ACCESS_TOKEN": self.token,
+            "HANDOFF_DLQ_KEY": DLQ_KEY,
         }
 
 
@@ -237,6 +244,6 @@ def erp(world):
 @pytest.fixture
 def state(world):
     """The world's state store."""
-    store = StateStore(world.state_url)
+    store = StateStore(world.state_url, dlq_key=DLQ_KEY)
     yield store
     store.dispose()

@@ -3,12 +3,20 @@
 import pytest
 import sqlalchemy as sa
 
+from assets.crm_contacts import CRM_CONTACTS
 from integrations.cli import main
+from integrations.erp.changes import move_customers
 from tests.contacts import sync
 
 DROP_TRIGGERS = {
-    "sqlite": ["DROP TRIGGER audit_log_no_update", "DROP TRIGGER audit_log_no_delete"],
-    "postgresql": ["DROP TRIGGER audit_log_append_only ON audit_log"],
+    "sqlite": [
+        f"DROP TRIGGER {table}_no_{verb}"
+        for table in ("audit_log", "audit_records")
+        for verb in ("update", "delete")
+    ],
+    "postgresql": [
+        f"DROP TRIGGER {table}_append_only ON {table}" for table in ("audit_log", "audit_records")
+    ],
 }
 
 
@@ -34,6 +42,21 @@ def test_an_untouched_trail_verifies(world, erp, crm_client, state, capsys):
     [
         ("UPDATE audit_log SET why = 'nothing to see' WHERE id = 2", 2, "content was changed"),
         ("DELETE FROM audit_log WHERE id = 2", 2, "removed or replaced"),
+        (
+            "UPDATE audit_records SET diff = '{}' WHERE audit_id = 2 AND id = (SELECT max(id) FROM audit_records WHERE audit_id = 2)",
+            2,
+            "a record of it",
+        ),
+        (
+            "DELETE FROM audit_records WHERE id = (SELECT min(id) FROM audit_records WHERE audit_id = 3)",
+            3,
+            "a record of it",
+        ),
+        (
+            "UPDATE audit_records SET action = 'insert' WHERE audit_id = 1 AND action = 'dead-letter'",
+            1,
+            "a record of it",
+        ),
     ],
 )
 def test_tampering_is_reported_at_its_position(
@@ -52,3 +75,32 @@ def test_tampering_is_reported_at_its_position(
     assert not verdict.intact and verdict.broken_position == position and problem in verdict.problem
     assert main(["audit", "verify"]) == 1
     assert f"(position {position})" in capsys.readouterr().err
+
+
+def test_the_audit_refuses_edits_while_its_triggers_stand(world, erp, crm_client, state):
+    sync(erp, crm_client, state)
+    for statement in ("UPDATE audit_records SET diff = '{}'", "DELETE FROM audit_log"):
+        with pytest.raises(sa.exc.DatabaseError, match="append-only"):  # noqa: SIM117
+            with state.engine.begin() as connection:
+                connection.execute(sa.text(statement))
+
+
+def test_a_records_story_shows_each_change_field_by_field(world, erp, crm_client, state, capsys):
+    sync(erp, crm_client, state)
+    with state.engine.connect() as connection:
+        key = connection.execute(
+            sa.text("SELECT min(record_key) FROM ledger WHERE archived = false")
+        ).scalar_one()
+    move_customers(erp, [int(key)], seed=3)
+    sync(erp, crm_client, state, run_id="run-2")
+    story = state.record_history(key)
+    assert [entry["action"] for entry in story] == ["insert", "update"]
+    inserted, updated = story[0]["diff"], story[1]["diff"]
+    assert set(inserted) >= {"email", "city", "country", "erp_customer_id"}
+    assert set(updated) == {"city", "phone"}, "only what the move changed"
+    assert updated["phone"].endswith("***") or "***" in updated["phone"]
+    assert "***" in inserted["email"] and "***" in inserted["lastname"]
+    assert story[1]["correlation_id"] == f"run-2:{CRM_CONTACTS.name}:{key}"
+    assert main(["audit", "show", "--key", key]) == 0
+    out = capsys.readouterr().out
+    assert "live as" in out and "insert" in out and "update" in out

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from definitions import defs
 
@@ -35,10 +36,9 @@ def test_the_asset_graph_resolves_with_flows_checks_sensors_and_schedules():
     assert assets_def.op.retry_policy.backoff == dg.Backoff.EXPONENTIAL
 
 
-def test_dagster_definitions_validate_passes(tmp_path):
-    env = {**os.environ, "DAGSTER_HOME": str(tmp_path), "HANDOFF_HOME": str(tmp_path)}
+def validate(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     (tmp_path / "dagster.yaml").write_text("")
-    done = subprocess.run(
+    return subprocess.run(
         [
             Path(sys.executable).with_name("dagster"),
             "definitions",
@@ -47,10 +47,24 @@ def test_dagster_definitions_validate_passes(tmp_path):
             "workspace.yaml",
         ],
         cwd=ROOT,
-        env=env,
+        env={**env, "DAGSTER_HOME": str(tmp_path), "HANDOFF_HOME": str(tmp_path)},
         capture_output=True,
         text=True,
         timeout=180,
     )
+
+
+def test_dagster_definitions_validate_passes(tmp_path):
+    done = validate(tmp_path, dict(os.environ))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "All code locations passed validation" in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("secret", ["CRM_ACCESS_TOKEN", "HANDOFF_DLQ_KEY"])
+def test_a_missing_secret_stops_the_load_with_one_error_naming_it(tmp_path, secret):
+    env = {name: value for name, value in os.environ.items() if name != secret}
+    done = validate(tmp_path, env)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert output.count(f"{secret} is not set") == 1, output
+    assert "handoff cannot load" in output

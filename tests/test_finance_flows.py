@@ -14,7 +14,6 @@ from assets.factory import flow_asset
 from assets.finance_invoices import FINANCE_INVOICES
 from assets.finance_payments import FINANCE_PAYMENTS
 from definitions import defs, resources
-from integrations.engine.state import StateStore
 from integrations.settings import CHINOOK_DATASET
 from integrations.sql.connect import create_engine
 from integrations.sql.fit import create_table
@@ -167,7 +166,7 @@ def test_chinook_customers_and_invoices_land_in_finance(chinook_copy, finance_ur
         assert (again["written"], again["unchanged"]) == (0, 59)
 
 
-def test_a_contract_violation_planted_in_chinook_lands_in_the_dlq(world, chinook_copy):
+def test_a_contract_violation_planted_in_chinook_lands_in_the_dlq(world, state, chinook_copy):
     engine = create_engine(chinook_copy)
     with engine.begin() as connection:
         connection.execute(
@@ -177,9 +176,7 @@ def test_a_contract_violation_planted_in_chinook_lands_in_the_dlq(world, chinook
     with dg.instance_for_test() as instance:
         counts = materialize(CHINOOK_CUSTOMERS, instance)
     assert (counts["inserted"], counts["rejected"]) == (58, 1)
-    store = StateStore(world.state_url)
-    letters = store.list_dead_letters(CHINOOK_CUSTOMERS.name)
-    store.dispose()
+    letters = state.list_dead_letters(CHINOOK_CUSTOMERS.name)
     assert [(letter.record_key, letter.reason_kind) for letter in letters] == [("7", "contract")]
     assert "Email is not a valid email address" in letters[0].reason
     assert letters[0].payload["Email"] == "not-an-address"

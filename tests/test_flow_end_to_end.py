@@ -134,7 +134,7 @@ def test_rejected_customers_are_dead_lettered_with_a_reason(world, crm_client):
     assert any("email is not a valid email address" in reason for reason in reasons)
     assert any("country is missing" in reason for reason in reasons)
     assert any("already used by record" in reason for reason in reasons), "dataset-wide email clash"
-    assert all(letter.reason_kind in {"contract", "destination"} for letter in letters)
+    assert all(letter.reason_kind in {"contract", "destination-rejected"} for letter in letters)
     audit = store.audit_entries(CRM_CONTACTS.name)
     assert audit and audit[-1]["actor"].startswith("dagster run ")
     assert json.dumps([entry["detail"] for entry in audit]).count("@") == 0, (

@@ -17,7 +17,7 @@ from integrations.engine.destination import (
     RecordsRejected,
     Written,
 )
-from integrations.engine.spec import Association
+from integrations.engine.spec import Association, Target
 
 
 class CrmObjects:
@@ -36,6 +36,10 @@ class CrmObjects:
         self.associations = tuple(associations)
         self.name = f"CRM {object_type}"
 
+    @classmethod
+    def for_target(cls, client: CrmClient, target: Target) -> CrmObjects:
+        return cls(client, target.dataset, target.id_property, target.associations)
+
     def prepare(self, spec) -> None:
         """Nothing to check up front: the CRM answers record by record."""
 
@@ -45,7 +49,7 @@ class CrmObjects:
             {
                 "id": str(record.properties[self.id_property]),
                 "properties": {k: v for k, v in record.properties.items() if k not in links},
-                "objectWriteTraceId": record.trace_id,
+                "objectWriteTraceId": record.correlation_id or record.trace_id,
             }
             for record in records
         ]

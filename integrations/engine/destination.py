@@ -15,6 +15,13 @@ class OutboundRecord:
     key: str  # the ledger's record key (the source key)
     properties: dict[str, object]
     trace_id: str  # idempotency key: (flow, key, content hash)
+    # The write's id across systems: (run id, flow, key). Sent to the CRM as
+    # `objectWriteTraceId`, kept in the logs, the DLQ and the audit trail.
+    correlation_id: str = ""
+
+
+def correlation_id(run_id: str, flow: str, key: str) -> str:
+    return f"{run_id}:{flow}:{key}"
 
 
 @dataclass(frozen=True)

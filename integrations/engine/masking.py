@@ -31,3 +31,13 @@ def mask_value(value: object) -> object:
 def mask_record(record: Mapping[str, object], pii_fields: Iterable[str]) -> dict[str, object]:
     pii = set(pii_fields)
     return {name: mask_value(value) if name in pii else value for name, value in record.items()}
+
+
+def scrub(text: str, values: Iterable[object]) -> str:
+    """`text` (an API's error message, an exception) with each of these PII values masked."""
+    for value in sorted(
+        {str(v) for v in values if v is not None and str(v)}, key=len, reverse=True
+    ):
+        if len(value) >= 3:
+            text = text.replace(value, str(mask_value(value)))
+    return text

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
+from cryptography.fernet import Fernet, InvalidToken
 
 from integrations.sql.connect import create_engine, upsert_statement
 
@@ -27,6 +28,9 @@ ledger = sa.Table(
     sa.Column("content_hash", sa.String(64), nullable=False),
     sa.Column("destination_id", sa.String(255), nullable=True),
     sa.Column("archived", sa.Boolean, nullable=False, default=False),
+    # {field: short hash of its value}: what a later write changed, field by field, without
+    # keeping the values themselves (they can be PII).
+    sa.Column("field_hashes", sa.Text, nullable=True),
     sa.Column("synced_at", sa.DateTime, nullable=False),
     sa.Column("run_id", sa.String(64), nullable=False),
 )
@@ -57,6 +61,7 @@ dead_letters = sa.Table(
     sa.Column("run_id", sa.String(64), nullable=False),
     sa.Column("resolved_at", sa.DateTime, nullable=True),
     sa.Column("resolution", sa.String(32), nullable=True),
+    sa.Column("correlation_id", sa.String(400), nullable=True),
     sa.Index("ix_dead_letters_flow_key", "flow", "record_key"),
 )
 
@@ -87,21 +92,43 @@ audit_log = sa.Table(
     sa.Column("entry_hash", sa.String(64), nullable=False, unique=True),
 )
 
+# The records an audit entry covers, one row per record and action; the entry seals their digest.
+audit_records = sa.Table(
+    "audit_records",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("audit_id", sa.Integer, nullable=False, index=True),
+    sa.Column("flow", sa.String(120), nullable=False),
+    sa.Column("record_key", sa.String(255), nullable=False),
+    sa.Column("action", sa.String(32), nullable=False),
+    sa.Column("correlation_id", sa.String(400), nullable=False),
+    sa.Column("diff", sa.Text, nullable=False),
+    sa.Index("ix_audit_records_key", "record_key", "flow"),
+)
+
 GENESIS = "0" * 64
 
 # The audit trail is append-only: the database itself refuses to change or remove an entry.
+_AUDIT_TABLES = ("audit_log", "audit_records")
 _APPEND_ONLY = {
     "sqlite": [
-        f"CREATE TRIGGER IF NOT EXISTS audit_log_no_{verb.lower()} BEFORE {verb} ON audit_log "
+        f"CREATE TRIGGER IF NOT EXISTS {table}_no_{verb.lower()} BEFORE {verb} ON {table} "
         "BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END"
+        for table in _AUDIT_TABLES
         for verb in ("UPDATE", "DELETE")
     ],
     "postgresql": [
         "CREATE OR REPLACE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS "
         "$$ BEGIN RAISE EXCEPTION 'the audit trail is append-only'; END $$",
-        "DROP TRIGGER IF EXISTS audit_log_append_only ON audit_log",
-        "CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON audit_log "
-        "FOR EACH ROW EXECUTE FUNCTION audit_log_append_only()",
+        *(
+            statement
+            for table in _AUDIT_TABLES
+            for statement in (
+                f"DROP TRIGGER IF EXISTS {table}_append_only ON {table}",
+                f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
+                "FOR EACH ROW EXECUTE FUNCTION audit_log_append_only()",
+            )
+        ),
     ],
 }
 
@@ -129,6 +156,11 @@ class LedgerEntry:
     content_hash: str
     destination_id: str | None
     archived: bool
+    field_hashes: dict[str, str] | None = None
+
+
+# Why a record was dead-lettered, in four kinds (the DLQ's filters and the assets' metadata).
+REASON_KINDS = ("contract", "mapping", "destination-rejected", "transient-exhausted")
 
 
 @dataclass(frozen=True)
@@ -144,6 +176,24 @@ class DeadLetter:
     last_seen: datetime | None = None
     attempts: int = 1
     resolved_at: datetime | None = None
+    correlation_id: str | None = None
+    resolution: str | None = None
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One record's part in an audit entry: what happened to it and which fields changed how
+    (PII masked). `correlation_id` is the write's id in logs, the DLQ and the destination."""
+
+    flow: str
+    record_key: str
+    action: str  # insert, update, archive, dead-letter, replay, discard, approve
+    correlation_id: str
+    diff: dict[str, object] = field(default_factory=dict)
+
+
+class MissingSecret(RuntimeError):
+    """A secret handoff needs is not in the environment."""
 
 
 @dataclass
@@ -158,6 +208,10 @@ class BatchCommit:
     # (field, value digest, record key) now held by written records; archived keys release theirs.
     claims: list[tuple[str, str, str]] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
+    # Keys whose open dead letters are settled: written, or found already in sync.
+    resolved: list[str] = field(default_factory=list)
+    resolution: str = "synced"
+    audit_records: list[AuditRecord] = field(default_factory=list)
 
 
 def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
@@ -168,8 +222,17 @@ def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
 class StateStore:
     """handoff's own bookkeeping, in the database at `url`."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, dlq_key: str | None = None):
+        """`dlq_key` (a Fernet key, from `HANDOFF_DLQ_KEY`) encrypts dead-letter payloads at
+        rest; without it the store can read everything but a payload, and write no dead letter."""
         self.url = url
+        try:
+            self._fernet = Fernet(dlq_key) if dlq_key else None
+        except ValueError:
+            raise MissingSecret(
+                "HANDOFF_DLQ_KEY is not a Fernet key (32 url-safe base64 bytes); "
+                "`handoff dlq keygen` makes one"
+            ) from None
         self.engine = create_engine(url)
         metadata.create_all(self.engine)
         with self.engine.begin() as connection:
@@ -179,7 +242,7 @@ class StateStore:
             self.engine.dialect.name,
             ledger,
             ["flow", "record_key"],
-            ["content_hash", "destination_id", "archived", "synced_at", "run_id"],
+            ["content_hash", "destination_id", "archived", "field_hashes", "synced_at", "run_id"],
         )
         self._upsert_cursor = upsert_statement(
             self.engine.dialect.name,
@@ -212,11 +275,15 @@ class StateStore:
                         ledger.c.content_hash,
                         ledger.c.destination_id,
                         ledger.c.archived,
+                        ledger.c.field_hashes,
                     ).where(ledger.c.flow == flow, ledger.c.record_key.in_(chunk))
                 )
                 for row in rows:
                     found[row.record_key] = LedgerEntry(
-                        row.content_hash, row.destination_id, row.archived
+                        row.content_hash,
+                        row.destination_id,
+                        row.archived,
+                        json.loads(row.field_hashes) if row.field_hashes else None,
                     )
         return found
 
@@ -260,22 +327,83 @@ class StateStore:
         return found
 
     def list_dead_letters(
-        self, flow: str | None = None, include_resolved: bool = False, limit: int = 100
+        self,
+        flow: str | None = None,
+        include_resolved: bool = False,
+        limit: int | None = 100,
+        *,
+        reason_kind: str | None = None,
+        seen_before: datetime | None = None,
+        ids: Sequence[int] = (),
+        keys: Sequence[str] = (),
     ) -> list[DeadLetter]:
+        """Dead letters, oldest first, filtered by flow, reason kind, age, ids or record keys."""
         query = sa.select(dead_letters).order_by(dead_letters.c.id).limit(limit)
         if flow:
             query = query.where(dead_letters.c.flow == flow)
         if not include_resolved:
             query = query.where(dead_letters.c.resolved_at.is_(None))
+        if reason_kind:
+            query = query.where(dead_letters.c.reason_kind == reason_kind)
+        if seen_before:
+            query = query.where(dead_letters.c.first_seen < seen_before)
+        if ids:
+            query = query.where(dead_letters.c.id.in_(list(ids)))
+        if keys:
+            query = query.where(dead_letters.c.record_key.in_(list(keys)))
         with self.engine.connect() as connection:
-            return [_dead_letter(row) for row in connection.execute(query)]
+            return [self._dead_letter(row) for row in connection.execute(query)]
 
     def get_dead_letter(self, dead_letter_id: int) -> DeadLetter | None:
+        found = self.list_dead_letters(include_resolved=True, ids=[dead_letter_id])
+        return found[0] if found else None
+
+    def dead_letter_kinds(self, flow: str) -> dict[str, int]:
+        """Open dead letters of a flow by reason kind."""
+        query = (
+            sa.select(dead_letters.c.reason_kind, sa.func.count())
+            .where(dead_letters.c.flow == flow, dead_letters.c.resolved_at.is_(None))
+            .group_by(dead_letters.c.reason_kind)
+        )
         with self.engine.connect() as connection:
-            row = connection.execute(
-                sa.select(dead_letters).where(dead_letters.c.id == dead_letter_id)
-            ).first()
-        return _dead_letter(row) if row else None
+            return {kind: count for kind, count in connection.execute(query)}
+
+    def record_history(self, record_key: str, flow: str | None = None) -> list[dict[str, object]]:
+        """A record's story: every audit record about it, with its entry's time, run, trigger
+        and actor, oldest first."""
+        query = (
+            sa.select(
+                audit_log.c.at,
+                audit_log.c.run_id,
+                audit_log.c.why.label("trigger"),
+                audit_log.c.actor,
+                audit_records.c.flow,
+                audit_records.c.action,
+                audit_records.c.correlation_id,
+                audit_records.c.diff,
+            )
+            .join(audit_log, audit_log.c.id == audit_records.c.audit_id)
+            .where(audit_records.c.record_key == record_key)
+            .order_by(audit_records.c.id)
+        )
+        if flow:
+            query = query.where(audit_records.c.flow == flow)
+        with self.engine.connect() as connection:
+            return [
+                {**row._asdict(), "diff": json.loads(row.diff)} for row in connection.execute(query)
+            ]
+
+    def ledger_rows(self, record_key: str) -> list[dict[str, object]]:
+        """Where a record stands in every flow that synced it."""
+        query = sa.select(
+            ledger.c.flow,
+            ledger.c.destination_id,
+            ledger.c.archived,
+            ledger.c.synced_at,
+            ledger.c.run_id,
+        ).where(ledger.c.record_key == record_key)
+        with self.engine.connect() as connection:
+            return [row._asdict() for row in connection.execute(query)]
 
     def old_dead_letters(
         self, flow: str, seen_before: datetime, after_id: int = 0
@@ -335,6 +463,17 @@ class StateStore:
                         position,
                         "its content was changed after it was written",
                     )
+                sealed = json.loads(entry["detail"]).get("records_digest")
+                if sealed is not None and sealed != _records_digest(
+                    _stored_records(connection, entry["id"])
+                ):
+                    return AuditVerdict(
+                        False,
+                        count,
+                        entry["id"],
+                        position,
+                        "a record of it was changed, removed or added after it was written",
+                    )
                 previous, count = entry["entry_hash"], position
         return AuditVerdict(True, count, None, None, "intact", head=previous)
 
@@ -348,13 +487,19 @@ class StateStore:
                 connection.execute(
                     self._upsert_ledger,
                     [
-                        {**row, "flow": batch.flow, "synced_at": now, "run_id": batch.run_id}
+                        {
+                            "field_hashes": None,
+                            **row,
+                            "flow": batch.flow,
+                            "synced_at": now,
+                            "run_id": batch.run_id,
+                        }
                         for row in batch.synced
                     ],
                 )
-                self._resolve(
-                    connection, batch.flow, [str(row["record_key"]) for row in batch.synced], now
-                )
+            settled = [str(row["record_key"]) for row in batch.synced] + batch.resolved
+            if settled:
+                self._resolve(connection, batch.flow, settled, now, batch.resolution)
             if batch.claims or batch.released:
                 self._claim(connection, batch)
             if batch.dead_letters:
@@ -372,12 +517,54 @@ class StateStore:
                 )
             if audit is not None:
                 self._append_audit(
-                    connection, now=now, run_id=batch.run_id, flow=batch.flow, **audit
+                    connection,
+                    now=now,
+                    run_id=batch.run_id,
+                    flow=batch.flow,
+                    records=batch.audit_records,
+                    **audit,
+                )
+
+    def append_audit(self, records: Sequence[AuditRecord] = (), **entry) -> None:
+        """An audit entry on its own (a discard, an approval), with the records it covers."""
+        with self.engine.begin() as connection:
+            self._append_audit(connection, now=utcnow(), records=records, **entry)
+
+    def discard_dead_letters(
+        self, letters: Sequence[DeadLetter], *, actor: str, why: str, run_id: str
+    ) -> None:
+        """Close dead letters without syncing them; the audit trail keeps who and why."""
+        now = utcnow()
+        with self.engine.begin() as connection:
+            for flow in sorted({letter.flow for letter in letters}):
+                keys = [letter.record_key for letter in letters if letter.flow == flow]
+                self._resolve(connection, flow, keys, now, "discarded")
+                records = [
+                    AuditRecord(
+                        flow,
+                        letter.record_key,
+                        "discard",
+                        letter.correlation_id or f"{run_id}:{flow}:{letter.record_key}",
+                        {"reason": letter.reason, "kind": letter.reason_kind},
+                    )
+                    for letter in letters
+                    if letter.flow == flow
+                ]
+                self._append_audit(
+                    connection,
+                    now=now,
+                    actor=actor,
+                    action="discard",
+                    why=why,
+                    detail={"discarded": len(records)},
+                    run_id=run_id,
+                    flow=flow,
+                    records=records,
                 )
 
     @staticmethod
     def _append_audit(
-        connection, *, now, actor, action, why, detail, run_id=None, flow=None
+        connection, *, now, actor, action, why, detail, run_id=None, flow=None, records=()
     ) -> None:
         # Writers take turns at the chain's head: no two entries may seal the same predecessor.
         if connection.dialect.name == "postgresql":
@@ -389,6 +576,18 @@ class StateStore:
         head = connection.execute(
             sa.select(audit_log.c.entry_hash).order_by(audit_log.c.id.desc()).limit(1)
         ).scalar()
+        rows = [
+            {
+                "flow": record.flow,
+                "record_key": record.record_key,
+                "action": record.action,
+                "correlation_id": record.correlation_id,
+                "diff": json.dumps(record.diff, sort_keys=True, default=str),
+            }
+            for record in records
+        ]
+        if rows:
+            detail = {**detail, "records": len(rows), "records_digest": _records_digest(rows)}
         entry = {
             "at": now,
             "actor": actor,
@@ -399,7 +598,13 @@ class StateStore:
             "why": why,
             "prev_hash": head or GENESIS,
         }
-        connection.execute(sa.insert(audit_log).values(**entry, entry_hash=_seal(entry)))
+        audit_id = connection.execute(
+            sa.insert(audit_log).values(**entry, entry_hash=_seal(entry))
+        ).inserted_primary_key[0]
+        if rows:
+            connection.execute(
+                sa.insert(audit_records), [{**row, "audit_id": audit_id} for row in rows]
+            )
 
     @staticmethod
     def _claim(connection, batch: BatchCommit) -> None:
@@ -420,7 +625,9 @@ class StateStore:
             )
 
     @staticmethod
-    def _resolve(connection, flow: str, keys: Sequence[str], now: datetime) -> None:
+    def _resolve(
+        connection, flow: str, keys: Sequence[str], now: datetime, resolution: str
+    ) -> None:
         for chunk in _chunks(keys):
             connection.execute(
                 sa.update(dead_letters)
@@ -429,12 +636,11 @@ class StateStore:
                     dead_letters.c.record_key.in_(chunk),
                     dead_letters.c.resolved_at.is_(None),
                 )
-                .values(resolved_at=now, resolution="synced")
+                .values(resolved_at=now, resolution=resolution)
             )
 
-    @staticmethod
     def _put_dead_letters(
-        connection, run_id: str, letters: Iterable[DeadLetter], now: datetime
+        self, connection, run_id: str, letters: Iterable[DeadLetter], now: datetime
     ) -> None:
         letters = list(letters)
         flow_keys = {(letter.flow, letter.record_key) for letter in letters}
@@ -455,8 +661,9 @@ class StateStore:
             values = {
                 "reason_kind": letter.reason_kind,
                 "reason": letter.reason,
-                "payload": json.dumps(letter.payload, sort_keys=True, default=str),
+                "payload": self._seal_payload(letter.payload),
                 "content_hash": letter.content_hash,
+                "correlation_id": letter.correlation_id,
                 "last_seen": now,
                 "run_id": run_id,
             }
@@ -480,6 +687,43 @@ class StateStore:
         if inserts:
             connection.execute(sa.insert(dead_letters), inserts)
 
+    # --- dead-letter payloads, encrypted at rest ---------------------------------------------
+
+    def _seal_payload(self, payload: dict[str, object]) -> str:
+        if self._fernet is None:
+            raise MissingSecret(
+                "HANDOFF_DLQ_KEY is not set: dead-letter payloads are encrypted at rest with it. "
+                "Generate one with `handoff dlq keygen` and set it where the flows run"
+            )
+        text = json.dumps(payload, sort_keys=True, default=str)
+        return self._fernet.encrypt(text.encode()).decode()
+
+    def _open_payload(self, sealed: str) -> dict[str, object] | None:
+        """The payload, or None when this store has no key (or another key) to read it."""
+        if self._fernet is None:
+            return None
+        try:
+            return json.loads(self._fernet.decrypt(sealed.encode()))
+        except InvalidToken:
+            return None
+
+    def _dead_letter(self, row) -> DeadLetter:
+        return DeadLetter(
+            id=row.id,
+            flow=row.flow,
+            record_key=row.record_key,
+            reason_kind=row.reason_kind,
+            reason=row.reason,
+            payload=self._open_payload(row.payload),
+            content_hash=row.content_hash,
+            first_seen=row.first_seen,
+            last_seen=row.last_seen,
+            attempts=row.attempts,
+            resolved_at=row.resolved_at,
+            correlation_id=row.correlation_id,
+            resolution=row.resolution,
+        )
+
 
 @dataclass(frozen=True)
 class AuditVerdict:
@@ -501,17 +745,19 @@ def _seal(entry: dict[str, object]) -> str:
     return hashlib.sha256(json.dumps(fields, separators=(",", ":")).encode()).hexdigest()
 
 
-def _dead_letter(row) -> DeadLetter:
-    return DeadLetter(
-        id=row.id,
-        flow=row.flow,
-        record_key=row.record_key,
-        reason_kind=row.reason_kind,
-        reason=row.reason,
-        payload=json.loads(row.payload),
-        content_hash=row.content_hash,
-        first_seen=row.first_seen,
-        last_seen=row.last_seen,
-        attempts=row.attempts,
-        resolved_at=row.resolved_at,
+def _records_digest(rows: Sequence[dict[str, object]]) -> str:
+    """sha256 over an entry's records, in the order they were written."""
+    fields = [
+        [row[name] for name in ("flow", "record_key", "action", "correlation_id", "diff")]
+        for row in rows
+    ]
+    return hashlib.sha256(json.dumps(fields, separators=(",", ":")).encode()).hexdigest()
+
+
+def _stored_records(connection, audit_id: int) -> list[dict[str, object]]:
+    query = (
+        sa.select(audit_records)
+        .where(audit_records.c.audit_id == audit_id)
+        .order_by(audit_records.c.id)
     )
+    return [row._asdict() for row in connection.execute(query)]

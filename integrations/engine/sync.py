@@ -1,16 +1,19 @@
 """One sync run of one flow: DESIGN.md's steps 1–7, batch by batch.
 
-Per batch: extract → drop rows held in the DLQ with unchanged content → validate (source
-contract) → map → validate (target contract, then unique values across the dataset) → diff
-against the ledger → archive soft-deleted and out-of-scope records (first: that frees their unique
-values) → upsert the changed records (bisecting a refused chunk so only its bad records are
-dead-lettered) → commit ledger, unique-value claims, dead letters, watermark and an audit entry in
-one state transaction. Re-running any window changes nothing that is in sync.
+Per batch: extract → set aside rows whose key is unusable (missing, too long, repeated in the
+batch) → drop rows held in the DLQ with unchanged content → validate (source contract) → map →
+validate (target contract, then unique values across the dataset) → diff against the ledger →
+archive soft-deleted and out-of-scope records (first: that frees their unique values) → upsert
+the changed records (bisecting a refused chunk so only its bad records are dead-lettered) →
+commit ledger, unique-value claims, dead letters, watermark and an audit entry (with one record
+per write or rejection: its action, correlation id and field-level diff, PII masked) in one state
+transaction. Re-running any window changes nothing that is in sync.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import time
@@ -29,17 +32,26 @@ from integrations.engine.destination import (
     OutboundRecord,
     RecordsRejected,
     Written,
+    correlation_id,
 )
-from integrations.engine.hashing import content_hash, idempotency_key
-from integrations.engine.masking import mask_record
+from integrations.engine.hashing import canonical_json, content_hash, idempotency_key
+from integrations.engine.masking import mask_record, mask_value, scrub
 from integrations.engine.spec import FlowSpec
-from integrations.engine.state import BatchCommit, DeadLetter, StateStore, Watermark
+from integrations.engine.state import (
+    AuditRecord,
+    BatchCommit,
+    DeadLetter,
+    StateStore,
+    Watermark,
+)
 from integrations.sql.source import SqlSource
 
 logger = logging.getLogger(__name__)
 
 PHASES = ("extract", "validate", "map", "diff", "load", "commit")
 SAMPLE_SIZE = 5
+LOGGED_LETTERS = 20  # dead letters logged one by one per run
+MAX_KEY_LENGTH = 200  # the state store keys records by text of at most 255 characters
 
 
 class SyncError(Exception):
@@ -74,6 +86,8 @@ class SyncResult:
     batches: int = 0
     seconds: float = 0.0
     reasons: Counter = field(default_factory=Counter)
+    kinds: Counter = field(default_factory=Counter)
+    open_dead_letters: dict[str, int] = field(default_factory=dict)  # the flow's DLQ, by kind
     samples: list[dict[str, object]] = field(default_factory=list)
 
     @property
@@ -93,6 +107,11 @@ class _Plan:
     hashes: dict[str, str]
     outbound: list[OutboundRecord]
     to_archive: dict[str, str]
+    # What each outbound record changes, field by field (PII masked), and its field hashes.
+    changes: dict[str, dict[str, object]] = field(default_factory=dict)
+    field_hashes: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Valid records already in sync whose open dead letters can be closed.
+    in_sync: list[str] = field(default_factory=list)
 
 
 class _Clock:
@@ -114,6 +133,30 @@ def _out_of_flow(spec: FlowSpec, batch: pd.DataFrame) -> pd.Series:
     if spec.in_scope is not None:
         gone |= ~spec.in_scope(batch).astype(bool)
     return gone
+
+
+def _field_hashes(record: dict[str, object]) -> dict[str, str]:
+    """A short hash per field: enough to tell which fields a later write changes."""
+    return {
+        name: hashlib.md5(canonical_json({"v": value}).encode(), usedforsecurity=False).hexdigest()[
+            :12
+        ]
+        for name, value in record.items()
+    }
+
+
+def _unusable_key(value: object) -> str | None:
+    """Why a source key cannot key a record (None when it can)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return "the key is missing"
+    text = str(value)
+    if not text.strip():
+        return "the key is blank"
+    if len(text) > MAX_KEY_LENGTH:
+        return f"the key is longer than {MAX_KEY_LENGTH} characters"
+    if any(ord(char) < 32 for char in text):
+        return "the key holds control characters"
+    return None
 
 
 def _natural(key: str) -> tuple[int, str]:
@@ -176,6 +219,7 @@ class Sync:
         self.run_id, self.actor, self.why = run_id, actor, why
         self.log = log or logger
         self._force: set[str] = set()
+        self._replaying = False
 
     def run(self, full: bool = False, allow_mass_archive: bool = False) -> SyncResult:
         """Sync what changed since the watermark (minus the lookback), or every row if `full`.
@@ -186,8 +230,8 @@ class Sync:
         since = None
         if before is not None and not full:
             since = before.updated_at - self.spec.lookback
-        if self.spec.archive_deleted and not allow_mass_archive:
-            self._guard_archives(since)
+        if self.spec.archive_deleted:
+            self._guard_archives(since, approved=allow_mass_archive)
         batches = self.source.batches(since, self.spec.batch_size)
         return self._drive(batches, before, full=full, move_watermark=True)
 
@@ -212,6 +256,28 @@ class Sync:
             return self._drive(batches, before, full=False, move_watermark=False)
         finally:
             self._force = set()
+
+    def replay(self, letters: Sequence[DeadLetter]) -> SyncResult:
+        """Sync dead-lettered records again: each from its current source row, or from the
+        stored payload when the source no longer has it, re-validated against today's contracts.
+        A letter closes only when its record lands (or is found already in sync); a record that
+        fails again stays in the DLQ with its new reason. The watermark stays."""
+        letters = [letter for letter in letters if letter.flow == self.spec.name]
+        keys = [letter.record_key for letter in letters]
+        found = list(self.source.rows_with_keys(keys, self.spec.batch_size))
+        present = {str(key) for batch in found for key in batch[self.spec.source.key]}
+        stored = [
+            letter.payload
+            for letter in letters
+            if letter.record_key not in present and letter.payload and "rows" not in letter.payload
+        ]
+        batches = found + ([pd.DataFrame.from_records(stored)] if stored else [])
+        self._replaying = True
+        try:
+            before = self.state.watermark(self.spec.name)
+            return self._drive(iter(batches), before, full=False, move_watermark=False)
+        finally:
+            self._replaying = False
 
     def _drive(
         self,
@@ -242,16 +308,37 @@ class Sync:
             clock.mark = time.perf_counter()
         result.seconds = time.perf_counter() - started
         result.watermark_after = self.state.watermark(self.spec.name)
+        result.open_dead_letters = self.state.dead_letter_kinds(self.spec.name)
         self._check_budget(result)
         return result
 
-    def _guard_archives(self, since: datetime | None) -> None:
+    def _guard_archives(self, since: datetime | None, approved: bool) -> None:
         keys = [str(key) for key in self.source.deleted_keys(since)]
         ledger = self.state.ledger_entries(self.spec.name, keys)
         doomed = sorted((key for key, entry in ledger.items() if not entry.archived), key=_natural)
         synced = self.state.count_synced(self.spec.name)
         guard = self.spec.archive_guard
         if len(doomed) <= guard.min_records or len(doomed) <= guard.max_share * synced:
+            return
+        if approved:  # someone said the mass archive is intended: the trail keeps who
+            self.state.append_audit(
+                [
+                    AuditRecord(
+                        self.spec.name,
+                        key,
+                        "approve",
+                        correlation_id(self.run_id, self.spec.name, key),
+                        {"archive": True},
+                    )
+                    for key in doomed
+                ],
+                actor=self.actor,
+                action="approve",
+                why=self.why,
+                detail={"approved_archives": len(doomed), "synced": synced},
+                run_id=self.run_id,
+                flow=self.spec.name,
+            )
             return
         raise ArchiveGuardTripped(
             self.spec.name,
@@ -270,23 +357,23 @@ class Sync:
         self, batch: pd.DataFrame, result: SyncResult, clock: _Clock, move_watermark: bool
     ) -> None:
         spec = self.spec
-        batch = batch.set_axis(batch[spec.source.key].astype(str), axis=0)
-        batch.index.name = None
         result.counts["read"] += len(batch)
-        gone_mask = _out_of_flow(spec, batch)
-        live, gone = batch[~gone_mask], batch[gone_mask]
-        live = self._without_held(live, result)
+        keyed, letters = self._keyed(batch)
+        gone_mask = _out_of_flow(spec, keyed)
+        live, gone = keyed[~gone_mask], keyed[gone_mask]
+        live, open_letters = self._without_held(live, result)
 
-        valid, letters = self._validate(live, gone, clock)
+        valid, rejected = self._validate(live, gone, clock)
+        letters += rejected
         result.counts["valid"] += len(valid)
-        plan = self._diff(valid, gone, result)
+        plan = self._diff(valid, gone, result, open_letters)
         clock.lap("diff")
         self._note_rejections(result, letters)
         self._check_budget(result, pending=letters)
 
         if plan.to_archive:
             self._call_destination(lambda: self._archive(list(plan.to_archive.values())))
-        written, refused = self._load(plan.outbound, live)
+        written, refused = self._load(plan.outbound, live, plan)
         self._note_rejections(result, refused)
         clock.lap("load")
 
@@ -297,6 +384,39 @@ class Sync:
         self._commit(batch, plan, written, letters + refused, before, move_watermark)
         clock.lap("commit")
 
+    def _keyed(self, batch: pd.DataFrame) -> tuple[pd.DataFrame, list[DeadLetter]]:
+        """The batch indexed by record key; rows whose key is missing, unusable or repeated
+        within the batch are dead-lettered instead (the source must settle which row is right)."""
+        keys = batch[self.spec.source.key]
+        problems = keys.map(_unusable_key)
+        usable = problems.isna()
+        text = keys[usable].astype(str)
+        repeated = text.duplicated(keep=False)
+        letters = []
+        for position in (~usable).to_numpy().nonzero()[0]:
+            payload = _json_ready(batch.iloc[[position]])[0]
+            digest = content_hash(payload)
+            letters.append(
+                self._letter(
+                    f"!unkeyed:{digest[:16]}", "contract", problems.iloc[position], payload
+                )
+            )
+        clashing = batch[usable][repeated.to_numpy()]
+        for key, rows in clashing.groupby(text[repeated], sort=False):
+            payload = {"rows": _json_ready(rows)}
+            letters.append(
+                self._letter(
+                    str(key),
+                    "contract",
+                    f"the source returned {len(rows)} rows with key {key} in one batch",
+                    payload,
+                )
+            )
+        keyed = batch[usable][~repeated.to_numpy()]
+        keyed = keyed.set_axis(text[~repeated].to_numpy(), axis=0)
+        keyed.index.name = None
+        return keyed, letters
+
     def _validate(
         self, live: pd.DataFrame, gone: pd.DataFrame, clock: _Clock
     ) -> tuple[pd.DataFrame, list[DeadLetter]]:
@@ -305,7 +425,7 @@ class Sync:
         try:
             source_verdict = spec.source_contract.judge(live)
             clock.lap("validate")
-            mapped = spec.mapping(source_verdict.valid)
+            mapped, unmappable = self._map(source_verdict.valid)
             clock.lap("map")
             target_verdict = spec.target_contract.judge(mapped)
         except ContractViolation as error:
@@ -315,22 +435,67 @@ class Sync:
         valid, taken = self._unclaimed(target_verdict.valid, releasing=set(gone.index))
         clock.lap("validate")
         rejections = source_verdict.rejections + target_verdict.rejections + taken
-        return valid, self._contract_letters(live, rejections)
+        return valid, self._letters(live, rejections, "contract") + self._letters(
+            live, unmappable, "mapping"
+        )
 
-    def _diff(self, valid: pd.DataFrame, gone: pd.DataFrame, result: SyncResult) -> _Plan:
-        """What to send (content differs from the ledger's) and what to archive."""
+    def _map(self, valid: pd.DataFrame) -> tuple[pd.DataFrame, list[RowRejection]]:
+        """The flow's mapping over the batch; when it fails, row by row, so that only the rows
+        it cannot map are dead-lettered."""
+        try:
+            return self.spec.mapping(valid), []
+        except Exception:  # the mapping is the flow's code: any error is about its input
+            if len(valid) <= 1:
+                return self._map_alone(valid)
+        mapped, failed = [], []
+        for key in valid.index:
+            frame, rejections = self._map_alone(valid.loc[[key]])
+            mapped.append(frame)
+            failed += rejections
+        return pd.concat(mapped), failed
+
+    def _map_alone(self, row: pd.DataFrame) -> tuple[pd.DataFrame, list[RowRejection]]:
+        try:
+            return self.spec.mapping(row), []
+        except Exception as error:
+            reason = f"mapping of flow {self.spec.name} failed: {type(error).__name__}"
+            empty = self.spec.mapping(row.iloc[0:0])
+            return empty, [RowRejection(key, reason) for key in row.index]
+
+    def _diff(
+        self, valid: pd.DataFrame, gone: pd.DataFrame, result: SyncResult, open_letters: set[str]
+    ) -> _Plan:
+        """What to send (content differs from the ledger's), what changes field by field, and
+        what to archive."""
         records = dict(zip(valid.index, _json_ready(valid), strict=True))
         hashes = {key: content_hash(record) for key, record in records.items()}
         ledger = self.state.ledger_entries(self.spec.name, list(records) + list(gone.index))
-        outbound = []
+        pii = self.spec.target_contract.pii_fields
+        outbound, changes, field_hashes, in_sync = [], {}, {}, []
         for key, record in records.items():
             known = ledger.get(key)
             same = known is not None and known.content_hash == hashes[key] and not known.archived
             if same and key not in self._force:
                 result.counts["unchanged"] += 1
-            else:
-                trace = idempotency_key(self.spec.name, key, hashes[key])
-                outbound.append(OutboundRecord(key=key, properties=record, trace_id=trace))
+                if key in open_letters:
+                    in_sync.append(key)
+                continue
+            trace = idempotency_key(self.spec.name, key, hashes[key])
+            outbound.append(
+                OutboundRecord(
+                    key=key,
+                    properties=record,
+                    trace_id=trace,
+                    correlation_id=correlation_id(self.run_id, self.spec.name, key),
+                )
+            )
+            field_hashes[key] = _field_hashes(record)
+            before = (known.field_hashes if known and not known.archived else None) or {}
+            changes[key] = {
+                name: mask_value(value) if name in pii else value
+                for name, value in record.items()
+                if before.get(name) != field_hashes[key][name]
+            }
         to_archive = {
             key: entry.destination_id
             for key, entry in ledger.items()
@@ -340,7 +505,7 @@ class Sync:
             and entry.destination_id
         }
         result.counts["unchanged"] += len(gone) - len(to_archive)
-        return _Plan(records, hashes, outbound, to_archive)
+        return _Plan(records, hashes, outbound, to_archive, changes, field_hashes, in_sync)
 
     def _commit(
         self,
@@ -359,6 +524,7 @@ class Sync:
                 "content_hash": plan.hashes[item.key],
                 "destination_id": item.destination_id,
                 "archived": False,
+                "field_hashes": json.dumps(plan.field_hashes[item.key], sort_keys=True),
             }
             for item in written
         ] + [
@@ -377,6 +543,7 @@ class Sync:
             if plan.records[item.key].get(name)
         ]
         watermark = self._watermark(batch, before)
+        records = self._audit_records(plan, written, letters)
         detail = {
             "rows": len(batch),
             "inserted": sum(item.created for item in written),
@@ -394,8 +561,16 @@ class Sync:
                 watermark=watermark if move_watermark else None,
                 claims=claims,
                 released=list(plan.to_archive),
+                resolved=plan.in_sync,
+                resolution="replayed" if self._replaying else "synced",
+                audit_records=records,
             ),
-            audit={"actor": self.actor, "action": "sync_batch", "why": self.why, "detail": detail},
+            audit={
+                "actor": self.actor,
+                "action": "replay" if self._replaying else "sync_batch",
+                "why": self.why,
+                "detail": detail,
+            },
         )
 
     def _watermark(self, batch: pd.DataFrame, before: Watermark | None) -> Watermark | None:
@@ -411,6 +586,41 @@ class Sync:
         if before and (watermark.updated_at, watermark.key) < (before.updated_at, before.key):
             return before  # a lookback batch never moves the watermark back
         return watermark
+
+    def _audit_records(
+        self, plan: _Plan, written: list[Written], letters: list[DeadLetter]
+    ) -> list[AuditRecord]:
+        """One audit record per write, archive and rejection of the batch."""
+        flow = self.spec.name
+
+        def trace(key: str) -> str:
+            return correlation_id(self.run_id, flow, key)
+
+        records = [
+            AuditRecord(
+                flow,
+                item.key,
+                "replay" if self._replaying else ("insert" if item.created else "update"),
+                trace(item.key),
+                plan.changes[item.key],
+            )
+            for item in written
+        ]
+        records += [
+            AuditRecord(flow, key, "archive", trace(key), {"destination_id": destination_id})
+            for key, destination_id in plan.to_archive.items()
+        ]
+        records += [
+            AuditRecord(
+                flow,
+                letter.record_key,
+                "dead-letter",
+                letter.correlation_id or trace(letter.record_key),
+                {"kind": letter.reason_kind, "reason": letter.reason},
+            )
+            for letter in letters
+        ]
+        return records
 
     def _unclaimed(
         self, valid: pd.DataFrame, releasing: set[str]
@@ -428,12 +638,15 @@ class Sync:
                     taken.append(RowRejection(key, f"{self.spec.target_contract.label}: {reason}"))
         return valid.drop(index=[rejection.index for rejection in taken]), taken
 
-    def _without_held(self, live: pd.DataFrame, result: SyncResult) -> pd.DataFrame:
+    def _without_held(
+        self, live: pd.DataFrame, result: SyncResult
+    ) -> tuple[pd.DataFrame, set[str]]:
         """Drop rows already dead-lettered with this exact content: they wait for a fix or a replay,
-        they are not refused again on every run."""
+        they are not refused again on every run (a replay takes them all). Also returns the keys
+        with open dead letters."""
         held = self.state.open_dead_letter_hashes(self.spec.name, list(live.index))
-        if not held:
-            return live
+        if not held or self._replaying:
+            return live, set(held)
         payloads = _json_ready(live.loc[list(held)])
         unchanged = [
             key
@@ -441,12 +654,12 @@ class Sync:
             if content_hash(payload) == held[key]
         ]
         result.counts["held"] += len(unchanged)
-        return live.drop(index=unchanged)
+        return live.drop(index=unchanged), set(held)
 
     # --- load, with bisection of refused chunks --------------------------------------------
 
     def _load(
-        self, outbound: Sequence[OutboundRecord], source_rows: pd.DataFrame
+        self, outbound: Sequence[OutboundRecord], source_rows: pd.DataFrame, plan: _Plan
     ) -> tuple[list[Written], list[DeadLetter]]:
         written: list[Written] = []
         refused: list[DeadLetter] = []
@@ -462,17 +675,15 @@ class Sync:
             written.extend(self._call_destination(lambda: self.destination.upsert(chunk)))
         except RecordsRejected as error:
             if len(chunk) == 1:
-                payload = _json_ready(source_rows.loc[[chunk[0].key]])[0]
-                refused.append(
-                    DeadLetter(
-                        flow=self.spec.name,
-                        record_key=chunk[0].key,
-                        reason_kind="destination",
-                        reason=f"{self.destination.name} refused the record: {error}",
-                        payload=payload,
-                        content_hash=content_hash(payload),
-                    )
-                )
+                record = chunk[0]
+                payload = _json_ready(source_rows.loc[[record.key]])[0]
+                pii = self.spec.source_contract.pii_fields | self.spec.target_contract.pii_fields
+                values = [payload.get(name) for name in pii] + [
+                    record.properties.get(name) for name in pii
+                ]
+                reason = scrub(f"{self.destination.name} refused the record: {error}", values)
+                letter = self._letter(record.key, "destination-rejected", reason, payload)
+                refused.append(letter)
                 return
             middle = math.ceil(len(chunk) / 2)
             self._load_chunk(chunk[:middle], source_rows, written, refused)
@@ -496,28 +707,46 @@ class Sync:
 
     # --- rejections and the error budget ----------------------------------------------------
 
-    def _contract_letters(
-        self, rows: pd.DataFrame, rejections: list[RowRejection]
+    def _letters(
+        self, rows: pd.DataFrame, rejections: list[RowRejection], kind: str
     ) -> list[DeadLetter]:
         payloads = _json_ready(rows.loc[[rejection.index for rejection in rejections]])
         return [
-            DeadLetter(
-                flow=self.spec.name,
-                record_key=str(rejection.index),
-                reason_kind="contract",
-                reason=rejection.reason,
-                payload=payload,
-                content_hash=content_hash(payload),
-            )
+            self._letter(str(rejection.index), kind, rejection.reason, payload)
             for rejection, payload in zip(rejections, payloads, strict=True)
         ]
 
+    def _letter(self, key: str, kind: str, reason: str, payload: dict[str, object]) -> DeadLetter:
+        trace = correlation_id(self.run_id, self.spec.name, key)
+        return DeadLetter(
+            flow=self.spec.name,
+            record_key=key,
+            reason_kind=kind,
+            reason=reason,
+            payload=payload,
+            content_hash=content_hash(payload),
+            correlation_id=trace,
+        )
+
     def _note_rejections(self, result: SyncResult, letters: Sequence[DeadLetter]) -> None:
+        """Count the batch's rejections; log each of the run's first ones with its correlation
+        id (the rest are in the DLQ and the audit trail, not flooding the run's log)."""
+        logged = before = min(result.counts["rejected"], LOGGED_LETTERS)
         result.counts["rejected"] += len(letters)
         pii = self.spec.source_contract.pii_fields | self.spec.target_contract.pii_fields
         for letter in letters:
             result.reasons[letter.reason] += 1
-            if len(result.samples) < SAMPLE_SIZE:
+            result.kinds[letter.reason_kind] += 1
+            if logged < LOGGED_LETTERS:
+                logged += 1
+                self.log.warning(
+                    "%s: dead-lettered %s (%s): %s",
+                    self.spec.name,
+                    letter.correlation_id,
+                    letter.reason_kind,
+                    letter.reason,
+                )
+            if len(result.samples) < SAMPLE_SIZE and "rows" not in letter.payload:
                 result.samples.append(
                     {
                         "key": letter.record_key,
@@ -525,11 +754,19 @@ class Sync:
                         "record": mask_record(letter.payload, pii),
                     }
                 )
+        unlogged = len(letters) - (logged - before)
+        if unlogged:
+            self.log.warning(
+                "%s: %d more dead-lettered in this batch; `handoff dlq list --flow %s` lists them",
+                self.spec.name,
+                unlogged,
+                self.spec.name,
+            )
 
     def _check_budget(self, result: SyncResult, pending: Sequence[DeadLetter] = ()) -> None:
         budget = self.spec.error_budget
         seen = result.counts["valid"] + result.counts["rejected"]
-        if seen < budget.min_rows:
+        if self._replaying or seen < budget.min_rows:  # a replay retries known-bad records
             return
         share = result.counts["rejected"] / seen
         if share <= budget.max_share:

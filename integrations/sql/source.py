@@ -98,7 +98,12 @@ class SqlSource:
 
     def rows_with_keys(self, keys: Sequence[object], batch_size: int) -> Iterator[pd.DataFrame]:
         """The rows with these keys (a repair), in (cursor, key) order within each batch."""
-        native = [self.key.type.python_type(key) for key in keys]
+        native = []
+        for key in keys:
+            try:
+                native.append(self.key.type.python_type(key))
+            except (TypeError, ValueError):
+                continue  # a key of the wrong type names no row of this table
         for start in range(0, len(native), batch_size):
             chunk = native[start : start + batch_size]
             query = self.select.where(self.key.in_(chunk)).order_by(*self.order)

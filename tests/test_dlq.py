@@ -1,0 +1,171 @@
+"""The dead-letter queue end to end: filters, encryption at rest, replay, discard, the record's story."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+import pytest
+import sqlalchemy as sa
+
+from assets.crm_contacts import CRM_CONTACTS
+from assets.factory import flow_asset
+from definitions import resources
+from integrations.cli import main
+from integrations.engine.state import StateStore
+from tests.contacts import sync
+
+FLOW = CRM_CONTACTS.name
+
+
+def bad_email_letter(state):
+    return next(
+        letter
+        for letter in state.list_dead_letters(flow=FLOW, limit=None)
+        if letter.reason.endswith("email is not a valid email address")
+    )
+
+
+def fix_email_quietly(erp, customer_id: str, email: str) -> None:
+    """A fix made by hand in the ERP, without touching `updated_at`: no incremental run sees it."""
+    with erp.begin() as connection:
+        connection.execute(
+            sa.text("UPDATE customers SET email = :email WHERE customer_id = :id"),
+            {"email": email, "id": int(customer_id)},
+        )
+
+
+def test_a_record_fixed_at_the_source_is_replayed_once(world, erp, crm_client, state, capsys):
+    sync(erp, crm_client, state)
+    letter = bad_email_letter(state)
+    fix_email_quietly(erp, letter.record_key, f"fixed.{letter.record_key}@example.com")
+    assert sync(erp, crm_client, state, run_id="run-2").written == 0, "nothing changed by date"
+
+    sent = world.crm.store.stats()["upsert_inputs"]
+    assert main(["dlq", "replay", "--id", str(letter.id)]) == 0
+    out = capsys.readouterr().out
+    assert "1 written, 1 left the DLQ, 0 still failing" in out
+    assert world.crm.store.stats()["upsert_inputs"] == sent + 1
+    replayed = state.get_dead_letter(letter.id)
+    assert replayed.resolved_at is not None and replayed.resolution == "replayed"
+    found = crm_client.batch_read_ids(
+        "contacts", "email", [f"fixed.{letter.record_key}@example.com"]
+    )
+    assert len(found) == 1
+
+    # Twice: the letter is closed, and even asked for by key nothing is written again.
+    assert main(["dlq", "replay", "--id", str(letter.id)]) == 0
+    assert "nothing to replay" in capsys.readouterr().out
+    assert world.crm.store.stats()["upsert_inputs"] == sent + 1
+    assert sync(erp, crm_client, state, run_id="run-3").written == 0
+
+    story = state.record_history(letter.record_key, flow=FLOW)
+    assert [entry["action"] for entry in story] == ["dead-letter", "replay"]
+    assert story[1]["trigger"] == "replay" and "dlq replay" in story[1]["actor"]
+    assert story[1]["diff"]["email"] == "f***@e***.com", "PII is masked in the trail"
+    assert state.verify_audit().intact
+
+
+def test_a_record_still_bad_stays_in_the_dlq_with_one_more_attempt(
+    world, erp, crm_client, state, capsys
+):
+    sync(erp, crm_client, state)
+    letter = bad_email_letter(state)
+    assert main(["dlq", "replay", "--id", str(letter.id)]) == 1
+    assert "0 left the DLQ, 1 still failing" in capsys.readouterr().out
+    again = state.get_dead_letter(letter.id)
+    assert again.resolved_at is None and again.attempts == 2
+    assert again.reason == letter.reason
+
+
+def test_a_record_gone_from_the_source_is_replayed_from_its_payload(
+    world, erp, crm_client, state, capsys
+):
+    """The CRM refused a record (its email was taken there); the ERP row has since been purged.
+    Once the CRM side is cleared, the stored payload is all replay has, and it is enough."""
+    with erp.connect() as connection:
+        key, email = connection.execute(
+            sa.text(
+                "SELECT customer_id, email FROM customers WHERE deleted_at IS NULL "
+                "AND country IS NOT NULL AND email LIKE '%@example.com' ORDER BY customer_id "
+                "LIMIT 1 OFFSET 5"
+            )
+        ).one()
+    (blocker,) = crm_client.batch_upsert(
+        "contacts", "erp_customer_id", [{"id": "X0000001", "properties": {"email": email}}]
+    )
+    sync(erp, crm_client, state)
+    (letter,) = state.list_dead_letters(flow=FLOW, keys=[str(key)])
+    assert letter.reason_kind == "destination-rejected"
+    assert email not in letter.reason, "the API's message is kept with the email masked"
+    with erp.begin() as connection:
+        connection.execute(sa.text("DELETE FROM customers WHERE customer_id = :id"), {"id": key})
+    crm_client.batch_archive("contacts", [blocker["id"]])
+
+    assert main(["dlq", "replay", "--key", str(key)]) == 0
+    assert "1 left the DLQ" in capsys.readouterr().out
+    assert crm_client.batch_read_ids("contacts", "email", [email.lower()])
+
+
+def test_discard_closes_letters_with_an_audited_reason(world, erp, crm_client, state, capsys):
+    sync(erp, crm_client, state)
+    letter = bad_email_letter(state)
+    with pytest.raises(SystemExit):  # a discard without a reason is refused
+        main(["dlq", "discard", "--id", str(letter.id)])
+    capsys.readouterr()
+    assert main(["dlq", "discard", "--id", str(letter.id), "--reason", "customer left"]) == 0
+    assert "discarded 1 dead letters" in capsys.readouterr().out
+    assert state.get_dead_letter(letter.id).resolution == "discarded"
+    assert main(["audit", "show", "--key", letter.record_key, "--json"]) == 0
+    story = json.loads(capsys.readouterr().out)
+    discard = story["history"][-1]
+    assert discard["action"] == "discard" and discard["trigger"] == "customer left"
+    assert story["dead_letters"][0]["resolution"] == "discarded"
+    assert state.verify_audit().intact
+
+
+def test_filters_by_kind_and_age(world, erp, crm_client, state, capsys):
+    sync(erp, crm_client, state)
+    assert main(["dlq", "list", "--kind", "contract", "--json", "--limit", "10000"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed and {row["kind"] for row in listed} == {"contract"}
+    assert main(["dlq", "list", "--kind", "destination-rejected"]) == 0
+    assert "no dead letters match" in capsys.readouterr().out
+    assert main(["dlq", "list", "--older-than", "1h"]) == 0
+    assert "no dead letters match" in capsys.readouterr().out
+
+
+def test_payloads_are_encrypted_at_rest_and_shown_masked(world, erp, crm_client, state, capsys):
+    sync(erp, crm_client, state)
+    letter = bad_email_letter(state)
+    with state.engine.connect() as connection:
+        raw = connection.execute(
+            sa.text("SELECT payload FROM dead_letters WHERE id = :id"), {"id": letter.id}
+        ).scalar_one()
+    assert letter.payload["email"] not in raw and letter.payload["last_name"] not in raw
+    assert raw.startswith("gAAAA"), "a Fernet token"
+    assert StateStore(world.state_url).get_dead_letter(letter.id).payload is None
+    assert main(["dlq", "show", str(letter.id)]) == 0
+    shown = capsys.readouterr().out
+    assert letter.payload["last_name"] not in shown and letter.correlation_id in shown
+
+
+def test_replay_through_dagster_run_config(world, erp, crm_client, state):
+    with dg.instance_for_test() as instance:
+        asset = flow_asset(CRM_CONTACTS)
+        assert dg.materialize([asset], resources=resources(), instance=instance).success
+        store = state
+        letter = bad_email_letter(store)
+        fix_email_quietly(erp, letter.record_key, f"fixed.{letter.record_key}@example.com")
+        replay = dg.materialize(
+            [asset],
+            resources=resources(),
+            instance=instance,
+            run_config={"ops": {"crm__contacts": {"config": {"replay": True}}}},
+        )
+        assert replay.success
+        (event,) = replay.get_asset_materialization_events()
+        metadata = event.materialization.metadata
+        assert metadata["inserted"].value == 1
+        assert metadata["dead_letters_open"].value == store.count_open_dead_letters(FLOW)
+        assert store.get_dead_letter(letter.id).resolution == "replayed"

@@ -1,0 +1,88 @@
+"""After a demo's worth of runs over PII-bearing data, no seeded email or phone number is in
+clear text in the logs, the Dagster event log and compute logs, the audit trail or the DLQ."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import dagster as dg
+import sqlalchemy as sa
+
+from assets import FLOWS
+from assets.factory import flow_asset
+from definitions import resources
+from integrations.cli import main
+from integrations.erp.changes import live_customer_ids, move_customers, soft_delete_customers
+from integrations.sql.connect import create_engine
+
+
+def seeded_pii(erp_url: str) -> set[str]:
+    engine = create_engine(erp_url)
+    with engine.connect() as connection:
+        rows = connection.execute(sa.text("SELECT email, phone FROM customers")).all()
+    engine.dispose()
+    values = set()
+    for email, phone in rows:
+        values |= {email, email.strip().lower()} if email else set()
+        values |= {phone} if phone else set()
+    return {value for value in values if len(value) >= 6}
+
+
+def leaks(text: str, secrets: set[str]) -> list[str]:
+    return sorted(value for value in secrets if value in text)
+
+
+def test_no_seeded_email_or_phone_in_logs_events_audit_or_dlq(
+    world, tmp_path, caplog, capfd, crm_client
+):
+    caplog.set_level(logging.DEBUG)
+    dagster_home = tmp_path / "dagster_home"
+    dagster_home.mkdir()
+    erp = create_engine(world.erp_url)
+    with dg.instance_for_test(temp_dir=str(dagster_home)) as instance:
+        assets = [flow_asset(spec) for spec in FLOWS]
+        contacts, companies, deals = assets
+        for asset in (companies, contacts):
+            assert dg.materialize([asset], resources=resources(), instance=instance).success
+        with erp.connect() as connection:
+            day = connection.execute(
+                sa.text("SELECT max(invoice_date) FROM invoices WHERE status = 'paid'")
+            ).scalar_one()
+        day = str(day)[:10]
+        assert dg.materialize(
+            [deals], resources=resources(), instance=instance, partition_key=day
+        ).success
+        ids = live_customer_ids(erp)
+        move_customers(erp, ids[:40])
+        soft_delete_customers(erp, ids[40:45])
+        assert dg.materialize([contacts], resources=resources(), instance=instance).success
+        main(["dlq", "list", "--limit", "10000"])
+        main(["dlq", "replay", "--flow", "erp_customers_to_crm_contacts"])
+        main(["audit", "show", "--key", str(ids[0])])
+
+    pii = seeded_pii(world.erp_url)
+    assert len(pii) > 3000, "the scan looks for thousands of real values"
+    # The control: the CRM (the destination) does hold them, and the scan finds them there.
+    crm_file = (tmp_path / "crm_sandbox.sqlite").read_bytes().decode("latin-1")
+    assert len(leaks(crm_file, pii)) > 1000
+
+    out, err = capfd.readouterr()
+    assert not leaks(caplog.text + out + err, pii), "PII in the logs or the CLI's output"
+
+    scanned = 0
+    for path in [*Path(dagster_home).rglob("*"), tmp_path / "state.sqlite"]:
+        if path.is_file():
+            text = path.read_bytes().decode("latin-1")
+            assert not leaks(text, pii), f"PII in clear text in {path}"
+            scanned += 1
+    assert scanned >= 3, "the event log, compute logs and the state database were scanned"
+
+    state = create_engine(world.state_url)
+    with state.connect() as connection:
+        for table in ("audit_log", "audit_records", "dead_letters"):
+            rows = connection.execute(sa.text(f"SELECT * FROM {table}")).all()
+            assert rows, f"{table} has entries to scan"
+            assert not leaks(repr(rows), pii), f"PII in clear text in {table}"
+    state.dispose()
+    erp.dispose()
