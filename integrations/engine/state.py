@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from cryptography.fernet import Fernet, InvalidToken
 
-from integrations.sql.connect import create_engine, upsert_statement
+from integrations.sql.connect import bulk_write, create_engine, upsert_statement
 
 metadata = sa.MetaData()
 
@@ -238,12 +238,6 @@ class StateStore:
         with self.engine.begin() as connection:
             for statement in _APPEND_ONLY.get(self.engine.dialect.name, []):
                 connection.exec_driver_sql(statement)
-        self._upsert_ledger = upsert_statement(
-            self.engine.dialect.name,
-            ledger,
-            ["flow", "record_key"],
-            ["content_hash", "destination_id", "archived", "field_hashes", "synced_at", "run_id"],
-        )
         self._upsert_cursor = upsert_statement(
             self.engine.dialect.name,
             cursors,
@@ -484,8 +478,9 @@ class StateStore:
         now = utcnow()
         with self.engine.begin() as connection:
             if batch.synced:
-                connection.execute(
-                    self._upsert_ledger,
+                bulk_write(
+                    connection,
+                    ledger,
                     [
                         {
                             "field_hashes": None,
@@ -496,6 +491,7 @@ class StateStore:
                         }
                         for row in batch.synced
                     ],
+                    key=["flow", "record_key"],
                 )
             settled = [str(row["record_key"]) for row in batch.synced] + batch.resolved
             if settled:
@@ -602,9 +598,7 @@ class StateStore:
             sa.insert(audit_log).values(**entry, entry_hash=_seal(entry))
         ).inserted_primary_key[0]
         if rows:
-            connection.execute(
-                sa.insert(audit_records), [{**row, "audit_id": audit_id} for row in rows]
-            )
+            bulk_write(connection, audit_records, [{**row, "audit_id": audit_id} for row in rows])
 
     @staticmethod
     def _claim(connection, batch: BatchCommit) -> None:
