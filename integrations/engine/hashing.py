@@ -12,6 +12,10 @@ _CANONICAL = json.JSONEncoder(
 ).encode
 
 
+# `json.dumps(value, sort_keys=True, default=str)`, without building an encoder per call.
+sorted_json = json.JSONEncoder(sort_keys=True, default=str).encode
+
+
 def canonical_json(record: Mapping[str, object]) -> str:
     return _CANONICAL(record)
 

@@ -15,7 +15,9 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from cryptography.fernet import Fernet, InvalidToken
+from sqlalchemy.dialects import postgresql
 
+from integrations.engine.hashing import sorted_json
 from integrations.sql.connect import bulk_write, create_engine, upsert_statement
 
 metadata = sa.MetaData()
@@ -133,6 +135,7 @@ _APPEND_ONLY = {
 }
 
 _IN_CHUNK = 500  # keys per IN (...) list, well under every dialect's parameter limit
+_ARRAY_CHUNK = 100_000  # keys per PostgreSQL array parameter
 
 
 def utcnow() -> datetime:
@@ -214,9 +217,18 @@ class BatchCommit:
     audit_records: list[AuditRecord] = field(default_factory=list)
 
 
-def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
-    for start in range(0, len(items), _IN_CHUNK):
-        yield items[start : start + _IN_CHUNK]
+def _chunks(items: Sequence[str], dialect: str) -> Iterator[Sequence[str]]:
+    size = _ARRAY_CHUNK if dialect == "postgresql" else _IN_CHUNK
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _among(column: sa.Column, values: Sequence[str], dialect: str) -> sa.ColumnElement[bool]:
+    """`column IN values`; on PostgreSQL `= ANY(one array parameter)`: a batch's keys in one
+    query that is cheap to compile and send."""
+    if dialect == "postgresql":
+        return column == sa.any_(sa.literal(list(values), postgresql.ARRAY(column.type)))
+    return column.in_(values)
 
 
 class StateStore:
@@ -261,8 +273,9 @@ class StateStore:
 
     def ledger_entries(self, flow: str, keys: Sequence[str]) -> dict[str, LedgerEntry]:
         found: dict[str, LedgerEntry] = {}
+        dialect = self.engine.dialect.name
         with self.engine.connect() as connection:
-            for chunk in _chunks(keys):
+            for chunk in _chunks(keys, dialect):
                 rows = connection.execute(
                     sa.select(
                         ledger.c.record_key,
@@ -270,7 +283,7 @@ class StateStore:
                         ledger.c.destination_id,
                         ledger.c.archived,
                         ledger.c.field_hashes,
-                    ).where(ledger.c.flow == flow, ledger.c.record_key.in_(chunk))
+                    ).where(ledger.c.flow == flow, _among(ledger.c.record_key, chunk, dialect))
                 )
                 for row in rows:
                     found[row.record_key] = LedgerEntry(
@@ -293,12 +306,13 @@ class StateStore:
     def open_dead_letter_hashes(self, flow: str, keys: Sequence[str]) -> dict[str, str | None]:
         """Content hash of each key's unresolved dead letter, for keys that have one."""
         found: dict[str, str | None] = {}
+        dialect = self.engine.dialect.name
         with self.engine.connect() as connection:
-            for chunk in _chunks(keys):
+            for chunk in _chunks(keys, dialect):
                 rows = connection.execute(
                     sa.select(dead_letters.c.record_key, dead_letters.c.content_hash).where(
                         dead_letters.c.flow == flow,
-                        dead_letters.c.record_key.in_(chunk),
+                        _among(dead_letters.c.record_key, chunk, dialect),
                         dead_letters.c.resolved_at.is_(None),
                     )
                 )
@@ -308,13 +322,14 @@ class StateStore:
     def unique_owners(self, flow: str, field_name: str, digests: Sequence[str]) -> dict[str, str]:
         """value digest → the record key that holds it, for digests already claimed."""
         found: dict[str, str] = {}
+        dialect = self.engine.dialect.name
         with self.engine.connect() as connection:
-            for chunk in _chunks(digests):
+            for chunk in _chunks(digests, dialect):
                 rows = connection.execute(
                     sa.select(unique_claims.c.value_digest, unique_claims.c.record_key).where(
                         unique_claims.c.flow == flow,
                         unique_claims.c.field == field_name,
-                        unique_claims.c.value_digest.in_(chunk),
+                        _among(unique_claims.c.value_digest, chunk, dialect),
                     )
                 )
                 found.update({row.value_digest: row.record_key for row in rows})
@@ -578,7 +593,7 @@ class StateStore:
                 "record_key": record.record_key,
                 "action": record.action,
                 "correlation_id": record.correlation_id,
-                "diff": json.dumps(record.diff, sort_keys=True, default=str),
+                "diff": sorted_json(record.diff),
             }
             for record in records
         ]
@@ -603,10 +618,12 @@ class StateStore:
     @staticmethod
     def _claim(connection, batch: BatchCommit) -> None:
         holders = sorted({key for _, _, key in batch.claims} | set(batch.released))
-        for chunk in _chunks(holders):
+        dialect = connection.dialect.name
+        for chunk in _chunks(holders, dialect):
             connection.execute(
                 sa.delete(unique_claims).where(
-                    unique_claims.c.flow == batch.flow, unique_claims.c.record_key.in_(chunk)
+                    unique_claims.c.flow == batch.flow,
+                    _among(unique_claims.c.record_key, chunk, dialect),
                 )
             )
         if batch.claims:
@@ -622,12 +639,13 @@ class StateStore:
     def _resolve(
         connection, flow: str, keys: Sequence[str], now: datetime, resolution: str
     ) -> None:
-        for chunk in _chunks(keys):
+        dialect = connection.dialect.name
+        for chunk in _chunks(keys, dialect):
             connection.execute(
                 sa.update(dead_letters)
                 .where(
                     dead_letters.c.flow == flow,
-                    dead_letters.c.record_key.in_(chunk),
+                    _among(dead_letters.c.record_key, chunk, dialect),
                     dead_letters.c.resolved_at.is_(None),
                 )
                 .values(resolved_at=now, resolution=resolution)
@@ -639,13 +657,14 @@ class StateStore:
         letters = list(letters)
         flow_keys = {(letter.flow, letter.record_key) for letter in letters}
         existing: dict[tuple[str, str], int] = {}
+        dialect = connection.dialect.name
         for flow in {flow for flow, _ in flow_keys}:
             keys = [key for f, key in flow_keys if f == flow]
-            for chunk in _chunks(keys):
+            for chunk in _chunks(keys, dialect):
                 rows = connection.execute(
                     sa.select(dead_letters.c.id, dead_letters.c.record_key).where(
                         dead_letters.c.flow == flow,
-                        dead_letters.c.record_key.in_(chunk),
+                        _among(dead_letters.c.record_key, chunk, dialect),
                         dead_letters.c.resolved_at.is_(None),
                     )
                 )

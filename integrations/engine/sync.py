@@ -13,7 +13,6 @@ transaction. Re-running any window changes nothing that is in sync.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import time
@@ -34,7 +33,7 @@ from integrations.engine.destination import (
     Written,
     correlation_id,
 )
-from integrations.engine.hashing import content_hash, idempotency_key
+from integrations.engine.hashing import content_hash, idempotency_key, sorted_json
 from integrations.engine.hashing import field_hashes as hash_fields
 from integrations.engine.masking import mask_record, mask_value, scrub
 from integrations.engine.spec import FlowSpec
@@ -522,7 +521,7 @@ class Sync:
                 "content_hash": plan.hashes[item.key],
                 "destination_id": item.destination_id,
                 "archived": False,
-                "field_hashes": json.dumps(plan.field_hashes[item.key], sort_keys=True),
+                "field_hashes": sorted_json(plan.field_hashes[item.key]),
             }
             for item in written
         ] + [
