@@ -89,8 +89,9 @@ class Contract:
             RowRejection(index, f"{self.label}: " + "; ".join(why))
             for index, why in reasons.items()
         ]
+        # The rest passed every check already: coercing it (as validate does) is all that is left.
         valid_rows = batch.drop(index=list(reasons))
-        return Verdict(valid=self.model.validate(valid_rows), rejections=rejected)
+        return Verdict(valid=self.schema.coerce_dtype(valid_rows), rejections=rejected)
 
 
 def _readable(check: object) -> str:
