@@ -14,6 +14,7 @@ from integrations.crm.destination import CrmObjects
 from integrations.engine.state import StateStore
 from integrations.erp.changes import live_customer_ids, move_customers, soft_delete_customers
 from integrations.erp.seed import seed_erp
+from integrations.http import ApiLimits
 from integrations.sql.connect import create_engine
 from integrations.sql.source import SqlSource
 from tests.conftest import DLQ_KEY
@@ -36,7 +37,7 @@ def test_crm_sync_survives_sigkill_at_every_seeded_point(tmp_path, crm_sandbox, 
     @contextmanager
     def opener():
         engine = create_engine(erp_url)
-        client = CrmClient(crm_sandbox.base_url, crm_token, retries=2, backoff=0.05)
+        client = CrmClient(crm_sandbox.base_url, crm_token, ApiLimits(retries=2, backoff=0.05))
         destination = CrmObjects.for_target(client, SPEC.target)
         destination.max_batch = 20
         state = StateStore(state_url, dlq_key=DLQ_KEY)

@@ -4,6 +4,8 @@ nothing is lost or duplicated."""
 
 from __future__ import annotations
 
+import logging
+
 import psycopg
 import pytest
 import sqlalchemy as sa
@@ -58,33 +60,56 @@ def cut(engine: sa.Engine, statement_start: str, nth: int, event: str) -> list[i
     return seen
 
 
-def test_a_connection_dropped_between_batches_is_replaced(pg_world, erp, crm_client, state):
+def test_a_pooled_connection_dropped_while_idle_is_replaced(pg_world, erp, crm_client, state):
+    """The extract streams on one connection; one the pool got back before it (after reading
+    the schema) and that died while idle is pinged and replaced, never used."""
     returned = [0]
 
     @sa.event.listens_for(erp.pool, "checkin")
     def _(dbapi_connection, record):
         returned[0] += 1
-        if returned[0] == 4 and dbapi_connection is not None:  # idle in the pool, then cut
+        if returned[0] == 1 and dbapi_connection is not None:  # idle in the pool, then cut
             with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
                 pid = dbapi_connection.info.backend_pid
                 admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
 
     result = sync(erp, crm_client, state)
-    assert returned[0] > 4, "the cut happened before the extract ended"
+    assert returned[0] > 1, "the cut happened after the extract"
     assert result.batches == 3 and result.counts["read"] == 3000
     assert_crm_matches_erp(pg_world.erp_url, crm_client)
+
+
+class CutTheErpAfterTheFirstBatch(logging.Handler):
+    """Once the first batch is committed, every session on the ERP database is terminated (the
+    extract's stream among them), as a database restart would."""
+
+    def __init__(self, database: str):
+        super().__init__()
+        self.database, self.done = database, False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.done and "batch 1 committed" in record.getMessage():
+            self.done = True
+            with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                    (self.database,),
+                )
 
 
 def test_the_erp_lost_mid_extract_stops_the_run_clearly_and_the_rerun_completes(
     pg_world, erp, crm_client, state
 ):
-    cut(erp, "SELECT customers.customer_id", 3, "before_cursor_execute")
+    log = logging.getLogger("test.erp_cut")
+    log.setLevel(logging.INFO)
+    log.addHandler(CutTheErpAfterTheFirstBatch(erp.url.database))
     with pytest.raises(SyncError) as stopped:
-        sync(erp, crm_client, state)
+        sync(erp, crm_client, state, log=log)
     message = str(stopped.value)
     assert "flow erp_customers_to_crm_contacts" in message
     assert "the source database of customers" in message and "failed" in message
     assert "rerun when the source answers" in message
+    assert 0 < state.count_synced("erp_customers_to_crm_contacts") < 3000
     # The cut fired once; the rerun runs on a healthy ERP.
     again = sync(erp, crm_client, state, run_id="run-2")
     assert again.counts["read"] > 0
