@@ -8,7 +8,8 @@ SIGKILL when the point is reached. The phases:
 - `mid-load`: before the n-th write call to the destination (earlier chunks of the batch are
   in the destination, not in the ledger);
 - `after-load`: after the n-th write call returned (the destination has it, the ledger not);
-- `mid-commit`: in the state transaction, as the ledger rows are written;
+- `mid-commit`: the n-th state transaction, written whole (ledger, dead letters, audit) but not
+  yet committed;
 - `mid-cursor`: in the state transaction, as the watermark is written.
 
 After each kill the flow runs again to completion in this process, and the check asks: is
@@ -121,16 +122,23 @@ def _arm(point: KillPoint, source, destination, state) -> None:
 
         destination.upsert = instrumented
 
-    if point.phase in ("mid-commit", "mid-cursor"):
-        table = "ledger" if point.phase == "mid-commit" else "cursors"
+    if point.phase == "mid-commit":
+
+        @sa.event.listens_for(state.engine, "commit")
+        def _(conn):
+            if count("mid-commit"):
+                _die()
+
+    if point.phase == "mid-cursor":
 
         @sa.event.listens_for(state.engine, "before_cursor_execute")
         def _(conn, cursor, statement, *args):
             words = statement.split()
-            target = words[2] if len(words) > 2 and words[0] in ("INSERT", "UPDATE") else ""
-            if words[:1] == ["UPDATE"]:
-                target = words[1]
-            if target == table and count(point.phase):
+            writes_cursor = words[:3] == ["INSERT", "INTO", "cursors"] or words[:2] == [
+                "UPDATE",
+                "cursors",
+            ]
+            if writes_cursor and count("mid-cursor"):
                 _die()
 
 

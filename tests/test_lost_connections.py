@@ -4,16 +4,12 @@ nothing is lost or duplicated."""
 
 from __future__ import annotations
 
-import logging
-
 import psycopg
 import pytest
 import sqlalchemy as sa
 
-from integrations.engine.state import StateStore
 from integrations.engine.sync import SyncError
-from integrations.sql.connect import create_engine
-from tests.conftest import DLQ_KEY, POSTGRES_ADMIN, _world
+from tests.conftest import POSTGRES_ADMIN, _world
 from tests.contacts import sync
 from tests.expectations import assert_crm_matches_erp
 
@@ -21,22 +17,9 @@ pytestmark = pytest.mark.postgres
 
 
 @pytest.fixture
-def pg_world(request, tmp_path, crm_sandbox, crm_token, monkeypatch):
+def world(request, tmp_path, crm_sandbox, crm_token, monkeypatch):
+    """The PostgreSQL world (ERP and state): sessions there can be cut from outside."""
     return _world(request, tmp_path, crm_sandbox, crm_token, monkeypatch, "postgres")
-
-
-@pytest.fixture
-def erp(pg_world):
-    engine = create_engine(pg_world.erp_url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def state(pg_world):
-    store = StateStore(pg_world.state_url, dlq_key=DLQ_KEY)
-    yield store
-    store.dispose()
 
 
 def terminate(connection: sa.Connection) -> None:
@@ -60,64 +43,56 @@ def cut(engine: sa.Engine, statement_start: str, nth: int, event: str) -> list[i
     return seen
 
 
-def test_a_pooled_connection_dropped_while_idle_is_replaced(pg_world, erp, crm_client, state):
-    """The extract streams on one connection; one the pool got back before it (after reading
-    the schema) and that died while idle is pinged and replaced, never used."""
+def test_a_connection_dropped_between_batches_is_replaced(world, erp, crm_client, state):
     returned = [0]
 
     @sa.event.listens_for(erp.pool, "checkin")
     def _(dbapi_connection, record):
         returned[0] += 1
-        if returned[0] == 1 and dbapi_connection is not None:  # idle in the pool, then cut
+        if returned[0] == 2 and dbapi_connection is not None:  # idle in the pool, then cut
             with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
                 pid = dbapi_connection.info.backend_pid
                 admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
 
     result = sync(erp, crm_client, state)
-    assert returned[0] > 1, "the cut happened after the extract"
+    assert returned[0] > 2, "the cut happened before the extract ended"
     assert result.batches == 3 and result.counts["read"] == 3000
-    assert_crm_matches_erp(pg_world.erp_url, crm_client)
-
-
-class CutTheErpAfterTheFirstBatch(logging.Handler):
-    """Once the first batch is committed, every session on the ERP database is terminated (the
-    extract's stream among them), as a database restart would."""
-
-    def __init__(self, database: str):
-        super().__init__()
-        self.database, self.done = database, False
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if not self.done and "batch 1 committed" in record.getMessage():
-            self.done = True
-            with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
-                admin.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
-                    (self.database,),
-                )
+    assert_crm_matches_erp(world.erp_url, crm_client)
 
 
 def test_the_erp_lost_mid_extract_stops_the_run_clearly_and_the_rerun_completes(
-    pg_world, erp, crm_client, state
+    world, erp, crm_client, state
 ):
-    log = logging.getLogger("test.erp_cut")
-    log.setLevel(logging.INFO)
-    log.addHandler(CutTheErpAfterTheFirstBatch(erp.url.database))
+    """The extract streams through one server-side cursor: its session is cut once the first
+    batch is committed, while the stream still has rows to give."""
+    streaming, cuts = [], []
+
+    @sa.event.listens_for(erp, "before_cursor_execute")
+    def _(conn, cursor, statement, *args):
+        if "ORDER BY" in statement and "FROM customers" in statement:
+            streaming.append(conn.connection.dbapi_connection.info.backend_pid)
+
+    @sa.event.listens_for(state.engine, "after_cursor_execute")
+    def _(conn, cursor, statement, *args):
+        if statement.startswith("INSERT INTO cursors") and streaming and not cuts:
+            cuts.append(streaming[-1])
+            with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (cuts[0],))
+
     with pytest.raises(SyncError) as stopped:
-        sync(erp, crm_client, state, log=log)
+        sync(erp, crm_client, state)
     message = str(stopped.value)
     assert "flow erp_customers_to_crm_contacts" in message
     assert "the source database of customers" in message and "failed" in message
     assert "rerun when the source answers" in message
-    assert 0 < state.count_synced("erp_customers_to_crm_contacts") < 3000
     # The cut fired once; the rerun runs on a healthy ERP.
     again = sync(erp, crm_client, state, run_id="run-2")
     assert again.counts["read"] > 0
-    assert_crm_matches_erp(pg_world.erp_url, crm_client)
+    assert_crm_matches_erp(world.erp_url, crm_client)
 
 
 def test_the_state_store_lost_mid_commit_stops_the_run_and_the_rerun_completes(
-    pg_world, erp, crm_client, state
+    world, erp, crm_client, state
 ):
     cut(state.engine, "INSERT INTO ledger", 2, "before_cursor_execute")
     with pytest.raises(SyncError) as stopped:
@@ -125,8 +100,8 @@ def test_the_state_store_lost_mid_commit_stops_the_run_and_the_rerun_completes(
     message = str(stopped.value)
     assert "the state store" in message and "failed" in message
     assert "upserts make that harmless" in message
-    sent = pg_world.crm.store.stats()["upsert_inputs"]
+    sent = world.crm.store.stats()["upsert_inputs"]
     sync(erp, crm_client, state, run_id="run-2")
-    assert pg_world.crm.store.stats()["upsert_inputs"] > sent, "the lost batch was sent again"
-    assert_crm_matches_erp(pg_world.erp_url, crm_client)
+    assert world.crm.store.stats()["upsert_inputs"] > sent, "the lost batch was sent again"
+    assert_crm_matches_erp(world.erp_url, crm_client)
     assert sync(erp, crm_client, state, run_id="run-3").written == 0

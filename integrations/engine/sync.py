@@ -150,6 +150,14 @@ def _unusable_key(value: object) -> str | None:
     return None
 
 
+def _key_text(value: object) -> str:
+    """A key as text; whole numbers that pandas turned into floats (a key column with a null)
+    stay whole: 42.0 → "42"."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def _natural(key: str) -> tuple[int, str]:
     return (int(key), "") if key.isdigit() else (0, key)
 
@@ -402,7 +410,7 @@ class Sync:
         keys = batch[self.spec.source.key]
         problems = keys.map(_unusable_key)
         usable = problems.isna()
-        text = keys[usable].astype(str)
+        text = keys[usable].map(_key_text)
         repeated = text.duplicated(keep=False)
         letters = []
         for position in (~usable).to_numpy().nonzero()[0]:
@@ -454,6 +462,8 @@ class Sync:
     def _map(self, valid: pd.DataFrame) -> tuple[pd.DataFrame, list[RowRejection]]:
         """The flow's mapping over the batch; when it fails, row by row, so that only the rows
         it cannot map are dead-lettered."""
+        if valid.empty:
+            return self._no_records(), []
         try:
             return self.spec.mapping(valid), []
         except Exception:  # the mapping is the flow's code: any error is about its input
@@ -471,8 +481,10 @@ class Sync:
             return self.spec.mapping(row), []
         except Exception as error:
             reason = f"mapping of flow {self.spec.name} failed: {type(error).__name__}"
-            empty = self.spec.mapping(row.iloc[0:0])
-            return empty, [RowRejection(key, reason) for key in row.index]
+            return self._no_records(), [RowRejection(key, reason) for key in row.index]
+
+    def _no_records(self) -> pd.DataFrame:
+        return pd.DataFrame(columns=list(self.spec.target_contract.schema.columns), dtype=object)
 
     def _diff(
         self, valid: pd.DataFrame, gone: pd.DataFrame, result: SyncResult, open_letters: set[str]
