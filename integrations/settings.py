@@ -60,12 +60,6 @@ def crm_base_url() -> str:
     return os.environ.get("CRM_BASE_URL") or "http://127.0.0.1:8765"
 
 
-def crm_requests_per_second() -> float | None:
-    """The CRM's API request limit (`CRM_REQUESTS_PER_SECOND`); unset: no client-side limit."""
-    value = os.environ.get("CRM_REQUESTS_PER_SECOND")
-    return float(value) if value else None
-
-
 def dlq_key() -> str | None:
     """The Fernet key that encrypts dead-letter payloads at rest (`HANDOFF_DLQ_KEY`)."""
     return os.environ.get("HANDOFF_DLQ_KEY") or None
@@ -73,6 +67,12 @@ def dlq_key() -> str | None:
 
 def crm_access_token() -> str | None:
     return os.environ.get("CRM_ACCESS_TOKEN") or None
+
+
+def crm_requests_per_second() -> float | None:
+    """The CRM's API request limit (`CRM_REQUESTS_PER_SECOND`); unset: no client-side limit."""
+    value = os.environ.get("CRM_REQUESTS_PER_SECOND")
+    return float(value) if value else None
 
 
 def crm_sandbox_path() -> Path:

@@ -253,6 +253,32 @@ def state(world):
     store.dispose()
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--outage-seconds",
+        type=float,
+        default=4.0,
+        help="length of the CRM outage in the fault suite's scenario (d); 30 shows the "
+        "issue's case (about 1-2 minutes)",
+    )
+
+
+_FIGURES: list[str] = []
+
+
+@pytest.fixture
+def figures():
+    """Lines a test reports; printed in the run's summary (no -s needed)."""
+    return _FIGURES
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _FIGURES:
+        terminalreporter.section("figures")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
 def rt_server(tmp_path_factory) -> LocalRt:
     """One RT5 for the session: packages installed when absent, a throwaway SQLite database."""
@@ -311,29 +337,3 @@ def helpdesk_world(rt, tmp_path, monkeypatch) -> HelpdeskWorld:
     monkeypatch.setenv("ERP_DATABASE_URL", erp_url)
     monkeypatch.setenv("HANDOFF_STATE_URL", state_url)
     return HelpdeskWorld(erp_url, state_url, rt)
-
-
-def pytest_addoption(parser):
-    parser.addoption(
-        "--outage-seconds",
-        type=float,
-        default=4.0,
-        help="length of the CRM outage in the fault suite's scenario (d); 30 shows the "
-        "issue's case (about 1-2 minutes)",
-    )
-
-
-_FIGURES: list[str] = []
-
-
-@pytest.fixture
-def figures():
-    """Lines a test reports; printed in the run's summary (no -s needed)."""
-    return _FIGURES
-
-
-def pytest_terminal_summary(terminalreporter):
-    if _FIGURES:
-        terminalreporter.section("figures")
-        for line in _FIGURES:
-            terminalreporter.write_line(line)

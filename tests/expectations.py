@@ -53,7 +53,7 @@ def assert_one_per_valid_customer(
     erp_url: str, numbers: list[str], refused: set[str] = frozenset()
 ) -> None:
     """`numbers` (the customer numbers a destination holds) name every valid customer once;
-    of customers sharing an email (ignoring case) exactly one (none if the destination
+    of customers sharing an email (ignoring case) exactly one (or none when the destination
     `refused` theirs); and nobody else."""
     expected = valid_customers(erp_url)
     assert len(numbers) == len(set(numbers)), "duplicate records for one customer"

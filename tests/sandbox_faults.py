@@ -22,7 +22,7 @@ def set_faults(sandbox, token: str, **faults) -> dict:
 
 
 def traffic(sandbox, token: str) -> dict:
-    """Counts by fate, and the arrival time (s) of each request the gateway let through."""
+    """Counts by fate, arrival times, rate and busiest second of what the gateway let through."""
     answer = requests.get(
         f"{sandbox.base_url}/_sandbox/traffic",
         headers={"Authorization": f"Bearer {token}"},
@@ -30,20 +30,3 @@ def traffic(sandbox, token: str) -> dict:
     )
     answer.raise_for_status()
     return answer.json()
-
-
-def achieved_rate(served_at: list[float]) -> float:
-    """Requests per second between the first and the last request let through."""
-    if len(served_at) < 2:
-        return 0.0
-    return (len(served_at) - 1) / (served_at[-1] - served_at[0])
-
-
-def busiest_second(served_at: list[float]) -> int:
-    """The most requests let through in any one-second window."""
-    best, first = 0, 0
-    for last, moment in enumerate(served_at):
-        while moment - served_at[first] >= 1.0:
-            first += 1
-        best = max(best, last - first + 1)
-    return best

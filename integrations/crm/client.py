@@ -57,7 +57,7 @@ def shared_bucket(state_url: str, base_url: str, limits: ApiLimits) -> SharedTok
     or None when no request limit is configured."""
     if not limits.requests_per_second:
         return None
-    return SharedTokenBucket(state_url, f"crm {base_url.rstrip('/')}", limits)
+    return SharedTokenBucket(state_url, f"crm {base_url}", limits)  # as resources/api.py names it
 
 
 class CrmClient:

@@ -151,6 +151,24 @@ class FaultInjector:
             self.counts[name] += 1
 
     def traffic(self) -> dict[str, object]:
-        """Counts by fate, and when each request that passed the gateway arrived (seconds)."""
+        """Counts by fate; when each request the gateway let through arrived (seconds), the rate
+        between the first and the last of them, and the most let through in any one second."""
         with self.lock:
-            return {"counts": dict(self.counts), "served_at": list(self.served)}
+            served = list(self.served)
+            counts = dict(self.counts)
+        rate = (len(served) - 1) / (served[-1] - served[0]) if len(served) > 1 else 0.0
+        return {
+            "counts": counts,
+            "served_at": served,
+            "served_per_second": rate,
+            "busiest_second": _busiest_second(served),
+        }
+
+
+def _busiest_second(moments: list[float]) -> int:
+    best, first = 0, 0
+    for last, moment in enumerate(moments):
+        while moment - moments[first] >= 1.0:
+            first += 1
+        best = max(best, last - first + 1)
+    return best

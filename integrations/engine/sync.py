@@ -723,7 +723,7 @@ class Sync:
     def _refusal(
         self, record: OutboundRecord, reason: str, source_rows: pd.DataFrame
     ) -> DeadLetter:
-        """A refused record's dead letter, with the destination's reason scrubbed of PII."""
+        """A refused record's dead letter; the destination's words are scrubbed of its PII."""
         payload = _json_ready(source_rows.loc[[record.key]])[0]
         pii = self.spec.source_contract.pii_fields | self.spec.target_contract.pii_fields
         values = [payload.get(name) for name in pii] + [record.properties.get(name) for name in pii]
