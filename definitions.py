@@ -7,18 +7,20 @@ from collections.abc import Callable
 
 import dagster as dg
 
-from assets import FLOWS
+from assets import FLOWS, HELPDESK_FLOWS
 from assets.checks import reconciliation_check
 from assets.factory import asset_key, flow_asset, source_asset_specs
 from integrations import settings
+from integrations.engine.spec import FlowSpec
 from resources import (
     CrmResource,
     ErpDatabase,
+    HelpdeskResource,
     Notifier,
     SqlDestinationDatabase,
     StateStoreResource,
 )
-from resources.secrets import require_secrets
+from resources.secrets import require_helpdesk_credentials, require_secrets
 from sensors.alerts import alert_sensors
 from sensors.schedules import flow_schedules
 from sensors.source_changed import source_changed_sensors
@@ -46,16 +48,35 @@ def resources() -> dict[str, dg.ConfigurableResource]:
         "crm": CrmResource(
             base_url=from_env("CRM_BASE_URL", settings.crm_base_url),
             access_token=dg.EnvVar("CRM_ACCESS_TOKEN"),
+            requests_per_second=settings.crm_requests_per_second(),
+            rate_limit_url=from_env("HANDOFF_STATE_URL", settings.state_url),
+        ),
+        "helpdesk": HelpdeskResource(
+            base_url=from_env("RT_BASE_URL", settings.rt_base_url),
+            user=from_env("RT_USER", lambda: None),
+            password=from_env("RT_PASSWORD", lambda: None),
+            token=from_env("RT_TOKEN", lambda: None),
         ),
         "notifier": Notifier(webhook_url=from_env("HANDOFF_ALERT_WEBHOOK_URL", lambda: None)),
     }
 
 
+def active_flows() -> list[FlowSpec]:
+    """The CRM and finance flows, and the helpdesk's when RT_BASE_URL says where RT is."""
+    return FLOWS + (HELPDESK_FLOWS if settings.rt_base_url() else [])
+
+
+def definitions(flows: list[FlowSpec]) -> dg.Definitions:
+    return dg.Definitions(
+        assets=[*source_asset_specs(flows), *(flow_asset(spec) for spec in flows)],
+        asset_checks=[reconciliation_check(spec, asset_key(spec)) for spec in flows],
+        sensors=[*source_changed_sensors(flows), *alert_sensors(flows)],
+        schedules=flow_schedules(flows),
+        resources=resources(),
+    )
+
+
 require_secrets()
-defs = dg.Definitions(
-    assets=[*source_asset_specs(FLOWS), *(flow_asset(spec) for spec in FLOWS)],
-    asset_checks=[reconciliation_check(spec, asset_key(spec)) for spec in FLOWS],
-    sensors=[*source_changed_sensors(FLOWS), *alert_sensors(FLOWS)],
-    schedules=flow_schedules(FLOWS),
-    resources=resources(),
-)
+if settings.rt_base_url():
+    require_helpdesk_credentials()
+defs = definitions(active_flows())

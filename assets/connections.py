@@ -4,9 +4,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from integrations.engine.destination import Destination
+from integrations.engine.source import Source
 from integrations.engine.spec import FlowSpec
 from integrations.engine.state import StateStore
-from integrations.sql.source import SqlSource
 
 
 def required_resources(spec: FlowSpec) -> set[str]:
@@ -17,13 +17,13 @@ def required_resources(spec: FlowSpec) -> set[str]:
 
 @contextmanager
 def flow_connections(
-    resources, spec: FlowSpec
-) -> Iterator[tuple[SqlSource, Destination, StateStore]]:
+    resources, spec: FlowSpec, log=None
+) -> Iterator[tuple[Source, Destination, StateStore]]:
     sources = getattr(resources, spec.source.system)
     destinations = getattr(resources, spec.target.system)
     with (
         sources.source(spec.source) as source,
-        destinations.destination(spec.target) as destination,
+        destinations.destination(spec.target, log=log) as destination,
         resources.state.open() as state,
     ):
         yield source, destination, state

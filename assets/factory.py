@@ -14,7 +14,9 @@ from assets.connections import flow_connections, required_resources
 from integrations.contracts import Contract
 from integrations.engine.destination import DestinationMismatch
 from integrations.engine.reconcile import Drift, reconcile
+from integrations.engine.source import SourceUnavailable
 from integrations.engine.spec import FlowSpec
+from integrations.engine.state import StateStoreUnavailable
 from integrations.engine.sync import (
     ArchiveGuardTripped,
     ErrorBudgetExceeded,
@@ -54,7 +56,7 @@ def source_asset_specs(specs: list[FlowSpec]) -> list[dg.AssetSpec]:
         dg.AssetSpec(
             key=[system, table],
             group_name=system,
-            kinds={"sql"},
+            kinds={system} if system in API_SYSTEMS else {"sql"},
             description=f"Table `{table}` of {system}, a system of record, read "
             + (f"incrementally by `{source.cursor}`." if source.cursor else "whole (no cursor)."),
         )
@@ -126,14 +128,31 @@ def _metadata(spec: FlowSpec, result: SyncResult) -> dict[str, object]:
     }
 
 
-def _failure(spec: FlowSpec, error: SyncError, api_facing: bool) -> dg.Failure:
-    metadata: dict[str, object] = {"flow": spec.name, "what_to_do": error.todo}
+def _failure(
+    spec: FlowSpec, error: SyncError, api_facing: bool, transport: dict[str, object]
+) -> dg.Failure:
+    metadata: dict[str, object] = {
+        "flow": spec.name,
+        "what_to_do": error.todo,
+        **_transport_metadata(spec, transport),
+    }
     if isinstance(error, ArchiveGuardTripped):
         metadata["archive_plan"] = dg.MetadataValue.json(
             {"would_archive": error.total, "keys": error.plan}
         )
     retryable = api_facing and not isinstance(error, ErrorBudgetExceeded | ArchiveGuardTripped)
     return dg.Failure(description=str(error), metadata=metadata, allow_retries=retryable)
+
+
+def _transport_metadata(spec: FlowSpec, transport: dict[str, object]) -> dict[str, object]:
+    """The API's side of the run: requests, retries, 429s, rate-limit waits, the circuit."""
+    if not transport:
+        return {}
+    circuit = transport.get("circuit") or {}
+    return {
+        f"{spec.target.system}_api": dg.MetadataValue.json(transport),
+        "circuit": str(circuit.get("state", "n/a")),
+    }
 
 
 @functools.cache
@@ -147,36 +166,47 @@ def partitions_of(spec: FlowSpec) -> dg.DailyPartitionsDefinition | None:
 
 
 def _run(
-    context: dg.AssetExecutionContext, spec: FlowSpec, config: SyncConfig
+    context: dg.AssetExecutionContext,
+    spec: FlowSpec,
+    config: SyncConfig,
+    transport: dict[str, object],
 ) -> tuple[SyncResult, Drift | None]:
-    with flow_connections(context.resources, spec) as (source, destination, state):
-        sync = Sync(
-            spec,
-            source,
-            destination,
-            state,
-            run_id=context.run.run_id,
-            actor=f"dagster run {context.run.run_id}",
-            why=trigger_of(context, config),
-            log=context.log,
-        )
-        if config.replay:
-            return sync.replay(state.list_dead_letters(flow=spec.name, limit=None)), None
-        if config.repair:
-            drift = reconcile(spec, source, destination, state)
-            return sync.repair(drift.missing + drift.differing), drift
-        if spec.partitions:
-            window = context.partition_time_window
-            return sync.run_window(window.start, window.end), None
-        return sync.run(
-            full=config.full_refresh, allow_mass_archive=config.allow_mass_archive
-        ), None
+    """Sync; `transport` receives the destination's health, whether the sync ends well or not."""
+    connections = flow_connections(context.resources, spec, log=context.log)
+    with connections as (source, destination, state):
+        try:
+            return _sync_or_repair(context, spec, config, source, destination, state)
+        finally:
+            transport.update(destination.health())
+            context.log.info("%s transport: %s", spec.target.system, transport)
+
+
+def _sync_or_repair(context, spec, config, source, destination, state):
+    sync = Sync(
+        spec,
+        source,
+        destination,
+        state,
+        run_id=context.run.run_id,
+        actor=f"dagster run {context.run.run_id}",
+        why=trigger_of(context, config),
+        log=context.log,
+    )
+    if config.replay:
+        return sync.replay(state.list_dead_letters(flow=spec.name, limit=None)), None
+    if config.repair:
+        drift = reconcile(spec, source, destination, state)
+        return sync.repair(drift.missing + drift.differing), drift
+    if spec.partitions:
+        window = context.partition_time_window
+        return sync.run_window(window.start, window.end), None
+    return sync.run(full=config.full_refresh, allow_mass_archive=config.allow_mass_archive), None
 
 
 def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
     key = asset_key(spec)
     system = spec.target.system
-    api_facing = system in API_SYSTEMS
+    api_facing = bool({spec.source.system, system} & API_SYSTEMS)
 
     @dg.asset(
         key=key,
@@ -199,10 +229,18 @@ def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
         freshness_policy=dg.FreshnessPolicy.time_window(fail_window=spec.max_staleness),
     )
     def _sync(context: dg.AssetExecutionContext, config: SyncConfig):
+        transport: dict[str, object] = {}
         try:
-            result, drift = _run(context, spec, config)
+            result, drift = _run(context, spec, config, transport)
         except SyncError as error:
-            raise _failure(spec, error, api_facing) from error
+            raise _failure(spec, error, api_facing, transport) from error
+        except (SourceUnavailable, StateStoreUnavailable) as error:
+            raise dg.Failure(
+                description=f"flow {spec.name}: {error}. What to do: nothing was marked synced "
+                "that was not written; rerun when it answers again",
+                metadata={"flow": spec.name},
+                allow_retries=True,
+            ) from error
         except SourceSchemaError as error:
             raise dg.Failure(
                 description=f"flow {spec.name}: {error}. What to do: check "
@@ -215,7 +253,7 @@ def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
             raise dg.Failure(
                 description=str(error), metadata={"flow": spec.name}, allow_retries=False
             ) from error
-        metadata = _metadata(spec, result)
+        metadata = {**_metadata(spec, result), **_transport_metadata(spec, transport)}
         if drift is not None:
             metadata.update(
                 {f"repair/{name}": value for name, value in drift_metadata(drift).items()}

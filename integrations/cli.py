@@ -1,4 +1,4 @@
-"""`handoff`: the operators' command line (seed, crm-sandbox, dlq, audit, simulate)."""
+"""`handoff`: the operators' command line (seed, crm-sandbox, rt, dlq, audit, simulate)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import socket
 import sys
 import time
 import uuid
+from dataclasses import fields
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 
@@ -24,9 +26,9 @@ from integrations.sql.connect import create_engine, redacted
 
 def _flows() -> dict[str, FlowSpec]:
     """The declared flows by name (their modules are framework-free)."""
-    from assets import FLOWS
+    from assets import FLOWS, HELPDESK_FLOWS
 
-    return {spec.name: spec for spec in FLOWS}
+    return {spec.name: spec for spec in FLOWS + HELPDESK_FLOWS}
 
 
 def _pii_fields(flow: str) -> frozenset[str]:
@@ -78,8 +80,16 @@ def cmd_crm_sandbox(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from integrations.crm.faults import Faults
+
+    faults = Faults(**{f.name: getattr(args, f.name) for f in fields(Faults)})
     server = SandboxServer(
-        settings.crm_sandbox_path(), token, host=args.host, port=args.port, verbose=args.verbose
+        settings.crm_sandbox_path(),
+        token,
+        host=args.host,
+        port=args.port,
+        verbose=args.verbose,
+        faults=faults,
     )
     print(f"CRM sandbox serving {server.base_url} from {settings.crm_sandbox_path()}", flush=True)
     try:
@@ -89,6 +99,39 @@ def cmd_crm_sandbox(args: argparse.Namespace) -> int:
     finally:
         server.server_close()
     return 0
+
+
+def cmd_rt(args: argparse.Namespace) -> int:
+    from integrations.helpdesk.local_rt import LocalRt, LocalRtError
+
+    rt = LocalRt(Path(args.home) if args.home else settings.local_rt_home())
+    try:
+        if args.action == "stop":
+            rt.stop()
+            return 0
+        started = time.perf_counter()
+        url = rt.reset() if args.action == "reset" else rt.start()
+    except LocalRtError as error:
+        print(f"handoff rt {args.action}: {error}", file=sys.stderr)
+        return 1
+    print(url)
+    print(
+        f"RT ready in {time.perf_counter() - started:.1f} s: user {rt.user}, password in "
+        f"{rt.home / 'password'}, log {rt.home / 'rt-server.log'}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _fault_arguments(group) -> None:
+    """One flag per fault setting, e.g. `--rate-limit 10 --error-rate 0.3`; all off by default."""
+    from integrations.crm.faults import Faults
+
+    for setting in fields(Faults):
+        kind = int if setting.name in ("rate_burst", "outage_after_requests", "seed") else float
+        group.add_argument(
+            f"--{setting.name.replace('_', '-')}", type=kind, default=setting.default
+        )
 
 
 def _dlq_row(letter: DeadLetter) -> dict[str, object]:
@@ -341,7 +384,15 @@ def parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--port", type=int, default=8765)
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--verbose", action="store_true", help="log every request")
+    _fault_arguments(sandbox.add_argument_group("faults (see integrations/crm/faults.py)"))
     sandbox.set_defaults(run=cmd_crm_sandbox)
+
+    rt = commands.add_parser(
+        "rt", help="a throwaway local Request Tracker 5 (installs the Debian packages as root)"
+    )
+    rt.add_argument("action", choices=["start", "stop", "reset"])
+    rt.add_argument("--home", help="its folder (default: RT_HOME or $HANDOFF_HOME/rt)")
+    rt.set_defaults(run=cmd_rt)
 
     dlq = commands.add_parser("dlq", help="the dead-letter queue").add_subparsers(
         dest="dlq", required=True

@@ -32,7 +32,29 @@ def crm_destination(target: Target) -> Iterator[Destination]:
         client.close()
 
 
-DESTINATIONS = {"crm": crm_destination}
+@contextmanager
+def helpdesk_destination(target: Target) -> Iterator[Destination]:
+    import os
+
+    from integrations.helpdesk.client import RtClient
+    from integrations.helpdesk.destination import RtUsers
+
+    url = settings.rt_base_url()
+    if not url:
+        raise MissingSecret("RT_BASE_URL is not set: the helpdesk destination needs it")
+    client = RtClient(
+        url,
+        user=os.environ.get("RT_USER"),
+        password=os.environ.get("RT_PASSWORD"),
+        token=os.environ.get("RT_TOKEN"),
+    )
+    try:
+        yield RtUsers(client, target.id_property)
+    finally:
+        client.close()
+
+
+DESTINATIONS = {"crm": crm_destination, "helpdesk": helpdesk_destination}
 
 
 @contextmanager

@@ -69,5 +69,21 @@ def crm_access_token() -> str | None:
     return os.environ.get("CRM_ACCESS_TOKEN") or None
 
 
+def crm_requests_per_second() -> float | None:
+    """The CRM's API request limit (`CRM_REQUESTS_PER_SECOND`); unset: no client-side limit."""
+    value = os.environ.get("CRM_REQUESTS_PER_SECOND")
+    return float(value) if value else None
+
+
 def crm_sandbox_path() -> Path:
     return handoff_home() / "crm_sandbox.sqlite"
+
+
+def rt_base_url() -> str | None:
+    """Request Tracker's base URL (`RT_BASE_URL`); unset means no helpdesk."""
+    return os.environ.get("RT_BASE_URL") or None
+
+
+def local_rt_home() -> Path:
+    """The folder of the throwaway local RT (`handoff rt start`): `RT_HOME` or under HANDOFF_HOME."""
+    return Path(os.environ.get("RT_HOME") or handoff_home() / "rt").resolve()

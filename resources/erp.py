@@ -5,8 +5,9 @@ from contextlib import contextmanager
 
 import dagster as dg
 
-from integrations.engine.spec import SourceTable
+from integrations.engine.spec import SourceTable, Target
 from integrations.sql.connect import create_engine
+from integrations.sql.destination import SqlTable
 from integrations.sql.source import SqlSource
 
 
@@ -21,5 +22,14 @@ class ErpDatabase(dg.ConfigurableResource):
         engine = create_engine(self.url)
         try:
             yield SqlSource(engine, table)
+        finally:
+            engine.dispose()
+
+    @contextmanager
+    def destination(self, target: Target, log=None) -> Iterator[SqlTable]:
+        """One of the ERP's staging tables (its schema owns them: never created here)."""
+        engine = create_engine(self.url)
+        try:
+            yield SqlTable(engine, target)
         finally:
             engine.dispose()

@@ -23,3 +23,14 @@ def require_secrets(names: dict[str, str] = SECRETS) -> None:
             + "; ".join(f"{name} is not set ({names[name]})" for name in missing)
             + ". Set it in the code location's environment and reload"
         )
+
+
+def require_helpdesk_credentials() -> None:
+    """With RT configured (RT_BASE_URL): an auth token, or a user and password."""
+    if not os.environ.get("RT_TOKEN"):
+        require_secrets(
+            {
+                "RT_USER": "the RT user handoff acts as (or set RT_TOKEN instead)",
+                "RT_PASSWORD": "that RT user's password (or set RT_TOKEN instead)",
+            }
+        )

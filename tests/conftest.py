@@ -1,4 +1,5 @@
-"""Real parts: SQLite files, PostgreSQL on 127.0.0.1:5432, the CRM sandbox over real HTTP."""
+"""Real parts: SQLite files, PostgreSQL on 127.0.0.1:5432, the CRM sandbox over real HTTP, and a
+real Request Tracker 5 on 127.0.0.1 (installed and started by the session)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ from integrations.crm.client import CrmClient
 from integrations.crm.sandbox import SandboxServer
 from integrations.engine.state import StateStore
 from integrations.erp.seed import seed_erp
+from integrations.helpdesk.client import RtClient
+from integrations.helpdesk.local_rt import LocalRt, LocalRtError
+from integrations.http import ApiLimits
 from integrations.sql.connect import create_engine
 
 # The code location refuses to load without its secrets; tests run with throwaway ones.
@@ -142,7 +146,7 @@ def crm_sandbox(tmp_path: Path, crm_token: str):
 
 @pytest.fixture
 def crm_client(crm_sandbox, crm_token) -> CrmClient:
-    client = CrmClient(crm_sandbox.base_url, crm_token, retries=2, backoff=0.05)
+    client = CrmClient(crm_sandbox.base_url, crm_token, ApiLimits(retries=2, backoff=0.05))
     yield client
     client.close()
 
@@ -247,3 +251,63 @@ def state(world):
     store = StateStore(world.state_url, dlq_key=DLQ_KEY)
     yield store
     store.dispose()
+
+
+@pytest.fixture(scope="session")
+def rt_server(tmp_path_factory) -> LocalRt:
+    """One RT5 for the session: packages installed when absent, a throwaway SQLite database."""
+    server = LocalRt(tmp_path_factory.mktemp("rt"))
+    try:
+        server.start()
+    except LocalRtError as error:
+        if IN_CI:
+            pytest.fail(f"Request Tracker 5 could not be started, and CI=true requires it: {error}")
+        pytest.skip(f"Request Tracker 5 could not be started: {error}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def rt(rt_server: LocalRt, monkeypatch) -> LocalRt:
+    """The session's RT, reset to its freshly initialised database and wired through the
+    environment as in production."""
+    rt_server.reset()
+    monkeypatch.setenv("RT_BASE_URL", rt_server.base_url)
+    monkeypatch.setenv("RT_USER", rt_server.user)
+    monkeypatch.setenv("RT_PASSWORD", rt_server.password)
+    return rt_server
+
+
+@pytest.fixture
+def rt_client(rt: LocalRt) -> RtClient:
+    client = RtClient(
+        rt.base_url, user=rt.user, password=rt.password, limits=ApiLimits(retries=2, backoff=0.05)
+    )
+    yield client
+    client.close()
+
+
+@dataclass
+class HelpdeskWorld:
+    """A small SQLite ERP and state store next to the test's RT, wired through the environment."""
+
+    erp_url: str
+    state_url: str
+    rt: LocalRt
+
+    def state(self) -> StateStore:
+        return StateStore(self.state_url, dlq_key=DLQ_KEY)
+
+
+HELPDESK_WORLD_ROWS = 150  # RT writes one user per request: a small ERP keeps the tests quick
+
+
+@pytest.fixture
+def helpdesk_world(rt, tmp_path, monkeypatch) -> HelpdeskWorld:
+    erp_url = f"sqlite:///{tmp_path / 'erp.sqlite'}"
+    state_url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+    seed_erp(erp_url, rows=HELPDESK_WORLD_ROWS, seed=7)
+    monkeypatch.setenv("HANDOFF_HOME", str(tmp_path))
+    monkeypatch.setenv("ERP_DATABASE_URL", erp_url)
+    monkeypatch.setenv("HANDOFF_STATE_URL", state_url)
+    return HelpdeskWorld(erp_url, state_url, rt)

@@ -40,11 +40,18 @@ def crm_contacts(client: CrmClient) -> list[dict]:
 def assert_crm_matches_erp(erp_url: str, client: CrmClient) -> None:
     """Every valid customer is a contact, once; customers sharing an email (ignoring case) have
     exactly one contact among them; nothing else is in the CRM."""
-    expected = valid_customers(erp_url)
     contacts = crm_contacts(client)
-    numbers = [contact["properties"]["erp_customer_id"] for contact in contacts]
-    assert len(numbers) == len(set(numbers)), "duplicate contacts for one customer"
-    assert set(numbers) <= set(expected), "contacts that are not valid ERP customers"
+    assert_one_per_valid_customer(
+        erp_url, [contact["properties"]["erp_customer_id"] for contact in contacts]
+    )
+
+
+def assert_one_per_valid_customer(erp_url: str, numbers: list[str]) -> None:
+    """`numbers` (the customer numbers a destination holds) name every valid customer once;
+    of customers sharing an email (ignoring case) exactly one; and nobody else."""
+    expected = valid_customers(erp_url)
+    assert len(numbers) == len(set(numbers)), "duplicate records for one customer"
+    assert set(numbers) <= set(expected), "records that are not valid ERP customers"
     by_email: dict[str, list[str]] = defaultdict(list)
     for number, email in expected.items():
         by_email[email].append(number)

@@ -1,97 +1,158 @@
-"""The client copes with a real flaky server: 429 + Retry-After, 5xx bursts, outages."""
+"""The client copes with the sandbox's injected faults: 429 + Retry-After, 5xx, timeouts,
+outages (circuit breaker), lost answers (idempotency keys), and a rate limit shared by clients."""
 
 from __future__ import annotations
 
-import json
+import logging
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import requests
 
-from integrations.crm.client import CrmClient, CrmUnavailable
+from integrations.crm.client import CrmClient, CrmRequestRejected, CrmUnavailable
+from integrations.http import ApiClient, ApiLimits, ApiUnavailable, SharedTokenBucket
 
-TOKEN = "s3cret-token-value"
-
-
-class FlakyCrm(ThreadingHTTPServer):
-    """Answers each request with the next scripted status, then 200 with an empty upsert result."""
-
-    def __init__(self, script: list[tuple[int, dict[str, str]]]):
-        self.script = list(script)
-        self.seen: list[float] = []
-        super().__init__(("127.0.0.1", 0), FlakyHandler)
+QUICK = ApiLimits(backoff=0.02, backoff_max=0.2)
 
 
-class FlakyHandler(BaseHTTPRequestHandler):
-    server: FlakyCrm
-
-    def log_message(self, *args):
-        pass
-
-    def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.server.seen.append(time.monotonic())
-        status, headers = self.server.script.pop(0) if self.server.script else (200, {})
-        body = json.dumps(
-            {"status": "COMPLETE", "results": []}
-            if status == 200
-            else {"status": "error", "message": "nope", "category": "RATE_LIMITS"}
-        ).encode()
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+def set_faults(sandbox, token: str, **faults) -> None:
+    answer = requests.post(
+        f"{sandbox.base_url}/_sandbox/faults",
+        json=faults,
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=5,
+    )
+    answer.raise_for_status()
 
 
-@pytest.fixture
-def flaky():
-    servers = []
-
-    def start(script):
-        server = FlakyCrm(script)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+def counts(sandbox) -> dict[str, int]:
+    return sandbox.faults.traffic()["counts"]
 
 
-def url(server: FlakyCrm) -> str:
-    return f"http://127.0.0.1:{server.server_address[1]}"
+def contacts(start: int, n: int = 5) -> list[dict]:
+    return [
+        {"id": f"C{i:07d}", "properties": {"email": f"p{i}@example.com"}}
+        for i in range(start, start + n)
+    ]
 
 
-def test_429_waits_as_long_as_retry_after_says(flaky):
-    server = flaky([(429, {"Retry-After": "1"}), (200, {})])
-    CrmClient(url(server), TOKEN, backoff=0.01).batch_upsert("contacts", "email", [])
-    assert len(server.seen) == 2
-    assert server.seen[1] - server.seen[0] >= 0.95
+def client(sandbox, token: str, limits: ApiLimits = QUICK, **kwargs) -> CrmClient:
+    return CrmClient(sandbox.base_url, token, limits, **kwargs)
 
 
-def test_5xx_bursts_are_retried_with_backoff(flaky):
-    server = flaky([(503, {}), (502, {}), (500, {}), (200, {})])
-    CrmClient(url(server), TOKEN, backoff=0.05).batch_upsert("contacts", "email", [])
-    assert len(server.seen) == 4
-    gaps = [b - a for a, b in zip(server.seen, server.seen[1:], strict=False)]
-    assert gaps[-1] > gaps[0], "backoff grows"
+def test_429_waits_as_long_as_retry_after_says(crm_sandbox, crm_token):
+    set_faults(crm_sandbox, crm_token, rate_limit=1, rate_burst=1)
+    crm = client(crm_sandbox, crm_token)
+    started = time.monotonic()
+    crm.batch_upsert("contacts", "erp_customer_id", contacts(0))
+    crm.batch_upsert("contacts", "erp_customer_id", contacts(5))
+    assert time.monotonic() - started >= 0.95, "Retry-After: 1 was honoured"
+    assert crm.api.stats()["answered_429"] == 1
+    assert len(list(crm.list_objects("contacts"))) == 10
 
 
-def test_an_outage_ends_in_a_clear_error_without_the_token(flaky):
-    server = flaky([(503, {})] * 10)
-    with pytest.raises(CrmUnavailable, match="503 after every retry") as caught:
-        CrmClient(url(server), TOKEN, retries=2, backoff=0.01).batch_upsert("contacts", "email", [])
-    assert TOKEN not in str(caught.value)
-    assert len(server.seen) == 3
+def test_5xx_and_slow_answers_are_retried_until_they_succeed(crm_sandbox, crm_token):
+    set_faults(crm_sandbox, crm_token, error_rate=0.4, slow_rate=0.2, slow_seconds=0.6, seed=3)
+    crm = client(crm_sandbox, crm_token, ApiLimits(backoff=0.02, read_timeout=0.3))
+    for start in range(0, 100, 10):
+        crm.batch_upsert("contacts", "erp_customer_id", contacts(start, 10))
+    stats = crm.api.stats()
+    assert stats["answered_5xx"] > 0 and stats["connection_errors"] > 0, "timeouts happened"
+    assert stats["retries"] == stats["answered_5xx"] + stats["connection_errors"]
+    assert stats["circuit"]["state"] == "closed"
+    set_faults(crm_sandbox, crm_token, error_rate=0, slow_rate=0)
+    numbers = [c["properties"]["erp_customer_id"] for c in crm.list_objects("contacts")]
+    assert sorted(numbers) == [f"C{i:07d}" for i in range(100)], "each once, none lost"
+
+
+def test_an_outage_opens_the_circuit_then_calls_fail_fast_until_a_probe_succeeds(
+    crm_sandbox, crm_token, caplog
+):
+    crm = client(
+        crm_sandbox,
+        crm_token,
+        ApiLimits(backoff=0.05, backoff_max=0.1, failures_to_open=3, open_seconds=0.5),
+    )
+    set_faults(crm_sandbox, crm_token, outage_seconds=1.5)
+    with caplog.at_level(logging.INFO, logger="integrations.http"):
+        with pytest.raises(CrmUnavailable, match="circuit open after 3 consecutive") as caught:
+            crm.batch_upsert("contacts", "erp_customer_id", contacts(0))
+        assert crm_token not in str(caught.value)
+        seen = counts(crm_sandbox)["requests"]
+        with pytest.raises(CrmUnavailable, match="circuit open"):
+            crm.batch_upsert("contacts", "erp_customer_id", contacts(0))
+        assert counts(crm_sandbox)["requests"] == seen, "an open circuit does not call the CRM"
+        time.sleep(1.6)
+        crm.batch_upsert("contacts", "erp_customer_id", contacts(0))
+    assert crm.api.stats()["circuit"] | {"last_failure": None} == {
+        "state": "closed",
+        "consecutive_failures": 0,
+        "times_opened": 1,
+        "last_failure": None,
+    }
+    logged = caplog.text
+    assert "crm circuit OPEN after 3 consecutive failures" in logged
+    assert "half-open" in logged and "crm circuit closed" in logged
 
 
 def test_a_closed_port_is_unavailable_not_a_crash():
-    with pytest.raises(CrmUnavailable, match="ConnectionError") as caught:
-        CrmClient("http://127.0.0.1:9", TOKEN, retries=1, backoff=0.01).batch_archive(
-            "contacts", ["1"]
-        )
-    assert TOKEN not in str(caught.value)
+    crm = CrmClient("http://127.0.0.1:9", "s3cret-token", ApiLimits(retries=1, backoff=0.01))
+    with pytest.raises(CrmUnavailable, match="ConnectionError after 2 attempts") as caught:
+        crm.batch_archive("contacts", ["1"])
+    assert "s3cret-token" not in str(caught.value)
+
+
+def test_a_post_that_is_not_idempotent_is_not_sent_twice(crm_sandbox, crm_token):
+    set_faults(crm_sandbox, crm_token, drop_rate=1.0)
+    api = ApiClient("crm", crm_sandbox.base_url, {"Authorization": f"Bearer {crm_token}"}, QUICK)
+    with pytest.raises(ApiUnavailable, match="not retried"):
+        api.request("POST", "/crm/v3/objects/contacts/search", json={"limit": 1})
+    assert counts(crm_sandbox)["requests"] == 1
+
+
+def test_a_lost_answer_is_replayed_by_its_idempotency_key_not_repeated(crm_sandbox, crm_token):
+    crm = client(crm_sandbox, crm_token, ApiLimits(retries=2, backoff=0.01))
+    made = crm.batch_upsert("contacts", "erp_customer_id", contacts(0, 3)).results
+    a, b, c = (item["id"] for item in made)
+    set_faults(crm_sandbox, crm_token, drop_rate=1.0)
+    with pytest.raises(CrmUnavailable):
+        crm.associate("contacts", "contacts", [(a, b)], idempotency_key="k-1")
+    assert counts(crm_sandbox)["idempotent_replays"] == 2, "the retries were replayed"
+    set_faults(crm_sandbox, crm_token, drop_rate=0.0)
+    replayed = requests.post(
+        f"{crm_sandbox.base_url}/crm/v4/associations/contacts/contacts/batch/associate/default",
+        json={"inputs": [{"from": {"id": a}, "to": {"id": b}}]},
+        headers={"Authorization": f"Bearer {crm_token}", "Idempotency-Key": "k-1"},
+        timeout=5,
+    )
+    assert replayed.status_code == 200 and replayed.headers["Idempotent-Replayed"] == "true"
+    assert [int(b)] == [int(i) for i in crm.associated_ids("contacts", a, "contacts")]
+    with pytest.raises(CrmRequestRejected) as reused:
+        crm.associate("contacts", "contacts", [(a, c)], idempotency_key="k-1")
+    assert reused.value.status == 422 and "different request" in str(reused.value)
+
+
+def test_clients_sharing_a_bucket_stay_under_the_limit_together(crm_sandbox, crm_token, tmp_path):
+    set_faults(crm_sandbox, crm_token, rate_limit=20)
+    limits = ApiLimits(requests_per_second=20, backoff=0.02)
+    url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+    clients = [
+        client(crm_sandbox, crm_token, limits, bucket=SharedTokenBucket(url, "crm", limits))
+        for _ in range(2)
+    ]
+
+    def send(crm: CrmClient, first: int) -> None:
+        for start in range(first, first + 100, 5):
+            crm.batch_upsert("contacts", "erp_customer_id", contacts(start))
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=send, args=(c, n * 100)) for n, c in enumerate(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.monotonic() - started
+    assert counts(crm_sandbox).get("throttled_429", 0) == 0
+    assert 1.8 <= seconds < 4, f"40 requests at 20/s took {seconds:.2f} s"
+    print(f"\n2 clients, 40 requests, shared 20/s bucket: {seconds:.2f} s, no 429")

@@ -33,14 +33,18 @@ def test_requests_without_the_token_get_a_hubspot_error_body(crm_sandbox):
 
 
 def test_upsert_creates_then_updates_and_keeps_updated_at_when_nothing_changed(crm_client):
-    created = crm_client.batch_upsert("contacts", "erp_customer_id", [contact(1), contact(2)])
+    created = crm_client.batch_upsert(
+        "contacts", "erp_customer_id", [contact(1), contact(2)]
+    ).results
     assert [r["new"] for r in created] == [True, True]
     assert all(r["createdAt"] == r["updatedAt"] for r in created)
     time.sleep(0.01)
-    same = crm_client.batch_upsert("contacts", "erp_customer_id", [contact(1)])
+    same = crm_client.batch_upsert("contacts", "erp_customer_id", [contact(1)]).results
     assert same[0]["new"] is False and same[0]["updatedAt"] == created[0]["updatedAt"]
     time.sleep(0.01)
-    moved = crm_client.batch_upsert("contacts", "erp_customer_id", [contact(1, city="Oslo")])
+    moved = crm_client.batch_upsert(
+        "contacts", "erp_customer_id", [contact(1, city="Oslo")]
+    ).results
     assert moved[0]["id"] == created[0]["id"] and moved[0]["updatedAt"] > created[0]["updatedAt"]
     assert moved[0]["properties"]["city"] == "Oslo"
 
@@ -97,3 +101,43 @@ def test_search_on_the_last_modified_date_pages_through_everything_changed(crm_c
         c["id"] for c in changed
     )
     assert all(c["properties"]["city"] == "Porto" for c in found)
+
+
+def test_a_half_accepted_batch_answers_207_naming_each_refused_input(crm_sandbox, crm_token):
+    headers = {"Authorization": f"Bearer {crm_token}"}
+    faults = requests.post(
+        f"{crm_sandbox.base_url}/_sandbox/faults",
+        json={"reject_rate": 0.5, "seed": 1},
+        headers=headers,
+        timeout=5,
+    )
+    assert faults.json()["reject_rate"] == 0.5
+    inputs = [{**contact(n), "objectWriteTraceId": f"trace-{n}"} for n in range(20)]
+    url = f"{crm_sandbox.base_url}/crm/v3/objects/contacts/batch/upsert?idProperty=erp_customer_id"
+    answer = requests.post(url, json={"inputs": inputs}, headers=headers, timeout=5)
+    assert answer.status_code == 207
+    body = answer.json()
+    accepted = {r["properties"]["erp_customer_id"] for r in body["results"]}
+    refused = {e["context"]["id"][0]: e for e in body["errors"]}
+    assert body["numErrors"] == len(refused) and 0 < len(refused) < 20
+    assert accepted | set(refused) == {item["id"] for item in inputs}
+    assert not accepted & set(refused)
+    for number, error in refused.items():
+        assert error["context"]["objectWriteTraceId"] == [f"trace-{int(number[1:])}"]
+        assert error["category"] == "VALIDATION_ERROR" and "not valid" in error["message"]
+    again = requests.post(url, json={"inputs": inputs}, headers=headers, timeout=5).json()
+    assert {e["context"]["id"][0] for e in again["errors"]} == set(refused), (
+        "same inputs, same fate"
+    )
+
+
+def test_fault_settings_are_checked(crm_sandbox, crm_token):
+    answer = requests.post(
+        f"{crm_sandbox.base_url}/_sandbox/faults",
+        json={"error_rat": 0.3},
+        headers={"Authorization": f"Bearer {crm_token}"},
+        timeout=5,
+    )
+    assert answer.status_code == 400 and "error_rat" in answer.json()["message"]
+    unauthorised = requests.get(f"{crm_sandbox.base_url}/_sandbox/faults", timeout=5)
+    assert unauthorised.status_code == 401

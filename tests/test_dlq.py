@@ -93,7 +93,7 @@ def test_a_record_gone_from_the_source_is_replayed_from_its_payload(
         ).one()
     (blocker,) = crm_client.batch_upsert(
         "contacts", "erp_customer_id", [{"id": "X0000001", "properties": {"email": email}}]
-    )
+    ).results
     sync(erp, crm_client, state)
     (letter,) = state.list_dead_letters(flow=FLOW, keys=[str(key)])
     assert letter.reason_kind == "destination-rejected"

@@ -57,14 +57,16 @@ def engine(sql_database):
 def test_upsert_by_key_archive_and_come_back(engine):
     table = SqlTable(engine, LINES.target, create_missing=True)
     table.prepare(LINES)
-    written = table.upsert([record("L1", 10.0), record("L2", 20.5, None), record("L3", 30.0)])
+    written = table.upsert(
+        [record("L1", 10.0), record("L2", 20.5, None), record("L3", 30.0)]
+    ).written
     assert [(w.key, w.destination_id, w.created) for w in written] == [
         ("1", "L1", True),
         ("2", "L2", True),
         ("3", "L3", True),
     ]
 
-    again = table.upsert([record("L2", 21.0, "fixed"), record("L4", 40.0)])
+    again = table.upsert([record("L2", 21.0, "fixed"), record("L4", 40.0)]).written
     assert [(w.destination_id, w.created) for w in again] == [("L2", False), ("L4", True)]
     assert rows(engine)["L2"][:2] == (21.0, "fixed")
 
@@ -81,7 +83,7 @@ def test_equal_rows_are_left_alone(engine):
     table = SqlTable(engine, LINES.target, create_missing=True)
     table.prepare(LINES)
     table.upsert([record("L1", 10.0)])
-    written = table.upsert([record("L1", 10.0)])
+    written = table.upsert([record("L1", 10.0)]).written
     assert [(w.destination_id, w.created) for w in written] == [("L1", False)]
     assert rows(engine)["L1"][:2] == (10.0, "x")
 

@@ -59,39 +59,50 @@ class Contract:
         )
 
     def judge(self, batch: pd.DataFrame) -> Verdict:
-        """Validate lazily (all failures at once) and split the batch by row."""
-        try:
-            valid = self.model.validate(batch, lazy=True)
-            return Verdict(valid=valid, rejections=[])
-        except pa.errors.SchemaErrors as errors:
-            cases = errors.failure_cases
-        row_cases = cases[cases["index"].notna()]
-        if len(row_cases) < len(cases):
-            whole = cases[cases["index"].isna()]
-            rules = "; ".join(
-                f"{column}: {_readable(check)}"
-                for column, check in zip(whole["column"], whole["check"], strict=True)
-            )
-            raise ContractViolation(f"{self.label}: the batch does not fit the contract: {rules}")
+        """Validate lazily (all failures at once) and split the batch by row.
+
+        A value that cannot be coerced fails its row, and can also fail a whole column's check
+        (the column keeps the wrong type); so rejected rows are set aside and the rest validated
+        again, until it passes or only whole-batch failures remain.
+        """
         reasons: dict[object, list[str]] = defaultdict(list)
-        for index, context, column, check in zip(
-            row_cases["index"],
-            row_cases["schema_context"],
-            row_cases["column"],
-            row_cases["check"],
-            strict=True,
-        ):
-            whole_row = context == "DataFrameSchema"
-            reason = _readable(check) if whole_row else f"{column} {_readable(check)}"
-            if reason not in reasons[index]:
-                reasons[index].append(reason)
+        remaining = batch
+        while True:
+            try:
+                valid = self.model.validate(remaining, lazy=True)
+                break
+            except pa.errors.SchemaErrors as errors:
+                cases = errors.failure_cases
+            row_cases = cases[cases["index"].notna() & cases["index"].isin(remaining.index)]
+            if row_cases.empty:
+                whole = cases[cases["index"].isna()]
+                rules = "; ".join(
+                    f"{column}: {_readable(check)}"
+                    for column, check in zip(whole["column"], whole["check"], strict=True)
+                )
+                raise ContractViolation(
+                    f"{self.label}: the batch does not fit the contract: {rules}"
+                )
+            for index, context, column, check in zip(
+                row_cases["index"],
+                row_cases["schema_context"],
+                row_cases["column"],
+                row_cases["check"],
+                strict=True,
+            ):
+                whole_row = context == "DataFrameSchema"
+                reason = _readable(check) if whole_row else f"{column} {_readable(check)}"
+                if reason not in reasons[index]:
+                    reasons[index].append(reason)
+            remaining = remaining.drop(index=list(set(row_cases["index"])))
+            if remaining.empty:
+                valid = remaining
+                break
         rejected = [
             RowRejection(index, f"{self.label}: " + "; ".join(why))
             for index, why in reasons.items()
         ]
-        # The rest passed every check already: coercing it (as validate does) is all that is left.
-        valid_rows = batch.drop(index=list(reasons))
-        return Verdict(valid=self.schema.coerce_dtype(valid_rows), rejections=rejected)
+        return Verdict(valid=valid, rejections=rejected)
 
 
 def _readable(check: object) -> str:

@@ -30,3 +30,14 @@ class ErpCustomerV1(pa.DataFrameModel):
 
 
 ERP_CUSTOMER = Contract(name="erp.customer", version=1, model=ErpCustomerV1)
+
+
+class ErpCustomerWithPaidV1(ErpCustomerV1):
+    """A customer with what they paid over the last 12 months (the helpdesk's support tier)."""
+
+    paid_last_12_months: Series[float] = pa.Field(ge=0)
+
+
+ERP_CUSTOMER_WITH_PAID = Contract(
+    name="erp.customer_with_paid", version=1, model=ErpCustomerWithPaidV1
+)

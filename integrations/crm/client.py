@@ -1,23 +1,24 @@
 """A client for the HubSpot CRM v3 objects API: batch upsert, search, list, batch archive.
 
-Transport faults are handled by urllib3's Retry: 429 honours Retry-After, 5xx and dropped
-connections back off exponentially with jitter. Every POST used here is idempotent (upsert by
-natural key, archive, search), so retrying it is safe. Errors never carry request headers.
+Transport (timeouts, retries, the shared rate limit, the circuit breaker) is the shared
+`integrations.http.ApiClient`. Upserts by natural key, archives, reads and searches are
+idempotent, so they are retried freely; associations are not naturally idempotent and carry
+an `Idempotency-Key`. Errors never carry request headers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import requests
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
+
+from integrations.http import ApiClient, ApiLimits, ApiUnavailable, SharedTokenBucket
 
 MAX_BATCH = 100  # HubSpot's limit for batch endpoints
 SEARCH_PAGE = 100
 SEARCH_WINDOW = 10_000  # HubSpot's search stops paging here; the client restarts from the last date
-RETRYABLE = (429, 500, 502, 503, 504)
 
 
 class CrmError(Exception):
@@ -40,6 +41,12 @@ class CrmRequestRejected(CrmError):
         super().__init__(f"{status} {category}: {message}")
 
 
+@dataclass(frozen=True)
+class BatchAnswer:
+    results: list[dict]
+    errors: list[dict]
+
+
 def last_modified_property(object_type: str) -> str:
     """HubSpot names it differently for contacts than for every other object."""
     return "lastmodifieddate" if object_type == "contacts" else "hs_lastmodifieddate"
@@ -50,49 +57,45 @@ class CrmClient:
         self,
         base_url: str,
         access_token: str,
+        limits: ApiLimits | None = None,
         *,
-        timeout: float = 30.0,
-        retries: int = 6,
-        backoff: float = 0.5,
-        backoff_max: float = 30.0,
+        bucket: SharedTokenBucket | None = None,
+        log=None,
     ):
-        self.base_url = base_url.rstrip("/")
-        self.timeout = timeout
-        self.session = requests.Session()
-        self.session.headers.update(
-            {"Authorization": f"Bearer {access_token}", "Content-Type": "application/json"}
+        self.api = ApiClient(
+            "crm",
+            base_url,
+            {"Authorization": f"Bearer {access_token}", "Content-Type": "application/json"},
+            limits or ApiLimits(),
+            bucket=bucket,
+            log=log,
         )
-        retry = Retry(
-            total=retries,
-            backoff_factor=backoff,
-            backoff_max=backoff_max,
-            backoff_jitter=backoff,
-            status_forcelist=RETRYABLE,
-            allowed_methods=None,  # POSTs here are idempotent (see the module docstring)
-            respect_retry_after_header=True,
-            raise_on_status=False,
-        )
-        self.session.mount("http://", HTTPAdapter(max_retries=retry))
-        self.session.mount("https://", HTTPAdapter(max_retries=retry))
+        self.base_url = self.api.base_url
 
     def close(self) -> None:
-        self.session.close()
+        self.api.close()
 
     def _request(
-        self, method: str, path: str, *, json: object = None, params: dict | None = None
+        self,
+        method: str,
+        path: str,
+        *,
+        json: object = None,
+        params: dict | None = None,
+        idempotency_key: str | None = None,
     ) -> dict:
         where = f"{method} {path}"
         try:
-            response = self.session.request(
-                method, f"{self.base_url}{path}", json=json, params=params, timeout=self.timeout
+            response = self.api.request(
+                method,
+                path,
+                json=json,
+                params=params,
+                idempotent=True,  # upserts by natural key, archives, reads, searches; or keyed
+                idempotency_key=idempotency_key,
             )
-        except requests.RequestException as error:
-            # The exception's text can hold the URL but never headers; keep only its kind.
-            raise CrmUnavailable(
-                f"{where}: {type(error).__name__} talking to {self.base_url}"
-            ) from None
-        if response.status_code in RETRYABLE:
-            raise CrmUnavailable(f"{where}: answered {response.status_code} after every retry")
+        except ApiUnavailable as error:
+            raise CrmUnavailable(str(error)) from None
         if response.status_code in (401, 403):
             raise CrmAuthError(
                 f"{where}: the CRM refused the access token ({response.status_code}); "
@@ -109,10 +112,12 @@ class CrmClient:
 
     def batch_upsert(
         self, object_type: str, id_property: str, inputs: Sequence[dict[str, object]]
-    ) -> list[dict]:
-        """Upsert up to 100 objects keyed by `id_property`; returns the API's result per object.
+    ) -> BatchAnswer:
+        """Upsert up to 100 objects keyed by `id_property`: the API's results and, for a
+        half-accepted batch (207), its per-input errors.
 
-        Each input is `{"id": <id_property value>, "properties": {...}, "objectWriteTraceId": ...}`.
+        Each input is `{"id": <id_property value>, "properties": {...}, "objectWriteTraceId": ...}`;
+        an error names the inputs it is about by their `objectWriteTraceId` in its `context`.
         """
         if len(inputs) > MAX_BATCH:
             raise ValueError(f"batch upsert takes at most {MAX_BATCH} inputs, got {len(inputs)}")
@@ -123,7 +128,7 @@ class CrmClient:
             json=body,
             params={"idProperty": id_property},
         )
-        return list(answer.get("results", []))
+        return BatchAnswer(list(answer.get("results", [])), list(answer.get("errors", [])))
 
     def batch_read_ids(
         self, object_type: str, id_property: str, values: Sequence[str]
@@ -145,14 +150,22 @@ class CrmClient:
             for item in answer.get("results", [])
         }
 
-    def associate(self, from_type: str, to_type: str, pairs: Sequence[tuple[str, str]]) -> None:
-        """Default (unlabelled) associations, e.g. deal → contact; associating twice is harmless."""
+    def associate(
+        self,
+        from_type: str,
+        to_type: str,
+        pairs: Sequence[tuple[str, str]],
+        idempotency_key: str,
+    ) -> None:
+        """Default (unlabelled) associations, e.g. deal → contact. Not idempotent by nature: the
+        key lets a retry after a lost answer be replayed by the CRM instead of acting twice."""
         if len(pairs) > MAX_BATCH:
             raise ValueError(f"batch associate takes at most {MAX_BATCH} pairs, got {len(pairs)}")
         self._request(
             "POST",
             f"/crm/v4/associations/{from_type}/{to_type}/batch/associate/default",
             json={"inputs": [{"from": {"id": f}, "to": {"id": t}} for f, t in pairs]},
+            idempotency_key=idempotency_key,
         )
 
     def associated_ids(self, from_type: str, object_id: str, to_type: str) -> list[str]:

@@ -6,6 +6,7 @@ from collections.abc import Iterator, Sequence
 
 from integrations.crm.client import (
     MAX_BATCH,
+    BatchAnswer,
     CrmAuthError,
     CrmClient,
     CrmRequestRejected,
@@ -15,8 +16,11 @@ from integrations.engine.destination import (
     DestinationUnavailable,
     OutboundRecord,
     RecordsRejected,
+    Refusal,
+    Upserted,
     Written,
 )
+from integrations.engine.hashing import content_hash, idempotency_key
 from integrations.engine.spec import Association, Target
 
 
@@ -43,7 +47,7 @@ class CrmObjects:
     def prepare(self, spec) -> None:
         """Nothing to check up front: the CRM answers record by record."""
 
-    def upsert(self, records: Sequence[OutboundRecord]) -> list[Written]:
+    def upsert(self, records: Sequence[OutboundRecord]) -> Upserted:
         links = {field: None for field in (a.field for a in self.associations)}
         inputs = [
             {
@@ -55,15 +59,20 @@ class CrmObjects:
         ]
         try:
             targets = [self._resolve(association, records) for association in self.associations]
-            results = self.client.batch_upsert(self.object_type, self.id_property, inputs)
-            written = self._written(records, inputs, results)
+            answer = self.client.batch_upsert(self.object_type, self.id_property, inputs)
+            outcome = self._read(records, inputs, answer)
+            accepted = {item.key for item in outcome.written}
+            linked = [record for record in records if record.key in accepted]
             for association, resolved in zip(self.associations, targets, strict=True):
-                self._link(association, records, written, resolved)
+                self._link(association, linked, outcome.written, resolved)
         except CrmRequestRejected as error:
             raise RecordsRejected(str(error)) from error
         except (CrmUnavailable, CrmAuthError) as error:
             raise DestinationUnavailable(str(error)) from error
-        return written
+        return outcome
+
+    def health(self) -> dict[str, object]:
+        return self.client.api.stats()
 
     def _resolve(
         self, association: Association, records: Sequence[OutboundRecord]
@@ -97,31 +106,42 @@ class CrmObjects:
             for record in records
             if record.properties.get(association.field)
         ]
+        # The same records with the same content give the same key, whatever the run.
+        traces = "|".join(sorted(record.trace_id for record in records))
         for start in range(0, len(pairs), MAX_BATCH):
-            self.client.associate(
-                self.object_type, association.to_dataset, pairs[start : start + MAX_BATCH]
+            chunk = pairs[start : start + MAX_BATCH]
+            key = idempotency_key(
+                f"associate {self.object_type}->{association.to_dataset}",
+                traces,
+                content_hash({"pairs": chunk}),
             )
+            self.client.associate(self.object_type, association.to_dataset, chunk, key)
 
-    def _written(self, records, inputs, results) -> list[Written]:
-        # Read the answer record by record: a 2xx is never taken as success wholesale.
+    def _read(self, records, inputs, answer: BatchAnswer) -> Upserted:
+        """Record by record: a result, an error naming the input (by its objectWriteTraceId), or
+        neither, which is a refusal too: a 2xx or 207 is never taken as success wholesale."""
         by_id = {
             str(result.get("properties", {}).get(self.id_property, "")).lower(): result
-            for result in results
+            for result in answer.results
         }
-        written, missing = [], []
+        errors: dict[str, str] = {}
+        for error in answer.errors:
+            reason = f"{error.get('category', 'ERROR')}: {error.get('message', 'no message')}"
+            for trace in (error.get("context") or {}).get("objectWriteTraceId", []):
+                errors[str(trace)] = reason
+        written, refused = [], []
         for record, item in zip(records, inputs, strict=True):
             result = by_id.get(item["id"].lower())
-            if result is None:
-                missing.append(record.key)
-            else:
+            if result is not None:
                 written.append(
                     Written(record.key, str(result["id"]), bool(result.get("new", False)))
                 )
-        if missing:
-            raise RecordsRejected(
-                f"the CRM returned no result for {len(missing)} of {len(records)} inputs"
-            )
-        return written
+            else:
+                reason = errors.get(
+                    record.trace_id, "the CRM answered neither a result nor an error"
+                )
+                refused.append(Refusal(record.key, reason))
+        return Upserted(written, refused)
 
     def snapshot(self, fields: Sequence[str]) -> Iterator[tuple[str, str, dict[str, object]]]:
         try:

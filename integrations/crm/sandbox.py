@@ -3,10 +3,17 @@
 Served by `handoff crm-sandbox --port P`. Bearer-token auth, HubSpot-shaped error bodies,
 `createdAt`/`updatedAt` per record (untouched when an upsert changes nothing), unique values
 (email for contacts, any idProperty) enforced case-insensitively as HubSpot does.
+
+`Idempotency-Key` on a POST is honoured as Stripe does: the same key with the same request
+replays the first answer (header `Idempotent-Replayed: true`) without acting again; the same key
+with a different request is refused with 422. Faults (rate limits, 5xx, latency, dropped
+connections, per-record refusals, outages) are injected by `integrations.crm.faults`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import hmac
 import json
 import re
@@ -22,6 +29,7 @@ from urllib.parse import parse_qs, urlparse
 
 from integrations.contracts.rules import EMAIL_PATTERN
 from integrations.crm.client import MAX_BATCH, last_modified_property
+from integrations.crm.faults import FaultInjector, Faults, Verdict
 
 OBJECT_TYPES = ("contacts", "companies", "deals", "tickets")
 # Properties that must be unique per object type, besides whatever idProperty a request names.
@@ -55,6 +63,13 @@ CREATE TABLE IF NOT EXISTS associations (
     PRIMARY KEY (from_type, from_id, to_type, to_id)
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    key TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    body TEXT,
+    created_ms INTEGER NOT NULL
+);
 """
 
 
@@ -141,7 +156,15 @@ class SandboxStore:
             view["archivedAt"] = _iso(archived_ms)
         return view
 
-    def batch_upsert(self, object_type: str, body: dict, default_id_property: str | None) -> dict:
+    def batch_upsert(
+        self,
+        object_type: str,
+        body: dict,
+        default_id_property: str | None,
+        refuses=lambda object_type, id_value: False,
+    ) -> tuple[int, dict]:
+        """Upsert every input; inputs that `refuses` come back as per-input errors (207),
+        named by their objectWriteTraceId, as HubSpot's multi-status answers do."""
         inputs = body.get("inputs")
         if not isinstance(inputs, list) or not inputs:
             raise ApiError(400, "VALIDATION_ERROR", "inputs must be a non-empty list")
@@ -150,25 +173,52 @@ class SandboxStore:
                 400, "VALIDATION_ERROR", f"at most {MAX_BATCH} inputs per batch, got {len(inputs)}"
             )
         started = _now_ms()
+        refused = [
+            position
+            for position, item in enumerate(inputs)
+            if isinstance(item, dict) and refuses(object_type, str(item.get("id")))
+        ]
         with self.lock:
             self.connection.execute("BEGIN IMMEDIATE")
             try:
                 results = [
                     self._upsert_one(object_type, item, default_id_property, position)
                     for position, item in enumerate(inputs)
+                    if position not in refused
                 ]
-                self._bump("upsert_inputs", len(inputs))
+                self._bump("upsert_inputs", len(results))
                 self._bump("records_changed", sum(changed for _, changed in results))
                 self.connection.execute("COMMIT")
             except BaseException:
                 self.connection.execute("ROLLBACK")
                 raise
-        return {
+        answer: dict[str, object] = {
             "status": "COMPLETE",
             "results": [view for view, _ in results],
             "startedAt": _iso(started),
             "completedAt": _iso(_now_ms()),
         }
+        if refused:
+            answer["numErrors"] = len(refused)
+            answer["errors"] = [_refusal(position, inputs[position]) for position in refused]
+        return (207 if refused else 200), answer
+
+    def replay(self, key: str) -> tuple[str, int, dict | None] | None:
+        """The first answer given under an idempotency key: (fingerprint, status, body)."""
+        with self.lock:
+            row = self.connection.execute(
+                "SELECT fingerprint, status, body FROM idempotency_keys WHERE key=?", (key,)
+            ).fetchone()
+        if row is None:
+            return None
+        return row[0], row[1], json.loads(row[2]) if row[2] else None
+
+    def remember(self, key: str, fingerprint: str, status: int, body: dict | None) -> None:
+        with self.lock:
+            self.connection.execute(
+                "INSERT OR IGNORE INTO idempotency_keys VALUES (?, ?, ?, ?, ?)",
+                (key, fingerprint, status, json.dumps(body) if body else None, _now_ms()),
+            )
 
     def _upsert_one(
         self, object_type: str, item: object, default_id_property: str | None, position: int
@@ -427,6 +477,21 @@ class SandboxStore:
         return answer
 
 
+def _refusal(position: int, item: dict) -> dict[str, object]:
+    """A per-input error in HubSpot's multi-status shape, naming the input by its trace id."""
+    context: dict[str, list[str]] = {"id": [str(item.get("id"))]}
+    if item.get("objectWriteTraceId"):
+        context["objectWriteTraceId"] = [str(item["objectWriteTraceId"])]
+    return {
+        "status": "error",
+        "category": "VALIDATION_ERROR",
+        "subCategory": "INVALID_PROPERTY_VALUE",
+        "message": f"inputs[{position}] (id {item.get('id')}): Property values were not valid: "
+        "the record was refused by a CRM-side validation rule",
+        "context": context,
+    }
+
+
 def _sort_key(value: object, name: str, modified: str):
     if name in (modified, "createdate") and value:
         return _to_ms(value)
@@ -485,14 +550,70 @@ class SandboxHandler(BaseHTTPRequestHandler):
         query = parse_qs(url.query)
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
+        injector = self.server.faults
+        verdict = Verdict() if url.path.startswith("/_sandbox/") else injector.judge()
+        if verdict.status:
+            self._send_fault(verdict)
+            return
+        if verdict.delay:
+            time.sleep(verdict.delay)
+        headers: dict[str, str] = {}
         try:
             self._authorise()
-            status, body = self._route(method, url.path.rstrip("/"), query, raw)
+            status, body = self._once(method, url, query, raw, headers)
         except ApiError as error:
             status, body = error.status, error.body()
         except Exception as error:  # a bug in the sandbox must still answer like an API
             status, body = 500, ApiError(500, "INTERNAL_ERROR", f"{type(error).__name__}").body()
-        self._send(status, body)
+        if verdict.drop:
+            self.close_connection = True  # done, but the answer is lost on the way
+            return
+        with contextlib.suppress(OSError):  # the client gave up waiting (a slow answer)
+            self._send(status, body, headers)
+
+    def _once(self, method, url, query, raw: bytes, headers: dict[str, str]):
+        """Serve the request, honouring an Idempotency-Key on a POST as Stripe does."""
+        key = self.headers.get("Idempotency-Key")
+        path = url.path.rstrip("/")
+        if method != "POST" or not key:
+            return self._route(method, path, query, raw)
+        store = self.server.store
+        fingerprint = hashlib.sha256(f"{path}?{url.query}\n".encode() + raw).hexdigest()
+        with self.server.idempotency_lock:
+            first = store.replay(key)
+            if first is not None:
+                if first[0] != fingerprint:
+                    raise ApiError(
+                        422,
+                        "VALIDATION_ERROR",
+                        "this Idempotency-Key was used with a different request; use a new key "
+                        "for a different request",
+                        subCategory="IDEMPOTENCY_KEY_REUSED",
+                    )
+                self.server.faults.count("idempotent_replays")
+                headers["Idempotent-Replayed"] = "true"
+                return first[1], first[2]
+            try:
+                status, body = self._route(method, path, query, raw)
+            except ApiError as error:  # a refusal is an answer too: replayed as given
+                status, body = error.status, error.body()
+            store.remember(key, fingerprint, status, body)
+            return status, body
+
+    def _send_fault(self, verdict: Verdict) -> None:
+        if verdict.status == 429:
+            error = ApiError(
+                429,
+                "RATE_LIMITS",
+                "You have reached your secondly limit.",
+                errorType="RATE_LIMIT",
+                policyName="SECONDLY",
+            )
+            self._send(429, error.body(), {"Retry-After": str(verdict.retry_after)})
+            return
+        phrase = HTTPStatus(verdict.status).phrase
+        error = ApiError(verdict.status, "INTERNAL_ERROR", f"{phrase} (injected by the sandbox)")
+        self._send(verdict.status, error.body())
 
     def _authorise(self) -> None:
         header = self.headers.get("Authorization", "")
@@ -508,6 +629,16 @@ class SandboxHandler(BaseHTTPRequestHandler):
         store = self.server.store
         if path == "/_sandbox/stats" and method == "GET":
             return 200, store.stats()
+        if path == "/_sandbox/traffic" and method == "GET":
+            return 200, self.server.faults.traffic()
+        if path == "/_sandbox/faults":
+            if method == "POST":
+                try:
+                    faults = Faults.from_json(self._json(raw), self.server.faults.faults)
+                except (TypeError, ValueError) as error:
+                    raise ApiError(400, "VALIDATION_ERROR", str(error)) from None
+                return 200, self.server.faults.configure(faults)
+            return 200, self.server.faults.describe()
         association = re.fullmatch(
             r"/crm/v4/associations/([a-z_]+)/([a-z_]+)/batch/associate/default", path
         )
@@ -538,7 +669,8 @@ class SandboxHandler(BaseHTTPRequestHandler):
             raise ApiError(405, "METHOD_NOT_ALLOWED", f"{method} is not allowed on {path}")
         body = self._json(raw)
         if (second, third) == ("batch", "upsert"):
-            return 200, store.batch_upsert(object_type, body, query.get("idProperty", [None])[0])
+            id_property = query.get("idProperty", [None])[0]
+            return store.batch_upsert(object_type, body, id_property, self.server.faults.refuses)
         if (second, third) == ("batch", "read"):
             return store.batch_read(object_type, body)
         if (second, third) == ("batch", "archive"):
@@ -560,9 +692,11 @@ class SandboxHandler(BaseHTTPRequestHandler):
             raise ApiError(400, "VALIDATION_ERROR", "the body must be a JSON object")
         return body
 
-    def _send(self, status: int, body: dict | None) -> None:
+    def _send(self, status: int, body: dict | None, headers: dict[str, str] | None = None) -> None:
         payload = b"" if body is None else json.dumps(body).encode()
         self.send_response(status, HTTPStatus(status).phrase)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         if payload:
             self.send_header("Content-Type", "application/json;charset=utf-8")
         self.send_header("Content-Length", str(len(payload)))
@@ -574,11 +708,19 @@ class SandboxServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(
-        self, path: Path, token: str, host: str = "127.0.0.1", port: int = 0, verbose: bool = False
+        self,
+        path: Path,
+        token: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        verbose: bool = False,
+        faults: Faults | None = None,
     ):
         if not token:
             raise ValueError("the CRM sandbox needs a token: set CRM_ACCESS_TOKEN")
         self.store = SandboxStore(path)
+        self.faults = FaultInjector(faults)
+        self.idempotency_lock = threading.Lock()
         self.token = token
         self.verbose = verbose
         super().__init__((host, port), SandboxHandler)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -31,6 +31,22 @@ class Written:
     created: bool
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """One record the destination refused while accepting others, in its own words."""
+
+    key: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Upserted:
+    """A batch's outcome record by record: a half-accepted batch is not a success wholesale."""
+
+    written: list[Written]
+    refused: list[Refusal] = field(default_factory=list)
+
+
 class RecordsRejected(Exception):
     """The destination refused the batch because of what is in it (not a transient failure)."""
 
@@ -52,11 +68,15 @@ class Destination(Protocol):
         """Before the first write: raise DestinationMismatch when the destination cannot hold
         the flow's records, naming the flow, what does not fit and what to do."""
 
-    def upsert(self, records: Sequence[OutboundRecord]) -> list[Written]:
-        """Upsert by natural key; raise RecordsRejected when the content is refused."""
+    def upsert(self, records: Sequence[OutboundRecord]) -> Upserted:
+        """Upsert by natural key. Records the destination refused one by one come back in
+        `refused`; raise RecordsRejected when it refused the batch without saying which."""
 
     def archive(self, destination_ids: Sequence[str]) -> None:
         """Archive (soft-delete) records by their destination ids; already archived is fine."""
 
     def snapshot(self, fields: Sequence[str]) -> Iterator[tuple[str, str, dict[str, object]]]:
         """Every live record as (id_property value, destination id, its `fields`)."""
+
+    def health(self) -> dict[str, object]:
+        """How the transport fared (requests, retries, throttling, circuit state), for metadata."""

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 from integrations.engine.destination import Destination
 from integrations.engine.hashing import content_hash
+from integrations.engine.source import Source
 from integrations.engine.spec import FlowSpec
 from integrations.engine.state import StateStore
 from integrations.engine.sync import expected_records
-from integrations.sql.source import SqlSource
 
 
 @dataclass
@@ -54,9 +54,7 @@ def _digest(pairs: dict[str, str]) -> str:
     return md5.hexdigest()
 
 
-def reconcile(
-    spec: FlowSpec, source: SqlSource, destination: Destination, state: StateStore
-) -> Drift:
+def reconcile(spec: FlowSpec, source: Source, destination: Destination, state: StateStore) -> Drift:
     fields = [
         name for name in spec.target_contract.schema.columns if name != spec.target.id_property
     ]

@@ -23,6 +23,25 @@ class Lookup:
 
 
 @dataclass(frozen=True)
+class RecentTotal:
+    """A sum over a child table's recent rows (what a customer paid in the last year):
+    `name` = sum(`table`.`value`) over the live child rows whose `via` is this row's key, whose
+    `dated` lies within `window` before the run, and whose columns equal `where`; 0 if none.
+
+    It is read with the row: a total that moves while the row does not (a new payment, an invoice
+    ageing out) reaches the destination with the row's next change or the reconciliation's repair.
+    """
+
+    name: str
+    table: str
+    via: str
+    value: str
+    dated: str
+    window: timedelta
+    where: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class SourceTable:
     """A table in a system of record, read incrementally by `(cursor, key)`.
 
@@ -38,6 +57,7 @@ class SourceTable:
     system: str = "erp"
     deleted: str | None = "deleted_at"
     lookups: tuple[Lookup, ...] = ()
+    totals: tuple[RecentTotal, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,12 @@ from cryptography.fernet import Fernet, InvalidToken
 from sqlalchemy.dialects import postgresql
 
 from integrations.engine.hashing import sorted_json
-from integrations.sql.connect import bulk_write, create_engine, upsert_statement
+from integrations.sql.connect import (
+    bulk_write,
+    create_engine,
+    raise_on_lost_connection,
+    upsert_statement,
+)
 
 metadata = sa.MetaData()
 
@@ -195,6 +200,10 @@ class AuditRecord:
     diff: dict[str, object] = field(default_factory=dict)
 
 
+class StateStoreUnavailable(Exception):
+    """The state database could not be reached, or dropped the connection."""
+
+
 class MissingSecret(RuntimeError):
     """A secret handoff needs is not in the environment."""
 
@@ -246,6 +255,7 @@ class StateStore:
                 "`handoff dlq keygen` makes one"
             ) from None
         self.engine = create_engine(url)
+        raise_on_lost_connection(self.engine, StateStoreUnavailable, "the state store")
         metadata.create_all(self.engine)
         with self.engine.begin() as connection:
             for statement in _APPEND_ONLY.get(self.engine.dialect.name, []):

@@ -36,15 +36,16 @@ from integrations.engine.destination import (
 from integrations.engine.hashing import content_hash, idempotency_key, sorted_json
 from integrations.engine.hashing import field_hashes as hash_fields
 from integrations.engine.masking import mask_record, mask_value, scrub
+from integrations.engine.source import Source, SourceUnavailable
 from integrations.engine.spec import FlowSpec
 from integrations.engine.state import (
     AuditRecord,
     BatchCommit,
     DeadLetter,
     StateStore,
+    StateStoreUnavailable,
     Watermark,
 )
-from integrations.sql.source import SqlSource
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +150,14 @@ def _unusable_key(value: object) -> str | None:
     return None
 
 
+def _key_text(value: object) -> str:
+    """A key as text; whole numbers that pandas turned into floats (a key column with a null)
+    stay whole: 42.0 → "42"."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def _natural(key: str) -> tuple[int, str]:
     return (int(key), "") if key.isdigit() else (0, key)
 
@@ -179,7 +188,7 @@ def _plain(value: object) -> object:
     return str(value) if isinstance(value, Decimal) else value
 
 
-def expected_records(spec: FlowSpec, source: SqlSource) -> Iterator[tuple[str, dict[str, object]]]:
+def expected_records(spec: FlowSpec, source: Source) -> Iterator[tuple[str, dict[str, object]]]:
     """Every live source record that passes both contracts, mapped: what the destination
     should hold (reconciliation reads the whole source this way)."""
     for batch in source.batches(None, spec.batch_size):
@@ -196,7 +205,7 @@ class Sync:
     def __init__(
         self,
         spec: FlowSpec,
-        source: SqlSource,
+        source: Source,
         destination: Destination,
         state: StateStore,
         *,
@@ -281,9 +290,18 @@ class Sync:
         result.watermark_before = before
         started = time.perf_counter()
         clock = _Clock(result.timings)
-        for batch in batches:
+        for batch in self._guarded(batches):
             clock.lap("extract")
-            self._sync_batch(batch, result, clock, move_watermark=move_watermark)
+            try:
+                self._sync_batch(batch, result, clock, move_watermark=move_watermark)
+            except StateStoreUnavailable as error:
+                raise SyncError(
+                    self.spec.name,
+                    str(error),
+                    "the batch in flight may be in the destination but not in the ledger; rerun "
+                    "when the state store answers: the rerun sends it again, and upserts make "
+                    "that harmless",
+                ) from error
             result.batches += 1
             result.seconds = time.perf_counter() - started
             self.log.info(
@@ -301,6 +319,18 @@ class Sync:
         result.open_dead_letters = self.state.dead_letter_kinds(self.spec.name)
         self._check_budget(result)
         return result
+
+    def _guarded(self, batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        """The source's batches; a source lost mid-extract stops the run with what to do."""
+        try:
+            yield from batches
+        except SourceUnavailable as error:
+            raise SyncError(
+                self.spec.name,
+                str(error),
+                "every batch before it is committed; rerun when the source answers (the rerun "
+                "resumes from the watermark)",
+            ) from error
 
     def _guard_archives(self, since: datetime | None, approved: bool) -> None:
         keys = [str(key) for key in self.source.deleted_keys(since)]
@@ -380,7 +410,7 @@ class Sync:
         keys = batch[self.spec.source.key]
         problems = keys.map(_unusable_key)
         usable = problems.isna()
-        text = keys[usable].astype(str)
+        text = keys[usable].map(_key_text)
         repeated = text.duplicated(keep=False)
         letters = []
         for position in (~usable).to_numpy().nonzero()[0]:
@@ -432,6 +462,8 @@ class Sync:
     def _map(self, valid: pd.DataFrame) -> tuple[pd.DataFrame, list[RowRejection]]:
         """The flow's mapping over the batch; when it fails, row by row, so that only the rows
         it cannot map are dead-lettered."""
+        if valid.empty:
+            return self._no_records(), []
         try:
             return self.spec.mapping(valid), []
         except Exception:  # the mapping is the flow's code: any error is about its input
@@ -449,8 +481,10 @@ class Sync:
             return self.spec.mapping(row), []
         except Exception as error:
             reason = f"mapping of flow {self.spec.name} failed: {type(error).__name__}"
-            empty = self.spec.mapping(row.iloc[0:0])
-            return empty, [RowRejection(key, reason) for key in row.index]
+            return self._no_records(), [RowRejection(key, reason) for key in row.index]
+
+    def _no_records(self) -> pd.DataFrame:
+        return pd.DataFrame(columns=list(self.spec.target_contract.schema.columns), dtype=object)
 
     def _diff(
         self, valid: pd.DataFrame, gone: pd.DataFrame, result: SyncResult, open_letters: set[str]
@@ -570,20 +604,6 @@ class Sync:
             },
         )
 
-    def _watermark(self, batch: pd.DataFrame, before: Watermark | None) -> Watermark | None:
-        """The batch's last (cursor, key); none for a source without a cursor."""
-        if self.spec.source.cursor is None:
-            return None
-        last = batch.iloc[-1]
-        key = last[self.spec.source.key]
-        watermark = Watermark(
-            pd.Timestamp(last[self.spec.source.cursor]).to_pydatetime(),
-            key.item() if hasattr(key, "item") else key,
-        )
-        if before and (watermark.updated_at, watermark.key) < (before.updated_at, before.key):
-            return before  # a lookback batch never moves the watermark back
-        return watermark
-
     def _audit_records(
         self, plan: _Plan, written: list[Written], letters: list[DeadLetter]
     ) -> list[AuditRecord]:
@@ -619,6 +639,20 @@ class Sync:
         ]
         return records
 
+    def _watermark(self, batch: pd.DataFrame, before: Watermark | None) -> Watermark | None:
+        """The batch's last (cursor, key); none for a source without a cursor."""
+        if self.spec.source.cursor is None:
+            return None
+        last = batch.iloc[-1]
+        key = last[self.spec.source.key]
+        watermark = Watermark(
+            pd.Timestamp(last[self.spec.source.cursor]).to_pydatetime(),
+            key.item() if hasattr(key, "item") else key,
+        )
+        if before and (watermark.updated_at, watermark.key) < (before.updated_at, before.key):
+            return before  # a lookback batch never moves the watermark back
+        return watermark
+
     def _unclaimed(
         self, valid: pd.DataFrame, releasing: set[str]
     ) -> tuple[pd.DataFrame, list[RowRejection]]:
@@ -653,7 +687,7 @@ class Sync:
         result.counts["held"] += len(unchanged)
         return live.drop(index=unchanged), set(held)
 
-    # --- load, with bisection of refused chunks --------------------------------------------
+    # --- load: per-record refusals, bisection of chunks refused whole --------------------------------------------
 
     def _load(
         self, outbound: Sequence[OutboundRecord], source_rows: pd.DataFrame, plan: _Plan
@@ -668,23 +702,33 @@ class Sync:
     def _load_chunk(
         self, chunk, source_rows, written: list[Written], refused: list[DeadLetter]
     ) -> None:
+        """Upsert a chunk; records refused one by one go to the DLQ with the destination's own
+        reason, and a chunk refused as a whole is bisected to find its bad records."""
         try:
-            written.extend(self._call_destination(lambda: self.destination.upsert(chunk)))
+            outcome = self._call_destination(lambda: self.destination.upsert(chunk))
         except RecordsRejected as error:
             if len(chunk) == 1:
-                record = chunk[0]
-                payload = _json_ready(source_rows.loc[[record.key]])[0]
-                pii = self.spec.source_contract.pii_fields | self.spec.target_contract.pii_fields
-                values = [payload.get(name) for name in pii] + [
-                    record.properties.get(name) for name in pii
-                ]
-                reason = scrub(f"{self.destination.name} refused the record: {error}", values)
-                letter = self._letter(record.key, "destination-rejected", reason, payload)
-                refused.append(letter)
+                refused.append(self._refusal(chunk[0], str(error), source_rows))
                 return
             middle = math.ceil(len(chunk) / 2)
             self._load_chunk(chunk[:middle], source_rows, written, refused)
             self._load_chunk(chunk[middle:], source_rows, written, refused)
+            return
+        written.extend(outcome.written)
+        by_key = {record.key: record for record in chunk}
+        refused.extend(
+            self._refusal(by_key[item.key], item.reason, source_rows) for item in outcome.refused
+        )
+
+    def _refusal(
+        self, record: OutboundRecord, reason: str, source_rows: pd.DataFrame
+    ) -> DeadLetter:
+        """A refused record's dead letter; the destination's words are scrubbed of its PII."""
+        payload = _json_ready(source_rows.loc[[record.key]])[0]
+        pii = self.spec.source_contract.pii_fields | self.spec.target_contract.pii_fields
+        values = [payload.get(name) for name in pii] + [record.properties.get(name) for name in pii]
+        reason = scrub(f"{self.destination.name} refused the record: {reason}", values)
+        return self._letter(record.key, "destination-rejected", reason, payload)
 
     def _archive(self, destination_ids: list[str]) -> None:
         size = self.destination.max_batch

@@ -92,6 +92,8 @@ invoices = sa.Table(
     *_lifecycle_columns(),
     sa.Index("ix_invoices_updated_at", "updated_at", "invoice_id"),
     sa.Index("ix_invoices_invoice_date", "invoice_date"),
+    # A customer's invoices (the helpdesk's support tier sums them per customer).
+    sa.Index("ix_invoices_customer_id", "customer_id", "status"),
 )
 
 payments = sa.Table(
@@ -104,6 +106,22 @@ payments = sa.Table(
     sa.Column("method", sa.String(16), nullable=False),
     *_lifecycle_columns(),
     sa.Index("ix_payments_updated_at", "updated_at", "payment_id"),
+)
+
+# Staging: helpdesk tickets as handoff brings them in from RT (the erp/support_tickets flow).
+support_tickets = sa.Table(
+    "support_tickets",
+    metadata,
+    sa.Column("ticket_id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("status", sa.String(64), nullable=False),
+    sa.Column("queue", sa.String(200), nullable=False),
+    sa.Column("customer_number", sa.String(16), nullable=True),
+    sa.Column("requestor_email", sa.String(255), nullable=True),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("resolved_at", sa.DateTime, nullable=True),
+    sa.Column("last_updated_at", sa.DateTime, nullable=False),
+    sa.Column("archived_at", sa.DateTime, nullable=True),
+    sa.Index("ix_support_tickets_customer_number", "customer_number"),
 )
 
 TABLES_IN_LOAD_ORDER = [organisations, customers, products, orders, invoices, payments]

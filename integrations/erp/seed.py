@@ -348,5 +348,6 @@ def seed_erp(url: str, rows: int, seed: int = 42) -> dict[str, int]:
         for index in table.indexes:
             index.create(engine)
         counts[table.name] = len(next(iter(columns.values())))
+    schema.metadata.create_all(engine)  # the staging tables handoff fills, empty
     engine.dispose()
     return counts

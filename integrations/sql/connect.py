@@ -44,6 +44,24 @@ def create_engine(url: str) -> sa.Engine:
     return engine
 
 
+def raise_on_lost_connection(engine: sa.Engine, error_type: type[Exception], what: str) -> None:
+    """Turn the engine's connection failures (down, dropped, refused) into `error_type`, with a
+    message that names `what` and the driver's complaint but no SQL and no parameters."""
+
+    @sa.event.listens_for(engine, "handle_error")
+    def _lost(context):
+        if context.is_pre_ping:  # a stale pooled connection: the pool replaces it
+            return
+        original = context.original_exception
+        if context.is_disconnect or isinstance(
+            context.sqlalchemy_exception, sa.exc.OperationalError
+        ):
+            first_line = (str(original).strip().splitlines() or [""])[0]
+            raise error_type(
+                f"{what} ({redacted(str(engine.url))}) failed: {type(original).__name__}: {first_line}"
+            ) from original
+
+
 def redacted(url: str) -> str:
     """The URL as it may appear in logs: never with its password."""
     return make_url(url).render_as_string(hide_password=True)

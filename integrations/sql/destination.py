@@ -21,6 +21,7 @@ from integrations.engine.destination import (
     DestinationUnavailable,
     OutboundRecord,
     RecordsRejected,
+    Upserted,
     Written,
 )
 from integrations.engine.spec import FlowSpec, Target
@@ -59,9 +60,10 @@ class SqlTable:
 
     # --- writes ------------------------------------------------------------------------------
 
-    def upsert(self, records: Sequence[OutboundRecord]) -> list[Written]:
+    def upsert(self, records: Sequence[OutboundRecord]) -> Upserted:
+        """One transaction: the database takes the chunk whole or refuses it whole."""
         if not records:
-            return []
+            return Upserted([])
         fields = self._fields or list(records[0].properties)
         key = self.target.id_property
         rows = [tuple(record.properties.get(name) for name in fields) for record in records]
@@ -73,14 +75,20 @@ class SqlTable:
                     created = self._upsert_executemany(connection, fields, rows)
         except sa.exc.DBAPIError as error:
             raise _classified(error) from error
-        return [
-            Written(
-                record.key,
-                str(record.properties[key]),
-                created.get(str(record.properties[key]), False),
-            )
-            for record in records
-        ]
+        return Upserted(
+            [
+                Written(
+                    record.key,
+                    str(record.properties[key]),
+                    created.get(str(record.properties[key]), False),
+                )
+                for record in records
+            ]
+        )
+
+    def health(self) -> dict[str, object]:
+        """A database connection has no API transport to report on."""
+        return {}
 
     def _upsert_postgresql(
         self, connection: sa.Connection, fields: list[str], rows: list[tuple]

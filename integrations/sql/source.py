@@ -9,22 +9,28 @@ sync resumes from its last committed batch's watermark.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 import pandas as pd
 import sqlalchemy as sa
 
-from integrations.engine.spec import SourceTable
+from integrations.engine.source import SourceUnavailable
+from integrations.engine.spec import RecentTotal, SourceTable
+from integrations.sql.connect import raise_on_lost_connection
 
 
 class SourceSchemaError(Exception):
     """The configured table or columns are not in the source database."""
 
 
+__all__ = ["SourceSchemaError", "SourceUnavailable", "SqlSource"]
+
+
 class SqlSource:
     def __init__(self, engine: sa.Engine, spec: SourceTable):
         self.engine = engine
         self.spec = spec
+        raise_on_lost_connection(engine, SourceUnavailable, f"the source database of {spec.table}")
         # Identifiers from configuration are checked against the reflected schema, never interpolated.
         try:
             self.table = sa.Table(spec.table, sa.MetaData(), autoload_with=engine)
@@ -42,21 +48,47 @@ class SqlSource:
         self.order = [self.key] if self.cursor is None else [self.cursor, self.key]
         self.select, self.columns = self._with_lookups()
 
+    def _reflect(self, table: str, role: str) -> sa.Table:
+        try:
+            return sa.Table(table, sa.MetaData(), autoload_with=self.engine)
+        except sa.exc.NoSuchTableError as error:
+            raise SourceSchemaError(f"{role} table {table!r} is not in the source") from error
+
+    def _total(self, total: RecentTotal) -> sa.Label:
+        """A correlated subquery per row; the child's `via` column should be indexed."""
+        child = self._reflect(total.table, "total")
+        wanted = [total.via, total.value, total.dated, *(column for column, _ in total.where)]
+        if any(name not in child.c for name in wanted):
+            raise SourceSchemaError(
+                f"total {total.name!r} names unknown columns of {total.table!r}"
+            )
+        dated = child.c[total.dated]
+        since = datetime.now(UTC).replace(tzinfo=None) - total.window
+        conditions = [
+            child.c[total.via] == self.key,
+            dated >= (since.date() if isinstance(dated.type, sa.Date) else since),
+            *(child.c[column] == value for column, value in total.where),
+        ]
+        if self.spec.deleted and self.spec.deleted in child.c:
+            conditions.append(child.c[self.spec.deleted].is_(None))
+        summed = sa.func.coalesce(sa.func.sum(child.c[total.value]), 0)
+        return sa.select(summed).where(*conditions).scalar_subquery().label(total.name)
+
     def _with_lookups(self) -> tuple[sa.Select, list[str]]:
         joined, extra = self.table, []
         for lookup in self.spec.lookups:
-            try:
-                parent = sa.Table(lookup.table, sa.MetaData(), autoload_with=self.engine)
-            except sa.exc.NoSuchTableError as error:
-                raise SourceSchemaError(
-                    f"lookup table {lookup.table!r} is not in the source"
-                ) from error
+            parent = self._reflect(lookup.table, "lookup")
             missing = [c for c in (lookup.key, lookup.value) if c not in parent.c]
             if missing or lookup.via not in self.table.c:
                 raise SourceSchemaError(f"lookup {lookup.name!r} names unknown columns")
             joined = joined.outerjoin(parent, self.table.c[lookup.via] == parent.c[lookup.key])
             extra.append(parent.c[lookup.value].label(lookup.name))
-        columns = [*self.table.c.keys(), *(lookup.name for lookup in self.spec.lookups)]
+        extra += [self._total(total) for total in self.spec.totals]
+        columns = [
+            *self.table.c.keys(),
+            *(lookup.name for lookup in self.spec.lookups),
+            *(total.name for total in self.spec.totals),
+        ]
         return sa.select(self.table, *extra).select_from(joined), columns
 
     def in_window(self, column: str, start: datetime, end: datetime) -> sa.ColumnElement[bool]:

@@ -1,0 +1,35 @@
+"""What the engine needs from a source: batches changed since a watermark, rows by key, and its
+high-water mark. A table of a system of record (integrations/sql/source.py) and a helpdesk's
+tickets over its API (integrations/helpdesk/source.py) both offer it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from typing import Protocol
+
+import pandas as pd
+
+
+class SourceUnavailable(Exception):
+    """The source could not be read (an API that is down, its circuit open); nothing was lost."""
+
+
+class Source(Protocol):
+    def batches(
+        self, since: datetime | None, batch_size: int, within: object | None = None
+    ) -> Iterator[pd.DataFrame]:
+        """Rows with cursor ≥ `since` (all rows when None) and `within` (a partition window,
+        from `in_window`), in (cursor, key) order, at most `batch_size` a frame."""
+
+    def in_window(self, column: str, start: datetime, end: datetime) -> object:
+        """The condition `start <= column < end`, for `batches(within=...)`."""
+
+    def rows_with_keys(self, keys: Sequence[object], batch_size: int) -> Iterator[pd.DataFrame]:
+        """The rows with these keys (a repair)."""
+
+    def deleted_keys(self, since: datetime | None) -> list[object]:
+        """Keys of soft-deleted rows with cursor ≥ `since`: what a run would archive at most."""
+
+    def high_water_mark(self) -> datetime | None:
+        """The newest cursor value: the sensor's cheap 'did anything change?'."""

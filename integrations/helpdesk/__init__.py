@@ -1,0 +1,1 @@
+"""Request Tracker 5 (REST2): the helpdesk system of engagement."""

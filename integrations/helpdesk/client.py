@@ -1,0 +1,226 @@
+"""A client for Request Tracker 5's REST2 API: users by name, ticket searches, ticket writes.
+
+Authentication is basic (RT_USER/RT_PASSWORD) or an RT auth token (RT_TOKEN, from the
+RT::Authen::Token extension, sent as `Authorization: token …`). Searches follow REST2's paging
+(`page`/`per_page`, at most 100 a page). Transport (timeouts, retries honouring Retry-After,
+the shared rate limit, the circuit breaker) is the shared `integrations.http.ApiClient`, under
+the system name "RT". Errors name RT and the request, never the credentials.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+
+import requests
+
+from integrations.http import ApiClient, ApiLimits, ApiUnavailable, SharedTokenBucket
+
+PAGE = 100  # REST2's largest page
+
+
+class RtError(Exception):
+    """Base of the RT client's errors; messages carry no credentials."""
+
+
+class RtUnavailable(RtError):
+    """RT could not be reached, or kept answering 429/5xx after every retry."""
+
+
+class RtAuthError(RtError):
+    """RT refused the credentials."""
+
+
+class RtRequestRejected(RtError):
+    """RT refused the request's content (4xx): its message is kept."""
+
+    def __init__(self, status: int, message: str):
+        self.status = status
+        super().__init__(f"RT answered {status}: {message}")
+
+
+def rt_time(value: str | None) -> datetime | None:
+    """REST2's `2026-11-26T01:56:44Z` as a naive UTC datetime (the engine's convention)."""
+    if not value or value.startswith("1970-01-01"):  # RT's "never"
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC).replace(tzinfo=None)
+
+
+def ticketsql_time(moment: datetime) -> str:
+    """A naive UTC datetime as TicketSQL reads it (RT compares in UTC, to the second)."""
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+class RtClient:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        user: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+        limits: ApiLimits | None = None,
+        bucket: SharedTokenBucket | None = None,
+        log=None,
+        page_size: int = PAGE,
+    ):
+        if token:
+            authorization = f"token {token}"
+        elif user and password:
+            authorization = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        else:
+            raise RtAuthError("set RT_TOKEN, or RT_USER and RT_PASSWORD, to reach RT")
+        self.api = ApiClient(
+            "RT",
+            base_url,
+            {"Authorization": authorization, "Accept": "application/json"},
+            limits or ApiLimits(),
+            bucket=bucket,
+            log=log,
+        )
+        self.base_url = self.api.base_url
+        self.page_size = min(page_size, PAGE)
+
+    def close(self) -> None:
+        self.api.close()
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: object = None,
+        params: Sequence[tuple[str, object]] | None = None,
+        idempotent: bool = True,
+    ) -> object:
+        """One call through the shared transport. Every POST here is a search, or a user
+        create that a resend cannot double (RT refuses a second user of the same name)."""
+        where = f"{method} {path}"
+        try:
+            response = self.api.request(
+                method, f"/REST/2.0{path}", json=body, params=params, idempotent=idempotent
+            )
+        except ApiUnavailable as error:
+            raise RtUnavailable(str(error)) from None
+        if response.status_code in (401, 403):
+            raise RtAuthError(
+                f"RT {where}: refused the credentials ({response.status_code}); check RT_USER/"
+                "RT_PASSWORD or RT_TOKEN and the user's rights"
+            )
+        body_json = _json_or_none(response)
+        if response.status_code >= 400:
+            message = body_json.get("message") if isinstance(body_json, dict) else None
+            raise RtRequestRejected(response.status_code, str(message or response.reason))
+        return body_json
+
+    def _search(
+        self, path: str, params: Sequence[tuple[str, object]] = (), body: object = None
+    ) -> Iterator[dict]:
+        """Every item of a collection, page by page (`body`: a JSON search, POSTed)."""
+        method = "GET" if body is None else "POST"
+        page = 1
+        while True:
+            query = [*params, ("page", page), ("per_page", self.page_size)]
+            answer = self._request(method, path, body=body, params=query)
+            if not isinstance(answer, dict):
+                raise RtError(f"RT {path}: expected a search result, got {type(answer).__name__}")
+            yield from answer.get("items", [])
+            if page >= int(answer.get("pages") or 0) or not answer.get("items"):
+                return
+            page += 1
+
+    # --- system -------------------------------------------------------------------------------
+
+    def ping(self) -> dict:
+        """RT's version and plugins; also proves the credentials."""
+        answer = self._request("GET", "/rt")
+        return answer if isinstance(answer, dict) else {}
+
+    # --- users --------------------------------------------------------------------------------
+
+    def users_by_name(self, names: Sequence[str], fields: Sequence[str]) -> dict[str, dict]:
+        """The users with these names (enabled or disabled), each with `fields` and `Disabled`
+        as "0"/"1" (REST2 leaves it empty in searches, so enabled users are asked for apart)."""
+        found: dict[str, dict] = {}
+        for start in range(0, len(names), self.page_size):
+            chunk = [
+                {"field": "Name", "value": name} for name in names[start : start + self.page_size]
+            ]
+            shown = ",".join(["Name", *fields])
+            every = self._search("/users", [("fields", shown), ("find_disabled_rows", 1)], chunk)
+            enabled = {item["Name"] for item in self._search("/users", [("fields", "Name")], chunk)}
+            for item in every:
+                found[item["Name"]] = {**item, "Disabled": "0" if item["Name"] in enabled else "1"}
+        return found
+
+    def all_users(self, fields: Sequence[str]) -> Iterator[dict]:
+        """Every enabled user with `fields`."""
+        everyone = [{"field": "id", "operator": ">", "value": 0}]
+        yield from self._search("/users", [("fields", ",".join(["Name", *fields]))], everyone)
+
+    def create_user(self, fields: Mapping[str, object]) -> None:
+        self._request("POST", "/user", body=dict(fields))
+
+    def update_user(self, name: str, fields: Mapping[str, object]) -> list[str]:
+        """Set these fields; RT answers one message per change (and records a transaction)."""
+        answer = self._request("PUT", f"/user/{_segment(name)}", body=dict(fields))
+        return [str(message) for message in answer] if isinstance(answer, list) else []
+
+    def user_history(self, name: str) -> list[dict]:
+        fields = [("fields", "Type,Field,OldValue,NewValue,Created")]
+        return list(self._search(f"/user/{_segment(name)}/history", fields))
+
+    # --- tickets ------------------------------------------------------------------------------
+
+    def search_tickets(
+        self, ticketsql: str, fields: Sequence[str], order_by: Sequence[str] = ("id",)
+    ) -> Iterator[dict]:
+        """Tickets matching TicketSQL, with `fields` (and the requestors' Name and
+        EmailAddress), ascending by `order_by`."""
+        params: list[tuple[str, object]] = [
+            ("query", ticketsql),
+            ("fields", ",".join(fields)),
+            ("fields[Requestor]", "Name,EmailAddress"),
+            ("fields[Queue]", "Name"),
+        ]
+        params += [("orderby", name) for name in order_by]
+        yield from self._search("/tickets", params)
+
+    def newest_ticket_update(self) -> datetime | None:
+        """The newest LastUpdated of any ticket: the sensor's cheap 'did anything change?'."""
+        answer = self._request(
+            "GET",
+            "/tickets",
+            params=[
+                ("query", "id > 0"),
+                ("fields", "LastUpdated"),
+                ("orderby", "LastUpdated"),
+                ("order", "DESC"),
+                ("per_page", 1),
+            ],
+        )
+        items = answer.get("items", []) if isinstance(answer, dict) else []
+        return rt_time(items[0].get("LastUpdated")) if items else None
+
+    def create_ticket(self, fields: Mapping[str, object]) -> int:
+        """Not resent once it may have reached RT: a second ticket would be a duplicate."""
+        answer = self._request("POST", "/ticket", body=dict(fields), idempotent=False)
+        return int(answer["id"]) if isinstance(answer, dict) else 0
+
+    def update_ticket(self, ticket_id: int, fields: Mapping[str, object]) -> list[str]:
+        answer = self._request("PUT", f"/ticket/{int(ticket_id)}", body=dict(fields))
+        return [str(message) for message in answer] if isinstance(answer, list) else []
+
+
+def _segment(name: str) -> str:
+    return requests.utils.quote(name, safe="")
+
+
+def _json_or_none(response: requests.Response) -> object:
+    if not response.content:
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        return None

@@ -1,0 +1,165 @@
+"""RT users as a sync destination: upsert by user name with minimal writes; archive = disable.
+
+RT has no batch endpoint for users, so a chunk costs one search for what RT holds, then one
+request per user that is new or differs, sending only the fields that differ (RT records a
+transaction per changed field, so an unchanged field is never sent). A second search checks
+that RT stored what was sent: REST2 answers 201 even when it drops a custom-field value it
+refuses, and a 2xx is never taken as success wholesale. A user RT refuses (an address another
+user has) is reported on its own; the others of the chunk are written.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping, Sequence
+
+from integrations.engine.destination import (
+    DestinationUnavailable,
+    OutboundRecord,
+    RecordsRejected,
+    Refusal,
+    Upserted,
+    Written,
+)
+from integrations.helpdesk.client import (
+    RtAuthError,
+    RtClient,
+    RtRequestRejected,
+    RtUnavailable,
+)
+
+CUSTOM_FIELD = re.compile(r"^CF\.\{(.+)\}$")  # how TicketSQL names a custom field
+MAX_BATCH = 50
+
+
+def _text(value: object) -> str:
+    """A value as RT stores and returns it: text, empty for none."""
+    return "" if value is None else str(value)
+
+
+def _flatten(user: Mapping[str, object]) -> dict[str, str]:
+    """A REST2 user as flat fields, custom fields as `CF.{Name}` (single values)."""
+    flat = {name: _text(value) for name, value in user.items() if name != "CustomFields"}
+    for field in user.get("CustomFields") or []:
+        values = field.get("values") or []
+        flat[f"CF.{{{field['name']}}}"] = _text(values[0] if values else None)
+    return flat
+
+
+class RtUsers:
+    """RT users keyed by `Name`; the records' `CF.{…}` properties are custom fields."""
+
+    max_batch = MAX_BATCH
+    name = "RT users"
+
+    def __init__(self, client: RtClient, id_property: str = "Name"):
+        self.client, self.id_property = client, id_property
+
+    def prepare(self, spec) -> None:
+        """Nothing to check up front: RT answers user by user (the verify step reads back)."""
+
+    def upsert(self, records: Sequence[OutboundRecord]) -> Upserted:
+        wanted = {self._name(record): self._wanted(record) for record in records}
+        written: list[Written] = []
+        refused: list[Refusal] = []
+        try:
+            held = self._held(list(wanted), wanted)
+            for record in records:
+                name = self._name(record)
+                current = held.get(name)
+                try:
+                    if current is None:
+                        self.client.create_user(self._body({**wanted[name], "Name": name}))
+                    else:
+                        changes = {k: v for k, v in wanted[name].items() if current.get(k) != v}
+                        if changes:
+                            self.client.update_user(name, self._body(changes))
+                except RtRequestRejected as error:
+                    refused.append(Refusal(record.key, str(error)))
+                    continue
+                written.append(Written(record.key, name, created=current is None))
+            wrong = self._not_stored(
+                {item.destination_id: wanted[item.destination_id] for item in written}
+            )
+        except (RtUnavailable, RtAuthError) as error:
+            raise DestinationUnavailable(str(error)) from error
+        refused += [
+            Refusal(item.key, f"RT did not store {wrong[item.destination_id]}")
+            for item in written
+            if item.destination_id in wrong
+        ]
+        return Upserted([item for item in written if item.destination_id not in wrong], refused)
+
+    def health(self) -> dict[str, object]:
+        return self.client.api.stats()
+
+    def archive(self, destination_ids: Sequence[str]) -> None:
+        """Disable the users (RT keeps their tickets and history); already disabled is fine."""
+        try:
+            held = self.client.users_by_name(list(destination_ids), [])
+            for name, user in held.items():
+                if user["Disabled"] != "1":
+                    self.client.update_user(name, {"Disabled": 1})
+        except RtRequestRejected as error:
+            raise RecordsRejected(str(error)) from error
+        except (RtUnavailable, RtAuthError) as error:
+            raise DestinationUnavailable(str(error)) from error
+
+    def snapshot(self, fields: Sequence[str]) -> Iterator[tuple[str, str, dict[str, object]]]:
+        """Every enabled user that carries one of the synced custom fields (RT's own users and
+        users RT made for unknown requestors are not handoff's)."""
+        plain = [name for name in fields if not CUSTOM_FIELD.match(name)]
+        custom = [name for name in fields if CUSTOM_FIELD.match(name)]
+        try:
+            for user in self.client.all_users([*plain, "CustomFields"]):
+                flat = _flatten(user)
+                if any(flat.get(name) for name in custom):
+                    yield flat["Name"], flat["Name"], dict(flat)
+        except (RtUnavailable, RtAuthError) as error:
+            raise DestinationUnavailable(str(error)) from error
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _name(self, record: OutboundRecord) -> str:
+        return str(record.properties[self.id_property])
+
+    def _wanted(self, record: OutboundRecord) -> dict[str, str]:
+        """The record as RT would hold it, enabled (a customer back from deletion is enabled)."""
+        fields = {k: _text(v) for k, v in record.properties.items() if k != self.id_property}
+        return {**fields, "Disabled": "0"}
+
+    def _held(self, names: list[str], wanted: Mapping[str, Mapping[str, str]]) -> dict[str, dict]:
+        fields = sorted({k for want in wanted.values() for k in want} - {"Disabled"})
+        plain = [name for name in fields if not CUSTOM_FIELD.match(name)]
+        return {
+            name: _flatten(user)
+            for name, user in self.client.users_by_name(names, [*plain, "CustomFields"]).items()
+        }
+
+    @staticmethod
+    def _body(fields: Mapping[str, str]) -> dict[str, object]:
+        """Flat fields as REST2 takes them: custom fields in `CustomFields`, Disabled a number."""
+        body: dict[str, object] = {}
+        custom: dict[str, str] = {}
+        for name, value in fields.items():
+            match = CUSTOM_FIELD.match(name)
+            if match:
+                custom[match.group(1)] = value
+            else:
+                body[name] = int(value) if name == "Disabled" else value
+        if custom:
+            body["CustomFields"] = custom
+        return body
+
+    def _not_stored(self, wanted: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+        """Users whose fields RT holds otherwise than sent, with those fields' names."""
+        if not wanted:
+            return {}
+        held = self._held(list(wanted), wanted)
+        wrong = {}
+        for name, want in wanted.items():
+            stored = held.get(name, {})
+            differing = sorted(k for k, v in want.items() if stored.get(k) != v)
+            if differing:
+                wrong[name] = ", ".join(differing)
+        return wrong

@@ -1,0 +1,162 @@
+"""helpdesk/users against a real RT5: first sync, a rerun that RT does not notice, exactly the
+changed customers, soft deletes as disabled users, and an RT outage mid-sync."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from datetime import UTC, datetime
+
+import dagster as dg
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from assets.factory import flow_asset
+from assets.helpdesk_users import HELPDESK_USERS
+from definitions import resources
+from integrations.engine.sync import Sync, SyncError
+from integrations.erp.changes import move_customers, soft_delete_customers
+from integrations.helpdesk.client import RtClient
+from integrations.helpdesk.destination import RtUsers
+from integrations.helpdesk.support_tier import TIER_FIELD, TIER_WINDOW, TIERS, support_tier
+from integrations.http import ApiLimits
+from integrations.sql.connect import create_engine
+from integrations.sql.source import SqlSource
+from tests.expectations import assert_one_per_valid_customer
+
+TIER = f"CF.{{{TIER_FIELD}}}"
+# Quick to give up, so the outage test is short; its own breaker (breakers are per settings).
+OUTAGE_LIMITS = ApiLimits(retries=4, backoff=0.01, failures_to_open=3, open_seconds=0.2)
+
+
+def materialize(instance: dg.DagsterInstance) -> dict[str, object]:
+    result = dg.materialize([flow_asset(HELPDESK_USERS)], resources=resources(), instance=instance)
+    assert result.success
+    (event,) = result.get_asset_materialization_events()
+    return {key: value.value for key, value in event.materialization.metadata.items()}
+
+
+def rt_users(client: RtClient) -> dict[str, dict[str, object]]:
+    """Users handoff manages (they carry a tier), enabled or not, by name."""
+    destination = RtUsers(client)
+    names = [name for name, _, _ in destination.snapshot([TIER])]
+    disabled = [f"C{n:07d}" for n in range(1, 200)]
+    every = client.users_by_name(sorted(set(names) | set(disabled)), ["EmailAddress", "City"])
+    return {name: user for name, user in every.items() if name.startswith("C")}
+
+
+def histories(client: RtClient, names) -> dict[str, int]:
+    return {name: len(client.user_history(name)) for name in names}
+
+
+def expected_tiers(erp_url: str) -> dict[str, str]:
+    """customer_number → tier, from the ERP's paid invoices, computed apart from the engine."""
+    since = (datetime.now(UTC) - TIER_WINDOW).date()
+    engine = create_engine(erp_url)
+    with engine.connect() as connection:
+        rows = connection.execute(
+            sa.text(
+                "SELECT c.customer_number, i.amount, i.invoice_date FROM customers c "
+                "JOIN invoices i ON i.customer_id = c.customer_id "
+                "WHERE i.status = 'paid' AND i.deleted_at IS NULL"
+            )
+        ).all()
+        numbers = connection.execute(sa.text("SELECT customer_number FROM customers")).scalars()
+        paid = dict.fromkeys(numbers, 0.0)
+    engine.dispose()
+    for number, amount, day in rows:
+        if pd.Timestamp(day).date() >= since:
+            paid[number] += float(amount)
+    series = pd.Series(paid)
+    return support_tier(series).to_dict()
+
+
+def test_users_sync_once_then_only_the_changed_ones(helpdesk_world, rt_client):
+    erp = create_engine(helpdesk_world.erp_url)
+    with dg.instance_for_test() as instance:
+        first = materialize(instance)
+        users = rt_users(rt_client)
+        assert first["inserted"] == len(users) > 100
+        assert_one_per_valid_customer(helpdesk_world.erp_url, list(users))
+        tiers = {name: flat[TIER] for name, _, flat in RtUsers(rt_client).snapshot([TIER])}
+        expected = expected_tiers(helpdesk_world.erp_url)
+        assert tiers == {name: expected[name] for name in tiers}
+        assert len(set(tiers.values())) > 1, "the seed should give more than one tier"
+        assert set(tiers.values()) <= set(TIERS)
+
+        before = histories(rt_client, users)
+        second = materialize(instance)
+        assert second["written"] == 0 and second["all_unchanged"] is True
+        assert histories(rt_client, users) == before, "the rerun made transactions in RT"
+
+        numbers = sorted(users)[:13]
+        moved, deleted = numbers[:10], numbers[10:13]
+        move_customers(erp, [int(n[1:]) for n in moved], seed=3)
+        soft_delete_customers(erp, [int(n[1:]) for n in deleted])
+        third = materialize(instance)
+        assert (third["inserted"], third["updated"], third["archived"]) == (0, 10, 3)
+        after = histories(rt_client, users)
+        changed = sorted(name for name in users if after[name] != before[name])
+        assert changed == sorted(moved + deleted)
+        now = rt_users(rt_client)
+        assert {now[name]["Disabled"] for name in deleted} == {"1"}, "disabled, not deleted"
+        assert {now[name]["Disabled"] for name in moved} == {"0"}
+    erp.dispose()
+
+
+class StopRtAfterFirstBatch(logging.Handler):
+    """RT goes down right after the first sync committed its first batch (once)."""
+
+    def __init__(self, rt):
+        super().__init__()
+        self.rt, self.done = rt, False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.done and "batch 1 committed" in record.getMessage():
+            self.done = True
+            self.rt.stop(graceful=False)
+
+
+def test_an_rt_outage_mid_sync_fails_naming_rt_and_the_next_run_loses_nothing(helpdesk_world):
+    rt = helpdesk_world.rt
+    spec = dataclasses.replace(HELPDESK_USERS, batch_size=40)
+    erp = create_engine(helpdesk_world.erp_url)
+    state = helpdesk_world.state()
+    log = logging.getLogger("test.rt_outage")
+    log.setLevel(logging.INFO)
+    log.addHandler(StopRtAfterFirstBatch(rt))
+
+    def sync(run_id: str) -> Sync:
+        client = RtClient(rt.base_url, user=rt.user, password=rt.password, limits=OUTAGE_LIMITS)
+        return Sync(
+            spec,
+            SqlSource(erp, spec.source),
+            RtUsers(client),
+            state,
+            run_id=run_id,
+            actor="test",
+            why="outage",
+            log=log,
+        )
+
+    with pytest.raises(SyncError) as failure:
+        sync("first").run()
+    message = str(failure.value)
+    assert "RT users is unavailable: RT circuit open after 3 consecutive failures" in message
+    assert rt.password not in message
+    committed = state.count_synced(spec.name)
+    assert 0 < committed <= 40, "the first batch stays committed, nothing after it"
+
+    rt.start()
+    time.sleep(0.3)  # the circuit lets a probe through again
+    client = RtClient(rt.base_url, user=rt.user, password=rt.password)
+    first_batch = sorted(rt_users(client))
+    before = histories(client, first_batch)
+    sync("second").run()
+    users = rt_users(client)
+    assert_one_per_valid_customer(helpdesk_world.erp_url, list(users))
+    assert histories(client, first_batch) == before, "the rerun rewrote the committed batch"
+    state.dispose()
+    erp.dispose()

@@ -1,0 +1,122 @@
+"""Databases that go away mid-run: the ERP drops the connection mid-extract, the state store
+becomes unreachable mid-commit. The run stops with a clear error, the rerun completes, and
+nothing is lost or duplicated."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+from integrations.engine.state import StateStore
+from integrations.engine.sync import SyncError
+from integrations.sql.connect import create_engine
+from tests.conftest import DLQ_KEY, POSTGRES_ADMIN, _world
+from tests.contacts import sync
+from tests.expectations import assert_crm_matches_erp
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def pg_world(request, tmp_path, crm_sandbox, crm_token, monkeypatch):
+    return _world(request, tmp_path, crm_sandbox, crm_token, monkeypatch, "postgres")
+
+
+@pytest.fixture
+def erp(pg_world):
+    engine = create_engine(pg_world.erp_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def state(pg_world):
+    store = StateStore(pg_world.state_url, dlq_key=DLQ_KEY)
+    yield store
+    store.dispose()
+
+
+def terminate(connection: sa.Connection) -> None:
+    """What a database restart or a network cut does to one session."""
+    pid = connection.connection.dbapi_connection.info.backend_pid
+    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+def cut(engine: sa.Engine, statement_start: str, nth: int, event: str) -> list[int]:
+    """Terminate the session that runs the n-th statement starting with `statement_start`."""
+    seen = [0]
+
+    @sa.event.listens_for(engine, event)
+    def _(conn, cursor, statement, *args):
+        if " ".join(statement.split()).startswith(statement_start):
+            seen[0] += 1
+            if seen[0] == nth:
+                terminate(conn)
+
+    return seen
+
+
+def test_a_connection_dropped_between_batches_is_replaced(pg_world, erp, crm_client, state):
+    returned = [0]
+
+    @sa.event.listens_for(erp.pool, "checkin")
+    def _(dbapi_connection, record):
+        returned[0] += 1
+        if returned[0] == 2 and dbapi_connection is not None:  # idle in the pool, then cut
+            with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+                pid = dbapi_connection.info.backend_pid
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+    result = sync(erp, crm_client, state)
+    assert returned[0] > 2, "the cut happened before the extract ended"
+    assert result.batches == 3 and result.counts["read"] == 3000
+    assert_crm_matches_erp(pg_world.erp_url, crm_client)
+
+
+def test_the_erp_lost_mid_extract_stops_the_run_clearly_and_the_rerun_completes(
+    pg_world, erp, crm_client, state
+):
+    """The extract streams through one server-side cursor: its session is cut once the first
+    batch is committed, while the stream still has rows to give."""
+    streaming, cuts = [], []
+
+    @sa.event.listens_for(erp, "before_cursor_execute")
+    def _(conn, cursor, statement, *args):
+        if "ORDER BY" in statement and "FROM customers" in statement:
+            streaming.append(conn.connection.dbapi_connection.info.backend_pid)
+
+    @sa.event.listens_for(state.engine, "after_cursor_execute")
+    def _(conn, cursor, statement, *args):
+        if statement.startswith("INSERT INTO cursors") and streaming and not cuts:
+            cuts.append(streaming[-1])
+            with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (cuts[0],))
+
+    with pytest.raises(SyncError) as stopped:
+        sync(erp, crm_client, state)
+    message = str(stopped.value)
+    assert "flow erp_customers_to_crm_contacts" in message
+    assert "the source database of customers" in message and "failed" in message
+    assert "rerun when the source answers" in message
+    # The cut fired once; the rerun runs on a healthy ERP.
+    again = sync(erp, crm_client, state, run_id="run-2")
+    assert again.counts["read"] > 0
+    assert_crm_matches_erp(pg_world.erp_url, crm_client)
+
+
+def test_the_state_store_lost_mid_commit_stops_the_run_and_the_rerun_completes(
+    pg_world, erp, crm_client, state
+):
+    cut(state.engine, "INSERT INTO ledger", 2, "before_cursor_execute")
+    with pytest.raises(SyncError) as stopped:
+        sync(erp, crm_client, state)
+    message = str(stopped.value)
+    assert "the state store" in message and "failed" in message
+    assert "upserts make that harmless" in message
+    sent = pg_world.crm.store.stats()["upsert_inputs"]
+    sync(erp, crm_client, state, run_id="run-2")
+    assert pg_world.crm.store.stats()["upsert_inputs"] > sent, "the lost batch was sent again"
+    assert_crm_matches_erp(pg_world.erp_url, crm_client)
+    assert sync(erp, crm_client, state, run_id="run-3").written == 0

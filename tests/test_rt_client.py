@@ -1,0 +1,93 @@
+"""The RT5 REST2 client against a real Request Tracker: paging, refusals, credentials, and an
+outage that opens the shared transport's circuit breaker."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from integrations.helpdesk.client import (
+    RtAuthError,
+    RtClient,
+    RtRequestRejected,
+    RtUnavailable,
+)
+from integrations.helpdesk.support_tier import TIER_FIELD
+from integrations.http import ApiLimits
+
+
+def test_setup_is_idempotent_and_keeps_the_admin_password_out_of_the_config(rt):
+    pid = (rt.home / "rt-server.pid").read_text()
+    assert rt.start() == rt.base_url
+    assert (rt.home / "rt-server.pid").read_text() == pid, "a second start restarted RT"
+    assert (rt.home / "password").stat().st_mode & 0o077 == 0
+    config = (rt.home / "RT_SiteConfig.d" / "99-handoff.pm").read_text()
+    assert rt.password not in config
+
+
+def test_users_by_name_pages_and_tells_disabled_users_apart(rt, rt_client):
+    names = [f"C{n:07d}" for n in range(1, 16)]
+    for name in names:
+        rt_client.create_user(
+            {
+                "Name": name,
+                "EmailAddress": f"{name.lower()}@example.com",
+                "CustomFields": {TIER_FIELD: "gold"},
+            }
+        )
+    rt_client.update_user(names[0], {"Disabled": 1})
+    paging = RtClient(rt.base_url, user=rt.user, password=rt.password, page_size=4)
+    found = paging.users_by_name([*names, "C9999999"], ["EmailAddress", "CustomFields"])
+    assert sorted(found) == names
+    assert found[names[0]]["Disabled"] == "1"
+    assert {found[name]["Disabled"] for name in names[1:]} == {"0"}
+    assert found[names[1]]["CustomFields"][0]["values"] == ["gold"]
+    assert len([u for u in paging.all_users(["EmailAddress"]) if u["Name"] in names]) == 14
+
+
+def test_rt_refusals_keep_rts_message(rt_client):
+    rt_client.create_user({"Name": "C0000001", "EmailAddress": "ada@example.com"})
+    with pytest.raises(RtRequestRejected, match="Email address in use"):
+        rt_client.create_user({"Name": "C0000002", "EmailAddress": "ADA@example.com"})
+
+
+def test_wrong_credentials_fail_clearly_without_the_password(rt):
+    client = RtClient(
+        rt.base_url, user=rt.user, password="not-the-password", limits=ApiLimits(retries=0)
+    )
+    with pytest.raises(RtAuthError, match="RT_USER") as caught:
+        client.ping()
+    assert "not-the-password" not in str(caught.value)
+
+
+def test_ticket_search_follows_pages_and_names_requestor_and_queue(rt, rt_client):
+    rt_client.create_user({"Name": "C0000007", "EmailAddress": "grace@example.com"})
+    created = [
+        rt_client.create_ticket(
+            {"Queue": "General", "Subject": f"printer {n}", "Requestor": "grace@example.com"}
+        )
+        for n in range(5)
+    ]
+    paging = RtClient(rt.base_url, user=rt.user, password=rt.password, page_size=2)
+    found = list(paging.search_tickets("Queue = 'General'", ["Status", "Queue", "Requestor"]))
+    assert [int(t["id"]) for t in found] == created
+    assert found[0]["Queue"]["Name"] == "General"
+    assert found[0]["Requestor"][0]["Name"] == "C0000007"
+    assert paging.newest_ticket_update() is not None
+
+
+def test_an_rt_outage_opens_the_circuit_names_rt_and_a_probe_closes_it(rt):
+    limits = ApiLimits(retries=5, backoff=0.01, failures_to_open=3, open_seconds=0.5)
+    client = RtClient(rt.base_url, user=rt.user, password=rt.password, limits=limits)
+    assert client.ping()
+    rt.stop(graceful=False)
+    with pytest.raises(RtUnavailable, match="RT circuit open after 3 consecutive") as caught:
+        client.ping()
+    assert rt.password not in str(caught.value)
+    with pytest.raises(RtUnavailable, match="RT circuit open"):
+        client.ping()  # fails fast, without calling RT
+    rt.start()
+    time.sleep(0.6)
+    assert client.ping(), "the half-open probe reaches RT again and closes the circuit"
+    assert client.api.stats()["circuit"]["state"] == "closed"

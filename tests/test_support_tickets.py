@@ -1,0 +1,122 @@
+"""erp/support_tickets against a real RT5: tickets made and changed through REST2 reach the ERP's
+staging table by the sensor-requested run, once each, the requestor resolved to the customer."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+
+import dagster as dg
+import sqlalchemy as sa
+
+from assets.erp_support_tickets import ERP_SUPPORT_TICKETS
+from assets.factory import flow_asset
+from assets.helpdesk_users import HELPDESK_USERS
+from definitions import active_flows, definitions, resources
+from integrations.helpdesk.source import updated_since
+from integrations.sql.connect import create_engine
+
+SUPPORT_TICKETS = dg.AssetKey(["erp", "support_tickets"])
+
+
+def staged(erp_url: str) -> dict[int, dict[str, object]]:
+    engine = create_engine(erp_url)
+    with engine.connect() as connection:
+        rows = connection.execute(sa.text("SELECT * FROM support_tickets")).mappings().all()
+    engine.dispose()
+    return {row["ticket_id"]: dict(row) for row in rows}
+
+
+def customers_with_email(erp_url: str, count: int) -> list[tuple[str, str]]:
+    engine = create_engine(erp_url)
+    with engine.connect() as connection:
+        rows = connection.execute(
+            sa.text(
+                "SELECT customer_number, email FROM customers WHERE deleted_at IS NULL "
+                "AND email LIKE '%@example.com' AND country IS NOT NULL "
+                "ORDER BY customer_id LIMIT :n"
+            ),
+            {"n": count},
+        ).all()
+    engine.dispose()
+    return [(number, email) for number, email in rows]
+
+
+def tick(sensor, instance, defs, cursor):
+    return sensor(
+        dg.build_sensor_context(
+            instance=instance, cursor=cursor, resources=resources(), definitions=defs
+        )
+    )
+
+
+def metadata(result: dg.ExecuteInJobResult) -> dict[str, object]:
+    (event,) = result.get_asset_materialization_events()
+    return {key: value.value for key, value in event.materialization.metadata.items()}
+
+
+def test_tickets_arrive_once_each_by_the_sensors_runs(helpdesk_world, rt_client):
+    defs = definitions(active_flows())
+    sensor = defs.resolve_sensor_def("helpdesk_tickets_changed")
+    with dg.instance_for_test() as instance:
+        users = [flow_asset(HELPDESK_USERS)]
+        assert dg.materialize(users, resources=resources(), instance=instance).success
+        idle = tick(sensor, instance, defs, None)
+        assert not idle.run_requests, "no tickets in RT yet: nothing to sync"
+
+        customers = customers_with_email(helpdesk_world.erp_url, 3)
+        # RT files mail from a customer's address (in any case) under the customer's user.
+        requestors = [email.upper() for _, email in customers] + ["stranger@example.org"]
+        tickets = [
+            rt_client.create_ticket(
+                {"Queue": "General", "Subject": f"question {n}", "Requestor": requestor}
+            )
+            for n, requestor in enumerate(requestors)
+        ]
+        first = tick(sensor, instance, defs, idle.cursor)
+        (request,) = first.run_requests
+        assert request.asset_selection == [SUPPORT_TICKETS]
+        run = dg.materialize(
+            [flow_asset(ERP_SUPPORT_TICKETS)],
+            resources=resources(),
+            instance=instance,
+            tags=request.tags,
+        )
+        assert run.success and metadata(run)["inserted"] == 4
+        rows = staged(helpdesk_world.erp_url)
+        assert sorted(rows) == sorted(tickets)
+        assert [rows[t]["customer_number"] for t in tickets] == [n for n, _ in customers] + [None]
+        assert {row["status"] for row in rows.values()} == {"new"}
+        assert {row["queue"] for row in rows.values()} == {"General"}
+        assert all(row["resolved_at"] is None for row in rows.values())
+        assert not tick(sensor, instance, defs, first.cursor).run_requests
+
+        time.sleep(1.1)  # RT keeps LastUpdated to the second
+        rt_client.update_ticket(tickets[0], {"Status": "resolved"})
+        rt_client.update_ticket(tickets[1], {"Status": "open"})
+        later = rt_client.create_ticket(
+            {"Queue": "General", "Subject": "one more", "Requestor": customers[2][1]}
+        )
+        second = tick(sensor, instance, defs, first.cursor)
+        (request,) = second.run_requests
+        run = dg.materialize(
+            [flow_asset(ERP_SUPPORT_TICKETS)],
+            resources=resources(),
+            instance=instance,
+            tags=request.tags,
+        )
+        counts = metadata(run)
+        assert (counts["inserted"], counts["updated"]) == (1, 2), "the lookback rereads, unchanged"
+        rows = staged(helpdesk_world.erp_url)
+        assert sorted(rows) == sorted([*tickets, later]), "each ticket once"
+        assert rows[tickets[0]]["status"] == "resolved" and rows[tickets[0]]["resolved_at"]
+        assert rows[tickets[1]]["status"] == "open" and rows[tickets[1]]["resolved_at"] is None
+        assert rows[later]["customer_number"] == customers[2][0]
+        assert not tick(sensor, instance, defs, second.cursor).run_requests
+
+
+def test_the_query_asks_rt_for_a_relative_instant_so_its_time_zone_does_not_matter():
+    now = datetime(2026, 11, 26, 12, 0, 0)
+    assert updated_since(datetime(2026, 11, 26, 11, 0, 0), now) == (
+        "LastUpdated >= '3660 seconds ago'"
+    )
