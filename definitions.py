@@ -62,7 +62,7 @@ def resources() -> dict[str, dg.ConfigurableResource]:
 
 
 def active_flows() -> list[FlowSpec]:
-    """The CRM flows, and the helpdesk's when RT_BASE_URL says where RT is."""
+    """The CRM and finance flows, and the helpdesk's when RT_BASE_URL says where RT is."""
     return FLOWS + (HELPDESK_FLOWS if settings.rt_base_url() else [])
 
 

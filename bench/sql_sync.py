@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,11 +29,12 @@ from pathlib import Path
 import pandera.pandas as pa
 from pandera.typing import Series
 
+from bench.steps import change_one_percent, peak_rss_mb, sync_figures
+from bench.steps import run_step as bench_step
 from integrations.contracts import Contract
 from integrations.contracts.erp_customer import ERP_CUSTOMER
 from integrations.engine.spec import FlowSpec, SourceTable, Target
 
-ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = [
     "customer_number",
     "first_name",
@@ -88,19 +88,8 @@ def step_seed(env: dict[str, str]) -> dict[str, object]:
     return {"seconds": time.perf_counter() - started, "rows": counts["customers"], "written": 0}
 
 
-def step_change(env: dict[str, str]) -> dict[str, object]:
-    from integrations.erp.changes import live_customer_ids, move_customers
-    from integrations.sql.connect import create_engine
-
-    engine = create_engine(env["ERP_DATABASE_URL"])
-    chosen = live_customer_ids(engine)[::100]
-    move_customers(engine, chosen)
-    return {"seconds": 0.0, "rows": len(chosen), "written": len(chosen)}
-
-
 def step_sync(env: dict[str, str]) -> dict[str, object]:
     from integrations.engine.state import StateStore
-    from integrations.engine.sync import Sync
     from integrations.sql.connect import create_engine
     from integrations.sql.destination import SqlTable
     from integrations.sql.source import SqlSource
@@ -108,21 +97,12 @@ def step_sync(env: dict[str, str]) -> dict[str, object]:
     source = create_engine(env["ERP_DATABASE_URL"])
     destination = create_engine(env["BENCH_DESTINATION_URL"])
     state = StateStore(env["HANDOFF_STATE_URL"], dlq_key=env["HANDOFF_DLQ_KEY"])
-    result = Sync(
+    return sync_figures(
         BENCH_CUSTOMERS,
         SqlSource(source, BENCH_CUSTOMERS.source),
         SqlTable(destination, BENCH_CUSTOMERS.target, create_missing=True),
         state,
-        run_id=uuid.uuid4().hex,
-        actor="bench",
-        why="benchmark",
-    ).run()
-    return {
-        "seconds": result.seconds,
-        "rows": result.counts["read"],
-        "written": result.written,
-        "timings": {k: round(v, 2) for k, v in result.timings.items()},
-    }
+    )
 
 
 def _raw_table(engine, name: str, keyed: bool):
@@ -252,17 +232,9 @@ def step_dlt(env: dict[str, str]) -> dict[str, object]:
     return {"seconds": seconds, "rows": rows, "written": rows}
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited over fork)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 STEPS = {
     "seed": step_seed,
-    "change": step_change,
+    "change": change_one_percent,
     "sync": step_sync,
     "raw_load": lambda env: step_raw(env, keyed=False),
     "raw_upsert": lambda env: step_raw(env, keyed=True),
@@ -271,17 +243,7 @@ STEPS = {
 
 
 def run_step(name: str, env: dict[str, str]) -> dict[str, object]:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.sql_sync", "--step", name],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"step {name} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return bench_step("bench.sql_sync", name, env)
 
 
 # --- databases --------------------------------------------------------------------------------
