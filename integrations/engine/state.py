@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -256,16 +257,31 @@ class StateStore:
             ) from None
         self.engine = create_engine(url)
         raise_on_lost_connection(self.engine, StateStoreUnavailable, "the state store")
-        metadata.create_all(self.engine)
-        with self.engine.begin() as connection:
-            for statement in _APPEND_ONLY.get(self.engine.dialect.name, []):
-                connection.exec_driver_sql(statement)
+        self._create_schema()
         self._upsert_cursor = upsert_statement(
             self.engine.dialect.name,
             cursors,
             ["flow"],
             ["watermark_at", "watermark_key", "updated_at", "run_id"],
         )
+
+    def _create_schema(self, attempts: int = 3) -> None:
+        """Tables and append-only triggers, in one transaction. Processes opening a new store at
+        once take turns on PostgreSQL (an advisory lock); on SQLite the one that loses the race
+        (it creates what another just created) tries again."""
+        for attempt in range(attempts):
+            try:
+                with self.engine.begin() as connection:
+                    if connection.dialect.name == "postgresql":
+                        connection.exec_driver_sql("SELECT pg_advisory_xact_lock(7260418)")
+                    metadata.create_all(connection)
+                    for statement in _APPEND_ONLY.get(connection.dialect.name, []):
+                        connection.exec_driver_sql(statement)
+                return
+            except sa.exc.DBAPIError:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.1 * (attempt + 1))
 
     def dispose(self) -> None:
         self.engine.dispose()
