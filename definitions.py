@@ -12,7 +12,14 @@ from assets.checks import reconciliation_check
 from assets.factory import asset_key, flow_asset, source_asset_specs
 from integrations import settings
 from integrations.engine.spec import FlowSpec
-from resources import CrmResource, ErpDatabase, HelpdeskResource, Notifier, StateStoreResource
+from resources import (
+    CrmResource,
+    ErpDatabase,
+    HelpdeskResource,
+    Notifier,
+    SqlDestinationDatabase,
+    StateStoreResource,
+)
 from resources.secrets import require_helpdesk_credentials, require_secrets
 from sensors.alerts import alert_sensors
 from sensors.schedules import flow_schedules
@@ -28,6 +35,13 @@ def from_env(name: str, embedded_default: Callable[[], str | None]) -> str | dg.
 def resources() -> dict[str, dg.ConfigurableResource]:
     return {
         "erp": ErpDatabase(url=from_env("ERP_DATABASE_URL", settings.erp_database_url)),
+        "chinook": ErpDatabase(url=from_env("CHINOOK_DATABASE_URL", settings.chinook_database_url)),
+        # The embedded finance database gets its tables from the contracts; a real one is owned
+        # by its DBAs, and a table that is missing or does not fit stops the flow with what to do.
+        "finance": SqlDestinationDatabase(
+            url=from_env("FINANCE_DATABASE_URL", settings.finance_database_url),
+            create_missing_tables=not os.environ.get("FINANCE_DATABASE_URL"),
+        ),
         "state": StateStoreResource(
             url=from_env("HANDOFF_STATE_URL", settings.state_url),
             dlq_key=dg.EnvVar("HANDOFF_DLQ_KEY"),
@@ -49,7 +63,8 @@ def resources() -> dict[str, dg.ConfigurableResource]:
 
 
 def active_flows() -> list[FlowSpec]:
-    """The CRM flows both ways, and the helpdesk's when RT_BASE_URL says where RT is."""
+    """The CRM and finance flows, the CRM → ERP flows, and the helpdesk's when RT_BASE_URL says
+    where RT is."""
     return FLOWS + CRM_TO_ERP_FLOWS + (HELPDESK_FLOWS if settings.rt_base_url() else [])
 
 

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.steps import ROOT, change_one_percent, peak_rss_mb, sync_figures
+from bench.steps import run_step as bench_step
 
 
 def step_raw(env: dict[str, str]) -> dict[str, object]:
@@ -79,64 +80,25 @@ def step_sync(env: dict[str, str]) -> dict[str, object]:
     from integrations.crm.client import CrmClient
     from integrations.crm.destination import CrmObjects
     from integrations.engine.state import StateStore
-    from integrations.engine.sync import Sync
     from integrations.sql.connect import create_engine
     from integrations.sql.source import SqlSource
 
     engine = create_engine(env["ERP_DATABASE_URL"])
     state = StateStore(env["HANDOFF_STATE_URL"], dlq_key=Fernet.generate_key().decode())
     client = CrmClient(env["CRM_BASE_URL"], env["CRM_ACCESS_TOKEN"])
-    result = Sync(
+    return sync_figures(
         CRM_CONTACTS,
         SqlSource(engine, CRM_CONTACTS.source),
         CrmObjects(client, "contacts", "erp_customer_id"),
         state,
-        run_id=uuid.uuid4().hex,
-        actor="bench",
-        why="benchmark",
-    ).run()
-    return {
-        "seconds": result.seconds,
-        "rows": result.counts["read"],
-        "written": result.written,
-        "timings": {k: round(v, 2) for k, v in result.timings.items()},
-    }
+    )
 
 
-def step_change(env: dict[str, str]) -> dict[str, object]:
-    from integrations.erp.changes import live_customer_ids, move_customers
-    from integrations.sql.connect import create_engine
-
-    engine = create_engine(env["ERP_DATABASE_URL"])
-    ids = live_customer_ids(engine)
-    chosen = ids[::100]
-    move_customers(engine, chosen)
-    return {"seconds": 0.0, "rows": len(chosen), "written": len(chosen)}
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited over fork)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-STEPS = {"raw": step_raw, "sync": step_sync, "change": step_change}
+STEPS = {"raw": step_raw, "sync": step_sync, "change": change_one_percent}
 
 
 def run_step(name: str, env: dict[str, str]) -> dict[str, object]:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.contacts_sync", "--step", name],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"step {name} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return bench_step("bench.contacts_sync", name, env)
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from cryptography.fernet import Fernet
 
 from assets.helpdesk_users import HELPDESK_USERS
-from bench.contacts_sync import peak_rss_mb
+from bench.steps import peak_rss_mb
 from integrations.engine.state import StateStore
 from integrations.engine.sync import Sync
 from integrations.erp.changes import live_customer_ids, move_customers

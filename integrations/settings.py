@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
+
+# Real data nobody here wrote (DESIGN.md): the Chinook music store, beside the repository.
+CHINOOK_DATASET = (
+    Path(__file__).resolve().parents[2] / "shared/datasets/chinook/Chinook_Sqlite.sqlite"
+)
 
 
 def handoff_home() -> Path:
@@ -25,6 +31,23 @@ def database_url_variable(system: str) -> str:
 def erp_database_url() -> str:
     """The ERP (system of record): `ERP_DATABASE_URL` or the embedded SQLite file."""
     return os.environ.get("ERP_DATABASE_URL") or _sqlite_url("erp.sqlite")
+
+
+def finance_database_url() -> str:
+    """The finance reporting database: `FINANCE_DATABASE_URL` or the embedded SQLite file."""
+    return os.environ.get("FINANCE_DATABASE_URL") or _sqlite_url("finance.sqlite")
+
+
+def chinook_database_url() -> str:
+    """Chinook, the second ERP: `CHINOOK_DATABASE_URL`, or a copy of the shared Chinook file in
+    `HANDOFF_HOME` (the shared file is read-only; SQLite's WAL needs to write beside it)."""
+    if os.environ.get("CHINOOK_DATABASE_URL"):
+        return os.environ["CHINOOK_DATABASE_URL"]
+    copy = handoff_home() / "chinook.sqlite"
+    if not copy.exists() and CHINOOK_DATASET.exists():
+        shutil.copyfile(CHINOOK_DATASET, copy)
+        copy.chmod(0o644)
+    return f"sqlite:///{copy}"
 
 
 def state_url() -> str:

@@ -39,9 +39,11 @@ class ApiResource(dg.ConfigurableResource):
         )
 
     def bucket(self, system: str, limits: ApiLimits) -> SharedTokenBucket | None:
-        """The shared token bucket of this system at this address, when a limit is set."""
+        """The token bucket every run and process calling this system at this address shares
+        (in the state store), or None when no request limit is set."""
         if not limits.requests_per_second:
             return None
         if not self.rate_limit_url:
             raise ValueError("requests_per_second needs rate_limit_url (the state store)")
-        return SharedTokenBucket(self.rate_limit_url, f"{system} {self.base_url}", limits)
+        name = f"{system} {(self.base_url or '').rstrip('/')}"
+        return SharedTokenBucket(self.rate_limit_url, name, limits)

@@ -23,7 +23,7 @@ class SqlDestinationDatabase(dg.ConfigurableResource):
     )
 
     @contextmanager
-    def destination(self, target: Target) -> Iterator[SqlTable]:
+    def destination(self, target: Target, log=None) -> Iterator[SqlTable]:
         engine = create_engine(self.url)
         try:
             yield SqlTable(engine, target, create_missing=self.create_missing_tables)

@@ -1,11 +1,15 @@
 """The audit trail is a hash chain: an edit or a removal made behind handoff's back shows."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import sqlalchemy as sa
 
 from assets.crm_contacts import CRM_CONTACTS
 from integrations.cli import main
+from integrations.engine.state import StateStore
 from integrations.erp.changes import move_customers
+from tests.conftest import DLQ_KEY
 from tests.contacts import sync
 
 DROP_TRIGGERS = {
@@ -104,3 +108,19 @@ def test_a_records_story_shows_each_change_field_by_field(world, erp, crm_client
     assert main(["audit", "show", "--key", key]) == 0
     out = capsys.readouterr().out
     assert "live as" in out and "insert" in out and "update" in out
+
+
+@pytest.mark.postgres
+def test_several_workers_opening_a_new_state_store_at_once_all_succeed(postgres_database):
+    """Runs starting together on a fresh PostgreSQL state database race to create its tables
+    and triggers; every one of them gets a working store."""
+    url = postgres_database()
+
+    def open_store(_):
+        store = StateStore(url, dlq_key=DLQ_KEY)
+        intact = store.verify_audit().intact
+        store.dispose()
+        return intact
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        assert all(pool.map(open_store, range(6)))

@@ -4,31 +4,26 @@ changed customers, soft deletes as disabled users, and an RT outage mid-sync."""
 from __future__ import annotations
 
 import dataclasses
-import logging
+import threading
 import time
 from datetime import UTC, datetime
 
 import dagster as dg
 import pandas as pd
-import pytest
 import sqlalchemy as sa
 
 from assets.factory import flow_asset
 from assets.helpdesk_users import HELPDESK_USERS
 from definitions import resources
-from integrations.engine.sync import Sync, SyncError
 from integrations.erp.changes import move_customers, soft_delete_customers
 from integrations.helpdesk.client import RtClient
 from integrations.helpdesk.destination import RtUsers
 from integrations.helpdesk.support_tier import TIER_FIELD, TIER_WINDOW, TIERS, support_tier
-from integrations.http import ApiLimits
 from integrations.sql.connect import create_engine
-from integrations.sql.source import SqlSource
+from resources.helpdesk import HelpdeskResource
 from tests.expectations import assert_one_per_valid_customer
 
 TIER = f"CF.{{{TIER_FIELD}}}"
-# Quick to give up, so the outage test is short; its own breaker (breakers are per settings).
-OUTAGE_LIMITS = ApiLimits(retries=4, backoff=0.01, failures_to_open=3, open_seconds=0.2)
 
 
 def materialize(instance: dg.DagsterInstance) -> dict[str, object]:
@@ -106,57 +101,53 @@ def test_users_sync_once_then_only_the_changed_ones(helpdesk_world, rt_client):
     erp.dispose()
 
 
-class StopRtAfterFirstBatch(logging.Handler):
-    """RT goes down right after the first sync committed its first batch (once)."""
-
-    def __init__(self, rt):
-        super().__init__()
-        self.rt, self.done = rt, False
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if not self.done and "batch 1 committed" in record.getMessage():
-            self.done = True
-            self.rt.stop(graceful=False)
-
-
-def test_an_rt_outage_mid_sync_fails_naming_rt_and_the_next_run_loses_nothing(helpdesk_world):
-    rt = helpdesk_world.rt
-    spec = dataclasses.replace(HELPDESK_USERS, batch_size=40)
-    erp = create_engine(helpdesk_world.erp_url)
-    state = helpdesk_world.state()
-    log = logging.getLogger("test.rt_outage")
-    log.setLevel(logging.INFO)
-    log.addHandler(StopRtAfterFirstBatch(rt))
-
-    def sync(run_id: str) -> Sync:
-        client = RtClient(rt.base_url, user=rt.user, password=rt.password, limits=OUTAGE_LIMITS)
-        return Sync(
-            spec,
-            SqlSource(erp, spec.source),
-            RtUsers(client),
-            state,
-            run_id=run_id,
-            actor="test",
-            why="outage",
-            log=log,
-        )
-
-    with pytest.raises(SyncError) as failure:
-        sync("first").run()
-    message = str(failure.value)
-    assert "RT users is unavailable: RT circuit open after 3 consecutive failures" in message
-    assert rt.password not in message
-    committed = state.count_synced(spec.name)
-    assert 0 < committed <= 40, "the first batch stays committed, nothing after it"
-
-    rt.start()
-    time.sleep(0.3)  # the circuit lets a probe through again
-    client = RtClient(rt.base_url, user=rt.user, password=rt.password)
-    first_batch = sorted(rt_users(client))
-    before = histories(client, first_batch)
-    sync("second").run()
-    users = rt_users(client)
-    assert_one_per_valid_customer(helpdesk_world.erp_url, list(users))
-    assert histories(client, first_batch) == before, "the rerun rewrote the committed batch"
+def stop_rt_after_the_first_batch(world, flow: str) -> None:
+    """RT goes down once the run committed its first batch (the next one takes seconds)."""
+    state = world.state()
+    deadline = time.monotonic() + 120
+    while state.count_synced(flow) == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    world.rt.stop(graceful=False)
     state.dispose()
-    erp.dispose()
+
+
+def test_an_rt_outage_mid_run_fails_naming_rt_and_the_next_run_loses_nothing(helpdesk_world):
+    rt = helpdesk_world.rt
+    spec = dataclasses.replace(HELPDESK_USERS, batch_size=40, run_retries=0)
+    quick = HelpdeskResource(
+        base_url=rt.base_url,
+        user=rt.user,
+        password=rt.password,
+        max_retries=4,
+        backoff_seconds=0.01,
+        circuit_failures=3,
+        circuit_open_seconds=0.2,
+    )
+    wired = {**resources(), "helpdesk": quick}
+    threading.Thread(
+        target=stop_rt_after_the_first_batch, args=(helpdesk_world, spec.name), daemon=True
+    ).start()
+    with dg.instance_for_test() as instance:
+        failed = dg.materialize(
+            [flow_asset(spec)], resources=wired, instance=instance, raise_on_error=False
+        )
+        assert not failed.success
+        (failure,) = failed.get_step_failure_events()
+        data = failure.step_failure_data.user_failure_data
+        assert "RT users is unavailable: RT circuit open after 3 consecutive" in data.description
+        assert data.metadata["circuit"].value == "open"
+        assert rt.password not in data.description
+        state = helpdesk_world.state()
+        assert 0 < state.count_synced(spec.name) < 100, "committed batches stay committed"
+
+        rt.start()
+        time.sleep(0.3)  # the circuit lets a probe through again
+        client = RtClient(rt.base_url, user=rt.user, password=rt.password)
+        already = sorted(rt_users(client))
+        before = histories(client, already)
+        again = dg.materialize([flow_asset(spec)], resources=wired, instance=instance)
+        assert again.success
+        assert_one_per_valid_customer(helpdesk_world.erp_url, list(rt_users(client)))
+        assert histories(client, already) == before, "the rerun rewrote what RT already held"
+        assert state.count_synced(spec.name) == len(rt_users(client))
+        state.dispose()

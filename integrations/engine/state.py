@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from cryptography.fernet import Fernet, InvalidToken
+from sqlalchemy.dialects import postgresql
 
-from integrations.sql.connect import create_engine, raise_on_lost_connection, upsert_statement
+from integrations.engine.hashing import sorted_json
+from integrations.sql.connect import (
+    bulk_write,
+    create_engine,
+    raise_on_lost_connection,
+    upsert_statement,
+)
 
 metadata = sa.MetaData()
 
@@ -133,6 +141,7 @@ _APPEND_ONLY = {
 }
 
 _IN_CHUNK = 500  # keys per IN (...) list, well under every dialect's parameter limit
+_ARRAY_CHUNK = 100_000  # keys per PostgreSQL array parameter
 
 
 def utcnow() -> datetime:
@@ -218,9 +227,18 @@ class BatchCommit:
     audit_records: list[AuditRecord] = field(default_factory=list)
 
 
-def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
-    for start in range(0, len(items), _IN_CHUNK):
-        yield items[start : start + _IN_CHUNK]
+def _chunks(items: Sequence[str], dialect: str) -> Iterator[Sequence[str]]:
+    size = _ARRAY_CHUNK if dialect == "postgresql" else _IN_CHUNK
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _among(column: sa.Column, values: Sequence[str], dialect: str) -> sa.ColumnElement[bool]:
+    """`column IN values`; on PostgreSQL `= ANY(one array parameter)`: a batch's keys in one
+    query that is cheap to compile and send."""
+    if dialect == "postgresql":
+        return column == sa.any_(sa.literal(list(values), postgresql.ARRAY(column.type)))
+    return column.in_(values)
 
 
 class StateStore:
@@ -239,22 +257,31 @@ class StateStore:
             ) from None
         self.engine = create_engine(url)
         raise_on_lost_connection(self.engine, StateStoreUnavailable, "the state store")
-        metadata.create_all(self.engine)
-        with self.engine.begin() as connection:
-            for statement in _APPEND_ONLY.get(self.engine.dialect.name, []):
-                connection.exec_driver_sql(statement)
-        self._upsert_ledger = upsert_statement(
-            self.engine.dialect.name,
-            ledger,
-            ["flow", "record_key"],
-            ["content_hash", "destination_id", "archived", "field_hashes", "synced_at", "run_id"],
-        )
+        self._create_schema()
         self._upsert_cursor = upsert_statement(
             self.engine.dialect.name,
             cursors,
             ["flow"],
             ["watermark_at", "watermark_key", "updated_at", "run_id"],
         )
+
+    def _create_schema(self, attempts: int = 3) -> None:
+        """Tables and append-only triggers, in one transaction. Processes opening a new store at
+        once take turns on PostgreSQL (an advisory lock); on SQLite the one that loses the race
+        (it creates what another just created) tries again."""
+        for attempt in range(attempts):
+            try:
+                with self.engine.begin() as connection:
+                    if connection.dialect.name == "postgresql":
+                        connection.exec_driver_sql("SELECT pg_advisory_xact_lock(7260418)")
+                    metadata.create_all(connection)
+                    for statement in _APPEND_ONLY.get(connection.dialect.name, []):
+                        connection.exec_driver_sql(statement)
+                return
+            except sa.exc.DBAPIError:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.1 * (attempt + 1))
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -272,8 +299,9 @@ class StateStore:
 
     def ledger_entries(self, flow: str, keys: Sequence[str]) -> dict[str, LedgerEntry]:
         found: dict[str, LedgerEntry] = {}
+        dialect = self.engine.dialect.name
         with self.engine.connect() as connection:
-            for chunk in _chunks(keys):
+            for chunk in _chunks(keys, dialect):
                 rows = connection.execute(
                     sa.select(
                         ledger.c.record_key,
@@ -281,7 +309,7 @@ class StateStore:
                         ledger.c.destination_id,
                         ledger.c.archived,
                         ledger.c.field_hashes,
-                    ).where(ledger.c.flow == flow, ledger.c.record_key.in_(chunk))
+                    ).where(ledger.c.flow == flow, _among(ledger.c.record_key, chunk, dialect))
                 )
                 for row in rows:
                     found[row.record_key] = LedgerEntry(
@@ -304,12 +332,13 @@ class StateStore:
     def open_dead_letter_hashes(self, flow: str, keys: Sequence[str]) -> dict[str, str | None]:
         """Content hash of each key's unresolved dead letter, for keys that have one."""
         found: dict[str, str | None] = {}
+        dialect = self.engine.dialect.name
         with self.engine.connect() as connection:
-            for chunk in _chunks(keys):
+            for chunk in _chunks(keys, dialect):
                 rows = connection.execute(
                     sa.select(dead_letters.c.record_key, dead_letters.c.content_hash).where(
                         dead_letters.c.flow == flow,
-                        dead_letters.c.record_key.in_(chunk),
+                        _among(dead_letters.c.record_key, chunk, dialect),
                         dead_letters.c.resolved_at.is_(None),
                     )
                 )
@@ -319,13 +348,14 @@ class StateStore:
     def unique_owners(self, flow: str, field_name: str, digests: Sequence[str]) -> dict[str, str]:
         """value digest → the record key that holds it, for digests already claimed."""
         found: dict[str, str] = {}
+        dialect = self.engine.dialect.name
         with self.engine.connect() as connection:
-            for chunk in _chunks(digests):
+            for chunk in _chunks(digests, dialect):
                 rows = connection.execute(
                     sa.select(unique_claims.c.value_digest, unique_claims.c.record_key).where(
                         unique_claims.c.flow == flow,
                         unique_claims.c.field == field_name,
-                        unique_claims.c.value_digest.in_(chunk),
+                        _among(unique_claims.c.value_digest, chunk, dialect),
                     )
                 )
                 found.update({row.value_digest: row.record_key for row in rows})
@@ -489,8 +519,9 @@ class StateStore:
         now = utcnow()
         with self.engine.begin() as connection:
             if batch.synced:
-                connection.execute(
-                    self._upsert_ledger,
+                bulk_write(
+                    connection,
+                    ledger,
                     [
                         {
                             "field_hashes": None,
@@ -501,6 +532,7 @@ class StateStore:
                         }
                         for row in batch.synced
                     ],
+                    key=["flow", "record_key"],
                 )
             settled = [str(row["record_key"]) for row in batch.synced] + batch.resolved
             if settled:
@@ -587,7 +619,7 @@ class StateStore:
                 "record_key": record.record_key,
                 "action": record.action,
                 "correlation_id": record.correlation_id,
-                "diff": json.dumps(record.diff, sort_keys=True, default=str),
+                "diff": sorted_json(record.diff),
             }
             for record in records
         ]
@@ -607,17 +639,17 @@ class StateStore:
             sa.insert(audit_log).values(**entry, entry_hash=_seal(entry))
         ).inserted_primary_key[0]
         if rows:
-            connection.execute(
-                sa.insert(audit_records), [{**row, "audit_id": audit_id} for row in rows]
-            )
+            bulk_write(connection, audit_records, [{**row, "audit_id": audit_id} for row in rows])
 
     @staticmethod
     def _claim(connection, batch: BatchCommit) -> None:
         holders = sorted({key for _, _, key in batch.claims} | set(batch.released))
-        for chunk in _chunks(holders):
+        dialect = connection.dialect.name
+        for chunk in _chunks(holders, dialect):
             connection.execute(
                 sa.delete(unique_claims).where(
-                    unique_claims.c.flow == batch.flow, unique_claims.c.record_key.in_(chunk)
+                    unique_claims.c.flow == batch.flow,
+                    _among(unique_claims.c.record_key, chunk, dialect),
                 )
             )
         if batch.claims:
@@ -633,12 +665,13 @@ class StateStore:
     def _resolve(
         connection, flow: str, keys: Sequence[str], now: datetime, resolution: str
     ) -> None:
-        for chunk in _chunks(keys):
+        dialect = connection.dialect.name
+        for chunk in _chunks(keys, dialect):
             connection.execute(
                 sa.update(dead_letters)
                 .where(
                     dead_letters.c.flow == flow,
-                    dead_letters.c.record_key.in_(chunk),
+                    _among(dead_letters.c.record_key, chunk, dialect),
                     dead_letters.c.resolved_at.is_(None),
                 )
                 .values(resolved_at=now, resolution=resolution)
@@ -650,13 +683,14 @@ class StateStore:
         letters = list(letters)
         flow_keys = {(letter.flow, letter.record_key) for letter in letters}
         existing: dict[tuple[str, str], int] = {}
+        dialect = connection.dialect.name
         for flow in {flow for flow, _ in flow_keys}:
             keys = [key for f, key in flow_keys if f == flow]
-            for chunk in _chunks(keys):
+            for chunk in _chunks(keys, dialect):
                 rows = connection.execute(
                     sa.select(dead_letters.c.id, dead_letters.c.record_key).where(
                         dead_letters.c.flow == flow,
-                        dead_letters.c.record_key.in_(chunk),
+                        _among(dead_letters.c.record_key, chunk, dialect),
                         dead_letters.c.resolved_at.is_(None),
                     )
                 )

@@ -13,7 +13,6 @@ transaction. Re-running any window changes nothing that is in sync.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import time
@@ -34,7 +33,8 @@ from integrations.engine.destination import (
     Written,
     correlation_id,
 )
-from integrations.engine.hashing import canonical_json, content_hash, idempotency_key
+from integrations.engine.hashing import content_hash, idempotency_key, sorted_json
+from integrations.engine.hashing import field_hashes as hash_fields
 from integrations.engine.masking import mask_record, mask_value, scrub
 from integrations.engine.source import Source, SourceUnavailable
 from integrations.engine.spec import FlowSpec
@@ -134,16 +134,6 @@ def _out_of_flow(spec: FlowSpec, batch: pd.DataFrame) -> pd.Series:
     if spec.in_scope is not None:
         gone |= ~spec.in_scope(batch).astype(bool)
     return gone
-
-
-def _field_hashes(record: dict[str, object]) -> dict[str, str]:
-    """A short hash per field: enough to tell which fields a later write changes."""
-    return {
-        name: hashlib.md5(canonical_json({"v": value}).encode(), usedforsecurity=False).hexdigest()[
-            :12
-        ]
-        for name, value in record.items()
-    }
 
 
 def _unusable_key(value: object) -> str | None:
@@ -505,8 +495,8 @@ class Sync:
         hashes = {key: content_hash(record) for key, record in records.items()}
         ledger = self.state.ledger_entries(self.spec.name, list(records) + list(gone.index))
         pii = self.spec.target_contract.pii_fields
-        outbound, changes, field_hashes, in_sync = [], {}, {}, []
-        for key, record in records.items():
+        sending, in_sync = [], []
+        for key in records:
             known = ledger.get(key)
             same = known is not None and known.content_hash == hashes[key] and not known.archived
             if same and key not in self._force:
@@ -514,21 +504,28 @@ class Sync:
                 if key in open_letters:
                     in_sync.append(key)
                 continue
-            trace = idempotency_key(self.spec.name, key, hashes[key])
-            outbound.append(
-                OutboundRecord(
-                    key=key,
-                    properties=record,
-                    trace_id=trace,
-                    correlation_id=correlation_id(self.run_id, self.spec.name, key),
-                )
+            sending.append(key)
+        outbound = [
+            OutboundRecord(
+                key=key,
+                properties=records[key],
+                trace_id=idempotency_key(self.spec.name, key, hashes[key]),
+                correlation_id=correlation_id(self.run_id, self.spec.name, key),
             )
-            field_hashes[key] = _field_hashes(record)
+            for key in sending
+        ]
+        field_hashes = dict(
+            zip(sending, hash_fields([records[key] for key in sending]), strict=True)
+        )
+        changes = {}
+        for key in sending:
+            known = ledger.get(key)
             before = (known.field_hashes if known and not known.archived else None) or {}
+            now = field_hashes[key]
             changes[key] = {
                 name: mask_value(value) if name in pii else value
-                for name, value in record.items()
-                if before.get(name) != field_hashes[key][name]
+                for name, value in records[key].items()
+                if before.get(name) != now[name]
             }
         to_archive = {
             key: entry.destination_id
@@ -558,7 +555,7 @@ class Sync:
                 "content_hash": plan.hashes[item.key],
                 "destination_id": item.destination_id,
                 "archived": False,
-                "field_hashes": json.dumps(plan.field_hashes[item.key], sort_keys=True),
+                "field_hashes": sorted_json(plan.field_hashes[item.key]),
             }
             for item in written
         ] + [

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterable, Sequence
+
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
@@ -78,4 +81,56 @@ def upsert_statement(
     return statement.on_conflict_do_update(
         index_elements=key_columns,
         set_={name: statement.excluded[name] for name in update_columns},
+    )
+
+
+def copy_rows(
+    connection: sa.Connection, table: str, columns: Sequence[str], rows: Iterable[Sequence]
+) -> None:
+    """PostgreSQL `COPY … FROM STDIN` of `rows` into `table`, inside the connection's transaction."""
+    quote = connection.dialect.identifier_preparer.quote
+    names = ", ".join(quote(name) for name in columns)
+    with (
+        connection.connection.driver_connection.cursor() as cursor,
+        cursor.copy(f"COPY {quote(table)} ({names}) FROM STDIN") as copy,
+    ):
+        for row in rows:
+            copy.write_row(row)
+
+
+def bulk_write(
+    connection: sa.Connection,
+    table: sa.Table,
+    rows: Sequence[dict[str, object]],
+    key: Sequence[str] = (),
+) -> None:
+    """Insert many rows, or upsert them by `key`: on PostgreSQL with COPY (for an upsert into a
+    temporary table, then one `INSERT … ON CONFLICT`), elsewhere with one executemany."""
+    if not rows:
+        return
+    columns = list(rows[0])
+    dialect = connection.dialect.name
+    if dialect != "postgresql":
+        others = [name for name in columns if name not in key]
+        statement = upsert_statement(dialect, table, list(key), others) if key else sa.insert(table)
+        connection.execute(statement, list(rows))
+        return
+    values = (tuple(row[name] for name in columns) for row in rows)
+    if not key:
+        copy_rows(connection, table.name, columns, values)
+        return
+    quote = connection.dialect.identifier_preparer.quote
+    names = ", ".join(quote(name) for name in columns)
+    staging = f"staging_{uuid.uuid4().hex[:12]}"
+    connection.exec_driver_sql(
+        f"CREATE TEMPORARY TABLE {staging} ON COMMIT DROP AS "
+        f"SELECT {names} FROM {quote(table.name)} WITH NO DATA"
+    )
+    copy_rows(connection, staging, columns, values)
+    updates = ", ".join(
+        f"{quote(name)} = EXCLUDED.{quote(name)}" for name in columns if name not in key
+    )
+    connection.exec_driver_sql(
+        f"INSERT INTO {quote(table.name)} ({names}) SELECT {names} FROM {staging} "
+        f"ON CONFLICT ({', '.join(quote(name) for name in key)}) DO UPDATE SET {updates}"
     )

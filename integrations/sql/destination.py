@@ -16,7 +16,6 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import mysql, sqlite
 
 from integrations.engine.destination import (
     DestinationUnavailable,
@@ -133,29 +132,42 @@ class SqlTable:
         for start in range(0, len(keys), _IN_CHUNK):
             query = sa.select(table.c[key]).where(table.c[key].in_(keys[start : start + _IN_CHUNK]))
             existing.update(str(value) for value in connection.execute(query).scalars())
-        converters = [_converter(table.c[name]) for name in fields]
-        parameters = [
-            {
-                name: convert(value)
-                for name, convert, value in zip(fields, converters, row, strict=True)
-            }
-            for row in rows
-        ]
-        connection.execute(self._upsert_statement(fields), parameters)
+        converters = {
+            index: convert
+            for index, name in enumerate(fields)
+            if (convert := _converter(table.c[name])) is not None
+        }
+        if converters:
+            rows = [
+                tuple(converters[i](v) if i in converters else v for i, v in enumerate(row))
+                for row in rows
+            ]
+        # The driver's executemany with one prepared text: SQLAlchemy's per-row binding would cost
+        # more than the database's work (PyMySQL sends it as multi-row INSERTs).
+        connection.exec_driver_sql(self._upsert_sql(fields), rows)
         return {str(value): str(value) not in existing for value in keys}
 
-    def _upsert_statement(self, fields: list[str]):
-        table, key = self.table, self.target.id_property
+    def _upsert_sql(self, fields: list[str]) -> str:
+        quote = self.engine.dialect.identifier_preparer.quote
+        table, key = quote(self.table.name), quote(self.target.id_property)
+        columns = ", ".join(quote(name) for name in fields)
+        others = [quote(name) for name in fields if name != self.target.id_property]
+        archived = quote(ARCHIVED_AT)
         if self.dialect == "sqlite":
-            statement = sqlite.insert(table)
-            updates = {name: statement.excluded[name] for name in fields if name != key}
-            return statement.on_conflict_do_update(
-                index_elements=[key], set_={**updates, ARCHIVED_AT: sa.null()}
+            updates = ", ".join(
+                [*(f"{name} = excluded.{name}" for name in others), f"{archived} = NULL"]
+            )
+            values = ", ".join("?" for _ in fields)
+            return (
+                f"INSERT INTO {table} ({columns}) VALUES ({values}) "
+                f"ON CONFLICT ({key}) DO UPDATE SET {updates}"
             )
         if self.dialect in ("mysql", "mariadb"):
-            statement = mysql.insert(table)
-            updates = {name: statement.inserted[name] for name in fields if name != key}
-            return statement.on_duplicate_key_update({**updates, ARCHIVED_AT: sa.null()})
+            updates = ", ".join(
+                [*(f"{name} = VALUES({name})" for name in others), f"{archived} = NULL"]
+            )
+            values = ", ".join("%s" for _ in fields)
+            return f"INSERT INTO {table} ({columns}) VALUES ({values}) ON DUPLICATE KEY UPDATE {updates}"
         raise NotImplementedError(f"no upsert for the {self.dialect} dialect")
 
     def archive(self, destination_ids: Sequence[str]) -> None:
@@ -199,14 +211,15 @@ class SqlTable:
             raise _classified(error) from error
 
 
-def _converter(column: sa.Column) -> Callable[[object], object]:
-    """Records carry dates and timestamps as ISO text; SQLite and PyMySQL binds want objects."""
+def _converter(column: sa.Column) -> Callable[[object], object] | None:
+    """Records carry timestamps as ISO text ("…T…"); SQLite (as SQLAlchemy stores them) and
+    MariaDB take them with a space. Dates are ISO already."""
     kind = python_type(column)
     if kind is datetime:
-        return lambda value: datetime.fromisoformat(value) if isinstance(value, str) else value
+        return lambda value: value.replace("T", " ") if isinstance(value, str) else value
     if kind is date:
-        return lambda value: date.fromisoformat(value[:10]) if isinstance(value, str) else value
-    return lambda value: value
+        return lambda value: value[:10] if isinstance(value, str) else value
+    return None
 
 
 def _as_sent(value: object) -> object:

@@ -96,6 +96,14 @@ class SqlSource:
         if column not in self.table.c:
             raise SourceSchemaError(f"table {self.spec.table!r} has no column {column!r}")
         target = self.table.c[column]
+        if isinstance(target.type, sa.DateTime) and self.engine.dialect.name == "sqlite":
+            # SQLite keeps timestamps as text, written by whoever filled the file ("2021-01-01
+            # 00:00:00" in Chinook, with microseconds by SQLAlchemy): compare them normalised.
+            normalised = sa.func.datetime(target)
+            return sa.and_(
+                normalised >= start.strftime("%Y-%m-%d %H:%M:%S"),
+                normalised < end.strftime("%Y-%m-%d %H:%M:%S"),
+            )
         if isinstance(target.type, sa.Date):
             start, end = start.date(), end.date()
         return sa.and_(target >= start, target < end)

@@ -1,0 +1,22 @@
+"""ERP payment (source), with the invoice number looked up from its invoice."""
+
+import pandera.pandas as pa
+from pandera.typing import Series
+
+from integrations.contracts.contract import Contract
+
+
+class ErpPaymentV1(pa.DataFrameModel):
+    payment_id: Series[int] = pa.Field(gt=0, unique=True)
+    invoice_id: Series[int] = pa.Field(gt=0)
+    invoice_number: Series[str] = pa.Field(str_matches=r"^INV-\d{8}$")
+    paid_on: Series[pa.Date]
+    amount: Series[float] = pa.Field(gt=0)
+    method: Series[str] = pa.Field(isin=["card", "transfer", "direct_debit"])
+
+    class Config:
+        coerce = True
+        strict = False
+
+
+ERP_PAYMENT = Contract(name="erp.payment", version=1, model=ErpPaymentV1)

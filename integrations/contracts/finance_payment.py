@@ -1,0 +1,21 @@
+"""Finance payment (destination): money received against an invoice, on its business date."""
+
+import pandera.pandas as pa
+from pandera.typing import Series
+
+from integrations.contracts.contract import Contract
+
+
+class FinancePaymentV1(pa.DataFrameModel):
+    payment_id: Series[int] = pa.Field(gt=0, unique=True)
+    invoice_number: Series[str] = pa.Field(str_matches=r"^INV-\d{8}$")
+    paid_on: Series[pa.Date]
+    amount: Series[float] = pa.Field(gt=0)
+    method: Series[str] = pa.Field(isin=["card", "transfer", "direct_debit"])
+
+    class Config:
+        coerce = True
+        strict = True
+
+
+FINANCE_PAYMENT = Contract(name="finance.payment", version=1, model=FinancePaymentV1)

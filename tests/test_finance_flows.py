@@ -1,0 +1,193 @@
+"""ERP invoices and payments, and Chinook (a second, real ERP), into the finance reporting
+database on SQLite, PostgreSQL and MariaDB, through Dagster."""
+
+from __future__ import annotations
+
+import shutil
+
+import dagster as dg
+import pytest
+import sqlalchemy as sa
+
+from assets.chinook import CHINOOK_CUSTOMERS, CHINOOK_INVOICES
+from assets.factory import flow_asset
+from assets.finance_invoices import FINANCE_INVOICES
+from assets.finance_payments import FINANCE_PAYMENTS
+from definitions import defs, resources
+from integrations.settings import CHINOOK_DATASET
+from integrations.sql.connect import create_engine
+from integrations.sql.fit import create_table
+
+JANUARY = {
+    "dagster/asset_partition_range_start": "2025-01-01",
+    "dagster/asset_partition_range_end": "2025-01-31",
+}
+# A quarter: Dagster records one materialization per day of a range, which costs ~30 ms each.
+CHINOOK_QUARTER = {
+    "dagster/asset_partition_range_start": "2021-01-01",
+    "dagster/asset_partition_range_end": "2021-03-31",
+}
+
+
+def materialize(spec, instance, tags=None, partition_key=None) -> dict[str, object]:
+    result = dg.materialize(
+        [flow_asset(spec)],
+        resources=resources(),
+        instance=instance,
+        tags=tags,
+        partition_key=partition_key,
+    )
+    assert result.success
+    events = result.get_asset_materialization_events()
+    return {key: value.value for key, value in events[0].materialization.metadata.items()}
+
+
+def query(url: str, sql: str, **params) -> list[tuple]:
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        found = connection.execute(sa.text(sql), params).all()
+    engine.dispose()
+    return [tuple(row) for row in found]
+
+
+@pytest.fixture
+def finance_url(world, sql_database, monkeypatch) -> str:
+    """The finance database on each dialect, its tables made by its DBA (here: from the
+    contracts) because a configured FINANCE_DATABASE_URL is never altered by handoff."""
+    url = sql_database()
+    engine = create_engine(url)
+    for spec in (FINANCE_INVOICES, FINANCE_PAYMENTS, CHINOOK_CUSTOMERS, CHINOOK_INVOICES):
+        create_table(engine, spec)
+    engine.dispose()
+    monkeypatch.setenv("FINANCE_DATABASE_URL", url)
+    return url
+
+
+def test_a_month_of_invoices_and_payments_lands_in_finance(world, finance_url):
+    with dg.instance_for_test() as instance:
+        invoices = materialize(FINANCE_INVOICES, instance, tags=JANUARY)
+        payments = materialize(FINANCE_PAYMENTS, instance, tags=JANUARY)
+        assert len(instance.get_runs()) == 2, "each month is one run"
+
+        expected = dict(
+            query(
+                world.erp_url,
+                "SELECT invoice_number, amount FROM invoices WHERE deleted_at IS NULL "
+                "AND invoice_date BETWEEN '2025-01-01' AND '2025-01-31'",
+            )
+        )
+        landed = dict(query(finance_url, "SELECT invoice_number, amount FROM invoices"))
+        assert landed and set(landed) == set(expected)
+        assert all(float(landed[n]) == pytest.approx(float(expected[n])) for n in landed)
+        assert invoices["inserted"] == len(landed)
+
+        paid = query(
+            world.erp_url,
+            "SELECT count(*) FROM payments WHERE paid_on BETWEEN '2025-01-01' AND '2025-01-31'",
+        )[0][0]
+        assert (
+            payments["inserted"]
+            == paid
+            == query(finance_url, "SELECT count(*) FROM payments")[0][0]
+        )
+        linked = query(
+            finance_url,
+            "SELECT count(*) FROM payments p JOIN invoices i ON i.invoice_number = p.invoice_number",
+        )[0][0]
+        assert 0 < linked <= paid
+
+        again = materialize(FINANCE_INVOICES, instance, tags=JANUARY)
+        assert (again["written"], again["unchanged"]) == (0, len(landed))
+
+
+def test_a_deleted_invoice_is_archived_when_its_day_is_rewritten(world, finance_url):
+    with dg.instance_for_test() as instance:
+        materialize(FINANCE_INVOICES, instance, tags=JANUARY)
+        number, day = query(
+            finance_url, "SELECT invoice_number, invoice_date FROM invoices ORDER BY invoice_number"
+        )[0]
+        engine = create_engine(world.erp_url)
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text(
+                    "UPDATE invoices SET deleted_at = updated_at, status = 'void' "
+                    "WHERE invoice_number = :n"
+                ),
+                {"n": number},
+            )
+        engine.dispose()
+        counts = materialize(FINANCE_INVOICES, instance, partition_key=str(day)[:10])
+        assert counts["archived"] == 1
+        archived = query(
+            finance_url, "SELECT invoice_number FROM invoices WHERE archived_at IS NOT NULL"
+        )
+        assert archived == [(number,)]
+
+
+@pytest.fixture
+def chinook_copy(world, tmp_path, monkeypatch):
+    """A writable copy of the real Chinook database."""
+    copy = tmp_path / "chinook.sqlite"
+    shutil.copyfile(CHINOOK_DATASET, copy)
+    copy.chmod(0o644)
+    url = f"sqlite:///{copy}"
+    monkeypatch.setenv("CHINOOK_DATABASE_URL", url)
+    return url
+
+
+def test_chinook_customers_and_invoices_land_in_finance(chinook_copy, finance_url):
+    with dg.instance_for_test() as instance:
+        customers = materialize(CHINOOK_CUSTOMERS, instance)
+        invoices = materialize(CHINOOK_INVOICES, instance, tags=CHINOOK_QUARTER)
+
+        count, total = query(
+            chinook_copy,
+            'SELECT count(*), round(sum("Total"), 2) FROM "Invoice" '
+            "WHERE \"InvoiceDate\" < '2021-04-01'",
+        )[0]
+        assert customers["inserted"] == 59 and customers["rejected"] == 0
+        assert invoices["inserted"] == count > 0 and invoices["rejected"] == 0
+        assert float(query(finance_url, "SELECT sum(total) FROM chinook_invoices")[0][0]) == (
+            pytest.approx(total)
+        )
+        first = query(
+            finance_url,
+            "SELECT email, country FROM chinook_customers WHERE customer_id = 1",
+        )
+        assert first == [("luisg@embraer.com.br", "Brazil")]
+        orphans = query(
+            finance_url,
+            "SELECT count(*) FROM chinook_invoices i LEFT JOIN chinook_customers c "
+            "ON c.customer_id = i.customer_id WHERE c.customer_id IS NULL",
+        )
+        assert orphans == [(0,)], "every invoice's customer landed too"
+
+        again = materialize(CHINOOK_CUSTOMERS, instance)
+        assert (again["written"], again["unchanged"]) == (0, 59)
+
+
+def test_a_contract_violation_planted_in_chinook_lands_in_the_dlq(world, state, chinook_copy):
+    engine = create_engine(chinook_copy)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text('UPDATE "Customer" SET "Email" = \'not-an-address\' WHERE "CustomerId" = 7')
+        )
+    engine.dispose()
+    with dg.instance_for_test() as instance:
+        counts = materialize(CHINOOK_CUSTOMERS, instance)
+    assert (counts["inserted"], counts["rejected"]) == (58, 1)
+    letters = state.list_dead_letters(CHINOOK_CUSTOMERS.name)
+    assert [(letter.record_key, letter.reason_kind) for letter in letters] == [("7", "contract")]
+    assert "Email is not a valid email address" in letters[0].reason
+    assert letters[0].payload["Email"] == "not-an-address"
+    finance = (world.home / "finance.sqlite").as_posix()
+    assert query(f"sqlite:///{finance}", "SELECT count(*) FROM chinook_customers") == [(58,)]
+
+
+def test_finance_flows_are_daily_partitioned_and_wired():
+    for key in (["finance", "invoices"], ["finance", "payments"], ["finance", "chinook_invoices"]):
+        asset = defs.resolve_assets_def(dg.AssetKey(key))
+        assert isinstance(asset.partitions_def, dg.DailyPartitionsDefinition)
+        assert asset.backfill_policy == dg.BackfillPolicy.single_run()
+    customers = defs.resolve_assets_def(dg.AssetKey(["finance", "chinook_customers"]))
+    assert customers.required_resource_keys >= {"chinook", "finance", "state"}
