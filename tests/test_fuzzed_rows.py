@@ -26,26 +26,13 @@ from integrations.crm.sandbox import SandboxServer
 from integrations.engine.spec import ErrorBudget
 from integrations.engine.state import StateStore
 from integrations.engine.sync import Sync
+from integrations.erp.schema import customers
 from integrations.http import ApiLimits
 from integrations.sql.connect import create_engine
 from integrations.sql.source import SqlSource
 from tests.conftest import DLQ_KEY
 
-COLUMNS = (
-    "customer_id",
-    "customer_number",
-    "first_name",
-    "last_name",
-    "email",
-    "phone",
-    "company_name",
-    "city",
-    "country",
-    "organisation_id",
-    "created_at",
-    "updated_at",
-    "deleted_at",
-)
+COLUMNS = tuple(customers.c.keys())  # the ERP's columns, without their types
 # Judge routing, not the budget: a fuzzed batch is mostly junk on purpose.
 SPEC = dataclasses.replace(
     CRM_CONTACTS, batch_size=16, error_budget=ErrorBudget(max_share=1.0), archive_deleted=False
