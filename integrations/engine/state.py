@@ -36,8 +36,8 @@ ledger = sa.Table(
     sa.Column("content_hash", sa.String(64), nullable=False),
     sa.Column("destination_id", sa.String(255), nullable=True),
     sa.Column("archived", sa.Boolean, nullable=False, default=False),
-    # {field: short hash of its value}: what a later write changed, field by field, without
-    # keeping the values themselves (they can be PII).
+    # A short hash of each field's value (engine/columns.py `field_hashes`): what a later write
+    # changed, field by field, without keeping the values themselves (they can be PII).
     sa.Column("field_hashes", sa.Text, nullable=True),
     sa.Column("synced_at", sa.DateTime, nullable=False),
     sa.Column("run_id", sa.String(64), nullable=False),
@@ -165,7 +165,7 @@ class LedgerEntry:
     content_hash: str
     destination_id: str | None
     archived: bool
-    field_hashes: dict[str, str] | None = None
+    field_hashes: str | None = None  # as stored; engine/columns.py `parse_field_hashes` reads it
 
 
 # Why a record was dead-lettered, in four kinds (the DLQ's filters and the assets' metadata).
@@ -198,7 +198,11 @@ class AuditRecord:
     record_key: str
     action: str  # insert, update, archive, dead-letter, replay, discard, approve
     correlation_id: str
-    diff: dict[str, object] = field(default_factory=dict)
+    diff: dict[str, object] | str = field(default_factory=dict)  # or its JSON text already
+
+    @property
+    def diff_text(self) -> str:
+        return self.diff if isinstance(self.diff, str) else sorted_json(self.diff)
 
 
 class StateStoreUnavailable(Exception):
@@ -234,11 +238,20 @@ def _chunks(items: Sequence[str], dialect: str) -> Iterator[Sequence[str]]:
 
 
 def _among(column: sa.Column, values: Sequence[str], dialect: str) -> sa.ColumnElement[bool]:
-    """`column IN values`; on PostgreSQL `= ANY(one array parameter)`: a batch's keys in one
-    query that is cheap to compile and send."""
-    if dialect == "postgresql":
-        return column == sa.any_(sa.literal(list(values), postgresql.ARRAY(column.type)))
-    return column.in_(values)
+    """`column IN values`; on PostgreSQL `= ANY(…)` of one parameter: a batch's keys in one query
+    that is cheap to compile and send (as one text split by the server when no key holds the
+    separator, which usable keys never do: it is a control character)."""
+    if dialect != "postgresql":
+        return column.in_(values)
+    if not any(_SEPARATOR in value for value in values):
+        joined = sa.literal(_SEPARATOR.join(values), sa.Text)
+        return column == sa.any_(
+            sa.func.string_to_array(joined, _SEPARATOR, type_=postgresql.ARRAY(sa.Text))
+        )
+    return column == sa.any_(sa.literal(list(values), postgresql.ARRAY(column.type)))
+
+
+_SEPARATOR = "\x1f"
 
 
 class StateStore:
@@ -316,7 +329,7 @@ class StateStore:
                         row.content_hash,
                         row.destination_id,
                         row.archived,
-                        json.loads(row.field_hashes) if row.field_hashes else None,
+                        row.field_hashes,
                     )
         return found
 
@@ -500,7 +513,7 @@ class StateStore:
                     )
                 sealed = json.loads(entry["detail"]).get("records_digest")
                 if sealed is not None and sealed != _records_digest(
-                    _stored_records(connection, entry["id"])
+                    _stored_records(connection, entry["id"]), sealed
                 ):
                     return AuditVerdict(
                         False,
@@ -519,18 +532,15 @@ class StateStore:
         now = utcnow()
         with self.engine.begin() as connection:
             if batch.synced:
+                names = ["record_key", "content_hash", "destination_id", "archived"]
                 bulk_write(
                     connection,
                     ledger,
+                    [*names, "field_hashes", "flow", "synced_at", "run_id"],
                     [
-                        {
-                            "field_hashes": None,
-                            **row,
-                            "flow": batch.flow,
-                            "synced_at": now,
-                            "run_id": batch.run_id,
-                        }
+                        (*(row[name] for name in names), row.get("field_hashes"), *stamp)
                         for row in batch.synced
+                        for stamp in [(batch.flow, now, batch.run_id)]
                     ],
                     key=["flow", "record_key"],
                 )
@@ -619,7 +629,7 @@ class StateStore:
                 "record_key": record.record_key,
                 "action": record.action,
                 "correlation_id": record.correlation_id,
-                "diff": sorted_json(record.diff),
+                "diff": record.diff_text,
             }
             for record in records
         ]
@@ -639,7 +649,10 @@ class StateStore:
             sa.insert(audit_log).values(**entry, entry_hash=_seal(entry))
         ).inserted_primary_key[0]
         if rows:
-            bulk_write(connection, audit_records, [{**row, "audit_id": audit_id} for row in rows])
+            names = [*rows[0], "audit_id"]
+            bulk_write(
+                connection, audit_records, names, [(*row.values(), audit_id) for row in rows]
+            )
 
     @staticmethod
     def _claim(connection, batch: BatchCommit) -> None:
@@ -784,13 +797,18 @@ def _seal(entry: dict[str, object]) -> str:
     return hashlib.sha256(json.dumps(fields, separators=(",", ":")).encode()).hexdigest()
 
 
-def _records_digest(rows: Sequence[dict[str, object]]) -> str:
-    """sha256 over an entry's records, in the order they were written."""
-    fields = [
-        [row[name] for name in ("flow", "record_key", "action", "correlation_id", "diff")]
-        for row in rows
-    ]
-    return hashlib.sha256(json.dumps(fields, separators=(",", ":")).encode()).hexdigest()
+_RECORD_FIELDS = ("flow", "record_key", "action", "correlation_id", "diff")
+
+
+def _records_digest(rows: Sequence[dict[str, object]], sealed: str = "v2:") -> str:
+    """sha256 over an entry's records, in the order they were written. Version 2 (`v2:…`) frames
+    them with separators no field can hold (keys have no control characters, JSON escapes them);
+    entries sealed before it, a bare hex digest, are checked the way they were sealed."""
+    if not sealed.startswith("v2:"):
+        fields = [[row[name] for name in _RECORD_FIELDS] for row in rows]
+        return hashlib.sha256(json.dumps(fields, separators=(",", ":")).encode()).hexdigest()
+    text = "\x1e".join("\x1f".join([row[name] for name in _RECORD_FIELDS]) for row in rows)
+    return "v2:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 def _stored_records(connection, audit_id: int) -> list[dict[str, object]]:
