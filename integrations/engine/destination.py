@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, overload
+from typing import TYPE_CHECKING, NamedTuple, Protocol, overload
 
 from integrations.engine.hashing import idempotency_key
 
@@ -73,8 +73,7 @@ class OutboundBatch(Sequence[OutboundRecord]):
         return found if found is not None else [None] * len(self.keys)
 
 
-@dataclass(frozen=True)
-class Written:
+class Written(NamedTuple):  # a tuple: a batch makes one per record, cheaply
     key: str
     destination_id: str
     created: bool

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 import sqlalchemy as sa
 from cryptography.fernet import Fernet, InvalidToken
@@ -189,8 +190,7 @@ class DeadLetter:
     resolution: str | None = None
 
 
-@dataclass(frozen=True)
-class AuditRecord:
+class AuditRecord(NamedTuple):  # a tuple: a batch makes one per record, cheaply
     """One record's part in an audit entry: what happened to it and which fields changed how
     (PII masked). `correlation_id` is the write's id in logs, the DLQ and the destination."""
 
@@ -198,7 +198,7 @@ class AuditRecord:
     record_key: str
     action: str  # insert, update, archive, dead-letter, replay, discard, approve
     correlation_id: str
-    diff: dict[str, object] | str = field(default_factory=dict)  # or its JSON text already
+    diff: dict[str, object] | str = "{}"  # or its JSON text already
 
     @property
     def diff_text(self) -> str:
