@@ -623,16 +623,7 @@ class StateStore:
         head = connection.execute(
             sa.select(audit_log.c.entry_hash).order_by(audit_log.c.id.desc()).limit(1)
         ).scalar()
-        rows = [
-            {
-                "flow": record.flow,
-                "record_key": record.record_key,
-                "action": record.action,
-                "correlation_id": record.correlation_id,
-                "diff": record.diff_text,
-            }
-            for record in records
-        ]
+        rows = [(*record[:4], record.diff_text) for record in records]  # _RECORD_FIELDS
         if rows:
             detail = {**detail, "records": len(rows), "records_digest": _records_digest(rows)}
         entry = {
@@ -649,10 +640,8 @@ class StateStore:
             sa.insert(audit_log).values(**entry, entry_hash=_seal(entry))
         ).inserted_primary_key[0]
         if rows:
-            names = [*rows[0], "audit_id"]
-            bulk_write(
-                connection, audit_records, names, [(*row.values(), audit_id) for row in rows]
-            )
+            names = [*_RECORD_FIELDS, "audit_id"]
+            bulk_write(connection, audit_records, names, [(*row, audit_id) for row in rows])
 
     @staticmethod
     def _claim(connection, batch: BatchCommit) -> None:
@@ -800,21 +789,22 @@ def _seal(entry: dict[str, object]) -> str:
 _RECORD_FIELDS = ("flow", "record_key", "action", "correlation_id", "diff")
 
 
-def _records_digest(rows: Sequence[dict[str, object]], sealed: str = "v2:") -> str:
-    """sha256 over an entry's records, in the order they were written. Version 2 (`v2:…`) frames
-    them with separators no field can hold (keys have no control characters, JSON escapes them);
-    entries sealed before it, a bare hex digest, are checked the way they were sealed."""
+def _records_digest(rows: Sequence[Sequence[str]], sealed: str = "v2:") -> str:
+    """sha256 over an entry's records (each its `_RECORD_FIELDS`), in the order they were written.
+    Version 2 (`v2:…`) frames them with separators no field can hold (keys have no control
+    characters, JSON escapes them); entries sealed before it, a bare hex digest, are checked the
+    way they were sealed."""
     if not sealed.startswith("v2:"):
-        fields = [[row[name] for name in _RECORD_FIELDS] for row in rows]
+        fields = [list(row) for row in rows]
         return hashlib.sha256(json.dumps(fields, separators=(",", ":")).encode()).hexdigest()
-    text = "\x1e".join("\x1f".join([row[name] for name in _RECORD_FIELDS]) for row in rows)
+    text = "\x1e".join("\x1f".join(row) for row in rows)
     return "v2:" + hashlib.sha256(text.encode()).hexdigest()
 
 
-def _stored_records(connection, audit_id: int) -> list[dict[str, object]]:
+def _stored_records(connection, audit_id: int) -> list[tuple[str, ...]]:
     query = (
-        sa.select(audit_records)
+        sa.select(*(audit_records.c[name] for name in _RECORD_FIELDS))
         .where(audit_records.c.audit_id == audit_id)
         .order_by(audit_records.c.id)
     )
-    return [row._asdict() for row in connection.execute(query)]
+    return [tuple(row) for row in connection.execute(query)]

@@ -530,7 +530,8 @@ class Sync:
         in_sync: list[str] = []
         values = columns.ready_columns(valid)
         texts = {name: columns.json_texts(column) for name, column in values.items()}
-        hashes = columns.content_hashes(columns.record_texts(texts))
+        wholes = columns.record_texts(texts)
+        hashes = columns.content_hashes(wholes)
         ledger = self.state.ledger_entries(self.spec.name, keys + list(gone.index))
         sending: list[int] = []
         for at, key in enumerate(keys):
@@ -544,6 +545,7 @@ class Sync:
             sending.append(at)
         if len(sending) < len(keys):
             keys, hashes = _picked(keys, sending), _picked(hashes, sending)
+            wholes = _picked(wholes, sending)
             values = {name: _picked(column, sending) for name, column in values.items()}
             texts = {name: _picked(column, sending) for name, column in texts.items()}
         outbound = OutboundBatch(keys, values, hashes, flow=self.spec.name, run_id=self.run_id)
@@ -557,29 +559,24 @@ class Sync:
         }
         result.counts["unchanged"] += len(gone) - len(to_archive)
         now = columns.field_hashes(texts)
-        changes = self._changes(outbound, texts, now, ledger)
+        changes = self._changes(outbound, texts, wholes, now, ledger)
         return _Plan(outbound, to_archive, now, changes, in_sync)
 
     def _changes(
         self,
         outbound: OutboundBatch,
         texts: dict[str, list[str]],
+        wholes: list[str],
         now: list[str],
         ledger: dict[str, LedgerEntry],
     ) -> list[str]:
         """What each write changes, as JSON (PII masked): every field of a new record, the
         fields whose hash differs from the ledger's for a known one."""
         pii = self.spec.target_contract.pii_fields & set(texts)
-        shown = {
-            name: [mask_value(value) if name in pii else value for value in outbound.column(name)]
-            for name in texts
-        }
-        whole = columns.record_texts(
-            {
-                name: columns.json_texts(shown[name]) if name in pii else column
-                for name, column in texts.items()
-            }
-        )
+        shown = {name: outbound.column(name) for name in texts}
+        shown.update({name: [mask_value(value) for value in shown[name]] for name in pii})
+        masked = {name: columns.json_texts(shown[name]) for name in pii}
+        whole = columns.record_texts({**texts, **masked}) if pii else list(wholes)
         for at, key in enumerate(outbound.keys):
             known = ledger.get(key)
             before = columns.parse_field_hashes(known.field_hashes) if known else {}
