@@ -697,7 +697,7 @@ class StateStore:
                     )
                 )
                 existing.update({(flow, row.record_key): row.id for row in rows})
-        inserts = []
+        inserts, updates = [], []
         for letter in letters:
             values = {
                 "reason_kind": letter.reason_kind,
@@ -720,13 +720,19 @@ class StateStore:
                     }
                 )
             else:
-                connection.execute(
-                    sa.update(dead_letters)
-                    .where(dead_letters.c.id == known)
-                    .values(**values, attempts=dead_letters.c.attempts + 1)
-                )
+                updates.append({**values, "known": known})
         if inserts:
             connection.execute(sa.insert(dead_letters), inserts)
+        if updates:  # one executemany: the letters of records that failed again
+            connection.execute(
+                sa.update(dead_letters)
+                .where(dead_letters.c.id == sa.bindparam("known"))
+                .values(
+                    {name: sa.bindparam(name) for name in updates[0] if name != "known"}
+                    | {"attempts": dead_letters.c.attempts + 1}
+                ),
+                updates,
+            )
 
     # --- dead-letter payloads, encrypted at rest ---------------------------------------------
 
