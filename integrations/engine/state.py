@@ -161,8 +161,7 @@ class Watermark:
         return {"updated_at": self.updated_at.isoformat(), "key": self.key}
 
 
-@dataclass(frozen=True)
-class LedgerEntry:
+class LedgerEntry(NamedTuple):  # a tuple: cheap to make a batch of
     content_hash: str
     destination_id: str | None
     archived: bool
@@ -215,7 +214,7 @@ class BatchCommit:
 
     flow: str
     run_id: str
-    synced: list[dict[str, object]] = field(default_factory=list)
+    synced: dict[str, LedgerEntry] = field(default_factory=dict)  # by record key
     dead_letters: list[DeadLetter] = field(default_factory=list)
     watermark: Watermark | None = None
     # (field, value digest, record key) now held by written records; archived keys release theirs.
@@ -529,19 +528,17 @@ class StateStore:
         now = utcnow()
         with self.engine.begin() as connection:
             if batch.synced:
-                names = ["record_key", "content_hash", "destination_id", "archived"]
                 bulk_write(
                     connection,
                     ledger,
-                    [*names, "field_hashes", "flow", "synced_at", "run_id"],
+                    [*LedgerEntry._fields, "record_key", "flow", "synced_at", "run_id"],
                     [
-                        (*(row[name] for name in names), row.get("field_hashes"), *stamp)
-                        for row in batch.synced
-                        for stamp in [(batch.flow, now, batch.run_id)]
+                        (*entry, key, batch.flow, now, batch.run_id)
+                        for key, entry in batch.synced.items()
                     ],
                     key=["flow", "record_key"],
                 )
-            settled = [str(row["record_key"]) for row in batch.synced] + batch.resolved
+            settled = [*batch.synced, *batch.resolved]
             if settled:
                 self._resolve(connection, batch.flow, settled, now, batch.resolution)
             if batch.claims or batch.released:

@@ -133,6 +133,43 @@ class _Staged:
     open_letters: set[str]
 
 
+@dataclass
+class _InFlight:
+    """A batch loaded into the destination whose commit is under way: what the ledger and the
+    unique-value claims will hold once it lands."""
+
+    written: dict[str, Written] = field(default_factory=dict)
+    entries: dict[str, LedgerEntry] = field(default_factory=dict)
+    claims: list[tuple[str, str, str]] = field(default_factory=list)  # (field, digest, key)
+
+    @classmethod
+    def of(cls, spec: FlowSpec, plan: _Plan, written: list[Written]) -> _InFlight:
+        outbound, position = plan.outbound, plan.position()
+        entries = {
+            item.key: LedgerEntry(
+                outbound.hashes[position[item.key]],
+                item.destination_id,
+                False,
+                plan.field_hashes[position[item.key]],
+            )
+            for item in written
+        }
+        entries.update(
+            (key, LedgerEntry("archived", destination_id, True))
+            for key, destination_id in plan.to_archive.items()
+        )
+        claims = [
+            (name, _digest(value), item.key)
+            for name in spec.target.unique_ignoring_case
+            for item in written
+            if (value := outbound.column(name)[position[item.key]])
+        ]
+        return cls({item.key: item for item in written}, entries, claims)
+
+    def owners(self, name: str) -> dict[str, str]:
+        return {digest: key for field_name, digest, key in self.claims if field_name == name}
+
+
 class _Clock:
     def __init__(self, timings: dict[str, float]):
         self.timings = timings
@@ -225,6 +262,9 @@ class Sync:
         self.log = log or logger
         self._force: set[str] = set()
         self._replaying = False
+        # The stages of a run (see _drive): the batch being committed, and its commit.
+        self._in_flight: _InFlight | None = None
+        self._committed: Future | None = None
 
     def run(self, full: bool = False, allow_mass_archive: bool = False) -> SyncResult:
         """Sync what changed since the watermark (minus the lookback), or every row if `full`.
@@ -294,28 +334,37 @@ class Sync:
         self.destination.prepare(self.spec)
         result = SyncResult(flow=self.spec.name, run_id=self.run_id, full=full)
         result.watermark_before = before
-        started = time.perf_counter()
+        started = self._started = time.perf_counter()
         clock = _Clock(result.timings)
-        # Two stages: this thread reads and validates batch n+1 while a writer diffs, loads and
-        # commits batch n, so the databases' work overlaps Python's. One batch is in flight at
-        # most, and each batch is diffed only after the one before it is committed.
-        with ThreadPoolExecutor(1, thread_name_prefix=f"handoff-{self.spec.name}") as writer:
-            pending: Future | None = None
+        # Three stages, one batch in each at most: this thread reads and validates batch n+2 while
+        # a loader diffs and loads batch n+1 and a committer commits batch n, so the databases'
+        # work overlaps Python's. The loader diffs against the ledger plus the batch still being
+        # committed (`_in_flight`), and waits for that commit before handing on its own batch.
+        self._in_flight, self._committed = None, None
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix=f"handoff-{self.spec.name}-load") as loader,
+            ThreadPoolExecutor(1, thread_name_prefix=f"handoff-{self.spec.name}-commit") as commit,
+        ):
+            self._committer = commit
+            loading: Future | None = None
             try:
                 for batch in self._guarded(batches):
                     clock.lap("extract")
                     with self._state_lost():
                         staged = self._stage(batch, result, clock)
-                    if pending is not None:
-                        pending.result()
-                    pending = writer.submit(self._write, staged, result, move_watermark, started)
+                    if loading is not None:
+                        loading.result()
+                    loading = loader.submit(self._load_staged, staged, result, move_watermark)
                     clock.mark = time.perf_counter()
-                if pending is not None:
-                    pending.result()
+                for future in (loading, self._committed):
+                    if future is not None:
+                        future.result()
             except BaseException:
-                failed = pending.exception() if pending is not None else None
-                if failed is not None:  # the earlier batch's failure is the one to act on
-                    raise failed from None
+                if loading is not None:
+                    loading.exception()  # wait: the loader may still hand on a commit
+                for future in (self._committed, loading):  # the earliest batch's failure first
+                    if future is not None and future.exception() is not None:
+                        raise future.exception() from None
                 raise
         result.seconds = time.perf_counter() - started
         result.watermark_after = self.state.watermark(self.spec.name)
@@ -400,16 +449,18 @@ class Sync:
         valid, rejected = self._validate(live, clock)
         return _Staged(batch, live, gone, valid, letters + rejected, open_letters)
 
-    def _write(
-        self, staged: _Staged, result: SyncResult, move_watermark: bool, started: float
-    ) -> None:
-        """Unique values, diff, load and commit of one staged batch (the writer's stage)."""
+    def _load_staged(self, staged: _Staged, result: SyncResult, move_watermark: bool) -> None:
+        """Unique values, diff and load of one staged batch (the loader's stage); then, once the
+        batch before it is committed, hand it to the committer."""
         with self._state_lost():
             clock = _Clock(result.timings)
-            valid, taken = self._unclaimed(staged.valid, releasing=set(staged.gone.index))
+            in_flight = self._in_flight  # read before the ledger: see _drive
+            valid, taken = self._unclaimed(
+                staged.valid, set(staged.gone.index), in_flight or _InFlight()
+            )
             letters = staged.letters + self._letters(staged.live, taken, "contract")
             result.counts["valid"] += len(valid)
-            plan = self._diff(valid, staged.gone, result, staged.open_letters)
+            plan = self._diff(valid, staged.gone, result, staged.open_letters, in_flight)
             clock.lap("diff")
             self._note_rejections(result, letters)
             self._check_budget(result, pending=letters)
@@ -419,15 +470,36 @@ class Sync:
             written, refused = self._load(plan.outbound, staged.live)
             self._note_rejections(result, refused)
             clock.lap("load")
+        for item in written:
+            result.counts["inserted" if item.created else "updated"] += 1
+        result.counts["archived"] += len(plan.to_archive)
+        if self._committed is not None:
+            self._committed.result()  # raises the batch before's failure: nothing is handed on
+        flight = _InFlight.of(self.spec, plan, written)
+        self._in_flight = flight
+        self._committed = self._committer.submit(
+            self._commit_staged, staged, plan, flight, letters + refused, result, move_watermark
+        )
 
-            for item in written:
-                result.counts["inserted" if item.created else "updated"] += 1
-            result.counts["archived"] += len(plan.to_archive)
+    def _commit_staged(
+        self,
+        staged: _Staged,
+        plan: _Plan,
+        flight: _InFlight,
+        letters: list[DeadLetter],
+        result: SyncResult,
+        move_watermark: bool,
+    ) -> None:
+        """Commit one loaded batch (the committer's stage)."""
+        clock = _Clock(result.timings)
+        with self._state_lost():
             before = result.watermark_before
-            self._commit(staged.batch, plan, written, letters + refused, before, move_watermark)
-            clock.lap("commit")
+            self._commit(staged.batch, plan, flight, letters, before, move_watermark)
+        if self._in_flight is flight:
+            self._in_flight = None
+        clock.lap("commit")
         result.batches += 1
-        result.seconds = time.perf_counter() - started
+        result.seconds = time.perf_counter() - self._started
         self.log.info(
             "%s: batch %d committed: %d rows done, %.0f rows/s, %d written, %d rejected",
             self.spec.name,
@@ -522,7 +594,12 @@ class Sync:
         return pd.DataFrame(columns=list(self.spec.target_contract.schema.columns), dtype=object)
 
     def _diff(
-        self, valid: pd.DataFrame, gone: pd.DataFrame, result: SyncResult, open_letters: set[str]
+        self,
+        valid: pd.DataFrame,
+        gone: pd.DataFrame,
+        result: SyncResult,
+        open_letters: set[str],
+        in_flight: _InFlight | None = None,
     ) -> _Plan:
         """What to send (content differs from the ledger's), what changes field by field, and
         what to archive. Column by column: no dict per record."""
@@ -533,6 +610,12 @@ class Sync:
         wholes = columns.record_texts(texts)
         hashes = columns.content_hashes(wholes)
         ledger = self.state.ledger_entries(self.spec.name, keys + list(gone.index))
+        if in_flight is not None:  # the batch still being committed is newer than the ledger
+            ledger.update(
+                (key, in_flight.entries[key])
+                for key in [*keys, *gone.index]
+                if key in in_flight.entries
+            )
         sending: list[int] = []
         for at, key in enumerate(keys):
             known = ledger.get(key)
@@ -591,40 +674,16 @@ class Sync:
         self,
         batch: pd.DataFrame,
         plan: _Plan,
-        written: list[Written],
+        flight: _InFlight,
         letters: list[DeadLetter],
         before: Watermark | None,
         move_watermark: bool,
     ) -> None:
         """Ledger, unique-value claims, dead letters, watermark and audit: one transaction."""
         spec = self.spec
-        outbound, position = plan.outbound, plan.position()
-        synced = [
-            {
-                "record_key": item.key,
-                "content_hash": outbound.hashes[position[item.key]],
-                "destination_id": item.destination_id,
-                "archived": False,
-                "field_hashes": plan.field_hashes[position[item.key]],
-            }
-            for item in written
-        ] + [
-            {
-                "record_key": key,
-                "content_hash": "archived",
-                "destination_id": destination_id,
-                "archived": True,
-            }
-            for key, destination_id in plan.to_archive.items()
-        ]
-        claims = [
-            (name, _digest(value), item.key)
-            for name in spec.target.unique_ignoring_case
-            for item in written
-            if (value := outbound.column(name)[position[item.key]])
-        ]
+        written = list(flight.written.values())
         watermark = self._watermark(batch, before)
-        records = self._audit_records(plan, position, written, letters)
+        records = self._audit_records(plan, plan.position(), written, letters)
         detail = {
             "rows": len(batch),
             "inserted": sum(item.created for item in written),
@@ -637,10 +696,10 @@ class Sync:
             BatchCommit(
                 spec.name,
                 self.run_id,
-                synced=synced,
+                synced=flight.entries,
                 dead_letters=letters,
                 watermark=watermark if move_watermark else None,
-                claims=claims,
+                claims=flight.claims,
                 released=list(plan.to_archive),
                 resolved=plan.in_sync,
                 resolution="replayed" if self._replaying else "synced",
@@ -710,14 +769,17 @@ class Sync:
         return watermark
 
     def _unclaimed(
-        self, valid: pd.DataFrame, releasing: set[str]
+        self, valid: pd.DataFrame, releasing: set[str], in_flight: _InFlight
     ) -> tuple[pd.DataFrame, list[RowRejection]]:
-        """Split off records whose unique value (ignoring case) another record already holds;
-        records archived in this batch release theirs (they are archived before the upserts)."""
+        """Split off records whose unique value (ignoring case) another record already holds
+        (in the state store or in the batch being committed); records archived in this batch
+        release theirs (they are archived before the upserts)."""
         taken: list[RowRejection] = []
+        releasing = releasing | {key for key, entry in in_flight.entries.items() if entry.archived}
         for name in self.spec.target.unique_ignoring_case:
             digests = valid[name].map(_digest, na_action="ignore")
             owners = self.state.unique_owners(self.spec.name, name, digests.dropna().tolist())
+            owners.update(in_flight.owners(name))
             for key, digest in digests.dropna().items():
                 owner = owners.get(digest)
                 if owner is not None and owner != key and owner not in releasing:
