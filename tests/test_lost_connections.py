@@ -94,7 +94,7 @@ def test_the_erp_lost_mid_extract_stops_the_run_clearly_and_the_rerun_completes(
 def test_the_state_store_lost_mid_commit_stops_the_run_and_the_rerun_completes(
     world, erp, crm_client, state
 ):
-    cut(state.engine, "INSERT INTO ledger", 2, "before_cursor_execute")
+    cut(state.engine, "LOCK TABLE audit_log", 2, "before_cursor_execute")  # after the ledger
     with pytest.raises(SyncError) as stopped:
         sync(erp, crm_client, state)
     message = str(stopped.value)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol, overload
+
+from integrations.engine.hashing import idempotency_key
 
 if TYPE_CHECKING:
     from integrations.engine.spec import FlowSpec
@@ -24,8 +26,54 @@ def correlation_id(run_id: str, flow: str, key: str) -> str:
     return f"{run_id}:{flow}:{key}"
 
 
-@dataclass(frozen=True)
-class Written:
+class OutboundBatch(Sequence[OutboundRecord]):
+    """Records to upsert, kept column by column. A destination that writes columns (a SQL
+    table) reads `column` without a dict per record; any other indexes or iterates it as
+    OutboundRecords, built on demand. A slice is a batch again (the engine bisects with it)."""
+
+    def __init__(
+        self,
+        keys: Sequence[str],
+        columns: Mapping[str, Sequence[object]],
+        hashes: Sequence[str],
+        *,
+        flow: str,
+        run_id: str,
+    ):
+        self.keys, self.columns, self.hashes = keys, columns, hashes
+        self.flow, self.run_id = flow, run_id
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @overload
+    def __getitem__(self, at: int) -> OutboundRecord: ...
+    @overload
+    def __getitem__(self, at: slice) -> OutboundBatch: ...
+    def __getitem__(self, at):
+        if isinstance(at, slice):
+            return OutboundBatch(
+                self.keys[at],
+                {name: values[at] for name, values in self.columns.items()},
+                self.hashes[at],
+                flow=self.flow,
+                run_id=self.run_id,
+            )
+        key = self.keys[at]
+        return OutboundRecord(
+            key=key,
+            properties={name: values[at] for name, values in self.columns.items()},
+            trace_id=idempotency_key(self.flow, key, self.hashes[at]),
+            correlation_id=correlation_id(self.run_id, self.flow, key),
+        )
+
+    def column(self, name: str) -> Sequence[object]:
+        """One property of every record (None where the records do not carry it)."""
+        found = self.columns.get(name)
+        return found if found is not None else [None] * len(self.keys)
+
+
+class Written(NamedTuple):  # a tuple: a batch makes one per record, cheaply
     key: str
     destination_id: str
     created: bool

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 import sqlalchemy as sa
 from cryptography.fernet import Fernet, InvalidToken
@@ -36,8 +37,8 @@ ledger = sa.Table(
     sa.Column("content_hash", sa.String(64), nullable=False),
     sa.Column("destination_id", sa.String(255), nullable=True),
     sa.Column("archived", sa.Boolean, nullable=False, default=False),
-    # {field: short hash of its value}: what a later write changed, field by field, without
-    # keeping the values themselves (they can be PII).
+    # A short hash of each field's value (engine/columns.py `field_hashes`): what a later write
+    # changed, field by field, without keeping the values themselves (they can be PII).
     sa.Column("field_hashes", sa.Text, nullable=True),
     sa.Column("synced_at", sa.DateTime, nullable=False),
     sa.Column("run_id", sa.String(64), nullable=False),
@@ -165,7 +166,7 @@ class LedgerEntry:
     content_hash: str
     destination_id: str | None
     archived: bool
-    field_hashes: dict[str, str] | None = None
+    field_hashes: str | None = None  # as stored; engine/columns.py `parse_field_hashes` reads it
 
 
 # Why a record was dead-lettered, in four kinds (the DLQ's filters and the assets' metadata).
@@ -189,8 +190,7 @@ class DeadLetter:
     resolution: str | None = None
 
 
-@dataclass(frozen=True)
-class AuditRecord:
+class AuditRecord(NamedTuple):  # a tuple: a batch makes one per record, cheaply
     """One record's part in an audit entry: what happened to it and which fields changed how
     (PII masked). `correlation_id` is the write's id in logs, the DLQ and the destination."""
 
@@ -198,7 +198,11 @@ class AuditRecord:
     record_key: str
     action: str  # insert, update, archive, dead-letter, replay, discard, approve
     correlation_id: str
-    diff: dict[str, object] = field(default_factory=dict)
+    diff: dict[str, object] | str = "{}"  # or its JSON text already
+
+    @property
+    def diff_text(self) -> str:
+        return self.diff if isinstance(self.diff, str) else sorted_json(self.diff)
 
 
 class StateStoreUnavailable(Exception):
@@ -234,11 +238,20 @@ def _chunks(items: Sequence[str], dialect: str) -> Iterator[Sequence[str]]:
 
 
 def _among(column: sa.Column, values: Sequence[str], dialect: str) -> sa.ColumnElement[bool]:
-    """`column IN values`; on PostgreSQL `= ANY(one array parameter)`: a batch's keys in one
-    query that is cheap to compile and send."""
-    if dialect == "postgresql":
-        return column == sa.any_(sa.literal(list(values), postgresql.ARRAY(column.type)))
-    return column.in_(values)
+    """`column IN values`; on PostgreSQL `= ANY(…)` of one parameter: a batch's keys in one query
+    that is cheap to compile and send (as one text split by the server when no key holds the
+    separator, which usable keys never do: it is a control character)."""
+    if dialect != "postgresql":
+        return column.in_(values)
+    if not any(_SEPARATOR in value for value in values):
+        joined = sa.literal(_SEPARATOR.join(values), sa.Text)
+        return column == sa.any_(
+            sa.func.string_to_array(joined, _SEPARATOR, type_=postgresql.ARRAY(sa.Text))
+        )
+    return column == sa.any_(sa.literal(list(values), postgresql.ARRAY(column.type)))
+
+
+_SEPARATOR = "\x1f"
 
 
 class StateStore:
@@ -316,7 +329,7 @@ class StateStore:
                         row.content_hash,
                         row.destination_id,
                         row.archived,
-                        json.loads(row.field_hashes) if row.field_hashes else None,
+                        row.field_hashes,
                     )
         return found
 
@@ -500,7 +513,7 @@ class StateStore:
                     )
                 sealed = json.loads(entry["detail"]).get("records_digest")
                 if sealed is not None and sealed != _records_digest(
-                    _stored_records(connection, entry["id"])
+                    _stored_records(connection, entry["id"]), sealed
                 ):
                     return AuditVerdict(
                         False,
@@ -519,18 +532,15 @@ class StateStore:
         now = utcnow()
         with self.engine.begin() as connection:
             if batch.synced:
+                names = ["record_key", "content_hash", "destination_id", "archived"]
                 bulk_write(
                     connection,
                     ledger,
+                    [*names, "field_hashes", "flow", "synced_at", "run_id"],
                     [
-                        {
-                            "field_hashes": None,
-                            **row,
-                            "flow": batch.flow,
-                            "synced_at": now,
-                            "run_id": batch.run_id,
-                        }
+                        (*(row[name] for name in names), row.get("field_hashes"), *stamp)
                         for row in batch.synced
+                        for stamp in [(batch.flow, now, batch.run_id)]
                     ],
                     key=["flow", "record_key"],
                 )
@@ -613,16 +623,7 @@ class StateStore:
         head = connection.execute(
             sa.select(audit_log.c.entry_hash).order_by(audit_log.c.id.desc()).limit(1)
         ).scalar()
-        rows = [
-            {
-                "flow": record.flow,
-                "record_key": record.record_key,
-                "action": record.action,
-                "correlation_id": record.correlation_id,
-                "diff": sorted_json(record.diff),
-            }
-            for record in records
-        ]
+        rows = [(*record[:4], record.diff_text) for record in records]  # _RECORD_FIELDS
         if rows:
             detail = {**detail, "records": len(rows), "records_digest": _records_digest(rows)}
         entry = {
@@ -639,7 +640,8 @@ class StateStore:
             sa.insert(audit_log).values(**entry, entry_hash=_seal(entry))
         ).inserted_primary_key[0]
         if rows:
-            bulk_write(connection, audit_records, [{**row, "audit_id": audit_id} for row in rows])
+            names = [*_RECORD_FIELDS, "audit_id"]
+            bulk_write(connection, audit_records, names, [(*row, audit_id) for row in rows])
 
     @staticmethod
     def _claim(connection, batch: BatchCommit) -> None:
@@ -695,7 +697,7 @@ class StateStore:
                     )
                 )
                 existing.update({(flow, row.record_key): row.id for row in rows})
-        inserts = []
+        inserts, updates = [], []
         for letter in letters:
             values = {
                 "reason_kind": letter.reason_kind,
@@ -718,13 +720,19 @@ class StateStore:
                     }
                 )
             else:
-                connection.execute(
-                    sa.update(dead_letters)
-                    .where(dead_letters.c.id == known)
-                    .values(**values, attempts=dead_letters.c.attempts + 1)
-                )
+                updates.append({**values, "known": known})
         if inserts:
             connection.execute(sa.insert(dead_letters), inserts)
+        if updates:  # one executemany: the letters of records that failed again
+            connection.execute(
+                sa.update(dead_letters)
+                .where(dead_letters.c.id == sa.bindparam("known"))
+                .values(
+                    {name: sa.bindparam(name) for name in updates[0] if name != "known"}
+                    | {"attempts": dead_letters.c.attempts + 1}
+                ),
+                updates,
+            )
 
     # --- dead-letter payloads, encrypted at rest ---------------------------------------------
 
@@ -784,19 +792,25 @@ def _seal(entry: dict[str, object]) -> str:
     return hashlib.sha256(json.dumps(fields, separators=(",", ":")).encode()).hexdigest()
 
 
-def _records_digest(rows: Sequence[dict[str, object]]) -> str:
-    """sha256 over an entry's records, in the order they were written."""
-    fields = [
-        [row[name] for name in ("flow", "record_key", "action", "correlation_id", "diff")]
-        for row in rows
-    ]
-    return hashlib.sha256(json.dumps(fields, separators=(",", ":")).encode()).hexdigest()
+_RECORD_FIELDS = ("flow", "record_key", "action", "correlation_id", "diff")
 
 
-def _stored_records(connection, audit_id: int) -> list[dict[str, object]]:
+def _records_digest(rows: Sequence[Sequence[str]], sealed: str = "v2:") -> str:
+    """sha256 over an entry's records (each its `_RECORD_FIELDS`), in the order they were written.
+    Version 2 (`v2:…`) frames them with separators no field can hold (keys have no control
+    characters, JSON escapes them); entries sealed before it, a bare hex digest, are checked the
+    way they were sealed."""
+    if not sealed.startswith("v2:"):
+        fields = [list(row) for row in rows]
+        return hashlib.sha256(json.dumps(fields, separators=(",", ":")).encode()).hexdigest()
+    text = "\x1e".join("\x1f".join(row) for row in rows)
+    return "v2:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _stored_records(connection, audit_id: int) -> list[tuple[str, ...]]:
     query = (
-        sa.select(audit_records)
+        sa.select(*(audit_records.c[name] for name in _RECORD_FIELDS))
         .where(audit_records.c.audit_id == audit_id)
         .order_by(audit_records.c.id)
     )
-    return [row._asdict() for row in connection.execute(query)]
+    return [tuple(row) for row in connection.execute(query)]

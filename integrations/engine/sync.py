@@ -18,23 +18,25 @@ import math
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import date, datetime
-from decimal import Decimal
+from datetime import datetime
 
 import pandas as pd
 
 from integrations.contracts.contract import ContractViolation, RowRejection
+from integrations.engine import columns
 from integrations.engine.destination import (
     Destination,
     DestinationUnavailable,
+    OutboundBatch,
     OutboundRecord,
     RecordsRejected,
     Written,
     correlation_id,
 )
-from integrations.engine.hashing import content_hash, idempotency_key, sorted_json
-from integrations.engine.hashing import field_hashes as hash_fields
+from integrations.engine.hashing import canonical_json, content_hash
 from integrations.engine.masking import mask_record, mask_value, scrub
 from integrations.engine.source import Source, SourceUnavailable
 from integrations.engine.spec import FlowSpec
@@ -42,6 +44,7 @@ from integrations.engine.state import (
     AuditRecord,
     BatchCommit,
     DeadLetter,
+    LedgerEntry,
     StateStore,
     StateStoreUnavailable,
     Watermark,
@@ -102,17 +105,32 @@ class SyncResult:
 
 @dataclass
 class _Plan:
-    """One batch's decision: the valid records, their hashes, what to send, what to archive."""
+    """One batch's decision: what to send (column by column), what each write changes, what to
+    archive."""
 
-    records: dict[str, dict[str, object]]
-    hashes: dict[str, str]
-    outbound: list[OutboundRecord]
+    outbound: OutboundBatch
     to_archive: dict[str, str]
-    # What each outbound record changes, field by field (PII masked), and its field hashes.
-    changes: dict[str, dict[str, object]] = field(default_factory=dict)
-    field_hashes: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Per outbound record, in its order: its field hashes for the ledger, and what its write
+    # changes field by field (PII masked) as the audit trail's JSON.
+    field_hashes: list[str] = field(default_factory=list)
+    changes: list[str] = field(default_factory=list)
     # Valid records already in sync whose open dead letters can be closed.
     in_sync: list[str] = field(default_factory=list)
+
+    def position(self) -> dict[str, int]:
+        return {key: at for at, key in enumerate(self.outbound.keys)}
+
+
+@dataclass
+class _Staged:
+    """A batch read, keyed and validated, waiting for the writer."""
+
+    batch: pd.DataFrame
+    live: pd.DataFrame
+    gone: pd.DataFrame
+    valid: pd.DataFrame
+    letters: list[DeadLetter]
+    open_letters: set[str]
 
 
 class _Clock:
@@ -158,6 +176,10 @@ def _key_text(value: object) -> str:
     return str(value)
 
 
+def _picked(values: list, positions: list[int]) -> list:
+    return [values[at] for at in positions]
+
+
 def _natural(key: str) -> tuple[int, str]:
     return (int(key), "") if key.isdigit() else (0, key)
 
@@ -169,23 +191,7 @@ def _digest(value: object) -> str:
 def _json_ready(frame: pd.DataFrame) -> list[dict[str, object]]:
     """Rows as plain dicts (Python scalars, None for nulls, ISO text for dates and timestamps,
     exact text for decimals), converted column by column."""
-    frame = frame.copy()
-    for name in frame.columns:
-        column = frame[name]
-        if pd.api.types.is_datetime64_any_dtype(column):
-            text = column.dt.strftime("%Y-%m-%dT%H:%M:%S.%f")
-            frame[name] = text.where(column.notna(), None)
-        elif column.dtype == object:
-            sample = column.dropna().head(1).tolist()
-            if sample and isinstance(sample[0], date | Decimal):
-                frame[name] = column.map(_plain, na_action="ignore")
-    return frame.astype(object).where(frame.notna(), None).to_dict("records")
-
-
-def _plain(value: object) -> object:
-    if isinstance(value, date):
-        return value.isoformat()
-    return str(value) if isinstance(value, Decimal) else value
+    return columns.records(columns.ready_columns(frame))
 
 
 def expected_records(spec: FlowSpec, source: Source) -> Iterator[tuple[str, dict[str, object]]]:
@@ -290,35 +296,45 @@ class Sync:
         result.watermark_before = before
         started = time.perf_counter()
         clock = _Clock(result.timings)
-        for batch in self._guarded(batches):
-            clock.lap("extract")
+        # Two stages: this thread reads and validates batch n+1 while a writer diffs, loads and
+        # commits batch n, so the databases' work overlaps Python's. One batch is in flight at
+        # most, and each batch is diffed only after the one before it is committed.
+        with ThreadPoolExecutor(1, thread_name_prefix=f"handoff-{self.spec.name}") as writer:
+            pending: Future | None = None
             try:
-                self._sync_batch(batch, result, clock, move_watermark=move_watermark)
-            except StateStoreUnavailable as error:
-                raise SyncError(
-                    self.spec.name,
-                    str(error),
-                    "the batch in flight may be in the destination but not in the ledger; rerun "
-                    "when the state store answers: the rerun sends it again, and upserts make "
-                    "that harmless",
-                ) from error
-            result.batches += 1
-            result.seconds = time.perf_counter() - started
-            self.log.info(
-                "%s: batch %d committed: %d rows done, %.0f rows/s, %d written, %d rejected",
-                self.spec.name,
-                result.batches,
-                result.counts["read"],
-                result.rows_per_second,
-                result.written,
-                result.counts["rejected"],
-            )
-            clock.mark = time.perf_counter()
+                for batch in self._guarded(batches):
+                    clock.lap("extract")
+                    with self._state_lost():
+                        staged = self._stage(batch, result, clock)
+                    if pending is not None:
+                        pending.result()
+                    pending = writer.submit(self._write, staged, result, move_watermark, started)
+                    clock.mark = time.perf_counter()
+                if pending is not None:
+                    pending.result()
+            except BaseException:
+                failed = pending.exception() if pending is not None else None
+                if failed is not None:  # the earlier batch's failure is the one to act on
+                    raise failed from None
+                raise
         result.seconds = time.perf_counter() - started
         result.watermark_after = self.state.watermark(self.spec.name)
         result.open_dead_letters = self.state.dead_letter_kinds(self.spec.name)
         self._check_budget(result)
         return result
+
+    @contextmanager
+    def _state_lost(self) -> Iterator[None]:
+        try:
+            yield
+        except StateStoreUnavailable as error:
+            raise SyncError(
+                self.spec.name,
+                str(error),
+                "the batch in flight may be in the destination but not in the ledger; rerun "
+                "when the state store answers: the rerun sends it again, and upserts make "
+                "that harmless",
+            ) from error
 
     def _guarded(self, batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         """The source's batches; a source lost mid-extract stops the run with what to do."""
@@ -373,44 +389,66 @@ class Sync:
 
     # --- one batch ---------------------------------------------------------------------------
 
-    def _sync_batch(
-        self, batch: pd.DataFrame, result: SyncResult, clock: _Clock, move_watermark: bool
-    ) -> None:
-        spec = self.spec
+    def _stage(self, batch: pd.DataFrame, result: SyncResult, clock: _Clock) -> _Staged:
+        """Key, set aside held and out-of-flow rows, validate and map: nothing that depends on
+        the batch before it being committed."""
         result.counts["read"] += len(batch)
         keyed, letters = self._keyed(batch)
-        gone_mask = _out_of_flow(spec, keyed)
+        gone_mask = _out_of_flow(self.spec, keyed)
         live, gone = keyed[~gone_mask], keyed[gone_mask]
         live, open_letters = self._without_held(live, result)
+        valid, rejected = self._validate(live, clock)
+        return _Staged(batch, live, gone, valid, letters + rejected, open_letters)
 
-        valid, rejected = self._validate(live, gone, clock)
-        letters += rejected
-        result.counts["valid"] += len(valid)
-        plan = self._diff(valid, gone, result, open_letters)
-        clock.lap("diff")
-        self._note_rejections(result, letters)
-        self._check_budget(result, pending=letters)
+    def _write(
+        self, staged: _Staged, result: SyncResult, move_watermark: bool, started: float
+    ) -> None:
+        """Unique values, diff, load and commit of one staged batch (the writer's stage)."""
+        with self._state_lost():
+            clock = _Clock(result.timings)
+            valid, taken = self._unclaimed(staged.valid, releasing=set(staged.gone.index))
+            letters = staged.letters + self._letters(staged.live, taken, "contract")
+            result.counts["valid"] += len(valid)
+            plan = self._diff(valid, staged.gone, result, staged.open_letters)
+            clock.lap("diff")
+            self._note_rejections(result, letters)
+            self._check_budget(result, pending=letters)
 
-        if plan.to_archive:
-            self._call_destination(lambda: self._archive(list(plan.to_archive.values())))
-        written, refused = self._load(plan.outbound, live, plan)
-        self._note_rejections(result, refused)
-        clock.lap("load")
+            if plan.to_archive:
+                self._call_destination(lambda: self._archive(list(plan.to_archive.values())))
+            written, refused = self._load(plan.outbound, staged.live)
+            self._note_rejections(result, refused)
+            clock.lap("load")
 
-        for item in written:
-            result.counts["inserted" if item.created else "updated"] += 1
-        result.counts["archived"] += len(plan.to_archive)
-        before = result.watermark_before
-        self._commit(batch, plan, written, letters + refused, before, move_watermark)
-        clock.lap("commit")
+            for item in written:
+                result.counts["inserted" if item.created else "updated"] += 1
+            result.counts["archived"] += len(plan.to_archive)
+            before = result.watermark_before
+            self._commit(staged.batch, plan, written, letters + refused, before, move_watermark)
+            clock.lap("commit")
+        result.batches += 1
+        result.seconds = time.perf_counter() - started
+        self.log.info(
+            "%s: batch %d committed: %d rows done, %.0f rows/s, %d written, %d rejected",
+            self.spec.name,
+            result.batches,
+            result.counts["read"],
+            result.rows_per_second,
+            result.written,
+            result.counts["rejected"],
+        )
 
     def _keyed(self, batch: pd.DataFrame) -> tuple[pd.DataFrame, list[DeadLetter]]:
         """The batch indexed by record key; rows whose key is missing, unusable or repeated
         within the batch are dead-lettered instead (the source must settle which row is right)."""
         keys = batch[self.spec.source.key]
-        problems = keys.map(_unusable_key)
+        if keys.dtype.kind in "iu":  # numpy whole numbers (never null): every one usable
+            problems = pd.Series(None, index=keys.index, dtype=object)
+            text = keys.astype(str)
+        else:
+            problems = keys.map(_unusable_key)
+            text = keys[problems.isna()].map(_key_text)
         usable = problems.isna()
-        text = keys[usable].map(_key_text)
         repeated = text.duplicated(keep=False)
         letters = []
         for position in (~usable).to_numpy().nonzero()[0]:
@@ -437,10 +475,8 @@ class Sync:
         keyed.index.name = None
         return keyed, letters
 
-    def _validate(
-        self, live: pd.DataFrame, gone: pd.DataFrame, clock: _Clock
-    ) -> tuple[pd.DataFrame, list[DeadLetter]]:
-        """Source contract → mapping → target contract → dataset-wide unique values."""
+    def _validate(self, live: pd.DataFrame, clock: _Clock) -> tuple[pd.DataFrame, list[DeadLetter]]:
+        """Source contract → mapping → target contract."""
         spec = self.spec
         try:
             source_verdict = spec.source_contract.judge(live)
@@ -452,10 +488,9 @@ class Sync:
             raise SyncError(
                 spec.name, str(error), "fix the source schema or the contract, then rerun"
             ) from error
-        valid, taken = self._unclaimed(target_verdict.valid, releasing=set(gone.index))
         clock.lap("validate")
-        rejections = source_verdict.rejections + target_verdict.rejections + taken
-        return valid, self._letters(live, rejections, "contract") + self._letters(
+        rejections = source_verdict.rejections + target_verdict.rejections
+        return target_verdict.valid, self._letters(live, rejections, "contract") + self._letters(
             live, unmappable, "mapping"
         )
 
@@ -490,43 +525,30 @@ class Sync:
         self, valid: pd.DataFrame, gone: pd.DataFrame, result: SyncResult, open_letters: set[str]
     ) -> _Plan:
         """What to send (content differs from the ledger's), what changes field by field, and
-        what to archive."""
-        records = dict(zip(valid.index, _json_ready(valid), strict=True))
-        hashes = {key: content_hash(record) for key, record in records.items()}
-        ledger = self.state.ledger_entries(self.spec.name, list(records) + list(gone.index))
-        pii = self.spec.target_contract.pii_fields
-        sending, in_sync = [], []
-        for key in records:
+        what to archive. Column by column: no dict per record."""
+        keys = valid.index.tolist()
+        in_sync: list[str] = []
+        values = columns.ready_columns(valid)
+        texts = {name: columns.json_texts(column) for name, column in values.items()}
+        wholes = columns.record_texts(texts)
+        hashes = columns.content_hashes(wholes)
+        ledger = self.state.ledger_entries(self.spec.name, keys + list(gone.index))
+        sending: list[int] = []
+        for at, key in enumerate(keys):
             known = ledger.get(key)
-            same = known is not None and known.content_hash == hashes[key] and not known.archived
+            same = known is not None and known.content_hash == hashes[at] and not known.archived
             if same and key not in self._force:
                 result.counts["unchanged"] += 1
                 if key in open_letters:
                     in_sync.append(key)
                 continue
-            sending.append(key)
-        outbound = [
-            OutboundRecord(
-                key=key,
-                properties=records[key],
-                trace_id=idempotency_key(self.spec.name, key, hashes[key]),
-                correlation_id=correlation_id(self.run_id, self.spec.name, key),
-            )
-            for key in sending
-        ]
-        field_hashes = dict(
-            zip(sending, hash_fields([records[key] for key in sending]), strict=True)
-        )
-        changes = {}
-        for key in sending:
-            known = ledger.get(key)
-            before = (known.field_hashes if known and not known.archived else None) or {}
-            now = field_hashes[key]
-            changes[key] = {
-                name: mask_value(value) if name in pii else value
-                for name, value in records[key].items()
-                if before.get(name) != now[name]
-            }
+            sending.append(at)
+        if len(sending) < len(keys):
+            keys, hashes = _picked(keys, sending), _picked(hashes, sending)
+            wholes = _picked(wholes, sending)
+            values = {name: _picked(column, sending) for name, column in values.items()}
+            texts = {name: _picked(column, sending) for name, column in texts.items()}
+        outbound = OutboundBatch(keys, values, hashes, flow=self.spec.name, run_id=self.run_id)
         to_archive = {
             key: entry.destination_id
             for key, entry in ledger.items()
@@ -536,7 +558,35 @@ class Sync:
             and entry.destination_id
         }
         result.counts["unchanged"] += len(gone) - len(to_archive)
-        return _Plan(records, hashes, outbound, to_archive, changes, field_hashes, in_sync)
+        now = columns.field_hashes(texts)
+        changes = self._changes(outbound, texts, wholes, now, ledger)
+        return _Plan(outbound, to_archive, now, changes, in_sync)
+
+    def _changes(
+        self,
+        outbound: OutboundBatch,
+        texts: dict[str, list[str]],
+        wholes: list[str],
+        now: list[str],
+        ledger: dict[str, LedgerEntry],
+    ) -> list[str]:
+        """What each write changes, as JSON (PII masked): every field of a new record, the
+        fields whose hash differs from the ledger's for a known one."""
+        pii = self.spec.target_contract.pii_fields & set(texts)
+        shown = {name: outbound.column(name) for name in texts}
+        shown.update({name: [mask_value(value) for value in shown[name]] for name in pii})
+        masked = {name: columns.json_texts(shown[name]) for name in pii}
+        whole = columns.record_texts({**texts, **masked}) if pii else list(wholes)
+        for at, key in enumerate(outbound.keys):
+            known = ledger.get(key)
+            before = columns.parse_field_hashes(known.field_hashes) if known else {}
+            if known is None or known.archived or not before:
+                continue
+            after = columns.parse_field_hashes(now[at])
+            whole[at] = canonical_json(
+                {name: shown[name][at] for name in after if before.get(name) != after[name]}
+            )
+        return whole
 
     def _commit(
         self,
@@ -549,13 +599,14 @@ class Sync:
     ) -> None:
         """Ledger, unique-value claims, dead letters, watermark and audit: one transaction."""
         spec = self.spec
+        outbound, position = plan.outbound, plan.position()
         synced = [
             {
                 "record_key": item.key,
-                "content_hash": plan.hashes[item.key],
+                "content_hash": outbound.hashes[position[item.key]],
                 "destination_id": item.destination_id,
                 "archived": False,
-                "field_hashes": sorted_json(plan.field_hashes[item.key]),
+                "field_hashes": plan.field_hashes[position[item.key]],
             }
             for item in written
         ] + [
@@ -568,13 +619,13 @@ class Sync:
             for key, destination_id in plan.to_archive.items()
         ]
         claims = [
-            (name, _digest(plan.records[item.key][name]), item.key)
+            (name, _digest(value), item.key)
             for name in spec.target.unique_ignoring_case
             for item in written
-            if plan.records[item.key].get(name)
+            if (value := outbound.column(name)[position[item.key]])
         ]
         watermark = self._watermark(batch, before)
-        records = self._audit_records(plan, written, letters)
+        records = self._audit_records(plan, position, written, letters)
         detail = {
             "rows": len(batch),
             "inserted": sum(item.created for item in written),
@@ -605,7 +656,11 @@ class Sync:
         )
 
     def _audit_records(
-        self, plan: _Plan, written: list[Written], letters: list[DeadLetter]
+        self,
+        plan: _Plan,
+        position: dict[str, int],
+        written: list[Written],
+        letters: list[DeadLetter],
     ) -> list[AuditRecord]:
         """One audit record per write, archive and rejection of the batch."""
         flow = self.spec.name
@@ -619,7 +674,7 @@ class Sync:
                 item.key,
                 "replay" if self._replaying else ("insert" if item.created else "update"),
                 trace(item.key),
-                plan.changes[item.key],
+                plan.changes[position[item.key]],
             )
             for item in written
         ]
@@ -690,7 +745,7 @@ class Sync:
     # --- load: per-record refusals, bisection of chunks refused whole -------------------------
 
     def _load(
-        self, outbound: Sequence[OutboundRecord], source_rows: pd.DataFrame, plan: _Plan
+        self, outbound: OutboundBatch, source_rows: pd.DataFrame
     ) -> tuple[list[Written], list[DeadLetter]]:
         written: list[Written] = []
         refused: list[DeadLetter] = []
@@ -715,10 +770,12 @@ class Sync:
             self._load_chunk(chunk[middle:], source_rows, written, refused)
             return
         written.extend(outcome.written)
-        by_key = {record.key: record for record in chunk}
-        refused.extend(
-            self._refusal(by_key[item.key], item.reason, source_rows) for item in outcome.refused
-        )
+        if outcome.refused:
+            at = {record_key: i for i, record_key in enumerate(chunk.keys)}
+            refused.extend(
+                self._refusal(chunk[at[item.key]], item.reason, source_rows)
+                for item in outcome.refused
+            )
 
     def _refusal(
         self, record: OutboundRecord, reason: str, source_rows: pd.DataFrame

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 
+import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
@@ -90,34 +91,56 @@ def copy_rows(
     """PostgreSQL `COPY … FROM STDIN` of `rows` into `table`, inside the connection's transaction."""
     quote = connection.dialect.identifier_preparer.quote
     names = ", ".join(quote(name) for name in columns)
-    with (
-        connection.connection.driver_connection.cursor() as cursor,
-        cursor.copy(f"COPY {quote(table)} ({names}) FROM STDIN") as copy,
-    ):
-        for row in rows:
-            copy.write_row(row)
+    statement = f"COPY {quote(table)} ({names}) FROM STDIN"
+    try:
+        with (
+            connection.connection.driver_connection.cursor() as cursor,
+            cursor.copy(statement) as copy,
+        ):
+            for row in rows:
+                copy.write_row(row)
+    except psycopg.Error as error:  # the driver's own: worded as SQLAlchemy words the others
+        raise sa.exc.DBAPIError.instance(statement, None, error, psycopg.Error) from error
+
+
+def copy_new_rows(
+    connection: sa.Connection, table: str, columns: Sequence[str], rows: Sequence[Sequence]
+) -> bool:
+    """COPY `rows` straight into `table` (PostgreSQL) if none of their keys is there yet: the
+    common case of a first load, at COPY's speed. False, with nothing written, when one is (the
+    caller upserts them instead): the attempt runs in a savepoint."""
+    try:
+        with connection.begin_nested():
+            copy_rows(connection, table, columns, rows)
+    except sa.exc.IntegrityError as error:
+        if isinstance(error.orig, psycopg.errors.UniqueViolation):
+            return False
+        raise
+    return True
 
 
 def bulk_write(
     connection: sa.Connection,
     table: sa.Table,
-    rows: Sequence[dict[str, object]],
+    columns: Sequence[str],
+    rows: Sequence[Sequence],
     key: Sequence[str] = (),
 ) -> None:
-    """Insert many rows, or upsert them by `key`: on PostgreSQL with COPY (for an upsert into a
-    temporary table, then one `INSERT … ON CONFLICT`), elsewhere with one executemany."""
+    """Insert many rows (tuples in `columns`' order), or upsert them by `key`: on PostgreSQL with
+    COPY (for an upsert: straight into the table when all keys are new, else into a temporary
+    table and then one `INSERT … ON CONFLICT`), elsewhere with one executemany."""
     if not rows:
         return
-    columns = list(rows[0])
     dialect = connection.dialect.name
     if dialect != "postgresql":
         others = [name for name in columns if name not in key]
         statement = upsert_statement(dialect, table, list(key), others) if key else sa.insert(table)
-        connection.execute(statement, list(rows))
+        connection.execute(statement, [dict(zip(columns, row, strict=True)) for row in rows])
         return
-    values = (tuple(row[name] for name in columns) for row in rows)
     if not key:
-        copy_rows(connection, table.name, columns, values)
+        copy_rows(connection, table.name, columns, rows)
+        return
+    if copy_new_rows(connection, table.name, columns, rows):
         return
     quote = connection.dialect.identifier_preparer.quote
     names = ", ".join(quote(name) for name in columns)
@@ -126,7 +149,7 @@ def bulk_write(
         f"CREATE TEMPORARY TABLE {staging} ON COMMIT DROP AS "
         f"SELECT {names} FROM {quote(table.name)} WITH NO DATA"
     )
-    copy_rows(connection, staging, columns, values)
+    copy_rows(connection, staging, columns, rows)
     updates = ", ".join(
         f"{quote(name)} = EXCLUDED.{quote(name)}" for name in columns if name not in key
     )

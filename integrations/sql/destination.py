@@ -19,12 +19,14 @@ import sqlalchemy as sa
 
 from integrations.engine.destination import (
     DestinationUnavailable,
+    OutboundBatch,
     OutboundRecord,
     RecordsRejected,
     Upserted,
     Written,
 )
 from integrations.engine.spec import FlowSpec, Target
+from integrations.sql.connect import copy_new_rows, copy_rows
 from integrations.sql.fit import ARCHIVED_AT, create_table, python_type, reflect_fitting_table
 
 _IN_CHUNK = 500
@@ -65,8 +67,8 @@ class SqlTable:
         if not records:
             return Upserted([])
         fields = self._fields or list(records[0].properties)
-        key = self.target.id_property
-        rows = [tuple(record.properties.get(name) for name in fields) for record in records]
+        batch = records if isinstance(records, OutboundBatch) else _as_batch(records)
+        rows = list(zip(*(batch.column(name) for name in fields), strict=True))
         try:
             with self.engine.begin() as connection:
                 if self.dialect == "postgresql":
@@ -75,14 +77,11 @@ class SqlTable:
                     created = self._upsert_executemany(connection, fields, rows)
         except sa.exc.DBAPIError as error:
             raise _classified(error) from error
+        ids = [str(value) for value in batch.column(self.target.id_property)]
         return Upserted(
             [
-                Written(
-                    record.key,
-                    str(record.properties[key]),
-                    created.get(str(record.properties[key]), False),
-                )
-                for record in records
+                Written(key, value, created.get(value, False))
+                for key, value in zip(batch.keys, ids, strict=True)
             ]
         )
 
@@ -93,6 +92,9 @@ class SqlTable:
     def _upsert_postgresql(
         self, connection: sa.Connection, fields: list[str], rows: list[tuple]
     ) -> dict[str, bool]:
+        if copy_new_rows(connection, self.table.name, fields, rows):  # a first load: all new
+            position = fields.index(self.target.id_property)
+            return {str(row[position]): True for row in rows}
         quote = self.engine.dialect.identifier_preparer.quote
         table, key = quote(self.table.name), quote(self.target.id_property)
         columns = ", ".join(quote(name) for name in fields)
@@ -102,12 +104,7 @@ class SqlTable:
             f"CREATE TEMPORARY TABLE {_TEMP_TABLE} ON COMMIT DROP AS "
             f"SELECT {columns} FROM {table} WITH NO DATA"
         )
-        with (
-            connection.connection.driver_connection.cursor() as cursor,
-            cursor.copy(f"COPY {_TEMP_TABLE} ({columns}) FROM STDIN") as copy,
-        ):
-            for row in rows:
-                copy.write_row(row)
+        copy_rows(connection, _TEMP_TABLE, fields, rows)
         mine = ", ".join([*(f"{table}.{name}" for name in others), f"{table}.{archived}"])
         theirs = ", ".join([*(f"EXCLUDED.{name}" for name in others), "NULL"])
         updates = ", ".join(
@@ -209,6 +206,17 @@ class SqlTable:
                     yield str(row[0]), str(row[0]), values
         except sa.exc.DBAPIError as error:
             raise _classified(error) from error
+
+
+def _as_batch(records: Sequence[OutboundRecord]) -> OutboundBatch:
+    names = {name: None for record in records for name in record.properties}
+    return OutboundBatch(
+        [record.key for record in records],
+        {name: [record.properties.get(name) for record in records] for name in names},
+        [record.trace_id for record in records],
+        flow="",
+        run_id="",
+    )
 
 
 def _converter(column: sa.Column) -> Callable[[object], object] | None:
