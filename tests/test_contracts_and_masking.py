@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from assets.crm_contacts import customer_to_contact
 from integrations.contracts.crm_contact import CRM_CONTACT
 from integrations.contracts.erp_customer import ERP_CUSTOMER
+from integrations.contracts.erp_invoice import ERP_INVOICE
 from integrations.engine.hashing import content_hash, idempotency_key
 from integrations.engine.masking import mask_email, mask_record
 
@@ -43,6 +45,39 @@ def test_target_contract_refuses_the_second_email_that_differs_only_in_case():
         ("4", "crm.contact@v1: email is used by another customer in this batch (ignoring case)")
     ]
     assert verdict.valid["email"].tolist() == ["ada@example.com"]
+
+
+def invoices(dates: list[str]) -> pd.DataFrame:
+    """Two invoices, the first with a malformed number, their dates as text."""
+    return pd.DataFrame(
+        {
+            "invoice_id": [1, 2],
+            "invoice_number": ["bad", "INV-00000002"],
+            "customer_id": [1, 1],
+            "customer_number": ["C0000001", "C0000001"],
+            "invoice_date": dates,
+            "amount": [10.0, 20.0],
+            "currency": ["EUR", "EUR"],
+            "status": ["open", "paid"],
+        }
+    ).set_axis(["1", "2"])
+
+
+@pytest.mark.parametrize(
+    ("contract", "batch"),
+    [
+        (ERP_CUSTOMER, customers()),
+        # A value that cannot be coerced fails its row, and the column's type with it.
+        (ERP_CUSTOMER, customers(customer_id=[1, "two", 3, 4], phone=[44, None, None, None])),
+        # The rejected row's date decides how pandas reads the other's (day first).
+        (ERP_INVOICE, invoices(["13/02/2024", "01/02/2024"])),
+    ],
+)
+def test_valid_rows_come_out_as_the_model_makes_them_alone(contract, batch):
+    verdict = contract.judge(batch)
+    assert verdict.rejections and not verdict.valid.empty
+    alone = contract.model.validate(batch.loc[verdict.valid.index])
+    pd.testing.assert_frame_equal(verdict.valid, alone, check_exact=True)
 
 
 def test_contracts_are_versioned_and_mark_pii():

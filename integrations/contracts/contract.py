@@ -5,11 +5,15 @@ Rejection reasons name the column and the rule, never the offending value: value
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from dataclasses import dataclass
 
 import pandas as pd
 import pandera.pandas as pa
+from pandas.api.types import infer_dtype
+from pandera.engines import numpy_engine, pandas_engine
+from pandera.errors import SchemaErrorReason
 
 
 @dataclass(frozen=True)
@@ -61,18 +65,23 @@ class Contract:
     def judge(self, batch: pd.DataFrame) -> Verdict:
         """Validate lazily (all failures at once) and split the batch by row.
 
-        A value that cannot be coerced fails its row, and can also fail a whole column's check
-        (the column keeps the wrong type); so rejected rows are set aside and the rest validated
-        again, until it passes or only whole-batch failures remain.
+        Rules look at one row, or at other rows only to refuse a duplicate: a row that passes in
+        a batch passes in any part of it. So when every failure is one row's value breaking a
+        rule, and coercion made each value what it is whatever the other rows, the rest of the
+        batch, as validated, is the valid frame. Otherwise (a value that cannot be coerced also
+        fails its whole column's type, which can hide other rules) the rejected rows are set
+        aside and the rest validated again, until it passes or only whole-batch failures remain.
         """
         reasons: dict[object, list[str]] = defaultdict(list)
         remaining = batch
         while True:
+            schema, by_value = self._schema_for(remaining)
             try:
-                valid = self.model.validate(remaining, lazy=True)
+                valid = schema.validate(remaining, lazy=True)
                 break
             except pa.errors.SchemaErrors as errors:
-                cases = errors.failure_cases
+                cases, coerced = errors.failure_cases, errors.data
+                by_row = by_value and all(e.reason_code in _ROW_RULES for e in errors.schema_errors)
             row_cases = cases[cases["index"].notna() & cases["index"].isin(remaining.index)]
             if row_cases.empty:
                 whole = cases[cases["index"].isna()]
@@ -94,7 +103,11 @@ class Contract:
                 reason = _readable(check) if whole_row else f"{column} {_readable(check)}"
                 if reason not in reasons[index]:
                     reasons[index].append(reason)
-            remaining = remaining.drop(index=list(set(row_cases["index"])))
+            kept = ~remaining.index.isin(row_cases["index"])
+            if kept.any() and by_row and len(row_cases) == len(cases):
+                valid = coerced[kept]
+                break
+            remaining = remaining[kept]
             if remaining.empty:
                 valid = remaining
                 break
@@ -103,6 +116,79 @@ class Contract:
             for index, why in reasons.items()
         ]
         return Verdict(valid=valid, rejections=rejected)
+
+    def _schema_for(self, frame: pd.DataFrame) -> tuple[pa.DataFrameSchema, bool]:
+        """The model's schema, leaving alone the columns of `frame` that already hold what
+        coercion would make of them, and whether it coerces value by value."""
+        columns = self.schema.columns
+        typed = frozenset(
+            name
+            for name, values in frame.items()
+            if name in columns and _holds(columns[name], values)
+        )
+        return _schema_trusting(self.model, typed)
+
+
+# Failures of one row's value. Any other (a coercion, a type, a missing column) can hide the
+# outcome of other rules for a whole column.
+_ROW_RULES = frozenset(
+    {
+        SchemaErrorReason.DATAFRAME_CHECK,
+        SchemaErrorReason.SERIES_CONTAINS_NULLS,
+        SchemaErrorReason.SERIES_CONTAINS_DUPLICATES,
+        SchemaErrorReason.DUPLICATES,
+    }
+)
+_STR = pandas_engine.Engine.dtype(str)
+
+
+def _holds(column: pa.Column, values: pd.Series) -> bool:
+    """Whether coercion would leave `values` as they are, and they have the column's type.
+
+    A str column holding only str and nulls is left as it is (pandera keeps the nulls and turns
+    the rest into str); any other, when its dtype is already the declared one. A parser or a
+    default changes values before coercion, and a pattern names many columns: never trusted.
+    """
+    if column.parsers or column.default is not None or column.regex:
+        return False
+    if column.dtype == _STR:
+        return values.dtype == object and infer_dtype(values, skipna=True) in {"string", "empty"}
+    return column.dtype is not None and pandas_engine.Engine.dtype(values.dtype) == column.dtype
+
+
+@functools.cache
+def _schema_trusting(
+    model: type[pa.DataFrameModel], typed: frozenset[str]
+) -> tuple[pa.DataFrameSchema, bool]:
+    """The model's schema without type or coercion for the `typed` columns (every rule stays),
+    and whether it coerces value by value.
+
+    Pandera checks a str column's type element by element (the slowest part of validating clean
+    text), and writes back every column, a copy apiece, when the schema rather than the column
+    coerces: so coercion moves to the other columns. A schema that coerces more than its
+    columns (an index, a frame-wide dtype, parsers) is kept whole. Numpy's coercions go value
+    by value; pandas' may not (a date's format is guessed from the first date in the batch).
+    """
+    schema = model.to_schema()
+    if schema.dtype is not None or schema.index is not None or schema.parsers:
+        return schema, False
+    by_value = all(
+        not column.parsers
+        and (name in typed or isinstance(column.dtype, numpy_engine.DataType | None))
+        for name, column in schema.columns.items()
+    )
+    if not typed:
+        return schema, by_value
+    trusting = schema.update_columns(
+        {
+            name: {"dtype": None, "coerce": False}
+            if name in typed
+            else {"coerce": column.coerce or schema.coerce}
+            for name, column in schema.columns.items()
+        }
+    )
+    trusting.coerce = False
+    return trusting, by_value
 
 
 def _readable(check: object) -> str:

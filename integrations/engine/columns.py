@@ -39,10 +39,10 @@ def ready_values(column: pd.Series) -> list[object]:
     elif isinstance(column.dtype, np.dtype) and column.dtype != object:
         values = column.to_numpy().tolist()  # numpy scalars become Python ones
     else:
-        values = [
-            value.item() if isinstance(value, np.generic) else value
-            for value in column.to_numpy(dtype=object)
-        ]
+        values = column.to_numpy(dtype=object).tolist()
+        kinds = set(map(type, values))
+        if any(issubclass(kind, np.generic) for kind in kinds):  # numpy scalars: Python ones
+            values = [value.item() if isinstance(value, np.generic) else value for value in values]
         sample = next((v for v, gone in zip(values, missing, strict=True) if not gone), None)
         if isinstance(sample, date | Decimal):
             values = [_plain(value) for value in values]

@@ -200,10 +200,6 @@ class AuditRecord(NamedTuple):  # a tuple: a batch makes one per record, cheaply
     correlation_id: str
     diff: dict[str, object] | str = "{}"  # or its JSON text already
 
-    @property
-    def diff_text(self) -> str:
-        return self.diff if isinstance(self.diff, str) else sorted_json(self.diff)
-
 
 class StateStoreUnavailable(Exception):
     """The state database could not be reached, or dropped the connection."""
@@ -228,7 +224,8 @@ class BatchCommit:
     # Keys whose open dead letters are settled: written, or found already in sync.
     resolved: list[str] = field(default_factory=list)
     resolution: str = "synced"
-    audit_records: list[AuditRecord] = field(default_factory=list)
+    # AuditRecords, or plain tuples in their fields' order (a batch's writes make one each).
+    audit_records: list[tuple] = field(default_factory=list)
 
 
 def _chunks(items: Sequence[str], dialect: str) -> Iterator[Sequence[str]]:
@@ -623,7 +620,10 @@ class StateStore:
         head = connection.execute(
             sa.select(audit_log.c.entry_hash).order_by(audit_log.c.id.desc()).limit(1)
         ).scalar()
-        rows = [(*record[:4], record.diff_text) for record in records]  # _RECORD_FIELDS
+        rows = [  # _RECORD_FIELDS; records are AuditRecords or plain tuples in their order
+            (flow_, key, action_, trace, diff if isinstance(diff, str) else sorted_json(diff))
+            for flow_, key, action_, trace, diff in records
+        ]
         if rows:
             detail = {**detail, "records": len(rows), "records_digest": _records_digest(rows)}
         entry = {

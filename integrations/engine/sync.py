@@ -668,12 +668,14 @@ class Sync:
         def trace(key: str) -> str:
             return correlation_id(self.run_id, flow, key)
 
-        records = [
-            AuditRecord(
+        prefix = trace("")  # the correlation id of record k is prefix + k
+        replay = "replay" if self._replaying else None
+        records: list[tuple] = [
+            (
                 flow,
                 item.key,
-                "replay" if self._replaying else ("insert" if item.created else "update"),
-                trace(item.key),
+                replay or ("insert" if item.created else "update"),
+                prefix + item.key,
                 plan.changes[position[item.key]],
             )
             for item in written
