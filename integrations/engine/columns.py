@@ -99,8 +99,9 @@ def content_hashes(record_texts: Sequence[str]) -> list[str]:
 
 
 def field_hashes(texts: Mapping[str, Sequence[str]]) -> list[str]:
-    """Per record, a short hash of each field's value, as `name,name,…|hex…` (16 hex digits per
-    field in the names' order): enough to tell which fields a later write changes."""
+    """Per record, a short hash of each field's value, as `names:hashes` (8 hex digits naming the
+    sorted field names, then 8 per field in that order): enough to tell which fields a later write
+    changes, in a few dozen bytes of the ledger."""
     names = sorted(texts)
     if not names:
         return []
@@ -109,21 +110,29 @@ def field_hashes(texts: Mapping[str, Sequence[str]]) -> list[str]:
             pd.util.hash_array(
                 np.asarray(texts[name], dtype=object), hash_key=_FIELD_HASH_KEY, categorize=False
             )
+            >> np.uint64(32)
             for name in names
         ]
-    ).astype(">u8")
-    width = 8 * len(names)
+    ).astype(">u4")
+    width = 4 * len(names)
     packed = hashed.tobytes()
-    prefix = ",".join(names) + "|"
+    prefix = _names_digest(names) + ":"
     return [prefix + packed[at : at + width].hex() for at in range(0, len(packed), width)]
 
 
-def parse_field_hashes(text: str | None) -> dict[str, str]:
-    """`field_hashes`' text back as {field: hash}; {} for none (or an older format)."""
-    if not text or "|" not in text:
-        return {}
-    names, _, digits = text.rpartition("|")
-    fields = names.split(",")
-    if len(digits) != 16 * len(fields):
-        return {}
-    return {name: digits[16 * i : 16 * (i + 1)] for i, name in enumerate(fields)}
+def changed_fields(before: str | None, after: str, names: Sequence[str]) -> list[str] | None:
+    """The fields (of sorted `names`) whose hashes differ between two `field_hashes`; None when
+    `before` cannot tell (none kept, other fields, an older format)."""
+    prefix = _names_digest(names) + ":"
+    if not before or not before.startswith(prefix) or len(before) != len(after):
+        return None
+    start = len(prefix)
+    return [
+        name
+        for i, name in enumerate(names)
+        if before[start + 8 * i : start + 8 * (i + 1)] != after[start + 8 * i : start + 8 * (i + 1)]
+    ]
+
+
+def _names_digest(names: Sequence[str]) -> str:
+    return hashlib.md5(",".join(names).encode(), usedforsecurity=False).hexdigest()[:8]

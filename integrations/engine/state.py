@@ -166,7 +166,7 @@ class LedgerEntry:
     content_hash: str
     destination_id: str | None
     archived: bool
-    field_hashes: str | None = None  # as stored; engine/columns.py `parse_field_hashes` reads it
+    field_hashes: str | None = None  # as stored; engine/columns.py `changed_fields` reads it
 
 
 # Why a record was dead-lettered, in four kinds (the DLQ's filters and the assets' metadata).

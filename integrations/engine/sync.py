@@ -577,15 +577,14 @@ class Sync:
         shown.update({name: [mask_value(value) for value in shown[name]] for name in pii})
         masked = {name: columns.json_texts(shown[name]) for name in pii}
         whole = columns.record_texts({**texts, **masked}) if pii else list(wholes)
+        names = sorted(texts)
         for at, key in enumerate(outbound.keys):
             known = ledger.get(key)
-            before = columns.parse_field_hashes(known.field_hashes) if known else {}
-            if known is None or known.archived or not before:
+            if known is None or known.archived:
                 continue
-            after = columns.parse_field_hashes(now[at])
-            whole[at] = canonical_json(
-                {name: shown[name][at] for name in after if before.get(name) != after[name]}
-            )
+            changed = columns.changed_fields(known.field_hashes, now[at], names)
+            if changed is not None:
+                whole[at] = canonical_json({name: shown[name][at] for name in changed})
         return whole
 
     def _commit(
