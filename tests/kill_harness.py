@@ -106,7 +106,8 @@ def _arm(point: KillPoint, source, destination, state) -> None:
 
         @sa.event.listens_for(source.engine, "after_cursor_execute")
         def _(conn, cursor, statement, *args):
-            if statement.lstrip().upper().startswith("SELECT") and count("extract"):
+            # PostgreSQL's extract declares a cursor for its SELECT (integrations/sql/source.py).
+            if statement.lstrip().upper().startswith(("SELECT", "DECLARE")) and count("extract"):
                 _die()
 
     if point.phase in ("mid-load", "after-load"):

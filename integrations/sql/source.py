@@ -1,18 +1,28 @@
 """A table in a system of record (SQLite, PostgreSQL or MariaDB), streamed in batches.
 
-A read is one query ordered by `(cursor, key)`, streamed through a server-side cursor (psycopg's
-named cursor, PyMySQL's SSCursor, SQLite's stepping) and cut into DataFrames of `batch_size`
-rows: memory is bounded by the batch, never by the table, and each row is read once. A crashed
-sync resumes from its last committed batch's watermark.
+A read is one query ordered by `(cursor, key)`, streamed through a server-side cursor and cut
+into DataFrames of `batch_size` rows: memory is bounded by the batch, never by the table, and
+each row is read once. A crashed sync resumes from its last committed batch's watermark.
+
+On PostgreSQL (psycopg), SQLAlchemy declares the cursor and psycopg streams `FETCH ALL` from it in
+chunks of a batch: the server sends rows as it produces them, with no round trip per batch, and
+they arrive as plain tuples, without SQLAlchemy's per-row objects (a third less time than
+SQLAlchemy's own streaming). Elsewhere (PyMySQL's SSCursor, SQLite's stepping) SQLAlchemy streams
+the rows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import closing
 from datetime import UTC, datetime
+from itertools import islice
 
 import pandas as pd
 import sqlalchemy as sa
+from psycopg import capabilities
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import ClauseElement, Executable
 
 from integrations.engine.source import SourceUnavailable
 from integrations.engine.spec import RecentTotal, SourceTable
@@ -24,6 +34,26 @@ class SourceSchemaError(Exception):
 
 
 __all__ = ["SourceSchemaError", "SourceUnavailable", "SqlSource"]
+
+# The server-side cursor of one read; each read has its own connection and transaction.
+EXTRACT_CURSOR = "handoff_extract"
+
+
+class _DeclareCursor(Executable, ClauseElement):
+    """`DECLARE <name> NO SCROLL CURSOR FOR <query>`, run through SQLAlchemy so the query keeps
+    its bound parameters, the engine's events and error handling, and the plan PostgreSQL picks
+    for a cursor (the one SQLAlchemy's own streaming got)."""
+
+    inherit_cache = False  # built once per read: nothing to gain from the compiled cache
+
+    def __init__(self, name: str, query: sa.Select):
+        self.name = name
+        self.query = query
+
+
+@compiles(_DeclareCursor, "postgresql")
+def _compile_declare(element: _DeclareCursor, compiler, **kw) -> str:
+    return f"DECLARE {element.name} NO SCROLL CURSOR FOR {compiler.process(element.query, **kw)}"
 
 
 class SqlSource:
@@ -121,12 +151,7 @@ class SqlSource:
             query = query.where(within)
         if since is not None and self.cursor is not None:
             query = query.where(self.cursor >= since)
-        with self.engine.connect() as connection:
-            result = connection.execution_options(
-                stream_results=True, yield_per=batch_size
-            ).execute(query)
-            for rows in result.partitions(batch_size):
-                yield pd.DataFrame.from_records(rows, columns=self.columns)
+        yield from self._frames(query, batch_size)
 
     def rows_with_keys(self, keys: Sequence[object], batch_size: int) -> Iterator[pd.DataFrame]:
         """The rows with these keys (a repair), in (cursor, key) order within each batch."""
@@ -139,9 +164,47 @@ class SqlSource:
         for start in range(0, len(native), batch_size):
             chunk = native[start : start + batch_size]
             query = self.select.where(self.key.in_(chunk)).order_by(*self.order)
-            with self.engine.connect() as connection:
-                rows = connection.execute(query).all()
-            if rows:
+            yield from self._frames(query, batch_size)
+
+    def _frames(self, query: sa.Select, batch_size: int) -> Iterator[pd.DataFrame]:
+        """The rows of `query`, streamed, as frames of `batch_size` rows (none when empty)."""
+        with self.engine.connect() as connection:
+            if connection.dialect.driver == "psycopg":
+                yield from self._psycopg_frames(connection, query, batch_size)
+                return
+            result = connection.execution_options(
+                stream_results=True, yield_per=batch_size
+            ).execute(query)
+            for rows in result.partitions(batch_size):
+                yield pd.DataFrame.from_records(rows, columns=self.columns)
+
+    def _psycopg_frames(
+        self, connection: sa.Connection, query: sa.Select, batch_size: int
+    ) -> Iterator[pd.DataFrame]:
+        """Frames of what SQLAlchemy's rows would be, from psycopg's tuples."""
+        connection.execute(_DeclareCursor(EXTRACT_CURSOR, query))
+        fetch = f"FETCH ALL FROM {EXTRACT_CURSOR}"
+        # Chunks need libpq 17 (psycopg's binary wheels bring it); else rows come one by one.
+        size = batch_size if capabilities.has_stream_chunked() else 1
+        processors = None
+        with (
+            connection.connection.driver_connection.cursor() as cursor,
+            closing(cursor.stream(fetch, size=size)) as stream,
+        ):
+            while True:
+                try:
+                    rows = list(islice(stream, batch_size))
+                except connection.dialect.loaded_dbapi.Error as error:
+                    # What SQLAlchemy does when a fetch of its own fails: the engine's
+                    # handle_error listeners (a lost connection is SourceUnavailable),
+                    # invalidating a dropped connection, wrapping the driver's error.
+                    connection._handle_dbapi_exception(error, fetch, None, cursor, None)
+                if not rows:
+                    return
+                if processors is None:
+                    processors = _result_processors(connection.dialect, query, cursor.description)
+                if any(processors):
+                    rows = [_processed(row, processors) for row in rows]
                 yield pd.DataFrame.from_records(rows, columns=self.columns)
 
     def deleted_keys(self, since: datetime | None) -> list[object]:
@@ -162,3 +225,19 @@ class SqlSource:
             return None
         with self.engine.connect() as connection:
             return connection.execute(sa.select(sa.func.max(self.cursor))).scalar_one()
+
+
+def _result_processors(dialect: sa.Dialect, query: sa.Select, description) -> list:
+    """SQLAlchemy's conversions of the driver's values, per column (None for most types; ranges,
+    for one, become SQLAlchemy's `Range`): what it would apply to these rows."""
+    return [
+        column.type.dialect_impl(dialect).result_processor(dialect, described.type_code)
+        for column, described in zip(query.selected_columns, description, strict=True)
+    ]
+
+
+def _processed(row: tuple, processors: list) -> tuple:
+    return tuple(
+        value if process is None else process(value)
+        for process, value in zip(processors, row, strict=True)
+    )

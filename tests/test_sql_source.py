@@ -1,0 +1,139 @@
+"""The PostgreSQL source streams its rows through psycopg rather than SQLAlchemy's result: the
+frames must be the ones SQLAlchemy's rows give, a stream stopped early or cut must leave no
+stuck session behind, and a lost connection is still `SourceUnavailable`."""
+
+from __future__ import annotations
+
+import pandas as pd
+import psycopg
+import pytest
+import sqlalchemy as sa
+from pandas.testing import assert_frame_equal
+
+from assets.helpdesk_users import HELPDESK_USERS
+from integrations.engine.spec import SourceTable
+from integrations.erp.seed import seed_erp
+from integrations.sql.connect import create_engine
+from integrations.sql.source import SourceUnavailable, SqlSource
+from tests.conftest import POSTGRES_ADMIN
+
+pytestmark = pytest.mark.postgres
+
+# One column per kind of value a table of record holds, and ranges, which SQLAlchemy converts.
+EVERY_TYPE = """
+CREATE TYPE mood AS ENUM ('sad', 'happy');
+CREATE TABLE everything (
+    id int PRIMARY KEY, updated_at timestamp NOT NULL,
+    small smallint, whole int, big bigint, single real, double double precision,
+    amount numeric(12, 2), ratio numeric, flag boolean, note text, code varchar(8), grade char(2),
+    day date, clock time, moment timestamp, ancient timestamp, zoned timestamptz, span interval,
+    uid uuid, doc json, docb jsonb, blob bytea, numbers int[], mood mood, seats int4range
+)
+"""
+VALUES = (
+    *(3, 30, 2**40, 1.5, 2.25, "12.34", "1e-20", True, "it's \\", "", "AB"),
+    *("2024-02-01", "12:34:56", "2024-03-01 01:02:03", "0001-01-01", "2024-01-01 00:00+02"),
+    *("1 day 2 hours", "00000000-0000-0000-0000-000000000001", '{"a": [1]}', '{"b": null}'),
+    *(b"\x00\xff", [1, None], "happy", "[1,5)"),
+)
+
+
+def test_frames_are_those_sqlalchemy_rows_give(postgres_database):
+    """Dtypes are inferred per batch (an int column with nulls is float64, a column of nulls only
+    stays objects): batches of 4 with no value, every value, and some."""
+    url = postgres_database()
+    with psycopg.connect(url) as connection:
+        connection.execute(EVERY_TYPE)
+        for row in range(1, 11):
+            filled = 5 <= row <= 8 or (row > 8 and row % 2)
+            connection.execute(
+                f"INSERT INTO everything VALUES (%s, %s{', %s' * len(VALUES)})",
+                (row, f"2024-01-{row:02d} 10:00:00.123456", *(VALUES if filled else [None] * 24)),
+            )
+    engine = create_engine(url)
+    source = SqlSource(engine, SourceTable(table="everything", key="id", deleted=None))
+    with engine.connect() as connection:
+        rows = connection.execute(source.select.order_by(*source.order)).all()
+
+    for streamed, start in zip(source.batches(None, 4), (0, 4, 8), strict=True):
+        expected = pd.DataFrame.from_records(rows[start : start + 4], columns=source.columns)
+        assert_frame_equal(streamed, expected, check_exact=True)
+        for column in streamed.columns:  # objects of the same class: no psycopg Range, no NaN
+            assert list(map(type, streamed[column])) == list(map(type, expected[column]))
+    engine.dispose()
+
+
+def test_rows_with_keys_bind_their_keys_and_totals(postgres_database):
+    """A repair's IN list and a total's window and filter are parameters of the declared cursor."""
+    url = postgres_database()
+    seed_erp(url, rows=1000, seed=5)
+    engine = create_engine(url)
+    source = SqlSource(engine, HELPDESK_USERS.source)
+    with engine.begin() as connection:
+        paid_today = connection.execute(
+            sa.text(
+                "UPDATE invoices SET status = 'paid', invoice_date = CURRENT_DATE "
+                "WHERE invoice_id = (SELECT min(invoice_id) FROM invoices) RETURNING customer_id"
+            )
+        ).scalar_one()
+    others = [key for key in (1, 2, 3) if key != paid_today][:2]
+    keys = [paid_today, *others, "not a key", 10**9]
+    with engine.connect() as connection:
+        frames = list(source.rows_with_keys(keys, 2))
+        expected = [
+            pd.DataFrame.from_records(
+                connection.execute(
+                    source.select.where(source.key.in_(chunk)).order_by(*source.order)
+                ).all(),
+                columns=source.columns,
+            )
+            for chunk in (keys[:2], [keys[2], keys[4]])
+        ]
+    assert [len(frame) for frame in frames] == [2, 1]  # the wrong keys name no row
+    for frame, wanted in zip(frames, expected, strict=True):
+        assert_frame_equal(frame, wanted, check_exact=True)
+    assert (pd.concat(frames)["paid_last_12_months"] > 0).any(), "the total counts paid invoices"
+    engine.dispose()
+
+
+def test_a_read_stopped_early_leaves_no_query_running(postgres_database):
+    url = postgres_database()
+    seed_erp(url, rows=3000, seed=5)
+    engine = create_engine(url)
+    source = SqlSource(engine, SourceTable(table="customers", key="customer_id"))
+    batches = source.batches(None, 1000)
+    next(batches)
+    batches.close()  # what a run that fails on its first batch does
+    with engine.connect() as connection:
+        sessions = connection.execute(
+            sa.text(
+                "SELECT state FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        ).scalars()
+        assert set(sessions) <= {"idle"}, "the stream was cancelled and its transaction ended"
+    assert sum(len(batch) for batch in source.batches(None, 1000)) == 3000
+    engine.dispose()
+
+
+def test_a_connection_lost_before_the_stream_is_unavailable(postgres_database):
+    url = postgres_database()
+    seed_erp(url, rows=300, seed=5)
+    engine = create_engine(url)
+    source = SqlSource(engine, SourceTable(table="customers", key="customer_id"))
+    cut = []
+
+    @sa.event.listens_for(engine, "after_cursor_execute")
+    def _(connection, cursor, statement, *args):
+        if statement.startswith("DECLARE") and not cut:
+            cut.append(connection.connection.dbapi_connection.info.backend_pid)
+            with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (cut[0],))
+
+    # The error names the server's reason, not what closing the dead connection ran into.
+    reason = r"the source database of customers .* failed: .*terminating connection"
+    with pytest.raises(SourceUnavailable, match=reason):
+        list(source.batches(None, 100))
+    assert cut, "the session was cut between declaring the cursor and fetching from it"
+    assert sum(len(batch) for batch in source.batches(None, 100)) == 300
+    engine.dispose()
