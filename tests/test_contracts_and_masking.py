@@ -73,6 +73,9 @@ def invoices(dates: list[str]) -> pd.DataFrame:
         (ERP_INVOICE, invoices(["13/02/2024", "01/02/2024"])),
     ],
 )
+@pytest.mark.filterwarnings(
+    "ignore:Parsing dates in:UserWarning"
+)  # the ambiguous dates are the case
 def test_valid_rows_come_out_as_the_model_makes_them_alone(contract, batch):
     verdict = contract.judge(batch)
     assert verdict.rejections and not verdict.valid.empty
