@@ -476,25 +476,33 @@ class Sync:
         if self._committed is not None:
             self._committed.result()  # raises the batch before's failure: nothing is handed on
         flight = _InFlight.of(self.spec, plan, written)
+        watermark = self._watermark(staged.batch, result.watermark_before)
+        # The committer keeps what it writes, not the batch's frames and values.
+        plan.outbound = OutboundBatch(
+            plan.outbound.keys, {}, plan.outbound.hashes, flow=self.spec.name, run_id=self.run_id
+        )
         self._in_flight = flight
         self._committed = self._committer.submit(
-            self._commit_staged, staged, plan, flight, letters + refused, result, move_watermark
+            self._commit_staged,
+            (len(staged.batch), watermark if move_watermark else None),
+            plan,
+            flight,
+            letters + refused,
+            result,
         )
 
     def _commit_staged(
         self,
-        staged: _Staged,
+        read: tuple[int, Watermark | None],
         plan: _Plan,
         flight: _InFlight,
         letters: list[DeadLetter],
         result: SyncResult,
-        move_watermark: bool,
     ) -> None:
-        """Commit one loaded batch (the committer's stage)."""
+        """Commit one loaded batch (the committer's stage): `read` is its rows and watermark."""
         clock = _Clock(result.timings)
         with self._state_lost():
-            before = result.watermark_before
-            self._commit(staged.batch, plan, flight, letters, before, move_watermark)
+            self._commit(*read, plan, flight, letters)
         if self._in_flight is flight:
             self._in_flight = None
         clock.lap("commit")
@@ -672,20 +680,19 @@ class Sync:
 
     def _commit(
         self,
-        batch: pd.DataFrame,
+        rows: int,
+        watermark: Watermark | None,
         plan: _Plan,
         flight: _InFlight,
         letters: list[DeadLetter],
-        before: Watermark | None,
-        move_watermark: bool,
     ) -> None:
-        """Ledger, unique-value claims, dead letters, watermark and audit: one transaction."""
+        """Ledger, unique-value claims, dead letters, watermark (None: it stays) and audit: one
+        transaction."""
         spec = self.spec
         written = list(flight.written.values())
-        watermark = self._watermark(batch, before)
-        records = self._audit_records(plan, plan.position(), written, letters)
+        records = self._audit_records(plan, flight, letters)
         detail = {
-            "rows": len(batch),
+            "rows": rows,
             "inserted": sum(item.created for item in written),
             "updated": sum(not item.created for item in written),
             "archived": len(plan.to_archive),
@@ -698,7 +705,7 @@ class Sync:
                 self.run_id,
                 synced=flight.entries,
                 dead_letters=letters,
-                watermark=watermark if move_watermark else None,
+                watermark=watermark,
                 claims=flight.claims,
                 released=list(plan.to_archive),
                 resolved=plan.in_sync,
@@ -714,14 +721,10 @@ class Sync:
         )
 
     def _audit_records(
-        self,
-        plan: _Plan,
-        position: dict[str, int],
-        written: list[Written],
-        letters: list[DeadLetter],
+        self, plan: _Plan, flight: _InFlight, letters: list[DeadLetter]
     ) -> list[AuditRecord]:
         """One audit record per write, archive and rejection of the batch."""
-        flow = self.spec.name
+        flow, position = self.spec.name, plan.position()
 
         def trace(key: str) -> str:
             return correlation_id(self.run_id, flow, key)
@@ -736,7 +739,7 @@ class Sync:
                 prefix + item.key,
                 plan.changes[position[item.key]],
             )
-            for item in written
+            for item in flight.written.values()
         ]
         records += [
             AuditRecord(flow, key, "archive", trace(key), {"destination_id": destination_id})
