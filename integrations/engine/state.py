@@ -719,7 +719,13 @@ class StateStore:
             else:
                 updates.append({**values, "known": known})
         if inserts:
-            connection.execute(sa.insert(dead_letters), inserts)
+            names = list(inserts[0])
+            bulk_write(
+                connection,
+                dead_letters,
+                names,
+                [tuple(row[name] for name in names) for row in inserts],
+            )
         if updates:  # one executemany: the letters of records that failed again
             connection.execute(
                 sa.update(dead_letters)
