@@ -123,9 +123,10 @@ class _Plan:
 
 @dataclass
 class _Staged:
-    """A batch read, keyed and validated, waiting for the writer."""
+    """A batch read, keyed and validated, waiting for the loader."""
 
-    batch: pd.DataFrame
+    rows: int  # read from the source
+    last: pd.DataFrame  # the batch's last row (its watermark): the batch itself is let go
     live: pd.DataFrame
     gone: pd.DataFrame
     valid: pd.DataFrame
@@ -447,7 +448,9 @@ class Sync:
         live, gone = keyed[~gone_mask], keyed[gone_mask]
         live, open_letters = self._without_held(live, result)
         valid, rejected = self._validate(live, clock)
-        return _Staged(batch, live, gone, valid, letters + rejected, open_letters)
+        return _Staged(
+            len(batch), batch.iloc[[-1]], live, gone, valid, letters + rejected, open_letters
+        )
 
     def _load_staged(self, staged: _Staged, result: SyncResult, move_watermark: bool) -> None:
         """Unique values, diff and load of one staged batch (the loader's stage); then, once the
@@ -476,7 +479,7 @@ class Sync:
         if self._committed is not None:
             self._committed.result()  # raises the batch before's failure: nothing is handed on
         flight = _InFlight.of(self.spec, plan, written)
-        watermark = self._watermark(staged.batch, result.watermark_before)
+        watermark = self._watermark(staged.last, result.watermark_before)
         # The committer keeps what it writes, not the batch's frames and values.
         plan.outbound = OutboundBatch(
             plan.outbound.keys, {}, plan.outbound.hashes, flow=self.spec.name, run_id=self.run_id
@@ -484,7 +487,7 @@ class Sync:
         self._in_flight = flight
         self._committed = self._committer.submit(
             self._commit_staged,
-            (len(staged.batch), watermark if move_watermark else None),
+            (staged.rows, watermark if move_watermark else None),
             plan,
             flight,
             letters + refused,
