@@ -63,12 +63,22 @@ def test_frames_are_those_sqlalchemy_rows_give(postgres_database):
     engine.dispose()
 
 
+CUSTOMERS = SourceTable(table="customers", key="customer_id")
+
+
+def _seeded(
+    postgres_database, rows: int, spec: SourceTable = CUSTOMERS
+) -> tuple[sa.Engine, SqlSource]:
+    """A fresh seeded ERP and a source over it."""
+    url = postgres_database()
+    seed_erp(url, rows=rows, seed=5)
+    engine = create_engine(url)
+    return engine, SqlSource(engine, spec)
+
+
 def test_rows_with_keys_bind_their_keys_and_totals(postgres_database):
     """A repair's IN list and a total's window and filter are parameters of the declared cursor."""
-    url = postgres_database()
-    seed_erp(url, rows=1000, seed=5)
-    engine = create_engine(url)
-    source = SqlSource(engine, HELPDESK_USERS.source)
+    engine, source = _seeded(postgres_database, 1000, HELPDESK_USERS.source)
     with engine.begin() as connection:
         paid_today = connection.execute(
             sa.text(
@@ -97,10 +107,7 @@ def test_rows_with_keys_bind_their_keys_and_totals(postgres_database):
 
 
 def test_a_read_stopped_early_leaves_no_query_running(postgres_database):
-    url = postgres_database()
-    seed_erp(url, rows=3000, seed=5)
-    engine = create_engine(url)
-    source = SqlSource(engine, SourceTable(table="customers", key="customer_id"))
+    engine, source = _seeded(postgres_database, 3000)
     batches = source.batches(None, 1000)
     next(batches)
     batches.close()  # what a run that fails on its first batch does
@@ -117,10 +124,7 @@ def test_a_read_stopped_early_leaves_no_query_running(postgres_database):
 
 
 def test_a_connection_lost_before_the_stream_is_unavailable(postgres_database):
-    url = postgres_database()
-    seed_erp(url, rows=300, seed=5)
-    engine = create_engine(url)
-    source = SqlSource(engine, SourceTable(table="customers", key="customer_id"))
+    engine, source = _seeded(postgres_database, 300)
     cut = []
 
     @sa.event.listens_for(engine, "after_cursor_execute")
