@@ -73,7 +73,7 @@ BENCH_CUSTOMERS = FlowSpec(
     target=Target(system="reporting", dataset="customers", id_property="customer_number"),
     target_contract=Contract("bench.reporting_customer", 1, ReportingCustomerV1),
     mapping=lambda rows: rows[COLUMNS],
-    batch_size=50_000,
+    batch_size=25_000,  # three batches are in flight at once (read, load, commit)
 )
 
 
