@@ -67,6 +67,19 @@ class OutboundBatch(Sequence[OutboundRecord]):
             correlation_id=correlation_id(self.run_id, self.flow, key),
         )
 
+    @classmethod
+    def of(cls, records: Sequence[OutboundRecord]) -> OutboundBatch:
+        """Records made one by one, as columns (for a destination that reads columns; its
+        records carry no content hashes, so it does not rebuild them)."""
+        names = {name: None for record in records for name in record.properties}
+        return cls(
+            [record.key for record in records],
+            {name: [record.properties.get(name) for record in records] for name in names},
+            [""] * len(records),
+            flow="",
+            run_id="",
+        )
+
     def column(self, name: str) -> Sequence[object]:
         """One property of every record (None where the records do not carry it)."""
         found = self.columns.get(name)

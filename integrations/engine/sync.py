@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 
 import pandas as pd
 
@@ -117,7 +118,9 @@ class _Plan:
     # Valid records already in sync whose open dead letters can be closed.
     in_sync: list[str] = field(default_factory=list)
 
+    @cached_property
     def position(self) -> dict[str, int]:
+        """Where each outbound key stands in the lists above (made once per batch)."""
         return {key: at for at, key in enumerate(self.outbound.keys)}
 
 
@@ -145,7 +148,7 @@ class _InFlight:
 
     @classmethod
     def of(cls, spec: FlowSpec, plan: _Plan, written: list[Written]) -> _InFlight:
-        outbound, position = plan.outbound, plan.position()
+        outbound, position = plan.outbound, plan.position
         entries = {
             item.key: LedgerEntry(
                 outbound.hashes[position[item.key]],
@@ -727,7 +730,7 @@ class Sync:
         self, plan: _Plan, flight: _InFlight, letters: list[DeadLetter]
     ) -> list[AuditRecord]:
         """One audit record per write, archive and rejection of the batch."""
-        flow, position = self.spec.name, plan.position()
+        flow, position = self.spec.name, plan.position
 
         def trace(key: str) -> str:
             return correlation_id(self.run_id, flow, key)

@@ -67,7 +67,7 @@ class SqlTable:
         if not records:
             return Upserted([])
         fields = self._fields or list(records[0].properties)
-        batch = records if isinstance(records, OutboundBatch) else _as_batch(records)
+        batch = records if isinstance(records, OutboundBatch) else OutboundBatch.of(records)
         rows = list(zip(*(batch.column(name) for name in fields), strict=True))
         try:
             with self.engine.begin() as connection:
@@ -206,17 +206,6 @@ class SqlTable:
                     yield str(row[0]), str(row[0]), values
         except sa.exc.DBAPIError as error:
             raise _classified(error) from error
-
-
-def _as_batch(records: Sequence[OutboundRecord]) -> OutboundBatch:
-    names = {name: None for record in records for name in record.properties}
-    return OutboundBatch(
-        [record.key for record in records],
-        {name: [record.properties.get(name) for record in records] for name in names},
-        [record.trace_id for record in records],
-        flow="",
-        run_id="",
-    )
 
 
 def _converter(column: sa.Column) -> Callable[[object], object] | None:
