@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import NamedTuple
@@ -23,6 +24,7 @@ from integrations.engine.hashing import sorted_json
 from integrations.sql.connect import (
     bulk_write,
     create_engine,
+    in_key_order,
     raise_on_lost_connection,
     upsert_statement,
 )
@@ -143,6 +145,11 @@ _APPEND_ONLY = {
 
 _IN_CHUNK = 500  # keys per IN (...) list, well under every dialect's parameter limit
 _ARRAY_CHUNK = 100_000  # keys per PostgreSQL array parameter
+# PostgreSQL plans a batch's key lookups by its statistics. A first sync grows the ledger from
+# nothing to millions of rows long before autovacuum looks; with stale statistics every lookup
+# scans the flow's whole ledger (a 1M-row first sync spent 8 s of its 45 there). So the store
+# analyses the key columns of the tables it looks keys up in each time its own writes doubled them.
+_ANALYSE_AFTER = 10_000  # rows written, at least
 
 
 def utcnow() -> datetime:
@@ -166,6 +173,35 @@ class LedgerEntry(NamedTuple):  # a tuple: cheap to make a batch of
     destination_id: str | None
     archived: bool
     field_hashes: str | None = None  # as stored; engine/columns.py `changed_fields` reads it
+
+
+class LedgerEntries(Mapping[str, LedgerEntry]):
+    """A batch's ledger entries a column at a time, by record key: an entry is made only when
+    one is looked up (a million-row sync makes a million, and reads a few)."""
+
+    def __init__(self, keys: Sequence[str], columns: Sequence[Sequence]):
+        self.keys, self.columns = list(keys), columns  # columns: LedgerEntry's fields in order
+        self._at = dict(zip(self.keys, range(len(self.keys)), strict=True))
+
+    @classmethod
+    def of(cls, entries: Mapping[str, LedgerEntry]) -> LedgerEntries:
+        if isinstance(entries, LedgerEntries):
+            return entries
+        columns = list(zip(*entries.values(), strict=True)) or [() for _ in LedgerEntry._fields]
+        return cls(list(entries), columns)
+
+    def __getitem__(self, key: str) -> LedgerEntry:
+        at = self._at[key]
+        return LedgerEntry(*(column[at] for column in self.columns))
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._at
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._at)
+
+    def __len__(self) -> int:
+        return len(self._at)
 
 
 # Why a record was dead-lettered, in four kinds (the DLQ's filters and the assets' metadata).
@@ -214,7 +250,7 @@ class BatchCommit:
 
     flow: str
     run_id: str
-    synced: dict[str, LedgerEntry] = field(default_factory=dict)  # by record key
+    synced: Mapping[str, LedgerEntry] = field(default_factory=dict)  # by record key
     dead_letters: list[DeadLetter] = field(default_factory=list)
     watermark: Watermark | None = None
     # (field, value digest, record key) now held by written records; archived keys release theirs.
@@ -250,6 +286,21 @@ def _among(column: sa.Column, values: Sequence[str], dialect: str) -> sa.ColumnE
 _SEPARATOR = "\x1f"
 
 
+def _serial_plans(dbapi_connection, _record) -> None:
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute("SET max_parallel_workers_per_gather = 0")
+    dbapi_connection.commit()
+
+
+def _estimated_rows(connection, table: str) -> int:
+    """PostgreSQL's own estimate of a table's rows (0 before its first analysis)."""
+    rows = connection.execute(
+        sa.text("SELECT reltuples FROM pg_class WHERE oid = CAST(:table AS regclass)"),
+        {"table": table},
+    ).scalar()
+    return max(int(rows or 0), 0)
+
+
 class StateStore:
     """handoff's own bookkeeping, in the database at `url`."""
 
@@ -265,8 +316,16 @@ class StateStore:
                 "`handoff dlq keygen` makes one"
             ) from None
         self.engine = create_engine(url)
+        if self.engine.dialect.name == "postgresql":
+            # The store's queries look up one batch's keys: a parallel scan would only take
+            # cores from the sync (and from the destination) that runs beside it.
+            sa.event.listen(self.engine, "connect", _serial_plans)
         raise_on_lost_connection(self.engine, StateStoreUnavailable, "the state store")
         self._create_schema()
+        self._growth: dict[
+            str, list[int]
+        ] = {}  # table → [rows at its last analysis, written since]
+        self._growth_lock = threading.Lock()
         self._upsert_cursor = upsert_statement(
             self.engine.dialect.name,
             cursors,
@@ -528,16 +587,16 @@ class StateStore:
         now = utcnow()
         with self.engine.begin() as connection:
             if batch.synced:
-                bulk_write(
-                    connection,
-                    ledger,
-                    [*LedgerEntry._fields, "record_key", "flow", "synced_at", "run_id"],
-                    [
-                        (*entry, key, batch.flow, now, batch.run_id)
-                        for key, entry in batch.synced.items()
-                    ],
-                    key=["flow", "record_key"],
-                )
+                entries = LedgerEntries.of(batch.synced)
+                count = len(entries.keys)
+                columns = dict(zip(LedgerEntry._fields, entries.columns, strict=True))
+                columns |= {
+                    "record_key": entries.keys,
+                    "flow": [batch.flow] * count,
+                    "synced_at": [now] * count,
+                    "run_id": [batch.run_id] * count,
+                }
+                bulk_write(connection, ledger, columns, key=["flow", "record_key"])
             settled = [*batch.synced, *batch.resolved]
             if settled:
                 self._resolve(connection, batch.flow, settled, now, batch.resolution)
@@ -565,6 +624,27 @@ class StateStore:
                     records=batch.audit_records,
                     **audit,
                 )
+        self._grew(
+            ledger=len(batch.synced),
+            dead_letters=len(batch.dead_letters),
+            unique_claims=len(batch.claims),
+        )
+
+    def _grew(self, **written: int) -> None:
+        """Analyse the key columns of each of `written`'s tables (PostgreSQL) that this store's
+        writes have doubled, by _ANALYSE_AFTER rows at least, since it last did."""
+        if self.engine.dialect.name != "postgresql" or not any(written.values()):
+            return
+        with self._growth_lock, self.engine.connect() as connection:
+            for table, rows in written.items():
+                if table not in self._growth:
+                    self._growth[table] = [_estimated_rows(connection, table), 0]
+                growth = self._growth[table]
+                growth[1] += rows
+                if growth[1] >= max(_ANALYSE_AFTER, growth[0]):
+                    connection.exec_driver_sql(f"ANALYZE {table} (flow, record_key)")
+                    self._growth[table] = [_estimated_rows(connection, table), 0]
+            connection.commit()
 
     def append_audit(self, records: Sequence[AuditRecord] = (), **entry) -> None:
         """An audit entry on its own (a discard, an approval), with the records it covers."""
@@ -618,10 +698,13 @@ class StateStore:
             sa.select(audit_log.c.entry_hash).order_by(audit_log.c.id.desc()).limit(1)
         ).scalar()
         rows = [  # _RECORD_FIELDS; records are AuditRecords or plain tuples in their order
-            (flow_, key, action_, trace, diff if isinstance(diff, str) else sorted_json(diff))
-            for flow_, key, action_, trace, diff in records
+            record if isinstance(record[4], str) else (*record[:4], sorted_json(record[4]))
+            for record in records
         ]
-        if rows:
+        if rows:  # by key (stable: one record's actions keep their order)
+            columns = dict(zip(_RECORD_FIELDS, zip(*rows, strict=True), strict=True))
+            columns = in_key_order(columns, "record_key")
+            rows = list(zip(*columns.values(), strict=True))
             detail = {**detail, "records": len(rows), "records_digest": _records_digest(rows)}
         entry = {
             "at": now,
@@ -637,8 +720,7 @@ class StateStore:
             sa.insert(audit_log).values(**entry, entry_hash=_seal(entry))
         ).inserted_primary_key[0]
         if rows:
-            names = [*_RECORD_FIELDS, "audit_id"]
-            bulk_write(connection, audit_records, names, [(*row, audit_id) for row in rows])
+            bulk_write(connection, audit_records, columns | {"audit_id": [audit_id] * len(rows)})
 
     @staticmethod
     def _claim(connection, batch: BatchCommit) -> None:
@@ -719,12 +801,10 @@ class StateStore:
             else:
                 updates.append({**values, "known": known})
         if inserts:
-            names = list(inserts[0])
             bulk_write(
                 connection,
                 dead_letters,
-                names,
-                [tuple(row[name] for name in names) for row in inserts],
+                {name: [row[name] for row in inserts] for name in inserts[0]},
             )
         if updates:  # one executemany: the letters of records that failed again
             connection.execute(
@@ -806,7 +886,7 @@ def _records_digest(rows: Sequence[Sequence[str]], sealed: str = "v2:") -> str:
     if not sealed.startswith("v2:"):
         fields = [list(row) for row in rows]
         return hashlib.sha256(json.dumps(fields, separators=(",", ":")).encode()).hexdigest()
-    text = "\x1e".join("\x1f".join(row) for row in rows)
+    text = "\x1e".join(map("\x1f".join, rows))
     return "v2:" + hashlib.sha256(text.encode()).hexdigest()
 
 

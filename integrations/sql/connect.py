@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import operator
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Mapping, Sequence
+from datetime import date
 
+import numpy as np
 import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
@@ -85,71 +88,91 @@ def upsert_statement(
     )
 
 
-def copy_rows(
-    connection: sa.Connection,
-    table: str,
-    columns: Sequence[str],
-    rows: Iterable[Sequence],
-    types: Sequence[str] | None = None,
-) -> None:
-    """PostgreSQL `COPY … FROM STDIN` of `rows` into `table`, inside the connection's transaction;
-    in the binary format when `types` names each column's PostgreSQL type (less for the server
-    to parse)."""
+Columns = Mapping[str, Sequence]  # column name → its values, every column as long
+
+
+def copy_columns(connection: sa.Connection, table: str, columns: Columns) -> None:
+    """PostgreSQL `COPY … FROM STDIN` of `columns` into `table`, inside the connection's
+    transaction. The text is made a column at a time and joined in C: per-row Python (a driver's
+    `write_row`) would cost more than the server's work."""
     quote = connection.dialect.identifier_preparer.quote
     names = ", ".join(quote(name) for name in columns)
     statement = f"COPY {quote(table)} ({names}) FROM STDIN"
-    if types is not None:
-        statement += " (FORMAT BINARY)"
+    texts = [_copy_texts(values) for values in columns.values()]
+    rows = len(texts[0]) if texts else 0
     try:
         with (
             connection.connection.driver_connection.cursor() as cursor,
             cursor.copy(statement) as copy,
         ):
-            if types is not None:
-                copy.set_types(types)
-            for row in rows:
-                copy.write_row(row)
+            for start in range(0, rows, _COPY_ROWS):
+                part = zip(*(column[start : start + _COPY_ROWS] for column in texts), strict=True)
+                copy.write(("\n".join(map("\t".join, part)) + "\n").encode())
     except psycopg.Error as error:  # the driver's own: worded as SQLAlchemy words the others
         raise sa.exc.DBAPIError.instance(statement, None, error, psycopg.Error) from error
 
 
-def binary_types(table: sa.Table, columns: Sequence[str]) -> list[str] | None:
-    """The PostgreSQL type of each column for a binary COPY; None when one has no plain one."""
-    found = []
-    for name in columns:
-        kind = table.c[name].type
-        for sql_type, pg_type in _BINARY_TYPES:
-            if isinstance(kind, sql_type):
-                timezone = pg_type == "timestamp" and kind.timezone
-                found.append("timestamptz" if timezone else pg_type)
-                break
-        else:
-            return None
-    return found
+_COPY_ROWS = 10_000  # rows per message to the server
+_COPY_SPECIAL = ("\\", "\t", "\n", "\r")
 
 
-_BINARY_TYPES = (
-    (sa.Boolean, "bool"),
-    (sa.DateTime, "timestamp"),
-    (sa.BigInteger, "int8"),
-    (sa.Integer, "int4"),
-    (sa.String, "text"),  # varchar travels as text
-)
+def _copy_texts(values: Sequence) -> Sequence[str]:
+    """One column's values in COPY's text format: NULL as \\N, booleans as t/f, dates in ISO,
+    backslashes and control characters escaped. Plain text is taken as it is, a column of few
+    distinct values (a run id, a flag, a time) is converted once per value."""
+    kinds = set(map(type, values)) - {type(None)}
+    if kinds <= {str}:
+        present = [value for value in values if value is not None] if None in values else values
+        joined = "".join(present)
+        if not any(special in joined for special in _COPY_SPECIAL):
+            return values if present is values else [_NULL if v is None else v for v in values]
+    distinct = set(values) if len(kinds) == 1 else ()
+    if 0 < len(distinct) <= _FEW:
+        text = {value: _copy_text(value) for value in distinct}
+        return list(map(text.__getitem__, values))
+    return [_copy_text(value) for value in values]
 
 
-def copy_new_rows(
-    connection: sa.Connection,
-    table: str,
-    columns: Sequence[str],
-    rows: Sequence[Sequence],
-    types: Sequence[str] | None = None,
-) -> bool:
-    """COPY `rows` straight into `table` (PostgreSQL) if none of their keys is there yet: the
+_NULL = "\\N"
+_FEW = 64
+
+
+def _copy_text(value: object) -> str:
+    if value is None:
+        return _NULL
+    if isinstance(value, str):
+        for special, escaped in _COPY_ESCAPES:
+            if special in value:
+                value = value.replace(special, escaped)
+        return value
+    if isinstance(value, bool):
+        return "t" if value else "f"
+    if isinstance(value, date):  # datetimes too
+        return value.isoformat()
+    return str(value)
+
+
+_COPY_ESCAPES = (("\\", "\\\\"), ("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r"))
+
+
+def in_key_order(columns: Columns, key: str) -> Columns:
+    """`columns` sorted by `key`'s values: a batch's keys then land in the key's index leaf by
+    leaf, not at random (a quarter less server time for a COPY into a big table). Sorted by
+    numpy, in C; columns whose key numpy cannot order natively are left as they are."""
+    values = np.array(columns[key])
+    if len(values) < 2 or values.dtype.kind not in "iuU":
+        return columns
+    order = np.argsort(values, kind="stable").tolist()
+    return {name: operator.itemgetter(*order)(column) for name, column in columns.items()}
+
+
+def copy_new_rows(connection: sa.Connection, table: str, columns: Columns) -> bool:
+    """COPY `columns` straight into `table` (PostgreSQL) if none of their keys is there yet: the
     common case of a first load, at COPY's speed. False, with nothing written, when one is (the
     caller upserts them instead): the attempt runs in a savepoint."""
     try:
         with connection.begin_nested():
-            copy_rows(connection, table, columns, rows, types)
+            copy_columns(connection, table, columns)
     except sa.exc.IntegrityError as error:
         if isinstance(error.orig, psycopg.errors.UniqueViolation):
             return False
@@ -158,41 +181,39 @@ def copy_new_rows(
 
 
 def bulk_write(
-    connection: sa.Connection,
-    table: sa.Table,
-    columns: Sequence[str],
-    rows: Sequence[Sequence],
-    key: Sequence[str] = (),
+    connection: sa.Connection, table: sa.Table, columns: Columns, key: Sequence[str] = ()
 ) -> None:
-    """Insert many rows (tuples in `columns`' order), or upsert them by `key`: on PostgreSQL with
-    COPY (for an upsert: straight into the table when all keys are new, else into a temporary
-    table and then one `INSERT … ON CONFLICT`), elsewhere with one executemany."""
-    if not rows:
+    """Insert many rows, or upsert them by `key`: on PostgreSQL with COPY (for an upsert:
+    straight into the table when all keys are new, else into a temporary table and then one
+    `INSERT … ON CONFLICT`), elsewhere with one executemany."""
+    names = list(columns)
+    if not names or not len(columns[names[0]]):
         return
     dialect = connection.dialect.name
     if dialect != "postgresql":
-        others = [name for name in columns if name not in key]
+        others = [name for name in names if name not in key]
         statement = upsert_statement(dialect, table, list(key), others) if key else sa.insert(table)
-        connection.execute(statement, [dict(zip(columns, row, strict=True)) for row in rows])
+        rows = zip(*columns.values(), strict=True)
+        connection.execute(statement, [dict(zip(names, row, strict=True)) for row in rows])
         return
     if not key:
-        copy_rows(connection, table.name, columns, rows, binary_types(table, columns))
+        copy_columns(connection, table.name, columns)
         return
-    types = binary_types(table, columns)
-    if copy_new_rows(connection, table.name, columns, rows, types):
+    columns = in_key_order(columns, key[-1])
+    if copy_new_rows(connection, table.name, columns):
         return
     quote = connection.dialect.identifier_preparer.quote
-    names = ", ".join(quote(name) for name in columns)
+    quoted = ", ".join(quote(name) for name in names)
     staging = f"staging_{uuid.uuid4().hex[:12]}"
     connection.exec_driver_sql(
         f"CREATE TEMPORARY TABLE {staging} ON COMMIT DROP AS "
-        f"SELECT {names} FROM {quote(table.name)} WITH NO DATA"
+        f"SELECT {quoted} FROM {quote(table.name)} WITH NO DATA"
     )
-    copy_rows(connection, staging, columns, rows, types)
+    copy_columns(connection, staging, columns)
     updates = ", ".join(
-        f"{quote(name)} = EXCLUDED.{quote(name)}" for name in columns if name not in key
+        f"{quote(name)} = EXCLUDED.{quote(name)}" for name in names if name not in key
     )
     connection.exec_driver_sql(
-        f"INSERT INTO {quote(table.name)} ({names}) SELECT {names} FROM {staging} "
+        f"INSERT INTO {quote(table.name)} ({quoted}) SELECT {quoted} FROM {staging} "
         f"ON CONFLICT ({', '.join(quote(name) for name in key)}) DO UPDATE SET {updates}"
     )

@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from itertools import repeat
 
 import sqlalchemy as sa
 
@@ -26,7 +27,7 @@ from integrations.engine.destination import (
     Written,
 )
 from integrations.engine.spec import FlowSpec, Target
-from integrations.sql.connect import copy_new_rows, copy_rows
+from integrations.sql.connect import Columns, copy_columns, copy_new_rows, in_key_order
 from integrations.sql.fit import ARCHIVED_AT, create_table, python_type, reflect_fitting_table
 
 _IN_CHUNK = 500
@@ -68,50 +69,46 @@ class SqlTable:
             return Upserted([])
         fields = self._fields or list(records[0].properties)
         batch = records if isinstance(records, OutboundBatch) else OutboundBatch.of(records)
-        rows = list(zip(*(batch.column(name) for name in fields), strict=True))
+        columns = {name: batch.column(name) for name in fields}
         try:
             with self.engine.begin() as connection:
                 if self.dialect == "postgresql":
-                    created = self._upsert_postgresql(connection, fields, rows)
+                    created = self._upsert_postgresql(connection, columns)
                 else:
+                    rows = list(zip(*columns.values(), strict=True))
                     created = self._upsert_executemany(connection, fields, rows)
         except sa.exc.DBAPIError as error:
             raise _classified(error) from error
-        ids = [str(value) for value in batch.column(self.target.id_property)]
-        return Upserted(
-            [
-                Written(key, value, created.get(value, False))
-                for key, value in zip(batch.keys, ids, strict=True)
-            ]
-        )
+        ids = list(map(str, columns[self.target.id_property]))
+        flags = map(created.get, ids, repeat(False))
+        return Upserted(list(map(Written._make, zip(batch.keys, ids, flags, strict=True))))
 
     def health(self) -> dict[str, object]:
         """A database connection has no API transport to report on."""
         return {}
 
-    def _upsert_postgresql(
-        self, connection: sa.Connection, fields: list[str], rows: list[tuple]
-    ) -> dict[str, bool]:
-        if copy_new_rows(connection, self.table.name, fields, rows):  # a first load: all new
-            position = fields.index(self.target.id_property)
-            return {str(row[position]): True for row in rows}
+    def _upsert_postgresql(self, connection: sa.Connection, columns: Columns) -> dict[str, bool]:
+        fields = list(columns)
+        columns = in_key_order(columns, self.target.id_property)
+        if copy_new_rows(connection, self.table.name, columns):  # a first load: all new
+            return dict.fromkeys(map(str, columns[self.target.id_property]), True)
         quote = self.engine.dialect.identifier_preparer.quote
         table, key = quote(self.table.name), quote(self.target.id_property)
-        columns = ", ".join(quote(name) for name in fields)
+        quoted = ", ".join(quote(name) for name in fields)
         others = [quote(name) for name in fields if name != self.target.id_property]
         archived = quote(ARCHIVED_AT)
         connection.exec_driver_sql(
             f"CREATE TEMPORARY TABLE {_TEMP_TABLE} ON COMMIT DROP AS "
-            f"SELECT {columns} FROM {table} WITH NO DATA"
+            f"SELECT {quoted} FROM {table} WITH NO DATA"
         )
-        copy_rows(connection, _TEMP_TABLE, fields, rows)
+        copy_columns(connection, _TEMP_TABLE, columns)
         mine = ", ".join([*(f"{table}.{name}" for name in others), f"{table}.{archived}"])
         theirs = ", ".join([*(f"EXCLUDED.{name}" for name in others), "NULL"])
         updates = ", ".join(
             [*(f"{name} = EXCLUDED.{name}" for name in others), f"{archived} = NULL"]
         )
         returned = connection.exec_driver_sql(
-            f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {_TEMP_TABLE} "
+            f"INSERT INTO {table} ({quoted}) SELECT {quoted} FROM {_TEMP_TABLE} "
             f"ON CONFLICT ({key}) DO UPDATE SET {updates} "
             f"WHERE ({mine}) IS DISTINCT FROM ({theirs}) "
             f"RETURNING {key}, (xmax = 0)"
