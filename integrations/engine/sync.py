@@ -183,37 +183,26 @@ class _InFlight:
         return {digest: key for field_name, digest, key in self.claims if field_name == name}
 
 
-class _Collector:
-    """Python's cyclic garbage collector, run once per batch while syncs run, not after every
-    few hundred allocations: a million-row run makes tuples by the million, and every automatic
-    pass walked the process's objects again (a fifth of a first sync's Python time). What lived
-    before the first sync began is frozen out of the passes (gc.freeze) until the last ends."""
+class _HeapFrozen:
+    """What lived before the first of the process's syncs began (modules, the host's objects) is
+    left out of the cyclic garbage collector's passes until the last one ends (gc.freeze): a
+    million-row run allocates tuples by the million, which sets off full passes, and each walked
+    the whole process again (a tenth of a first sync's Python time)."""
 
     _lock = threading.Lock()
     _running = 0
-    _threshold: tuple[int, int, int] = (700, 10, 10)
 
-    def __enter__(self) -> _Collector:
+    def __enter__(self) -> None:
         with self._lock:
-            if _Collector._running == 0:
-                _Collector._threshold = gc.get_threshold()
+            if _HeapFrozen._running == 0:
                 gc.freeze()
-                gc.set_threshold(_GC_ALLOCATIONS, *_Collector._threshold[1:])
-            _Collector._running += 1
-        return self
-
-    def batch_done(self) -> None:
-        gc.collect()
+            _HeapFrozen._running += 1
 
     def __exit__(self, *_exc) -> None:
         with self._lock:
-            _Collector._running -= 1
-            if _Collector._running == 0:
-                gc.set_threshold(*_Collector._threshold)
+            _HeapFrozen._running -= 1
+            if _HeapFrozen._running == 0:
                 gc.unfreeze()
-
-
-_GC_ALLOCATIONS = 200_000  # between automatic passes while syncs run (Python's default: 700)
 
 
 class _Clock:
@@ -388,7 +377,7 @@ class Sync:
         # committed (`_in_flight`), and waits for that commit before handing on its own batch.
         self._in_flight, self._committed = None, None
         with (
-            _Collector() as collector,
+            _HeapFrozen(),
             ThreadPoolExecutor(1, thread_name_prefix=f"handoff-{self.spec.name}-load") as loader,
             ThreadPoolExecutor(1, thread_name_prefix=f"handoff-{self.spec.name}-commit") as commit,
         ):
@@ -396,7 +385,6 @@ class Sync:
             loading: Future | None = None
             try:
                 for batch in self._guarded(batches):
-                    collector.batch_done()
                     clock.lap("extract")
                     with self._state_lost():
                         staged = self._stage(batch, result, clock)
