@@ -88,6 +88,34 @@ def test_equal_rows_are_left_alone(engine):
     assert rows(engine)["L1"][:2] == (10.0, "x")
 
 
+TRICKY_TEXTS = [
+    "tab\there",
+    "line\nbreak",
+    "carriage\rreturn",
+    "back\\slash",
+    "\\N",  # COPY's own word for NULL, as text
+    "",
+    "naïve café 東京 🚀",
+    None,
+]
+
+
+def test_text_copy_must_escape_arrives_as_sent(engine):
+    """PostgreSQL takes a batch as COPY text built by handoff: tabs, line breaks, backslashes and
+    a literal \\N must arrive as they were sent, on a first load and on an update alike."""
+    table = SqlTable(engine, LINES.target, create_missing=True)
+    table.prepare(LINES)
+    numbers = [f"L{i}" for i in range(len(TRICKY_TEXTS))]
+    table.upsert([record(n, 1.5, memo) for n, memo in zip(numbers, TRICKY_TEXTS, strict=True)])
+    assert {n: rows(engine)[n][1] for n in numbers} == dict(zip(numbers, TRICKY_TEXTS, strict=True))
+
+    changed = [*TRICKY_TEXTS[1:], TRICKY_TEXTS[0]]
+    table.upsert([record(n, 2.5, memo) for n, memo in zip(numbers, changed, strict=True)])
+    assert {n: rows(engine)[n][:2] for n in numbers} == {
+        n: (2.5, memo) for n, memo in zip(numbers, changed, strict=True)
+    }
+
+
 def create(engine: sa.Engine, *columns: sa.Column | sa.Constraint) -> None:
     sa.Table("ledger_lines", sa.MetaData(), *columns).create(engine)
 
