@@ -322,9 +322,8 @@ class StateStore:
             sa.event.listen(self.engine, "connect", _serial_plans)
         raise_on_lost_connection(self.engine, StateStoreUnavailable, "the state store")
         self._create_schema()
-        self._growth: dict[
-            str, list[int]
-        ] = {}  # table → [rows at its last analysis, written since]
+        # table → [its rows at this store's last analysis, rows written since]
+        self._growth: dict[str, list[int]] = {}
         self._growth_lock = threading.Lock()
         self._upsert_cursor = upsert_statement(
             self.engine.dialect.name,
