@@ -172,6 +172,33 @@ def test_a_refused_record_is_rejected_without_its_value(engine):
     assert rows(engine) == {}, "the whole chunk is one transaction"
 
 
+def dated(number: str, amount: float, booked_on: str) -> OutboundRecord:
+    properties = {"line_number": number, "amount": amount, "booked_on": booked_on, "memo": "x"}
+    return OutboundRecord(key=number, properties=properties, trace_id=number)
+
+
+def test_a_clash_on_another_unique_column_is_refused_not_written_over(engine):
+    """Only the key decides between insert and update: a record whose other unique value another
+    row holds is refused (MariaDB's ON DUPLICATE KEY UPDATE would update that other row)."""
+    create(engine, *ledger_columns(), sa.UniqueConstraint("booked_on", name="one_line_a_day"))
+    table = SqlTable(engine, LINES.target)
+    table.prepare(LINES)
+    table.upsert([dated("L1", 10.0, "2025-01-01"), dated("L2", 20.0, "2025-01-02")])
+    before = rows(engine)
+
+    with pytest.raises(RecordsRejected) as refused:
+        table.upsert([dated("L3", 30.0, "2025-01-01")])  # new, with L1's day
+    assert "2025-01-01" not in str(refused.value), "the clashing value is not repeated"
+    with pytest.raises(RecordsRejected):
+        table.upsert([dated("L2", 25.0, "2025-01-01")])  # known, moved onto L1's day
+    assert rows(engine) == before, "no other record was written over"
+
+    written = table.upsert([dated("L2", 25.0, "2025-01-03"), dated("L4", 40.0, "2025-01-04")])
+    assert [(w.destination_id, w.created) for w in written.written] == [("L2", False), ("L4", True)]
+    assert rows(engine)["L2"][0] == 25.0
+    assert rows(engine)["L1"] == before["L1"]
+
+
 def test_source_streams_in_batches_by_cursor_and_key(sql_database):
     url = sql_database()
     seed_erp(url, rows=250, seed=3)

@@ -3,7 +3,9 @@
 One transaction per upsert call (the engine's chunk), by dialect:
 - PostgreSQL: COPY the chunk into a temporary table, then one `INSERT … SELECT … ON CONFLICT (key)
   DO UPDATE … WHERE (columns) IS DISTINCT FROM (excluded)`: rows already equal are not rewritten.
-- MariaDB/MySQL: `INSERT … ON DUPLICATE KEY UPDATE`, sent as multi-row statements by PyMySQL.
+- MariaDB/MySQL: new keys by a plain `INSERT`, known ones by one `UPDATE … JOIN` with a temporary
+  table of the chunk (multi-row statements by PyMySQL). Not `ON DUPLICATE KEY UPDATE`: it fires on
+  any unique index, so a new record holding another row's unique value would write over that row.
 - SQLite: `INSERT … ON CONFLICT (key) DO UPDATE`, executemany.
 The table must fit the flow (see integrations/sql/fit.py), checked by `prepare` before any write.
 """
@@ -125,6 +127,8 @@ class SqlTable:
         existing: set[str] = set()
         for start in range(0, len(keys), _IN_CHUNK):
             query = sa.select(table.c[key]).where(table.c[key].in_(keys[start : start + _IN_CHUNK]))
+            if self.dialect != "sqlite":  # the keys stay new or known until the chunk commits
+                query = query.with_for_update()
             existing.update(str(value) for value in connection.execute(query).scalars())
         converters = {
             index: convert
@@ -138,31 +142,61 @@ class SqlTable:
             ]
         # The driver's executemany with one prepared text: SQLAlchemy's per-row binding would cost
         # more than the database's work (PyMySQL sends it as multi-row INSERTs).
-        connection.exec_driver_sql(self._upsert_sql(fields), rows)
+        if self.dialect == "sqlite":
+            connection.exec_driver_sql(self._sqlite_upsert(fields), rows)
+        else:
+            known = [str(row[position]) in existing for row in rows]
+            self._insert_or_update(connection, fields, rows, known)
         return {str(value): str(value) not in existing for value in keys}
 
-    def _upsert_sql(self, fields: list[str]) -> str:
+    def _sqlite_upsert(self, fields: list[str]) -> str:
         quote = self.engine.dialect.identifier_preparer.quote
         table, key = quote(self.table.name), quote(self.target.id_property)
         columns = ", ".join(quote(name) for name in fields)
         others = [quote(name) for name in fields if name != self.target.id_property]
-        archived = quote(ARCHIVED_AT)
-        if self.dialect == "sqlite":
-            updates = ", ".join(
-                [*(f"{name} = excluded.{name}" for name in others), f"{archived} = NULL"]
-            )
-            values = ", ".join("?" for _ in fields)
-            return (
-                f"INSERT INTO {table} ({columns}) VALUES ({values}) "
-                f"ON CONFLICT ({key}) DO UPDATE SET {updates}"
-            )
-        if self.dialect in ("mysql", "mariadb"):
-            updates = ", ".join(
-                [*(f"{name} = VALUES({name})" for name in others), f"{archived} = NULL"]
-            )
-            values = ", ".join("%s" for _ in fields)
-            return f"INSERT INTO {table} ({columns}) VALUES ({values}) ON DUPLICATE KEY UPDATE {updates}"
-        raise NotImplementedError(f"no upsert for the {self.dialect} dialect")
+        updates = ", ".join(
+            [*(f"{name} = excluded.{name}" for name in others), f"{quote(ARCHIVED_AT)} = NULL"]
+        )
+        values = ", ".join("?" for _ in fields)
+        return (
+            f"INSERT INTO {table} ({columns}) VALUES ({values}) "
+            f"ON CONFLICT ({key}) DO UPDATE SET {updates}"
+        )
+
+    def _insert_or_update(
+        self, connection: sa.Connection, fields: list[str], rows: list[tuple], known: list[bool]
+    ) -> None:
+        """MariaDB/MySQL: INSERT the new rows; UPDATE the known ones through a temporary table
+        joined on the key. A clash on any other unique index is an error: the chunk is refused."""
+        quote = self.engine.dialect.identifier_preparer.quote
+        table, key = quote(self.table.name), quote(self.target.id_property)
+        columns = ", ".join(quote(name) for name in fields)
+        values = ", ".join("%s" for _ in fields)
+        new = [row for row, old in zip(rows, known, strict=True) if not old]
+        if new:
+            connection.exec_driver_sql(f"INSERT INTO {table} ({columns}) VALUES ({values})", new)
+        updated = [row for row, old in zip(rows, known, strict=True) if old]
+        if not updated:
+            return
+        connection.exec_driver_sql(f"DROP TEMPORARY TABLE IF EXISTS {_TEMP_TABLE}")
+        connection.exec_driver_sql(
+            f"CREATE TEMPORARY TABLE {_TEMP_TABLE} SELECT {columns} FROM {table} LIMIT 0"
+        )
+        connection.exec_driver_sql(
+            f"INSERT INTO {_TEMP_TABLE} ({columns}) VALUES ({values})", updated
+        )
+        sets = [
+            *(
+                f"{table}.{quote(name)} = batch.{quote(name)}"
+                for name in fields
+                if name != self.target.id_property
+            ),
+            f"{table}.{quote(ARCHIVED_AT)} = NULL",
+        ]
+        connection.exec_driver_sql(
+            f"UPDATE {table} JOIN {_TEMP_TABLE} AS batch USING ({key}) SET {', '.join(sets)}"
+        )
+        connection.exec_driver_sql(f"DROP TEMPORARY TABLE {_TEMP_TABLE}")
 
     def archive(self, destination_ids: Sequence[str]) -> None:
         """Mark records archived (`archived_at` = now); archived ones keep their first time."""
