@@ -87,3 +87,20 @@ def test_the_inbox_on_postgresql_refuses_replays_and_counts_duplicates(postgres_
         assert inbox.counts()["events"] == 2, "events stay; only delivery ids are forgotten"
     finally:
         inbox.dispose()
+
+
+def test_consumed_events_are_forgotten_but_ids_never_come_back(inbox):
+    """Old consumed events go; waiting ones and the newest stay, so no id is handed out twice."""
+    inbox.accept("d1", "test", events(event(1), event(2)))
+    inbox.mark_consumed(up_to_id=2, run_key="run-a")
+    later = utcnow() + timedelta(seconds=1)
+    assert inbox.forget_consumed(before=later) == 1, "the newest event stays"
+    inbox.accept("d2", "test", events(event(3)))
+    assert [e.object_id for e in inbox.after(0, 10)] == [2, 3]
+    assert [e.id for e in inbox.after(2, 10)] == [3], "a new event is never under a passed id"
+
+    inbox.mark_consumed(up_to_id=3, run_key="run-b")
+    inbox.accept("d3", "test", events(event(4)))  # waiting: never forgotten
+    assert inbox.forget_consumed(before=utcnow() + timedelta(seconds=1)) == 2
+    assert [e.object_id for e in inbox.after(0, 10)] == [4]
+    assert inbox.counts() == {"deliveries": 3, "events": 1, "waiting": 1}

@@ -5,6 +5,8 @@ A delivery and its events are stored in one transaction. The delivery id (Standa
 request sent again is a replay and is refused. An event already stored under another delivery
 (the sender retried after a lost answer) is counted as a duplicate and not stored again.
 Events keep no property values (they can be PII): the flow reads the record from the CRM.
+Delivery ids are forgotten once a replay would be stale, and events a week after their run was
+requested: the inbox does not grow with time.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from integrations.webhooks.signatures import TOLERANCE_SECONDS
 
 # A replay older than this carries a timestamp the signature check refuses as stale anyway.
 REPLAY_MEMORY = timedelta(seconds=2 * TOLERANCE_SECONDS)
-FORGET_EVERY = 500  # deliveries accepted between two clean-ups of old delivery ids
+# Events whose run was requested this long ago are dropped: the run read the records from the
+# CRM, and a sender's retry of one of them after that is stored again and syncs nothing new.
+EVENT_MEMORY = timedelta(days=7)
+FORGET_EVERY = 500  # deliveries accepted between two clean-ups of old delivery ids and events
 
 metadata = sa.MetaData()
 
@@ -123,6 +128,7 @@ class WebhookInbox:
             raise ReplayRefused(f"delivery {delivery_id} was received before") from None
         if next(self._accepted) % FORGET_EVERY == 0:
             self.forget_deliveries(before=now - REPLAY_MEMORY)
+            self.forget_consumed(before=now - EVENT_MEMORY)
         return Accepted(stored=stored, duplicates=len(events) - stored)
 
     def forget_deliveries(self, before) -> int:
@@ -130,6 +136,18 @@ class WebhookInbox:
         with self.engine.begin() as connection:
             return connection.execute(
                 webhook_deliveries.delete().where(webhook_deliveries.c.received_at < before)
+            ).rowcount
+
+    def forget_consumed(self, before) -> int:
+        """Drop events whose run was requested before `before`. The newest event stays whatever
+        its age: SQLite hands the highest id out again once it is deleted, and an event under an
+        id the sensor's cursor has passed would never be seen."""
+        newest = sa.select(sa.func.max(webhook_inbox.c.id)).scalar_subquery()
+        with self.engine.begin() as connection:
+            return connection.execute(
+                webhook_inbox.delete().where(
+                    webhook_inbox.c.consumed_at < before, webhook_inbox.c.id < newest
+                )
             ).rowcount
 
     def after(self, last_id: int, limit: int) -> list[InboxEvent]:
