@@ -28,6 +28,7 @@ from integrations.sql.connect import (
     raise_on_lost_connection,
     upsert_statement,
 )
+from integrations.sql.evolve import create_or_evolve
 
 metadata = sa.MetaData()
 
@@ -333,7 +334,8 @@ class StateStore:
         )
 
     def _create_schema(self, attempts: int = 3) -> None:
-        """Tables and append-only triggers, in one transaction. Processes opening a new store at
+        """Tables (or the columns and indexes an older handoff's lack) and append-only triggers,
+        in one transaction. Processes opening a new store at
         once take turns on PostgreSQL (an advisory lock); on SQLite the one that loses the race
         (it creates what another just created) tries again."""
         for attempt in range(attempts):
@@ -341,7 +343,7 @@ class StateStore:
                 with self.engine.begin() as connection:
                     if connection.dialect.name == "postgresql":
                         connection.exec_driver_sql("SELECT pg_advisory_xact_lock(7260418)")
-                    metadata.create_all(connection)
+                    create_or_evolve(connection, metadata, "the state store")
                     for statement in _APPEND_ONLY.get(connection.dialect.name, []):
                         connection.exec_driver_sql(statement)
                 return

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 
 from integrations.engine.state import utcnow
 from integrations.sql.connect import create_engine
+from integrations.sql.evolve import create_or_evolve
 from integrations.webhooks.events import CrmEvent
 from integrations.webhooks.signatures import TOLERANCE_SECONDS
 
@@ -92,7 +93,8 @@ class WebhookInbox:
 
     def __init__(self, url: str):
         self.engine = create_engine(url)
-        metadata.create_all(self.engine)
+        with self.engine.begin() as connection:
+            create_or_evolve(connection, metadata, "the webhook inbox")
         self._insert = _insert_ignoring_duplicates(self.engine.dialect.name)
         self._accepted = itertools.count(1)
 
