@@ -13,6 +13,10 @@ Steps, on the same seeded ERP `customers` (9 columns) into a fresh destination d
 - handoff incremental: after 1% of customers changed; handoff rerun: nothing changed;
 - dlt merge (PostgreSQL): `sql_table` into PostgreSQL with write_disposition `merge` on the
   key, first load and the reload after the same 1% change.
+
+Beside each step's time: the CPU seconds of its process (client) and of the local database
+servers meanwhile (server; blank when they run elsewhere), and a calibration loop's time for the
+whole run: the machine's speed drifts, so compare runs after dividing by it.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from pathlib import Path
 import pandera.pandas as pa
 from pandera.typing import Series
 
-from bench.steps import change_one_percent, peak_rss_mb, sync_figures
+from bench.steps import calibration_seconds, change_one_percent, peak_rss_mb, sync_figures
 from bench.steps import run_step as bench_step
 from integrations.contracts import Contract
 from integrations.contracts.erp_customer import ERP_CUSTOMER
@@ -342,7 +346,8 @@ def bench(db: str, rows: int) -> list[tuple]:
             if figures.get("timings"):
                 print(f"{db} {rows:,} {label}: phase seconds {figures['timings']}", file=sys.stderr)
             rss = figures["peak_rss_mb"] if label.startswith("handoff") else None
-            table.append((db, rows, label, figures["seconds"], rate, figures["written"], rss))
+            cpu = (figures["client_cpu"], figures["server_cpu"])
+            table.append((db, rows, label, figures["seconds"], rate, figures["written"], rss, *cpu))
             print(f"{table[-1]}", file=sys.stderr)
     return table
 
@@ -367,14 +372,21 @@ def main() -> None:
     ]
     if args.db or args.rows:
         cases = [(args.db or "postgres", args.rows or 100_000)]
+    calibration = calibration_seconds()
     table = [row for db, rows in cases for row in bench(db, rows)]
+    calibration = (calibration + calibration_seconds()) / 2
 
+    print(f"\ncalibration (a fixed Python loop, before and after): {calibration:.2f} s")
     print(
-        f"\n{'db':<10}{'rows':>10}  {'step':<36}{'seconds':>9}{'rows/s':>10}{'written':>10}{'peak RSS MB':>13}"
+        f"{'db':<10}{'rows':>10}  {'step':<36}{'seconds':>9}{'rows/s':>10}{'written':>10}"
+        f"{'peak RSS MB':>13}{'client CPU s':>14}{'server CPU s':>14}"
     )
-    for db, rows, label, seconds, rate, written, rss in table:
+    for db, rows, label, seconds, rate, written, rss, client, server in table:
         memory = f"{rss:>13.0f}" if rss is not None else f"{'':>13}"
-        print(f"{db:<10}{rows:>10,}  {label:<36}{seconds:>9.2f}{rate:>10.0f}{written:>10}{memory}")
+        used = f"{client:>14.2f}" + (f"{server:>14.2f}" if server is not None else f"{'':>14}")
+        print(
+            f"{db:<10}{rows:>10,}  {label:<36}{seconds:>9.2f}{rate:>10.0f}{written:>10}{memory}{used}"
+        )
 
 
 if __name__ == "__main__":
