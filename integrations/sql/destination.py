@@ -127,8 +127,6 @@ class SqlTable:
         existing: set[str] = set()
         for start in range(0, len(keys), _IN_CHUNK):
             query = sa.select(table.c[key]).where(table.c[key].in_(keys[start : start + _IN_CHUNK]))
-            if self.dialect != "sqlite":  # the keys stay new or known until the chunk commits
-                query = query.with_for_update()
             existing.update(str(value) for value in connection.execute(query).scalars())
         converters = {
             index: convert
@@ -167,7 +165,10 @@ class SqlTable:
         self, connection: sa.Connection, fields: list[str], rows: list[tuple], known: list[bool]
     ) -> None:
         """MariaDB/MySQL: INSERT the new rows; UPDATE the known ones through a temporary table
-        joined on the key. A clash on any other unique index is an error: the chunk is refused."""
+        joined on the key. A clash on any other unique index is an error: the chunk is refused.
+        The keys are not locked between the lookup and the writes (gap locks would make runs
+        that insert into one table at once, a backfill's partitions, deadlock each other): a key
+        another run inserts meanwhile refuses the chunk, and the bisection dead-letters only it."""
         quote = self.engine.dialect.identifier_preparer.quote
         table, key = quote(self.table.name), quote(self.target.id_property)
         columns = ", ".join(quote(name) for name in fields)
