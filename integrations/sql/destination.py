@@ -194,8 +194,10 @@ class SqlTable:
             ),
             f"{table}.{quote(ARCHIVED_AT)} = NULL",
         ]
+        # The chunk drives the join (STRAIGHT_JOIN): one key lookup per row, never a table scan.
         connection.exec_driver_sql(
-            f"UPDATE {table} JOIN {_TEMP_TABLE} AS batch USING ({key}) SET {', '.join(sets)}"
+            f"UPDATE {_TEMP_TABLE} AS batch STRAIGHT_JOIN {table} "
+            f"ON {table}.{key} = batch.{key} SET {', '.join(sets)}"
         )
         connection.exec_driver_sql(f"DROP TEMPORARY TABLE {_TEMP_TABLE}")
 
