@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+
 import pandas as pd
 import pandera.pandas as pa
+import psycopg
 import pytest
 import sqlalchemy as sa
 from pandera.typing import Series
 
 from integrations.contracts import Contract
-from integrations.engine.destination import DestinationMismatch, OutboundRecord, RecordsRejected
+from integrations.engine.destination import (
+    DestinationMismatch,
+    DestinationUnavailable,
+    OutboundRecord,
+    RecordsRejected,
+)
 from integrations.engine.spec import FlowSpec, SourceTable, Target
 from integrations.erp.seed import seed_erp
 from integrations.sql.connect import create_engine
 from integrations.sql.destination import SqlTable
 from integrations.sql.source import SqlSource
+from tests.conftest import POSTGRES_ADMIN
 
 
 class LedgerLineV1(pa.DataFrameModel):
@@ -197,6 +207,75 @@ def test_a_clash_on_another_unique_column_is_refused_not_written_over(engine):
     assert [(w.destination_id, w.created) for w in written.written] == [("L2", False), ("L4", True)]
     assert rows(engine)["L2"][0] == 25.0
     assert rows(engine)["L1"] == before["L1"]
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("mariadb", marks=pytest.mark.mariadb),
+    ]
+)
+def impatient_engine(request):
+    """An engine whose lock waits give up within a second (PostgreSQL 300 ms, MariaDB 1 s)."""
+    if request.param == "postgres":
+        url = request.getfixturevalue("postgres_database")()
+        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+            admin.execute(f"ALTER DATABASE \"{url.rsplit('/', 1)[1]}\" SET lock_timeout = '300ms'")
+    else:
+        url = request.getfixturevalue("mariadb_database")()
+        url += "?init_command=SET%20innodb_lock_wait_timeout%3D1"
+    engine = create_engine(url)
+    yield engine
+    engine.dispose()
+
+
+@contextmanager
+def row_locked(engine: sa.Engine, number: str, release_after: float | None = None):
+    """Another transaction holding the row of `number` (released after some seconds, or at the
+    end of the block)."""
+    holder = engine.connect()
+    transaction = holder.begin()
+    holder.execute(
+        sa.text("UPDATE ledger_lines SET memo = 'held' WHERE line_number = :n"), {"n": number}
+    )
+    timer = threading.Timer(release_after or 0, transaction.rollback)
+    if release_after is not None:
+        timer.start()
+    try:
+        yield
+    finally:
+        if release_after is None:
+            transaction.rollback()
+        else:
+            timer.join()
+        holder.close()
+
+
+def test_a_chunk_that_loses_a_lock_conflict_is_written_again(impatient_engine):
+    table = SqlTable(impatient_engine, LINES.target, create_missing=True)
+    table.prepare(LINES)
+    table.upsert([record("L1", 10.0), record("L2", 20.0)])
+    with row_locked(impatient_engine, "L1", release_after=1.5):
+        written = table.upsert([record("L1", 11.0), record("L3", 30.0)]).written
+    assert [(w.destination_id, w.created) for w in written] == [("L1", False), ("L3", True)]
+    assert {n: v[0] for n, v in rows(impatient_engine).items()} == {
+        "L1": 11.0,
+        "L2": 20.0,
+        "L3": 30.0,
+    }
+
+
+def test_a_lock_held_past_every_attempt_is_unavailability_not_a_refusal(
+    impatient_engine, monkeypatch
+):
+    monkeypatch.setattr("integrations.sql.destination.LOCK_ATTEMPTS", 2)
+    table = SqlTable(impatient_engine, LINES.target, create_missing=True)
+    table.prepare(LINES)
+    table.upsert([record("L1", 10.0)])
+    with row_locked(impatient_engine, "L1"), pytest.raises(DestinationUnavailable) as lost:
+        table.upsert([record("L1", 11.0), record("L2", 20.0)])
+    assert "2 attempts lost lock conflicts" in str(lost.value)
+    assert rows(impatient_engine) == {"L1": (10.0, "x", None)}, "nothing of the chunk was written"
 
 
 def test_source_streams_in_batches_by_cursor_and_key(sql_database):

@@ -8,15 +8,19 @@ One transaction per upsert call (the engine's chunk), by dialect:
   any unique index, so a new record holding another row's unique value would write over that row.
 - SQLite: `INSERT … ON CONFLICT (key) DO UPDATE`, executemany.
 The table must fit the flow (see integrations/sql/fit.py), checked by `prepare` before any write.
+A transaction that loses a lock conflict (deadlock, lock wait timeout, serialization failure) is
+run again, a few times, after a growing pause: it is never taken for a refusal of its records.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from itertools import repeat
+from typing import TypeVar
 
 import sqlalchemy as sa
 
@@ -34,6 +38,9 @@ from integrations.sql.fit import ARCHIVED_AT, create_table, python_type, reflect
 
 _IN_CHUNK = 500
 _TEMP_TABLE = "handoff_upsert_batch"
+LOCK_ATTEMPTS = 5  # a chunk's transaction, run again after each lost lock conflict
+LOCK_PAUSE_SECONDS = 0.2  # before the second attempt; doubled before each next one
+T = TypeVar("T")
 
 
 class SqlTable:
@@ -72,15 +79,14 @@ class SqlTable:
         fields = self._fields or list(records[0].properties)
         batch = records if isinstance(records, OutboundBatch) else OutboundBatch.of(records)
         columns = {name: batch.column(name) for name in fields}
-        try:
-            with self.engine.begin() as connection:
-                if self.dialect == "postgresql":
-                    created = self._upsert_postgresql(connection, columns)
-                else:
-                    rows = list(zip(*columns.values(), strict=True))
-                    created = self._upsert_executemany(connection, fields, rows)
-        except sa.exc.DBAPIError as error:
-            raise _classified(error) from error
+
+        def write(connection: sa.Connection) -> dict[str, bool]:
+            if self.dialect == "postgresql":
+                return self._upsert_postgresql(connection, columns)
+            rows = list(zip(*columns.values(), strict=True))
+            return self._upsert_executemany(connection, fields, rows)
+
+        created = self._transaction(write)
         ids = list(map(str, columns[self.target.id_property]))
         flags = map(created.get, ids, repeat(False))
         return Upserted(list(map(Written._make, zip(batch.keys, ids, flags, strict=True))))
@@ -88,6 +94,28 @@ class SqlTable:
     def health(self) -> dict[str, object]:
         """A database connection has no API transport to report on."""
         return {}
+
+    def _transaction(self, work: Callable[[sa.Connection], T]) -> T:
+        """`work` in one transaction. A transaction that lost a lock conflict (a deadlock, a lock
+        wait that timed out, a serialization failure) is rolled back and run again, after a
+        growing pause: the conflict is another transaction's, not the records'. Still losing
+        after the last attempt, the database is unavailable for now (the run stops, nothing of
+        the chunk is marked synced); any other refusal is the records' (RecordsRejected)."""
+        attempt = 1
+        while True:
+            try:
+                with self.engine.begin() as connection:
+                    return work(connection)
+            except sa.exc.DBAPIError as error:
+                if not _lock_conflict(error):
+                    raise _classified(error) from error
+                if attempt == LOCK_ATTEMPTS:
+                    raise DestinationUnavailable(
+                        f"{type(error.orig).__name__}: {LOCK_ATTEMPTS} attempts lost lock "
+                        "conflicts with other transactions on the table"
+                    ) from error
+            time.sleep(LOCK_PAUSE_SECONDS * 2 ** (attempt - 1))
+            attempt += 1
 
     def _upsert_postgresql(self, connection: sa.Connection, columns: Columns) -> dict[str, bool]:
         fields = list(columns)
@@ -207,19 +235,19 @@ class SqlTable:
         native = python_type(column) or str
         ids = [native(value) if native is int else value for value in destination_ids]
         now = datetime.now(UTC).replace(tzinfo=None)
-        try:
-            with self.engine.begin() as connection:
-                for start in range(0, len(ids), _IN_CHUNK):
-                    connection.execute(
-                        sa.update(self.table)
-                        .where(
-                            column.in_(ids[start : start + _IN_CHUNK]),
-                            self.table.c[ARCHIVED_AT].is_(None),
-                        )
-                        .values({ARCHIVED_AT: now})
+
+        def mark(connection: sa.Connection) -> None:
+            for start in range(0, len(ids), _IN_CHUNK):
+                connection.execute(
+                    sa.update(self.table)
+                    .where(
+                        column.in_(ids[start : start + _IN_CHUNK]),
+                        self.table.c[ARCHIVED_AT].is_(None),
                     )
-        except sa.exc.DBAPIError as error:
-            raise _classified(error) from error
+                    .values({ARCHIVED_AT: now})
+                )
+
+        self._transaction(mark)
 
     # --- reads -------------------------------------------------------------------------------
 
@@ -259,6 +287,20 @@ def _as_sent(value: object) -> object:
     if isinstance(value, date):
         return value.isoformat()
     return float(value) if isinstance(value, Decimal) else value
+
+
+# PostgreSQL's SQLSTATEs: serialization failure, deadlock, lock not available (lock_timeout).
+_PG_LOCK_CONFLICTS = frozenset({"40001", "40P01", "55P03"})
+# MariaDB/MySQL: lock wait timeout, deadlock. (SQLite waited out its busy timeout already.)
+_MARIADB_LOCK_CONFLICTS = frozenset({1205, 1213})
+
+
+def _lock_conflict(error: sa.exc.DBAPIError) -> bool:
+    original = error.orig
+    if getattr(original, "sqlstate", None) in _PG_LOCK_CONFLICTS:
+        return True
+    code = original.args[0] if original is not None and original.args else None
+    return code in _MARIADB_LOCK_CONFLICTS
 
 
 def _unreachable(error: sa.exc.DBAPIError) -> bool:
