@@ -278,6 +278,20 @@ def test_a_lock_held_past_every_attempt_is_unavailability_not_a_refusal(
     assert rows(impatient_engine) == {"L1": (10.0, "x", None)}, "nothing of the chunk was written"
 
 
+@pytest.mark.mariadb
+def test_a_lax_mariadb_server_still_refuses_what_it_would_cut(mariadb_database):
+    """A server whose sql_mode is not strict would cut a text too long for its column, with a
+    warning only: handoff's session refuses it, so the record is dead-lettered, not cut."""
+    engine = create_engine(mariadb_database() + "?init_command=SET%20sql_mode%3D%27%27")
+    create(engine, *ledger_columns())  # booked_on is VARCHAR(10)
+    table = SqlTable(engine, LINES.target)
+    table.prepare(LINES)
+    with pytest.raises(RecordsRejected, match="too long"):
+        table.upsert([dated("L1", 10.0, "2025-01-01 and then some")])
+    assert rows(engine) == {}
+    engine.dispose()
+
+
 def test_source_streams_in_batches_by_cursor_and_key(sql_database):
     url = sql_database()
     seed_erp(url, rows=250, seed=3)

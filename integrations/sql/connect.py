@@ -33,7 +33,8 @@ def normalise_url(url: str) -> str:
 
 
 def create_engine(url: str) -> sa.Engine:
-    """An engine; SQLite files get WAL and a busy timeout so sync and sensors can share them."""
+    """An engine; SQLite files get WAL and a busy timeout so sync and sensors can share them,
+    MariaDB/MySQL sessions strict SQL mode."""
     engine = sa.create_engine(normalise_url(url), pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
 
@@ -44,6 +45,18 @@ def create_engine(url: str) -> sa.Engine:
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
+
+    if engine.dialect.name in ("mysql", "mariadb"):
+        # A server configured lax (sql_mode without STRICT_*) cuts a too-long text, or turns a
+        # bad value into 0, and only warns: handoff's sessions refuse instead, so the record is
+        # dead-lettered with the reason rather than written wrong.
+        @sa.event.listens_for(engine, "connect")
+        def _strict_mode(dbapi_connection, _record):
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute(
+                    "SET SESSION sql_mode = CONCAT_WS(',', NULLIF(@@SESSION.sql_mode, ''), "
+                    "'STRICT_ALL_TABLES')"
+                )
 
     return engine
 
