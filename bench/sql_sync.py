@@ -346,7 +346,8 @@ def bench(db: str, rows: int) -> list[tuple]:
             if figures.get("timings"):
                 print(f"{db} {rows:,} {label}: phase seconds {figures['timings']}", file=sys.stderr)
             rss = figures["peak_rss_mb"] if label.startswith("handoff") else None
-            cpu = (figures["client_cpu"], figures["server_cpu"])
+            # SQLite runs inside the step's process: no server to measure.
+            cpu = (figures["client_cpu"], None if db == "sqlite" else figures["server_cpu"])
             table.append((db, rows, label, figures["seconds"], rate, figures["written"], rss, *cpu))
             print(f"{table[-1]}", file=sys.stderr)
     return table
