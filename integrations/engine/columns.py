@@ -20,6 +20,8 @@ from integrations.engine.hashing import canonical_json
 
 # One encoder for a whole column; the same options as hashing's canonical encoding.
 _ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+# What that encoder makes of one str (ensure_ascii=False): json's own C function, value by value.
+_ENCODE_STR = json.encoder.encode_basestring
 # Field hashes are SipHash-2-4 (pandas' `hash_array`, in C) of each value's canonical text under
 # this fixed key: a standard function of the text, so they stay comparable across versions.
 _FIELD_HASH_KEY = "handoff.fields.1"
@@ -69,9 +71,8 @@ def json_texts(values: Sequence[object]) -> list[str]:
     kinds = set(map(type, present))
     if not present:
         return ["null"] * len(values)
-    if kinds == {str}:
-        # Inside a JSON string every quote is escaped, so `","` occurs only between elements.
-        pieces = [f'"{piece}"' for piece in _ENCODE(present)[2:-2].split('","')]
+    if kinds == {str}:  # the function the encoder itself applies to each str
+        pieces = list(map(_ENCODE_STR, present))
     elif kinds <= {int, float, bool}:
         pieces = _ENCODE(present)[1:-1].split(",")
     else:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple, Protocol, overload
 
@@ -92,6 +92,46 @@ class Written(NamedTuple):  # a tuple: a batch makes one per record, cheaply
     created: bool
 
 
+class WrittenColumns(Sequence[Written]):
+    """Written records column by column: a destination that writes a batch at once (a SQL table)
+    makes no tuple per record, and the engine reads the columns; a Written is made only when one
+    is looked at."""
+
+    def __init__(
+        self, keys: Sequence[str], destination_ids: Sequence[str], created: Sequence[bool]
+    ):
+        self.keys, self.destination_ids, self.created = keys, destination_ids, created
+
+    @classmethod
+    def joined(cls, parts: Iterable[Sequence[Written]]) -> WrittenColumns:
+        """The parts (chunks' outcomes, in order) as one."""
+        keys: list[str] = []
+        destination_ids: list[str] = []
+        created: list[bool] = []
+        for part in parts:
+            if isinstance(part, WrittenColumns):
+                keys += part.keys
+                destination_ids += part.destination_ids
+                created += part.created
+            else:
+                keys += [item.key for item in part]
+                destination_ids += [item.destination_id for item in part]
+                created += [item.created for item in part]
+        return cls(keys, destination_ids, created)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @overload
+    def __getitem__(self, at: int) -> Written: ...
+    @overload
+    def __getitem__(self, at: slice) -> WrittenColumns: ...
+    def __getitem__(self, at):
+        if isinstance(at, slice):
+            return WrittenColumns(self.keys[at], self.destination_ids[at], self.created[at])
+        return Written(self.keys[at], self.destination_ids[at], self.created[at])
+
+
 @dataclass(frozen=True)
 class Refusal:
     """One record the destination refused while accepting others, in its own words."""
@@ -104,7 +144,7 @@ class Refusal:
 class Upserted:
     """A batch's outcome record by record: a half-accepted batch is not a success wholesale."""
 
-    written: list[Written]
+    written: Sequence[Written]
     refused: list[Refusal] = field(default_factory=list)
 
 

@@ -38,6 +38,7 @@ from integrations.engine.destination import (
     OutboundRecord,
     RecordsRejected,
     Written,
+    WrittenColumns,
     correlation_id,
 )
 from integrations.engine.hashing import canonical_json, content_hash
@@ -146,15 +147,15 @@ class _InFlight:
     """A batch loaded into the destination whose commit is under way: what the ledger and the
     unique-value claims will hold once it lands."""
 
-    written: list[Written] = field(default_factory=list)
+    written: WrittenColumns = field(default_factory=lambda: WrittenColumns([], [], []))
     entries: LedgerEntries = field(default_factory=lambda: LedgerEntries([], [[], [], [], []]))
     claims: list[tuple[str, str, str]] = field(default_factory=list)  # (field, digest, key)
     archived: set[str] = field(default_factory=set)
 
     @classmethod
-    def of(cls, spec: FlowSpec, plan: _Plan, written: list[Written]) -> _InFlight:
+    def of(cls, spec: FlowSpec, plan: _Plan, written: WrittenColumns) -> _InFlight:
         outbound = plan.outbound
-        keys = [item.key for item in written]
+        keys = written.keys
         hashes, field_hashes = outbound.hashes, plan.field_hashes
         if keys != outbound.keys:  # some refused, or written in another order
             at = list(map(plan.position.__getitem__, keys))
@@ -165,17 +166,17 @@ class _InFlight:
             keys + archived,
             [
                 [*hashes, *(["archived"] * len(archived))],
-                [*(item.destination_id for item in written), *plan.to_archive.values()],
+                [*written.destination_ids, *plan.to_archive.values()],
                 [False] * len(keys) + [True] * len(archived),
                 [*field_hashes, *([None] * len(archived))],
             ],
         )
         position = plan.position
         claims = [
-            (name, _digest(value), item.key)
+            (name, _digest(value), key)
             for name in spec.target.unique_ignoring_case
-            for item in written
-            if (value := outbound.column(name)[position[item.key]])
+            for key in keys
+            if (value := outbound.column(name)[position[key]])
         ]
         return cls(written, entries, claims, set(archived))
 
@@ -508,8 +509,9 @@ class Sync:
             written, refused = self._load(plan.outbound, staged.live)
             self._note_rejections(result, refused)
             clock.lap("load")
-        for item in written:
-            result.counts["inserted" if item.created else "updated"] += 1
+        inserted = sum(written.created)
+        result.counts["inserted"] += inserted
+        result.counts["updated"] += len(written) - inserted
         result.counts["archived"] += len(plan.to_archive)
         if self._committed is not None:
             self._committed.result()  # raises the batch before's failure: nothing is handed on
@@ -731,8 +733,8 @@ class Sync:
         records = self._audit_records(plan, flight, letters)
         detail = {
             "rows": rows,
-            "inserted": sum(item.created for item in written),
-            "updated": sum(not item.created for item in written),
+            "inserted": sum(written.created),
+            "updated": len(written) - sum(written.created),
             "archived": len(plan.to_archive),
             "dead_lettered": len(letters),
             "watermark": watermark.as_dict() if watermark else None,
@@ -768,14 +770,14 @@ class Sync:
             return correlation_id(self.run_id, flow, key)
 
         prefix = trace("")  # the correlation id of record k is prefix + k
-        keys = [item.key for item in flight.written]
+        keys = flight.written.keys
         changes = plan.changes
         if keys != plan.outbound.keys:
             changes = list(map(changes.__getitem__, map(position.__getitem__, keys)))
         if self._replaying:
             actions = ["replay"] * len(keys)
         else:
-            actions = ["insert" if item.created else "update" for item in flight.written]
+            actions = ["insert" if created else "update" for created in flight.written.created]
         # Tuples made by zip, in C: a batch's writes make one each.
         records: list[tuple] = list(
             zip(repeat(flow), keys, actions, map(prefix.__add__, keys), changes)
@@ -851,16 +853,16 @@ class Sync:
 
     def _load(
         self, outbound: OutboundBatch, source_rows: pd.DataFrame
-    ) -> tuple[list[Written], list[DeadLetter]]:
-        written: list[Written] = []
+    ) -> tuple[WrittenColumns, list[DeadLetter]]:
+        written: list[Sequence[Written]] = []  # each accepted chunk's
         refused: list[DeadLetter] = []
         size = self.destination.max_batch
         for start in range(0, len(outbound), size):
             self._load_chunk(outbound[start : start + size], source_rows, written, refused)
-        return written, refused
+        return WrittenColumns.joined(written), refused
 
     def _load_chunk(
-        self, chunk, source_rows, written: list[Written], refused: list[DeadLetter]
+        self, chunk, source_rows, written: list[Sequence[Written]], refused: list[DeadLetter]
     ) -> None:
         """Upsert a chunk; records refused one by one go to the DLQ with the destination's own
         reason, and a chunk refused as a whole is bisected to find its bad records."""
@@ -874,7 +876,7 @@ class Sync:
             self._load_chunk(chunk[:middle], source_rows, written, refused)
             self._load_chunk(chunk[middle:], source_rows, written, refused)
             return
-        written.extend(outcome.written)
+        written.append(outcome.written)
         if outcome.refused:
             at = {record_key: i for i, record_key in enumerate(chunk.keys)}
             refused.extend(

@@ -30,7 +30,7 @@ from integrations.engine.destination import (
     OutboundRecord,
     RecordsRejected,
     Upserted,
-    Written,
+    WrittenColumns,
 )
 from integrations.engine.spec import FlowSpec, Target
 from integrations.sql.connect import Columns, copy_columns, copy_new_rows, in_key_order
@@ -89,7 +89,7 @@ class SqlTable:
         created = self._transaction(write)
         ids = list(map(str, columns[self.target.id_property]))
         flags = map(created.get, ids, repeat(False))
-        return Upserted(list(map(Written._make, zip(batch.keys, ids, flags, strict=True))))
+        return Upserted(WrittenColumns(batch.keys, ids, list(flags)))
 
     def health(self) -> dict[str, object]:
         """A database connection has no API transport to report on."""
