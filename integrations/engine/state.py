@@ -260,9 +260,8 @@ class BatchCommit:
     # Keys whose open dead letters are settled: written, or found already in sync.
     resolved: list[str] = field(default_factory=list)
     resolution: str = "synced"
-    # AuditRecords (or plain tuples in their fields' order), or the batch's records as columns
-    # named by those fields, each diff its JSON text already (no tuple per record).
-    audit_records: Sequence[tuple] | Mapping[str, Sequence[str]] = field(default_factory=list)
+    # AuditRecords, or plain tuples in their fields' order (a batch's writes make one each).
+    audit_records: list[tuple] = field(default_factory=list)
 
 
 def _chunks(items: Sequence[str], dialect: str) -> Iterator[Sequence[str]]:
@@ -699,12 +698,15 @@ class StateStore:
         head = connection.execute(
             sa.select(audit_log.c.entry_hash).order_by(audit_log.c.id.desc()).limit(1)
         ).scalar()
-        columns = _record_columns(records)
-        count = len(columns["record_key"])
-        if count:  # by key (stable: one record's actions keep their order)
+        rows = [  # _RECORD_FIELDS; records are AuditRecords or plain tuples in their order
+            record if isinstance(record[4], str) else (*record[:4], sorted_json(record[4]))
+            for record in records
+        ]
+        if rows:  # by key (stable: one record's actions keep their order)
+            columns = dict(zip(_RECORD_FIELDS, zip(*rows, strict=True), strict=True))
             columns = in_key_order(columns, "record_key")
-            rows = zip(*(columns[name] for name in _RECORD_FIELDS), strict=True)
-            detail = {**detail, "records": count, "records_digest": _records_digest(rows)}
+            rows = list(zip(*columns.values(), strict=True))
+            detail = {**detail, "records": len(rows), "records_digest": _records_digest(rows)}
         entry = {
             "at": now,
             "actor": actor,
@@ -718,8 +720,8 @@ class StateStore:
         audit_id = connection.execute(
             sa.insert(audit_log).values(**entry, entry_hash=_seal(entry))
         ).inserted_primary_key[0]
-        if count:
-            bulk_write(connection, audit_records, {**columns, "audit_id": [audit_id] * count})
+        if rows:
+            bulk_write(connection, audit_records, columns | {"audit_id": [audit_id] * len(rows)})
 
     @staticmethod
     def _claim(connection, batch: BatchCommit) -> None:
@@ -877,22 +879,7 @@ def _seal(entry: dict[str, object]) -> str:
 _RECORD_FIELDS = ("flow", "record_key", "action", "correlation_id", "diff")
 
 
-def _record_columns(
-    records: Sequence[tuple] | Mapping[str, Sequence[str]],
-) -> dict[str, Sequence[str]]:
-    """An entry's records as columns named by _RECORD_FIELDS, each diff as its JSON text."""
-    if isinstance(records, Mapping):
-        return {name: records[name] for name in _RECORD_FIELDS}
-    rows = [
-        record if isinstance(record[4], str) else (*record[:4], sorted_json(record[4]))
-        for record in records
-    ]
-    if not rows:
-        return {name: [] for name in _RECORD_FIELDS}
-    return dict(zip(_RECORD_FIELDS, zip(*rows, strict=True), strict=True))
-
-
-def _records_digest(rows: Iterable[Sequence[str]], sealed: str = "v2:") -> str:
+def _records_digest(rows: Sequence[Sequence[str]], sealed: str = "v2:") -> str:
     """sha256 over an entry's records (each its `_RECORD_FIELDS`), in the order they were written.
     Version 2 (`v2:…`) frames them with separators no field can hold (keys have no control
     characters, JSON escapes them); entries sealed before it, a bare hex digest, are checked the

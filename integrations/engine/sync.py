@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
+from itertools import repeat
 
 import pandas as pd
 
@@ -40,7 +41,7 @@ from integrations.engine.destination import (
     WrittenColumns,
     correlation_id,
 )
-from integrations.engine.hashing import canonical_json, content_hash, sorted_json
+from integrations.engine.hashing import canonical_json, content_hash
 from integrations.engine.masking import mask_record, mask_value, scrub
 from integrations.engine.source import Source, SourceUnavailable
 from integrations.engine.spec import FlowSpec
@@ -761,9 +762,8 @@ class Sync:
 
     def _audit_records(
         self, plan: _Plan, flight: _InFlight, letters: list[DeadLetter]
-    ) -> dict[str, list[str]]:
-        """One audit record per write, archive and rejection of the batch, as columns (a batch's
-        writes make no tuple each)."""
+    ) -> list[AuditRecord]:
+        """One audit record per write, archive and rejection of the batch."""
         flow, position = self.spec.name, plan.position
 
         def trace(key: str) -> str:
@@ -778,26 +778,25 @@ class Sync:
             actions = ["replay"] * len(keys)
         else:
             actions = ["insert" if created else "update" for created in flight.written.created]
-        archived = plan.to_archive
-        record_keys = [*keys, *archived, *(letter.record_key for letter in letters)]
-        return {
-            "flow": [flow] * len(record_keys),
-            "record_key": record_keys,
-            "action": [*actions, *["archive"] * len(archived), *["dead-letter"] * len(letters)],
-            "correlation_id": [
-                *map(prefix.__add__, keys),
-                *map(trace, archived),
-                *(letter.correlation_id or trace(letter.record_key) for letter in letters),
-            ],
-            "diff": [
-                *changes,
-                *(sorted_json({"destination_id": found}) for found in archived.values()),
-                *(
-                    sorted_json({"kind": letter.reason_kind, "reason": letter.reason})
-                    for letter in letters
-                ),
-            ],
-        }
+        # Tuples made by zip, in C: a batch's writes make one each.
+        records: list[tuple] = list(
+            zip(repeat(flow), keys, actions, map(prefix.__add__, keys), changes)
+        )
+        records += [
+            AuditRecord(flow, key, "archive", trace(key), {"destination_id": destination_id})
+            for key, destination_id in plan.to_archive.items()
+        ]
+        records += [
+            AuditRecord(
+                flow,
+                letter.record_key,
+                "dead-letter",
+                letter.correlation_id or trace(letter.record_key),
+                {"kind": letter.reason_kind, "reason": letter.reason},
+            )
+            for letter in letters
+        ]
+        return records
 
     def _watermark(self, batch: pd.DataFrame, before: Watermark | None) -> Watermark | None:
         """The batch's last (cursor, key); none for a source without a cursor."""
