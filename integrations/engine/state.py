@@ -335,9 +335,9 @@ class StateStore:
 
     def _create_schema(self, attempts: int = 3) -> None:
         """Tables (or the columns and indexes an older handoff's lack) and append-only triggers,
-        in one transaction. Processes opening a new store at
-        once take turns on PostgreSQL (an advisory lock); on SQLite the one that loses the race
-        (it creates what another just created) tries again."""
+        in one transaction. Processes opening a new store at once take turns on PostgreSQL (an
+        advisory lock); on SQLite the one that loses the race (it creates what another just
+        created) tries again."""
         for attempt in range(attempts):
             try:
                 with self.engine.begin() as connection:
