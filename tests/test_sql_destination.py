@@ -182,6 +182,39 @@ def test_a_refused_record_is_rejected_without_its_value(engine):
     assert rows(engine) == {}, "the whole chunk is one transaction"
 
 
+def test_a_value_a_fixed_point_column_would_round_is_refused_alone(engine):
+    """PostgreSQL and MariaDB round extra decimals into NUMERIC(p, s) without a word: such a
+    record is refused with the column and what to do, and the rest of the chunk lands."""
+    create(engine, *ledger_columns(amount=sa.Numeric(8, 2)))
+    table = SqlTable(engine, LINES.target)
+    table.prepare(LINES)
+    outcome = table.upsert(
+        [
+            record("L1", 10.25),
+            record("L2", 12.345),  # a third decimal
+            record("L3", 0.1 + 0.2),  # 0.30000000000000004
+            record("L4", 1_234_567.0),  # seven digits before the point, room for six
+            record("L5", 999_999.99),
+        ]
+    )
+    assert [w.destination_id for w in outcome.written] == ["L1", "L5"]
+    reasons = {refusal.key: refusal.reason for refusal in outcome.refused}
+    assert sorted(reasons) == ["2", "3", "4"]
+    for key in ("2", "3"):
+        assert "column 'amount' is NUMERIC(8, 2)" in reasons[key]
+        assert "more than 2 decimals, and the column would store it rounded" in reasons[key]
+        assert "What to do:" in reasons[key]
+    assert "more than 6 digits before the decimal point" in reasons["4"]
+    assert not any("12.345" in reason or "1234567" in reason for reason in reasons.values())
+    assert {number: amount for number, (amount, _, _) in rows(engine).items()} == {
+        "L1": 10.25,
+        "L5": 999_999.99,
+    }
+
+    refused_all = table.upsert([record("L2", 12.345)])
+    assert not refused_all.written and [r.key for r in refused_all.refused] == ["2"]
+
+
 def dated(number: str, amount: float, booked_on: str) -> OutboundRecord:
     properties = {"line_number": number, "amount": amount, "booked_on": booked_on, "memo": "x"}
     return OutboundRecord(key=number, properties=properties, trace_id=number)
@@ -276,6 +309,36 @@ def test_a_lock_held_past_every_attempt_is_unavailability_not_a_refusal(
         table.upsert([record("L1", 11.0), record("L2", 20.0)])
     assert "2 attempts lost lock conflicts" in str(lost.value)
     assert rows(impatient_engine) == {"L1": (10.0, "x", None)}, "nothing of the chunk was written"
+
+
+@pytest.mark.mariadb
+def test_a_key_another_run_inserts_meanwhile_is_updated_not_refused(mariadb_database):
+    """MariaDB: keys are looked up, then new ones INSERTed, unlocked in between. A key another
+    run inserts in that gap makes the INSERT fail; the chunk is run again and updates it."""
+    url = mariadb_database()
+    engine, other = create_engine(url), create_engine(url)
+    table = SqlTable(engine, LINES.target, create_missing=True)
+    table.prepare(LINES)
+    raced: list[bool] = []
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def _other_run_first(_connection, _cursor, statement, *_args):
+        if statement.startswith("INSERT INTO ledger_lines") and not raced:
+            raced.append(True)
+            with other.begin() as connection:
+                connection.execute(
+                    sa.text(
+                        "INSERT INTO ledger_lines (line_number, amount, booked_on, memo) "
+                        "VALUES ('L2', 1.0, '2025-01-01', 'theirs')"
+                    )
+                )
+
+    written = table.upsert([record("L1", 10.0), record("L2", 20.0)]).written
+    assert raced
+    assert [(w.destination_id, w.created) for w in written] == [("L1", True), ("L2", False)]
+    assert rows(engine) == {"L1": (10.0, "x", None), "L2": (20.0, "x", None)}
+    engine.dispose()
+    other.dispose()
 
 
 @pytest.mark.mariadb

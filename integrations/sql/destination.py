@@ -8,8 +8,11 @@ One transaction per upsert call (the engine's chunk), by dialect:
   any unique index, so a new record holding another row's unique value would write over that row.
 - SQLite: `INSERT … ON CONFLICT (key) DO UPDATE`, executemany.
 The table must fit the flow (see integrations/sql/fit.py), checked by `prepare` before any write.
-A transaction that loses a lock conflict (deadlock, lock wait timeout, serialization failure) is
-run again, a few times, after a growing pause: it is never taken for a refusal of its records.
+A value a fixed-point column would store rounded (or cannot hold) refuses its record, alone, with
+the column and what to do: the database would round it without a word.
+A transaction that loses a lock conflict (deadlock, lock wait timeout, serialization failure), or
+on MariaDB a race for a new key, is run again, a few times, after a growing pause: it is never
+taken for a refusal of its records.
 """
 
 from __future__ import annotations
@@ -29,12 +32,20 @@ from integrations.engine.destination import (
     OutboundBatch,
     OutboundRecord,
     RecordsRejected,
+    Refusal,
     Upserted,
     WrittenColumns,
 )
 from integrations.engine.spec import FlowSpec, Target
 from integrations.sql.connect import Columns, copy_columns, copy_new_rows, in_key_order
-from integrations.sql.fit import ARCHIVED_AT, create_table, python_type, reflect_fitting_table
+from integrations.sql.fit import (
+    ARCHIVED_AT,
+    beyond_fixed_point,
+    create_table,
+    fixed_point_columns,
+    python_type,
+    reflect_fitting_table,
+)
 
 _IN_CHUNK = 500
 _TEMP_TABLE = "handoff_upsert_batch"
@@ -54,6 +65,7 @@ class SqlTable:
         self.name = f"{self.dialect} table {target.dataset}"
         self._table: sa.Table | None = None
         self._fields: list[str] = []
+        self._fixed_point: dict[str, tuple[int, int]] = {}  # name: (precision, scale)
 
     # --- before the first write -------------------------------------------------------------
 
@@ -63,6 +75,7 @@ class SqlTable:
             create_table(self.engine, spec)
         self._table = reflect_fitting_table(self.engine, spec)
         self._fields = list(spec.target_contract.schema.columns)
+        self._fixed_point = fixed_point_columns(self._table, spec.target_contract)
 
     @property
     def table(self) -> sa.Table:
@@ -73,12 +86,21 @@ class SqlTable:
     # --- writes ------------------------------------------------------------------------------
 
     def upsert(self, records: Sequence[OutboundRecord]) -> Upserted:
-        """One transaction: the database takes the chunk whole or refuses it whole."""
+        """One transaction: the database takes the chunk whole or refuses it whole. Records a
+        fixed-point column would not keep as sent are refused before it, one by one."""
         if not records:
             return Upserted([])
         fields = self._fields or list(records[0].properties)
         batch = records if isinstance(records, OutboundBatch) else OutboundBatch.of(records)
         columns = {name: batch.column(name) for name in fields}
+        keys, not_kept = batch.keys, self._not_kept(columns)
+        refused = [Refusal(keys[at], why) for at, why in sorted(not_kept.items())]
+        if not_kept:
+            kept = [at for at in range(len(keys)) if at not in not_kept]
+            keys = [keys[at] for at in kept]
+            columns = {name: [values[at] for at in kept] for name, values in columns.items()}
+            if not keys:
+                return Upserted([], refused)
 
         def write(connection: sa.Connection) -> dict[str, bool]:
             if self.dialect == "postgresql":
@@ -89,7 +111,20 @@ class SqlTable:
         created = self._transaction(write)
         ids = list(map(str, columns[self.target.id_property]))
         flags = map(created.get, ids, repeat(False))
-        return Upserted(WrittenColumns(batch.keys, ids, list(flags)))
+        return Upserted(WrittenColumns(keys, ids, list(flags)), refused)
+
+    def _not_kept(self, columns: Columns) -> dict[int, str]:
+        """The records a fixed-point column would not keep as sent, by position, with why."""
+        found: dict[int, str] = {}
+        for name, (precision, scale) in self._fixed_point.items():
+            for at, why in beyond_fixed_point(columns[name], precision, scale).items():
+                found.setdefault(
+                    at,
+                    f"column {name!r} is NUMERIC({precision}, {scale}) and the value {why}. "
+                    "What to do: bound the field in the contract (or round it in the flow's "
+                    "mapping) to what the column holds, or widen the column",
+                )
+        return found
 
     def health(self) -> dict[str, object]:
         """A database connection has no API transport to report on."""
@@ -106,13 +141,13 @@ class SqlTable:
             try:
                 with self.engine.begin() as connection:
                     return work(connection)
-            except sa.exc.DBAPIError as error:
-                if not _lock_conflict(error):
+            except (sa.exc.DBAPIError, _KeyRace) as error:
+                if isinstance(error, sa.exc.DBAPIError) and not _lock_conflict(error):
                     raise _classified(error) from error
                 if attempt == LOCK_ATTEMPTS:
                     raise DestinationUnavailable(
-                        f"{type(error.orig).__name__}: {LOCK_ATTEMPTS} attempts lost lock "
-                        "conflicts with other transactions on the table"
+                        f"{LOCK_ATTEMPTS} attempts lost lock conflicts or races with other "
+                        f"transactions on the table (the last: {_conflict_name(error)})"
                     ) from error
             time.sleep(LOCK_PAUSE_SECONDS * 2 ** (attempt - 1))
             attempt += 1
@@ -195,15 +230,25 @@ class SqlTable:
         """MariaDB/MySQL: INSERT the new rows; UPDATE the known ones through a temporary table
         joined on the key. A clash on any other unique index is an error: the chunk is refused.
         The keys are not locked between the lookup and the writes (gap locks would make runs
-        that insert into one table at once, a backfill's partitions, deadlock each other): a key
-        another run inserts meanwhile refuses the chunk, and the bisection dead-letters only it."""
+        that insert into one table at once, a backfill's partitions, deadlock each other): when
+        the INSERT finds a key another run inserted meanwhile, a locking read (it sees the latest
+        rows, not the transaction's snapshot) confirms it, and the chunk is run again: its
+        lookup then finds the key, and updates it."""
         quote = self.engine.dialect.identifier_preparer.quote
         table, key = quote(self.table.name), quote(self.target.id_property)
         columns = ", ".join(quote(name) for name in fields)
         values = ", ".join("%s" for _ in fields)
         new = [row for row, old in zip(rows, known, strict=True) if not old]
         if new:
-            connection.exec_driver_sql(f"INSERT INTO {table} ({columns}) VALUES ({values})", new)
+            try:
+                connection.exec_driver_sql(
+                    f"INSERT INTO {table} ({columns}) VALUES ({values})", new
+                )
+            except sa.exc.IntegrityError:
+                position = fields.index(self.target.id_property)
+                if self._any_there(connection, [row[position] for row in new]):
+                    raise _KeyRace() from None
+                raise
         updated = [row for row, old in zip(rows, known, strict=True) if old]
         if not updated:
             return
@@ -228,6 +273,16 @@ class SqlTable:
             f"ON {table}.{key} = batch.{key} SET {', '.join(sets)}"
         )
         connection.exec_driver_sql(f"DROP TEMPORARY TABLE {_TEMP_TABLE}")
+
+    def _any_there(self, connection: sa.Connection, keys: list[object]) -> bool:
+        """Whether a row holds one of `keys` now (a locking read: committed rows, whatever the
+        transaction's snapshot)."""
+        column = self.table.c[self.target.id_property]
+        for start in range(0, len(keys), _IN_CHUNK):
+            query = sa.select(column).where(column.in_(keys[start : start + _IN_CHUNK]))
+            if connection.execute(query.limit(1).with_for_update(read=True)).first():
+                return True
+        return False
 
     def archive(self, destination_ids: Sequence[str]) -> None:
         """Mark records archived (`archived_at` = now); archived ones keep their first time."""
@@ -293,6 +348,16 @@ def _as_sent(value: object) -> object:
 _PG_LOCK_CONFLICTS = frozenset({"40001", "40P01", "55P03"})
 # MariaDB/MySQL: lock wait timeout, deadlock. (SQLite waited out its busy timeout already.)
 _MARIADB_LOCK_CONFLICTS = frozenset({1205, 1213})
+
+
+class _KeyRace(Exception):
+    """A new key of the chunk was inserted by another transaction after the chunk's lookup."""
+
+
+def _conflict_name(error: Exception) -> str:
+    if isinstance(error, _KeyRace):
+        return "a key inserted by another transaction meanwhile"
+    return type(getattr(error, "orig", error)).__name__
 
 
 def _lock_conflict(error: sa.exc.DBAPIError) -> bool:

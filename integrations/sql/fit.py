@@ -6,11 +6,17 @@ target's `id_property` (its primary key, or a single-column unique constraint), 
 record soft-deleted in the source or out of the flow's scope (it is set back to NULL when the
 record comes back). Other columns are allowed if the database can fill them (nullable, or with a
 default). A missing table can be created from the contract (`create_table`).
+
+A fixed-point column (NUMERIC/DECIMAL(p, s)) fits a number field, but not every number: PostgreSQL
+and MariaDB round extra decimals without a word. `beyond_fixed_point` finds the values such a
+column would not keep as sent, so that they are refused rather than stored changed.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Sequence
 from datetime import date, datetime
 from decimal import Decimal
 
@@ -175,3 +181,38 @@ def _is_unique(engine: sa.Engine, table: sa.Table, key: str) -> bool:
     constraints = inspector.get_unique_constraints(table.name)
     indexes = [index for index in inspector.get_indexes(table.name) if index.get("unique")]
     return any(item["column_names"] == [key] for item in [*constraints, *indexes])
+
+
+def fixed_point_columns(table: sa.Table, contract: Contract) -> dict[str, tuple[int, int]]:
+    """The contract's number fields whose column is fixed-point, by name: (precision, scale).
+    NUMERIC(p) is NUMERIC(p, 0), as SQL has it; NUMERIC without a precision keeps any value."""
+    found: dict[str, tuple[int, int]] = {}
+    for name in contract.schema.columns:
+        stored = table.c[name].type
+        if (
+            isinstance(stored, sa.Numeric)
+            and not isinstance(stored, sa.Float)
+            and stored.precision is not None
+            and kind_of(contract, name) in ("int", "float")
+        ):
+            found[name] = (stored.precision, stored.scale or 0)
+    return found
+
+
+def beyond_fixed_point(values: Sequence[object], precision: int, scale: int) -> dict[int, str]:
+    """What a NUMERIC(precision, scale) column would not keep as sent, by position: a value with
+    more decimals than `scale` (it would be stored rounded), or with more digits before the point
+    than the column has room for. Nulls and what is not a finite number are the database's to
+    judge."""
+    room = 10 ** (precision - scale)
+    found: dict[int, str] = {}
+    for at, value in enumerate(values):
+        if not isinstance(value, (int, float, Decimal)) or isinstance(value, bool):
+            continue
+        if isinstance(value, float | Decimal) and not math.isfinite(value):
+            continue
+        if round(value, scale) != value:
+            found[at] = f"has more than {scale} decimals, and the column would store it rounded"
+        elif abs(value) >= room:
+            found[at] = f"has more than {precision - scale} digits before the decimal point"
+    return found
