@@ -91,10 +91,13 @@ def test_the_erp_lost_mid_extract_stops_the_run_clearly_and_the_rerun_completes(
     assert_crm_matches_erp(world.erp_url, crm_client)
 
 
+@pytest.mark.parametrize("batch", [2, 3], ids=["a-middle-batch", "the-last-batch"])
 def test_the_state_store_lost_mid_commit_stops_the_run_and_the_rerun_completes(
-    world, erp, crm_client, state
+    world, erp, crm_client, state, batch
 ):
-    cut(state.engine, "LOCK TABLE audit_log", 2, "before_cursor_execute")  # after the ledger
+    """Cut in the commit of batch 2 or 3 of 3, after its ledger rows: the last batch's commit
+    fails while the run is already waiting for it, and must stop it all the same."""
+    cut(state.engine, "LOCK TABLE audit_log", batch, "before_cursor_execute")
     with pytest.raises(SyncError) as stopped:
         sync(erp, crm_client, state)
     message = str(stopped.value)

@@ -134,7 +134,7 @@ class _Staged:
     """A batch read, keyed and validated, waiting for the loader."""
 
     rows: int  # read from the source
-    last: pd.DataFrame  # the batch's last row (its watermark): the batch itself is let go
+    last: pd.DataFrame  # its last row with a cursor value (its watermark), not the whole batch
     live: pd.DataFrame
     gone: pd.DataFrame
     valid: pd.DataFrame
@@ -393,9 +393,10 @@ class Sync:
                         loading.result()
                     loading = loader.submit(self._load_staged, staged, result, move_watermark)
                     clock.mark = time.perf_counter()
-                for future in (loading, self._committed):
-                    if future is not None:
-                        future.result()
+                if loading is not None:
+                    loading.result()  # the loader hands the last batch to the committer first
+                if self._committed is not None:  # read only now: that last batch's commit
+                    self._committed.result()
             except BaseException:
                 if loading is not None:
                     loading.exception()  # wait: the loader may still hand on a commit
@@ -485,8 +486,15 @@ class Sync:
         live, open_letters = self._without_held(live, result)
         valid, rejected = self._validate(live, clock)
         return _Staged(
-            len(batch), batch.iloc[[-1]], live, gone, valid, letters + rejected, open_letters
+            len(batch), self._last_dated(batch), live, gone, valid, letters + rejected, open_letters
         )
+
+    def _last_dated(self, batch: pd.DataFrame) -> pd.DataFrame:
+        """The batch's last row with a cursor value (none: it cannot move the watermark)."""
+        cursor = self.spec.source.cursor
+        if cursor is None or cursor not in batch or pd.notna(batch[cursor].iloc[-1]):
+            return batch.iloc[[-1]]
+        return batch[batch[cursor].notna()].iloc[-1:]
 
     def _load_staged(self, staged: _Staged, result: SyncResult, move_watermark: bool) -> None:
         """Unique values, diff and load of one staged batch (the loader's stage); then, once the
@@ -799,9 +807,12 @@ class Sync:
         return records
 
     def _watermark(self, batch: pd.DataFrame, before: Watermark | None) -> Watermark | None:
-        """The batch's last (cursor, key); none for a source without a cursor."""
+        """The batch's last (cursor, key); none for a source without a cursor. A batch of rows
+        without cursor values leaves it where it was."""
         if self.spec.source.cursor is None:
             return None
+        if batch.empty:
+            return before
         last = batch.iloc[-1]
         key = last[self.spec.source.key]
         watermark = Watermark(

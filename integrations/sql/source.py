@@ -4,6 +4,11 @@ A read is one query ordered by `(cursor, key)`, streamed through a server-side c
 into DataFrames of `batch_size` rows: memory is bounded by the batch, never by the table, and
 each row is read once. A crashed sync resumes from its last committed batch's watermark.
 
+A row whose cursor is NULL (a nullable `updated_at` never filled) has no place after a watermark:
+every run reads it again, and the engine's diff against the ledger writes it only when it changed.
+It never moves the watermark, and a sensor watching the newest cursor does not see it change: the
+flow's schedule does.
+
 On PostgreSQL (psycopg), SQLAlchemy declares the cursor and psycopg streams `FETCH ALL` from it in
 chunks of a batch: the server sends rows as it produces them, with no round trip per batch, and
 they arrive as plain tuples, without SQLAlchemy's per-row objects (a third less time than
@@ -150,8 +155,14 @@ class SqlSource:
         if within is not None:
             query = query.where(within)
         if since is not None and self.cursor is not None:
-            query = query.where(self.cursor >= since)
+            query = query.where(self._since(since))
         yield from self._frames(query, batch_size)
+
+    def _since(self, since: datetime) -> sa.ColumnElement[bool]:
+        """Cursor ≥ `since`, or no cursor value at all (such a row is read by every run)."""
+        if self.cursor.nullable:
+            return sa.or_(self.cursor >= since, self.cursor.is_(None))
+        return self.cursor >= since
 
     def rows_with_keys(self, keys: Sequence[object], batch_size: int) -> Iterator[pd.DataFrame]:
         """The rows with these keys (a repair), in (cursor, key) order within each batch."""
@@ -214,7 +225,7 @@ class SqlSource:
         deleted = self.table.c[self.spec.deleted]
         query = sa.select(self.key).where(deleted.is_not(None))
         if since is not None and self.cursor is not None:
-            query = query.where(self.cursor >= since)
+            query = query.where(self._since(since))
         with self.engine.connect() as connection:
             return list(connection.execute(query).scalars())
 
