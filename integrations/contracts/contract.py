@@ -80,7 +80,7 @@ class Contract:
                 valid = schema.validate(remaining, lazy=True)
                 break
             except pa.errors.SchemaErrors as errors:
-                cases, coerced = errors.failure_cases, errors.data
+                cases, coerced = errors.failure_cases, _uncached(errors.data)
                 by_row = by_value and all(e.reason_code in _ROW_RULES for e in errors.schema_errors)
             row_cases = cases[cases["index"].notna() & cases["index"].isin(remaining.index)]
             if row_cases.empty:
@@ -115,7 +115,8 @@ class Contract:
             RowRejection(index, f"{self.label}: " + "; ".join(why))
             for index, why in reasons.items()
         ]
-        return Verdict(valid=valid, rejections=rejected)
+        _uncached(remaining)
+        return Verdict(valid=_uncached(valid), rejections=rejected)
 
     def _schema_for(self, frame: pd.DataFrame) -> tuple[pa.DataFrameSchema, bool]:
         """The model's schema, leaving alone the columns of `frame` that already hold what
@@ -140,6 +141,16 @@ _ROW_RULES = frozenset(
     }
 )
 _STR = pandas_engine.Engine.dtype(str)
+
+
+def _uncached(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` without the accessors cached on it and on its cached columns by validation
+    (`frame.pandera`, a column's `.str`). Each refers back to its object: a reference cycle
+    that would hold the batch's memory until a full garbage collection."""
+    frame.__dict__.pop("pandera", None)
+    for column in getattr(frame, "_item_cache", {}).values():
+        column.__dict__.pop("str", None)
+    return frame
 
 
 def _holds(column: pa.Column, values: pd.Series) -> bool:
