@@ -67,10 +67,10 @@ def postgres_database(postgres):
     """A throwaway database; returns a factory so a test can have several."""
     created: list[str] = []
 
-    def make() -> str:
+    def make(options: str = "") -> str:
         name = f"handoff_test_{uuid.uuid4().hex[:12]}"
         with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as connection:
-            connection.execute(f'CREATE DATABASE "{name}"')
+            connection.execute(f'CREATE DATABASE "{name}" {options}')
         created.append(name)
         return f"postgresql://postgres@127.0.0.1:5432/{name}"
 

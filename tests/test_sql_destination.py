@@ -20,13 +20,11 @@ from integrations.engine.destination import (
     RecordsRejected,
 )
 from integrations.engine.spec import FlowSpec, SourceTable, Target
-from integrations.engine.state import StateStore
-from integrations.engine.sync import Sync
 from integrations.erp.seed import seed_erp
 from integrations.sql.connect import create_engine
 from integrations.sql.destination import SqlTable
 from integrations.sql.source import SqlSource
-from tests.conftest import DLQ_KEY, POSTGRES_ADMIN
+from tests.conftest import POSTGRES_ADMIN
 
 
 class LedgerLineV1(pa.DataFrameModel):
@@ -373,63 +371,36 @@ def test_source_streams_in_batches_by_cursor_and_key(sql_database):
     engine.dispose()
 
 
-def test_rows_without_a_cursor_value_are_synced_and_their_changes_seen(sql_database, tmp_path):
-    """A nullable `updated_at` left NULL: such rows have no place after a watermark, so every
-    run reads them again (the ledger's diff writes only what changed), and they never move the
-    watermark, wherever the dialect sorts NULLs."""
-    url = sql_database()
+@pytest.mark.mariadb
+def test_a_key_equal_only_under_the_collation_is_refused_not_taken_for_a_race(mariadb_database):
+    """MariaDB's default collation holds 'ABC' and 'abc ' equal to 'abc': a different key for
+    handoff, which MariaDB refuses as a duplicate. Refused (the record is dead-lettered), not
+    retried as a race with another run until the destination counts as unavailable."""
+    engine = create_engine(mariadb_database())
+    table = SqlTable(engine, LINES.target, create_missing=True)
+    table.prepare(LINES)
+    table.upsert([record("abc", 1.0)])
+    for twin in ("ABC", "abc "):
+        with pytest.raises(RecordsRejected, match="Duplicate entry"):
+            table.upsert([record(twin, 2.0)])
+    assert rows(engine) == {"abc": (1.0, "x", None)}
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_copy_text_arrives_intact_in_a_latin1_database(postgres_database):
+    """COPY text is UTF-8; sessions say so, and the server converts it to the database's
+    encoding, refusing what that encoding cannot hold instead of storing it garbled."""
+    url = postgres_database("ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
     engine = create_engine(url)
-    source_table = sa.Table(
-        "source_lines",
-        sa.MetaData(),
-        sa.Column("id", sa.Integer, primary_key=True),
-        *(column for column in ledger_columns() if column.name != "archived_at"),
-        sa.Column("updated_at", sa.DateTime, nullable=True),
-        sa.Column("deleted_at", sa.DateTime, nullable=True),
-    )
-    source_table.create(engine)
-    stamps = [pd.Timestamp("2025-01-01") + pd.Timedelta(hours=n) for n in range(4)]
-    with engine.begin() as connection:
-        connection.execute(
-            source_table.insert(),
-            [
-                {
-                    "id": n + 1,
-                    "line_number": f"L{n + 1}",
-                    "amount": float(n + 1),
-                    "booked_on": "2025-01-02",
-                    "memo": "x",
-                    "updated_at": stamps[n].to_pydatetime() if n < 4 else None,
-                }
-                for n in range(6)
-            ],
-        )
-    spec = FlowSpec(
-        name="test_undated_lines",
-        source=SourceTable(table="source_lines", key="id"),
-        source_contract=LINES.source_contract,
-        target=LINES.target,
-        target_contract=LINES.target_contract,
-        mapping=lambda rows: rows[["line_number", "amount", "booked_on", "memo"]],
-        batch_size=2,
-    )
-    state = StateStore(f"sqlite:///{tmp_path / 'state.sqlite'}", dlq_key=DLQ_KEY)
-
-    def run():
-        source = SqlSource(engine, spec.source)
-        destination = SqlTable(engine, spec.target, create_missing=True)
-        return Sync(spec, source, destination, state, run_id="r", actor="test", why="test").run()
-
-    first = run()
-    assert first.written == 6 and first.batches == 3
-    assert (first.watermark_after.updated_at, first.watermark_after.key) == (stamps[3], 4)
-
-    with engine.begin() as connection:  # an undated row changes, still undated
-        connection.execute(sa.text("UPDATE source_lines SET memo = 'changed' WHERE id = 5"))
-    second = run()
-    assert second.written == 1
-    assert rows(engine)["L5"][1] == "changed"
-    assert second.watermark_after == first.watermark_after
-    assert run().written == 0
-    state.dispose()
+    table = SqlTable(engine, LINES.target, create_missing=True)
+    table.prepare(LINES)
+    table.upsert([record("L1", 1.0, "Café Müller"), record("L2", 2.0, "Zoë")])  # a first load
+    table.upsert([record("L1", 1.5, "Crème brûlée")])  # an update, through the temporary table
+    assert {number: memo for number, (_, memo, _) in rows(engine).items()} == {
+        "L1": "Crème brûlée",
+        "L2": "Zoë",
+    }
+    with pytest.raises(RecordsRejected, match="has no equivalent in encoding"):
+        table.upsert([record("L3", 3.0, "東京")])
     engine.dispose()

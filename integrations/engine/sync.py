@@ -807,18 +807,16 @@ class Sync:
         return records
 
     def _watermark(self, batch: pd.DataFrame, before: Watermark | None) -> Watermark | None:
-        """The batch's last (cursor, key); none for a source without a cursor. A batch of rows
-        without cursor values leaves it where it was."""
-        if self.spec.source.cursor is None:
+        """The batch's last (cursor, key); none for a source without a cursor, or for a batch
+        of rows without cursor values (the stored watermark stays)."""
+        if self.spec.source.cursor is None or batch.empty:
             return None
-        if batch.empty:
-            return before
         last = batch.iloc[-1]
         key = last[self.spec.source.key]
-        watermark = Watermark(
-            pd.Timestamp(last[self.spec.source.cursor]).to_pydatetime(),
-            key.item() if hasattr(key, "item") else key,
-        )
+        moment = pd.Timestamp(last[self.spec.source.cursor])
+        if moment.tzinfo is not None:  # a zoned cursor: the state store keeps UTC, without zone
+            moment = moment.tz_convert("UTC").tz_localize(None)
+        watermark = Watermark(moment.to_pydatetime(), key.item() if hasattr(key, "item") else key)
         if before and (watermark.updated_at, watermark.key) < (before.updated_at, before.key):
             return before  # a lookback batch never moves the watermark back
         return watermark

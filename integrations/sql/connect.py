@@ -23,12 +23,16 @@ DEFAULT_DRIVERS = {
 
 
 def normalise_url(url: str) -> str:
-    """A URL without a driver gets the one handoff is built on (psycopg 3, PyMySQL)."""
+    """A URL without a driver gets the one handoff is built on (psycopg 3, PyMySQL), and its
+    sessions speak UTF-8 whatever the database's encoding: COPY text is sent as UTF-8, and the
+    server converts it, refusing what the database's encoding cannot hold."""
     parsed = make_url(url)
     if parsed.drivername in DEFAULT_DRIVERS:
         parsed = parsed.set(drivername=DEFAULT_DRIVERS[parsed.drivername])
     if parsed.get_backend_name() in ("mysql", "mariadb") and "charset" not in parsed.query:
         parsed = parsed.update_query_dict({"charset": "utf8mb4"})
+    if parsed.get_backend_name() == "postgresql" and "client_encoding" not in parsed.query:
+        parsed = parsed.update_query_dict({"client_encoding": "utf8"})
     return parsed.render_as_string(hide_password=False)
 
 

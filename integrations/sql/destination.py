@@ -275,12 +275,14 @@ class SqlTable:
         connection.exec_driver_sql(f"DROP TEMPORARY TABLE {_TEMP_TABLE}")
 
     def _any_there(self, connection: sa.Connection, keys: list[object]) -> bool:
-        """Whether a row holds one of `keys` now (a locking read: committed rows, whatever the
-        transaction's snapshot)."""
+        """Whether a row holds one of `keys` now, exactly (a locking read: committed rows,
+        whatever the transaction's snapshot). Exactly: under a case- or space-insensitive
+        collation 'abc' matches 'ABC ', a different key, which is refused, not retried."""
         column = self.table.c[self.target.id_property]
         for start in range(0, len(keys), _IN_CHUNK):
-            query = sa.select(column).where(column.in_(keys[start : start + _IN_CHUNK]))
-            if connection.execute(query.limit(1).with_for_update(read=True)).first():
+            wanted = keys[start : start + _IN_CHUNK]
+            query = sa.select(column).where(column.in_(wanted)).with_for_update(read=True)
+            if set(map(str, connection.execute(query).scalars())) & set(map(str, wanted)):
                 return True
         return False
 

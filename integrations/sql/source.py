@@ -9,6 +9,11 @@ every run reads it again, and the engine's diff against the ledger writes it onl
 It never moves the watermark, and a sensor watching the newest cursor does not see it change: the
 flow's schedule does.
 
+Times at this boundary are UTC without a zone, as the state store keeps watermarks: a cursor in a
+zoned column (`timestamptz`) is compared with `since` as that instant, and the newest cursor value
+comes back in UTC; a window's bounds become UTC wall-clock times for a column without a zone, so
+the session's time zone does not move a partition.
+
 On PostgreSQL (psycopg), SQLAlchemy declares the cursor and psycopg streams `FETCH ALL` from it in
 chunks of a batch: the server sends rows as it produces them, with no round trip per batch, and
 they arrive as plain tuples, without SQLAlchemy's per-row objects (a third less time than
@@ -141,6 +146,8 @@ class SqlSource:
             )
         if isinstance(target.type, sa.Date):
             start, end = start.date(), end.date()
+        else:
+            start, end = _bound(target, start), _bound(target, end)
         return sa.and_(target >= start, target < end)
 
     def batches(
@@ -160,6 +167,7 @@ class SqlSource:
 
     def _since(self, since: datetime) -> sa.ColumnElement[bool]:
         """Cursor ≥ `since`, or no cursor value at all (such a row is read by every run)."""
+        since = _bound(self.cursor, since)
         if self.cursor.nullable:
             return sa.or_(self.cursor >= since, self.cursor.is_(None))
         return self.cursor >= since
@@ -235,7 +243,22 @@ class SqlSource:
         if self.cursor is None:
             return None
         with self.engine.connect() as connection:
-            return connection.execute(sa.select(sa.func.max(self.cursor))).scalar_one()
+            newest = connection.execute(sa.select(sa.func.max(self.cursor))).scalar_one()
+        return as_utc(newest) if isinstance(newest, datetime) else newest
+
+
+def as_utc(moment: datetime) -> datetime:
+    """`moment` as UTC wall-clock time without a zone (a naive one is taken as UTC already)."""
+    if moment.tzinfo is None:
+        return moment
+    return moment.astimezone(UTC).replace(tzinfo=None)
+
+
+def _bound(column: sa.ColumnElement, moment: datetime) -> datetime:
+    """`moment` as the column compares it: an instant (UTC) for a zoned timestamp column, UTC
+    wall-clock time for any other."""
+    zoned = isinstance(column.type, sa.DateTime) and column.type.timezone
+    return as_utc(moment).replace(tzinfo=UTC) if zoned else as_utc(moment)
 
 
 def _result_processors(dialect: sa.Dialect, query: sa.Select, description) -> list:

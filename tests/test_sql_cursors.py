@@ -1,0 +1,158 @@
+"""SQL sources' change cursors and windows: NULL cursor values, zoned timestamps, and partition
+windows on a server whose time zone is not UTC. Real SQLite, PostgreSQL and MariaDB."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+from integrations.engine.spec import FlowSpec, SourceTable
+from integrations.engine.state import StateStore
+from integrations.engine.sync import Sync, SyncResult
+from integrations.sql.connect import create_engine
+from integrations.sql.destination import SqlTable
+from integrations.sql.source import SqlSource
+from tests.conftest import DLQ_KEY, POSTGRES_ADMIN
+from tests.test_sql_destination import LINES, ledger_columns, rows
+
+SOURCE = SourceTable(table="source_lines", key="id")
+SPEC = FlowSpec(
+    name="test_dated_lines",
+    source=SOURCE,
+    source_contract=LINES.source_contract,
+    target=LINES.target,
+    target_contract=LINES.target_contract,
+    mapping=lambda rows: rows[["line_number", "amount", "booked_on", "memo"]],
+    batch_size=2,
+)
+
+
+def source_lines(engine: sa.Engine, stamps: list, cursor_type=sa.DateTime) -> None:
+    """A source table of ledger lines, line n changed at stamps[n - 1] (None: never said)."""
+    table = sa.Table(
+        "source_lines",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        *(column for column in ledger_columns() if column.name != "archived_at"),
+        sa.Column("updated_at", cursor_type, nullable=True),
+        sa.Column("deleted_at", sa.DateTime, nullable=True),
+    )
+    table.create(engine)
+    with engine.begin() as connection:
+        connection.execute(
+            table.insert(),
+            [
+                {
+                    "id": n,
+                    "line_number": f"L{n}",
+                    "amount": float(n),
+                    "booked_on": "2025-01-02",
+                    "memo": "x",
+                    "updated_at": stamp,
+                }
+                for n, stamp in enumerate(stamps, start=1)
+            ],
+        )
+
+
+@pytest.fixture
+def state(tmp_path):
+    store = StateStore(f"sqlite:///{tmp_path / 'state.sqlite'}", dlq_key=DLQ_KEY)
+    yield store
+    store.dispose()
+
+
+def run(engine: sa.Engine, state: StateStore) -> SyncResult:
+    """The lines flow into a table of the same database."""
+    source = SqlSource(engine, SOURCE)
+    destination = SqlTable(engine, SPEC.target, create_missing=True)
+    return Sync(SPEC, source, destination, state, run_id="r", actor="test", why="test").run()
+
+
+def test_rows_without_a_cursor_value_are_synced_and_their_changes_seen(sql_database, state):
+    """A nullable `updated_at` left NULL: such rows have no place after a watermark, so every
+    run reads them again (the ledger's diff writes only what changed), and they never move the
+    watermark, wherever the dialect sorts NULLs."""
+    engine = create_engine(sql_database())
+    stamps = [datetime(2025, 1, 1) + timedelta(hours=n) for n in range(4)]
+    source_lines(engine, [*stamps, None, None])
+
+    first = run(engine, state)
+    assert first.written == 6 and first.batches == 3
+    assert (first.watermark_after.updated_at, first.watermark_after.key) == (stamps[3], 4)
+
+    later = datetime(2025, 1, 2)
+    with engine.begin() as connection:  # an undated row changes, still undated; a dated one too
+        connection.execute(sa.text("UPDATE source_lines SET memo = 'changed' WHERE id = 5"))
+        connection.execute(
+            sa.text("UPDATE source_lines SET memo = 'moved', updated_at = :at WHERE id = 1"),
+            {"at": later},
+        )
+    second = run(engine, state)
+    assert second.written == 2
+    assert rows(engine)["L5"][1] == "changed" and rows(engine)["L1"][1] == "moved"
+    # PostgreSQL sorts NULLs last: the run's last batch is undated, and leaves the watermark.
+    assert (second.watermark_after.updated_at, second.watermark_after.key) == (later, 1)
+    assert run(engine, state).written == 0
+    engine.dispose()
+
+
+def postgres_in_zone(make, zone: str) -> sa.Engine:
+    """A PostgreSQL database whose sessions run in `zone`."""
+    url = make()
+    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+        admin.execute(f"ALTER DATABASE \"{url.rsplit('/', 1)[1]}\" SET timezone = '{zone}'")
+    return create_engine(url)
+
+
+@pytest.mark.postgres
+def test_a_zoned_cursor_keeps_its_watermark_in_utc(postgres_database, state):
+    """`updated_at timestamptz`, sessions in New York: the watermark is the UTC instant (the
+    state store keeps times without zone), and the next run compares it as that instant."""
+    engine = postgres_in_zone(postgres_database, "America/New_York")
+    plus_two = timezone(timedelta(hours=2))
+    stamps = [datetime(2025, 1, 1, 12, tzinfo=plus_two) + timedelta(hours=n) for n in range(3)]
+    source_lines(engine, stamps, sa.DateTime(timezone=True))
+
+    first = run(engine, state)
+    assert first.written == 3
+    assert (first.watermark_after.updated_at, first.watermark_after.key) == (
+        datetime(2025, 1, 1, 12),
+        3,
+    )
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "UPDATE source_lines SET memo = 'changed', "
+                "updated_at = updated_at + interval '3 hours' WHERE id = 1"
+            )
+        )
+    assert SqlSource(engine, SOURCE).high_water_mark() == datetime(2025, 1, 1, 13)
+    second = run(engine, state)
+    assert second.written == 1 and second.counts["read"] == 2, "rows from 11:55 UTC on"
+    assert second.watermark_after.updated_at == datetime(2025, 1, 1, 13)
+    assert run(engine, state).written == 0
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_day_window_is_the_utc_day_whatever_the_session_zone(postgres_database):
+    """A partition window (UTC bounds, as Dagster gives them) over a timestamp column without a
+    zone selects the same rows on a server whose sessions run in Berlin."""
+    engine = postgres_in_zone(postgres_database, "Europe/Berlin")
+    source_lines(
+        engine,
+        [datetime(2024, 1, 1, 0, 30), datetime(2024, 1, 1, 23, 30), datetime(2024, 1, 2, 0, 30)],
+    )
+    source = SqlSource(engine, SOURCE)
+
+    def day(start: datetime) -> list[int]:
+        within = source.in_window("updated_at", start, start + timedelta(days=1))
+        return [n for batch in source.batches(None, 10, within=within) for n in batch["id"]]
+
+    assert day(datetime(2024, 1, 1, tzinfo=UTC)) == [1, 2]
+    assert day(datetime(2024, 1, 2, tzinfo=UTC)) == [3]
+    engine.dispose()
