@@ -734,6 +734,16 @@ class StateStore:
                     _among(unique_claims.c.record_key, chunk, dialect),
                 )
             )
+        for name in {name for name, _, _ in batch.claims}:  # the latest writer holds a value
+            digests = sorted({digest for field, digest, _ in batch.claims if field == name})
+            for chunk in _chunks(digests, dialect):
+                connection.execute(
+                    sa.delete(unique_claims).where(
+                        unique_claims.c.flow == batch.flow,
+                        unique_claims.c.field == name,
+                        _among(unique_claims.c.value_digest, chunk, dialect),
+                    )
+                )
         if batch.claims:
             connection.execute(
                 sa.insert(unique_claims),

@@ -183,6 +183,11 @@ class _InFlight:
     def owners(self, name: str) -> dict[str, str]:
         return {digest: key for field_name, digest, key in self.claims if field_name == name}
 
+    @property
+    def rewritten(self) -> set[str]:
+        """Keys whose stored claims this batch replaces (written) or lets go (archived)."""
+        return set(self.written.keys) | self.archived
+
 
 class _HeapFrozen:
     """What lived before the first of the process's syncs began (modules, the host's objects) is
@@ -755,7 +760,12 @@ class Sync:
                 dead_letters=letters,
                 watermark=watermark,
                 claims=flight.claims,
-                released=list(plan.to_archive),
+                # Written records let go of their old claims too (one that cleared its value
+                # claims nothing new); archived ones of all theirs.
+                released=[
+                    *plan.to_archive,
+                    *(flight.written.keys if spec.target.unique_ignoring_case else ()),
+                ],
                 resolved=plan.in_sync,
                 resolution="replayed" if self._replaying else "synced",
                 audit_records=records,
@@ -824,18 +834,26 @@ class Sync:
     def _unclaimed(
         self, valid: pd.DataFrame, releasing: set[str], in_flight: _InFlight
     ) -> tuple[pd.DataFrame, list[RowRejection]]:
-        """Split off records whose unique value (ignoring case) another record already holds
-        (in the state store or in the batch being committed); records archived in this batch
-        release theirs (they are archived before the upserts)."""
+        """Split off records whose unique value (ignoring case) another record already holds: in
+        the state store, in the batch being committed, or earlier in this batch. A stored claim
+        counts only while its holder keeps the value: not once the batch in flight rewrote or
+        archived the holder, nor when this batch moves the holder to another value (or none).
+        Records archived in this batch release theirs (they are archived before the upserts)."""
         taken: list[RowRejection] = []
         releasing = releasing | in_flight.archived
         for name in self.spec.target.unique_ignoring_case:
             digests = valid[name].map(_digest, na_action="ignore")
-            owners = self.state.unique_owners(self.spec.name, name, digests.dropna().tolist())
+            now = dict(zip(digests.index, digests, strict=True))  # NaN: no value any more
+            stored = self.state.unique_owners(self.spec.name, name, digests.dropna().tolist())
+            owners = {
+                digest: key
+                for digest, key in stored.items()
+                if key not in in_flight.rewritten and now.get(key, digest) == digest
+            }
             owners.update(in_flight.owners(name))
             for key, digest in digests.dropna().items():
-                owner = owners.get(digest)
-                if owner is not None and owner != key and owner not in releasing:
+                owner = owners.setdefault(digest, key)  # the first in the batch claims it
+                if owner != key and owner not in releasing:
                     reason = f"{name} is already used by record {owner} (ignoring case)"
                     taken.append(RowRejection(key, f"{self.spec.target_contract.label}: {reason}"))
         return valid.drop(index=[rejection.index for rejection in taken]), taken
