@@ -11,6 +11,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from pandera.typing import Series
+from sqlalchemy.dialects import mysql
 
 from integrations.contracts import Contract
 from integrations.engine.destination import (
@@ -131,7 +132,7 @@ def create(engine: sa.Engine, *columns: sa.Column | sa.Constraint) -> None:
 
 
 def ledger_columns(
-    keyed: bool = True, amount=sa.Float, memo_nullable: bool = True, archived: bool = True
+    keyed: bool = True, amount=sa.Double, memo_nullable: bool = True, archived: bool = True
 ) -> list[sa.Column]:
     """The table LINES needs, or one with a single fault."""
     return [
@@ -403,4 +404,117 @@ def test_copy_text_arrives_intact_in_a_latin1_database(postgres_database):
     }
     with pytest.raises(RecordsRejected, match="has no equivalent in encoding"):
         table.upsert([record("L3", 3.0, "東京")])
+    engine.dispose()
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("mariadb", marks=pytest.mark.mariadb),
+    ]
+)
+def server_engine(request):
+    """PostgreSQL and MariaDB, whose 4-byte floats and partial indexes SQLite does not share."""
+    engine = create_engine(request.getfixturevalue(f"{request.param}_database")())
+    yield engine
+    engine.dispose()
+
+
+def test_a_single_precision_float_column_is_refused_before_any_write(server_engine):
+    create(server_engine, *ledger_columns(amount=sa.REAL().with_variant(mysql.FLOAT(), "mariadb")))
+    with pytest.raises(DestinationMismatch, match="keeps about 7 significant digits"):
+        SqlTable(server_engine, LINES.target).prepare(LINES)
+
+
+class CountedV1(pa.DataFrameModel):
+    number: Series[str] = pa.Field(unique=True)
+    count: Series[int]
+    flag: Series[bool]
+
+
+COUNTED = FlowSpec(
+    name="test_counted",
+    source=SourceTable(table="unused", key="id"),
+    source_contract=Contract("test.counted", 1, CountedV1),
+    target=Target(system="books", dataset="counted", id_property="number"),
+    target_contract=Contract("test.counted", 1, CountedV1),
+    mapping=lambda rows: rows,
+)
+
+
+def counted(number: str, count: int, flag: bool) -> OutboundRecord:
+    properties = {"number": number, "count": count, "flag": flag}
+    return OutboundRecord(key=number, properties=properties, trace_id=number)
+
+
+def test_whole_numbers_a_float_column_would_round_are_refused_and_flags_fit_integers(engine):
+    """An int field in a DOUBLE column: beyond 2**53 not every whole number is a double, so such
+    a value is refused, alone. A bool field in an INTEGER column is written as 1/0."""
+    sa.Table(
+        "counted",
+        sa.MetaData(),
+        sa.Column("number", sa.String(20), primary_key=True),
+        sa.Column("count", sa.Double),
+        sa.Column("flag", sa.SmallInteger),
+        sa.Column("archived_at", sa.DateTime),
+    ).create(engine)
+    table = SqlTable(engine, COUNTED.target)
+    table.prepare(COUNTED)
+    outcome = table.upsert(
+        [counted("a", 2**53, True), counted("b", 2**53 + 1, False), counted("c", -7, False)]
+    )
+    assert [w.destination_id for w in outcome.written] == ["a", "c"]
+    assert [(r.key, "beyond 9,007,199,254,740,992" in r.reason) for r in outcome.refused] == [
+        ("b", True)
+    ]
+    with engine.connect() as connection:
+        found = connection.execute(sa.text("SELECT number, count, flag FROM counted")).all()
+    assert sorted((n, int(c), f) for n, c, f in found) == [("a", 2**53, 1), ("c", -7, 0)]
+
+
+@pytest.mark.postgres
+def test_a_partial_unique_index_on_the_key_does_not_count_as_unique(postgres_database):
+    """ON CONFLICT cannot use a unique index WHERE …: the first load would pass, every update
+    fail. Refused before any write instead."""
+    engine = create_engine(postgres_database())
+    create(
+        engine,
+        *ledger_columns(keyed=False),
+        sa.Index(
+            "live_lines",
+            "line_number",
+            unique=True,
+            postgresql_where=sa.text("archived_at IS NULL"),
+        ),
+    )
+    with pytest.raises(DestinationMismatch, match="not the primary key nor unique"):
+        SqlTable(engine, LINES.target).prepare(LINES)
+    engine.dispose()
+
+
+class StampedV1(pa.DataFrameModel):
+    number: Series[str] = pa.Field(unique=True)
+    at: Series[pa.DateTime]
+
+
+@pytest.mark.mariadb
+def test_a_table_created_on_mariadb_keeps_microseconds(mariadb_database):
+    """MariaDB's DATETIME keeps whole seconds and drops the rest without a word: handoff creates
+    DATETIME(6)."""
+    stamped = FlowSpec(
+        name="test_stamped",
+        source=SourceTable(table="unused", key="id"),
+        source_contract=Contract("test.stamped", 1, StampedV1),
+        target=Target(system="books", dataset="stamped", id_property="number"),
+        target_contract=Contract("test.stamped", 1, StampedV1),
+        mapping=lambda rows: rows,
+    )
+    engine = create_engine(mariadb_database())
+    table = SqlTable(engine, stamped.target, create_missing=True)
+    table.prepare(stamped)
+    properties = {"number": "s1", "at": "2025-01-01T10:00:00.123456"}
+    table.upsert([OutboundRecord(key="s1", properties=properties, trace_id="s1")])
+    with engine.connect() as connection:
+        found = connection.execute(sa.text("SELECT at FROM stamped")).scalar_one()
+    assert found.microsecond == 123456
     engine.dispose()

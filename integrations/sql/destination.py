@@ -40,9 +40,12 @@ from integrations.engine.spec import FlowSpec, Target
 from integrations.sql.connect import Columns, copy_columns, copy_new_rows, in_key_order
 from integrations.sql.fit import (
     ARCHIVED_AT,
+    beyond_exact_floats,
     beyond_fixed_point,
     create_table,
     fixed_point_columns,
+    float_columns_of_integers,
+    kind_of,
     python_type,
     reflect_fitting_table,
 )
@@ -66,6 +69,8 @@ class SqlTable:
         self._table: sa.Table | None = None
         self._fields: list[str] = []
         self._fixed_point: dict[str, tuple[int, int]] = {}  # name: (precision, scale)
+        self._float_integers: list[str] = []  # int fields in floating-point columns
+        self._bools_as_integers: list[str] = []  # bool fields in integer columns
 
     # --- before the first write -------------------------------------------------------------
 
@@ -75,7 +80,14 @@ class SqlTable:
             create_table(self.engine, spec)
         self._table = reflect_fitting_table(self.engine, spec)
         self._fields = list(spec.target_contract.schema.columns)
-        self._fixed_point = fixed_point_columns(self._table, spec.target_contract)
+        contract = spec.target_contract
+        self._fixed_point = fixed_point_columns(self._table, contract)
+        self._float_integers = float_columns_of_integers(self._table, contract)
+        self._bools_as_integers = [
+            name
+            for name in self._fields
+            if kind_of(contract, name) == "bool" and python_type(self._table.c[name]) is int
+        ]
 
     @property
     def table(self) -> sa.Table:
@@ -93,6 +105,8 @@ class SqlTable:
         fields = self._fields or list(records[0].properties)
         batch = records if isinstance(records, OutboundBatch) else OutboundBatch.of(records)
         columns = {name: batch.column(name) for name in fields}
+        for name in self._bools_as_integers:  # COPY would send t/f, which INTEGER refuses
+            columns[name] = [int(v) if isinstance(v, bool) else v for v in columns[name]]
         keys, not_kept = batch.keys, self._not_kept(columns)
         refused = [Refusal(keys[at], why) for at, why in sorted(not_kept.items())]
         if not_kept:
@@ -114,8 +128,16 @@ class SqlTable:
         return Upserted(WrittenColumns(keys, ids, list(flags)), refused)
 
     def _not_kept(self, columns: Columns) -> dict[int, str]:
-        """The records a fixed-point column would not keep as sent, by position, with why."""
+        """The records a fixed-point or floating-point column would not keep as sent, by
+        position, with why."""
         found: dict[int, str] = {}
+        for name in self._float_integers:
+            for at, why in beyond_exact_floats(columns[name]).items():
+                found.setdefault(
+                    at,
+                    f"column {name!r} is floating-point and the value {why}. What to do: make "
+                    "the column BIGINT or NUMERIC, or bound the field in the contract",
+                )
         for name, (precision, scale) in self._fixed_point.items():
             for at, why in beyond_fixed_point(columns[name], precision, scale).items():
                 found.setdefault(

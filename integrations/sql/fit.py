@@ -9,7 +9,10 @@ default). A missing table can be created from the contract (`create_table`).
 
 A fixed-point column (NUMERIC/DECIMAL(p, s)) fits a number field, but not every number: PostgreSQL
 and MariaDB round extra decimals without a word. `beyond_fixed_point` finds the values such a
-column would not keep as sent, so that they are refused rather than stored changed.
+column would not keep as sent, so that they are refused rather than stored changed; likewise
+`beyond_exact_floats` for whole numbers in a floating-point column. A 4-byte float column (REAL,
+MariaDB's FLOAT) keeps about 7 digits: it does not fit a number field at all. Nor does a partial
+unique index (WHERE …) make the key unique.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from datetime import date, datetime
 from decimal import Decimal
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
 
 from integrations.contracts import Contract
 from integrations.engine.destination import DestinationMismatch
@@ -42,9 +46,11 @@ _CREATED_TYPES: dict[str, sa.types.TypeEngine] = {
     "int": sa.BigInteger(),
     "float": sa.Float(53),
     "bool": sa.Boolean(),
-    "datetime": sa.DateTime(),
+    # MariaDB/MySQL's DATETIME keeps whole seconds unless told otherwise.
+    "datetime": sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb"),
     "date": sa.Date(),
 }
+EXACT_FLOAT_INTEGERS = 2**53  # a double holds every whole number up to this, and not all beyond
 
 
 def kind_of(contract: Contract, field: str) -> str:
@@ -84,7 +90,7 @@ def create_table(engine: sa.Engine, spec: FlowSpec) -> sa.Table:
         columns.append(
             sa.Column(name, type_, primary_key=name == key, nullable=bool(field.nullable))
         )
-    columns.append(sa.Column(ARCHIVED_AT, sa.DateTime, nullable=True))
+    columns.append(sa.Column(ARCHIVED_AT, _CREATED_TYPES["datetime"], nullable=True))
     table = sa.Table(check_identifier(spec.name, spec.target.dataset), sa.MetaData(), *columns)
     table.create(engine, checkfirst=True)
     return table
@@ -131,6 +137,15 @@ def _misfits(engine: sa.Engine, table: sa.Table, spec: FlowSpec) -> list[tuple[s
                     f"change the column to a {kind} type, or the contract",
                 )
             )
+        if kind in ("int", "float") and _single_precision(engine, column):
+            problems.append(
+                (
+                    name,
+                    f"type {column.type} keeps about 7 significant digits: the contract's "
+                    f"{kind} values would be stored rounded",
+                    "make it double precision (or NUMERIC)",
+                )
+            )
         if field.nullable and not column.nullable:
             problems.append(
                 (
@@ -174,13 +189,52 @@ def _misfits(engine: sa.Engine, table: sa.Table, spec: FlowSpec) -> list[tuple[s
     return problems
 
 
+def _single_precision(engine: sa.Engine, column: sa.Column) -> bool:
+    """A 4-byte float column (PostgreSQL REAL, MariaDB FLOAT); SQLite's REAL has 8 bytes."""
+    if engine.dialect.name in ("mysql", "mariadb"):
+        return isinstance(column.type, mysql.FLOAT)
+    return engine.dialect.name == "postgresql" and isinstance(column.type, sa.REAL)
+
+
 def _is_unique(engine: sa.Engine, table: sa.Table, key: str) -> bool:
+    """The key alone is the primary key, or unique over all rows: a partial unique index (WHERE)
+    is not, and PostgreSQL's ON CONFLICT does not take it."""
     if [column.name for column in table.primary_key.columns] == [key]:
         return True
     inspector = sa.inspect(engine)
     constraints = inspector.get_unique_constraints(table.name)
-    indexes = [index for index in inspector.get_indexes(table.name) if index.get("unique")]
+    indexes = [
+        index
+        for index in inspector.get_indexes(table.name)
+        if index.get("unique")
+        and not any(
+            where is not None
+            for option, where in (index.get("dialect_options") or {}).items()
+            if option.endswith("_where")
+        )
+    ]
     return any(item["column_names"] == [key] for item in [*constraints, *indexes])
+
+
+def float_columns_of_integers(table: sa.Table, contract: Contract) -> list[str]:
+    """The contract's int fields whose column is floating-point (it rounds big whole numbers)."""
+    return [
+        name
+        for name in contract.schema.columns
+        if kind_of(contract, name) == "int" and isinstance(table.c[name].type, sa.Float)
+    ]
+
+
+def beyond_exact_floats(values: Sequence[object]) -> dict[int, str]:
+    """The whole numbers a double would not keep exactly, by position."""
+    return {
+        at: f"is a whole number beyond {EXACT_FLOAT_INTEGERS:,}, which a float column rounds"
+        for at, value in enumerate(values)
+        if isinstance(value, int)
+        and not isinstance(value, bool)
+        and abs(value) > EXACT_FLOAT_INTEGERS
+        and int(float(value)) != value
+    }
 
 
 def fixed_point_columns(table: sa.Table, contract: Contract) -> dict[str, tuple[int, int]]:

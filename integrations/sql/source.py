@@ -82,6 +82,9 @@ class SqlSource:
         missing = [name for name in wanted if name not in self.table.c]
         if missing:
             raise SourceSchemaError(f"table {spec.table!r} has no column(s) {missing}")
+        for column in self.table.c:  # MariaDB's DOUBLE reflects as Decimal-returning: floats
+            if isinstance(column.type, sa.Float) and column.type.asdecimal:
+                column.type.asdecimal = False
         self.key = self.table.c[spec.key]
         # A table without a change cursor is read whole; the ledger's diff finds what changed.
         self.cursor = self.table.c[spec.cursor] if spec.cursor else None
