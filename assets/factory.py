@@ -204,7 +204,7 @@ def _sync_replay_or_repair(context, spec, config, source, destination, state):
         return sync.repair(drift.missing + drift.differing), drift
     if spec.partitions:
         window = context.partition_time_window
-        return sync.run_window(window.start, window.end), None
+        return sync.run_window(window.start, window.end, config.allow_mass_archive), None
     return sync.run(full=config.full_refresh, allow_mass_archive=config.allow_mass_archive), None
 
 

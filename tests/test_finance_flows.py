@@ -124,6 +124,42 @@ def test_a_deleted_invoice_is_archived_when_its_day_is_rewritten(world, finance_
         assert archived == [(number,)]
 
 
+def test_a_backfill_that_would_archive_a_month_stops_at_the_archive_guard(world, finance_url):
+    """A partitioned flow's window runs are guarded too: a mass delete in the ERP stops the
+    backfill of its range before anything is written, until the run allows it."""
+    with dg.instance_for_test() as instance:
+        synced = materialize(FINANCE_INVOICES, instance, tags=JANUARY)["written"]
+        engine = create_engine(world.erp_url)
+        with engine.begin() as connection:
+            connection.execute(sa.text("UPDATE invoices SET deleted_at = updated_at"))
+        engine.dispose()
+        stopped = dg.materialize(
+            [flow_asset(FINANCE_INVOICES)],
+            resources=resources(),
+            instance=instance,
+            tags=JANUARY,
+            raise_on_error=False,
+        )
+        assert not stopped.success
+        (failure,) = [e for e in stopped.all_events if e.event_type_value == "STEP_FAILURE"]
+        assert (
+            "above the archive guard of 20%"
+            in failure.step_failure_data.user_failure_data.description
+        )
+        archived = "SELECT count(*) FROM invoices WHERE archived_at IS NOT NULL"
+        assert query(finance_url, archived) == [(0,)]
+
+        allowed = dg.materialize(
+            [flow_asset(FINANCE_INVOICES)],
+            resources=resources(),
+            instance=instance,
+            tags=JANUARY,
+            run_config={"ops": {"finance__invoices": {"config": {"allow_mass_archive": True}}}},
+        )
+        assert allowed.success
+        assert query(finance_url, archived) == [(synced,)]
+
+
 @pytest.fixture
 def chinook_copy(world, tmp_path, monkeypatch):
     """A writable copy of the real Chinook database."""

@@ -104,7 +104,7 @@ class CrmObjectsSource:
 
         yield from self._frames(objects(), batch_size)
 
-    def deleted_keys(self, since: datetime | None) -> list[object]:
+    def deleted_keys(self, since: datetime | None, within: object | None = None) -> list[object]:
         return []  # searches never show archived objects (see the module docstring)
 
     def high_water_mark(self) -> datetime | None:

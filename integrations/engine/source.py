@@ -28,8 +28,9 @@ class Source(Protocol):
     def rows_with_keys(self, keys: Sequence[object], batch_size: int) -> Iterator[pd.DataFrame]:
         """The rows with these keys (a repair)."""
 
-    def deleted_keys(self, since: datetime | None) -> list[object]:
-        """Keys of soft-deleted rows with cursor ≥ `since`: what a run would archive at most."""
+    def deleted_keys(self, since: datetime | None, within: object | None = None) -> list[object]:
+        """Keys of soft-deleted rows with cursor ≥ `since` and `within` (a partition window):
+        what a run would archive at most."""
 
     def high_water_mark(self) -> datetime | None:
         """The newest cursor value: the sensor's cheap 'did anything change?'."""

@@ -321,13 +321,18 @@ class Sync:
         batches = self.source.batches(since, self.spec.batch_size)
         return self._drive(batches, before, full=full, move_watermark=True)
 
-    def run_window(self, start: datetime, end: datetime) -> SyncResult:
+    def run_window(
+        self, start: datetime, end: datetime, allow_mass_archive: bool = False
+    ) -> SyncResult:
         """Rewrite exactly one window of the business date (a partition or a backfill's range):
-        every row dated in [start, end), compared with the ledger; the watermark stays."""
+        every row dated in [start, end), compared with the ledger; the watermark stays. The
+        archive guard counts the window's soft-deleted rows against every synced record."""
         partitions = self.spec.partitions
         if partitions is None:
             raise ValueError(f"flow {self.spec.name} is not partitioned")
         within = self.source.in_window(partitions.column, start, end)
+        if self.spec.archive_deleted:
+            self._guard_archives(None, approved=allow_mass_archive, within=within)
         batches = self.source.batches(None, self.spec.batch_size, within=within)
         before = self.state.watermark(self.spec.name)
         return self._drive(batches, before, full=False, move_watermark=False)
@@ -440,8 +445,10 @@ class Sync:
                 "resumes from the watermark)",
             ) from error
 
-    def _guard_archives(self, since: datetime | None, approved: bool) -> None:
-        keys = [str(key) for key in self.source.deleted_keys(since)]
+    def _guard_archives(
+        self, since: datetime | None, approved: bool, within: object | None = None
+    ) -> None:
+        keys = [str(key) for key in self.source.deleted_keys(since, within)]
         ledger = self.state.ledger_entries(self.spec.name, keys)
         doomed = sorted((key for key, entry in ledger.items() if not entry.archived), key=_natural)
         synced = self.state.count_synced(self.spec.name)

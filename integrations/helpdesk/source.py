@@ -105,7 +105,7 @@ class RtTickets:
             query = " OR ".join(f"id = {ticket_id}" for ticket_id in ids[start : start + step])
             yield from _frames(self._search(query), batch_size)
 
-    def deleted_keys(self, since: datetime | None) -> list[object]:
+    def deleted_keys(self, since: datetime | None, within: object | None = None) -> list[object]:
         return []  # REST2 never shows deleted tickets (see the module docstring)
 
     def high_water_mark(self) -> datetime | None:

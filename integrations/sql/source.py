@@ -229,12 +229,17 @@ class SqlSource:
                     rows = [_processed(row, processors) for row in rows]
                 yield pd.DataFrame.from_records(rows, columns=self.columns)
 
-    def deleted_keys(self, since: datetime | None) -> list[object]:
-        """Keys of soft-deleted rows with cursor ≥ `since`: what a run would archive at most."""
+    def deleted_keys(
+        self, since: datetime | None, within: sa.ColumnElement[bool] | None = None
+    ) -> list[object]:
+        """Keys of soft-deleted rows with cursor ≥ `since` and `within` (a partition window):
+        what a run would archive at most."""
         if not self.spec.deleted:
             return []
         deleted = self.table.c[self.spec.deleted]
         query = sa.select(self.key).where(deleted.is_not(None))
+        if within is not None:
+            query = query.where(within)
         if since is not None and self.cursor is not None:
             query = query.where(self._since(since))
         with self.engine.connect() as connection:
