@@ -1,5 +1,6 @@
-"""SQL sources' change cursors and windows: NULL cursor values, zoned timestamps, and partition
-windows on a server whose time zone is not UTC. Real SQLite, PostgreSQL and MariaDB."""
+"""SQL sources into SQL tables through the engine: change cursors and windows (NULL cursor values,
+zoned timestamps, partition windows on a server whose time zone is not UTC), and the error budget
+over records the destination refuses. Real SQLite, PostgreSQL and MariaDB."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ import sqlalchemy as sa
 
 from integrations.engine.spec import FlowSpec, SourceTable
 from integrations.engine.state import StateStore
-from integrations.engine.sync import Sync, SyncResult
+from integrations.engine.sync import ErrorBudgetExceeded, Sync, SyncResult
 from integrations.sql.connect import create_engine
 from integrations.sql.destination import SqlTable
 from integrations.sql.source import SqlSource
 from tests.conftest import DLQ_KEY, POSTGRES_ADMIN
-from tests.test_sql_destination import LINES, ledger_columns, rows
+from tests.test_sql_destination import LINES, create, ledger_columns, rows
 
 SOURCE = SourceTable(table="source_lines", key="id")
 SPEC = FlowSpec(
@@ -66,10 +67,15 @@ def state(tmp_path):
 
 
 def run(engine: sa.Engine, state: StateStore) -> SyncResult:
-    """The lines flow into a table of the same database."""
+    """The lines flow into a table of the same database, through an engine of its own (as two
+    resources would have)."""
     source = SqlSource(engine, SOURCE)
-    destination = SqlTable(engine, SPEC.target, create_missing=True)
-    return Sync(SPEC, source, destination, state, run_id="r", actor="test", why="test").run()
+    writer = create_engine(engine.url.render_as_string(hide_password=False))
+    destination = SqlTable(writer, SPEC.target, create_missing=True)
+    try:
+        return Sync(SPEC, source, destination, state, run_id="r", actor="test", why="test").run()
+    finally:
+        writer.dispose()
 
 
 def test_rows_without_a_cursor_value_are_synced_and_their_changes_seen(sql_database, state):
@@ -155,4 +161,20 @@ def test_a_day_window_is_the_utc_day_whatever_the_session_zone(postgres_database
 
     assert day(datetime(2024, 1, 1, tzinfo=UTC)) == [1, 2]
     assert day(datetime(2024, 1, 2, tzinfo=UTC)) == [3]
+    engine.dispose()
+
+
+def test_records_the_destination_refuses_count_once_against_the_error_budget(sql_database, state):
+    """3 of 28 records refused by the table (a CHECK): 10.7%, above the 10% budget. Counted as
+    valid and again as rejected, they were 3 of 31 (9.7%), and the run passed. The run ends
+    committed, so the error says to replay, not that the watermark stayed."""
+    engine = create_engine(sql_database())
+    source_lines(engine, [datetime(2025, 1, 1) + timedelta(minutes=n) for n in range(28)])
+    create(engine, *ledger_columns(), sa.CheckConstraint("amount <= 25", name="at_most_25"))
+    with pytest.raises(ErrorBudgetExceeded) as stopped:
+        run(engine, state)
+    message = str(stopped.value)
+    assert "3 of 28 rows (10.7%)" in message
+    assert "every batch of this run was committed" in message and "handoff dlq replay" in message
+    assert state.count_open_dead_letters(SPEC.name) == 3
     engine.dispose()

@@ -417,7 +417,7 @@ class Sync:
         result.seconds = time.perf_counter() - started
         result.watermark_after = self.state.watermark(self.spec.name)
         result.open_dead_letters = self.state.dead_letter_kinds(self.spec.name)
-        self._check_budget(result)
+        self._check_budget(result, finished=True)
         return result
 
     @contextmanager
@@ -1002,9 +1002,14 @@ class Sync:
                 self.spec.name,
             )
 
-    def _check_budget(self, result: SyncResult, pending: Sequence[DeadLetter] = ()) -> None:
+    def _check_budget(
+        self, result: SyncResult, pending: Sequence[DeadLetter] = (), finished: bool = False
+    ) -> None:
+        """Stop the run when too many of the rows it judged were rejected. A record the
+        destination refused passed the contracts (it is in `valid`) and is counted once."""
         budget = self.spec.error_budget
-        seen = result.counts["valid"] + result.counts["rejected"]
+        refused = result.kinds["destination-rejected"]
+        seen = result.counts["valid"] + result.counts["rejected"] - refused
         if self._replaying or seen < budget.min_rows:  # a replay retries known-bad records
             return
         share = result.counts["rejected"] / seen
@@ -1020,5 +1025,11 @@ class Sync:
             f"{result.counts['rejected']} of {seen} rows ({share:.1%}) failed, above the error budget "
             f"of {budget.max_share:.0%}; top reasons: {top}",
             f"inspect them with `handoff dlq list --flow {self.spec.name}`, fix the source "
-            "(or the contract), then rerun; the watermark did not advance past the failing batch",
+            + (
+                "(or the contract, or the destination), then replay them (`handoff dlq replay`): "
+                "every batch of this run was committed, the rejected rows wait in the DLQ"
+                if finished
+                else "(or the contract), then rerun; the watermark did not advance past the "
+                "failing batch"
+            ),
         )
