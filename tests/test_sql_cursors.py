@@ -4,6 +4,7 @@ over records the destination refuses. Real SQLite, PostgreSQL and MariaDB."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
 import psycopg
@@ -31,12 +32,15 @@ SPEC = FlowSpec(
 )
 
 
-def source_lines(engine: sa.Engine, stamps: list, cursor_type=sa.DateTime) -> None:
-    """A source table of ledger lines, line n changed at stamps[n - 1] (None: never said)."""
+def source_lines(
+    engine: sa.Engine, stamps: list, cursor_type=sa.DateTime, ids: list | None = None
+) -> None:
+    """A source table of ledger lines, line n changed at stamps[n - 1] (None: never said), keyed
+    1, 2, … or by `ids` (UUIDs)."""
     table = sa.Table(
         "source_lines",
         sa.MetaData(),
-        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("id", sa.Uuid if ids else sa.Integer, primary_key=True),
         *(column for column in ledger_columns() if column.name != "archived_at"),
         sa.Column("updated_at", cursor_type, nullable=True),
         sa.Column("deleted_at", sa.DateTime, nullable=True),
@@ -47,7 +51,7 @@ def source_lines(engine: sa.Engine, stamps: list, cursor_type=sa.DateTime) -> No
             table.insert(),
             [
                 {
-                    "id": n,
+                    "id": ids[n - 1] if ids else n,
                     "line_number": f"L{n}",
                     "amount": float(n),
                     "booked_on": "2025-01-02",
@@ -177,4 +181,17 @@ def test_records_the_destination_refuses_count_once_against_the_error_budget(sql
     assert "3 of 28 rows (10.7%)" in message
     assert "every batch of this run was committed" in message and "handoff dlq replay" in message
     assert state.count_open_dead_letters(SPEC.name) == 3
+    engine.dispose()
+
+
+def test_uuid_keys_make_a_watermark(sql_database, state):
+    """A UUID primary key (Decimal keys likewise) is not JSON: the watermark keeps its text."""
+    engine = create_engine(sql_database())
+    ids = [uuid.UUID(int=n) for n in (3, 1, 2)]
+    source_lines(engine, [datetime(2025, 1, 1, n) for n in range(3)], ids=ids)
+    first = run(engine, state)
+    assert first.written == 3
+    # PostgreSQL has a uuid type; SQLite and MariaDB keep the 32 hex digits as text.
+    assert first.watermark_after.key in (str(ids[2]), ids[2].hex)
+    assert run(engine, state).written == 0
     engine.dispose()

@@ -24,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from functools import cached_property
 from itertools import repeat
 
@@ -260,6 +261,15 @@ def _picked(values: list, positions: list[int]) -> list:
 
 def _natural(key: str) -> tuple[int, str]:
     return (int(key), "") if key.isdigit() else (0, key)
+
+
+def _json_key(key: object) -> object:
+    """A source key as the state store keeps it in JSON: a number or a text (a UUID, say)."""
+    if hasattr(key, "item"):  # numpy's scalars
+        key = key.item()
+    if isinstance(key, Decimal) and key == key.to_integral_value():
+        return int(key)
+    return key if isinstance(key, int | float | str) else str(key)
 
 
 def _digest(value: object) -> str:
@@ -833,7 +843,7 @@ class Sync:
         moment = pd.Timestamp(last[self.spec.source.cursor])
         if moment.tzinfo is not None:  # a zoned cursor: the state store keeps UTC, without zone
             moment = moment.tz_convert("UTC").tz_localize(None)
-        watermark = Watermark(moment.to_pydatetime(), key.item() if hasattr(key, "item") else key)
+        watermark = Watermark(moment.to_pydatetime(), _json_key(key))
         if before and (watermark.updated_at, watermark.key) < (before.updated_at, before.key):
             return before  # a lookback batch never moves the watermark back
         return watermark
