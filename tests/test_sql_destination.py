@@ -518,3 +518,17 @@ def test_a_table_created_on_mariadb_keeps_microseconds(mariadb_database):
         found = connection.execute(sa.text("SELECT at FROM stamped")).scalar_one()
     assert found.microsecond == 123456
     engine.dispose()
+
+
+def test_a_snapshot_reads_flags_as_sent(engine):
+    """Reconciliation compares the snapshot with what was sent: a flag is True/False on every
+    dialect (MariaDB keeps it as TINYINT(1), which reads as 1/0)."""
+    table = SqlTable(engine, COUNTED.target, create_missing=True)
+    table.prepare(COUNTED)
+    table.upsert([counted("a", 1, True), counted("b", 2, False)])
+    found = {key: values for key, _, values in table.snapshot(["count", "flag"])}
+    # as reconciliation compares them: text (1 == True in Python, "1" != "True")
+    assert {key: {k: str(v) for k, v in values.items()} for key, values in found.items()} == {
+        "a": {"count": "1", "flag": "True"},
+        "b": {"count": "2", "flag": "False"},
+    }

@@ -26,6 +26,7 @@ from itertools import repeat
 from typing import TypeVar
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
 
 from integrations.engine.destination import (
     DestinationUnavailable,
@@ -334,7 +335,7 @@ class SqlTable:
         """Every live record, with values as the engine sends them (ISO text, floats)."""
         table, key = self.table, self.target.id_property
         wanted = [name for name in fields if name in table.c]
-        query = sa.select(table.c[key], *(table.c[name] for name in wanted)).where(
+        query = sa.select(table.c[key], *(_read(table.c[name]) for name in wanted)).where(
             table.c[ARCHIVED_AT].is_(None)
         )
         try:
@@ -347,6 +348,13 @@ class SqlTable:
                     yield str(row[0]), str(row[0]), values
         except sa.exc.DBAPIError as error:
             raise _classified(error) from error
+
+
+def _read(column: sa.Column) -> sa.ColumnElement:
+    """MariaDB/MySQL keep a BOOLEAN as TINYINT(1): it is read as the bool it was written from."""
+    if isinstance(column.type, mysql.TINYINT) and column.type.display_width == 1:
+        return sa.type_coerce(column, sa.Boolean).label(column.name)
+    return column
 
 
 def _converter(column: sa.Column) -> Callable[[object], object] | None:
