@@ -29,14 +29,20 @@ CHINOOK_QUARTER = {
 }
 
 
-def materialize(spec, instance, tags=None, partition_key=None) -> dict[str, object]:
-    result = dg.materialize(
+def run(spec, instance, **options) -> dg.ExecuteInProcessResult:
+    """Materialize the flow's asset (options: tags, partition_key, run_config); failures are
+    the caller's to look at."""
+    return dg.materialize(
         [flow_asset(spec)],
         resources=resources(),
         instance=instance,
-        tags=tags,
-        partition_key=partition_key,
+        raise_on_error=False,
+        **options,
     )
+
+
+def materialize(spec, instance, tags=None, partition_key=None) -> dict[str, object]:
+    result = run(spec, instance, tags=tags, partition_key=partition_key)
     assert result.success
     events = result.get_asset_materialization_events()
     return {key: value.value for key, value in events[0].materialization.metadata.items()}
@@ -133,13 +139,7 @@ def test_a_backfill_that_would_archive_a_month_stops_at_the_archive_guard(world,
         with engine.begin() as connection:
             connection.execute(sa.text("UPDATE invoices SET deleted_at = updated_at"))
         engine.dispose()
-        stopped = dg.materialize(
-            [flow_asset(FINANCE_INVOICES)],
-            resources=resources(),
-            instance=instance,
-            tags=JANUARY,
-            raise_on_error=False,
-        )
+        stopped = run(FINANCE_INVOICES, instance, tags=JANUARY)
         assert not stopped.success
         (failure,) = [e for e in stopped.all_events if e.event_type_value == "STEP_FAILURE"]
         assert (
@@ -149,10 +149,9 @@ def test_a_backfill_that_would_archive_a_month_stops_at_the_archive_guard(world,
         archived = "SELECT count(*) FROM invoices WHERE archived_at IS NOT NULL"
         assert query(finance_url, archived) == [(0,)]
 
-        allowed = dg.materialize(
-            [flow_asset(FINANCE_INVOICES)],
-            resources=resources(),
-            instance=instance,
+        allowed = run(
+            FINANCE_INVOICES,
+            instance,
             tags=JANUARY,
             run_config={"ops": {"finance__invoices": {"config": {"allow_mass_archive": True}}}},
         )

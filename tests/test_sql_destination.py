@@ -35,14 +35,20 @@ class LedgerLineV1(pa.DataFrameModel):
     memo: Series[str] = pa.Field(nullable=True)
 
 
-LINES = FlowSpec(
-    name="test_ledger_lines",
-    source=SourceTable(table="unused", key="id"),
-    source_contract=Contract("test.source", 1, LedgerLineV1),
-    target=Target(system="books", dataset="ledger_lines", id_property="line_number"),
-    target_contract=Contract("test.ledger_line", 1, LedgerLineV1),
-    mapping=lambda rows: rows,
-)
+def into_table(table: str, key: str, model: type[pa.DataFrameModel]) -> FlowSpec:
+    """A flow of `model`'s records into `table`, keyed by `key`; these tests need no source."""
+    contract = Contract(f"test.{table}", 1, model)
+    return FlowSpec(
+        name=f"test_{table}",
+        source=SourceTable(table="unused", key="id"),
+        source_contract=contract,
+        target=Target(system="books", dataset=table, id_property=key),
+        target_contract=contract,
+        mapping=lambda rows: rows,
+    )
+
+
+LINES = into_table("ledger_lines", "line_number", LedgerLineV1)
 
 
 def record(number: str, amount: float, memo: str | None = "x") -> OutboundRecord:
@@ -148,7 +154,7 @@ def ledger_columns(
     ("fault", "column", "problem"),
     [
         ({"keyed": False}, "line_number", "not the primary key nor unique"),
-        ({"memo_nullable": False}, "memo", "NOT NULL, but test.ledger_line@v1 allows nulls"),
+        ({"memo_nullable": False}, "memo", "NOT NULL, but test.ledger_lines@v1 allows nulls"),
         ({"amount": sa.Integer}, "amount", "cannot hold the contract's float values"),
         ({"archived": False}, "archived_at", "missing, or not a nullable timestamp"),
     ],
@@ -432,14 +438,7 @@ class CountedV1(pa.DataFrameModel):
     flag: Series[bool]
 
 
-COUNTED = FlowSpec(
-    name="test_counted",
-    source=SourceTable(table="unused", key="id"),
-    source_contract=Contract("test.counted", 1, CountedV1),
-    target=Target(system="books", dataset="counted", id_property="number"),
-    target_contract=Contract("test.counted", 1, CountedV1),
-    mapping=lambda rows: rows,
-)
+COUNTED = into_table("counted", "number", CountedV1)
 
 
 def counted(number: str, count: int, flag: bool) -> OutboundRecord:
@@ -501,14 +500,7 @@ class StampedV1(pa.DataFrameModel):
 def test_a_table_created_on_mariadb_keeps_microseconds(mariadb_database):
     """MariaDB's DATETIME keeps whole seconds and drops the rest without a word: handoff creates
     DATETIME(6)."""
-    stamped = FlowSpec(
-        name="test_stamped",
-        source=SourceTable(table="unused", key="id"),
-        source_contract=Contract("test.stamped", 1, StampedV1),
-        target=Target(system="books", dataset="stamped", id_property="number"),
-        target_contract=Contract("test.stamped", 1, StampedV1),
-        mapping=lambda rows: rows,
-    )
+    stamped = into_table("stamped", "number", StampedV1)
     engine = create_engine(mariadb_database())
     table = SqlTable(engine, stamped.target, create_missing=True)
     table.prepare(stamped)
