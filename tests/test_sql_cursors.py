@@ -4,6 +4,7 @@ over records the destination refuses. Real SQLite, PostgreSQL and MariaDB."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -11,7 +12,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from integrations.engine.spec import FlowSpec, SourceTable
+from integrations.engine.spec import DailyPartitions, FlowSpec, SourceTable
 from integrations.engine.state import StateStore
 from integrations.engine.sync import ErrorBudgetExceeded, Sync, SyncResult
 from integrations.sql.connect import create_engine
@@ -194,4 +195,62 @@ def test_uuid_keys_make_a_watermark(sql_database, state):
     # PostgreSQL has a uuid type; SQLite and MariaDB keep the 32 hex digits as text.
     assert first.watermark_after.key in (str(ids[2]), ids[2].hex)
     assert run(engine, state).written == 0
+    engine.dispose()
+
+
+def test_batches_left_without_rows_pass(sql_database, state):
+    """The newest row breaks the contract, alone in its batch; the next run reads it again
+    (cursor >= watermark) and holds it. Both leave a frame without rows, whose column types need
+    not fit the contract (an empty object column is no float64 column): the runs stopped with
+    "the batch does not fit the contract", and so did every rerun, until the row was fixed."""
+    engine = create_engine(sql_database())
+    source_lines(engine, [datetime(2025, 1, 1) + timedelta(hours=n) for n in range(3)])
+    with engine.begin() as connection:
+        connection.execute(sa.text("UPDATE source_lines SET booked_on = NULL WHERE id = 3"))
+    first = run(engine, state)
+    assert (first.written, first.counts["rejected"]) == (2, 1)
+    second = run(engine, state)
+    assert (second.counts["read"], second.counts["held"], second.written) == (1, 1, 0)
+    assert second.watermark_after == first.watermark_after
+    engine.dispose()
+
+
+def test_a_row_without_a_business_date_is_dead_lettered_not_lost(sql_database, state):
+    """A partitioned flow over a nullable date: a row without one falls in no day. Each day's run
+    reads it; the first dead-letters it, saying what to do, the next holds it; once dated, its
+    own day's run syncs it and closes the letter."""
+    engine = create_engine(sql_database())
+    day = datetime(2024, 1, 1)
+    source_lines(engine, [day + timedelta(hours=1), None, day + timedelta(hours=2)])
+    spec = dataclasses.replace(
+        SPEC, partitions=DailyPartitions(column="updated_at", start="2024-01-01")
+    )
+    writer = create_engine(engine.url.render_as_string(hide_password=False))
+
+    def run_day(start: datetime) -> SyncResult:
+        source, destination = (
+            SqlSource(engine, SOURCE),
+            SqlTable(writer, spec.target, create_missing=True),
+        )
+        sync = Sync(spec, source, destination, state, run_id="r", actor="test", why="test")
+        return sync.run_window(start, start + timedelta(days=1))
+
+    first = run_day(day)
+    assert (first.written, first.counts["rejected"]) == (2, 1)
+    (letter,) = state.list_dead_letters(flow=spec.name)
+    assert letter.record_key == "2" and "no updated_at" in letter.reason
+    assert "set updated_at in the source" in letter.reason
+
+    second = run_day(day + timedelta(days=1))
+    assert (second.written, second.counts["rejected"], second.counts["held"]) == (0, 0, 1)
+
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text("UPDATE source_lines SET updated_at = :d WHERE id = 2"),
+            {"d": day + timedelta(days=1, hours=3)},
+        )
+    third = run_day(day + timedelta(days=1))
+    assert (third.written, third.counts["rejected"]) == (1, 0)
+    assert state.count_open_dead_letters(spec.name) == 0
+    writer.dispose()
     engine.dispose()

@@ -71,7 +71,11 @@ class Contract:
         batch, as validated, is the valid frame. Otherwise (a value that cannot be coerced also
         fails its whole column's type, which can hide other rules) the rejected rows are set
         aside and the rest validated again, until it passes or only whole-batch failures remain.
+        A frame without rows breaks no rule, whatever its columns' types (a batch all held, or
+        all refused by the contract before this one, has lost the types its values gave it).
         """
+        if batch.empty:
+            return Verdict(valid=batch, rejections=[])
         reasons: dict[object, list[str]] = defaultdict(list)
         remaining = batch
         while True:

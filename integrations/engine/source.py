@@ -23,7 +23,8 @@ class Source(Protocol):
         from `in_window`), in (cursor, key) order, at most `batch_size` a frame."""
 
     def in_window(self, column: str, start: datetime, end: datetime) -> object:
-        """The condition `start <= column < end`, for `batches(within=...)`."""
+        """The condition `start <= column < end`, or no date at all (a row no window holds, read
+        by every window's run to be dead-lettered), for `batches(within=...)`."""
 
     def rows_with_keys(self, keys: Sequence[object], batch_size: int) -> Iterator[pd.DataFrame]:
         """The rows with these keys (a repair)."""

@@ -506,10 +506,31 @@ class Sync:
         gone_mask = _out_of_flow(self.spec, keyed)
         live, gone = keyed[~gone_mask], keyed[gone_mask]
         live, open_letters = self._without_held(live, result)
-        valid, rejected = self._validate(live, clock)
+        dated, undated = self._dated(live)
+        valid, rejected = self._validate(dated, clock)
         return _Staged(
-            len(batch), self._last_dated(batch), live, gone, valid, letters + rejected, open_letters
+            len(batch),
+            self._last_dated(batch),
+            live,
+            gone,
+            valid,
+            letters + undated + rejected,
+            open_letters,
         )
+
+    def _dated(self, live: pd.DataFrame) -> tuple[pd.DataFrame, list[DeadLetter]]:
+        """A partitioned flow's rows without a business date are dead-lettered: no partition
+        holds them, so no backfill would ever rewrite them."""
+        column = self.spec.partitions.column if self.spec.partitions else None
+        if column is None or column not in live or live[column].notna().all():
+            return live, []
+        missing = live[column].isna()
+        reason = (
+            f"{self.spec.name}: the record has no {column}, the business date its partitions "
+            f"are made of, so no partition holds it; set {column} in the source, then replay it"
+        )
+        rejections = [RowRejection(key, reason) for key in live.index[missing]]
+        return live[~missing], self._letters(live, rejections, "contract")
 
     def _last_dated(self, batch: pd.DataFrame) -> pd.DataFrame:
         """The batch's last row with a cursor value (none: it cannot move the watermark)."""

@@ -135,23 +135,28 @@ class SqlSource:
         return sa.select(self.table, *extra).select_from(joined), columns
 
     def in_window(self, column: str, start: datetime, end: datetime) -> sa.ColumnElement[bool]:
-        """`start <= column < end`, as dates when the column is a date."""
+        """`start <= column < end`, as dates when the column is a date; or, for a nullable
+        column, no date at all: no window holds such a row, so each window's run reads it and
+        the engine dead-letters it (held, once dead-lettered, until its content changes)."""
         if column not in self.table.c:
             raise SourceSchemaError(f"table {self.spec.table!r} has no column {column!r}")
         target = self.table.c[column]
+        undated = target.is_(None) if target.nullable else sa.false()
         if isinstance(target.type, sa.DateTime) and self.engine.dialect.name == "sqlite":
             # SQLite keeps timestamps as text, written by whoever filled the file ("2021-01-01
             # 00:00:00" in Chinook, with microseconds by SQLAlchemy): compare them normalised.
             normalised = sa.func.datetime(target)
-            return sa.and_(
+            dated = sa.and_(
                 normalised >= start.strftime("%Y-%m-%d %H:%M:%S"),
                 normalised < end.strftime("%Y-%m-%d %H:%M:%S"),
             )
-        if isinstance(target.type, sa.Date):
-            start, end = start.date(), end.date()
         else:
-            start, end = _bound(target, start), _bound(target, end)
-        return sa.and_(target >= start, target < end)
+            if isinstance(target.type, sa.Date):
+                start, end = start.date(), end.date()
+            else:
+                start, end = _bound(target, start), _bound(target, end)
+            dated = sa.and_(target >= start, target < end)
+        return sa.or_(dated, undated)
 
     def batches(
         self,
