@@ -37,11 +37,15 @@ def source_lines(
     engine: sa.Engine, stamps: list, cursor_type=sa.DateTime, ids: list | None = None
 ) -> None:
     """A source table of ledger lines, line n changed at stamps[n - 1] (None: never said), keyed
-    1, 2, … or by `ids` (UUIDs)."""
+    1, 2, … or by `ids` (UUIDs, or repeated integers: then `id` is no primary key)."""
     table = sa.Table(
         "source_lines",
         sa.MetaData(),
-        sa.Column("id", sa.Uuid if ids else sa.Integer, primary_key=True),
+        sa.Column(
+            "id",
+            sa.Uuid if ids and isinstance(ids[0], uuid.UUID) else sa.Integer,
+            primary_key=not ids or len(set(ids)) == len(ids),
+        ),
         *(column for column in ledger_columns() if column.name != "archived_at"),
         sa.Column("updated_at", cursor_type, nullable=True),
         sa.Column("deleted_at", sa.DateTime, nullable=True),
@@ -71,14 +75,14 @@ def state(tmp_path):
     store.dispose()
 
 
-def run(engine: sa.Engine, state: StateStore) -> SyncResult:
+def run(engine: sa.Engine, state: StateStore, spec: FlowSpec = SPEC) -> SyncResult:
     """The lines flow into a table of the same database, through an engine of its own (as two
     resources would have)."""
     source = SqlSource(engine, SOURCE)
     writer = create_engine(engine.url.render_as_string(hide_password=False))
-    destination = SqlTable(writer, SPEC.target, create_missing=True)
+    destination = SqlTable(writer, spec.target, create_missing=True)
     try:
-        return Sync(SPEC, source, destination, state, run_id="r", actor="test", why="test").run()
+        return Sync(spec, source, destination, state, run_id="r", actor="test", why="test").run()
     finally:
         writer.dispose()
 
@@ -253,4 +257,19 @@ def test_a_row_without_a_business_date_is_dead_lettered_not_lost(sql_database, s
     assert (third.written, third.counts["rejected"]) == (1, 0)
     assert state.count_open_dead_letters(spec.name) == 0
     writer.dispose()
+    engine.dispose()
+
+
+def test_rows_of_a_repeated_key_each_count_against_the_error_budget(tmp_path, state):
+    """A view or a table without a primary key can repeat a key: its rows go to one dead letter,
+    and each of them is a rejected row. Counted as one, 3 of 20 rows were 1 of 18 (5.6%), and
+    the run went on under a 10% budget."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'erp.sqlite'}")
+    ids = [7 if n in (8, 9) else n for n in range(1, 21)]
+    source_lines(engine, [datetime(2025, 1, 1) + timedelta(minutes=n) for n in range(20)], ids=ids)
+    with pytest.raises(ErrorBudgetExceeded) as stopped:
+        run(engine, state, dataclasses.replace(SPEC, batch_size=20))
+    assert "3 of 20 rows (15.0%)" in str(stopped.value)
+    (letter,) = state.list_dead_letters(flow=SPEC.name)
+    assert letter.record_key == "7" and "3 rows with key 7" in letter.reason
     engine.dispose()

@@ -233,6 +233,13 @@ def _out_of_flow(spec: FlowSpec, batch: pd.DataFrame) -> pd.Series:
     return gone
 
 
+def _rows_in(letter: DeadLetter) -> int:
+    """The source rows a dead letter holds: one, or each row of a key repeated in a batch."""
+    if letter.payload.keys() == {"rows"} and isinstance(letter.payload["rows"], list):
+        return len(letter.payload["rows"])
+    return 1
+
+
 def _unusable_key(value: object) -> str | None:
     """Why a source key cannot key a record (None when it can)."""
     if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
@@ -1002,7 +1009,7 @@ class Sync:
         """Count the batch's rejections; log each of the run's first ones with its correlation
         id (the rest are in the DLQ and the audit trail, not flooding the run's log)."""
         logged = before = min(result.counts["rejected"], LOGGED_LETTERS)
-        result.counts["rejected"] += len(letters)
+        result.counts["rejected"] += sum(map(_rows_in, letters))
         pii = self.spec.source_contract.pii_fields | self.spec.target_contract.pii_fields
         for letter in letters:
             result.reasons[letter.reason] += 1
