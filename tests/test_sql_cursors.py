@@ -273,3 +273,23 @@ def test_rows_of_a_repeated_key_each_count_against_the_error_budget(tmp_path, st
     (letter,) = state.list_dead_letters(flow=SPEC.name)
     assert letter.record_key == "7" and "3 rows with key 7" in letter.reason
     engine.dispose()
+
+
+def test_the_letter_of_a_record_deleted_before_it_ever_synced_closes(sql_database, state):
+    """Dead-lettered on first sight, then soft-deleted: never written, so never archived, its
+    letter stayed open for good (and aged into the dead-letter alert)."""
+    engine = create_engine(sql_database())
+    source_lines(engine, [datetime(2025, 1, 1) + timedelta(hours=n) for n in range(3)])
+    with engine.begin() as connection:
+        connection.execute(sa.text("UPDATE source_lines SET booked_on = NULL WHERE id = 2"))
+    run(engine, state)
+    assert state.count_open_dead_letters(SPEC.name) == 1
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text("UPDATE source_lines SET deleted_at = :at, updated_at = :at WHERE id = 2"),
+            {"at": datetime(2025, 1, 2)},
+        )
+    result = run(engine, state)
+    assert (result.written, result.counts["archived"]) == (0, 0)
+    assert state.count_open_dead_letters(SPEC.name) == 0
+    engine.dispose()

@@ -1,16 +1,26 @@
-"""Unique values ignoring case (a company's domain): who holds one, as records move, clear and
-repeat it, across batches and within one. Real SQLite ERP and state, and the CRM sandbox."""
+"""Unique values ignoring case (a company's domain, a person's email and phone): who holds one,
+as records move, clear, repeat and let go of it, across batches and within one. Real SQLite ERP
+and state, the CRM sandbox, and a SQLite table."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
+import pandera.pandas as pa
+import pytest
 import sqlalchemy as sa
+from pandera.typing import Series
 
 from assets.crm_companies import CRM_COMPANIES
+from integrations.contracts import Contract
 from integrations.crm.destination import CrmObjects
+from integrations.engine.spec import FlowSpec, SourceTable, Target
+from integrations.engine.state import StateStore
 from integrations.engine.sync import Sync, SyncResult
+from integrations.sql.connect import create_engine
+from integrations.sql.destination import SqlTable
 from integrations.sql.source import SqlSource
+from tests.conftest import DLQ_KEY
 
 
 def sync(erp, crm_client, state, run: str) -> SyncResult:
@@ -98,3 +108,108 @@ def test_one_value_twice_in_a_batch_goes_to_the_first_and_the_flow_goes_on(
     ]
     assert len(holders) == 1
     assert sync(erp, crm_client, state, "run-3").written == 0
+
+
+# --- the same rules into a SQL table, on values of two fields -----------------------------------
+
+
+class PersonV1(pa.DataFrameModel):
+    id: Series[int]
+    email: Series[str] = pa.Field(nullable=True)
+    phone: Series[str] = pa.Field(nullable=True)
+
+
+PEOPLE = FlowSpec(
+    name="test_people",
+    source=SourceTable(table="people", key="id"),
+    source_contract=Contract("test.person", 1, PersonV1),
+    target=Target(
+        system="books",
+        dataset="people_out",
+        id_property="id",
+        unique_ignoring_case=("email", "phone"),
+    ),
+    target_contract=Contract("test.person", 1, PersonV1),
+    mapping=lambda rows: rows[["id", "email", "phone"]],
+)
+START = datetime(2025, 1, 1)
+
+
+@pytest.fixture
+def store(tmp_path):
+    state = StateStore(f"sqlite:///{tmp_path / 'state.sqlite'}", dlq_key=DLQ_KEY)
+    yield state
+    state.dispose()
+
+
+def people(tmp_path, rows: list[tuple[int, str, str]]) -> sa.Table:
+    engine = create_engine(f"sqlite:///{tmp_path / 'people.sqlite'}")
+    table = sa.Table(
+        "people",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("email", sa.String(100)),
+        sa.Column("phone", sa.String(100)),
+        sa.Column("updated_at", sa.DateTime),
+        sa.Column("deleted_at", sa.DateTime, nullable=True),
+    )
+    table.create(engine)
+    add_people(table, engine, rows)
+    return table, engine
+
+
+def add_people(table, engine, rows, at: datetime = START) -> None:
+    with engine.begin() as connection:
+        connection.execute(
+            table.insert(),
+            [
+                {"id": n, "email": email, "phone": phone, "updated_at": at + timedelta(minutes=n)}
+                for n, email, phone in rows
+            ],
+        )
+
+
+def sync_people(engine, store) -> SyncResult:
+    writer = SqlTable(engine, PEOPLE.target, create_missing=True)
+    return Sync(
+        PEOPLE, SqlSource(engine, PEOPLE.source), writer, store, run_id="r", actor="t", why="t"
+    ).run()
+
+
+def test_a_value_an_archived_record_let_go_goes_to_one_record(tmp_path, store):
+    """Record 1 is archived in the batch where 2 and 3 both take its email: both took it, the
+    commit failed on the claims' key, and so did every rerun."""
+    table, engine = people(tmp_path, [(1, "x@example.com", None)])
+    assert sync_people(engine, store).written == 1
+    later = START + timedelta(hours=1)
+    with engine.begin() as connection:
+        connection.execute(
+            table.update().where(table.c.id == 1).values(deleted_at=later, updated_at=later)
+        )
+    add_people(table, engine, [(2, "X@example.com", None), (3, "x@EXAMPLE.com", None)], at=later)
+    result = sync_people(engine, store)
+    assert (result.counts["inserted"], result.counts["archived"], result.counts["rejected"]) == (
+        1,
+        1,
+        1,
+    )
+    (letter,) = store.list_dead_letters(flow=PEOPLE.name)
+    assert letter.record_key == "3" and "email is already used by record 2" in letter.reason
+    assert sync_people(engine, store).written == 0
+    engine.dispose()
+
+
+def test_a_record_clashing_on_two_values_is_one_rejected_record(tmp_path, store):
+    """Its email and its phone are both record 1's: one letter with both reasons, counted once
+    (it was two letters, counted twice against the error budget); and the phone it was refused
+    with is no claim of its own, so record 4 takes record 3's number."""
+    rows = [(n, f"p{n}@example.com", f"+100{n}") for n in range(1, 4)]
+    rows += [(4, "P1@example.com", "+1001"), (5, "p5@example.com", "+1004")]
+    _, engine = people(tmp_path, rows)
+    result = sync_people(engine, store)
+    assert (result.written, result.counts["rejected"]) == (4, 1)
+    (letter,) = store.list_dead_letters(flow=PEOPLE.name)
+    assert letter.record_key == "4"
+    assert "email is already used by record 1" in letter.reason
+    assert "phone is already used by record 1" in letter.reason
+    engine.dispose()

@@ -512,7 +512,7 @@ class Sync:
         keyed, letters = self._keyed(batch)
         gone_mask = _out_of_flow(self.spec, keyed)
         live, gone = keyed[~gone_mask], keyed[gone_mask]
-        live, open_letters = self._without_held(live, result)
+        live, open_letters = self._without_held(live, gone, result)
         dated, undated = self._dated(live)
         valid, rejected = self._validate(dated, clock)
         return _Staged(
@@ -747,6 +747,9 @@ class Sync:
             and entry.destination_id
         }
         result.counts["unchanged"] += len(gone) - len(to_archive)
+        # A dead-lettered record that left the source (or the flow) has nothing left to send: its
+        # letter closes, as an archived record's does with its commit.
+        in_sync += [key for key in gone.index if key in open_letters and key not in to_archive]
         now = columns.field_hashes(texts)
         changes = self._changes(outbound, texts, wholes, now, ledger)
         return _Plan(outbound, to_archive, now, changes, in_sync)
@@ -883,39 +886,57 @@ class Sync:
         the state store, in the batch being committed, or earlier in this batch. A stored claim
         counts only while its holder keeps the value: not once the batch in flight rewrote or
         archived the holder, nor when this batch moves the holder to another value (or none).
-        Records archived in this batch release theirs (they are archived before the upserts)."""
-        taken: list[RowRejection] = []
+        A value released by an archived record (archived before the upserts) goes to the first
+        record of the batch that takes it. A record refused for one value claims none of its
+        others, and is refused once, with every value it cannot have."""
+        fields = self.spec.target.unique_ignoring_case
+        if not fields:
+            return valid, []
         releasing = releasing | in_flight.archived
-        for name in self.spec.target.unique_ignoring_case:
+        wanted: dict[str, dict[str, str]] = {}  # field → record key → digest of its value
+        owners: dict[str, dict[str, str]] = {}  # field → digest → holder
+        for name in fields:
             digests = valid[name].map(_digest, na_action="ignore")
             now = dict(zip(digests.index, digests, strict=True))  # NaN: no value any more
             stored = self.state.unique_owners(self.spec.name, name, digests.dropna().tolist())
-            owners = {
+            owners[name] = {
                 digest: key
                 for digest, key in stored.items()
                 if key not in in_flight.rewritten and now.get(key, digest) == digest
             }
-            owners.update(in_flight.owners(name))
-            for key, digest in digests.dropna().items():
-                owner = owners.setdefault(digest, key)  # the first in the batch claims it
-                if owner != key and owner not in releasing:
-                    reason = f"{name} is already used by record {owner} (ignoring case)"
-                    taken.append(RowRejection(key, f"{self.spec.target_contract.label}: {reason}"))
+            owners[name].update(in_flight.owners(name))
+            wanted[name] = digests.dropna().to_dict()
+        taken: list[RowRejection] = []
+        for key in valid.index:
+            mine = [(name, wanted[name][key]) for name in fields if key in wanted[name]]
+            held_by = [(name, owners[name].get(digest, key)) for name, digest in mine]
+            clashes = [
+                f"{name} is already used by record {owner} (ignoring case)"
+                for name, owner in held_by
+                if owner != key and owner not in releasing
+            ]
+            if clashes:
+                label = self.spec.target_contract.label
+                taken.append(RowRejection(key, f"{label}: " + "; ".join(clashes)))
+                continue
+            for name, digest in mine:  # the first in the batch claims it
+                owners[name][digest] = key
         return valid.drop(index=[rejection.index for rejection in taken]), taken
 
     def _without_held(
-        self, live: pd.DataFrame, result: SyncResult
+        self, live: pd.DataFrame, gone: pd.DataFrame, result: SyncResult
     ) -> tuple[pd.DataFrame, set[str]]:
         """Drop rows already dead-lettered with this exact content: they wait for a fix or a replay,
         they are not refused again on every run (a replay takes them all). Also returns the keys
-        with open dead letters."""
-        held = self.state.open_dead_letter_hashes(self.spec.name, list(live.index))
-        if not held or self._replaying:
+        with open dead letters, live or gone."""
+        held = self.state.open_dead_letter_hashes(self.spec.name, [*live.index, *gone.index])
+        waiting = [key for key in held if key in live.index]
+        if not waiting or self._replaying:
             return live, set(held)
-        payloads = _json_ready(live.loc[list(held)])
+        payloads = _json_ready(live.loc[waiting])
         unchanged = [
             key
-            for key, payload in zip(held, payloads, strict=True)
+            for key, payload in zip(waiting, payloads, strict=True)
             if content_hash(payload) == held[key]
         ]
         result.counts["held"] += len(unchanged)
