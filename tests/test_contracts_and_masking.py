@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import pandas as pd
 import pytest
 
@@ -81,6 +83,37 @@ def test_valid_rows_come_out_as_the_model_makes_them_alone(contract, batch):
     assert verdict.rejections and not verdict.valid.empty
     alone = contract.model.validate(batch.loc[verdict.valid.index])
     pd.testing.assert_frame_equal(verdict.valid, alone, check_exact=True)
+
+
+def test_text_times_are_read_each_as_itself_whatever_the_batch():
+    """ISO texts of mixed precision failed the whole batch (pandas guessed one format from the
+    first), and an ambiguous date read as its neighbours made it: now each is read alone."""
+    stamped = invoices(["2024-02-01 10:00:00", "2024-02-01T10:00:00.5+01:00"])
+    verdict = ERP_INVOICE.judge(stamped.assign(invoice_number=["INV-00000001", "INV-00000002"]))
+    assert verdict.rejections == []
+    assert verdict.valid["invoice_date"].tolist() == [
+        pd.Timestamp("2024-02-01 10:00:00"),
+        pd.Timestamp("2024-02-01 09:00:00.5"),  # UTC
+    ]
+    for neighbour in ("13/02/2024", "not a date"):
+        verdict = ERP_INVOICE.judge(invoices([neighbour, "01/02/2024"]))
+        assert verdict.valid.loc["2", "invoice_date"] == pd.Timestamp("2024-01-02")
+    (refused,) = ERP_INVOICE.judge(invoices(["x", "2024-01-02"])).rejections
+    assert (refused.index, refused.reason) == (
+        "1",
+        "erp.invoice@v1: invoice_date is not a date and time",
+    )
+
+
+def test_a_number_with_a_fraction_is_refused_by_an_integer_field_not_cut():
+    """Coercion made 10.7 a 10, silently; a whole 3.0 or Decimal('4.00') is still 3 and 4."""
+    batch = customers(customer_id=[Decimal("1.00"), 2.0, Decimal("10.70"), 10.5])
+    verdict = ERP_CUSTOMER.judge(batch.assign(email="ada@example.com", country="GB"))
+    assert {r.index: r.reason for r in verdict.rejections} == {
+        "3": "erp.customer@v1: customer_id is not a whole number",
+        "4": "erp.customer@v1: customer_id is not a whole number",
+    }
+    assert verdict.valid["customer_id"].tolist() == [1, 2]
 
 
 def test_contracts_are_versioned_and_mark_pii():

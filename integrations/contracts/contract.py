@@ -6,9 +6,12 @@ Rejection reasons name the column and the rule, never the offending value: value
 from __future__ import annotations
 
 import functools
+import math
 from collections import defaultdict
 from dataclasses import dataclass
+from decimal import Decimal
 
+import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 from pandas.api.types import infer_dtype
@@ -77,7 +80,7 @@ class Contract:
         if batch.empty:
             return Verdict(valid=batch, rejections=[])
         reasons: dict[object, list[str]] = defaultdict(list)
-        remaining = batch
+        remaining = self._prepared(batch, reasons)
         while True:
             schema, by_value = self._schema_for(remaining)
             try:
@@ -121,6 +124,31 @@ class Contract:
         ]
         _uncached(remaining)
         return Verdict(valid=_uncached(valid), rejections=rejected)
+
+    def _prepared(self, batch: pd.DataFrame, reasons: dict[object, list[str]]) -> pd.DataFrame:
+        """What coercion would get wrong, settled value by value before it runs. A number with
+        a fraction in an integer column is refused (coercion cuts 10.7 to 10). Text in a
+        date-and-time column is parsed as ISO 8601, else on its own: coercion guesses one format
+        from the batch's first value, so a batch of mixed precision ("10:00:00" beside
+        "10:00:00.5") failed as a whole, and "03/01/2025" read as a day or a month by its
+        neighbours. Text that is no date and time is refused. A row refused here is refused
+        for that alone: the model's other rules do not see it."""
+        schema = self.schema
+        for name, column in schema.columns.items():
+            if name not in batch or not (column.coerce or schema.coerce):
+                continue
+            values = batch[name]
+            if _is_integer(column) and values.dtype.kind in "fO":
+                for index in values.index[_with_fraction(values)]:
+                    reasons[index].append(f"{name} is not a whole number")
+            elif isinstance(column.dtype, pandas_engine.DateTime) and values.dtype == object:
+                if infer_dtype(values, skipna=True) != "string":
+                    continue
+                parsed = _parsed_times(values, column.dtype.tz)
+                for index in values.index[values.notna() & parsed.isna()]:
+                    reasons[index].append(f"{name} is not a date and time")
+                batch = batch.assign(**{name: parsed})
+        return batch[~batch.index.isin(list(reasons))] if reasons else batch
 
     def _schema_for(self, frame: pd.DataFrame) -> tuple[pa.DataFrameSchema, bool]:
         """The model's schema, leaving alone the columns of `frame` that already hold what
@@ -204,6 +232,39 @@ def _schema_trusting(
     )
     trusting.coerce = False
     return trusting, by_value
+
+
+def _is_integer(column: pa.Column) -> bool:
+    kind = getattr(column.dtype, "type", None)
+    return kind is not None and pd.api.types.is_integer_dtype(kind)
+
+
+def _with_fraction(values: pd.Series) -> pd.Series:
+    """Whether each value is a finite number with a fraction (floats, or Decimals as a NUMERIC
+    column gives them)."""
+    if values.dtype.kind == "f":
+        finite = np.isfinite(values.to_numpy())
+        return pd.Series(finite & (values.to_numpy() != np.trunc(values.to_numpy())), values.index)
+    return values.map(_has_fraction).astype(bool)
+
+
+def _has_fraction(value: object) -> bool:
+    if isinstance(value, Decimal):
+        return value.is_finite() and value != value.to_integral_value()
+    return isinstance(value, float) and math.isfinite(value) and not value.is_integer()
+
+
+def _parsed_times(texts: pd.Series, zone: object | None) -> pd.Series:
+    """ISO 8601 texts as times (UTC, without zone unless `zone`); any other text parsed on its
+    own, as pandas reads one value; NaT for what is no time."""
+    parsed = pd.to_datetime(texts, format="ISO8601", errors="coerce", utc=True)
+    for index in texts.index[texts.notna() & parsed.isna()]:
+        try:
+            alone = pd.Timestamp(texts[index])
+        except (ValueError, TypeError, OverflowError):
+            continue
+        parsed[index] = alone.tz_localize("UTC") if alone.tzinfo is None else alone
+    return parsed.dt.tz_convert(zone) if zone is not None else parsed.dt.tz_localize(None)
 
 
 def _readable(check: object) -> str:
