@@ -272,6 +272,10 @@ def test_rows_of_a_repeated_key_each_count_against_the_error_budget(tmp_path, st
     assert "3 of 20 rows (15.0%)" in str(stopped.value)
     (letter,) = state.list_dead_letters(flow=SPEC.name)
     assert letter.record_key == "7" and "3 rows with key 7" in letter.reason
+    # Read again unchanged, they are held, as any dead-lettered row is: not refused again.
+    again = run(engine, state, dataclasses.replace(SPEC, batch_size=20))
+    assert (again.counts["held"], again.counts["rejected"]) == (3, 0)
+    assert state.list_dead_letters(flow=SPEC.name)[0].attempts == 1
     engine.dispose()
 
 
@@ -292,4 +296,20 @@ def test_the_letter_of_a_record_deleted_before_it_ever_synced_closes(sql_databas
     result = run(engine, state)
     assert (result.written, result.counts["archived"]) == (0, 0)
     assert state.count_open_dead_letters(SPEC.name) == 0
+    engine.dispose()
+
+
+def test_a_run_the_error_budget_stops_audits_the_rows_it_dead_lettered(tmp_path, state):
+    """The batch that trips the budget keeps its rejected rows in the DLQ; the audit trail had
+    no word of them."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'erp.sqlite'}")
+    source_lines(engine, [datetime(2025, 1, 1) + timedelta(minutes=n) for n in range(20)])
+    with engine.begin() as connection:
+        connection.execute(sa.text("UPDATE source_lines SET booked_on = NULL WHERE id <= 3"))
+    with pytest.raises(ErrorBudgetExceeded):
+        run(engine, state, dataclasses.replace(SPEC, batch_size=20))
+    assert state.count_open_dead_letters(SPEC.name) == 3
+    (story,) = state.record_history("2", SPEC.name)
+    assert story["action"] == "dead-letter" and "booked_on is missing" in story["diff"]["reason"]
+    assert state.verify_audit().intact
     engine.dispose()

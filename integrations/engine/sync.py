@@ -510,6 +510,7 @@ class Sync:
         the batch before it being committed."""
         result.counts["read"] += len(batch)
         keyed, letters = self._keyed(batch)
+        letters = self._not_held(letters, result)
         gone_mask = _out_of_flow(self.spec, keyed)
         live, gone = keyed[~gone_mask], keyed[gone_mask]
         live, open_letters = self._without_held(live, gone, result)
@@ -524,6 +525,19 @@ class Sync:
             letters + undated + rejected,
             open_letters,
         )
+
+    def _not_held(self, letters: list[DeadLetter], result: SyncResult) -> list[DeadLetter]:
+        """The letters of rows without a usable key, or of a key repeated in the batch, except
+        those already open with this exact content (held, as a live row's are)."""
+        if not letters or self._replaying:
+            return letters
+        held = self.state.open_dead_letter_hashes(
+            self.spec.name, [letter.record_key for letter in letters]
+        )
+        fresh = [letter for letter in letters if held.get(letter.record_key) != letter.content_hash]
+        if len(fresh) < len(letters):
+            result.counts["held"] += sum(map(_rows_in, letters)) - sum(map(_rows_in, fresh))
+        return fresh
 
     def _dated(self, live: pd.DataFrame) -> tuple[pd.DataFrame, list[DeadLetter]]:
         """A partitioned flow's rows without a business date are dead-lettered: no partition
@@ -852,17 +866,20 @@ class Sync:
             AuditRecord(flow, key, "archive", trace(key), {"destination_id": destination_id})
             for key, destination_id in plan.to_archive.items()
         ]
-        records += [
+        return records + self._letter_records(letters)
+
+    def _letter_records(self, letters: Sequence[DeadLetter]) -> list[AuditRecord]:
+        return [
             AuditRecord(
-                flow,
+                self.spec.name,
                 letter.record_key,
                 "dead-letter",
-                letter.correlation_id or trace(letter.record_key),
+                letter.correlation_id
+                or correlation_id(self.run_id, self.spec.name, letter.record_key),
                 {"kind": letter.reason_kind, "reason": letter.reason},
             )
             for letter in letters
         ]
-        return records
 
     def _watermark(self, batch: pd.DataFrame, before: Watermark | None) -> Watermark | None:
         """The batch's last (cursor, key); none for a source without a cursor, or for a batch
@@ -1074,9 +1091,20 @@ class Sync:
         share = result.counts["rejected"] / seen
         if share <= budget.max_share:
             return
-        if pending:  # the batch's rejected rows are kept, but nothing of it is loaded
+        if pending:  # the batch's rejected rows are kept, and audited, but nothing is loaded
             self.state.commit_batch(
-                BatchCommit(self.spec.name, self.run_id, dead_letters=list(pending))
+                BatchCommit(
+                    self.spec.name,
+                    self.run_id,
+                    dead_letters=list(pending),
+                    audit_records=self._letter_records(pending),
+                ),
+                audit={
+                    "actor": self.actor,
+                    "action": "replay" if self._replaying else "sync_batch",
+                    "why": self.why,
+                    "detail": {"dead_lettered": len(pending), "stopped": "error budget"},
+                },
             )
         top = "; ".join(f"{reason} ({n})" for reason, n in result.reasons.most_common(3))
         raise ErrorBudgetExceeded(
