@@ -103,3 +103,39 @@ def test_deals_are_daily_partitioned_with_a_single_run_backfill_policy():
     assert isinstance(deals.partitions_def, dg.DailyPartitionsDefinition)
     assert deals.backfill_policy == dg.BackfillPolicy.single_run()
     assert defs.resolve_schedule_def("erp_paid_invoices_to_crm_deals_schedule")
+
+
+def test_a_mass_exit_from_the_flows_scope_stops_at_the_archive_guard(world, crm_client):
+    """Every January invoice voided at once leaves the flow's scope (paid invoices): their deals
+    would all be archived. The guard counted soft deletes only, so the run archived them all."""
+    with dg.instance_for_test() as instance:
+        assert dg.materialize(
+            [flow_asset(CRM_CONTACTS)], resources=resources(), instance=instance
+        ).success
+        synced = materialize_deals(instance)["inserted"]
+        engine = create_engine(world.erp_url)
+        with engine.begin() as connection:
+            connection.execute(sa.text("UPDATE invoices SET status = 'void'"))
+        engine.dispose()
+        stopped = dg.materialize(
+            [flow_asset(CRM_DEALS)],
+            resources=resources(),
+            instance=instance,
+            tags=JANUARY,
+            raise_on_error=False,
+        )
+        assert not stopped.success
+        (failure,) = [e for e in stopped.all_events if e.event_type_value == "STEP_FAILURE"]
+        assert "above the archive guard" in failure.step_failure_data.user_failure_data.description
+        assert list(crm_client.list_objects("deals", ["erp_invoice_id"], archived=True)) == []
+
+        allowed = dg.materialize(
+            [flow_asset(CRM_DEALS)],
+            resources=resources(),
+            instance=instance,
+            tags=JANUARY,
+            run_config={"ops": {"crm__deals": {"config": {"allow_mass_archive": True}}}},
+        )
+        assert allowed.success
+        archived = list(crm_client.list_objects("deals", ["erp_invoice_id"], archived=True))
+        assert len(archived) == synced

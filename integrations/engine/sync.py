@@ -466,6 +466,8 @@ class Sync:
         self, since: datetime | None, approved: bool, within: object | None = None
     ) -> None:
         keys = [str(key) for key in self.source.deleted_keys(since, within)]
+        if self.spec.in_scope is not None:
+            keys += self._leaving_scope(since, within)
         ledger = self.state.ledger_entries(self.spec.name, keys)
         doomed = sorted((key for key, entry in ledger.items() if not entry.archived), key=_natural)
         synced = self.state.count_synced(self.spec.name)
@@ -502,6 +504,17 @@ class Sync:
             plan=doomed[:100],
             total=len(doomed),
         )
+
+    def _leaving_scope(self, since: datetime | None, within: object | None) -> list[str]:
+        """Keys of the live rows the run will read that the flow's `in_scope` leaves out: they
+        are archived too. Counting them takes a read of those rows before the run's own."""
+        spec, leaving = self.spec, []
+        for batch in self._guarded(self.source.batches(since, spec.batch_size, within=within)):
+            out = ~spec.in_scope(batch).astype(bool)
+            if spec.source.deleted:  # soft deletes are counted already
+                out &= batch[spec.source.deleted].isna()
+            leaving += map(_key_text, batch.loc[out, spec.source.key])
+        return leaving
 
     # --- one batch ---------------------------------------------------------------------------
 
