@@ -8,7 +8,6 @@ import dataclasses
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
-import psycopg
 import pytest
 import sqlalchemy as sa
 
@@ -18,7 +17,7 @@ from integrations.engine.sync import ErrorBudgetExceeded, Sync, SyncResult
 from integrations.sql.connect import create_engine
 from integrations.sql.destination import SqlTable
 from integrations.sql.source import SqlSource
-from tests.conftest import DLQ_KEY, POSTGRES_ADMIN
+from tests.conftest import DLQ_KEY
 from tests.test_sql_destination import LINES, create, ledger_columns, rows
 
 SOURCE = SourceTable(table="source_lines", key="id")
@@ -116,11 +115,12 @@ def test_rows_without_a_cursor_value_are_synced_and_their_changes_seen(sql_datab
 
 
 def postgres_in_zone(make, zone: str) -> sa.Engine:
-    """A PostgreSQL database whose sessions run in `zone`."""
-    url = make()
-    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
-        admin.execute(f"ALTER DATABASE \"{url.rsplit('/', 1)[1]}\" SET timezone = '{zone}'")
-    return create_engine(url)
+    """A PostgreSQL database whose sessions run in `zone`: the URL's own `options` say so
+    (handoff's sessions run in UTC otherwise, whatever the server's zone)."""
+    engine = create_engine(f"{make()}?options=-c%20timezone%3D{zone}")
+    with engine.connect() as connection:
+        assert connection.execute(sa.text("SHOW timezone")).scalar_one() == zone
+    return engine
 
 
 @pytest.mark.postgres

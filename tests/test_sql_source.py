@@ -39,8 +39,8 @@ VALUES = (
 
 
 def test_frames_are_those_sqlalchemy_rows_give(postgres_database):
-    """Dtypes are inferred per batch (an int column with nulls is float64, a column of nulls only
-    stays objects): batches of 4 with no value, every value, and some."""
+    """Dtypes are inferred per batch (an int column with nulls is Int64, exact, a column of nulls
+    only stays objects): batches of 4 with no value, every value, and some."""
     url = postgres_database()
     with psycopg.connect(url) as connection:
         connection.execute(EVERY_TYPE)
@@ -57,6 +57,9 @@ def test_frames_are_those_sqlalchemy_rows_give(postgres_database):
 
     for streamed, start in zip(source.batches(None, 4), (0, 4, 8), strict=True):
         expected = pd.DataFrame.from_records(rows[start : start + 4], columns=source.columns)
+        for name in ("small", "whole", "big"):  # pandas made floats of integers beside a null
+            if expected[name].dtype == "float64":
+                expected[name] = expected[name].astype("Int64")
         assert_frame_equal(streamed, expected, check_exact=True)
         for column in streamed.columns:  # objects of the same class: no psycopg Range, no NaN
             assert list(map(type, streamed[column])) == list(map(type, expected[column]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import date
@@ -22,23 +23,35 @@ DEFAULT_DRIVERS = {
 }
 
 
+# `-c timezone=…` or `--TimeZone=…` in libpq's `options`, not `log_timezone`.
+_SETS_TIMEZONE = re.compile(r"(?<!log_)timezone\s*=", re.IGNORECASE)
+
+
 def normalise_url(url: str) -> str:
     """A URL without a driver gets the one handoff is built on (psycopg 3, PyMySQL), and its
     sessions speak UTF-8 whatever the database's encoding: COPY text is sent as UTF-8, and the
-    server converts it, refusing what the database's encoding cannot hold."""
+    server converts it, refusing what the database's encoding cannot hold.
+
+    PostgreSQL sessions run in UTC unless the URL's own `options` set a time zone: handoff's
+    times are UTC without a zone, and a `timestamptz` takes such text in the session's zone."""
     parsed = make_url(url)
     if parsed.drivername in DEFAULT_DRIVERS:
         parsed = parsed.set(drivername=DEFAULT_DRIVERS[parsed.drivername])
     if parsed.get_backend_name() in ("mysql", "mariadb") and "charset" not in parsed.query:
         parsed = parsed.update_query_dict({"charset": "utf8mb4"})
-    if parsed.get_backend_name() == "postgresql" and "client_encoding" not in parsed.query:
-        parsed = parsed.update_query_dict({"client_encoding": "utf8"})
+    if parsed.get_backend_name() == "postgresql":
+        if "client_encoding" not in parsed.query:
+            parsed = parsed.update_query_dict({"client_encoding": "utf8"})
+        options = parsed.query.get("options", "")
+        if isinstance(options, str) and not _SETS_TIMEZONE.search(options):
+            utc = f"{options} -c TimeZone=UTC".strip()
+            parsed = parsed.update_query_dict({"options": utc})
     return parsed.render_as_string(hide_password=False)
 
 
 def create_engine(url: str) -> sa.Engine:
     """An engine; SQLite files get WAL and a busy timeout so sync and sensors can share them,
-    MariaDB/MySQL sessions strict SQL mode."""
+    MariaDB/MySQL sessions strict SQL mode and UTC (as PostgreSQL's, see `normalise_url`)."""
     engine = sa.create_engine(normalise_url(url), pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
 
@@ -55,12 +68,15 @@ def create_engine(url: str) -> sa.Engine:
         # bad value into 0, and only warns: handoff's sessions refuse instead, so the record is
         # dead-lettered with the reason rather than written wrong.
         @sa.event.listens_for(engine, "connect")
-        def _strict_mode(dbapi_connection, _record):
+        def _strict_utc_session(dbapi_connection, _record):
             with dbapi_connection.cursor() as cursor:
                 cursor.execute(
                     "SET SESSION sql_mode = CONCAT_WS(',', NULLIF(@@SESSION.sql_mode, ''), "
                     "'STRICT_ALL_TABLES')"
                 )
+                # A TIMESTAMP is shown and compared in the session's zone; handoff's naive
+                # times (watermarks, partition windows, written values) are UTC.
+                cursor.execute("SET SESSION time_zone = '+00:00'")
 
     return engine
 

@@ -96,6 +96,14 @@ class SqlTable:
             self._table = sa.Table(self.target.dataset, sa.MetaData(), autoload_with=self.engine)
         return self._table
 
+    @property
+    def _key_text(self) -> Callable[[object], str]:
+        """A key as the ledger and reconciliation know it: as text, a number column's by value
+        (a NUMERIC(12, 2) key written as 1 reads back as Decimal('1.00'))."""
+        if python_type(self.table.c[self.target.id_property]) in (Decimal, float):
+            return _number_text
+        return str
+
     # --- writes ------------------------------------------------------------------------------
 
     def upsert(self, records: Sequence[OutboundRecord]) -> Upserted:
@@ -124,7 +132,7 @@ class SqlTable:
             return self._upsert_executemany(connection, fields, rows)
 
         created = self._transaction(write)
-        ids = list(map(str, columns[self.target.id_property]))
+        ids = list(map(self._key_text, columns[self.target.id_property]))
         flags = map(created.get, ids, repeat(False))
         return Upserted(WrittenColumns(keys, ids, list(flags)), refused)
 
@@ -179,7 +187,7 @@ class SqlTable:
         fields = list(columns)
         columns = in_key_order(columns, self.target.id_property)
         if copy_new_rows(connection, self.table.name, columns):  # a first load: all new
-            return dict.fromkeys(map(str, columns[self.target.id_property]), True)
+            return dict.fromkeys(map(self._key_text, columns[self.target.id_property]), True)
         quote = self.engine.dialect.identifier_preparer.quote
         table, key = quote(self.table.name), quote(self.target.id_property)
         quoted = ", ".join(quote(name) for name in fields)
@@ -202,18 +210,18 @@ class SqlTable:
             f"RETURNING {key}, (xmax = 0)"
         )
         # Rows left out of RETURNING were already equal: kept, not rewritten, not created.
-        return {str(value): inserted for value, inserted in returned}
+        return {self._key_text(value): inserted for value, inserted in returned}
 
     def _upsert_executemany(
         self, connection: sa.Connection, fields: list[str], rows: list[tuple]
     ) -> dict[str, bool]:
-        table, key = self.table, self.target.id_property
+        table, key, text = self.table, self.target.id_property, self._key_text
         position = fields.index(key)
         keys = [row[position] for row in rows]
         existing: set[str] = set()
         for start in range(0, len(keys), _IN_CHUNK):
             query = sa.select(table.c[key]).where(table.c[key].in_(keys[start : start + _IN_CHUNK]))
-            existing.update(str(value) for value in connection.execute(query).scalars())
+            existing.update(map(text, connection.execute(query).scalars()))
         converters = {
             index: convert
             for index, name in enumerate(fields)
@@ -229,9 +237,9 @@ class SqlTable:
         if self.dialect == "sqlite":
             connection.exec_driver_sql(self._sqlite_upsert(fields), rows)
         else:
-            known = [str(row[position]) in existing for row in rows]
+            known = [text(row[position]) in existing for row in rows]
             self._insert_or_update(connection, fields, rows, known)
-        return {str(value): str(value) not in existing for value in keys}
+        return {text(value): text(value) not in existing for value in keys}
 
     def _sqlite_upsert(self, fields: list[str]) -> str:
         quote = self.engine.dialect.identifier_preparer.quote
@@ -305,15 +313,18 @@ class SqlTable:
         for start in range(0, len(keys), _IN_CHUNK):
             wanted = keys[start : start + _IN_CHUNK]
             query = sa.select(column).where(column.in_(wanted)).with_for_update(read=True)
-            if set(map(str, connection.execute(query).scalars())) & set(map(str, wanted)):
+            found = set(map(self._key_text, connection.execute(query).scalars()))
+            if found & set(map(self._key_text, wanted)):
                 return True
         return False
 
     def archive(self, destination_ids: Sequence[str]) -> None:
         """Mark records archived (`archived_at` = now); archived ones keep their first time."""
         column = self.table.c[self.target.id_property]
-        native = python_type(column) or str
-        ids = [native(value) if native is int else value for value in destination_ids]
+        native = python_type(column)
+        # The ledger keeps ids as text; PostgreSQL compares a number column with numbers only.
+        numbers = native in (int, Decimal, float)
+        ids = [native(value) for value in destination_ids] if numbers else list(destination_ids)
         now = datetime.now(UTC).replace(tzinfo=None)
 
         def mark(connection: sa.Connection) -> None:
@@ -333,7 +344,7 @@ class SqlTable:
 
     def snapshot(self, fields: Sequence[str]) -> Iterator[tuple[str, str, dict[str, object]]]:
         """Every live record, with values as the engine sends them (ISO text, floats)."""
-        table, key = self.table, self.target.id_property
+        table, key, text = self.table, self.target.id_property, self._key_text
         wanted = [name for name in fields if name in table.c]
         query = sa.select(table.c[key], *(_read(table.c[name]) for name in wanted)).where(
             table.c[ARCHIVED_AT].is_(None)
@@ -345,7 +356,7 @@ class SqlTable:
                     values = {
                         name: _as_sent(value) for name, value in zip(wanted, row[1:], strict=True)
                     }
-                    yield str(row[0]), str(row[0]), values
+                    yield text(row[0]), text(row[0]), values
         except sa.exc.DBAPIError as error:
             raise _classified(error) from error
 
@@ -368,8 +379,16 @@ def _converter(column: sa.Column) -> Callable[[object], object] | None:
     return None
 
 
+def _number_text(value: object) -> str:
+    """A number as plain text without trailing zeros: 1, 1.0 and Decimal('1.00') are all "1"."""
+    text = format(Decimal(str(value)), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
 def _as_sent(value: object) -> object:
     if isinstance(value, datetime):
+        if value.tzinfo is not None:  # a zoned column, read in the session's zone: sent as UTC
+            value = value.astimezone(UTC)
         return value.strftime("%Y-%m-%dT%H:%M:%S.%f")
     if isinstance(value, date):
         return value.isoformat()

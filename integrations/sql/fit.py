@@ -12,7 +12,8 @@ and MariaDB round extra decimals without a word. `beyond_fixed_point` finds the 
 column would not keep as sent, so that they are refused rather than stored changed; likewise
 `beyond_exact_floats` for whole numbers in a floating-point column. A 4-byte float column (REAL,
 MariaDB's FLOAT) keeps about 7 digits: it does not fit a number field at all. Nor does a partial
-unique index (WHERE …) make the key unique.
+unique index (WHERE …) make the key unique. A key field is a whole number or text; its column may
+be any type that holds it (a NUMERIC or DOUBLE key is matched by value).
 """
 
 from __future__ import annotations
@@ -154,6 +155,16 @@ def _misfits(engine: sa.Engine, table: sa.Table, spec: FlowSpec) -> list[tuple[s
                     "make the column nullable, or the contract field required",
                 )
             )
+    if key in contract.schema.columns and kind_of(contract, key) == "float":
+        # Number keys are matched by value ("1" for 1.0): a float key's text would not be
+        # the one reconciliation expects, and float keys rarely survive arithmetic anyway.
+        problems.append(
+            (
+                key,
+                f"the key is a float field of {label}: keys are whole numbers or text",
+                "declare the key int (or str) in the contract",
+            )
+        )
     if key in table.c and not _is_unique(engine, table, key):
         problems.append(
             (

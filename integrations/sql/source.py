@@ -28,6 +28,7 @@ from contextlib import closing
 from datetime import UTC, datetime
 from itertools import islice
 
+import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 from psycopg import capabilities
@@ -90,6 +91,11 @@ class SqlSource:
         self.cursor = self.table.c[spec.cursor] if spec.cursor else None
         self.order = [self.key] if self.cursor is None else [self.cursor, self.key]
         self.select, self.columns = self._with_lookups()
+        self._integers = [
+            at
+            for at, column in enumerate(self.select.selected_columns)
+            if isinstance(column.type, sa.Integer)
+        ]
 
     def _reflect(self, table: str, role: str) -> sa.Table:
         try:
@@ -203,7 +209,7 @@ class SqlSource:
                 stream_results=True, yield_per=batch_size
             ).execute(query)
             for rows in result.partitions(batch_size):
-                yield pd.DataFrame.from_records(rows, columns=self.columns)
+                yield self._frame(rows)
 
     def _psycopg_frames(
         self, connection: sa.Connection, query: sa.Select, batch_size: int
@@ -232,7 +238,18 @@ class SqlSource:
                     processors = _result_processors(connection.dialect, query, cursor.description)
                 if any(processors):
                     rows = [_processed(row, processors) for row in rows]
-                yield pd.DataFrame.from_records(rows, columns=self.columns)
+                yield self._frame(rows)
+
+    def _frame(self, rows: Sequence[Sequence]) -> pd.DataFrame:
+        """The rows as a frame; integer columns keep their exact values, with or without nulls."""
+        frame = pd.DataFrame.from_records(rows, columns=self.columns)
+        dtypes = frame.dtypes
+        for at in self._integers:
+            # A NULL makes pandas store the column as float64: values beyond 2**53 rounded, and
+            # 12345 becomes "12345.0" as text. Rebuilt from the rows, only in such a batch.
+            if dtypes.iloc[at].kind == "f":
+                frame.isetitem(at, _exact_integers([row[at] for row in rows]))
+        return frame
 
     def deleted_keys(
         self, since: datetime | None, within: sa.ColumnElement[bool] | None = None
@@ -272,6 +289,17 @@ def _bound(column: sa.ColumnElement, moment: datetime) -> datetime:
     wall-clock time for any other."""
     zoned = isinstance(column.type, sa.DateTime) and column.type.timezone
     return as_utc(moment).replace(tzinfo=UTC) if zoned else as_utc(moment)
+
+
+def _exact_integers(values: list) -> pd.api.extensions.ExtensionArray | np.ndarray:
+    """Integers and nulls as pandas' nullable Int64; beyond int64 (BIGINT UNSIGNED), or not all
+    integers (SQLite keeps a fractional REAL as it is given), as the Python values themselves."""
+    try:
+        return pd.array(values, dtype="Int64")
+    except (TypeError, ValueError, OverflowError):
+        exact = np.empty(len(values), dtype=object)
+        exact[:] = values
+        return exact
 
 
 def _result_processors(dialect: sa.Dialect, query: sa.Select, description) -> list:

@@ -1,0 +1,339 @@
+"""Values that must cross a SQL boundary unchanged, whatever stands next to them or the session's
+time zone: integers beside NULLs in a source batch, zoned timestamps in a PostgreSQL destination
+and MariaDB windows, number-typed destination keys. Real SQLite, PostgreSQL and MariaDB."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime, timedelta
+
+import pandera.pandas as pa
+import psycopg
+import pytest
+import sqlalchemy as sa
+from pandera.typing import Series
+from sqlalchemy.dialects import mysql
+
+from integrations.contracts import Contract
+from integrations.engine.destination import DestinationMismatch
+from integrations.engine.reconcile import reconcile
+from integrations.engine.spec import FlowSpec, SourceTable, Target
+from integrations.engine.state import StateStore
+from integrations.engine.sync import Sync, SyncResult
+from integrations.sql.connect import create_engine
+from integrations.sql.destination import SqlTable
+from integrations.sql.source import SqlSource
+from tests.conftest import DLQ_KEY, POSTGRES_ADMIN
+
+BIG = 1234567890123456789  # a snowflake-style id: fits BIGINT, not a float64
+T0 = datetime(2025, 1, 1)
+
+
+@pytest.fixture
+def state(tmp_path):
+    store = StateStore(f"sqlite:///{tmp_path / 'state.sqlite'}", dlq_key=DLQ_KEY)
+    yield store
+    store.dispose()
+
+
+def source_table(engine: sa.Engine, name: str, *columns: sa.Column, rows=()) -> sa.Table:
+    """A source table keyed by `id`, with a change cursor and a soft delete, holding `rows`."""
+    table = sa.Table(
+        name,
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        *columns,
+        sa.Column("updated_at", sa.DateTime),
+        sa.Column("deleted_at", sa.DateTime, nullable=True),
+    )
+    table.create(engine)
+    if rows:
+        with engine.begin() as connection:
+            connection.execute(table.insert(), list(rows))
+    return table
+
+
+class SourceRowV1(pa.DataFrameModel):
+    id: Series[int]  # the rest as read: the target contract judges it
+
+
+def flow(name: str, source: str, target: Target, model: type[pa.DataFrameModel]) -> FlowSpec:
+    """A flow whose target record is the source row, its `id` as the target's key."""
+    key = target.id_property
+    return FlowSpec(
+        name=f"test_{name}",
+        source=SourceTable(table=source, key="id"),
+        source_contract=Contract(f"test.{name}_row", 1, SourceRowV1),
+        target=target,
+        target_contract=Contract(f"test.{name}", 1, model),
+        mapping=lambda rows: rows.rename(columns={"id": key})[list(model.to_schema().columns)],
+        batch_size=2,
+    )
+
+
+def sync(
+    spec: FlowSpec, source: sa.Engine, destination: sa.Engine, state, full=False
+) -> SyncResult:
+    table = SqlTable(destination, spec.target, create_missing=True)
+    return Sync(
+        spec, SqlSource(source, spec.source), table, state, run_id="r", actor="test", why="test"
+    ).run(full=full)
+
+
+def rows_of(engine: sa.Engine, table: str) -> dict[object, tuple]:
+    with engine.connect() as connection:
+        found = connection.execute(sa.text(f"SELECT * FROM {table}")).all()
+    return {row[0]: tuple(row[1:]) for row in found}
+
+
+# --- integers beside NULLs in a source batch ------------------------------------------------
+
+
+class AccountV1(pa.DataFrameModel):
+    account_id: Series[int]
+    external_id: Series[int] = pa.Field(nullable=True)
+    zip_code: Series[str] = pa.Field(nullable=True)  # an INTEGER column, taken as text
+
+    class Config:
+        coerce = True
+
+
+ACCOUNTS = flow("accounts", "accounts", Target("crm", "accounts_out", "account_id"), AccountV1)
+
+
+def test_integers_beside_a_null_arrive_exact_whatever_the_batch(sql_database, state):
+    """A NULL in a batch made pandas turn the batch's integers into floats: a BIGINT beyond 2**53
+    was stored rounded, an INTEGER taken as text became "12345.0", and a record's content hash
+    depended on which rows shared its batch."""
+    engine = create_engine(sql_database())
+    source_table(
+        engine,
+        "accounts",
+        sa.Column("external_id", sa.BigInteger, nullable=True),
+        sa.Column("zip_code", sa.Integer, nullable=True),
+        rows=[  # batches of 2: rows 1 and 2 together, 3 alone
+            {"id": 1, "external_id": BIG, "zip_code": 12345, "updated_at": T0},
+            {"id": 2, "external_id": None, "zip_code": None, "updated_at": T0 + timedelta(hours=1)},
+            {"id": 3, "external_id": BIG + 2, "zip_code": 54321, "updated_at": T0 + timedelta(2)},
+        ],
+    )
+    assert sync(ACCOUNTS, engine, engine, state).written == 3
+    assert rows_of(engine, "accounts_out") == {
+        1: (BIG, "12345", None),
+        2: (None, None, None),
+        3: (BIG + 2, "54321", None),
+    }
+    alone = dataclasses.replace(ACCOUNTS, batch_size=1)  # no row beside a NULL now
+    assert sync(alone, engine, engine, state, full=True).written == 0, "the same hashes"
+    engine.dispose()
+
+
+@pytest.mark.mariadb
+def test_an_unsigned_bigint_beyond_int64_beside_a_null_is_read_exact(mariadb_database):
+    engine = create_engine(mariadb_database())
+    largest = 2**64 - 1
+    source_table(
+        engine,
+        "counters",
+        sa.Column("total", mysql.BIGINT(unsigned=True), nullable=True),
+        rows=[
+            {"id": 1, "total": largest, "updated_at": T0},
+            {"id": 2, "total": None, "updated_at": T0},
+        ],
+    )
+    source = SqlSource(engine, SourceTable(table="counters", key="id"))
+    [batch] = source.batches(None, 10)
+    assert batch["total"].tolist() == [largest, None]
+    engine.dispose()
+
+
+# --- zoned timestamps -----------------------------------------------------------------------
+
+
+class EventV1(pa.DataFrameModel):
+    event_id: Series[int]
+    happened_at: Series[pa.DateTime]
+
+    class Config:
+        coerce = True
+
+
+EVENTS = flow("events", "events", Target("books", "events_out", "event_id"), EventV1)
+
+
+def in_new_york(url: str) -> str:
+    """`url`'s database, its sessions by default in New York (a server not set to UTC)."""
+    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+        name = url.rsplit("/", 1)[1]
+        admin.execute(f"ALTER DATABASE \"{name}\" SET timezone = 'America/New_York'")
+    return url
+
+
+@pytest.mark.postgres
+def test_a_timestamptz_destination_in_another_zone_keeps_the_instant(
+    tmp_path, postgres_database, state
+):
+    """Naive UTC text into a `timestamptz` was read in the database's zone (10:00 UTC stored as
+    15:00 UTC in New York), and the snapshot read back local wall time: reconciliation saw
+    nothing wrong."""
+    source = create_engine(f"sqlite:///{tmp_path / 'source.sqlite'}")
+    happened = datetime(2025, 1, 3, 10)
+    source_table(
+        source,
+        "events",
+        sa.Column("happened_at", sa.DateTime),
+        rows=[{"id": 1, "happened_at": happened, "updated_at": T0}],
+    )
+    destination = create_engine(in_new_york(postgres_database()))
+    sa.Table(
+        "events_out",
+        sa.MetaData(),
+        sa.Column("event_id", sa.BigInteger, primary_key=True),
+        sa.Column("happened_at", sa.DateTime(timezone=True)),
+        sa.Column("archived_at", sa.DateTime, nullable=True),
+    ).create(destination)
+
+    assert sync(EVENTS, source, destination, state).written == 1
+    with destination.connect() as connection:
+        stored = connection.execute(sa.text("SELECT happened_at FROM events_out")).scalar_one()
+    assert stored == happened.replace(tzinfo=UTC), "the same instant, in whichever zone"
+    snapshot = list(SqlTable(destination, EVENTS.target).snapshot(["happened_at"]))
+    assert snapshot == [("1", "1", {"happened_at": "2025-01-03T10:00:00.000000"})]
+    source.dispose()
+    destination.dispose()
+
+
+@pytest.mark.postgres
+def test_a_snapshot_gives_zoned_values_in_utc_whatever_the_session_zone(postgres_database):
+    """A URL may set its sessions' zone itself (`options`): handoff keeps it, and the snapshot
+    still gives the instant in UTC, as the engine sent it."""
+    url = postgres_database() + "?options=-c%20timezone%3DAmerica/New_York"
+    engine = create_engine(url)
+    sa.Table(
+        "events_out",
+        sa.MetaData(),
+        sa.Column("event_id", sa.BigInteger, primary_key=True),
+        sa.Column("happened_at", sa.DateTime(timezone=True)),
+        sa.Column("archived_at", sa.DateTime, nullable=True),
+    ).create(engine)
+    with engine.begin() as connection:
+        assert connection.execute(sa.text("SHOW timezone")).scalar_one() == "America/New_York"
+        connection.execute(
+            sa.text("INSERT INTO events_out VALUES (1, '2025-01-03 10:00:00+00', NULL)")
+        )
+    snapshot = list(SqlTable(engine, EVENTS.target).snapshot(["happened_at"]))
+    assert snapshot == [("1", "1", {"happened_at": "2025-01-03T10:00:00.000000"})]
+    engine.dispose()
+
+
+@pytest.mark.mariadb
+def test_a_day_window_over_a_mariadb_timestamp_is_the_utc_day(mariadb_database):
+    """A TIMESTAMP keeps an instant and shows it in the session's zone: on a server whose zone is
+    not UTC (here the URL's init_command), UTC bounds were compared with local wall time."""
+    url = mariadb_database()
+    utc = create_engine(url + "?init_command=SET+time_zone%3D%27%2B00%3A00%27")
+    events = source_table(utc, "events", sa.Column("happened", mysql.TIMESTAMP(fsp=6)))
+    with utc.begin() as connection:  # written in UTC: these are UTC instants
+        connection.execute(
+            events.insert(),
+            [
+                {"id": 1, "happened": datetime(2024, 1, 1, 0, 30)},
+                {"id": 2, "happened": datetime(2024, 1, 1, 22, 30)},
+                {"id": 3, "happened": datetime(2024, 1, 2, 0, 30)},
+            ],
+        )
+    utc.dispose()
+    engine = create_engine(url + "?init_command=SET+time_zone%3D%27%2B05%3A00%27")
+    source = SqlSource(engine, SourceTable(table="events", key="id", cursor="happened"))
+
+    def day(start: datetime) -> list[int]:
+        within = source.in_window("happened", start, start + timedelta(days=1))
+        return [n for batch in source.batches(None, 10, within=within) for n in batch["id"]]
+
+    assert day(datetime(2024, 1, 1, tzinfo=UTC)) == [1, 2]
+    assert day(datetime(2024, 1, 2, tzinfo=UTC)) == [3]
+    assert source.high_water_mark() == datetime(2024, 1, 2, 0, 30)
+    engine.dispose()
+
+
+# --- number-typed destination keys ----------------------------------------------------------
+
+
+class ItemV1(pa.DataFrameModel):
+    item_id: Series[int]
+    name: Series[str]
+
+    class Config:
+        coerce = True
+
+
+ITEMS = flow("items", "items", Target("books", "items_out", "item_id"), ItemV1)
+
+
+@pytest.mark.parametrize("key_type", [sa.Numeric(20, 0), sa.Numeric(12, 2), sa.Double()], ids=str)
+def test_a_number_keyed_destination_updates_archives_and_reconciles(sql_database, state, key_type):
+    """Keys read back as Decimal('1.00') or 1.0 are the key 1: an update is no insert (SQLite
+    counted it created, MariaDB refused it as a duplicate), an archive binds numbers (PostgreSQL
+    refused `numeric = character varying`, and every later run failed), and reconciliation
+    finds each record."""
+    engine = create_engine(sql_database())
+    items = source_table(
+        engine,
+        "items",
+        sa.Column("name", sa.String(50)),
+        rows=[
+            {"id": n, "name": f"item {n}", "updated_at": T0 + timedelta(hours=n)} for n in (1, 2, 3)
+        ],
+    )
+    sa.Table(
+        "items_out",
+        sa.MetaData(),
+        sa.Column("item_id", key_type, primary_key=True),
+        sa.Column("name", sa.String(50)),
+        sa.Column("archived_at", sa.DateTime, nullable=True),
+    ).create(engine)
+    assert sync(ITEMS, engine, engine, state).counts["inserted"] == 3
+
+    later = T0 + timedelta(days=1)
+    with engine.begin() as connection:
+        connection.execute(
+            items.update().where(items.c.id == 1).values(name="renamed", updated_at=later)
+        )
+    renamed = sync(ITEMS, engine, engine, state)
+    assert (renamed.counts["inserted"], renamed.counts["updated"]) == (0, 1)
+
+    with engine.begin() as connection:
+        connection.execute(
+            items.update().where(items.c.id == 2).values(deleted_at=later, updated_at=later)
+        )
+    assert sync(ITEMS, engine, engine, state).counts["archived"] == 1
+    assert sync(ITEMS, engine, engine, state).counts["archived"] == 0
+    stored = rows_of(engine, "items_out")
+    assert sorted((int(key), name, at is None) for key, (name, at) in stored.items()) == [
+        (1, "renamed", True),
+        (2, "item 2", False),
+        (3, "item 3", True),
+    ]
+    drift = reconcile(ITEMS, SqlSource(engine, ITEMS.source), SqlTable(engine, ITEMS.target), state)
+    assert drift.in_sync, drift.summary()
+    engine.dispose()
+
+
+class PricedV1(pa.DataFrameModel):
+    price: Series[float]
+    name: Series[str]
+
+
+def test_a_float_key_is_refused_before_any_write(sql_database):
+    engine = create_engine(sql_database())
+    spec = dataclasses.replace(
+        ITEMS,
+        target=Target("books", "priced", "price"),
+        target_contract=Contract("test.priced", 1, PricedV1),
+    )
+    with pytest.raises(DestinationMismatch) as refused:
+        SqlTable(engine, spec.target, create_missing=True).prepare(spec)
+    message = str(refused.value)
+    assert "table 'priced', column 'price'" in message
+    assert "float field" in message and "What to do: declare the key int" in message
+    engine.dispose()
