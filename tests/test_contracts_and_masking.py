@@ -5,9 +5,13 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pandas as pd
+import pandera.pandas as pa
 import pytest
+from pandera.engines import pandas_engine
+from pandera.typing import Series
 
 from assets.crm_contacts import customer_to_contact
+from integrations.contracts import Contract
 from integrations.contracts.crm_contact import CRM_CONTACT
 from integrations.contracts.erp_customer import ERP_CUSTOMER
 from integrations.contracts.erp_invoice import ERP_INVOICE
@@ -103,6 +107,35 @@ def test_text_times_are_read_each_as_itself_whatever_the_batch():
         "1",
         "erp.invoice@v1: invoice_date is not a date and time",
     )
+
+
+class StampedV1(pa.DataFrameModel):
+    at: Series[pa.DateTime] = pa.Field(nullable=True)
+    day_first: Series[pandas_engine.DateTime] = pa.Field(
+        nullable=True, dtype_kwargs={"to_datetime_kwargs": {"format": "%d/%m/%Y"}}
+    )
+
+    class Config:
+        coerce = True
+
+
+def test_text_times_out_of_range_empty_or_in_a_declared_format():
+    """Year 1 or 9999 is refused, not a crash of the batch (pandas holds neither); "" stays a
+    null; a field's own format is the contract's to apply."""
+    batch = pd.DataFrame(
+        {
+            "at": ["0001-01-01T00:00:00", "9999-12-31", "", "2025-01-03 10:00"],
+            "day_first": ["03/01/2025"] * 4,
+        }
+    ).set_axis(["1", "2", "3", "4"])
+    verdict = Contract("t", 1, StampedV1).judge(batch)
+    assert [(r.index, r.reason) for r in verdict.rejections] == [
+        ("1", "t@v1: at is not a date and time"),
+        ("2", "t@v1: at is not a date and time"),
+    ]
+    assert verdict.valid["at"].tolist()[1:] == [pd.Timestamp("2025-01-03 10:00")]
+    assert pd.isna(verdict.valid["at"].iloc[0])
+    assert verdict.valid["day_first"].tolist() == [pd.Timestamp("2025-01-03")] * 2
 
 
 def test_a_number_with_a_fraction_is_refused_by_an_integer_field_not_cut():

@@ -128,6 +128,36 @@ def test_integers_beside_a_null_arrive_exact_whatever_the_batch(sql_database, st
     engine.dispose()
 
 
+def test_a_null_integer_key_or_scope_value_beside_others_is_no_value(tmp_path, state):
+    """Such columns are nullable Int64 now: a NULL key became the key "<NA>" (and was written
+    under it), and a scope comparing a NULL gave pd.NA, which stopped every run."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'erp.sqlite'}")
+    source_table(
+        engine,
+        "accounts",
+        sa.Column("external_id", sa.BigInteger, nullable=True),
+        sa.Column("zip_code", sa.Integer, nullable=True),
+        rows=[
+            {"id": n, "external_id": ext, "zip_code": 1, "updated_at": T0 + timedelta(hours=n)}
+            for n, ext in ((1, 7), (2, None), (3, 8))
+        ],
+    )
+    by_external = dataclasses.replace(
+        ACCOUNTS,
+        source=SourceTable(table="accounts", key="external_id"),
+        mapping=lambda rows: rows.assign(account_id=rows["id"])[
+            ["account_id", "external_id", "zip_code"]
+        ],
+        in_scope=lambda rows: rows["external_id"] > 7,
+    )
+    result = sync(by_external, engine, engine, state)
+    assert (result.written, result.counts["rejected"]) == (1, 1)  # 7 out of scope, never synced
+    (letter,) = state.list_dead_letters(flow=by_external.name)
+    assert letter.record_key.startswith("!unkeyed:") and "missing" in letter.reason
+    assert list(rows_of(engine, "accounts_out")) == [3]
+    engine.dispose()
+
+
 @pytest.mark.mariadb
 def test_an_unsigned_bigint_beyond_int64_beside_a_null_is_read_exact(mariadb_database):
     engine = create_engine(mariadb_database())
@@ -226,10 +256,22 @@ def test_a_snapshot_gives_zoned_values_in_utc_whatever_the_session_zone(postgres
     engine.dispose()
 
 
+@pytest.mark.postgres
+def test_postgres_sessions_run_in_utc_and_keep_libpq_settings(postgres_database, monkeypatch):
+    """Set after connecting: a startup `options` would have displaced PGOPTIONS (a search_path
+    there was lost, and the source's tables with it), and PgBouncer refuses it."""
+    monkeypatch.setenv("PGOPTIONS", "-c search_path=erp,public")
+    engine = create_engine(postgres_database())
+    with engine.connect() as connection:
+        assert connection.execute(sa.text("SHOW search_path")).scalar_one() == "erp,public"
+        assert connection.execute(sa.text("SHOW timezone")).scalar_one() == "UTC"
+    engine.dispose()
+
+
 @pytest.mark.mariadb
 def test_a_day_window_over_a_mariadb_timestamp_is_the_utc_day(mariadb_database):
     """A TIMESTAMP keeps an instant and shows it in the session's zone: on a server whose zone is
-    not UTC (here the URL's init_command), UTC bounds were compared with local wall time."""
+    not UTC, UTC bounds were compared with local wall time. A zone the URL chose is kept."""
     url = mariadb_database()
     utc = create_engine(url + "?init_command=SET+time_zone%3D%27%2B00%3A00%27")
     events = source_table(utc, "events", sa.Column("happened", mysql.TIMESTAMP(fsp=6)))
@@ -243,7 +285,17 @@ def test_a_day_window_over_a_mariadb_timestamp_is_the_utc_day(mariadb_database):
             ],
         )
     utc.dispose()
-    engine = create_engine(url + "?init_command=SET+time_zone%3D%27%2B05%3A00%27")
+    chosen = create_engine(url + "?init_command=SET+time_zone%3D%27%2B05%3A00%27")
+    with chosen.connect() as connection:
+        assert connection.execute(sa.text("SELECT @@session.time_zone")).scalar_one() == "+05:00"
+    chosen.dispose()
+    engine = create_engine(url)
+
+    @sa.event.listens_for(engine, "connect", insert=True)
+    def _server_zone(dbapi_connection, _record):  # what a server in +05:00 starts sessions in
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SET SESSION time_zone = '+05:00'")
+
     source = SqlSource(engine, SourceTable(table="events", key="id", cursor="happened"))
 
     def day(start: datetime) -> list[int]:

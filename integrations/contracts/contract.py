@@ -141,11 +141,11 @@ class Contract:
             if _is_integer(column) and values.dtype.kind in "fO":
                 for index in values.index[_with_fraction(values)]:
                     reasons[index].append(f"{name} is not a whole number")
-            elif isinstance(column.dtype, pandas_engine.DateTime) and values.dtype == object:
+            elif _naive_times(column) and values.dtype == object:
                 if infer_dtype(values, skipna=True) != "string":
                     continue
-                parsed = _parsed_times(values, column.dtype.tz)
-                for index in values.index[values.notna() & parsed.isna()]:
+                parsed, refused = _parsed_times(values)
+                for index in refused:
                     reasons[index].append(f"{name} is not a date and time")
                 batch = batch.assign(**{name: parsed})
         return batch[~batch.index.isin(list(reasons))] if reasons else batch
@@ -254,17 +254,33 @@ def _has_fraction(value: object) -> bool:
     return isinstance(value, float) and math.isfinite(value) and not value.is_integer()
 
 
-def _parsed_times(texts: pd.Series, zone: object | None) -> pd.Series:
-    """ISO 8601 texts as times (UTC, without zone unless `zone`); any other text parsed on its
-    own, as pandas reads one value; NaT for what is no time."""
+def _naive_times(column: pa.Column) -> bool:
+    """A date-and-time column without a zone, read by pandas' default rules: the one whose text
+    the contract reads itself. A zoned one, or one with its own `to_datetime_kwargs` (a format,
+    day first), is left to pandera as it is declared."""
+    dtype = column.dtype
+    return (
+        isinstance(dtype, pandas_engine.DateTime)
+        and dtype.tz is None
+        and not getattr(dtype, "to_datetime_kwargs", None)
+    )
+
+
+def _parsed_times(texts: pd.Series) -> tuple[pd.Series, list[object]]:
+    """ISO 8601 texts as times (with an offset: in UTC, without zone); any other text as pandas
+    reads it alone; and the texts that are no time pandas can hold (out of its range too). Text
+    pandas reads as no time at all ("", "NaT") is a null, as coercion made it."""
     parsed = pd.to_datetime(texts, format="ISO8601", errors="coerce", utc=True)
+    refused = []
     for index in texts.index[texts.notna() & parsed.isna()]:
         try:
             alone = pd.Timestamp(texts[index])
-        except (ValueError, TypeError, OverflowError):
-            continue
-        parsed[index] = alone.tz_localize("UTC") if alone.tzinfo is None else alone
-    return parsed.dt.tz_convert(zone) if zone is not None else parsed.dt.tz_localize(None)
+            if alone is not pd.NaT:
+                alone = alone.tz_localize("UTC") if alone.tzinfo is None else alone
+                parsed[index] = alone.as_unit("ns")
+        except (ValueError, TypeError, OverflowError):  # out of bounds is a ValueError too
+            refused.append(index)
+    return parsed.dt.tz_localize(None), refused
 
 
 def _readable(check: object) -> str:

@@ -28,6 +28,7 @@ from decimal import Decimal
 from functools import cached_property
 from itertools import repeat
 
+import numpy as np
 import pandas as pd
 
 from integrations.contracts.contract import ContractViolation, RowRejection
@@ -229,8 +230,14 @@ def _out_of_flow(spec: FlowSpec, batch: pd.DataFrame) -> pd.Series:
     if spec.source.deleted:
         gone |= batch[spec.source.deleted].notna()
     if spec.in_scope is not None:
-        gone |= ~spec.in_scope(batch).astype(bool)
+        gone |= ~_in_scope(spec, batch)
     return gone
+
+
+def _in_scope(spec: FlowSpec, batch: pd.DataFrame) -> pd.Series:
+    """The flow's `in_scope` as plain booleans: unknown (a comparison with a NULL of a nullable
+    column, pd.NA) is out of scope."""
+    return spec.in_scope(batch).fillna(False).astype(bool)
 
 
 def _rows_in(letter: DeadLetter) -> int:
@@ -510,7 +517,7 @@ class Sync:
         are archived too. Counting them takes a read of those rows before the run's own."""
         spec, leaving = self.spec, []
         for batch in self._guarded(self.source.batches(since, spec.batch_size, within=within)):
-            out = ~spec.in_scope(batch).astype(bool)
+            out = ~_in_scope(spec, batch)
             if spec.source.deleted:  # soft deletes are counted already
                 out &= batch[spec.source.deleted].isna()
             leaving += map(_key_text, batch.loc[out, spec.source.key])
@@ -647,7 +654,7 @@ class Sync:
         """The batch indexed by record key; rows whose key is missing, unusable or repeated
         within the batch are dead-lettered instead (the source must settle which row is right)."""
         keys = batch[self.spec.source.key]
-        if keys.dtype.kind in "iu":  # numpy whole numbers (never null): every one usable
+        if isinstance(keys.dtype, np.dtype) and keys.dtype.kind in "iu":  # never null: all usable
             problems = pd.Series(None, index=keys.index, dtype=object)
             text = keys.astype(str)
         else:

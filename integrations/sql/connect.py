@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import os
 import re
 import uuid
 from collections.abc import Mapping, Sequence
@@ -23,36 +24,46 @@ DEFAULT_DRIVERS = {
 }
 
 
-# `-c timezone=…` or `--TimeZone=…` in libpq's `options`, not `log_timezone`.
-_SETS_TIMEZONE = re.compile(r"(?<!log_)timezone\s*=", re.IGNORECASE)
+# A time zone set in libpq's `options` (`-c timezone=…`, `--TimeZone=…`, not `log_timezone`), or
+# in a MariaDB `init_command` (`time_zone = …`).
+_SETS_TIMEZONE = re.compile(r"(?<!log_)time_?zone\s*=", re.IGNORECASE)
 
 
 def normalise_url(url: str) -> str:
     """A URL without a driver gets the one handoff is built on (psycopg 3, PyMySQL), and its
     sessions speak UTF-8 whatever the database's encoding: COPY text is sent as UTF-8, and the
-    server converts it, refusing what the database's encoding cannot hold.
-
-    PostgreSQL sessions run in UTC unless the URL's own `options` set a time zone: handoff's
-    times are UTC without a zone, and a `timestamptz` takes such text in the session's zone."""
+    server converts it, refusing what the database's encoding cannot hold."""
     parsed = make_url(url)
     if parsed.drivername in DEFAULT_DRIVERS:
         parsed = parsed.set(drivername=DEFAULT_DRIVERS[parsed.drivername])
     if parsed.get_backend_name() in ("mysql", "mariadb") and "charset" not in parsed.query:
         parsed = parsed.update_query_dict({"charset": "utf8mb4"})
-    if parsed.get_backend_name() == "postgresql":
-        if "client_encoding" not in parsed.query:
-            parsed = parsed.update_query_dict({"client_encoding": "utf8"})
-        options = parsed.query.get("options", "")
-        if isinstance(options, str) and not _SETS_TIMEZONE.search(options):
-            utc = f"{options} -c TimeZone=UTC".strip()
-            parsed = parsed.update_query_dict({"options": utc})
+    if parsed.get_backend_name() == "postgresql" and "client_encoding" not in parsed.query:
+        parsed = parsed.update_query_dict({"client_encoding": "utf8"})
     return parsed.render_as_string(hide_password=False)
+
+
+def _zone_given(engine: sa.Engine) -> bool:
+    """Whether whoever configured the connection chose its session time zone: in the URL (libpq
+    `options`, a MariaDB `init_command`) or in libpq's environment (PGOPTIONS, PGTZ)."""
+    said = [str(value) for value in engine.url.query.values()]
+    if engine.dialect.name == "postgresql":
+        if os.environ.get("PGTZ"):
+            return True
+        said.append(os.environ.get("PGOPTIONS", ""))
+    return any(_SETS_TIMEZONE.search(text) for text in said)
 
 
 def create_engine(url: str) -> sa.Engine:
     """An engine; SQLite files get WAL and a busy timeout so sync and sensors can share them,
-    MariaDB/MySQL sessions strict SQL mode and UTC (as PostgreSQL's, see `normalise_url`)."""
+    MariaDB/MySQL sessions strict SQL mode.
+
+    PostgreSQL and MariaDB sessions run in UTC unless the connection's configuration chose a
+    zone: handoff's times are UTC without a zone, which a `timestamptz` (or a MariaDB TIMESTAMP)
+    would take as the session's local time. Set after connecting, not as a startup `options`
+    (PgBouncer refuses those, and they would displace PGOPTIONS)."""
     engine = sa.create_engine(normalise_url(url), pool_pre_ping=True)
+    in_utc = not _zone_given(engine)
     if engine.dialect.name == "sqlite":
 
         @sa.event.listens_for(engine, "connect")
@@ -63,20 +74,26 @@ def create_engine(url: str) -> sa.Engine:
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
 
+    if engine.dialect.name == "postgresql" and in_utc:
+
+        @sa.event.listens_for(engine, "connect")
+        def _utc_session(dbapi_connection, _record):
+            dbapi_connection.execute("SET TIME ZONE 'UTC'")
+            dbapi_connection.commit()
+
     if engine.dialect.name in ("mysql", "mariadb"):
         # A server configured lax (sql_mode without STRICT_*) cuts a too-long text, or turns a
         # bad value into 0, and only warns: handoff's sessions refuse instead, so the record is
         # dead-lettered with the reason rather than written wrong.
         @sa.event.listens_for(engine, "connect")
-        def _strict_utc_session(dbapi_connection, _record):
+        def _strict_session(dbapi_connection, _record):
             with dbapi_connection.cursor() as cursor:
                 cursor.execute(
                     "SET SESSION sql_mode = CONCAT_WS(',', NULLIF(@@SESSION.sql_mode, ''), "
                     "'STRICT_ALL_TABLES')"
                 )
-                # A TIMESTAMP is shown and compared in the session's zone; handoff's naive
-                # times (watermarks, partition windows, written values) are UTC.
-                cursor.execute("SET SESSION time_zone = '+00:00'")
+                if in_utc:
+                    cursor.execute("SET SESSION time_zone = '+00:00'")
 
     return engine
 
