@@ -263,6 +263,14 @@ def state(world):
     store.dispose()
 
 
+@pytest.fixture
+def own_state(tmp_path):
+    """A state store of the test's own (SQLite), for tests without the demo world."""
+    store = StateStore(f"sqlite:///{tmp_path / 'own_state.sqlite'}", dlq_key=DLQ_KEY)
+    yield store
+    store.dispose()
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--outage-seconds",

@@ -15,14 +15,19 @@ JANUARY = {
 }
 
 
-def materialize_deals(instance, tags=JANUARY, partition_key=None) -> dict[str, object]:
-    result = dg.materialize(
+def run_deals(instance, tags=JANUARY, partition_key=None, **options):
+    return dg.materialize(
         [flow_asset(CRM_DEALS)],
         resources=resources(),
         instance=instance,
         tags=tags,
         partition_key=partition_key,
+        **options,
     )
+
+
+def materialize_deals(instance, tags=JANUARY, partition_key=None) -> dict[str, object]:
+    result = run_deals(instance, tags, partition_key)
     assert result.success
     events = result.get_asset_materialization_events()  # one per partition, same metadata
     return {key: value.value for key, value in events[0].materialization.metadata.items()}
@@ -117,25 +122,14 @@ def test_a_mass_exit_from_the_flows_scope_stops_at_the_archive_guard(world, crm_
         with engine.begin() as connection:
             connection.execute(sa.text("UPDATE invoices SET status = 'void'"))
         engine.dispose()
-        stopped = dg.materialize(
-            [flow_asset(CRM_DEALS)],
-            resources=resources(),
-            instance=instance,
-            tags=JANUARY,
-            raise_on_error=False,
-        )
+        stopped = run_deals(instance, raise_on_error=False)
         assert not stopped.success
         (failure,) = [e for e in stopped.all_events if e.event_type_value == "STEP_FAILURE"]
         assert "above the archive guard" in failure.step_failure_data.user_failure_data.description
         assert list(crm_client.list_objects("deals", ["erp_invoice_id"], archived=True)) == []
 
-        allowed = dg.materialize(
-            [flow_asset(CRM_DEALS)],
-            resources=resources(),
-            instance=instance,
-            tags=JANUARY,
-            run_config={"ops": {"crm__deals": {"config": {"allow_mass_archive": True}}}},
-        )
+        allow = {"ops": {"crm__deals": {"config": {"allow_mass_archive": True}}}}
+        allowed = run_deals(instance, run_config=allow)
         assert allowed.success
         archived = list(crm_client.list_objects("deals", ["erp_invoice_id"], archived=True))
         assert len(archived) == synced

@@ -17,7 +17,6 @@ from integrations.engine.sync import ErrorBudgetExceeded, Sync, SyncResult
 from integrations.sql.connect import create_engine
 from integrations.sql.destination import SqlTable
 from integrations.sql.source import SqlSource
-from tests.conftest import DLQ_KEY
 from tests.test_sql_destination import LINES, create, ledger_columns, rows
 
 SOURCE = SourceTable(table="source_lines", key="id")
@@ -68,10 +67,8 @@ def source_lines(
 
 
 @pytest.fixture
-def state(tmp_path):
-    store = StateStore(f"sqlite:///{tmp_path / 'state.sqlite'}", dlq_key=DLQ_KEY)
-    yield store
-    store.dispose()
+def state(own_state):
+    return own_state
 
 
 def run(engine: sa.Engine, state: StateStore, spec: FlowSpec = SPEC) -> SyncResult:

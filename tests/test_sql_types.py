@@ -18,22 +18,19 @@ from integrations.contracts import Contract
 from integrations.engine.destination import DestinationMismatch
 from integrations.engine.reconcile import reconcile
 from integrations.engine.spec import FlowSpec, SourceTable, Target
-from integrations.engine.state import StateStore
 from integrations.engine.sync import Sync, SyncResult
 from integrations.sql.connect import create_engine
 from integrations.sql.destination import SqlTable
 from integrations.sql.source import SqlSource
-from tests.conftest import DLQ_KEY, POSTGRES_ADMIN
+from tests.conftest import POSTGRES_ADMIN
 
 BIG = 1234567890123456789  # a snowflake-style id: fits BIGINT, not a float64
 T0 = datetime(2025, 1, 1)
 
 
 @pytest.fixture
-def state(tmp_path):
-    store = StateStore(f"sqlite:///{tmp_path / 'state.sqlite'}", dlq_key=DLQ_KEY)
-    yield store
-    store.dispose()
+def state(own_state):
+    return own_state
 
 
 def source_table(engine: sa.Engine, name: str, *columns: sa.Column, rows=()) -> sa.Table:
@@ -199,6 +196,17 @@ def in_new_york(url: str) -> str:
     return url
 
 
+def zoned_events_out(engine: sa.Engine) -> None:
+    """The events' destination table, its time a `timestamptz`."""
+    sa.Table(
+        "events_out",
+        sa.MetaData(),
+        sa.Column("event_id", sa.BigInteger, primary_key=True),
+        sa.Column("happened_at", sa.DateTime(timezone=True)),
+        sa.Column("archived_at", sa.DateTime, nullable=True),
+    ).create(engine)
+
+
 @pytest.mark.postgres
 def test_a_timestamptz_destination_in_another_zone_keeps_the_instant(
     tmp_path, postgres_database, state
@@ -215,13 +223,7 @@ def test_a_timestamptz_destination_in_another_zone_keeps_the_instant(
         rows=[{"id": 1, "happened_at": happened, "updated_at": T0}],
     )
     destination = create_engine(in_new_york(postgres_database()))
-    sa.Table(
-        "events_out",
-        sa.MetaData(),
-        sa.Column("event_id", sa.BigInteger, primary_key=True),
-        sa.Column("happened_at", sa.DateTime(timezone=True)),
-        sa.Column("archived_at", sa.DateTime, nullable=True),
-    ).create(destination)
+    zoned_events_out(destination)
 
     assert sync(EVENTS, source, destination, state).written == 1
     with destination.connect() as connection:
@@ -239,13 +241,7 @@ def test_a_snapshot_gives_zoned_values_in_utc_whatever_the_session_zone(postgres
     still gives the instant in UTC, as the engine sent it."""
     url = postgres_database() + "?options=-c%20timezone%3DAmerica/New_York"
     engine = create_engine(url)
-    sa.Table(
-        "events_out",
-        sa.MetaData(),
-        sa.Column("event_id", sa.BigInteger, primary_key=True),
-        sa.Column("happened_at", sa.DateTime(timezone=True)),
-        sa.Column("archived_at", sa.DateTime, nullable=True),
-    ).create(engine)
+    zoned_events_out(engine)
     with engine.begin() as connection:
         assert connection.execute(sa.text("SHOW timezone")).scalar_one() == "America/New_York"
         connection.execute(

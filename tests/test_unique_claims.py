@@ -7,7 +7,6 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pandera.pandas as pa
-import pytest
 import sqlalchemy as sa
 from pandera.typing import Series
 
@@ -20,7 +19,6 @@ from integrations.engine.sync import Sync, SyncResult
 from integrations.sql.connect import create_engine
 from integrations.sql.destination import SqlTable
 from integrations.sql.source import SqlSource
-from tests.conftest import DLQ_KEY
 
 
 def sync(erp, crm_client, state, run: str) -> SyncResult:
@@ -135,13 +133,6 @@ PEOPLE = FlowSpec(
 START = datetime(2025, 1, 1)
 
 
-@pytest.fixture
-def store(tmp_path):
-    state = StateStore(f"sqlite:///{tmp_path / 'state.sqlite'}", dlq_key=DLQ_KEY)
-    yield state
-    state.dispose()
-
-
 def people(tmp_path, rows: list[tuple[int, str, str]]) -> sa.Table:
     engine = create_engine(f"sqlite:///{tmp_path / 'people.sqlite'}")
     table = sa.Table(
@@ -169,46 +160,46 @@ def add_people(table, engine, rows, at: datetime = START) -> None:
         )
 
 
-def sync_people(engine, store) -> SyncResult:
+def sync_people(engine, store: StateStore) -> SyncResult:
     writer = SqlTable(engine, PEOPLE.target, create_missing=True)
     return Sync(
         PEOPLE, SqlSource(engine, PEOPLE.source), writer, store, run_id="r", actor="t", why="t"
     ).run()
 
 
-def test_a_value_an_archived_record_let_go_goes_to_one_record(tmp_path, store):
+def test_a_value_an_archived_record_let_go_goes_to_one_record(tmp_path, own_state):
     """Record 1 is archived in the batch where 2 and 3 both take its email: both took it, the
     commit failed on the claims' key, and so did every rerun."""
     table, engine = people(tmp_path, [(1, "x@example.com", None)])
-    assert sync_people(engine, store).written == 1
+    assert sync_people(engine, own_state).written == 1
     later = START + timedelta(hours=1)
     with engine.begin() as connection:
         connection.execute(
             table.update().where(table.c.id == 1).values(deleted_at=later, updated_at=later)
         )
     add_people(table, engine, [(2, "X@example.com", None), (3, "x@EXAMPLE.com", None)], at=later)
-    result = sync_people(engine, store)
+    result = sync_people(engine, own_state)
     assert (result.counts["inserted"], result.counts["archived"], result.counts["rejected"]) == (
         1,
         1,
         1,
     )
-    (letter,) = store.list_dead_letters(flow=PEOPLE.name)
+    (letter,) = own_state.list_dead_letters(flow=PEOPLE.name)
     assert letter.record_key == "3" and "email is already used by record 2" in letter.reason
-    assert sync_people(engine, store).written == 0
+    assert sync_people(engine, own_state).written == 0
     engine.dispose()
 
 
-def test_a_record_clashing_on_two_values_is_one_rejected_record(tmp_path, store):
+def test_a_record_clashing_on_two_values_is_one_rejected_record(tmp_path, own_state):
     """Its email and its phone are both record 1's: one letter with both reasons, counted once
     (it was two letters, counted twice against the error budget); and the phone it was refused
     with is no claim of its own, so record 4 takes record 3's number."""
     rows = [(n, f"p{n}@example.com", f"+100{n}") for n in range(1, 4)]
     rows += [(4, "P1@example.com", "+1001"), (5, "p5@example.com", "+1004")]
     _, engine = people(tmp_path, rows)
-    result = sync_people(engine, store)
+    result = sync_people(engine, own_state)
     assert (result.written, result.counts["rejected"]) == (4, 1)
-    (letter,) = store.list_dead_letters(flow=PEOPLE.name)
+    (letter,) = own_state.list_dead_letters(flow=PEOPLE.name)
     assert letter.record_key == "4"
     assert "email is already used by record 1" in letter.reason
     assert "phone is already used by record 1" in letter.reason
