@@ -243,8 +243,8 @@ def _with_fraction(values: pd.Series) -> pd.Series:
     """Whether each value is a finite number with a fraction (floats, or Decimals as a NUMERIC
     column gives them)."""
     if values.dtype.kind == "f":
-        finite = np.isfinite(values.to_numpy())
-        return pd.Series(finite & (values.to_numpy() != np.trunc(values.to_numpy())), values.index)
+        numbers = values.to_numpy()
+        return pd.Series(np.isfinite(numbers) & (numbers != np.trunc(numbers)), values.index)
     return values.map(_has_fraction).astype(bool)
 
 

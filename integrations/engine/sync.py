@@ -530,10 +530,9 @@ class Sync:
         the batch before it being committed."""
         result.counts["read"] += len(batch)
         keyed, letters = self._keyed(batch)
-        letters = self._not_held(letters, result)
         gone_mask = _out_of_flow(self.spec, keyed)
         live, gone = keyed[~gone_mask], keyed[gone_mask]
-        live, open_letters = self._without_held(live, gone, result)
+        live, letters, open_letters = self._without_held(live, gone, letters, result)
         dated, undated = self._dated(live)
         valid, rejected = self._validate(dated, clock)
         return _Staged(
@@ -545,19 +544,6 @@ class Sync:
             letters + undated + rejected,
             open_letters,
         )
-
-    def _not_held(self, letters: list[DeadLetter], result: SyncResult) -> list[DeadLetter]:
-        """The letters of rows without a usable key, or of a key repeated in the batch, except
-        those already open with this exact content (held, as a live row's are)."""
-        if not letters or self._replaying:
-            return letters
-        held = self.state.open_dead_letter_hashes(
-            self.spec.name, [letter.record_key for letter in letters]
-        )
-        fresh = [letter for letter in letters if held.get(letter.record_key) != letter.content_hash]
-        if len(fresh) < len(letters):
-            result.counts["held"] += sum(map(_rows_in, letters)) - sum(map(_rows_in, fresh))
-        return fresh
 
     def _dated(self, live: pd.DataFrame) -> tuple[pd.DataFrame, list[DeadLetter]]:
         """A partitioned flow's rows without a business date are dead-lettered: no partition
@@ -961,15 +947,19 @@ class Sync:
         return valid.drop(index=[rejection.index for rejection in taken]), taken
 
     def _without_held(
-        self, live: pd.DataFrame, gone: pd.DataFrame, result: SyncResult
-    ) -> tuple[pd.DataFrame, set[str]]:
-        """Drop rows already dead-lettered with this exact content: they wait for a fix or a replay,
-        they are not refused again on every run (a replay takes them all). Also returns the keys
+        self, live: pd.DataFrame, gone: pd.DataFrame, letters: list[DeadLetter], result: SyncResult
+    ) -> tuple[pd.DataFrame, list[DeadLetter], set[str]]:
+        """Drop rows already dead-lettered with this exact content, and the batch's letters (of
+        keys missing or repeated) already open with it: they wait for a fix or a replay, they
+        are not refused again on every run (a replay takes them all). Also returns the keys
         with open dead letters, live or gone."""
-        held = self.state.open_dead_letter_hashes(self.spec.name, [*live.index, *gone.index])
+        keys = [*live.index, *gone.index, *(letter.record_key for letter in letters)]
+        held = self.state.open_dead_letter_hashes(self.spec.name, keys)
+        if not held or self._replaying:
+            return live, letters, set(held)
+        fresh = [letter for letter in letters if held.get(letter.record_key) != letter.content_hash]
+        result.counts["held"] += sum(map(_rows_in, letters)) - sum(map(_rows_in, fresh))
         waiting = [key for key in held if key in live.index]
-        if not waiting or self._replaying:
-            return live, set(held)
         payloads = _json_ready(live.loc[waiting])
         unchanged = [
             key
@@ -977,7 +967,7 @@ class Sync:
             if content_hash(payload) == held[key]
         ]
         result.counts["held"] += len(unchanged)
-        return live.drop(index=unchanged), set(held)
+        return live.drop(index=unchanged), fresh, set(held)
 
     # --- load: per-record refusals, bisection of chunks refused whole -------------------------
 
