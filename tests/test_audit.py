@@ -1,5 +1,6 @@
 """The audit trail is a hash chain: an edit or a removal made behind handoff's back shows."""
 
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -7,29 +8,25 @@ import sqlalchemy as sa
 
 from assets.crm_contacts import CRM_CONTACTS
 from integrations.cli import main
-from integrations.engine.state import StateStore
+from integrations.engine.state import AUDIT_TABLES, AuditRecord, StateStore
 from integrations.erp.changes import move_customers
 from tests.conftest import DLQ_KEY
 from tests.contacts import sync
 
 DROP_TRIGGERS = {
     "sqlite": [
-        f"DROP TRIGGER {table}_no_{verb}"
-        for table in ("audit_log", "audit_records")
-        for verb in ("update", "delete")
+        f"DROP TRIGGER {table}_no_{verb}" for table in AUDIT_TABLES for verb in ("update", "delete")
     ],
-    "postgresql": [
-        f"DROP TRIGGER {table}_append_only ON {table}" for table in ("audit_log", "audit_records")
-    ],
+    "postgresql": [f"DROP TRIGGER {table}_append_only ON {table}" for table in AUDIT_TABLES],
 }
 
 
-def tamper(store, statement: str) -> None:
+def tamper(store, statement: str, **values) -> None:
     """What someone with DDL rights on the state database could do."""
     with store.engine.begin() as connection:
         for drop in DROP_TRIGGERS[store.engine.dialect.name]:
             connection.exec_driver_sql(drop)
-        connection.execute(sa.text(statement))
+        connection.execute(sa.text(statement), values)
 
 
 def test_an_untouched_trail_verifies(world, erp, crm_client, state, capsys):
@@ -47,20 +44,20 @@ def test_an_untouched_trail_verifies(world, erp, crm_client, state, capsys):
         ("UPDATE audit_log SET why = 'nothing to see' WHERE id = 2", 2, "content was changed"),
         ("DELETE FROM audit_log WHERE id = 2", 2, "removed or replaced"),
         (
-            "UPDATE audit_records SET diff = '{}' WHERE audit_id = 2 AND id = (SELECT max(id) FROM audit_records WHERE audit_id = 2)",
+            "UPDATE audit_bodies SET records = (SELECT records FROM audit_bodies WHERE audit_id = 1) "
+            "WHERE audit_id = 2",
             2,
             "a record of it",
         ),
+        ("DELETE FROM audit_bodies WHERE audit_id = 3", 3, "a record of it"),
+        ("UPDATE audit_bodies SET records = :garbage WHERE audit_id = 1", 1, "a record of it"),
         (
-            "DELETE FROM audit_records WHERE id = (SELECT min(id) FROM audit_records WHERE audit_id = 3)",
-            3,
-            "a record of it",
+            "DELETE FROM audit_keys WHERE audit_id = 2 AND record_key = "
+            "(SELECT min(record_key) FROM audit_keys WHERE audit_id = 2)",
+            2,
+            "index of record keys",
         ),
-        (
-            "UPDATE audit_records SET action = 'insert' WHERE audit_id = 1 AND action = 'dead-letter'",
-            1,
-            "a record of it",
-        ),
+        ("INSERT INTO audit_keys VALUES ('no-such-record', 1)", 1, "index of record keys"),
     ],
 )
 def test_tampering_is_reported_at_its_position(
@@ -74,16 +71,69 @@ def test_tampering_is_reported_at_its_position(
     problem,
 ):
     sync(erp, crm_client, state)
-    tamper(state, statement)
+    tamper(state, statement, garbage=b"not zlib")
     verdict = state.verify_audit()
     assert not verdict.intact and verdict.broken_position == position and problem in verdict.problem
     assert main(["audit", "verify"]) == 1
     assert f"(position {position})" in capsys.readouterr().err
 
 
+def test_a_record_rewritten_inside_its_body_is_reported(world, erp, crm_client, state):
+    """A forger who recompresses an entry's records still breaks its seal."""
+    sync(erp, crm_client, state)
+    with state.engine.connect() as connection:
+        body = connection.execute(
+            sa.text("SELECT records FROM audit_bodies WHERE audit_id = 1")
+        ).scalar_one()
+    text = zlib.decompress(body).decode()
+    assert "\x1fdead-letter\x1f" in text
+    forged = text.replace("\x1fdead-letter\x1f", "\x1finsert\x1f", 1)
+    tamper(
+        state,
+        "UPDATE audit_bodies SET records = :forged WHERE audit_id = 1",
+        forged=zlib.compress(forged.encode()),
+    )
+    verdict = state.verify_audit()
+    assert not verdict.intact and verdict.broken_position == 1
+    assert "a record of it" in verdict.problem
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        "INSERT INTO audit_records (audit_id, flow, record_key, action, correlation_id, diff) "
+        "VALUES (1, 'f', '1', 'archive', 'c', '{}')",
+        "INSERT INTO audit_bodies VALUES (4, :body)",
+        "INSERT INTO audit_keys VALUES ('1', 4)",
+    ],
+    ids=["a row beside a body", "a body of an entry without records", "a key of such an entry"],
+)
+def test_records_added_beside_an_entry_are_reported(world, erp, crm_client, state, forged):
+    """Triggers refuse updates and deletes, not inserts: a record added to an entry, where its
+    records are not kept or it has none, would show in a story unsealed."""
+    sync(erp, crm_client, state)
+    state.append_audit(actor="test", action="note", why="test", detail={})  # entry 4, no records
+    with state.engine.begin() as connection:
+        connection.execute(sa.text(forged), {"body": zlib.compress(b"f\x1f1\x1finsert\x1fc\x1f{}")})
+    verdict = state.verify_audit()
+    position = 1 if "audit_records" in forged else 4
+    assert not verdict.intact and verdict.broken_position == position
+
+
+def test_a_record_whose_field_would_break_the_framing_is_refused_not_sealed(state):
+    record = AuditRecord("f", "a\x1fb", "insert", "c", {})
+    with pytest.raises(ValueError, match="control character"):
+        state.append_audit([record], actor="test", action="note", why="test", detail={})
+    assert state.verify_audit().intact
+
+
 def test_the_audit_refuses_edits_while_its_triggers_stand(world, erp, crm_client, state):
     sync(erp, crm_client, state)
-    for statement in ("UPDATE audit_records SET diff = '{}'", "DELETE FROM audit_log"):
+    for statement in (
+        "UPDATE audit_bodies SET records = records",
+        "DELETE FROM audit_keys",
+        "DELETE FROM audit_log",
+    ):
         with pytest.raises(sa.exc.DatabaseError, match="append-only"):  # noqa: SIM117
             with state.engine.begin() as connection:
                 connection.execute(sa.text(statement))

@@ -3,12 +3,24 @@ do; nothing it holds is lost."""
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 
 import pytest
 import sqlalchemy as sa
 
-from integrations.engine.state import BatchCommit, LedgerEntry, StateStore
+from integrations.engine.state import (
+    _RECORD_FIELDS,
+    GENESIS,
+    AuditRecord,
+    BatchCommit,
+    LedgerEntry,
+    StateStore,
+    _records_digest,
+    _seal,
+    audit_log,
+    audit_records,
+)
 from integrations.sql.connect import create_engine
 from integrations.sql.evolve import SchemaOutdated
 from tests.conftest import DLQ_KEY
@@ -114,3 +126,49 @@ def test_a_column_that_cannot_be_added_is_named_with_what_to_do_and_nothing_chan
     assert not inspector.has_table("audit_records")
     assert "field_hashes" not in {c["name"] for c in inspector.get_columns("ledger")}
     engine.dispose()
+
+
+def test_audit_entries_an_older_handoff_kept_record_by_record_still_verify_and_tell(state_url):
+    """Entries then kept their records as rows of `audit_records`; newer ones in one body. A
+    trail of both verifies, tells a record's story across both, and a changed row still shows."""
+    store = StateStore(state_url, dlq_key=DLQ_KEY)
+    try:
+        older = [
+            ("f", "1", "insert", "r0:f:1", '{"city":"Oslo"}'),
+            ("f", "2", "insert", "r0:f:2", "{}"),
+        ]
+        entry = {"at": THEN, "actor": "test", "run_id": "r0", "flow": "f", "action": "sync_batch",
+                 "why": "test", "prev_hash": GENESIS,
+                 "detail": json.dumps({"records": 2, "records_digest": _records_digest(older)})}  # fmt: skip
+        with store.engine.begin() as connection:
+            connection.execute(sa.insert(audit_log).values(**entry, entry_hash=_seal(entry)))
+            connection.execute(
+                sa.insert(audit_records),
+                [dict(zip(_RECORD_FIELDS, row, strict=True), audit_id=1) for row in older],
+            )
+        store.append_audit(
+            [AuditRecord("f", "1", "update", "r1:f:1", {"city": "Bergen"})],
+            actor="test", action="sync_batch", why="test", detail={}, run_id="r1", flow="f",
+        )  # fmt: skip
+        assert store.verify_audit().intact
+        story = store.record_history("1", flow="f")
+        assert [(s["action"], s["run_id"], s["diff"]) for s in story] == [
+            ("insert", "r0", {"city": "Oslo"}),
+            ("update", "r1", {"city": "Bergen"}),
+        ]
+        with store.engine.begin() as connection:
+            for drop in _DROPS[store.engine.dialect.name]:
+                connection.exec_driver_sql(drop)
+            connection.execute(
+                sa.text("UPDATE audit_records SET diff = '{}' WHERE record_key = '1'")
+            )
+        verdict = store.verify_audit()
+        assert not verdict.intact and verdict.broken_position == 1
+    finally:
+        store.dispose()
+
+
+_DROPS = {
+    "sqlite": ["DROP TRIGGER audit_records_no_update"],
+    "postgresql": ["DROP TRIGGER audit_records_append_only ON audit_records"],
+}

@@ -8,9 +8,12 @@ destination accepted the batch: a crash before the commit means the batch is sen
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import operator
 import threading
 import time
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,7 +27,6 @@ from integrations.engine.hashing import sorted_json
 from integrations.sql.connect import (
     bulk_write,
     create_engine,
-    in_key_order,
     raise_on_lost_connection,
     upsert_statement,
 )
@@ -104,7 +106,9 @@ audit_log = sa.Table(
     sa.Column("entry_hash", sa.String(64), nullable=False, unique=True),
 )
 
-# The records an audit entry covers, one row per record and action; the entry seals their digest.
+# The records an audit entry covers (its digest seals them), as handoff kept them before their
+# bodies below: one row per record and action. Read for the entries of then, no longer written
+# (three indexes and the whole diff per row were a third of a first sync's work).
 audit_records = sa.Table(
     "audit_records",
     metadata,
@@ -118,15 +122,32 @@ audit_records = sa.Table(
     sa.Index("ix_audit_records_key", "record_key", "flow"),
 )
 
+# Since then: each entry's records in one body, the text its digest is taken over (zlib), and
+# an index of the keys it covers, for a record's story.
+audit_bodies = sa.Table(
+    "audit_bodies",
+    metadata,
+    sa.Column("audit_id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("records", sa.LargeBinary, nullable=False),
+)
+
+audit_keys = sa.Table(
+    "audit_keys",
+    metadata,
+    sa.Column("record_key", sa.String(255), nullable=False),
+    sa.Column("audit_id", sa.Integer, nullable=False),
+    sa.Index("ix_audit_keys_key", "record_key", "audit_id"),
+)
+
 GENESIS = "0" * 64
 
 # The audit trail is append-only: the database itself refuses to change or remove an entry.
-_AUDIT_TABLES = ("audit_log", "audit_records")
+AUDIT_TABLES = ("audit_log", "audit_records", "audit_bodies", "audit_keys")
 _APPEND_ONLY = {
     "sqlite": [
         f"CREATE TRIGGER IF NOT EXISTS {table}_no_{verb.lower()} BEFORE {verb} ON {table} "
         "BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END"
-        for table in _AUDIT_TABLES
+        for table in AUDIT_TABLES
         for verb in ("UPDATE", "DELETE")
     ],
     "postgresql": [
@@ -134,7 +155,7 @@ _APPEND_ONLY = {
         "$$ BEGIN RAISE EXCEPTION 'the audit trail is append-only'; END $$",
         *(
             statement
-            for table in _AUDIT_TABLES
+            for table in AUDIT_TABLES
             for statement in (
                 f"DROP TRIGGER IF EXISTS {table}_append_only ON {table}",
                 f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
@@ -474,28 +495,45 @@ class StateStore:
 
     def record_history(self, record_key: str, flow: str | None = None) -> list[dict[str, object]]:
         """A record's story: every audit record about it, with its entry's time, run, trigger
-        and actor, oldest first."""
-        query = (
-            sa.select(
-                audit_log.c.at,
-                audit_log.c.run_id,
-                audit_log.c.why.label("trigger"),
-                audit_log.c.actor,
-                audit_records.c.flow,
-                audit_records.c.action,
-                audit_records.c.correlation_id,
-                audit_records.c.diff,
-            )
+        and actor, oldest first (by entry, then as the entry wrote them)."""
+        entry = (
+            audit_log.c.id,
+            audit_log.c.at,
+            audit_log.c.run_id,
+            audit_log.c.why.label("trigger"),
+            audit_log.c.actor,
+        )
+        rows = (  # entries of an older handoff: a row per record
+            sa.select(*entry, audit_records.c.id.label("seq"), audit_records.c.flow)
+            .add_columns(*(audit_records.c[name] for name in ("action", "correlation_id", "diff")))
             .join(audit_log, audit_log.c.id == audit_records.c.audit_id)
             .where(audit_records.c.record_key == record_key)
-            .order_by(audit_records.c.id)
         )
         if flow:
-            query = query.where(audit_records.c.flow == flow)
+            rows = rows.where(audit_records.c.flow == flow)
+        bodies = (
+            sa.select(*entry, audit_bodies.c.records)
+            .select_from(audit_keys)
+            .join(audit_log, audit_log.c.id == audit_keys.c.audit_id)
+            .join(audit_bodies, audit_bodies.c.audit_id == audit_keys.c.audit_id)
+            .where(audit_keys.c.record_key == record_key)
+        )
+        told: list[tuple[int, int, dict[str, object]]] = []  # (entry, place in it, what)
         with self.engine.connect() as connection:
-            return [
-                {**row._asdict(), "diff": json.loads(row.diff)} for row in connection.execute(query)
-            ]
+            for row in connection.execute(rows):
+                said = row._asdict()
+                told.append((said.pop("id"), said.pop("seq"), said))
+            for row in connection.execute(bodies):
+                said = row._asdict()
+                audit_id, records = said.pop("id"), said.pop("records")
+                told += [
+                    (audit_id, seq, {**said, "flow": record[0], "action": record[2],
+                                     "correlation_id": record[3], "diff": record[4]})
+                    for seq, record in enumerate(_unframed(zlib.decompress(records).decode()))
+                    if record[1] == record_key and (not flow or record[0] == flow)
+                ]  # fmt: skip
+        told.sort(key=lambda item: item[:2])
+        return [{**said, "diff": json.loads(said["diff"])} for _, _, said in told]
 
     def ledger_rows(self, record_key: str) -> list[dict[str, object]]:
         """Where a record stands in every flow that synced it."""
@@ -547,37 +585,22 @@ class StateStore:
         """Walk the hash chain from the first entry; report the first broken link."""
         previous, count = GENESIS, 0
         with self.engine.connect() as connection:
+            indexed = _KeyIndex(connection)
             for position, row in enumerate(
                 connection.execute(sa.select(audit_log).order_by(audit_log.c.id)), start=1
             ):
                 entry = row._asdict()
                 if entry["prev_hash"] != previous:
-                    return AuditVerdict(
-                        False,
-                        count,
-                        entry["id"],
-                        position,
-                        "the entry before it was removed or replaced",
+                    problem = "the entry before it was removed or replaced"
+                elif _seal(entry) != entry["entry_hash"]:
+                    problem = "its content was changed after it was written"
+                else:
+                    sealed = json.loads(entry["detail"]).get("records_digest")
+                    problem = _records_problem(
+                        connection, entry["id"], sealed, indexed.keys_of(entry["id"])
                     )
-                if _seal(entry) != entry["entry_hash"]:
-                    return AuditVerdict(
-                        False,
-                        count,
-                        entry["id"],
-                        position,
-                        "its content was changed after it was written",
-                    )
-                sealed = json.loads(entry["detail"]).get("records_digest")
-                if sealed is not None and sealed != _records_digest(
-                    _stored_records(connection, entry["id"]), sealed
-                ):
-                    return AuditVerdict(
-                        False,
-                        count,
-                        entry["id"],
-                        position,
-                        "a record of it was changed, removed or added after it was written",
-                    )
+                if problem:
+                    return AuditVerdict(False, count, entry["id"], position, problem)
                 previous, count = entry["entry_hash"], position
         return AuditVerdict(True, count, None, None, "intact", head=previous)
 
@@ -702,11 +725,9 @@ class StateStore:
             record if isinstance(record[4], str) else (*record[:4], sorted_json(record[4]))
             for record in records
         ]
-        if rows:  # by key (stable: one record's actions keep their order)
-            columns = dict(zip(_RECORD_FIELDS, zip(*rows, strict=True), strict=True))
-            columns = in_key_order(columns, "record_key")
-            rows = list(zip(*columns.values(), strict=True))
-            detail = {**detail, "records": len(rows), "records_digest": _records_digest(rows)}
+        body = _framed(rows) if rows else None
+        if body is not None:
+            detail = {**detail, "records": len(rows), "records_digest": _text_digest(body)}
         entry = {
             "at": now,
             "actor": actor,
@@ -720,8 +741,16 @@ class StateStore:
         audit_id = connection.execute(
             sa.insert(audit_log).values(**entry, entry_hash=_seal(entry))
         ).inserted_primary_key[0]
-        if rows:
-            bulk_write(connection, audit_records, columns | {"audit_id": [audit_id] * len(rows)})
+        if body is not None:
+            connection.execute(
+                sa.insert(audit_bodies).values(
+                    audit_id=audit_id, records=zlib.compress(body.encode(), _ZLIB_LEVEL)
+                )
+            )
+            keys = sorted({record[1] for record in rows})  # in order: the index fills leaf by leaf
+            bulk_write(
+                connection, audit_keys, {"record_key": keys, "audit_id": [audit_id] * len(keys)}
+            )
 
     @staticmethod
     def _claim(connection, batch: BatchCommit) -> None:
@@ -889,16 +918,93 @@ def _seal(entry: dict[str, object]) -> str:
 _RECORD_FIELDS = ("flow", "record_key", "action", "correlation_id", "diff")
 
 
+_ZLIB_LEVEL = 1  # a 1M-record body compresses in half a second, to a tenth or less
+_RECORD, _FIELD = "\x1e", "\x1f"
+
+
+def _framed(rows: Sequence[Sequence[str]]) -> str:
+    """An entry's records (each its `_RECORD_FIELDS`) as one text, framed by separators no field
+    can hold (usable keys have no control characters, JSON escapes them)."""
+    text = _RECORD.join(map(_FIELD.join, rows))
+    if rows and (
+        text.count(_RECORD) != len(rows) - 1
+        or text.count(_FIELD) != len(rows) * (len(_RECORD_FIELDS) - 1)
+    ):
+        raise ValueError("an audit record's field holds a control character \\x1e or \\x1f")
+    return text
+
+
+def _unframed(text: str) -> list[list[str]]:
+    return [record.split(_FIELD) for record in text.split(_RECORD)] if text else []
+
+
+def _text_digest(text: str) -> str:
+    return "v2:" + hashlib.sha256(text.encode()).hexdigest()
+
+
 def _records_digest(rows: Sequence[Sequence[str]], sealed: str = "v2:") -> str:
-    """sha256 over an entry's records (each its `_RECORD_FIELDS`), in the order they were written.
-    Version 2 (`v2:…`) frames them with separators no field can hold (keys have no control
-    characters, JSON escapes them); entries sealed before it, a bare hex digest, are checked the
-    way they were sealed."""
+    """sha256 over an entry's records, in the order they were written: version 2 (`v2:…`) over
+    their framed text; entries sealed before it, a bare hex digest, are checked the way they
+    were sealed."""
     if not sealed.startswith("v2:"):
         fields = [list(row) for row in rows]
         return hashlib.sha256(json.dumps(fields, separators=(",", ":")).encode()).hexdigest()
-    text = "\x1e".join(map("\x1f".join, rows))
-    return "v2:" + hashlib.sha256(text.encode()).hexdigest()
+    return _text_digest(_RECORD.join(map(_FIELD.join, rows)))
+
+
+def _records_problem(
+    connection, audit_id: int, sealed: str | None, indexed: list[str]
+) -> str | None:
+    """What is wrong with the records of entry `audit_id`, sealed by digest `sealed` (None: they
+    are as written). They are in its body, or (entries of an older handoff) rows of their own,
+    never both; `indexed`, the keys the key index gives it, must be the body's, no more, no
+    fewer. An entry without a digest has no records anywhere."""
+    changed = "a record of it was changed, removed or added after it was written"
+    body = connection.execute(
+        sa.select(audit_bodies.c.records).where(audit_bodies.c.audit_id == audit_id)
+    ).scalar()
+    stored = _stored_records(connection, audit_id)
+    if sealed is None:
+        return changed if body is not None or stored or indexed else None
+    if body is None:
+        if sealed != _records_digest(stored, sealed):
+            return changed
+        return "its index of record keys was changed: a story shows it wrongly" if indexed else None
+    if stored:
+        return changed
+    try:
+        text = zlib.decompress(body).decode()
+    except (zlib.error, UnicodeDecodeError):
+        return changed
+    if _text_digest(text) != sealed:
+        return changed
+    if indexed != sorted({record[1] for record in _unframed(text)}):
+        return "its index of record keys was changed: a record's story would miss it or show it"
+    return None
+
+
+class _KeyIndex:
+    """The audit trail's key index read once, in entry order, as the chain's walk asks for each
+    entry's keys (the index is by key: one query per entry would read all of it each time)."""
+
+    def __init__(self, connection):
+        query = sa.select(audit_keys.c.audit_id, audit_keys.c.record_key).order_by(
+            audit_keys.c.audit_id, audit_keys.c.record_key
+        )
+        rows = connection.execution_options(stream_results=True, yield_per=10_000).execute(query)
+        self._groups = itertools.groupby(rows, key=operator.itemgetter(0))
+        self._next = next(self._groups, None)
+
+    def keys_of(self, audit_id: int) -> list[str]:
+        """Entry `audit_id`'s keys, in order (entries are asked for in increasing order; keys of
+        ids that are no entry are passed over: no story reaches them)."""
+        while self._next is not None and self._next[0] < audit_id:
+            self._next = next(self._groups, None)
+        if self._next is None or self._next[0] != audit_id:
+            return []
+        keys = [key for _, key in self._next[1]]
+        self._next = next(self._groups, None)
+        return keys
 
 
 def _stored_records(connection, audit_id: int) -> list[tuple[str, ...]]:
