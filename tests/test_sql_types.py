@@ -196,6 +196,11 @@ def in_new_york(url: str) -> str:
     return url
 
 
+def in_new_york_by_url(url: str) -> str:
+    """`url` choosing New York for its sessions itself (handoff leaves such a zone alone)."""
+    return url + "?options=-c%20timezone%3DAmerica/New_York"
+
+
 def zoned_events_out(engine: sa.Engine) -> None:
     """The events' destination table, its time a `timestamptz`."""
     sa.Table(
@@ -208,12 +213,14 @@ def zoned_events_out(engine: sa.Engine) -> None:
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("zoned", [in_new_york, in_new_york_by_url], ids=["database", "url"])
 def test_a_timestamptz_destination_in_another_zone_keeps_the_instant(
-    tmp_path, postgres_database, state
+    tmp_path, postgres_database, state, zoned
 ):
-    """Naive UTC text into a `timestamptz` was read in the database's zone (10:00 UTC stored as
+    """Naive UTC text into a `timestamptz` was read in the session's zone (10:00 UTC stored as
     15:00 UTC in New York), and the snapshot read back local wall time: reconciliation saw
-    nothing wrong."""
+    nothing wrong. handoff's sessions run in UTC, unless the URL chose a zone: the times it
+    sends say they are UTC."""
     source = create_engine(f"sqlite:///{tmp_path / 'source.sqlite'}")
     happened = datetime(2025, 1, 3, 10)
     source_table(
@@ -222,7 +229,7 @@ def test_a_timestamptz_destination_in_another_zone_keeps_the_instant(
         sa.Column("happened_at", sa.DateTime),
         rows=[{"id": 1, "happened_at": happened, "updated_at": T0}],
     )
-    destination = create_engine(in_new_york(postgres_database()))
+    destination = create_engine(zoned(postgres_database()))
     zoned_events_out(destination)
 
     assert sync(EVENTS, source, destination, state).written == 1
@@ -239,8 +246,7 @@ def test_a_timestamptz_destination_in_another_zone_keeps_the_instant(
 def test_a_snapshot_gives_zoned_values_in_utc_whatever_the_session_zone(postgres_database):
     """A URL may set its sessions' zone itself (`options`): handoff keeps it, and the snapshot
     still gives the instant in UTC, as the engine sent it."""
-    url = postgres_database() + "?options=-c%20timezone%3DAmerica/New_York"
-    engine = create_engine(url)
+    engine = create_engine(in_new_york_by_url(postgres_database()))
     zoned_events_out(engine)
     with engine.begin() as connection:
         assert connection.execute(sa.text("SHOW timezone")).scalar_one() == "America/New_York"
@@ -249,6 +255,24 @@ def test_a_snapshot_gives_zoned_values_in_utc_whatever_the_session_zone(postgres
         )
     snapshot = list(SqlTable(engine, EVENTS.target).snapshot(["happened_at"]))
     assert snapshot == [("1", "1", {"happened_at": "2025-01-03T10:00:00.000000"})]
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_an_archive_time_in_a_zoned_column_is_the_instant(postgres_database):
+    engine = create_engine(in_new_york_by_url(postgres_database()))
+    sa.Table(
+        "events_out",
+        sa.MetaData(),
+        sa.Column("event_id", sa.BigInteger, primary_key=True),
+        sa.Column("archived_at", sa.DateTime(timezone=True), nullable=True),
+    ).create(engine)
+    with engine.begin() as connection:
+        connection.execute(sa.text("INSERT INTO events_out VALUES (1, NULL)"))
+    SqlTable(engine, EVENTS.target).archive(["1"])
+    with engine.connect() as connection:
+        stored = connection.execute(sa.text("SELECT archived_at FROM events_out")).scalar_one()
+    assert abs(stored - datetime.now(UTC)) < timedelta(minutes=1)
     engine.dispose()
 
 

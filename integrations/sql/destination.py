@@ -72,6 +72,7 @@ class SqlTable:
         self._fixed_point: dict[str, tuple[int, int]] = {}  # name: (precision, scale)
         self._float_integers: list[str] = []  # int fields in floating-point columns
         self._bools_as_integers: list[str] = []  # bool fields in integer columns
+        self._zoned: list[str] = []  # PostgreSQL timestamptz columns
 
     # --- before the first write -------------------------------------------------------------
 
@@ -88,6 +89,13 @@ class SqlTable:
             name
             for name in self._fields
             if kind_of(contract, name) == "bool" and python_type(self._table.c[name]) is int
+        ]
+        self._zoned = [
+            name
+            for name in self._fields
+            if self.dialect == "postgresql"
+            and isinstance(self._table.c[name].type, sa.DateTime)
+            and self._table.c[name].type.timezone
         ]
 
     @property
@@ -116,6 +124,8 @@ class SqlTable:
         columns = {name: batch.column(name) for name in fields}
         for name in self._bools_as_integers:  # COPY would send t/f, which INTEGER refuses
             columns[name] = [int(v) if isinstance(v, bool) else v for v in columns[name]]
+        for name in self._zoned:  # naive UTC text would be read in the session's zone
+            columns[name] = list(map(_said_utc, columns[name]))
         keys, not_kept = batch.keys, self._not_kept(columns)
         refused = [Refusal(keys[at], why) for at, why in sorted(not_kept.items())]
         if not_kept:
@@ -325,7 +335,9 @@ class SqlTable:
         # The ledger keeps ids as text; PostgreSQL compares a number column with numbers only.
         numbers = native in (int, Decimal, float)
         ids = [native(value) for value in destination_ids] if numbers else list(destination_ids)
-        now = datetime.now(UTC).replace(tzinfo=None)
+        now = datetime.now(UTC)
+        if not getattr(self.table.c[ARCHIVED_AT].type, "timezone", False):
+            now = now.replace(tzinfo=None)  # naive UTC, but a zoned column is told the zone
 
         def mark(connection: sa.Connection) -> None:
             for start in range(0, len(ids), _IN_CHUNK):
@@ -377,6 +389,16 @@ def _converter(column: sa.Column) -> Callable[[object], object] | None:
     if kind is date:
         return lambda value: value[:10] if isinstance(value, str) else value
     return None
+
+
+def _said_utc(value: object) -> object:
+    """Records carry times as naive UTC text: said to be UTC ("+00:00") when they name no zone."""
+    if isinstance(value, str) and not _ZONE_NAMED.search(value, 10):
+        return value + "+00:00"
+    return value
+
+
+_ZONE_NAMED = re.compile(r"(Z|[+-]\d\d(:?\d\d)?)$")
 
 
 def _number_text(value: object) -> str:
