@@ -728,7 +728,9 @@ class Sync:
         in_flight: _InFlight | None = None,
     ) -> _Plan:
         """What to send (content differs from the ledger's), what changes field by field, and
-        what to archive. Column by column: no dict per record."""
+        what to archive. Column by column: no dict per record. In key order: the state store's
+        writes fill its indexes leaf by leaf, and need not sort."""
+        valid = valid.sort_index()
         keys = valid.index.tolist()
         in_sync: list[str] = []
         values = columns.ready_columns(valid)
