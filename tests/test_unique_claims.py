@@ -204,3 +204,28 @@ def test_a_record_clashing_on_two_values_is_one_rejected_record(tmp_path, own_st
     assert "email is already used by record 1" in letter.reason
     assert "phone is already used by record 1" in letter.reason
     engine.dispose()
+
+
+def test_a_value_passed_on_in_one_batch_is_written_in_the_sources_order(tmp_path, own_state):
+    """Record 2 lets go of an email that record 1 then takes, in one batch, into a table where
+    email is unique: record 2 is written first, as the source ordered them (written in key order,
+    record 1 was refused by the table, then held in the DLQ)."""
+    table, engine = people(tmp_path, [(1, "a@example.com", None), (2, "b@example.com", None)])
+    with engine.begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE people_out (id INTEGER PRIMARY KEY, "
+                                   "email VARCHAR(100) UNIQUE, phone VARCHAR(100), archived_at DATETIME)")  # fmt: skip
+    assert sync_people(engine, own_state).written == 2
+    later = START + timedelta(hours=1)
+    with engine.begin() as connection:
+        for n, email in ((2, "c@example.com"), (1, "b@example.com")):
+            connection.execute(
+                table.update()
+                .where(table.c.id == n)
+                .values(email=email, updated_at=later + timedelta(minutes=3 - n))
+            )
+    result = sync_people(engine, own_state)
+    assert (result.written, result.counts["rejected"]) == (2, 0)
+    with engine.connect() as connection:
+        stored = connection.execute(sa.text("SELECT id, email FROM people_out ORDER BY id")).all()
+    assert stored == [(1, "b@example.com"), (2, "c@example.com")]
+    engine.dispose()

@@ -728,12 +728,9 @@ class Sync:
         in_flight: _InFlight | None = None,
     ) -> _Plan:
         """What to send (content differs from the ledger's), what changes field by field, and
-        what to archive. Column by column: no dict per record. In key order: the state store's
-        writes fill its indexes leaf by leaf, and need not sort."""
+        what to archive. Column by column: no dict per record. In the source's order: a record
+        that takes a unique value another lets go in the same batch is written after it."""
         keys = valid.index.tolist()
-        if keys:  # sorted by numpy as fixed-width text, in C
-            order = np.argsort(np.array(keys), kind="stable")
-            valid, keys = valid.take(order), valid.index[order].tolist()
         in_sync: list[str] = []
         values = columns.ready_columns(valid)
         texts = {name: columns.json_texts(column) for name, column in values.items()}
