@@ -242,6 +242,43 @@ def test_a_timestamptz_destination_in_another_zone_keeps_the_instant(
     destination.dispose()
 
 
+class TextEventV1(pa.DataFrameModel):
+    event_id: Series[int]
+    happened_at: Series[str]  # time text as the source gives it, zone and all
+
+
+@pytest.mark.postgres
+def test_time_text_that_names_its_zone_keeps_it_in_a_timestamptz(
+    tmp_path, postgres_database, state
+):
+    """Only the engine's own naive text is said to be UTC: a zone named by offset or by name is
+    the value's own (an appended "+00:00" stored 10:00 EST as 10:00 UTC)."""
+    given = {
+        1: ("2025-01-03T10:00:00.000000", "2025-01-03 10:00:00"),
+        2: ("2025-01-03 10:00:00 EST", "2025-01-03 15:00:00"),
+        3: ("2025-01-03 10:00:00 America/Los_Angeles", "2025-01-03 18:00:00"),
+        4: ("2025-01-03T10:00:00+05:30", "2025-01-03 04:30:00"),
+        5: ("1850-06-01T10:00:00-04:56:02", "1850-06-01 14:56:02"),
+        6: ("2025-01-03", "2025-01-03 00:00:00"),
+    }
+    source = create_engine(f"sqlite:///{tmp_path / 'source.sqlite'}")
+    rows = [{"id": n, "happened_at": text, "updated_at": T0} for n, (text, _) in given.items()]
+    source_table(source, "events", sa.Column("happened_at", sa.Text), rows=rows)
+    destination = create_engine(postgres_database())
+    zoned_events_out(destination)
+    spec = flow("text_events", "events", Target("books", "events_out", "event_id"), TextEventV1)
+    assert sync(spec, source, destination, state).written == len(given)
+    with destination.connect() as connection:
+        stored = dict(
+            connection.execute(
+                sa.text("SELECT event_id, (happened_at AT TIME ZONE 'UTC')::text FROM events_out")
+            ).all()
+        )
+    assert stored == {n: utc for n, (_, utc) in given.items()}
+    source.dispose()
+    destination.dispose()
+
+
 @pytest.mark.postgres
 def test_a_snapshot_gives_zoned_values_in_utc_whatever_the_session_zone(postgres_database):
     """A URL may set its sessions' zone itself (`options`): handoff keeps it, and the snapshot

@@ -392,13 +392,14 @@ def _converter(column: sa.Column) -> Callable[[object], object] | None:
 
 
 def _said_utc(value: object) -> object:
-    """Records carry times as naive UTC text: said to be UTC ("+00:00") when they name no zone."""
-    if isinstance(value, str) and not _ZONE_NAMED.search(value, 10):
+    """Records carry times as naive UTC text: such text is said to be UTC ("+00:00"). Any other
+    (a zone named by offset or by name, a date, "infinity") is sent as it is."""
+    if isinstance(value, str) and _NAIVE_TIME.fullmatch(value):
         return value + "+00:00"
     return value
 
 
-_ZONE_NAMED = re.compile(r"(Z|[+-]\d\d(:?\d\d)?)$")
+_NAIVE_TIME = re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d(:\d\d(\.\d{1,9})?)?")
 
 
 def _number_text(value: object) -> str:
