@@ -161,6 +161,19 @@ def test_a_records_story_shows_each_change_field_by_field(world, erp, crm_client
 
 
 @pytest.mark.postgres
+def test_a_trail_in_a_database_whose_collation_is_not_pythons_verifies(postgres_database):
+    """The key index comes back in the database's order ("B" before "a" in C, after it in a
+    language's collation): compared as what it holds, not in that order."""
+    icu = "TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+    store = StateStore(postgres_database(icu), dlq_key=DLQ_KEY)
+    keys = ("a", "B", "c-1", "c1")
+    records = [AuditRecord("f", key, "insert", f"r:f:{key}", {}) for key in keys]
+    store.append_audit(records, actor="test", action="sync_batch", why="test", detail={})
+    assert store.verify_audit().intact
+    store.dispose()
+
+
+@pytest.mark.postgres
 def test_several_workers_opening_a_new_state_store_at_once_all_succeed(postgres_database):
     """Runs starting together on a fresh PostgreSQL state database race to create its tables
     and triggers; every one of them gets a working store."""
