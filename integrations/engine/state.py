@@ -108,7 +108,7 @@ audit_log = sa.Table(
 
 # The records an audit entry covers (its digest seals them), as handoff kept them before their
 # bodies below: one row per record and action. Read for the entries of then, no longer written
-# (three indexes and the whole diff per row were a third of a first sync's work).
+# (three indexes and the whole diff per row were a quarter of a first sync's time).
 audit_records = sa.Table(
     "audit_records",
     metadata,
@@ -960,6 +960,7 @@ def _records_problem(
     never both; `indexed`, the keys the key index gives it, must be the body's, no more, no
     fewer. An entry without a digest has no records anywhere."""
     changed = "a record of it was changed, removed or added after it was written"
+    misindexed = "its index of record keys was changed: a record's story would miss it or show it"
     body = connection.execute(
         sa.select(audit_bodies.c.records).where(audit_bodies.c.audit_id == audit_id)
     ).scalar()
@@ -969,7 +970,7 @@ def _records_problem(
     if body is None:
         if sealed != _records_digest(stored, sealed):
             return changed
-        return "its index of record keys was changed: a story shows it wrongly" if indexed else None
+        return misindexed if indexed else None
     if stored:
         return changed
     try:
@@ -979,7 +980,7 @@ def _records_problem(
     if _text_digest(text) != sealed:
         return changed
     if sorted(indexed) != sorted({record[1] for record in _unframed(text)}):
-        return "its index of record keys was changed: a record's story would miss it or show it"
+        return misindexed
     return None
 
 
