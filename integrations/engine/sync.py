@@ -839,13 +839,13 @@ class Sync:
                 resolution="replayed" if self._replaying else "synced",
                 audit_records=records,
             ),
-            audit={
-                "actor": self.actor,
-                "action": "replay" if self._replaying else "sync_batch",
-                "why": self.why,
-                "detail": detail,
-            },
+            audit=self._batch_entry(detail),
         )
+
+    def _batch_entry(self, detail: dict[str, object]) -> dict[str, object]:
+        """The audit entry of one batch's commit."""
+        action = "replay" if self._replaying else "sync_batch"
+        return {"actor": self.actor, "action": action, "why": self.why, "detail": detail}
 
     def _audit_records(
         self, plan: _Plan, flight: _InFlight, letters: list[DeadLetter]
@@ -1110,12 +1110,7 @@ class Sync:
                     dead_letters=list(pending),
                     audit_records=self._letter_records(pending),
                 ),
-                audit={
-                    "actor": self.actor,
-                    "action": "replay" if self._replaying else "sync_batch",
-                    "why": self.why,
-                    "detail": {"dead_lettered": len(pending), "stopped": "error budget"},
-                },
+                audit=self._batch_entry({"dead_lettered": len(pending), "stopped": "error budget"}),
             )
         top = "; ".join(f"{reason} ({n})" for reason, n in result.reasons.most_common(3))
         raise ErrorBudgetExceeded(
