@@ -80,7 +80,7 @@ class Contract:
         if batch.empty:
             return Verdict(valid=batch, rejections=[])
         reasons: dict[object, list[str]] = defaultdict(list)
-        remaining = self._prepared(batch, reasons)
+        remaining, settled = self._prepared(batch, reasons)
         while True:
             schema, by_value = self._schema_for(remaining)
             try:
@@ -106,6 +106,8 @@ class Contract:
                 row_cases["check"],
                 strict=True,
             ):
+                if (index, column) in settled:  # its value was refused before validation
+                    continue
                 whole_row = context == "DataFrameSchema"
                 reason = _readable(check) if whole_row else f"{column} {_readable(check)}"
                 if reason not in reasons[index]:
@@ -118,6 +120,8 @@ class Contract:
             if remaining.empty:
                 valid = remaining
                 break
+        if settled:
+            valid = valid[~valid.index.isin([index for index, _ in settled])]
         rejected = [
             RowRejection(index, f"{self.label}: " + "; ".join(why))
             for index, why in reasons.items()
@@ -125,22 +129,28 @@ class Contract:
         _uncached(remaining)
         return Verdict(valid=_uncached(valid), rejections=rejected)
 
-    def _prepared(self, batch: pd.DataFrame, reasons: dict[object, list[str]]) -> pd.DataFrame:
+    def _prepared(
+        self, batch: pd.DataFrame, reasons: dict[object, list[str]]
+    ) -> tuple[pd.DataFrame, set[tuple[object, str]]]:
         """What coercion would get wrong, settled value by value before it runs. A number with
         a fraction in an integer column is refused (coercion cuts 10.7 to 10). Text in a
         date-and-time column is parsed as ISO 8601, else on its own: coercion guesses one format
         from the batch's first value, so a batch of mixed precision ("10:00:00" beside
         "10:00:00.5") failed as a whole, and "03/01/2025" read as a day or a month by its
-        neighbours. Text that is no date and time is refused. A row refused here is refused
-        for that alone: the model's other rules do not see it."""
-        schema = self.schema
+        neighbours. Text that is no date and time is refused. A refused value is nulled and
+        its (row, column) returned: the row is rejected whatever else it breaks, and the
+        model's rules still judge its other fields, so one letter names every fault."""
+        schema, settled = self.schema, set()
         for name, column in schema.columns.items():
             if name not in batch or not (column.coerce or schema.coerce):
                 continue
             values = batch[name]
             if _is_integer(column) and values.dtype.kind in "fO":
-                for index in values.index[_with_fraction(values)]:
+                refused = list(values.index[_with_fraction(values)])
+                for index in refused:
                     reasons[index].append(f"{name} is not a whole number")
+                if refused:
+                    batch = batch.assign(**{name: values.mask(values.index.isin(refused))})
             elif _naive_times(column) and values.dtype == object:
                 if infer_dtype(values, skipna=True) != "string":
                     continue
@@ -148,7 +158,10 @@ class Contract:
                 for index in refused:
                     reasons[index].append(f"{name} is not a date and time")
                 batch = batch.assign(**{name: parsed})
-        return batch[~batch.index.isin(list(reasons))] if reasons else batch
+            else:
+                continue
+            settled.update((index, name) for index in refused)
+        return batch, settled
 
     def _schema_for(self, frame: pd.DataFrame) -> tuple[pa.DataFrameSchema, bool]:
         """The model's schema, leaving alone the columns of `frame` that already hold what
