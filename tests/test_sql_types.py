@@ -365,6 +365,58 @@ def test_a_day_window_over_a_mariadb_timestamp_is_the_utc_day(mariadb_database):
     engine.dispose()
 
 
+@pytest.mark.mariadb
+def test_a_mariadb_timestamp_destination_under_a_chosen_zone_keeps_the_instant(
+    tmp_path, mariadb_database, state
+):
+    """MariaDB takes a TIMESTAMP's text in the session's zone: under a zone the URL chose,
+    10:00 UTC was stored as 05:00 UTC, and read back as 10:00, so reconciliation saw nothing.
+    The table's reads and writes run in UTC; the session keeps its zone."""
+    source = create_engine(f"sqlite:///{tmp_path / 'source.sqlite'}")
+    happened = datetime(2025, 1, 3, 10)
+    source_table(
+        source,
+        "events",
+        sa.Column("happened_at", sa.DateTime),
+        rows=[{"id": 1, "happened_at": happened, "updated_at": T0}],
+    )
+    destination = create_engine(
+        mariadb_database() + "?init_command=SET+time_zone%3D%27%2B05%3A00%27"
+    )
+    sa.Table(
+        "events_out",
+        sa.MetaData(),
+        sa.Column("event_id", sa.BigInteger, primary_key=True, autoincrement=False),
+        sa.Column("happened_at", mysql.TIMESTAMP(fsp=6), nullable=True),
+        sa.Column("archived_at", mysql.TIMESTAMP(fsp=6), nullable=True),
+    ).create(destination)
+
+    assert sync(EVENTS, source, destination, state).written == 1
+    table = SqlTable(destination, EVENTS.target)
+    assert list(table.snapshot(["happened_at"])) == [
+        ("1", "1", {"happened_at": "2025-01-03T10:00:00.000000"})
+    ]
+    assert reconcile(EVENTS, SqlSource(source, EVENTS.source), table, state).in_sync
+    with destination.begin() as connection:  # as an earlier handoff wrote it: shifted
+        connection.execute(sa.text("UPDATE events_out SET happened_at = '2025-01-03 10:00:00'"))
+    drift = reconcile(EVENTS, SqlSource(source, EVENTS.source), table, state)
+    assert drift.differing == ["1"], drift.summary()
+    with destination.begin() as connection:
+        connection.execute(sa.text("UPDATE events_out SET happened_at = '2025-01-03 15:00:00'"))
+    table.archive(["1"])
+    with destination.connect() as connection:
+        assert connection.execute(sa.text("SELECT @@session.time_zone")).scalar_one() == "+05:00"
+        stored, archived = connection.execute(
+            sa.text(
+                "SELECT UNIX_TIMESTAMP(happened_at), UNIX_TIMESTAMP(archived_at) FROM events_out"
+            )
+        ).one()
+    assert stored == happened.replace(tzinfo=UTC).timestamp(), "the instant named, not 05:00"
+    assert abs(float(archived) - datetime.now(UTC).timestamp()) < 60
+    source.dispose()
+    destination.dispose()
+
+
 # --- number-typed destination keys ----------------------------------------------------------
 
 

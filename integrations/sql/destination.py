@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from itertools import repeat
@@ -180,7 +181,7 @@ class SqlTable:
         attempt = 1
         while True:
             try:
-                with self.engine.begin() as connection:
+                with self.engine.begin() as connection, self._in_utc(connection):
                     return work(connection)
             except (sa.exc.DBAPIError, _KeyRace) as error:
                 if isinstance(error, sa.exc.DBAPIError) and not _lock_conflict(error):
@@ -352,6 +353,28 @@ class SqlTable:
 
         self._transaction(mark)
 
+    @contextmanager
+    def _in_utc(self, connection: sa.Connection) -> Iterator[None]:
+        """MariaDB reads and writes a TIMESTAMP in the session's zone, and takes no offset in
+        its text: on a table with one, under a zone the configuration chose (handoff's sessions
+        run in UTC otherwise), handoff's naive UTC times would be stored and read shifted by
+        it. So the table's reads and writes run in UTC, and the session's zone is set back."""
+        if self.dialect not in ("mysql", "mariadb") or not any(
+            isinstance(column.type, mysql.TIMESTAMP) for column in self.table.columns
+        ):
+            yield
+            return
+        zone = connection.exec_driver_sql("SELECT @@session.time_zone").scalar_one()
+        if zone in ("+00:00", "UTC"):
+            yield
+            return
+        connection.exec_driver_sql("SET SESSION time_zone = '+00:00'")
+        try:
+            yield
+        finally:
+            with suppress(sa.exc.DBAPIError):  # a lost connection is discarded anyway
+                connection.exec_driver_sql("SET SESSION time_zone = %s", (zone,))
+
     # --- reads -------------------------------------------------------------------------------
 
     def snapshot(self, fields: Sequence[str]) -> Iterator[tuple[str, str, dict[str, object]]]:
@@ -362,7 +385,7 @@ class SqlTable:
             table.c[ARCHIVED_AT].is_(None)
         )
         try:
-            with self.engine.connect() as connection:
+            with self.engine.connect() as connection, self._in_utc(connection):
                 result = connection.execution_options(stream_results=True, yield_per=10_000)
                 for row in result.execute(query):
                     values = {
