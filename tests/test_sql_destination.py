@@ -11,7 +11,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from pandera.typing import Series
-from sqlalchemy.dialects import mysql
+from sqlalchemy.dialects import mysql, postgresql
 
 from integrations.contracts import Contract
 from integrations.engine.destination import (
@@ -220,6 +220,50 @@ def test_a_value_a_fixed_point_column_would_round_is_refused_alone(engine):
 
     refused_all = table.upsert([record("L2", 12.345)])
     assert not refused_all.written and [r.key for r in refused_all.refused] == ["2"]
+
+
+class StampV1(pa.DataFrameModel):
+    stamp_id: Series[str]
+    at: Series[pa.DateTime]
+
+
+STAMPS = into_table("stamps", "stamp_id", StampV1)
+COARSE_TIMES = {  # a column without microseconds, as a user may have declared it
+    "mysql": mysql.DATETIME(),
+    "mariadb": mysql.DATETIME(),
+    "postgresql": postgresql.TIMESTAMP(precision=0),
+}
+
+
+def test_a_time_finer_than_its_column_keeps_is_refused_alone(engine):
+    """MariaDB cuts a DATETIME's fraction of a second, PostgreSQL rounds a timestamp(0)'s,
+    without a word (and reconciliation then finds the record drifted for good): such a record
+    is refused with the column and what to do. A whole second lands; SQLite keeps the text."""
+    sa.Table(
+        "stamps",
+        sa.MetaData(),
+        sa.Column("stamp_id", sa.String(20), primary_key=True),
+        sa.Column("at", COARSE_TIMES.get(engine.dialect.name, sa.DateTime())),
+        sa.Column("archived_at", sa.DateTime),
+    ).create(engine)
+    table = SqlTable(engine, STAMPS.target)
+    table.prepare(STAMPS)
+    outcome = table.upsert(
+        [
+            OutboundRecord(key=n, properties={"stamp_id": n, "at": at}, trace_id=n)
+            for n, at in [("1", "2025-01-03T10:00:00.000000"), ("2", "2025-01-03T10:00:00.700000")]
+        ]
+    )
+    if engine.dialect.name == "sqlite":
+        assert not outcome.refused and len(outcome.written) == 2
+        return
+    assert [w.key for w in outcome.written] == ["1"]
+    (refused,) = outcome.refused
+    assert refused.key == "2"
+    assert refused.reason.startswith(
+        "column 'at' has a finer fraction of a second than the 0 digits the column keeps"
+    )
+    assert "What to do:" in refused.reason
 
 
 def dated(number: str, amount: float, booked_on: str) -> OutboundRecord:

@@ -1,20 +1,23 @@
 """The ERP schema: customers, products, orders, invoices, payments.
 
-Every table has `updated_at` (the sync cursor) and `deleted_at` (soft deletes).
+Every table has `updated_at` (the sync cursor) and `deleted_at` (soft deletes). Times keep
+microseconds on every dialect (MariaDB's DATETIME keeps whole seconds unless told otherwise).
 """
 
 from __future__ import annotations
 
 import sqlalchemy as sa
 
+from integrations.sql.fit import MICROSECOND_DATETIME as DATETIME
+
 metadata = sa.MetaData()
 
 
 def _lifecycle_columns() -> list[sa.Column]:
     return [
-        sa.Column("created_at", sa.DateTime, nullable=False),
-        sa.Column("updated_at", sa.DateTime, nullable=False),
-        sa.Column("deleted_at", sa.DateTime, nullable=True),
+        sa.Column("created_at", DATETIME, nullable=False),
+        sa.Column("updated_at", DATETIME, nullable=False),
+        sa.Column("deleted_at", DATETIME, nullable=True),
     ]
 
 
@@ -117,10 +120,10 @@ support_tickets = sa.Table(
     sa.Column("queue", sa.String(200), nullable=False),
     sa.Column("customer_number", sa.String(16), nullable=True),
     sa.Column("requestor_email", sa.String(255), nullable=True),
-    sa.Column("created_at", sa.DateTime, nullable=False),
-    sa.Column("resolved_at", sa.DateTime, nullable=True),
-    sa.Column("last_updated_at", sa.DateTime, nullable=False),
-    sa.Column("archived_at", sa.DateTime, nullable=True),
+    sa.Column("created_at", DATETIME, nullable=False),
+    sa.Column("resolved_at", DATETIME, nullable=True),
+    sa.Column("last_updated_at", DATETIME, nullable=False),
+    sa.Column("archived_at", DATETIME, nullable=True),
     sa.Index("ix_support_tickets_customer_number", "customer_number"),
 )
 
@@ -138,8 +141,8 @@ crm_contact_updates = sa.Table(
     sa.Column("company", sa.String(160), nullable=True),
     sa.Column("city", sa.String(80), nullable=True),
     sa.Column("country", sa.String(2), nullable=True),
-    sa.Column("crm_modified_at", sa.DateTime, nullable=False),
-    sa.Column("archived_at", sa.DateTime, nullable=True),
+    sa.Column("crm_modified_at", DATETIME, nullable=False),
+    sa.Column("archived_at", DATETIME, nullable=True),
     sa.Index("ix_crm_contact_updates_erp_customer_id", "erp_customer_id"),
 )
 
@@ -153,9 +156,9 @@ crm_deals = sa.Table(
     sa.Column("currency", sa.String(3), nullable=True),
     sa.Column("dealstage", sa.String(64), nullable=False),
     sa.Column("pipeline", sa.String(64), nullable=True),
-    sa.Column("close_date", sa.DateTime, nullable=True),
-    sa.Column("crm_modified_at", sa.DateTime, nullable=False),
-    sa.Column("archived_at", sa.DateTime, nullable=True),
+    sa.Column("close_date", DATETIME, nullable=True),
+    sa.Column("crm_modified_at", DATETIME, nullable=False),
+    sa.Column("archived_at", DATETIME, nullable=True),
     sa.Index("ix_crm_deals_erp_invoice_id", "erp_invoice_id"),
 )
 

@@ -8,8 +8,9 @@ One transaction per upsert call (the engine's chunk), by dialect:
   any unique index, so a new record holding another row's unique value would write over that row.
 - SQLite: `INSERT … ON CONFLICT (key) DO UPDATE`, executemany.
 The table must fit the flow (see integrations/sql/fit.py), checked by `prepare` before any write.
-A value a fixed-point column would store rounded (or cannot hold) refuses its record, alone, with
-the column and what to do: the database would round it without a word.
+A value a fixed-point column would store rounded (or cannot hold), or a time finer than its
+column's fraction of a second, refuses its record, alone, with the column and what to do: the
+database would round or cut it without a word (and reconciliation then find it drifted for good).
 A transaction that loses a lock conflict (deadlock, lock wait timeout, serialization failure), or
 on MariaDB a race for a new key, is run again, a few times, after a growing pause: it is never
 taken for a refusal of its records.
@@ -44,6 +45,8 @@ from integrations.sql.fit import (
     ARCHIVED_AT,
     beyond_exact_floats,
     beyond_fixed_point,
+    beyond_time_precision,
+    coarse_time_columns,
     create_table,
     fixed_point_columns,
     float_columns_of_integers,
@@ -71,6 +74,7 @@ class SqlTable:
         self._table: sa.Table | None = None
         self._fields: list[str] = []
         self._fixed_point: dict[str, tuple[int, int]] = {}  # name: (precision, scale)
+        self._coarse_times: dict[str, int] = {}  # name: digits of a second's fraction kept
         self._float_integers: list[str] = []  # int fields in floating-point columns
         self._bools_as_integers: list[str] = []  # bool fields in integer columns
         self._zoned: list[str] = []  # PostgreSQL timestamptz columns
@@ -85,6 +89,7 @@ class SqlTable:
         self._fields = list(spec.target_contract.schema.columns)
         contract = spec.target_contract
         self._fixed_point = fixed_point_columns(self._table, contract)
+        self._coarse_times = coarse_time_columns(self._table, contract)
         self._float_integers = float_columns_of_integers(self._table, contract)
         self._bools_as_integers = [
             name
@@ -148,8 +153,8 @@ class SqlTable:
         return Upserted(WrittenColumns(keys, ids, list(flags)), refused)
 
     def _not_kept(self, columns: Columns) -> dict[int, str]:
-        """The records a fixed-point or floating-point column would not keep as sent, by
-        position, with why."""
+        """The records a fixed-point, floating-point or coarse time column would not keep as
+        sent, by position, with why."""
         found: dict[int, str] = {}
         for name in self._float_integers:
             for at, why in beyond_exact_floats(columns[name]).items():
@@ -165,6 +170,14 @@ class SqlTable:
                     f"column {name!r} is NUMERIC({precision}, {scale}) and the value {why}. "
                     "What to do: bound the field in the contract (or round it in the flow's "
                     "mapping) to what the column holds, or widen the column",
+                )
+        for name, digits in self._coarse_times.items():
+            for at, why in beyond_time_precision(columns[name], digits).items():
+                found.setdefault(
+                    at,
+                    f"column {name!r} {why}: it would store the time changed. What to do: "
+                    "declare the column with microseconds (MariaDB DATETIME(6), PostgreSQL "
+                    "timestamp), or round the field in the flow's mapping",
                 )
         return found
 

@@ -25,7 +25,7 @@ from datetime import date, datetime
 from decimal import Decimal
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import mysql
+from sqlalchemy.dialects import mysql, postgresql
 
 from integrations.contracts import Contract
 from integrations.engine.destination import DestinationMismatch
@@ -43,12 +43,13 @@ _FITS: dict[str, tuple[type, ...]] = {
     "datetime": (datetime,),
     "date": (date, str),
 }
+# MariaDB/MySQL's DATETIME keeps whole seconds unless told otherwise.
+MICROSECOND_DATETIME = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 _CREATED_TYPES: dict[str, sa.types.TypeEngine] = {
     "int": sa.BigInteger(),
     "float": sa.Float(53),
     "bool": sa.Boolean(),
-    # MariaDB/MySQL's DATETIME keeps whole seconds unless told otherwise.
-    "datetime": sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb"),
+    "datetime": MICROSECOND_DATETIME,
     "date": sa.Date(),
 }
 EXACT_FLOAT_INTEGERS = 2**53  # a double holds every whole number up to this, and not all beyond
@@ -281,3 +282,39 @@ def beyond_fixed_point(values: Sequence[object], precision: int, scale: int) -> 
         elif abs(value) >= room:
             found[at] = f"has more than {precision - scale} digits before the decimal point"
     return found
+
+
+def coarse_time_columns(table: sa.Table, contract: Contract) -> dict[str, int]:
+    """The contract's date-and-time fields whose column keeps less than microseconds, by name:
+    the digits of a second's fraction it keeps. A MariaDB DATETIME or TIMESTAMP keeps none unless
+    declared with them (it cuts the rest), a PostgreSQL timestamp(p) keeps p (it rounds)."""
+    found: dict[str, int] = {}
+    for name in contract.schema.columns:
+        stored = table.c[name].type
+        if kind_of(contract, name) != "datetime" or not isinstance(stored, sa.DateTime):
+            continue
+        if isinstance(stored, mysql.DATETIME | mysql.TIMESTAMP):
+            digits = stored.fsp or 0
+        elif isinstance(stored, postgresql.TIMESTAMP):
+            digits = 6 if stored.precision is None else stored.precision
+        else:
+            continue
+        if digits < 6:
+            found[name] = digits
+    return found
+
+
+def beyond_time_precision(values: Sequence[object], digits: int) -> dict[int, str]:
+    """The times (ISO text, as records carry them) with a fraction of a second finer than
+    `digits`, by position."""
+    found: dict[int, str] = {}
+    for at, value in enumerate(values):
+        fraction = _FRACTION.match(value) if isinstance(value, str) else None
+        if fraction and fraction[1][digits:].strip("0"):
+            found[at] = (
+                f"has a finer fraction of a second than the {digits} digits the column keeps"
+            )
+    return found
+
+
+_FRACTION = re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d\.(\d+)")
