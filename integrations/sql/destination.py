@@ -489,8 +489,10 @@ def _unreachable(error: sa.exc.DBAPIError) -> bool:
     return not isinstance(code, int) or 2000 <= code < 3000
 
 
-# MariaDB repeats the offending value in some messages; a value can be personal data.
-_QUOTED_VALUE = re.compile(r"(entry|value) '.*?'", re.IGNORECASE)
+# Some messages repeat the offending value, which can be personal data: MariaDB's "Duplicate
+# entry '…' for key", "Incorrect date value: '…' for column" (the value may hold quotes itself),
+# PostgreSQL's "invalid input syntax for type date: "…"" (at the end).
+_QUOTED_VALUE = re.compile(r"((?:entry|value):? )'.*?'(?= for |$)|(: )\".*\"$", re.IGNORECASE)
 
 
 def _classified(error: sa.exc.DBAPIError) -> Exception:
@@ -503,4 +505,8 @@ def _classified(error: sa.exc.DBAPIError) -> Exception:
     message = getattr(diagnostic, "message_primary", None) or (
         original.args[-1] if original is not None and original.args else str(error)
     )
-    return RecordsRejected(_QUOTED_VALUE.sub(r"\1 '…'", str(message)))
+    return RecordsRejected(_QUOTED_VALUE.sub(_unquoted, str(message)))
+
+
+def _unquoted(found: re.Match) -> str:
+    return f"{found[1]}'…'" if found[1] else f'{found[2]}"…"'
