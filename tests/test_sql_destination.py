@@ -174,6 +174,87 @@ def test_a_table_that_does_not_fit_is_refused_before_any_write(engine, fault, co
         assert connection.execute(sa.text("SELECT count(*) FROM ledger_lines")).scalar() == 0
 
 
+LOOSE_KEYS = {  # key columns that take two different keys for one
+    "sqlite": ["TEXT COLLATE NOCASE", "TEXT COLLATE RTRIM"],
+    "postgresql": ["citext", "char(20)", "text COLLATE loose"],
+    "mariadb": [],  # it refuses the second key as a duplicate: nothing is merged
+}
+
+
+def test_a_key_column_that_compares_loosely_is_refused_before_any_write(engine):
+    """Under NOCASE, citext or a nondeterministic collation "abc" and "ABC" are one key, under
+    CHAR(n) "a1" and "a1 ": the second record was written over the first, and both counted."""
+    if engine.dialect.name == "postgresql":
+        with engine.begin() as connection:
+            connection.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS citext")
+            connection.exec_driver_sql(
+                "CREATE COLLATION loose (provider = icu, locale = 'und-u-ks-level2', "
+                "deterministic = false)"
+            )
+    for declared in LOOSE_KEYS[engine.dialect.name]:
+        with engine.begin() as connection:
+            connection.exec_driver_sql("DROP TABLE IF EXISTS ledger_lines")
+            connection.exec_driver_sql(
+                f"CREATE TABLE ledger_lines (line_number {declared} PRIMARY KEY, amount FLOAT, "
+                "booked_on VARCHAR(10), memo TEXT, archived_at TIMESTAMP NULL)"
+            )
+        with pytest.raises(DestinationMismatch) as refused:
+            SqlTable(engine, LINES.target).prepare(LINES)
+        assert "column 'line_number'" in str(refused.value), declared
+        assert "differ only in case or trailing spaces" in str(refused.value), declared
+
+
+class ShapedV1(pa.DataFrameModel):
+    shape_id: Series[str]
+    count: Series[pa.UInt32]
+    flag: Series[int]
+
+
+SHAPES = into_table("shapes", "shape_id", ShapedV1)
+
+
+def test_fields_and_keys_of_the_wrong_kind_are_refused_before_any_write(engine):
+    """An int field in a BOOLEAN column (2 stored, read back true), a date or time key (the
+    ledger's text is not the column's), a field named archived_at (handoff's own): refused.
+    An unsigned int field is an int (it was taken for text)."""
+    created = SqlTable(engine, SHAPES.target, create_missing=True)
+    created.prepare(SHAPES)
+    assert isinstance(created.table.c["count"].type, sa.Integer)
+
+    def refused(*columns: sa.Column) -> str:
+        with engine.begin() as connection:
+            connection.exec_driver_sql("DROP TABLE IF EXISTS shapes")
+        sa.Table("shapes", sa.MetaData(), *columns).create(engine)
+        with pytest.raises(DestinationMismatch) as refusal:
+            SqlTable(engine, SHAPES.target).prepare(SHAPES)
+        return str(refusal.value).replace("TINYINT", "BOOLEAN")  # MariaDB's BOOLEAN
+
+    def fitting() -> list[sa.Column]:
+        return [sa.Column("count", sa.BigInteger), sa.Column("archived_at", sa.DateTime)]
+
+    shape_id = sa.Column("shape_id", sa.String(20), primary_key=True)
+    assert "column 'flag': type BOOLEAN keeps only true and false" in refused(  # TINYINT
+        shape_id, *fitting(), sa.Column("flag", sa.Boolean)
+    )
+    assert "column 'shape_id': type DATE as the key" in refused(
+        sa.Column("shape_id", sa.Date, primary_key=True),
+        *fitting(),
+        sa.Column("flag", sa.Integer),
+    )
+    archived = into_table("marked", "shape_id", ArchivedFieldV1)
+    for _ in ("missing", "there"):
+        with pytest.raises(DestinationMismatch, match=r"'archived_at'.*keeps this column"):
+            SqlTable(engine, archived.target, create_missing=True).prepare(archived)
+        sa.Table("marked", sa.MetaData(), sa.Column("shape_id", sa.Text), *fitting()).create(
+            engine, checkfirst=True
+        )
+
+
+class ArchivedFieldV1(pa.DataFrameModel):
+    shape_id: Series[str]
+    archived_at: Series[pa.DateTime] = pa.Field(nullable=True)
+
+
 def test_a_missing_table_is_named_with_what_to_do(engine):
     with pytest.raises(DestinationMismatch, match=r"no table 'ledger_lines'.*What to do"):
         SqlTable(engine, LINES.target).prepare(LINES)

@@ -50,6 +50,7 @@ from integrations.sql.fit import (
     create_table,
     fixed_point_columns,
     float_columns_of_integers,
+    holds_bools,
     kind_of,
     python_type,
     reflect_fitting_table,
@@ -411,7 +412,7 @@ class SqlTable:
 
 def _read(column: sa.Column) -> sa.ColumnElement:
     """MariaDB/MySQL keep a BOOLEAN as TINYINT(1): it is read as the bool it was written from."""
-    if isinstance(column.type, mysql.TINYINT) and column.type.display_width == 1:
+    if isinstance(column.type, mysql.TINYINT) and holds_bools(column):
         return sa.type_coerce(column, sa.Boolean).label(column.name)
     return column
 

@@ -57,11 +57,18 @@ EXACT_FLOAT_INTEGERS = 2**53  # a double holds every whole number up to this, an
 
 def kind_of(contract: Contract, field: str) -> str:
     """The contract field's kind: str, int, float, bool, datetime or date."""
-    dtype = str(contract.schema.columns[field].dtype).lower()
+    dtype = str(contract.schema.columns[field].dtype).lower().removeprefix("u")  # uint: int
     for kind in ("datetime", "date", "int", "float", "bool"):
         if dtype.startswith(kind):
             return kind
     return "str"
+
+
+def holds_bools(column: sa.Column) -> bool:
+    """A BOOLEAN column, or MariaDB/MySQL's TINYINT(1), which is what they make of one."""
+    if isinstance(column.type, mysql.TINYINT):
+        return column.type.display_width == 1
+    return python_type(column) is bool
 
 
 def python_type(column: sa.Column) -> type | None:
@@ -83,6 +90,11 @@ def check_identifier(flow: str, name: str) -> str:
 def create_table(engine: sa.Engine, spec: FlowSpec) -> sa.Table:
     """The destination table the contract describes, created if it is missing."""
     contract, key = spec.target_contract, spec.target.id_property
+    if ARCHIVED_AT in contract.schema.columns:
+        column, problem, todo = _ARCHIVED_FIELD
+        raise DestinationMismatch(
+            f"flow {spec.name}: field {column!r} of {contract.label}: {problem}. What to do: {todo}"
+        )
     columns = []
     for name, field in contract.schema.columns.items():
         check_identifier(spec.name, name)
@@ -131,7 +143,15 @@ def _misfits(engine: sa.Engine, table: sa.Table, spec: FlowSpec) -> list[tuple[s
             continue
         column, kind = table.c[name], kind_of(contract, name)
         stored = python_type(column)
-        if stored is not None and not issubclass(stored, _FITS[kind]):
+        if kind == "int" and holds_bools(column):  # a bool is an int to Python, not to a reader
+            problems.append(
+                (
+                    name,
+                    f"type {column.type} keeps only true and false, not the contract's int values",
+                    "make the column an integer type, or the field bool in the contract",
+                )
+            )
+        elif stored is not None and not issubclass(stored, _FITS[kind]):
             problems.append(
                 (
                     name,
@@ -164,6 +184,28 @@ def _misfits(engine: sa.Engine, table: sa.Table, spec: FlowSpec) -> list[tuple[s
                 key,
                 f"the key is a float field of {label}: keys are whole numbers or text",
                 "declare the key int (or str) in the contract",
+            )
+        )
+    if ARCHIVED_AT in contract.schema.columns:
+        problems.append(_ARCHIVED_FIELD)
+    if key in table.c and python_type(table.c[key]) in (date, datetime):
+        problems.append(
+            (
+                key,
+                f"type {table.c[key].type} as the key: keys are whole numbers or text, as the "
+                "ledger and reconciliation compare them",
+                "make the key column text or an integer",
+            )
+        )
+    loose = _loose_comparison(engine, table, key) if key in table.c else None
+    if loose:
+        problems.append(
+            (
+                key,
+                f"{loose}: two records whose keys differ only in case or trailing spaces would "
+                "be written into one row",
+                "make the key column text compared exactly (varchar or text, without a "
+                "case-insensitive collation)",
             )
         )
     if key in table.c and not _is_unique(engine, table, key):
@@ -206,6 +248,48 @@ def _single_precision(engine: sa.Engine, column: sa.Column) -> bool:
     if engine.dialect.name in ("mysql", "mariadb"):
         return isinstance(column.type, mysql.FLOAT)
     return engine.dialect.name == "postgresql" and isinstance(column.type, sa.REAL)
+
+
+_ARCHIVED_FIELD = (
+    ARCHIVED_AT,
+    "handoff keeps this column for itself (it marks archived records), so no field may be named so",
+    f"rename the field in the contract and the flow's mapping (not {ARCHIVED_AT!r})",
+)
+
+
+def _loose_comparison(engine: sa.Engine, table: sa.Table, key: str) -> str | None:
+    """How the key column compares text other than exactly, if it does: PostgreSQL's citext,
+    CHAR (padded with spaces) or a nondeterministic collation; a SQLite key index's NOCASE or
+    RTRIM collation. (MariaDB refuses the second of two such keys as a duplicate.)"""
+    column = table.c[key]
+    if engine.dialect.name == "postgresql":
+        if isinstance(column.type, postgresql.CITEXT):
+            return "type citext compares keys without case"
+        if isinstance(column.type, sa.CHAR):
+            return f"type {column.type} pads keys with spaces"
+        collation = getattr(column.type, "collation", None)
+        if collation:
+            with engine.connect() as connection:
+                exact = connection.execute(
+                    sa.text(
+                        "SELECT bool_and(collisdeterministic) FROM pg_collation "
+                        "WHERE collname = :name"
+                    ),
+                    {"name": collation},
+                ).scalar()
+            if exact is False:
+                return f"collation {collation!r} compares keys loosely"
+    elif engine.dialect.name == "sqlite":
+        with engine.connect() as connection:
+            quote = engine.dialect.identifier_preparer.quote
+            for index in connection.exec_driver_sql(f"PRAGMA index_list({quote(table.name)})"):
+                if not index[2]:  # not unique
+                    continue
+                rows = connection.exec_driver_sql(f"PRAGMA index_xinfo({quote(index[1])})").all()
+                keyed = [row for row in rows if row[5]]  # the index's key columns
+                if [row[2] for row in keyed] == [key] and keyed[0][4].upper() != "BINARY":
+                    return f"collation {keyed[0][4]} compares keys loosely"
+    return None
 
 
 def _is_unique(engine: sa.Engine, table: sa.Table, key: str) -> bool:
