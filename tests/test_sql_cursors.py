@@ -120,6 +120,24 @@ def postgres_in_zone(make, zone: str) -> sa.Engine:
     return engine
 
 
+def test_a_sqlite_cursor_stored_without_a_fraction_is_read_at_the_watermark(tmp_path, state):
+    """SQLite compares its text times as text: a row stamped "… 10:05:00" (CURRENT_TIMESTAMP's
+    shape, Chinook's) sorted before the bound "… 10:05:00.000000", so one committed late in the
+    watermark's second, or at the lookback's edge, was never read, nor after a crash at a tie."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'lines.sqlite'}")
+    source_lines(engine, [datetime(2025, 1, 1, 10, 5)])
+    with engine.begin() as connection:  # as another writer than SQLAlchemy stores it
+        connection.exec_driver_sql("UPDATE source_lines SET updated_at = '2025-01-01 10:05:00'")
+    insert = "INSERT INTO source_lines VALUES ({0}, 'L{0}', {0}, '2025-01-02', 'x', '{1}', NULL)"
+    spec = dataclasses.replace(SPEC, lookback=timedelta(0))
+    assert run(engine, state, spec).written == 1
+    with engine.begin() as connection:  # committed late, in the watermark's own second
+        connection.exec_driver_sql(insert.format(2, "2025-01-01 10:05:00"))
+    assert run(engine, state, spec).written == 1
+    assert sorted(rows(engine)) == ["L1", "L2"]
+    engine.dispose()
+
+
 @pytest.mark.postgres
 def test_a_zoned_cursor_keeps_its_watermark_in_utc(postgres_database, state):
     """`updated_at timestamptz`, sessions in New York: the watermark is the UTC instant (the

@@ -180,8 +180,17 @@ class SqlSource:
         yield from self._frames(query, batch_size)
 
     def _since(self, since: datetime) -> sa.ColumnElement[bool]:
-        """Cursor ≥ `since`, or no cursor value at all (such a row is read by every run)."""
-        since = _bound(self.cursor, since)
+        """Cursor ≥ `since`, or no cursor value at all (such a row is read by every run).
+
+        SQLite keeps timestamps as text, and compares them as text: "… 10:00:00" (as
+        CURRENT_TIMESTAMP and most writers other than SQLAlchemy store it) sorts before the
+        bound's "… 10:00:00.000000", so a row at exactly `since` was never read. The bound is
+        the whole second, as text without a fraction: it reads a few rows more, never fewer
+        (the ledger skips what is unchanged), and the cursor's index still serves the query."""
+        if self.engine.dialect.name == "sqlite" and isinstance(self.cursor.type, sa.DateTime):
+            since = sa.literal(as_utc(since).strftime("%Y-%m-%d %H:%M:%S"), sa.String)
+        else:
+            since = _bound(self.cursor, since)
         if self.cursor.nullable:
             return sa.or_(self.cursor >= since, self.cursor.is_(None))
         return self.cursor >= since
