@@ -109,6 +109,26 @@ def test_rows_with_keys_bind_their_keys_and_totals(postgres_database):
     engine.dispose()
 
 
+def test_rows_with_keys_of_a_domain_or_an_address_are_found(postgres_database):
+    """Keys of a type without a Python type of its own were all taken for wrong ones: a repair
+    or a replay read no row, and said nothing."""
+    url = postgres_database()
+    with psycopg.connect(url) as connection:
+        connection.execute(
+            "CREATE DOMAIN customer_no AS integer;"
+            "CREATE TABLE by_domain (id customer_no PRIMARY KEY, updated_at timestamp);"
+            "CREATE TABLE by_address (id inet PRIMARY KEY, updated_at timestamp);"
+            "INSERT INTO by_domain VALUES (1, now()), (2, now());"
+            "INSERT INTO by_address VALUES ('10.0.0.1', now()), ('10.0.0.2', now())"
+        )
+    engine = create_engine(url)
+    for table, key in (("by_domain", "2"), ("by_address", "10.0.0.2")):
+        source = SqlSource(engine, SourceTable(table=table, key="id", deleted=None))
+        (frame,) = source.rows_with_keys([key], 10)
+        assert [str(found) for found in frame["id"]] == [key]
+    engine.dispose()
+
+
 def test_a_read_stopped_early_leaves_no_query_running(postgres_database):
     engine, source = _seeded(postgres_database, 3000)
     batches = source.batches(None, 1000)

@@ -196,15 +196,25 @@ class SqlSource:
         return self.cursor >= since
 
     def rows_with_keys(self, keys: Sequence[object], batch_size: int) -> Iterator[pd.DataFrame]:
-        """The rows with these keys (a repair), in (cursor, key) order within each batch."""
+        """The rows with these keys (a repair), in (cursor, key) order within each batch. A
+        PostgreSQL domain's keys are its base type's; a key column whose type has no Python type
+        (inet, a SQLite column declared without one) is given the keys' text, bound as the
+        column's type for the database to read (they were all dropped, and nothing repaired)."""
+        key_type = self.key.type
+        try:
+            native_type = getattr(key_type, "data_type", key_type).python_type
+        except NotImplementedError:
+            native_type = object
         native = []
         for key in keys:
             try:
-                native.append(self.key.type.python_type(key))
+                native.append(key if native_type is object else native_type(key))
             except (TypeError, ValueError):
                 continue  # a key of the wrong type names no row of this table
         for start in range(0, len(native), batch_size):
-            chunk = native[start : start + batch_size]
+            chunk = sa.bindparam(
+                "keys", native[start : start + batch_size], expanding=True, type_=key_type
+            )
             query = self.select.where(self.key.in_(chunk)).order_by(*self.order)
             yield from self._frames(query, batch_size)
 
