@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 import sqlalchemy as sa
 
+from integrations.engine.reconcile import reconcile
 from integrations.engine.spec import DailyPartitions, FlowSpec, SourceTable
 from integrations.engine.state import StateStore
 from integrations.engine.sync import ErrorBudgetExceeded, Sync, SyncResult
@@ -135,6 +136,38 @@ def test_a_sqlite_cursor_stored_without_a_fraction_is_read_at_the_watermark(tmp_
         connection.exec_driver_sql(insert.format(2, "2025-01-01 10:05:00"))
     assert run(engine, state, spec).written == 1
     assert sorted(rows(engine)) == ["L1", "L2"]
+    engine.dispose()
+
+
+def mapped_unless_boom(rows):
+    if (rows["memo"] == "BOOM").any():
+        raise ValueError("cannot map")
+    return rows[["line_number", "amount", "booked_on", "memo"]]
+
+
+def test_reconciliation_leaves_records_held_in_the_dlq_out_of_both_sides(sql_database, state):
+    """A record synced, then changed so that its contract refuses it, is held: the destination
+    keeps what it had, which is no drift (it was reported extra). A row the mapping fails on
+    is held too, and the reconciliation no longer fails with the mapping's error."""
+    engine = create_engine(sql_database())
+    start = datetime(2025, 1, 1)
+    source_lines(engine, [start + timedelta(minutes=n) for n in range(4)])
+    spec = dataclasses.replace(SPEC, mapping=mapped_unless_boom)
+    assert run(engine, state, spec).written == 4
+    lines = sa.Table("source_lines", sa.MetaData(), autoload_with=engine)
+    later = start + timedelta(hours=1)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.update(lines).where(lines.c.id == 2).values(amount=None, updated_at=later)
+        )
+        connection.execute(
+            sa.update(lines).where(lines.c.id == 3).values(memo="BOOM", updated_at=later)
+        )
+    assert run(engine, state, spec).counts["rejected"] == 2
+    held = sorted(letter.record_key for letter in state.list_dead_letters(spec.name))
+    assert held == ["2", "3"]
+    drift = reconcile(spec, SqlSource(engine, SOURCE), SqlTable(engine, spec.target), state)
+    assert drift.in_sync, drift.summary()
     engine.dispose()
 
 

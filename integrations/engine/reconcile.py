@@ -58,18 +58,24 @@ def reconcile(spec: FlowSpec, source: Source, destination: Destination, state: S
     fields = [
         name for name in spec.target_contract.schema.columns if name != spec.target.id_property
     ]
+    # A record held in the DLQ is on neither side: the destination may keep what it synced
+    # before the record went bad, which is no drift of the destination's.
     held = {letter.record_key for letter in state.list_dead_letters(spec.name, limit=10**9)}
+    held_ids = {
+        entry.destination_id
+        for entry in state.ledger_entries(spec.name, sorted(held)).values()
+        if entry.destination_id
+    }
     expected: dict[str, str] = {}
     source_key_of: dict[str, str] = {}
-    for key, record in expected_records(spec, source):
-        if key in held:
-            continue
+    for key, record in expected_records(spec, source, held):
         id_value = str(record[spec.target.id_property]).lower()
         expected[id_value] = content_hash(_as_stored(record, fields))
         source_key_of[id_value] = key
     actual = {
         id_value.lower(): content_hash(_as_stored(properties, fields))
-        for id_value, _, properties in destination.snapshot(fields)
+        for id_value, destination_id, properties in destination.snapshot(fields)
+        if destination_id not in held_ids
     }
     return Drift(
         source_count=len(expected),

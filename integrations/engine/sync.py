@@ -19,7 +19,7 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Set
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -296,14 +296,47 @@ def _json_ready(frame: pd.DataFrame) -> list[dict[str, object]]:
     return columns.records(columns.ready_columns(frame))
 
 
-def expected_records(spec: FlowSpec, source: Source) -> Iterator[tuple[str, dict[str, object]]]:
-    """Every live source record that passes both contracts, mapped: what the destination
-    should hold (reconciliation reads the whole source this way)."""
+def mapped_rows(spec: FlowSpec, valid: pd.DataFrame) -> tuple[pd.DataFrame, list[RowRejection]]:
+    """The flow's mapping over the batch; when it fails, row by row, so that only the rows it
+    cannot map are refused."""
+    if valid.empty:
+        return _no_records(spec), []
+    try:
+        return spec.mapping(valid), []
+    except Exception:  # the mapping is the flow's code: any error is about its input
+        if len(valid) <= 1:
+            return _mapped_alone(spec, valid)
+    mapped, failed = [], []
+    for key in valid.index:
+        frame, rejections = _mapped_alone(spec, valid.loc[[key]])
+        mapped.append(frame)
+        failed += rejections
+    return pd.concat(mapped), failed
+
+
+def _mapped_alone(spec: FlowSpec, row: pd.DataFrame) -> tuple[pd.DataFrame, list[RowRejection]]:
+    try:
+        return spec.mapping(row), []
+    except Exception as error:
+        reason = f"mapping of flow {spec.name} failed: {type(error).__name__}"
+        return _no_records(spec), [RowRejection(key, reason) for key in row.index]
+
+
+def _no_records(spec: FlowSpec) -> pd.DataFrame:
+    return pd.DataFrame(columns=list(spec.target_contract.schema.columns), dtype=object)
+
+
+def expected_records(
+    spec: FlowSpec, source: Source, held: Set[str] = frozenset()
+) -> Iterator[tuple[str, dict[str, object]]]:
+    """Every live source record that passes both contracts and maps, but those `held` (in the
+    DLQ), mapped: what the destination should hold (reconciliation reads the whole source this
+    way). A row the mapping fails on is left out, as its sync dead-letters it."""
     for batch in source.batches(None, spec.batch_size):
         batch = batch.set_axis(batch[spec.source.key].astype(str), axis=0)
-        batch = batch[~_out_of_flow(spec, batch)]
+        batch = batch[~_out_of_flow(spec, batch) & ~batch.index.isin(list(held))]
         valid = spec.source_contract.judge(batch).valid
-        mapped = spec.target_contract.judge(spec.mapping(valid)).valid
+        mapped = spec.target_contract.judge(mapped_rows(spec, valid)[0]).valid
         yield from zip(mapped.index, _json_ready(mapped), strict=True)
 
 
@@ -679,7 +712,7 @@ class Sync:
         try:
             source_verdict = spec.source_contract.judge(live)
             clock.lap("validate")
-            mapped, unmappable = self._map(source_verdict.valid)
+            mapped, unmappable = mapped_rows(self.spec, source_verdict.valid)
             clock.lap("map")
             target_verdict = spec.target_contract.judge(mapped)
         except ContractViolation as error:
@@ -691,33 +724,6 @@ class Sync:
         return target_verdict.valid, self._letters(live, rejections, "contract") + self._letters(
             live, unmappable, "mapping"
         )
-
-    def _map(self, valid: pd.DataFrame) -> tuple[pd.DataFrame, list[RowRejection]]:
-        """The flow's mapping over the batch; when it fails, row by row, so that only the rows
-        it cannot map are dead-lettered."""
-        if valid.empty:
-            return self._no_records(), []
-        try:
-            return self.spec.mapping(valid), []
-        except Exception:  # the mapping is the flow's code: any error is about its input
-            if len(valid) <= 1:
-                return self._map_alone(valid)
-        mapped, failed = [], []
-        for key in valid.index:
-            frame, rejections = self._map_alone(valid.loc[[key]])
-            mapped.append(frame)
-            failed += rejections
-        return pd.concat(mapped), failed
-
-    def _map_alone(self, row: pd.DataFrame) -> tuple[pd.DataFrame, list[RowRejection]]:
-        try:
-            return self.spec.mapping(row), []
-        except Exception as error:
-            reason = f"mapping of flow {self.spec.name} failed: {type(error).__name__}"
-            return self._no_records(), [RowRejection(key, reason) for key in row.index]
-
-    def _no_records(self) -> pd.DataFrame:
-        return pd.DataFrame(columns=list(self.spec.target_contract.schema.columns), dtype=object)
 
     def _diff(
         self,
