@@ -255,6 +255,33 @@ class ArchivedFieldV1(pa.DataFrameModel):
     archived_at: Series[pa.DateTime] = pa.Field(nullable=True)
 
 
+def test_a_generated_column_is_refused_and_a_schema_refusal_is_the_records(engine):
+    """A contract field in a generated column: no record could be written (on SQLite each chunk
+    was taken for an unreachable database, to be retried for good). A table changed under a run
+    refuses its records (sqlite3 says so with an OperationalError too): not "unreachable"."""
+    create(
+        engine,
+        *ledger_columns(),
+        sa.Column("total", sa.Float, sa.Computed("amount * 2", persisted=True)),
+    )
+    SqlTable(engine, LINES.target).prepare(LINES)  # not in the contract: the database fills it
+    doubled = into_table("ledger_lines", "line_number", DoubledLineV1)
+    with pytest.raises(DestinationMismatch, match="column 'total': a generated column"):
+        SqlTable(engine, doubled.target).prepare(doubled)
+    if engine.dialect.name != "sqlite":
+        return
+    table = SqlTable(engine, LINES.target)
+    table.prepare(LINES)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("ALTER TABLE ledger_lines DROP COLUMN memo")
+    with pytest.raises(RecordsRejected, match="no column named memo"):
+        table.upsert([record("L1", 10.0)])
+
+
+class DoubledLineV1(LedgerLineV1):
+    total: Series[float]
+
+
 def test_a_missing_table_is_named_with_what_to_do(engine):
     with pytest.raises(DestinationMismatch, match=r"no table 'ledger_lines'.*What to do"):
         SqlTable(engine, LINES.target).prepare(LINES)

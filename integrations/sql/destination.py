@@ -19,6 +19,7 @@ taken for a refusal of its records.
 from __future__ import annotations
 
 import re
+import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -485,10 +486,16 @@ def _unreachable(error: sa.exc.DBAPIError) -> bool:
     if not isinstance(error, sa.exc.OperationalError):
         return False
     code = error.orig.args[0] if error.orig is not None and error.orig.args else None
+    if isinstance(error.orig, sqlite3.Error):
+        # sqlite3 files a schema's refusal (a generated column, a missing one) as
+        # OperationalError too: only a file it cannot open, read or lock is unavailable.
+        return any(words in str(code).lower() for words in _SQLITE_UNAVAILABLE)
     # PyMySQL files server-side data errors (1366 a wrong value, 4025 a CHECK) as
     # OperationalError too; only the client's codes (2000–2999) mean no connection.
     return not isinstance(code, int) or 2000 <= code < 3000
 
+
+_SQLITE_UNAVAILABLE = ("database is locked", "unable to open", "disk i/o error", "readonly")
 
 # Some messages repeat the offending value, which can be personal data: MariaDB's "Duplicate
 # entry '…' for key", "Incorrect date value: '…' for column" (the value may hold quotes itself),

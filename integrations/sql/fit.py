@@ -143,6 +143,14 @@ def _misfits(engine: sa.Engine, table: sa.Table, spec: FlowSpec) -> list[tuple[s
             continue
         column, kind = table.c[name], kind_of(contract, name)
         stored = python_type(column)
+        if column.computed is not None:
+            problems.append(
+                (
+                    name,
+                    "a generated column: the database computes it, no record can write it",
+                    "leave the field out of the contract, or make the column a plain one",
+                )
+            )
         if kind == "int" and holds_bools(column):  # a bool is an int to Python, not to a reader
             problems.append(
                 (
@@ -231,6 +239,7 @@ def _misfits(engine: sa.Engine, table: sa.Table, spec: FlowSpec) -> list[tuple[s
             or column.server_default is not None
             or column.autoincrement is True
             or column.identity is not None
+            or column.computed is not None
         )
         if column.name not in contract.schema.columns and not fillable:
             problems.append(
