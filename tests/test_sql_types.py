@@ -417,6 +417,45 @@ def test_a_mariadb_timestamp_destination_under_a_chosen_zone_keeps_the_instant(
     destination.dispose()
 
 
+class FlaggedV1(pa.DataFrameModel):
+    flag_id: Series[int]
+    flag: Series[bool]
+
+    class Config:
+        coerce = True
+
+
+FLAGS = flow("flags", "flags", Target("books", "flags_out", "flag_id"), FlaggedV1)
+
+
+def test_bools_in_an_integer_column_reconcile(sql_database, state):
+    """A bool field lands in an INTEGER column as 1 or 0, and reads back so: reconciliation
+    compared "True" with "1", and found every record drifted, for good."""
+    engine = create_engine(sql_database())
+    source_table(
+        engine,
+        "flags",
+        sa.Column("flag", sa.Boolean),
+        rows=[
+            {"id": 1, "flag": True, "updated_at": T0},
+            {"id": 2, "flag": False, "updated_at": T0},
+        ],
+    )
+    sa.Table(
+        "flags_out",
+        sa.MetaData(),
+        sa.Column("flag_id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("flag", sa.Integer),
+        sa.Column("archived_at", sa.DateTime, nullable=True),
+    ).create(engine)
+    assert sync(FLAGS, engine, engine, state).written == 2
+    assert rows_of(engine, "flags_out") == {1: (1, None), 2: (0, None)}
+    table = SqlTable(engine, FLAGS.target)
+    drift = reconcile(FLAGS, SqlSource(engine, FLAGS.source), table, state)
+    assert drift.in_sync, drift.summary()
+    engine.dispose()
+
+
 # --- number-typed destination keys ----------------------------------------------------------
 
 

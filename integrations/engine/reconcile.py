@@ -44,7 +44,15 @@ class Drift:
 
 
 def _as_stored(record: dict[str, object], fields: Iterable[str]) -> dict[str, str]:
-    return {name: "" if record.get(name) is None else str(record.get(name)) for name in fields}
+    return {name: _stored_text(record.get(name)) for name in fields}
+
+
+def _stored_text(value: object) -> str:
+    """A value as both sides compare it: a bool as 1 or 0, as a column of integers (or
+    MariaDB's BOOLEAN) gives it back."""
+    if value is None:
+        return ""
+    return str(int(value)) if isinstance(value, bool) else str(value)
 
 
 def _digest(pairs: dict[str, str]) -> str:
