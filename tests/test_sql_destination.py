@@ -24,6 +24,7 @@ from integrations.engine.spec import FlowSpec, SourceTable, Target
 from integrations.erp.seed import seed_erp
 from integrations.sql.connect import create_engine
 from integrations.sql.destination import SqlTable
+from integrations.sql.fit import MICROSECOND_DATETIME
 from integrations.sql.source import SqlSource
 from tests.conftest import POSTGRES_ADMIN
 
@@ -298,17 +299,67 @@ def test_a_refused_record_is_rejected_without_its_value(engine):
 
 
 def test_a_value_the_database_quotes_in_its_refusal_is_not_repeated(engine):
-    """MariaDB says "Incorrect date value: '…' for column", PostgreSQL "invalid input syntax for
-    type date: "…"": the value (personal data, quotes and all) stays out of the DLQ and logs."""
-    create(engine, *ledger_columns()[:2], sa.Column("booked_on", sa.Date), *ledger_columns()[3:])
+    """MariaDB says "Incorrect datetime value: '…' for column", PostgreSQL "date/time field value
+    out of range: "…"": the value (a birth date: personal data) stays out of the DLQ and logs."""
+    create(
+        engine, *ledger_columns()[:2], sa.Column("booked_on", sa.DateTime), *ledger_columns()[3:]
+    )
     table = SqlTable(engine, LINES.target)
     table.prepare(LINES)
-    properties = {"line_number": "L1", "amount": 1.0, "booked_on": "O'Brien 1984", "memo": None}
-    if engine.dialect.name == "sqlite":  # SQLite keeps any text in a DATE column
+    properties = {"line_number": "L1", "amount": 1.0, "booked_on": "1984-13-07", "memo": None}
+    if engine.dialect.name == "sqlite":  # SQLite keeps any text in a DATETIME column
         return
     with pytest.raises(RecordsRejected) as refused:
         table.upsert([OutboundRecord(key="1", properties=properties, trace_id="1")])
-    assert "Brien" not in str(refused.value) and "…" in str(refused.value), refused.value
+    assert "13-07" not in str(refused.value) and "…" in str(refused.value), refused.value
+
+
+class TextTimesV1(pa.DataFrameModel):
+    stamp_id: Series[str]
+    day: Series[str]  # text, into a DATE column
+    at: Series[str]  # text, into a timestamp without a zone
+
+
+def test_text_a_date_or_time_column_would_change_is_refused_or_said_in_utc(engine):
+    """A DATE column dropped a time of day (SQLite and MariaDB even cut any text to ten
+    characters), a timestamp without a zone dropped the text's offset: 10:00+05:00 was kept as
+    10:00. Now such a record is refused with what to do, and an offset is turned into UTC."""
+    spec = into_table("text_times", "stamp_id", TextTimesV1)
+    sa.Table(
+        "text_times",
+        sa.MetaData(),
+        sa.Column("stamp_id", sa.String(20), primary_key=True),
+        sa.Column("day", sa.Date),
+        sa.Column("at", MICROSECOND_DATETIME),
+        sa.Column("archived_at", sa.DateTime),
+    ).create(engine)
+    table = SqlTable(engine, spec.target)
+    table.prepare(spec)
+    sent = {
+        "1": ("2025-01-02", "2025-01-02T10:00:00+05:00"),
+        "2": ("2025-01-02T00:00:00", "2025-01-02T10:00:00Z"),
+        "3": ("2025-01-02T23:30:00", "2025-01-02T10:00:00"),
+        "4": ("2025-01-02 and a note", "2025-01-02T10:00:00"),
+        "5": ("2025-01-02", "Jan 2 2025 10:00 EST"),
+    }
+    outcome = table.upsert(
+        [
+            OutboundRecord(key=n, properties={"stamp_id": n, "day": d, "at": t}, trace_id=n)
+            for n, (d, t) in sent.items()
+        ]
+    )
+    reasons = {refusal.key: refusal.reason for refusal in outcome.refused}
+    assert sorted(reasons) == ["3", "4", "5"]
+    assert "column 'day' is a DATE and the text holds a time of day" in reasons["3"]
+    assert "column 'day' is a DATE and the text is no ISO 8601 date" in reasons["4"]
+    assert "column 'at' is a timestamp and the text is no ISO 8601 date and time" in reasons["5"]
+    with engine.connect() as connection:
+        stored = connection.execute(sa.text("SELECT stamp_id, day, at FROM text_times")).all()
+    as_text = {n: (str(day)[:10], str(at)[:19].replace("T", " ")) for n, day, at in stored}
+    assert as_text == {
+        "1": ("2025-01-02", "2025-01-02 05:00:00"),
+        "2": ("2025-01-02", "2025-01-02 10:00:00"),
+    }
 
 
 def test_a_value_a_fixed_point_column_would_round_is_refused_alone(engine):

@@ -11,6 +11,9 @@ The table must fit the flow (see integrations/sql/fit.py), checked by `prepare` 
 A value a fixed-point column would store rounded (or cannot hold), or a time finer than its
 column's fraction of a second, refuses its record, alone, with the column and what to do: the
 database would round or cut it without a word (and reconciliation then find it drifted for good).
+So does text a DATE column would cut (a time of day, no ISO date) or a timestamp column would read
+its own way (no ISO 8601 time); text with an offset into a column without a zone is sent as the
+UTC time it names, as handoff's times are.
 A transaction that loses a lock conflict (deadlock, lock wait timeout, serialization failure), or
 on MariaDB a race for a new key, is run again, a few times, after a growing pause: it is never
 taken for a refusal of its records.
@@ -80,6 +83,8 @@ class SqlTable:
         self._float_integers: list[str] = []  # int fields in floating-point columns
         self._bools_as_integers: list[str] = []  # bool fields in integer columns
         self._zoned: list[str] = []  # PostgreSQL timestamptz columns
+        self._text_dates: list[str] = []  # str fields in DATE columns
+        self._text_times: list[str] = []  # str fields in timestamp columns without a zone
 
     # --- before the first write -------------------------------------------------------------
 
@@ -104,6 +109,15 @@ class SqlTable:
             if self.dialect == "postgresql"
             and isinstance(self._table.c[name].type, sa.DateTime)
             and self._table.c[name].type.timezone
+        ]
+        text_into = {
+            name: python_type(self._table.c[name])
+            for name in self._fields
+            if kind_of(contract, name) == "str"
+        }
+        self._text_dates = [name for name, kind in text_into.items() if kind is date]
+        self._text_times = [
+            name for name, kind in text_into.items() if kind is datetime and name not in self._zoned
         ]
 
     @property
@@ -134,6 +148,8 @@ class SqlTable:
             columns[name] = [int(v) if isinstance(v, bool) else v for v in columns[name]]
         for name in self._zoned:  # naive UTC text would be read in the session's zone
             columns[name] = list(map(_said_utc, columns[name]))
+        for name in self._text_times:  # a column without a zone would drop the text's
+            columns[name] = list(map(_naive_utc, columns[name]))
         keys, not_kept = batch.keys, self._not_kept(columns)
         refused = [Refusal(keys[at], why) for at, why in sorted(not_kept.items())]
         if not_kept:
@@ -173,6 +189,23 @@ class SqlTable:
                     "What to do: bound the field in the contract (or round it in the flow's "
                     "mapping) to what the column holds, or widen the column",
                 )
+        for name in self._text_dates:
+            for at, value in enumerate(columns[name]):
+                if why := _not_a_date(value):
+                    found.setdefault(
+                        at,
+                        f"column {name!r} is a DATE and the text {why}. What to do: send the "
+                        "date alone (YYYY-MM-DD), or make the column a timestamp or text",
+                    )
+        for name in self._text_times:
+            for at, value in enumerate(columns[name]):
+                if isinstance(value, str) and not _ISO_TIME.match(value):
+                    found.setdefault(
+                        at,
+                        f"column {name!r} is a timestamp and the text is no ISO 8601 date and "
+                        "time, which each database reads its own way (a zone named in it "
+                        "dropped). What to do: send ISO 8601 text, or make the field a datetime",
+                    )
         for name, digits in self._coarse_times.items():
             for at, why in beyond_time_precision(columns[name], digits).items():
                 found.setdefault(
@@ -438,6 +471,37 @@ def _said_utc(value: object) -> object:
 
 
 _NAIVE_TIME = re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d(:\d\d(\.\d{1,9})?)?")
+
+
+def _naive_utc(value: object) -> object:
+    """ISO 8601 text with an offset ("…10:00+05:00", "…Z") as the UTC time it names, without a
+    zone, as handoff's times are; any other value as it is."""
+    if not isinstance(value, str) or not _ISO_TIME.match(value):
+        return value
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return value
+    if moment.tzinfo is None:
+        return value
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
+
+
+def _not_a_date(value: object) -> str | None:
+    """Why text would not be kept whole by a DATE column: a time of day (dropped), or no ISO
+    date (each database reads it its own way, SQLite and MariaDB cut to ten characters)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return "is no ISO 8601 date"
+    if moment.tzinfo is not None or moment.time() != datetime.min.time():
+        return "holds a time of day, which the column would drop"
+    return None
+
+
+_ISO_TIME = re.compile(r"\d{4}-\d\d-\d\d([T ]\d\d:\d\d(:\d\d(\.\d+)?)?)?(Z|[+-]\d\d(:?\d\d)?)?$")
 
 
 def _number_text(value: object) -> str:
