@@ -362,6 +362,16 @@ def test_text_a_date_or_time_column_would_change_is_refused_or_said_in_utc(engin
     }
 
 
+def test_text_that_is_no_valid_unicode_is_the_records_refusal(engine):
+    """A lone surrogate (JSON's "\\ud800" decodes to one) failed the whole run, on every rerun,
+    with the codec's error: it is the record's refusal, for the engine to find and dead-letter."""
+    create(engine, *ledger_columns())
+    table = SqlTable(engine, LINES.target)
+    table.prepare(LINES)
+    with pytest.raises(RecordsRejected, match="no valid Unicode"):
+        table.upsert([record("L1", 1.0, "x\ud800y")])
+
+
 def test_a_value_a_fixed_point_column_would_round_is_refused_alone(engine):
     """PostgreSQL and MariaDB round extra decimals into NUMERIC(p, s) without a word: such a
     record is refused with the column and what to do, and the rest of the chunk lands."""

@@ -231,6 +231,10 @@ class SqlTable:
             try:
                 with self.engine.begin() as connection, self._in_utc(connection):
                     return work(connection)
+            except UnicodeEncodeError:  # a lone surrogate, from JSON's "\ud800" say
+                raise RecordsRejected(
+                    "text that is no valid Unicode (a lone surrogate), which no database takes"
+                ) from None
             except (sa.exc.DBAPIError, _KeyRace) as error:
                 if isinstance(error, sa.exc.DBAPIError) and not _lock_conflict(error):
                     raise _classified(error) from error
