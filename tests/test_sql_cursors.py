@@ -18,6 +18,7 @@ from integrations.engine.sync import ErrorBudgetExceeded, Sync, SyncResult
 from integrations.sql.connect import create_engine
 from integrations.sql.destination import SqlTable
 from integrations.sql.source import SqlSource
+from tests.conftest import DLQ_KEY
 from tests.test_sql_destination import LINES, create, ledger_columns, rows
 
 SOURCE = SourceTable(table="source_lines", key="id")
@@ -168,6 +169,29 @@ def test_reconciliation_leaves_records_held_in_the_dlq_out_of_both_sides(sql_dat
     assert held == ["2", "3"]
     drift = reconcile(spec, SqlSource(engine, SOURCE), SqlTable(engine, spec.target), state)
     assert drift.in_sync, drift.summary()
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_records_postgresql_already_holds_as_sent_are_unchanged_not_updated(
+    postgres_database, state, tmp_path
+):
+    """A state store lost or new: every record is sent again. PostgreSQL rewrites none that it
+    holds as sent (IS DISTINCT FROM); they were counted, and audited, as updated."""
+    engine = create_engine(postgres_database())
+    source_lines(engine, [datetime(2025, 1, 1) + timedelta(minutes=n) for n in range(5)])
+    assert run(engine, state).written == 5
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "UPDATE ledger_lines SET memo = 'drifted' WHERE line_number = 'L2'"
+        )
+    anew = StateStore(f"sqlite:///{tmp_path / 'anew.sqlite'}", dlq_key=DLQ_KEY)
+    again = run(engine, anew)
+    assert (again.counts["updated"], again.counts["unchanged"], again.written) == (1, 4, 1)
+    actions = {row["action"] for row in anew.record_history("1")}
+    assert actions == {"unchanged"}
+    assert {row["action"] for row in anew.record_history("2")} == {"update"}
+    anew.dispose()
     engine.dispose()
 
 

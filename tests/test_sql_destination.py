@@ -102,7 +102,9 @@ def test_equal_rows_are_left_alone(engine):
     table.prepare(LINES)
     table.upsert([record("L1", 10.0)])
     written = table.upsert([record("L1", 10.0)]).written
-    assert [(w.destination_id, w.created) for w in written] == [("L1", False)]
+    # PostgreSQL tells a row it found equal (None: nothing rewritten); the others update it.
+    kept = None if engine.dialect.name == "postgresql" else False
+    assert [(w.destination_id, w.created) for w in written] == [("L1", kept)]
     assert rows(engine)["L1"][:2] == (10.0, "x")
 
 

@@ -89,7 +89,9 @@ class OutboundBatch(Sequence[OutboundRecord]):
 class Written(NamedTuple):  # a tuple: a batch makes one per record, cheaply
     key: str
     destination_id: str
-    created: bool
+    # True: created; False: updated; None: the destination held the record as sent already,
+    # and rewrote nothing (a destination that can tell).
+    created: bool | None
 
 
 class WrittenColumns(Sequence[Written]):
@@ -98,16 +100,29 @@ class WrittenColumns(Sequence[Written]):
     is looked at."""
 
     def __init__(
-        self, keys: Sequence[str], destination_ids: Sequence[str], created: Sequence[bool]
+        self, keys: Sequence[str], destination_ids: Sequence[str], created: Sequence[bool | None]
     ):
         self.keys, self.destination_ids, self.created = keys, destination_ids, created
+
+    @property
+    def inserted(self) -> int:
+        return sum(1 for created in self.created if created)
+
+    @property
+    def unchanged(self) -> int:
+        """Records the destination held as sent already: nothing was rewritten."""
+        return sum(1 for created in self.created if created is None)
+
+    @property
+    def updated(self) -> int:
+        return len(self.created) - self.inserted - self.unchanged
 
     @classmethod
     def joined(cls, parts: Iterable[Sequence[Written]]) -> WrittenColumns:
         """The parts (chunks' outcomes, in order) as one."""
         keys: list[str] = []
         destination_ids: list[str] = []
-        created: list[bool] = []
+        created: list[bool | None] = []
         for part in parts:
             if isinstance(part, WrittenColumns):
                 keys += part.keys

@@ -296,6 +296,10 @@ def _json_ready(frame: pd.DataFrame) -> list[dict[str, object]]:
     return columns.records(columns.ready_columns(frame))
 
 
+# A write's audit action: created, updated, or found as sent (the destination rewrote nothing).
+_ACTIONS = {True: "insert", False: "update", None: "unchanged"}
+
+
 def mapped_rows(spec: FlowSpec, valid: pd.DataFrame) -> tuple[pd.DataFrame, list[RowRejection]]:
     """The flow's mapping over the batch; when it fails, row by row, so that only the rows it
     cannot map are refused."""
@@ -620,9 +624,9 @@ class Sync:
             written, refused = self._load(plan.outbound, staged.live)
             self._note_rejections(result, refused)
             clock.lap("load")
-        inserted = sum(written.created)
-        result.counts["inserted"] += inserted
-        result.counts["updated"] += len(written) - inserted
+        result.counts["inserted"] += written.inserted
+        result.counts["updated"] += written.updated
+        result.counts["unchanged"] += written.unchanged
         result.counts["archived"] += len(plan.to_archive)
         if self._committed is not None:
             self._committed.result()  # raises the batch before's failure: nothing is handed on
@@ -821,8 +825,9 @@ class Sync:
         records = self._audit_records(plan, flight, letters)
         detail = {
             "rows": rows,
-            "inserted": sum(written.created),
-            "updated": len(written) - sum(written.created),
+            "inserted": written.inserted,
+            "updated": written.updated,
+            "unchanged": written.unchanged,
             "archived": len(plan.to_archive),
             "dead_lettered": len(letters),
             "watermark": watermark.as_dict() if watermark else None,
@@ -870,7 +875,7 @@ class Sync:
         if self._replaying:
             actions = ["replay"] * len(keys)
         else:
-            actions = ["insert" if created else "update" for created in flight.written.created]
+            actions = list(map(_ACTIONS.__getitem__, flight.written.created))
         # Tuples made by zip, in C: a batch's writes make one each.
         records: list[tuple] = list(
             zip(repeat(flow), keys, actions, map(prefix.__add__, keys), changes)

@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from itertools import repeat
 from typing import TypeVar
 
 import sqlalchemy as sa
@@ -167,7 +166,7 @@ class SqlTable:
 
         created = self._transaction(write)
         ids = list(map(self._key_text, columns[self.target.id_property]))
-        flags = map(created.get, ids, repeat(False))
+        flags = map(created.get, ids)  # PostgreSQL returns no row it found equal: None
         return Upserted(WrittenColumns(keys, ids, list(flags)), refused)
 
     def _not_kept(self, columns: Columns) -> dict[int, str]:
