@@ -68,6 +68,13 @@ def test_typed_columns_become_json_ready_values():
     assert datetime.fromisoformat(columns.ready_columns(frame)["at"][0])
 
 
+def test_a_zoned_time_is_the_utc_time_it_names():
+    """The zone was dropped, keeping its wall time: 10:00 in New York became 10:00 "UTC"."""
+    same = ["2025-01-03 10:00:00-05:00", "2025-01-03 15:00:00+00:00"]
+    texts = [columns.ready_values(pd.Series(pd.to_datetime([moment]))) for moment in same]
+    assert texts == [["2025-01-03T15:00:00.000000"]] * 2
+
+
 def test_field_hashes_tell_which_fields_changed():
     before = {"city": ['"Oslo"'], "email": ['"a@example.com"'], "phone": ["null"]}
     after = {**before, "city": ['"Bergen"']}

@@ -29,14 +29,15 @@ _FIELD_HASH_KEY = "handoff.fields.1"
 
 def ready_columns(frame: pd.DataFrame) -> dict[str, list[object]]:
     """Each column as JSON-ready values: Python scalars, None for nulls, ISO text for dates and
-    timestamps, exact text for decimals."""
+    timestamps (a zoned one as UTC, without the zone, as handoff's times are), exact text for
+    decimals."""
     return {name: ready_values(frame[name]) for name in frame.columns}
 
 
 def ready_values(column: pd.Series) -> list[object]:
     missing = column.isna().to_numpy()
     if pd.api.types.is_datetime64_any_dtype(column):
-        wall = column.dt.tz_localize(None) if column.dt.tz is not None else column
+        wall = column.dt.tz_convert("UTC").dt.tz_localize(None) if column.dt.tz else column
         values = np.datetime_as_string(wall.to_numpy(dtype="datetime64[us]"), unit="us").tolist()
     elif isinstance(column.dtype, np.dtype) and column.dtype != object:
         values = column.to_numpy().tolist()  # numpy scalars become Python ones
