@@ -172,3 +172,11 @@ _DROPS = {
     "sqlite": ["DROP TRIGGER audit_records_no_update"],
     "postgresql": ["DROP TRIGGER audit_records_append_only ON audit_records"],
 }
+
+
+@pytest.mark.mariadb
+def test_a_state_store_on_mariadb_is_refused_with_what_to_do(mariadb_database):
+    """It was created without the audit trail's append-only triggers, and its first commit
+    failed deep in the ledger's upsert."""
+    with pytest.raises(ValueError, match=r"PostgreSQL or SQLite, not mariadb.*HANDOFF_STATE_URL"):
+        StateStore(mariadb_database())

@@ -338,6 +338,14 @@ class StateStore:
                 "`handoff dlq keygen` makes one"
             ) from None
         self.engine = create_engine(url)
+        if self.engine.dialect.name not in _APPEND_ONLY:
+            self.engine.dispose()
+            raise ValueError(
+                f"the state store runs on PostgreSQL or SQLite, not {self.engine.dialect.name} "
+                "(its audit trail needs the database to refuse changes, its ledger COPY or "
+                "upserts). What to do: point HANDOFF_STATE_URL at a PostgreSQL database, or a "
+                "SQLite file"
+            )
         if self.engine.dialect.name == "postgresql":
             # The store's queries look up one batch's keys: a parallel scan would only take
             # cores from the sync (and from the destination) that runs beside it.
