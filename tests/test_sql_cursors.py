@@ -195,6 +195,30 @@ def test_records_postgresql_already_holds_as_sent_are_unchanged_not_updated(
     engine.dispose()
 
 
+def test_a_cursor_in_the_far_future_moves_no_watermark_past_the_present(
+    sql_database, state, caplog
+):
+    """A row stamped 2099 (a typo) made the watermark 2099: every later change was skipped, and
+    the sensor's mark stayed there too. The watermark stops at the present and says why."""
+    engine = create_engine(sql_database())
+    now = datetime.now(UTC).replace(tzinfo=None)
+    source_lines(engine, [now - timedelta(hours=1), datetime(2099, 1, 1)])
+    assert run(engine, state).written == 2
+    assert state.watermark(SPEC.name).updated_at <= datetime.now(UTC).replace(tzinfo=None)
+    assert "record 2 has updated_at 2099-01-01T00:00:00, in the future" in caplog.text
+    lines = sa.Table("source_lines", sa.MetaData(), autoload_with=engine)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.update(lines)
+            .where(lines.c.id == 1)
+            .values(memo="changed", updated_at=datetime.now(UTC).replace(tzinfo=None))
+        )
+    again = run(engine, state)
+    assert again.written == 1 and rows(engine)["L1"][1] == "changed"
+    assert SqlSource(engine, SOURCE).high_water_mark().year < 2099
+    engine.dispose()
+
+
 @pytest.mark.postgres
 def test_a_zoned_cursor_keeps_its_watermark_in_utc(postgres_database, state):
     """`updated_at timestamptz`, sessions in New York: the watermark is the UTC instant (the

@@ -5,10 +5,14 @@ tickets over its API (integrations/helpdesk/source.py) both offer it."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol
 
 import pandas as pd
+
+# A cursor value this far past the present is a mistake in the source (a typo's year 2099, a
+# clock gone wrong), not a change still to come: it moves no watermark, and no sensor's mark.
+FAR_FUTURE = timedelta(days=1)
 
 
 class SourceUnavailable(Exception):
@@ -34,4 +38,5 @@ class Source(Protocol):
         what a run would archive at most."""
 
     def high_water_mark(self) -> datetime | None:
-        """The newest cursor value: the sensor's cheap 'did anything change?'."""
+        """The newest cursor value (but those FAR_FUTURE past now): the sensor's cheap 'did
+        anything change?'."""

@@ -45,7 +45,7 @@ from integrations.engine.destination import (
 )
 from integrations.engine.hashing import canonical_json, content_hash
 from integrations.engine.masking import mask_record, mask_value, scrub
-from integrations.engine.source import Source, SourceUnavailable
+from integrations.engine.source import FAR_FUTURE, Source, SourceUnavailable
 from integrations.engine.spec import FlowSpec
 from integrations.engine.state import (
     AuditRecord,
@@ -56,6 +56,7 @@ from integrations.engine.state import (
     StateStore,
     StateStoreUnavailable,
     Watermark,
+    utcnow,
 )
 
 logger = logging.getLogger(__name__)
@@ -909,7 +910,23 @@ class Sync:
         moment = pd.Timestamp(last[self.spec.source.cursor])
         if moment.tzinfo is not None:  # a zoned cursor: the state store keeps UTC, without zone
             moment = moment.tz_convert("UTC").tz_localize(None)
-        watermark = Watermark(moment.to_pydatetime(), _json_key(key))
+        moment, now = moment.to_pydatetime(), utcnow()
+        if moment > now:
+            # A watermark in the future would skip every change made until then: it stops at
+            # the present, and the row is read again each run until its cursor is.
+            if moment - now > FAR_FUTURE:
+                self.log.warning(
+                    "%s: record %s has %s %s, in the future: the watermark stays at the "
+                    "present, so later changes are still read (the record is read again by "
+                    "every run). What to do: correct the record's %s in the source",
+                    self.spec.name,
+                    _key_text(key),
+                    self.spec.source.cursor,
+                    moment.isoformat(),
+                    self.spec.source.cursor,
+                )
+            moment = now
+        watermark = Watermark(moment, _json_key(key))
         if before and (watermark.updated_at, watermark.key) < (before.updated_at, before.key):
             return before  # a lookback batch never moves the watermark back
         return watermark

@@ -35,7 +35,7 @@ from psycopg import capabilities
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import ClauseElement, Executable
 
-from integrations.engine.source import SourceUnavailable
+from integrations.engine.source import FAR_FUTURE, SourceUnavailable
 from integrations.engine.spec import RecentTotal, SourceTable
 from integrations.sql.connect import raise_on_lost_connection
 
@@ -187,13 +187,20 @@ class SqlSource:
         bound's "… 10:00:00.000000", so a row at exactly `since` was never read. The bound is
         the whole second, as text without a fraction: it reads a few rows more, never fewer
         (the ledger skips what is unchanged), and the cursor's index still serves the query."""
-        if self.engine.dialect.name == "sqlite" and isinstance(self.cursor.type, sa.DateTime):
-            since = sa.literal(as_utc(since).strftime("%Y-%m-%d %H:%M:%S"), sa.String)
-        else:
-            since = _bound(self.cursor, since)
+        since = self._compared(since)
         if self.cursor.nullable:
             return sa.or_(self.cursor >= since, self.cursor.is_(None))
         return self.cursor >= since
+
+    def _before(self, moment: datetime) -> sa.ColumnElement[bool]:
+        """Cursor ≤ `moment` (to the second, on SQLite)."""
+        return self.cursor <= self._compared(moment)
+
+    def _compared(self, moment: datetime) -> object:
+        """`moment` as the cursor compares with it: on SQLite, the whole second as text."""
+        if self.engine.dialect.name == "sqlite" and isinstance(self.cursor.type, sa.DateTime):
+            return sa.literal(as_utc(moment).strftime("%Y-%m-%d %H:%M:%S"), sa.String)
+        return _bound(self.cursor, moment)
 
     def rows_with_keys(self, keys: Sequence[object], batch_size: int) -> Iterator[pd.DataFrame]:
         """The rows with these keys (a repair), in (cursor, key) order within each batch. A
@@ -291,8 +298,11 @@ class SqlSource:
         (None for an empty table or one without a cursor)."""
         if self.cursor is None:
             return None
+        query = sa.select(sa.func.max(self.cursor))
+        if isinstance(self.cursor.type, sa.DateTime):  # a cursor in 2099 would blind the sensor
+            query = query.where(self._before(datetime.now(UTC) + FAR_FUTURE))
         with self.engine.connect() as connection:
-            newest = connection.execute(sa.select(sa.func.max(self.cursor))).scalar_one()
+            newest = connection.execute(query).scalar_one()
         return as_utc(newest) if isinstance(newest, datetime) else newest
 
 
