@@ -295,7 +295,7 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
             print(f"handoff dlq replay: {error}", file=sys.stderr)
             failed = True
             continue
-        still = store.list_dead_letters(flow=flow, ids=[letter.id for letter in chosen])
+        still = store.list_dead_letters(flow=flow, ids=[letter.id for letter in chosen], limit=None)
         print(
             f"{flow}: replayed {len(chosen)} (run {run_id}): {result.written} written, "
             f"{len(chosen) - len(still)} left the DLQ, {len(still)} still failing"

@@ -12,7 +12,8 @@ from assets.crm_contacts import CRM_CONTACTS
 from assets.factory import flow_asset
 from definitions import resources
 from integrations.cli import main
-from integrations.engine.state import StateStore
+from integrations.engine.state import BatchCommit, DeadLetter, StateStore
+from tests.conftest import DLQ_KEY
 from tests.contacts import sync
 
 FLOW = CRM_CONTACTS.name
@@ -169,3 +170,19 @@ def test_replay_through_dagster_run_config(world, erp, crm_client, state):
         assert metadata["inserted"].value == 1
         assert metadata["dead_letters_open"].value == store.count_open_dead_letters(FLOW)
         assert store.get_dead_letter(letter.id).resolution == "replayed"
+
+
+@pytest.mark.postgres
+def test_any_number_of_letters_are_looked_up_by_id_or_key(postgres_database):
+    """A replay of 70,000 letters ran, then failed to count them: one parameter per id is past
+    PostgreSQL's 65,535 (and the CLI counted at most 100 still failing)."""
+    store = StateStore(postgres_database(), dlq_key=DLQ_KEY)
+    letters = [
+        DeadLetter("f", str(n), "contract", "bad", {}, content_hash="h") for n in range(70_000)
+    ]
+    store.commit_batch(BatchCommit("f", "r", dead_letters=letters))
+    ids = [letter.id for letter in store.list_dead_letters("f", limit=None)]
+    assert len(store.list_dead_letters("f", ids=ids, limit=None)) == 70_000
+    assert len(store.list_dead_letters("f", keys=[str(n) for n in range(70_000)], limit=5)) == 5
+    assert [letter.id for letter in store.list_dead_letters("f", ids=ids[-2:])] == ids[-2:]
+    store.dispose()

@@ -470,7 +470,8 @@ class StateStore:
         ids: Sequence[int] = (),
         keys: Sequence[str] = (),
     ) -> list[DeadLetter]:
-        """Dead letters, oldest first, filtered by flow, reason kind, age, ids or record keys."""
+        """Dead letters, oldest first, filtered by flow, reason kind, age, ids or record keys
+        (any number of them: they are looked up a chunk at a time)."""
         query = sa.select(dead_letters).order_by(dead_letters.c.id).limit(limit)
         if flow:
             query = query.where(dead_letters.c.flow == flow)
@@ -480,12 +481,28 @@ class StateStore:
             query = query.where(dead_letters.c.reason_kind == reason_kind)
         if seen_before:
             query = query.where(dead_letters.c.first_seen < seen_before)
-        if ids:
-            query = query.where(dead_letters.c.id.in_(list(ids)))
-        if keys:
-            query = query.where(dead_letters.c.record_key.in_(list(keys)))
         with self.engine.connect() as connection:
-            return [self._dead_letter(row) for row in connection.execute(query)]
+            dialect = connection.dialect.name
+            conditions = [sa.true()]
+            if ids:  # numbers: IN lists, under every dialect's parameter limit
+                ids = sorted(set(ids))
+                conditions = [
+                    dead_letters.c.id.in_(ids[start : start + _IN_CHUNK])
+                    for start in range(0, len(ids), _IN_CHUNK)
+                ]
+            if keys:
+                by_key = [
+                    _among(dead_letters.c.record_key, chunk, dialect)
+                    for chunk in _chunks(sorted(set(keys)), dialect)
+                ]
+                conditions = [sa.and_(a, b) for a in conditions for b in by_key]
+            found = {
+                row.id: row
+                for condition in conditions
+                for row in connection.execute(query.where(condition))
+            }
+        rows = [found[key] for key in sorted(found)]
+        return [self._dead_letter(row) for row in rows[:limit]]
 
     def get_dead_letter(self, dead_letter_id: int) -> DeadLetter | None:
         found = self.list_dead_letters(include_resolved=True, ids=[dead_letter_id])
