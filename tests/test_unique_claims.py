@@ -229,3 +229,12 @@ def test_a_value_passed_on_in_one_batch_is_written_in_the_sources_order(tmp_path
         stored = connection.execute(sa.text("SELECT id, email FROM people_out ORDER BY id")).all()
     assert stored == [(1, "b@example.com"), (2, "c@example.com")]
     engine.dispose()
+
+
+def test_blank_text_is_no_ones_value(tmp_path, own_state):
+    """An ERP keeps "" for "no phone": within a batch the second such record was refused as
+    holding a value already used (across batches it passed, as no claim was kept for it)."""
+    _, engine = people(tmp_path, [(n, f"p{n}@example.com", " " * (n - 1)) for n in range(1, 4)])
+    result = sync_people(engine, own_state)
+    assert (result.written, result.counts["rejected"]) == (3, 0)
+    engine.dispose()

@@ -176,10 +176,10 @@ class _InFlight:
         )
         position = plan.position
         claims = [
-            (name, _digest(value), key)
+            (name, digest, key)
             for name in spec.target.unique_ignoring_case
             for key in keys
-            if (value := outbound.column(name)[position[key]])
+            if (digest := _claim_digest(outbound.column(name)[position[key]])) is not None
         ]
         return cls(written, entries, claims, set(archived))
 
@@ -285,6 +285,14 @@ def _json_key(key: object) -> object:
     if isinstance(key, Decimal) and key == key.to_integral_value():
         return int(key)
     return key if isinstance(key, int | float | str) else str(key)
+
+
+def _claim_digest(value: object) -> str | None:
+    """The digest a unique value is claimed by; none for no value (null, or blank text: an
+    ERP's "" for "no domain" is no one's)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return _digest(value)
 
 
 def _digest(value: object) -> str:
@@ -948,7 +956,7 @@ class Sync:
         wanted: dict[str, dict[str, str]] = {}  # field → record key → digest of its value
         owners: dict[str, dict[str, str]] = {}  # field → digest → holder
         for name in fields:
-            digests = valid[name].map(_digest, na_action="ignore")
+            digests = valid[name].map(_claim_digest, na_action="ignore")
             now = dict(zip(digests.index, digests, strict=True))  # NaN: no value any more
             stored = self.state.unique_owners(self.spec.name, name, digests.dropna().tolist())
             owners[name] = {
