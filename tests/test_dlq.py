@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import dagster as dg
 import pytest
@@ -123,6 +125,11 @@ def test_discard_closes_letters_with_an_audited_reason(world, erp, crm_client, s
     assert discard["action"] == "discard" and discard["trigger"] == "customer left"
     assert story["dead_letters"][0]["resolution"] == "discarded"
     assert state.verify_audit().intact
+    # The discard sticks: a run that reads the record again as it was opens no new letter (it
+    # did, counted against the error budget, and the age alert fired again).
+    again = sync(erp, crm_client, state, "run-2", full=True)
+    assert letter.record_key not in {d.record_key for d in state.list_dead_letters(limit=None)}
+    assert again.counts["held"] >= 1
 
 
 def test_filters_by_kind_and_age(world, erp, crm_client, state, capsys):
@@ -186,3 +193,65 @@ def test_any_number_of_letters_are_looked_up_by_id_or_key(postgres_database):
     assert len(store.list_dead_letters("f", keys=[str(n) for n in range(70_000)], limit=5)) == 5
     assert [letter.id for letter in store.list_dead_letters("f", ids=ids[-2:])] == ids[-2:]
     store.dispose()
+
+
+@pytest.mark.postgres
+def test_a_discard_of_two_flows_beside_a_commit_is_no_deadlock(postgres_database, monkeypatch):
+    """A discard resolved flow A, audited it (the audit trail's lock), then resolved flow B,
+    while a commit of B held B's letters and waited for that lock: PostgreSQL broke the deadlock
+    by failing one, reported as the state store unavailable."""
+    url = postgres_database()
+    store = StateStore(url, dlq_key=DLQ_KEY)
+    for flow, key in (("flow_a", "1"), ("flow_b", "7")):
+        store.commit_batch(
+            BatchCommit(flow, "r0", dead_letters=[DeadLetter(flow, key, "contract", "bad", {})])
+        )
+    letters = store.list_dead_letters()
+    committing = threading.Event()
+    resolve, append = StateStore._resolve, StateStore._append_audit
+
+    def resolving(connection, flow, keys, now, resolution):
+        if threading.current_thread().name == "discard" and flow == "flow_b":
+            committing.wait(10)  # the commit of flow_b holds its letter now
+        return resolve(connection, flow, keys, now, resolution)
+
+    def appending(connection, **entry):
+        if threading.current_thread().name == "commit":
+            committing.set()
+            time.sleep(0.5)
+        return append(connection, **entry)
+
+    monkeypatch.setattr(StateStore, "_resolve", staticmethod(resolving))
+    monkeypatch.setattr(StateStore, "_append_audit", staticmethod(appending))
+    discarding, committer = StateStore(url, dlq_key=DLQ_KEY), StateStore(url, dlq_key=DLQ_KEY)
+    failures = []
+
+    def discard():
+        try:
+            discarding.discard_dead_letters(letters, actor="ops", why="cleanup", run_id="d")
+        except Exception as error:  # the test reports any
+            failures.append(error)
+
+    def commit():
+        time.sleep(0.3)  # the discard has audited flow_a
+        try:
+            committer.commit_batch(
+                BatchCommit(
+                    "flow_b",
+                    "r1",
+                    dead_letters=[DeadLetter("flow_b", "7", "contract", "still bad", {})],
+                ),
+                audit={"actor": "t", "action": "sync_batch", "why": "t", "detail": {}},
+            )
+        except Exception as error:
+            failures.append(error)
+
+    threads = [threading.Thread(target=discard, name="discard")]
+    threads.append(threading.Thread(target=commit, name="commit"))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    for opened in (store, discarding, committer):
+        opened.dispose()

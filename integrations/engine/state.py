@@ -427,21 +427,37 @@ class StateStore:
                 )
             ).scalar_one()
 
-    def open_dead_letter_hashes(self, flow: str, keys: Sequence[str]) -> dict[str, str | None]:
-        """Content hash of each key's unresolved dead letter, for keys that have one."""
-        found: dict[str, str | None] = {}
+    def held_letter_hashes(
+        self, flow: str, keys: Sequence[str]
+    ) -> tuple[dict[str, str | None], dict[str, str | None]]:
+        """Content hash of each key's unresolved dead letter, for keys that have one; and, for
+        keys without one, of its latest letter closed by a discard (the record, as it was then,
+        is not to be synced nor refused again)."""
+        open_: dict[str, str | None] = {}
+        discarded: dict[str, str | None] = {}
         dialect = self.engine.dialect.name
         with self.engine.connect() as connection:
             for chunk in _chunks(keys, dialect):
                 rows = connection.execute(
-                    sa.select(dead_letters.c.record_key, dead_letters.c.content_hash).where(
+                    sa.select(
+                        dead_letters.c.record_key,
+                        dead_letters.c.content_hash,
+                        dead_letters.c.resolved_at,
+                    )
+                    .where(
                         dead_letters.c.flow == flow,
                         _among(dead_letters.c.record_key, chunk, dialect),
-                        dead_letters.c.resolved_at.is_(None),
+                        sa.or_(
+                            dead_letters.c.resolved_at.is_(None),
+                            dead_letters.c.resolution == "discarded",
+                        ),
                     )
+                    .order_by(dead_letters.c.id)
                 )
-                found.update({row.record_key: row.content_hash for row in rows})
-        return found
+                for row in rows:
+                    found = open_ if row.resolved_at is None else discarded
+                    found[row.record_key] = row.content_hash
+        return open_, {key: hashed for key, hashed in discarded.items() if key not in open_}
 
     def unique_owners(self, flow: str, field_name: str, digests: Sequence[str]) -> dict[str, str]:
         """value digest → the record key that holds it, for digests already claimed."""
@@ -703,10 +719,13 @@ class StateStore:
     def discard_dead_letters(
         self, letters: Sequence[DeadLetter], *, actor: str, why: str, run_id: str
     ) -> None:
-        """Close dead letters without syncing them; the audit trail keeps who and why."""
+        """Close dead letters without syncing them; the audit trail keeps who and why. One
+        transaction per flow, which resolves its letters before it takes the audit trail's lock,
+        as a batch's commit does: with two flows in one, a commit of the second flow between
+        them was a deadlock."""
         now = utcnow()
-        with self.engine.begin() as connection:
-            for flow in sorted({letter.flow for letter in letters}):
+        for flow in sorted({letter.flow for letter in letters}):
+            with self.engine.begin() as connection:
                 keys = [letter.record_key for letter in letters if letter.flow == flow]
                 self._resolve(connection, flow, keys, now, "discarded")
                 records = [

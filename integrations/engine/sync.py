@@ -988,12 +988,16 @@ class Sync:
     ) -> tuple[pd.DataFrame, list[DeadLetter], set[str]]:
         """Drop rows already dead-lettered with this exact content, and the batch's letters (of
         keys missing or repeated) already open with it: they wait for a fix or a replay, they
-        are not refused again on every run (a replay takes them all). Also returns the keys
-        with open dead letters, live or gone."""
+        are not refused again on every run (a replay takes them all). So do those whose letter
+        was discarded with this content: a discard sticks until the record changes. Also
+        returns the keys with open dead letters, live or gone."""
         keys = [*live.index, *gone.index, *(letter.record_key for letter in letters)]
-        held = self.state.open_dead_letter_hashes(self.spec.name, keys)
-        if not held or self._replaying:
-            return live, letters, set(held)
+        opened, discarded = self.state.held_letter_hashes(self.spec.name, keys)
+        if self._replaying:
+            return live, letters, set(opened)
+        held = {**discarded, **opened}
+        if not held:
+            return live, letters, set(opened)
         fresh = [letter for letter in letters if held.get(letter.record_key) != letter.content_hash]
         result.counts["held"] += sum(map(_rows_in, letters)) - sum(map(_rows_in, fresh))
         waiting = [key for key in held if key in live.index]
@@ -1004,7 +1008,7 @@ class Sync:
             if content_hash(payload) == held[key]
         ]
         result.counts["held"] += len(unchanged)
-        return live.drop(index=unchanged), fresh, set(held)
+        return live.drop(index=unchanged), fresh, set(opened)
 
     # --- load: per-record refusals, bisection of chunks refused whole -------------------------
 
