@@ -80,7 +80,8 @@ class Contract:
         if batch.empty:
             return Verdict(valid=batch, rejections=[])
         reasons: dict[object, list[str]] = defaultdict(list)
-        remaining, settled = self._prepared(batch, reasons)
+        prepared, settled = self._prepared(batch, reasons)
+        remaining = prepared[~prepared.index.isin(list(settled))] if settled else prepared
         while True:
             schema, by_value = self._schema_for(remaining)
             try:
@@ -106,8 +107,6 @@ class Contract:
                 row_cases["check"],
                 strict=True,
             ):
-                if (index, column) in settled:  # its value was refused before validation
-                    continue
                 whole_row = context == "DataFrameSchema"
                 reason = _readable(check) if whole_row else f"{column} {_readable(check)}"
                 if reason not in reasons[index]:
@@ -121,7 +120,7 @@ class Contract:
                 valid = remaining
                 break
         if settled:
-            valid = valid[~valid.index.isin([index for index, _ in settled])]
+            self._other_faults(prepared[prepared.index.isin(list(settled))], settled, reasons)
         rejected = [
             RowRejection(index, f"{self.label}: " + "; ".join(why))
             for index, why in reasons.items()
@@ -131,16 +130,16 @@ class Contract:
 
     def _prepared(
         self, batch: pd.DataFrame, reasons: dict[object, list[str]]
-    ) -> tuple[pd.DataFrame, set[tuple[object, str]]]:
+    ) -> tuple[pd.DataFrame, dict[object, set[str]]]:
         """What coercion would get wrong, settled value by value before it runs. A number with
         a fraction in an integer column is refused (coercion cuts 10.7 to 10). Text in a
         date-and-time column is parsed as ISO 8601, else on its own: coercion guesses one format
         from the batch's first value, so a batch of mixed precision ("10:00:00" beside
         "10:00:00.5") failed as a whole, and "03/01/2025" read as a day or a month by its
-        neighbours. Text that is no date and time is refused. A refused value is nulled and
-        its (row, column) returned: the row is rejected whatever else it breaks, and the
-        model's rules still judge its other fields, so one letter names every fault."""
-        schema, settled = self.schema, set()
+        neighbours. Text that is no date and time is refused. Returns the batch, its times
+        parsed, and the refused rows with the columns each was refused for: they are validated
+        apart, without those columns (see `_other_faults`)."""
+        schema, settled = self.schema, defaultdict(set)
         for name, column in schema.columns.items():
             if name not in batch or not (column.coerce or schema.coerce):
                 continue
@@ -149,8 +148,6 @@ class Contract:
                 refused = list(values.index[_with_fraction(values)])
                 for index in refused:
                     reasons[index].append(f"{name} is not a whole number")
-                if refused:
-                    batch = batch.assign(**{name: values.mask(values.index.isin(refused))})
             elif _naive_times(column) and values.dtype == object:
                 if infer_dtype(values, skipna=True) != "string":
                     continue
@@ -160,8 +157,38 @@ class Contract:
                 batch = batch.assign(**{name: parsed})
             else:
                 continue
-            settled.update((index, name) for index in refused)
+            for index in refused:
+                settled[index].add(name)
         return batch, settled
+
+    def _other_faults(
+        self, rows: pd.DataFrame, settled: dict[object, set[str]], reasons: dict[object, list[str]]
+    ) -> None:
+        """The other fields' faults of rows refused before validation: they are validated apart,
+        without the columns they were refused for, so that one letter names every fault (fixing
+        one should not reveal the next). Only rules of one field: a rule of the whole row may
+        need the refused value."""
+        groups: dict[frozenset[str], list[object]] = defaultdict(list)
+        for index in rows.index:
+            groups[frozenset(settled[index])].append(index)
+        for names, indexes in groups.items():
+            try:
+                schema = self.schema.remove_columns(list(names))
+                schema.validate(rows.loc[indexes].drop(columns=list(names)), lazy=True)
+            except pa.errors.SchemaErrors as errors:
+                cases = errors.failure_cases
+                for index, context, column, check in zip(
+                    cases["index"],
+                    cases["schema_context"],
+                    cases["column"],
+                    cases["check"],
+                    strict=True,
+                ):
+                    reason = f"{column} {_readable(check)}"
+                    if context == "Column" and index in reasons and reason not in reasons[index]:
+                        reasons[index].append(reason)
+            except Exception:  # the row is refused already: its first fault stands
+                pass
 
     def _schema_for(self, frame: pd.DataFrame) -> tuple[pa.DataFrameSchema, bool]:
         """The model's schema, leaving alone the columns of `frame` that already hold what
