@@ -258,10 +258,11 @@ class ArchivedFieldV1(pa.DataFrameModel):
     archived_at: Series[pa.DateTime] = pa.Field(nullable=True)
 
 
-def test_a_generated_column_is_refused_and_a_schema_refusal_is_the_records(engine):
+def test_a_generated_column_is_refused_and_a_table_changed_mid_run_stops_it(engine):
     """A contract field in a generated column: no record could be written (on SQLite each chunk
-    was taken for an unreachable database, to be retried for good). A table changed under a run
-    refuses its records (sqlite3 says so with an OperationalError too): not "unreachable"."""
+    was taken for an unreachable database, to be retried for good). A column dropped under a
+    run stops it, as a table that no longer fits (its records are not at fault); a full disk
+    is the database unable to write, not the records' refusal either."""
     create(
         engine,
         *ledger_columns(),
@@ -271,14 +272,27 @@ def test_a_generated_column_is_refused_and_a_schema_refusal_is_the_records(engin
     doubled = into_table("ledger_lines", "line_number", DoubledLineV1)
     with pytest.raises(DestinationMismatch, match="column 'total': a generated column"):
         SqlTable(engine, doubled.target).prepare(doubled)
-    if engine.dialect.name != "sqlite":
-        return
     table = SqlTable(engine, LINES.target)
     table.prepare(LINES)
     with engine.begin() as connection:
         connection.exec_driver_sql("ALTER TABLE ledger_lines DROP COLUMN memo")
-    with pytest.raises(RecordsRejected, match="no column named memo"):
+    with pytest.raises(DestinationMismatch, match="the table changed since the run checked it"):
         table.upsert([record("L1", 10.0)])
+    if engine.dialect.name != "sqlite":
+        return
+    full = SqlTable(create_engine(str(engine.url)), LINES.target)
+    with full.engine.begin() as connection:
+        connection.exec_driver_sql("ALTER TABLE ledger_lines ADD COLUMN memo TEXT")
+    full.prepare(LINES)
+
+    @sa.event.listens_for(full.engine, "connect")
+    def _no_room(dbapi_connection, _record):
+        dbapi_connection.execute("PRAGMA max_page_count = 1")
+
+    full.engine.dispose()
+    with pytest.raises(DestinationUnavailable, match="cannot write"):
+        full.upsert([record(f"L{n}", 1.0, "x" * 5000) for n in range(50)])
+    full.engine.dispose()
 
 
 class DoubledLineV1(LedgerLineV1):

@@ -35,6 +35,7 @@ from integrations.contracts.contract import ContractViolation, RowRejection
 from integrations.engine import columns
 from integrations.engine.destination import (
     Destination,
+    DestinationMismatch,
     DestinationUnavailable,
     OutboundBatch,
     OutboundRecord,
@@ -1069,6 +1070,13 @@ class Sync:
                 f"{self.destination.name} is unavailable: {error}",
                 "nothing after the last committed batch was marked synced; rerun when "
                 f"{self.destination.name} answers again (the rerun resumes from the watermark)",
+            ) from error
+        except DestinationMismatch as error:
+            raise SyncError(
+                self.spec.name,
+                f"{self.destination.name} no longer fits the flow: {error}",
+                "nothing after the last committed batch was marked synced; the rerun resumes "
+                "from the watermark",
             ) from error
 
     # --- rejections and the error budget ----------------------------------------------------

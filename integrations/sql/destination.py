@@ -34,6 +34,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
 from integrations.engine.destination import (
+    DestinationMismatch,
     DestinationUnavailable,
     OutboundBatch,
     OutboundRecord,
@@ -554,15 +555,35 @@ def _unreachable(error: sa.exc.DBAPIError) -> bool:
         return False
     code = error.orig.args[0] if error.orig is not None and error.orig.args else None
     if isinstance(error.orig, sqlite3.Error):
-        # sqlite3 files a schema's refusal (a generated column, a missing one) as
-        # OperationalError too: only a file it cannot open, read or lock is unavailable.
-        return any(words in str(code).lower() for words in _SQLITE_UNAVAILABLE)
+        # sqlite3 files a statement's refusal (a generated column) as OperationalError too: by
+        # its result code, only a file it cannot open, read, write, lock or trust is unavailable.
+        name = getattr(error.orig, "sqlite_errorname", "")
+        return name.startswith(_SQLITE_UNAVAILABLE)
     # PyMySQL files server-side data errors (1366 a wrong value, 4025 a CHECK) as
     # OperationalError too; only the client's codes (2000–2999) mean no connection.
     return not isinstance(code, int) or 2000 <= code < 3000
 
 
-_SQLITE_UNAVAILABLE = ("database is locked", "unable to open", "disk i/o error", "readonly")
+_SQLITE_UNAVAILABLE = (
+    *("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_CANTOPEN"),
+    *("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_READONLY", "SQLITE_PERM", "SQLITE_NOMEM"),
+)
+# A table or column gone since the run checked the table: PostgreSQL's SQLSTATEs, MariaDB's
+# codes, SQLite's words. The run stops; the records are not at fault.
+_PG_SCHEMA_GONE = frozenset({"42P01", "42703"})
+_MARIADB_SCHEMA_GONE = frozenset({1146, 1054})
+_SQLITE_SCHEMA_GONE = ("no such table", "no such column", "has no column named")
+
+
+def _schema_gone(error: sa.exc.DBAPIError) -> bool:
+    original = error.orig
+    if isinstance(original, sqlite3.Error):
+        return str(original).startswith(_SQLITE_SCHEMA_GONE) or " has no column named " in str(
+            original
+        )
+    code = original.args[0] if original is not None and original.args else None
+    return getattr(original, "sqlstate", None) in _PG_SCHEMA_GONE or code in _MARIADB_SCHEMA_GONE
+
 
 # Some messages repeat the offending value, which can be personal data: MariaDB's "Duplicate
 # entry '…' for key", "Incorrect date value: '…' for column" (the value may hold quotes itself),
@@ -574,8 +595,16 @@ def _classified(error: sa.exc.DBAPIError) -> Exception:
     """A refused write (constraint, type, length) or an unreachable database, worded without
     the offending values."""
     original = error.orig
+    said = _QUOTED_VALUE.sub(_unquoted, (str(original).strip().splitlines() or [""])[0])
     if _unreachable(error):
-        return DestinationUnavailable(f"{type(original).__name__}: the database is unreachable")
+        return DestinationUnavailable(
+            f"{type(original).__name__}: the database is unreachable or cannot write ({said})"
+        )
+    if _schema_gone(error):
+        return DestinationMismatch(
+            f"the table changed since the run checked it ({said}). What to do: restore the "
+            "table or column, or the flow's contract, and rerun"
+        )
     diagnostic = getattr(original, "diag", None)
     message = getattr(diagnostic, "message_primary", None) or (
         original.args[-1] if original is not None and original.args else str(error)
