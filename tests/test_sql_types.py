@@ -16,7 +16,7 @@ from sqlalchemy.dialects import mysql
 
 from integrations.contracts import Contract
 from integrations.engine.destination import DestinationMismatch
-from integrations.engine.reconcile import reconcile
+from integrations.engine.reconcile import _as_stored, reconcile
 from integrations.engine.spec import FlowSpec, SourceTable, Target
 from integrations.engine.sync import Sync, SyncResult
 from integrations.sql.connect import create_engine
@@ -454,6 +454,12 @@ def test_bools_in_an_integer_column_reconcile(sql_database, state):
     drift = reconcile(FLAGS, SqlSource(engine, FLAGS.source), table, state)
     assert drift.in_sync, drift.summary()
     engine.dispose()
+    # A CRM gives the text back ("True" from the sandbox, "true" from HubSpot): the same flag.
+    said = [_as_stored({"flag": held}, ["flag"], frozenset({"flag"})) for held in HELD_TRUE]
+    assert said == [{"flag": "true"}] * len(HELD_TRUE)
+
+
+HELD_TRUE = [True, 1, "1", "True", "true", "t"]
 
 
 # --- number-typed destination keys ----------------------------------------------------------

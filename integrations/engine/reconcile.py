@@ -43,16 +43,25 @@ class Drift:
         )
 
 
-def _as_stored(record: dict[str, object], fields: Iterable[str]) -> dict[str, str]:
-    return {name: _stored_text(record.get(name)) for name in fields}
+def _as_stored(
+    record: dict[str, object], fields: Iterable[str], flags: frozenset[str] = frozenset()
+) -> dict[str, str]:
+    """The record's values as both sides compare them; the contract's bool fields (`flags`)
+    as true or false, whether a side holds True, 1 (an integer column, MariaDB's BOOLEAN) or
+    text ("true" from a CRM)."""
+    return {
+        name: _flag_text(record.get(name)) if name in flags else _text(record.get(name))
+        for name in fields
+    }
 
 
-def _stored_text(value: object) -> str:
-    """A value as both sides compare it: a bool as 1 or 0, as a column of integers (or
-    MariaDB's BOOLEAN) gives it back."""
-    if value is None:
-        return ""
-    return str(int(value)) if isinstance(value, bool) else str(value)
+def _text(value: object) -> str:
+    return "" if value is None else str(value)
+
+
+def _flag_text(value: object) -> str:
+    said = _text(value).strip().lower()
+    return {"1": "true", "t": "true", "0": "false", "f": "false"}.get(said, said)
 
 
 def _digest(pairs: dict[str, str]) -> str:
@@ -68,6 +77,8 @@ def reconcile(spec: FlowSpec, source: Source, destination: Destination, state: S
     ]
     # A record held in the DLQ is on neither side: the destination may keep what it synced
     # before the record went bad, which is no drift of the destination's.
+    columns = spec.target_contract.schema.columns
+    flags = frozenset(name for name in fields if str(columns[name].dtype).startswith("bool"))
     held = {letter.record_key for letter in state.list_dead_letters(spec.name, limit=10**9)}
     held_ids = {
         entry.destination_id
@@ -78,10 +89,10 @@ def reconcile(spec: FlowSpec, source: Source, destination: Destination, state: S
     source_key_of: dict[str, str] = {}
     for key, record in expected_records(spec, source, held):
         id_value = str(record[spec.target.id_property]).lower()
-        expected[id_value] = content_hash(_as_stored(record, fields))
+        expected[id_value] = content_hash(_as_stored(record, fields, flags))
         source_key_of[id_value] = key
     actual = {
-        id_value.lower(): content_hash(_as_stored(properties, fields))
+        id_value.lower(): content_hash(_as_stored(properties, fields, flags))
         for id_value, destination_id, properties in destination.snapshot(fields)
         if destination_id not in held_ids
     }
