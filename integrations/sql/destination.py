@@ -129,10 +129,12 @@ class SqlTable:
     @property
     def _key_text(self) -> Callable[[object], str]:
         """A key as the ledger and reconciliation know it: as text, a number column's by value
-        (a NUMERIC(12, 2) key written as 1 reads back as Decimal('1.00'))."""
-        if python_type(self.table.c[self.target.id_property]) in (Decimal, float):
+        (a NUMERIC(12, 2) key written as 1 reads back as Decimal('1.00')), a CHAR(n) column's
+        without the spaces PostgreSQL pads it with."""
+        column = self.table.c[self.target.id_property]
+        if python_type(column) in (Decimal, float):
             return _number_text
-        return str
+        return _unpadded if isinstance(column.type, sa.CHAR) else str
 
     # --- writes ------------------------------------------------------------------------------
 
@@ -189,6 +191,16 @@ class SqlTable:
                     "What to do: bound the field in the contract (or round it in the flow's "
                     "mapping) to what the column holds, or widen the column",
                 )
+        key = self.table.c[self.target.id_property]
+        if isinstance(key.type, sa.CHAR):
+            for at, value in enumerate(columns[key.name]):
+                if isinstance(value, str) and value.endswith(" "):
+                    found.setdefault(
+                        at,
+                        f"the key column {key.name!r} is {key.type}, which pads keys with "
+                        "spaces: a key ending in one would be another record's. What to do: "
+                        "trim the key in the flow's mapping, or make the column varchar",
+                    )
         for name in self._text_dates:
             for at, value in enumerate(columns[name]):
                 if why := _not_a_date(value):
@@ -388,6 +400,8 @@ class SqlTable:
         # The ledger keeps ids as text; PostgreSQL compares a number column with numbers only.
         numbers = native in (int, Decimal, float)
         ids = [native(value) for value in destination_ids] if numbers else list(destination_ids)
+        if native is date:  # nor dates with text
+            ids = [date.fromisoformat(value) for value in destination_ids]
         now = datetime.now(UTC)
         if not getattr(self.table.c[ARCHIVED_AT].type, "timezone", False):
             now = now.replace(tzinfo=None)  # naive UTC, but a zoned column is told the zone
@@ -506,6 +520,10 @@ def _not_a_date(value: object) -> str | None:
 
 
 _ISO_TIME = re.compile(r"\d{4}-\d\d-\d\d([T ]\d\d:\d\d(:\d\d(\.\d+)?)?)?(Z|[+-]\d\d(:?\d\d)?)?$")
+
+
+def _unpadded(value: object) -> str:
+    return str(value).rstrip(" ")
 
 
 def _number_text(value: object) -> str:

@@ -196,13 +196,13 @@ def _misfits(engine: sa.Engine, table: sa.Table, spec: FlowSpec) -> list[tuple[s
         )
     if ARCHIVED_AT in contract.schema.columns:
         problems.append(_ARCHIVED_FIELD)
-    if key in table.c and python_type(table.c[key]) in (date, datetime):
+    if key in table.c and python_type(table.c[key]) is datetime:
         problems.append(
             (
                 key,
-                f"type {table.c[key].type} as the key: keys are whole numbers or text, as the "
-                "ledger and reconciliation compare them",
-                "make the key column text or an integer",
+                f"type {table.c[key].type} as the key: a time's text is not one (a date's, "
+                "a whole number's or a text's is)",
+                "make the key column text, a date or an integer",
             )
         )
     loose = _loose_comparison(engine, table, key) if key in table.c else None
@@ -267,15 +267,14 @@ _ARCHIVED_FIELD = (
 
 
 def _loose_comparison(engine: sa.Engine, table: sa.Table, key: str) -> str | None:
-    """How the key column compares text other than exactly, if it does: PostgreSQL's citext,
-    CHAR (padded with spaces) or a nondeterministic collation; a SQLite key index's NOCASE or
-    RTRIM collation. (MariaDB refuses the second of two such keys as a duplicate.)"""
+    """How the key column compares text other than exactly, if it does: PostgreSQL's citext or
+    a nondeterministic collation; a SQLite key index's NOCASE or RTRIM collation. (MariaDB
+    refuses the second of two such keys as a duplicate; a CHAR(n) key is read without its
+    padding, and a key ending in a space refused, by the destination.)"""
     column = table.c[key]
     if engine.dialect.name == "postgresql":
         if isinstance(column.type, postgresql.CITEXT):
             return "type citext compares keys without case"
-        if isinstance(column.type, sa.CHAR):
-            return f"type {column.type} pads keys with spaces"
         collation = getattr(column.type, "collation", None)
         if collation:
             with engine.connect() as connection:
