@@ -201,9 +201,10 @@ class SqlTable:
                         "spaces: a key ending in one would be another record's. What to do: "
                         "trim the key in the flow's mapping, or make the column varchar",
                     )
+        endless = _ENDLESS if self.dialect == "postgresql" else frozenset()
         for name in self._text_dates:
             for at, value in enumerate(columns[name]):
-                if why := _not_a_date(value):
+                if value not in endless and (why := _not_a_date(value)):
                     found.setdefault(
                         at,
                         f"column {name!r} is a DATE and the text {why}. What to do: send the "
@@ -211,7 +212,7 @@ class SqlTable:
                     )
         for name in self._text_times:
             for at, value in enumerate(columns[name]):
-                if isinstance(value, str) and not _ISO_TIME.match(value):
+                if isinstance(value, str) and value not in endless and not _ISO_TIME.match(value):
                     found.setdefault(
                         at,
                         f"column {name!r} is a timestamp and the text is no ISO 8601 date and "
@@ -489,6 +490,10 @@ def _said_utc(value: object) -> object:
 
 
 _NAIVE_TIME = re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d(:\d\d(\.\d{1,9})?)?")
+
+
+# PostgreSQL's dates and times without end, which it keeps as they are.
+_ENDLESS = frozenset({"infinity", "-infinity"})
 
 
 def _naive_utc(value: object) -> object:
