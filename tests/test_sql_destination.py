@@ -430,6 +430,15 @@ def test_text_that_is_no_valid_unicode_is_the_records_refusal(engine):
     table.prepare(LINES)
     with pytest.raises(RecordsRejected, match="no valid Unicode"):
         table.upsert([record("L1", 1.0, "x\ud800y")])
+    if engine.dialect.name != "mariadb":
+        return
+    # A connection in latin1 cannot carry 東京: the configuration's fault, not the record's.
+    latin = create_engine(str(engine.url.update_query_dict({"charset": "latin1"})))
+    in_latin = SqlTable(latin, LINES.target)
+    in_latin.prepare(LINES)
+    with pytest.raises(DestinationMismatch, match="connect in UTF-8"):
+        in_latin.upsert([record("L1", 1.0, "Tokyo 東京")])
+    latin.dispose()
 
 
 def test_a_value_a_fixed_point_column_would_round_is_refused_alone(engine):

@@ -244,9 +244,15 @@ class SqlTable:
             try:
                 with self.engine.begin() as connection, self._in_utc(connection):
                     return work(connection)
-            except UnicodeEncodeError:  # a lone surrogate, from JSON's "\ud800" say
-                raise RecordsRejected(
-                    "text that is no valid Unicode (a lone surrogate), which no database takes"
+            except UnicodeEncodeError as error:
+                if error.reason == "surrogates not allowed":  # from JSON's "\ud800", say
+                    raise RecordsRejected(
+                        "text that is no valid Unicode (a lone surrogate), which no database takes"
+                    ) from None
+                raise DestinationMismatch(  # the connection's, not the records' fault
+                    f"the connection's character set ({error.encoding}) cannot carry the text "
+                    "sent. What to do: connect in UTF-8 (handoff's default; drop the URL's "
+                    "charset or client_encoding)"
                 ) from None
             except (sa.exc.DBAPIError, _KeyRace) as error:
                 if isinstance(error, sa.exc.DBAPIError) and not _lock_conflict(error):
