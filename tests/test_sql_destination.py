@@ -23,7 +23,7 @@ from integrations.engine.destination import (
 from integrations.engine.spec import FlowSpec, SourceTable, Target
 from integrations.erp.seed import seed_erp
 from integrations.sql.connect import create_engine
-from integrations.sql.destination import SqlTable
+from integrations.sql.destination import _QUOTED_VALUE, SqlTable, _unquoted
 from integrations.sql.fit import MICROSECOND_DATETIME
 from integrations.sql.source import SqlSource
 from tests.conftest import POSTGRES_ADMIN
@@ -420,6 +420,18 @@ def test_text_a_date_or_time_column_would_change_is_refused_or_said_in_utc(engin
     if engine.dialect.name == "postgresql":  # its dates and times without end stay welcome
         endless = {"stamp_id": "6", "day": "infinity", "at": "-infinity"}
         assert table.upsert([OutboundRecord("6", endless, "6")]).refused == []
+
+
+@pytest.mark.parametrize(
+    ("said", "shown"),
+    [
+        ('value "4915112345678" is out of range for type integer', 'value "…" is out of range'),
+        ("Duplicate entry 'o'brien for sure@x.com' for key 'email'", "entry '…' for key 'email'"),
+        ('column "born" is of type date', 'column "born" is of type date'),
+    ],
+)
+def test_the_databases_words_keep_no_value(said, shown):
+    assert shown in _QUOTED_VALUE.sub(_unquoted, said)
 
 
 def test_text_that_is_no_valid_unicode_is_the_records_refusal(engine):

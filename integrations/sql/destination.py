@@ -616,8 +616,11 @@ def _schema_gone(error: sa.exc.DBAPIError) -> bool:
 
 # Some messages repeat the offending value, which can be personal data: MariaDB's "Duplicate
 # entry '…' for key", "Incorrect date value: '…' for column" (the value may hold quotes itself),
-# PostgreSQL's "invalid input syntax for type date: "…"" (at the end).
-_QUOTED_VALUE = re.compile(r"((?:entry|value):? )'.*?'(?= for |$)|(: )\".*\"$", re.IGNORECASE)
+# PostgreSQL's "invalid input syntax for type date: "…"" (at the end) and "value "…" is out of
+# range for type integer".
+_QUOTED_VALUE = re.compile(
+    r"((?:entry|value):? )'.*?'(?= for |$)|(: |value )\".*?\"(?=$| is )", re.IGNORECASE
+)
 
 
 def _classified(error: sa.exc.DBAPIError) -> Exception:
