@@ -169,8 +169,11 @@ class SqlTable:
 
         created = self._transaction(write)
         ids = list(map(self._key_text, columns[self.target.id_property]))
-        flags = map(created.get, ids)  # PostgreSQL returns no row it found equal: None
-        return Upserted(WrittenColumns(keys, ids, list(flags)), refused)
+        # PostgreSQL returns no row it found equal: None, unchanged. Unless a key it returned
+        # reads otherwise than sent: then it cannot tell, and calls the others updated.
+        told = created.keys() <= set(ids)
+        flags = [created.get(id_, None if told else False) for id_ in ids]
+        return Upserted(WrittenColumns(keys, ids, flags), refused)
 
     def _not_kept(self, columns: Columns) -> dict[int, str]:
         """The records a fixed-point, floating-point or coarse time column would not keep as
