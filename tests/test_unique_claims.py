@@ -239,3 +239,26 @@ def test_blank_text_is_no_ones_value(tmp_path, own_state):
     result = sync_people(engine, own_state)
     assert (result.written, result.counts["rejected"]) == (4, 0)
     engine.dispose()
+
+
+def test_a_holder_whose_move_is_refused_keeps_its_value(tmp_path, own_state):
+    """Record 2 holds b@ and, in one batch, moves to record 1's a@ (refused), while record 3
+    takes b@: record 3 had it, as record 2 was moving away, and two records held b@ (the
+    claims table lost record 2's). Record 2 keeps b@; record 3 is refused."""
+    table, engine = people(tmp_path, [(1, "a@example.com", None), (2, "b@example.com", None)])
+    assert sync_people(engine, own_state).written == 2
+    later = START + timedelta(hours=1)
+    with engine.begin() as connection:
+        connection.execute(
+            table.update().where(table.c.id == 2).values(email="A@example.com", updated_at=later)
+        )
+    add_people(table, engine, [(3, "b@example.com", None)], at=later)
+    result = sync_people(engine, own_state)
+    assert (result.written, result.counts["rejected"]) == (0, 2)
+    reasons = {d.record_key: d.reason for d in own_state.list_dead_letters(flow=PEOPLE.name)}
+    assert "email is already used by record 1" in reasons["2"]
+    assert "email is already used by record 2" in reasons["3"]
+    with engine.connect() as connection:
+        stored = connection.execute(sa.text("SELECT id, email FROM people_out ORDER BY id")).all()
+    assert stored == [(1, "a@example.com"), (2, "b@example.com")]
+    engine.dispose()

@@ -948,7 +948,9 @@ class Sync:
         """Split off records whose unique value (ignoring case) another record already holds: in
         the state store, in the batch being committed, or earlier in this batch. A stored claim
         counts only while its holder keeps the value: not once the batch in flight rewrote or
-        archived the holder, nor when this batch moves the holder to another value (or none).
+        archived the holder, nor when this batch moves the holder to another value (or none),
+        unless that move is refused: then the holder keeps its value, and the check runs again
+        (a record took the value of a holder whose own move was refused: two records held it).
         A value released by an archived record (archived before the upserts) goes to the first
         record of the batch that takes it. A record refused for one value claims none of its
         others, and is refused once, with every value it cannot have."""
@@ -957,18 +959,46 @@ class Sync:
             return valid, []
         releasing = releasing | in_flight.archived
         wanted: dict[str, dict[str, str]] = {}  # field → record key → digest of its value
-        owners: dict[str, dict[str, str]] = {}  # field → digest → holder
+        stored: dict[str, dict[str, str]] = {}  # field → digest → holder, as the store has it
+        moving: set[str] = set()  # holders this batch moves off a value they hold
         for name in fields:
             digests = valid[name].map(_claim_digest, na_action="ignore")
             now = dict(zip(digests.index, digests, strict=True))  # NaN: no value any more
-            stored = self.state.unique_owners(self.spec.name, name, digests.dropna().tolist())
-            owners[name] = {
-                digest: key
-                for digest, key in stored.items()
-                if key not in in_flight.rewritten and now.get(key, digest) == digest
+            found = self.state.unique_owners(self.spec.name, name, digests.dropna().tolist())
+            stored[name] = {
+                digest: key for digest, key in found.items() if key not in in_flight.rewritten
             }
-            owners[name].update(in_flight.owners(name))
+            moving.update(
+                key for digest, key in stored[name].items() if now.get(key, digest) != digest
+            )
             wanted[name] = digests.dropna().to_dict()
+        keeping: set[str] = set()  # moving holders whose move is refused
+        while True:
+            taken = self._clashes(valid, wanted, stored, moving - keeping, releasing, in_flight)
+            stuck = {rejection.index for rejection in taken} & moving
+            if stuck <= keeping:
+                return valid.drop(index=[rejection.index for rejection in taken]), taken
+            keeping |= stuck
+
+    def _clashes(
+        self,
+        valid: pd.DataFrame,
+        wanted: dict[str, dict[str, str]],
+        stored: dict[str, dict[str, str]],
+        moved: set[str],
+        releasing: set[str],
+        in_flight: _InFlight,
+    ) -> list[RowRejection]:
+        """The records refused for a value another holds, when the `moved` holders have let
+        go of theirs (see `_unclaimed`)."""
+        fields = self.spec.target.unique_ignoring_case
+        owners = {
+            name: {
+                **{d: key for d, key in stored[name].items() if key not in moved},
+                **in_flight.owners(name),
+            }
+            for name in fields
+        }
         taken: list[RowRejection] = []
         for key in valid.index:
             mine = [(name, wanted[name][key]) for name in fields if key in wanted[name]]
@@ -984,7 +1014,7 @@ class Sync:
                 continue
             for name, digest in mine:  # the first in the batch claims it
                 owners[name][digest] = key
-        return valid.drop(index=[rejection.index for rejection in taken]), taken
+        return taken
 
     def _without_held(
         self, live: pd.DataFrame, gone: pd.DataFrame, letters: list[DeadLetter], result: SyncResult
