@@ -187,3 +187,17 @@ def test_several_workers_opening_a_new_state_store_at_once_all_succeed(postgres_
 
     with ThreadPoolExecutor(max_workers=6) as pool:
         assert all(pool.map(open_store, range(6)))
+
+
+@pytest.mark.postgres
+def test_a_store_opens_beside_a_commit_under_way(postgres_database):
+    """Each store replaced the audit tables' triggers as it opened, which takes their exclusive
+    lock: every run starting waited behind the commits under way, and held up the next ones."""
+    url = postgres_database()
+    StateStore(url, dlq_key=DLQ_KEY).dispose()
+    committing = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    with committing.begin() as connection:  # a commit's audit step, still under way
+        connection.exec_driver_sql("LOCK TABLE audit_log IN SHARE ROW EXCLUSIVE MODE")
+        waiting_at_most = url + "?options=-c%20lock_timeout%3D3000"
+        StateStore(waiting_at_most, dlq_key=DLQ_KEY).dispose()
+    committing.dispose()

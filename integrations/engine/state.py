@@ -165,6 +165,20 @@ _APPEND_ONLY = {
     ],
 }
 
+
+def _append_only(connection) -> bool:
+    """Whether every audit table has its append-only triggers already (PostgreSQL): then a
+    store opens without replacing them, which takes each table's exclusive lock, so behind
+    every commit under way, and ahead of every next one."""
+    if connection.dialect.name != "postgresql":
+        return False  # SQLite's are created only if missing
+    found = connection.exec_driver_sql(
+        "SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal AND tgname = ANY(%(names)s)",
+        {"names": [f"{table}_append_only" for table in AUDIT_TABLES]},
+    ).scalar()
+    return found == len(AUDIT_TABLES)
+
+
 _IN_CHUNK = 500  # keys per IN (...) list, well under every dialect's parameter limit
 _ARRAY_CHUNK = 100_000  # keys per PostgreSQL array parameter
 # PostgreSQL plans a batch's key lookups by its statistics. A first sync grows the ledger from
@@ -373,8 +387,9 @@ class StateStore:
                     if connection.dialect.name == "postgresql":
                         connection.exec_driver_sql("SELECT pg_advisory_xact_lock(7260418)")
                     create_or_evolve(connection, metadata, "the state store")
-                    for statement in _APPEND_ONLY.get(connection.dialect.name, []):
-                        connection.exec_driver_sql(statement)
+                    if not _append_only(connection):
+                        for statement in _APPEND_ONLY[connection.dialect.name]:
+                            connection.exec_driver_sql(statement)
                 return
             except sa.exc.DBAPIError:
                 if attempt == attempts - 1:
