@@ -221,7 +221,8 @@ def _selected(store: StateStore, args: argparse.Namespace, limit: int | None) ->
 
 def cmd_dlq_list(args: argparse.Namespace) -> int:
     store = _store()
-    rows = [_dlq_row(letter) for letter in _selected(store, args, args.limit)]
+    found = _selected(store, args, args.limit + 1)  # one more: are there others?
+    rows = [_dlq_row(letter) for letter in found[: args.limit]]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -234,9 +235,8 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
             f"{row['id']:>6}  {row['flow']:<32} {row['key']:<12} {row['kind']:<20} "
             f"{row['attempts']:>3}  {row['reason']}"
         )
-    total = store.count_open_dead_letters(args.flow)
-    if not args.all and total > len(rows):
-        print(f"(showing {len(rows)} of {total} open; filters or --limit N show others)")
+    if len(found) > len(rows):  # the count of open letters ignored the filters
+        print(f"(showing the first {len(rows)} that match; --limit N shows more)")
     return 0
 
 

@@ -139,7 +139,11 @@ def test_configured_identifiers_are_checked_against_the_schema(erp):
 def test_dlq_cli_lists_and_shows_with_masked_pii(world, erp, crm_client, state, capsys):
     sync(erp, crm_client, state)
     assert main(["dlq", "list", "--limit", "20"]) == 0
-    assert "(showing 20 of " in capsys.readouterr().out
+    assert "(showing the first 20 that match" in capsys.readouterr().out
+    kinds = {letter.reason_kind for letter in state.list_dead_letters(limit=None)}
+    assert main(["dlq", "list", "--kind", "contract", "--limit", "10000"]) == 0
+    assert "showing" not in capsys.readouterr().out, "all that match are shown"
+    assert "contract" in kinds
     assert main(["dlq", "list", "--limit", "10000"]) == 0
     listing = capsys.readouterr().out
     letters = state.list_dead_letters(limit=10_000)
