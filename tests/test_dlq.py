@@ -14,6 +14,7 @@ from assets.crm_contacts import CRM_CONTACTS
 from assets.factory import flow_asset
 from definitions import resources
 from integrations.cli import main
+from integrations.engine import state as state_module
 from integrations.engine.state import BatchCommit, DeadLetter, StateStore
 from tests.conftest import DLQ_KEY
 from tests.contacts import sync
@@ -255,3 +256,41 @@ def test_a_discard_of_two_flows_beside_a_commit_is_no_deadlock(postgres_database
     assert failures == []
     for opened in (store, discarding, committer):
         opened.dispose()
+
+
+@pytest.mark.postgres
+def test_two_runs_letting_one_record_at_once_open_one_letter(postgres_database, monkeypatch):
+    """A backfill beside a scheduled run, both refusing record 42: each looked for its open
+    letter before the other committed, found none, and opened one (counted twice)."""
+    url = postgres_database()
+    StateStore(url, dlq_key=DLQ_KEY).dispose()
+    looked = threading.Event()
+    write = state_module.bulk_write
+
+    def pausing(connection, table, *args, **kwargs):
+        if table is state_module.dead_letters and threading.current_thread().name == "first":
+            looked.set()
+            time.sleep(1)  # the second run looks meanwhile
+        return write(connection, table, *args, **kwargs)
+
+    monkeypatch.setattr(state_module, "bulk_write", pausing)
+
+    def run(name: str) -> None:
+        if name == "second":
+            looked.wait(10)
+        store = StateStore(url, dlq_key=DLQ_KEY)
+        letter = DeadLetter("people", "42", "contract", "bad", {}, content_hash=name)
+        store.commit_batch(BatchCommit("people", name, dead_letters=[letter]))
+        store.dispose()
+
+    threads = [
+        threading.Thread(target=run, args=(name,), name=name) for name in ("first", "second")
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    store = StateStore(url, dlq_key=DLQ_KEY)
+    (letter,) = store.list_dead_letters(flow="people")
+    assert letter.attempts == 2
+    store.dispose()

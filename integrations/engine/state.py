@@ -179,6 +179,7 @@ def _append_only(connection) -> bool:
     return found == len(AUDIT_TABLES)
 
 
+_LETTERS_LOCK = 7260419  # the advisory lock space of a flow's dead letters (see _put_dead_letters)
 _IN_CHUNK = 500  # keys per IN (...) list, well under every dialect's parameter limit
 _ARRAY_CHUNK = 100_000  # keys per PostgreSQL array parameter
 # PostgreSQL plans a batch's key lookups by its statistics. A first sync grows the ledger from
@@ -864,6 +865,14 @@ class StateStore:
         flow_keys = {(letter.flow, letter.record_key) for letter in letters}
         existing: dict[tuple[str, str], int] = {}
         dialect = connection.dialect.name
+        if dialect == "postgresql":  # two runs of a flow (a backfill beside a schedule) take
+            # turns from the lookup to the commit: else both found no open letter for a record
+            # and each opened one.
+            for flow in sorted({flow for flow, _ in flow_keys}):
+                connection.execute(
+                    sa.text("SELECT pg_advisory_xact_lock(CAST(:space AS int), hashtext(:flow))"),
+                    {"space": _LETTERS_LOCK, "flow": flow},
+                )
         for flow in {flow for flow, _ in flow_keys}:
             keys = [key for f, key in flow_keys if f == flow]
             for chunk in _chunks(keys, dialect):
