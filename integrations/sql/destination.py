@@ -610,9 +610,7 @@ _SQLITE_SCHEMA_GONE = ("no such table", "no such column", "has no column named")
 def _schema_gone(error: sa.exc.DBAPIError) -> bool:
     original = error.orig
     if isinstance(original, sqlite3.Error):
-        return str(original).startswith(_SQLITE_SCHEMA_GONE) or " has no column named " in str(
-            original
-        )
+        return any(words in str(original) for words in _SQLITE_SCHEMA_GONE)
     code = original.args[0] if original is not None and original.args else None
     return getattr(original, "sqlstate", None) in _PG_SCHEMA_GONE or code in _MARIADB_SCHEMA_GONE
 
