@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -100,15 +101,7 @@ class Contract:
                 raise ContractViolation(
                     f"{self.label}: the batch does not fit the contract: {rules}"
                 )
-            for index, context, column, check in zip(
-                row_cases["index"],
-                row_cases["schema_context"],
-                row_cases["column"],
-                row_cases["check"],
-                strict=True,
-            ):
-                whole_row = context == "DataFrameSchema"
-                reason = _readable(check) if whole_row else f"{column} {_readable(check)}"
+            for index, reason, _ in _failures(row_cases):
                 if reason not in reasons[index]:
                     reasons[index].append(reason)
             kept = ~remaining.index.isin(row_cases["index"])
@@ -176,16 +169,8 @@ class Contract:
                 schema = self.schema.remove_columns(list(names))
                 schema.validate(rows.loc[indexes].drop(columns=list(names)), lazy=True)
             except pa.errors.SchemaErrors as errors:
-                cases = errors.failure_cases
-                for index, context, column, check in zip(
-                    cases["index"],
-                    cases["schema_context"],
-                    cases["column"],
-                    cases["check"],
-                    strict=True,
-                ):
-                    reason = f"{column} {_readable(check)}"
-                    if context == "Column" and index in reasons and reason not in reasons[index]:
+                for index, reason, whole_row in _failures(errors.failure_cases):
+                    if not whole_row and index in reasons and reason not in reasons[index]:
                         reasons[index].append(reason)
             except Exception:  # the row is refused already: its first fault stands
                 pass
@@ -321,6 +306,16 @@ def _parsed_times(texts: pd.Series) -> tuple[pd.Series, list[object]]:
         except (ValueError, TypeError, OverflowError):  # out of bounds is a ValueError too
             refused.append(index)
     return parsed.dt.tz_localize(None), refused
+
+
+def _failures(cases: pd.DataFrame) -> Iterator[tuple[object, str, bool]]:
+    """Each failure's row, the rule it broke in words (its field's name first), and whether the
+    rule is the whole row's."""
+    for index, context, column, check in zip(
+        cases["index"], cases["schema_context"], cases["column"], cases["check"], strict=True
+    ):
+        whole_row = context == "DataFrameSchema"
+        yield index, _readable(check) if whole_row else f"{column} {_readable(check)}", whole_row
 
 
 def _readable(check: object) -> str:
