@@ -207,9 +207,9 @@ class SqlSource:
         PostgreSQL domain's keys are its base type's; a key column whose type has no Python type
         (inet, a SQLite column declared without one) is given the keys' text, bound as the
         column's type for the database to read (they were all dropped, and nothing repaired)."""
-        key_type = self.key.type
+        key_type = getattr(self.key.type, "data_type", self.key.type)  # a domain's base type
         try:
-            native_type = getattr(key_type, "data_type", key_type).python_type
+            native_type = key_type.python_type
         except NotImplementedError:
             native_type = object
         native = []
@@ -222,8 +222,8 @@ class SqlSource:
             chunk = sa.bindparam(
                 "keys", native[start : start + batch_size], expanding=True, type_=key_type
             )
-            query = self.select.where(self.key.in_(chunk)).order_by(*self.order)
-            yield from self._frames(query, batch_size)
+            wanted = sa.type_coerce(self.key, key_type).in_(chunk)
+            yield from self._frames(self.select.where(wanted).order_by(*self.order), batch_size)
 
     def _frames(self, query: sa.Select, batch_size: int) -> Iterator[pd.DataFrame]:
         """The rows of `query`, streamed, as frames of `batch_size` rows (none when empty)."""
