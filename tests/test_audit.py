@@ -201,3 +201,25 @@ def test_a_store_opens_beside_a_commit_under_way(postgres_database):
         waiting_at_most = url + "?options=-c%20lock_timeout%3D3000"
         StateStore(waiting_at_most, dlq_key=DLQ_KEY).dispose()
     committing.dispose()
+
+
+@pytest.mark.postgres
+def test_a_store_restores_its_triggers_disabled_or_missing_in_its_schema(postgres_database):
+    """Opening skips the triggers only when they stand, enabled, on this store's own tables: a
+    second store in another schema of the database got none (its trail could be deleted), and
+    a trigger left disabled stayed so."""
+    url = postgres_database()
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    with engine.begin() as connection:
+        connection.exec_driver_sql("CREATE SCHEMA staging")
+    StateStore(url, dlq_key=DLQ_KEY).dispose()
+    with engine.begin() as connection:
+        connection.exec_driver_sql("ALTER TABLE audit_log DISABLE TRIGGER audit_log_append_only")
+    for schema in ("public", "staging"):
+        store = StateStore(url + f"?options=-c%20search_path%3D{schema}", dlq_key=DLQ_KEY)
+        store.append_audit(actor="t", action="approve", why="t", detail={})
+        store.dispose()
+    for table in ("public.audit_log", "staging.audit_log"):
+        with pytest.raises(sa.exc.DBAPIError, match="append-only"), engine.begin() as connection:
+            connection.exec_driver_sql(f"DELETE FROM {table}")
+    engine.dispose()

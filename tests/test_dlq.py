@@ -15,7 +15,7 @@ from assets.factory import flow_asset
 from definitions import resources
 from integrations.cli import main
 from integrations.engine import state as state_module
-from integrations.engine.state import BatchCommit, DeadLetter, StateStore
+from integrations.engine.state import BatchCommit, DeadLetter, LedgerEntry, StateStore
 from tests.conftest import DLQ_KEY
 from tests.contacts import sync
 
@@ -294,3 +294,17 @@ def test_two_runs_letting_one_record_at_once_open_one_letter(postgres_database, 
     (letter,) = store.list_dead_letters(flow="people")
     assert letter.attempts == 2
     store.dispose()
+
+
+def test_a_discard_is_history_once_the_record_synced_and_a_repair_passes_it(own_state):
+    """A discard held the record's content for good: after the record synced (say it changed,
+    then came back to the discarded content) it was held again, the destination left stale; a
+    repair, sent because reconciliation found the record missing, was held too."""
+    letter = DeadLetter("f", "1", "destination-rejected", "refused", {}, content_hash="h")
+    own_state.commit_batch(BatchCommit("f", "r1", dead_letters=[letter]))
+    (opened,) = own_state.list_dead_letters("f")
+    own_state.discard_dead_letters([opened], actor="ops", why="known", run_id="d")
+    assert own_state.held_letter_hashes("f", ["1"]) == ({}, {"1": "h"})
+    synced = {"1": LedgerEntry("other", "1", False, None)}
+    own_state.commit_batch(BatchCommit("f", "r2", synced=synced))
+    assert own_state.held_letter_hashes("f", ["1"]) == ({}, {})

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from integrations.engine.reconcile import reconcile
 from integrations.engine.spec import DailyPartitions, FlowSpec, SourceTable
-from integrations.engine.state import StateStore
+from integrations.engine.state import BatchCommit, StateStore, Watermark
 from integrations.engine.sync import ErrorBudgetExceeded, Sync, SyncResult
 from integrations.sql.connect import create_engine
 from integrations.sql.destination import SqlTable
@@ -216,6 +216,36 @@ def test_a_cursor_in_the_far_future_moves_no_watermark_past_the_present(
     again = run(engine, state)
     assert again.written == 1 and rows(engine)["L1"][1] == "changed"
     assert SqlSource(engine, SOURCE).high_water_mark().year < 2099
+    # A watermark an earlier handoff left in 2099: the next run reads every row, sets it anew.
+    state.commit_batch(BatchCommit(SPEC.name, "old", watermark=Watermark(datetime(2099, 1, 1), 2)))
+    assert run(engine, state).counts["read"] == 2
+    assert state.watermark(SPEC.name).updated_at <= datetime.now(UTC).replace(tzinfo=None)
+    assert "the stored watermark 2099-01-01T00:00:00 is in the future" in caplog.text
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_repair_sends_a_record_whose_letter_was_discarded(postgres_database, state):
+    """The table refused line 2, its letter was discarded, then the table let it be: the
+    repair reconciliation asked for was held as the discarded content, and the line never
+    written, reconciliation finding it missing run after run."""
+    engine = create_engine(postgres_database())
+    source_lines(engine, [datetime(2025, 1, 1) + timedelta(minutes=n) for n in range(2)])
+    SqlTable(engine, SPEC.target, create_missing=True).prepare(SPEC)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "ALTER TABLE ledger_lines ADD CONSTRAINT no_two CHECK (line_number <> 'L2')"
+        )
+    assert run(engine, state).counts["rejected"] == 1
+    state.discard_dead_letters(state.list_dead_letters(SPEC.name), actor="o", why="w", run_id="d")
+    with engine.begin() as connection:
+        connection.exec_driver_sql("ALTER TABLE ledger_lines DROP CONSTRAINT no_two")
+    repair = Sync(
+        SPEC, SqlSource(engine, SOURCE), SqlTable(engine, SPEC.target), state,
+        run_id="r2", actor="test", why="repair",
+    )  # fmt: skip
+    assert repair.repair(["2"]).written == 1
+    assert sorted(rows(engine)) == ["L1", "L2"]
     engine.dispose()
 
 

@@ -243,9 +243,13 @@ def test_a_char_or_date_key_is_written_read_and_archived_as_its_text(engine):
         assert sorted(key for key, _, _ in table.snapshot(["name"])) == keys
         table.archive([keys[0]])
         assert [key for key, _, _ in table.snapshot(["name"])] == [keys[1]]
-        if key_type is not sa.Date:
-            (refused,) = table.upsert([coded("EUR ", "padded")]).refused
-            assert "pads keys with spaces" in refused.reason
+        if key_type is sa.Date:
+            continue
+        padded = table.upsert([coded("EUR ", "padded")])
+        if engine.dialect.name == "sqlite":  # it keeps CHAR text as sent: another key
+            assert [w.destination_id for w in padded.written] == ["EUR "]
+        else:
+            assert "pads keys with spaces" in padded.refused[0].reason
 
 
 class ShapedV1(pa.DataFrameModel):
@@ -427,6 +431,7 @@ def test_text_a_date_or_time_column_would_change_is_refused_or_said_in_utc(engin
     [
         ('value "4915112345678" is out of range for type integer', 'value "…" is out of range'),
         ("Duplicate entry 'o'brien for sure@x.com' for key 'email'", "entry '…' for key 'email'"),
+        ('invalid input syntax for type integer: "Bob" is my name, 42"', 'integer: "…"'),
         ('column "born" is of type date', 'column "born" is of type date'),
     ],
 )

@@ -262,3 +262,39 @@ def test_a_holder_whose_move_is_refused_keeps_its_value(tmp_path, own_state):
         stored = connection.execute(sa.text("SELECT id, email FROM people_out ORDER BY id")).all()
     assert stored == [(1, "a@example.com"), (2, "b@example.com")]
     engine.dispose()
+
+
+def test_a_holder_whose_move_lands_after_all_lets_go_of_its_value(tmp_path, own_state):
+    """X moves off u and takes +1555, first refused for it (Y took it), then accepted once Y is
+    refused (Y took Z's z1, and Z's own move is refused): X still counted as holding u, and W,
+    taking u, was refused."""
+    table, engine = people(
+        tmp_path, [(1, "z2@x.com", None), (2, "z1@x.com", None), (3, "u@x.com", None)]
+    )
+    assert sync_people(engine, own_state).written == 3
+    at = datetime(2025, 2, 1)
+    with engine.begin() as connection:
+        connection.execute(
+            table.insert(), [{"id": 4, "email": "z1@x.com", "phone": "+1555", "updated_at": at}]
+        )
+        connection.execute(
+            table.update()
+            .where(table.c.id == 3)
+            .values(email="x2@x.com", phone="+1555", updated_at=at + timedelta(seconds=1))
+        )
+        connection.execute(
+            table.insert(),
+            [{"id": 5, "email": "u@x.com", "phone": None, "updated_at": at + timedelta(seconds=2)}],
+        )
+        connection.execute(
+            table.update()
+            .where(table.c.id == 2)
+            .values(email="z2@x.com", updated_at=at + timedelta(seconds=3))
+        )
+    sync_people(engine, own_state)
+    refused = sorted(d.record_key for d in own_state.list_dead_letters(flow=PEOPLE.name))
+    assert refused == ["2", "4"]
+    with engine.connect() as connection:
+        stored = dict(connection.execute(sa.text("SELECT id, email FROM people_out")).all())
+    assert stored == {1: "z2@x.com", 2: "z1@x.com", 3: "x2@x.com", 5: "u@x.com"}
+    engine.dispose()

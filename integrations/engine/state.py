@@ -172,11 +172,14 @@ def _append_only(connection) -> bool:
     every commit under way, and ahead of every next one."""
     if connection.dialect.name != "postgresql":
         return False  # SQLite's are created only if missing
-    found = connection.exec_driver_sql(
-        "SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal AND tgname = ANY(%(names)s)",
-        {"names": [f"{table}_append_only" for table in AUDIT_TABLES]},
-    ).scalar()
-    return found == len(AUDIT_TABLES)
+    standing = 0
+    for table in AUDIT_TABLES:  # on this store's tables (its schema), and enabled
+        standing += connection.exec_driver_sql(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass(%(table)s) "
+            "AND tgname = %(trigger)s AND tgenabled <> 'D'",
+            {"table": table, "trigger": f"{table}_append_only"},
+        ).scalar()
+    return standing == len(AUDIT_TABLES)
 
 
 _LETTERS_LOCK = 7260419  # the advisory lock space of a flow's dead letters (see _put_dead_letters)
@@ -447,8 +450,8 @@ class StateStore:
         self, flow: str, keys: Sequence[str]
     ) -> tuple[dict[str, str | None], dict[str, str | None]]:
         """Content hash of each key's unresolved dead letter, for keys that have one; and, for
-        keys without one, of its latest letter closed by a discard (the record, as it was then,
-        is not to be synced nor refused again)."""
+        keys without one, of its latest letter closed by a discard and not synced since (the
+        record, as it was then, is not to be synced nor refused again)."""
         open_: dict[str, str | None] = {}
         discarded: dict[str, str | None] = {}
         dialect = self.engine.dialect.name
@@ -465,7 +468,14 @@ class StateStore:
                         _among(dead_letters.c.record_key, chunk, dialect),
                         sa.or_(
                             dead_letters.c.resolved_at.is_(None),
-                            dead_letters.c.resolution == "discarded",
+                            sa.and_(
+                                dead_letters.c.resolution == "discarded",
+                                ~sa.exists().where(  # not synced since: then it is history
+                                    ledger.c.flow == dead_letters.c.flow,
+                                    ledger.c.record_key == dead_letters.c.record_key,
+                                    ledger.c.synced_at > dead_letters.c.resolved_at,
+                                ),
+                            ),
                         ),
                     )
                     .order_by(dead_letters.c.id)

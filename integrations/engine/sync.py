@@ -306,6 +306,8 @@ def _json_ready(frame: pd.DataFrame) -> list[dict[str, object]]:
     return columns.records(columns.ready_columns(frame))
 
 
+_CLAIM_PASSES = 8  # checks of a batch's unique values, as refused moves are found (_unclaimed)
+
 # A write's audit action: created, updated, or found as sent (the destination rewrote nothing).
 _ACTIONS = {True: "insert", False: "update", None: "unchanged"}
 
@@ -349,7 +351,7 @@ def expected_records(
     for batch in source.batches(None, spec.batch_size):
         batch = batch.set_axis(batch[spec.source.key].astype(str), axis=0)
         if held:  # a lookup per row: the DLQ may hold many
-            batch = batch[[key not in held for key in batch.index]]
+            batch = batch[np.fromiter((key not in held for key in batch.index), bool, len(batch))]
         batch = batch[~_out_of_flow(spec, batch)]
         valid = spec.source_contract.judge(batch).valid
         mapped = spec.target_contract.judge(mapped_rows(spec, valid)[0]).valid
@@ -386,6 +388,15 @@ class Sync:
         Before anything is written, the archive guard counts what the run would archive.
         """
         before = self.state.watermark(self.spec.name)
+        if before is not None and before.updated_at > utcnow() + FAR_FUTURE:
+            self.log.warning(
+                "%s: the stored watermark %s is in the future (a cursor value in the future, "
+                "kept by an earlier handoff): every change since was skipped; this run reads "
+                "every row, and sets the watermark anew",
+                self.spec.name,
+                before.updated_at.isoformat(),
+            )
+            before = None
         since = None
         if before is not None and not full:
             since = before.updated_at - self.spec.lookback
@@ -973,12 +984,16 @@ class Sync:
             )
             wanted[name] = digests.dropna().to_dict()
         keeping: set[str] = set()  # moving holders whose move is refused
-        while True:
+        for _ in range(_CLAIM_PASSES):
             taken = self._clashes(valid, wanted, stored, moving - keeping, releasing, in_flight)
             stuck = {rejection.index for rejection in taken} & moving
-            if stuck <= keeping:
+            if stuck == keeping:
                 return valid.drop(index=[rejection.index for rejection in taken]), taken
-            keeping |= stuck
+            keeping = stuck
+        # Moves that keep undoing each other (a long chain): none lets go of its value this
+        # batch, which refuses more than needed and never gives a value to two records.
+        taken = self._clashes(valid, wanted, stored, set(), releasing, in_flight)
+        return valid.drop(index=[rejection.index for rejection in taken]), taken
 
     def _clashes(
         self,
@@ -1028,6 +1043,7 @@ class Sync:
         opened, discarded = self.state.held_letter_hashes(self.spec.name, keys)
         if self._replaying:
             return live, letters, set(opened)
+        discarded = {key: hashed for key, hashed in discarded.items() if key not in self._force}
         held = {**discarded, **opened}
         if not held:
             return live, letters, set(opened)

@@ -134,7 +134,14 @@ class SqlTable:
         column = self.table.c[self.target.id_property]
         if python_type(column) in (Decimal, float):
             return _number_text
-        return _unpadded if isinstance(column.type, sa.CHAR) else str
+        return _unpadded if self._padded_key else str
+
+    @property
+    def _padded_key(self) -> bool:
+        """A CHAR(n) key, which PostgreSQL pads with spaces and MariaDB compares without them
+        (SQLite keeps the text as sent)."""
+        key = self.table.c[self.target.id_property]
+        return isinstance(key.type, sa.CHAR) and self.dialect != "sqlite"
 
     # --- writes ------------------------------------------------------------------------------
 
@@ -195,7 +202,7 @@ class SqlTable:
                     "mapping) to what the column holds, or widen the column",
                 )
         key = self.table.c[self.target.id_property]
-        if isinstance(key.type, sa.CHAR):
+        if self._padded_key:
             for at, value in enumerate(columns[key.name]):
                 if isinstance(value, str) and value.endswith(" "):
                     found.setdefault(
@@ -204,10 +211,10 @@ class SqlTable:
                         "spaces: a key ending in one would be another record's. What to do: "
                         "trim the key in the flow's mapping, or make the column varchar",
                     )
-        endless = _ENDLESS if self.dialect == "postgresql" else frozenset()
+        endless = _ENDLESS if self.dialect == "postgresql" else frozenset()  # as lowered
         for name in self._text_dates:
             for at, value in enumerate(columns[name]):
-                if value not in endless and (why := _not_a_date(value)):
+                if str(value).lower() not in endless and (why := _not_a_date(value)):
                     found.setdefault(
                         at,
                         f"column {name!r} is a DATE and the text {why}. What to do: send the "
@@ -215,7 +222,11 @@ class SqlTable:
                     )
         for name in self._text_times:
             for at, value in enumerate(columns[name]):
-                if isinstance(value, str) and value not in endless and not _ISO_TIME.match(value):
+                if (
+                    isinstance(value, str)
+                    and value.lower() not in endless
+                    and not _ISO_TIME.match(value)
+                ):
                     found.setdefault(
                         at,
                         f"column {name!r} is a timestamp and the text is no ISO 8601 date and "
@@ -502,7 +513,7 @@ _NAIVE_TIME = re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d(:\d\d(\.\d{1,9})?)?")
 
 
 # PostgreSQL's dates and times without end, which it keeps as they are.
-_ENDLESS = frozenset({"infinity", "-infinity"})
+_ENDLESS = frozenset({"infinity", "+infinity", "-infinity"})
 
 
 def _naive_utc(value: object) -> object:
@@ -592,8 +603,9 @@ def _unreachable(error: sa.exc.DBAPIError) -> bool:
         name = getattr(error.orig, "sqlite_errorname", "")
         return name.startswith(_SQLITE_UNAVAILABLE)
     # PyMySQL files server-side data errors (1366 a wrong value, 4025 a CHECK) as
-    # OperationalError too; only the client's codes (2000–2999) mean no connection.
-    return not isinstance(code, int) or 2000 <= code < 3000
+    # OperationalError too; only the client's codes (2000–2999) mean no connection, and a
+    # server read-only (1290 --read-only, 1836 a read-only replica) that it cannot write.
+    return not isinstance(code, int) or 2000 <= code < 3000 or code in (1290, 1836)
 
 
 _SQLITE_UNAVAILABLE = (
@@ -620,7 +632,8 @@ def _schema_gone(error: sa.exc.DBAPIError) -> bool:
 # PostgreSQL's "invalid input syntax for type date: "…"" (at the end) and "value "…" is out of
 # range for type integer".
 _QUOTED_VALUE = re.compile(
-    r"((?:entry|value):? )'.*?'(?= for |$)|(: |value )\".*?\"(?=$| is )", re.IGNORECASE
+    r"((?:entry|value):? )'.*?'(?= for |$)|(: )\".*\"$|(value )\".*\"(?= is out of range)",
+    re.IGNORECASE,
 )
 
 
@@ -646,4 +659,4 @@ def _classified(error: sa.exc.DBAPIError) -> Exception:
 
 
 def _unquoted(found: re.Match) -> str:
-    return f"{found[1]}'…'" if found[1] else f'{found[2]}"…"'
+    return f"{found[1]}'…'" if found[1] else f'{found[2] or found[3]}"…"'
