@@ -106,12 +106,12 @@ class WrittenColumns(Sequence[Written]):
 
     @property
     def inserted(self) -> int:
-        return sum(1 for created in self.created if created)
+        return list(self.created).count(True)
 
     @property
     def unchanged(self) -> int:
         """Records the destination held as sent already: nothing was rewritten."""
-        return sum(1 for created in self.created if created is None)
+        return list(self.created).count(None)
 
     @property
     def updated(self) -> int:

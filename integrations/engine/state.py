@@ -453,37 +453,40 @@ class StateStore:
         keys without one, of its latest letter closed by a discard and not synced since (the
         record, as it was then, is not to be synced nor refused again)."""
         open_: dict[str, str | None] = {}
-        discarded: dict[str, str | None] = {}
+        discarded: dict[str, tuple[int, datetime, str | None]] = {}  # key → latest discard
         dialect = self.engine.dialect.name
         with self.engine.connect() as connection:
             for chunk in _chunks(keys, dialect):
                 rows = connection.execute(
                     sa.select(
+                        dead_letters.c.id,
                         dead_letters.c.record_key,
                         dead_letters.c.content_hash,
                         dead_letters.c.resolved_at,
-                    )
-                    .where(
+                    ).where(
                         dead_letters.c.flow == flow,
                         _among(dead_letters.c.record_key, chunk, dialect),
                         sa.or_(
                             dead_letters.c.resolved_at.is_(None),
-                            sa.and_(
-                                dead_letters.c.resolution == "discarded",
-                                ~sa.exists().where(  # not synced since: then it is history
-                                    ledger.c.flow == dead_letters.c.flow,
-                                    ledger.c.record_key == dead_letters.c.record_key,
-                                    ledger.c.synced_at > dead_letters.c.resolved_at,
-                                ),
-                            ),
+                            dead_letters.c.resolution == "discarded",
                         ),
                     )
-                    .order_by(dead_letters.c.id)
                 )
                 for row in rows:
-                    found = open_ if row.resolved_at is None else discarded
-                    found[row.record_key] = row.content_hash
-        return open_, {key: hashed for key, hashed in discarded.items() if key not in open_}
+                    if row.resolved_at is None:
+                        open_[row.record_key] = row.content_hash
+                    elif row.id > discarded.get(row.record_key, (0,))[0]:
+                        discarded[row.record_key] = (row.id, row.resolved_at, row.content_hash)
+            closed = sorted(key for key in discarded if key not in open_)
+            history: set[str] = set()  # synced since their discard
+            for chunk in _chunks(closed, dialect):  # few: a discard is a person's decision
+                synced = connection.execute(
+                    sa.select(ledger.c.record_key, ledger.c.synced_at).where(
+                        ledger.c.flow == flow, _among(ledger.c.record_key, chunk, dialect)
+                    )
+                )
+                history.update(key for key, at in synced if at > discarded[key][1])
+        return open_, {key: discarded[key][2] for key in closed if key not in history}
 
     def unique_owners(self, flow: str, field_name: str, digests: Sequence[str]) -> dict[str, str]:
         """value digest → the record key that holds it, for digests already claimed."""
