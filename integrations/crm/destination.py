@@ -28,6 +28,7 @@ class CrmObjects:
     """One CRM object type (contacts, companies, deals) keyed by `id_property`."""
 
     max_batch = MAX_BATCH
+    ids_ignore_case = True  # its unique properties compare without case
 
     def __init__(
         self,

@@ -179,6 +179,9 @@ class DestinationMismatch(Exception):
 class Destination(Protocol):
     name: str
     max_batch: int
+    # Whether it takes ids that differ only in case for one record (a CRM's unique properties);
+    # reconciliation compares ids so. A destination without the attribute compares exactly.
+    ids_ignore_case: bool
 
     def prepare(self, spec: FlowSpec) -> None:
         """Before the first write: raise DestinationMismatch when the destination cannot hold

@@ -85,14 +85,17 @@ def reconcile(spec: FlowSpec, source: Source, destination: Destination, state: S
         for entry in state.ledger_entries(spec.name, sorted(held)).values()
         if entry.destination_id
     }
+    # Ids as the destination compares them: a CRM's ignoring case, a SQL table's exactly (there
+    # "abc" and "ABC" are two records, which lower-casing made one).
+    same = str.lower if getattr(destination, "ids_ignore_case", False) else str
     expected: dict[str, str] = {}
     source_key_of: dict[str, str] = {}
     for key, record in expected_records(spec, source, held):
-        id_value = str(record[spec.target.id_property]).lower()
+        id_value = same(str(record[spec.target.id_property]))
         expected[id_value] = content_hash(_as_stored(record, fields, flags))
         source_key_of[id_value] = key
     actual = {
-        id_value.lower(): content_hash(_as_stored(properties, fields, flags))
+        same(id_value): content_hash(_as_stored(properties, fields, flags))
         for id_value, destination_id, properties in destination.snapshot(fields)
         if destination_id not in held_ids
     }

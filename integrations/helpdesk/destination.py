@@ -50,6 +50,7 @@ class RtUsers:
     """RT users keyed by `Name`; the records' `CF.{…}` properties are custom fields."""
 
     max_batch = MAX_BATCH
+    ids_ignore_case = True  # its unique properties compare without case
     name = "RT users"
 
     def __init__(self, client: RtClient, id_property: str = "Name"):

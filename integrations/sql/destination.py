@@ -71,6 +71,7 @@ class SqlTable:
     """One table of a SQL database, keyed by the target's `id_property`."""
 
     max_batch = 50_000
+    ids_ignore_case = False  # its key compares exactly (a loose one is refused by the fit)
 
     def __init__(self, engine: sa.Engine, target: Target, create_missing: bool = False):
         self.engine, self.target, self.create_missing = engine, target, create_missing
