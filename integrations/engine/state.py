@@ -172,13 +172,12 @@ def _append_only(connection) -> bool:
     every commit under way, and ahead of every next one."""
     if connection.dialect.name != "postgresql":
         return False  # SQLite's are created only if missing
-    standing = 0
-    for table in AUDIT_TABLES:  # on this store's tables (its schema), and enabled
-        standing += connection.exec_driver_sql(
-            "SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass(%(table)s) "
-            "AND tgname = %(trigger)s AND tgenabled <> 'D'",
-            {"table": table, "trigger": f"{table}_append_only"},
-        ).scalar()
+    standing = connection.exec_driver_sql(  # on this store's tables (its schema), enabled
+        "SELECT count(*) FROM unnest(%(tables)s::text[]) AS audit(name) JOIN pg_trigger "
+        "ON tgrelid = to_regclass(audit.name) AND tgname = audit.name || '_append_only' "
+        "AND tgenabled <> 'D'",
+        {"tables": list(AUDIT_TABLES)},
+    ).scalar()
     return standing == len(AUDIT_TABLES)
 
 
@@ -303,19 +302,19 @@ class BatchCommit:
     audit_records: list[tuple] = field(default_factory=list)
 
 
-def _chunks(items: Sequence[str], dialect: str) -> Iterator[Sequence[str]]:
+def _chunks(items: Sequence[object], dialect: str) -> Iterator[Sequence[object]]:
     size = _ARRAY_CHUNK if dialect == "postgresql" else _IN_CHUNK
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
 
-def _among(column: sa.Column, values: Sequence[str], dialect: str) -> sa.ColumnElement[bool]:
+def _among(column: sa.Column, values: Sequence[object], dialect: str) -> sa.ColumnElement[bool]:
     """`column IN values`; on PostgreSQL `= ANY(…)` of one parameter: a batch's keys in one query
-    that is cheap to compile and send (as one text split by the server when no key holds the
+    that is cheap to compile and send (keys as one text split by the server when none holds the
     separator, which usable keys never do: it is a control character)."""
     if dialect != "postgresql":
         return column.in_(values)
-    if not any(_SEPARATOR in value for value in values):
+    if all(isinstance(value, str) and _SEPARATOR not in value for value in values):
         joined = sa.literal(_SEPARATOR.join(values), sa.Text)
         return column == sa.any_(
             sa.func.string_to_array(joined, _SEPARATOR, type_=postgresql.ARRAY(sa.Text))
@@ -529,18 +528,13 @@ class StateStore:
         with self.engine.connect() as connection:
             dialect = connection.dialect.name
             conditions = [sa.true()]
-            if ids:  # numbers: IN lists, under every dialect's parameter limit
-                ids = sorted(set(ids))
-                conditions = [
-                    dead_letters.c.id.in_(ids[start : start + _IN_CHUNK])
-                    for start in range(0, len(ids), _IN_CHUNK)
-                ]
-            if keys:
-                by_key = [
-                    _among(dead_letters.c.record_key, chunk, dialect)
-                    for chunk in _chunks(sorted(set(keys)), dialect)
-                ]
-                conditions = [sa.and_(a, b) for a in conditions for b in by_key]
+            for column, wanted in ((dead_letters.c.id, ids), (dead_letters.c.record_key, keys)):
+                if wanted:
+                    conditions = [
+                        sa.and_(condition, _among(column, chunk, dialect))
+                        for condition in conditions
+                        for chunk in _chunks(sorted(set(wanted)), dialect)
+                    ]
             found = {
                 row.id: row
                 for condition in conditions
