@@ -219,6 +219,31 @@ def test_a_contract_violation_planted_in_chinook_lands_in_the_dlq(world, state, 
     assert query(f"sqlite:///{finance}", "SELECT count(*) FROM chinook_customers") == [(58,)]
 
 
+def test_invoice_dates_sqlite_cannot_read_are_dead_lettered_not_fatal(world, state, chinook_copy):
+    """SQLite keeps any text in a DATETIME column. One impossible date failed the whole read
+    ("day is out of range for month", no flow, no record, on every rerun); one SQLite reads as
+    no time at all was in no partition's window, and never read. Both are dead-lettered now,
+    and the rest of the quarter lands."""
+    engine = create_engine(chinook_copy)
+    with engine.begin() as connection:
+        for invoice, day in ((40, "2021-02-30 00:00:00"), (41, "2021-01-32 00:00:00")):
+            connection.execute(
+                sa.text('UPDATE "Invoice" SET "InvoiceDate" = :day WHERE "InvoiceId" = :id'),
+                {"day": day, "id": invoice},
+            )
+    engine.dispose()
+    count = query(
+        chinook_copy,
+        'SELECT count(*) FROM "Invoice" WHERE datetime("InvoiceDate") < \'2021-04-01\'',
+    )[0][0]
+    with dg.instance_for_test() as instance:
+        counts = materialize(CHINOOK_INVOICES, instance, tags=CHINOOK_QUARTER)
+    assert (counts["inserted"], counts["rejected"]) == (count - 1, 2)
+    letters = state.list_dead_letters(CHINOOK_INVOICES.name)
+    assert sorted(letter.record_key for letter in letters) == ["40", "41"]
+    assert all("InvoiceDate is not a date and time" in letter.reason for letter in letters)
+
+
 def test_finance_flows_are_daily_partitioned_and_wired():
     for key in (["finance", "invoices"], ["finance", "payments"], ["finance", "chinook_invoices"]):
         asset = defs.resolve_assets_def(dg.AssetKey(key))

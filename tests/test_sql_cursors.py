@@ -146,6 +146,45 @@ def mapped_unless_boom(rows):
     return rows[["line_number", "amount", "booked_on", "memo"]]
 
 
+@pytest.mark.parametrize("declared", ["INTEGER", "DATETIME", ""])
+def test_a_cursor_of_numbers_stops_the_run_with_what_to_do(tmp_path, state, declared):
+    """Epoch seconds in a SQLite cursor column were read as nanoseconds past 1970: the watermark
+    stayed in 1970, and every later change (a number, which SQLite sorts before any text bound)
+    was skipped without a word. A column declared numeric is refused when the source opens; one
+    declared otherwise, or not at all, when a number is read, before anything is written."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'lines.sqlite'}")
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            f"CREATE TABLE source_lines (id INTEGER PRIMARY KEY, line_number TEXT, amount REAL, "
+            f"booked_on TEXT, memo TEXT, updated_at {declared}, deleted_at TEXT)"
+        )
+        connection.exec_driver_sql(
+            "INSERT INTO source_lines VALUES (1, 'L1', 1, '2025-01-02', 'x', 1735689600, NULL)"
+        )
+    with pytest.raises(Exception, match=r"source_lines\.updated_at holds numbers") as raised:
+        run(engine, state)
+    assert "What to do" in str(raised.value)
+    assert state.watermark(SPEC.name) is None and state.count_synced(SPEC.name) == 0
+    engine.dispose()
+
+
+def test_the_newest_sqlite_cursor_is_the_latest_time_whatever_its_text(tmp_path):
+    """SQLite compares text: "…-02T09:00" sorted after "…-02 23:00", so the sensor's mark stayed
+    at 09:00 while later rows changed. A value that is no time, or in the far future, is no mark."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'lines.sqlite'}")
+    source_lines(engine, [None, None, None, None])
+    with engine.begin() as connection:
+        for line, stamp in enumerate(
+            ["2025-01-02T09:00:00", "2025-01-02 23:00:00.250", "2025-01-02 7pm", "2099-01-01"],
+            start=1,
+        ):
+            connection.exec_driver_sql(
+                "UPDATE source_lines SET updated_at = ? WHERE id = ?", (stamp, line)
+            )
+    assert SqlSource(engine, SOURCE).high_water_mark() == datetime(2025, 1, 2, 23, 0, 0, 250000)
+    engine.dispose()
+
+
 def test_reconciliation_leaves_records_held_in_the_dlq_out_of_both_sides(sql_database, state):
     """A record synced, then changed so that its contract refuses it, is held: the destination
     keeps what it had, which is no drift (it was reported extra). A row the mapping fails on

@@ -10,6 +10,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import date
 from decimal import Decimal
 
 import numpy as np
@@ -142,9 +143,10 @@ class Contract:
                 for index in refused:
                     reasons[index].append(f"{name} is not a whole number")
             elif _naive_times(column) and values.dtype == object:
-                if infer_dtype(values, skipna=True) != "string":
+                kind = infer_dtype(values, skipna=True)
+                if kind in _TIME_KINDS:  # coercion reads times and dates alike, value by value
                     continue
-                parsed, refused = _parsed_times(values)
+                parsed, refused = (_parsed_times if kind == "string" else _mixed_times)(values)
                 for index in refused:
                     reasons[index].append(f"{name} is not a date and time")
                 batch = batch.assign(**{name: parsed})
@@ -306,6 +308,31 @@ def _parsed_times(texts: pd.Series) -> tuple[pd.Series, list[object]]:
         except (ValueError, TypeError, OverflowError):  # out of bounds is a ValueError too
             refused.append(index)
     return parsed.dt.tz_localize(None), refused
+
+
+_TIME_KINDS = frozenset({"datetime", "datetime64", "date", "empty"})
+
+
+def _mixed_times(values: pd.Series) -> tuple[pd.Series, list[object]]:
+    """Times beside text (a SQLite column holds both when some of its text is no time) or
+    beside what is no time at all (a number): each value on its own, as `_parsed_times` reads
+    text; anything but text and times is refused."""
+    parsed = pd.Series(pd.NaT, index=values.index, dtype="datetime64[ns]")
+    refused = []
+    for index, value in values.items():
+        if not isinstance(value, str | date) or pd.isna(value):
+            if pd.notna(value):
+                refused.append(index)
+            continue
+        try:
+            alone = pd.Timestamp(value)
+        except (ValueError, TypeError, OverflowError):
+            refused.append(index)
+            continue
+        if alone is not pd.NaT:
+            alone = alone if alone.tzinfo is None else alone.tz_convert("UTC").tz_localize(None)
+            parsed[index] = alone.as_unit("ns")
+    return parsed, refused
 
 
 def _failures(cases: pd.DataFrame) -> Iterator[tuple[object, str, bool]]:

@@ -242,6 +242,15 @@ def _in_scope(spec: FlowSpec, batch: pd.DataFrame) -> pd.Series:
     return spec.in_scope(batch).fillna(False).astype(bool)
 
 
+def _a_time(value: object) -> bool:
+    if not isinstance(value, str):
+        return pd.notna(value)
+    try:
+        return pd.notna(pd.Timestamp(value))
+    except (ValueError, OverflowError):
+        return False
+
+
 def _rows_in(letter: DeadLetter) -> int:
     """The source rows a dead letter holds: one, or each row of a key repeated in a batch."""
     if letter.payload.keys() == {"rows"} and isinstance(letter.payload["rows"], list):
@@ -620,11 +629,17 @@ class Sync:
         return live[~missing], self._letters(live, rejections, "contract")
 
     def _last_dated(self, batch: pd.DataFrame) -> pd.DataFrame:
-        """The batch's last row with a cursor value (none: it cannot move the watermark)."""
+        """The batch's last row whose cursor is a time (none: it cannot move the watermark). A
+        NULL is none, and so is text that is no time, which a SQLite source may hold: its row is
+        dead-lettered by the contract, and read again by every run, as a NULL's is."""
         cursor = self.spec.source.cursor
-        if cursor is None or cursor not in batch or pd.notna(batch[cursor].iloc[-1]):
+        if cursor is None or cursor not in batch:
             return batch.iloc[[-1]]
-        return batch[batch[cursor].notna()].iloc[-1:]
+        values = batch[cursor]
+        for at in range(len(batch) - 1, -1, -1):
+            if _a_time(values.iat[at]):
+                return batch.iloc[[at]]
+        return batch.iloc[:0]
 
     def _load_staged(self, staged: _Staged, result: SyncResult, move_watermark: bool) -> None:
         """Unique values, diff and load of one staged batch (the loader's stage); then, once the

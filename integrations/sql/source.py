@@ -89,6 +89,8 @@ class SqlSource:
         self.key = self.table.c[spec.key]
         # A table without a change cursor is read whole; the ledger's diff finds what changed.
         self.cursor = self.table.c[spec.cursor] if spec.cursor else None
+        if self.cursor is not None and isinstance(self.cursor.type, sa.Numeric | sa.Integer):
+            raise SourceSchemaError(self._numbers_as_cursor(self.cursor.type))
         self.order = [self.key] if self.cursor is None else [self.cursor, self.key]
         self.select, self.columns = self._with_lookups()
         self._integers = [
@@ -96,6 +98,16 @@ class SqlSource:
             for at, column in enumerate(self.select.selected_columns)
             if isinstance(column.type, sa.Integer)
         ]
+
+    def _numbers_as_cursor(self, kind: object) -> str:
+        cursor = f"{self.spec.table}.{self.spec.cursor}"
+        return (
+            f"the change cursor {cursor} holds numbers ({kind}), not times: handoff keeps a "
+            "cursor as a UTC time, and a number (epoch seconds?) compared with one would skip "
+            f"changes. What to do: make the cursor a column of times (a view with "
+            f"datetime({self.spec.cursor}, 'unixepoch') on SQLite, to_timestamp(…) on "
+            "PostgreSQL, FROM_UNIXTIME(…) on MariaDB), or set cursor=None to read it whole"
+        )
 
     def _reflect(self, table: str, role: str) -> sa.Table:
         try:
@@ -133,12 +145,15 @@ class SqlSource:
             joined = joined.outerjoin(parent, self.table.c[lookup.via] == parent.c[lookup.key])
             extra.append(parent.c[lookup.value].label(lookup.name))
         extra += [self._total(total) for total in self.spec.totals]
+        own: list[sa.ColumnElement] = list(self.table.c)
+        if self.engine.dialect.name == "sqlite":
+            own = [_lenient_times(column) for column in own]
         columns = [
             *self.table.c.keys(),
             *(lookup.name for lookup in self.spec.lookups),
             *(total.name for total in self.spec.totals),
         ]
-        return sa.select(self.table, *extra).select_from(joined), columns
+        return sa.select(*own, *extra).select_from(joined), columns
 
     def in_window(self, column: str, start: datetime, end: datetime) -> sa.ColumnElement[bool]:
         """`start <= column < end`, as dates when the column is a date; or, for a nullable
@@ -151,7 +166,10 @@ class SqlSource:
         if isinstance(target.type, sa.DateTime) and self.engine.dialect.name == "sqlite":
             # SQLite keeps timestamps as text, written by whoever filled the file ("2021-01-01
             # 00:00:00" in Chinook, with microseconds by SQLAlchemy): compare them normalised.
+            # Text SQLite reads as no time ("2021-01-32", a number) has no date either: each
+            # window's run reads it, for the contract to dead-letter (it was read by none).
             normalised = sa.func.datetime(target)
+            undated = normalised.is_(None)
             dated = sa.and_(
                 normalised >= start.strftime("%Y-%m-%d %H:%M:%S"),
                 normalised < end.strftime("%Y-%m-%d %H:%M:%S"),
@@ -270,12 +288,23 @@ class SqlSource:
         """The rows as a frame; integer columns keep their exact values, with or without nulls."""
         frame = pd.DataFrame.from_records(rows, columns=self.columns)
         dtypes = frame.dtypes
+        if self.cursor is not None:  # a SQLite column without a type of times may hold numbers
+            self._no_numbers(frame[self.spec.cursor])
         for at in self._integers:
             # A NULL makes pandas store the column as float64: values beyond 2**53 rounded, and
             # 12345 becomes "12345.0" as text. Rebuilt from the rows, only in such a batch.
             if dtypes.iloc[at].kind == "f":
                 frame.isetitem(at, _exact_integers([row[at] for row in rows]))
         return frame
+
+    def _no_numbers(self, cursor: pd.Series) -> None:
+        """Refuse cursor values that are numbers (SQLite keeps what it is given)."""
+        if cursor.dtype.kind in "iuf" and cursor.notna().any():
+            raise SourceSchemaError(self._numbers_as_cursor(cursor.dtype))
+        if cursor.dtype == object:
+            number = next((value for value in cursor if _is_number(value)), None)
+            if number is not None:
+                raise SourceSchemaError(self._numbers_as_cursor(type(number).__name__))
 
     def deleted_keys(
         self, since: datetime | None, within: sa.ColumnElement[bool] | None = None
@@ -298,12 +327,59 @@ class SqlSource:
         (None for an empty table or one without a cursor)."""
         if self.cursor is None:
             return None
+        latest = datetime.now(UTC) + FAR_FUTURE  # a cursor in 2099 would blind the sensor
+        if self.engine.dialect.name == "sqlite" and isinstance(self.cursor.type, sa.DateTime):
+            # Text times compared as text: "…-02T09:00" sorts after "…-02 23:00". Normalised to
+            # the millisecond, as SQLite reads them (what it reads as no time is left out).
+            normalised = sa.func.strftime("%Y-%m-%d %H:%M:%f", self.cursor)
+            query = sa.select(sa.func.max(normalised)).where(
+                normalised <= as_utc(latest).strftime("%Y-%m-%d %H:%M:%S.999")
+            )
+            with self.engine.connect() as connection:
+                newest = connection.execute(query).scalar_one()
+            return datetime.fromisoformat(newest) if newest else None
         query = sa.select(sa.func.max(self.cursor))
-        if isinstance(self.cursor.type, sa.DateTime):  # a cursor in 2099 would blind the sensor
-            query = query.where(self._before(datetime.now(UTC) + FAR_FUTURE))
+        if isinstance(self.cursor.type, sa.DateTime):
+            query = query.where(self._before(latest))
         with self.engine.connect() as connection:
             newest = connection.execute(query).scalar_one()
         return as_utc(newest) if isinstance(newest, datetime) else newest
+
+
+class _LenientTimes(sa.types.TypeDecorator):
+    """A SQLite date or time column read as SQLAlchemy reads it, but for a value that is no
+    time (SQLite keeps whatever it is given: "2025-02-30", a number): that is passed on as it
+    is, for the contract to dead-letter its row, instead of failing the whole read."""
+
+    impl = sa.types.NullType
+    cache_ok = True
+
+    def __init__(self, kind: sa.types.TypeEngine):
+        super().__init__()
+        self.kind = kind
+
+    def result_processor(self, dialect: sa.Dialect, coltype: object):
+        parse = self.kind.dialect_impl(dialect).result_processor(dialect, coltype)
+        if parse is None:
+            return None
+
+        def lenient(value: object) -> object:
+            try:
+                return parse(value)
+            except (ValueError, TypeError):
+                return value
+
+        return lenient
+
+
+def _lenient_times(column: sa.Column) -> sa.ColumnElement:
+    if not isinstance(column.type, sa.Date | sa.DateTime | sa.Time):
+        return column
+    return sa.type_coerce(column, _LenientTimes(column.type)).label(column.name)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float | np.number) and not isinstance(value, bool)
 
 
 def as_utc(moment: datetime) -> datetime:
