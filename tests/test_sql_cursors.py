@@ -10,7 +10,9 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
+from pandera.typing import Series
 
+from integrations.contracts import Contract
 from integrations.engine.reconcile import reconcile
 from integrations.engine.spec import DailyPartitions, FlowSpec, SourceTable
 from integrations.engine.state import BatchCommit, StateStore, Watermark
@@ -19,7 +21,7 @@ from integrations.sql.connect import create_engine
 from integrations.sql.destination import SqlTable
 from integrations.sql.source import SqlSource
 from tests.conftest import DLQ_KEY
-from tests.test_sql_destination import LINES, create, ledger_columns, rows
+from tests.test_sql_destination import LINES, LedgerLineV1, create, ledger_columns, rows
 
 SOURCE = SourceTable(table="source_lines", key="id")
 SPEC = FlowSpec(
@@ -66,6 +68,10 @@ def source_lines(
                 for n, stamp in enumerate(stamps, start=1)
             ],
         )
+
+
+class LooseLineV1(LedgerLineV1):
+    line_number: Series[str]
 
 
 @pytest.fixture
@@ -182,6 +188,62 @@ def test_the_newest_sqlite_cursor_is_the_latest_time_whatever_its_text(tmp_path)
                 "UPDATE source_lines SET updated_at = ? WHERE id = ?", (stamp, line)
             )
     assert SqlSource(engine, SOURCE).high_water_mark() == datetime(2025, 1, 2, 23, 0, 0, 250000)
+    engine.dispose()
+
+
+def test_a_record_renumbered_leaves_no_row_behind(sql_database, state):
+    """A record written under another destination id than before (an invoice renumbered:
+    same source row, new invoice number) left its old row live: counted twice in every total,
+    and archived never. The old row is archived with the write, audited; one another record
+    was written into meanwhile is not."""
+    engine = create_engine(sql_database())
+    stamps = [datetime(2025, 1, 1) + timedelta(hours=n) for n in range(3)]
+    source_lines(engine, stamps)
+    assert run(engine, state).written == 3
+    with engine.begin() as connection:  # 1 takes a new number; 2 takes the number 3 lets go
+        for line, number in ((1, "L9"), (3, "L7"), (2, "L3")):
+            connection.execute(
+                sa.text("UPDATE source_lines SET line_number = :n, updated_at = :at WHERE id = :i"),
+                {"n": number, "at": datetime(2025, 1, 2), "i": line},
+            )
+    second = run(engine, state, dataclasses.replace(SPEC, batch_size=10))  # one batch
+    counts = second.counts
+    assert (counts["inserted"], counts["updated"], counts["archived"]) == (2, 1, 2)
+    live = {number for number, row in rows(engine).items() if row[2] is None}
+    assert live == {"L9", "L7", "L3"} and sorted(rows(engine)) == ["L1", "L2", "L3", "L7", "L9"]
+    archives = [record for record in state.record_history("1") if record.get("action") == "archive"]
+    assert archives and archives[0]["diff"] == {"destination_id": "L1", "now": "L9"}
+    assert run(engine, state).written == 0
+    engine.dispose()
+
+
+def test_two_records_never_share_a_destination_row(sql_database, state):
+    """Two source rows mapped to one destination id (a number given twice, in one batch or in
+    two) each overwrote the other's row, both counted synced; archiving one archived the
+    other's. The later one is dead-lettered, naming the record that holds the id (a contract
+    that says the field is unique refuses both of a batch; this one does not say so)."""
+    loose = Contract("test.loose_lines", 1, LooseLineV1)
+    spec = dataclasses.replace(SPEC, source_contract=loose, target_contract=loose)
+    engine = create_engine(sql_database())
+    stamps = [datetime(2025, 1, 1) + timedelta(hours=n) for n in range(5)]
+    source_lines(engine, stamps)
+    with engine.begin() as connection:  # 2 repeats 1's number in its batch, 5 in a later one
+        connection.execute(
+            sa.text("UPDATE source_lines SET line_number = 'L1', memo = 'two' WHERE id IN (2, 5)")
+        )
+    first = run(engine, state, spec)
+    assert (first.written, first.counts["rejected"]) == (3, 2)
+    assert rows(engine)["L1"][1] == "x"
+    letters = {letter.record_key: letter.reason for letter in state.list_dead_letters(SPEC.name)}
+    assert sorted(letters) == ["2", "5"]
+    assert all("is record 1's destination id too" in reason for reason in letters.values())
+    with engine.begin() as connection:  # 1 leaves: its row is archived, no other's
+        connection.execute(
+            sa.text("UPDATE source_lines SET deleted_at = :at, updated_at = :at WHERE id = 1"),
+            {"at": datetime(2025, 1, 2)},
+        )
+    assert run(engine, state, spec).counts["archived"] == 1
+    assert rows(engine)["L1"][2] is not None
     engine.dispose()
 
 

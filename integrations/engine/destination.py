@@ -182,6 +182,8 @@ class Destination(Protocol):
     # Whether it takes ids that differ only in case for one record (a CRM's unique properties);
     # reconciliation compares ids so. A destination without the attribute compares exactly.
     ids_ignore_case: bool
+    # Optional: `ids_of(values)`, the destination ids of records with these id_property values,
+    # for a destination whose ids are its key's values (a SQL table), not ids of its own (a CRM).
 
     def prepare(self, spec: FlowSpec) -> None:
         """Before the first write: raise DestinationMismatch when the destination cannot hold

@@ -14,6 +14,7 @@ import operator
 import threading
 import time
 import zlib
+from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -47,6 +48,8 @@ ledger = sa.Table(
     sa.Column("field_hashes", sa.Text, nullable=True),
     sa.Column("synced_at", sa.DateTime, nullable=False),
     sa.Column("run_id", sa.String(64), nullable=False),
+    # Who holds a destination id (StateStore.live_owners): one record per row of the destination.
+    sa.Index("ix_ledger_destination", "flow", "destination_id"),
 )
 
 cursors = sa.Table(
@@ -435,6 +438,23 @@ class StateStore:
                         row.field_hashes,
                     )
         return found
+
+    def live_owners(self, flow: str, destination_ids: Sequence[str]) -> dict[str, set[str]]:
+        """The records the ledger holds live under each of these destination ids."""
+        found: dict[str, set[str]] = defaultdict(set)
+        dialect = self.engine.dialect.name
+        with self.engine.connect() as connection:
+            for chunk in _chunks(list(dict.fromkeys(destination_ids)), dialect):
+                rows = connection.execute(
+                    sa.select(ledger.c.destination_id, ledger.c.record_key).where(
+                        ledger.c.flow == flow,
+                        _among(ledger.c.destination_id, chunk, dialect),
+                        ledger.c.archived.is_(False),
+                    )
+                )
+                for destination_id, key in rows:
+                    found[destination_id].add(key)
+        return dict(found)
 
     def count_synced(self, flow: str) -> int:
         """Records the flow holds live (not archived) in the destination."""

@@ -19,7 +19,7 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence, Set
+from collections.abc import Iterator, Mapping, Sequence, Set
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -126,6 +126,13 @@ class _Plan:
     changes: list[str] = field(default_factory=list)
     # Valid records already in sync whose open dead letters can be closed.
     in_sync: list[str] = field(default_factory=list)
+    # Records refused because another record holds their destination id.
+    taken: list[RowRejection] = field(default_factory=list)
+    # The destination ids the ledger holds for the records sent; archived ids another record
+    # holds (left in place); a sent record's old id, once written under a new one.
+    previous: dict[str, str] = field(default_factory=dict)
+    kept: set[str] = field(default_factory=set)
+    relocated: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     @cached_property
     def position(self) -> dict[str, int]:
@@ -651,21 +658,27 @@ class Sync:
                 staged.valid, set(staged.gone.index), in_flight or _InFlight()
             )
             letters = staged.letters + self._letters(staged.live, taken, "contract")
-            result.counts["valid"] += len(valid)
             plan = self._diff(valid, staged.gone, result, staged.open_letters, in_flight)
+            letters += self._letters(staged.live, plan.taken, "contract")
+            result.counts["valid"] += len(valid) - len(plan.taken)
             clock.lap("diff")
             self._note_rejections(result, letters)
             self._check_budget(result, pending=letters)
 
-            if plan.to_archive:
-                self._call_destination(lambda: self._archive(list(plan.to_archive.values())))
+            archived = [i for i in plan.to_archive.values() if i not in plan.kept]
+            if archived:
+                self._call_destination(lambda: self._archive(archived))
             written, refused = self._load(plan.outbound, staged.live)
             self._note_rejections(result, refused)
+            plan.relocated = self._relocated(plan, written, in_flight)
+            old_rows = list({old for old, _ in plan.relocated.values()})
+            if old_rows:
+                self._call_destination(lambda: self._archive(old_rows))
             clock.lap("load")
         result.counts["inserted"] += written.inserted
         result.counts["updated"] += written.updated
         result.counts["unchanged"] += written.unchanged
-        result.counts["archived"] += len(plan.to_archive)
+        result.counts["archived"] += len(plan.to_archive) + len(old_rows)
         if self._committed is not None:
             self._committed.result()  # raises the batch before's failure: nothing is handed on
         flight = _InFlight.of(self.spec, plan, written)
@@ -801,6 +814,10 @@ class Sync:
                     in_sync.append(key)
                 continue
             sending.append(at)
+        taken = self._taken_ids(valid, sending, ledger, gone, in_flight)
+        if taken:
+            refused = {rejection.index for rejection in taken}
+            sending = [at for at in sending if keys[at] not in refused]
         if len(sending) < len(keys):
             keys, hashes = _picked(keys, sending), _picked(hashes, sending)
             wholes = _picked(wholes, sending)
@@ -821,7 +838,15 @@ class Sync:
         in_sync += [key for key in gone.index if key in open_letters and key not in to_archive]
         now = columns.field_hashes(texts)
         changes = self._changes(outbound, texts, wholes, now, ledger)
-        return _Plan(outbound, to_archive, now, changes, in_sync)
+        previous = {
+            key: known.destination_id
+            for key in outbound.keys
+            if (known := ledger.get(key)) is not None
+            and not known.archived
+            and known.destination_id
+        }
+        kept = self._held_ids(to_archive, set(to_archive), in_flight)
+        return _Plan(outbound, to_archive, now, changes, in_sync, taken, previous, kept)
 
     def _changes(
         self,
@@ -922,6 +947,10 @@ class Sync:
             AuditRecord(flow, key, "archive", trace(key), {"destination_id": destination_id})
             for key, destination_id in plan.to_archive.items()
         ]
+        records += [  # the old row of a record now written under another id
+            AuditRecord(flow, key, "archive", trace(key), {"destination_id": old, "now": new})
+            for key, (old, new) in plan.relocated.items()
+        ]
         return records + self._letter_records(letters)
 
     def _letter_records(self, letters: Sequence[DeadLetter]) -> list[AuditRecord]:
@@ -967,6 +996,124 @@ class Sync:
         if before and (watermark.updated_at, watermark.key) < (before.updated_at, before.key):
             return before  # a lookback batch never moves the watermark back
         return watermark
+
+    def _ids(self, values: Sequence[object]) -> list[str]:
+        """The destination ids of records with these id_property values, as the destination
+        compares them."""
+        ids_of = getattr(self.destination, "ids_of", None)
+        ids = ids_of(values) if ids_of is not None else [_key_text(value) for value in values]
+        return [i.lower() for i in ids] if getattr(self.destination, "ids_ignore_case", 0) else ids
+
+    def _taken_ids(
+        self,
+        valid: pd.DataFrame,
+        sending: list[int],
+        ledger: Mapping[str, LedgerEntry],
+        gone: pd.DataFrame,
+        in_flight: _InFlight | None,
+    ) -> list[RowRejection]:
+        """Records whose destination id another record holds: one of the batch already in sync
+        or sent before it, or, where the destination's ids are its key's values (a SQL table),
+        one the ledger or the batch being committed holds live and does not let go of in this
+        batch. Written, each would overwrite the other's row (an invoice renumbered onto
+        another's number, a mapping that folds two codes into one), and archiving one would
+        archive the other's."""
+        name = self.spec.target.id_property
+        if not sending or name not in valid:
+            return []
+        keys, ids = valid.index.tolist(), self._ids(valid[name].tolist())
+        holder: dict[str, str] = {}
+        sent = set(sending)
+        for at, key in enumerate(keys):  # records in sync already hold their ids first
+            if at not in sent:
+                holder.setdefault(ids[at], key)
+        taken: dict[str, str] = {}  # record → the record that holds its id
+        for at in sending:
+            owner = holder.setdefault(ids[at], keys[at])
+            if owner != keys[at]:
+                taken[keys[at]] = owner
+        if getattr(self.destination, "ids_of", None) is not None:
+            new = {
+                keys[at]: ids[at]
+                for at in sending
+                if keys[at] not in taken
+                and (
+                    (known := ledger.get(keys[at])) is None
+                    or known.archived
+                    or known.destination_id != ids[at]
+                )
+            }
+            now = dict(zip(keys, ids, strict=True))
+            held = self._holders(new, {**now, **dict.fromkeys(gone.index)}, in_flight)
+            taken.update(held)
+        label, field_name = self.spec.target_contract.label, self.spec.target.id_property
+        return [
+            RowRejection(
+                key,
+                f"{label}: {field_name} is record {owner}'s destination id too (two records "
+                f"cannot share one row of {self.destination.name}); correct one of them in the "
+                "source, then replay this one",
+            )
+            for key, owner in taken.items()
+        ]
+
+    def _holders(
+        self, wanted: dict[str, str], moving: dict[str, str | None], in_flight: _InFlight | None
+    ) -> dict[str, str]:
+        """For each record (key → destination id wanted), another record that holds that id
+        live and keeps it: in the ledger, or in the batch being committed; not one this batch
+        moves to another id or archives (`moving`: key → its id now, None when archived)."""
+        if not wanted:
+            return {}
+        flight = in_flight or _InFlight()
+        flying = dict(zip(flight.written.keys, flight.written.destination_ids, strict=True))
+        owners = self.state.live_owners(self.spec.name, list(wanted.values()))
+        for key, destination_id in flying.items():
+            owners.setdefault(destination_id, set()).add(key)
+        held: dict[str, str] = {}
+        for key, destination_id in wanted.items():
+            for owner in sorted(owners.get(destination_id, set()) - {key}):
+                if owner in flight.archived or flying.get(owner, destination_id) != destination_id:
+                    continue  # the batch being committed moved or archived it
+                if moving.get(owner, destination_id) != destination_id:
+                    continue  # this batch moves it off the id, or archives it
+                held[key] = owner
+                break
+        return held
+
+    def _held_ids(
+        self, to_archive: dict[str, str], leaving: set[str], in_flight: _InFlight | None
+    ) -> set[str]:
+        """The destination ids of records to archive that another record holds live: a row
+        another record was written into since (a renumbered invoice's old number, reused) is
+        not archived with the record that left it."""
+        if not to_archive:
+            return set()
+        holders = self._holders(to_archive, dict.fromkeys(leaving), in_flight)
+        return {to_archive[key] for key in holders}
+
+    def _relocated(
+        self, plan: _Plan, written: WrittenColumns, in_flight: _InFlight | None
+    ) -> dict[str, tuple[str, str]]:
+        """Records written under another destination id than the ledger held (an invoice
+        renumbered; a CRM record whose key property changed): key → (old id, new id), for the
+        old rows no other record holds now, to be archived. They were left live, counted twice
+        in every total."""
+        moved = {
+            key: (plan.previous[key], new)
+            for key, new in zip(written.keys, written.destination_ids, strict=True)
+            if plan.previous.get(key, new) != new
+        }
+        if not moved:
+            return {}
+        now = dict(zip(written.keys, written.destination_ids, strict=True))
+        moving = {**now, **dict.fromkeys(plan.to_archive)}
+        wanted = {key: old for key, (old, _) in moved.items()}
+        written_ids = set(written.destination_ids)
+        held = self._holders(wanted, moving, in_flight)
+        return {
+            key: ids for key, ids in moved.items() if key not in held and ids[0] not in written_ids
+        }
 
     def _unclaimed(
         self, valid: pd.DataFrame, releasing: set[str], in_flight: _InFlight

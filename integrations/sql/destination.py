@@ -127,6 +127,11 @@ class SqlTable:
             self._table = sa.Table(self.target.dataset, sa.MetaData(), autoload_with=self.engine)
         return self._table
 
+    def ids_of(self, keys: Sequence[object]) -> list[str]:
+        """The destination ids that records with these key values are written under (a row's
+        id is its key's text): the engine checks no two records hold one."""
+        return list(map(self._key_text, keys))
+
     @property
     def _key_text(self) -> Callable[[object], str]:
         """A key as the ledger and reconciliation know it: as text, a number column's by value
