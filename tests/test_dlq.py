@@ -82,11 +82,12 @@ def test_a_record_still_bad_stays_in_the_dlq_with_one_more_attempt(
     assert again.reason == letter.reason
 
 
-def test_a_record_gone_from_the_source_is_replayed_from_its_payload(
+def test_a_record_gone_from_the_source_leaves_the_dlq_and_is_not_brought_back(
     world, erp, crm_client, state, capsys
 ):
     """The CRM refused a record (its email was taken there); the ERP row has since been purged.
-    Once the CRM side is cleared, the stored payload is all replay has, and it is enough."""
+    Replay wrote the stored payload, bringing a deleted customer back to the CRM. The letter now
+    closes as `gone`, audited, and nothing is written."""
     with erp.connect() as connection:
         key, email = connection.execute(
             sa.text(
@@ -108,7 +109,11 @@ def test_a_record_gone_from_the_source_is_replayed_from_its_payload(
 
     assert main(["dlq", "replay", "--key", str(key)]) == 0
     assert "1 left the DLQ" in capsys.readouterr().out
-    assert crm_client.batch_read_ids("contacts", "email", [email.lower()])
+    assert not crm_client.batch_read_ids("contacts", "email", [email.lower()])
+    closed = state.get_dead_letter(letter.id)
+    assert closed.resolved_at is not None and closed.resolution == "gone"
+    story = [record["action"] for record in state.record_history(str(key), FLOW)]
+    assert story[-1] == "replay"
 
 
 def test_discard_closes_letters_with_an_audited_reason(world, erp, crm_client, state, capsys):

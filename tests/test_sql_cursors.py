@@ -74,6 +74,11 @@ class LooseLineV1(LedgerLineV1):
     line_number: Series[str]
 
 
+# A contract that does not say line_number is unique (the engine still keeps one row a record's).
+LOOSE = Contract("test.loose_lines", 1, LooseLineV1)
+LOOSE_SPEC = dataclasses.replace(SPEC, source_contract=LOOSE, target_contract=LOOSE)
+
+
 @pytest.fixture
 def state(own_state):
     return own_state
@@ -222,8 +227,7 @@ def test_two_records_never_share_a_destination_row(sql_database, state):
     two) each overwrote the other's row, both counted synced; archiving one archived the
     other's. The later one is dead-lettered, naming the record that holds the id (a contract
     that says the field is unique refuses both of a batch; this one does not say so)."""
-    loose = Contract("test.loose_lines", 1, LooseLineV1)
-    spec = dataclasses.replace(SPEC, source_contract=loose, target_contract=loose)
+    spec = LOOSE_SPEC
     engine = create_engine(sql_database())
     stamps = [datetime(2025, 1, 1) + timedelta(hours=n) for n in range(5)]
     source_lines(engine, stamps)
@@ -244,6 +248,40 @@ def test_two_records_never_share_a_destination_row(sql_database, state):
         )
     assert run(engine, state, spec).counts["archived"] == 1
     assert rows(engine)["L1"][2] is not None
+    engine.dispose()
+
+
+def test_a_replay_of_a_record_deleted_since_archives_it_not_revives_it(sql_database, state):
+    """A synced record whose change was dead-lettered, then deleted from the source (no soft
+    delete): replay wrote its stored payload, live again. Its letter closes as gone, and its
+    row is archived."""
+    engine = create_engine(sql_database())
+    source_lines(engine, [datetime(2025, 1, 1), datetime(2025, 1, 1, 1)])
+    assert run(engine, state, LOOSE_SPEC).written == 2
+    with engine.begin() as connection:  # 1 takes 2's number: refused, its old row stays
+        connection.execute(
+            sa.text("UPDATE source_lines SET line_number = 'L2', updated_at = :at WHERE id = 1"),
+            {"at": datetime(2025, 1, 2)},
+        )
+    assert run(engine, state, LOOSE_SPEC).counts["rejected"] == 1
+    with engine.begin() as connection:
+        connection.execute(sa.text("DELETE FROM source_lines WHERE id = 1"))
+    writer = create_engine(engine.url.render_as_string(hide_password=False))
+    sync = Sync(
+        LOOSE_SPEC,
+        SqlSource(engine, SOURCE),
+        SqlTable(writer, SPEC.target),
+        state,
+        run_id="replay",
+        actor="test",
+        why="test",
+    )
+    replayed = sync.replay(state.list_dead_letters(SPEC.name))
+    writer.dispose()
+    assert (replayed.counts["gone"], replayed.counts["archived"]) == (1, 1)
+    assert rows(engine)["L1"][2] is not None and rows(engine)["L2"][2] is None
+    assert state.list_dead_letters(SPEC.name) == []
+    assert state.count_synced(SPEC.name) == 1
     engine.dispose()
 
 
@@ -522,10 +560,14 @@ def test_rows_of_a_repeated_key_each_count_against_the_error_budget(tmp_path, st
     assert "3 of 20 rows (15.0%)" in str(stopped.value)
     (letter,) = state.list_dead_letters(flow=SPEC.name)
     assert letter.record_key == "7" and "3 rows with key 7" in letter.reason
-    # Read again unchanged, they are held, as any dead-lettered row is: not refused again.
-    again = run(engine, state, dataclasses.replace(SPEC, batch_size=20))
-    assert (again.counts["held"], again.counts["rejected"]) == (3, 0)
+    # Read again unchanged, they are held, as any dead-lettered row is: not refused again, but
+    # still bad, so the budget stops the rerun too, until they are fixed or discarded.
+    with pytest.raises(ErrorBudgetExceeded, match=r"3 of 20 rows \(15.0%\) failed \(3 held"):
+        run(engine, state, dataclasses.replace(SPEC, batch_size=20))
     assert state.list_dead_letters(flow=SPEC.name)[0].attempts == 1
+    state.discard_dead_letters(state.list_dead_letters(SPEC.name), actor="o", why="w", run_id="d")
+    again = run(engine, state, dataclasses.replace(SPEC, batch_size=20))
+    assert (again.counts["held"], again.counts["rejected"], again.written) == (3, 0, 17)
     engine.dispose()
 
 

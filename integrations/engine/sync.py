@@ -12,6 +12,7 @@ transaction. Re-running any window changes nothing that is in sync.
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import logging
@@ -102,6 +103,8 @@ class SyncResult:
     reasons: Counter = field(default_factory=Counter)
     kinds: Counter = field(default_factory=Counter)
     open_dead_letters: dict[str, int] = field(default_factory=dict)  # the flow's DLQ, by kind
+    # Rows held because their open letters still hold this content: bad still, for the budget.
+    held_failing: int = 0
     samples: list[dict[str, object]] = field(default_factory=list)
 
     @property
@@ -449,26 +452,71 @@ class Sync:
             self._force = set()
 
     def replay(self, letters: Sequence[DeadLetter]) -> SyncResult:
-        """Sync dead-lettered records again: each from its current source row, or from the
-        stored payload when the source no longer has it, re-validated against today's contracts.
-        A letter closes only when its record lands (or is found already in sync); a record that
-        fails again stays in the DLQ with its new reason. The watermark stays."""
+        """Sync dead-lettered records again, each from its current source row, re-validated
+        against today's contracts. A letter closes only when its record lands (or is found
+        already in sync); a record that fails again stays in the DLQ with its new reason. A
+        record the source no longer has left it: its letter closes as `gone`, and what the
+        destination holds of it is archived (its stored payload was written back: a deleted
+        record brought back to life). A letter of a row without a usable key is judged again
+        from its payload. The watermark stays."""
         letters = [letter for letter in letters if letter.flow == self.spec.name]
-        keys = [letter.record_key for letter in letters]
+        keys = [letter.record_key for letter in letters if not letter.record_key.startswith("!")]
         found = list(self.source.rows_with_keys(keys, self.spec.batch_size))
         present = {str(key) for batch in found for key in batch[self.spec.source.key]}
-        stored = [
+        unkeyed = [
             letter.payload
             for letter in letters
-            if letter.record_key not in present and letter.payload and "rows" not in letter.payload
+            if letter.record_key.startswith("!") and letter.payload and "rows" not in letter.payload
         ]
-        batches = found + ([pd.DataFrame.from_records(stored)] if stored else [])
+        batches = found + ([pd.DataFrame.from_records(unkeyed)] if unkeyed else [])
+        gone = sorted({key for key in keys if key not in present})
         self._replaying = True
         try:
             before = self.state.watermark(self.spec.name)
-            return self._drive(iter(batches), before, full=False, move_watermark=False)
+            result = self._drive(iter(batches), before, full=False, move_watermark=False)
+            if gone:
+                result.counts["archived"] += self._close_gone(gone)
+                result.counts["gone"] += len(gone)
+                result.open_dead_letters = self.state.dead_letter_kinds(self.spec.name)
+            return result
         finally:
             self._replaying = False
+
+    def _close_gone(self, keys: list[str]) -> int:
+        """Close the letters of records the source no longer has, archiving what the
+        destination holds of them (not a row another record holds now); how many archived."""
+        flow = self.spec.name
+        live = {
+            key: entry.destination_id
+            for key, entry in self.state.ledger_entries(flow, keys).items()
+            if not entry.archived and entry.destination_id and self.spec.archive_deleted
+        }
+        kept = self._held_ids(live, set(live), None)
+        archived = [
+            destination_id for destination_id in live.values() if destination_id not in kept
+        ]
+        if archived:
+            self._call_destination(lambda: self._archive(archived))
+        trace = functools.partial(correlation_id, self.run_id, flow)
+        records = [
+            AuditRecord(flow, key, "archive", trace(key), {"destination_id": destination_id})
+            for key, destination_id in live.items()
+        ] + [
+            AuditRecord(flow, key, "replay", trace(key), {"closed": "gone from the source"})
+            for key in keys
+        ]
+        self.state.commit_batch(
+            BatchCommit(
+                flow,
+                self.run_id,
+                synced={key: LedgerEntry("archived", d, True) for key, d in live.items()},
+                resolved=keys,
+                resolution="gone",
+                audit_records=records,
+            ),
+            audit=self._batch_entry({"gone": len(keys), "archived": len(archived)}),
+        )
+        return len(archived)
 
     def _drive(
         self,
@@ -1211,6 +1259,11 @@ class Sync:
             return live, letters, set(opened)
         fresh = [letter for letter in letters if held.get(letter.record_key) != letter.content_hash]
         result.counts["held"] += sum(map(_rows_in, letters)) - sum(map(_rows_in, fresh))
+        result.held_failing += sum(
+            _rows_in(letter)
+            for letter in letters
+            if opened.get(letter.record_key) == letter.content_hash
+        )
         waiting = [key for key in held if key in live.index]
         payloads = _json_ready(live.loc[waiting])
         unchanged = [
@@ -1219,6 +1272,7 @@ class Sync:
             if content_hash(payload) == held[key]
         ]
         result.counts["held"] += len(unchanged)
+        result.held_failing += sum(1 for key in unchanged if opened.get(key) == held[key])
         return live.drop(index=unchanged), fresh, set(opened)
 
     # --- load: per-record refusals, bisection of chunks refused whole -------------------------
@@ -1354,10 +1408,14 @@ class Sync:
         destination refused passed the contracts (it is in `valid`) and is counted once."""
         budget = self.spec.error_budget
         refused = result.kinds["destination-rejected"]
-        seen = result.counts["valid"] + result.counts["rejected"] - refused
+        # Rows held by open letters failed before and fail still: a rerun that set them aside
+        # went through green with half its rows bad. Discarded ones are accepted, not counted.
+        held = result.held_failing
+        seen = result.counts["valid"] + result.counts["rejected"] - refused + held
         if self._replaying or seen < budget.min_rows:  # a replay retries known-bad records
             return
-        share = result.counts["rejected"] / seen
+        failed = result.counts["rejected"] + held
+        share = failed / seen
         if share <= budget.max_share:
             return
         if pending:  # the batch's rejected rows are kept, and audited, but nothing is loaded
@@ -1371,11 +1429,14 @@ class Sync:
                 audit=self._batch_entry({"dead_lettered": len(pending), "stopped": "error budget"}),
             )
         top = "; ".join(f"{reason} ({n})" for reason, n in result.reasons.most_common(3))
+        earlier = f" ({held} held in the DLQ since an earlier run)" if held else ""
         raise ErrorBudgetExceeded(
             self.spec.name,
-            f"{result.counts['rejected']} of {seen} rows ({share:.1%}) failed, above the error budget "
-            f"of {budget.max_share:.0%}; top reasons: {top}",
-            f"inspect them with `handoff dlq list --flow {self.spec.name}`, fix the source "
+            f"{failed} of {seen} rows ({share:.1%}) failed{earlier}, above the error budget of "
+            f"{budget.max_share:.0%}; top reasons: {top or 'those held in the DLQ'}",
+            f"inspect them with `handoff dlq list --flow {self.spec.name}`; "
+            + ("discard the ones to leave out (`handoff dlq discard`), or " if held else "")
+            + "fix the source "
             + (
                 "(or the contract, or the destination), then replay them (`handoff dlq replay`): "
                 "every batch of this run was committed, the rejected rows wait in the DLQ"
