@@ -6,6 +6,7 @@ The asset's resources are keyed by system: the source's system (`erp`, `chinook`
 """
 
 import functools
+from datetime import timedelta
 
 import dagster as dg
 
@@ -170,6 +171,19 @@ def partitions_of(spec: FlowSpec) -> dg.DailyPartitionsDefinition | None:
     return daily_partitions(spec.partitions.start) if spec.partitions else None
 
 
+# A daily partition is materialized once its day is over, so its flow is a day old before its
+# next run, plus the time that run may take to start and finish.
+DAILY_STALENESS = timedelta(days=1, hours=3)
+
+
+def max_staleness(spec: FlowSpec) -> timedelta:
+    """How long the flow may go without a successful sync: its `max_staleness`, but never less
+    than a day and some for a daily-partitioned flow (the default 3 hours alerted every day)."""
+    if spec.partitions:
+        return max(spec.max_staleness, DAILY_STALENESS)
+    return spec.max_staleness
+
+
 def _run(
     context: dg.AssetExecutionContext,
     spec: FlowSpec,
@@ -234,7 +248,7 @@ def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
         if api_facing and spec.run_retries
         else None,
         metadata={"flow": spec.name, "contract": spec.target_contract.label},
-        freshness_policy=dg.FreshnessPolicy.time_window(fail_window=spec.max_staleness),
+        freshness_policy=dg.FreshnessPolicy.time_window(fail_window=max_staleness(spec)),
     )
     def _sync(context: dg.AssetExecutionContext, config: SyncConfig):
         transport: dict[str, object] = {}

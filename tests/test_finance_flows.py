@@ -4,19 +4,21 @@ database on SQLite, PostgreSQL and MariaDB, through Dagster."""
 from __future__ import annotations
 
 import shutil
+from datetime import timedelta
 
 import dagster as dg
 import pytest
 import sqlalchemy as sa
 
 from assets.chinook import CHINOOK_CUSTOMERS, CHINOOK_INVOICES
-from assets.factory import flow_asset
+from assets.factory import asset_key, flow_asset
 from assets.finance_invoices import FINANCE_INVOICES
 from assets.finance_payments import FINANCE_PAYMENTS
 from definitions import defs, resources
 from integrations.settings import CHINOOK_DATASET
 from integrations.sql.connect import create_engine
 from integrations.sql.fit import create_table
+from sensors.alerts import stale_flow_sensor
 
 JANUARY = {
     "dagster/asset_partition_range_start": "2025-01-01",
@@ -242,6 +244,22 @@ def test_invoice_dates_sqlite_cannot_read_are_dead_lettered_not_fatal(world, sta
     letters = state.list_dead_letters(CHINOOK_INVOICES.name)
     assert sorted(letter.record_key for letter in letters) == ["40", "41"]
     assert all("InvoiceDate is not a date and time" in letter.reason for letter in letters)
+
+
+def test_a_daily_partitioned_flow_is_not_stale_between_its_daily_runs(world, alert_receiver):
+    """The daily-partitioned flows kept FlowSpec's default max_staleness of 3 hours: their
+    freshness policy failed, and handoff_stale_flows alerted, every day between two daily runs.
+    Both allow a day and 3 hours now."""
+    day_and_some = timedelta(days=1, hours=3)
+    graph = defs.resolve_asset_graph()
+    for spec in (FINANCE_INVOICES, FINANCE_PAYMENTS, CHINOOK_INVOICES):
+        policy = graph.get(asset_key(spec)).freshness_policy
+        assert policy.fail_window.to_timedelta() == day_and_some
+    with dg.instance_for_test() as instance:
+        context = dg.build_sensor_context(instance=instance, resources=resources())
+        stale_flow_sensor([FINANCE_INVOICES])(context)
+    (alert,) = alert_receiver.received
+    assert "never succeeded (allowed: 1 day, 3:00:00)" in alert["text"]
 
 
 def test_finance_flows_are_daily_partitioned_and_wired():
