@@ -3,6 +3,7 @@ database on SQLite, PostgreSQL and MariaDB, through Dagster."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from datetime import timedelta
 
@@ -15,6 +16,8 @@ from assets.factory import asset_key, flow_asset
 from assets.finance_invoices import FINANCE_INVOICES
 from assets.finance_payments import FINANCE_PAYMENTS
 from definitions import defs, resources
+from integrations.engine.state import utcnow
+from integrations.erp import schema as erp_schema
 from integrations.settings import CHINOOK_DATASET
 from integrations.sql.connect import create_engine
 from integrations.sql.fit import create_table
@@ -244,6 +247,81 @@ def test_invoice_dates_sqlite_cannot_read_are_dead_lettered_not_fatal(world, sta
     letters = state.list_dead_letters(CHINOOK_INVOICES.name)
     assert sorted(letter.record_key for letter in letters) == ["40", "41"]
     assert all("InvoiceDate is not a date and time" in letter.reason for letter in letters)
+
+
+def change_invoices(erp_url: str, changes: dict[str, dict[str, object]]) -> None:
+    """Edit invoices by number, now (their change cursor moves to the present)."""
+    engine = create_engine(erp_url)
+    with engine.begin() as connection:
+        for number, values in changes.items():
+            connection.execute(
+                erp_schema.invoices.update()
+                .where(erp_schema.invoices.c.invoice_number == number)
+                .values(**values, updated_at=utcnow())
+            )
+    engine.dispose()
+
+
+def test_an_invoice_changed_after_its_day_ran_is_synced_by_a_run_of_its_day(any_world):
+    """A daily partition is synced once, by the schedule, when its day is over: an invoice paid
+    or deleted a week later never reached finance. The changed-days sensor requests a run of
+    each past day whose rows changed since it last looked, once per change."""
+    sensor = defs.resolve_sensor_def(f"{FINANCE_INVOICES.name}_changed_days")
+    finance = f"sqlite:///{any_world.home / 'finance.sqlite'}"
+
+    def tick(instance, cursor):
+        context = dg.build_sensor_context(
+            instance=instance, cursor=cursor, resources=resources(), definitions=defs
+        )
+        return sensor(context)
+
+    with dg.instance_for_test() as instance:
+        never = tick(instance, None)
+        assert not never.run_requests and "never materialized" in never.skip_reason.skip_message
+        materialize(FINANCE_INVOICES, instance, tags=JANUARY)
+        idle = tick(instance, None)
+        assert not idle.run_requests, "nothing changed since the backfill"
+
+        paid, paid_on = query(
+            finance,
+            "SELECT invoice_number, invoice_date FROM invoices WHERE status = 'open' "
+            "ORDER BY invoice_number LIMIT 1",
+        )[0]
+        voided, voided_on = query(
+            finance,
+            "SELECT invoice_number, invoice_date FROM invoices WHERE invoice_date > :day "
+            "ORDER BY invoice_number LIMIT 1",
+            day=paid_on,
+        )[0]
+        change_invoices(
+            any_world.erp_url,
+            {
+                paid: {"status": "paid"},
+                voided: {"status": "void", "deleted_at": utcnow()},
+            },
+        )
+        changed = tick(instance, idle.cursor)
+        requests = sorted(changed.run_requests, key=lambda request: request.partition_key)
+        assert [request.partition_key for request in requests] == [
+            str(day)[:10] for day in (paid_on, voided_on)
+        ]
+        assert tick(instance, changed.cursor).skip_reason, "the same change requests no more"
+        mistaken = json.dumps({"high_water_mark": "2099-01-01T00:00:00"})
+        assert len(tick(instance, mistaken).run_requests) == 2, "a mark in 2099 is no mark"
+
+        for request in requests:
+            ran = run(
+                FINANCE_INVOICES,
+                instance,
+                partition_key=request.partition_key,
+                tags={**request.tags, "dagster/sensor_name": sensor.name},
+            )
+            assert ran.success
+    assert query(finance, "SELECT status FROM invoices WHERE invoice_number = :n", n=paid) == [
+        ("paid",)
+    ]
+    archived = "SELECT archived_at IS NOT NULL FROM invoices WHERE invoice_number = :n"
+    assert query(finance, archived, n=voided) == [(1,)]
 
 
 def test_a_daily_partitioned_flow_is_not_stale_between_its_daily_runs(world, alert_receiver):
