@@ -10,7 +10,12 @@ from datetime import timedelta
 
 import dagster as dg
 
-from assets.checks import contract_check_result, contract_check_spec, drift_metadata
+from assets.checks import (
+    EXTRA_NOT_REPAIRED,
+    contract_check_result,
+    contract_check_spec,
+    drift_metadata,
+)
 from assets.connections import flow_connections, required_resources
 from integrations.contracts import Contract
 from integrations.engine.destination import DestinationMismatch
@@ -37,7 +42,8 @@ class SyncConfig(dg.Config):
     allow_mass_archive: bool = False
     """Let this run archive more than the flow's archive guard allows (after checking the source)."""
     repair: bool = False
-    """Reconcile, then send again exactly the records missing or differing in the destination."""
+    """Reconcile, then send again exactly the records missing or differing in the destination
+    (extra records are not archived: the reconciliation check says what to do)."""
     replay: bool = False
     """Sync the flow's open dead letters again (from the source, or their payload), nothing else."""
 
@@ -87,6 +93,8 @@ def trigger_of(context: dg.AssetExecutionContext, config: SyncConfig) -> str:
     tags = context.run.tags
     if config.replay:
         return "replay"
+    if config.repair:
+        return "repair"
     if "dagster/backfill" in tags:
         return f"backfill {tags['dagster/backfill']}"
     if "dagster/schedule_name" in tags:
@@ -215,6 +223,10 @@ def _sync_replay_or_repair(context, spec, config, source, destination, state):
         return sync.replay(state.list_dead_letters(flow=spec.name, limit=None)), None
     if config.repair:
         drift = reconcile(spec, source, destination, state)
+        if drift.extra:
+            context.log.warning(
+                "%s: %s", spec.name, EXTRA_NOT_REPAIRED.format(count=len(drift.extra))
+            )
         return sync.repair(drift.missing + drift.differing), drift
     if spec.partitions:
         window = context.partition_time_window

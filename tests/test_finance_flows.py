@@ -11,6 +11,7 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
+from assets.checks import reconciliation_check
 from assets.chinook import CHINOOK_CUSTOMERS, CHINOOK_INVOICES
 from assets.factory import asset_key, flow_asset
 from assets.finance_invoices import FINANCE_INVOICES
@@ -204,6 +205,65 @@ def test_chinook_customers_and_invoices_land_in_finance(chinook_copy, finance_ur
 
         again = materialize(CHINOOK_CUSTOMERS, instance)
         assert (again["written"], again["unchanged"]) == (0, 59)
+
+
+def test_reconciliation_says_a_repair_leaves_extras_and_a_repair_is_audited_as_one(
+    world, state, chinook_copy
+):
+    """A Chinook customer deleted outright stays live in finance (no soft delete to archive by):
+    the reconciliation check told the operator to run `repair: true` for it, which changed
+    nothing, and the repair that did fix a record was audited as a plain manual run. The check
+    now says a repair archives no extra record and what to do instead; a repair's audit entries
+    say `repair`."""
+    key = asset_key(CHINOOK_CUSTOMERS)
+    assets = [flow_asset(CHINOOK_CUSTOMERS), reconciliation_check(CHINOOK_CUSTOMERS, key)]
+    finance = f"sqlite:///{world.home / 'finance.sqlite'}"
+
+    def check(instance) -> dg.AssetCheckEvaluation:
+        result = dg.materialize(
+            assets,
+            resources=resources(),
+            instance=instance,
+            selection=dg.AssetSelection.checks(dg.AssetCheckKey(key, "reconciliation")),
+        )
+        (evaluation,) = result.get_asset_check_evaluations()
+        return evaluation
+
+    with dg.instance_for_test() as instance:
+        materialize(CHINOOK_CUSTOMERS, instance)
+        engine = create_engine(chinook_copy)
+        with engine.begin() as connection:
+            connection.execute(sa.text('DELETE FROM "Customer" WHERE "CustomerId" = 3'))
+        engine.dispose()
+        extra_only = check(instance)
+        assert not extra_only.passed and extra_only.metadata["extra"].value == 1
+        assert "repair: true" not in extra_only.description
+        assert "a repair does not archive the 1 extra records" in extra_only.description
+
+        engine = create_engine(finance)
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text("UPDATE chinook_customers SET city = 'Nowhere' WHERE customer_id = 20")
+            )
+        engine.dispose()
+        both = check(instance)
+        assert "materialize finance/chinook_customers with run config `repair: true`" in (
+            both.description
+        )
+        assert "a repair does not archive the 1 extra records" in both.description
+
+        repaired = run(
+            CHINOOK_CUSTOMERS,
+            instance,
+            run_config={"ops": {"finance__chinook_customers": {"config": {"repair": True}}}},
+        )
+        assert repaired.success
+        after = check(instance)
+        assert (after.metadata["differing"].value, after.metadata["extra"].value) == (0, 1)
+    (entry,) = [
+        e for e in state.audit_entries(CHINOOK_CUSTOMERS.name) if e["run_id"] == repaired.run_id
+    ]
+    assert entry["why"] == "repair" and entry["detail"]["updated"] == 1
 
 
 def test_a_contract_violation_planted_in_chinook_lands_in_the_dlq(world, state, chinook_copy):
