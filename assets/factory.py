@@ -142,6 +142,15 @@ def _metadata(spec: FlowSpec, result: SyncResult) -> dict[str, object]:
     }
 
 
+def _days_counted(context: dg.AssetExecutionContext) -> dict[str, object]:
+    """Which days the counts cover: a single-run backfill records a materialization for each
+    day of its range, and each carries the whole run's counts (the run reads the range as one
+    window, so its archive guard weighs the range's deletes together)."""
+    days = context.partition_keys
+    cover = days[0] if len(days) == 1 else f"{days[0]} … {days[-1]} ({len(days)} days, one run)"
+    return {"counts_cover": cover, "days_in_run": len(days)}
+
+
 def _failure(
     spec: FlowSpec, error: SyncError, api_facing: bool, transport: dict[str, object]
 ) -> dg.Failure:
@@ -288,6 +297,8 @@ def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
                 description=str(error), metadata={"flow": spec.name}, allow_retries=False
             ) from error
         metadata = {**_metadata(spec, result), **_transport_metadata(spec, transport)}
+        if spec.partitions and not (config.repair or config.replay):
+            metadata.update(_days_counted(context))
         if drift is not None:
             metadata.update(
                 {f"repair/{name}": value for name, value in drift_metadata(drift).items()}

@@ -112,6 +112,29 @@ def test_a_month_of_invoices_and_payments_lands_in_finance(world, finance_url):
         assert (again["written"], again["unchanged"]) == (0, len(landed))
 
 
+def test_each_day_of_a_one_run_backfill_names_the_range_its_counts_cover(world):
+    """A single-run backfill records one materialization per day of its range, and each carried
+    the whole range's counts with nothing saying so: three days each claimed the range's
+    inserts. Each now names the range and its number of days; a day's own run names the day."""
+    first_week = {
+        "dagster/asset_partition_range_start": "2025-01-05",
+        "dagster/asset_partition_range_end": "2025-01-07",
+    }
+    with dg.instance_for_test() as instance:
+        ranged = run(FINANCE_INVOICES, instance, tags=first_week)
+        alone = run(FINANCE_INVOICES, instance, partition_key="2025-01-08")
+    days = {
+        event.partition: event.materialization.metadata
+        for event in ranged.get_asset_materialization_events()
+    }
+    assert sorted(days) == ["2025-01-05", "2025-01-06", "2025-01-07"]
+    for metadata in days.values():
+        assert metadata["counts_cover"].value == "2025-01-05 … 2025-01-07 (3 days, one run)"
+        assert metadata["days_in_run"].value == 3
+    (day,) = alone.get_asset_materialization_events()
+    assert day.materialization.metadata["counts_cover"].value == "2025-01-08"
+
+
 def test_a_deleted_invoice_is_archived_when_its_day_is_rewritten(world, finance_url):
     with dg.instance_for_test() as instance:
         materialize(FINANCE_INVOICES, instance, tags=JANUARY)
