@@ -22,6 +22,7 @@ from resources import (
 )
 from resources.secrets import require_helpdesk_credentials, require_secrets
 from sensors.alerts import alert_sensors
+from sensors.changed_days import changed_days_sensors
 from sensors.schedules import flow_schedules
 from sensors.source_changed import source_changed_sensors
 from sensors.webhook_inbox import webhook_inbox_sensors
@@ -74,6 +75,7 @@ def definitions(flows: list[FlowSpec]) -> dg.Definitions:
         asset_checks=[reconciliation_check(spec, asset_key(spec)) for spec in flows],
         sensors=[
             *source_changed_sensors(flows),
+            *changed_days_sensors(flows),
             *webhook_inbox_sensors(flows),
             *alert_sensors(flows),
         ],

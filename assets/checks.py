@@ -68,16 +68,34 @@ def reconciliation_check(spec: FlowSpec, key: dg.AssetKey) -> dg.AssetChecksDefi
     def _reconciliation(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         with flow_connections(context.resources, spec) as (source, destination, state):
             drift = reconcile(spec, source, destination, state)
-        todo = (
-            ""
-            if drift.in_sync
-            else f"; to repair, materialize {key.to_user_string()} with run config `repair: true`"
-        )
         return dg.AssetCheckResult(
             passed=drift.in_sync,
             severity=dg.AssetCheckSeverity.ERROR,
-            description=f"{spec.name}: {drift.summary()}{todo}",
+            description="; ".join([f"{spec.name}: {drift.summary()}", *what_to_do(drift, key)]),
             metadata=drift_metadata(drift),
         )
 
     return _reconciliation
+
+
+# The engine archives what the source soft-deletes; a row deleted outright leaves no row to
+# read, and no repair archives it.
+EXTRA_NOT_REPAIRED = (
+    "a repair does not archive the {count} extra records (live in the destination, not in the "
+    "source: a row deleted outright there, or a record handoff never wrote); check each "
+    "(first_drifted lists the first) and archive it in the destination yourself"
+)
+
+
+def what_to_do(drift: Drift, key: dg.AssetKey) -> list[str]:
+    """What repairs the drift: a repair run sends the missing and differing records again; it
+    archives no extra record (it told the operator to repair extras, and changed nothing)."""
+    todo = []
+    if drift.missing or drift.differing:
+        todo.append(
+            f"to send the missing and differing records again, materialize "
+            f"{key.to_user_string()} with run config `repair: true`"
+        )
+    if drift.extra:
+        todo.append(EXTRA_NOT_REPAIRED.format(count=len(drift.extra)))
+    return todo

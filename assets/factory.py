@@ -6,10 +6,16 @@ The asset's resources are keyed by system: the source's system (`erp`, `chinook`
 """
 
 import functools
+from datetime import timedelta
 
 import dagster as dg
 
-from assets.checks import contract_check_result, contract_check_spec, drift_metadata
+from assets.checks import (
+    EXTRA_NOT_REPAIRED,
+    contract_check_result,
+    contract_check_spec,
+    drift_metadata,
+)
 from assets.connections import flow_connections, required_resources
 from integrations.contracts import Contract
 from integrations.engine.destination import DestinationMismatch
@@ -36,7 +42,8 @@ class SyncConfig(dg.Config):
     allow_mass_archive: bool = False
     """Let this run archive more than the flow's archive guard allows (after checking the source)."""
     repair: bool = False
-    """Reconcile, then send again exactly the records missing or differing in the destination."""
+    """Reconcile, then send again exactly the records missing or differing in the destination
+    (extra records are not archived: the reconciliation check says what to do)."""
     replay: bool = False
     """Sync the flow's open dead letters again (from the source, or their payload), nothing else."""
 
@@ -86,6 +93,8 @@ def trigger_of(context: dg.AssetExecutionContext, config: SyncConfig) -> str:
     tags = context.run.tags
     if config.replay:
         return "replay"
+    if config.repair:
+        return "repair"
     if "dagster/backfill" in tags:
         return f"backfill {tags['dagster/backfill']}"
     if "dagster/schedule_name" in tags:
@@ -133,6 +142,15 @@ def _metadata(spec: FlowSpec, result: SyncResult) -> dict[str, object]:
     }
 
 
+def _days_counted(context: dg.AssetExecutionContext) -> dict[str, object]:
+    """Which days the counts cover: a single-run backfill records a materialization for each
+    day of its range, and each carries the whole run's counts (the run reads the range as one
+    window, so its archive guard weighs the range's deletes together)."""
+    days = context.partition_keys
+    cover = days[0] if len(days) == 1 else f"{days[0]} … {days[-1]} ({len(days)} days, one run)"
+    return {"counts_cover": cover, "days_in_run": len(days)}
+
+
 def _failure(
     spec: FlowSpec, error: SyncError, api_facing: bool, transport: dict[str, object]
 ) -> dg.Failure:
@@ -170,6 +188,19 @@ def partitions_of(spec: FlowSpec) -> dg.DailyPartitionsDefinition | None:
     return daily_partitions(spec.partitions.start) if spec.partitions else None
 
 
+# A daily partition is materialized once its day is over, so its flow is a day old before its
+# next run, plus the time that run may take to start and finish.
+DAILY_STALENESS = timedelta(days=1, hours=3)
+
+
+def max_staleness(spec: FlowSpec) -> timedelta:
+    """How long the flow may go without a successful sync: its `max_staleness`, but never less
+    than a day and some for a daily-partitioned flow (the default 3 hours alerted every day)."""
+    if spec.partitions:
+        return max(spec.max_staleness, DAILY_STALENESS)
+    return spec.max_staleness
+
+
 def _run(
     context: dg.AssetExecutionContext,
     spec: FlowSpec,
@@ -201,6 +232,10 @@ def _sync_replay_or_repair(context, spec, config, source, destination, state):
         return sync.replay(state.list_dead_letters(flow=spec.name, limit=None)), None
     if config.repair:
         drift = reconcile(spec, source, destination, state)
+        if drift.extra:
+            context.log.warning(
+                "%s: %s", spec.name, EXTRA_NOT_REPAIRED.format(count=len(drift.extra))
+            )
         return sync.repair(drift.missing + drift.differing), drift
     if spec.partitions:
         window = context.partition_time_window
@@ -234,7 +269,7 @@ def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
         if api_facing and spec.run_retries
         else None,
         metadata={"flow": spec.name, "contract": spec.target_contract.label},
-        freshness_policy=dg.FreshnessPolicy.time_window(fail_window=spec.max_staleness),
+        freshness_policy=dg.FreshnessPolicy.time_window(fail_window=max_staleness(spec)),
     )
     def _sync(context: dg.AssetExecutionContext, config: SyncConfig):
         transport: dict[str, object] = {}
@@ -262,6 +297,8 @@ def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
                 description=str(error), metadata={"flow": spec.name}, allow_retries=False
             ) from error
         metadata = {**_metadata(spec, result), **_transport_metadata(spec, transport)}
+        if spec.partitions and not (config.repair or config.replay):
+            metadata.update(_days_counted(context))
         if drift is not None:
             metadata.update(
                 {f"repair/{name}": value for name, value in drift_metadata(drift).items()}

@@ -42,6 +42,5 @@ FINANCE_INVOICES = FlowSpec(
     mapping=invoice_to_finance,
     batch_size=20_000,
     partitions=DailyPartitions(column="invoice_date", start="2024-01-01"),
-    watch_source=False,
     pool="finance_db",
 )

@@ -44,6 +44,5 @@ FINANCE_PAYMENTS = FlowSpec(
     mapping=payment_to_finance,
     batch_size=20_000,
     partitions=DailyPartitions(column="paid_on", start="2024-01-01"),
-    watch_source=False,
     pool="finance_db",
 )

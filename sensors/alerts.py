@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import dagster as dg
 
-from assets.factory import asset_key
+from assets.factory import asset_key, max_staleness
 from integrations.alerts import Alert
 from integrations.engine.spec import FlowSpec
 from integrations.engine.state import utcnow
@@ -17,7 +17,7 @@ def stale_flow_sensor(specs: list[FlowSpec]) -> dg.SensorDefinition:
     @dg.sensor(
         name="handoff_stale_flows",
         description="Alerts once when a flow has not materialized successfully within its "
-        "max_staleness.",
+        "max_staleness (a daily-partitioned flow's: at least a day and 3 hours).",
         minimum_interval_seconds=300,
         default_status=dg.DefaultSensorStatus.STOPPED,
     )
@@ -26,9 +26,10 @@ def stale_flow_sensor(specs: list[FlowSpec]) -> dg.SensorDefinition:
         now = utcnow().timestamp()
         alerted = []
         for spec in specs:
+            allowed = max_staleness(spec).total_seconds()
             event = context.instance.get_latest_materialization_event(asset_key(spec))
             last = event.timestamp if event else None
-            if last is not None and now - last <= spec.max_staleness.total_seconds():
+            if last is not None and now - last <= allowed:
                 continue
             episode = str(last)  # one alert per stretch of staleness, not one per tick
             if said.get(spec.name) == episode:
@@ -38,8 +39,7 @@ def stale_flow_sensor(specs: list[FlowSpec]) -> dg.SensorDefinition:
                 Alert(
                     kind="stale_flow",
                     flow=spec.name,
-                    message=f"{asset_key(spec).to_user_string()} {age} (allowed: "
-                    f"{_ago(spec.max_staleness.total_seconds())})",
+                    message=f"{asset_key(spec).to_user_string()} {age} (allowed: {_ago(allowed)})",
                     what_to_do="check its schedule and sensor are on and its latest run's logs "
                     "in the Dagster UI, then materialize it",
                 )

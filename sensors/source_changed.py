@@ -68,10 +68,11 @@ def _sensor(system: str, table: str, specs: list[FlowSpec]) -> dg.SensorDefiniti
 
 
 def source_changed_sensors(specs: list[FlowSpec]) -> list[dg.SensorDefinition]:
-    """One sensor per watched source table; tables without a change cursor cannot be watched."""
+    """One sensor per watched source table; tables without a change cursor cannot be watched.
+    A daily-partitioned flow has a sensor of its own (changed_days.py): its runs are days."""
     by_table: dict[tuple[str, str], list[FlowSpec]] = defaultdict(list)
     for spec in specs:
-        if spec.watch_source and spec.source.cursor:
+        if spec.watch_source and spec.source.cursor and not spec.partitions:
             by_table[(spec.source.system, spec.source.table)].append(spec)
     return [
         _sensor(system, table, table_specs)

@@ -43,6 +43,8 @@ def test_every_flow_gets_its_asset_checks_sensor_and_schedules_from_the_factory(
         }
         assert defs.resolve_schedule_def(f"{spec.name}_schedule")
         assert defs.resolve_schedule_def(f"{spec.name}_reconciliation_schedule")
-        if spec.watch_source:
+        if spec.watch_source and spec.partitions:
+            assert defs.resolve_sensor_def(f"{spec.name}_changed_days")
+        elif spec.watch_source:
             assert defs.resolve_sensor_def(f"erp_{spec.source.table}_changed")
     assert len(FLOWS) >= 3

@@ -3,20 +3,26 @@ database on SQLite, PostgreSQL and MariaDB, through Dagster."""
 
 from __future__ import annotations
 
+import json
 import shutil
+from datetime import timedelta
 
 import dagster as dg
 import pytest
 import sqlalchemy as sa
 
+from assets.checks import reconciliation_check
 from assets.chinook import CHINOOK_CUSTOMERS, CHINOOK_INVOICES
-from assets.factory import flow_asset
+from assets.factory import asset_key, flow_asset
 from assets.finance_invoices import FINANCE_INVOICES
 from assets.finance_payments import FINANCE_PAYMENTS
 from definitions import defs, resources
+from integrations.engine.state import utcnow
+from integrations.erp import schema as erp_schema
 from integrations.settings import CHINOOK_DATASET
 from integrations.sql.connect import create_engine
 from integrations.sql.fit import create_table
+from sensors.alerts import stale_flow_sensor
 
 JANUARY = {
     "dagster/asset_partition_range_start": "2025-01-01",
@@ -104,6 +110,29 @@ def test_a_month_of_invoices_and_payments_lands_in_finance(world, finance_url):
 
         again = materialize(FINANCE_INVOICES, instance, tags=JANUARY)
         assert (again["written"], again["unchanged"]) == (0, len(landed))
+
+
+def test_each_day_of_a_one_run_backfill_names_the_range_its_counts_cover(world):
+    """A single-run backfill records one materialization per day of its range, and each carried
+    the whole range's counts with nothing saying so: three days each claimed the range's
+    inserts. Each now names the range and its number of days; a day's own run names the day."""
+    first_week = {
+        "dagster/asset_partition_range_start": "2025-01-05",
+        "dagster/asset_partition_range_end": "2025-01-07",
+    }
+    with dg.instance_for_test() as instance:
+        ranged = run(FINANCE_INVOICES, instance, tags=first_week)
+        alone = run(FINANCE_INVOICES, instance, partition_key="2025-01-08")
+    days = {
+        event.partition: event.materialization.metadata
+        for event in ranged.get_asset_materialization_events()
+    }
+    assert sorted(days) == ["2025-01-05", "2025-01-06", "2025-01-07"]
+    for metadata in days.values():
+        assert metadata["counts_cover"].value == "2025-01-05 … 2025-01-07 (3 days, one run)"
+        assert metadata["days_in_run"].value == 3
+    (day,) = alone.get_asset_materialization_events()
+    assert day.materialization.metadata["counts_cover"].value == "2025-01-08"
 
 
 def test_a_deleted_invoice_is_archived_when_its_day_is_rewritten(world, finance_url):
@@ -201,6 +230,65 @@ def test_chinook_customers_and_invoices_land_in_finance(chinook_copy, finance_ur
         assert (again["written"], again["unchanged"]) == (0, 59)
 
 
+def test_reconciliation_says_a_repair_leaves_extras_and_a_repair_is_audited_as_one(
+    world, state, chinook_copy
+):
+    """A Chinook customer deleted outright stays live in finance (no soft delete to archive by):
+    the reconciliation check told the operator to run `repair: true` for it, which changed
+    nothing, and the repair that did fix a record was audited as a plain manual run. The check
+    now says a repair archives no extra record and what to do instead; a repair's audit entries
+    say `repair`."""
+    key = asset_key(CHINOOK_CUSTOMERS)
+    assets = [flow_asset(CHINOOK_CUSTOMERS), reconciliation_check(CHINOOK_CUSTOMERS, key)]
+    finance = f"sqlite:///{world.home / 'finance.sqlite'}"
+
+    def check(instance) -> dg.AssetCheckEvaluation:
+        result = dg.materialize(
+            assets,
+            resources=resources(),
+            instance=instance,
+            selection=dg.AssetSelection.checks(dg.AssetCheckKey(key, "reconciliation")),
+        )
+        (evaluation,) = result.get_asset_check_evaluations()
+        return evaluation
+
+    with dg.instance_for_test() as instance:
+        materialize(CHINOOK_CUSTOMERS, instance)
+        engine = create_engine(chinook_copy)
+        with engine.begin() as connection:
+            connection.execute(sa.text('DELETE FROM "Customer" WHERE "CustomerId" = 3'))
+        engine.dispose()
+        extra_only = check(instance)
+        assert not extra_only.passed and extra_only.metadata["extra"].value == 1
+        assert "repair: true" not in extra_only.description
+        assert "a repair does not archive the 1 extra records" in extra_only.description
+
+        engine = create_engine(finance)
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text("UPDATE chinook_customers SET city = 'Nowhere' WHERE customer_id = 20")
+            )
+        engine.dispose()
+        both = check(instance)
+        assert "materialize finance/chinook_customers with run config `repair: true`" in (
+            both.description
+        )
+        assert "a repair does not archive the 1 extra records" in both.description
+
+        repaired = run(
+            CHINOOK_CUSTOMERS,
+            instance,
+            run_config={"ops": {"finance__chinook_customers": {"config": {"repair": True}}}},
+        )
+        assert repaired.success
+        after = check(instance)
+        assert (after.metadata["differing"].value, after.metadata["extra"].value) == (0, 1)
+    (entry,) = [
+        e for e in state.audit_entries(CHINOOK_CUSTOMERS.name) if e["run_id"] == repaired.run_id
+    ]
+    assert entry["why"] == "repair" and entry["detail"]["updated"] == 1
+
+
 def test_a_contract_violation_planted_in_chinook_lands_in_the_dlq(world, state, chinook_copy):
     engine = create_engine(chinook_copy)
     with engine.begin() as connection:
@@ -242,6 +330,97 @@ def test_invoice_dates_sqlite_cannot_read_are_dead_lettered_not_fatal(world, sta
     letters = state.list_dead_letters(CHINOOK_INVOICES.name)
     assert sorted(letter.record_key for letter in letters) == ["40", "41"]
     assert all("InvoiceDate is not a date and time" in letter.reason for letter in letters)
+
+
+def change_invoices(erp_url: str, changes: dict[str, dict[str, object]]) -> None:
+    """Edit invoices by number, now (their change cursor moves to the present)."""
+    engine = create_engine(erp_url)
+    with engine.begin() as connection:
+        for number, values in changes.items():
+            connection.execute(
+                erp_schema.invoices.update()
+                .where(erp_schema.invoices.c.invoice_number == number)
+                .values(**values, updated_at=utcnow())
+            )
+    engine.dispose()
+
+
+def test_an_invoice_changed_after_its_day_ran_is_synced_by_a_run_of_its_day(any_world):
+    """A daily partition is synced once, by the schedule, when its day is over: an invoice paid
+    or deleted a week later never reached finance. The changed-days sensor requests a run of
+    each past day whose rows changed since it last looked, once per change."""
+    sensor = defs.resolve_sensor_def(f"{FINANCE_INVOICES.name}_changed_days")
+    finance = f"sqlite:///{any_world.home / 'finance.sqlite'}"
+
+    def tick(instance, cursor):
+        context = dg.build_sensor_context(
+            instance=instance, cursor=cursor, resources=resources(), definitions=defs
+        )
+        return sensor(context)
+
+    with dg.instance_for_test() as instance:
+        never = tick(instance, None)
+        assert not never.run_requests and "never materialized" in never.skip_reason.skip_message
+        materialize(FINANCE_INVOICES, instance, tags=JANUARY)
+        idle = tick(instance, None)
+        assert not idle.run_requests, "nothing changed since the backfill"
+
+        paid, paid_on = query(
+            finance,
+            "SELECT invoice_number, invoice_date FROM invoices WHERE status = 'open' "
+            "ORDER BY invoice_number LIMIT 1",
+        )[0]
+        voided, voided_on = query(
+            finance,
+            "SELECT invoice_number, invoice_date FROM invoices WHERE invoice_date > :day "
+            "ORDER BY invoice_number LIMIT 1",
+            day=paid_on,
+        )[0]
+        change_invoices(
+            any_world.erp_url,
+            {
+                paid: {"status": "paid"},
+                voided: {"status": "void", "deleted_at": utcnow()},
+            },
+        )
+        changed = tick(instance, idle.cursor)
+        requests = sorted(changed.run_requests, key=lambda request: request.partition_key)
+        assert [request.partition_key for request in requests] == [
+            str(day)[:10] for day in (paid_on, voided_on)
+        ]
+        assert tick(instance, changed.cursor).skip_reason, "the same change requests no more"
+        mistaken = json.dumps({"high_water_mark": "2099-01-01T00:00:00"})
+        assert len(tick(instance, mistaken).run_requests) == 2, "a mark in 2099 is no mark"
+
+        for request in requests:
+            ran = run(
+                FINANCE_INVOICES,
+                instance,
+                partition_key=request.partition_key,
+                tags={**request.tags, "dagster/sensor_name": sensor.name},
+            )
+            assert ran.success
+    assert query(finance, "SELECT status FROM invoices WHERE invoice_number = :n", n=paid) == [
+        ("paid",)
+    ]
+    archived = "SELECT archived_at IS NOT NULL FROM invoices WHERE invoice_number = :n"
+    assert query(finance, archived, n=voided) == [(1,)]
+
+
+def test_a_daily_partitioned_flow_is_not_stale_between_its_daily_runs(world, alert_receiver):
+    """The daily-partitioned flows kept FlowSpec's default max_staleness of 3 hours: their
+    freshness policy failed, and handoff_stale_flows alerted, every day between two daily runs.
+    Both allow a day and 3 hours now."""
+    day_and_some = timedelta(days=1, hours=3)
+    graph = defs.resolve_asset_graph()
+    for spec in (FINANCE_INVOICES, FINANCE_PAYMENTS, CHINOOK_INVOICES):
+        policy = graph.get(asset_key(spec)).freshness_policy
+        assert policy.fail_window.to_timedelta() == day_and_some
+    with dg.instance_for_test() as instance:
+        context = dg.build_sensor_context(instance=instance, resources=resources())
+        stale_flow_sensor([FINANCE_INVOICES])(context)
+    (alert,) = alert_receiver.received
+    assert "never succeeded (allowed: 1 day, 3:00:00)" in alert["text"]
 
 
 def test_finance_flows_are_daily_partitioned_and_wired():

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import closing
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from itertools import islice
 
 import numpy as np
@@ -344,6 +344,48 @@ class SqlSource:
         with self.engine.connect() as connection:
             newest = connection.execute(query).scalar_one()
         return as_utc(newest) if isinstance(newest, datetime) else newest
+
+    def changed_days(self, since: datetime, column: str) -> list[date]:
+        """The days of `column` (a partitioned flow's business date) of the rows whose cursor is
+        ≥ `since` (but those FAR_FUTURE past now): the partitions a change since reached, in
+        order. A day is the UTC day, as a partition's window is; a row without a cursor value or
+        a date names no day (none at all without a cursor)."""
+        if self.cursor is None:
+            return []
+        if column not in self.table.c:
+            raise SourceSchemaError(f"table {self.spec.table!r} has no column {column!r}")
+        day = self._day_of(self.table.c[column])
+        query = (
+            sa.select(day)
+            .distinct()
+            .where(
+                self.cursor >= self._compared(since),
+                self._before(datetime.now(UTC) + FAR_FUTURE),
+                day.is_not(None),
+            )
+        )
+        with self.engine.connect() as connection:
+            days = connection.execute(query).scalars().all()
+        return sorted({_a_date(value) for value in days})
+
+    def _day_of(self, target: sa.Column) -> sa.ColumnElement:
+        """The UTC day of a date or time column, computed by the database (one row per day)."""
+        if self.engine.dialect.name == "sqlite":
+            # Text, normalised as in_window reads it; text SQLite reads as no date is NULL.
+            return sa.func.date(target, type_=sa.String)
+        if isinstance(target.type, sa.Date):
+            return target
+        if getattr(target.type, "timezone", False) and self.engine.dialect.name == "postgresql":
+            return sa.cast(sa.func.timezone("UTC", target), sa.Date)
+        return sa.cast(target, sa.Date)
+
+
+def _a_date(value: object) -> date:
+    if isinstance(value, datetime):
+        return value.date()
+    if isinstance(value, date):
+        return value
+    return date.fromisoformat(str(value)[:10])
 
 
 class _LenientTimes(sa.types.TypeDecorator):

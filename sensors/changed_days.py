@@ -1,0 +1,106 @@
+"""A sensor per daily-partitioned flow: a run of each past day whose rows changed.
+
+The flow's schedule syncs a day once it is over; a row of an earlier day changed later (an
+invoice paid, voided or deleted a week on) is read by no run of its own. The sensor finds the
+business days of the rows changed since its last look and requests a run of each such day's
+partition, which rewrites that day (the ledger's diff sends only what changed).
+
+A tick costs one `max(updated_at)` query, and one DISTINCT query over the rows changed since the
+sensor's mark when the mark moved. The cursor holds the mark: the newest change seen.
+"""
+
+import json
+from datetime import UTC, datetime
+
+import dagster as dg
+
+from assets.factory import asset_key, partitions_of
+from integrations.engine.source import FAR_FUTURE
+from integrations.engine.spec import FlowSpec
+from integrations.engine.state import utcnow
+from sensors.schedules import pool_tags
+
+
+def _last_look(spec: FlowSpec, context: dg.SensorEvaluationContext) -> datetime | None:
+    """The newest change the sensor saw (its cursor's mark); on its first look, or past a mark in
+    the far future (a mistaken cursor value an earlier tick kept), when the flow last
+    materialized; None when it never did."""
+    cursor = json.loads(context.cursor) if context.cursor else {}
+    mark = cursor.get("high_water_mark")
+    if mark is not None and datetime.fromisoformat(mark) <= utcnow() + FAR_FUTURE:
+        return datetime.fromisoformat(mark)
+    event = context.instance.get_latest_materialization_event(asset_key(spec))
+    if event is None:
+        return None
+    return datetime.fromtimestamp(event.timestamp, UTC).replace(tzinfo=None)
+
+
+def changed_days_sensor(spec: FlowSpec) -> dg.SensorDefinition:
+    key, system = asset_key(spec), spec.source.system
+    partitions = partitions_of(spec)
+    column = spec.partitions.column
+
+    @dg.sensor(
+        name=f"{spec.name}_changed_days",
+        description=f"Requests a run of each day of {key.to_user_string()} whose rows changed in "
+        f"{system} `{spec.source.table}` since it last looked (the schedule syncs a day once).",
+        target=[key],
+        minimum_interval_seconds=60,
+        default_status=dg.DefaultSensorStatus.STOPPED,
+        required_resource_keys={system},
+    )
+    def _changed_days(context: dg.SensorEvaluationContext, **_resources):
+        # The source's resource key is the system's name (see source_changed.py).
+        table = f"{system} {spec.source.table}"
+        with getattr(context.resources, system).source(spec.source) as source:
+            high_water_mark = source.high_water_mark()
+            if high_water_mark is None:
+                return dg.SensorResult(skip_reason=f"{table} is empty", cursor=context.cursor)
+            mark = high_water_mark.isoformat()
+            new_cursor = json.dumps({"high_water_mark": mark})
+            last_look = _last_look(spec, context)
+            if last_look is None:
+                return dg.SensorResult(
+                    skip_reason=f"{key.to_user_string()} was never materialized: backfill it; "
+                    f"changes are watched from {mark} on",
+                    cursor=new_cursor,
+                )
+            if high_water_mark <= last_look:
+                return dg.SensorResult(
+                    skip_reason=f"{table} unchanged since {last_look.isoformat()}",
+                    cursor=context.cursor,
+                )
+            # From the lookback before the last look on: commits that came late.
+            changed = source.changed_days(last_look - spec.lookback, column)
+        days = [day.isoformat() for day in changed]
+        # A day not over yet (or before the partitions start) is no partition: its own
+        # scheduled run reads it.
+        days = [day for day in days if partitions.has_partition_key(day)]
+        if not days:
+            return dg.SensorResult(
+                skip_reason=f"no past day of {key.to_user_string()} changed", cursor=new_cursor
+            )
+        return dg.SensorResult(
+            run_requests=[
+                dg.RunRequest(
+                    run_key=f"{spec.name}:{day}:{mark}",
+                    partition_key=day,
+                    asset_selection=[key],
+                    tags={"handoff/high_water_mark": mark, **pool_tags(spec)},
+                )
+                for day in days
+            ],
+            cursor=new_cursor,
+        )
+
+    return _changed_days
+
+
+def changed_days_sensors(specs: list[FlowSpec]) -> list[dg.SensorDefinition]:
+    """One sensor per watched daily-partitioned flow with a change cursor (a table without one
+    cannot say what changed)."""
+    return [
+        changed_days_sensor(spec)
+        for spec in specs
+        if spec.partitions and spec.watch_source and spec.source.cursor
+    ]
