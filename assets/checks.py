@@ -78,24 +78,22 @@ def reconciliation_check(spec: FlowSpec, key: dg.AssetKey) -> dg.AssetChecksDefi
     return _reconciliation
 
 
-# The engine archives what the source soft-deletes; a row deleted outright leaves no row to
-# read, and no repair archives it.
-EXTRA_NOT_REPAIRED = (
-    "a repair does not archive the {count} extra records (live in the destination, not in the "
-    "source: a row deleted outright there, or a record handoff never wrote); check each "
-    "(first_drifted lists the first) and archive it in the destination yourself"
+# A repair archives the extras this flow wrote for records the source no longer has (a row
+# deleted outright, which no run reads); what handoff never wrote it leaves alone.
+EXTRA_LEFT = (
+    "{count} extra records are no record's this flow wrote, or their source rows still exist "
+    "(a repair leaves them): check each (first_drifted lists the first) and archive it in the "
+    "destination yourself"
 )
 
 
 def what_to_do(drift: Drift, key: dg.AssetKey) -> list[str]:
-    """What repairs the drift: a repair run sends the missing and differing records again; it
-    archives no extra record (it told the operator to repair extras, and changed nothing)."""
-    todo = []
-    if drift.missing or drift.differing:
-        todo.append(
-            f"to send the missing and differing records again, materialize "
-            f"{key.to_user_string()} with run config `repair: true`"
-        )
-    if drift.extra:
-        todo.append(EXTRA_NOT_REPAIRED.format(count=len(drift.extra)))
-    return todo
+    """What repairs the drift: a repair run sends the missing and differing records again, and
+    archives the extras this flow wrote whose source rows are gone."""
+    if drift.in_sync:
+        return []
+    return [
+        f"to repair, materialize {key.to_user_string()} with run config `repair: true` (it "
+        "sends the missing and differing records again, and archives the extra ones this flow "
+        "wrote whose source rows were deleted; any other extra it leaves, and says so)"
+    ]

@@ -11,7 +11,7 @@ from datetime import timedelta
 import dagster as dg
 
 from assets.checks import (
-    EXTRA_NOT_REPAIRED,
+    EXTRA_LEFT,
     contract_check_result,
     contract_check_spec,
     drift_metadata,
@@ -232,11 +232,17 @@ def _sync_replay_or_repair(context, spec, config, source, destination, state):
         return sync.replay(state.list_dead_letters(flow=spec.name, limit=None)), None
     if config.repair:
         drift = reconcile(spec, source, destination, state)
+        result = sync.repair(drift.missing + drift.differing)
         if drift.extra:
-            context.log.warning(
-                "%s: %s", spec.name, EXTRA_NOT_REPAIRED.format(count=len(drift.extra))
-            )
-        return sync.repair(drift.missing + drift.differing), drift
+            archived = sync.archive_extras(drift.extra_ids)
+            result.counts["archived"] += archived
+            if archived < len(drift.extra):
+                context.log.warning(
+                    "%s: %s",
+                    spec.name,
+                    EXTRA_LEFT.format(count=len(drift.extra) - archived),
+                )
+        return result, drift
     if spec.partitions:
         window = context.partition_time_window
         return sync.run_window(window.start, window.end, config.allow_mass_archive), None

@@ -230,14 +230,13 @@ def test_chinook_customers_and_invoices_land_in_finance(chinook_copy, finance_ur
         assert (again["written"], again["unchanged"]) == (0, 59)
 
 
-def test_reconciliation_says_a_repair_leaves_extras_and_a_repair_is_audited_as_one(
+def test_a_repair_archives_the_rows_of_records_deleted_outright_and_is_audited_as_one(
     world, state, chinook_copy
 ):
-    """A Chinook customer deleted outright stays live in finance (no soft delete to archive by):
-    the reconciliation check told the operator to run `repair: true` for it, which changed
-    nothing, and the repair that did fix a record was audited as a plain manual run. The check
-    now says a repair archives no extra record and what to do instead; a repair's audit entries
-    say `repair`."""
+    """A Chinook customer deleted outright stays live in finance (no soft delete to archive by,
+    and no run reads a row that is gone): the reconciliation check told the operator to run
+    `repair: true`, which changed nothing. A repair now archives such a row, and leaves one
+    handoff never wrote (saying so); its audit entries say `repair`."""
     key = asset_key(CHINOOK_CUSTOMERS)
     assets = [flow_asset(CHINOOK_CUSTOMERS), reconciliation_check(CHINOOK_CUSTOMERS, key)]
     finance = f"sqlite:///{world.home / 'finance.sqlite'}"
@@ -260,21 +259,20 @@ def test_reconciliation_says_a_repair_leaves_extras_and_a_repair_is_audited_as_o
         engine.dispose()
         extra_only = check(instance)
         assert not extra_only.passed and extra_only.metadata["extra"].value == 1
-        assert "repair: true" not in extra_only.description
-        assert "a repair does not archive the 1 extra records" in extra_only.description
+        assert "run config `repair: true`" in extra_only.description
 
         engine = create_engine(finance)
         with engine.begin() as connection:
             connection.execute(
                 sa.text("UPDATE chinook_customers SET city = 'Nowhere' WHERE customer_id = 20")
             )
+            connection.execute(  # a row someone else put there: not handoff's to archive
+                sa.text(
+                    "INSERT INTO chinook_customers (customer_id, first_name, last_name, email, "
+                    "country) VALUES (999, 'A', 'B', 'a@b.example', 'X')"
+                )
+            )
         engine.dispose()
-        both = check(instance)
-        assert "materialize finance/chinook_customers with run config `repair: true`" in (
-            both.description
-        )
-        assert "a repair does not archive the 1 extra records" in both.description
-
         repaired = run(
             CHINOOK_CUSTOMERS,
             instance,
@@ -283,10 +281,16 @@ def test_reconciliation_says_a_repair_leaves_extras_and_a_repair_is_audited_as_o
         assert repaired.success
         after = check(instance)
         assert (after.metadata["differing"].value, after.metadata["extra"].value) == (0, 1)
-    (entry,) = [
+    archived = query(
+        finance, "SELECT customer_id FROM chinook_customers WHERE archived_at IS NOT NULL"
+    )
+    assert archived == [(3,)]
+    entries = [
         e for e in state.audit_entries(CHINOOK_CUSTOMERS.name) if e["run_id"] == repaired.run_id
     ]
-    assert entry["why"] == "repair" and entry["detail"]["updated"] == 1
+    assert {e["why"] for e in entries} == {"repair"}
+    assert sum(e["detail"].get("updated", 0) for e in entries) == 1
+    assert sum(e["detail"].get("archived", 0) for e in entries) == 1
 
 
 def test_a_contract_violation_planted_in_chinook_lands_in_the_dlq(world, state, chinook_copy):

@@ -28,6 +28,7 @@ class Drift:
     missing: list[str] = field(default_factory=list)  # source keys absent from the destination
     differing: list[str] = field(default_factory=list)  # source keys whose content differs
     extra: list[str] = field(default_factory=list)  # destination id values the source lacks
+    extra_ids: list[str] = field(default_factory=list)  # their destination ids, in that order
 
     @property
     def in_sync(self) -> bool:
@@ -94,11 +95,13 @@ def reconcile(spec: FlowSpec, source: Source, destination: Destination, state: S
         id_value = same(str(record[spec.target.id_property]))
         expected[id_value] = content_hash(_as_stored(record, fields, flags))
         source_key_of[id_value] = key
-    actual = {
-        same(id_value): content_hash(_as_stored(properties, fields, flags))
-        for id_value, destination_id, properties in destination.snapshot(fields)
-        if destination_id not in held_ids
-    }
+    actual: dict[str, str] = {}
+    destination_ids: dict[str, str] = {}
+    for id_value, destination_id, properties in destination.snapshot(fields):
+        if destination_id not in held_ids:
+            actual[same(id_value)] = content_hash(_as_stored(properties, fields, flags))
+            destination_ids[same(id_value)] = destination_id
+    extra = sorted(actual.keys() - expected.keys())
     return Drift(
         source_count=len(expected),
         destination_count=len(actual),
@@ -108,5 +111,6 @@ def reconcile(spec: FlowSpec, source: Source, destination: Destination, state: S
         differing=sorted(
             source_key_of[k] for k in expected.keys() & actual.keys() if expected[k] != actual[k]
         ),
-        extra=sorted(actual.keys() - expected.keys()),
+        extra=extra,
+        extra_ids=[destination_ids[k] for k in extra],
     )

@@ -475,14 +475,29 @@ class Sync:
             before = self.state.watermark(self.spec.name)
             result = self._drive(iter(batches), before, full=False, move_watermark=False)
             if gone:
-                result.counts["archived"] += self._close_gone(gone)
+                result.counts["archived"] += self._archive_gone(gone)
                 result.counts["gone"] += len(gone)
                 result.open_dead_letters = self.state.dead_letter_kinds(self.spec.name)
             return result
         finally:
             self._replaying = False
 
-    def _close_gone(self, keys: list[str]) -> int:
+    def archive_extras(self, destination_ids: Sequence[str]) -> int:
+        """Archive the extra rows reconciliation found (live in the destination, not expected
+        from the source) that this flow wrote, for records the source no longer has: a row
+        deleted outright, which no run reads. Rows the ledger holds for no record (not written
+        by handoff) are left alone. How many were archived."""
+        owners = self.state.live_owners(self.spec.name, list(destination_ids))
+        keys = sorted({key for held in owners.values() for key in held})
+        present = {
+            str(key)
+            for batch in self.source.rows_with_keys(keys, self.spec.batch_size)
+            for key in batch[self.spec.source.key]
+        }
+        gone = [key for key in keys if key not in present]
+        return self._archive_gone(gone) if gone else 0
+
+    def _archive_gone(self, keys: list[str]) -> int:
         """Close the letters of records the source no longer has, archiving what the
         destination holds of them (not a row another record holds now); how many archived."""
         flow = self.spec.name
