@@ -359,6 +359,23 @@ def test_a_refused_record_is_rejected_without_its_value(engine):
     assert rows(engine) == {}, "the whole chunk is one transaction"
 
 
+@pytest.mark.postgres
+def test_a_record_beyond_a_postgres_limit_is_its_own_refusal(postgres_database):
+    """An index row too large (SQLSTATE 54000, an OperationalError to psycopg) was taken for an
+    unreachable database: psycopg's args hold the message, not a code. Every run stopped on the
+    one record; now it is that record's refusal, and the others land."""
+    engine = create_engine(postgres_database())
+    create(engine, *ledger_columns(), sa.Index("ledger_memo", "memo"))
+    table = SqlTable(engine, LINES.target)
+    table.prepare(LINES)
+    noise = "".join(format(n * 7919 % 10007, "x") for n in range(1500))  # no run to compress
+    with pytest.raises(RecordsRejected, match="index row size"):
+        table.upsert([record("L1", 1.0), record("L2", 2.0, noise)])
+    table.upsert([record("L1", 1.0)])
+    assert list(rows(engine)) == ["L1"]
+    engine.dispose()
+
+
 def test_a_value_the_database_quotes_in_its_refusal_is_not_repeated(engine):
     """MariaDB says "Incorrect datetime value: '…' for column", PostgreSQL "date/time field value
     out of range: "…"": the value (a birth date: personal data) stays out of the DLQ and logs."""

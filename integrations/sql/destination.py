@@ -595,6 +595,9 @@ def _lock_conflict(error: sa.exc.DBAPIError) -> bool:
 def _unreachable(error: sa.exc.DBAPIError) -> bool:
     if error.connection_invalidated or isinstance(error, sa.exc.InterfaceError):
         return True
+    sqlstate = getattr(error.orig, "sqlstate", None)  # psycopg's; its args hold the message
+    if sqlstate is not None:
+        return sqlstate[:2] in _PG_UNAVAILABLE_CLASSES or sqlstate in _PG_CORRUPT
     if not isinstance(error, sa.exc.OperationalError):
         return False
     code = error.orig.args[0] if error.orig is not None and error.orig.args else None
@@ -605,8 +608,17 @@ def _unreachable(error: sa.exc.DBAPIError) -> bool:
         return name.startswith(_SQLITE_UNAVAILABLE)
     # PyMySQL files server-side data errors (1366 a wrong value, 4025 a CHECK) as
     # OperationalError too; only the client's codes (2000–2999) mean no connection, and a
-    # server read-only (1290 --read-only, 1836 a read-only replica) that it cannot write.
+    # server read-only (1290 --read-only, 1836 a read-only replica) that it cannot write. A
+    # psycopg error without a SQLSTATE (its args: a message) is its own: no connection.
     return not isinstance(code, int) or 2000 <= code < 3000 or code in (1290, 1836)
+
+
+# PostgreSQL's SQLSTATE classes of a server that cannot do the work now, whatever the records:
+# connection exception, insufficient resources (disk full, out of memory, too many connections),
+# operator intervention (a shutdown, a cancelled statement), system error (I/O). Any other class
+# is the statement's: a program limit (54000, an index row too large) is its record's refusal.
+_PG_UNAVAILABLE_CLASSES = frozenset({"08", "53", "57", "58"})
+_PG_CORRUPT = frozenset({"XX001", "XX002"})  # data corrupted, index corrupted
 
 
 _SQLITE_UNAVAILABLE = (
