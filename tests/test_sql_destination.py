@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pandas as pd
@@ -373,6 +375,69 @@ def test_a_record_beyond_a_postgres_limit_is_its_own_refusal(postgres_database):
         table.upsert([record("L1", 1.0), record("L2", 2.0, noise)])
     table.upsert([record("L1", 1.0)])
     assert list(rows(engine)) == ["L1"]
+    engine.dispose()
+
+
+@contextmanager
+def a_user_who_cannot_update(engine: sa.Engine) -> Iterator[sa.Engine]:
+    """An engine for a new user of `engine`'s database who may read and insert ledger lines and
+    create temporary tables, but not update."""
+    user, database = f"handoff_test_{uuid.uuid4().hex[:8]}", engine.url.database
+    if engine.dialect.name == "postgresql":
+        grants = [
+            f"CREATE ROLE {user} LOGIN",
+            f"GRANT SELECT, INSERT ON ledger_lines TO {user}",
+            f'GRANT TEMPORARY ON DATABASE "{database}" TO {user}',
+        ]
+        revokes = [f"DROP OWNED BY {user}", f"DROP ROLE {user}"]
+    else:
+        grants = [
+            f"CREATE USER '{user}'@'%'",
+            f"GRANT SELECT, INSERT, CREATE TEMPORARY TABLES ON `{database}`.* TO '{user}'@'%'",
+        ]
+        revokes = [f"DROP USER '{user}'@'%'"]
+    with engine.begin() as connection:
+        for statement in grants:
+            connection.exec_driver_sql(statement.replace("%", "%%"))
+    limited = create_engine(str(engine.url.set(username=user)))
+    try:
+        yield limited
+    finally:
+        limited.dispose()
+        with engine.begin() as connection:
+            for statement in revokes:
+                connection.exec_driver_sql(statement.replace("%", "%%"))
+
+
+def test_a_right_refused_stops_the_write_and_refuses_no_record(server_engine):
+    """A revoked UPDATE right was taken for every record's refusal: each chunk was bisected down
+    to single records, all dead-lettered and then held after the right came back. It is the
+    configuration's fault: the run stops with what to do."""
+    create(server_engine, *ledger_columns())
+    with a_user_who_cannot_update(server_engine) as limited:
+        table = SqlTable(limited, LINES.target)
+        table.prepare(LINES)
+        table.upsert([record("L1", 1.0)])
+        with pytest.raises(DestinationMismatch, match=r"refused handoff's user a right.*grant"):
+            table.upsert([record("L1", 2.0)])
+    assert rows(server_engine)["L1"][0] == 1.0
+
+
+@pytest.mark.postgres
+def test_a_read_only_postgres_stops_the_write_and_refuses_no_record(postgres_database):
+    """A database set read-only (or a hot standby) refused every record in turn (25006), and
+    all were dead-lettered: it is unavailable for writes, and the run stops with what to do."""
+    url = postgres_database()
+    engine = create_engine(url)
+    table = SqlTable(engine, LINES.target, create_missing=True)
+    table.prepare(LINES)
+    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+        admin.execute(
+            f'ALTER DATABASE "{url.rsplit("/", 1)[1]}" SET default_transaction_read_only = on'
+        )
+    engine.dispose()  # new sessions take the setting
+    with pytest.raises(DestinationUnavailable, match=r"takes no writes.*point the flow's URL"):
+        table.upsert([record("L1", 1.0)])
     engine.dispose()
 
 

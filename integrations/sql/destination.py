@@ -585,32 +585,59 @@ def _conflict_name(error: Exception) -> str:
 
 
 def _lock_conflict(error: sa.exc.DBAPIError) -> bool:
-    original = error.orig
-    if getattr(original, "sqlstate", None) in _PG_LOCK_CONFLICTS:
-        return True
-    code = original.args[0] if original is not None and original.args else None
-    return code in _MARIADB_LOCK_CONFLICTS
+    return _sqlstate(error) in _PG_LOCK_CONFLICTS or _mariadb_code(error) in _MARIADB_LOCK_CONFLICTS
+
+
+def _sqlstate(error: sa.exc.DBAPIError) -> str | None:
+    """A PostgreSQL error's SQLSTATE (psycopg's args hold the message); None for the others'."""
+    return getattr(error.orig, "sqlstate", None)
+
+
+def _mariadb_code(error: sa.exc.DBAPIError) -> object:
+    """A MariaDB/MySQL error's number, PyMySQL's first arg (others': a message, or nothing)."""
+    return error.orig.args[0] if error.orig is not None and error.orig.args else None
 
 
 def _unreachable(error: sa.exc.DBAPIError) -> bool:
     if error.connection_invalidated or isinstance(error, sa.exc.InterfaceError):
         return True
-    sqlstate = getattr(error.orig, "sqlstate", None)  # psycopg's; its args hold the message
+    sqlstate = _sqlstate(error)
     if sqlstate is not None:
         return sqlstate[:2] in _PG_UNAVAILABLE_CLASSES or sqlstate in _PG_CORRUPT
     if not isinstance(error, sa.exc.OperationalError):
         return False
-    code = error.orig.args[0] if error.orig is not None and error.orig.args else None
     if isinstance(error.orig, sqlite3.Error):
         # sqlite3 files a statement's refusal (a generated column) as OperationalError too: by
         # its result code, only a file it cannot open, read, write, lock or trust is unavailable.
         name = getattr(error.orig, "sqlite_errorname", "")
         return name.startswith(_SQLITE_UNAVAILABLE)
     # PyMySQL files server-side data errors (1366 a wrong value, 4025 a CHECK) as
-    # OperationalError too; only the client's codes (2000–2999) mean no connection, and a
-    # server read-only (1290 --read-only, 1836 a read-only replica) that it cannot write. A
-    # psycopg error without a SQLSTATE (its args: a message) is its own: no connection.
-    return not isinstance(code, int) or 2000 <= code < 3000 or code in (1290, 1836)
+    # OperationalError too; only the client's codes (2000–2999) mean no connection. A psycopg
+    # error without a SQLSTATE (its args: a message) is its own: no connection either.
+    code = _mariadb_code(error)
+    return not isinstance(code, int) or 2000 <= code < 3000
+
+
+def _read_only(error: sa.exc.DBAPIError) -> bool:
+    """A server that takes no writes: a PostgreSQL hot standby or a database or session set
+    read-only (25006), MariaDB's --read-only (1290) or a read-only replica (1836)."""
+    return _sqlstate(error) == "25006" or _mariadb_code(error) in (1290, 1836)
+
+
+def _not_permitted(error: sa.exc.DBAPIError) -> bool:
+    """The database refused handoff's user a right, whatever the records: PostgreSQL's
+    insufficient privilege (42501) or invalid authorization (class 28); MariaDB's access denied
+    to a database (1044), for the user (1045), to a right (1227), a command on a table (1142),
+    a column (1143) or a routine a trigger calls (1370)."""
+    sqlstate = _sqlstate(error) or ""
+    return (
+        sqlstate == "42501"
+        or sqlstate.startswith("28")
+        or _mariadb_code(error) in _MARIADB_NOT_PERMITTED
+    )
+
+
+_MARIADB_NOT_PERMITTED = frozenset({1044, 1045, 1142, 1143, 1227, 1370})
 
 
 # PostgreSQL's SQLSTATE classes of a server that cannot do the work now, whatever the records:
@@ -633,11 +660,9 @@ _SQLITE_SCHEMA_GONE = ("no such table", "no such column", "has no column named")
 
 
 def _schema_gone(error: sa.exc.DBAPIError) -> bool:
-    original = error.orig
-    if isinstance(original, sqlite3.Error):
-        return any(words in str(original) for words in _SQLITE_SCHEMA_GONE)
-    code = original.args[0] if original is not None and original.args else None
-    return getattr(original, "sqlstate", None) in _PG_SCHEMA_GONE or code in _MARIADB_SCHEMA_GONE
+    if isinstance(error.orig, sqlite3.Error):
+        return any(words in str(error.orig) for words in _SQLITE_SCHEMA_GONE)
+    return _sqlstate(error) in _PG_SCHEMA_GONE or _mariadb_code(error) in _MARIADB_SCHEMA_GONE
 
 
 # Some messages repeat the offending value, which can be personal data: MariaDB's "Duplicate
@@ -651,13 +676,27 @@ _QUOTED_VALUE = re.compile(
 
 
 def _classified(error: sa.exc.DBAPIError) -> Exception:
-    """A refused write (constraint, type, length) or an unreachable database, worded without
-    the offending values."""
+    """A refused write (constraint, type, length), or a fault of no record (a database
+    unreachable or read-only, a right refused, a table changed), worded without the offending
+    values."""
     original = error.orig
     said = _QUOTED_VALUE.sub(_unquoted, (str(original).strip().splitlines() or [""])[0])
+    if _read_only(error):
+        return DestinationUnavailable(
+            f"the database takes no writes ({said}): a standby or read-only replica, or a "
+            "server or database set read-only. What to do: point the flow's URL at the "
+            "primary, or make the database writable, and rerun"
+        )
     if _unreachable(error):
         return DestinationUnavailable(
             f"{type(original).__name__}: the database is unreachable or cannot write ({said})"
+        )
+    if _not_permitted(error):
+        return DestinationMismatch(
+            f"the database refused handoff's user a right ({said}). What to do: check the "
+            "URL's user, and grant it SELECT, INSERT and UPDATE on the table and the right to "
+            "create temporary tables (PostgreSQL TEMPORARY on the database, MariaDB CREATE "
+            "TEMPORARY TABLES), then rerun"
         )
     if _schema_gone(error):
         return DestinationMismatch(
