@@ -891,6 +891,20 @@ class StampedV1(pa.DataFrameModel):
     at: Series[pa.DateTime]
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("initially", ["IMMEDIATE", "DEFERRED"])
+def test_a_deferrable_key_is_refused_before_any_write(postgres_database, initially):
+    """A DEFERRABLE primary key passed the check, then no record could be updated: ON CONFLICT
+    takes no deferrable arbiter (every run stopped, as if the database were unreachable), or,
+    INITIALLY DEFERRED, every changed record was dead-lettered as a duplicate at commit."""
+    engine = create_engine(postgres_database())
+    key = sa.PrimaryKeyConstraint("line_number", deferrable=True, initially=initially)
+    create(engine, *ledger_columns(keyed=False), key)
+    with pytest.raises(DestinationMismatch, match=r"is DEFERRABLE.*add it again without"):
+        SqlTable(engine, LINES.target).prepare(LINES)
+    engine.dispose()
+
+
 @pytest.mark.mariadb
 def test_a_table_created_on_mariadb_keeps_microseconds(mariadb_database):
     """MariaDB's DATETIME keeps whole seconds and drops the rest without a word: handoff creates

@@ -12,7 +12,8 @@ and MariaDB round extra decimals without a word. `beyond_fixed_point` finds the 
 column would not keep as sent, so that they are refused rather than stored changed; likewise
 `beyond_exact_floats` for whole numbers in a floating-point column. A 4-byte float column (REAL,
 MariaDB's FLOAT) keeps about 7 digits: it does not fit a number field at all. Nor does a partial
-unique index (WHERE …) make the key unique. A key field is a whole number or text; its column may
+unique index (WHERE …) make the key unique, nor a DEFERRABLE constraint (PostgreSQL's ON CONFLICT
+takes none as its arbiter). A key field is a whole number or text; its column may
 be any type that holds it (a NUMERIC or DOUBLE key is matched by value).
 """
 
@@ -224,6 +225,17 @@ def _misfits(engine: sa.Engine, table: sa.Table, spec: FlowSpec) -> list[tuple[s
                 f"make {key!r} the primary key or add a unique constraint on it alone",
             )
         )
+    deferrable = _deferrable_key(engine, table, key) if key in table.c else None
+    if deferrable:
+        problems.append(
+            (
+                key,
+                f"its constraint {deferrable!r} is DEFERRABLE, which PostgreSQL's ON CONFLICT "
+                "cannot take as its arbiter: no record could be updated",
+                f"drop {deferrable!r} and add it again without DEFERRABLE (PostgreSQL cannot "
+                "alter it so)",
+            )
+        )
     archived = table.c.get(ARCHIVED_AT)
     if archived is None or not archived.nullable or python_type(archived) is not datetime:
         problems.append(
@@ -318,6 +330,25 @@ def _is_unique(engine: sa.Engine, table: sa.Table, key: str) -> bool:
         )
     ]
     return any(item["column_names"] == [key] for item in [*constraints, *indexes])
+
+
+def _deferrable_key(engine: sa.Engine, table: sa.Table, key: str) -> str | None:
+    """The name of a DEFERRABLE primary key or unique constraint on the key alone (PostgreSQL):
+    ON CONFLICT refuses it as an arbiter, even beside a unique index that is not."""
+    if engine.dialect.name != "postgresql":  # MariaDB has none; SQLite defers foreign keys only
+        return None
+    with engine.connect() as connection:
+        return connection.execute(
+            sa.text(
+                "SELECT con.conname FROM pg_constraint con "
+                "JOIN pg_attribute att ON att.attrelid = con.conrelid "
+                "AND att.attnum = con.conkey[1] "
+                "WHERE con.conrelid = CAST(:table AS regclass) AND con.contype IN ('p', 'u') "
+                "AND con.condeferrable AND cardinality(con.conkey) = 1 AND att.attname = :key "
+                "LIMIT 1"
+            ),
+            {"table": engine.dialect.identifier_preparer.quote(table.name), "key": key},
+        ).scalar()
 
 
 def float_columns_of_integers(table: sa.Table, contract: Contract) -> list[str]:
