@@ -622,6 +622,51 @@ def dated(number: str, amount: float, booked_on: str) -> OutboundRecord:
     return OutboundRecord(key=number, properties=properties, trace_id=number)
 
 
+SKIPPING_TRIGGERS = {
+    "postgresql": [
+        "CREATE FUNCTION no_negatives() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF NEW.amount < 0 THEN RETURN NULL; END IF; RETURN NEW; END $$",
+        "CREATE TRIGGER no_negatives BEFORE INSERT OR UPDATE ON ledger_lines "
+        "FOR EACH ROW EXECUTE FUNCTION no_negatives()",
+    ],
+    "sqlite": [
+        f"CREATE TRIGGER no_negative_{event} BEFORE {event} ON ledger_lines "
+        "WHEN NEW.amount < 0 BEGIN SELECT RAISE(IGNORE); END"
+        for event in ("INSERT", "UPDATE")
+    ],
+}
+
+
+def test_a_row_a_trigger_skips_is_refused_not_counted_written(engine):
+    """A BEFORE trigger that skips a row without an error (PostgreSQL's RETURN NULL, SQLite's
+    RAISE(IGNORE)) had the record counted inserted (or unchanged) and marked synced, though it
+    never reached the table. Now it is refused with why; the chunk's other rows land."""
+    if engine.dialect.name not in SKIPPING_TRIGGERS:  # MariaDB's triggers cannot skip a row
+        return
+    create(engine, *ledger_columns())
+    with engine.begin() as connection:
+        for statement in SKIPPING_TRIGGERS[engine.dialect.name]:
+            connection.exec_driver_sql(statement)
+    table = SqlTable(engine, LINES.target)
+    table.prepare(LINES)
+    first = table.upsert([record("L1", 10.0), record("L2", -5.0), record("L3", 30.0)])
+    assert [
+        (r.key, "a trigger on the table skipped the row" in r.reason) for r in first.refused
+    ] == [("2", True)]
+    assert [(w.destination_id, w.created) for w in first.written] == [("L1", True), ("L3", True)]
+
+    sent = [record("L1", -1.0), record("L3", 30.0), record("L4", -4.0), record("L5", 50.0)]
+    second = table.upsert(sent)
+    assert sorted(refusal.key for refusal in second.refused) == ["1", "4"]
+    kept = None if engine.dialect.name == "postgresql" else False  # L3: held as sent
+    assert [(w.destination_id, w.created) for w in second.written] == [("L3", kept), ("L5", True)]
+    assert {n: amount for n, (amount, _, _) in rows(engine).items()} == {
+        "L1": 10.0,
+        "L3": 30.0,
+        "L5": 50.0,
+    }
+
+
 def test_a_clash_on_another_unique_column_is_refused_not_written_over(engine):
     """Only the key decides between insert and update: a record whose other unique value another
     row holds is refused (MariaDB's ON DUPLICATE KEY UPDATE would update that other row)."""

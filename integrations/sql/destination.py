@@ -13,7 +13,8 @@ column's fraction of a second, refuses its record, alone, with the column and wh
 database would round or cut it without a word (and reconciliation then find it drifted for good).
 So does text a DATE column would cut (a time of day, no ISO date) or a timestamp column would read
 its own way (no ISO 8601 time); text with an offset into a column without a zone is sent as the
-UTC time it names, as handoff's times are.
+UTC time it names, as handoff's times are. A row a BEFORE trigger skips without an error is its
+record's refusal, not counted written.
 A transaction that loses a lock conflict (deadlock, lock wait timeout, serialization failure), or
 on MariaDB a race for a new key, is run again, a few times, after a growing pause: it is never
 taken for a refusal of its records.
@@ -28,7 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
@@ -62,6 +63,7 @@ from integrations.sql.fit import (
 
 _IN_CHUNK = 500
 _TEMP_TABLE = "handoff_upsert_batch"
+_SAVEPOINT = "handoff_chunk"
 LOCK_ATTEMPTS = 5  # a chunk's transaction, run again after each lost lock conflict
 LOCK_PAUSE_SECONDS = 0.2  # before the second attempt; doubled before each next one
 T = TypeVar("T")
@@ -169,17 +171,21 @@ class SqlTable:
             if not keys:
                 return Upserted([], refused)
 
-        def write(connection: sa.Connection) -> dict[str, bool]:
+        def write(connection: sa.Connection) -> _Written:
             if self.dialect == "postgresql":
                 return self._upsert_postgresql(connection, columns)
             rows = list(zip(*columns.values(), strict=True))
             return self._upsert_executemany(connection, fields, rows)
 
-        created = self._transaction(write)
+        created, skipped = self._transaction(write)
         ids = list(map(self._key_text, columns[self.target.id_property]))
         # PostgreSQL returns no row it found equal: None, unchanged. Unless a key it returned
         # reads otherwise than sent: then it cannot tell, and calls the others updated.
         told = created.keys() <= set(ids)
+        if skipped:  # written nowhere, though the database said no word: refused
+            refused += [Refusal(keys[at], _SKIPPED) for at, id_ in enumerate(ids) if id_ in skipped]
+            landed = [at for at, id_ in enumerate(ids) if id_ not in skipped]
+            keys, ids = [keys[at] for at in landed], [ids[at] for at in landed]
         flags = [created.get(id_, None if told else False) for id_ in ids]
         return Upserted(WrittenColumns(keys, ids, flags), refused)
 
@@ -280,11 +286,15 @@ class SqlTable:
             time.sleep(LOCK_PAUSE_SECONDS * 2 ** (attempt - 1))
             attempt += 1
 
-    def _upsert_postgresql(self, connection: sa.Connection, columns: Columns) -> dict[str, bool]:
+    def _upsert_postgresql(self, connection: sa.Connection, columns: Columns) -> _Written:
         fields = list(columns)
         columns = in_key_order(columns, self.target.id_property)
-        if copy_new_rows(connection, self.table.name, columns):  # a first load: all new
-            return dict.fromkeys(map(self._key_text, columns[self.target.id_property]), True)
+        sent = columns[self.target.id_property]
+        stored = copy_new_rows(connection, self.table.name, columns)
+        if stored is not None:  # a first load: all new, and all there unless a trigger skipped
+            ids = set(map(self._key_text, sent))
+            skipped = ids - self._present(connection, sent) if stored < len(sent) else set()
+            return _Written(dict.fromkeys(ids, True), frozenset(skipped))
         quote = self.engine.dialect.identifier_preparer.quote
         table, key = quote(self.table.name), quote(self.target.id_property)
         quoted = ", ".join(quote(name) for name in fields)
@@ -297,6 +307,7 @@ class SqlTable:
         copy_columns(connection, _TEMP_TABLE, columns)
         mine = ", ".join([*(f"{table}.{name}" for name in others), f"{table}.{archived}"])
         theirs = ", ".join([*(f"EXCLUDED.{name}" for name in others), "NULL"])
+        theirs_in_batch = ", ".join([*(f"batch.{name}" for name in others), "NULL"])
         updates = ", ".join(
             [*(f"{name} = EXCLUDED.{name}" for name in others), f"{archived} = NULL"]
         )
@@ -306,8 +317,17 @@ class SqlTable:
             f"WHERE ({mine}) IS DISTINCT FROM ({theirs}) "
             f"RETURNING {key}, (xmax = 0)"
         )
-        # Rows left out of RETURNING were already equal: kept, not rewritten, not created.
-        return {self._key_text(value): inserted for value, inserted in returned}
+        created = {self._key_text(value): inserted for value, inserted in returned}
+        if len(created) == len(sent):
+            return _Written(created)
+        # Rows left out of RETURNING were already equal (kept, not rewritten, not created), or a
+        # BEFORE trigger skipped them: those are not in the table as sent.
+        skipped = connection.exec_driver_sql(
+            f"SELECT batch.{key} FROM {_TEMP_TABLE} AS batch LEFT JOIN {table} "
+            f"ON {table}.{key} = batch.{key} "
+            f"WHERE {table}.{key} IS NULL OR ({mine}) IS DISTINCT FROM ({theirs_in_batch})"
+        ).scalars()
+        return _Written(created, frozenset(map(self._key_text, skipped)) - created.keys())
 
     def _upsert_executemany(
         self, connection: sa.Connection, fields: list[str], rows: list[tuple]
@@ -315,10 +335,7 @@ class SqlTable:
         table, key, text = self.table, self.target.id_property, self._key_text
         position = fields.index(key)
         keys = [row[position] for row in rows]
-        existing: set[str] = set()
-        for start in range(0, len(keys), _IN_CHUNK):
-            query = sa.select(table.c[key]).where(table.c[key].in_(keys[start : start + _IN_CHUNK]))
-            existing.update(map(text, connection.execute(query).scalars()))
+        existing = self._present(connection, keys)
         converters = {
             index: convert
             for index, name in enumerate(fields)
@@ -331,12 +348,39 @@ class SqlTable:
             ]
         # The driver's executemany with one prepared text: SQLAlchemy's per-row binding would cost
         # more than the database's work (PyMySQL sends it as multi-row INSERTs).
+        skipped: frozenset[str] = frozenset()
         if self.dialect == "sqlite":
-            connection.exec_driver_sql(self._sqlite_upsert(fields), rows)
+            skipped = self._upsert_sqlite(connection, fields, rows)
         else:
             known = [text(row[position]) in existing for row in rows]
             self._insert_or_update(connection, fields, rows, known)
-        return {text(value): text(value) not in existing for value in keys}
+        return _Written({text(value): text(value) not in existing for value in keys}, skipped)
+
+    def _present(self, connection: sa.Connection, keys: Sequence[object]) -> set[str]:
+        """Which of `keys` the table holds, as key texts."""
+        column, found = self.table.c[self.target.id_property], set()
+        for start in range(0, len(keys), _IN_CHUNK):
+            query = sa.select(column).where(column.in_(keys[start : start + _IN_CHUNK]))
+            found.update(map(self._key_text, connection.execute(query).scalars()))
+        return found
+
+    def _upsert_sqlite(
+        self, connection: sa.Connection, fields: list[str], rows: list[tuple]
+    ) -> frozenset[str]:
+        """SQLite's upsert, one executemany; the keys a BEFORE trigger skipped (RAISE(IGNORE)),
+        which only the count of rows changed tells. When it falls short, the chunk is undone to
+        a savepoint and written row by row, to find which."""
+        statement = self._sqlite_upsert(fields)
+        connection.exec_driver_sql(f"SAVEPOINT {_SAVEPOINT}")
+        if connection.exec_driver_sql(statement, rows).rowcount == len(rows):
+            return frozenset()
+        connection.exec_driver_sql(f"ROLLBACK TO {_SAVEPOINT}")
+        position = fields.index(self.target.id_property)
+        return frozenset(
+            self._key_text(row[position])
+            for row in rows
+            if connection.exec_driver_sql(statement, row).rowcount == 0
+        )
 
     def _sqlite_upsert(self, fields: list[str]) -> str:
         quote = self.engine.dialect.identifier_preparer.quote
@@ -572,6 +616,22 @@ def _as_sent(value: object) -> object:
 _PG_LOCK_CONFLICTS = frozenset({"40001", "40P01", "55P03"})
 # MariaDB/MySQL: lock wait timeout, deadlock. (SQLite waited out its busy timeout already.)
 _MARIADB_LOCK_CONFLICTS = frozenset({1205, 1213})
+
+
+class _Written(NamedTuple):
+    """A chunk's write: by key text, True created, False updated (absent: held as sent); and
+    the keys a BEFORE trigger skipped (PostgreSQL's RETURN NULL, SQLite's RAISE(IGNORE)),
+    written nowhere though the database said no word."""
+
+    created: dict[str, bool]
+    skipped: frozenset[str] = frozenset()
+
+
+_SKIPPED = (
+    "a trigger on the table skipped the row: the database wrote nothing, and said nothing. "
+    "What to do: ask the table's owners what their trigger lets through; change the record "
+    "in the source, or the trigger, then replay"
+)
 
 
 class _KeyRace(Exception):
