@@ -543,3 +543,52 @@ def test_a_float_key_is_refused_before_any_write(sql_database):
     assert "table 'priced', column 'price'" in message
     assert "float field" in message and "What to do: declare the key int" in message
     engine.dispose()
+
+
+# --- a database's words about a value, PII masked ----------------------------------------------
+
+
+class MemberV1(pa.DataFrameModel):
+    member_id: Series[int]
+    name: Series[str] = pa.Field(metadata={"pii": True})
+    qty: Series[int]
+
+
+MEMBERS = flow("members", "members", Target("books", "members_out", "member_id"), MemberV1)
+
+
+@pytest.mark.postgres
+def test_a_trigger_that_quotes_a_personal_value_in_capitals_has_it_masked(
+    tmp_path, postgres_database, state
+):
+    """A DBA's trigger refused a row saying upper(NEW.name): the letter's reason (and the log)
+    kept "JANE DOE", since only the value as sent was masked. Now it is masked in any case."""
+    source = create_engine(f"sqlite:///{tmp_path / 'source.sqlite'}")
+    source_table(
+        source,
+        "members",
+        sa.Column("name", sa.Text),
+        sa.Column("qty", sa.Integer),
+        rows=[
+            {"id": 1, "name": "Ann Lee", "qty": 1, "updated_at": T0},
+            {"id": 2, "name": "Jane Doe", "qty": -5, "updated_at": T0},
+        ],
+    )
+    destination = create_engine(postgres_database())
+    with destination.begin() as connection:
+        for statement in (
+            "CREATE TABLE members_out (member_id BIGINT PRIMARY KEY, name TEXT, qty BIGINT, "
+            "archived_at TIMESTAMP)",
+            "CREATE FUNCTION no_negatives() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.qty < 0 THEN RAISE EXCEPTION 'member % has a negative qty', upper(NEW.name); "
+            "END IF; RETURN NEW; END $$",
+            "CREATE TRIGGER no_negatives BEFORE INSERT ON members_out "
+            "FOR EACH ROW EXECUTE FUNCTION no_negatives()",
+        ):
+            connection.exec_driver_sql(statement.replace("%", "%%"))
+
+    assert sync(MEMBERS, source, destination, state).written == 1
+    [letter] = state.list_dead_letters(MEMBERS.name)
+    assert "member J*** has a negative qty" in letter.reason
+    assert "jane" not in letter.reason.lower()
+    destination.dispose()
