@@ -802,6 +802,30 @@ def test_a_lax_mariadb_server_still_refuses_what_it_would_cut(mariadb_database):
     engine.dispose()
 
 
+@pytest.mark.mariadb
+def test_a_record_larger_than_mariadbs_packet_is_its_own_refusal(mariadb_database):
+    """A record beyond the server's max_allowed_packet (a long text the LONGTEXT column holds)
+    made the server close the connection: every run stopped as "unavailable", on that one
+    record. Now it is refused alone, before the write, with what to do."""
+    engine = create_engine(mariadb_database())
+    create(
+        engine,
+        *ledger_columns()[:3],
+        sa.Column("memo", mysql.LONGTEXT),
+        sa.Column("archived_at", sa.DateTime),
+    )
+    table = SqlTable(engine, LINES.target)
+    table.prepare(LINES)
+    with engine.connect() as connection:
+        packet = connection.exec_driver_sql("SELECT @@max_allowed_packet").scalar_one()
+    outcome = table.upsert([record("L1", 1.0), record("L2", 2.0, "x" * packet)])
+    [refusal] = outcome.refused
+    assert refusal.key == "2" and "more than the server's max_allowed_packet" in refusal.reason
+    assert "column 'memo'" in refusal.reason and "What to do: raise" in refusal.reason
+    assert list(rows(engine)) == ["L1"]
+    engine.dispose()
+
+
 def test_source_streams_in_batches_by_cursor_and_key(sql_database):
     url = sql_database()
     seed_erp(url, rows=250, seed=3)

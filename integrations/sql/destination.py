@@ -13,7 +13,8 @@ column's fraction of a second, refuses its record, alone, with the column and wh
 database would round or cut it without a word (and reconciliation then find it drifted for good).
 So does text a DATE column would cut (a time of day, no ISO date) or a timestamp column would read
 its own way (no ISO 8601 time); text with an offset into a column without a zone is sent as the
-UTC time it names, as handoff's times are. A row a BEFORE trigger skips without an error is its
+UTC time it names, as handoff's times are; and, on MariaDB, a record larger than the server's
+max_allowed_packet (it closes the connection on one). A row a BEFORE trigger skips without an error is its
 record's refusal, not counted written.
 A transaction that loses a lock conflict (deadlock, lock wait timeout, serialization failure), or
 on MariaDB a race for a new key, is run again, a few times, after a growing pause: it is never
@@ -50,6 +51,7 @@ from integrations.sql.fit import (
     ARCHIVED_AT,
     beyond_exact_floats,
     beyond_fixed_point,
+    beyond_packet,
     beyond_time_precision,
     coarse_time_columns,
     create_table,
@@ -88,6 +90,8 @@ class SqlTable:
         self._zoned: list[str] = []  # PostgreSQL timestamptz columns
         self._text_dates: list[str] = []  # str fields in DATE columns
         self._text_times: list[str] = []  # str fields in timestamp columns without a zone
+        self._texts: list[str] = []  # str fields
+        self._packet: int | None = None  # MariaDB/MySQL's max_allowed_packet, in bytes
 
     # --- before the first write -------------------------------------------------------------
 
@@ -118,10 +122,20 @@ class SqlTable:
             for name in self._fields
             if kind_of(contract, name) == "str"
         }
+        self._texts = list(text_into)
+        self._packet = self._max_allowed_packet()
         self._text_dates = [name for name, kind in text_into.items() if kind is date]
         self._text_times = [
             name for name, kind in text_into.items() if kind is datetime and name not in self._zoned
         ]
+
+    def _max_allowed_packet(self) -> int | None:
+        """The largest statement a MariaDB/MySQL server takes: on a larger one it closes the
+        connection, and a record too large for it would stop every run as unavailable."""
+        if self.dialect not in ("mysql", "mariadb"):
+            return None
+        with self.engine.connect() as connection:
+            return int(connection.exec_driver_sql("SELECT @@max_allowed_packet").scalar_one())
 
     @property
     def table(self) -> sa.Table:
@@ -191,7 +205,7 @@ class SqlTable:
 
     def _not_kept(self, columns: Columns) -> dict[int, str]:
         """The records a fixed-point, floating-point or coarse time column would not keep as
-        sent, by position, with why."""
+        sent, or a MariaDB server would not take in one statement, by position, with why."""
         found: dict[int, str] = {}
         for name in self._float_integers:
             for at, why in beyond_exact_floats(columns[name]).items():
@@ -240,6 +254,13 @@ class SqlTable:
                         "time, which each database reads its own way (a zone named in it "
                         "dropped). What to do: send ISO 8601 text, or make the field a datetime",
                     )
+        if self._packet is not None:
+            for at, why in beyond_packet(columns, self._texts, self._packet).items():
+                found.setdefault(
+                    at,
+                    f"the record {why}. What to do: raise max_allowed_packet on the server (up "
+                    "to 1 GiB), or bound the field's length in the contract",
+                )
         for name, digits in self._coarse_times.items():
             for at, why in beyond_time_precision(columns[name], digits).items():
                 found.setdefault(

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import date, datetime
 from decimal import Decimal
 
@@ -405,6 +405,49 @@ def beyond_fixed_point(values: Sequence[object], precision: int, scale: int) -> 
         elif abs(value) >= room:
             found[at] = f"has more than {precision - scale} digits before the decimal point"
     return found
+
+
+def beyond_packet(
+    columns: Mapping[str, Sequence[object]], texts: Sequence[str], packet: int
+) -> dict[int, str]:
+    """The records too large for one MariaDB/MySQL statement, by position: their text fields
+    (`texts`), as PyMySQL sends them (UTF-8, escaped), with room for the statement and the other
+    values, exceed the server's `packet` (max_allowed_packet; it closes the connection on a
+    larger one). Measured only when the chunk's longest texts together could be: at most 4
+    bytes a character, escaped 8."""
+    room = packet - _STATEMENT_ROOM - _VALUE_ROOM * len(columns)
+    longest = [
+        max((len(v) for v in columns[name] if isinstance(v, str)), default=0) for name in texts
+    ]
+    if _MOST_BYTES * sum(longest) <= room:
+        return {}
+    found: dict[int, str] = {}
+    for at in range(len(columns[texts[0]])):
+        values = {name: columns[name][at] for name in texts}
+        if _MOST_BYTES * sum(len(v) for v in values.values() if isinstance(v, str)) <= room:
+            continue
+        sizes = {name: _escaped_size(value) for name, value in values.items()}
+        if sum(sizes.values()) > room:
+            widest = max(sizes, key=sizes.__getitem__)
+            found[at] = (
+                f"is {sum(sizes.values()):,} bytes as sent (column {widest!r}: "
+                f"{sizes[widest]:,}), more than the server's max_allowed_packet of {packet:,} "
+                "takes in one statement"
+            )
+    return found
+
+
+def _escaped_size(value: object) -> int:
+    """A text's bytes in a statement: UTF-8, and a backslash before each escaped character."""
+    if not isinstance(value, str):
+        return 0
+    return len(value.encode("utf-8", "surrogatepass")) + sum(map(value.count, _MYSQL_ESCAPED))
+
+
+_MYSQL_ESCAPED = ("\\", "'", '"', "\0", "\n", "\r", "\x1a")  # PyMySQL's escape_string
+_MOST_BYTES = 8  # a character's most bytes in a statement: 4 in UTF-8, escaped twice as many
+_STATEMENT_ROOM = 4096  # INSERT INTO … (…) VALUES, the names of the table and its columns
+_VALUE_ROOM = 64  # a value's quotes and comma, or a number's or a time's text
 
 
 def coarse_time_columns(table: sa.Table, contract: Contract) -> dict[str, int]:
