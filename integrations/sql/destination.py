@@ -12,10 +12,11 @@ A value a fixed-point column would store rounded (or cannot hold), or a time fin
 column's fraction of a second, refuses its record, alone, with the column and what to do: the
 database would round or cut it without a word (and reconciliation then find it drifted for good).
 So does text a DATE column would cut (a time of day, no ISO date) or a timestamp column would read
-its own way (no ISO 8601 time); text with an offset into a column without a zone is sent as the
-UTC time it names, as handoff's times are; and, on MariaDB, a record larger than the server's
-max_allowed_packet (it closes the connection on one). A row a BEFORE trigger skips without an error is its
-record's refusal, not counted written.
+its own way (no ISO 8601 time), or a UUID column would store changed (no canonical UUID text);
+text with an offset into a column without a zone is sent as the UTC time it names, as handoff's
+times are. So does, on MariaDB, a record larger than the server's max_allowed_packet (it closes
+the connection on one). A row a BEFORE trigger skips without an error is its record's refusal,
+not counted written.
 A transaction that loses a lock conflict (deadlock, lock wait timeout, serialization failure), or
 on MariaDB a race for a new key, is run again, a few times, after a growing pause: it is never
 taken for a refusal of its records.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from datetime import UTC, date, datetime
@@ -91,6 +93,7 @@ class SqlTable:
         self._text_dates: list[str] = []  # str fields in DATE columns
         self._text_times: list[str] = []  # str fields in timestamp columns without a zone
         self._texts: list[str] = []  # str fields
+        self._text_uuids: list[str] = []  # str fields in UUID columns
         self._packet: int | None = None  # MariaDB/MySQL's max_allowed_packet, in bytes
 
     # --- before the first write -------------------------------------------------------------
@@ -123,6 +126,7 @@ class SqlTable:
             if kind_of(contract, name) == "str"
         }
         self._texts = list(text_into)
+        self._text_uuids = [name for name, kind in text_into.items() if kind is uuid.UUID]
         self._packet = self._max_allowed_packet()
         self._text_dates = [name for name, kind in text_into.items() if kind is date]
         self._text_times = [
@@ -240,6 +244,16 @@ class SqlTable:
                         at,
                         f"column {name!r} is a DATE and the text {why}. What to do: send the "
                         "date alone (YYYY-MM-DD), or make the column a timestamp or text",
+                    )
+        for name in self._text_uuids:
+            for at, value in enumerate(columns[name]):
+                if isinstance(value, str) and not _CANONICAL_UUID.fullmatch(value):
+                    found.setdefault(
+                        at,
+                        f"column {name!r} is a UUID and the text is no UUID in its canonical form "
+                        "(lower case, with hyphens), which the column would store changed, or "
+                        "refuse. What to do: send str(uuid.UUID(text)) from the flow's mapping, "
+                        "or make the column text",
                     )
         for name in self._text_times:
             for at, value in enumerate(columns[name]):
@@ -610,6 +624,7 @@ def _not_a_date(value: object) -> str | None:
     return None
 
 
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _ISO_TIME = re.compile(r"\d{4}-\d\d-\d\d([T ]\d\d:\d\d(:\d\d(\.\d+)?)?)?(Z|[+-]\d\d(:?\d\d)?)?$")
 
 
@@ -630,6 +645,8 @@ def _as_sent(value: object) -> object:
         return value.strftime("%Y-%m-%dT%H:%M:%S.%f")
     if isinstance(value, date):
         return value.isoformat()
+    if isinstance(value, uuid.UUID):  # a UUID column's: its canonical text, as sent
+        return str(value)
     return float(value) if isinstance(value, Decimal) else value
 
 

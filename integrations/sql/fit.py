@@ -13,14 +13,16 @@ column would not keep as sent, so that they are refused rather than stored chang
 `beyond_exact_floats` for whole numbers in a floating-point column. A 4-byte float column (REAL,
 MariaDB's FLOAT) keeps about 7 digits: it does not fit a number field at all. Nor does a partial
 unique index (WHERE …) make the key unique, nor a DEFERRABLE constraint (PostgreSQL's ON CONFLICT
-takes none as its arbiter). A key field is a whole number or text; its column may
-be any type that holds it (a NUMERIC or DOUBLE key is matched by value).
+takes none as its arbiter). A key field is a whole number or text; its column may be any type
+that holds it (a NUMERIC or DOUBLE key is matched by value; a native UUID column holds a UUID's
+text, as any str field's).
 """
 
 from __future__ import annotations
 
 import math
 import re
+import uuid
 from collections.abc import Mapping, Sequence
 from datetime import date, datetime
 from decimal import Decimal
@@ -37,7 +39,8 @@ IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 # What each contract dtype may be stored in (by the reflected column's Python type).
 _FITS: dict[str, tuple[type, ...]] = {
-    "str": (str, date, datetime),  # ISO dates as text land in DATE/TIMESTAMP columns too
+    # ISO dates as text land in DATE/TIMESTAMP columns too, a UUID's text in a UUID column
+    "str": (str, date, datetime, uuid.UUID),
     "int": (int, Decimal, float),
     "float": (float, Decimal),
     "bool": (bool, int),
