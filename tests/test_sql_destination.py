@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pandas as pd
@@ -359,6 +361,86 @@ def test_a_refused_record_is_rejected_without_its_value(engine):
     assert rows(engine) == {}, "the whole chunk is one transaction"
 
 
+@pytest.mark.postgres
+def test_a_record_beyond_a_postgres_limit_is_its_own_refusal(postgres_database):
+    """An index row too large (SQLSTATE 54000, an OperationalError to psycopg) was taken for an
+    unreachable database: psycopg's args hold the message, not a code. Every run stopped on the
+    one record; now it is that record's refusal, and the others land."""
+    engine = create_engine(postgres_database())
+    create(engine, *ledger_columns(), sa.Index("ledger_memo", "memo"))
+    table = SqlTable(engine, LINES.target)
+    table.prepare(LINES)
+    noise = "".join(format(n * 7919 % 10007, "x") for n in range(1500))  # no run to compress
+    with pytest.raises(RecordsRejected, match="index row size"):
+        table.upsert([record("L1", 1.0), record("L2", 2.0, noise)])
+    table.upsert([record("L1", 1.0)])
+    assert list(rows(engine)) == ["L1"]
+    engine.dispose()
+
+
+@contextmanager
+def a_user_who_cannot_update(engine: sa.Engine) -> Iterator[sa.Engine]:
+    """An engine for a new user of `engine`'s database who may read and insert ledger lines and
+    create temporary tables, but not update."""
+    user, database = f"handoff_test_{uuid.uuid4().hex[:8]}", engine.url.database
+    if engine.dialect.name == "postgresql":
+        grants = [
+            f"CREATE ROLE {user} LOGIN",
+            f"GRANT SELECT, INSERT ON ledger_lines TO {user}",
+            f'GRANT TEMPORARY ON DATABASE "{database}" TO {user}',
+        ]
+        revokes = [f"DROP OWNED BY {user}", f"DROP ROLE {user}"]
+    else:
+        grants = [
+            f"CREATE USER '{user}'@'%'",
+            f"GRANT SELECT, INSERT, CREATE TEMPORARY TABLES ON `{database}`.* TO '{user}'@'%'",
+        ]
+        revokes = [f"DROP USER '{user}'@'%'"]
+    with engine.begin() as connection:
+        for statement in grants:
+            connection.exec_driver_sql(statement.replace("%", "%%"))
+    limited = create_engine(str(engine.url.set(username=user)))
+    try:
+        yield limited
+    finally:
+        limited.dispose()
+        with engine.begin() as connection:
+            for statement in revokes:
+                connection.exec_driver_sql(statement.replace("%", "%%"))
+
+
+def test_a_right_refused_stops_the_write_and_refuses_no_record(server_engine):
+    """A revoked UPDATE right was taken for every record's refusal: each chunk was bisected down
+    to single records, all dead-lettered and then held after the right came back. It is the
+    configuration's fault: the run stops with what to do."""
+    create(server_engine, *ledger_columns())
+    with a_user_who_cannot_update(server_engine) as limited:
+        table = SqlTable(limited, LINES.target)
+        table.prepare(LINES)
+        table.upsert([record("L1", 1.0)])
+        with pytest.raises(DestinationMismatch, match=r"refused handoff's user a right.*grant"):
+            table.upsert([record("L1", 2.0)])
+    assert rows(server_engine)["L1"][0] == 1.0
+
+
+@pytest.mark.postgres
+def test_a_read_only_postgres_stops_the_write_and_refuses_no_record(postgres_database):
+    """A database set read-only (or a hot standby) refused every record in turn (25006), and
+    all were dead-lettered: it is unavailable for writes, and the run stops with what to do."""
+    url = postgres_database()
+    engine = create_engine(url)
+    table = SqlTable(engine, LINES.target, create_missing=True)
+    table.prepare(LINES)
+    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+        admin.execute(
+            f'ALTER DATABASE "{url.rsplit("/", 1)[1]}" SET default_transaction_read_only = on'
+        )
+    engine.dispose()  # new sessions take the setting
+    with pytest.raises(DestinationUnavailable, match=r"takes no writes.*point the flow's URL"):
+        table.upsert([record("L1", 1.0)])
+    engine.dispose()
+
+
 def test_a_value_the_database_quotes_in_its_refusal_is_not_repeated(engine):
     """MariaDB says "Incorrect datetime value: '…' for column", PostgreSQL "date/time field value
     out of range: "…"": the value (a birth date: personal data) stays out of the DLQ and logs."""
@@ -540,6 +622,51 @@ def dated(number: str, amount: float, booked_on: str) -> OutboundRecord:
     return OutboundRecord(key=number, properties=properties, trace_id=number)
 
 
+SKIPPING_TRIGGERS = {
+    "postgresql": [
+        "CREATE FUNCTION no_negatives() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF NEW.amount < 0 THEN RETURN NULL; END IF; RETURN NEW; END $$",
+        "CREATE TRIGGER no_negatives BEFORE INSERT OR UPDATE ON ledger_lines "
+        "FOR EACH ROW EXECUTE FUNCTION no_negatives()",
+    ],
+    "sqlite": [
+        f"CREATE TRIGGER no_negative_{event} BEFORE {event} ON ledger_lines "
+        "WHEN NEW.amount < 0 BEGIN SELECT RAISE(IGNORE); END"
+        for event in ("INSERT", "UPDATE")
+    ],
+}
+
+
+def test_a_row_a_trigger_skips_is_refused_not_counted_written(engine):
+    """A BEFORE trigger that skips a row without an error (PostgreSQL's RETURN NULL, SQLite's
+    RAISE(IGNORE)) had the record counted inserted (or unchanged) and marked synced, though it
+    never reached the table. Now it is refused with why; the chunk's other rows land."""
+    if engine.dialect.name not in SKIPPING_TRIGGERS:  # MariaDB's triggers cannot skip a row
+        return
+    create(engine, *ledger_columns())
+    with engine.begin() as connection:
+        for statement in SKIPPING_TRIGGERS[engine.dialect.name]:
+            connection.exec_driver_sql(statement)
+    table = SqlTable(engine, LINES.target)
+    table.prepare(LINES)
+    first = table.upsert([record("L1", 10.0), record("L2", -5.0), record("L3", 30.0)])
+    assert [
+        (r.key, "a trigger on the table skipped the row" in r.reason) for r in first.refused
+    ] == [("2", True)]
+    assert [(w.destination_id, w.created) for w in first.written] == [("L1", True), ("L3", True)]
+
+    sent = [record("L1", -1.0), record("L3", 30.0), record("L4", -4.0), record("L5", 50.0)]
+    second = table.upsert(sent)
+    assert sorted(refusal.key for refusal in second.refused) == ["1", "4"]
+    kept = None if engine.dialect.name == "postgresql" else False  # L3: held as sent
+    assert [(w.destination_id, w.created) for w in second.written] == [("L3", kept), ("L5", True)]
+    assert {n: amount for n, (amount, _, _) in rows(engine).items()} == {
+        "L1": 10.0,
+        "L3": 30.0,
+        "L5": 50.0,
+    }
+
+
 def test_a_clash_on_another_unique_column_is_refused_not_written_over(engine):
     """Only the key decides between insert and update: a record whose other unique value another
     row holds is refused (MariaDB's ON DUPLICATE KEY UPDATE would update that other row)."""
@@ -675,6 +802,30 @@ def test_a_lax_mariadb_server_still_refuses_what_it_would_cut(mariadb_database):
     engine.dispose()
 
 
+@pytest.mark.mariadb
+def test_a_record_larger_than_mariadbs_packet_is_its_own_refusal(mariadb_database):
+    """A record beyond the server's max_allowed_packet (a long text the LONGTEXT column holds)
+    made the server close the connection: every run stopped as "unavailable", on that one
+    record. Now it is refused alone, before the write, with what to do."""
+    engine = create_engine(mariadb_database())
+    create(
+        engine,
+        *ledger_columns()[:3],
+        sa.Column("memo", mysql.LONGTEXT),
+        sa.Column("archived_at", sa.DateTime),
+    )
+    table = SqlTable(engine, LINES.target)
+    table.prepare(LINES)
+    with engine.connect() as connection:
+        packet = connection.exec_driver_sql("SELECT @@max_allowed_packet").scalar_one()
+    outcome = table.upsert([record("L1", 1.0), record("L2", 2.0, "x" * packet)])
+    [refusal] = outcome.refused
+    assert refusal.key == "2" and "more than the server's max_allowed_packet" in refusal.reason
+    assert "column 'memo'" in refusal.reason and "What to do: raise" in refusal.reason
+    assert list(rows(engine)) == ["L1"]
+    engine.dispose()
+
+
 def test_source_streams_in_batches_by_cursor_and_key(sql_database):
     url = sql_database()
     seed_erp(url, rows=250, seed=3)
@@ -807,6 +958,20 @@ def test_a_partial_unique_index_on_the_key_does_not_count_as_unique(postgres_dat
 class StampedV1(pa.DataFrameModel):
     number: Series[str] = pa.Field(unique=True)
     at: Series[pa.DateTime]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("initially", ["IMMEDIATE", "DEFERRED"])
+def test_a_deferrable_key_is_refused_before_any_write(postgres_database, initially):
+    """A DEFERRABLE primary key passed the check, then no record could be updated: ON CONFLICT
+    takes no deferrable arbiter (every run stopped, as if the database were unreachable), or,
+    INITIALLY DEFERRED, every changed record was dead-lettered as a duplicate at commit."""
+    engine = create_engine(postgres_database())
+    key = sa.PrimaryKeyConstraint("line_number", deferrable=True, initially=initially)
+    create(engine, *ledger_columns(keyed=False), key)
+    with pytest.raises(DestinationMismatch, match=r"is DEFERRABLE.*add it again without"):
+        SqlTable(engine, LINES.target).prepare(LINES)
+    engine.dispose()
 
 
 @pytest.mark.mariadb

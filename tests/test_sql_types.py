@@ -5,8 +5,10 @@ and MariaDB windows, number-typed destination keys. Real SQLite, PostgreSQL and 
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from datetime import UTC, datetime, timedelta
 
+import pandas as pd
 import pandera.pandas as pa
 import psycopg
 import pytest
@@ -21,6 +23,7 @@ from integrations.engine.spec import FlowSpec, SourceTable, Target
 from integrations.engine.sync import Sync, SyncResult
 from integrations.sql.connect import create_engine
 from integrations.sql.destination import SqlTable
+from integrations.sql.fit import MICROSECOND_DATETIME
 from integrations.sql.source import SqlSource
 from tests.conftest import POSTGRES_ADMIN
 
@@ -525,6 +528,82 @@ def test_a_number_keyed_destination_updates_archives_and_reconciles(sql_database
     engine.dispose()
 
 
+class TicketV1(pa.DataFrameModel):
+    ticket_id: Series[str]  # a UUID's text, into a native UUID column
+    parent: Series[str] = pa.Field(nullable=True)  # likewise
+
+
+def ticket_ids(rows: pd.DataFrame) -> pd.DataFrame:
+    """Tickets keyed by the UUID numbered as the row, their parent as the source says it."""
+    return pd.DataFrame(
+        {"ticket_id": [str(uuid.UUID(int=n)) for n in rows["id"]], "parent": rows["parent"]},
+        index=rows.index,
+    )
+
+
+TICKETS = dataclasses.replace(
+    flow("tickets", "tickets", Target("books", "tickets_out", "ticket_id"), TicketV1),
+    mapping=ticket_ids,
+)
+
+
+@pytest.mark.parametrize(
+    "database",
+    [
+        pytest.param("postgres_database", marks=pytest.mark.postgres),
+        pytest.param("mariadb_database", marks=pytest.mark.mariadb),
+    ],
+)
+def test_a_uuid_column_takes_a_uuids_text_and_refuses_other_text(
+    request, tmp_path, state, database
+):
+    """A native UUID column (PostgreSQL uuid, MariaDB UUID) was refused for a str field, with
+    advice no contract could follow. It takes a UUID's canonical text; other text, which it
+    would store changed (upper case) or refuse, is its record's refusal. Archives and
+    reconciliation find each record by its key's text."""
+    source = create_engine(f"sqlite:///{tmp_path / 'source.sqlite'}")
+    parent = str(uuid.UUID(int=0xABCDEF))
+    tickets = source_table(
+        source,
+        "tickets",
+        sa.Column("parent", sa.Text),
+        rows=[
+            {"id": 1, "parent": parent, "updated_at": T0},
+            {"id": 2, "parent": None, "updated_at": T0},
+            {"id": 3, "parent": parent.upper(), "updated_at": T0},
+        ],
+    )
+    destination = create_engine(request.getfixturevalue(database)())
+    sa.Table(
+        "tickets_out",
+        sa.MetaData(),
+        sa.Column("ticket_id", sa.UUID, primary_key=True),
+        sa.Column("parent", sa.UUID),
+        sa.Column("archived_at", MICROSECOND_DATETIME),
+    ).create(destination)
+
+    assert sync(TICKETS, source, destination, state).counts["inserted"] == 2
+    [letter] = state.list_dead_letters(TICKETS.name)
+    assert letter.record_key == "3" and "column 'parent' is a UUID" in letter.reason
+    later = T0 + timedelta(days=1)
+    with source.begin() as connection:
+        connection.execute(
+            tickets.update().where(tickets.c.id == 2).values(deleted_at=later, updated_at=later)
+        )
+    assert sync(TICKETS, source, destination, state).counts["archived"] == 1
+    stored = rows_of(destination, "tickets_out")
+    assert {
+        str(key): (str(up) if up else None, at is None) for key, (up, at) in stored.items()
+    } == {
+        str(uuid.UUID(int=1)): (parent, True),
+        str(uuid.UUID(int=2)): (None, False),
+    }
+    checked = SqlTable(destination, TICKETS.target)
+    drift = reconcile(TICKETS, SqlSource(source, TICKETS.source), checked, state)
+    assert drift.in_sync, drift.summary()
+    destination.dispose()
+
+
 class PricedV1(pa.DataFrameModel):
     price: Series[float]
     name: Series[str]
@@ -543,3 +622,52 @@ def test_a_float_key_is_refused_before_any_write(sql_database):
     assert "table 'priced', column 'price'" in message
     assert "float field" in message and "What to do: declare the key int" in message
     engine.dispose()
+
+
+# --- a database's words about a value, PII masked ----------------------------------------------
+
+
+class MemberV1(pa.DataFrameModel):
+    member_id: Series[int]
+    name: Series[str] = pa.Field(metadata={"pii": True})
+    qty: Series[int]
+
+
+MEMBERS = flow("members", "members", Target("books", "members_out", "member_id"), MemberV1)
+
+
+@pytest.mark.postgres
+def test_a_trigger_that_quotes_a_personal_value_in_capitals_has_it_masked(
+    tmp_path, postgres_database, state
+):
+    """A DBA's trigger refused a row saying upper(NEW.name): the letter's reason (and the log)
+    kept "JANE DOE", since only the value as sent was masked. Now it is masked in any case."""
+    source = create_engine(f"sqlite:///{tmp_path / 'source.sqlite'}")
+    source_table(
+        source,
+        "members",
+        sa.Column("name", sa.Text),
+        sa.Column("qty", sa.Integer),
+        rows=[
+            {"id": 1, "name": "Ann Lee", "qty": 1, "updated_at": T0},
+            {"id": 2, "name": "Jane Doe", "qty": -5, "updated_at": T0},
+        ],
+    )
+    destination = create_engine(postgres_database())
+    with destination.begin() as connection:
+        for statement in (
+            "CREATE TABLE members_out (member_id BIGINT PRIMARY KEY, name TEXT, qty BIGINT, "
+            "archived_at TIMESTAMP)",
+            "CREATE FUNCTION no_negatives() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.qty < 0 THEN RAISE EXCEPTION 'member % has a negative qty', upper(NEW.name); "
+            "END IF; RETURN NEW; END $$",
+            "CREATE TRIGGER no_negatives BEFORE INSERT ON members_out "
+            "FOR EACH ROW EXECUTE FUNCTION no_negatives()",
+        ):
+            connection.exec_driver_sql(statement.replace("%", "%%"))
+
+    assert sync(MEMBERS, source, destination, state).written == 1
+    [letter] = state.list_dead_letters(MEMBERS.name)
+    assert "member J*** has a negative qty" in letter.reason
+    assert "jane" not in letter.reason.lower()
+    destination.dispose()

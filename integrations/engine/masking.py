@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 
 MASK = "***"
@@ -34,10 +35,16 @@ def mask_record(record: Mapping[str, object], pii_fields: Iterable[str]) -> dict
 
 
 def scrub(text: str, values: Iterable[object]) -> str:
-    """`text` (an API's error message, an exception) with each of these PII values masked."""
+    """`text` (an API's error message, an exception) with each of these PII values masked, in
+    any case: a database's trigger may say upper(name) ("JANE DOE", "STRASSE" for "Straße")."""
     for value in sorted(
         {str(v) for v in values if v is not None and str(v)}, key=len, reverse=True
     ):
         if len(value) >= 3:
-            text = text.replace(value, str(mask_value(value)))
+            for form in {value, value.upper()}:
+                text = re.sub(re.escape(form), _masked, text, flags=re.IGNORECASE)
     return text
+
+
+def _masked(found: re.Match) -> str:
+    return str(mask_value(found[0]))

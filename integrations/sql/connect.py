@@ -141,23 +141,25 @@ def upsert_statement(
 Columns = Mapping[str, Sequence]  # column name → its values, every column as long
 
 
-def copy_columns(connection: sa.Connection, table: str, columns: Columns) -> None:
+def copy_columns(connection: sa.Connection, table: str, columns: Columns) -> int:
     """PostgreSQL `COPY … FROM STDIN` of `columns` into `table`, inside the connection's
-    transaction. The text is made a column at a time and joined in C: per-row Python (a driver's
-    `write_row`) would cost more than the server's work."""
+    transaction; the rows the table took (fewer when a trigger skipped some). The text is made a
+    column at a time and joined in C: per-row Python (a driver's `write_row`) would cost more
+    than the server's work."""
     quote = connection.dialect.identifier_preparer.quote
     names = ", ".join(quote(name) for name in columns)
     statement = f"COPY {quote(table)} ({names}) FROM STDIN"
     texts = [_copy_texts(values) for values in columns.values()]
     rows = len(texts[0]) if texts else 0
     try:
-        with (
-            connection.connection.driver_connection.cursor() as cursor,
-            cursor.copy(statement) as copy,
-        ):
-            for start in range(0, rows, _COPY_ROWS):
-                part = zip(*(column[start : start + _COPY_ROWS] for column in texts), strict=True)
-                copy.write(("\n".join(map("\t".join, part)) + "\n").encode())
+        with connection.connection.driver_connection.cursor() as cursor:
+            with cursor.copy(statement) as copy:
+                for start in range(0, rows, _COPY_ROWS):
+                    part = zip(
+                        *(column[start : start + _COPY_ROWS] for column in texts), strict=True
+                    )
+                    copy.write(("\n".join(map("\t".join, part)) + "\n").encode())
+            return cursor.rowcount
     except psycopg.Error as error:  # the driver's own: worded as SQLAlchemy words the others
         raise sa.exc.DBAPIError.instance(statement, None, error, psycopg.Error) from error
 
@@ -216,18 +218,17 @@ def in_key_order(columns: Columns, key: str) -> Columns:
     return {name: operator.itemgetter(*order)(column) for name, column in columns.items()}
 
 
-def copy_new_rows(connection: sa.Connection, table: str, columns: Columns) -> bool:
+def copy_new_rows(connection: sa.Connection, table: str, columns: Columns) -> int | None:
     """COPY `columns` straight into `table` (PostgreSQL) if none of their keys is there yet: the
-    common case of a first load, at COPY's speed. False, with nothing written, when one is (the
-    caller upserts them instead): the attempt runs in a savepoint."""
+    common case of a first load, at COPY's speed; the rows the table took. None, with nothing
+    written, when one is (the caller upserts them instead): the attempt runs in a savepoint."""
     try:
         with connection.begin_nested():
-            copy_columns(connection, table, columns)
+            return copy_columns(connection, table, columns)
     except sa.exc.IntegrityError as error:
         if isinstance(error.orig, psycopg.errors.UniqueViolation):
-            return False
+            return None
         raise
-    return True
 
 
 def bulk_write(
@@ -250,7 +251,7 @@ def bulk_write(
         copy_columns(connection, table.name, columns)
         return
     columns = in_key_order(columns, key[-1])
-    if copy_new_rows(connection, table.name, columns):
+    if copy_new_rows(connection, table.name, columns) is not None:
         return
     quote = connection.dialect.identifier_preparer.quote
     quoted = ", ".join(quote(name) for name in names)

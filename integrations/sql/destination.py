@@ -12,8 +12,11 @@ A value a fixed-point column would store rounded (or cannot hold), or a time fin
 column's fraction of a second, refuses its record, alone, with the column and what to do: the
 database would round or cut it without a word (and reconciliation then find it drifted for good).
 So does text a DATE column would cut (a time of day, no ISO date) or a timestamp column would read
-its own way (no ISO 8601 time); text with an offset into a column without a zone is sent as the
-UTC time it names, as handoff's times are.
+its own way (no ISO 8601 time), or a UUID column would store changed (no canonical UUID text);
+text with an offset into a column without a zone is sent as the UTC time it names, as handoff's
+times are. So does, on MariaDB, a record larger than the server's max_allowed_packet (it closes
+the connection on one). A row a BEFORE trigger skips without an error is its record's refusal,
+not counted written.
 A transaction that loses a lock conflict (deadlock, lock wait timeout, serialization failure), or
 on MariaDB a race for a new key, is run again, a few times, after a growing pause: it is never
 taken for a refusal of its records.
@@ -24,11 +27,12 @@ from __future__ import annotations
 import re
 import sqlite3
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
@@ -49,6 +53,7 @@ from integrations.sql.fit import (
     ARCHIVED_AT,
     beyond_exact_floats,
     beyond_fixed_point,
+    beyond_packet,
     beyond_time_precision,
     coarse_time_columns,
     create_table,
@@ -62,6 +67,7 @@ from integrations.sql.fit import (
 
 _IN_CHUNK = 500
 _TEMP_TABLE = "handoff_upsert_batch"
+_SAVEPOINT = "handoff_chunk"
 LOCK_ATTEMPTS = 5  # a chunk's transaction, run again after each lost lock conflict
 LOCK_PAUSE_SECONDS = 0.2  # before the second attempt; doubled before each next one
 T = TypeVar("T")
@@ -86,6 +92,9 @@ class SqlTable:
         self._zoned: list[str] = []  # PostgreSQL timestamptz columns
         self._text_dates: list[str] = []  # str fields in DATE columns
         self._text_times: list[str] = []  # str fields in timestamp columns without a zone
+        self._texts: list[str] = []  # str fields
+        self._text_uuids: list[str] = []  # str fields in UUID columns
+        self._packet: int | None = None  # MariaDB/MySQL's max_allowed_packet, in bytes
 
     # --- before the first write -------------------------------------------------------------
 
@@ -116,10 +125,21 @@ class SqlTable:
             for name in self._fields
             if kind_of(contract, name) == "str"
         }
+        self._texts = list(text_into)
+        self._text_uuids = [name for name, kind in text_into.items() if kind is uuid.UUID]
+        self._packet = self._max_allowed_packet()
         self._text_dates = [name for name, kind in text_into.items() if kind is date]
         self._text_times = [
             name for name, kind in text_into.items() if kind is datetime and name not in self._zoned
         ]
+
+    def _max_allowed_packet(self) -> int | None:
+        """The largest statement a MariaDB/MySQL server takes: on a larger one it closes the
+        connection, and a record too large for it would stop every run as unavailable."""
+        if self.dialect not in ("mysql", "mariadb"):
+            return None
+        with self.engine.connect() as connection:
+            return int(connection.exec_driver_sql("SELECT @@max_allowed_packet").scalar_one())
 
     @property
     def table(self) -> sa.Table:
@@ -174,23 +194,27 @@ class SqlTable:
             if not keys:
                 return Upserted([], refused)
 
-        def write(connection: sa.Connection) -> dict[str, bool]:
+        def write(connection: sa.Connection) -> _Written:
             if self.dialect == "postgresql":
                 return self._upsert_postgresql(connection, columns)
             rows = list(zip(*columns.values(), strict=True))
             return self._upsert_executemany(connection, fields, rows)
 
-        created = self._transaction(write)
+        created, skipped = self._transaction(write)
         ids = list(map(self._key_text, columns[self.target.id_property]))
         # PostgreSQL returns no row it found equal: None, unchanged. Unless a key it returned
         # reads otherwise than sent: then it cannot tell, and calls the others updated.
         told = created.keys() <= set(ids)
+        if skipped:  # written nowhere, though the database said no word: refused
+            refused += [Refusal(keys[at], _SKIPPED) for at, id_ in enumerate(ids) if id_ in skipped]
+            landed = [at for at, id_ in enumerate(ids) if id_ not in skipped]
+            keys, ids = [keys[at] for at in landed], [ids[at] for at in landed]
         flags = [created.get(id_, None if told else False) for id_ in ids]
         return Upserted(WrittenColumns(keys, ids, flags), refused)
 
     def _not_kept(self, columns: Columns) -> dict[int, str]:
         """The records a fixed-point, floating-point or coarse time column would not keep as
-        sent, by position, with why."""
+        sent, or a MariaDB server would not take in one statement, by position, with why."""
         found: dict[int, str] = {}
         for name in self._float_integers:
             for at, why in beyond_exact_floats(columns[name]).items():
@@ -226,6 +250,16 @@ class SqlTable:
                         f"column {name!r} is a DATE and the text {why}. What to do: send the "
                         "date alone (YYYY-MM-DD), or make the column a timestamp or text",
                     )
+        for name in self._text_uuids:
+            for at, value in enumerate(columns[name]):
+                if isinstance(value, str) and not _CANONICAL_UUID.fullmatch(value):
+                    found.setdefault(
+                        at,
+                        f"column {name!r} is a UUID and the text is no UUID in its canonical form "
+                        "(lower case, with hyphens), which the column would store changed, or "
+                        "refuse. What to do: send str(uuid.UUID(text)) from the flow's mapping, "
+                        "or make the column text",
+                    )
         for name in self._text_times:
             for at, value in enumerate(columns[name]):
                 if (
@@ -239,6 +273,13 @@ class SqlTable:
                         "time, which each database reads its own way (a zone named in it "
                         "dropped). What to do: send ISO 8601 text, or make the field a datetime",
                     )
+        if self._packet is not None:
+            for at, why in beyond_packet(columns, self._texts, self._packet).items():
+                found.setdefault(
+                    at,
+                    f"the record {why}. What to do: raise max_allowed_packet on the server (up "
+                    "to 1 GiB), or bound the field's length in the contract",
+                )
         for name, digits in self._coarse_times.items():
             for at, why in beyond_time_precision(columns[name], digits).items():
                 found.setdefault(
@@ -285,11 +326,15 @@ class SqlTable:
             time.sleep(LOCK_PAUSE_SECONDS * 2 ** (attempt - 1))
             attempt += 1
 
-    def _upsert_postgresql(self, connection: sa.Connection, columns: Columns) -> dict[str, bool]:
+    def _upsert_postgresql(self, connection: sa.Connection, columns: Columns) -> _Written:
         fields = list(columns)
         columns = in_key_order(columns, self.target.id_property)
-        if copy_new_rows(connection, self.table.name, columns):  # a first load: all new
-            return dict.fromkeys(map(self._key_text, columns[self.target.id_property]), True)
+        sent = columns[self.target.id_property]
+        stored = copy_new_rows(connection, self.table.name, columns)
+        if stored is not None:  # a first load: all new, and all there unless a trigger skipped
+            ids = set(map(self._key_text, sent))
+            skipped = ids - self._present(connection, sent) if stored < len(sent) else set()
+            return _Written(dict.fromkeys(ids, True), frozenset(skipped))
         quote = self.engine.dialect.identifier_preparer.quote
         table, key = quote(self.table.name), quote(self.target.id_property)
         quoted = ", ".join(quote(name) for name in fields)
@@ -302,6 +347,7 @@ class SqlTable:
         copy_columns(connection, _TEMP_TABLE, columns)
         mine = ", ".join([*(f"{table}.{name}" for name in others), f"{table}.{archived}"])
         theirs = ", ".join([*(f"EXCLUDED.{name}" for name in others), "NULL"])
+        theirs_in_batch = ", ".join([*(f"batch.{name}" for name in others), "NULL"])
         updates = ", ".join(
             [*(f"{name} = EXCLUDED.{name}" for name in others), f"{archived} = NULL"]
         )
@@ -311,8 +357,17 @@ class SqlTable:
             f"WHERE ({mine}) IS DISTINCT FROM ({theirs}) "
             f"RETURNING {key}, (xmax = 0)"
         )
-        # Rows left out of RETURNING were already equal: kept, not rewritten, not created.
-        return {self._key_text(value): inserted for value, inserted in returned}
+        created = {self._key_text(value): inserted for value, inserted in returned}
+        if len(created) == len(sent):
+            return _Written(created)
+        # Rows left out of RETURNING were already equal (kept, not rewritten, not created), or a
+        # BEFORE trigger skipped them: those are not in the table as sent.
+        skipped = connection.exec_driver_sql(
+            f"SELECT batch.{key} FROM {_TEMP_TABLE} AS batch LEFT JOIN {table} "
+            f"ON {table}.{key} = batch.{key} "
+            f"WHERE {table}.{key} IS NULL OR ({mine}) IS DISTINCT FROM ({theirs_in_batch})"
+        ).scalars()
+        return _Written(created, frozenset(map(self._key_text, skipped)) - created.keys())
 
     def _upsert_executemany(
         self, connection: sa.Connection, fields: list[str], rows: list[tuple]
@@ -320,10 +375,7 @@ class SqlTable:
         table, key, text = self.table, self.target.id_property, self._key_text
         position = fields.index(key)
         keys = [row[position] for row in rows]
-        existing: set[str] = set()
-        for start in range(0, len(keys), _IN_CHUNK):
-            query = sa.select(table.c[key]).where(table.c[key].in_(keys[start : start + _IN_CHUNK]))
-            existing.update(map(text, connection.execute(query).scalars()))
+        existing = self._present(connection, keys)
         converters = {
             index: convert
             for index, name in enumerate(fields)
@@ -336,12 +388,39 @@ class SqlTable:
             ]
         # The driver's executemany with one prepared text: SQLAlchemy's per-row binding would cost
         # more than the database's work (PyMySQL sends it as multi-row INSERTs).
+        skipped: frozenset[str] = frozenset()
         if self.dialect == "sqlite":
-            connection.exec_driver_sql(self._sqlite_upsert(fields), rows)
+            skipped = self._upsert_sqlite(connection, fields, rows)
         else:
             known = [text(row[position]) in existing for row in rows]
             self._insert_or_update(connection, fields, rows, known)
-        return {text(value): text(value) not in existing for value in keys}
+        return _Written({text(value): text(value) not in existing for value in keys}, skipped)
+
+    def _present(self, connection: sa.Connection, keys: Sequence[object]) -> set[str]:
+        """Which of `keys` the table holds, as key texts."""
+        column, found = self.table.c[self.target.id_property], set()
+        for start in range(0, len(keys), _IN_CHUNK):
+            query = sa.select(column).where(column.in_(keys[start : start + _IN_CHUNK]))
+            found.update(map(self._key_text, connection.execute(query).scalars()))
+        return found
+
+    def _upsert_sqlite(
+        self, connection: sa.Connection, fields: list[str], rows: list[tuple]
+    ) -> frozenset[str]:
+        """SQLite's upsert, one executemany; the keys a BEFORE trigger skipped (RAISE(IGNORE)),
+        which only the count of rows changed tells. When it falls short, the chunk is undone to
+        a savepoint and written row by row, to find which."""
+        statement = self._sqlite_upsert(fields)
+        connection.exec_driver_sql(f"SAVEPOINT {_SAVEPOINT}")
+        if connection.exec_driver_sql(statement, rows).rowcount == len(rows):
+            return frozenset()
+        connection.exec_driver_sql(f"ROLLBACK TO {_SAVEPOINT}")
+        position = fields.index(self.target.id_property)
+        return frozenset(
+            self._key_text(row[position])
+            for row in rows
+            if connection.exec_driver_sql(statement, row).rowcount == 0
+        )
 
     def _sqlite_upsert(self, fields: list[str]) -> str:
         quote = self.engine.dialect.identifier_preparer.quote
@@ -550,6 +629,7 @@ def _not_a_date(value: object) -> str | None:
     return None
 
 
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _ISO_TIME = re.compile(r"\d{4}-\d\d-\d\d([T ]\d\d:\d\d(:\d\d(\.\d+)?)?)?(Z|[+-]\d\d(:?\d\d)?)?$")
 
 
@@ -570,6 +650,8 @@ def _as_sent(value: object) -> object:
         return value.strftime("%Y-%m-%dT%H:%M:%S.%f")
     if isinstance(value, date):
         return value.isoformat()
+    if isinstance(value, uuid.UUID):  # a UUID column's: its canonical text, as sent
+        return str(value)
     return float(value) if isinstance(value, Decimal) else value
 
 
@@ -577,6 +659,22 @@ def _as_sent(value: object) -> object:
 _PG_LOCK_CONFLICTS = frozenset({"40001", "40P01", "55P03"})
 # MariaDB/MySQL: lock wait timeout, deadlock. (SQLite waited out its busy timeout already.)
 _MARIADB_LOCK_CONFLICTS = frozenset({1205, 1213})
+
+
+class _Written(NamedTuple):
+    """A chunk's write: by key text, True created, False updated (absent: held as sent); and
+    the keys a BEFORE trigger skipped (PostgreSQL's RETURN NULL, SQLite's RAISE(IGNORE)),
+    written nowhere though the database said no word."""
+
+    created: dict[str, bool]
+    skipped: frozenset[str] = frozenset()
+
+
+_SKIPPED = (
+    "a trigger on the table skipped the row: the database wrote nothing, and said nothing. "
+    "What to do: ask the table's owners what their trigger lets through; change the record "
+    "in the source, or the trigger, then replay"
+)
 
 
 class _KeyRace(Exception):
@@ -590,28 +688,67 @@ def _conflict_name(error: Exception) -> str:
 
 
 def _lock_conflict(error: sa.exc.DBAPIError) -> bool:
-    original = error.orig
-    if getattr(original, "sqlstate", None) in _PG_LOCK_CONFLICTS:
-        return True
-    code = original.args[0] if original is not None and original.args else None
-    return code in _MARIADB_LOCK_CONFLICTS
+    return _sqlstate(error) in _PG_LOCK_CONFLICTS or _mariadb_code(error) in _MARIADB_LOCK_CONFLICTS
+
+
+def _sqlstate(error: sa.exc.DBAPIError) -> str | None:
+    """A PostgreSQL error's SQLSTATE (psycopg's args hold the message); None for the others'."""
+    return getattr(error.orig, "sqlstate", None)
+
+
+def _mariadb_code(error: sa.exc.DBAPIError) -> object:
+    """A MariaDB/MySQL error's number, PyMySQL's first arg (others': a message, or nothing)."""
+    return error.orig.args[0] if error.orig is not None and error.orig.args else None
 
 
 def _unreachable(error: sa.exc.DBAPIError) -> bool:
     if error.connection_invalidated or isinstance(error, sa.exc.InterfaceError):
         return True
+    sqlstate = _sqlstate(error)
+    if sqlstate is not None:
+        return sqlstate[:2] in _PG_UNAVAILABLE_CLASSES or sqlstate in _PG_CORRUPT
     if not isinstance(error, sa.exc.OperationalError):
         return False
-    code = error.orig.args[0] if error.orig is not None and error.orig.args else None
     if isinstance(error.orig, sqlite3.Error):
         # sqlite3 files a statement's refusal (a generated column) as OperationalError too: by
         # its result code, only a file it cannot open, read, write, lock or trust is unavailable.
         name = getattr(error.orig, "sqlite_errorname", "")
         return name.startswith(_SQLITE_UNAVAILABLE)
     # PyMySQL files server-side data errors (1366 a wrong value, 4025 a CHECK) as
-    # OperationalError too; only the client's codes (2000–2999) mean no connection, and a
-    # server read-only (1290 --read-only, 1836 a read-only replica) that it cannot write.
-    return not isinstance(code, int) or 2000 <= code < 3000 or code in (1290, 1836)
+    # OperationalError too; only the client's codes (2000–2999) mean no connection. A psycopg
+    # error without a SQLSTATE (its args: a message) is its own: no connection either.
+    code = _mariadb_code(error)
+    return not isinstance(code, int) or 2000 <= code < 3000
+
+
+def _read_only(error: sa.exc.DBAPIError) -> bool:
+    """A server that takes no writes: a PostgreSQL hot standby or a database or session set
+    read-only (25006), MariaDB's --read-only (1290) or a read-only replica (1836)."""
+    return _sqlstate(error) == "25006" or _mariadb_code(error) in (1290, 1836)
+
+
+def _not_permitted(error: sa.exc.DBAPIError) -> bool:
+    """The database refused handoff's user a right, whatever the records: PostgreSQL's
+    insufficient privilege (42501) or invalid authorization (class 28); MariaDB's access denied
+    to a database (1044), for the user (1045), to a right (1227), a command on a table (1142),
+    a column (1143) or a routine a trigger calls (1370)."""
+    sqlstate = _sqlstate(error) or ""
+    return (
+        sqlstate == "42501"
+        or sqlstate.startswith("28")
+        or _mariadb_code(error) in _MARIADB_NOT_PERMITTED
+    )
+
+
+_MARIADB_NOT_PERMITTED = frozenset({1044, 1045, 1142, 1143, 1227, 1370})
+
+
+# PostgreSQL's SQLSTATE classes of a server that cannot do the work now, whatever the records:
+# connection exception, insufficient resources (disk full, out of memory, too many connections),
+# operator intervention (a shutdown, a cancelled statement), system error (I/O). Any other class
+# is the statement's: a program limit (54000, an index row too large) is its record's refusal.
+_PG_UNAVAILABLE_CLASSES = frozenset({"08", "53", "57", "58"})
+_PG_CORRUPT = frozenset({"XX001", "XX002"})  # data corrupted, index corrupted
 
 
 _SQLITE_UNAVAILABLE = (
@@ -626,11 +763,9 @@ _SQLITE_SCHEMA_GONE = ("no such table", "no such column", "has no column named")
 
 
 def _schema_gone(error: sa.exc.DBAPIError) -> bool:
-    original = error.orig
-    if isinstance(original, sqlite3.Error):
-        return any(words in str(original) for words in _SQLITE_SCHEMA_GONE)
-    code = original.args[0] if original is not None and original.args else None
-    return getattr(original, "sqlstate", None) in _PG_SCHEMA_GONE or code in _MARIADB_SCHEMA_GONE
+    if isinstance(error.orig, sqlite3.Error):
+        return any(words in str(error.orig) for words in _SQLITE_SCHEMA_GONE)
+    return _sqlstate(error) in _PG_SCHEMA_GONE or _mariadb_code(error) in _MARIADB_SCHEMA_GONE
 
 
 # Some messages repeat the offending value, which can be personal data: MariaDB's "Duplicate
@@ -644,13 +779,27 @@ _QUOTED_VALUE = re.compile(
 
 
 def _classified(error: sa.exc.DBAPIError) -> Exception:
-    """A refused write (constraint, type, length) or an unreachable database, worded without
-    the offending values."""
+    """A refused write (constraint, type, length), or a fault of no record (a database
+    unreachable or read-only, a right refused, a table changed), worded without the offending
+    values."""
     original = error.orig
     said = _QUOTED_VALUE.sub(_unquoted, (str(original).strip().splitlines() or [""])[0])
+    if _read_only(error):
+        return DestinationUnavailable(
+            f"the database takes no writes ({said}): a standby or read-only replica, or a "
+            "server or database set read-only. What to do: point the flow's URL at the "
+            "primary, or make the database writable, and rerun"
+        )
     if _unreachable(error):
         return DestinationUnavailable(
             f"{type(original).__name__}: the database is unreachable or cannot write ({said})"
+        )
+    if _not_permitted(error):
+        return DestinationMismatch(
+            f"the database refused handoff's user a right ({said}). What to do: check the "
+            "URL's user, and grant it SELECT, INSERT and UPDATE on the table and the right to "
+            "create temporary tables (PostgreSQL TEMPORARY on the database, MariaDB CREATE "
+            "TEMPORARY TABLES), then rerun"
         )
     if _schema_gone(error):
         return DestinationMismatch(

@@ -12,15 +12,18 @@ and MariaDB round extra decimals without a word. `beyond_fixed_point` finds the 
 column would not keep as sent, so that they are refused rather than stored changed; likewise
 `beyond_exact_floats` for whole numbers in a floating-point column. A 4-byte float column (REAL,
 MariaDB's FLOAT) keeps about 7 digits: it does not fit a number field at all. Nor does a partial
-unique index (WHERE …) make the key unique. A key field is a whole number or text; its column may
-be any type that holds it (a NUMERIC or DOUBLE key is matched by value).
+unique index (WHERE …) make the key unique, nor a DEFERRABLE constraint (PostgreSQL's ON CONFLICT
+takes none as its arbiter). A key field is a whole number or text; its column may be any type
+that holds it (a NUMERIC or DOUBLE key is matched by value; a native UUID column holds a UUID's
+text, as any str field's).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+import uuid
+from collections.abc import Mapping, Sequence
 from datetime import date, datetime
 from decimal import Decimal
 
@@ -36,7 +39,8 @@ IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 # What each contract dtype may be stored in (by the reflected column's Python type).
 _FITS: dict[str, tuple[type, ...]] = {
-    "str": (str, date, datetime),  # ISO dates as text land in DATE/TIMESTAMP columns too
+    # ISO dates as text land in DATE/TIMESTAMP columns too, a UUID's text in a UUID column
+    "str": (str, date, datetime, uuid.UUID),
     "int": (int, Decimal, float),
     "float": (float, Decimal),
     "bool": (bool, int),
@@ -224,6 +228,17 @@ def _misfits(engine: sa.Engine, table: sa.Table, spec: FlowSpec) -> list[tuple[s
                 f"make {key!r} the primary key or add a unique constraint on it alone",
             )
         )
+    deferrable = _deferrable_key(engine, table, key) if key in table.c else None
+    if deferrable:
+        problems.append(
+            (
+                key,
+                f"its constraint {deferrable!r} is DEFERRABLE, which PostgreSQL's ON CONFLICT "
+                "cannot take as its arbiter: no record could be updated",
+                f"drop {deferrable!r} and add it again without DEFERRABLE (PostgreSQL cannot "
+                "alter it so)",
+            )
+        )
     archived = table.c.get(ARCHIVED_AT)
     if archived is None or not archived.nullable or python_type(archived) is not datetime:
         problems.append(
@@ -320,6 +335,25 @@ def _is_unique(engine: sa.Engine, table: sa.Table, key: str) -> bool:
     return any(item["column_names"] == [key] for item in [*constraints, *indexes])
 
 
+def _deferrable_key(engine: sa.Engine, table: sa.Table, key: str) -> str | None:
+    """The name of a DEFERRABLE primary key or unique constraint on the key alone (PostgreSQL):
+    ON CONFLICT refuses it as an arbiter, even beside a unique index that is not."""
+    if engine.dialect.name != "postgresql":  # MariaDB has none; SQLite defers foreign keys only
+        return None
+    with engine.connect() as connection:
+        return connection.execute(
+            sa.text(
+                "SELECT con.conname FROM pg_constraint con "
+                "JOIN pg_attribute att ON att.attrelid = con.conrelid "
+                "AND att.attnum = con.conkey[1] "
+                "WHERE con.conrelid = CAST(:table AS regclass) AND con.contype IN ('p', 'u') "
+                "AND con.condeferrable AND cardinality(con.conkey) = 1 AND att.attname = :key "
+                "LIMIT 1"
+            ),
+            {"table": engine.dialect.identifier_preparer.quote(table.name), "key": key},
+        ).scalar()
+
+
 def float_columns_of_integers(table: sa.Table, contract: Contract) -> list[str]:
     """The contract's int fields whose column is floating-point (it rounds big whole numbers)."""
     return [
@@ -374,6 +408,49 @@ def beyond_fixed_point(values: Sequence[object], precision: int, scale: int) -> 
         elif abs(value) >= room:
             found[at] = f"has more than {precision - scale} digits before the decimal point"
     return found
+
+
+def beyond_packet(
+    columns: Mapping[str, Sequence[object]], texts: Sequence[str], packet: int
+) -> dict[int, str]:
+    """The records too large for one MariaDB/MySQL statement, by position: their text fields
+    (`texts`), as PyMySQL sends them (UTF-8, escaped), with room for the statement and the other
+    values, exceed the server's `packet` (max_allowed_packet; it closes the connection on a
+    larger one). Measured only when the chunk's longest texts together could be: at most 4
+    bytes a character, escaped 8."""
+    room = packet - _STATEMENT_ROOM - _VALUE_ROOM * len(columns)
+    longest = [
+        max((len(v) for v in columns[name] if isinstance(v, str)), default=0) for name in texts
+    ]
+    if _MOST_BYTES * sum(longest) <= room:
+        return {}
+    found: dict[int, str] = {}
+    for at in range(len(columns[texts[0]])):
+        values = {name: columns[name][at] for name in texts}
+        if _MOST_BYTES * sum(len(v) for v in values.values() if isinstance(v, str)) <= room:
+            continue
+        sizes = {name: _escaped_size(value) for name, value in values.items()}
+        if sum(sizes.values()) > room:
+            widest = max(sizes, key=sizes.__getitem__)
+            found[at] = (
+                f"is {sum(sizes.values()):,} bytes as sent (column {widest!r}: "
+                f"{sizes[widest]:,}), more than the server's max_allowed_packet of {packet:,} "
+                "takes in one statement"
+            )
+    return found
+
+
+def _escaped_size(value: object) -> int:
+    """A text's bytes in a statement: UTF-8, and a backslash before each escaped character."""
+    if not isinstance(value, str):
+        return 0
+    return len(value.encode("utf-8", "surrogatepass")) + sum(map(value.count, _MYSQL_ESCAPED))
+
+
+_MYSQL_ESCAPED = ("\\", "'", '"', "\0", "\n", "\r", "\x1a")  # PyMySQL's escape_string
+_MOST_BYTES = 8  # a character's most bytes in a statement: 4 in UTF-8, escaped twice as many
+_STATEMENT_ROOM = 4096  # INSERT INTO … (…) VALUES, the names of the table and its columns
+_VALUE_ROOM = 64  # a value's quotes and comma, or a number's or a time's text
 
 
 def coarse_time_columns(table: sa.Table, contract: Contract) -> dict[str, int]:
