@@ -139,6 +139,29 @@ def test_text_times_out_of_range_empty_or_in_a_declared_format():
     assert verdict.valid["day_first"].tolist() == [pd.Timestamp("2025-01-03")] * 2
 
 
+def test_times_and_values_of_the_wrong_type_are_refused_in_words():
+    """A time pandas cannot hold, as a database gives it (a datetime of year 9999), and text in
+    a number field were refused as "coerce_dtype('datetime64[ns]')" and "dtype('float64')"."""
+    from datetime import datetime
+
+    batch = pd.DataFrame(
+        {
+            "at": [datetime(9999, 12, 31), datetime(2025, 1, 3), datetime(2025, 1, 4)],
+            "day_first": [None] * 3,
+        }
+    ).set_axis(["1", "2", "3"])
+    verdict = Contract("t", 1, StampedV1).judge(batch)
+    assert [(r.index, r.reason) for r in verdict.rejections] == [
+        ("1", "t@v1: at is not a date and time (of the years 1677 to 2262)")
+    ]
+    totals = pd.DataFrame({"count": [1, 2], "total": [2.0, "two"]}).set_axis(["1", "2"])
+    (refused,) = Contract("t", 1, CountedV1).judge(totals).rejections
+    assert (refused.index, refused.reason) == (
+        "2",
+        "t@v1: total is not twice the count; total is not a number",
+    )
+
+
 def test_a_number_with_a_fraction_is_refused_by_an_integer_field_not_cut():
     """Coercion made 10.7 a 10, silently; a whole 3.0 or Decimal('4.00') is still 3 and 4. The
     letter names the row's other faults too: fixing one should not reveal the next."""

@@ -16,7 +16,7 @@ from integrations.contracts import Contract
 from integrations.engine.reconcile import reconcile
 from integrations.engine.spec import DailyPartitions, FlowSpec, SourceTable
 from integrations.engine.state import BatchCommit, StateStore, Watermark
-from integrations.engine.sync import ErrorBudgetExceeded, Sync, SyncResult
+from integrations.engine.sync import ErrorBudgetExceeded, Sync, SyncError, SyncResult
 from integrations.sql.connect import create_engine
 from integrations.sql.destination import SqlTable
 from integrations.sql.source import SqlSource
@@ -282,6 +282,28 @@ def test_a_replay_of_a_record_deleted_since_archives_it_not_revives_it(sql_datab
     assert rows(engine)["L1"][2] is not None and rows(engine)["L2"][2] is None
     assert state.list_dead_letters(SPEC.name) == []
     assert state.count_synced(SPEC.name) == 1
+    engine.dispose()
+
+
+def test_a_table_changed_under_a_run_stops_it_saying_what_to_do_once(tmp_path, state):
+    """The destination's own "What to do" and the run's were both in the error, one after the
+    other: now the destination's comes first, then where the rerun resumes, once."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'lines.sqlite'}")
+    source_lines(engine, [datetime(2025, 1, 1) + timedelta(hours=n) for n in range(4)])
+    calls = []
+
+    def mapping(rows):
+        calls.append(len(rows))
+        if len(calls) == 2:  # a DBA drops a column while the run is under way
+            with engine.begin() as connection:
+                connection.exec_driver_sql("ALTER TABLE ledger_lines DROP COLUMN memo")
+        return SPEC.mapping(rows)
+
+    with pytest.raises(SyncError) as stopped:
+        run(engine, state, dataclasses.replace(SPEC, mapping=mapping))
+    message = str(stopped.value)
+    assert "no longer fits the flow" in message and message.count("What to do") == 1
+    assert "the rerun resumes from the watermark" in message
     engine.dispose()
 
 

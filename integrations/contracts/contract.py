@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -346,5 +347,30 @@ def _failures(cases: pd.DataFrame) -> Iterator[tuple[object, str, bool]]:
 
 
 def _readable(check: object) -> str:
+    """A rule in words: pandera's own names for a type it could not make ("coerce_dtype(
+    'datetime64[ns]')") or did not find ("dtype('int64')") read as what the value is not."""
     text = str(check)
-    return _READABLE_CHECKS.get(text, text)
+    if text in _READABLE_CHECKS:
+        return _READABLE_CHECKS[text]
+    typed = _TYPE_CHECK.fullmatch(text)
+    if typed is None:
+        return text
+    kind = typed["dtype"]
+    if kind.startswith("datetime64"):  # pandas holds times from 1677 to 2262 only
+        return "is not a date and time (of the years 1677 to 2262)"
+    return f"is not {_TYPE_WORDS.get(kind.rstrip('0123456789'), f'of type {kind}')}"
+
+
+_TYPE_CHECK = re.compile(r"(?:coerce_dtype|dtype)\('(?P<dtype>[^']+)'\)")
+_TYPE_WORDS = {
+    "int": "a whole number",
+    "Int": "a whole number",
+    "uint": "a whole number",
+    "UInt": "a whole number",
+    "float": "a number",
+    "Float": "a number",
+    "bool": "true or false",
+    "str": "text",
+    "string": "text",
+    "object": "text",
+}

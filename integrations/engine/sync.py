@@ -261,6 +261,13 @@ def _a_time(value: object) -> bool:
         return False
 
 
+def _what_and_todo(error: Exception) -> tuple[str, str | None]:
+    """An error's text, and what it says to do (its own "What to do: …") apart, so that a
+    SyncError built on it says "What to do" once."""
+    what, _, todo = str(error).partition(". What to do: ")
+    return what, todo.rstrip(".") or None
+
+
 def _rows_in(letter: DeadLetter) -> int:
     """The source rows a dead letter holds: one, or each row of a key repeated in a batch."""
     if letter.payload.keys() == {"rows"} and isinstance(letter.payload["rows"], list):
@@ -1344,18 +1351,21 @@ class Sync:
         try:
             return call()
         except DestinationUnavailable as error:
+            what, todo = _what_and_todo(error)
             raise SyncError(
                 self.spec.name,
-                f"{self.destination.name} is unavailable: {error}",
-                "nothing after the last committed batch was marked synced; rerun when "
-                f"{self.destination.name} answers again (the rerun resumes from the watermark)",
+                f"{self.destination.name} is unavailable: {what}",
+                f"{todo or 'rerun when ' + self.destination.name + ' answers again'}; nothing "
+                "after the last committed batch was marked synced (the rerun resumes from the "
+                "watermark)",
             ) from error
         except DestinationMismatch as error:
+            what, todo = _what_and_todo(error)
             raise SyncError(
                 self.spec.name,
-                f"{self.destination.name} no longer fits the flow: {error}",
-                "nothing after the last committed batch was marked synced; the rerun resumes "
-                "from the watermark",
+                f"{self.destination.name} no longer fits the flow: {what}",
+                (f"{todo}; " if todo else "") + "nothing after the last committed batch was "
+                "marked synced; the rerun resumes from the watermark",
             ) from error
 
     # --- rejections and the error budget ----------------------------------------------------
