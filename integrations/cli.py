@@ -16,12 +16,37 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+import sqlalchemy as sa
 
 from integrations import settings
+from integrations.connections import FlowNotOpened
+from integrations.engine.destination import DestinationMismatch, DestinationUnavailable
 from integrations.engine.masking import mask_record
+from integrations.engine.source import SourceUnavailable
 from integrations.engine.spec import FlowSpec
-from integrations.engine.state import REASON_KINDS, DeadLetter, StateStore, utcnow
+from integrations.engine.state import (
+    REASON_KINDS,
+    DeadLetter,
+    StateStore,
+    StateStoreUnavailable,
+    utcnow,
+)
+from integrations.engine.sync import SyncError
 from integrations.sql.connect import create_engine, redacted
+from integrations.sql.source import SourceSchemaError
+
+# What stops one flow's replay (its systems cannot be opened, do not answer or do not fit); the
+# other flows' replays go on.
+REPLAY_STOPPERS = (
+    FlowNotOpened,
+    SyncError,
+    SourceSchemaError,
+    SourceUnavailable,
+    StateStoreUnavailable,
+    DestinationMismatch,
+    DestinationUnavailable,
+    sa.exc.OperationalError,
+)
 
 
 def _flows() -> dict[str, FlowSpec]:
@@ -263,16 +288,14 @@ def cmd_dlq_show(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq_replay(args: argparse.Namespace) -> int:
-    """Sync open dead letters again, flow by flow, through the engine."""
-    from integrations.connections import open_flow
-    from integrations.engine.sync import Sync, SyncError
-
+    """Sync open dead letters again, flow by flow, through the engine. A flow that cannot be
+    opened or stops is reported with what to do, and the other flows go on."""
     store = _store()
     letters = _selected(store, args, limit=None)
     if not letters:
         print("no open dead letters match; nothing to replay")
         return 0
-    specs, failed = _flows(), False
+    specs, failed, stopped = _flows(), False, []
     run_id = f"replay-{uuid.uuid4().hex[:12]}"
     for flow in sorted({letter.flow for letter in letters}):
         chosen = [letter for letter in letters if letter.flow == flow]
@@ -281,27 +304,65 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
             failed = True
             continue
         try:
-            with open_flow(specs[flow]) as (source, destination, state):
-                result = Sync(
-                    specs[flow],
-                    source,
-                    destination,
-                    state,
-                    run_id=run_id,
-                    actor=_actor("dlq replay"),
-                    why="replay",
-                ).replay(chosen)
-        except SyncError as error:
-            print(f"handoff dlq replay: {error}", file=sys.stderr)
-            failed = True
+            written = _replay_flow(specs[flow], chosen, run_id)
+        except REPLAY_STOPPERS as error:
+            print(f"handoff dlq replay: {_replay_stopped(specs[flow], error)}", file=sys.stderr)
+            stopped.append(flow)
             continue
         still = store.list_dead_letters(flow=flow, ids=[letter.id for letter in chosen], limit=None)
         print(
-            f"{flow}: replayed {len(chosen)} (run {run_id}): {result.written} written, "
+            f"{flow}: replayed {len(chosen)} (run {run_id}): {written} written, "
             f"{len(chosen) - len(still)} left the DLQ, {len(still)} still failing"
         )
         failed = failed or bool(still)
-    return 1 if failed else 0
+    if stopped:
+        print(
+            f"handoff dlq replay: {len(stopped)} flows not replayed, their letters left as they "
+            f"are: {', '.join(stopped)}",
+            file=sys.stderr,
+        )
+    return 1 if failed or stopped else 0
+
+
+def _replay_flow(spec: FlowSpec, letters: list[DeadLetter], run_id: str) -> int:
+    """Replay one flow's letters through its own systems; the number of records written."""
+    from integrations.connections import open_flow
+    from integrations.engine.sync import Sync
+
+    with open_flow(spec) as (source, destination, state):
+        sync = Sync(
+            spec,
+            source,
+            destination,
+            state,
+            run_id=run_id,
+            actor=_actor("dlq replay"),
+            why="replay",
+        )
+        return sync.replay(letters).written
+
+
+def _replay_stopped(spec: FlowSpec, error: Exception) -> str:
+    """What stopped a flow's replay, naming the flow, and what to do (the driver's first line at
+    most: no SQL, no values)."""
+    if isinstance(error, (FlowNotOpened, SyncError)):
+        return str(error)  # names the flow and what to do
+    again = f"rerun `handoff dlq replay --flow {spec.name}`"
+    if isinstance(error, DestinationMismatch):  # names the flow, and what to do with the table
+        return f"flow {spec.name}: {str(error).removeprefix(f'flow {spec.name}: ')}; then {again}"
+    if isinstance(error, SourceSchemaError):
+        what = f"the source does not fit: {error}"
+        todo = (
+            f"check {settings.database_url_variable(spec.source.system)} and that "
+            f"{spec.source.system} is seeded or migrated, then {again}"
+        )
+    elif isinstance(error, sa.exc.OperationalError):
+        complaint = (str(error.orig).strip().splitlines() or [""])[0]
+        what = f"a database did not answer: {type(error.orig).__name__}: {complaint}"
+        todo = f"check its URL in this shell's environment; {again} when it answers"
+    else:  # unavailable: nothing was marked synced that was not written
+        what, todo = str(error), f"{again} when it answers"
+    return f"flow {spec.name}: {what}. What to do: {todo}"
 
 
 def cmd_dlq_discard(args: argparse.Namespace) -> int:

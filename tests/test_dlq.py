@@ -10,12 +10,14 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
+from assets.chinook import CHINOOK_CUSTOMERS
 from assets.crm_contacts import CRM_CONTACTS
 from assets.factory import flow_asset
 from definitions import resources
 from integrations.cli import main
 from integrations.engine import state as state_module
 from integrations.engine.state import BatchCommit, DeadLetter, LedgerEntry, StateStore
+from integrations.sql.connect import create_engine
 from tests.conftest import DLQ_KEY
 from tests.contacts import sync
 
@@ -178,6 +180,84 @@ def test_replay_through_dagster_run_config(world, erp, crm_client, state):
         assert metadata["inserted"].value == 1
         assert metadata["dead_letters_open"].value == store.count_open_dead_letters(FLOW)
         assert store.get_dead_letter(letter.id).resolution == "replayed"
+
+
+def set_chinook_email(chinook_url: str, customer_id: int, email: str) -> None:
+    engine = create_engine(chinook_url)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text('UPDATE "Customer" SET "Email" = :email WHERE "CustomerId" = :id'),
+            {"email": email, "id": customer_id},
+        )
+    engine.dispose()
+
+
+def chinook_letter_fixed_at_the_source(chinook_url: str, state: StateStore) -> DeadLetter:
+    """Chinook's customer 4 refused into the embedded finance database, then fixed in Chinook."""
+    set_chinook_email(chinook_url, 4, "not-an-address")
+    with dg.instance_for_test() as instance:
+        run = dg.materialize(
+            [flow_asset(CHINOOK_CUSTOMERS)], resources=resources(), instance=instance
+        )
+        assert run.success
+    (letter,) = state.list_dead_letters(CHINOOK_CUSTOMERS.name)
+    set_chinook_email(chinook_url, 4, "bjorn@example.no")
+    return letter
+
+
+def test_replay_opens_each_flows_own_source_and_sql_destination(
+    world, erp, crm_client, state, chinook_copy, capsys
+):
+    """`dlq replay` crashed with a traceback (no command-line wiring for 'finance') on every
+    flow with a SQL destination, and read every flow's source from ERP_DATABASE_URL; without
+    --flow the first such flow ended the loop, and later flows' letters were never replayed."""
+    chinook = chinook_letter_fixed_at_the_source(chinook_copy, state)
+    sync(erp, crm_client, state)
+    contact = bad_email_letter(state)
+    fix_email_quietly(erp, contact.record_key, f"fixed.{contact.record_key}@example.com")
+
+    assert main(["dlq", "replay", "--id", str(chinook.id), "--id", str(contact.id)]) == 0
+    out = capsys.readouterr().out
+    for flow in (CHINOOK_CUSTOMERS.name, FLOW):
+        assert f"{flow}: replayed 1" in out and "1 written, 1 left the DLQ" in out
+    finance = create_engine(f"sqlite:///{world.home / 'finance.sqlite'}")
+    with finance.connect() as connection:
+        landed = connection.execute(
+            sa.text("SELECT email FROM chinook_customers WHERE customer_id = 4")
+        ).scalar_one()
+    finance.dispose()
+    assert landed == "bjorn@example.no"
+    assert state.get_dead_letter(chinook.id).resolution == "replayed"
+    assert state.get_dead_letter(contact.id).resolution == "replayed"
+
+
+def test_a_flow_that_cannot_be_opened_is_reported_and_the_others_are_replayed(
+    world, erp, crm_client, state, chinook_copy, tmp_path, capsys, monkeypatch
+):
+    """One flow's fault (a finance database without its table, a missing CRM token) ended the
+    replay with a traceback, and the flows after it were never replayed. Now each is named with
+    what to do, the others replay, and the exit is non-zero."""
+    chinook = chinook_letter_fixed_at_the_source(chinook_copy, state)
+    sync(erp, crm_client, state)
+    contact = bad_email_letter(state)
+    fix_email_quietly(erp, contact.record_key, f"fixed.{contact.record_key}@example.com")
+    both = ["dlq", "replay", "--id", str(chinook.id), "--id", str(contact.id)]
+
+    monkeypatch.setenv("FINANCE_DATABASE_URL", f"sqlite:///{tmp_path / 'tableless.sqlite'}")
+    assert main(both) == 1
+    out, err = capsys.readouterr()
+    assert f"flow {CHINOOK_CUSTOMERS.name}: the destination has no table" in err
+    assert "What to do: create it" in err and "Traceback" not in err
+    assert f"{FLOW}: replayed 1" in out and "1 left the DLQ" in out
+    assert state.get_dead_letter(chinook.id).resolved_at is None
+
+    monkeypatch.delenv("FINANCE_DATABASE_URL")
+    monkeypatch.delenv("CRM_ACCESS_TOKEN")
+    assert main(["dlq", "replay"]) == 1
+    out, err = capsys.readouterr()
+    assert f"{CHINOOK_CUSTOMERS.name}: replayed 1" in out and "1 left the DLQ" in out
+    assert f"flow {FLOW}: CRM_ACCESS_TOKEN is not set" in err and "What to do: set it" in err
+    assert f"flows not replayed, their letters left as they are: {FLOW}" in err
 
 
 @pytest.mark.postgres
