@@ -1,8 +1,9 @@
 """Reconciliation: does the destination hold what the source says it should?
 
 Both sides are reduced to `id value → hash of the target contract's fields` (values compared as
-the destination stores them: text, empty for null). Records the DLQ holds are expected to be
-missing and are left out. The digest of each side is an md5 over its sorted (id, hash) pairs.
+the destination stores them: text, empty for null). Records the runs hold (an open letter, a
+discard) are left out of both sides. The digest of each side is an md5 over its sorted (id, hash)
+pairs.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from integrations.engine.columns import ready_columns, records
 from integrations.engine.destination import Destination
 from integrations.engine.hashing import content_hash
 from integrations.engine.source import Source
@@ -71,6 +73,22 @@ def _digest(pairs: dict[str, str]) -> str:
     return md5.hexdigest()
 
 
+def held_records(spec: FlowSpec, source: Source, state: StateStore) -> set[str]:
+    """Keys of the records the runs hold: those with an open letter, and those whose letter was
+    discarded with the content they still have and not synced since (a discard sticks until the
+    record changes; changed, the record is judged, and reconciled, as any other)."""
+    opened, discarded = state.held_letter_hashes(spec.name, state.held_letter_keys(spec.name))
+    unchanged = {
+        key
+        for batch in source.rows_with_keys(sorted(discarded), spec.batch_size)
+        for key, payload in zip(
+            batch[spec.source.key].astype(str), records(ready_columns(batch)), strict=True
+        )  # the row hashed as the run hashes it, and its letter's payload
+        if discarded.get(key) == content_hash(payload)
+    }
+    return set(opened) | unchanged
+
+
 def reconcile(spec: FlowSpec, source: Source, destination: Destination, state: StateStore) -> Drift:
     fields = [
         name for name in spec.target_contract.schema.columns if name != spec.target.id_property
@@ -79,7 +97,7 @@ def reconcile(spec: FlowSpec, source: Source, destination: Destination, state: S
     # before the record went bad, which is no drift of the destination's.
     columns = spec.target_contract.schema.columns
     flags = frozenset(name for name in fields if str(columns[name].dtype).startswith("bool"))
-    held = {letter.record_key for letter in state.list_dead_letters(spec.name, limit=10**9)}
+    held = held_records(spec, source, state)
     held_ids = {
         entry.destination_id
         for entry in state.ledger_entries(spec.name, sorted(held)).values()
