@@ -119,5 +119,22 @@ def test_a_record_whose_letter_was_discarded_is_left_out_while_the_runs_hold_it(
     engine.dispose()
 
 
+def test_a_null_and_empty_text_are_two_values_in_a_sql_table(sql_database, own_state):
+    """Reconciliation read NULL and '' as one value: a table whose NULLs became '' (or whose ''
+    became NULL) differed from its source unseen, and no repair was offered."""
+    engine = create_engine(sql_database())
+    source_lines(engine, [datetime(2025, 1, 1) + timedelta(minutes=n) for n in range(3)])
+    with engine.begin() as connection:
+        connection.exec_driver_sql("UPDATE source_lines SET memo = '' WHERE id = 1")
+        connection.exec_driver_sql("UPDATE source_lines SET memo = NULL WHERE id = 2")
+    assert run(engine, own_state).written == 3
+    assert reconciled(engine, own_state).in_sync
+    with engine.begin() as connection:
+        connection.exec_driver_sql("UPDATE ledger_lines SET memo = NULL WHERE line_number = 'L1'")
+        connection.exec_driver_sql("UPDATE ledger_lines SET memo = '' WHERE line_number = 'L2'")
+    assert reconciled(engine, own_state).differing == ["1", "2"]
+    engine.dispose()
+
+
 def reconciled(engine: sa.Engine, state: StateStore) -> Drift:
     return reconcile(SPEC, SqlSource(engine, SOURCE), SqlTable(engine, SPEC.target), state)

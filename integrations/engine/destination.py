@@ -182,6 +182,9 @@ class Destination(Protocol):
     # Whether it takes ids that differ only in case for one record (a CRM's unique properties);
     # reconciliation compares ids so. A destination without the attribute compares exactly.
     ids_ignore_case: bool
+    # Whether it keeps no NULL apart from empty text (a CRM reads a cleared property back as "");
+    # reconciliation compares them as one value then. A destination without it keeps them apart.
+    null_is_empty: bool
 
     def prepare(self, spec: FlowSpec) -> None:
         """Before the first write: raise DestinationMismatch when the destination cannot hold

@@ -1,9 +1,9 @@
 """Reconciliation: does the destination hold what the source says it should?
 
 Both sides are reduced to `id value → hash of the target contract's fields` (values compared as
-the destination stores them: text, empty for null). Records the runs hold (an open letter, a
-discard) are left out of both sides. The digest of each side is an md5 over its sorted (id, hash)
-pairs.
+the destination stores them: text, NULL apart from empty text where it keeps them apart). Records
+the runs hold (an open letter, a discard) are left out of both sides. The digest of each side is
+an md5 over its sorted (id, hash) pairs.
 """
 
 from __future__ import annotations
@@ -46,23 +46,24 @@ class Drift:
 
 
 def _as_stored(
-    record: dict[str, object], fields: Iterable[str], flags: frozenset[str] = frozenset()
-) -> dict[str, str]:
-    """The record's values as both sides compare them; the contract's bool fields (`flags`)
-    as true or false, whether a side holds True, 1 (an integer column, MariaDB's BOOLEAN) or
-    text ("true" from a CRM)."""
-    return {
-        name: _flag_text(record.get(name)) if name in flags else _text(record.get(name))
-        for name in fields
-    }
+    record: dict[str, object],
+    fields: Iterable[str],
+    flags: frozenset[str] = frozenset(),
+    null_is_empty: bool = False,
+) -> dict[str, str | None]:
+    """The record's values as both sides compare them: text, and NULL as None, apart from empty
+    text, unless the destination keeps them as one (`null_is_empty`: a CRM's cleared property
+    reads back as ""); the contract's bool fields (`flags`) as true or false, whether a side
+    holds True, 1 (an integer column, MariaDB's BOOLEAN) or text ("true" from a CRM)."""
+    return {name: _stored(record.get(name), name in flags, null_is_empty) for name in fields}
 
 
-def _text(value: object) -> str:
-    return "" if value is None else str(value)
-
-
-def _flag_text(value: object) -> str:
-    said = _text(value).strip().lower()
+def _stored(value: object, flag: bool, null_is_empty: bool) -> str | None:
+    if value is None:
+        return "" if null_is_empty else None
+    if not flag:
+        return str(value)
+    said = str(value).strip().lower()
     return {"1": "true", "t": "true", "0": "false", "f": "false"}.get(said, said)
 
 
@@ -97,6 +98,7 @@ def reconcile(spec: FlowSpec, source: Source, destination: Destination, state: S
     # before the record went bad, which is no drift of the destination's.
     columns = spec.target_contract.schema.columns
     flags = frozenset(name for name in fields if str(columns[name].dtype).startswith("bool"))
+    null_is_empty = getattr(destination, "null_is_empty", False)
     held = held_records(spec, source, state)
     held_ids = {
         entry.destination_id
@@ -110,10 +112,10 @@ def reconcile(spec: FlowSpec, source: Source, destination: Destination, state: S
     source_key_of: dict[str, str] = {}
     for key, record in expected_records(spec, source, held):
         id_value = same(str(record[spec.target.id_property]))
-        expected[id_value] = content_hash(_as_stored(record, fields, flags))
+        expected[id_value] = content_hash(_as_stored(record, fields, flags, null_is_empty))
         source_key_of[id_value] = key
     actual = {
-        same(id_value): content_hash(_as_stored(properties, fields, flags))
+        same(id_value): content_hash(_as_stored(properties, fields, flags, null_is_empty))
         for id_value, destination_id, properties in destination.snapshot(fields)
         if destination_id not in held_ids
     }
