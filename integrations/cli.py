@@ -224,6 +224,8 @@ def _dlq_row(letter: DeadLetter) -> dict[str, object]:
         "first_seen": _when(letter.first_seen),
         "last_seen": _when(letter.last_seen),
         "correlation_id": letter.correlation_id,
+        "resolution": letter.resolution,  # None while open: replayed, discarded, synced, ...
+        "resolved_at": _when(letter.resolved_at),
     }
 
 
@@ -254,15 +256,21 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
     if not rows:
         print("no dead letters match" + (f" in {args.flow}" if args.flow else ""))
         return 0
-    print(f"{'id':>6}  {'flow':<32} {'key':<12} {'kind':<20} {'att':>3}  reason")
+    state = f"{'state':<30}  " if args.all else ""  # open, or how and when it closed
+    print(f"{'id':>6}  {'flow':<32} {'key':<12} {'kind':<20} {'att':>3}  {state}reason")
     for row in rows:
+        state = f"{_letter_state(row):<30}  " if args.all else ""
         print(
             f"{row['id']:>6}  {row['flow']:<32} {row['key']:<12} {row['kind']:<20} "
-            f"{row['attempts']:>3}  {row['reason']}"
+            f"{row['attempts']:>3}  {state}{row['reason']}"
         )
     if len(found) > len(rows):  # the count of open letters ignored the filters
         print(f"(showing the first {len(rows)} that match; --limit N shows more)")
     return 0
+
+
+def _letter_state(row: dict[str, object]) -> str:
+    return f"{row['resolution']} {row['resolved_at']}" if row["resolution"] else "open"
 
 
 def cmd_dlq_show(args: argparse.Namespace) -> int:
@@ -281,8 +289,6 @@ def cmd_dlq_show(args: argparse.Namespace) -> int:
         shown["payload (PII masked)"] = [mask_record(row, pii) for row in letter.payload["rows"]]
     else:
         shown["payload (PII masked)"] = mask_record(letter.payload, pii)
-    shown["resolved_at"] = _when(letter.resolved_at)
-    shown["resolution"] = letter.resolution
     print(json.dumps(shown, indent=2, default=str))
     return 0
 
@@ -420,7 +426,7 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
             for entry in store.record_history(args.key, flow=args.flow)
         ],
         "dead_letters": [
-            {**_dlq_row(letter), "resolution": letter.resolution}
+            _dlq_row(letter)
             for letter in store.list_dead_letters(
                 flow=args.flow, include_resolved=True, limit=None, keys=[args.key]
             )

@@ -135,6 +135,31 @@ def test_discard_closes_letters_with_an_audited_reason(world, erp, crm_client, s
     assert again.counts["held"] >= 1
 
 
+def test_list_all_tells_open_letters_from_closed_ones(world, erp, crm_client, state, capsys):
+    """`dlq list --all` showed open and closed letters alike, in the table and in --json: no
+    resolution, no time it closed."""
+    sync(erp, crm_client, state)
+    letter = bad_email_letter(state)
+    state.discard_dead_letters([letter], actor="ops", why="customer left", run_id="d")
+
+    assert main(["dlq", "list", "--all", "--json", "--limit", "10000"]) == 0
+    listed = {row["id"]: row for row in json.loads(capsys.readouterr().out)}
+    closed = listed.pop(letter.id)
+    assert closed["resolution"] == "discarded"
+    assert closed["resolved_at"] == state.get_dead_letter(letter.id).resolved_at.isoformat(
+        timespec="seconds"
+    )
+    assert listed and all(
+        row["resolution"] is row["resolved_at"] is None for row in listed.values()
+    )
+
+    assert main(["dlq", "list", "--all", "--key", letter.record_key]) == 0
+    table = capsys.readouterr().out
+    assert f"discarded {closed['resolved_at']}" in table
+    assert main(["dlq", "list", "--all", "--id", str(next(iter(listed)))]) == 0
+    assert "  open  " in capsys.readouterr().out
+
+
 def test_filters_by_kind_and_age(world, erp, crm_client, state, capsys):
     sync(erp, crm_client, state)
     assert main(["dlq", "list", "--kind", "contract", "--json", "--limit", "10000"]) == 0
