@@ -3,6 +3,8 @@ database on SQLite, PostgreSQL and MariaDB, through Dagster."""
 
 from __future__ import annotations
 
+import shutil
+
 import dagster as dg
 import pytest
 import sqlalchemy as sa
@@ -12,6 +14,7 @@ from assets.factory import flow_asset
 from assets.finance_invoices import FINANCE_INVOICES
 from assets.finance_payments import FINANCE_PAYMENTS
 from definitions import defs, resources
+from integrations.settings import CHINOOK_DATASET
 from integrations.sql.connect import create_engine
 from integrations.sql.fit import create_table
 
@@ -154,6 +157,17 @@ def test_a_backfill_that_would_archive_a_month_stops_at_the_archive_guard(world,
         )
         assert allowed.success
         assert query(finance_url, archived) == [(synced,)]
+
+
+@pytest.fixture
+def chinook_copy(world, tmp_path, monkeypatch):
+    """A writable copy of the real Chinook database."""
+    copy = tmp_path / "chinook.sqlite"
+    shutil.copyfile(CHINOOK_DATASET, copy)
+    copy.chmod(0o644)
+    url = f"sqlite:///{copy}"
+    monkeypatch.setenv("CHINOOK_DATABASE_URL", url)
+    return url
 
 
 def test_chinook_customers_and_invoices_land_in_finance(chinook_copy, finance_url):
