@@ -11,6 +11,7 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import fields
 from datetime import timedelta
 from pathlib import Path
@@ -56,12 +57,29 @@ def _flows() -> dict[str, FlowSpec]:
     return {spec.name: spec for spec in FLOWS + CRM_TO_ERP_FLOWS + HELPDESK_FLOWS}
 
 
-def _pii_fields(flow: str) -> frozenset[str]:
-    """The flow's PII fields; every flow's when the flow is unknown (mask more, never less)."""
+def _masked_fields(flow: str, fields: Iterable[str]) -> frozenset[str]:
+    """Which of a payload's fields to mask: the flow's PII fields and, when it has any, every
+    field it does not declare (a column no contract names may hold anything: a street address,
+    a fax number); every flow's when the flow is unknown (mask more, never less)."""
     specs = _flows()
     chosen = [specs[flow]] if flow in specs else list(specs.values())
-    return frozenset().union(
+    pii = frozenset().union(
         *(spec.source_contract.pii_fields | spec.target_contract.pii_fields for spec in chosen)
+    )
+    if not pii:
+        return pii
+    return pii | (frozenset(fields) - frozenset().union(*map(_declared_fields, chosen)))
+
+
+def _declared_fields(spec: FlowSpec) -> frozenset[str]:
+    """The fields a flow names: its contracts', and its key, cursor, soft-delete and partition
+    columns."""
+    source = spec.source
+    named = {source.key, source.cursor, source.deleted}
+    if spec.partitions:
+        named.add(spec.partitions.column)
+    return frozenset(spec.source_contract.schema.columns).union(
+        spec.target_contract.schema.columns, named - {None}
     )
 
 
@@ -282,13 +300,13 @@ def cmd_dlq_show(args: argparse.Namespace) -> int:
         )
         return 1
     shown = _dlq_row(letter)
-    pii = _pii_fields(letter.flow)
     if letter.payload is None:
         shown["payload"] = "(encrypted: set HANDOFF_DLQ_KEY to the key the flows run with)"
-    elif "rows" in letter.payload:
-        shown["payload (PII masked)"] = [mask_record(row, pii) for row in letter.payload["rows"]]
     else:
-        shown["payload (PII masked)"] = mask_record(letter.payload, pii)
+        rows = letter.payload.get("rows", [letter.payload])  # a repeated key's rows, or one
+        masked = _masked_fields(letter.flow, {name for row in rows for name in row})
+        shown_rows = [mask_record(row, masked) for row in rows]
+        shown["payload (PII masked)"] = shown_rows if "rows" in letter.payload else shown_rows[0]
     print(json.dumps(shown, indent=2, default=str))
     return 0
 

@@ -230,6 +230,41 @@ def chinook_letter_fixed_at_the_source(chinook_url: str, state: StateStore) -> D
     return letter
 
 
+CHINOOK_CUSTOMER_ONE = {  # where Luís Gonçalves lives, and his fax: PII Chinook leaves undeclared
+    "Address": "Av. Brigadeiro Faria Lima, 2170",
+    "PostalCode": "12227-000",
+    "Fax": "+55 (12) 3923-5566",
+    "State": "SP",
+}
+
+
+def test_chinook_addresses_and_undeclared_columns_are_masked(world, state, chinook_copy, capsys):
+    """Chinook's customer contract left Address, PostalCode, Fax and State undeclared: `dlq
+    show` and the contract check's samples printed them in clear. They are PII now, and `dlq
+    show` masks any column a flow with PII does not declare (here SupportRepId)."""
+    set_chinook_email(chinook_copy, 1, "luis at embraer")
+    with dg.instance_for_test() as instance:
+        run = dg.materialize(
+            [flow_asset(CHINOOK_CUSTOMERS)], resources=resources(), instance=instance
+        )
+    (check,) = run.get_asset_check_evaluations()
+    (sample,) = check.metadata["samples"].value
+    (letter,) = state.list_dead_letters(CHINOOK_CUSTOMERS.name)
+    assert main(["dlq", "show", str(letter.id)]) == 0
+    out = capsys.readouterr().out
+    shown = json.loads(out)["payload (PII masked)"]
+    for text in (out, json.dumps(sample, ensure_ascii=False)):
+        assert not [value for value in CHINOOK_CUSTOMER_ONE.values() if f'"{value}"' in text]
+    assert {name: shown[name] for name in CHINOOK_CUSTOMER_ONE} == {
+        "Address": "A***",
+        "PostalCode": "1***",
+        "Fax": "+***",
+        "State": "S***",
+    }
+    assert shown["SupportRepId"] == "3***", "a column no contract names"
+    assert (shown["CustomerId"], shown["Country"]) == (1, "Brazil"), "declared, not PII"
+
+
 def test_replay_opens_each_flows_own_source_and_sql_destination(
     world, erp, crm_client, state, chinook_copy, capsys
 ):
