@@ -11,17 +11,43 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import fields
 from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+import sqlalchemy as sa
 
 from integrations import settings
+from integrations.connections import FlowNotOpened
+from integrations.engine.destination import DestinationMismatch, DestinationUnavailable
 from integrations.engine.masking import mask_record
+from integrations.engine.source import SourceUnavailable
 from integrations.engine.spec import FlowSpec
-from integrations.engine.state import REASON_KINDS, DeadLetter, StateStore, utcnow
+from integrations.engine.state import (
+    REASON_KINDS,
+    DeadLetter,
+    StateStore,
+    StateStoreUnavailable,
+    utcnow,
+)
+from integrations.engine.sync import SyncError
 from integrations.sql.connect import create_engine, redacted
+from integrations.sql.source import SourceSchemaError
+
+# What stops one flow's replay (its systems cannot be opened, do not answer or do not fit); the
+# other flows' replays go on.
+REPLAY_STOPPERS = (
+    FlowNotOpened,
+    SyncError,
+    SourceSchemaError,
+    SourceUnavailable,
+    StateStoreUnavailable,
+    DestinationMismatch,
+    DestinationUnavailable,
+    sa.exc.OperationalError,
+)
 
 
 def _flows() -> dict[str, FlowSpec]:
@@ -31,12 +57,29 @@ def _flows() -> dict[str, FlowSpec]:
     return {spec.name: spec for spec in FLOWS + CRM_TO_ERP_FLOWS + HELPDESK_FLOWS}
 
 
-def _pii_fields(flow: str) -> frozenset[str]:
-    """The flow's PII fields; every flow's when the flow is unknown (mask more, never less)."""
+def _masked_fields(flow: str, fields: Iterable[str]) -> frozenset[str]:
+    """Which of a payload's fields to mask: the flow's PII fields and, when it has any, every
+    field it does not declare (a column no contract names may hold anything: a street address,
+    a fax number); every flow's when the flow is unknown (mask more, never less)."""
     specs = _flows()
     chosen = [specs[flow]] if flow in specs else list(specs.values())
-    return frozenset().union(
+    pii = frozenset().union(
         *(spec.source_contract.pii_fields | spec.target_contract.pii_fields for spec in chosen)
+    )
+    if not pii:
+        return pii
+    return pii | (frozenset(fields) - frozenset().union(*map(_declared_fields, chosen)))
+
+
+def _declared_fields(spec: FlowSpec) -> frozenset[str]:
+    """The fields a flow names: its contracts', and its key, cursor, soft-delete and partition
+    columns."""
+    source = spec.source
+    named = {source.key, source.cursor, source.deleted}
+    if spec.partitions:
+        named.add(spec.partitions.column)
+    return frozenset(spec.source_contract.schema.columns).union(
+        spec.target_contract.schema.columns, named - {None}
     )
 
 
@@ -199,6 +242,8 @@ def _dlq_row(letter: DeadLetter) -> dict[str, object]:
         "first_seen": _when(letter.first_seen),
         "last_seen": _when(letter.last_seen),
         "correlation_id": letter.correlation_id,
+        "resolution": letter.resolution,  # None while open: replayed, discarded, synced, ...
+        "resolved_at": _when(letter.resolved_at),
     }
 
 
@@ -229,15 +274,21 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
     if not rows:
         print("no dead letters match" + (f" in {args.flow}" if args.flow else ""))
         return 0
-    print(f"{'id':>6}  {'flow':<32} {'key':<12} {'kind':<20} {'att':>3}  reason")
+    state = f"{'state':<30}  " if args.all else ""  # open, or how and when it closed
+    print(f"{'id':>6}  {'flow':<32} {'key':<12} {'kind':<20} {'att':>3}  {state}reason")
     for row in rows:
+        state = f"{_letter_state(row):<30}  " if args.all else ""
         print(
             f"{row['id']:>6}  {row['flow']:<32} {row['key']:<12} {row['kind']:<20} "
-            f"{row['attempts']:>3}  {row['reason']}"
+            f"{row['attempts']:>3}  {state}{row['reason']}"
         )
     if len(found) > len(rows):  # the count of open letters ignored the filters
         print(f"(showing the first {len(rows)} that match; --limit N shows more)")
     return 0
+
+
+def _letter_state(row: dict[str, object]) -> str:
+    return f"{row['resolution']} {row['resolved_at']}" if row["resolution"] else "open"
 
 
 def cmd_dlq_show(args: argparse.Namespace) -> int:
@@ -249,30 +300,26 @@ def cmd_dlq_show(args: argparse.Namespace) -> int:
         )
         return 1
     shown = _dlq_row(letter)
-    pii = _pii_fields(letter.flow)
     if letter.payload is None:
         shown["payload"] = "(encrypted: set HANDOFF_DLQ_KEY to the key the flows run with)"
-    elif "rows" in letter.payload:
-        shown["payload (PII masked)"] = [mask_record(row, pii) for row in letter.payload["rows"]]
     else:
-        shown["payload (PII masked)"] = mask_record(letter.payload, pii)
-    shown["resolved_at"] = _when(letter.resolved_at)
-    shown["resolution"] = letter.resolution
+        rows = letter.payload.get("rows", [letter.payload])  # a repeated key's rows, or one
+        masked = _masked_fields(letter.flow, {name for row in rows for name in row})
+        shown_rows = [mask_record(row, masked) for row in rows]
+        shown["payload (PII masked)"] = shown_rows if "rows" in letter.payload else shown_rows[0]
     print(json.dumps(shown, indent=2, default=str))
     return 0
 
 
 def cmd_dlq_replay(args: argparse.Namespace) -> int:
-    """Sync open dead letters again, flow by flow, through the engine."""
-    from integrations.connections import open_flow
-    from integrations.engine.sync import Sync, SyncError
-
+    """Sync open dead letters again, flow by flow, through the engine. A flow that cannot be
+    opened or stops is reported with what to do, and the other flows go on."""
     store = _store()
     letters = _selected(store, args, limit=None)
     if not letters:
         print("no open dead letters match; nothing to replay")
         return 0
-    specs, failed = _flows(), False
+    specs, failed, stopped = _flows(), False, []
     run_id = f"replay-{uuid.uuid4().hex[:12]}"
     for flow in sorted({letter.flow for letter in letters}):
         chosen = [letter for letter in letters if letter.flow == flow]
@@ -281,27 +328,65 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
             failed = True
             continue
         try:
-            with open_flow(specs[flow]) as (source, destination, state):
-                result = Sync(
-                    specs[flow],
-                    source,
-                    destination,
-                    state,
-                    run_id=run_id,
-                    actor=_actor("dlq replay"),
-                    why="replay",
-                ).replay(chosen)
-        except SyncError as error:
-            print(f"handoff dlq replay: {error}", file=sys.stderr)
-            failed = True
+            written = _replay_flow(specs[flow], chosen, run_id)
+        except REPLAY_STOPPERS as error:
+            print(f"handoff dlq replay: {_replay_stopped(specs[flow], error)}", file=sys.stderr)
+            stopped.append(flow)
             continue
         still = store.list_dead_letters(flow=flow, ids=[letter.id for letter in chosen], limit=None)
         print(
-            f"{flow}: replayed {len(chosen)} (run {run_id}): {result.written} written, "
+            f"{flow}: replayed {len(chosen)} (run {run_id}): {written} written, "
             f"{len(chosen) - len(still)} left the DLQ, {len(still)} still failing"
         )
         failed = failed or bool(still)
-    return 1 if failed else 0
+    if stopped:
+        print(
+            f"handoff dlq replay: {len(stopped)} flows not replayed, their letters left as they "
+            f"are: {', '.join(stopped)}",
+            file=sys.stderr,
+        )
+    return 1 if failed or stopped else 0
+
+
+def _replay_flow(spec: FlowSpec, letters: list[DeadLetter], run_id: str) -> int:
+    """Replay one flow's letters through its own systems; the number of records written."""
+    from integrations.connections import open_flow
+    from integrations.engine.sync import Sync
+
+    with open_flow(spec) as (source, destination, state):
+        sync = Sync(
+            spec,
+            source,
+            destination,
+            state,
+            run_id=run_id,
+            actor=_actor("dlq replay"),
+            why="replay",
+        )
+        return sync.replay(letters).written
+
+
+def _replay_stopped(spec: FlowSpec, error: Exception) -> str:
+    """What stopped a flow's replay, naming the flow, and what to do (the driver's first line at
+    most: no SQL, no values)."""
+    if isinstance(error, (FlowNotOpened, SyncError)):
+        return str(error)  # names the flow and what to do
+    again = f"rerun `handoff dlq replay --flow {spec.name}`"
+    if isinstance(error, DestinationMismatch):  # names the flow, and what to do with the table
+        return f"flow {spec.name}: {str(error).removeprefix(f'flow {spec.name}: ')}; then {again}"
+    if isinstance(error, SourceSchemaError):
+        what = f"the source does not fit: {error}"
+        todo = (
+            f"check {settings.database_url_variable(spec.source.system)} and that "
+            f"{spec.source.system} is seeded or migrated, then {again}"
+        )
+    elif isinstance(error, sa.exc.OperationalError):
+        complaint = (str(error.orig).strip().splitlines() or [""])[0]
+        what = f"a database did not answer: {type(error.orig).__name__}: {complaint}"
+        todo = f"check its URL in this shell's environment; {again} when it answers"
+    else:  # unavailable: nothing was marked synced that was not written
+        what, todo = str(error), f"{again} when it answers"
+    return f"flow {spec.name}: {what}. What to do: {todo}"
 
 
 def cmd_dlq_discard(args: argparse.Namespace) -> int:
@@ -359,7 +444,7 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
             for entry in store.record_history(args.key, flow=args.flow)
         ],
         "dead_letters": [
-            {**_dlq_row(letter), "resolution": letter.resolution}
+            _dlq_row(letter)
             for letter in store.list_dead_letters(
                 flow=args.flow, include_resolved=True, limit=None, keys=[args.key]
             )

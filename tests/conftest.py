@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import secrets
+import shutil
 import threading
 import uuid
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from integrations.erp.seed import seed_erp
 from integrations.helpdesk.client import RtClient
 from integrations.helpdesk.local_rt import LocalRt, LocalRtError
 from integrations.http import ApiLimits
+from integrations.settings import CHINOOK_DATASET
 from integrations.sql.connect import create_engine
 from integrations.webhooks.signatures import parse_secrets
 
@@ -269,6 +271,17 @@ def own_state(tmp_path):
     store = StateStore(f"sqlite:///{tmp_path / 'own_state.sqlite'}", dlq_key=DLQ_KEY)
     yield store
     store.dispose()
+
+
+@pytest.fixture
+def chinook_copy(world, tmp_path, monkeypatch) -> str:
+    """A writable copy of the real Chinook database, as the world's `CHINOOK_DATABASE_URL`."""
+    copy = tmp_path / "chinook.sqlite"
+    shutil.copyfile(CHINOOK_DATASET, copy)
+    copy.chmod(0o644)
+    url = f"sqlite:///{copy}"
+    monkeypatch.setenv("CHINOOK_DATABASE_URL", url)
+    return url
 
 
 def pytest_addoption(parser):

@@ -10,12 +10,14 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
+from assets.chinook import CHINOOK_CUSTOMERS
 from assets.crm_contacts import CRM_CONTACTS
 from assets.factory import flow_asset
 from definitions import resources
 from integrations.cli import main
 from integrations.engine import state as state_module
 from integrations.engine.state import BatchCommit, DeadLetter, LedgerEntry, StateStore
+from integrations.sql.connect import create_engine
 from tests.conftest import DLQ_KEY
 from tests.contacts import sync
 
@@ -138,6 +140,31 @@ def test_discard_closes_letters_with_an_audited_reason(world, erp, crm_client, s
     assert again.counts["held"] >= 1
 
 
+def test_list_all_tells_open_letters_from_closed_ones(world, erp, crm_client, state, capsys):
+    """`dlq list --all` showed open and closed letters alike, in the table and in --json: no
+    resolution, no time it closed."""
+    sync(erp, crm_client, state)
+    letter = bad_email_letter(state)
+    state.discard_dead_letters([letter], actor="ops", why="customer left", run_id="d")
+
+    assert main(["dlq", "list", "--all", "--json", "--limit", "10000"]) == 0
+    listed = {row["id"]: row for row in json.loads(capsys.readouterr().out)}
+    closed = listed.pop(letter.id)
+    assert closed["resolution"] == "discarded"
+    assert closed["resolved_at"] == state.get_dead_letter(letter.id).resolved_at.isoformat(
+        timespec="seconds"
+    )
+    assert listed and all(
+        row["resolution"] is row["resolved_at"] is None for row in listed.values()
+    )
+
+    assert main(["dlq", "list", "--all", "--key", letter.record_key]) == 0
+    table = capsys.readouterr().out
+    assert f"discarded {closed['resolved_at']}" in table
+    assert main(["dlq", "list", "--all", "--id", str(next(iter(listed)))]) == 0
+    assert "  open  " in capsys.readouterr().out
+
+
 def test_filters_by_kind_and_age(world, erp, crm_client, state, capsys):
     sync(erp, crm_client, state)
     assert main(["dlq", "list", "--kind", "contract", "--json", "--limit", "10000"]) == 0
@@ -183,6 +210,119 @@ def test_replay_through_dagster_run_config(world, erp, crm_client, state):
         assert metadata["inserted"].value == 1
         assert metadata["dead_letters_open"].value == store.count_open_dead_letters(FLOW)
         assert store.get_dead_letter(letter.id).resolution == "replayed"
+
+
+def set_chinook_email(chinook_url: str, customer_id: int, email: str) -> None:
+    engine = create_engine(chinook_url)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text('UPDATE "Customer" SET "Email" = :email WHERE "CustomerId" = :id'),
+            {"email": email, "id": customer_id},
+        )
+    engine.dispose()
+
+
+def chinook_letter_fixed_at_the_source(chinook_url: str, state: StateStore) -> DeadLetter:
+    """Chinook's customer 4 refused into the embedded finance database, then fixed in Chinook."""
+    set_chinook_email(chinook_url, 4, "not-an-address")
+    with dg.instance_for_test() as instance:
+        run = dg.materialize(
+            [flow_asset(CHINOOK_CUSTOMERS)], resources=resources(), instance=instance
+        )
+        assert run.success
+    (letter,) = state.list_dead_letters(CHINOOK_CUSTOMERS.name)
+    set_chinook_email(chinook_url, 4, "bjorn@example.no")
+    return letter
+
+
+CHINOOK_CUSTOMER_ONE = {  # where Luís Gonçalves lives, and his fax: PII Chinook leaves undeclared
+    "Address": "Av. Brigadeiro Faria Lima, 2170",
+    "PostalCode": "12227-000",
+    "Fax": "+55 (12) 3923-5566",
+    "State": "SP",
+}
+
+
+def test_chinook_addresses_and_undeclared_columns_are_masked(world, state, chinook_copy, capsys):
+    """Chinook's customer contract left Address, PostalCode, Fax and State undeclared: `dlq
+    show` and the contract check's samples printed them in clear. They are PII now, and `dlq
+    show` masks any column a flow with PII does not declare (here SupportRepId)."""
+    set_chinook_email(chinook_copy, 1, "luis at embraer")
+    with dg.instance_for_test() as instance:
+        run = dg.materialize(
+            [flow_asset(CHINOOK_CUSTOMERS)], resources=resources(), instance=instance
+        )
+    (check,) = run.get_asset_check_evaluations()
+    (sample,) = check.metadata["samples"].value
+    (letter,) = state.list_dead_letters(CHINOOK_CUSTOMERS.name)
+    assert main(["dlq", "show", str(letter.id)]) == 0
+    out = capsys.readouterr().out
+    shown = json.loads(out)["payload (PII masked)"]
+    for text in (out, json.dumps(sample, ensure_ascii=False)):
+        assert not [value for value in CHINOOK_CUSTOMER_ONE.values() if f'"{value}"' in text]
+    assert {name: shown[name] for name in CHINOOK_CUSTOMER_ONE} == {
+        "Address": "A***",
+        "PostalCode": "1***",
+        "Fax": "+***",
+        "State": "S***",
+    }
+    assert shown["SupportRepId"] == "3***", "a column no contract names"
+    assert (shown["CustomerId"], shown["Country"]) == (1, "Brazil"), "declared, not PII"
+
+
+def test_replay_opens_each_flows_own_source_and_sql_destination(
+    world, erp, crm_client, state, chinook_copy, capsys
+):
+    """`dlq replay` crashed with a traceback (no command-line wiring for 'finance') on every
+    flow with a SQL destination, and read every flow's source from ERP_DATABASE_URL; without
+    --flow the first such flow ended the loop, and later flows' letters were never replayed."""
+    chinook = chinook_letter_fixed_at_the_source(chinook_copy, state)
+    sync(erp, crm_client, state)
+    contact = bad_email_letter(state)
+    fix_email_quietly(erp, contact.record_key, f"fixed.{contact.record_key}@example.com")
+
+    assert main(["dlq", "replay", "--id", str(chinook.id), "--id", str(contact.id)]) == 0
+    out = capsys.readouterr().out
+    for flow in (CHINOOK_CUSTOMERS.name, FLOW):
+        assert f"{flow}: replayed 1" in out and "1 written, 1 left the DLQ" in out
+    finance = create_engine(f"sqlite:///{world.home / 'finance.sqlite'}")
+    with finance.connect() as connection:
+        landed = connection.execute(
+            sa.text("SELECT email FROM chinook_customers WHERE customer_id = 4")
+        ).scalar_one()
+    finance.dispose()
+    assert landed == "bjorn@example.no"
+    assert state.get_dead_letter(chinook.id).resolution == "replayed"
+    assert state.get_dead_letter(contact.id).resolution == "replayed"
+
+
+def test_a_flow_that_cannot_be_opened_is_reported_and_the_others_are_replayed(
+    world, erp, crm_client, state, chinook_copy, tmp_path, capsys, monkeypatch
+):
+    """One flow's fault (a finance database without its table, a missing CRM token) ended the
+    replay with a traceback, and the flows after it were never replayed. Now each is named with
+    what to do, the others replay, and the exit is non-zero."""
+    chinook = chinook_letter_fixed_at_the_source(chinook_copy, state)
+    sync(erp, crm_client, state)
+    contact = bad_email_letter(state)
+    fix_email_quietly(erp, contact.record_key, f"fixed.{contact.record_key}@example.com")
+    both = ["dlq", "replay", "--id", str(chinook.id), "--id", str(contact.id)]
+
+    monkeypatch.setenv("FINANCE_DATABASE_URL", f"sqlite:///{tmp_path / 'tableless.sqlite'}")
+    assert main(both) == 1
+    out, err = capsys.readouterr()
+    assert f"flow {CHINOOK_CUSTOMERS.name}: the destination has no table" in err
+    assert "What to do: create it" in err and "Traceback" not in err
+    assert f"{FLOW}: replayed 1" in out and "1 left the DLQ" in out
+    assert state.get_dead_letter(chinook.id).resolved_at is None
+
+    monkeypatch.delenv("FINANCE_DATABASE_URL")
+    monkeypatch.delenv("CRM_ACCESS_TOKEN")
+    assert main(["dlq", "replay"]) == 1
+    out, err = capsys.readouterr()
+    assert f"{CHINOOK_CUSTOMERS.name}: replayed 1" in out and "1 left the DLQ" in out
+    assert f"flow {FLOW}: CRM_ACCESS_TOKEN is not set" in err and "What to do: set it" in err
+    assert f"flows not replayed, their letters left as they are: {FLOW}" in err
 
 
 @pytest.mark.postgres

@@ -4,7 +4,6 @@ database on SQLite, PostgreSQL and MariaDB, through Dagster."""
 from __future__ import annotations
 
 import json
-import shutil
 from datetime import timedelta
 
 import dagster as dg
@@ -19,7 +18,6 @@ from assets.finance_payments import FINANCE_PAYMENTS
 from definitions import defs, resources
 from integrations.engine.state import utcnow
 from integrations.erp import schema as erp_schema
-from integrations.settings import CHINOOK_DATASET
 from integrations.sql.connect import create_engine
 from integrations.sql.fit import create_table
 from sensors.alerts import stale_flow_sensor
@@ -186,17 +184,6 @@ def test_a_backfill_that_would_archive_a_month_stops_at_the_archive_guard(world,
         )
         assert allowed.success
         assert query(finance_url, archived) == [(synced,)]
-
-
-@pytest.fixture
-def chinook_copy(world, tmp_path, monkeypatch):
-    """A writable copy of the real Chinook database."""
-    copy = tmp_path / "chinook.sqlite"
-    shutil.copyfile(CHINOOK_DATASET, copy)
-    copy.chmod(0o644)
-    url = f"sqlite:///{copy}"
-    monkeypatch.setenv("CHINOOK_DATABASE_URL", url)
-    return url
 
 
 def test_chinook_customers_and_invoices_land_in_finance(chinook_copy, finance_url):

@@ -18,9 +18,14 @@ class ChinookCustomerV1(pa.DataFrameModel):
     FirstName: Series[str] = pa.Field(str_length={"min_value": 1}, metadata={"pii": True})
     LastName: Series[str] = pa.Field(str_length={"min_value": 1}, metadata={"pii": True})
     Company: Series[str] = pa.Field(nullable=True)
+    # Where a person lives and how to reach them: masked wherever someone reads a record.
+    Address: Series[str] = pa.Field(nullable=True, metadata={"pii": True})
     City: Series[str] = pa.Field(nullable=True)
+    State: Series[str] = pa.Field(nullable=True, metadata={"pii": True})
     Country: Series[str] = pa.Field(str_length={"min_value": 2})
+    PostalCode: Series[str] = pa.Field(nullable=True, metadata={"pii": True})
     Phone: Series[str] = pa.Field(nullable=True, metadata={"pii": True})
+    Fax: Series[str] = pa.Field(nullable=True, metadata={"pii": True})
     Email: Series[str] = pa.Field(metadata={"pii": True})
 
     @pa.check("Email", name="email_shape", error="is not a valid email address")

@@ -29,6 +29,7 @@ class CrmObjects:
 
     max_batch = MAX_BATCH
     ids_ignore_case = True  # its unique properties compare without case
+    null_is_empty = True  # a property cleared (sent null) reads back as ""
 
     def __init__(
         self,

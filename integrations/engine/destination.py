@@ -184,6 +184,9 @@ class Destination(Protocol):
     ids_ignore_case: bool
     # Optional: `ids_of(values)`, the destination ids of records with these id_property values,
     # for a destination whose ids are its key's values (a SQL table), not ids of its own (a CRM).
+    # Whether it keeps no NULL apart from empty text (a CRM reads a cleared property back as "");
+    # reconciliation compares them as one value then. A destination without it keeps them apart.
+    null_is_empty: bool
 
     def prepare(self, spec: FlowSpec) -> None:
         """Before the first write: raise DestinationMismatch when the destination cannot hold

@@ -1,8 +1,9 @@
 """Reconciliation: does the destination hold what the source says it should?
 
 Both sides are reduced to `id value → hash of the target contract's fields` (values compared as
-the destination stores them: text, empty for null). Records the DLQ holds are expected to be
-missing and are left out. The digest of each side is an md5 over its sorted (id, hash) pairs.
+the destination stores them: text, NULL apart from empty text where it keeps them apart). Records
+the runs hold (an open letter, a discard) are left out of both sides. The digest of each side is
+an md5 over its sorted (id, hash) pairs.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from integrations.engine.columns import ready_columns, records
 from integrations.engine.destination import Destination
 from integrations.engine.hashing import content_hash
 from integrations.engine.source import Source
@@ -45,23 +47,24 @@ class Drift:
 
 
 def _as_stored(
-    record: dict[str, object], fields: Iterable[str], flags: frozenset[str] = frozenset()
-) -> dict[str, str]:
-    """The record's values as both sides compare them; the contract's bool fields (`flags`)
-    as true or false, whether a side holds True, 1 (an integer column, MariaDB's BOOLEAN) or
-    text ("true" from a CRM)."""
-    return {
-        name: _flag_text(record.get(name)) if name in flags else _text(record.get(name))
-        for name in fields
-    }
+    record: dict[str, object],
+    fields: Iterable[str],
+    flags: frozenset[str] = frozenset(),
+    null_is_empty: bool = False,
+) -> dict[str, str | None]:
+    """The record's values as both sides compare them: text, and NULL as None, apart from empty
+    text, unless the destination keeps them as one (`null_is_empty`: a CRM's cleared property
+    reads back as ""); the contract's bool fields (`flags`) as true or false, whether a side
+    holds True, 1 (an integer column, MariaDB's BOOLEAN) or text ("true" from a CRM)."""
+    return {name: _stored(record.get(name), name in flags, null_is_empty) for name in fields}
 
 
-def _text(value: object) -> str:
-    return "" if value is None else str(value)
-
-
-def _flag_text(value: object) -> str:
-    said = _text(value).strip().lower()
+def _stored(value: object, flag: bool, null_is_empty: bool) -> str | None:
+    if value is None:
+        return "" if null_is_empty else None
+    if not flag:
+        return str(value)
+    said = str(value).strip().lower()
     return {"1": "true", "t": "true", "0": "false", "f": "false"}.get(said, said)
 
 
@@ -72,6 +75,22 @@ def _digest(pairs: dict[str, str]) -> str:
     return md5.hexdigest()
 
 
+def held_records(spec: FlowSpec, source: Source, state: StateStore) -> set[str]:
+    """Keys of the records the runs hold: those with an open letter, and those whose letter was
+    discarded with the content they still have and not synced since (a discard sticks until the
+    record changes; changed, the record is judged, and reconciled, as any other)."""
+    opened, discarded = state.held_letter_hashes(spec.name, state.held_letter_keys(spec.name))
+    unchanged = {
+        key
+        for batch in source.rows_with_keys(sorted(discarded), spec.batch_size)
+        for key, payload in zip(
+            batch[spec.source.key].astype(str), records(ready_columns(batch)), strict=True
+        )  # the row hashed as the run hashes it, and its letter's payload
+        if discarded.get(key) == content_hash(payload)
+    }
+    return set(opened) | unchanged
+
+
 def reconcile(spec: FlowSpec, source: Source, destination: Destination, state: StateStore) -> Drift:
     fields = [
         name for name in spec.target_contract.schema.columns if name != spec.target.id_property
@@ -80,7 +99,8 @@ def reconcile(spec: FlowSpec, source: Source, destination: Destination, state: S
     # before the record went bad, which is no drift of the destination's.
     columns = spec.target_contract.schema.columns
     flags = frozenset(name for name in fields if str(columns[name].dtype).startswith("bool"))
-    held = {letter.record_key for letter in state.list_dead_letters(spec.name, limit=10**9)}
+    null_is_empty = getattr(destination, "null_is_empty", False)
+    held = held_records(spec, source, state)
     held_ids = {
         entry.destination_id
         for entry in state.ledger_entries(spec.name, sorted(held)).values()
@@ -93,13 +113,15 @@ def reconcile(spec: FlowSpec, source: Source, destination: Destination, state: S
     source_key_of: dict[str, str] = {}
     for key, record in expected_records(spec, source, held):
         id_value = same(str(record[spec.target.id_property]))
-        expected[id_value] = content_hash(_as_stored(record, fields, flags))
+        expected[id_value] = content_hash(_as_stored(record, fields, flags, null_is_empty))
         source_key_of[id_value] = key
     actual: dict[str, str] = {}
     destination_ids: dict[str, str] = {}
     for id_value, destination_id, properties in destination.snapshot(fields):
         if destination_id not in held_ids:
-            actual[same(id_value)] = content_hash(_as_stored(properties, fields, flags))
+            actual[same(id_value)] = content_hash(
+                _as_stored(properties, fields, flags, null_is_empty)
+            )
             destination_ids[same(id_value)] = destination_id
     extra = sorted(actual.keys() - expected.keys())
     return Drift(

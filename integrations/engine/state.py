@@ -507,6 +507,23 @@ class StateStore:
                 history.update(key for key, at in synced if at > discarded[key][1])
         return open_, {key: discarded[key][2] for key in closed if key not in history}
 
+    def held_letter_keys(self, flow: str) -> list[str]:
+        """Keys of the flow's records with an open letter or a discarded one: those a run may
+        hold (`held_letter_hashes` tells which it does), without reading any payload."""
+        query = (
+            sa.select(dead_letters.c.record_key)
+            .where(
+                dead_letters.c.flow == flow,
+                sa.or_(
+                    dead_letters.c.resolved_at.is_(None),
+                    dead_letters.c.resolution == "discarded",
+                ),
+            )
+            .distinct()
+        )
+        with self.engine.connect() as connection:
+            return sorted(connection.execute(query).scalars())
+
     def unique_owners(self, flow: str, field_name: str, digests: Sequence[str]) -> dict[str, str]:
         """value digest → the record key that holds it, for digests already claimed."""
         found: dict[str, str] = {}

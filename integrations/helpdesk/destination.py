@@ -51,6 +51,7 @@ class RtUsers:
 
     max_batch = MAX_BATCH
     ids_ignore_case = True  # its unique properties compare without case
+    null_is_empty = True  # a field without a value reads back as ""
     name = "RT users"
 
     def __init__(self, client: RtClient, id_property: str = "Name"):
