@@ -8,9 +8,13 @@ import dataclasses
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
+import pandas as pd
+import pandera.pandas as pa
 import pytest
 import sqlalchemy as sa
+from pandera.typing import Series
 
+from integrations.contracts import Contract
 from integrations.engine.reconcile import reconcile
 from integrations.engine.spec import DailyPartitions, FlowSpec, SourceTable
 from integrations.engine.state import BatchCommit, StateStore, Watermark
@@ -182,6 +186,52 @@ def test_the_newest_sqlite_cursor_is_the_latest_time_whatever_its_text(tmp_path)
                 "UPDATE source_lines SET updated_at = ? WHERE id = ?", (stamp, line)
             )
     assert SqlSource(engine, SOURCE).high_water_mark() == datetime(2025, 1, 2, 23, 0, 0, 250000)
+    engine.dispose()
+
+
+class DatedLineV1(pa.DataFrameModel):
+    id: Series[int]
+    updated_at: Series[pd.Timestamp] = pa.Field(nullable=True)
+
+    class Config:
+        coerce = True
+
+
+# The lines flow, its source contract taking the cursor as a time.
+DATED = dataclasses.replace(SPEC, source_contract=Contract("test.dated_lines", 1, DatedLineV1))
+
+
+@pytest.mark.postgres
+def test_postgresql_times_python_cannot_hold_are_dead_lettered_not_fatal(postgres_database, state):
+    """'infinity' in any timestamp or date column (even one the flow does not map) failed every
+    run while reading ("timestamp too large"), naming no flow and no row. Such values are read
+    as their text: a column the mapping ignores passes it, a contract taking the column as a
+    time dead-letters the row, and an infinite cursor moves no watermark."""
+    engine = create_engine(postgres_database())
+    stamps = [datetime(2025, 1, 1) + timedelta(hours=n) for n in range(4)]
+    source_lines(engine, stamps)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "ALTER TABLE source_lines ADD valid_until timestamp, ADD opened_on date"
+        )
+        connection.exec_driver_sql(
+            "UPDATE source_lines SET valid_until = 'infinity', opened_on = '-infinity' WHERE id = 2"
+        )
+        connection.exec_driver_sql(
+            "UPDATE source_lines SET updated_at = 'infinity', valid_until = '12345-01-01' "
+            "WHERE id = 3"
+        )
+
+    result = run(engine, state, DATED)
+    assert (result.written, result.counts["rejected"]) == (3, 1)
+    assert sorted(rows(engine)) == ["L1", "L2", "L4"]
+    [letter] = state.list_dead_letters(DATED.name)
+    assert letter.record_key == "3" and "updated_at is not a date and time" in letter.reason
+    assert (state.watermark(DATED.name).updated_at, state.watermark(DATED.name).key) == (
+        stamps[3],
+        4,
+    )
+    assert run(engine, state, DATED).counts["read"] == 2  # line 4 again, and the infinite one
     engine.dispose()
 
 

@@ -23,6 +23,7 @@ the rows.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from contextlib import closing
 from datetime import UTC, datetime
@@ -30,8 +31,10 @@ from itertools import islice
 
 import numpy as np
 import pandas as pd
+import psycopg
 import sqlalchemy as sa
 from psycopg import capabilities
+from psycopg.pq import Format
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import ClauseElement, Executable
 
@@ -268,6 +271,7 @@ class SqlSource:
             connection.connection.driver_connection.cursor() as cursor,
             closing(cursor.stream(fetch, size=size)) as stream,
         ):
+            _times_beyond_python_as_text(cursor.adapters)
             while True:
                 try:
                     rows = list(islice(stream, batch_size))
@@ -376,6 +380,39 @@ def _lenient_times(column: sa.Column) -> sa.ColumnElement:
     if not isinstance(column.type, sa.Date | sa.DateTime | sa.Time):
         return column
     return sa.type_coerce(column, _LenientTimes(column.type)).label(column.name)
+
+
+# PostgreSQL's dates and timestamps Python has no value for: 'infinity' and '-infinity' (the
+# idiomatic "valid forever"), years past 9999 or before Christ.
+_TIME_TYPES = ("date", "timestamp", "timestamptz")
+
+
+def _times_beyond_python_as_text(adapters: psycopg.adapt.AdaptersMap) -> None:
+    """Read the times Python cannot hold as PostgreSQL's text of them ('infinity'), not as a
+    DataError that failed the whole read on every run. Such text is no time: a contract that
+    takes the column as a date or time dead-letters its row, a mapping that ignores the column
+    passes it, and as a cursor it moves no watermark (the engine skips what is no time)."""
+    for name in _TIME_TYPES:
+        oid = adapters.types[name].oid
+        adapters.register_loader(oid, _as_text_beyond_python(adapters.get_loader(oid, Format.TEXT)))
+
+
+@functools.cache
+def _as_text_beyond_python(loader: type[psycopg.adapt.Loader]) -> type[psycopg.adapt.Loader]:
+    """`loader` (psycopg's own, in C: it cannot be subclassed), but for the text it refuses."""
+
+    class TextBeyondPython(psycopg.adapt.Loader):
+        def __init__(self, oid: int, context: psycopg.adapt.AdaptContext | None = None):
+            super().__init__(oid, context)
+            self.parse = loader(oid, context).load
+
+        def load(self, data: bytes) -> object:
+            try:
+                return self.parse(data)
+            except psycopg.DataError:
+                return bytes(data).decode()
+
+    return TextBeyondPython
 
 
 def _is_number(value: object) -> bool:
