@@ -235,6 +235,49 @@ def test_postgresql_times_python_cannot_hold_are_dead_lettered_not_fatal(postgre
     engine.dispose()
 
 
+@pytest.mark.mariadb
+def test_mariadb_zero_dates_in_the_cursor_and_soft_delete_are_no_date(mariadb_database, state):
+    """A legacy table's zero dates ('0000-00-00 00:00:00', the default of a NOT NULL column
+    never filled) came as text: as a cursor the run died after its first batch on every rerun
+    (or, read once, such a row's later changes were never seen); as `deleted_at` a row never
+    deleted was archived. Zero dates there are no date: read by every run, not deleted."""
+    engine = create_engine(mariadb_database())
+    with engine.begin() as connection:
+        connection.exec_driver_sql("SET SESSION sql_mode = ''")
+        connection.exec_driver_sql(
+            "CREATE TABLE source_lines (id INTEGER PRIMARY KEY, line_number VARCHAR(20), "
+            "amount DOUBLE, booked_on VARCHAR(10), memo TEXT, "
+            "updated_at DATETIME NOT NULL DEFAULT '0000-00-00 00:00:00', "
+            "deleted_at DATETIME NOT NULL DEFAULT '0000-00-00 00:00:00')"
+        )
+        connection.exec_driver_sql(
+            "INSERT INTO source_lines (id, line_number, amount, booked_on, memo) VALUES "
+            "(1, 'L1', 1, '2025-01-02', 'x'), (2, 'L2', 2, '2025-01-02', 'x'), "
+            "(3, 'L3', 3, '2025-01-02', 'x')"
+        )
+        connection.exec_driver_sql(
+            "INSERT INTO source_lines (id, line_number, amount, booked_on, memo, updated_at) "
+            "VALUES (4, 'L4', 4, '2025-01-02', 'x', '2025-01-01 10:00:00')"
+        )
+
+    first = run(engine, state)
+    assert (first.written, first.counts["archived"]) == (4, 0)
+    assert (state.watermark(SPEC.name).updated_at, state.watermark(SPEC.name).key) == (
+        datetime(2025, 1, 1, 10),
+        4,
+    )
+    source = SqlSource(engine, SOURCE)
+    assert source.high_water_mark() == datetime(2025, 1, 1, 10)
+    day = source.in_window("updated_at", datetime(2025, 1, 1), datetime(2025, 1, 2))
+    assert [list(frame["id"]) for frame in source.batches(None, 10, day)] == [[1, 2, 3, 4]]
+    with engine.begin() as connection:  # the legacy application never touches updated_at
+        connection.exec_driver_sql("UPDATE source_lines SET memo = 'changed' WHERE id = 2")
+    second = run(engine, state)
+    assert second.written == 1 and rows(engine)["L2"][1] == "changed"
+    assert all(archived is None for _, _, archived in rows(engine).values())
+    engine.dispose()
+
+
 def test_reconciliation_leaves_records_held_in_the_dlq_out_of_both_sides(sql_database, state):
     """A record synced, then changed so that its contract refuses it, is held: the destination
     keeps what it had, which is no drift (it was reported extra). A row the mapping fails on

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator, Sequence
 from contextlib import closing
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from itertools import islice
 
 import numpy as np
@@ -95,11 +95,31 @@ class SqlSource:
         if self.cursor is not None and isinstance(self.cursor.type, sa.Numeric | sa.Integer):
             raise SourceSchemaError(self._numbers_as_cursor(self.cursor.type))
         self.order = [self.key] if self.cursor is None else [self.cursor, self.key]
+        # MariaDB keeps zero dates ('0000-00-00'), which PyMySQL hands over as text.
+        self._zero_dates = engine.dialect.name in ("mysql", "mariadb")
+        self._zero_dates_as_null = self._no_date_when_zero(spec.cursor, spec.deleted)
         self.select, self.columns = self._with_lookups()
         self._integers = [
             at
             for at, column in enumerate(self.select.selected_columns)
             if isinstance(column.type, sa.Integer)
+        ]
+
+    def _no_date_when_zero(self, *names: str | None) -> list[str]:
+        """The columns among `names` whose MariaDB zero dates are read as NULL. PyMySQL hands a
+        zero date over as text: in the change cursor it made the watermark's time unreadable
+        (the run died after its first batch, on every rerun), in the soft-delete column a row
+        never deleted looked deleted. For these columns, handoff's own bookkeeping, a zero date
+        is NULL: the row is read by every run, as a NULL cursor's is, and is not deleted. In any
+        other column a zero date stays the text it is, which a contract taking the field as a
+        date refuses: what a placeholder means there (unknown, not yet, never) is the data's
+        owner's to say (NULLIF in a view), not handoff's to guess into a destination."""
+        if not self._zero_dates:
+            return []
+        return [
+            name
+            for name in names
+            if name and isinstance(self.table.c[name].type, sa.Date | sa.DateTime)
         ]
 
     def _numbers_as_cursor(self, kind: object) -> str:
@@ -159,13 +179,13 @@ class SqlSource:
         return sa.select(*own, *extra).select_from(joined), columns
 
     def in_window(self, column: str, start: datetime, end: datetime) -> sa.ColumnElement[bool]:
-        """`start <= column < end`, as dates when the column is a date; or, for a nullable
-        column, no date at all: no window holds such a row, so each window's run reads it and
-        the engine dead-letters it (held, once dead-lettered, until its content changes)."""
+        """`start <= column < end`, as dates when the column is a date; or no date at all (NULL,
+        a MariaDB zero date): no window holds such a row, so each window's run reads it and the
+        engine dead-letters it (held, once dead-lettered, until its content changes)."""
         if column not in self.table.c:
             raise SourceSchemaError(f"table {self.spec.table!r} has no column {column!r}")
         target = self.table.c[column]
-        undated = target.is_(None) if target.nullable else sa.false()
+        undated = self._no_date(target)
         if isinstance(target.type, sa.DateTime) and self.engine.dialect.name == "sqlite":
             # SQLite keeps timestamps as text, written by whoever filled the file ("2021-01-01
             # 00:00:00" in Chinook, with microseconds by SQLAlchemy): compare them normalised.
@@ -208,10 +228,15 @@ class SqlSource:
         bound's "… 10:00:00.000000", so a row at exactly `since` was never read. The bound is
         the whole second, as text without a fraction: it reads a few rows more, never fewer
         (the ledger skips what is unchanged), and the cursor's index still serves the query."""
-        since = self._compared(since)
-        if self.cursor.nullable:
-            return sa.or_(self.cursor >= since, self.cursor.is_(None))
-        return self.cursor >= since
+        return sa.or_(self.cursor >= self._compared(since), self._no_date(self.cursor))
+
+    def _no_date(self, column: sa.Column) -> sa.ColumnElement[bool]:
+        """`column` holds no date: NULL, or MariaDB's zero date ('0000-00-00', a legacy
+        schema's placeholder in a NOT NULL column, before every real date)."""
+        undated = [column.is_(None)] if column.nullable else []
+        if self._zero_dates and isinstance(column.type, sa.Date | sa.DateTime):
+            undated.append(column < BEFORE_EVERY_DATE)
+        return sa.or_(*undated) if undated else sa.false()
 
     def _before(self, moment: datetime) -> sa.ColumnElement[bool]:
         """Cursor ≤ `moment` (to the second, on SQLite)."""
@@ -294,6 +319,11 @@ class SqlSource:
         dtypes = frame.dtypes
         if self.cursor is not None:  # a SQLite column without a type of times may hold numbers
             self._no_numbers(frame[self.spec.cursor])
+        for name in self._zero_dates_as_null:
+            values = frame[name]
+            if values.dtype == object:
+                is_text = values.map(lambda value: isinstance(value, str))
+                frame[name] = values.where(~is_text, None).infer_objects()
         for at in self._integers:
             # A NULL makes pandas store the column as float64: values beyond 2**53 rounded, and
             # 12345 becomes "12345.0" as text. Rebuilt from the rows, only in such a batch.
@@ -318,7 +348,7 @@ class SqlSource:
         if not self.spec.deleted:
             return []
         deleted = self.table.c[self.spec.deleted]
-        query = sa.select(self.key).where(deleted.is_not(None))
+        query = sa.select(self.key).where(deleted.is_not(None), sa.not_(self._no_date(deleted)))
         if within is not None:
             query = query.where(within)
         if since is not None and self.cursor is not None:
@@ -347,7 +377,9 @@ class SqlSource:
             query = query.where(self._before(latest))
         with self.engine.connect() as connection:
             newest = connection.execute(query).scalar_one()
-        return as_utc(newest) if isinstance(newest, datetime) else newest
+        if isinstance(newest, datetime):
+            return as_utc(newest)
+        return newest if isinstance(newest, date) else None  # all zero dates: no mark
 
 
 class _LenientTimes(sa.types.TypeDecorator):
@@ -413,6 +445,10 @@ def _as_text_beyond_python(loader: type[psycopg.adapt.Loader]) -> type[psycopg.a
                 return bytes(data).decode()
 
     return TextBeyondPython
+
+
+# Below every date MariaDB reads, above its zero dates.
+BEFORE_EVERY_DATE = datetime(1, 1, 1)
 
 
 def _is_number(value: object) -> bool:
