@@ -5,7 +5,9 @@ over records the destination refuses. Real SQLite, PostgreSQL and MariaDB."""
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 import uuid
+from contextlib import closing
 from datetime import UTC, datetime, timedelta, timezone
 
 import pandas as pd
@@ -275,6 +277,31 @@ def test_mariadb_zero_dates_in_the_cursor_and_soft_delete_are_no_date(mariadb_da
     second = run(engine, state)
     assert second.written == 1 and rows(engine)["L2"][1] == "changed"
     assert all(archived is None for _, _, archived in rows(engine).values())
+    engine.dispose()
+
+
+def test_sqlite_text_that_is_not_utf8_is_the_rows_dead_letter(tmp_path, state):
+    """A memo another program wrote in Latin-1 failed every run as "source unavailable",
+    quoting the text (PII) in the failure. The row is dead-lettered, saying why without its
+    value, and keeps its bytes for a replay; the other rows land."""
+    path = tmp_path / "lines.sqlite"
+    engine = create_engine(f"sqlite:///{path}")
+    source_lines(engine, [datetime(2025, 1, 1) + timedelta(hours=n) for n in range(3)])
+    with closing(sqlite3.connect(path)) as raw, raw:
+        raw.execute(
+            "UPDATE source_lines SET memo = CAST(? AS TEXT) WHERE id = 2",
+            ("José Müller".encode("latin-1"),),
+        )
+
+    result = run(engine, state)
+    assert (result.written, result.counts["rejected"]) == (2, 1)
+    assert sorted(rows(engine)) == ["L1", "L3"]
+    [letter] = state.list_dead_letters(SPEC.name)
+    assert letter.record_key == "2" and letter.reason.endswith("memo is not UTF-8 text")
+    assert letter.payload["memo"].encode("utf-8", "surrogateescape") == "José Müller".encode(
+        "latin-1"
+    )
+    assert run(engine, state).counts["rejected"] == 0  # the next run passes too
     engine.dispose()
 
 

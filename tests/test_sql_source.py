@@ -4,6 +4,8 @@ stuck session behind, and a lost connection is still `SourceUnavailable`."""
 
 from __future__ import annotations
 
+import sqlite3
+
 import pandas as pd
 import psycopg
 import pytest
@@ -13,7 +15,7 @@ from pandas.testing import assert_frame_equal
 from assets.helpdesk_users import HELPDESK_USERS
 from integrations.engine.spec import SourceTable
 from integrations.erp.seed import seed_erp
-from integrations.sql.connect import create_engine
+from integrations.sql.connect import create_engine, without_values
 from integrations.sql.source import SourceUnavailable, SqlSource
 from tests.conftest import POSTGRES_ADMIN
 
@@ -164,3 +166,38 @@ def test_a_connection_lost_before_the_stream_is_unavailable(postgres_database):
     assert cut, "the session was cut between declaring the cursor and fetching from it"
     assert sum(len(batch) for batch in source.batches(None, 100)) == 300
     engine.dispose()
+
+
+def test_a_fault_of_the_statement_is_not_taken_for_an_unreachable_source(tmp_path):
+    """sqlite3 files "no such column" (a table changed under the run) as OperationalError, and
+    every OperationalError was "source unavailable … rerun when the source answers", which no
+    rerun cures. Only a database that cannot be reached or used is unavailable."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'erp.sqlite'}")
+    with engine.begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE lines (id INTEGER PRIMARY KEY, memo TEXT)")
+        connection.exec_driver_sql("INSERT INTO lines VALUES (1, 'x')")
+    source = SqlSource(engine, SourceTable(table="lines", key="id", cursor=None, deleted=None))
+    with engine.begin() as connection:
+        connection.exec_driver_sql("ALTER TABLE lines DROP COLUMN memo")
+    with pytest.raises(sa.exc.OperationalError, match="no such column") as raised:
+        list(source.batches(None, 10))
+    assert not isinstance(raised.value, SourceUnavailable)
+    engine.dispose()
+
+
+def test_an_unreachable_source_says_so_without_the_values_the_driver_quotes():
+    """The drivers' messages repeat values (PII): sqlite3's "… with text 'José …'", MariaDB's
+    "Duplicate entry '…'". What a source's or the state store's failure says masks them."""
+    said = sqlite3.connect(":memory:")
+    said.execute("CREATE TABLE people (name TEXT)")
+    said.execute(
+        "INSERT INTO people VALUES (CAST(? AS TEXT))", ("José <j@example.com>".encode("latin-1"),)
+    )
+    with pytest.raises(sqlite3.OperationalError) as raised:
+        said.execute("SELECT name FROM people").fetchall()
+    assert "j@example.com" in str(raised.value)
+    masked = without_values(str(raised.value))
+    assert "example.com" not in masked and "column 'name'" in masked
+    assert without_values("Duplicate entry 'j@example.com' for key 'email'") == (
+        "Duplicate entry '…' for key 'email'"
+    )

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator, Sequence
-from contextlib import closing
+from contextlib import closing, contextmanager
 from datetime import UTC, date, datetime
 from itertools import islice
 
@@ -271,9 +271,28 @@ class SqlSource:
             wanted = sa.type_coerce(self.key, key_type).in_(chunk)
             yield from self._frames(self.select.where(wanted).order_by(*self.order), batch_size)
 
+    @contextmanager
+    def _reading(self) -> Iterator[sa.Connection]:
+        """A connection to read with. SQLite keeps whatever bytes a program wrote as TEXT, and
+        Python's sqlite3 failed the whole read on text that is not UTF-8 (Latin-1, say), on
+        every run, with the text in its message. Such bytes are kept, as lone surrogates
+        (surrogateescape) rather than replaced by U+FFFD, which would write the damaged text on
+        as if it were the source's: the contract refuses text holding them, so the row is
+        dead-lettered, its payload keeping the original bytes for a replay once it is fixed."""
+        with self.engine.connect() as connection:
+            if connection.dialect.name != "sqlite":
+                yield connection
+                return
+            driver = connection.connection.driver_connection
+            decode, driver.text_factory = driver.text_factory, _BYTES_KEPT
+            try:
+                yield connection
+            finally:
+                driver.text_factory = decode
+
     def _frames(self, query: sa.Select, batch_size: int) -> Iterator[pd.DataFrame]:
         """The rows of `query`, streamed, as frames of `batch_size` rows (none when empty)."""
-        with self.engine.connect() as connection:
+        with self._reading() as connection:
             if connection.dialect.driver == "psycopg":
                 yield from self._psycopg_frames(connection, query, batch_size)
                 return
@@ -353,7 +372,7 @@ class SqlSource:
             query = query.where(within)
         if since is not None and self.cursor is not None:
             query = query.where(self._since(since))
-        with self.engine.connect() as connection:
+        with self._reading() as connection:
             return list(connection.execute(query).scalars())
 
     def high_water_mark(self) -> datetime | None:
@@ -369,13 +388,13 @@ class SqlSource:
             query = sa.select(sa.func.max(normalised)).where(
                 normalised <= as_utc(latest).strftime("%Y-%m-%d %H:%M:%S.999")
             )
-            with self.engine.connect() as connection:
+            with self._reading() as connection:
                 newest = connection.execute(query).scalar_one()
             return datetime.fromisoformat(newest) if newest else None
         query = sa.select(sa.func.max(self.cursor))
         if isinstance(self.cursor.type, sa.DateTime):
             query = query.where(self._before(latest))
-        with self.engine.connect() as connection:
+        with self._reading() as connection:
             newest = connection.execute(query).scalar_one()
         if isinstance(newest, datetime):
             return as_utc(newest)
@@ -446,6 +465,9 @@ def _as_text_beyond_python(loader: type[psycopg.adapt.Loader]) -> type[psycopg.a
 
     return TextBeyondPython
 
+
+# SQLite text as str, bytes that are not UTF-8 kept as lone surrogates (C only, no Python call).
+_BYTES_KEPT = functools.partial(str, encoding="utf-8", errors="surrogateescape")
 
 # Below every date MariaDB reads, above its zero dates.
 BEFORE_EVERY_DATE = datetime(1, 1, 1)
