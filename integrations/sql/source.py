@@ -38,6 +38,7 @@ from psycopg.pq import Format
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import ClauseElement, Executable
 
+from integrations.engine.hashing import canonical_json
 from integrations.engine.source import FAR_FUTURE, SourceUnavailable
 from integrations.engine.spec import RecentTotal, SourceTable
 from integrations.sql.connect import raise_on_lost_connection
@@ -103,6 +104,11 @@ class SqlSource:
             at
             for at, column in enumerate(self.select.selected_columns)
             if isinstance(column.type, sa.Integer)
+        ]
+        self._documents = [
+            at
+            for at, column in enumerate(self.select.selected_columns)
+            if isinstance(column.type, sa.JSON | sa.ARRAY)
         ]
 
     def _no_date_when_zero(self, *names: str | None) -> list[str]:
@@ -348,6 +354,8 @@ class SqlSource:
             # 12345 becomes "12345.0" as text. Rebuilt from the rows, only in such a batch.
             if dtypes.iloc[at].kind == "f":
                 frame.isetitem(at, _exact_integers([row[at] for row in rows]))
+        for at in self._documents:
+            frame.isetitem(at, _as_json([row[at] for row in rows]))
         return frame
 
     def _no_numbers(self, cursor: pd.Series) -> None:
@@ -489,6 +497,15 @@ def _bound(column: sa.ColumnElement, moment: datetime) -> datetime:
     wall-clock time for any other."""
     zoned = isinstance(column.type, sa.DateTime) and column.type.timezone
     return as_utc(moment).replace(tzinfo=UTC) if zoned else as_utc(moment)
+
+
+def _as_json(values: list) -> np.ndarray:
+    """JSON and array values as canonical JSON text (NULL stays None): the drivers give dicts
+    and lists, which reached a destination's text field as Python's repr ({'a': None}), not
+    JSON; and canonical, so a document's hash does not depend on its keys' order."""
+    texts = np.empty(len(values), dtype=object)
+    texts[:] = [None if value is None else canonical_json(value) for value in values]
+    return texts
 
 
 def _exact_integers(values: list) -> pd.api.extensions.ExtensionArray | np.ndarray:
