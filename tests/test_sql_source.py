@@ -4,7 +4,9 @@ stuck session behind, and a lost connection is still `SourceUnavailable`."""
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
+from datetime import UTC, datetime, timedelta
 
 import pandas as pd
 import psycopg
@@ -226,4 +228,49 @@ def test_json_and_array_values_are_read_as_json_text(postgres_database):
         ['{"a":null,"b":true}', '{"y":["é"],"z":1}', '["red","green"]', "[1,null]"],
         ['"plain"', None, "[]", None],
     ]
+    engine.dispose()
+
+
+@pytest.mark.parametrize("dated", ["invoice_date", "created_at"])
+def test_the_paid_total_sums_eur_invoices_dated_up_to_now(sql_database, dated):
+    """The support tier's total summed a paid invoice dated 30 days ahead (only the window's
+    start was bound), and yen as if they were euros, against the tiers' EUR floors: a customer
+    who paid 0.30 EUR was silver, one who paid 300,000 JPY gold. A DATE's window ends today,
+    inclusive; a timestamp's at the run's present."""
+    url = sql_database()
+    seed_erp(url, rows=20, seed=5)
+    engine = create_engine(url)
+    now = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
+    invoices = sa.Table("invoices", sa.MetaData(), autoload_with=engine)
+    with engine.begin() as connection:
+        connection.execute(sa.update(invoices).values(status="void"))
+        chosen = connection.execute(
+            sa.select(invoices.c.invoice_id).order_by(invoices.c.invoice_id).limit(4)
+        ).scalars()
+        for invoice, (customer, ahead, amount, currency) in zip(
+            chosen,
+            [(1, 0, 0.20, "EUR"), (1, 0, 0.10, "EUR"), (1, 30, 600, "EUR"), (2, 0, 300000, "JPY")],
+            strict=True,
+        ):
+            moment = now + timedelta(days=ahead) - timedelta(minutes=1)
+            connection.execute(
+                sa.update(invoices)
+                .where(invoices.c.invoice_id == invoice)
+                .values(
+                    customer_id=customer,
+                    status="paid",
+                    amount=amount,
+                    currency=currency,
+                    **{dated: moment.date() if dated == "invoice_date" else moment},
+                )
+            )
+    [total] = HELPDESK_USERS.source.totals
+    source = SqlSource(
+        engine,
+        dataclasses.replace(
+            HELPDESK_USERS.source, totals=(dataclasses.replace(total, dated=dated),)
+        ),
+    )
+    frame = pd.concat(source.rows_with_keys([1, 2], 10)).set_index("customer_id")
+    assert frame["paid_last_12_months"].astype(float).round(2).to_dict() == {1: 0.30, 2: 0.0}
     engine.dispose()

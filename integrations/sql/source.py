@@ -145,7 +145,9 @@ class SqlSource:
             raise SourceSchemaError(f"{role} table {table!r} is not in the source") from error
 
     def _total(self, total: RecentTotal) -> sa.Label:
-        """A correlated subquery per row; the child's `via` column should be indexed."""
+        """A correlated subquery per row; the child's `via` column should be indexed. The window
+        ends at the run's present (for a DATE column, today inclusive): a row dated in the
+        future (an invoice dated ahead) is not yet paid within the window, and was summed."""
         child = self._reflect(total.table, "total")
         wanted = [total.via, total.value, total.dated, *(column for column, _ in total.where)]
         if any(name not in child.c for name in wanted):
@@ -153,10 +155,16 @@ class SqlSource:
                 f"total {total.name!r} names unknown columns of {total.table!r}"
             )
         dated = child.c[total.dated]
-        since = datetime.now(UTC).replace(tzinfo=None) - total.window
+        now = datetime.now(UTC).replace(tzinfo=None)
+        since = now - total.window
+        if isinstance(dated.type, sa.Date):
+            since, now = since.date(), now.date()
+        else:
+            since, now = _bound(dated, since), _bound(dated, now)
         conditions = [
             child.c[total.via] == self.key,
-            dated >= (since.date() if isinstance(dated.type, sa.Date) else since),
+            dated >= since,
+            dated <= now,
             *(child.c[column] == value for column, value in total.where),
         ]
         if self.spec.deleted and self.spec.deleted in child.c:
