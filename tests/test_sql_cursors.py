@@ -208,13 +208,15 @@ def test_postgresql_times_python_cannot_hold_are_dead_lettered_not_fatal(postgre
     """'infinity' in any timestamp or date column (even one the flow does not map) failed every
     run while reading ("timestamp too large"), naming no flow and no row. Such values are read
     as their text: a column the mapping ignores passes it, a contract taking the column as a
-    time dead-letters the row, and an infinite cursor moves no watermark."""
+    time dead-letters the row, an infinite cursor moves no watermark, a window reads such a
+    business date (it was in none) and the sensor's mark leaves it out."""
     engine = create_engine(postgres_database())
     stamps = [datetime(2025, 1, 1) + timedelta(hours=n) for n in range(4)]
     source_lines(engine, stamps)
     with engine.begin() as connection:
         connection.exec_driver_sql(
-            "ALTER TABLE source_lines ADD valid_until timestamp, ADD opened_on date"
+            "ALTER TABLE source_lines ADD valid_until timestamp, "
+            "ADD opened_on date NOT NULL DEFAULT '2025-01-01'"
         )
         connection.exec_driver_sql(
             "UPDATE source_lines SET valid_until = 'infinity', opened_on = '-infinity' WHERE id = 2"
@@ -234,6 +236,13 @@ def test_postgresql_times_python_cannot_hold_are_dead_lettered_not_fatal(postgre
         4,
     )
     assert run(engine, state, DATED).counts["read"] == 2  # line 4 again, and the infinite one
+    source = SqlSource(engine, SOURCE)
+    # Each window's run reads the row without a date Python holds, for its contract.
+    day = source.in_window("opened_on", datetime(2025, 3, 1), datetime(2025, 3, 2))
+    assert [list(frame["id"]) for frame in source.batches(None, 10, day)] == [[2]]
+    with engine.begin() as connection:  # no row has a time Python holds: no mark, no failure
+        connection.exec_driver_sql("UPDATE source_lines SET updated_at = '-infinity'")
+    assert source.high_water_mark() is None
     engine.dispose()
 
 

@@ -199,7 +199,7 @@ class SqlSource:
         if column not in self.table.c:
             raise SourceSchemaError(f"table {self.spec.table!r} has no column {column!r}")
         target = self.table.c[column]
-        undated = self._no_date(target)
+        undated = sa.or_(self._no_date(target), sa.not_(self._within_python(target)))
         if isinstance(target.type, sa.DateTime) and self.engine.dialect.name == "sqlite":
             # SQLite keeps timestamps as text, written by whoever filled the file ("2021-01-01
             # 00:00:00" in Chinook, with microseconds by SQLAlchemy): compare them normalised.
@@ -243,6 +243,19 @@ class SqlSource:
         the whole second, as text without a fraction: it reads a few rows more, never fewer
         (the ledger skips what is unchanged), and the cursor's index still serves the query."""
         return sa.or_(self.cursor >= self._compared(since), self._no_date(self.cursor))
+
+    def _within_python(self, column: sa.Column) -> sa.ColumnElement[bool]:
+        """A PostgreSQL date or time Python can hold: not ±infinity, nor a year past 9999 or
+        before Christ. Those are read as text (see `_times_beyond_python_as_text`); no window
+        holds them (each window's run reads them, for the contract to dead-letter), and they
+        are no mark for the sensor (a query's own read of one failed)."""
+        if self.engine.dialect.name != "postgresql" or not isinstance(
+            column.type, sa.Date | sa.DateTime
+        ):
+            return sa.true()
+        if isinstance(column.type, sa.DateTime):
+            return column.between(_bound(column, datetime.min), _bound(column, datetime.max))
+        return column.between(date.min, date.max)
 
     def _no_date(self, column: sa.Column) -> sa.ColumnElement[bool]:
         """`column` holds no date: NULL, or MariaDB's zero date ('0000-00-00', a legacy
@@ -410,6 +423,8 @@ class SqlSource:
         query = sa.select(sa.func.max(self.cursor))
         if isinstance(self.cursor.type, sa.DateTime):
             query = query.where(self._before(latest))
+        if self.engine.dialect.name == "postgresql":
+            query = query.where(self._within_python(self.cursor))
         with self._reading() as connection:
             newest = connection.execute(query).scalar_one()
         if isinstance(newest, datetime):
