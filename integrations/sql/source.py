@@ -396,7 +396,9 @@ class SqlSource:
         if not self.spec.deleted:
             return []
         deleted = self.table.c[self.spec.deleted]
-        query = sa.select(self.key).where(deleted.is_not(None), sa.not_(self._no_date(deleted)))
+        query = sa.select(self.key).where(deleted.is_not(None))
+        if deleted.name in self._zero_dates_as_null:
+            query = query.where(deleted >= BEFORE_EVERY_DATE)  # a zero date: never deleted
         if within is not None:
             query = query.where(within)
         if since is not None and self.cursor is not None:
