@@ -32,7 +32,7 @@ def customer_to_rt_user(customers: pd.DataFrame) -> pd.DataFrame:
 HELPDESK_USERS = FlowSpec(
     name="erp_customers_to_helpdesk_users",
     description="ERP customers as RT users named by customer number, with their support tier "
-    "(paid invoices over the last 12 months); soft-deleted customers are disabled in RT.",
+    "(paid EUR invoices over the last 12 months); soft-deleted customers are disabled in RT.",
     source=SourceTable(
         table="customers",
         key="customer_id",
@@ -44,7 +44,8 @@ HELPDESK_USERS = FlowSpec(
                 value="amount",
                 dated="invoice_date",
                 window=TIER_WINDOW,
-                where=(("status", "paid"),),
+                # The tiers' floors are EUR: an invoice in another currency is not summed.
+                where=(("status", "paid"), ("currency", "EUR")),
             ),
         ),
     ),

@@ -48,6 +48,7 @@ def histories(client: RtClient, names) -> dict[str, int]:
 
 def expected_tiers(erp_url: str) -> dict[str, str]:
     """customer_number → tier, from the ERP's paid invoices, computed apart from the engine."""
+    today = datetime.now(UTC).date()
     since = (datetime.now(UTC) - TIER_WINDOW).date()
     engine = create_engine(erp_url)
     with engine.connect() as connection:
@@ -55,14 +56,14 @@ def expected_tiers(erp_url: str) -> dict[str, str]:
             sa.text(
                 "SELECT c.customer_number, i.amount, i.invoice_date FROM customers c "
                 "JOIN invoices i ON i.customer_id = c.customer_id "
-                "WHERE i.status = 'paid' AND i.deleted_at IS NULL"
+                "WHERE i.status = 'paid' AND i.currency = 'EUR' AND i.deleted_at IS NULL"
             )
         ).all()
         numbers = connection.execute(sa.text("SELECT customer_number FROM customers")).scalars()
         paid = dict.fromkeys(numbers, 0.0)
     engine.dispose()
     for number, amount, day in rows:
-        if pd.Timestamp(day).date() >= since:
+        if since <= pd.Timestamp(day).date() <= today:
             paid[number] += float(amount)
     series = pd.Series(paid)
     return support_tier(series).to_dict()

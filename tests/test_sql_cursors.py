@@ -5,9 +5,13 @@ over records the destination refuses. Real SQLite, PostgreSQL and MariaDB."""
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 import uuid
+from contextlib import closing
 from datetime import UTC, datetime, timedelta, timezone
 
+import pandas as pd
+import pandera.pandas as pa
 import pytest
 import sqlalchemy as sa
 from pandera.typing import Series
@@ -304,6 +308,130 @@ def test_a_table_changed_under_a_run_stops_it_saying_what_to_do_once(tmp_path, s
     message = str(stopped.value)
     assert "no longer fits the flow" in message and message.count("What to do") == 1
     assert "the rerun resumes from the watermark" in message
+    engine.dispose()
+
+
+class DatedLineV1(pa.DataFrameModel):
+    id: Series[int]
+    updated_at: Series[pd.Timestamp] = pa.Field(nullable=True)
+
+    class Config:
+        coerce = True
+
+
+# The lines flow, its source contract taking the cursor as a time.
+DATED = dataclasses.replace(SPEC, source_contract=Contract("test.dated_lines", 1, DatedLineV1))
+
+
+@pytest.mark.postgres
+def test_postgresql_times_python_cannot_hold_are_dead_lettered_not_fatal(postgres_database, state):
+    """'infinity' in any timestamp or date column (even one the flow does not map) failed every
+    run while reading ("timestamp too large"), naming no flow and no row. Such values are read
+    as their text: a column the mapping ignores passes it, a contract taking the column as a
+    time dead-letters the row, an infinite cursor moves no watermark, a window reads such a
+    business date (it was in none) and the sensor's mark leaves it out."""
+    engine = create_engine(postgres_database())
+    stamps = [datetime(2025, 1, 1) + timedelta(hours=n) for n in range(4)]
+    source_lines(engine, stamps)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "ALTER TABLE source_lines ADD valid_until timestamp, "
+            "ADD opened_on date NOT NULL DEFAULT '2025-01-01'"
+        )
+        connection.exec_driver_sql(
+            "UPDATE source_lines SET valid_until = 'infinity', opened_on = '-infinity' WHERE id = 2"
+        )
+        connection.exec_driver_sql(
+            "UPDATE source_lines SET updated_at = 'infinity', valid_until = '12345-01-01' "
+            "WHERE id = 3"
+        )
+
+    result = run(engine, state, DATED)
+    assert (result.written, result.counts["rejected"]) == (3, 1)
+    assert sorted(rows(engine)) == ["L1", "L2", "L4"]
+    [letter] = state.list_dead_letters(DATED.name)
+    assert letter.record_key == "3" and "updated_at is not a date and time" in letter.reason
+    assert (state.watermark(DATED.name).updated_at, state.watermark(DATED.name).key) == (
+        stamps[3],
+        4,
+    )
+    assert run(engine, state, DATED).counts["read"] == 2  # line 4 again, and the infinite one
+    source = SqlSource(engine, SOURCE)
+    # Each window's run reads the row without a date Python holds, for its contract.
+    day = source.in_window("opened_on", datetime(2025, 3, 1), datetime(2025, 3, 2))
+    assert [list(frame["id"]) for frame in source.batches(None, 10, day)] == [[2]]
+    with engine.begin() as connection:  # no row has a time Python holds: no mark, no failure
+        connection.exec_driver_sql("UPDATE source_lines SET updated_at = '-infinity'")
+    assert source.high_water_mark() is None
+    engine.dispose()
+
+
+@pytest.mark.mariadb
+def test_mariadb_zero_dates_in_the_cursor_and_soft_delete_are_no_date(mariadb_database, state):
+    """A legacy table's zero dates ('0000-00-00 00:00:00', the default of a NOT NULL column
+    never filled) came as text: as a cursor the run died after its first batch on every rerun
+    (or, read once, such a row's later changes were never seen); as `deleted_at` a row never
+    deleted was archived. Zero dates there are no date: read by every run, not deleted."""
+    engine = create_engine(mariadb_database())
+    with engine.begin() as connection:
+        connection.exec_driver_sql("SET SESSION sql_mode = ''")
+        connection.exec_driver_sql(
+            "CREATE TABLE source_lines (id INTEGER PRIMARY KEY, line_number VARCHAR(20), "
+            "amount DOUBLE, booked_on VARCHAR(10), memo TEXT, "
+            "updated_at DATETIME NOT NULL DEFAULT '0000-00-00 00:00:00', "
+            "deleted_at DATETIME NULL DEFAULT '0000-00-00 00:00:00')"
+        )
+        connection.exec_driver_sql(
+            "INSERT INTO source_lines (id, line_number, amount, booked_on, memo) VALUES "
+            "(1, 'L1', 1, '2025-01-02', 'x'), (2, 'L2', 2, '2025-01-02', 'x'), "
+            "(3, 'L3', 3, '2025-01-02', 'x')"
+        )
+        connection.exec_driver_sql(
+            "INSERT INTO source_lines (id, line_number, amount, booked_on, memo, updated_at) "
+            "VALUES (4, 'L4', 4, '2025-01-02', 'x', '2025-01-01 10:00:00')"
+        )
+
+    first = run(engine, state)
+    assert (first.written, first.counts["archived"]) == (4, 0)
+    assert (state.watermark(SPEC.name).updated_at, state.watermark(SPEC.name).key) == (
+        datetime(2025, 1, 1, 10),
+        4,
+    )
+    source = SqlSource(engine, SOURCE)
+    assert source.high_water_mark() == datetime(2025, 1, 1, 10)
+    assert source.deleted_keys(None) == []  # what the archive guard counts
+    day = source.in_window("updated_at", datetime(2025, 1, 1), datetime(2025, 1, 2))
+    assert [list(frame["id"]) for frame in source.batches(None, 10, day)] == [[1, 2, 3, 4]]
+    with engine.begin() as connection:  # the legacy application never touches updated_at
+        connection.exec_driver_sql("UPDATE source_lines SET memo = 'changed' WHERE id = 2")
+    second = run(engine, state)
+    assert second.written == 1 and rows(engine)["L2"][1] == "changed"
+    assert all(archived is None for _, _, archived in rows(engine).values())
+    engine.dispose()
+
+
+def test_sqlite_text_that_is_not_utf8_is_the_rows_dead_letter(tmp_path, state):
+    """A memo another program wrote in Latin-1 failed every run as "source unavailable",
+    quoting the text (PII) in the failure. The row is dead-lettered, saying why without its
+    value, and keeps its bytes for a replay; the other rows land."""
+    path = tmp_path / "lines.sqlite"
+    engine = create_engine(f"sqlite:///{path}")
+    source_lines(engine, [datetime(2025, 1, 1) + timedelta(hours=n) for n in range(3)])
+    with closing(sqlite3.connect(path)) as raw, raw:
+        raw.execute(
+            "UPDATE source_lines SET memo = CAST(? AS TEXT) WHERE id = 2",
+            ("José Müller".encode("latin-1"),),
+        )
+
+    result = run(engine, state)
+    assert (result.written, result.counts["rejected"]) == (2, 1)
+    assert sorted(rows(engine)) == ["L1", "L3"]
+    [letter] = state.list_dead_letters(SPEC.name)
+    assert letter.record_key == "2" and letter.reason.endswith("memo is not UTF-8 text")
+    assert letter.payload["memo"].encode("utf-8", "surrogateescape") == "José Müller".encode(
+        "latin-1"
+    )
+    assert run(engine, state).counts["rejected"] == 0  # the next run passes too
     engine.dispose()
 
 

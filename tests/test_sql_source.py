@@ -4,6 +4,10 @@ stuck session behind, and a lost connection is still `SourceUnavailable`."""
 
 from __future__ import annotations
 
+import dataclasses
+import sqlite3
+from datetime import UTC, datetime, timedelta
+
 import pandas as pd
 import psycopg
 import pytest
@@ -11,9 +15,10 @@ import sqlalchemy as sa
 from pandas.testing import assert_frame_equal
 
 from assets.helpdesk_users import HELPDESK_USERS
+from integrations.engine.hashing import canonical_json
 from integrations.engine.spec import SourceTable
 from integrations.erp.seed import seed_erp
-from integrations.sql.connect import create_engine
+from integrations.sql.connect import create_engine, without_values
 from integrations.sql.source import SourceUnavailable, SqlSource
 from tests.conftest import POSTGRES_ADMIN
 
@@ -60,6 +65,8 @@ def test_frames_are_those_sqlalchemy_rows_give(postgres_database):
         for name in ("small", "whole", "big"):  # pandas made floats of integers beside a null
             if expected[name].dtype == "float64":
                 expected[name] = expected[name].astype("Int64")
+        for name in ("doc", "docb", "numbers"):  # documents and arrays as JSON text
+            expected[name] = [None if v is None else canonical_json(v) for v in expected[name]]
         assert_frame_equal(streamed, expected, check_exact=True)
         for column in streamed.columns:  # objects of the same class: no psycopg Range, no NaN
             assert list(map(type, streamed[column])) == list(map(type, expected[column]))
@@ -163,4 +170,107 @@ def test_a_connection_lost_before_the_stream_is_unavailable(postgres_database):
         list(source.batches(None, 100))
     assert cut, "the session was cut between declaring the cursor and fetching from it"
     assert sum(len(batch) for batch in source.batches(None, 100)) == 300
+    engine.dispose()
+
+
+def test_a_fault_of_the_statement_is_not_taken_for_an_unreachable_source(tmp_path):
+    """sqlite3 files "no such column" (a table changed under the run) as OperationalError, and
+    every OperationalError was "source unavailable … rerun when the source answers", which no
+    rerun cures. Only a database that cannot be reached or used is unavailable."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'erp.sqlite'}")
+    with engine.begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE lines (id INTEGER PRIMARY KEY, memo TEXT)")
+        connection.exec_driver_sql("INSERT INTO lines VALUES (1, 'x')")
+    source = SqlSource(engine, SourceTable(table="lines", key="id", cursor=None, deleted=None))
+    with engine.begin() as connection:
+        connection.exec_driver_sql("ALTER TABLE lines DROP COLUMN memo")
+    with pytest.raises(sa.exc.OperationalError, match="no such column") as raised:
+        list(source.batches(None, 10))
+    assert not isinstance(raised.value, SourceUnavailable)
+    engine.dispose()
+
+
+def test_an_unreachable_source_says_so_without_the_values_the_driver_quotes():
+    """The drivers' messages repeat values (PII): sqlite3's "… with text 'José …'", MariaDB's
+    "Duplicate entry '…'". What a source's or the state store's failure says masks them."""
+    said = sqlite3.connect(":memory:")
+    said.execute("CREATE TABLE people (name TEXT)")
+    said.execute(
+        "INSERT INTO people VALUES (CAST(? AS TEXT))", ("José <j@example.com>".encode("latin-1"),)
+    )
+    with pytest.raises(sqlite3.OperationalError) as raised:
+        said.execute("SELECT name FROM people").fetchall()
+    assert "j@example.com" in str(raised.value)
+    masked = without_values(str(raised.value))
+    assert "example.com" not in masked and "column 'name'" in masked
+    assert without_values("Duplicate entry 'j@example.com' for key 'email'") == (
+        "Duplicate entry '…' for key 'email'"
+    )
+
+
+def test_json_and_array_values_are_read_as_json_text(postgres_database):
+    """jsonb, json and array values came as dicts and lists, which reached a destination's
+    text field as Python's repr ("{'a': None, 'b': True}"), which no JSON reader takes. They
+    are canonical JSON text, whatever the order of the document's keys."""
+    url = postgres_database()
+    with psycopg.connect(url) as connection:
+        connection.execute(
+            "CREATE TABLE docs (id int PRIMARY KEY, doc jsonb, raw json, tags text[], n int[])"
+        )
+        connection.execute(
+            'INSERT INTO docs VALUES (1, \'{"b": true, "a": null}\', \'{"z": 1, "y": ["é"]}\', '
+            "'{red,green}', '{1,NULL}'), (2, '\"plain\"', NULL, '{}', NULL)"
+        )
+    engine = create_engine(url)
+    source = SqlSource(engine, SourceTable(table="docs", key="id", cursor=None, deleted=None))
+    [frame] = source.batches(None, 10)
+    assert frame.drop(columns="id").values.tolist() == [
+        ['{"a":null,"b":true}', '{"y":["é"],"z":1}', '["red","green"]', "[1,null]"],
+        ['"plain"', None, "[]", None],
+    ]
+    engine.dispose()
+
+
+@pytest.mark.parametrize("dated", ["invoice_date", "created_at"])
+def test_the_paid_total_sums_eur_invoices_dated_up_to_now(sql_database, dated):
+    """The support tier's total summed a paid invoice dated 30 days ahead (only the window's
+    start was bound), and yen as if they were euros, against the tiers' EUR floors: a customer
+    who paid 0.30 EUR was silver, one who paid 300,000 JPY gold. A DATE's window ends today,
+    inclusive; a timestamp's at the run's present."""
+    url = sql_database()
+    seed_erp(url, rows=20, seed=5)
+    engine = create_engine(url)
+    now = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
+    invoices = sa.Table("invoices", sa.MetaData(), autoload_with=engine)
+    with engine.begin() as connection:
+        connection.execute(sa.update(invoices).values(status="void"))
+        chosen = connection.execute(
+            sa.select(invoices.c.invoice_id).order_by(invoices.c.invoice_id).limit(4)
+        ).scalars()
+        for invoice, (customer, ahead, amount, currency) in zip(
+            chosen,
+            [(1, 0, 0.20, "EUR"), (1, 0, 0.10, "EUR"), (1, 30, 600, "EUR"), (2, 0, 300000, "JPY")],
+            strict=True,
+        ):
+            moment = now + timedelta(days=ahead) - timedelta(minutes=1)
+            connection.execute(
+                sa.update(invoices)
+                .where(invoices.c.invoice_id == invoice)
+                .values(
+                    customer_id=customer,
+                    status="paid",
+                    amount=amount,
+                    currency=currency,
+                    **{dated: moment.date() if dated == "invoice_date" else moment},
+                )
+            )
+    [total] = HELPDESK_USERS.source.totals
+    source = SqlSource(
+        engine,
+        dataclasses.replace(
+            HELPDESK_USERS.source, totals=(dataclasses.replace(total, dated=dated),)
+        ),
+    )
+    frame = pd.concat(source.rows_with_keys([1, 2], 10)).set_index("customer_id")
+    assert frame["paid_last_12_months"].astype(float).round(2).to_dict() == {1: 0.30, 2: 0.0}
     engine.dispose()

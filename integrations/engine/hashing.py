@@ -21,7 +21,10 @@ def canonical_json(record: object) -> str:
 
 
 def content_hash(record: Mapping[str, object]) -> str:
-    return hashlib.md5(canonical_json(record).encode("utf-8"), usedforsecurity=False).hexdigest()
+    """md5 of the canonical JSON's UTF-8; a lone surrogate (a source's bytes that were no UTF-8,
+    kept for the dead letter that refuses them) is hashed as its code point, not an error."""
+    text = canonical_json(record).encode("utf-8", "surrogatepass")
+    return hashlib.md5(text, usedforsecurity=False).hexdigest()
 
 
 def idempotency_key(flow: str, key: str, digest: str) -> str:

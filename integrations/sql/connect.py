@@ -5,6 +5,7 @@ from __future__ import annotations
 import operator
 import os
 import re
+import sqlite3
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import date
@@ -100,20 +101,72 @@ def create_engine(url: str) -> sa.Engine:
 
 def raise_on_lost_connection(engine: sa.Engine, error_type: type[Exception], what: str) -> None:
     """Turn the engine's connection failures (down, dropped, refused) into `error_type`, with a
-    message that names `what` and the driver's complaint but no SQL and no parameters."""
+    message that names `what` and the driver's complaint but no SQL, no parameters and no value
+    it quotes. Other errors (a value the driver cannot read, a column gone) are left as they are:
+    waiting for the database to answer would not cure them."""
 
     @sa.event.listens_for(engine, "handle_error")
     def _lost(context):
         if context.is_pre_ping:  # a stale pooled connection: the pool replaces it
             return
         original = context.original_exception
-        if context.is_disconnect or isinstance(
-            context.sqlalchemy_exception, sa.exc.OperationalError
-        ):
-            first_line = (str(original).strip().splitlines() or [""])[0]
+        if context.is_disconnect or unreachable(context.sqlalchemy_exception):
+            first_line = without_values((str(original).strip().splitlines() or [""])[0])
             raise error_type(
                 f"{what} ({redacted(str(engine.url))}) failed: {type(original).__name__}: {first_line}"
             ) from original
+
+
+def unreachable(error: sa.exc.StatementError | None) -> bool:
+    """Whether a database error says the database cannot be reached or used at all, whatever
+    the statement: the drivers file a statement's own faults as OperationalError too (sqlite3
+    its "no such column" and text it cannot decode, PyMySQL a server's data errors), which
+    a rerun when the database answers would not cure."""
+    if not isinstance(error, sa.exc.DBAPIError):
+        return False
+    if error.connection_invalidated or isinstance(error, sa.exc.InterfaceError):
+        return True
+    original = error.orig
+    sqlstate = getattr(original, "sqlstate", None)
+    if sqlstate is not None:  # PostgreSQL
+        return sqlstate[:2] in _PG_UNAVAILABLE_CLASSES or sqlstate in _PG_CORRUPT
+    if not isinstance(error, sa.exc.OperationalError):
+        return False
+    if isinstance(original, sqlite3.Error):
+        return getattr(original, "sqlite_errorname", "").startswith(_SQLITE_UNAVAILABLE)
+    # PyMySQL's client codes (2000–2999) mean no connection; psycopg's error without a SQLSTATE
+    # (a connection refused) has a message for its args.
+    code = original.args[0] if original is not None and original.args else None
+    return not isinstance(code, int) or 2000 <= code < 3000
+
+
+# PostgreSQL's classes: connection exception, insufficient resources, operator intervention,
+# system error; and data or an index corrupted.
+_PG_UNAVAILABLE_CLASSES = frozenset({"08", "53", "57", "58"})
+_PG_CORRUPT = frozenset({"XX001", "XX002"})
+# SQLite's result codes of a file it cannot open, read, write, lock or trust.
+_SQLITE_UNAVAILABLE = (
+    *("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_CANTOPEN"),
+    *("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_READONLY", "SQLITE_PERM", "SQLITE_NOMEM"),
+)
+
+# Driver messages that repeat a value, which can be personal data: sqlite3's "… with text '…'",
+# MariaDB's "Duplicate entry '…' for key" and "Incorrect date value: '…' for column" (the value
+# may hold quotes itself), PostgreSQL's "invalid input syntax for type date: "…"" (at the end)
+# and "value "…" is out of range for type integer".
+QUOTED_VALUE = re.compile(
+    r"((?:entry|value|text):? )'.*?'(?= for |$)|(: )\".*\"$|(value )\".*\"(?= is out of range)",
+    re.IGNORECASE,
+)
+
+
+def without_values(message: str) -> str:
+    """A driver's message with the values it quotes masked ('…')."""
+    return QUOTED_VALUE.sub(_masked, message)
+
+
+def _masked(found: re.Match) -> str:
+    return f"{found[1]}'…'" if found[1] else f'{found[2] or found[3]}"…"'
 
 
 def redacted(url: str) -> str:

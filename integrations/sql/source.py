@@ -23,18 +23,22 @@ the rows.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
-from contextlib import closing
+from contextlib import closing, contextmanager
 from datetime import UTC, date, datetime
 from itertools import islice
 
 import numpy as np
 import pandas as pd
+import psycopg
 import sqlalchemy as sa
 from psycopg import capabilities
+from psycopg.pq import Format
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import ClauseElement, Executable
 
+from integrations.engine.hashing import canonical_json
 from integrations.engine.source import FAR_FUTURE, SourceUnavailable
 from integrations.engine.spec import RecentTotal, SourceTable
 from integrations.sql.connect import raise_on_lost_connection
@@ -92,11 +96,36 @@ class SqlSource:
         if self.cursor is not None and isinstance(self.cursor.type, sa.Numeric | sa.Integer):
             raise SourceSchemaError(self._numbers_as_cursor(self.cursor.type))
         self.order = [self.key] if self.cursor is None else [self.cursor, self.key]
+        # MariaDB keeps zero dates ('0000-00-00'), which PyMySQL hands over as text.
+        self._zero_dates = engine.dialect.name in ("mysql", "mariadb")
+        self._zero_dates_as_null = self._no_date_when_zero(spec.cursor, spec.deleted)
         self.select, self.columns = self._with_lookups()
         self._integers = [
             at
             for at, column in enumerate(self.select.selected_columns)
             if isinstance(column.type, sa.Integer)
+        ]
+        self._documents = [
+            at
+            for at, column in enumerate(self.select.selected_columns)
+            if isinstance(column.type, sa.JSON | sa.ARRAY)
+        ]
+
+    def _no_date_when_zero(self, *names: str | None) -> list[str]:
+        """The columns among `names` whose MariaDB zero dates are read as NULL. PyMySQL hands a
+        zero date over as text: in the change cursor it made the watermark's time unreadable
+        (the run died after its first batch, on every rerun), in the soft-delete column a row
+        never deleted looked deleted. For these columns, handoff's own bookkeeping, a zero date
+        is NULL: the row is read by every run, as a NULL cursor's is, and is not deleted. In any
+        other column a zero date stays the text it is, which a contract taking the field as a
+        date refuses: what a placeholder means there (unknown, not yet, never) is the data's
+        owner's to say (NULLIF in a view), not handoff's to guess into a destination."""
+        if not self._zero_dates:
+            return []
+        return [
+            name
+            for name in names
+            if name and isinstance(self.table.c[name].type, sa.Date | sa.DateTime)
         ]
 
     def _numbers_as_cursor(self, kind: object) -> str:
@@ -116,7 +145,9 @@ class SqlSource:
             raise SourceSchemaError(f"{role} table {table!r} is not in the source") from error
 
     def _total(self, total: RecentTotal) -> sa.Label:
-        """A correlated subquery per row; the child's `via` column should be indexed."""
+        """A correlated subquery per row; the child's `via` column should be indexed. The window
+        ends at the run's present (for a DATE column, today inclusive): a row dated in the
+        future (an invoice dated ahead) is not yet paid within the window, and was summed."""
         child = self._reflect(total.table, "total")
         wanted = [total.via, total.value, total.dated, *(column for column, _ in total.where)]
         if any(name not in child.c for name in wanted):
@@ -124,10 +155,16 @@ class SqlSource:
                 f"total {total.name!r} names unknown columns of {total.table!r}"
             )
         dated = child.c[total.dated]
-        since = datetime.now(UTC).replace(tzinfo=None) - total.window
+        now = datetime.now(UTC).replace(tzinfo=None)
+        since = now - total.window
+        if isinstance(dated.type, sa.Date):
+            since, now = since.date(), now.date()
+        else:
+            since, now = _bound(dated, since), _bound(dated, now)
         conditions = [
             child.c[total.via] == self.key,
-            dated >= (since.date() if isinstance(dated.type, sa.Date) else since),
+            dated >= since,
+            dated <= now,
             *(child.c[column] == value for column, value in total.where),
         ]
         if self.spec.deleted and self.spec.deleted in child.c:
@@ -156,13 +193,13 @@ class SqlSource:
         return sa.select(*own, *extra).select_from(joined), columns
 
     def in_window(self, column: str, start: datetime, end: datetime) -> sa.ColumnElement[bool]:
-        """`start <= column < end`, as dates when the column is a date; or, for a nullable
-        column, no date at all: no window holds such a row, so each window's run reads it and
-        the engine dead-letters it (held, once dead-lettered, until its content changes)."""
+        """`start <= column < end`, as dates when the column is a date; or no date at all (NULL,
+        a MariaDB zero date): no window holds such a row, so each window's run reads it and the
+        engine dead-letters it (held, once dead-lettered, until its content changes)."""
         if column not in self.table.c:
             raise SourceSchemaError(f"table {self.spec.table!r} has no column {column!r}")
         target = self.table.c[column]
-        undated = target.is_(None) if target.nullable else sa.false()
+        undated = sa.or_(self._no_date(target), sa.not_(self._within_python(target)))
         if isinstance(target.type, sa.DateTime) and self.engine.dialect.name == "sqlite":
             # SQLite keeps timestamps as text, written by whoever filled the file ("2021-01-01
             # 00:00:00" in Chinook, with microseconds by SQLAlchemy): compare them normalised.
@@ -205,10 +242,28 @@ class SqlSource:
         bound's "… 10:00:00.000000", so a row at exactly `since` was never read. The bound is
         the whole second, as text without a fraction: it reads a few rows more, never fewer
         (the ledger skips what is unchanged), and the cursor's index still serves the query."""
-        since = self._compared(since)
-        if self.cursor.nullable:
-            return sa.or_(self.cursor >= since, self.cursor.is_(None))
-        return self.cursor >= since
+        return sa.or_(self.cursor >= self._compared(since), self._no_date(self.cursor))
+
+    def _within_python(self, column: sa.Column) -> sa.ColumnElement[bool]:
+        """A PostgreSQL date or time Python can hold: not ±infinity, nor a year past 9999 or
+        before Christ. Those are read as text (see `_times_beyond_python_as_text`); no window
+        holds them (each window's run reads them, for the contract to dead-letter), and they
+        are no mark for the sensor (a query's own read of one failed)."""
+        if self.engine.dialect.name != "postgresql" or not isinstance(
+            column.type, sa.Date | sa.DateTime
+        ):
+            return sa.true()
+        if isinstance(column.type, sa.DateTime):
+            return column.between(_bound(column, datetime.min), _bound(column, datetime.max))
+        return column.between(date.min, date.max)
+
+    def _no_date(self, column: sa.Column) -> sa.ColumnElement[bool]:
+        """`column` holds no date: NULL, or MariaDB's zero date ('0000-00-00', a legacy
+        schema's placeholder in a NOT NULL column, before every real date)."""
+        undated = [column.is_(None)] if column.nullable else []
+        if self._zero_dates and isinstance(column.type, sa.Date | sa.DateTime):
+            undated.append(column < BEFORE_EVERY_DATE)
+        return sa.or_(*undated) if undated else sa.false()
 
     def _before(self, moment: datetime) -> sa.ColumnElement[bool]:
         """Cursor ≤ `moment` (to the second, on SQLite)."""
@@ -243,9 +298,28 @@ class SqlSource:
             wanted = sa.type_coerce(self.key, key_type).in_(chunk)
             yield from self._frames(self.select.where(wanted).order_by(*self.order), batch_size)
 
+    @contextmanager
+    def _reading(self) -> Iterator[sa.Connection]:
+        """A connection to read with. SQLite keeps whatever bytes a program wrote as TEXT, and
+        Python's sqlite3 failed the whole read on text that is not UTF-8 (Latin-1, say), on
+        every run, with the text in its message. Such bytes are kept, as lone surrogates
+        (surrogateescape) rather than replaced by U+FFFD, which would write the damaged text on
+        as if it were the source's: the contract refuses text holding them, so the row is
+        dead-lettered, its payload keeping the original bytes for a replay once it is fixed."""
+        with self.engine.connect() as connection:
+            if connection.dialect.name != "sqlite":
+                yield connection
+                return
+            driver = connection.connection.driver_connection
+            decode, driver.text_factory = driver.text_factory, _BYTES_KEPT
+            try:
+                yield connection
+            finally:
+                driver.text_factory = decode
+
     def _frames(self, query: sa.Select, batch_size: int) -> Iterator[pd.DataFrame]:
         """The rows of `query`, streamed, as frames of `batch_size` rows (none when empty)."""
-        with self.engine.connect() as connection:
+        with self._reading() as connection:
             if connection.dialect.driver == "psycopg":
                 yield from self._psycopg_frames(connection, query, batch_size)
                 return
@@ -268,6 +342,7 @@ class SqlSource:
             connection.connection.driver_connection.cursor() as cursor,
             closing(cursor.stream(fetch, size=size)) as stream,
         ):
+            _times_beyond_python_as_text(cursor.adapters)
             while True:
                 try:
                     rows = list(islice(stream, batch_size))
@@ -290,11 +365,18 @@ class SqlSource:
         dtypes = frame.dtypes
         if self.cursor is not None:  # a SQLite column without a type of times may hold numbers
             self._no_numbers(frame[self.spec.cursor])
+        for name in self._zero_dates_as_null:
+            values = frame[name]
+            if values.dtype == object:
+                is_text = values.map(lambda value: isinstance(value, str))
+                frame[name] = values.where(~is_text, None).infer_objects()
         for at in self._integers:
             # A NULL makes pandas store the column as float64: values beyond 2**53 rounded, and
             # 12345 becomes "12345.0" as text. Rebuilt from the rows, only in such a batch.
             if dtypes.iloc[at].kind == "f":
                 frame.isetitem(at, _exact_integers([row[at] for row in rows]))
+        for at in self._documents:
+            frame.isetitem(at, _as_json([row[at] for row in rows]))
         return frame
 
     def _no_numbers(self, cursor: pd.Series) -> None:
@@ -315,11 +397,13 @@ class SqlSource:
             return []
         deleted = self.table.c[self.spec.deleted]
         query = sa.select(self.key).where(deleted.is_not(None))
+        if deleted.name in self._zero_dates_as_null:
+            query = query.where(deleted >= BEFORE_EVERY_DATE)  # a zero date: never deleted
         if within is not None:
             query = query.where(within)
         if since is not None and self.cursor is not None:
             query = query.where(self._since(since))
-        with self.engine.connect() as connection:
+        with self._reading() as connection:
             return list(connection.execute(query).scalars())
 
     def high_water_mark(self) -> datetime | None:
@@ -335,15 +419,19 @@ class SqlSource:
             query = sa.select(sa.func.max(normalised)).where(
                 normalised <= as_utc(latest).strftime("%Y-%m-%d %H:%M:%S.999")
             )
-            with self.engine.connect() as connection:
+            with self._reading() as connection:
                 newest = connection.execute(query).scalar_one()
             return datetime.fromisoformat(newest) if newest else None
         query = sa.select(sa.func.max(self.cursor))
         if isinstance(self.cursor.type, sa.DateTime):
             query = query.where(self._before(latest))
-        with self.engine.connect() as connection:
+        if self.engine.dialect.name == "postgresql":
+            query = query.where(self._within_python(self.cursor))
+        with self._reading() as connection:
             newest = connection.execute(query).scalar_one()
-        return as_utc(newest) if isinstance(newest, datetime) else newest
+        if isinstance(newest, datetime):
+            return as_utc(newest)
+        return newest if isinstance(newest, date) else None  # all zero dates: no mark
 
     def changed_days(self, since: datetime, column: str) -> list[date]:
         """The days of `column` (a partitioned flow's business date) of the rows whose cursor is
@@ -361,10 +449,13 @@ class SqlSource:
             .where(
                 self.cursor >= self._compared(since),
                 self._before(datetime.now(UTC) + FAR_FUTURE),
+                self._within_python(self.cursor),
+                self._within_python(self.table.c[column]),
+                sa.not_(self._no_date(self.table.c[column])),  # a MariaDB zero date: no day
                 day.is_not(None),
             )
         )
-        with self.engine.connect() as connection:
+        with self._reading() as connection:
             days = connection.execute(query).scalars().all()
         return sorted({_a_date(value) for value in days})
 
@@ -420,6 +511,46 @@ def _lenient_times(column: sa.Column) -> sa.ColumnElement:
     return sa.type_coerce(column, _LenientTimes(column.type)).label(column.name)
 
 
+# PostgreSQL's dates and timestamps Python has no value for: 'infinity' and '-infinity' (the
+# idiomatic "valid forever"), years past 9999 or before Christ.
+_TIME_TYPES = ("date", "timestamp", "timestamptz")
+
+
+def _times_beyond_python_as_text(adapters: psycopg.adapt.AdaptersMap) -> None:
+    """Read the times Python cannot hold as PostgreSQL's text of them ('infinity'), not as a
+    DataError that failed the whole read on every run. Such text is no time: a contract that
+    takes the column as a date or time dead-letters its row, a mapping that ignores the column
+    passes it, and as a cursor it moves no watermark (the engine skips what is no time)."""
+    for name in _TIME_TYPES:
+        oid = adapters.types[name].oid
+        adapters.register_loader(oid, _as_text_beyond_python(adapters.get_loader(oid, Format.TEXT)))
+
+
+@functools.cache
+def _as_text_beyond_python(loader: type[psycopg.adapt.Loader]) -> type[psycopg.adapt.Loader]:
+    """`loader` (psycopg's own, in C: it cannot be subclassed), but for the text it refuses."""
+
+    class TextBeyondPython(psycopg.adapt.Loader):
+        def __init__(self, oid: int, context: psycopg.adapt.AdaptContext | None = None):
+            super().__init__(oid, context)
+            self.parse = loader(oid, context).load
+
+        def load(self, data: bytes) -> object:
+            try:
+                return self.parse(data)
+            except psycopg.DataError:
+                return bytes(data).decode()
+
+    return TextBeyondPython
+
+
+# SQLite text as str, bytes that are not UTF-8 kept as lone surrogates (C only, no Python call).
+_BYTES_KEPT = functools.partial(str, encoding="utf-8", errors="surrogateescape")
+
+# Below every date MariaDB reads, above its zero dates.
+BEFORE_EVERY_DATE = datetime(1, 1, 1)
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float | np.number) and not isinstance(value, bool)
 
@@ -436,6 +567,15 @@ def _bound(column: sa.ColumnElement, moment: datetime) -> datetime:
     wall-clock time for any other."""
     zoned = isinstance(column.type, sa.DateTime) and column.type.timezone
     return as_utc(moment).replace(tzinfo=UTC) if zoned else as_utc(moment)
+
+
+def _as_json(values: list) -> np.ndarray:
+    """JSON and array values as canonical JSON text (NULL stays None): the drivers give dicts
+    and lists, which reached a destination's text field as Python's repr ({'a': None}), not
+    JSON; and canonical, so a document's hash does not depend on its keys' order."""
+    texts = np.empty(len(values), dtype=object)
+    texts[:] = [None if value is None else canonical_json(value) for value in values]
+    return texts
 
 
 def _exact_integers(values: list) -> pd.api.extensions.ExtensionArray | np.ndarray:
