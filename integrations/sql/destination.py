@@ -48,7 +48,14 @@ from integrations.engine.destination import (
     WrittenColumns,
 )
 from integrations.engine.spec import FlowSpec, Target
-from integrations.sql.connect import Columns, copy_columns, copy_new_rows, in_key_order
+from integrations.sql.connect import (
+    Columns,
+    copy_columns,
+    copy_new_rows,
+    in_key_order,
+    unreachable,
+    without_values,
+)
 from integrations.sql.fit import (
     ARCHIVED_AT,
     beyond_exact_floats,
@@ -701,26 +708,6 @@ def _mariadb_code(error: sa.exc.DBAPIError) -> object:
     return error.orig.args[0] if error.orig is not None and error.orig.args else None
 
 
-def _unreachable(error: sa.exc.DBAPIError) -> bool:
-    if error.connection_invalidated or isinstance(error, sa.exc.InterfaceError):
-        return True
-    sqlstate = _sqlstate(error)
-    if sqlstate is not None:
-        return sqlstate[:2] in _PG_UNAVAILABLE_CLASSES or sqlstate in _PG_CORRUPT
-    if not isinstance(error, sa.exc.OperationalError):
-        return False
-    if isinstance(error.orig, sqlite3.Error):
-        # sqlite3 files a statement's refusal (a generated column) as OperationalError too: by
-        # its result code, only a file it cannot open, read, write, lock or trust is unavailable.
-        name = getattr(error.orig, "sqlite_errorname", "")
-        return name.startswith(_SQLITE_UNAVAILABLE)
-    # PyMySQL files server-side data errors (1366 a wrong value, 4025 a CHECK) as
-    # OperationalError too; only the client's codes (2000–2999) mean no connection. A psycopg
-    # error without a SQLSTATE (its args: a message) is its own: no connection either.
-    code = _mariadb_code(error)
-    return not isinstance(code, int) or 2000 <= code < 3000
-
-
 def _read_only(error: sa.exc.DBAPIError) -> bool:
     """A server that takes no writes: a PostgreSQL hot standby or a database or session set
     read-only (25006), MariaDB's --read-only (1290) or a read-only replica (1836)."""
@@ -743,18 +730,6 @@ def _not_permitted(error: sa.exc.DBAPIError) -> bool:
 _MARIADB_NOT_PERMITTED = frozenset({1044, 1045, 1142, 1143, 1227, 1370})
 
 
-# PostgreSQL's SQLSTATE classes of a server that cannot do the work now, whatever the records:
-# connection exception, insufficient resources (disk full, out of memory, too many connections),
-# operator intervention (a shutdown, a cancelled statement), system error (I/O). Any other class
-# is the statement's: a program limit (54000, an index row too large) is its record's refusal.
-_PG_UNAVAILABLE_CLASSES = frozenset({"08", "53", "57", "58"})
-_PG_CORRUPT = frozenset({"XX001", "XX002"})  # data corrupted, index corrupted
-
-
-_SQLITE_UNAVAILABLE = (
-    *("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_CANTOPEN"),
-    *("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_READONLY", "SQLITE_PERM", "SQLITE_NOMEM"),
-)
 # A table or column gone since the run checked the table: PostgreSQL's SQLSTATEs, MariaDB's
 # codes, SQLite's words. The run stops; the records are not at fault.
 _PG_SCHEMA_GONE = frozenset({"42P01", "42703"})
@@ -768,29 +743,19 @@ def _schema_gone(error: sa.exc.DBAPIError) -> bool:
     return _sqlstate(error) in _PG_SCHEMA_GONE or _mariadb_code(error) in _MARIADB_SCHEMA_GONE
 
 
-# Some messages repeat the offending value, which can be personal data: MariaDB's "Duplicate
-# entry '…' for key", "Incorrect date value: '…' for column" (the value may hold quotes itself),
-# PostgreSQL's "invalid input syntax for type date: "…"" (at the end) and "value "…" is out of
-# range for type integer".
-_QUOTED_VALUE = re.compile(
-    r"((?:entry|value):? )'.*?'(?= for |$)|(: )\".*\"$|(value )\".*\"(?= is out of range)",
-    re.IGNORECASE,
-)
-
-
 def _classified(error: sa.exc.DBAPIError) -> Exception:
     """A refused write (constraint, type, length), or a fault of no record (a database
     unreachable or read-only, a right refused, a table changed), worded without the offending
     values."""
     original = error.orig
-    said = _QUOTED_VALUE.sub(_unquoted, (str(original).strip().splitlines() or [""])[0])
+    said = without_values((str(original).strip().splitlines() or [""])[0])
     if _read_only(error):
         return DestinationUnavailable(
             f"the database takes no writes ({said}): a standby or read-only replica, or a "
             "server or database set read-only. What to do: point the flow's URL at the "
             "primary, or make the database writable, and rerun"
         )
-    if _unreachable(error):
+    if unreachable(error):
         return DestinationUnavailable(
             f"{type(original).__name__}: the database is unreachable or cannot write ({said})"
         )
@@ -810,8 +775,4 @@ def _classified(error: sa.exc.DBAPIError) -> Exception:
     message = getattr(diagnostic, "message_primary", None) or (
         original.args[-1] if original is not None and original.args else str(error)
     )
-    return RecordsRejected(_QUOTED_VALUE.sub(_unquoted, str(message)))
-
-
-def _unquoted(found: re.Match) -> str:
-    return f"{found[1]}'…'" if found[1] else f'{found[2] or found[3]}"…"'
+    return RecordsRejected(without_values(str(message)))
