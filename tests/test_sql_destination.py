@@ -24,8 +24,8 @@ from integrations.engine.destination import (
 )
 from integrations.engine.spec import FlowSpec, SourceTable, Target
 from integrations.erp.seed import seed_erp
-from integrations.sql.connect import create_engine
-from integrations.sql.destination import _QUOTED_VALUE, SqlTable, _unquoted
+from integrations.sql.connect import create_engine, without_values
+from integrations.sql.destination import SqlTable
 from integrations.sql.fit import MICROSECOND_DATETIME
 from integrations.sql.source import SqlSource
 from tests.conftest import POSTGRES_ADMIN
@@ -518,7 +518,7 @@ def test_text_a_date_or_time_column_would_change_is_refused_or_said_in_utc(engin
     ],
 )
 def test_the_databases_words_keep_no_value(said, shown):
-    assert shown in _QUOTED_VALUE.sub(_unquoted, said)
+    assert shown in without_values(said)
 
 
 def test_text_that_is_no_valid_unicode_is_the_records_refusal(engine):
