@@ -234,7 +234,7 @@ def _sync_replay_or_repair(context, spec, config, source, destination, state):
         drift = reconcile(spec, source, destination, state)
         result = sync.repair(drift.missing + drift.differing)
         if drift.extra:
-            archived = sync.archive_extras(drift.extra_ids)
+            archived = sync.archive_extras(drift.extra_ids, config.allow_mass_archive)
             result.counts["archived"] += archived
             if archived < len(drift.extra):
                 context.log.warning(

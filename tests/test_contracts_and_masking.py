@@ -16,7 +16,7 @@ from integrations.contracts.crm_contact import CRM_CONTACT
 from integrations.contracts.erp_customer import ERP_CUSTOMER
 from integrations.contracts.erp_invoice import ERP_INVOICE
 from integrations.engine.hashing import content_hash, idempotency_key
-from integrations.engine.masking import mask_email, mask_record
+from integrations.engine.masking import mask_email, mask_record, scrub
 
 
 def customers(**overrides: list) -> pd.DataFrame:
@@ -154,6 +154,13 @@ def test_times_and_values_of_the_wrong_type_are_refused_in_words():
     assert [(r.index, r.reason) for r in verdict.rejections] == [
         ("1", "t@v1: at is not a date and time (of the years 1677 to 2262)")
     ]
+    # Beside text that is no time (PostgreSQL's 'infinity'), it failed the whole batch.
+    mixed = batch.assign(at=[datetime(9999, 12, 31), "infinity", datetime(2025, 1, 4)])
+    verdict = Contract("t", 1, StampedV1).judge(mixed)
+    assert [(r.index, r.reason) for r in verdict.rejections] == [
+        ("1", "t@v1: at is not a date and time"),
+        ("2", "t@v1: at is not a date and time"),
+    ]
     totals = pd.DataFrame({"count": [1, 2], "total": [2.0, "two"]}).set_axis(["1", "2"])
     (refused,) = Contract("t", 1, CountedV1).judge(totals).rejections
     assert (refused.index, refused.reason) == (
@@ -225,3 +232,9 @@ def test_hashes_are_canonical_and_stable():
         == idempotency_key("f", "1", "h")
         != idempotency_key("f", "2", "h")
     )
+
+
+def test_scrub_masks_a_value_in_any_case_as_a_word_not_inside_others():
+    """Matching any case anywhere masked "timestamp" for a customer named Tim."""
+    said = "timestamp of TIM, marked by Tim at STRASSE 5"
+    assert scrub(said, ["Tim", "Mark", "Straße"]) == "timestamp of T***, marked by T*** at S*** 5"

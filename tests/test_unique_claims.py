@@ -13,6 +13,7 @@ from pandera.typing import Series
 from assets.crm_companies import CRM_COMPANIES
 from integrations.contracts import Contract
 from integrations.crm.destination import CrmObjects
+from integrations.engine.reconcile import reconcile
 from integrations.engine.spec import FlowSpec, SourceTable, Target
 from integrations.engine.state import StateStore
 from integrations.engine.sync import Sync, SyncResult
@@ -297,4 +298,29 @@ def test_a_holder_whose_move_lands_after_all_lets_go_of_its_value(tmp_path, own_
     with engine.connect() as connection:
         stored = dict(connection.execute(sa.text("SELECT id, email FROM people_out")).all())
     assert stored == {1: "z2@x.com", 2: "z1@x.com", 3: "x2@x.com", 5: "u@x.com"}
+    engine.dispose()
+
+
+def test_a_record_a_repair_archives_lets_go_of_its_values(tmp_path, own_state):
+    """A person deleted outright, archived by a repair: the claim on their email stayed, and a
+    new person with that email was refused on every run."""
+    table, engine = people(tmp_path, [(1, "x@example.com", None), (2, "y@example.com", None)])
+    sync_people(engine, own_state)
+    with engine.begin() as connection:
+        connection.execute(table.delete().where(table.c.id == 1))
+    writer = SqlTable(engine, PEOPLE.target)
+    sync = Sync(
+        PEOPLE,
+        SqlSource(engine, PEOPLE.source),
+        writer,
+        own_state,
+        run_id="fix",
+        actor="t",
+        why="t",
+    )
+    drift = reconcile(PEOPLE, sync.source, writer, own_state)
+    assert sync.archive_extras(drift.extra_ids) == 1
+    add_people(table, engine, [(3, "X@example.com", None)], at=START + timedelta(hours=1))
+    result = sync_people(engine, own_state)
+    assert (result.counts["inserted"], result.counts["rejected"]) == (1, 0)
     engine.dispose()

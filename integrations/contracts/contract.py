@@ -355,12 +355,11 @@ def _mixed_times(values: pd.Series) -> tuple[pd.Series, list[object]]:
             continue
         try:
             alone = pd.Timestamp(value)
+            if alone is not pd.NaT:
+                alone = alone if alone.tzinfo is None else alone.tz_convert("UTC").tz_localize(None)
+                parsed[index] = alone.as_unit("ns")  # out of pandas' range: a ValueError too
         except (ValueError, TypeError, OverflowError):
             refused.append(index)
-            continue
-        if alone is not pd.NaT:
-            alone = alone if alone.tzinfo is None else alone.tz_convert("UTC").tz_localize(None)
-            parsed[index] = alone.as_unit("ns")
     return parsed, refused
 
 

@@ -35,14 +35,16 @@ def mask_record(record: Mapping[str, object], pii_fields: Iterable[str]) -> dict
 
 
 def scrub(text: str, values: Iterable[object]) -> str:
-    """`text` (an API's error message, an exception) with each of these PII values masked, in
-    any case: a database's trigger may say upper(name) ("JANE DOE", "STRASSE" for "Straße")."""
+    """`text` (an API's error message, an exception) with each of these PII values masked: as
+    they are, and in any case as whole words, for a database's trigger may say upper(name)
+    ("JANE DOE", "STRASSE" for "Straße"), but "Tim" is no part of "timestamp"."""
     for value in sorted(
         {str(v) for v in values if v is not None and str(v)}, key=len, reverse=True
     ):
         if len(value) >= 3:
-            for form in {value, value.upper()}:
-                text = re.sub(re.escape(form), _masked, text, flags=re.IGNORECASE)
+            text = text.replace(value, str(mask_value(value)))
+            for form in {value, value.upper()}:  # in another case: as a whole word only
+                text = re.sub(rf"(?<!\w){re.escape(form)}(?!\w)", _masked, text, flags=re.I)
     return text
 
 

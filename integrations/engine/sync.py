@@ -103,8 +103,6 @@ class SyncResult:
     reasons: Counter = field(default_factory=Counter)
     kinds: Counter = field(default_factory=Counter)
     open_dead_letters: dict[str, int] = field(default_factory=dict)  # the flow's DLQ, by kind
-    # Rows held because their open letters still hold this content: bad still, for the budget.
-    held_failing: int = 0
     samples: list[dict[str, object]] = field(default_factory=list)
 
     @property
@@ -404,6 +402,8 @@ class Sync:
         self.log = log or logger
         self._force: set[str] = set()
         self._replaying = False
+        # Records refused for a destination id a record outside their batch held (see _retried).
+        self._clashed: list[str] = []
         # The stages of a run (see _drive): the batch being committed, and its commit.
         self._in_flight: _InFlight | None = None
         self._committed: Future | None = None
@@ -429,7 +429,7 @@ class Sync:
         if self.spec.archive_deleted:
             self._guard_archives(since, approved=allow_mass_archive)
         batches = self.source.batches(since, self.spec.batch_size)
-        return self._drive(batches, before, full=full, move_watermark=True)
+        return self._retried(self._drive(batches, before, full=full, move_watermark=True))
 
     def run_window(
         self, start: datetime, end: datetime, allow_mass_archive: bool = False
@@ -445,7 +445,28 @@ class Sync:
             self._guard_archives(None, approved=allow_mass_archive, within=within)
         batches = self.source.batches(None, self.spec.batch_size, within=within)
         before = self.state.watermark(self.spec.name)
-        return self._drive(batches, before, full=False, move_watermark=False)
+        return self._retried(self._drive(batches, before, full=False, move_watermark=False))
+
+    def _retried(self, result: SyncResult) -> SyncResult:
+        """The run's result, once the records it refused for a destination id that a record
+        outside their batch held are tried again, now that every batch is written: two records
+        that swap ids across batches (each refused for the other's old id) land together then,
+        as a replay of their letters, in one batch. What still clashes stays in the DLQ."""
+        clashed, self._clashed = sorted(set(self._clashed)), []
+        if not clashed:  # (no keys would be no filter: every open letter)
+            return result
+        letters = self.state.list_dead_letters(self.spec.name, keys=clashed, limit=None)
+        if not letters:
+            return result
+        again = self.replay(letters, batch_size=max(self.spec.batch_size, len(letters)))
+        still = self.state.list_dead_letters(self.spec.name, keys=clashed, limit=None)
+        landed = len(letters) - len(still)
+        for name in ("inserted", "updated", "unchanged", "archived"):
+            result.counts[name] += again.counts[name]
+        result.counts["rejected"] -= landed
+        result.counts["valid"] += landed
+        result.open_dead_letters = again.open_dead_letters
+        return result
 
     def repair(self, keys: Sequence[str]) -> SyncResult:
         """Send these records again whatever the ledger says (reconciliation found them drifted).
@@ -458,7 +479,7 @@ class Sync:
         finally:
             self._force = set()
 
-    def replay(self, letters: Sequence[DeadLetter]) -> SyncResult:
+    def replay(self, letters: Sequence[DeadLetter], batch_size: int | None = None) -> SyncResult:
         """Sync dead-lettered records again, each from its current source row, re-validated
         against today's contracts. A letter closes only when its record lands (or is found
         already in sync); a record that fails again stays in the DLQ with its new reason. A
@@ -468,7 +489,7 @@ class Sync:
         from its payload. The watermark stays."""
         letters = [letter for letter in letters if letter.flow == self.spec.name]
         keys = [letter.record_key for letter in letters if not letter.record_key.startswith("!")]
-        found = list(self.source.rows_with_keys(keys, self.spec.batch_size))
+        found = list(self.source.rows_with_keys(keys, batch_size or self.spec.batch_size))
         present = {str(key) for batch in found for key in batch[self.spec.source.key]}
         unkeyed = [
             letter.payload
@@ -489,22 +510,21 @@ class Sync:
         finally:
             self._replaying = False
 
-    def archive_extras(self, destination_ids: Sequence[str]) -> int:
+    def archive_extras(self, destination_ids: Sequence[str], approved: bool = False) -> int:
         """Archive the extra rows reconciliation found (live in the destination, not expected
         from the source) that this flow wrote, for records the source no longer has: a row
         deleted outright, which no run reads. Rows the ledger holds for no record (not written
         by handoff) are left alone. How many were archived."""
         owners = self.state.live_owners(self.spec.name, list(destination_ids))
         keys = sorted({key for held in owners.values() for key in held})
-        present = {
-            str(key)
-            for batch in self.source.rows_with_keys(keys, self.spec.batch_size)
-            for key in batch[self.spec.source.key]
-        }
+        present = self._in_source(keys)
         gone = [key for key in keys if key not in present]
-        return self._archive_gone(gone) if gone else 0
+        if not gone:
+            return 0
+        self._guard(gone, approved)  # a source emptied by mistake is no reason to archive all
+        return self._archive_gone(gone, replaying=False)
 
-    def _archive_gone(self, keys: list[str]) -> int:
+    def _archive_gone(self, keys: list[str], replaying: bool = True) -> int:
         """Close the letters of records the source no longer has, archiving what the
         destination holds of them (not a row another record holds now); how many archived."""
         flow = self.spec.name
@@ -523,15 +543,18 @@ class Sync:
         records = [
             AuditRecord(flow, key, "archive", trace(key), {"destination_id": destination_id})
             for key, destination_id in live.items()
-        ] + [
-            AuditRecord(flow, key, "replay", trace(key), {"closed": "gone from the source"})
-            for key in keys
         ]
+        if replaying:
+            records += [
+                AuditRecord(flow, key, "replay", trace(key), {"closed": "gone from the source"})
+                for key in keys
+            ]
         self.state.commit_batch(
             BatchCommit(
                 flow,
                 self.run_id,
                 synced={key: LedgerEntry("archived", d, True) for key, d in live.items()},
+                released=list(live),  # their unique values are free again
                 resolved=keys,
                 resolution="gone",
                 audit_records=records,
@@ -622,7 +645,12 @@ class Sync:
         if self.spec.in_scope is not None:
             keys += self._leaving_scope(since, within)
         ledger = self.state.ledger_entries(self.spec.name, keys)
-        doomed = sorted((key for key, entry in ledger.items() if not entry.archived), key=_natural)
+        self._guard([key for key, entry in ledger.items() if not entry.archived], approved)
+
+    def _guard(self, doomed: list[str], approved: bool) -> None:
+        """Stop before archiving `doomed` (keys the ledger holds live) when they are more of the
+        synced records than the archive guard allows, unless someone approved it (audited)."""
+        doomed = sorted(doomed, key=_natural)
         synced = self.state.count_synced(self.spec.name)
         guard = self.spec.archive_guard
         if len(doomed) <= guard.min_records or len(doomed) <= guard.max_share * synced:
@@ -748,11 +776,13 @@ class Sync:
         result.counts["inserted"] += written.inserted
         result.counts["updated"] += written.updated
         result.counts["unchanged"] += written.unchanged
-        result.counts["archived"] += len(plan.to_archive) + len(old_rows)
+        result.counts["archived"] += len(archived) + len(old_rows)
         if self._committed is not None:
             self._committed.result()  # raises the batch before's failure: nothing is handed on
         flight = _InFlight.of(self.spec, plan, written)
-        watermark = self._watermark(staged.last, result.watermark_before)
+        watermark = (
+            self._watermark(staged.last, result.watermark_before) if move_watermark else None
+        )
         # The committer keeps what it writes, not the batch's frames and values.
         plan.outbound = OutboundBatch(
             plan.outbound.keys, {}, plan.outbound.hashes, flow=self.spec.name, run_id=self.run_id
@@ -760,7 +790,7 @@ class Sync:
         self._in_flight = flight
         self._committed = self._committer.submit(
             self._commit_staged,
-            (staged.rows, watermark if move_watermark else None),
+            (staged.rows, watermark),
             plan,
             flight,
             letters + refused,
@@ -961,7 +991,8 @@ class Sync:
             "inserted": written.inserted,
             "updated": written.updated,
             "unchanged": written.unchanged,
-            "archived": len(plan.to_archive),
+            "archived": sum(i not in plan.kept for i in plan.to_archive.values())
+            + len(plan.relocated),
             "dead_lettered": len(letters),
             "watermark": watermark.as_dict() if watermark else None,
         }
@@ -1014,7 +1045,15 @@ class Sync:
             zip(repeat(flow), keys, actions, map(prefix.__add__, keys), changes)
         )
         records += [
-            AuditRecord(flow, key, "archive", trace(key), {"destination_id": destination_id})
+            AuditRecord(
+                flow,
+                key,
+                "archive",
+                trace(key),
+                {"destination_id": destination_id}
+                if destination_id not in plan.kept
+                else {"destination_id": destination_id, "row": "kept: another record holds it"},
+            )
             for key, destination_id in plan.to_archive.items()
         ]
         records += [  # the old row of a record now written under another id
@@ -1113,9 +1152,17 @@ class Sync:
                     or known.destination_id != ids[at]
                 )
             }
-            now = dict(zip(keys, ids, strict=True))
-            held = self._holders(new, {**now, **dict.fromkeys(gone.index)}, in_flight)
-            taken.update(held)
+            now = {**dict(zip(keys, ids, strict=True)), **dict.fromkeys(gone.index)}
+            within = dict(taken)
+            for _ in range(_CLAIM_PASSES):  # a refused record keeps its row: moves none
+                moving = {key: at for key, at in now.items() if key not in taken}
+                held = self._holders(new, moving, in_flight)
+                if held.keys() == taken.keys() - within.keys():
+                    break
+                taken = {**within, **held}
+            taken = {**within, **held}
+            if not self._replaying:
+                self._clashed += list(held)
         label, field_name = self.spec.target_contract.label, self.spec.target.id_property
         return [
             RowRejection(
@@ -1140,16 +1187,31 @@ class Sync:
         owners = self.state.live_owners(self.spec.name, list(wanted.values()))
         for key, destination_id in flying.items():
             owners.setdefault(destination_id, set()).add(key)
-        held: dict[str, str] = {}
+        candidates: dict[str, list[str]] = {}
         for key, destination_id in wanted.items():
             for owner in sorted(owners.get(destination_id, set()) - {key}):
                 if owner in flight.archived or flying.get(owner, destination_id) != destination_id:
                     continue  # the batch being committed moved or archived it
                 if moving.get(owner, destination_id) != destination_id:
                     continue  # this batch moves it off the id, or archives it
-                held[key] = owner
-                break
-        return held
+                candidates.setdefault(key, []).append(owner)
+        # A holder the ledger names but this batch does not hold: one whose source row is gone
+        # (deleted outright) holds nothing, and its row is free.
+        outside = {o for held in candidates.values() for o in held} - moving.keys() - flying.keys()
+        gone = outside - self._in_source(sorted(outside)) if outside else set()
+        return {
+            key: live[0]
+            for key, held in candidates.items()
+            if (live := [owner for owner in held if owner not in gone])
+        }
+
+    def _in_source(self, keys: list[str]) -> set[str]:
+        """Which of these records the source still has."""
+        return {
+            str(key)
+            for batch in self.source.rows_with_keys(keys, self.spec.batch_size)
+            for key in batch[self.spec.source.key]
+        }
 
     def _held_ids(
         self, to_archive: dict[str, str], leaving: set[str], in_flight: _InFlight | None
@@ -1281,11 +1343,6 @@ class Sync:
             return live, letters, set(opened)
         fresh = [letter for letter in letters if held.get(letter.record_key) != letter.content_hash]
         result.counts["held"] += sum(map(_rows_in, letters)) - sum(map(_rows_in, fresh))
-        result.held_failing += sum(
-            _rows_in(letter)
-            for letter in letters
-            if opened.get(letter.record_key) == letter.content_hash
-        )
         waiting = [key for key in held if key in live.index]
         payloads = _json_ready(live.loc[waiting])
         unchanged = [
@@ -1294,7 +1351,6 @@ class Sync:
             if content_hash(payload) == held[key]
         ]
         result.counts["held"] += len(unchanged)
-        result.held_failing += sum(1 for key in unchanged if opened.get(key) == held[key])
         return live.drop(index=unchanged), fresh, set(opened)
 
     # --- load: per-record refusals, bisection of chunks refused whole -------------------------
@@ -1433,13 +1489,10 @@ class Sync:
         destination refused passed the contracts (it is in `valid`) and is counted once."""
         budget = self.spec.error_budget
         refused = result.kinds["destination-rejected"]
-        # Rows held by open letters failed before and fail still: a rerun that set them aside
-        # went through green with half its rows bad. Discarded ones are accepted, not counted.
-        held = result.held_failing
-        seen = result.counts["valid"] + result.counts["rejected"] - refused + held
+        seen = result.counts["valid"] + result.counts["rejected"] - refused
         if self._replaying or seen < budget.min_rows:  # a replay retries known-bad records
             return
-        failed = result.counts["rejected"] + held
+        failed = result.counts["rejected"]
         share = failed / seen
         if share <= budget.max_share:
             return
@@ -1454,14 +1507,11 @@ class Sync:
                 audit=self._batch_entry({"dead_lettered": len(pending), "stopped": "error budget"}),
             )
         top = "; ".join(f"{reason} ({n})" for reason, n in result.reasons.most_common(3))
-        earlier = f" ({held} held in the DLQ since an earlier run)" if held else ""
         raise ErrorBudgetExceeded(
             self.spec.name,
-            f"{failed} of {seen} rows ({share:.1%}) failed{earlier}, above the error budget of "
-            f"{budget.max_share:.0%}; top reasons: {top or 'those held in the DLQ'}",
-            f"inspect them with `handoff dlq list --flow {self.spec.name}`; "
-            + ("discard the ones to leave out (`handoff dlq discard`), or " if held else "")
-            + "fix the source "
+            f"{failed} of {seen} rows ({share:.1%}) failed, above the error budget of "
+            f"{budget.max_share:.0%}; top reasons: {top}",
+            f"inspect them with `handoff dlq list --flow {self.spec.name}`, fix the source "
             + (
                 "(or the contract, or the destination), then replay them (`handoff dlq replay`): "
                 "every batch of this run was committed, the rejected rows wait in the DLQ"

@@ -137,12 +137,16 @@ def unreachable(error: sa.exc.StatementError | None) -> bool:
     # PyMySQL's client codes (2000–2999) mean no connection; psycopg's error without a SQLSTATE
     # (a connection refused) has a message for its args.
     code = original.args[0] if original is not None and original.args else None
-    return not isinstance(code, int) or 2000 <= code < 3000
+    return not isinstance(code, int) or 2000 <= code < 3000 or code in _MARIADB_BUSY
 
 
-# PostgreSQL's classes: connection exception, insufficient resources, operator intervention,
-# system error; and data or an index corrupted.
-_PG_UNAVAILABLE_CLASSES = frozenset({"08", "53", "57", "58"})
+# PostgreSQL's classes: connection exception, transaction rollback (a serialization failure, a
+# deadlock: a hot standby cancels reads so), insufficient resources, object not in prerequisite
+# state (a lock not available, a table a publication keeps from updates), operator
+# intervention, system error; and data or an index corrupted. None is one record's fault.
+_PG_UNAVAILABLE_CLASSES = frozenset({"08", "40", "53", "55", "57", "58"})
+# MariaDB's too many connections (1040), a user's connection or query limit (1203, 1226).
+_MARIADB_BUSY = frozenset({1040, 1203, 1226})
 _PG_CORRUPT = frozenset({"XX001", "XX002"})
 # SQLite's result codes of a file it cannot open, read, write, lock or trust.
 _SQLITE_UNAVAILABLE = (

@@ -354,7 +354,6 @@ class SqlTable:
         copy_columns(connection, _TEMP_TABLE, columns)
         mine = ", ".join([*(f"{table}.{name}" for name in others), f"{table}.{archived}"])
         theirs = ", ".join([*(f"EXCLUDED.{name}" for name in others), "NULL"])
-        theirs_in_batch = ", ".join([*(f"batch.{name}" for name in others), "NULL"])
         updates = ", ".join(
             [*(f"{name} = EXCLUDED.{name}" for name in others), f"{archived} = NULL"]
         )
@@ -368,11 +367,13 @@ class SqlTable:
         if len(created) == len(sent):
             return _Written(created)
         # Rows left out of RETURNING were already equal (kept, not rewritten, not created), or a
-        # BEFORE trigger skipped them: those are not in the table as sent.
+        # BEFORE trigger skipped them: those are not in the table, or still archived. (Not
+        # compared with the batch: a trigger that normalises values, lower(email), made rows
+        # the upsert found equal differ from what was sent.)
         skipped = connection.exec_driver_sql(
             f"SELECT batch.{key} FROM {_TEMP_TABLE} AS batch LEFT JOIN {table} "
             f"ON {table}.{key} = batch.{key} "
-            f"WHERE {table}.{key} IS NULL OR ({mine}) IS DISTINCT FROM ({theirs_in_batch})"
+            f"WHERE {table}.{key} IS NULL OR {table}.{archived} IS NOT NULL"
         ).scalars()
         return _Written(created, frozenset(map(self._key_text, skipped)) - created.keys())
 

@@ -38,7 +38,6 @@ from psycopg.pq import Format
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import ClauseElement, Executable
 
-from integrations.engine.hashing import canonical_json
 from integrations.engine.source import FAR_FUTURE, SourceUnavailable
 from integrations.engine.spec import RecentTotal, SourceTable
 from integrations.sql.connect import raise_on_lost_connection
@@ -104,11 +103,6 @@ class SqlSource:
             at
             for at, column in enumerate(self.select.selected_columns)
             if isinstance(column.type, sa.Integer)
-        ]
-        self._documents = [
-            at
-            for at, column in enumerate(self.select.selected_columns)
-            if isinstance(column.type, sa.JSON | sa.ARRAY)
         ]
 
     def _no_date_when_zero(self, *names: str | None) -> list[str]:
@@ -182,7 +176,7 @@ class SqlSource:
             joined = joined.outerjoin(parent, self.table.c[lookup.via] == parent.c[lookup.key])
             extra.append(parent.c[lookup.value].label(lookup.name))
         extra += [self._total(total) for total in self.spec.totals]
-        own: list[sa.ColumnElement] = list(self.table.c)
+        own: list[sa.ColumnElement] = [_document_text(column) for column in self.table.c]
         if self.engine.dialect.name == "sqlite":
             own = [_lenient_times(column) for column in own]
         columns = [
@@ -367,16 +361,14 @@ class SqlSource:
             self._no_numbers(frame[self.spec.cursor])
         for name in self._zero_dates_as_null:
             values = frame[name]
-            if values.dtype == object:
-                is_text = values.map(lambda value: isinstance(value, str))
-                frame[name] = values.where(~is_text, None).infer_objects()
+            if values.dtype == object:  # but a partial date ('2025-03-00') is a date still
+                zero = values.map(lambda value: isinstance(value, str) and value < "0001")
+                frame[name] = values.where(~zero, None).infer_objects()
         for at in self._integers:
             # A NULL makes pandas store the column as float64: values beyond 2**53 rounded, and
             # 12345 becomes "12345.0" as text. Rebuilt from the rows, only in such a batch.
             if dtypes.iloc[at].kind == "f":
                 frame.isetitem(at, _exact_integers([row[at] for row in rows]))
-        for at in self._documents:
-            frame.isetitem(at, _as_json([row[at] for row in rows]))
         return frame
 
     def _no_numbers(self, cursor: pd.Series) -> None:
@@ -569,13 +561,16 @@ def _bound(column: sa.ColumnElement, moment: datetime) -> datetime:
     return as_utc(moment).replace(tzinfo=UTC) if zoned else as_utc(moment)
 
 
-def _as_json(values: list) -> np.ndarray:
-    """JSON and array values as canonical JSON text (NULL stays None): the drivers give dicts
-    and lists, which reached a destination's text field as Python's repr ({'a': None}), not
-    JSON; and canonical, so a document's hash does not depend on its keys' order."""
-    texts = np.empty(len(values), dtype=object)
-    texts[:] = [None if value is None else canonical_json(value) for value in values]
-    return texts
+def _document_text(column: sa.Column) -> sa.ColumnElement:
+    """A JSON or array column as the server's JSON text: the drivers gave dicts and lists,
+    which reached a destination's text field as Python's repr ({'a': None}), not JSON; and the
+    server's text keeps a numeric's digits and writes NaN as a string (Python's own encoding
+    made numbers of a numeric[] strings, and NaN no JSON at all)."""
+    if isinstance(column.type, sa.ARRAY):
+        return sa.cast(sa.func.array_to_json(column), sa.Text).label(column.name)
+    if isinstance(column.type, sa.JSON):
+        return sa.cast(column, sa.Text).label(column.name)
+    return column
 
 
 def _exact_integers(values: list) -> pd.api.extensions.ExtensionArray | np.ndarray:
