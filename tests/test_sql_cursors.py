@@ -7,7 +7,8 @@ from __future__ import annotations
 import dataclasses
 import sqlite3
 import uuid
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from datetime import UTC, datetime, timedelta, timezone
 
 import pandas as pd
@@ -94,16 +95,25 @@ def state(own_state):
     return own_state
 
 
-def run(engine: sa.Engine, state: StateStore, spec: FlowSpec = SPEC) -> SyncResult:
+@contextmanager
+def syncing(
+    engine: sa.Engine, state: StateStore, spec: FlowSpec = SPEC, run_id: str = "r"
+) -> Iterator[Sync]:
     """The lines flow into a table of the same database, through an engine of its own (as two
     resources would have)."""
-    source = SqlSource(engine, SOURCE)
     writer = create_engine(engine.url.render_as_string(hide_password=False))
     destination = SqlTable(writer, spec.target, create_missing=True)
     try:
-        return Sync(spec, source, destination, state, run_id="r", actor="test", why="test").run()
+        yield Sync(
+            spec, SqlSource(engine, SOURCE), destination, state, run_id=run_id, actor="t", why="t"
+        )
     finally:
         writer.dispose()
+
+
+def run(engine: sa.Engine, state: StateStore, spec: FlowSpec = SPEC) -> SyncResult:
+    with syncing(engine, state, spec) as sync:
+        return sync.run()
 
 
 def test_rows_without_a_cursor_value_are_synced_and_their_changes_seen(sql_database, state):
@@ -331,18 +341,13 @@ def test_a_repair_that_would_archive_most_records_stops_at_the_guard(tmp_path, s
     run(engine, state)
     with engine.begin() as connection:
         connection.execute(sa.text("DELETE FROM source_lines WHERE id > 1"))
-    writer = create_engine(engine.url.render_as_string(hide_password=False))
-    destination = SqlTable(writer, SPEC.target)
-    sync = Sync(
-        SPEC, SqlSource(engine, SOURCE), destination, state, run_id="fix", actor="t", why="t"
-    )
-    drift = reconcile(SPEC, sync.source, destination, state)
-    with pytest.raises(ArchiveGuardTripped):
-        sync.archive_extras(drift.extra_ids)
-    assert len(live(engine)) == 12
-    assert sync.archive_extras(drift.extra_ids, approved=True) == 11
+    with syncing(engine, state, run_id="fix") as sync:
+        drift = reconcile(SPEC, sync.source, sync.destination, state)
+        with pytest.raises(ArchiveGuardTripped):
+            sync.archive_extras(drift.extra_ids)
+        assert len(live(engine)) == 12
+        assert sync.archive_extras(drift.extra_ids, approved=True) == 11
     assert live(engine) == {"L1": 1.0}
-    writer.dispose()
     engine.dispose()
 
 
@@ -354,18 +359,8 @@ def test_a_replay_of_rows_without_a_key_judges_them_again(tmp_path, state):
     run(engine, state)
     letters = state.list_dead_letters(SPEC.name)
     assert len(letters) == 2 and all(letter.record_key.startswith("!") for letter in letters)
-    writer = create_engine(engine.url.render_as_string(hide_password=False))
-    sync = Sync(
-        SPEC,
-        SqlSource(engine, SOURCE),
-        SqlTable(writer, SPEC.target),
-        state,
-        run_id="again",
-        actor="t",
-        why="t",
-    )
-    assert sync.replay(letters).counts["rejected"] == 2
-    writer.dispose()
+    with syncing(engine, state, run_id="again") as sync:
+        assert sync.replay(letters).counts["rejected"] == 2
     engine.dispose()
 
 
@@ -384,18 +379,8 @@ def test_a_replay_of_a_record_deleted_since_archives_it_not_revives_it(sql_datab
     assert run(engine, state, LOOSE_SPEC).counts["rejected"] == 1
     with engine.begin() as connection:
         connection.execute(sa.text("DELETE FROM source_lines WHERE id = 1"))
-    writer = create_engine(engine.url.render_as_string(hide_password=False))
-    sync = Sync(
-        LOOSE_SPEC,
-        SqlSource(engine, SOURCE),
-        SqlTable(writer, SPEC.target),
-        state,
-        run_id="replay",
-        actor="test",
-        why="test",
-    )
-    replayed = sync.replay(state.list_dead_letters(SPEC.name))
-    writer.dispose()
+    with syncing(engine, state, LOOSE_SPEC, run_id="replay") as sync:
+        replayed = sync.replay(state.list_dead_letters(SPEC.name))
     assert (replayed.counts["gone"], replayed.counts["archived"]) == (1, 1)
     assert rows(engine)["L1"][2] is not None and rows(engine)["L2"][2] is None
     assert state.list_dead_letters(SPEC.name) == []

@@ -266,6 +266,13 @@ def _what_and_todo(error: Exception) -> tuple[str, str | None]:
     return what, todo.rstrip(".") or None
 
 
+def _archived(destination_id: str, kept: Set[str]) -> dict[str, str]:
+    """An archive's audit record: its row, and whether the row was left for another record."""
+    if destination_id in kept:
+        return {"destination_id": destination_id, "row": "kept: another record holds it"}
+    return {"destination_id": destination_id}
+
+
 def _rows_in(letter: DeadLetter) -> int:
     """The source rows a dead letter holds: one, or each row of a key repeated in a batch."""
     if letter.payload.keys() == {"rows"} and isinstance(letter.payload["rows"], list):
@@ -541,7 +548,7 @@ class Sync:
             self._call_destination(lambda: self._archive(archived))
         trace = functools.partial(correlation_id, self.run_id, flow)
         records = [
-            AuditRecord(flow, key, "archive", trace(key), {"destination_id": destination_id})
+            AuditRecord(flow, key, "archive", trace(key), _archived(destination_id, kept))
             for key, destination_id in live.items()
         ]
         if replaying:
@@ -1045,15 +1052,7 @@ class Sync:
             zip(repeat(flow), keys, actions, map(prefix.__add__, keys), changes)
         )
         records += [
-            AuditRecord(
-                flow,
-                key,
-                "archive",
-                trace(key),
-                {"destination_id": destination_id}
-                if destination_id not in plan.kept
-                else {"destination_id": destination_id, "row": "kept: another record holds it"},
-            )
+            AuditRecord(flow, key, "archive", trace(key), _archived(destination_id, plan.kept))
             for key, destination_id in plan.to_archive.items()
         ]
         records += [  # the old row of a record now written under another id
@@ -1111,7 +1110,8 @@ class Sync:
         compares them."""
         ids_of = getattr(self.destination, "ids_of", None)
         ids = ids_of(values) if ids_of is not None else [_key_text(value) for value in values]
-        return [i.lower() for i in ids] if getattr(self.destination, "ids_ignore_case", 0) else ids
+        folded = getattr(self.destination, "ids_ignore_case", False)
+        return [i.lower() for i in ids] if folded else ids
 
     def _taken_ids(
         self,
