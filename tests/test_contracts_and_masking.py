@@ -238,3 +238,5 @@ def test_scrub_masks_a_value_in_any_case_as_a_word_not_inside_others():
     """Matching any case anywhere masked "timestamp" for a customer named Tim."""
     said = "timestamp of TIM, marked by Tim at STRASSE 5"
     assert scrub(said, ["Tim", "Mark", "Straße"]) == "timestamp of T***, marked by T*** at S*** 5"
+    # A digit or an underscore is no letter: the name is masked beside them.
+    assert scrub("jane_doe JANE2 doe_1987", ["Jane", "Doe"]) == "j***_d*** J***2 d***_1987"

@@ -273,12 +273,12 @@ def test_two_records_never_share_a_destination_row(sql_database, state):
 
 
 def renumber(engine: sa.Engine, moves: list[tuple[int, str]], hour: int = 0) -> None:
-    """Give source lines new numbers, each changed an hour after the one before."""
+    """Give source lines new numbers, each changed a minute after the one before."""
     with engine.begin() as connection:
         for n, (line, number) in enumerate(moves):
             connection.execute(
                 sa.text("UPDATE source_lines SET line_number = :n, updated_at = :at WHERE id = :i"),
-                {"n": number, "at": datetime(2025, 1, 2, hour + n), "i": line},
+                {"n": number, "at": datetime(2025, 1, 2, hour) + timedelta(minutes=n), "i": line},
             )
 
 
@@ -361,6 +361,58 @@ def test_a_replay_of_rows_without_a_key_judges_them_again(tmp_path, state):
     assert len(letters) == 2 and all(letter.record_key.startswith("!") for letter in letters)
     with syncing(engine, state, run_id="again") as sync:
         assert sync.replay(letters).counts["rejected"] == 2
+    engine.dispose()
+
+
+def test_a_renumbering_chain_across_batches_lands(sql_database, state):
+    """Forty records each taking the next one's number, four to a batch: each batch's chain
+    was refused, the error budget stopped the run before its end-of-run retry, and a replay
+    (in batches again) landed none."""
+    engine = create_engine(sql_database())
+    source_lines(engine, [datetime(2025, 1, 1, 0, n) for n in range(40)])
+    spec = dataclasses.replace(LOOSE_SPEC, batch_size=4)
+    run(engine, state, spec)
+    renumber(engine, [(line, f"L{line + 1}") for line in range(1, 41)])
+    chained = run(engine, state, spec)
+    assert (chained.counts["rejected"], state.list_dead_letters(spec.name)) == (0, [])
+    assert live(engine) == {f"L{n + 1}": float(n) for n in range(1, 41)}
+    engine.dispose()
+
+
+def test_a_chain_ending_on_a_taken_number_is_refused_whole_and_overwrites_no_row(
+    sql_database, state
+):
+    """Twelve records each taking the next one's number, the last onto a number that stays
+    taken: past eight passes of the check, a refused record's row was written over."""
+    engine = create_engine(sql_database())
+    source_lines(engine, [datetime(2025, 1, 1, 0, n) for n in range(13)])
+    spec = dataclasses.replace(LOOSE_SPEC, batch_size=20)
+    run(engine, state, spec)
+    renumber(engine, [(line, f"L{line + 1}") for line in range(1, 13)])
+    assert run(engine, state, spec).counts["rejected"] == 12
+    assert live(engine) == {f"L{n}": float(n) for n in range(1, 14)}
+    engine.dispose()
+
+
+def test_a_holder_keyed_by_a_sqlite_column_without_a_type_is_found(tmp_path, state):
+    """Keys of a SQLite column declared without a type were looked up as text, which does not
+    match the number SQLite keeps: a holder still in the source was taken for deleted, and
+    another record written over its row."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'lines.sqlite'}")
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "CREATE TABLE source_lines (id PRIMARY KEY, line_number TEXT, amount REAL, "
+            "booked_on TEXT, memo TEXT, updated_at TIMESTAMP, deleted_at TIMESTAMP)"
+        )
+        connection.exec_driver_sql(
+            "INSERT INTO source_lines VALUES (1, 'L1', 1, '2025-01-02', 'x', "
+            "'2025-01-01 00:00:00', NULL), (2, 'L2', 2, '2025-01-02', 'x', "
+            "'2025-01-01 01:00:00', NULL)"
+        )
+    run(engine, state, LOOSE_SPEC)
+    renumber(engine, [(2, "L1")])
+    assert run(engine, state, LOOSE_SPEC).counts["rejected"] == 1
+    assert live(engine) == {"L1": 1.0, "L2": 2.0}
     engine.dispose()
 
 

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from pandas.testing import assert_frame_equal
 
 from assets.helpdesk_users import HELPDESK_USERS
-from integrations.engine.spec import SourceTable
+from integrations.engine.spec import Lookup, SourceTable
 from integrations.erp.seed import seed_erp
 from integrations.sql.connect import create_engine, without_values
 from integrations.sql.source import SourceUnavailable, SqlSource
@@ -235,6 +235,33 @@ def test_json_and_array_values_are_read_as_json_text(postgres_database):
         ],
         ['"plain"', None, "[]", None, None, None],
     ]
+    engine.dispose()
+
+
+def test_a_lookup_of_a_json_column_is_read_as_json_text(postgres_database):
+    """A Lookup of a parent's jsonb or array column came as a dict or a list (Python's repr in a
+    text field), though the table's own such columns came as JSON text."""
+    url = postgres_database()
+    with psycopg.connect(url) as connection:
+        connection.execute("CREATE TABLE plans (id int PRIMARY KEY, terms jsonb)")
+        connection.execute("CREATE TABLE quotas (id int PRIMARY KEY, caps numeric[])")
+        connection.execute("CREATE TABLE subs (id int PRIMARY KEY, plan_id int, quota_id int)")
+        connection.execute("""INSERT INTO plans VALUES (1, '{"tier": "gold"}')""")
+        connection.execute("INSERT INTO quotas VALUES (2, '{1.50,2}')")
+        connection.execute("INSERT INTO subs VALUES (10, 1, 2)")
+    engine = create_engine(url)
+    table = SourceTable(
+        table="subs",
+        key="id",
+        cursor=None,
+        deleted=None,
+        lookups=(
+            Lookup(name="terms", table="plans", via="plan_id", key="id", value="terms"),
+            Lookup(name="caps", table="quotas", via="quota_id", key="id", value="caps"),
+        ),
+    )
+    [frame] = SqlSource(engine, table).batches(None, 10)
+    assert frame[["terms", "caps"]].values.tolist() == [['{"tier": "gold"}', "[1.50,2]"]]
     engine.dispose()
 
 

@@ -36,16 +36,26 @@ def mask_record(record: Mapping[str, object], pii_fields: Iterable[str]) -> dict
 
 def scrub(text: str, values: Iterable[object]) -> str:
     """`text` (an API's error message, an exception) with each of these PII values masked: as
-    they are, and in any case as whole words, for a database's trigger may say upper(name)
+    they are, and in any case where no letter adjoins them, for a trigger may say upper(name)
     ("JANE DOE", "STRASSE" for "Straße"), but "Tim" is no part of "timestamp"."""
     for value in sorted(
         {str(v) for v in values if v is not None and str(v)}, key=len, reverse=True
     ):
         if len(value) >= 3:
             text = text.replace(value, str(mask_value(value)))
-            for form in {value, value.upper()}:  # in another case: as a whole word only
-                text = re.sub(rf"(?<!\w){re.escape(form)}(?!\w)", _masked, text, flags=re.I)
+            for form in {value, value.upper()}:  # in another case: not within other letters
+                text = re.sub(
+                    rf"{_NO_LETTER_BEFORE}{re.escape(form)}{_NO_LETTER_AFTER}",
+                    _masked,
+                    text,
+                    flags=re.I,
+                )
     return text
+
+
+# Not next to a letter (a digit or an underscore is no letter: "jane_doe", "JANE2" are masked).
+_NO_LETTER_BEFORE = r"(?<![^\W\d_])"
+_NO_LETTER_AFTER = r"(?![^\W\d_])"
 
 
 def _masked(found: re.Match) -> str:

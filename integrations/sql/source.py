@@ -174,7 +174,7 @@ class SqlSource:
             if missing or lookup.via not in self.table.c:
                 raise SourceSchemaError(f"lookup {lookup.name!r} names unknown columns")
             joined = joined.outerjoin(parent, self.table.c[lookup.via] == parent.c[lookup.key])
-            extra.append(parent.c[lookup.value].label(lookup.name))
+            extra.append(_document_text(parent.c[lookup.value]).label(lookup.name))
         extra += [self._total(total) for total in self.spec.totals]
         own: list[sa.ColumnElement] = [_document_text(column) for column in self.table.c]
         if self.engine.dialect.name == "sqlite":
@@ -285,6 +285,10 @@ class SqlSource:
                 native.append(key if native_type is object else native_type(key))
             except (TypeError, ValueError):
                 continue  # a key of the wrong type names no row of this table
+            if native_type is object and _whole_number(key):
+                # A SQLite column without a type keeps 1 as a number, which the text '1' does
+                # not match: such a row was taken for gone (replayed as deleted, archived).
+                native.append(int(key))
         for start in range(0, len(native), batch_size):
             chunk = sa.bindparam(
                 "keys", native[start : start + batch_size], expanding=True, type_=key_type
@@ -541,6 +545,11 @@ _BYTES_KEPT = functools.partial(str, encoding="utf-8", errors="surrogateescape")
 
 # Below every date MariaDB reads, above its zero dates.
 BEFORE_EVERY_DATE = datetime(1, 1, 1)
+
+
+def _whole_number(key: object) -> bool:
+    text = str(key)
+    return text.lstrip("-").isdigit() and str(int(text)) == text
 
 
 def _is_number(value: object) -> bool:
