@@ -20,7 +20,6 @@ import numpy as np
 import sqlalchemy as sa
 
 from integrations import settings
-from integrations.connections import FlowNotOpened
 from integrations.engine.destination import DestinationMismatch, DestinationUnavailable
 from integrations.engine.masking import mask_record
 from integrations.engine.source import SourceUnavailable
@@ -39,8 +38,7 @@ from integrations.sql.source import SourceSchemaError
 # What stops one flow's replay (its systems cannot be opened, do not answer or do not fit); the
 # other flows' replays go on.
 REPLAY_STOPPERS = (
-    FlowNotOpened,
-    SyncError,
+    SyncError,  # FlowNotOpened too
     SourceSchemaError,
     SourceUnavailable,
     StateStoreUnavailable,
@@ -369,7 +367,7 @@ def _replay_flow(spec: FlowSpec, letters: list[DeadLetter], run_id: str) -> int:
 def _replay_stopped(spec: FlowSpec, error: Exception) -> str:
     """What stopped a flow's replay, naming the flow, and what to do (the driver's first line at
     most: no SQL, no values)."""
-    if isinstance(error, (FlowNotOpened, SyncError)):
+    if isinstance(error, SyncError):  # FlowNotOpened too
         return str(error)  # names the flow and what to do
     again = f"rerun `handoff dlq replay --flow {spec.name}`"
     if isinstance(error, DestinationMismatch):  # names the flow, and what to do with the table

@@ -19,6 +19,7 @@ from integrations.engine.destination import Destination
 from integrations.engine.source import Source
 from integrations.engine.spec import FlowSpec, SourceTable, Target
 from integrations.engine.state import MissingSecret, StateStore
+from integrations.engine.sync import SyncError
 from integrations.sql.connect import create_engine
 from integrations.sql.destination import SqlTable
 from integrations.sql.source import SqlSource
@@ -27,13 +28,9 @@ from integrations.sql.source import SqlSource
 CRM_BURST = 3
 
 
-class FlowNotOpened(Exception):
+class FlowNotOpened(SyncError):
     """A flow's source, destination or state store could not be opened: says which flow, what
     happened and what to do. Nothing of the flow was read or written."""
-
-    def __init__(self, flow: str, what: str, todo: str):
-        self.flow, self.what, self.todo = flow, what, todo
-        super().__init__(f"flow {flow}: {what}. What to do: {todo}")
 
 
 @contextmanager

@@ -158,7 +158,7 @@ _SQLITE_UNAVAILABLE = (
 # MariaDB's "Duplicate entry '…' for key" and "Incorrect date value: '…' for column" (the value
 # may hold quotes itself), PostgreSQL's "invalid input syntax for type date: "…"" (at the end)
 # and "value "…" is out of range for type integer".
-QUOTED_VALUE = re.compile(
+_QUOTED_VALUE = re.compile(
     r"((?:entry|value|text):? )'.*?'(?= for |$)|(: )\".*\"$|(value )\".*\"(?= is out of range)",
     re.IGNORECASE,
 )
@@ -166,7 +166,7 @@ QUOTED_VALUE = re.compile(
 
 def without_values(message: str) -> str:
     """A driver's message with the values it quotes masked ('…')."""
-    return QUOTED_VALUE.sub(_masked, message)
+    return _QUOTED_VALUE.sub(_masked, message)
 
 
 def _masked(found: re.Match) -> str:
