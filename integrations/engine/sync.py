@@ -1211,9 +1211,11 @@ class Sync:
             return {}
         flight = in_flight or _InFlight()
         flying = dict(zip(flight.written.keys, flight.written.destination_ids, strict=True))
+        wanted_ids = set(wanted.values())
         owners = self.state.live_owners(self.spec.name, list(wanted.values()))
         for key, destination_id in flying.items():
-            owners.setdefault(destination_id, set()).add(key)
+            if destination_id in wanted_ids:  # only the ids wanted: not the whole batch
+                owners.setdefault(destination_id, set()).add(key)
         candidates: dict[str, list[str]] = {}
         for key, destination_id in wanted.items():
             for owner in sorted(owners.get(destination_id, set()) - {key}):

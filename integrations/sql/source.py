@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator, Sequence
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from datetime import UTC, date, datetime
-from itertools import islice
 
 import numpy as np
 import pandas as pd
 import psycopg
 import sqlalchemy as sa
-from psycopg import capabilities
 from psycopg.pq import Format
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import ClauseElement, Executable
@@ -332,18 +330,14 @@ class SqlSource:
     ) -> Iterator[pd.DataFrame]:
         """Frames of what SQLAlchemy's rows would be, from psycopg's tuples."""
         connection.execute(_DeclareCursor(EXTRACT_CURSOR, query))
-        fetch = f"FETCH ALL FROM {EXTRACT_CURSOR}"
-        # Chunks need libpq 17 (psycopg's binary wheels bring it); else rows come one by one.
-        size = batch_size if capabilities.has_stream_chunked() else 1
+        # A batch per FETCH, its rows made by the driver in C (a stream yields them one by one).
+        fetch = f"FETCH FORWARD {int(batch_size)} FROM {EXTRACT_CURSOR}"
         processors = None
-        with (
-            connection.connection.driver_connection.cursor() as cursor,
-            closing(cursor.stream(fetch, size=size)) as stream,
-        ):
+        with connection.connection.driver_connection.cursor() as cursor:
             _times_beyond_python_as_text(cursor.adapters)
             while True:
                 try:
-                    rows = list(islice(stream, batch_size))
+                    rows = cursor.execute(fetch).fetchall()
                 except connection.dialect.loaded_dbapi.Error as error:
                     # What SQLAlchemy does when a fetch of its own fails: the engine's
                     # handle_error listeners (a lost connection is SourceUnavailable),
