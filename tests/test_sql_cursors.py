@@ -318,6 +318,40 @@ def test_a_number_a_record_deleted_outright_held_is_free(sql_database, state):
     engine.dispose()
 
 
+def test_a_record_deleted_outright_lets_go_of_the_number_taken_from_it(sql_database, state):
+    """The ledger kept a record deleted outright live at the number another record took: one
+    synced record too many, and, once the record was restored in the source, it was written
+    over the taker's row (the ledger said the number was its own)."""
+    engine = create_engine(sql_database())
+    source_lines(engine, [datetime(2025, 1, 1), datetime(2025, 1, 1, 1)])
+    run(engine, state, LOOSE_SPEC)
+    with engine.begin() as connection:
+        connection.execute(sa.text("DELETE FROM source_lines WHERE id = 2"))
+    renumber(engine, [(1, "L2")])
+    run(engine, state, LOOSE_SPEC)
+    assert state.count_synced(LOOSE_SPEC.name) == 1
+    assert [row["archived"] for row in state.ledger_rows("2")] == [True]
+    history = [e for e in state.record_history("2", LOOSE_SPEC.name) if e["action"] == "archive"]
+    assert history and "taken by record 1" in history[-1]["diff"]["row"]
+    source_lines_restore(engine, 2, "L2")
+    restored = run(engine, state, LOOSE_SPEC)
+    assert (restored.counts["inserted"], restored.counts["rejected"]) == (0, 1)
+    assert live(engine) == {"L2": 1.0}
+    engine.dispose()
+
+
+def source_lines_restore(engine: sa.Engine, line: int, number: str) -> None:
+    """Put a deleted source line back (an undone delete), changed now."""
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO source_lines (id, line_number, amount, booked_on, memo, updated_at) "
+                "VALUES (:i, :n, :a, '2025-01-02', 'x', :at)"
+            ),
+            {"i": line, "n": number, "a": float(line), "at": datetime(2025, 1, 3)},
+        )
+
+
 def test_a_record_refused_its_new_number_keeps_its_row(sql_database, state):
     """1 moving onto 2's number is refused; 3 moving onto 1's number was written over 1's row
     all the same (1 did not move), and 1's content was nowhere."""

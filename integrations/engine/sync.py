@@ -134,6 +134,8 @@ class _Plan:
     previous: dict[str, str] = field(default_factory=dict)
     kept: set[str] = field(default_factory=set)
     relocated: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # Records deleted outright whose destination id a sent record takes: key → (id, taker).
+    displaced: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     @cached_property
     def position(self) -> dict[str, int]:
@@ -173,12 +175,14 @@ class _InFlight:
             at = list(map(plan.position.__getitem__, keys))
             hashes = list(map(hashes.__getitem__, at))
             field_hashes = list(map(field_hashes.__getitem__, at))
-        archived = list(plan.to_archive)
+        # Archived, and let go of the rows others took (their records left the source).
+        archived = [*plan.to_archive, *plan.displaced]
+        ids = [*plan.to_archive.values(), *(taken for taken, _ in plan.displaced.values())]
         entries = LedgerEntries(
             keys + archived,
             [
                 [*hashes, *(["archived"] * len(archived))],
-                [*written.destination_ids, *plan.to_archive.values()],
+                [*written.destination_ids, *ids],
                 [False] * len(keys) + [True] * len(archived),
                 [*field_hashes, *([None] * len(archived))],
             ],
@@ -798,6 +802,8 @@ class Sync:
                 self._call_destination(lambda: self._archive(archived))
             written, refused = self._load(plan.outbound, staged.live)
             self._note_rejections(result, refused)
+            landed = set(written.keys)
+            plan.displaced = {k: held for k, held in plan.displaced.items() if held[1] in landed}
             plan.relocated = self._relocated(plan, written, in_flight)
             old_rows = list({old for old, _ in plan.relocated.values()})
             if old_rows:
@@ -944,7 +950,7 @@ class Sync:
                     in_sync.append(key)
                 continue
             sending.append(at)
-        taken = self._taken_ids(valid, sending, ledger, gone, in_flight)
+        taken, displaced = self._taken_ids(valid, sending, ledger, gone, in_flight)
         if taken:
             refused = {rejection.index for rejection in taken}
             sending = [at for at in sending if keys[at] not in refused]
@@ -976,7 +982,9 @@ class Sync:
             and known.destination_id
         }
         kept = self._held_ids(to_archive, set(to_archive), in_flight)
-        return _Plan(outbound, to_archive, now, changes, in_sync, taken, previous, kept)
+        plan = _Plan(outbound, to_archive, now, changes, in_sync, taken, previous, kept)
+        plan.displaced = displaced
+        return plan
 
     def _changes(
         self,
@@ -1038,6 +1046,7 @@ class Sync:
                 # claims nothing new); archived ones of all theirs.
                 released=[
                     *plan.to_archive,
+                    *plan.displaced,
                     *(flight.written.keys if spec.target.unique_ignoring_case else ()),
                 ],
                 resolved=plan.in_sync,
@@ -1081,6 +1090,19 @@ class Sync:
         records += [  # the old row of a record now written under another id
             AuditRecord(flow, key, "archive", trace(key), {"destination_id": old, "now": new})
             for key, (old, new) in plan.relocated.items()
+        ]
+        records += [  # a record deleted outright, whose row another record took
+            AuditRecord(
+                flow,
+                key,
+                "archive",
+                trace(key),
+                {
+                    "destination_id": taken,
+                    "row": f"taken by record {taker}: this one left the source",
+                },
+            )
+            for key, (taken, taker) in plan.displaced.items()
         ]
         return records + self._letter_records(letters)
 
@@ -1143,16 +1165,17 @@ class Sync:
         ledger: Mapping[str, LedgerEntry],
         gone: pd.DataFrame,
         in_flight: _InFlight | None,
-    ) -> list[RowRejection]:
+    ) -> tuple[list[RowRejection], dict[str, tuple[str, str]]]:
         """Records whose destination id another record holds: one of the batch already in sync
         or sent before it, or, where the destination's ids are its key's values (a SQL table),
         one the ledger or the batch being committed holds live and does not let go of in this
         batch. Written, each would overwrite the other's row (an invoice renumbered onto
         another's number, a mapping that folds two codes into one), and archiving one would
-        archive the other's."""
+        archive the other's. And the ledger's holders that left the source (deleted outright)
+        of ids records are sent to take: key → (id, taker); they hold nothing once it is taken."""
         name = self.spec.target.id_property
         if not sending or name not in valid:
-            return []
+            return [], {}
         keys, ids = valid.index.tolist(), self._ids(valid[name].tolist())
         holder: dict[str, str] = {}
         sent = set(sending)
@@ -1160,6 +1183,7 @@ class Sync:
             if at not in sent:
                 holder.setdefault(ids[at], key)
         taken: dict[str, str] = {}  # record → the record that holds its id
+        displaced: dict[str, tuple[str, str]] = {}
         for at in sending:
             owner = holder.setdefault(ids[at], keys[at])
             if owner != keys[at]:
@@ -1176,7 +1200,7 @@ class Sync:
                 )
             }
             now = {**dict(zip(keys, ids, strict=True)), **dict.fromkeys(gone.index)}
-            candidates = self._holders(new, now.keys(), in_flight)
+            candidates, deserted = self._holders(new, now.keys(), in_flight)
             held: dict[str, str] = {}
             while True:  # a refused record keeps its row, and so holds its id: to a fixed point
                 moving = {
@@ -1188,6 +1212,12 @@ class Sync:
                 held = kept
             taken.update(held)
             self._clashed += list(held)
+            displaced = {
+                owner: (new[key], key)
+                for key, owners in deserted.items()
+                if key not in taken
+                for owner in owners
+            }
         label, field_name = self.spec.target_contract.label, self.spec.target.id_property
         return [
             RowRejection(
@@ -1197,18 +1227,18 @@ class Sync:
                 "source, then replay this one",
             )
             for key, owner in taken.items()
-        ]
+        ], displaced
 
     def _holders(
         self, wanted: dict[str, str], batch: Set[str], in_flight: _InFlight | None
-    ) -> dict[str, list[str]]:
+    ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
         """For each record (key → destination id wanted), the other records that hold that id
         live: in the ledger, or in the batch being committed, but not one that batch moved or
         archived, nor one the ledger names whose source row is gone (deleted outright: it
-        holds nothing). Whether this batch (`batch`: its keys) moves them off is for
-        `_still_held` to say."""
+        holds nothing; those are the second mapping's). Whether this batch (`batch`: its keys)
+        moves them off is for `_still_held` to say."""
         if not wanted:
-            return {}
+            return {}, {}
         flight = in_flight or _InFlight()
         flying = dict(zip(flight.written.keys, flight.written.destination_ids, strict=True))
         wanted_ids = set(wanted.values())
@@ -1224,11 +1254,16 @@ class Sync:
                 candidates.setdefault(key, []).append(owner)
         outside = {o for held in candidates.values() for o in held} - set(batch) - flying.keys()
         gone = outside - self._in_source(sorted(outside)) if outside else set()
-        return {
-            key: live
-            for key, held in candidates.items()
-            if (live := [owner for owner in held if owner not in gone])
+        live = {
+            key: [owner for owner in held if owner not in gone] for key, held in candidates.items()
         }
+        deserted = {
+            key: [owner for owner in held if owner in gone] for key, held in candidates.items()
+        }
+        return (
+            {key: owners for key, owners in live.items() if owners},
+            {key: owners for key, owners in deserted.items() if owners},
+        )
 
     def _held_by(
         self, wanted: dict[str, str], moving: dict[str, str | None], in_flight: _InFlight | None
@@ -1236,7 +1271,7 @@ class Sync:
         """For each record (key → destination id wanted), another record that holds that id
         and keeps it: not one this batch moves to another id or archives (`moving`: key → its
         id now, None when archived)."""
-        candidates = self._holders(wanted, moving.keys(), in_flight)
+        candidates, _ = self._holders(wanted, moving.keys(), in_flight)
         return _still_held(candidates, wanted, moving)
 
     def _in_source(self, keys: list[str]) -> set[str]:
