@@ -352,6 +352,23 @@ def source_lines_restore(engine: sa.Engine, line: int, number: str) -> None:
         )
 
 
+def test_a_number_is_taken_only_once_its_holders_move_off_it_landed(sql_database, state):
+    """1 moving to L9 was refused by the table, 2 taking 1's L1 in the same batch was written
+    all the same: over 1's row, which 1 kept (the ledger held both at L1)."""
+    engine = create_engine(sql_database())
+    create(engine, *ledger_columns(), sa.CheckConstraint("line_number <> 'L9'", name="no_l9"))
+    source_lines(engine, [datetime(2025, 1, 1, n) for n in range(2)])
+    run(engine, state, LOOSE_SPEC)
+    renumber(engine, [(1, "L9"), (2, "L1")])
+    refused = run(engine, state, dataclasses.replace(LOOSE_SPEC, batch_size=10))
+    assert (refused.written, refused.counts["rejected"]) == (0, 2)
+    assert live(engine) == {"L1": 1.0, "L2": 2.0}
+    letters = {letter.record_key: letter.reason for letter in state.list_dead_letters(SPEC.name)}
+    assert "refused" in letters["1"] and "record 1's" in letters["2"]
+    assert "L9" not in letters["2"]  # PII-free wording: the id is the table's, not the move's
+    engine.dispose()
+
+
 def test_a_record_refused_its_new_number_keeps_its_row(sql_database, state):
     """1 moving onto 2's number is refused; 3 moving onto 1's number was written over 1's row
     all the same (1 did not move), and 1's content was nowhere."""

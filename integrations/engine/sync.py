@@ -28,6 +28,7 @@ from datetime import datetime
 from decimal import Decimal
 from functools import cached_property
 from itertools import repeat
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -136,11 +137,21 @@ class _Plan:
     relocated: dict[str, tuple[str, str]] = field(default_factory=dict)
     # Records deleted outright whose destination id a sent record takes: key → (id, taker).
     displaced: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # Records sent to take an id that records of the batch move off: key → those records.
+    vacated: dict[str, list[str]] = field(default_factory=dict)
 
     @cached_property
     def position(self) -> dict[str, int]:
         """Where each outbound key stands in the lists above (made once per batch)."""
         return {key: at for at, key in enumerate(self.outbound.keys)}
+
+
+class _IdCheck(NamedTuple):
+    """What `Sync._taken_ids` found: see the _Plan fields of the same names."""
+
+    taken: list[RowRejection]
+    displaced: dict[str, tuple[str, str]]
+    vacated: dict[str, list[str]]
 
 
 @dataclass
@@ -317,6 +328,17 @@ def _key_text(value: object) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
+
+
+def _sub_batch(batch: OutboundBatch, positions: list[int]) -> OutboundBatch:
+    """The records of `batch` at these positions, as a batch."""
+    return OutboundBatch(
+        _picked(batch.keys, positions),
+        {name: _picked(values, positions) for name, values in batch.columns.items()},
+        _picked(batch.hashes, positions),
+        flow=batch.flow,
+        run_id=batch.run_id,
+    )
 
 
 def _picked(values: list, positions: list[int]) -> list:
@@ -800,7 +822,7 @@ class Sync:
             archived = [i for i in plan.to_archive.values() if i not in plan.kept]
             if archived:
                 self._call_destination(lambda: self._archive(archived))
-            written, refused = self._load(plan.outbound, staged.live)
+            written, refused = self._load_movers_first(plan, staged.live)
             self._note_rejections(result, refused)
             landed = set(written.keys)
             plan.displaced = {k: held for k, held in plan.displaced.items() if held[1] in landed}
@@ -950,7 +972,8 @@ class Sync:
                     in_sync.append(key)
                 continue
             sending.append(at)
-        taken, displaced = self._taken_ids(valid, sending, ledger, gone, in_flight)
+        ids = self._taken_ids(valid, sending, ledger, gone, in_flight)
+        taken = ids.taken
         if taken:
             refused = {rejection.index for rejection in taken}
             sending = [at for at in sending if keys[at] not in refused]
@@ -983,7 +1006,7 @@ class Sync:
         }
         kept = self._held_ids(to_archive, set(to_archive), in_flight)
         plan = _Plan(outbound, to_archive, now, changes, in_sync, taken, previous, kept)
-        plan.displaced = displaced
+        plan.displaced, plan.vacated = ids.displaced, ids.vacated
         return plan
 
     def _changes(
@@ -1165,17 +1188,18 @@ class Sync:
         ledger: Mapping[str, LedgerEntry],
         gone: pd.DataFrame,
         in_flight: _InFlight | None,
-    ) -> tuple[list[RowRejection], dict[str, tuple[str, str]]]:
+    ) -> _IdCheck:
         """Records whose destination id another record holds: one of the batch already in sync
         or sent before it, or, where the destination's ids are its key's values (a SQL table),
         one the ledger or the batch being committed holds live and does not let go of in this
         batch. Written, each would overwrite the other's row (an invoice renumbered onto
         another's number, a mapping that folds two codes into one), and archiving one would
         archive the other's. And the ledger's holders that left the source (deleted outright)
-        of ids records are sent to take: key → (id, taker); they hold nothing once it is taken."""
+        of ids records are sent to take, and the records sent to take an id that others of the
+        batch move off (written only once those moves land)."""
         name = self.spec.target.id_property
         if not sending or name not in valid:
-            return [], {}
+            return _IdCheck([], {}, {})
         keys, ids = valid.index.tolist(), self._ids(valid[name].tolist())
         holder: dict[str, str] = {}
         sent = set(sending)
@@ -1184,6 +1208,7 @@ class Sync:
                 holder.setdefault(ids[at], key)
         taken: dict[str, str] = {}  # record → the record that holds its id
         displaced: dict[str, tuple[str, str]] = {}
+        vacated: dict[str, list[str]] = {}
         for at in sending:
             owner = holder.setdefault(ids[at], keys[at])
             if owner != keys[at]:
@@ -1218,16 +1243,18 @@ class Sync:
                 if key not in taken
                 for owner in owners
             }
+            vacated = {key: owners for key, owners in candidates.items() if key not in taken}
+        refusals = [self._id_taken(key, owner) for key, owner in taken.items()]
+        return _IdCheck(refusals, displaced, vacated)
+
+    def _id_taken(self, key: str, owner: str, why: str = "") -> RowRejection:
         label, field_name = self.spec.target_contract.label, self.spec.target.id_property
-        return [
-            RowRejection(
-                key,
-                f"{label}: {field_name} is record {owner}'s destination id too (two records "
-                f"cannot share one row of {self.destination.name}); correct one of them in the "
-                "source, then replay this one",
-            )
-            for key, owner in taken.items()
-        ], displaced
+        return RowRejection(
+            key,
+            f"{label}: {field_name} is record {owner}'s destination id too{why} (two records "
+            f"cannot share one row of {self.destination.name}); correct one of them in the "
+            "source, then replay this one",
+        )
 
     def _holders(
         self, wanted: dict[str, str], batch: Set[str], in_flight: _InFlight | None
@@ -1433,6 +1460,31 @@ class Sync:
         for start in range(0, len(outbound), size):
             self._load_chunk(outbound[start : start + size], source_rows, written, refused)
         return WrittenColumns.joined(written), refused
+
+    def _load_movers_first(
+        self, plan: _Plan, source_rows: pd.DataFrame
+    ) -> tuple[WrittenColumns, list[DeadLetter]]:
+        """Load the batch; a record taking an id that records of the batch move off is written
+        after their moves, and refused if the destination refused one: that record keeps its
+        row, which the taker would have been written over."""
+        outbound = plan.outbound
+        if not plan.vacated:
+            return self._load(outbound, source_rows)
+        later = [at for at, key in enumerate(outbound.keys) if key in plan.vacated]
+        first = [at for at, key in enumerate(outbound.keys) if key not in plan.vacated]
+        written, refused = self._load(_sub_batch(outbound, first), source_rows)
+        stayed = {letter.record_key for letter in refused}
+        held = {
+            outbound.keys[at]: next(iter(stuck))
+            for at in later
+            if (stuck := [o for o in plan.vacated[outbound.keys[at]] if o in stayed])
+        }
+        go = [at for at in later if outbound.keys[at] not in held]
+        then, refused_then = self._load(_sub_batch(outbound, go), source_rows)
+        why = ", whose move off it the destination refused"
+        stuck = [self._id_taken(key, owner, why) for key, owner in held.items()]
+        refused += refused_then + self._letters(source_rows, stuck, "destination-rejected")
+        return WrittenColumns.joined([written, then]), refused
 
     def _load_chunk(
         self, chunk, source_rows, written: list[Sequence[Written]], refused: list[DeadLetter]
