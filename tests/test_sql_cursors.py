@@ -268,7 +268,10 @@ def test_two_records_never_share_a_destination_row(sql_database, state):
         )
     second = run(engine, state, spec)
     assert (second.counts["archived"], second.counts["rejected"]) == (1, 0)
-    assert rows(engine)["L1"][2] is not None
+    # The number is free: the first record refused it takes it, the other is refused again.
+    assert rows(engine)["L1"][1:] == ("two", None)
+    letters = {letter.record_key: letter.reason for letter in state.list_dead_letters(SPEC.name)}
+    assert list(letters) == ["5"] and "is record 2's destination id too" in letters["5"]
     engine.dispose()
 
 
@@ -366,6 +369,25 @@ def test_a_number_is_taken_only_once_its_holders_move_off_it_landed(sql_database
     letters = {letter.record_key: letter.reason for letter in state.list_dead_letters(SPEC.name)}
     assert "refused" in letters["1"] and "record 1's" in letters["2"]
     assert "L9" not in letters["2"]  # PII-free wording: the id is the table's, not the move's
+    engine.dispose()
+
+
+def test_a_record_refused_a_number_lands_when_a_later_run_moves_its_holder_off(
+    sql_database, state
+):
+    """2 was refused 1's number; a later run moved 1 to another: 2's letter waited for an
+    operator's replay (2's row unchanged, it was held), though the number was free."""
+    engine = create_engine(sql_database())
+    source_lines(engine, [datetime(2025, 1, 1, n) for n in range(2)])
+    run(engine, state, LOOSE_SPEC)
+    renumber(engine, [(2, "L1")])
+    assert run(engine, state, LOOSE_SPEC).counts["rejected"] == 1
+    renumber(engine, [(1, "L3")], hour=5)
+    freed = run(engine, state, LOOSE_SPEC)
+    landed = freed.counts["inserted"] + freed.counts["updated"]
+    assert (landed, freed.counts["rejected"]) == (2, 0)
+    assert live(engine) == {"L1": 2.0, "L3": 1.0}
+    assert state.list_dead_letters(LOOSE_SPEC.name) == []
     engine.dispose()
 
 

@@ -550,9 +550,10 @@ class StateStore:
         seen_before: datetime | None = None,
         ids: Sequence[int] = (),
         keys: Sequence[str] = (),
+        reason_contains: str | None = None,
     ) -> list[DeadLetter]:
-        """Dead letters, oldest first, filtered by flow, reason kind, age, ids or record keys
-        (any number of them: they are looked up a chunk at a time)."""
+        """Dead letters, oldest first, filtered by flow, reason kind (and words of the reason),
+        age, ids or record keys (any number of them: they are looked up a chunk at a time)."""
         query = sa.select(dead_letters).order_by(dead_letters.c.id).limit(limit)
         if flow:
             query = query.where(dead_letters.c.flow == flow)
@@ -560,6 +561,8 @@ class StateStore:
             query = query.where(dead_letters.c.resolved_at.is_(None))
         if reason_kind:
             query = query.where(dead_letters.c.reason_kind == reason_kind)
+        if reason_contains:
+            query = query.where(dead_letters.c.reason.contains(reason_contains, autoescape=True))
         if seen_before:
             query = query.where(dead_letters.c.first_seen < seen_before)
         with self.engine.connect() as connection:

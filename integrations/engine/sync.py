@@ -17,6 +17,7 @@ import gc
 import hashlib
 import logging
 import math
+import re
 import threading
 import time
 from collections import Counter
@@ -380,6 +381,9 @@ _CLAIM_PASSES = 8  # checks of a batch's unique values, as refused moves are fou
 
 # A write's audit action: created, updated, or found as sent (the destination rewrote nothing).
 _ACTIONS = {True: "insert", False: "update", None: "unchanged"}
+# A letter of a record refused for a destination id another record holds names that record.
+_ID_TOO = "'s destination id too"
+_ID_HELD_BY = re.compile(r" is record (.+?)" + re.escape(_ID_TOO))
 
 
 def mapped_rows(spec: FlowSpec, valid: pd.DataFrame) -> tuple[pd.DataFrame, list[RowRejection]]:
@@ -448,8 +452,10 @@ class Sync:
         self.log = log or logger
         self._force: set[str] = set()
         self._replaying = False
-        # Records refused for a destination id a record outside their batch held (see _retried).
+        # Records refused for a destination id a record outside their batch held, and records
+        # that let go of their ids (moved off, archived) in this run (see _retried).
         self._clashed: list[str] = []
+        self._let_go: set[str] = set()
         # The stages of a run (see _drive): the batch being committed, and its commit.
         self._in_flight: _InFlight | None = None
         self._committed: Future | None = None
@@ -497,19 +503,31 @@ class Sync:
         """The run's result, once the records it refused for a destination id that a record
         outside their batch held are tried again, now that every batch is written: two records
         that swap ids across batches (each refused for the other's old id) land together then,
-        as a replay of their letters, in one batch. What still clashes stays in the DLQ."""
+        as a replay of their letters, in one batch. So are the records an earlier run refused
+        for an id that a record this run moved off or archived held (its next change could be
+        months away). What still clashes stays in the DLQ."""
         clashed, self._clashed = sorted(set(self._clashed)), []
-        if not clashed:  # (no keys would be no filter: every open letter)
+        waiting = self._waiting_for(self._let_go) if self._let_go else []
+        if not clashed and not waiting:  # (no keys would be no filter: every open letter)
             return result
-        letters = self.state.list_dead_letters(self.spec.name, keys=clashed, limit=None)
+        own = (
+            self.state.list_dead_letters(self.spec.name, keys=clashed, limit=None)
+            if clashed
+            else []
+        )
+        owned = {letter.record_key for letter in own}
+        letters = own + [letter for letter in waiting if letter.record_key not in owned]
         if not letters:
             return result
         again = self.replay(
             letters, batch_size=max(self.spec.batch_size, len(letters)), retry=False
         )
         self._clashed = []
-        still = self.state.list_dead_letters(self.spec.name, keys=clashed, limit=None)
-        landed = len(letters) - len(still)
+        # This run's refusals that landed are its own to count again; an earlier run's counted.
+        still = (
+            self.state.list_dead_letters(self.spec.name, keys=clashed, limit=None) if own else []
+        )
+        landed = len(own) - len(still)
         for name in ("inserted", "updated", "unchanged", "archived"):
             result.counts[name] += again.counts[name]
         result.counts["rejected"] -= landed
@@ -518,6 +536,15 @@ class Sync:
         if not self._replaying:
             self._check_budget(result, finished=True)
         return result
+
+    def _waiting_for(self, let_go: set[str]) -> list[DeadLetter]:
+        """The open letters of records refused for a destination id one of these records held."""
+        letters = self.state.list_dead_letters(self.spec.name, limit=None, reason_contains=_ID_TOO)
+        return [
+            letter
+            for letter in letters
+            if (holder := _ID_HELD_BY.search(letter.reason)) and holder.group(1) in let_go
+        ]
 
     def repair(self, keys: Sequence[str]) -> SyncResult:
         """Send these records again whatever the ledger says (reconciliation found them drifted).
@@ -626,7 +653,7 @@ class Sync:
         move_watermark: bool,
     ) -> SyncResult:
         self.destination.prepare(self.spec)
-        self._clashed = []
+        self._clashed, self._let_go = [], set()
         result = SyncResult(flow=self.spec.name, run_id=self.run_id, full=full)
         result.watermark_before = before
         started = self._started = time.perf_counter()
@@ -831,6 +858,9 @@ class Sync:
             if old_rows:
                 self._call_destination(lambda: self._archive(old_rows))
             clock.lap("load")
+        moved = zip(written.keys, written.destination_ids, strict=True)
+        self._let_go.update(plan.to_archive, plan.displaced)
+        self._let_go.update(key for key, new in moved if plan.previous.get(key, new) != new)
         result.counts["inserted"] += written.inserted
         result.counts["updated"] += written.updated
         result.counts["unchanged"] += written.unchanged
@@ -1251,7 +1281,7 @@ class Sync:
         label, field_name = self.spec.target_contract.label, self.spec.target.id_property
         return RowRejection(
             key,
-            f"{label}: {field_name} is record {owner}'s destination id too{why} (two records "
+            f"{label}: {field_name} is record {owner}{_ID_TOO}{why} (two records "
             f"cannot share one row of {self.destination.name}); correct one of them in the "
             "source, then replay this one",
         )
