@@ -6,7 +6,9 @@ business days of the rows changed since its last look and requests a run of each
 partition, which rewrites that day (the ledger's diff sends only what changed).
 
 A tick costs one `max(updated_at)` query, and one DISTINCT query over the rows changed since the
-sensor's mark when the mark moved. The cursor holds the mark: the newest change seen.
+sensor's mark when the mark moved. The cursor holds the mark (the newest change seen) and the
+changed days not requested yet: a tick requests at most `MAX_DAYS_PER_TICK` runs, the most
+recent days first, and the days beyond wait in the cursor for the next ticks.
 """
 
 import json
@@ -19,6 +21,11 @@ from integrations.engine.source import FAR_FUTURE
 from integrations.engine.spec import FlowSpec
 from integrations.engine.state import utcnow
 from sensors.schedules import pool_tags
+
+# A month of days per tick: a month-end's corrections are requested at once, while a mass edit
+# (three years of invoices touched) is requested a month per tick instead of a thousand runs in
+# one tick flooding the run queue and the flow's pool ahead of every other flow's runs.
+MAX_DAYS_PER_TICK = 30
 
 
 def _last_look(spec: FlowSpec, context: dg.SensorEvaluationContext) -> datetime | None:
@@ -33,6 +40,23 @@ def _last_look(spec: FlowSpec, context: dg.SensorEvaluationContext) -> datetime 
     if event is None:
         return None
     return datetime.fromtimestamp(event.timestamp, UTC).replace(tzinfo=None)
+
+
+def _cursor(mark: str | None, waiting: list[str]) -> str:
+    """The mark, and the days found changed but not requested yet (left out when none)."""
+    cursor: dict[str, object] = {} if mark is None else {"high_water_mark": mark}
+    if waiting:
+        cursor["waiting_days"] = waiting
+    return json.dumps(cursor)
+
+
+def _most_recent_first(days: set[str]) -> tuple[list[str], list[str]]:
+    """The days to request this tick, and those left for later ticks. The most recent go first:
+    they are the days reports are read for now (this month's close, yesterday's payments), and a
+    mass edit of old years drains behind them at a month per tick; oldest first would hold a
+    correction of yesterday back behind three years of them."""
+    ordered = sorted(days, reverse=True)
+    return ordered[:MAX_DAYS_PER_TICK], ordered[MAX_DAYS_PER_TICK:]
 
 
 def changed_days_sensor(spec: FlowSpec) -> dg.SensorDefinition:
@@ -52,33 +76,43 @@ def changed_days_sensor(spec: FlowSpec) -> dg.SensorDefinition:
     def _changed_days(context: dg.SensorEvaluationContext, **_resources):
         # The source's resource key is the system's name (see source_changed.py).
         table = f"{system} {spec.source.table}"
+        seen = json.loads(context.cursor) if context.cursor else {}
+        waiting = set(seen.get("waiting_days", []))
         with getattr(context.resources, system).source(spec.source) as source:
             high_water_mark = source.high_water_mark()
             if high_water_mark is None:
                 return dg.SensorResult(skip_reason=f"{table} is empty", cursor=context.cursor)
             mark = high_water_mark.isoformat()
-            new_cursor = json.dumps({"high_water_mark": mark})
             last_look = _last_look(spec, context)
             if last_look is None:
                 return dg.SensorResult(
                     skip_reason=f"{key.to_user_string()} was never materialized: backfill it; "
                     f"changes are watched from {mark} on",
-                    cursor=new_cursor,
+                    cursor=_cursor(mark, sorted(waiting)),
                 )
-            if high_water_mark <= last_look:
-                return dg.SensorResult(
-                    skip_reason=f"{table} unchanged since {last_look.isoformat()}",
-                    cursor=context.cursor,
-                )
+            moved = high_water_mark > last_look
             # From the lookback before the last look on: commits that came late.
-            changed = source.changed_days(last_look - spec.lookback, column)
-        days = [day.isoformat() for day in changed]
+            changed = source.changed_days(last_look - spec.lookback, column) if moved else []
         # A day not over yet (or before the partitions start) is no partition: its own
         # scheduled run reads it.
-        days = [day for day in days if partitions.has_partition_key(day)]
+        days = waiting | {
+            day.isoformat() for day in changed if partitions.has_partition_key(day.isoformat())
+        }
+        if not days and not moved:
+            return dg.SensorResult(
+                skip_reason=f"{table} unchanged since {last_look.isoformat()}",
+                cursor=context.cursor,
+            )
         if not days:
             return dg.SensorResult(
-                skip_reason=f"no past day of {key.to_user_string()} changed", cursor=new_cursor
+                skip_reason=f"no past day of {key.to_user_string()} changed",
+                cursor=_cursor(mark, []),
+            )
+        requested, later = _most_recent_first(days)
+        if later:
+            context.log.info(
+                f"{len(days)} days of {key.to_user_string()} changed: requesting the "
+                f"{len(requested)} most recent, {len(later)} wait for the next ticks"
             )
         return dg.SensorResult(
             run_requests=[
@@ -88,9 +122,9 @@ def changed_days_sensor(spec: FlowSpec) -> dg.SensorDefinition:
                     asset_selection=[key],
                     tags={"handoff/high_water_mark": mark, **pool_tags(spec)},
                 )
-                for day in days
+                for day in requested
             ],
-            cursor=new_cursor,
+            cursor=_cursor(mark if moved else seen.get("high_water_mark"), later),
         )
 
     return _changed_days

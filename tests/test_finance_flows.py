@@ -21,6 +21,7 @@ from integrations.erp import schema as erp_schema
 from integrations.sql.connect import create_engine
 from integrations.sql.fit import create_table
 from sensors.alerts import stale_flow_sensor
+from sensors.changed_days import MAX_DAYS_PER_TICK
 
 JANUARY = {
     "dagster/asset_partition_range_start": "2025-01-01",
@@ -396,6 +397,64 @@ def test_an_invoice_changed_after_its_day_ran_is_synced_by_a_run_of_its_day(any_
     ]
     archived = "SELECT archived_at IS NOT NULL FROM invoices WHERE invoice_number = :n"
     assert query(finance, archived, n=voided) == [(1,)]
+
+
+def test_a_mass_edit_is_requested_a_month_of_days_per_tick_the_most_recent_first(world):
+    """A mass edit touching every invoice of half a year requested a run per day in one tick
+    (three years of invoices: a thousand runs). A tick requests at most MAX_DAYS_PER_TICK days,
+    the most recent first; the others wait in the cursor for the next ticks, each requested once,
+    and a day changed meanwhile goes ahead of them."""
+    sensor = defs.resolve_sensor_def(f"{FINANCE_INVOICES.name}_changed_days")
+    engine = create_engine(world.erp_url)
+    invoices, first_half = erp_schema.invoices, erp_schema.invoices.c.invoice_date < "2024-07-01"
+
+    def days_of(*where) -> list[str]:
+        with engine.connect() as connection:
+            found = connection.execute(sa.select(invoices.c.invoice_date).where(*where)).scalars()
+            return sorted({str(day)[:10] for day in found}, reverse=True)
+
+    def mass_edit(*where) -> None:
+        with engine.begin() as connection:
+            connection.execute(invoices.update().where(*where).values(updated_at=utcnow()))
+
+    with dg.instance_for_test() as instance:
+
+        def ticks(cursor: str, meanwhile=None) -> tuple[list[list[str]], str]:
+            """The days each tick requests, until one requests none, and the cursor then; the
+            edit `meanwhile` is made after the first tick."""
+            requested = []
+            for _ in range(20):
+                context = dg.build_sensor_context(
+                    instance=instance, cursor=cursor, resources=resources(), definitions=defs
+                )
+                result = sensor(context)
+                if not result.run_requests:
+                    assert result.skip_reason
+                    return requested, result.cursor
+                requested.append([request.partition_key for request in result.run_requests])
+                cursor = result.cursor
+                if meanwhile and len(requested) == 1:
+                    meanwhile()
+            raise AssertionError(f"still requesting after 20 ticks: {requested}")
+
+        cursor = json.dumps({"high_water_mark": utcnow().isoformat()})  # it looked just now
+        mass_edit(first_half)
+        edited = days_of(first_half)
+        assert len(edited) > 2 * MAX_DAYS_PER_TICK, "the edit is more than two ticks' worth"
+        requested, cursor = ticks(cursor)
+        assert requested == [
+            edited[start : start + MAX_DAYS_PER_TICK]
+            for start in range(0, len(edited), MAX_DAYS_PER_TICK)
+        ], "the most recent first, each day once, none lost"
+        assert "waiting_days" not in json.loads(cursor)
+
+        latest = days_of()[0]
+        mass_edit(first_half)
+        requested, cursor = ticks(cursor, lambda: mass_edit(invoices.c.invoice_date == latest))
+        assert requested[0] == edited[:MAX_DAYS_PER_TICK]
+        assert requested[1][0] == latest, "a day changed meanwhile goes ahead of those waiting"
+        assert {day for days in requested for day in days} == {*edited, latest}
+    engine.dispose()
 
 
 def test_a_daily_partitioned_flow_is_not_stale_between_its_daily_runs(world, alert_receiver):

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import logging
 import os
+import traceback
 import zlib
 from pathlib import Path
 
 import dagster as dg
+import pytest
 import sqlalchemy as sa
 
 from assets.crm_companies import CRM_COMPANIES
@@ -18,8 +20,13 @@ from assets.crm_deals import CRM_DEALS
 from assets.factory import flow_asset
 from definitions import resources
 from integrations.cli import main
+from integrations.engine.destination import DestinationMismatch, OutboundRecord
+from integrations.engine.spec import SourceTable
 from integrations.erp.changes import live_customer_ids, move_customers, soft_delete_customers
 from integrations.sql.connect import create_engine
+from integrations.sql.destination import SqlTable
+from integrations.sql.source import SqlSource
+from tests.test_sql_destination import LINES, create, ledger_columns
 
 
 def seeded_pii(erp_url: str) -> set[str]:
@@ -97,3 +104,47 @@ def test_no_seeded_email_or_phone_in_logs_events_audit_or_dlq(
         assert not leaks(records, pii), "PII in clear text in the audit records"
     state.dispose()
     erp.dispose()
+
+
+PERSON = "jane.doe@example.com"
+
+
+def told(error: BaseException) -> str:
+    """All an error says where it is logged (Dagster's event log keeps the same): its text and
+    that of every error it was raised from."""
+    return "".join(traceback.format_exception(error))
+
+
+def test_a_statement_failing_mid_run_repeats_none_of_its_parameters(sql_database, caplog):
+    """SQLAlchemy's errors quote the statement's parameters ("[parameters: ('jane…',)]"): the
+    keys a repair reads rows by, the records a write sends. A table changed under the run fails
+    a read and a write; neither error, nor any it was raised from, nor the logs, holds them."""
+    caplog.set_level(logging.DEBUG)
+    engine = create_engine(sql_database())
+    subscribers = sa.Table(
+        "subscribers",
+        sa.MetaData(),
+        sa.Column("email", sa.String(80), primary_key=True),
+        sa.Column("updated_at", sa.DateTime, nullable=False),
+    )
+    subscribers.create(engine)
+    source = SqlSource(engine, SourceTable(table="subscribers", key="email", deleted=None))
+    with engine.begin() as connection:
+        connection.exec_driver_sql("ALTER TABLE subscribers RENAME TO unsubscribed")
+    with pytest.raises(sa.exc.DBAPIError) as read:
+        list(source.rows_with_keys([PERSON], 10))
+    assert "subscribers" in told(read.value), "the error still names what failed"
+
+    create(engine, *ledger_columns())
+    table = SqlTable(engine, LINES.target)
+    table.prepare(LINES)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("ALTER TABLE ledger_lines DROP COLUMN amount")
+    line = {"line_number": "L1", "amount": 1.0, "booked_on": "2025-01-02", "memo": PERSON}
+    with pytest.raises(DestinationMismatch) as written:
+        table.upsert([OutboundRecord(key="1", properties=line, trace_id="1")])
+
+    for error in (read.value, written.value):
+        assert PERSON not in told(error)
+    assert PERSON not in caplog.text
+    engine.dispose()

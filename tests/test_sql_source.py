@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import pandas as pd
 import psycopg
@@ -307,4 +307,89 @@ def test_the_paid_total_sums_eur_invoices_dated_up_to_now(sql_database, dated):
     )
     frame = pd.concat(source.rows_with_keys([1, 2], 10)).set_index("customer_id")
     assert frame["paid_last_12_months"].astype(float).round(2).to_dict() == {1: 0.30, 2: 0.0}
+    engine.dispose()
+
+
+def test_lookups_into_one_parent_twice_or_into_the_table_itself(sql_database):
+    """An invoice's billing and shipping customer both from `customers`, and an employee's
+    manager from `employees`: the parent table was joined under its own name twice, which every
+    dialect refused (DuplicateAlias, "ambiguous column name", "Not unique table/alias")."""
+    url = sql_database()
+    engine = create_engine(url)
+    metadata = sa.MetaData()
+    customers = sa.Table(
+        "customers",
+        metadata,
+        sa.Column("customer_id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("name", sa.String(40)),
+    )
+    invoices = sa.Table(
+        "invoices",
+        metadata,
+        sa.Column("invoice_id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("billed_to", sa.Integer),
+        sa.Column("shipped_to", sa.Integer),
+        sa.Column("invoice_date", sa.Date),
+        sa.Column("updated_at", sa.DateTime, nullable=False),
+        sa.Column("deleted_at", sa.DateTime),
+    )
+    employees = sa.Table(
+        "employees",
+        metadata,
+        sa.Column("employee_id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("name", sa.String(40)),
+        sa.Column("reports_to", sa.Integer),
+    )
+    metadata.create_all(engine)
+    changed = datetime(2025, 3, 1, 12)
+    with engine.begin() as connection:  # rows by position: the columns' order above
+        connection.execute(sa.insert(customers).values([(1, "Ada"), (2, "Grace")]))
+        february = [date(2025, 2, 1), date(2025, 2, 2)]
+        connection.execute(
+            sa.insert(invoices).values(
+                [
+                    (10, 1, 2, february[0], changed, None),
+                    (11, 2, None, february[1], changed, changed),
+                ]
+            )
+        )
+        connection.execute(
+            sa.insert(employees).values([(1, "Adams", None), (2, "Edwards", 1), (3, "Peacock", 2)])
+        )
+    billed_and_shipped = SourceTable(
+        table="invoices",
+        key="invoice_id",
+        lookups=(
+            Lookup(
+                "billed_name", table="customers", via="billed_to", key="customer_id", value="name"
+            ),
+            Lookup(
+                "shipped_name", table="customers", via="shipped_to", key="customer_id", value="name"
+            ),
+        ),
+    )
+    source = SqlSource(engine, billed_and_shipped)
+    names = ["invoice_id", "billed_name", "shipped_name"]
+    both = [[10, "Ada", "Grace"], [11, "Grace", None]]
+    since = changed - timedelta(hours=1)
+    assert pd.concat(source.batches(since, 1))[names].values.tolist() == both
+    second = source.in_window("invoice_date", datetime(2025, 2, 2), datetime(2025, 2, 3))
+    [window] = source.batches(None, 10, within=second)
+    assert window[names].values.tolist() == [both[1]]
+    assert pd.concat(source.rows_with_keys([11, 10], 2))[names].values.tolist() == both
+    assert source.deleted_keys(since, within=second) == [11]
+    assert source.changed_days(since, "invoice_date") == february
+
+    manager = Lookup(
+        "manager", table="employees", via="reports_to", key="employee_id", value="name"
+    )
+    staff = SourceTable(
+        table="employees", key="employee_id", cursor=None, deleted=None, lookups=(manager,)
+    )
+    [frame] = SqlSource(engine, staff).batches(None, 10)
+    assert frame[["name", "manager"]].values.tolist() == [
+        ["Adams", None],
+        ["Edwards", "Adams"],
+        ["Peacock", "Edwards"],
+    ]
     engine.dispose()

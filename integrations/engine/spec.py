@@ -13,7 +13,10 @@ from integrations.contracts import Contract
 
 @dataclass(frozen=True)
 class Lookup:
-    """A column taken from a parent table: `name` = parent.`value` where parent.`key` = `via`."""
+    """A column taken from a parent table: `name` = parent.`value` where parent.`key` = `via`.
+
+    Each lookup joins the parent on its own: a flow may look into one parent twice (billing and
+    shipping customer) or into its own table (an employee's manager)."""
 
     name: str
     table: str

@@ -62,8 +62,12 @@ def create_engine(url: str) -> sa.Engine:
     PostgreSQL and MariaDB sessions run in UTC unless the connection's configuration chose a
     zone: handoff's times are UTC without a zone, which a `timestamptz` (or a MariaDB TIMESTAMP)
     would take as the session's local time. Set after connecting, not as a startup `options`
-    (PgBouncer refuses those, and they would displace PGOPTIONS)."""
-    engine = sa.create_engine(normalise_url(url), pool_pre_ping=True)
+    (PgBouncer refuses those, and they would displace PGOPTIONS).
+
+    Its errors never show a statement's parameters: SQLAlchemy's "[parameters: …]" repeated the
+    keys a repair read and the records a write sent (emails, names) in the text of every error a
+    statement raised, and of every error raised from one, into logs and Dagster's event log."""
+    engine = sa.create_engine(normalise_url(url), pool_pre_ping=True, hide_parameters=True)
     in_utc = not _zone_given(engine)
     if engine.dialect.name == "sqlite":
 

@@ -167,7 +167,9 @@ class SqlSource:
     def _with_lookups(self) -> tuple[sa.Select, list[str]]:
         joined, extra = self.table, []
         for lookup in self.spec.lookups:
-            parent = self._reflect(lookup.table, "lookup")
+            # An alias per lookup: two into one parent (billing and shipping customer), or one
+            # into the table itself (an employee's manager), named one table twice and failed.
+            parent = self._reflect(lookup.table, "lookup").alias()
             missing = [c for c in (lookup.key, lookup.value) if c not in parent.c]
             if missing or lookup.via not in self.table.c:
                 raise SourceSchemaError(f"lookup {lookup.name!r} names unknown columns")
