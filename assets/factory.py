@@ -22,10 +22,11 @@ from integrations.engine.destination import DestinationMismatch
 from integrations.engine.reconcile import Drift, reconcile
 from integrations.engine.source import SourceUnavailable
 from integrations.engine.spec import FlowSpec
-from integrations.engine.state import StateStoreUnavailable
+from integrations.engine.state import BudgetTrip, StateStoreUnavailable
 from integrations.engine.sync import (
     ArchiveGuardTripped,
     ErrorBudgetExceeded,
+    ErrorBudgetTripStands,
     Sync,
     SyncError,
     SyncResult,
@@ -45,7 +46,11 @@ class SyncConfig(dg.Config):
     """Reconcile, then send again exactly the records missing or differing in the destination
     (extra records are not archived: the reconciliation check says what to do)."""
     replay: bool = False
-    """Sync the flow's open dead letters again (from the source, or their payload), nothing else."""
+    """Sync the flow's open dead letters again (from the source, or their payload), nothing else;
+    it goes on while the flow's error budget is tripped."""
+    acknowledge_budget_trip: bool = False
+    """Run although an earlier run tripped the flow's error budget and some of its dead letters
+    are still open (after checking them): clears the trip, audited; they stay in the DLQ."""
 
 
 def asset_key(spec: FlowSpec) -> dg.AssetKey:
@@ -163,8 +168,25 @@ def _failure(
         metadata["archive_plan"] = dg.MetadataValue.json(
             {"would_archive": error.total, "keys": error.plan}
         )
-    retryable = api_facing and not isinstance(error, ErrorBudgetExceeded | ArchiveGuardTripped)
+    if isinstance(error, ErrorBudgetExceeded | ErrorBudgetTripStands):
+        metadata["error_budget_trip"] = dg.MetadataValue.json(_trip_metadata(error.trip))
+    stops = ErrorBudgetExceeded | ErrorBudgetTripStands | ArchiveGuardTripped  # a retry won't do
+    retryable = api_facing and not isinstance(error, stops)
     return dg.Failure(description=str(error), metadata=metadata, allow_retries=retryable)
+
+
+def _trip_metadata(trip: BudgetTrip) -> dict[str, object]:
+    """Which run tripped the error budget, when, how many rows failed and why."""
+    return {
+        "run_id": trip.run_id,
+        "tripped_at": trip.tripped_at.isoformat(timespec="seconds"),
+        "failed": trip.failed,
+        "seen": trip.seen,
+        "share": round(trip.share, 4),
+        "max_share": trip.max_share,
+        "top_reasons": trip.reasons,
+        "dead_letters_open": trip.open_letters,
+    }
 
 
 def _transport_metadata(spec: FlowSpec, transport: dict[str, object]) -> dict[str, object]:
@@ -230,9 +252,10 @@ def _sync_replay_or_repair(context, spec, config, source, destination, state):
     )
     if config.replay:
         return sync.replay(state.list_dead_letters(flow=spec.name, limit=None)), None
+    acknowledged = config.acknowledge_budget_trip
     if config.repair:
         drift = reconcile(spec, source, destination, state)
-        result = sync.repair(drift.missing + drift.differing)
+        result = sync.repair(drift.missing + drift.differing, acknowledged)
         if drift.extra:
             archived = sync.archive_extras(drift.extra_ids, config.allow_mass_archive)
             result.counts["archived"] += archived
@@ -245,8 +268,12 @@ def _sync_replay_or_repair(context, spec, config, source, destination, state):
         return result, drift
     if spec.partitions:
         window = context.partition_time_window
-        return sync.run_window(window.start, window.end, config.allow_mass_archive), None
-    return sync.run(full=config.full_refresh, allow_mass_archive=config.allow_mass_archive), None
+        return (
+            sync.run_window(window.start, window.end, config.allow_mass_archive, acknowledged),
+            None,
+        )
+    result = sync.run(config.full_refresh, config.allow_mass_archive, acknowledged)
+    return result, None
 
 
 def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:

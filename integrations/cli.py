@@ -1,4 +1,5 @@
-"""`handoff`: the operators' command line (seed, crm-sandbox, webhooks, rt, dlq, audit, simulate)."""
+"""`handoff`: the operators' command line (seed, crm-sandbox, webhooks, rt, dlq, budget, audit,
+simulate)."""
 
 from __future__ import annotations
 
@@ -396,13 +397,18 @@ def cmd_dlq_discard(args: argparse.Namespace) -> int:
     if not letters:
         print("no open dead letters match; nothing discarded")
         return 0
-    store.discard_dead_letters(
+    settled = store.discard_dead_letters(
         letters,
         actor=_actor("dlq discard"),
         why=args.reason,
         run_id=f"discard-{uuid.uuid4().hex[:12]}",
     )
     print(f"discarded {len(letters)} dead letters (audited, reason: {args.reason})")
+    for trip in settled:
+        print(
+            f"{trip.flow}: none of the dead letters of the error budget's trip of run "
+            f"{trip.run_id} is open any more: the trip is cleared, runs go on"
+        )
     return 0
 
 
@@ -410,6 +416,41 @@ def cmd_dlq_keygen(args: argparse.Namespace) -> int:
     from cryptography.fernet import Fernet
 
     print(Fernet.generate_key().decode())
+    return 0
+
+
+def cmd_budget_list(args: argparse.Namespace) -> int:
+    trips = _store().standing_budget_trips(args.flow)
+    if not trips:
+        print("no error-budget trip stands" + (f" for {args.flow}" if args.flow else ""))
+        return 0
+    for trip in trips:
+        print(
+            f"{trip.flow}: tripped by run {trip.run_id} at {_when(trip.tripped_at)} UTC: "
+            f"{trip.failed} of {trip.seen} rows ({trip.share:.1%}) failed, above "
+            f"{trip.max_share:.0%}; {trip.open_letters} of its {trip.letters} dead letters open"
+        )
+    return 0
+
+
+def cmd_budget_clear(args: argparse.Namespace) -> int:
+    """Approve going on despite a flow's error-budget trip: its letters stay in the DLQ."""
+    if args.flow not in _flows():
+        print(f"handoff budget clear: no flow {args.flow} is declared", file=sys.stderr)
+        return 2
+    trip = _store().clear_budget_trip(
+        args.flow,
+        actor=_actor("budget clear"),
+        why=args.why,
+        run_id=f"budget-clear-{uuid.uuid4().hex[:12]}",
+    )
+    if trip is None:
+        print(f"{args.flow}: no error-budget trip stands; nothing cleared")
+        return 0
+    print(
+        f"{args.flow}: cleared the error budget's trip of run {trip.run_id} (audited, why: "
+        f"{args.why}); its {trip.open_letters} open dead letters stay in the DLQ; runs go on"
+    )
     return 0
 
 
@@ -583,6 +624,21 @@ def parser() -> argparse.ArgumentParser:
     discard.set_defaults(run=cmd_dlq_discard)
     keygen = dlq.add_parser("keygen", help="print a new key for HANDOFF_DLQ_KEY")
     keygen.set_defaults(run=cmd_dlq_keygen)
+
+    budget = commands.add_parser(
+        "budget",
+        help="error-budget trips: a flow whose run the budget stopped runs no more until its "
+        "dead letters are replayed or discarded, or going on is approved",
+    ).add_subparsers(dest="budget", required=True)
+    trips = budget.add_parser("list", help="the trips that stand, with their open dead letters")
+    trips.add_argument("--flow", help="only this flow's")
+    trips.set_defaults(run=cmd_budget_list)
+    clear = budget.add_parser(
+        "clear", help="approve going on with the trip's letters left in the DLQ (audited)"
+    )
+    clear.add_argument("--flow", required=True)
+    clear.add_argument("--why", required=True, help="kept in the audit trail")
+    clear.set_defaults(run=cmd_budget_clear)
 
     audit = commands.add_parser("audit", help="the audit trail").add_subparsers(
         dest="audit", required=True

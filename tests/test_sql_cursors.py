@@ -24,6 +24,7 @@ from integrations.engine.state import BatchCommit, StateStore, Watermark
 from integrations.engine.sync import (
     ArchiveGuardTripped,
     ErrorBudgetExceeded,
+    ErrorBudgetTripStands,
     Sync,
     SyncError,
     SyncResult,
@@ -372,9 +373,7 @@ def test_a_number_is_taken_only_once_its_holders_move_off_it_landed(sql_database
     engine.dispose()
 
 
-def test_a_record_refused_a_number_lands_when_a_later_run_moves_its_holder_off(
-    sql_database, state
-):
+def test_a_record_refused_a_number_lands_when_a_later_run_moves_its_holder_off(sql_database, state):
     """2 was refused 1's number; a later run moved 1 to another: 2's letter waited for an
     operator's replay (2's row unchanged, it was held), though the number was free."""
     engine = create_engine(sql_database())
@@ -942,7 +941,11 @@ def test_rows_of_a_repeated_key_each_count_against_the_error_budget(tmp_path, st
     assert "3 of 20 rows (15.0%)" in str(stopped.value)
     (letter,) = state.list_dead_letters(flow=SPEC.name)
     assert letter.record_key == "7" and "3 rows with key 7" in letter.reason
-    # Read again unchanged, they are held, as any dead-lettered row is: not refused again.
+    # Once going on is approved, read again unchanged, they are held, as any dead-lettered row
+    # is: not refused again.
+    with pytest.raises(ErrorBudgetTripStands):
+        run(engine, state, dataclasses.replace(SPEC, batch_size=20))
+    state.clear_budget_trip(SPEC.name, actor="t", why="t", run_id="approval")
     again = run(engine, state, dataclasses.replace(SPEC, batch_size=20))
     assert (again.counts["held"], again.counts["rejected"]) == (3, 0)
     assert state.list_dead_letters(flow=SPEC.name)[0].attempts == 1

@@ -14,6 +14,8 @@ from integrations.engine.state import (
     GENESIS,
     AuditRecord,
     BatchCommit,
+    BudgetTrip,
+    DeadLetter,
     LedgerEntry,
     StateStore,
     _records_digest,
@@ -105,7 +107,12 @@ def test_an_older_state_store_gains_what_it_lacks_and_keeps_what_it_holds(state_
         assert store.ledger_entries("f", ["1", "2"])["2"].field_hashes == "ab:cd"
         assert store.verify_audit().intact
         columns = {c["name"] for c in sa.inspect(store.engine).get_columns("dead_letters")}
-        assert "correlation_id" in columns
+        assert {"correlation_id", "budget_trip_id"} <= columns
+        letter = DeadLetter("f", "3", "contract", "f.v1: amount is missing", {}, content_hash="h")
+        store.commit_batch(BatchCommit("f", "r2", dead_letters=[letter]))
+        trip = BudgetTrip("f", "r2", THEN, 1, 1, 0.1, {"f.v1: amount is missing": 1})
+        store.trip_budget(trip, actor="test", why="test")
+        assert [t.open_letters for t in store.standing_budget_trips("f")] == [1]
         indexes = {i["name"] for i in sa.inspect(store.engine).get_indexes("dead_letters")}
         assert "ix_dead_letters_flow_key" in indexes
     finally:

@@ -16,7 +16,7 @@ import time
 import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import NamedTuple
 
@@ -79,7 +79,28 @@ dead_letters = sa.Table(
     sa.Column("resolved_at", sa.DateTime, nullable=True),
     sa.Column("resolution", sa.String(32), nullable=True),
     sa.Column("correlation_id", sa.String(400), nullable=True),
+    # The error-budget trip the letter is part of (budget_trips.id): a run stopped with it open.
+    sa.Column("budget_trip_id", sa.Integer, nullable=True),
     sa.Index("ix_dead_letters_flow_key", "flow", "record_key"),
+)
+
+# Runs the error budget stopped, kept until someone acknowledges them: the trip's dead letters
+# all replayed or discarded (resolution `settled`), or going on approved (`approved`). While one
+# stands, every run of its flow stops at its start (a replay does not).
+budget_trips = sa.Table(
+    "budget_trips",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("flow", sa.String(120), nullable=False),
+    sa.Column("run_id", sa.String(64), nullable=False),
+    sa.Column("tripped_at", sa.DateTime, nullable=False),
+    sa.Column("failed", sa.Integer, nullable=False),
+    sa.Column("seen", sa.Integer, nullable=False),
+    sa.Column("max_share", sa.Float, nullable=False),
+    sa.Column("reasons", sa.Text, nullable=False),  # the top reasons (no values) → their counts
+    sa.Column("resolved_at", sa.DateTime, nullable=True),
+    sa.Column("resolution", sa.String(32), nullable=True),
+    sa.Index("ix_budget_trips_flow", "flow", "resolved_at"),
 )
 
 # Who holds each unique value (as a digest of its lower-cased text: no PII in the clear).
@@ -265,6 +286,29 @@ class DeadLetter:
     resolved_at: datetime | None = None
     correlation_id: str | None = None
     resolution: str | None = None
+
+
+@dataclass(frozen=True)
+class BudgetTrip:
+    """A run the error budget stopped: how many of the rows it judged failed, and why. Kept in
+    the state store until acknowledged; `letters` are the dead letters the run left open,
+    `open_letters` those of them still open."""
+
+    flow: str
+    run_id: str
+    tripped_at: datetime
+    failed: int
+    seen: int
+    max_share: float
+    reasons: dict[str, int]  # the top reasons (they name rules, never values), by count
+    letters: int = 0
+    open_letters: int = 0
+    id: int | None = None
+    resolution: str | None = None  # settled or approved, once acknowledged
+
+    @property
+    def share(self) -> float:
+        return self.failed / self.seen if self.seen else 0.0
 
 
 class AuditRecord(NamedTuple):  # a tuple: a batch makes one per record, cheaply
@@ -675,6 +719,50 @@ class StateStore:
         with self.engine.connect() as connection:
             return connection.execute(query).scalar_one()
 
+    def standing_budget_trips(self, flow: str | None = None) -> list[BudgetTrip]:
+        """The error-budget trips that stand, one per flow (its latest, should two runs have
+        tripped at once), with their dead letters counted."""
+        query = sa.select(budget_trips).where(budget_trips.c.resolved_at.is_(None))
+        if flow:
+            query = query.where(budget_trips.c.flow == flow)
+        with self.engine.connect() as connection:
+            latest = {
+                row.flow: row for row in connection.execute(query.order_by(budget_trips.c.id))
+            }
+            if not latest:
+                return []
+            # Letters of any of a flow's standing trips count: each keeps the flow stopped.
+            counted = (
+                sa.select(
+                    budget_trips.c.flow,
+                    sa.func.count(dead_letters.c.id),
+                    sa.func.count(dead_letters.c.resolved_at),
+                )
+                .join(dead_letters, dead_letters.c.budget_trip_id == budget_trips.c.id)
+                .where(
+                    budget_trips.c.resolved_at.is_(None), dead_letters.c.flow.in_(sorted(latest))
+                )
+                .group_by(budget_trips.c.flow)
+            )
+            letters = {
+                name: (total, total - closed) for name, total, closed in connection.execute(counted)
+            }
+        return [
+            BudgetTrip(
+                flow=name,
+                run_id=row.run_id,
+                tripped_at=row.tripped_at,
+                failed=row.failed,
+                seen=row.seen,
+                max_share=row.max_share,
+                reasons=json.loads(row.reasons),
+                letters=letters.get(name, (0, 0))[0],
+                open_letters=letters.get(name, (0, 0))[1],
+                id=row.id,
+            )
+            for name, row in sorted(latest.items())
+        ]
+
     def audit_entries(self, flow: str | None = None) -> list[dict[str, object]]:
         query = sa.select(audit_log).order_by(audit_log.c.id)
         if flow:
@@ -779,14 +867,116 @@ class StateStore:
         with self.engine.begin() as connection:
             self._append_audit(connection, now=utcnow(), records=records, **entry)
 
+    def trip_budget(self, trip: BudgetTrip, *, actor: str, why: str) -> BudgetTrip:
+        """Keep a run's error-budget trip until it is acknowledged: the dead letters the run
+        left open are the trip's. Audited; the trip as kept."""
+        with self.engine.begin() as connection:
+            trip_id = connection.execute(
+                sa.insert(budget_trips).values(
+                    flow=trip.flow,
+                    run_id=trip.run_id,
+                    tripped_at=trip.tripped_at,
+                    failed=trip.failed,
+                    seen=trip.seen,
+                    max_share=trip.max_share,
+                    reasons=json.dumps(trip.reasons),
+                )
+            ).inserted_primary_key[0]
+            letters = connection.execute(
+                sa.update(dead_letters)
+                .where(
+                    dead_letters.c.flow == trip.flow,
+                    dead_letters.c.run_id == trip.run_id,
+                    dead_letters.c.resolved_at.is_(None),
+                )
+                .values(budget_trip_id=trip_id)
+            ).rowcount
+            detail = {
+                "failed": trip.failed,
+                "seen": trip.seen,
+                "max_share": trip.max_share,
+                "top_reasons": trip.reasons,
+                "dead_letters": letters,
+            }
+            self._append_audit(
+                connection,
+                now=utcnow(),
+                actor=actor,
+                action="budget_trip",
+                why=why,
+                detail=detail,
+                run_id=trip.run_id,
+                flow=trip.flow,
+            )
+        return replace(trip, id=trip_id, letters=letters, open_letters=letters)
+
+    def settle_budget_trip(
+        self, flow: str, *, actor: str, why: str, run_id: str
+    ) -> BudgetTrip | None:
+        """The flow's standing error-budget trip; cleared (audited, resolution `settled`) when
+        none of its dead letters is open any more: all replayed or discarded. None: no trip.
+        Only a trip to clear takes a transaction (every run's start asks)."""
+        standing = self.standing_budget_trips(flow)
+        if not standing or standing[0].open_letters:
+            return standing[0] if standing else None
+        with self.engine.begin() as connection:
+            return self._acknowledge(connection, standing[0], "settled", actor, why, run_id)
+
+    def clear_budget_trip(
+        self, flow: str, *, actor: str, why: str, run_id: str
+    ) -> BudgetTrip | None:
+        """Someone approved going on despite the flow's standing error-budget trip: its dead
+        letters stay in the DLQ (held), runs go on. Audited with who and why; the trip cleared,
+        or None when none stood."""
+        standing = self.standing_budget_trips(flow)
+        if not standing:
+            return None
+        with self.engine.begin() as connection:
+            return self._acknowledge(connection, standing[0], "approved", actor, why, run_id)
+
+    def _acknowledge(
+        self, connection, trip: BudgetTrip, resolution: str, actor: str, why: str, run_id: str
+    ) -> BudgetTrip | None:
+        now = utcnow()
+        cleared = connection.execute(
+            sa.update(budget_trips)
+            .where(
+                budget_trips.c.flow == trip.flow,
+                budget_trips.c.id <= trip.id,  # not a trip made since it was read
+                budget_trips.c.resolved_at.is_(None),
+            )
+            .values(resolved_at=now, resolution=resolution)
+        ).rowcount
+        if not cleared:  # another process acknowledged it meanwhile
+            return None
+        detail = {
+            "resolution": resolution,
+            "tripped_by_run": trip.run_id,
+            "tripped_at": trip.tripped_at.isoformat(timespec="seconds"),
+            "dead_letters": trip.letters,
+            "dead_letters_open": trip.open_letters,
+        }
+        self._append_audit(
+            connection,
+            now=now,
+            actor=actor,
+            action="budget_clear",
+            why=why,
+            detail=detail,
+            run_id=run_id,
+            flow=trip.flow,
+        )
+        return replace(trip, resolution=resolution)
+
     def discard_dead_letters(
         self, letters: Sequence[DeadLetter], *, actor: str, why: str, run_id: str
-    ) -> None:
+    ) -> list[BudgetTrip]:
         """Close dead letters without syncing them; the audit trail keeps who and why. One
         transaction per flow, which resolves its letters before it takes the audit trail's lock,
         as a batch's commit does: with two flows in one, a commit of the second flow between
-        them was a deadlock."""
+        them was a deadlock. Returns the error-budget trips the discard settled."""
         now = utcnow()
+        settled: list[BudgetTrip] = []
         for flow in sorted({letter.flow for letter in letters}):
             with self.engine.begin() as connection:
                 keys = [letter.record_key for letter in letters if letter.flow == flow]
@@ -813,6 +1003,11 @@ class StateStore:
                     flow=flow,
                     records=records,
                 )
+            # Its own transaction, after: a trip left standing is settled by the next run's start.
+            trip = self.settle_budget_trip(flow, actor=actor, why=why, run_id=run_id)
+            if trip is not None and trip.resolution:
+                settled.append(trip)
+        return settled
 
     @staticmethod
     def _append_audit(

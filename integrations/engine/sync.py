@@ -54,6 +54,7 @@ from integrations.engine.spec import FlowSpec
 from integrations.engine.state import (
     AuditRecord,
     BatchCommit,
+    BudgetTrip,
     DeadLetter,
     LedgerEntries,
     LedgerEntry,
@@ -80,7 +81,34 @@ class SyncError(Exception):
 
 
 class ErrorBudgetExceeded(SyncError):
-    pass
+    """The run failed too many of the rows it judged; `trip` says how many and why. It is kept
+    in the state store: later runs stop at their start until it is acknowledged."""
+
+    def __init__(self, flow: str, what: str, todo: str, trip: BudgetTrip):
+        super().__init__(flow, what, todo)
+        self.trip = trip
+
+
+class ErrorBudgetTripStands(SyncError):
+    """An earlier run tripped the flow's error budget and nobody acknowledged it (its dead
+    letters replayed or discarded, or going on approved): this run stopped at its start, before
+    reading anything. `trip` is the earlier run's."""
+
+    def __init__(self, trip: BudgetTrip):
+        flow = trip.flow
+        super().__init__(
+            flow,
+            f"the error budget stopped run {trip.run_id} at {trip.tripped_at:%Y-%m-%d %H:%M:%S} "
+            f"UTC: {_over_budget(trip)}; {trip.open_letters} of the {trip.letters} dead letters "
+            "it left are still open, so this run stopped before reading anything",
+            f"inspect them with `handoff dlq list --flow {flow}`; fix the source (or the "
+            f"contract, or the destination) and replay them (`handoff dlq replay --flow {flow}`, "
+            "or run config replay), or discard those not to be synced (`handoff dlq discard`): "
+            "runs go on once none of them is open. To go on with them held in the DLQ, approve "
+            f"it: `handoff budget clear --flow {flow} --why ...`, or rerun with "
+            "acknowledge_budget_trip (run config); both are audited",
+        )
+        self.trip = trip
 
 
 class ArchiveGuardTripped(SyncError):
@@ -264,6 +292,14 @@ def _in_scope(spec: FlowSpec, batch: pd.DataFrame) -> pd.Series:
     """The flow's `in_scope` as plain booleans: unknown (a comparison with a NULL of a nullable
     column, pd.NA) is out of scope."""
     return spec.in_scope(batch).fillna(False).astype(bool)
+
+
+def _over_budget(trip: BudgetTrip) -> str:
+    top = "; ".join(f"{reason} ({n})" for reason, n in trip.reasons.items())
+    return (
+        f"{trip.failed} of {trip.seen} rows ({trip.share:.1%}) failed, above the error budget of "
+        f"{trip.max_share:.0%}; top reasons: {top}"
+    )
 
 
 def _a_time(value: object) -> bool:
@@ -460,11 +496,19 @@ class Sync:
         self._in_flight: _InFlight | None = None
         self._committed: Future | None = None
 
-    def run(self, full: bool = False, allow_mass_archive: bool = False) -> SyncResult:
+    def run(
+        self,
+        full: bool = False,
+        allow_mass_archive: bool = False,
+        acknowledge_budget_trip: bool = False,
+    ) -> SyncResult:
         """Sync what changed since the watermark (minus the lookback), or every row if `full`.
 
-        Before anything is written, the archive guard counts what the run would archive.
+        Before anything is read, an earlier run's error-budget trip stops it, unless
+        acknowledged; before anything is written, the archive guard counts what the run would
+        archive.
         """
+        self._stop_while_tripped(approved=acknowledge_budget_trip)
         before = self.state.watermark(self.spec.name)
         if before is not None and before.updated_at > utcnow() + FAR_FUTURE:
             self.log.warning(
@@ -481,23 +525,31 @@ class Sync:
         if self.spec.archive_deleted:
             self._guard_archives(since, approved=allow_mass_archive)
         batches = self.source.batches(since, self.spec.batch_size)
-        return self._retried(self._drive(batches, before, full=full, move_watermark=True))
+        with self._trip_kept():
+            return self._retried(self._drive(batches, before, full=full, move_watermark=True))
 
     def run_window(
-        self, start: datetime, end: datetime, allow_mass_archive: bool = False
+        self,
+        start: datetime,
+        end: datetime,
+        allow_mass_archive: bool = False,
+        acknowledge_budget_trip: bool = False,
     ) -> SyncResult:
         """Rewrite exactly one window of the business date (a partition or a backfill's range):
         every row dated in [start, end), compared with the ledger; the watermark stays. The
-        archive guard counts the window's soft-deleted rows against every synced record."""
+        archive guard counts the window's soft-deleted rows against every synced record; an
+        error-budget trip stops it as it does `run`."""
         partitions = self.spec.partitions
         if partitions is None:
             raise ValueError(f"flow {self.spec.name} is not partitioned")
+        self._stop_while_tripped(approved=acknowledge_budget_trip)
         within = self.source.in_window(partitions.column, start, end)
         if self.spec.archive_deleted:
             self._guard_archives(None, approved=allow_mass_archive, within=within)
         batches = self.source.batches(None, self.spec.batch_size, within=within)
         before = self.state.watermark(self.spec.name)
-        return self._retried(self._drive(batches, before, full=False, move_watermark=False))
+        with self._trip_kept():
+            return self._retried(self._drive(batches, before, full=False, move_watermark=False))
 
     def _retried(self, result: SyncResult) -> SyncResult:
         """The run's result, once the records it refused for a destination id that a record
@@ -546,14 +598,16 @@ class Sync:
             if (holder := _ID_HELD_BY.search(letter.reason)) and holder.group(1) in let_go
         ]
 
-    def repair(self, keys: Sequence[str]) -> SyncResult:
+    def repair(self, keys: Sequence[str], acknowledge_budget_trip: bool = False) -> SyncResult:
         """Send these records again whatever the ledger says (reconciliation found them drifted).
-        The watermark stays where it is."""
+        The watermark stays where it is; an error-budget trip stops it as it does `run`."""
+        self._stop_while_tripped(approved=acknowledge_budget_trip)
         self._force = set(keys)
         try:
             batches = self.source.rows_with_keys(list(keys), self.spec.batch_size)
             before = self.state.watermark(self.spec.name)
-            return self._drive(batches, before, full=False, move_watermark=False)
+            with self._trip_kept():
+                return self._drive(batches, before, full=False, move_watermark=False)
         finally:
             self._force = set()
 
@@ -566,7 +620,9 @@ class Sync:
         record the source no longer has left it: its letter closes as `gone`, and what the
         destination holds of it is archived (its stored payload was written back: a deleted
         record brought back to life). A letter of a row without a usable key is judged again
-        from its payload. The watermark stays."""
+        from its payload. The watermark stays. A replay goes on while the flow's error budget is
+        tripped (it is how its dead letters are fixed), and clears the trip once none of them is
+        open."""
         letters = [letter for letter in letters if letter.flow == self.spec.name]
         keys = [letter.record_key for letter in letters if not letter.record_key.startswith("!")]
         found = list(self.source.rows_with_keys(keys, batch_size or self.spec.batch_size))
@@ -588,6 +644,7 @@ class Sync:
                 result.counts["archived"] += self._archive_gone(gone)
                 result.counts["gone"] += len(gone)
                 result.open_dead_letters = self.state.dead_letter_kinds(self.spec.name)
+            self._settle_trip()
             return result
         finally:
             self._replaying = was
@@ -720,6 +777,75 @@ class Sync:
                 "every batch before it is committed; rerun when the source answers (the rerun "
                 "resumes from the watermark)",
             ) from error
+
+    def _stop_while_tripped(self, approved: bool) -> None:
+        """Stop before reading anything while an earlier run's error-budget trip stands (some of
+        its dead letters open, going on not approved), unless this run approves it: audited, with
+        the run's actor and why. Held, those letters no longer count against the budget, so
+        without this a rerun with nothing fixed went through with them in the DLQ."""
+        flow = self.spec.name
+        trip = self.state.settle_budget_trip(
+            flow, actor=self.actor, why=self.why, run_id=self.run_id
+        )
+        if trip is None or trip.resolution:  # none, or its letters were all settled since
+            return
+        if not approved:
+            raise ErrorBudgetTripStands(trip)
+        self.state.clear_budget_trip(flow, actor=self.actor, why=self.why, run_id=self.run_id)
+        self.log.warning(
+            "%s: going on despite the error budget's trip of run %s, as approved: its %d open "
+            "dead letters stay in the DLQ",
+            flow,
+            trip.run_id,
+            trip.open_letters,
+        )
+
+    @contextmanager
+    def _trip_kept(self) -> Iterator[None]:
+        """A run the error budget stops keeps its trip in the state store, with the dead letters
+        it left open: later runs stop at their start until it is acknowledged."""
+        try:
+            yield
+        except ErrorBudgetExceeded as stopped:
+            try:
+                stopped.trip = self.state.trip_budget(stopped.trip, actor=self.actor, why=self.why)
+            except StateStoreUnavailable as error:  # the budget's stop is still the news
+                self.log.error(
+                    "%s: the error budget's trip could not be kept (%s): the next run will not "
+                    "stop for it; check `handoff dlq list --flow %s` before rerunning",
+                    self.spec.name,
+                    error,
+                    self.spec.name,
+                )
+            raise
+
+    def _settle_trip(self) -> None:
+        """After a replay: clear the flow's error-budget trip once none of its dead letters is
+        open (audited), or say how many still keep the flow's runs stopped."""
+        flow = self.spec.name
+        trip = self.state.settle_budget_trip(
+            flow, actor=self.actor, why=self.why, run_id=self.run_id
+        )
+        if trip is None:
+            return
+        if trip.resolution:
+            self.log.info(
+                "%s: every dead letter of the error budget's trip of run %s is replayed or "
+                "discarded: the trip is cleared, runs go on",
+                flow,
+                trip.run_id,
+            )
+            return
+        self.log.warning(
+            "%s: %d of the %d dead letters of the error budget's trip of run %s are still open: "
+            "runs stay stopped until they are replayed or discarded, or `handoff budget clear "
+            "--flow %s` approves going on",
+            flow,
+            trip.open_letters,
+            trip.letters,
+            trip.run_id,
+            flow,
+        )
 
     def _guard_archives(
         self, since: datetime | None, approved: bool, within: object | None = None
@@ -1660,17 +1786,23 @@ class Sync:
                 ),
                 audit=self._batch_entry({"dead_lettered": len(pending), "stopped": "error budget"}),
             )
-        top = "; ".join(f"{reason} ({n})" for reason, n in result.reasons.most_common(3))
+        flow = self.spec.name
+        reasons = dict(result.reasons.most_common(3))
+        trip = BudgetTrip(flow, self.run_id, utcnow(), failed, seen, budget.max_share, reasons)
         raise ErrorBudgetExceeded(
-            self.spec.name,
-            f"{failed} of {seen} rows ({share:.1%}) failed, above the error budget of "
-            f"{budget.max_share:.0%}; top reasons: {top}",
-            f"inspect them with `handoff dlq list --flow {self.spec.name}`, fix the source "
+            flow,
+            _over_budget(trip),
+            f"inspect them with `handoff dlq list --flow {flow}`, fix the source "
             + (
-                "(or the contract, or the destination), then replay them (`handoff dlq replay`): "
-                "every batch of this run was committed, the rejected rows wait in the DLQ"
+                "(or the contract, or the destination), then replay them (`handoff dlq replay "
+                f"--flow {flow}`): every batch of this run was committed, the rejected rows wait "
+                "in the DLQ"
                 if finished
-                else "(or the contract), then rerun; the watermark did not advance past the "
-                "failing batch"
-            ),
+                else "(or the contract), then replay them (`handoff dlq replay --flow "
+                f"{flow}`); the watermark did not advance past the failing batch"
+            )
+            + "; until they are replayed or discarded, every run of this flow stops at its start "
+            f"(to go on with them held in the DLQ: `handoff budget clear --flow {flow} --why "
+            "...`, or rerun with acknowledge_budget_trip)",
+            trip,
         )

@@ -1,0 +1,236 @@
+"""A run the error budget stopped keeps the flow stopped until someone acknowledges it: its dead
+letters replayed or discarded, or going on approved (`handoff budget clear`, or run config).
+Held, those letters no longer count against the budget: a rerun with nothing fixed went through,
+with a third of a batch in the DLQ."""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+import pytest
+import sqlalchemy as sa
+
+from assets.crm_contacts import CRM_CONTACTS
+from assets.factory import flow_asset
+from definitions import resources
+from integrations.cli import main
+from integrations.engine.state import StateStore
+from integrations.engine.sync import ErrorBudgetExceeded, ErrorBudgetTripStands
+from sensors.alerts import run_failure_sensor
+from tests.conftest import DLQ_KEY
+from tests.contacts import sync
+
+FLOW = CRM_CONTACTS.name
+
+
+def first_batch(erp) -> list[int]:
+    with erp.connect() as connection:
+        return list(
+            connection.execute(
+                sa.text("SELECT customer_id FROM customers ORDER BY updated_at, customer_id")
+            ).scalars()
+        )[: CRM_CONTACTS.batch_size]
+
+
+def break_emails(erp) -> list[int]:
+    """A third of the first batch's emails made invalid (" at " for "@"): the budget stops the
+    first run at that batch; the other batches are as seeded, within the budget."""
+    broken = [key for key in first_batch(erp) if key % 3 == 0]
+    with erp.begin() as connection:
+        connection.execute(
+            sa.text("UPDATE customers SET email = replace(email, '@', ' at ') WHERE customer_id = :id"),
+            [{"id": key} for key in broken],
+        )  # fmt: skip
+    return broken
+
+
+def mend_emails_quietly(erp, broken: list[int]) -> None:
+    """The emails put back, `updated_at` untouched: no run would see it, a replay does."""
+    with erp.begin() as connection:
+        connection.execute(
+            sa.text("UPDATE customers SET email = replace(email, ' at ', '@') WHERE customer_id = :id"),
+            [{"id": key} for key in broken],
+        )  # fmt: skip
+
+
+def assert_no_pii_or_secret(text: str, state: StateStore) -> None:
+    pii = CRM_CONTACTS.source_contract.pii_fields
+    values = {
+        str(letter.payload.get(name))
+        for letter in state.list_dead_letters(flow=FLOW, include_resolved=True, limit=None)
+        for name in pii
+        if len(str(letter.payload.get(name) or "")) >= 5
+    }
+    assert values and not [value for value in values if value in text]
+    assert os.environ["CRM_ACCESS_TOKEN"] not in text and DLQ_KEY not in text
+
+
+def budget_audit(state: StateStore) -> list[dict[str, object]]:
+    return [
+        entry
+        for entry in state.audit_entries(FLOW)
+        if entry["action"] in ("budget_trip", "budget_clear")
+    ]
+
+
+def test_a_tripped_budget_stops_every_rerun_until_going_on_is_approved(
+    any_world, erp, crm_client, state, capsys
+):
+    break_emails(erp)
+    with pytest.raises(ErrorBudgetExceeded) as tripped:
+        sync(erp, crm_client, state)
+    assert f"handoff budget clear --flow {FLOW}" in str(tripped.value)
+    (trip,) = state.standing_budget_trips()
+    assert (trip.flow, trip.run_id) == (FLOW, "run-1")
+    assert trip.letters == trip.open_letters == state.count_open_dead_letters(FLOW) > 300
+
+    # Nothing changed: the rerun stops before reading, saying what tripped and what to do.
+    with pytest.raises(ErrorBudgetTripStands) as stands:
+        sync(erp, crm_client, state, run_id="run-2")
+    message = str(stands.value)
+    assert message.startswith(f"flow {FLOW}: the error budget stopped run run-1 at ")
+    assert f"{trip.failed} of {trip.seen} rows ({trip.share:.1%}) failed" in message
+    assert "email is not a valid email address" in message, "the top reasons"
+    assert f"{trip.letters} of the {trip.letters} dead letters it left are still open" in message
+    for todo in (
+        f"handoff dlq list --flow {FLOW}",
+        f"handoff dlq replay --flow {FLOW}",
+        "handoff dlq discard",
+        f"handoff budget clear --flow {FLOW} --why",
+        "acknowledge_budget_trip",
+    ):
+        assert todo in message
+    assert_no_pii_or_secret(message, state)
+    assert list(crm_client.list_objects("contacts")) == [] and state.watermark(FLOW) is None
+
+    assert main(["budget", "list"]) == 0
+    assert f"{FLOW}: tripped by run run-1" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # an approval without a why is refused
+        main(["budget", "clear", "--flow", FLOW])
+    why = "the ERP import is being fixed upstream; sync the rest"
+    assert main(["budget", "clear", "--flow", FLOW, "--why", why]) == 0
+    assert f"{trip.letters} open dead letters stay in the DLQ" in capsys.readouterr().out
+
+    goes_on = sync(erp, crm_client, state, run_id="run-3")
+    assert goes_on.counts["held"] >= trip.letters and goes_on.counts["inserted"] > 1500
+    assert state.count_open_dead_letters(FLOW) >= trip.letters, "the letters stay in the DLQ"
+    assert sync(erp, crm_client, state, run_id="run-4").written == 0
+    assert state.standing_budget_trips() == []
+
+    tripping, clearing = budget_audit(state)
+    assert (tripping["action"], tripping["run_id"], tripping["actor"]) == (
+        "budget_trip",
+        "run-1",
+        "test",
+    )
+    assert tripping["detail"]["dead_letters"] == trip.letters
+    assert clearing["action"] == "budget_clear" and clearing["why"] == why
+    assert "via handoff budget clear" in clearing["actor"]
+    assert clearing["detail"]["resolution"] == "approved"
+    assert clearing["detail"]["tripped_by_run"] == "run-1"
+    assert state.verify_audit().intact
+
+
+def test_replaying_and_discarding_the_trips_letters_lets_the_runs_go_on(
+    world, erp, crm_client, state, capsys
+):
+    broken = break_emails(erp)
+    with pytest.raises(ErrorBudgetExceeded):
+        sync(erp, crm_client, state)
+    (trip,) = state.standing_budget_trips()
+
+    # A replay goes on while the trip stands: it is how the letters are fixed.
+    mend_emails_quietly(erp, broken)
+    assert main(["dlq", "replay", "--flow", FLOW]) == 1, "the seed's own bad rows still fail"
+    replayed = capsys.readouterr().out
+    still = state.count_open_dead_letters(FLOW)
+    assert f"{trip.letters - still} left the DLQ, {still} still failing" in replayed
+    assert trip.letters - still > 250 and still > 0
+    assert len(list(crm_client.list_objects("contacts"))) == trip.letters - still
+
+    with pytest.raises(ErrorBudgetTripStands) as stands:
+        sync(erp, crm_client, state, run_id="run-2")
+    assert f"{still} of the {trip.letters} dead letters it left are still open" in str(stands.value)
+
+    reason = "known bad rows in the ERP, reported to its owners"
+    assert main(["dlq", "discard", "--flow", FLOW, "--reason", reason]) == 0
+    assert "run-1 is open any more: the trip is cleared, runs go on" in capsys.readouterr().out
+    goes_on = sync(erp, crm_client, state, run_id="run-3")
+    assert goes_on.counts["inserted"] > 1500 and goes_on.counts["held"] == still
+
+    _, clearing = budget_audit(state)
+    assert clearing["why"] == reason and "via handoff dlq discard" in clearing["actor"]
+    assert clearing["detail"] == {
+        **clearing["detail"],
+        "resolution": "settled",
+        "dead_letters": trip.letters,
+        "dead_letters_open": 0,
+    }
+    assert state.verify_audit().intact
+
+
+def test_through_dagster_a_standing_trip_fails_each_run_until_run_config_acknowledges_it(
+    world, erp, state, alert_receiver
+):
+    break_emails(erp)
+    asset = flow_asset(CRM_CONTACTS)
+
+    def materialize(instance, **config) -> dg.ExecuteInJobResult:
+        return dg.materialize(
+            [asset],
+            resources=resources(),
+            instance=instance,
+            run_config={"ops": {"crm__contacts": {"config": config}}},
+            raise_on_error=False,
+        )
+
+    def failure(result: dg.ExecuteInJobResult):
+        (event,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+        return event.step_failure_data.user_failure_data
+
+    with dg.instance_for_test() as instance:
+        first = materialize(instance)
+        assert not first.success
+        assert failure(first).metadata["error_budget_trip"].value["run_id"] == first.run_id
+
+        rerun = materialize(instance)
+        assert not rerun.success and not rerun.get_asset_materialization_events()
+        stopped = failure(rerun)
+        assert stopped.description.startswith(
+            f"flow {FLOW}: the error budget stopped run {first.run_id} at "
+        )
+        assert "handoff budget clear" in stopped.metadata["what_to_do"].value
+        trip = stopped.metadata["error_budget_trip"].value
+        assert trip["dead_letters_open"] == state.count_open_dead_letters(FLOW) > 300
+        assert "erp.customer@v1: email is not a valid email address" in trip["top_reasons"]
+        assert_no_pii_or_secret(stopped.description, state)
+
+        (event,) = [e for e in rerun.all_events if e.event_type_value == "PIPELINE_FAILURE"]
+        context = dg.build_run_status_sensor_context(
+            sensor_name="handoff_run_failures",
+            dagster_event=event,
+            dagster_instance=instance,
+            dagster_run=instance.get_run_by_id(rerun.run_id),
+            resources=resources(),
+        ).for_run_failure()
+        run_failure_sensor([CRM_CONTACTS])(context)
+        (alert,) = alert_receiver.received
+        assert f"the error budget stopped run {first.run_id}" in alert["text"]
+        assert "handoff budget clear" in alert["text"]
+        assert_no_pii_or_secret(alert["text"], state)
+
+        assert materialize(instance, replay=True).success, "a replay goes on while tripped"
+        (standing,) = state.standing_budget_trips(FLOW)
+
+        acknowledged = materialize(instance, acknowledge_budget_trip=True)
+        assert acknowledged.success
+        (done,) = acknowledged.get_asset_materialization_events()
+        assert done.materialization.metadata["held"].value >= standing.open_letters > 300
+        assert materialize(instance).success, "the trip does not come back"
+
+    clearing = budget_audit(state)[-1]
+    assert clearing["actor"] == f"dagster run {acknowledged.run_id}" and clearing["why"] == "manual"
+    assert clearing["detail"]["resolution"] == "approved"
+    assert clearing["detail"]["tripped_by_run"] == first.run_id
+    assert state.verify_audit().intact
