@@ -7,6 +7,7 @@ destination accepted the batch: a crash before the commit means the batch is sen
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import itertools
 import json
@@ -15,9 +16,11 @@ import threading
 import time
 import zlib
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import NamedTuple
 
 import sqlalchemy as sa
@@ -206,6 +209,7 @@ def _append_only(connection) -> bool:
 
 
 _LETTERS_LOCK = 7260419  # the advisory lock space of a flow's dead letters (see _put_dead_letters)
+_RUNS_LOCK = 7260420  # the advisory lock space of a flow's runs (see StateStore.flow_lock)
 _IN_CHUNK = 500  # keys per IN (...) list, well under every dialect's parameter limit
 _ARRAY_CHUNK = 100_000  # keys per PostgreSQL array parameter
 # PostgreSQL plans a batch's key lookups by its statistics. A first sync grows the ledger from
@@ -324,6 +328,10 @@ class AuditRecord(NamedTuple):  # a tuple: a batch makes one per record, cheaply
 
 class StateStoreUnavailable(Exception):
     """The state database could not be reached, or dropped the connection."""
+
+
+class FlowBusy(Exception):
+    """Another run, repair or replay of the flow held its lock for longer than one waits."""
 
 
 class MissingSecret(RuntimeError):
@@ -448,6 +456,77 @@ class StateStore:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+    @contextmanager
+    def flow_lock(self, flow: str, wait: float) -> Iterator[None]:
+        """Hold the flow's lock: one run, repair or replay of a flow at a time, whatever process
+        runs it (two would diff against one ledger and write the same records, each a move the
+        other does not see). Waits up to `wait` seconds for the holder, then raises FlowBusy.
+        The lock is a PostgreSQL session's advisory lock, or an flock on a file beside a SQLite
+        store: the holder's end releases it, and so does its death (a killed run holds nothing)."""
+        take, release = (
+            self._advisory_lock(flow)
+            if self.engine.dialect.name == "postgresql"
+            else self._file_lock(flow)
+        )
+        deadline = time.monotonic() + wait
+        try:
+            while not take():
+                if time.monotonic() >= deadline:
+                    raise FlowBusy(flow)
+                time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+            yield
+        finally:
+            release()
+
+    def _advisory_lock(self, flow: str) -> tuple[Callable[[], bool], Callable[[], None]]:
+        connection = self.engine.connect()  # its own session: the lock is the session's
+        key = {"space": _RUNS_LOCK, "flow": flow}
+        held = False
+
+        def take() -> bool:
+            nonlocal held
+            held = connection.execute(
+                sa.text("SELECT pg_try_advisory_lock(CAST(:space AS int), hashtext(:flow))"), key
+            ).scalar_one()
+            connection.commit()  # no transaction stays open: the lock outlives it
+            return held
+
+        def release() -> None:
+            try:
+                if held:
+                    connection.execute(
+                        sa.text("SELECT pg_advisory_unlock(CAST(:space AS int), hashtext(:flow))"),
+                        key,
+                    )
+                    connection.commit()
+            except sa.exc.DBAPIError:
+                connection.invalidate()  # a session gone holds nothing; not back to the pool
+            finally:
+                connection.close()
+
+        return take, release
+
+    def _file_lock(self, flow: str) -> tuple[Callable[[], bool], Callable[[], None]]:
+        database = self.engine.url.database
+        if not database or database == ":memory:":  # one process's store: nobody to wait for
+            return (lambda: True), (lambda: None)
+        folder = Path(database).with_name(Path(database).name + ".locks")
+        folder.mkdir(exist_ok=True)
+        name = hashlib.sha256(flow.encode()).hexdigest()[:16]
+        handle = open(folder / f"{name}.lock", "a+")  # noqa: SIM115 (held until release)
+
+        def take() -> bool:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            return True
+
+        def release() -> None:
+            handle.close()  # the flock goes with it
+
+        return take, release
 
     # --- reads -------------------------------------------------------------------------------
 

@@ -56,6 +56,7 @@ from integrations.engine.state import (
     BatchCommit,
     BudgetTrip,
     DeadLetter,
+    FlowBusy,
     LedgerEntries,
     LedgerEntry,
     StateStore,
@@ -468,7 +469,39 @@ def expected_records(
         yield from zip(mapped.index, _json_ready(mapped), strict=True)
 
 
+def _one_at_a_time(method):
+    """A Sync method that writes: it holds the flow's lock (see StateStore.flow_lock), once,
+    however deep the calls (a run's end replays letters)."""
+
+    @functools.wraps(method)
+    def alone(self: Sync, *args, **kwargs):
+        if self._holding_lock:
+            return method(self, *args, **kwargs)
+        flow = self.spec.name
+        try:
+            with self.state.flow_lock(flow, wait=self.lock_wait):
+                self._holding_lock = True
+                try:
+                    return method(self, *args, **kwargs)
+                finally:
+                    self._holding_lock = False
+        except FlowBusy:
+            raise SyncError(
+                flow,
+                f"another run, repair or replay of {flow} held the flow for over "
+                f"{self.lock_wait:.0f} s: one runs at a time (two would write the same records, "
+                "each blind to the other's moves); nothing was read or written",
+                "wait for it to end (a Dagster run of the flow, a backfill, or `handoff dlq "
+                "replay`), then rerun",
+            ) from None
+
+    return alone
+
+
 class Sync:
+    # How long a run waits for another run of its flow to end (see _one_at_a_time).
+    lock_wait = 300.0
+
     """Runs `spec` from `source` into `destination`, keeping books in `state`."""
 
     def __init__(
@@ -488,6 +521,7 @@ class Sync:
         self.log = log or logger
         self._force: set[str] = set()
         self._replaying = False
+        self._holding_lock = False
         # Records refused for a destination id a record outside their batch held, and records
         # that let go of their ids (moved off, archived) in this run (see _retried).
         self._clashed: list[str] = []
@@ -496,6 +530,7 @@ class Sync:
         self._in_flight: _InFlight | None = None
         self._committed: Future | None = None
 
+    @_one_at_a_time
     def run(
         self,
         full: bool = False,
@@ -528,6 +563,7 @@ class Sync:
         with self._trip_kept():
             return self._retried(self._drive(batches, before, full=full, move_watermark=True))
 
+    @_one_at_a_time
     def run_window(
         self,
         start: datetime,
@@ -598,6 +634,7 @@ class Sync:
             if (holder := _ID_HELD_BY.search(letter.reason)) and holder.group(1) in let_go
         ]
 
+    @_one_at_a_time
     def repair(self, keys: Sequence[str], acknowledge_budget_trip: bool = False) -> SyncResult:
         """Send these records again whatever the ledger says (reconciliation found them drifted).
         The watermark stays where it is; an error-budget trip stops it as it does `run`."""
@@ -611,6 +648,7 @@ class Sync:
         finally:
             self._force = set()
 
+    @_one_at_a_time
     def replay(
         self, letters: Sequence[DeadLetter], batch_size: int | None = None, retry: bool = True
     ) -> SyncResult:
@@ -649,6 +687,7 @@ class Sync:
         finally:
             self._replaying = was
 
+    @_one_at_a_time
     def archive_extras(self, destination_ids: Sequence[str], approved: bool = False) -> int:
         """Archive the extra rows reconciliation found (live in the destination, not expected
         from the source) that this flow wrote, for records the source no longer has: a row

@@ -1,0 +1,113 @@
+"""One run, repair or replay of a flow at a time, across processes: a second one waits for the
+first, and stops with what to do when it waits too long; a killed holder holds nothing. Real
+SQLite and PostgreSQL state stores, real processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from datetime import datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from integrations.engine.state import StateStore
+from integrations.engine.sync import SyncError
+from integrations.sql.connect import create_engine
+from tests.conftest import DLQ_KEY
+from tests.test_sql_cursors import SPEC, source_lines, syncing
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request, tmp_path):
+    if request.param == "postgres":
+        url = request.getfixturevalue("postgres_database")()
+    else:
+        url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+    state = StateStore(url, dlq_key=DLQ_KEY)
+    yield state
+    state.dispose()
+
+
+@pytest.fixture
+def engine(tmp_path):
+    engine = create_engine(f"sqlite:///{tmp_path / 'lines.sqlite'}")
+    source_lines(engine, [datetime(2025, 1, 1) + timedelta(minutes=n) for n in range(3)])
+    yield engine
+    engine.dispose()
+
+
+def test_a_second_run_of_a_flow_waits_for_the_first(engine, store):
+    other_run_ends = threading.Event()
+    held = threading.Event()
+
+    def other_run() -> None:
+        with store.flow_lock(SPEC.name, wait=0):
+            held.set()
+            other_run_ends.wait(30)
+
+    holder = threading.Thread(target=other_run)
+    holder.start()
+    assert held.wait(10)
+    outcome: list[object] = []
+
+    def second_run() -> None:
+        with syncing(engine, store) as sync:
+            outcome.append(sync.run())
+
+    waiting = threading.Thread(target=second_run)
+    waiting.start()
+    waiting.join(1.0)
+    assert waiting.is_alive() and not outcome and store.count_synced(SPEC.name) == 0
+    other_run_ends.set()
+    holder.join()
+    waiting.join(30)
+    assert outcome and outcome[0].written == 3
+
+
+def test_a_run_that_waits_too_long_stops_with_what_to_do_and_writes_nothing(engine, store):
+    with store.flow_lock(SPEC.name, wait=0), syncing(engine, store) as sync:
+        sync.lock_wait = 0.3
+        with pytest.raises(SyncError) as stopped:
+            sync.run()
+    error = stopped.value
+    assert error.flow == SPEC.name and "another run, repair or replay" in error.what
+    assert "then rerun" in error.todo
+    assert store.count_synced(SPEC.name) == 0 and not sa.inspect(engine).has_table("ledger_lines")
+    with syncing(engine, store) as sync:  # its holder gone, the flow runs
+        assert sync.run().written == 3
+
+
+def test_a_killed_holder_holds_nothing(engine, store):
+    """A run killed mid-flight (OOM, a redeploy): its lock goes with its process."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from integrations.engine.state import StateStore\n"
+            "store = StateStore(sys.argv[1])\n"
+            "with store.flow_lock(sys.argv[2], wait=0):\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(120)\n",
+            store.url,
+            SPEC.name,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with syncing(engine, store) as sync:
+            sync.lock_wait = 0.3
+            with pytest.raises(SyncError):
+                sync.run()
+        holder.kill()
+        holder.wait(30)
+        with syncing(engine, store) as sync:
+            sync.lock_wait = 30
+            assert sync.run().written == 3
+    finally:
+        holder.kill()
+        holder.wait(30)
