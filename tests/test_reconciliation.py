@@ -138,3 +138,30 @@ def test_a_null_and_empty_text_are_two_values_in_a_sql_table(sql_database, own_s
 
 def reconciled(engine: sa.Engine, state: StateStore) -> Drift:
     return reconcile(SPEC, SqlSource(engine, SOURCE), SqlTable(engine, SPEC.target), state)
+
+
+def test_a_repairs_audit_record_shows_what_it_wrote(sql_database, own_state):
+    """A repair rewrites records whose content the ledger already holds: their audit records
+    said `{}` changed, though a drifted row was written over."""
+    engine = create_engine(sql_database())
+    source_lines(engine, [datetime(2025, 1, 1) + timedelta(minutes=n) for n in range(2)])
+    assert run(engine, own_state).written == 2
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "UPDATE ledger_lines SET memo = 'drifted' WHERE line_number = 'L1'"
+        )
+    repair = Sync(
+        SPEC, SqlSource(engine, SOURCE), SqlTable(engine, SPEC.target), own_state,
+        run_id="repair", actor="test", why="repair",
+    )  # fmt: skip
+    assert repair.repair(reconciled(engine, own_state).differing).written == 1
+    (rewrite,) = [e for e in own_state.record_history("1", SPEC.name) if e["run_id"] == "repair"]
+    assert rewrite["trigger"] == "repair"
+    assert rewrite["diff"] == {
+        "line_number": "L1",
+        "amount": 1.0,
+        "booked_on": "2025-01-02",
+        "memo": "x",
+    }
+    assert reconciled(engine, own_state).in_sync
+    engine.dispose()

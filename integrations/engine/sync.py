@@ -1225,7 +1225,7 @@ class Sync:
             if known is None or known.archived:
                 continue
             changed = columns.changed_fields(known.field_hashes, now[at], names)
-            if changed is not None:
+            if changed:  # none: a repair rewrites what the destination lost, shown whole
                 whole[at] = canonical_json({name: shown[name][at] for name in changed})
         return whole
 
