@@ -373,6 +373,26 @@ def test_a_number_is_taken_only_once_its_holders_move_off_it_landed(sql_database
     engine.dispose()
 
 
+def test_a_chain_or_a_swap_of_numbers_is_written_only_where_every_move_lands(sql_database, state):
+    """A chain 1 → L2, 2 → L3, 3 → L9 whose last move the table refused: 1 was written over
+    the row 2 kept. A swap of which the table refused one half: the other half was written over
+    its row. Both times a record's content was nowhere, and the ledger held two at one id."""
+    engine = create_engine(sql_database())
+    create(engine, *ledger_columns(), sa.CheckConstraint("amount < 100", name="small"))
+    source_lines(engine, [datetime(2025, 1, 1, n) for n in range(5)])
+    run(engine, state, LOOSE_SPEC)
+    renumber(engine, [(1, "L2"), (2, "L3"), (3, "L9"), (4, "L5"), (5, "L4")])
+    with engine.begin() as connection:  # 3's and 5's moves are refused by the table
+        connection.execute(sa.text("UPDATE source_lines SET amount = 1000 WHERE id IN (3, 5)"))
+    refused = run(engine, state, dataclasses.replace(LOOSE_SPEC, batch_size=10))
+    assert (refused.written, refused.counts["rejected"]) == (0, 5)
+    assert live(engine) == {f"L{n}": float(n) for n in range(1, 6)}
+    letters = {letter.record_key: letter.reason for letter in state.list_dead_letters(SPEC.name)}
+    assert "record 3's destination id too" in letters["2"] and "record 2's" in letters["1"]
+    assert "none was written" in letters["4"] and "none was written" in letters["5"]
+    engine.dispose()
+
+
 def test_a_record_refused_a_number_lands_when_a_later_run_moves_its_holder_off(sql_database, state):
     """2 was refused 1's number; a later run moved 1 to another: 2's letter waited for an
     operator's replay (2's row unchanged, it was held), though the number was free."""
@@ -386,6 +406,40 @@ def test_a_record_refused_a_number_lands_when_a_later_run_moves_its_holder_off(s
     landed = freed.counts["inserted"] + freed.counts["updated"]
     assert (landed, freed.counts["rejected"]) == (2, 0)
     assert live(engine) == {"L1": 2.0, "L3": 1.0}
+    assert state.list_dead_letters(LOOSE_SPEC.name) == []
+    engine.dispose()
+
+
+def test_letters_waiting_on_letters_land_round_by_round(sql_database, state):
+    """2 was refused L3 (3's), 1 was refused L2 (2's). The run that moved 3 off L3 landed 2
+    at its end, but 1, waiting on 2, waited for an operator's replay."""
+    engine = create_engine(sql_database())
+    source_lines(engine, [datetime(2025, 1, 1, n) for n in range(3)])
+    spec = dataclasses.replace(LOOSE_SPEC, batch_size=10)
+    run(engine, state, spec)
+    renumber(engine, [(2, "L3"), (1, "L2")], hour=1)
+    assert run(engine, state, spec).counts["rejected"] == 2
+    renumber(engine, [(3, "L9")], hour=2)
+    run(engine, state, spec)
+    assert live(engine) == {"L2": 1.0, "L3": 2.0, "L9": 3.0}
+    assert state.list_dead_letters(spec.name) == []
+    engine.dispose()
+
+
+def test_a_repair_that_archives_a_holder_lands_the_letters_waiting_on_it(sql_database, state):
+    """1 was refused L2 (2's); 2 was deleted outright, and the repair archived its row: 1's
+    letter stayed open, held run after run (1 unchanged), until an operator's replay."""
+    engine = create_engine(sql_database())
+    source_lines(engine, [datetime(2025, 1, 1, n) for n in range(3)])
+    run(engine, state, LOOSE_SPEC)
+    renumber(engine, [(1, "L2")], hour=1)
+    assert run(engine, state, LOOSE_SPEC).counts["rejected"] == 1
+    with engine.begin() as connection:
+        connection.execute(sa.text("DELETE FROM source_lines WHERE id = 2"))
+    with syncing(engine, state, LOOSE_SPEC, run_id="repair") as sync:
+        drift = reconcile(LOOSE_SPEC, sync.source, sync.destination, state)
+        assert sync.archive_extras(drift.extra_ids) == 1
+    assert live(engine) == {"L2": 1.0, "L3": 3.0}
     assert state.list_dead_letters(LOOSE_SPEC.name) == []
     engine.dispose()
 

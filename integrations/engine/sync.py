@@ -421,6 +421,13 @@ _ACTIONS = {True: "insert", False: "update", None: "unchanged"}
 # A letter of a record refused for a destination id another record holds names that record.
 _ID_TOO = "'s destination id too"
 _ID_HELD_BY = re.compile(r" is record (.+?)" + re.escape(_ID_TOO))
+# Rounds of the end-of-run retry: each replays the letters waiting on what the one before moved.
+_RETRY_ROUNDS = 10
+# Why a record written with others that take each other's ids is refused with them.
+_TOGETHER = (
+    " (written in one statement with the records of its batch whose ids it takes, and they "
+    "with its: the destination refused one of them, so none was written)"
+)
 
 
 def mapped_rows(spec: FlowSpec, valid: pd.DataFrame) -> tuple[pd.DataFrame, list[RowRejection]]:
@@ -593,34 +600,38 @@ class Sync:
         that swap ids across batches (each refused for the other's old id) land together then,
         as a replay of their letters, in one batch. So are the records an earlier run refused
         for an id that a record this run moved off or archived held (its next change could be
-        months away). What still clashes stays in the DLQ."""
+        months away), and then those waiting on what that replay moved, round by round. What
+        still clashes stays in the DLQ."""
         clashed, self._clashed = sorted(set(self._clashed)), []
-        waiting = self._waiting_for(self._let_go) if self._let_go else []
-        if not clashed and not waiting:  # (no keys would be no filter: every open letter)
-            return result
         own = (
             self.state.list_dead_letters(self.spec.name, keys=clashed, limit=None)
             if clashed
             else []
         )
         owned = {letter.record_key for letter in own}
+        waiting = self._waiting_for(self._let_go) if self._let_go else []
         letters = own + [letter for letter in waiting if letter.record_key not in owned]
         if not letters:
             return result
-        again = self.replay(
-            letters, batch_size=max(self.spec.batch_size, len(letters)), retry=False
-        )
+        for _ in range(_RETRY_ROUNDS):
+            again = self.replay(
+                letters, batch_size=max(self.spec.batch_size, len(letters)), retry=False
+            )
+            for name in ("inserted", "updated", "unchanged", "archived"):
+                result.counts[name] += again.counts[name]
+            result.open_dead_letters = again.open_dead_letters
+            # What this replay moved off or archived frees ids others wait for.
+            letters = self._waiting_for(self._let_go) if self._let_go else []
+            if not letters:
+                break
         self._clashed = []
         # This run's refusals that landed are its own to count again; an earlier run's counted.
         still = (
             self.state.list_dead_letters(self.spec.name, keys=clashed, limit=None) if own else []
         )
         landed = len(own) - len(still)
-        for name in ("inserted", "updated", "unchanged", "archived"):
-            result.counts[name] += again.counts[name]
         result.counts["rejected"] -= landed
         result.counts["valid"] += landed
-        result.open_dead_letters = again.open_dead_letters
         if not self._replaying:
             self._check_budget(result, finished=True)
         return result
@@ -700,7 +711,10 @@ class Sync:
         if not gone:
             return 0
         self._guard(gone, approved)  # a source emptied by mistake is no reason to archive all
-        return self._archive_gone(gone, replaying=False)
+        self._let_go = set()
+        archived = self._archive_gone(gone, replaying=False)
+        self._retried(SyncResult(flow=self.spec.name, run_id=self.run_id, full=False))
+        return archived
 
     def _archive_gone(self, keys: list[str], replaying: bool = True) -> int:
         """Close the letters of records the source no longer has, archiving what the
@@ -715,6 +729,7 @@ class Sync:
         archived = [
             destination_id for destination_id in live.values() if destination_id not in kept
         ]
+        self._let_go.update(live)  # letters waiting on them may land now (see _retried)
         if archived:
             self._call_destination(lambda: self._archive(archived))
         trace = functools.partial(correlation_id, self.run_id, flow)
@@ -1660,37 +1675,72 @@ class Sync:
         self, plan: _Plan, source_rows: pd.DataFrame
     ) -> tuple[WrittenColumns, list[DeadLetter]]:
         """Load the batch; a record taking an id that records of the batch move off is written
-        after their moves, and refused if the destination refused one: that record keeps its
-        row, which the taker would have been written over."""
+        once their moves landed, and refused, naming one, when one did not: that record keeps
+        its row, which the taker would be written over. A chain of moves goes wave by wave.
+        Records that wait on each other (a swap, a cycle, and what waits on it) are written in
+        one statement, or refused together: written in part, one would land on a row another
+        kept."""
         outbound = plan.outbound
         if not plan.vacated:
             return self._load(outbound, source_rows)
-        later = [at for at, key in enumerate(outbound.keys) if key in plan.vacated]
-        first = [at for at, key in enumerate(outbound.keys) if key not in plan.vacated]
-        written, refused = self._load(_sub_batch(outbound, first), source_rows)
-        stayed = {letter.record_key for letter in refused}
-        held = {
-            outbound.keys[at]: next(iter(stuck))
-            for at in later
-            if (stuck := [o for o in plan.vacated[outbound.keys[at]] if o in stayed])
+        at = {key: i for i, key in enumerate(outbound.keys)}
+        waits = {  # taker → the records of the batch it waits on
+            taker: [mover for mover in movers if mover in at]
+            for taker, movers in plan.vacated.items()
+            if taker in at
         }
-        go = [at for at in later if outbound.keys[at] not in held]
-        then, refused_then = self._load(_sub_batch(outbound, go), source_rows)
+        written, refused = self._load(
+            _sub_batch(outbound, [i for i, key in enumerate(outbound.keys) if key not in waits]),
+            source_rows,
+        )
+        parts, stayed = [written], {letter.record_key for letter in refused}
         why = ", whose move off it the destination refused"
-        stuck = [self._id_taken(key, owner, why) for key, owner in held.items()]
-        refused += refused_then + self._letters(source_rows, stuck, "destination-rejected")
-        return WrittenColumns.joined([written, then]), refused
+        while waits:
+            doomed = {
+                taker: next(mover for mover in movers if mover in stayed)
+                for taker, movers in waits.items()
+                if any(mover in stayed for mover in movers)
+            }
+            if doomed:
+                taken = [self._id_taken(taker, owner, why) for taker, owner in doomed.items()]
+                refused += self._letters(source_rows, taken, "destination-rejected")
+                stayed.update(doomed)
+                waits = {taker: movers for taker, movers in waits.items() if taker not in doomed}
+                continue
+            ready = [taker for taker, movers in waits.items() if not set(movers) & waits.keys()]
+            wave, together = (ready, False) if ready else (list(waits), True)
+            landed: list[Sequence[Written]] = []
+            refusals: list[DeadLetter] = []
+            self._load_chunk(
+                _sub_batch(outbound, [at[key] for key in wave]),
+                source_rows,
+                landed,
+                refusals,
+                together=together,
+            )
+            parts += landed
+            refused += refusals
+            stayed.update(letter.record_key for letter in refusals)
+            waits = {taker: movers for taker, movers in waits.items() if taker not in wave}
+        return WrittenColumns.joined(parts), refused
 
     def _load_chunk(
-        self, chunk, source_rows, written: list[Sequence[Written]], refused: list[DeadLetter]
+        self,
+        chunk,
+        source_rows,
+        written: list[Sequence[Written]],
+        refused: list[DeadLetter],
+        together: bool = False,
     ) -> None:
         """Upsert a chunk; records refused one by one go to the DLQ with the destination's own
-        reason, and a chunk refused as a whole is bisected to find its bad records."""
+        reason, and a chunk refused as a whole is bisected to find its bad records, unless its
+        records go `together` (they take each other's ids): then each is refused."""
         try:
             outcome = self._call_destination(lambda: self.destination.upsert(chunk))
         except RecordsRejected as error:
-            if len(chunk) == 1:
-                refused.append(self._refusal(chunk[0], str(error), source_rows))
+            if len(chunk) == 1 or together:
+                reason = str(error) + (_TOGETHER if len(chunk) > 1 else "")
+                refused.extend(self._refusal(record, reason, source_rows) for record in chunk)
                 return
             middle = math.ceil(len(chunk) / 2)
             self._load_chunk(chunk[:middle], source_rows, written, refused)
