@@ -234,3 +234,24 @@ def test_through_dagster_a_standing_trip_fails_each_run_until_run_config_acknowl
     assert clearing["detail"]["resolution"] == "approved"
     assert clearing["detail"]["tripped_by_run"] == first.run_id
     assert state.verify_audit().intact
+
+
+def test_a_run_stopped_while_its_threads_wind_down_leaves_its_trip(
+    world, erp, crm_client, state, monkeypatch
+):
+    """The trip was kept only once the stopped run's threads had wound down (the last batch's
+    commit): a run terminated meanwhile left none, and its rerun, nothing fixed, went through."""
+    break_emails(erp)
+    keep = StateStore.trip_budget
+
+    def terminated_once_kept(store, trip, **who):
+        if trip.id is not None:  # the letters of the last commits joining it: the run ends here
+            raise KeyboardInterrupt
+        return keep(store, trip, **who)
+
+    monkeypatch.setattr(StateStore, "trip_budget", terminated_once_kept)
+    with pytest.raises(KeyboardInterrupt):
+        sync(erp, crm_client, state)
+    monkeypatch.setattr(StateStore, "trip_budget", keep)
+    with pytest.raises(ErrorBudgetTripStands):
+        sync(erp, crm_client, state, run_id="run-2")

@@ -947,20 +947,23 @@ class StateStore:
             self._append_audit(connection, now=utcnow(), records=records, **entry)
 
     def trip_budget(self, trip: BudgetTrip, *, actor: str, why: str) -> BudgetTrip:
-        """Keep a run's error-budget trip until it is acknowledged: the dead letters the run
-        left open are the trip's. Audited; the trip as kept."""
+        """Keep a run's error-budget trip until it is acknowledged, with the dead letters the run
+        left open; kept already (`trip.id`: the run stopped, its last commits landed since), the
+        run's letters join it. Audited once; the trip as kept."""
         with self.engine.begin() as connection:
-            trip_id = connection.execute(
-                sa.insert(budget_trips).values(
-                    flow=trip.flow,
-                    run_id=trip.run_id,
-                    tripped_at=trip.tripped_at,
-                    failed=trip.failed,
-                    seen=trip.seen,
-                    max_share=trip.max_share,
-                    reasons=json.dumps(trip.reasons),
-                )
-            ).inserted_primary_key[0]
+            trip_id = trip.id
+            if trip_id is None:
+                trip_id = connection.execute(
+                    sa.insert(budget_trips).values(
+                        flow=trip.flow,
+                        run_id=trip.run_id,
+                        tripped_at=trip.tripped_at,
+                        failed=trip.failed,
+                        seen=trip.seen,
+                        max_share=trip.max_share,
+                        reasons=json.dumps(trip.reasons),
+                    )
+                ).inserted_primary_key[0]
             letters = connection.execute(
                 sa.update(dead_letters)
                 .where(
@@ -970,23 +973,24 @@ class StateStore:
                 )
                 .values(budget_trip_id=trip_id)
             ).rowcount
-            detail = {
-                "failed": trip.failed,
-                "seen": trip.seen,
-                "max_share": trip.max_share,
-                "top_reasons": trip.reasons,
-                "dead_letters": letters,
-            }
-            self._append_audit(
-                connection,
-                now=utcnow(),
-                actor=actor,
-                action="budget_trip",
-                why=why,
-                detail=detail,
-                run_id=trip.run_id,
-                flow=trip.flow,
-            )
+            if trip.id is None:
+                detail = {
+                    "failed": trip.failed,
+                    "seen": trip.seen,
+                    "max_share": trip.max_share,
+                    "top_reasons": trip.reasons,
+                    "dead_letters": letters,
+                }
+                self._append_audit(
+                    connection,
+                    now=utcnow(),
+                    actor=actor,
+                    action="budget_trip",
+                    why=why,
+                    detail=detail,
+                    run_id=trip.run_id,
+                    flow=trip.flow,
+                )
         return replace(trip, id=trip_id, letters=letters, open_letters=letters)
 
     def settle_budget_trip(

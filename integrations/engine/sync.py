@@ -857,21 +857,27 @@ class Sync:
     @contextmanager
     def _trip_kept(self) -> Iterator[None]:
         """A run the error budget stops keeps its trip in the state store, with the dead letters
-        it left open: later runs stop at their start until it is acknowledged."""
+        it left open: later runs stop at their start until it is acknowledged. The trip is kept
+        as the budget stops the run (a run killed while its threads wind down leaves it), and
+        the letters of the commits that land meanwhile join it here."""
         try:
             yield
         except ErrorBudgetExceeded as stopped:
-            try:
-                stopped.trip = self.state.trip_budget(stopped.trip, actor=self.actor, why=self.why)
-            except StateStoreUnavailable as error:  # the budget's stop is still the news
-                self.log.error(
-                    "%s: the error budget's trip could not be kept (%s): the next run will not "
-                    "stop for it; check `handoff dlq list --flow %s` before rerunning",
-                    self.spec.name,
-                    error,
-                    self.spec.name,
-                )
+            stopped.trip = self._kept(stopped.trip)
             raise
+
+    def _kept(self, trip: BudgetTrip) -> BudgetTrip:
+        try:
+            return self.state.trip_budget(trip, actor=self.actor, why=self.why)
+        except StateStoreUnavailable as error:  # the budget's stop is still the news
+            self.log.error(
+                "%s: the error budget's trip could not be kept (%s): the next run will not "
+                "stop for it; check `handoff dlq list --flow %s` before rerunning",
+                self.spec.name,
+                error,
+                self.spec.name,
+            )
+            return trip
 
     def _settle_trip(self) -> None:
         """After a replay: clear the flow's error-budget trip once none of its dead letters is
@@ -1878,6 +1884,7 @@ class Sync:
         flow = self.spec.name
         reasons = dict(result.reasons.most_common(3))
         trip = BudgetTrip(flow, self.run_id, utcnow(), failed, seen, budget.max_share, reasons)
+        trip = self._kept(trip)
         raise ErrorBudgetExceeded(
             flow,
             _over_budget(trip),
