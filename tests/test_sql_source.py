@@ -17,7 +17,7 @@ from pandas.testing import assert_frame_equal
 from assets.helpdesk_users import HELPDESK_USERS
 from integrations.engine.spec import Lookup, SourceTable
 from integrations.erp.seed import seed_erp
-from integrations.sql.connect import create_engine, without_values
+from integrations.sql.connect import create_engine, unreachable, without_values
 from integrations.sql.source import SourceUnavailable, SqlSource
 from tests.conftest import POSTGRES_ADMIN
 
@@ -392,4 +392,18 @@ def test_lookups_into_one_parent_twice_or_into_the_table_itself(sql_database):
         ["Edwards", "Adams"],
         ["Peacock", "Edwards"],
     ]
+    engine.dispose()
+
+
+@pytest.mark.mariadb
+def test_a_mariadb_query_over_its_time_limit_is_the_database_unavailable(mariadb_database):
+    """A query MariaDB cut at max_statement_time (1969) was reported as the statement's own
+    fault, not as a database to rerun against (PostgreSQL's statement_timeout, 57014, was)."""
+    engine = create_engine(mariadb_database())
+    with pytest.raises(sa.exc.DBAPIError) as cut, engine.connect() as connection:
+        connection.exec_driver_sql(
+            "SET STATEMENT max_statement_time = 0.05 FOR SELECT COUNT(*) FROM "
+            "information_schema.columns a, information_schema.columns b, information_schema.columns c"
+        )
+    assert cut.value.orig.args[0] == 1969 and unreachable(cut.value)
     engine.dispose()

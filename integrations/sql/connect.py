@@ -132,7 +132,8 @@ def unreachable(error: sa.exc.StatementError | None) -> bool:
         return True
     original = error.orig
     sqlstate = getattr(original, "sqlstate", None)
-    if sqlstate is not None:  # PostgreSQL
+    # PostgreSQL's, by its SQLSTATE (PyMySQL's errors carry one too, MariaDB's: codes tell more)
+    if isinstance(original, psycopg.Error) and sqlstate is not None:
         return sqlstate[:2] in _PG_UNAVAILABLE_CLASSES or sqlstate in _PG_CORRUPT
     if not isinstance(error, sa.exc.OperationalError):
         return False
@@ -149,8 +150,10 @@ def unreachable(error: sa.exc.StatementError | None) -> bool:
 # state (a lock not available, a table a publication keeps from updates), operator
 # intervention, system error; and data or an index corrupted. None is one record's fault.
 _PG_UNAVAILABLE_CLASSES = frozenset({"08", "40", "53", "55", "57", "58"})
-# MariaDB's too many connections (1040), a user's connection or query limit (1203, 1226).
-_MARIADB_BUSY = frozenset({1040, 1203, 1226})
+# MariaDB's too many connections (1040), a user's connection or query limit (1203, 1226), a
+# query killed (1317: KILL QUERY, a server shutting down) or over max_statement_time (1969), as
+# PostgreSQL's 57014: none is the statement's own fault.
+_MARIADB_BUSY = frozenset({1040, 1203, 1226, 1317, 1969})
 _PG_CORRUPT = frozenset({"XX001", "XX002"})
 # SQLite's result codes of a file it cannot open, read, write, lock or trust.
 _SQLITE_UNAVAILABLE = (
