@@ -25,6 +25,7 @@ from sensors.alerts import alert_sensors
 from sensors.changed_days import changed_days_sensors
 from sensors.schedules import flow_schedules
 from sensors.source_changed import source_changed_sensors
+from sensors.stopped_windows import stopped_windows_sensors
 from sensors.webhook_inbox import webhook_inbox_sensors
 
 
@@ -76,6 +77,7 @@ def definitions(flows: list[FlowSpec]) -> dg.Definitions:
         sensors=[
             *source_changed_sensors(flows),
             *changed_days_sensors(flows),
+            *stopped_windows_sensors(flows),
             *webhook_inbox_sensors(flows),
             *alert_sensors(flows),
         ],

@@ -420,15 +420,19 @@ def cmd_dlq_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_budget_list(args: argparse.Namespace) -> int:
-    trips = _store().standing_budget_trips(args.flow)
+    store = _store()
+    trips = store.standing_budget_trips(args.flow)
     if not trips:
         print("no error-budget trip stands" + (f" for {args.flow}" if args.flow else ""))
         return 0
     for trip in trips:
+        # A partitioned flow's runs it stopped, requested again once it clears.
+        windows = len(store.list_stopped_windows(trip.flow))
         print(
             f"{trip.flow}: tripped by run {trip.run_id} at {_when(trip.tripped_at)} UTC: "
             f"{trip.failed} of {trip.seen} rows ({trip.share:.1%}) failed, above "
             f"{trip.max_share:.0%}; {trip.open_letters} of its {trip.letters} dead letters open"
+            + (f"; {windows} stopped windows wait for it to clear" if windows else "")
         )
     return 0
 

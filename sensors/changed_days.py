@@ -8,7 +8,9 @@ partition, which rewrites that day (the ledger's diff sends only what changed).
 A tick costs one `max(updated_at)` query, and one DISTINCT query over the rows changed since the
 sensor's mark when the mark moved. The cursor holds the mark (the newest change seen) and the
 changed days not requested yet: a tick requests at most `MAX_DAYS_PER_TICK` runs, the most
-recent days first, and the days beyond wait in the cursor for the next ticks.
+recent days first, and the days beyond wait in the cursor for the next ticks. While the flow's
+error budget is tripped it requests none (each run would stop at its start, and its key be used
+up): the changed days wait in the cursor until the trip clears.
 """
 
 import json
@@ -21,6 +23,7 @@ from integrations.engine.source import FAR_FUTURE
 from integrations.engine.spec import FlowSpec
 from integrations.engine.state import utcnow
 from sensors.schedules import pool_tags
+from sensors.stopped_windows import standing_trip, trip_stands
 
 # A month of days per tick: a month-end's corrections are requested at once, while a mass edit
 # (three years of invoices touched) is requested a month per tick instead of a thousand runs in
@@ -71,7 +74,7 @@ def changed_days_sensor(spec: FlowSpec) -> dg.SensorDefinition:
         target=[key],
         minimum_interval_seconds=60,
         default_status=dg.DefaultSensorStatus.STOPPED,
-        required_resource_keys={system},
+        required_resource_keys={system, "state"},
     )
     def _changed_days(context: dg.SensorEvaluationContext, **_resources):
         # The source's resource key is the system's name (see source_changed.py).
@@ -107,6 +110,14 @@ def changed_days_sensor(spec: FlowSpec) -> dg.SensorDefinition:
             return dg.SensorResult(
                 skip_reason=f"no past day of {key.to_user_string()} changed",
                 cursor=_cursor(mark, []),
+            )
+        with context.resources.state.open() as store:
+            trip = standing_trip(store, spec)
+        if trip is not None:
+            return dg.SensorResult(
+                skip_reason=f"{len(days)} changed days of {key.to_user_string()} wait: "
+                f"{trip_stands(trip)}",
+                cursor=_cursor(mark if moved else seen.get("high_water_mark"), sorted(days)),
             )
         requested, later = _most_recent_first(days)
         if later:

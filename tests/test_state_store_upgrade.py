@@ -4,7 +4,7 @@ do; nothing it holds is lost."""
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -18,6 +18,7 @@ from integrations.engine.state import (
     DeadLetter,
     LedgerEntry,
     StateStore,
+    StoppedWindow,
     _records_digest,
     _seal,
     audit_log,
@@ -113,6 +114,9 @@ def test_an_older_state_store_gains_what_it_lacks_and_keeps_what_it_holds(state_
         trip = BudgetTrip("f", "r2", THEN, 1, 1, 0.1, {"f.v1: amount is missing": 1})
         store.trip_budget(trip, actor="test", why="test")
         assert [t.open_letters for t in store.standing_budget_trips("f")] == [1]
+        window = StoppedWindow("f", THEN, THEN + timedelta(days=1), "r3", "refused")
+        kept = store.keep_stopped_window(window)
+        assert store.list_stopped_windows("f") == [kept]
         indexes = {i["name"] for i in sa.inspect(store.engine).get_indexes("dead_letters")}
         assert "ix_dead_letters_flow_key" in indexes
     finally:

@@ -106,6 +106,21 @@ budget_trips = sa.Table(
     sa.Index("ix_budget_trips_flow", "flow", "resolved_at"),
 )
 
+# Windows of a partitioned flow (a day, or a backfill's range [start, end)) whose run the error
+# budget stopped: refused at its start while a trip stood, or tripped with the rest of the window
+# unread. The schedule never reruns a failed partition and a sensor's run key is used once, so
+# each is kept until a run of it goes through, and requested again once no trip stands.
+stopped_windows = sa.Table(
+    "stopped_windows",
+    metadata,
+    sa.Column("flow", sa.String(120), primary_key=True),
+    sa.Column("window_start", sa.DateTime, primary_key=True),
+    sa.Column("window_end", sa.DateTime, primary_key=True),
+    sa.Column("stopped_at", sa.DateTime, nullable=False),  # the latest stop: a new request's key
+    sa.Column("run_id", sa.String(64), nullable=False),
+    sa.Column("stop", sa.String(16), nullable=False),  # refused or tripped
+)
+
 # Who holds each unique value (as a digest of its lower-cased text: no PII in the clear).
 unique_claims = sa.Table(
     "unique_claims",
@@ -224,6 +239,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+def _naive_utc(moment: datetime) -> datetime:
+    """`moment` as handoff stores time, naive UTC (a Dagster partition's window is aware)."""
+    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo else moment
+
+
 @dataclass(frozen=True)
 class Watermark:
     """How far a flow has synced: the last (cursor value, key) written or dead-lettered."""
@@ -313,6 +333,20 @@ class BudgetTrip:
     @property
     def share(self) -> float:
         return self.failed / self.seen if self.seen else 0.0
+
+
+@dataclass(frozen=True)
+class StoppedWindow:
+    """A window [start, end) of a partitioned flow whose run the error budget stopped: `refused`
+    at its start while a trip stood, or `tripped` in mid-run. Kept until a run of it goes
+    through."""
+
+    flow: str
+    start: datetime
+    end: datetime
+    run_id: str
+    stop: str
+    stopped_at: datetime | None = None
 
 
 class AuditRecord(NamedTuple):  # a tuple: a batch makes one per record, cheaply
@@ -842,6 +876,26 @@ class StateStore:
             for name, row in sorted(latest.items())
         ]
 
+    def list_stopped_windows(self, flow: str) -> list[StoppedWindow]:
+        """The flow's windows whose run the error budget stopped, not run through since."""
+        query = (
+            sa.select(stopped_windows)
+            .where(stopped_windows.c.flow == flow)
+            .order_by(stopped_windows.c.window_start, stopped_windows.c.window_end)
+        )
+        with self.engine.connect() as connection:
+            return [
+                StoppedWindow(
+                    flow=row.flow,
+                    start=row.window_start,
+                    end=row.window_end,
+                    run_id=row.run_id,
+                    stop=row.stop,
+                    stopped_at=row.stopped_at,
+                )
+                for row in connection.execute(query)
+            ]
+
     def audit_entries(self, flow: str | None = None) -> list[dict[str, object]]:
         query = sa.select(audit_log).order_by(audit_log.c.id)
         if flow:
@@ -1050,6 +1104,47 @@ class StateStore:
             flow=trip.flow,
         )
         return replace(trip, resolution=resolution)
+
+    def keep_stopped_window(self, window: StoppedWindow) -> StoppedWindow:
+        """Keep a window whose run the error budget stopped until a run of it goes through; a
+        window stopped again gets its new stop (and so a new request once no trip stands)."""
+        kept = replace(
+            window,
+            start=_naive_utc(window.start),
+            end=_naive_utc(window.end),
+            stopped_at=window.stopped_at or utcnow(),
+        )
+        statement = upsert_statement(
+            self.engine.dialect.name,
+            stopped_windows,
+            ["flow", "window_start", "window_end"],
+            ["stopped_at", "run_id", "stop"],
+        )
+        with self.engine.begin() as connection:
+            connection.execute(
+                statement,
+                {
+                    "flow": kept.flow,
+                    "window_start": kept.start,
+                    "window_end": kept.end,
+                    "stopped_at": kept.stopped_at,
+                    "run_id": kept.run_id,
+                    "stop": kept.stop,
+                },
+            )
+        return kept
+
+    def forget_stopped_windows(self, flow: str, start: datetime, end: datetime) -> int:
+        """A run of [start, end) went through: the stopped windows within it are synced. How
+        many were forgotten (a wider window stopped keeps waiting for a run of its own)."""
+        with self.engine.begin() as connection:
+            return connection.execute(
+                sa.delete(stopped_windows).where(
+                    stopped_windows.c.flow == flow,
+                    stopped_windows.c.window_start >= _naive_utc(start),
+                    stopped_windows.c.window_end <= _naive_utc(end),
+                )
+            ).rowcount
 
     def discard_dead_letters(
         self, letters: Sequence[DeadLetter], *, actor: str, why: str, run_id: str

@@ -25,7 +25,7 @@ from collections.abc import Iterator, Mapping, Sequence, Set
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import cached_property
 from itertools import repeat
@@ -61,6 +61,7 @@ from integrations.engine.state import (
     LedgerEntry,
     StateStore,
     StateStoreUnavailable,
+    StoppedWindow,
     Watermark,
     utcnow,
 )
@@ -93,9 +94,10 @@ class ErrorBudgetExceeded(SyncError):
 class ErrorBudgetTripStands(SyncError):
     """An earlier run tripped the flow's error budget and nobody acknowledged it (its dead
     letters replayed or discarded, or going on approved): this run stopped at its start, before
-    reading anything. `trip` is the earlier run's."""
+    reading anything. `trip` is the earlier run's; `window` says what becomes of the window of a
+    partition's run it stopped."""
 
-    def __init__(self, trip: BudgetTrip):
+    def __init__(self, trip: BudgetTrip, window: str | None = None):
         flow = trip.flow
         super().__init__(
             flow,
@@ -107,7 +109,8 @@ class ErrorBudgetTripStands(SyncError):
             "or run config replay), or discard those not to be synced (`handoff dlq discard`): "
             "runs go on once none of them is open. To go on with them held in the DLQ, approve "
             f"it: `handoff budget clear --flow {flow} --why ...`, or rerun with "
-            "acknowledge_budget_trip (run config); both are audited",
+            "acknowledge_budget_trip (run config); both are audited"
+            + (f"; {window}" if window else ""),
         )
         self.trip = trip
 
@@ -293,6 +296,12 @@ def _in_scope(spec: FlowSpec, batch: pd.DataFrame) -> pd.Series:
     """The flow's `in_scope` as plain booleans: unknown (a comparison with a NULL of a nullable
     column, pd.NA) is out of scope."""
     return spec.in_scope(batch).fillna(False).astype(bool)
+
+
+def _window_label(start: datetime, end: datetime) -> str:
+    """A window of daily partitions as its days: one day, or its first … last."""
+    last = end - timedelta(days=1)
+    return f"{start:%Y-%m-%d}" if last <= start else f"{start:%Y-%m-%d} … {last:%Y-%m-%d}"
 
 
 def _over_budget(trip: BudgetTrip) -> str:
@@ -536,6 +545,8 @@ class Sync:
         # The stages of a run (see _drive): the batch being committed, and its commit.
         self._in_flight: _InFlight | None = None
         self._committed: Future | None = None
+        # The window [start, end) of a partition's run (see run_window): kept when stopped.
+        self._window: tuple[datetime, datetime] | None = None
 
     @_one_at_a_time
     def run(
@@ -581,18 +592,28 @@ class Sync:
         """Rewrite exactly one window of the business date (a partition or a backfill's range):
         every row dated in [start, end), compared with the ledger; the watermark stays. The
         archive guard counts the window's soft-deleted rows against every synced record; an
-        error-budget trip stops it as it does `run`."""
+        error-budget trip stops it as it does `run`. A window the error budget stops (at its
+        start, or in mid-run with the rest unread) is kept in the state store until a run of it
+        goes through: no schedule or sensor runs that day again by itself."""
         partitions = self.spec.partitions
         if partitions is None:
             raise ValueError(f"flow {self.spec.name} is not partitioned")
-        self._stop_while_tripped(approved=acknowledge_budget_trip)
-        within = self.source.in_window(partitions.column, start, end)
-        if self.spec.archive_deleted:
-            self._guard_archives(None, approved=allow_mass_archive, within=within)
-        batches = self.source.batches(None, self.spec.batch_size, within=within)
-        before = self.state.watermark(self.spec.name)
-        with self._trip_kept():
-            return self._retried(self._drive(batches, before, full=False, move_watermark=False))
+        self._window = (start, end)
+        try:
+            self._stop_while_tripped(approved=acknowledge_budget_trip)
+            within = self.source.in_window(partitions.column, start, end)
+            if self.spec.archive_deleted:
+                self._guard_archives(None, approved=allow_mass_archive, within=within)
+            batches = self.source.batches(None, self.spec.batch_size, within=within)
+            before = self.state.watermark(self.spec.name)
+            with self._trip_kept():
+                result = self._retried(
+                    self._drive(batches, before, full=False, move_watermark=False)
+                )
+        finally:
+            self._window = None
+        self.state.forget_stopped_windows(self.spec.name, start, end)
+        return result
 
     def _retried(self, result: SyncResult) -> SyncResult:
         """The run's result, once the records it refused for a destination id that a record
@@ -844,7 +865,8 @@ class Sync:
         if trip is None or trip.resolution:  # none, or its letters were all settled since
             return
         if not approved:
-            raise ErrorBudgetTripStands(trip)
+            self._keep_window("refused")
+            raise ErrorBudgetTripStands(trip, self._window_todo())
         self.state.clear_budget_trip(flow, actor=self.actor, why=self.why, run_id=self.run_id)
         self.log.warning(
             "%s: going on despite the error budget's trip of run %s, as approved: its %d open "
@@ -863,12 +885,17 @@ class Sync:
         try:
             yield
         except ErrorBudgetExceeded as stopped:
-            stopped.trip = self._kept(stopped.trip)
+            stopped.trip = self._kept(stopped.trip, window="tripped")
             raise
 
-    def _kept(self, trip: BudgetTrip) -> BudgetTrip:
+    def _kept(self, trip: BudgetTrip, window: str | None = None) -> BudgetTrip:
+        """The trip as the state store keeps it (see _trip_kept), and the window of the
+        partition's run it stopped (`window`: how, see _keep_window)."""
         try:
-            return self.state.trip_budget(trip, actor=self.actor, why=self.why)
+            kept = self.state.trip_budget(trip, actor=self.actor, why=self.why)
+            if window is not None:
+                self._keep_window(window)
+            return kept
         except StateStoreUnavailable as error:  # the budget's stop is still the news
             self.log.error(
                 "%s: the error budget's trip could not be kept (%s): the next run will not "
@@ -878,6 +905,26 @@ class Sync:
                 self.spec.name,
             )
             return trip
+
+    def _keep_window(self, stop: str) -> None:
+        """Keep the window of a partition's run the error budget stopped (`refused` at its start,
+        or `tripped` in mid-run): once no trip stands, it is requested again."""
+        if self._window is not None:
+            start, end = self._window
+            self.state.keep_stopped_window(
+                StoppedWindow(self.spec.name, start, end, self.run_id, stop)
+            )
+
+    def _window_todo(self) -> str | None:
+        """What becomes of the window of a partition's run the error budget stopped (see
+        _keep_window); None for a run of no window."""
+        if self._window is None:
+            return None
+        return (
+            f"this run's window ({_window_label(*self._window)}) is kept, and requested again "
+            f"once no trip stands by sensor `{self.spec.name}_stopped_windows` (with that sensor "
+            "off, rerun or backfill it then)"
+        )
 
     def _settle_trip(self) -> None:
         """After a replay: clear the flow's error-budget trip once none of its dead letters is
@@ -1854,6 +1901,25 @@ class Sync:
                 self.spec.name,
             )
 
+    def _fix_todo(self, finished: bool) -> str:
+        """After "fix the source": what else the error budget's stop of this run leaves to do."""
+        replay = f"replay them (`handoff dlq replay --flow {self.spec.name}`)"
+        if finished:
+            return (
+                f"(or the contract, or the destination), then {replay}: every batch of this run "
+                "was committed, the rejected rows wait in the DLQ"
+            )
+        if self._window is None:
+            return (
+                f"(or the contract), then {replay}; the watermark did not advance past the "
+                "failing batch"
+            )
+        # A window has no watermark to resume from: the rows after the failing batch need a rerun.
+        return (
+            f"(or the contract), then {replay} and rerun this window: its rows after the failing "
+            "batch were not read"
+        )
+
     def _check_budget(
         self, result: SyncResult, pending: Sequence[DeadLetter] = (), finished: bool = False
     ) -> None:
@@ -1889,16 +1955,10 @@ class Sync:
             flow,
             _over_budget(trip),
             f"inspect them with `handoff dlq list --flow {flow}`, fix the source "
-            + (
-                "(or the contract, or the destination), then replay them (`handoff dlq replay "
-                f"--flow {flow}`): every batch of this run was committed, the rejected rows wait "
-                "in the DLQ"
-                if finished
-                else "(or the contract), then replay them (`handoff dlq replay --flow "
-                f"{flow}`); the watermark did not advance past the failing batch"
-            )
+            + self._fix_todo(finished)
             + "; until they are replayed or discarded, every run of this flow stops at its start "
             f"(to go on with them held in the DLQ: `handoff budget clear --flow {flow} --why "
-            "...`, or rerun with acknowledge_budget_trip)",
+            "...`, or rerun with acknowledge_budget_trip)"
+            + (f"; {window}" if (window := self._window_todo()) else ""),
             trip,
         )

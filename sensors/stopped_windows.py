@@ -1,0 +1,110 @@
+"""A sensor per daily-partitioned flow: once no error-budget trip stands, a run of each window
+the error budget stopped.
+
+While a trip stands, every run of a window (a day's, the changed-days sensor's, a backfill's)
+stops at its start, and a run that trips leaves the rest of its window unread. The schedule
+never reruns a failed partition and a sensor's run key is used once, so such a day was never
+synced: an invoice paid meanwhile stayed open in finance. The engine keeps each such window in
+the state store until a run of it goes through (sync.py `run_window`); this sensor requests them
+again once the trip is cleared (replayed, discarded or approved), and none while it stands.
+"""
+
+from datetime import UTC, datetime
+
+import dagster as dg
+
+from assets.factory import asset_key, partitions_of
+from integrations.engine.spec import FlowSpec
+from integrations.engine.state import BudgetTrip, StateStore, StoppedWindow
+from resources import StateStoreResource
+from sensors.schedules import pool_tags
+
+# As many as the changed-days sensor requests in a tick: a month of days. Those beyond wait in
+# the state store, and are requested once the runs of the first ones went through.
+MAX_WINDOWS_PER_TICK = 30
+
+
+def standing_trip(store: StateStore, spec: FlowSpec) -> BudgetTrip | None:
+    """The flow's error-budget trip that stops its runs: one with dead letters still open (one
+    whose letters were all replayed or discarded clears at the next run's start)."""
+    return next(
+        (trip for trip in store.standing_budget_trips(spec.name) if trip.open_letters), None
+    )
+
+
+def trip_stands(trip: BudgetTrip) -> str:
+    """Why a sensor requests no run while `trip` stands, and what clears it."""
+    return (
+        f"the error budget's trip of run {trip.run_id} stands ({trip.open_letters} of its dead "
+        f"letters open; `handoff budget list --flow {trip.flow}`)"
+    )
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC)  # the state store keeps naive UTC
+
+
+def _run_request(spec: FlowSpec, window: StoppedWindow) -> dg.RunRequest:
+    """A run of the window: its day's partition, or a one-run backfill of its range. The key
+    names the window's latest stop: a window refused again is requested again."""
+    days = partitions_of(spec).get_partition_key_range_for_time_window(
+        dg.TimeWindow(_utc(window.start), _utc(window.end))
+    )
+    one_day = days.start == days.end
+    return dg.RunRequest(
+        run_key=f"{spec.name}:stopped:{days.start}:{days.end}:{window.stopped_at.isoformat()}",
+        partition_key=days.start if one_day else None,
+        asset_selection=[asset_key(spec)],
+        tags={
+            "handoff/stopped_window": f"{window.stop} by run {window.run_id}",
+            **pool_tags(spec),
+            **(
+                {}
+                if one_day
+                else {
+                    "dagster/asset_partition_range_start": days.start,
+                    "dagster/asset_partition_range_end": days.end,
+                }
+            ),
+        },
+    )
+
+
+def stopped_windows_sensor(spec: FlowSpec) -> dg.SensorDefinition:
+    key = asset_key(spec)
+
+    @dg.sensor(
+        name=f"{spec.name}_stopped_windows",
+        description=f"Once no error-budget trip stands, requests a run of each window of "
+        f"{key.to_user_string()} the error budget stopped (refused while a trip stood, or "
+        "tripped in mid-run).",
+        target=[key],
+        minimum_interval_seconds=60,
+        # On by default, unlike the others: it requests nothing unless a run was stopped, and the
+        # stop's message promises the window is requested again once the trip clears.
+        default_status=dg.DefaultSensorStatus.RUNNING,
+    )
+    def _stopped_windows(context: dg.SensorEvaluationContext, state: StateStoreResource):
+        with state.open() as store:
+            windows = store.list_stopped_windows(spec.name)
+            trip = standing_trip(store, spec) if windows else None
+        if not windows:
+            return dg.SkipReason(
+                f"no run of {key.to_user_string()} was stopped by the error budget"
+            )
+        if trip is not None:
+            return dg.SkipReason(
+                f"{len(windows)} windows of {key.to_user_string()} wait: {trip_stands(trip)}"
+            )
+        # The most recent first, as the changed-days sensor: the days reports are read for now.
+        latest = sorted(windows, key=lambda window: window.start, reverse=True)
+        return dg.SensorResult(
+            run_requests=[_run_request(spec, window) for window in latest[:MAX_WINDOWS_PER_TICK]]
+        )
+
+    return _stopped_windows
+
+
+def stopped_windows_sensors(specs: list[FlowSpec]) -> list[dg.SensorDefinition]:
+    """One sensor per daily-partitioned flow, with a change cursor or not (Chinook's too)."""
+    return [stopped_windows_sensor(spec) for spec in specs if spec.partitions]

@@ -1,0 +1,302 @@
+"""A window of a partitioned flow whose run the error budget stopped (refused at its start while a
+trip stood, or tripped in mid-run) is kept in the state store and requested again once no trip
+stands. Those days were never synced: the schedule never reruns a failed partition, the
+changed-days sensor's run key was used up, and finance kept an invoice paid meanwhile 'open'."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import date, datetime, timedelta
+
+import dagster as dg
+import pytest
+import sqlalchemy as sa
+
+from assets.chinook import CHINOOK_INVOICES
+from assets.finance_invoices import FINANCE_INVOICES
+from definitions import defs, resources
+from integrations.cli import main
+from integrations.engine.spec import DailyPartitions
+from integrations.engine.state import BatchCommit, BudgetTrip, DeadLetter, StateStore, utcnow
+from integrations.engine.sync import ErrorBudgetExceeded, ErrorBudgetTripStands, Sync
+from integrations.sql.connect import create_engine
+from integrations.sql.destination import SqlTable
+from integrations.sql.source import SqlSource
+from tests.conftest import DLQ_KEY
+from tests.test_finance_flows import JANUARY, change_invoices, materialize, query, run
+from tests.test_sql_cursors import SOURCE, SPEC, live, source_lines
+
+FLOW = FINANCE_INVOICES.name
+# Invoices of these days are broken by a bad import: a one-run backfill of them (50 invoices of
+# the world's, above the error budget's 20 rows) trips.
+BROKEN_DAYS = {
+    "dagster/asset_partition_range_start": "2024-12-01",
+    "dagster/asset_partition_range_end": "2025-01-19",
+}
+REPLAY = {"ops": {"finance__invoices": {"config": {"replay": True}}}}
+
+
+def tick(name: str, instance: dg.DagsterInstance, cursor: str | None = None):
+    sensor = defs.resolve_sensor_def(name)
+    context = dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources=resources(), definitions=defs
+    )
+    return sensor(context)
+
+
+def skip_message(result) -> str:
+    reason = result.skip_reason if isinstance(result, dg.SensorResult) else result
+    return reason.skip_message
+
+
+def failure(result: dg.ExecuteInProcessResult) -> str:
+    (event,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    return event.step_failure_data.user_failure_data.description
+
+
+def break_currencies(erp_url: str, before: str = "2025-01-20") -> None:
+    """A bad import: the invoices before `before` get a currency the contract refuses, their
+    `updated_at` untouched (no change the sensors see)."""
+    engine = create_engine(erp_url)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text("UPDATE invoices SET currency = 'xx' WHERE invoice_date < :day"),
+            {"day": before},
+        )
+    engine.dispose()
+
+
+def mend_currencies(erp_url: str) -> None:
+    engine = create_engine(erp_url)
+    with engine.begin() as connection:
+        connection.execute(sa.text("UPDATE invoices SET currency = 'EUR' WHERE currency = 'xx'"))
+    engine.dispose()
+
+
+def stopped(state_url: str, flow: str = FLOW) -> list[tuple[str, str, str]]:
+    """The flow's stopped windows as (first day, end, stop)."""
+    store = StateStore(state_url, dlq_key=DLQ_KEY)
+    try:
+        return [
+            (f"{w.start:%Y-%m-%d}", f"{w.end:%Y-%m-%d}", w.stop)
+            for w in store.list_stopped_windows(flow)
+        ]
+    finally:
+        store.dispose()
+
+
+def test_days_stopped_while_tripped_are_requested_again_once_the_trip_clears(any_world):
+    """The reviewer's scenario: an invoice is paid, the changed-days sensor requests its day; a
+    backfill trips the error budget in mid-run; the day's run is refused. Fixed and replayed as
+    the messages say, the trip clears, and the stopped windows are requested again: finance
+    shows the invoice paid."""
+    finance = f"sqlite:///{any_world.home / 'finance.sqlite'}"
+    with dg.instance_for_test() as instance:
+        materialize(FINANCE_INVOICES, instance, tags=JANUARY)
+        idle = tick(f"{FLOW}_changed_days", instance)
+        paid, paid_on = query(
+            finance,
+            "SELECT invoice_number, invoice_date FROM invoices WHERE status = 'open' "
+            "AND invoice_date >= '2025-01-20' ORDER BY invoice_number LIMIT 1",
+        )[0]
+        paid_day = str(paid_on)[:10]
+        change_invoices(any_world.erp_url, {paid: {"status": "paid"}})
+        (request,) = tick(f"{FLOW}_changed_days", instance, idle.cursor).run_requests
+        assert request.partition_key == paid_day
+
+        break_currencies(any_world.erp_url)
+        tripped = run(FINANCE_INVOICES, instance, tags=BROKEN_DAYS)
+        assert not tripped.success
+        assert "and rerun this window: its rows after the failing batch were not read" in (
+            failure(tripped)
+        )
+        assert (
+            f"this run's window (2024-12-01 … 2025-01-19) is kept, and requested again once no "
+            f"trip stands by sensor `{FLOW}_stopped_windows`" in failure(tripped)
+        )
+        refused = run(FINANCE_INVOICES, instance, partition_key=paid_day, tags=request.tags)
+        assert not refused.success
+        assert f"this run's window ({paid_day}) is kept, and requested again" in failure(refused)
+        assert stopped(any_world.state_url) == [
+            ("2024-12-01", "2025-01-20", "tripped"),
+            (paid_day, f"{date.fromisoformat(paid_day) + timedelta(days=1)}", "refused"),
+        ]
+        waiting = tick(f"{FLOW}_stopped_windows", instance)
+        assert not isinstance(waiting, dg.SensorResult) or not waiting.run_requests
+        assert "2 windows of finance/invoices wait: the error budget's trip of run " in (
+            skip_message(waiting)
+        )
+
+        mend_currencies(any_world.erp_url)
+        replay = run(FINANCE_INVOICES, instance, partition_key="2025-01-01", run_config=REPLAY)
+        assert replay.success
+        again = tick(f"{FLOW}_stopped_windows", instance).run_requests
+        assert [
+            (r.partition_key, r.tags.get("dagster/asset_partition_range_end")) for r in again
+        ] == [
+            (paid_day, None),
+            (None, "2025-01-19"),
+        ], "the most recent first; the backfill's range as one run"
+        for rerun in again:
+            options = {"partition_key": rerun.partition_key} if rerun.partition_key else {}
+            assert run(FINANCE_INVOICES, instance, tags=rerun.tags, **options).success
+
+        assert query(finance, "SELECT status FROM invoices WHERE invoice_number = :n", n=paid) == [
+            ("paid",)
+        ]
+        assert stopped(any_world.state_url) == []
+        assert "was stopped by the error budget" in skip_message(
+            tick(f"{FLOW}_stopped_windows", instance)
+        )
+
+
+def test_no_run_is_requested_while_a_trip_stands_and_a_window_refused_again_is_kept_again(
+    world, capsys
+):
+    """While tripped, the changed-days sensor requested a run of each changed day (up to 30 a
+    tick), each failing at its start with its own alert, its key used up. Now its days wait in
+    its cursor, saying why; both sensors request once the trip is cleared, and a request refused
+    again (tripped anew meanwhile) is requested again after the next clear, under a new key."""
+    with dg.instance_for_test() as instance:
+        materialize(FINANCE_INVOICES, instance, tags=JANUARY)
+        idle = tick(f"{FLOW}_changed_days", instance)
+        break_currencies(world.erp_url)
+        assert not run(FINANCE_INVOICES, instance, tags=BROKEN_DAYS).success
+
+        paid, paid_on = query(
+            world.erp_url,
+            "SELECT invoice_number, invoice_date FROM invoices WHERE invoice_date >= '2025-01-20' "
+            "ORDER BY invoice_number LIMIT 1",
+        )[0]
+        paid_day = str(paid_on)[:10]
+        change_invoices(world.erp_url, {paid: {"status": "paid"}})
+        held = tick(f"{FLOW}_changed_days", instance, idle.cursor)
+        assert not held.run_requests
+        assert skip_message(held).startswith(
+            "1 changed days of finance/invoices wait: the error budget's trip of run "
+        )
+        assert "handoff budget list --flow" in skip_message(held)
+        assert json.loads(held.cursor)["waiting_days"] == [paid_day]
+        still = tick(f"{FLOW}_changed_days", instance, held.cursor)
+        assert not still.run_requests and json.loads(still.cursor)["waiting_days"] == [paid_day]
+        assert not getattr(tick(f"{FLOW}_stopped_windows", instance), "run_requests", None)
+
+        assert main(["budget", "list", "--flow", FLOW]) == 0
+        assert (
+            "dead letters open; 1 stopped windows wait for it to clear" in capsys.readouterr().out
+        )
+        assert main(["budget", "clear", "--flow", FLOW, "--why", "the import is redone"]) == 0
+        (changed,) = tick(f"{FLOW}_changed_days", instance, still.cursor).run_requests
+        assert changed.partition_key == paid_day
+        (first,) = tick(f"{FLOW}_stopped_windows", instance).run_requests
+
+        # Tripped anew before the requested run starts: refused again, kept again.
+        store = StateStore(world.state_url, dlq_key=DLQ_KEY)
+        try:
+            letter = DeadLetter(FLOW, "x", "contract", "finance.invoice@v1: planted", {})
+            store.commit_batch(BatchCommit(FLOW, "again", dead_letters=[letter]))
+            store.trip_budget(
+                BudgetTrip(FLOW, "again", utcnow(), 1, 1, 0.1, {"planted": 1}), actor="t", why="t"
+            )
+            refused_again = run(FINANCE_INVOICES, instance, tags=first.tags)
+            assert not refused_again.success
+            store.clear_budget_trip(FLOW, actor="t", why="t", run_id="approval")
+        finally:
+            store.dispose()
+        (second,) = tick(f"{FLOW}_stopped_windows", instance).run_requests
+        assert second.tags["dagster/asset_partition_range_end"] == "2025-01-19"
+        assert second.tags["handoff/stopped_window"] == f"refused by run {refused_again.run_id}"
+        assert second.run_key != first.run_key, "a used run key would be skipped by Dagster"
+        assert run(FINANCE_INVOICES, instance, tags=second.tags).success
+        assert stopped(world.state_url) == []
+
+
+def test_a_chinook_day_refused_while_tripped_is_requested_again(world, chinook_copy, state):
+    """Chinook has no change cursor, so no changed-days sensor; its partitioned flow gets its
+    stopped windows requested again all the same."""
+    flow = CHINOOK_INVOICES.name
+    assert f"{flow}_changed_days" not in {sensor.name for sensor in defs.sensors}
+    letter = DeadLetter(flow, "x", "contract", "chinook.invoice@v1: planted", {})
+    state.commit_batch(BatchCommit(flow, "trip", dead_letters=[letter]))
+    state.trip_budget(BudgetTrip(flow, "trip", utcnow(), 1, 1, 0.1, {"p": 1}), actor="t", why="t")
+    with dg.instance_for_test() as instance:
+        refused = run(CHINOOK_INVOICES, instance, partition_key="2021-01-03")
+        assert not refused.success and "is kept, and requested again" in failure(refused)
+        assert "1 windows of finance/chinook_invoices wait" in skip_message(
+            tick(f"{flow}_stopped_windows", instance)
+        )
+        state.discard_dead_letters(
+            state.list_dead_letters(flow), actor="t", why="planted", run_id="discard"
+        )
+        (request,) = tick(f"{flow}_stopped_windows", instance).run_requests
+        assert request.partition_key == "2021-01-03"
+        assert run(CHINOOK_INVOICES, instance, partition_key=request.partition_key).success
+    assert stopped(world.state_url, flow) == []
+    finance = f"sqlite:///{world.home / 'finance.sqlite'}"
+    day = "SELECT count(*) FROM {} WHERE {} >= '2021-01-03' AND {} < '2021-01-04'"
+    synced = query(finance, day.format("chinook_invoices", *["invoice_date"] * 2))
+    assert synced == query(chinook_copy, day.format("Invoice", *["InvoiceDate"] * 2)) != [(0,)]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database(request, tmp_path):
+    """A database for the source, the destination and the state store, on each dialect the
+    state store runs on."""
+    if request.param == "postgres":
+        return request.getfixturevalue("postgres_database")()
+    return f"sqlite:///{tmp_path / 'db.sqlite'}"
+
+
+def test_a_window_is_kept_until_a_run_of_it_goes_through(database):
+    """Day 1 trips in mid-run (its last 17 rows unread), day 2 is refused, then refused again;
+    once the trip clears, a run of day 2 forgets day 2 only, and a run of day 1 the rest."""
+    engine = create_engine(database)
+    state = StateStore(database, dlq_key=DLQ_KEY)
+    day1, day2 = datetime(2024, 1, 1), datetime(2024, 1, 2)
+    stamps = [day1 + timedelta(minutes=n) for n in range(20)]
+    source_lines(engine, stamps + [day2 + timedelta(minutes=n) for n in range(5)])
+    with engine.begin() as connection:
+        connection.execute(sa.text("UPDATE source_lines SET booked_on = NULL WHERE id <= 3"))
+    spec = dataclasses.replace(
+        SPEC, batch_size=20, partitions=DailyPartitions(column="updated_at", start="2024-01-01")
+    )
+    writer = create_engine(database)
+
+    def run_day(day: datetime, run_id: str):
+        destination = SqlTable(writer, spec.target, create_missing=True)
+        sync = Sync(
+            spec, SqlSource(engine, SOURCE), destination, state, run_id=run_id, actor="t", why="t"
+        )
+        return sync.run_window(day, day + timedelta(days=1))
+
+    def kept() -> list[tuple[datetime, str, str]]:
+        return [(w.start, w.stop, w.run_id) for w in state.list_stopped_windows(spec.name)]
+
+    try:
+        with pytest.raises(ErrorBudgetExceeded) as tripped:
+            run_day(day1, "day1")
+        assert "rerun this window: its rows after the failing batch were not read" in str(
+            tripped.value
+        )
+        with pytest.raises(ErrorBudgetTripStands) as refused:
+            run_day(day2, "day2")
+        assert "this run's window (2024-01-02) is kept, and requested again once no trip " in str(
+            refused.value
+        )
+        assert f"sensor `{spec.name}_stopped_windows`" in str(refused.value)
+        first_stop = state.list_stopped_windows(spec.name)[1].stopped_at
+        with pytest.raises(ErrorBudgetTripStands):
+            run_day(day2, "day2-again")
+        assert kept() == [(day1, "tripped", "day1"), (day2, "refused", "day2-again")]
+        assert state.list_stopped_windows(spec.name)[1].stopped_at > first_stop
+
+        state.clear_budget_trip(spec.name, actor="t", why="t", run_id="approval")
+        assert run_day(day2, "day2-through").written == 5
+        assert kept() == [(day1, "tripped", "day1")]
+        assert run_day(day1, "day1-through").written == 17
+        assert kept() == [] and len(live(engine)) == 22
+    finally:
+        state.dispose()
+        writer.dispose()
+        engine.dispose()
