@@ -7,15 +7,17 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from datetime import datetime, timedelta
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 
-from integrations.engine.state import StateStore
+from integrations.engine.state import FlowBusy, StateStore
 from integrations.engine.sync import SyncError
 from integrations.sql.connect import create_engine
-from tests.conftest import DLQ_KEY
+from tests.conftest import DLQ_KEY, POSTGRES_ADMIN
 from tests.test_sql_cursors import SPEC, source_lines, syncing
 
 
@@ -111,3 +113,31 @@ def test_a_killed_holder_holds_nothing(engine, store):
     finally:
         holder.kill()
         holder.wait(30)
+
+
+@pytest.mark.postgres
+def test_the_lock_outlives_an_idle_session_timeout_and_its_loss_fails_no_run(
+    postgres_database, caplog
+):
+    """The lock's session sits idle all run long: a server's idle_session_timeout ended it,
+    and a second run took the flow meanwhile. A session ended all the same (killed) made the
+    finished run fail as it let go, though it had written everything."""
+    url = postgres_database()
+    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+        admin.execute(f"ALTER DATABASE \"{url.rsplit('/', 1)[1]}\" SET idle_session_timeout = '1s'")
+    store = StateStore(url, dlq_key=DLQ_KEY)
+    with store.flow_lock(SPEC.name, wait=0):
+        time.sleep(2.5)
+        with pytest.raises(FlowBusy), store.flow_lock(SPEC.name, wait=0):
+            pass
+        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks "
+                "WHERE locktype = 'advisory' AND granted AND database = "
+                "(SELECT oid FROM pg_database WHERE datname = %s)",
+                (url.rsplit("/", 1)[1],),
+            )
+    assert "the flow's lock was lost during the run" in caplog.text
+    with store.flow_lock(SPEC.name, wait=0):  # nothing left held
+        pass
+    store.dispose()

@@ -17,7 +17,7 @@ from integrations.sql.connect import create_engine
 from integrations.sql.destination import SqlTable
 from integrations.sql.source import SqlSource
 from tests.expectations import assert_crm_matches_erp, crm_contacts
-from tests.test_sql_cursors import SOURCE, SPEC, run, source_lines
+from tests.test_sql_cursors import SOURCE, SPEC, run, source_lines, syncing
 
 CONTACTS = asset_key(CRM_CONTACTS)
 
@@ -150,11 +150,8 @@ def test_a_repairs_audit_record_shows_what_it_wrote(sql_database, own_state):
         connection.exec_driver_sql(
             "UPDATE ledger_lines SET memo = 'drifted' WHERE line_number = 'L1'"
         )
-    repair = Sync(
-        SPEC, SqlSource(engine, SOURCE), SqlTable(engine, SPEC.target), own_state,
-        run_id="repair", actor="test", why="repair",
-    )  # fmt: skip
-    assert repair.repair(reconciled(engine, own_state).differing).written == 1
+    with syncing(engine, own_state, run_id="repair", why="repair") as repair:
+        assert repair.repair(reconciled(engine, own_state).differing).written == 1
     (rewrite,) = [e for e in own_state.record_history("1", SPEC.name) if e["run_id"] == "repair"]
     assert rewrite["trigger"] == "repair"
     assert rewrite["diff"] == {

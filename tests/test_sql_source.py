@@ -10,6 +10,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import pandas as pd
 import psycopg
+import pymysql
 import pytest
 import sqlalchemy as sa
 from pandas.testing import assert_frame_equal
@@ -407,3 +408,26 @@ def test_a_mariadb_query_over_its_time_limit_is_the_database_unavailable(mariadb
         )
     assert cut.value.orig.args[0] == 1969 and unreachable(cut.value)
     engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("code", "sqlstate", "unavailable"),
+    [
+        (1053, "08S01", True),  # a server shutting down
+        (1152, "08S01", True),  # a connection aborted
+        (1213, "40001", True),  # a deadlock
+        (1205, "HY000", True),  # a lock wait timed out
+        (1203, "42000", True),  # a user's connection limit: 42000 is no PostgreSQL class here
+        (4025, "23000", False),  # a CHECK constraint: the record's
+        (1366, "22007", False),  # an incorrect value: the record's
+    ],
+)
+def test_mariadb_errors_are_classified_by_their_codes_not_as_postgresql(
+    code, sqlstate, unavailable
+):
+    """PyMySQL carries MariaDB's SQLSTATE, which was read as PostgreSQL's (42000 is no class of
+    PostgreSQL's unavailable ones): a user's connection limit counted as the statement's fault,
+    a server shutting down mid-statement against the records."""
+    driver_error = pymysql.err.OperationalError(code, "the server's words", sqlstate=sqlstate)
+    error = sa.exc.DBAPIError.instance("SELECT 1", {}, driver_error, pymysql.err.Error)
+    assert unreachable(error) is unavailable

@@ -19,7 +19,7 @@ from definitions import defs, resources
 from integrations.cli import main
 from integrations.engine.spec import DailyPartitions
 from integrations.engine.state import BatchCommit, BudgetTrip, DeadLetter, StateStore, utcnow
-from integrations.engine.sync import ErrorBudgetExceeded, ErrorBudgetTripStands, Sync
+from integrations.engine.sync import ErrorBudgetExceeded, ErrorBudgetTripStands, Sync, SyncError
 from integrations.sql.connect import create_engine
 from integrations.sql.destination import SqlTable
 from integrations.sql.source import SqlSource
@@ -299,4 +299,33 @@ def test_a_window_is_kept_until_a_run_of_it_goes_through(database):
     finally:
         state.dispose()
         writer.dispose()
+        engine.dispose()
+
+
+def test_a_window_whose_run_waited_too_long_for_the_flow_is_kept(database):
+    """A day's run that gave up waiting for another run of its flow (a long backfill) was
+    failed for good: its run key used, the day never run again by itself."""
+    engine = create_engine(database)
+    state = StateStore(database, dlq_key=DLQ_KEY)
+    day = datetime(2024, 1, 1)
+    source_lines(engine, [day + timedelta(minutes=n) for n in range(3)])
+    spec = dataclasses.replace(
+        SPEC, partitions=DailyPartitions(column="updated_at", start="2024-01-01")
+    )
+    try:
+        with state.flow_lock(spec.name, wait=0):  # another run of the flow, going on
+            sync = Sync(
+                spec, SqlSource(engine, SOURCE), SqlTable(engine, spec.target, create_missing=True),
+                state, run_id="waited", actor="t", why="t",
+            )  # fmt: skip
+            sync.lock_wait = 0.2
+            with pytest.raises(SyncError) as busy:
+                sync.run_window(day, day + timedelta(days=1))
+        assert "this run's window (2024-01-01) is kept" in busy.value.todo
+        (window,) = state.list_stopped_windows(spec.name)
+        assert (window.start, window.stop, window.run_id) == (day, "busy", "waited")
+        assert sync.run_window(day, day + timedelta(days=1)).written == 3
+        assert state.list_stopped_windows(spec.name) == []
+    finally:
+        state.dispose()
         engine.dispose()

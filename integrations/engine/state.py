@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import itertools
 import json
+import logging
 import operator
 import threading
 import time
@@ -36,6 +37,7 @@ from integrations.sql.connect import (
 )
 from integrations.sql.evolve import create_or_evolve
 
+logger = logging.getLogger(__name__)
 metadata = sa.MetaData()
 
 ledger = sa.Table(
@@ -516,6 +518,8 @@ class StateStore:
     def _advisory_lock(self, flow: str) -> tuple[Callable[[], bool], Callable[[], None]]:
         connection = self.engine.connect()  # its own session: the lock is the session's
         key = {"space": _RUNS_LOCK, "flow": flow}
+        if connection.dialect.server_version_info >= (14,):  # idle all run long: not a reason
+            connection.exec_driver_sql("SET idle_session_timeout = 0")  # to end the session
         held = False
 
         def take() -> bool:
@@ -527,17 +531,29 @@ class StateStore:
             return held
 
         def release() -> None:
+            """Let go, never raising (the run's own outcome stands): the session ends with it,
+            never back to the pool, so no lock can outlive the run."""
             try:
-                if held:
-                    connection.execute(
+                still = (
+                    not held
+                    or connection.execute(
                         sa.text("SELECT pg_advisory_unlock(CAST(:space AS int), hashtext(:flow))"),
                         key,
-                    )
-                    connection.commit()
-            except sa.exc.DBAPIError:
-                connection.invalidate()  # a session gone holds nothing; not back to the pool
+                    ).scalar_one()
+                )
+            except Exception:  # the session is gone: with it, the lock
+                still = False
             finally:
+                connection.invalidate()
                 connection.close()
+            if not still:
+                logger.warning(
+                    "%s: the flow's lock was lost during the run (its state store session "
+                    "ended): another run of the flow may have run alongside; check "
+                    "`handoff dlq list --flow %s` and the reconciliation check",
+                    flow,
+                    flow,
+                )
 
         return take, release
 

@@ -502,13 +502,18 @@ def _one_at_a_time(method):
                 finally:
                     self._holding_lock = False
         except FlowBusy:
+            self._keep_window("busy")  # a partition's run: its window is requested again
+            todo = (
+                "wait for it to end (a Dagster run of the flow, a backfill, or `handoff dlq "
+                "replay`), then rerun"
+            )
+            window = self._window_todo()
             raise SyncError(
                 flow,
                 f"another run, repair or replay of {flow} held the flow for over "
                 f"{self.lock_wait:.0f} s: one runs at a time (two would write the same records, "
                 "each blind to the other's moves); nothing was read or written",
-                "wait for it to end (a Dagster run of the flow, a backfill, or `handoff dlq "
-                "replay`), then rerun",
+                todo if window is None else f"{todo}; {window}",
             ) from None
 
     return alone
@@ -581,7 +586,6 @@ class Sync:
         with self._trip_kept():
             return self._retried(self._drive(batches, before, full=full, move_watermark=True))
 
-    @_one_at_a_time
     def run_window(
         self,
         start: datetime,
@@ -593,25 +597,34 @@ class Sync:
         every row dated in [start, end), compared with the ledger; the watermark stays. The
         archive guard counts the window's soft-deleted rows against every synced record; an
         error-budget trip stops it as it does `run`. A window the error budget stops (at its
-        start, or in mid-run with the rest unread) is kept in the state store until a run of it
-        goes through: no schedule or sensor runs that day again by itself."""
-        partitions = self.spec.partitions
-        if partitions is None:
+        start, or in mid-run with the rest unread), or whose run waited too long for another
+        run of the flow, is kept in the state store until a run of it goes through: no schedule
+        or sensor runs that day again by itself."""
+        if self.spec.partitions is None:
             raise ValueError(f"flow {self.spec.name} is not partitioned")
-        self._window = (start, end)
+        self._window = (start, end)  # kept should the run stop (see _keep_window)
         try:
-            self._stop_while_tripped(approved=acknowledge_budget_trip)
-            within = self.source.in_window(partitions.column, start, end)
-            if self.spec.archive_deleted:
-                self._guard_archives(None, approved=allow_mass_archive, within=within)
-            batches = self.source.batches(None, self.spec.batch_size, within=within)
-            before = self.state.watermark(self.spec.name)
-            with self._trip_kept():
-                result = self._retried(
-                    self._drive(batches, before, full=False, move_watermark=False)
-                )
+            return self._run_window(start, end, allow_mass_archive, acknowledge_budget_trip)
         finally:
             self._window = None
+
+    @_one_at_a_time
+    def _run_window(
+        self,
+        start: datetime,
+        end: datetime,
+        allow_mass_archive: bool,
+        acknowledge_budget_trip: bool,
+    ) -> SyncResult:
+        """run_window's work, holding the flow's lock."""
+        self._stop_while_tripped(approved=acknowledge_budget_trip)
+        within = self.source.in_window(self.spec.partitions.column, start, end)
+        if self.spec.archive_deleted:
+            self._guard_archives(None, approved=allow_mass_archive, within=within)
+        batches = self.source.batches(None, self.spec.batch_size, within=within)
+        before = self.state.watermark(self.spec.name)
+        with self._trip_kept():
+            result = self._retried(self._drive(batches, before, full=False, move_watermark=False))
         self.state.forget_stopped_windows(self.spec.name, start, end)
         return result
 
@@ -1789,7 +1802,12 @@ class Sync:
         reason, and a chunk refused as a whole is bisected to find its bad records, unless its
         records go `together` (they take each other's ids): then each is refused."""
         try:
-            outcome = self._call_destination(lambda: self.destination.upsert(chunk))
+            # Records that go together only go to destinations that key rows by their ids (SQL
+            # tables: see _taken_ids), which write a chunk whole.
+            if together:
+                outcome = self._call_destination(lambda: self.destination.upsert(chunk, whole=True))
+            else:
+                outcome = self._call_destination(lambda: self.destination.upsert(chunk))
         except RecordsRejected as error:
             if len(chunk) == 1 or together:
                 reason = str(error) + (_TOGETHER if len(chunk) > 1 else "")

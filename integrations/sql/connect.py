@@ -142,7 +142,12 @@ def unreachable(error: sa.exc.StatementError | None) -> bool:
     # PyMySQL's client codes (2000–2999) mean no connection; psycopg's error without a SQLSTATE
     # (a connection refused) has a message for its args.
     code = original.args[0] if original is not None and original.args else None
-    return not isinstance(code, int) or 2000 <= code < 3000 or code in _MARIADB_BUSY
+    return (
+        not isinstance(code, int)
+        or 2000 <= code < 3000
+        or code in _MARIADB_BUSY
+        or (sqlstate or "")[:2] in _MARIADB_UNAVAILABLE_CLASSES
+    )
 
 
 # PostgreSQL's classes: connection exception, transaction rollback (a serialization failure, a
@@ -151,9 +156,13 @@ def unreachable(error: sa.exc.StatementError | None) -> bool:
 # intervention, system error; and data or an index corrupted. None is one record's fault.
 _PG_UNAVAILABLE_CLASSES = frozenset({"08", "40", "53", "55", "57", "58"})
 # MariaDB's too many connections (1040), a user's connection or query limit (1203, 1226), a
-# query killed (1317: KILL QUERY, a server shutting down) or over max_statement_time (1969), as
-# PostgreSQL's 57014: none is the statement's own fault.
-_MARIADB_BUSY = frozenset({1040, 1203, 1226, 1317, 1969})
+# lock wait that timed out (1205, as PostgreSQL's 55P03), a query killed (1317: KILL QUERY, a
+# server shutting down) or over max_statement_time (1969, as PostgreSQL's 57014): none is the
+# statement's own fault.
+_MARIADB_BUSY = frozenset({1040, 1203, 1205, 1226, 1317, 1969})
+# And by the SQLSTATE MariaDB sends: a connection lost (08S01: a server shutting down, 1053; a
+# connection aborted, 1152) or a transaction rolled back (40001: a deadlock, 1213).
+_MARIADB_UNAVAILABLE_CLASSES = frozenset({"08", "40"})
 _PG_CORRUPT = frozenset({"XX001", "XX002"})
 # SQLite's result codes of a file it cannot open, read, write, lock or trust.
 _SQLITE_UNAVAILABLE = (

@@ -178,9 +178,12 @@ class SqlTable:
 
     # --- writes ------------------------------------------------------------------------------
 
-    def upsert(self, records: Sequence[OutboundRecord]) -> Upserted:
+    def upsert(self, records: Sequence[OutboundRecord], whole: bool = False) -> Upserted:
         """One transaction: the database takes the chunk whole or refuses it whole. Records a
-        fixed-point column would not keep as sent are refused before it, one by one."""
+        fixed-point column would not keep as sent are refused before it, one by one, and rows a
+        trigger skips after it; unless the chunk goes `whole` (records taking each other's ids:
+        written in part, one would land on a row another kept): then any such refusal refuses
+        the whole chunk (RecordsRejected), nothing written."""
         if not records:
             return Upserted([])
         fields = self._fields or list(records[0].properties)
@@ -193,6 +196,9 @@ class SqlTable:
         for name in self._text_times:  # a column without a zone would drop the text's
             columns[name] = list(map(_naive_utc, columns[name]))
         keys, not_kept = batch.keys, self._not_kept(columns)
+        if whole and not_kept:
+            at, why = min(not_kept.items())
+            raise RecordsRejected(f"record {keys[at]}: {why}")
         refused = [Refusal(keys[at], why) for at, why in sorted(not_kept.items())]
         if not_kept:
             kept = [at for at in range(len(keys)) if at not in not_kept]
@@ -203,9 +209,13 @@ class SqlTable:
 
         def write(connection: sa.Connection) -> _Written:
             if self.dialect == "postgresql":
-                return self._upsert_postgresql(connection, columns)
-            rows = list(zip(*columns.values(), strict=True))
-            return self._upsert_executemany(connection, fields, rows)
+                written = self._upsert_postgresql(connection, columns)
+            else:
+                rows = list(zip(*columns.values(), strict=True))
+                written = self._upsert_executemany(connection, fields, rows)
+            if whole and written.skipped:  # raised in the transaction: it rolls back
+                raise RecordsRejected(_SKIPPED)
+            return written
 
         created, skipped = self._transaction(write)
         ids = list(map(self._key_text, columns[self.target.id_property]))
