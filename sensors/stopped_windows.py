@@ -15,7 +15,7 @@ import dagster as dg
 
 from assets.factory import asset_key, partitions_of
 from integrations.engine.spec import FlowSpec
-from integrations.engine.state import BudgetTrip, StateStore, StoppedWindow
+from integrations.engine.state import BudgetTrip, FlowBusy, StateStore, StoppedWindow
 from resources import StateStoreResource
 from sensors.schedules import pool_tags
 
@@ -38,6 +38,16 @@ def trip_stands(trip: BudgetTrip) -> str:
         f"the error budget's trip of run {trip.run_id} stands ({trip.open_letters} of its dead "
         f"letters open; `handoff budget list --flow {trip.flow}`)"
     )
+
+
+def flow_busy(store: StateStore, spec: FlowSpec) -> bool:
+    """Whether a run of the flow holds it now: a window requested meanwhile would wait for it,
+    and, past the wait, fail and be kept again (a loop of failed runs while a backfill goes)."""
+    try:
+        with store.flow_lock(spec.name, wait=0):
+            return False
+    except FlowBusy:
+        return True
 
 
 def _utc(moment: datetime) -> datetime:
@@ -88,6 +98,7 @@ def stopped_windows_sensor(spec: FlowSpec) -> dg.SensorDefinition:
         with state.open() as store:
             windows = store.list_stopped_windows(spec.name)
             trip = standing_trip(store, spec) if windows else None
+            busy = bool(windows) and trip is None and flow_busy(store, spec)
         if not windows:
             return dg.SkipReason(
                 f"no run of {key.to_user_string()} was stopped by the error budget"
@@ -95,6 +106,11 @@ def stopped_windows_sensor(spec: FlowSpec) -> dg.SensorDefinition:
         if trip is not None:
             return dg.SkipReason(
                 f"{len(windows)} windows of {key.to_user_string()} wait: {trip_stands(trip)}"
+            )
+        if busy:
+            return dg.SkipReason(
+                f"{len(windows)} windows of {key.to_user_string()} wait: a run of the flow is "
+                "going on"
             )
         # The most recent first, as the changed-days sensor: the days reports are read for now.
         latest = sorted(windows, key=lambda window: window.start, reverse=True)

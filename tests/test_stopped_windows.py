@@ -18,7 +18,14 @@ from assets.finance_invoices import FINANCE_INVOICES
 from definitions import defs, resources
 from integrations.cli import main
 from integrations.engine.spec import DailyPartitions
-from integrations.engine.state import BatchCommit, BudgetTrip, DeadLetter, StateStore, utcnow
+from integrations.engine.state import (
+    BatchCommit,
+    BudgetTrip,
+    DeadLetter,
+    StateStore,
+    StoppedWindow,
+    utcnow,
+)
 from integrations.engine.sync import ErrorBudgetExceeded, ErrorBudgetTripStands, Sync, SyncError
 from integrations.sql.connect import create_engine
 from integrations.sql.destination import SqlTable
@@ -329,3 +336,20 @@ def test_a_window_whose_run_waited_too_long_for_the_flow_is_kept(database):
     finally:
         state.dispose()
         engine.dispose()
+
+
+def test_stopped_windows_wait_while_a_run_of_the_flow_goes_on(world):
+    """A window requested while a long run of its flow went on (a backfill) waited for the
+    flow, gave up, was kept again and requested again: a failed run every few minutes."""
+    store = StateStore(world.state_url, dlq_key=DLQ_KEY)
+    day = datetime(2025, 1, 10)
+    store.keep_stopped_window(StoppedWindow(FLOW, day, day + timedelta(days=1), "r", "busy"))
+    with dg.instance_for_test() as instance:
+        with store.flow_lock(FLOW, wait=0):
+            waiting = tick(f"{FLOW}_stopped_windows", instance)
+        assert "1 windows of finance/invoices wait: a run of the flow is going on" in skip_message(
+            waiting
+        )
+        (request,) = tick(f"{FLOW}_stopped_windows", instance).run_requests
+        assert request.partition_key == "2025-01-10"
+    store.dispose()

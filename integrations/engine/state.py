@@ -339,9 +339,9 @@ class BudgetTrip:
 
 @dataclass(frozen=True)
 class StoppedWindow:
-    """A window [start, end) of a partitioned flow whose run the error budget stopped: `refused`
-    at its start while a trip stood, or `tripped` in mid-run. Kept until a run of it goes
-    through."""
+    """A window [start, end) of a partitioned flow whose run stopped: `refused` at its start
+    while an error-budget trip stood, `tripped` in mid-run, or `busy`, given up waiting for
+    another run of the flow. Kept until a run of it goes through."""
 
     flow: str
     start: datetime
