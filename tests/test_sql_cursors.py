@@ -397,6 +397,39 @@ def test_a_swap_is_written_whole_or_not_at_all(sql_database, state):
     letters = {letter.record_key: letter.reason for letter in state.list_dead_letters(SPEC.name)}
     assert all("record 2: column 'amount'" in reason for reason in letters.values())
     assert "none was written" in letters["1"]
+    # Fixed, record 2 alone is read again: its partner's letter goes with it (alone, each
+    # would wait on the other for good).
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text("UPDATE source_lines SET amount = 2.5, updated_at = :at WHERE id = 2"),
+            {"at": datetime(2025, 1, 3)},
+        )
+    run(engine, state, dataclasses.replace(LOOSE_SPEC, batch_size=10))
+    assert live(engine) == {"L1": 2.5, "L2": 1.0}
+    assert state.list_dead_letters(SPEC.name) == []
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_swap_whose_half_a_trigger_skips_is_not_written(postgres_database, state):
+    """PostgreSQL returns no row for an update a BEFORE trigger skipped, as for a row it found
+    equal: the other half of a swap landed on the row the skipped one kept."""
+    engine = create_engine(postgres_database())
+    source_lines(engine, [datetime(2025, 1, 1, n) for n in range(2)])
+    run(engine, state, LOOSE_SPEC)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "CREATE FUNCTION keep_l1() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN IF OLD.line_number = 'L1' THEN RETURN NULL; END IF; RETURN NEW; END $$"
+        )
+        connection.exec_driver_sql(
+            "CREATE TRIGGER keep_l1 BEFORE UPDATE ON ledger_lines FOR EACH ROW "
+            "EXECUTE FUNCTION keep_l1()"
+        )
+    renumber(engine, [(1, "L2"), (2, "L1")])
+    refused = run(engine, state, dataclasses.replace(LOOSE_SPEC, batch_size=10))
+    assert (refused.written, refused.counts["rejected"]) == (0, 2)
+    assert live(engine) == {"L1": 1.0, "L2": 2.0}
     engine.dispose()
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from datetime import date, datetime, timedelta
 
 import dagster as dg
@@ -353,3 +354,52 @@ def test_stopped_windows_wait_while_a_run_of_the_flow_goes_on(world):
         (request,) = tick(f"{FLOW}_stopped_windows", instance).run_requests
         assert request.partition_key == "2025-01-10"
     store.dispose()
+
+
+def test_a_run_forgets_no_window_stopped_after_it_read(tmp_path):
+    """A backfill of days 1-4 read its rows; day 3 changed and its run gave up waiting for the
+    backfill (kept `busy`); the backfill, done, forgot every window within its range, day 3's
+    too: the change was never synced, nor day 3 requested again."""
+    database = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    engine, state = create_engine(database), StateStore(database, dlq_key=DLQ_KEY)
+    source_lines(engine, [datetime(2024, 1, 1) + timedelta(days=n, minutes=n) for n in range(4)])
+    spec = dataclasses.replace(
+        SPEC, partitions=DailyPartitions(column="updated_at", start="2024-01-01")
+    )
+
+    def sync(run_id: str) -> Sync:
+        destination = SqlTable(engine, spec.target, create_missing=True)
+        return Sync(
+            spec, SqlSource(engine, SOURCE), destination, state, run_id=run_id, actor="t", why="t"
+        )
+
+    backfill, read, go_on = sync("backfill"), threading.Event(), threading.Event()
+    upsert = backfill.destination.upsert
+
+    def slow_upsert(records, **how):  # the backfill has read its batch, and writes slowly
+        read.set()
+        go_on.wait(60)
+        return upsert(records, **how)
+
+    backfill.destination.upsert = slow_upsert
+    done: list[object] = []
+    writing = threading.Thread(
+        target=lambda: done.append(backfill.run_window(datetime(2024, 1, 1), datetime(2024, 1, 5)))
+    )
+    writing.start()
+    try:
+        assert read.wait(30)
+        with engine.begin() as connection:
+            connection.execute(sa.text("UPDATE source_lines SET memo = 'changed' WHERE id = 3"))
+        day = sync("day 3")
+        day.lock_wait = 0.2
+        with pytest.raises(SyncError):
+            day.run_window(datetime(2024, 1, 3), datetime(2024, 1, 4))
+    finally:
+        go_on.set()
+        writing.join(60)
+    assert done and [w.stop for w in state.list_stopped_windows(spec.name)] == ["busy"]
+    assert sync("day 3 again").run_window(datetime(2024, 1, 3), datetime(2024, 1, 4)).written == 1
+    assert state.list_stopped_windows(spec.name) == [] and live(engine)["L3"] == 3.0
+    state.dispose()
+    engine.dispose()

@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import operator
+import os
 import threading
 import time
 import zlib
@@ -518,8 +519,11 @@ class StateStore:
     def _advisory_lock(self, flow: str) -> tuple[Callable[[], bool], Callable[[], None]]:
         connection = self.engine.connect()  # its own session: the lock is the session's
         key = {"space": _RUNS_LOCK, "flow": flow}
-        if connection.dialect.server_version_info >= (14,):  # idle all run long: not a reason
-            connection.exec_driver_sql("SET idle_session_timeout = 0")  # to end the session
+        # The session is idle all run long: not a reason to end it; but a client gone silently
+        # (a NAT that dropped the connection) is noticed within minutes, its lock let go.
+        connection.exec_driver_sql("SET tcp_keepalives_idle = 60")
+        if connection.dialect.server_version_info >= (14,):
+            connection.exec_driver_sql("SET idle_session_timeout = 0")
         held = False
 
         def take() -> bool:
@@ -558,13 +562,17 @@ class StateStore:
         return take, release
 
     def _file_lock(self, flow: str) -> tuple[Callable[[], bool], Callable[[], None]]:
-        database = self.engine.url.database
-        if not database or database == ":memory:":  # one process's store: nobody to wait for
+        database = self.engine.url.database or ""
+        if database.startswith("file:"):  # a URI (`?uri=true`): its path
+            database = database.removeprefix("file:").split("?")[0]
+        in_memory = database == ":memory:" or self.engine.url.query.get("mode") == "memory"
+        if not database or in_memory:  # one process's store: nobody to wait for
             return (lambda: True), (lambda: None)
         folder = Path(database).with_name(Path(database).name + ".locks")
         folder.mkdir(exist_ok=True)
         name = hashlib.sha256(flow.encode()).hexdigest()[:16]
-        handle = open(folder / f"{name}.lock", "a+")  # noqa: SIM115 (held until release)
+        # Read-only: an flock needs no more, so another user who runs the flow can take it too.
+        handle = os.open(folder / f"{name}.lock", os.O_RDONLY | os.O_CREAT, 0o666)
 
         def take() -> bool:
             try:
@@ -574,7 +582,7 @@ class StateStore:
             return True
 
         def release() -> None:
-            handle.close()  # the flock goes with it
+            os.close(handle)  # the flock goes with it
 
         return take, release
 
@@ -1150,15 +1158,20 @@ class StateStore:
             )
         return kept
 
-    def forget_stopped_windows(self, flow: str, start: datetime, end: datetime) -> int:
-        """A run of [start, end) went through: the stopped windows within it are synced. How
-        many were forgotten (a wider window stopped keeps waiting for a run of its own)."""
+    def forget_stopped_windows(
+        self, flow: str, start: datetime, end: datetime, read_from: datetime
+    ) -> int:
+        """A run of [start, end) that read its rows from `read_from` on went through: the
+        windows within it stopped before then are synced (one stopped since, say a run that
+        gave up waiting for this one, may hold a change it did not read). How many were
+        forgotten (a wider window stopped keeps waiting for a run of its own)."""
         with self.engine.begin() as connection:
             return connection.execute(
                 sa.delete(stopped_windows).where(
                     stopped_windows.c.flow == flow,
                     stopped_windows.c.window_start >= _naive_utc(start),
                     stopped_windows.c.window_end <= _naive_utc(end),
+                    stopped_windows.c.stopped_at <= read_from,
                 )
             ).rowcount
 

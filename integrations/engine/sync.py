@@ -429,7 +429,7 @@ _CLAIM_PASSES = 8  # checks of a batch's unique values, as refused moves are fou
 _ACTIONS = {True: "insert", False: "update", None: "unchanged"}
 # A letter of a record refused for a destination id another record holds names that record.
 _ID_TOO = "'s destination id too"
-_ID_HELD_BY = re.compile(r" is record (.+?)" + re.escape(_ID_TOO))
+_ID_HELD_BY = re.compile(r" is record (.+?)" + re.escape(_ID_TOO), re.DOTALL)
 # Rounds of the end-of-run retry: each replays the letters waiting on what the one before moved.
 _RETRY_ROUNDS = 10
 # Why a record written with others that take each other's ids is refused with them.
@@ -617,6 +617,7 @@ class Sync:
         acknowledge_budget_trip: bool,
     ) -> SyncResult:
         """run_window's work, holding the flow's lock."""
+        read_from = utcnow()
         self._stop_while_tripped(approved=acknowledge_budget_trip)
         within = self.source.in_window(self.spec.partitions.column, start, end)
         if self.spec.archive_deleted:
@@ -625,7 +626,7 @@ class Sync:
         before = self.state.watermark(self.spec.name)
         with self._trip_kept():
             result = self._retried(self._drive(batches, before, full=False, move_watermark=False))
-        self.state.forget_stopped_windows(self.spec.name, start, end)
+        self.state.forget_stopped_windows(self.spec.name, start, end, read_from)
         return result
 
     def _retried(self, result: SyncResult) -> SyncResult:
@@ -644,7 +645,9 @@ class Sync:
         )
         owned = {letter.record_key for letter in own}
         waiting = self._waiting_for(self._let_go) if self._let_go else []
-        letters = own + [letter for letter in waiting if letter.record_key not in owned]
+        letters = self._with_holders(
+            own + [letter for letter in waiting if letter.record_key not in owned]
+        )
         if not letters:
             return result
         for _ in range(_RETRY_ROUNDS):
@@ -669,6 +672,28 @@ class Sync:
         if not self._replaying:
             self._check_budget(result, finished=True)
         return result
+
+    def _with_holders(self, letters: list[DeadLetter]) -> list[DeadLetter]:
+        """The letters, and the open letters of the records whose ids they wait on, and so on:
+        records refused together (a swap, one half of which the destination refused) land only
+        together, once it is fixed, in one batch."""
+        have = {letter.record_key for letter in letters}
+        for _ in range(_RETRY_ROUNDS):
+            holders = {
+                holder.group(1)
+                for letter in letters
+                if (holder := _ID_HELD_BY.search(letter.reason))
+            } - have
+            found = (
+                self.state.list_dead_letters(self.spec.name, keys=sorted(holders), limit=None)
+                if holders
+                else []
+            )
+            if not found:
+                break
+            letters = letters + found
+            have |= {letter.record_key for letter in found}
+        return letters
 
     def _waiting_for(self, let_go: set[str]) -> list[DeadLetter]:
         """The open letters of records refused for a destination id one of these records held."""

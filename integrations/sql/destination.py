@@ -213,8 +213,8 @@ class SqlTable:
             else:
                 rows = list(zip(*columns.values(), strict=True))
                 written = self._upsert_executemany(connection, fields, rows)
-            if whole and written.skipped:  # raised in the transaction: it rolls back
-                raise RecordsRejected(_SKIPPED)
+            if whole and (written.skipped or self._unreturned(columns, written)):
+                raise RecordsRejected(_SKIPPED)  # raised in the transaction: it rolls back
             return written
 
         created, skipped = self._transaction(write)
@@ -228,6 +228,15 @@ class SqlTable:
             keys, ids = [keys[at] for at in landed], [ids[at] for at in landed]
         flags = [created.get(id_, None if told else False) for id_ in ids]
         return Upserted(WrittenColumns(keys, ids, flags), refused)
+
+    def _unreturned(self, columns: Columns, written: _Written) -> bool:
+        """Whether PostgreSQL returned no row for some of a chunk of records that take each
+        other's ids: each such row changes, so one not returned was skipped by a trigger (in
+        another chunk it may be a row held as sent already)."""
+        if self.dialect != "postgresql":
+            return False
+        sent = set(map(self._key_text, columns[self.target.id_property]))
+        return bool(sent - written.created.keys())
 
     def _not_kept(self, columns: Columns) -> dict[int, str]:
         """The records a fixed-point, floating-point or coarse time column would not keep as
@@ -675,8 +684,9 @@ def _as_sent(value: object) -> object:
 
 # PostgreSQL's SQLSTATEs: serialization failure, deadlock, lock not available (lock_timeout).
 _PG_LOCK_CONFLICTS = frozenset({"40001", "40P01", "55P03"})
-# MariaDB/MySQL: lock wait timeout, deadlock. (SQLite waited out its busy timeout already.)
-_MARIADB_LOCK_CONFLICTS = frozenset({1205, 1213})
+# MariaDB/MySQL: lock wait timeout, deadlock, a row changed since the transaction read it. (SQLite
+# waited out its busy timeout already.)
+_MARIADB_LOCK_CONFLICTS = frozenset({1020, 1205, 1213})
 
 
 class _Written(NamedTuple):
