@@ -19,18 +19,17 @@ from assets.checks import (
 from assets.connections import flow_connections, required_resources
 from integrations.contracts import Contract
 from integrations.engine.destination import DestinationMismatch
+from integrations.engine.errors import (
+    ArchiveGuardTripped,
+    ErrorBudgetExceeded,
+    ErrorBudgetTripStands,
+    SyncError,
+)
 from integrations.engine.reconcile import Drift, reconcile
 from integrations.engine.source import SourceUnavailable
 from integrations.engine.spec import FlowSpec
 from integrations.engine.state import BudgetTrip, StateStoreUnavailable
-from integrations.engine.sync import (
-    ArchiveGuardTripped,
-    ErrorBudgetExceeded,
-    ErrorBudgetTripStands,
-    Sync,
-    SyncError,
-    SyncResult,
-)
+from integrations.engine.sync import Sync, SyncResult
 from integrations.settings import database_url_variable
 from integrations.sql.source import SourceSchemaError
 

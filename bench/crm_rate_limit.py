@@ -36,8 +36,9 @@ def step_sync(env: dict[str, str]) -> dict[str, object]:
     from assets.crm_contacts import CRM_CONTACTS
     from integrations.crm.client import CrmClient, shared_bucket
     from integrations.crm.destination import CrmObjects
+    from integrations.engine.errors import SyncError
     from integrations.engine.state import StateStore
-    from integrations.engine.sync import Sync, SyncError
+    from integrations.engine.sync import Sync
     from integrations.http import ApiLimits
     from integrations.sql.connect import create_engine
     from integrations.sql.source import SqlSource

@@ -22,6 +22,7 @@ import sqlalchemy as sa
 
 from integrations import settings
 from integrations.engine.destination import DestinationMismatch, DestinationUnavailable
+from integrations.engine.errors import SyncError
 from integrations.engine.masking import mask_record
 from integrations.engine.source import SourceUnavailable
 from integrations.engine.spec import FlowSpec
@@ -32,7 +33,6 @@ from integrations.engine.state import (
     StateStoreUnavailable,
     utcnow,
 )
-from integrations.engine.sync import SyncError
 from integrations.sql.connect import create_engine, redacted
 from integrations.sql.source import SourceSchemaError
 

@@ -16,10 +16,10 @@ import sqlalchemy as sa
 
 from integrations import settings
 from integrations.engine.destination import Destination
+from integrations.engine.errors import SyncError
 from integrations.engine.source import Source
 from integrations.engine.spec import FlowSpec, SourceTable, Target
 from integrations.engine.state import MissingSecret, StateStore
-from integrations.engine.sync import SyncError
 from integrations.sql.connect import create_engine
 from integrations.sql.destination import SqlTable
 from integrations.sql.source import SqlSource

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from assets.crm_contacts import CRM_CONTACTS
 from integrations.cli import main
-from integrations.engine.sync import ErrorBudgetExceeded
+from integrations.engine.errors import ErrorBudgetExceeded
 from integrations.erp.changes import move_customers, soft_delete_customers
 from integrations.sql.source import SourceSchemaError, SqlSource
 from tests.contacts import sync

@@ -15,8 +15,8 @@ from assets.crm_contacts import CRM_CONTACTS
 from assets.factory import flow_asset
 from definitions import resources
 from integrations.cli import main
+from integrations.engine.errors import ErrorBudgetExceeded, ErrorBudgetTripStands
 from integrations.engine.state import StateStore
-from integrations.engine.sync import ErrorBudgetExceeded, ErrorBudgetTripStands
 from sensors.alerts import run_failure_sensor
 from tests.conftest import DLQ_KEY
 from tests.contacts import sync

@@ -14,8 +14,8 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
+from integrations.engine.errors import SyncError
 from integrations.engine.state import FlowBusy, StateStore
-from integrations.engine.sync import SyncError
 from integrations.sql.connect import create_engine
 from tests.conftest import DLQ_KEY, POSTGRES_ADMIN
 from tests.test_sql_cursors import SPEC, source_lines, syncing

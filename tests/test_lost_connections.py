@@ -8,7 +8,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from integrations.engine.sync import SyncError
+from integrations.engine.errors import SyncError
 from tests.conftest import POSTGRES_ADMIN, _world
 from tests.contacts import sync
 from tests.expectations import assert_crm_matches_erp

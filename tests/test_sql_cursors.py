@@ -18,17 +18,16 @@ import sqlalchemy as sa
 from pandera.typing import Series
 
 from integrations.contracts import Contract
-from integrations.engine.reconcile import reconcile
-from integrations.engine.spec import DailyPartitions, FlowSpec, SourceTable
-from integrations.engine.state import BatchCommit, StateStore, Watermark
-from integrations.engine.sync import (
+from integrations.engine.errors import (
     ArchiveGuardTripped,
     ErrorBudgetExceeded,
     ErrorBudgetTripStands,
-    Sync,
     SyncError,
-    SyncResult,
 )
+from integrations.engine.reconcile import reconcile
+from integrations.engine.spec import DailyPartitions, FlowSpec, SourceTable
+from integrations.engine.state import BatchCommit, StateStore, Watermark
+from integrations.engine.sync import Sync, SyncResult
 from integrations.sql.connect import create_engine
 from integrations.sql.destination import SqlTable
 from integrations.sql.source import SqlSource

@@ -18,6 +18,7 @@ from assets.chinook import CHINOOK_INVOICES
 from assets.finance_invoices import FINANCE_INVOICES
 from definitions import defs, resources
 from integrations.cli import main
+from integrations.engine.errors import ErrorBudgetExceeded, ErrorBudgetTripStands, SyncError
 from integrations.engine.spec import DailyPartitions
 from integrations.engine.state import (
     BatchCommit,
@@ -27,7 +28,7 @@ from integrations.engine.state import (
     StoppedWindow,
     utcnow,
 )
-from integrations.engine.sync import ErrorBudgetExceeded, ErrorBudgetTripStands, Sync, SyncError
+from integrations.engine.sync import Sync
 from integrations.sql.connect import create_engine
 from integrations.sql.destination import SqlTable
 from integrations.sql.source import SqlSource

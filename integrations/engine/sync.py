@@ -25,7 +25,7 @@ from collections.abc import Iterator, Mapping, Sequence, Set
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 from functools import cached_property
 from itertools import repeat
@@ -36,6 +36,7 @@ import pandas as pd
 
 from integrations.contracts.contract import ContractViolation, RowRejection
 from integrations.engine import columns
+from integrations.engine.budget import ErrorBudget
 from integrations.engine.destination import (
     Destination,
     DestinationMismatch,
@@ -47,6 +48,7 @@ from integrations.engine.destination import (
     WrittenColumns,
     correlation_id,
 )
+from integrations.engine.errors import ArchiveGuardTripped, SyncError
 from integrations.engine.hashing import canonical_json, content_hash
 from integrations.engine.masking import mask_record, mask_value, scrub
 from integrations.engine.source import FAR_FUTURE, Source, SourceUnavailable
@@ -54,14 +56,12 @@ from integrations.engine.spec import FlowSpec
 from integrations.engine.state import (
     AuditRecord,
     BatchCommit,
-    BudgetTrip,
     DeadLetter,
     FlowBusy,
     LedgerEntries,
     LedgerEntry,
     StateStore,
     StateStoreUnavailable,
-    StoppedWindow,
     Watermark,
     utcnow,
 )
@@ -72,55 +72,6 @@ PHASES = ("extract", "validate", "map", "diff", "load", "commit")
 SAMPLE_SIZE = 5
 LOGGED_LETTERS = 20  # dead letters logged one by one per run
 MAX_KEY_LENGTH = 200  # the state store keys records by text of at most 255 characters
-
-
-class SyncError(Exception):
-    """A sync that stopped: says which flow, what happened and what to do."""
-
-    def __init__(self, flow: str, what: str, todo: str):
-        self.flow, self.what, self.todo = flow, what, todo
-        super().__init__(f"flow {flow}: {what}. What to do: {todo}")
-
-
-class ErrorBudgetExceeded(SyncError):
-    """The run failed too many of the rows it judged; `trip` says how many and why. It is kept
-    in the state store: later runs stop at their start until it is acknowledged."""
-
-    def __init__(self, flow: str, what: str, todo: str, trip: BudgetTrip):
-        super().__init__(flow, what, todo)
-        self.trip = trip
-
-
-class ErrorBudgetTripStands(SyncError):
-    """An earlier run tripped the flow's error budget and nobody acknowledged it (its dead
-    letters replayed or discarded, or going on approved): this run stopped at its start, before
-    reading anything. `trip` is the earlier run's; `window` says what becomes of the window of a
-    partition's run it stopped."""
-
-    def __init__(self, trip: BudgetTrip, window: str | None = None):
-        flow = trip.flow
-        super().__init__(
-            flow,
-            f"the error budget stopped run {trip.run_id} at {trip.tripped_at:%Y-%m-%d %H:%M:%S} "
-            f"UTC: {_over_budget(trip)}; {trip.open_letters} of the {trip.letters} dead letters "
-            "it left are still open, so this run stopped before reading anything",
-            f"inspect them with `handoff dlq list --flow {flow}`; fix the source (or the "
-            f"contract, or the destination) and replay them (`handoff dlq replay --flow {flow}`, "
-            "or run config replay), or discard those not to be synced (`handoff dlq discard`): "
-            "runs go on once none of them is open. To go on with them held in the DLQ, approve "
-            f"it: `handoff budget clear --flow {flow} --why ...`, or rerun with "
-            "acknowledge_budget_trip (run config); both are audited"
-            + (f"; {window}" if window else ""),
-        )
-        self.trip = trip
-
-
-class ArchiveGuardTripped(SyncError):
-    """The run would archive too much; `plan` lists the archives it would have made."""
-
-    def __init__(self, flow: str, what: str, todo: str, plan: list[str], total: int):
-        super().__init__(flow, what, todo)
-        self.plan, self.total = plan, total
 
 
 @dataclass
@@ -296,20 +247,6 @@ def _in_scope(spec: FlowSpec, batch: pd.DataFrame) -> pd.Series:
     """The flow's `in_scope` as plain booleans: unknown (a comparison with a NULL of a nullable
     column, pd.NA) is out of scope."""
     return spec.in_scope(batch).fillna(False).astype(bool)
-
-
-def _window_label(start: datetime, end: datetime) -> str:
-    """A window of daily partitions as its days: one day, or its first … last."""
-    last = end - timedelta(days=1)
-    return f"{start:%Y-%m-%d}" if last <= start else f"{start:%Y-%m-%d} … {last:%Y-%m-%d}"
-
-
-def _over_budget(trip: BudgetTrip) -> str:
-    top = "; ".join(f"{reason} ({n})" for reason, n in trip.reasons.items())
-    return (
-        f"{trip.failed} of {trip.seen} rows ({trip.share:.1%}) failed, above the error budget of "
-        f"{trip.max_share:.0%}; top reasons: {top}"
-    )
 
 
 def _a_time(value: object) -> bool:
@@ -519,7 +456,7 @@ def _one_at_a_time(method):
     return alone
 
 
-class Sync:
+class Sync(ErrorBudget):
     # How long a run waits for another run of its flow to end (see _one_at_a_time).
     lock_wait = 300.0
 
@@ -890,107 +827,6 @@ class Sync:
                 "every batch before it is committed; rerun when the source answers (the rerun "
                 "resumes from the watermark)",
             ) from error
-
-    def _stop_while_tripped(self, approved: bool) -> None:
-        """Stop before reading anything while an earlier run's error-budget trip stands (some of
-        its dead letters open, going on not approved), unless this run approves it: audited, with
-        the run's actor and why. Held, those letters no longer count against the budget, so
-        without this a rerun with nothing fixed went through with them in the DLQ."""
-        flow = self.spec.name
-        trip = self.state.settle_budget_trip(
-            flow, actor=self.actor, why=self.why, run_id=self.run_id
-        )
-        if trip is None or trip.resolution:  # none, or its letters were all settled since
-            return
-        if not approved:
-            self._keep_window("refused")
-            raise ErrorBudgetTripStands(trip, self._window_todo())
-        self.state.clear_budget_trip(flow, actor=self.actor, why=self.why, run_id=self.run_id)
-        self.log.warning(
-            "%s: going on despite the error budget's trip of run %s, as approved: its %d open "
-            "dead letters stay in the DLQ",
-            flow,
-            trip.run_id,
-            trip.open_letters,
-        )
-
-    @contextmanager
-    def _trip_kept(self) -> Iterator[None]:
-        """A run the error budget stops keeps its trip in the state store, with the dead letters
-        it left open: later runs stop at their start until it is acknowledged. The trip is kept
-        as the budget stops the run (a run killed while its threads wind down leaves it), and
-        the letters of the commits that land meanwhile join it here."""
-        try:
-            yield
-        except ErrorBudgetExceeded as stopped:
-            stopped.trip = self._kept(stopped.trip, window="tripped")
-            raise
-
-    def _kept(self, trip: BudgetTrip, window: str | None = None) -> BudgetTrip:
-        """The trip as the state store keeps it (see _trip_kept), and the window of the
-        partition's run it stopped (`window`: how, see _keep_window)."""
-        try:
-            kept = self.state.trip_budget(trip, actor=self.actor, why=self.why)
-            if window is not None:
-                self._keep_window(window)
-            return kept
-        except StateStoreUnavailable as error:  # the budget's stop is still the news
-            self.log.error(
-                "%s: the error budget's trip could not be kept (%s): the next run will not "
-                "stop for it; check `handoff dlq list --flow %s` before rerunning",
-                self.spec.name,
-                error,
-                self.spec.name,
-            )
-            return trip
-
-    def _keep_window(self, stop: str) -> None:
-        """Keep the window of a partition's run the error budget stopped (`refused` at its start,
-        or `tripped` in mid-run): once no trip stands, it is requested again."""
-        if self._window is not None:
-            start, end = self._window
-            self.state.keep_stopped_window(
-                StoppedWindow(self.spec.name, start, end, self.run_id, stop)
-            )
-
-    def _window_todo(self) -> str | None:
-        """What becomes of the window of a partition's run the error budget stopped (see
-        _keep_window); None for a run of no window."""
-        if self._window is None:
-            return None
-        return (
-            f"this run's window ({_window_label(*self._window)}) is kept, and requested again "
-            f"once no trip stands by sensor `{self.spec.name}_stopped_windows` (with that sensor "
-            "off, rerun or backfill it then)"
-        )
-
-    def _settle_trip(self) -> None:
-        """After a replay: clear the flow's error-budget trip once none of its dead letters is
-        open (audited), or say how many still keep the flow's runs stopped."""
-        flow = self.spec.name
-        trip = self.state.settle_budget_trip(
-            flow, actor=self.actor, why=self.why, run_id=self.run_id
-        )
-        if trip is None:
-            return
-        if trip.resolution:
-            self.log.info(
-                "%s: every dead letter of the error budget's trip of run %s is replayed or "
-                "discarded: the trip is cleared, runs go on",
-                flow,
-                trip.run_id,
-            )
-            return
-        self.log.warning(
-            "%s: %d of the %d dead letters of the error budget's trip of run %s are still open: "
-            "runs stay stopped until they are replayed or discarded, or `handoff budget clear "
-            "--flow %s` approves going on",
-            flow,
-            trip.open_letters,
-            trip.letters,
-            trip.run_id,
-            flow,
-        )
 
     def _guard_archives(
         self, since: datetime | None, approved: bool, within: object | None = None
@@ -1943,65 +1779,3 @@ class Sync:
                 unlogged,
                 self.spec.name,
             )
-
-    def _fix_todo(self, finished: bool) -> str:
-        """After "fix the source": what else the error budget's stop of this run leaves to do."""
-        replay = f"replay them (`handoff dlq replay --flow {self.spec.name}`)"
-        if finished:
-            return (
-                f"(or the contract, or the destination), then {replay}: every batch of this run "
-                "was committed, the rejected rows wait in the DLQ"
-            )
-        if self._window is None:
-            return (
-                f"(or the contract), then {replay}; the watermark did not advance past the "
-                "failing batch"
-            )
-        # A window has no watermark to resume from: the rows after the failing batch need a rerun.
-        return (
-            f"(or the contract), then {replay} and rerun this window: its rows after the failing "
-            "batch were not read"
-        )
-
-    def _check_budget(
-        self, result: SyncResult, pending: Sequence[DeadLetter] = (), finished: bool = False
-    ) -> None:
-        """Stop the run when too many of the rows it judged were rejected. A record the
-        destination refused passed the contracts (it is in `valid`) and is counted once."""
-        budget = self.spec.error_budget
-        refused = result.kinds["destination-rejected"]
-        # Refused for an id a record of another batch held: tried again at the run's end (see
-        # _retried), judged then (a renumbering across batches stopped every run).
-        deferred = len(set(self._clashed))
-        seen = result.counts["valid"] + result.counts["rejected"] - refused - deferred
-        if self._replaying or seen < budget.min_rows:  # a replay retries known-bad records
-            return
-        failed = result.counts["rejected"] - deferred
-        share = failed / seen
-        if share <= budget.max_share:
-            return
-        if pending:  # the batch's rejected rows are kept, and audited, but nothing is loaded
-            self.state.commit_batch(
-                BatchCommit(
-                    self.spec.name,
-                    self.run_id,
-                    dead_letters=list(pending),
-                    audit_records=self._letter_records(pending),
-                ),
-                audit=self._batch_entry({"dead_lettered": len(pending), "stopped": "error budget"}),
-            )
-        flow = self.spec.name
-        reasons = dict(result.reasons.most_common(3))
-        trip = BudgetTrip(flow, self.run_id, utcnow(), failed, seen, budget.max_share, reasons)
-        trip = self._kept(trip)
-        raise ErrorBudgetExceeded(
-            flow,
-            _over_budget(trip),
-            f"inspect them with `handoff dlq list --flow {flow}`, fix the source "
-            + self._fix_todo(finished)
-            + "; until they are replayed or discarded, every run of this flow stops at its start "
-            f"(to go on with them held in the DLQ: `handoff budget clear --flow {flow} --why "
-            "...`, or rerun with acknowledge_budget_trip)"
-            + (f"; {window}" if (window := self._window_todo()) else ""),
-            trip,
-        )
