@@ -6,7 +6,9 @@ stops at its start, and a run that trips leaves the rest of its window unread. T
 never reruns a failed partition and a sensor's run key is used once, so such a day was never
 synced: an invoice paid meanwhile stayed open in finance. The engine keeps each such window in
 the state store until a run of it goes through (sync.py `run_window`); this sensor requests them
-again once the trip is cleared (replayed, discarded or approved), and none while it stands.
+again once the trip is cleared (replayed, discarded or approved), and none while it stands. A
+day's run that gave up waiting for another run of its flow (a long backfill) is kept the same
+way, and requested once the flow is free.
 """
 
 from datetime import UTC, datetime

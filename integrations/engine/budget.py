@@ -102,8 +102,9 @@ class ErrorBudget:
             return trip
 
     def _keep_window(self, stop: str) -> None:
-        """Keep the window of a partition's run the error budget stopped (`refused` at its start,
-        or `tripped` in mid-run): once no trip stands, it is requested again."""
+        """Keep the window of a partition's run that stopped (`refused` at its start while a
+        trip stood, `tripped` in mid-run, or `busy`: it gave up waiting for another run of the
+        flow): once no trip stands and the flow is free, it is requested again."""
         if self._window is not None:
             start, end = self._window
             self.state.keep_stopped_window(
@@ -111,8 +112,8 @@ class ErrorBudget:
             )
 
     def _window_todo(self) -> str | None:
-        """What becomes of the window of a partition's run the error budget stopped (see
-        _keep_window); None for a run of no window."""
+        """What becomes of the window of a partition's run that stopped (see _keep_window);
+        None for a run of no window."""
         if self._window is None:
             return None
         return (
