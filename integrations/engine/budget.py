@@ -1,14 +1,14 @@
 """The error budget of a sync: a run that fails too many of the rows it judges stops, and its
 trip stands, stopping every later run of the flow at its start, until someone acknowledges it
 (its dead letters replayed or discarded, or going on approved). A partition's run it stops keeps
-its window, requested again once no trip stands (sensors/stopped_windows.py)."""
+its window (see Sync._keep_window), requested again once no trip stands."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from integrations.engine.errors import ErrorBudgetExceeded, ErrorBudgetTripStands, over_budget
@@ -19,18 +19,11 @@ from integrations.engine.state import (
     DeadLetter,
     StateStore,
     StateStoreUnavailable,
-    StoppedWindow,
     utcnow,
 )
 
 if TYPE_CHECKING:
     from integrations.engine.sync import SyncResult
-
-
-def _window_label(start: datetime, end: datetime) -> str:
-    """A window of daily partitions as its days: one day, or its first … last."""
-    last = end - timedelta(days=1)
-    return f"{start:%Y-%m-%d}" if last <= start else f"{start:%Y-%m-%d} … {last:%Y-%m-%d}"
 
 
 class ErrorBudget:
@@ -46,7 +39,8 @@ class ErrorBudget:
     _window: tuple[datetime, datetime] | None
     _replaying: bool
     _clashed: list[str]
-    # and Sync's _letter_records and _batch_entry, for the audit of a stopped batch's letters
+    # and Sync's _letter_records and _batch_entry (the audit of a stopped batch's letters),
+    # _keep_window and _window_todo (a partition's run stopped)
 
     def _stop_while_tripped(self, approved: bool) -> None:
         """Stop before reading anything while an earlier run's error-budget trip stands (some of
@@ -100,27 +94,6 @@ class ErrorBudget:
                 self.spec.name,
             )
             return trip
-
-    def _keep_window(self, stop: str) -> None:
-        """Keep the window of a partition's run that stopped (`refused` at its start while a
-        trip stood, `tripped` in mid-run, or `busy`: it gave up waiting for another run of the
-        flow): once no trip stands and the flow is free, it is requested again."""
-        if self._window is not None:
-            start, end = self._window
-            self.state.keep_stopped_window(
-                StoppedWindow(self.spec.name, start, end, self.run_id, stop)
-            )
-
-    def _window_todo(self) -> str | None:
-        """What becomes of the window of a partition's run that stopped (see _keep_window);
-        None for a run of no window."""
-        if self._window is None:
-            return None
-        return (
-            f"this run's window ({_window_label(*self._window)}) is kept, and requested again "
-            f"once no trip stands by sensor `{self.spec.name}_stopped_windows` (with that sensor "
-            "off, rerun or backfill it then)"
-        )
 
     def _settle_trip(self) -> None:
         """After a replay: clear the flow's error-budget trip once none of its dead letters is

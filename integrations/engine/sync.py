@@ -25,7 +25,7 @@ from collections.abc import Iterator, Mapping, Sequence, Set
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import cached_property
 from itertools import repeat
@@ -62,6 +62,7 @@ from integrations.engine.state import (
     LedgerEntry,
     StateStore,
     StateStoreUnavailable,
+    StoppedWindow,
     Watermark,
     utcnow,
 )
@@ -247,6 +248,12 @@ def _in_scope(spec: FlowSpec, batch: pd.DataFrame) -> pd.Series:
     """The flow's `in_scope` as plain booleans: unknown (a comparison with a NULL of a nullable
     column, pd.NA) is out of scope."""
     return spec.in_scope(batch).fillna(False).astype(bool)
+
+
+def _window_label(start: datetime, end: datetime) -> str:
+    """A window of daily partitions as its days: one day, or its first … last."""
+    last = end - timedelta(days=1)
+    return f"{start:%Y-%m-%d}" if last <= start else f"{start:%Y-%m-%d} … {last:%Y-%m-%d}"
 
 
 def _a_time(value: object) -> bool:
@@ -827,6 +834,27 @@ class Sync(ErrorBudget):
                 "every batch before it is committed; rerun when the source answers (the rerun "
                 "resumes from the watermark)",
             ) from error
+
+    def _keep_window(self, stop: str) -> None:
+        """Keep the window of a partition's run that stopped (`refused` at its start while a
+        trip stood, `tripped` in mid-run, or `busy`: it gave up waiting for another run of the
+        flow): once no trip stands and the flow is free, it is requested again."""
+        if self._window is not None:
+            start, end = self._window
+            self.state.keep_stopped_window(
+                StoppedWindow(self.spec.name, start, end, self.run_id, stop)
+            )
+
+    def _window_todo(self) -> str | None:
+        """What becomes of the window of a partition's run that stopped (see _keep_window);
+        None for a run of no window."""
+        if self._window is None:
+            return None
+        return (
+            f"this run's window ({_window_label(*self._window)}) is kept, and requested again "
+            f"once no trip stands by sensor `{self.spec.name}_stopped_windows` (with that sensor "
+            "off, rerun or backfill it then)"
+        )
 
     def _guard_archives(
         self, since: datetime | None, approved: bool, within: object | None = None
