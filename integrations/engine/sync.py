@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import functools
 import gc
-import hashlib
 import logging
 import math
-import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence, Set
+from collections.abc import Iterator, Sequence, Set
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,7 +27,6 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import cached_property
 from itertools import repeat
-from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -50,6 +47,13 @@ from integrations.engine.destination import (
 )
 from integrations.engine.errors import ArchiveGuardTripped, SyncError
 from integrations.engine.hashing import canonical_json, content_hash
+from integrations.engine.ids import (
+    ID_HELD_BY,
+    ID_TOO,
+    DestinationIds,
+    InFlight,
+    key_text,
+)
 from integrations.engine.masking import mask_record, mask_value, scrub
 from integrations.engine.source import FAR_FUTURE, Source, SourceUnavailable
 from integrations.engine.spec import FlowSpec
@@ -58,7 +62,6 @@ from integrations.engine.state import (
     BatchCommit,
     DeadLetter,
     FlowBusy,
-    LedgerEntries,
     LedgerEntry,
     StateStore,
     StateStoreUnavailable,
@@ -131,14 +134,6 @@ class _Plan:
         return {key: at for at, key in enumerate(self.outbound.keys)}
 
 
-class _IdCheck(NamedTuple):
-    """What `Sync._taken_ids` found: see the _Plan fields of the same names."""
-
-    taken: list[RowRejection]
-    displaced: dict[str, tuple[str, str]]
-    vacated: dict[str, list[str]]
-
-
 @dataclass
 class _Staged:
     """A batch read, keyed and validated, waiting for the loader."""
@@ -150,55 +145,6 @@ class _Staged:
     valid: pd.DataFrame
     letters: list[DeadLetter]
     open_letters: set[str]
-
-
-@dataclass
-class _InFlight:
-    """A batch loaded into the destination whose commit is under way: what the ledger and the
-    unique-value claims will hold once it lands."""
-
-    written: WrittenColumns = field(default_factory=lambda: WrittenColumns([], [], []))
-    entries: LedgerEntries = field(default_factory=lambda: LedgerEntries([], [[], [], [], []]))
-    claims: list[tuple[str, str, str]] = field(default_factory=list)  # (field, digest, key)
-    archived: set[str] = field(default_factory=set)
-
-    @classmethod
-    def of(cls, spec: FlowSpec, plan: _Plan, written: WrittenColumns) -> _InFlight:
-        outbound = plan.outbound
-        keys = written.keys
-        hashes, field_hashes = outbound.hashes, plan.field_hashes
-        if keys != outbound.keys:  # some refused, or written in another order
-            at = list(map(plan.position.__getitem__, keys))
-            hashes = list(map(hashes.__getitem__, at))
-            field_hashes = list(map(field_hashes.__getitem__, at))
-        # Archived, and let go of the rows others took (their records left the source).
-        archived = [*plan.to_archive, *plan.displaced]
-        ids = [*plan.to_archive.values(), *(taken for taken, _ in plan.displaced.values())]
-        entries = LedgerEntries(
-            keys + archived,
-            [
-                [*hashes, *(["archived"] * len(archived))],
-                [*written.destination_ids, *ids],
-                [False] * len(keys) + [True] * len(archived),
-                [*field_hashes, *([None] * len(archived))],
-            ],
-        )
-        position = plan.position
-        claims = [
-            (name, digest, key)
-            for name in spec.target.unique_ignoring_case
-            for key in keys
-            if (digest := _claim_digest(outbound.column(name)[position[key]])) is not None
-        ]
-        return cls(written, entries, claims, set(archived))
-
-    def owners(self, name: str) -> dict[str, str]:
-        return {digest: key for field_name, digest, key in self.claims if field_name == name}
-
-    @property
-    def rewritten(self) -> set[str]:
-        """Keys whose stored claims this batch replaces (written) or lets go (archived)."""
-        return set(self.written.keys) | self.archived
 
 
 class _HeapFrozen:
@@ -272,19 +218,6 @@ def _what_and_todo(error: Exception) -> tuple[str, str | None]:
     return what, todo.rstrip(".") or None
 
 
-def _still_held(
-    candidates: dict[str, list[str]], wanted: dict[str, str], moving: dict[str, str | None]
-) -> dict[str, str]:
-    """For each record, the first of its id's holders (`candidates`) that this batch does not
-    move off the id (`moving`: a record's id now; None, archived)."""
-    held = {}
-    for key, owners in candidates.items():
-        keeping = [owner for owner in owners if moving.get(owner, wanted[key]) == wanted[key]]
-        if keeping:
-            held[key] = keeping[0]
-    return held
-
-
 def _archived(destination_id: str, kept: Set[str]) -> dict[str, str]:
     """An archive's audit record: its row, and whether the row was left for another record."""
     if destination_id in kept:
@@ -311,14 +244,6 @@ def _unusable_key(value: object) -> str | None:
     if any(ord(char) < 32 for char in text):
         return "the key holds control characters"
     return None
-
-
-def _key_text(value: object) -> str:
-    """A key as text; whole numbers that pandas turned into floats (a key column with a null)
-    stay whole: 42.0 → "42"."""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
 
 
 def _sub_batch(batch: OutboundBatch, positions: list[int]) -> OutboundBatch:
@@ -349,31 +274,14 @@ def _json_key(key: object) -> object:
     return key if isinstance(key, int | float | str) else str(key)
 
 
-def _claim_digest(value: object) -> str | None:
-    """The digest a unique value is claimed by; none for no value (null, or blank text: an
-    ERP's "" for "no domain" is no one's)."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    return _digest(value)
-
-
-def _digest(value: object) -> str:
-    return hashlib.md5(str(value).lower().encode(), usedforsecurity=False).hexdigest()
-
-
 def _json_ready(frame: pd.DataFrame) -> list[dict[str, object]]:
     """Rows as plain dicts (Python scalars, None for nulls, ISO text for dates and timestamps,
     exact text for decimals), converted column by column."""
     return columns.records(columns.ready_columns(frame))
 
 
-_CLAIM_PASSES = 8  # checks of a batch's unique values, as refused moves are found (_unclaimed)
-
 # A write's audit action: created, updated, or found as sent (the destination rewrote nothing).
 _ACTIONS = {True: "insert", False: "update", None: "unchanged"}
-# A letter of a record refused for a destination id another record holds names that record.
-_ID_TOO = "'s destination id too"
-_ID_HELD_BY = re.compile(r" is record (.+?)" + re.escape(_ID_TOO), re.DOTALL)
 # Rounds of the end-of-run retry: each replays the letters waiting on what the one before moved.
 _RETRY_ROUNDS = 10
 # Why a record written with others that take each other's ids is refused with them.
@@ -463,7 +371,7 @@ def _one_at_a_time(method):
     return alone
 
 
-class Sync(ErrorBudget):
+class Sync(ErrorBudget, DestinationIds):
     # How long a run waits for another run of its flow to end (see _one_at_a_time).
     lock_wait = 300.0
 
@@ -492,7 +400,7 @@ class Sync(ErrorBudget):
         self._clashed: list[str] = []
         self._let_go: set[str] = set()
         # The stages of a run (see _drive): the batch being committed, and its commit.
-        self._in_flight: _InFlight | None = None
+        self._in_flight: InFlight | None = None
         self._committed: Future | None = None
         # The window [start, end) of a partition's run (see run_window): kept when stopped.
         self._window: tuple[datetime, datetime] | None = None
@@ -626,7 +534,7 @@ class Sync(ErrorBudget):
             holders = {
                 holder.group(1)
                 for letter in letters
-                if (holder := _ID_HELD_BY.search(letter.reason))
+                if (holder := ID_HELD_BY.search(letter.reason))
             } - have
             found = (
                 self.state.list_dead_letters(self.spec.name, keys=sorted(holders), limit=None)
@@ -641,11 +549,11 @@ class Sync(ErrorBudget):
 
     def _waiting_for(self, let_go: set[str]) -> list[DeadLetter]:
         """The open letters of records refused for a destination id one of these records held."""
-        letters = self.state.list_dead_letters(self.spec.name, limit=None, reason_contains=_ID_TOO)
+        letters = self.state.list_dead_letters(self.spec.name, limit=None, reason_contains=ID_TOO)
         return [
             letter
             for letter in letters
-            if (holder := _ID_HELD_BY.search(letter.reason)) and holder.group(1) in let_go
+            if (holder := ID_HELD_BY.search(letter.reason)) and holder.group(1) in let_go
         ]
 
     @_one_at_a_time
@@ -912,7 +820,7 @@ class Sync(ErrorBudget):
             out = ~_in_scope(spec, batch)
             if spec.source.deleted:  # soft deletes are counted already
                 out &= batch[spec.source.deleted].isna()
-            leaving += map(_key_text, batch.loc[out, spec.source.key])
+            leaving += map(key_text, batch.loc[out, spec.source.key])
         return leaving
 
     # --- one batch ---------------------------------------------------------------------------
@@ -971,7 +879,7 @@ class Sync(ErrorBudget):
             clock = _Clock(result.timings)
             in_flight = self._in_flight  # read before the ledger: see _drive
             valid, taken = self._unclaimed(
-                staged.valid, set(staged.gone.index), in_flight or _InFlight()
+                staged.valid, set(staged.gone.index), in_flight or InFlight()
             )
             letters = staged.letters + self._letters(staged.live, taken, "contract")
             plan = self._diff(valid, staged.gone, result, staged.open_letters, in_flight)
@@ -1002,7 +910,7 @@ class Sync(ErrorBudget):
         result.counts["archived"] += len(archived) + len(old_rows)
         if self._committed is not None:
             self._committed.result()  # raises the batch before's failure: nothing is handed on
-        flight = _InFlight.of(self.spec, plan, written)
+        flight = InFlight.of(self.spec, plan, written)
         watermark = (
             self._watermark(staged.last, result.watermark_before) if move_watermark else None
         )
@@ -1024,7 +932,7 @@ class Sync(ErrorBudget):
         self,
         read: tuple[int, Watermark | None],
         plan: _Plan,
-        flight: _InFlight,
+        flight: InFlight,
         letters: list[DeadLetter],
         result: SyncResult,
     ) -> None:
@@ -1056,7 +964,7 @@ class Sync(ErrorBudget):
             text = keys.astype(str)
         else:
             problems = keys.map(_unusable_key)
-            text = keys[problems.isna()].map(_key_text)
+            text = keys[problems.isna()].map(key_text)
         usable = problems.isna()
         repeated = text.duplicated(keep=False)
         letters = []
@@ -1109,7 +1017,7 @@ class Sync(ErrorBudget):
         gone: pd.DataFrame,
         result: SyncResult,
         open_letters: set[str],
-        in_flight: _InFlight | None = None,
+        in_flight: InFlight | None = None,
     ) -> _Plan:
         """What to send (content differs from the ledger's), what changes field by field, and
         what to archive. Column by column: no dict per record. In the source's order: a record
@@ -1204,7 +1112,7 @@ class Sync(ErrorBudget):
         rows: int,
         watermark: Watermark | None,
         plan: _Plan,
-        flight: _InFlight,
+        flight: InFlight,
         letters: list[DeadLetter],
     ) -> None:
         """Ledger, unique-value claims, dead letters, watermark (None: it stays) and audit: one
@@ -1250,7 +1158,7 @@ class Sync(ErrorBudget):
         return {"actor": self.actor, "action": action, "why": self.why, "detail": detail}
 
     def _audit_records(
-        self, plan: _Plan, flight: _InFlight, letters: list[DeadLetter]
+        self, plan: _Plan, flight: InFlight, letters: list[DeadLetter]
     ) -> list[AuditRecord]:
         """One audit record per write, archive and rejection of the batch."""
         flow, position = self.spec.name, plan.position
@@ -1327,7 +1235,7 @@ class Sync(ErrorBudget):
                     "present, so later changes are still read (the record is read again by "
                     "every run). What to do: correct the record's %s in the source",
                     self.spec.name,
-                    _key_text(key),
+                    key_text(key),
                     self.spec.source.cursor,
                     moment.isoformat(),
                     self.spec.source.cursor,
@@ -1337,254 +1245,6 @@ class Sync(ErrorBudget):
         if before and (watermark.updated_at, watermark.key) < (before.updated_at, before.key):
             return before  # a lookback batch never moves the watermark back
         return watermark
-
-    def _ids(self, values: Sequence[object]) -> list[str]:
-        """The destination ids of records with these id_property values, as the destination
-        compares them."""
-        ids_of = getattr(self.destination, "ids_of", None)
-        ids = ids_of(values) if ids_of is not None else [_key_text(value) for value in values]
-        folded = getattr(self.destination, "ids_ignore_case", False)
-        return [i.lower() for i in ids] if folded else ids
-
-    def _taken_ids(
-        self,
-        valid: pd.DataFrame,
-        sending: list[int],
-        ledger: Mapping[str, LedgerEntry],
-        gone: pd.DataFrame,
-        in_flight: _InFlight | None,
-    ) -> _IdCheck:
-        """Records whose destination id another record holds: one of the batch already in sync
-        or sent before it, or, where the destination's ids are its key's values (a SQL table),
-        one the ledger or the batch being committed holds live and does not let go of in this
-        batch. Written, each would overwrite the other's row (an invoice renumbered onto
-        another's number, a mapping that folds two codes into one), and archiving one would
-        archive the other's. And the ledger's holders that left the source (deleted outright)
-        of ids records are sent to take, and the records sent to take an id that others of the
-        batch move off (written only once those moves land)."""
-        name = self.spec.target.id_property
-        if not sending or name not in valid:
-            return _IdCheck([], {}, {})
-        keys, ids = valid.index.tolist(), self._ids(valid[name].tolist())
-        holder: dict[str, str] = {}
-        sent = set(sending)
-        for at, key in enumerate(keys):  # records in sync already hold their ids first
-            if at not in sent:
-                holder.setdefault(ids[at], key)
-        taken: dict[str, str] = {}  # record → the record that holds its id
-        displaced: dict[str, tuple[str, str]] = {}
-        vacated: dict[str, list[str]] = {}
-        for at in sending:
-            owner = holder.setdefault(ids[at], keys[at])
-            if owner != keys[at]:
-                taken[keys[at]] = owner
-        if getattr(self.destination, "ids_of", None) is not None:
-            new = {
-                keys[at]: ids[at]
-                for at in sending
-                if keys[at] not in taken
-                and (
-                    (known := ledger.get(keys[at])) is None
-                    or known.archived
-                    or known.destination_id != ids[at]
-                )
-            }
-            now = {**dict(zip(keys, ids, strict=True)), **dict.fromkeys(gone.index)}
-            candidates, deserted = self._holders(new, now.keys(), in_flight)
-            held: dict[str, str] = {}
-            while True:  # a refused record keeps its row, and so holds its id: to a fixed point
-                moving = {
-                    key: at for key, at in now.items() if key not in taken and key not in held
-                }
-                kept = _still_held(candidates, new, moving)
-                if kept.keys() == held.keys():
-                    break
-                held = kept
-            taken.update(held)
-            self._clashed += list(held)
-            displaced = {
-                owner: (new[key], key)
-                for key, owners in deserted.items()
-                if key not in taken
-                for owner in owners
-            }
-            vacated = {key: owners for key, owners in candidates.items() if key not in taken}
-        refusals = [self._id_taken(key, owner) for key, owner in taken.items()]
-        return _IdCheck(refusals, displaced, vacated)
-
-    def _id_taken(self, key: str, owner: str, why: str = "") -> RowRejection:
-        label, field_name = self.spec.target_contract.label, self.spec.target.id_property
-        return RowRejection(
-            key,
-            f"{label}: {field_name} is record {owner}{_ID_TOO}{why} (two records "
-            f"cannot share one row of {self.destination.name}); correct one of them in the "
-            "source, then replay this one",
-        )
-
-    def _holders(
-        self, wanted: dict[str, str], batch: Set[str], in_flight: _InFlight | None
-    ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-        """For each record (key → destination id wanted), the other records that hold that id
-        live: in the ledger, or in the batch being committed, but not one that batch moved or
-        archived, nor one the ledger names whose source row is gone (deleted outright: it
-        holds nothing; those are the second mapping's). Whether this batch (`batch`: its keys)
-        moves them off is for `_still_held` to say."""
-        if not wanted:
-            return {}, {}
-        flight = in_flight or _InFlight()
-        flying = dict(zip(flight.written.keys, flight.written.destination_ids, strict=True))
-        wanted_ids = set(wanted.values())
-        owners = self.state.live_owners(self.spec.name, list(wanted.values()))
-        for key, destination_id in flying.items():
-            if destination_id in wanted_ids:  # only the ids wanted: not the whole batch
-                owners.setdefault(destination_id, set()).add(key)
-        candidates: dict[str, list[str]] = {}
-        for key, destination_id in wanted.items():
-            for owner in sorted(owners.get(destination_id, set()) - {key}):
-                if owner in flight.archived or flying.get(owner, destination_id) != destination_id:
-                    continue  # the batch being committed moved or archived it
-                candidates.setdefault(key, []).append(owner)
-        outside = {o for held in candidates.values() for o in held} - set(batch) - flying.keys()
-        gone = outside - self._in_source(sorted(outside)) if outside else set()
-        live = {
-            key: [owner for owner in held if owner not in gone] for key, held in candidates.items()
-        }
-        deserted = {
-            key: [owner for owner in held if owner in gone] for key, held in candidates.items()
-        }
-        return (
-            {key: owners for key, owners in live.items() if owners},
-            {key: owners for key, owners in deserted.items() if owners},
-        )
-
-    def _held_by(
-        self, wanted: dict[str, str], moving: dict[str, str | None], in_flight: _InFlight | None
-    ) -> dict[str, str]:
-        """For each record (key → destination id wanted), another record that holds that id
-        and keeps it: not one this batch moves to another id or archives (`moving`: key → its
-        id now, None when archived)."""
-        candidates, _ = self._holders(wanted, moving.keys(), in_flight)
-        return _still_held(candidates, wanted, moving)
-
-    def _in_source(self, keys: list[str]) -> set[str]:
-        """Which of these records the source still has."""
-        return {
-            str(key)
-            for batch in self.source.rows_with_keys(keys, self.spec.batch_size)
-            for key in batch[self.spec.source.key]
-        }
-
-    def _held_ids(
-        self, to_archive: dict[str, str], leaving: set[str], in_flight: _InFlight | None
-    ) -> set[str]:
-        """The destination ids of records to archive that another record holds live: a row
-        another record was written into since (a renumbered invoice's old number, reused) is
-        not archived with the record that left it."""
-        if not to_archive:
-            return set()
-        holders = self._held_by(to_archive, dict.fromkeys(leaving), in_flight)
-        return {to_archive[key] for key in holders}
-
-    def _relocated(
-        self, plan: _Plan, written: WrittenColumns, in_flight: _InFlight | None
-    ) -> dict[str, tuple[str, str]]:
-        """Records written under another destination id than the ledger held (an invoice
-        renumbered; a CRM record whose key property changed): key → (old id, new id), for the
-        old rows no other record holds now, to be archived. They were left live, counted twice
-        in every total."""
-        moved = {
-            key: (plan.previous[key], new)
-            for key, new in zip(written.keys, written.destination_ids, strict=True)
-            if plan.previous.get(key, new) != new
-        }
-        if not moved:
-            return {}
-        now = dict(zip(written.keys, written.destination_ids, strict=True))
-        moving = {**now, **dict.fromkeys(plan.to_archive)}
-        wanted = {key: old for key, (old, _) in moved.items()}
-        written_ids = set(written.destination_ids)
-        held = self._held_by(wanted, moving, in_flight)
-        return {
-            key: ids for key, ids in moved.items() if key not in held and ids[0] not in written_ids
-        }
-
-    def _unclaimed(
-        self, valid: pd.DataFrame, releasing: set[str], in_flight: _InFlight
-    ) -> tuple[pd.DataFrame, list[RowRejection]]:
-        """Split off records whose unique value (ignoring case) another record already holds: in
-        the state store, in the batch being committed, or earlier in this batch. A stored claim
-        counts only while its holder keeps the value: not once the batch in flight rewrote or
-        archived the holder, nor when this batch moves the holder to another value (or none),
-        unless that move is refused: then the holder keeps its value, and the check runs again
-        (a record took the value of a holder whose own move was refused: two records held it).
-        A value released by an archived record (archived before the upserts) goes to the first
-        record of the batch that takes it. A record refused for one value claims none of its
-        others, and is refused once, with every value it cannot have."""
-        fields = self.spec.target.unique_ignoring_case
-        if not fields:
-            return valid, []
-        releasing = releasing | in_flight.archived
-        wanted: dict[str, dict[str, str]] = {}  # field → record key → digest of its value
-        stored: dict[str, dict[str, str]] = {}  # field → digest → holder, as the store has it
-        moving: set[str] = set()  # holders this batch moves off a value they hold
-        for name in fields:
-            digests = valid[name].map(_claim_digest, na_action="ignore")
-            now = dict(zip(digests.index, digests, strict=True))  # NaN: no value any more
-            found = self.state.unique_owners(self.spec.name, name, digests.dropna().tolist())
-            stored[name] = {
-                digest: key for digest, key in found.items() if key not in in_flight.rewritten
-            }
-            moving.update(
-                key for digest, key in stored[name].items() if now.get(key, digest) != digest
-            )
-            wanted[name] = digests.dropna().to_dict()
-        keeping: set[str] = set()  # moving holders whose move is refused
-        for _ in range(_CLAIM_PASSES):
-            taken = self._clashes(valid, wanted, stored, moving - keeping, releasing, in_flight)
-            stuck = {rejection.index for rejection in taken} & moving
-            if stuck == keeping:
-                return valid.drop(index=[rejection.index for rejection in taken]), taken
-            keeping = stuck
-        # Moves that keep undoing each other (a long chain): none lets go of its value this
-        # batch, which refuses more than needed and never gives a value to two records.
-        taken = self._clashes(valid, wanted, stored, set(), releasing, in_flight)
-        return valid.drop(index=[rejection.index for rejection in taken]), taken
-
-    def _clashes(
-        self,
-        valid: pd.DataFrame,
-        wanted: dict[str, dict[str, str]],
-        stored: dict[str, dict[str, str]],
-        moved: set[str],
-        releasing: set[str],
-        in_flight: _InFlight,
-    ) -> list[RowRejection]:
-        """The records refused for a value another holds, when the `moved` holders have let
-        go of theirs (see `_unclaimed`)."""
-        fields = self.spec.target.unique_ignoring_case
-        owners = {
-            name: {
-                **{d: key for d, key in stored[name].items() if key not in moved},
-                **in_flight.owners(name),
-            }
-            for name in fields
-        }
-        taken: list[RowRejection] = []
-        for key in valid.index:
-            mine = [(name, wanted[name][key]) for name in fields if key in wanted[name]]
-            held_by = [(name, owners[name].get(digest, key)) for name, digest in mine]
-            clashes = [
-                f"{name} is already used by record {owner} (ignoring case)"
-                for name, owner in held_by
-                if owner != key and owner not in releasing
-            ]
-            if clashes:
-                label = self.spec.target_contract.label
-                taken.append(RowRejection(key, f"{label}: " + "; ".join(clashes)))
-                continue
-            for name, digest in mine:  # the first in the batch claims it
-                owners[name][digest] = key
-        return taken
 
     def _without_held(
         self, live: pd.DataFrame, gone: pd.DataFrame, letters: list[DeadLetter], result: SyncResult
