@@ -776,10 +776,12 @@ class Sync(ErrorBudget, DestinationIds):
     def _guard(self, doomed: list[str], approved: bool) -> None:
         """Stop before archiving `doomed` (keys the ledger holds live) when they are more of the
         synced records than the archive guard allows, unless someone approved it (audited)."""
+        guard = self.spec.archive_guard
+        if len(doomed) <= guard.min_records:  # no count of a big ledger for a few archives
+            return
         doomed = sorted(doomed, key=_natural)
         synced = self.state.count_synced(self.spec.name)
-        guard = self.spec.archive_guard
-        if len(doomed) <= guard.min_records or len(doomed) <= guard.max_share * synced:
+        if len(doomed) <= guard.max_share * synced:
             return
         if approved:  # someone said the mass archive is intended: the trail keeps who
             self.state.append_audit(
