@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 
 import pytest
 import requests
@@ -90,8 +91,6 @@ def test_listing_pages_with_after_and_shows_archived_objects_apart(crm_client):
 def test_search_on_the_last_modified_date_pages_through_everything_changed(crm_client):
     crm_client.batch_upsert("contacts", "erp_customer_id", [contact(n) for n in range(100)])
     time.sleep(0.02)
-    from datetime import UTC, datetime
-
     since = datetime.now(UTC)
     time.sleep(0.02)
     changed = [contact(n, city="Porto") for n in range(0, 100, 2)]
@@ -101,6 +100,25 @@ def test_search_on_the_last_modified_date_pages_through_everything_changed(crm_c
         c["id"] for c in changed
     )
     assert all(c["properties"]["city"] == "Porto" for c in found)
+
+
+def test_a_contact_edited_while_a_search_is_paged_costs_no_other_contact(crm_client):
+    for start in range(0, 250, 100):
+        crm_client.batch_upsert(
+            "contacts", "erp_customer_id", [contact(n) for n in range(start, min(start + 100, 250))]
+        )
+        time.sleep(0.002)  # three instants, as three imports would be
+    since = datetime(2000, 1, 1)
+    served = []
+    for item in crm_client.search_modified_since("contacts", since, ["erp_customer_id", "city"]):
+        served.append((item["properties"]["erp_customer_id"], item["properties"]["city"]))
+        if len(served) == 50:  # a salesperson edits a contact the search has served
+            crm_client.batch_upsert("contacts", "erp_customer_id", [contact(10, city="Lyon")])
+    assert {number for number, _ in served} == {contact(n)["id"] for n in range(250)}, (
+        "the contacts after the edited one slid back past the next page's offset"
+    )
+    assert served[-1] == (contact(10)["id"], "Lyon"), "served again, as it is now"
+    assert len(served) == 251
 
 
 def test_a_half_accepted_batch_answers_207_naming_each_refused_input(crm_sandbox, crm_token):

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import random
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,6 +20,7 @@ from assets.erp_crm_contact_updates import ERP_CRM_CONTACT_UPDATES
 from assets.erp_crm_deals import ERP_CRM_DEALS
 from assets.factory import flow_asset
 from definitions import active_flows, definitions, resources
+from integrations.crm.faults import Faults
 from integrations.sql.connect import create_engine
 from tests.webhooks import event, receiver, signed
 
@@ -159,6 +161,44 @@ def test_a_crm_change_reaches_the_erp_by_webhook_inbox_sensor_and_run(
     state = (world.home / "state.sqlite").read_bytes().decode("latin-1")
     for text in (caplog.text + out + err, state):
         assert key not in text, "the webhook signing secret leaked"
+
+
+def test_a_contact_edited_while_the_run_reads_the_crm_is_staged_once_and_costs_no_other(
+    world, crm_client
+):
+    numbers = [f"C{n:07d}" for n in range(250)]
+    for start in range(0, 250, 100):
+        crm_client.batch_upsert(
+            "contacts",
+            "erp_customer_id",
+            [
+                {"id": number, "properties": {"email": f"{number}@example.com", "country": "FR"}}
+                for number in numbers[start : start + 100]
+            ],
+        )
+        time.sleep(0.002)
+    # Each request waits 0.3 s before it is served: the edit lands between two search pages.
+    world.crm.faults.configure(Faults(latency=0.3))
+    before_run = world.crm.faults.counts["requests"]
+
+    def salesperson_edits_an_already_read_contact():
+        while world.crm.faults.counts["requests"] < before_run + 2:  # the second page's
+            time.sleep(0.005)
+        edit = {"inputs": [{"id": numbers[10], "properties": {"city": "Lyon"}}]}
+        world.crm.store.batch_upsert("contacts", edit, "erp_customer_id")
+
+    editor = threading.Thread(target=salesperson_edits_an_already_read_contact)
+    editor.start()
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [flow_asset(ERP_CRM_CONTACT_UPDATES)], resources=resources(), instance=instance
+        )
+    editor.join()
+    metadata = counts(result)["erp/crm_contact_updates"]
+    assert (metadata["inserted"], metadata["rejected"]) == (250, 0), metadata
+    rows = staged(world.erp_url, "crm_contact_updates", "erp_customer_id")
+    assert set(rows) == set(numbers), "a contact the search skipped is never staged"
+    assert rows[numbers[10]]["city"] == "Lyon", "the edited contact as it is now"
 
 
 def test_the_sandbox_signs_with_standard_webhooks_too_and_reports_each_kind_of_change(

@@ -18,7 +18,7 @@ from integrations.http import ApiClient, ApiLimits, ApiUnavailable, SharedTokenB
 
 MAX_BATCH = 100  # HubSpot's limit for batch endpoints
 SEARCH_PAGE = 100
-SEARCH_WINDOW = 10_000  # HubSpot's search stops paging here; the client restarts from the last date
+SEARCH_WINDOW = 10_000  # HubSpot's search stops paging here (offsets page one instant only)
 
 
 class CrmError(Exception):
@@ -194,50 +194,44 @@ class CrmClient:
     def search_modified_since(
         self, object_type: str, since: datetime, properties: Sequence[str] = ()
     ) -> Iterator[dict]:
-        """Objects modified at or after `since` (UTC), oldest first, across every page."""
+        """Objects modified at or after `since` (UTC), oldest first, across every page.
+
+        Each page is a new search from the newest instant served so far, skipping the objects
+        already served at that instant: an object modified while the pages are read moves to
+        the end, and with offsets every later object would slide back past the offset, never
+        served. Offsets page only through objects that share one instant. An object modified
+        after it was served is served again, as it is now.
+        """
         modified = last_modified_property(object_type)
         floor_ms = _naive_utc_ms(since) if since.tzinfo is None else int(since.timestamp() * 1000)
-        skip: set[str] = set()  # already served at the floor instant of a restarted search
+        served_at_floor: set[str] = set()
+        after = None
         while True:
-            after, last_ms, at_last = None, floor_ms, set(skip)
-            while True:
-                body = {
-                    "filterGroups": [
-                        {
-                            "filters": [
-                                {
-                                    "propertyName": modified,
-                                    "operator": "GTE",
-                                    "value": str(floor_ms),
-                                }
-                            ]
-                        }
-                    ],
-                    "sorts": [{"propertyName": modified, "direction": "ASCENDING"}],
-                    "properties": [*properties, modified],
-                    "limit": SEARCH_PAGE,
-                    **({"after": after} if after else {}),
-                }
-                page = self._request("POST", f"/crm/v3/objects/{object_type}/search", json=body)
-                for item in page.get("results", []):
-                    if item["id"] in skip:
-                        continue
-                    moment = _iso_ms(item["properties"].get(modified)) or last_ms
-                    if moment != last_ms:
-                        last_ms, at_last = moment, set()
-                    at_last.add(item["id"])
-                    yield item
-                after = page.get("paging", {}).get("next", {}).get("after")
-                if not after:
-                    return
-                if int(after) >= SEARCH_WINDOW:
-                    break
-            # HubSpot stops paging a search at 10,000 results: search again from the newest instant.
-            if last_ms == floor_ms and at_last == skip:
+            page = self._request(
+                "POST",
+                f"/crm/v3/objects/{object_type}/search",
+                json=_search_from(modified, floor_ms, properties, after),
+            )
+            last_ms, at_last = floor_ms, set(served_at_floor)
+            for item in page.get("results", []):
+                moment = _iso_ms(item["properties"].get(modified)) or last_ms
+                if moment == floor_ms and item["id"] in served_at_floor:
+                    continue
+                if moment != last_ms:
+                    last_ms, at_last = moment, set()
+                at_last.add(item["id"])
+                yield item
+            next_after = page.get("paging", {}).get("next", {}).get("after")
+            if not next_after:
+                return
+            if last_ms > floor_ms:
+                floor_ms, served_at_floor, after = last_ms, at_last, None
+            elif int(next_after) < SEARCH_WINDOW:
+                served_at_floor, after = at_last, next_after
+            else:  # HubSpot's search stops paging at 10,000 results
                 raise CrmError(
                     f"more than {SEARCH_WINDOW} {object_type} share one modification instant"
                 )
-            floor_ms, skip = last_ms, at_last
 
     def batch_read(
         self, object_type: str, ids: Sequence[str], properties: Sequence[str] = ()
@@ -292,6 +286,21 @@ def _json_or_empty(response: requests.Response) -> dict:
     except ValueError:
         return {}
     return body if isinstance(body, dict) else {}
+
+
+def _search_from(
+    modified: str, floor_ms: int, properties: Sequence[str], after: str | None
+) -> dict[str, object]:
+    """A search body: objects modified at or after `floor_ms`, oldest first, from `after`."""
+    return {
+        "filterGroups": [
+            {"filters": [{"propertyName": modified, "operator": "GTE", "value": str(floor_ms)}]}
+        ],
+        "sorts": [{"propertyName": modified, "direction": "ASCENDING"}],
+        "properties": [*properties, modified],
+        "limit": SEARCH_PAGE,
+        **({"after": after} if after else {}),
+    }
 
 
 def _naive_utc_ms(moment: datetime) -> int:

@@ -3,8 +3,8 @@ last-modified date.
 
 The key is the CRM's object id (`hs_object_id`); the cursor its last-modified property
 (`lastmodifieddate` for contacts, `hs_lastmodifieddate` for the rest), kept as naive UTC.
-`CrmClient.search_modified_since` pages through every result and restarts from the newest date
-when HubSpot's search stops at 10,000. Archived objects never show in a search, so there are no
+`CrmClient.search_modified_since` pages through every result, each page a search from the newest
+date served (an object edited meanwhile is served again, and a batch keeps its newest state). Archived objects never show in a search, so there are no
 soft deletes to read: a deleted CRM object keeps its last staged state (its `deletion` webhook
 stays in the inbox's history).
 """
@@ -75,6 +75,8 @@ class CrmObjectsSource:
                     for item in chunk
                 ]
                 frame = pd.DataFrame.from_records(records, columns=self.columns)
+                # One modified while the search was read comes again, as it is now: keep that.
+                frame = frame.drop_duplicates(KEY, keep="last", ignore_index=True)
                 frame[self.modified] = pd.to_datetime(frame[self.modified], utc=True)
                 frame[self.modified] = frame[self.modified].dt.tz_localize(None)
                 yield frame
