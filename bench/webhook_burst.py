@@ -4,7 +4,8 @@ One command: `.venv/bin/python -m bench.webhook_burst --events 10000 [--state po
 the receiver on a free port (inbox in a throwaway SQLite file, or a throwaway PostgreSQL
 database), sends the events as the sandbox makes them (`--per-delivery` a request, signed in turn
 with HubSpot v3 and Standard Webhooks) from `--clients` threads, plus `--duplicates` of them
-again: half as exact replays (refused, 409), half as retries under a new delivery (not stored).
+again: half as exact resends (acknowledged, not stored), half as retries under a new delivery
+(not stored).
 Prints deliveries/s, events stored/s, what was refused, and peak RSS.
 """
 
@@ -111,9 +112,9 @@ def burst(args: argparse.Namespace, state_url: str) -> None:
         f"{args.state} inbox: {len(burst)} deliveries ({len(events)} events, "
         f"{args.per_delivery}/delivery, {len(again)} sent again) in {seconds:.2f} s: "
         f"{len(burst) / seconds:.0f} deliveries/s, {counts['events'] / seconds:.0f} events "
-        f"stored/s; stored {counts['events']}, replays refused (409) {statuses.count(409)}, "
+        f"stored/s; stored {counts['events']}, "
         f"duplicates not stored {server.tally.get('duplicates', 0)}, other answers "
-        f"{len(statuses) - statuses.count(200) - statuses.count(409)}; "
+        f"{len(statuses) - statuses.count(200)}; "
         f"peak RSS {peak_rss_mb():.0f} MB"
     )
 

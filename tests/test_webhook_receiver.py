@@ -42,14 +42,30 @@ def post(server, body: bytes, headers: dict[str, str]) -> requests.Response:
     return requests.post(server.url, data=body, headers=headers, timeout=10)
 
 
-def test_a_valid_delivery_is_stored_once_and_its_replay_is_refused(server):
+def test_a_valid_delivery_is_stored_once_and_sent_again_stores_nothing_more(server):
     body = json.dumps([event(101), event(102, "deal.propertyChange", propertyName="amount")])
     headers = signed(server.url, SECRET, body.encode())
     first = post(server, body.encode(), headers)
     assert first.status_code == 200 and first.json() == {"stored": 2, "duplicates": 0}
     again = post(server, body.encode(), headers)
-    assert again.status_code == 409 and "replay" in again.json()["error"]
+    assert again.status_code == 200 and again.json() == {"stored": 0, "duplicates": 2}
     assert stored(server) == {"deliveries": 1, "events": 2, "waiting": 2}
+
+
+def test_a_standard_webhooks_retry_keeps_its_id_and_is_acknowledged_not_refused(server):
+    """The sender lost the first answer and retries: same webhook-id, a new timestamp and
+    signature. A non-2xx would have it retry for days and disable the endpoint."""
+    body = json.dumps([event(201)]).encode()
+    first = standard_headers([SECRET], "msg_lost_answer", body, now=time.time() - 5)
+    assert post(server, body, {"Content-Type": "application/json", **first}).status_code == 200
+    retry = standard_headers([SECRET], "msg_lost_answer", body)
+    answer = post(server, body, {"Content-Type": "application/json", **retry})
+    assert answer.status_code == 200 and answer.json() == {"stored": 0, "duplicates": 1}
+    other = json.dumps([event(202)]).encode()
+    reused = standard_headers([SECRET], "msg_lost_answer", other)
+    refused = post(server, other, {"Content-Type": "application/json", **reused})
+    assert refused.status_code == 409 and "other events" in refused.json()["error"]
+    assert stored(server) == {"deliveries": 1, "events": 1, "waiting": 1}
 
 
 def bad_requests(url: str) -> dict[str, tuple[int, str, bytes, dict[str, str]]]:

@@ -2,7 +2,8 @@
 
 As HubSpot does: events are batched (at most 100 a request), one `creation` or `deletion` per
 object and one `propertyChange` per changed property; delivery is at least once (a failed
-request is sent again with a fresh timestamp, so a new signature, and the same event ids). The
+request is sent again with a fresh timestamp, so a new signature, and the same event ids, and
+under Standard Webhooks the same `webhook-id`, as its specification says a retry keeps). The
 signing secret comes from the environment (`CRM_WEBHOOK_SECRET`, read by the CLI); the admin
 endpoint `POST /_sandbox/webhooks` sets the subscriber URL and scheme, never the secret.
 """
@@ -149,13 +150,14 @@ class WebhookSender:
         url = self.url
         if not url:
             return
+        message_id = f"msg_{uuid.uuid4().hex}"
         for attempt in range(self.attempts):
             body = json.dumps([{**event, "attemptNumber": attempt} for event in events]).encode()
             if self.scheme == "hubspot":
                 signed = hubspot_headers(self.secrets[0], "POST", url, body)
             else:
                 ids = [s for s in self.secrets if s.startswith("whsec_")]
-                signed = standard_headers(ids, f"msg_{uuid.uuid4().hex}", body)
+                signed = standard_headers(ids, message_id, body)
             try:
                 response = self._session.post(
                     url,
@@ -165,7 +167,7 @@ class WebhookSender:
                 )
             except requests.RequestException:
                 response = None
-            if response is not None and (response.ok or response.status_code == 409):
+            if response is not None and response.ok:
                 self.stats["deliveries"] += 1
                 self.stats["events"] += len(events)
                 return

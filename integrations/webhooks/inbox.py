@@ -1,9 +1,11 @@
 """The webhook inbox: accepted CRM events in the state store, until a sensor requests their run.
 
 A delivery and its events are stored in one transaction. The delivery id (Standard Webhooks'
-`webhook-id`, or a digest of HubSpot's signed timestamp and signature) is unique: the same
-request sent again is a replay and is refused. An event already stored under another delivery
-(the sender retried after a lost answer) is counted as a duplicate and not stored again.
+`webhook-id`, or a digest of HubSpot's signed timestamp and signature) is an idempotency key:
+a delivery sent again with the same events (a Standard Webhooks sender's retry after a lost
+answer keeps its id) is acknowledged, its events counted as duplicates and stored once; the same
+id with other events is refused. An event already stored under another delivery (HubSpot's
+retry, signed anew) is counted as a duplicate and not stored again.
 Events keep no property values (they can be PII): the flow reads the record from the CRM.
 Delivery ids are forgotten once a replay would be stale, and events a week after their run was
 requested: the inbox does not grow with time.
@@ -62,7 +64,7 @@ webhook_inbox = sa.Table(
 
 
 class ReplayRefused(Exception):
-    """This delivery was received before."""
+    """This delivery id was received before, with other events."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,8 @@ class WebhookInbox:
         self.engine.dispose()
 
     def accept(self, delivery_id: str, scheme: str, events: Sequence[CrmEvent]) -> Accepted:
-        """Store a verified, valid delivery; `ReplayRefused` if its id was seen before."""
+        """Store a verified, valid delivery; a resend of one stored before stores nothing again,
+        and `ReplayRefused` if its id came before with other events."""
         now = utcnow()
         stored = 0
         try:
@@ -127,11 +130,25 @@ class WebhookInbox:
                     ).first()
                     stored += inserted is not None  # nothing returned: already stored
         except sa.exc.IntegrityError:
-            raise ReplayRefused(f"delivery {delivery_id} was received before") from None
+            if not self._all_stored(events):
+                raise ReplayRefused(
+                    f"delivery {delivery_id} was received before, with other events"
+                ) from None
+            return Accepted(stored=0, duplicates=len(events))  # a resend: already stored
         if next(self._accepted) % FORGET_EVERY == 0:
             self.forget_deliveries(before=now - REPLAY_MEMORY)
             self.forget_consumed(before=now - EVENT_MEMORY)
         return Accepted(stored=stored, duplicates=len(events) - stored)
+
+    def _all_stored(self, events: Sequence[CrmEvent]) -> bool:
+        keys = {event.event_key for event in events}
+        with self.engine.connect() as connection:
+            found = connection.execute(
+                sa.select(sa.func.count())
+                .select_from(webhook_inbox)
+                .where(webhook_inbox.c.event_key.in_(keys))
+            ).scalar_one()
+        return found == len(keys)
 
     def forget_deliveries(self, before) -> int:
         """Drop delivery ids received before `before`: their replays are stale by now."""

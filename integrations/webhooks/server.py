@@ -3,7 +3,8 @@
 Every refusal is a 4xx naming its reason, decided before anything is stored: 404/405 (wrong
 route), 411/413 (no length, or larger than `max_body`, refused before reading it), 415 (not
 JSON), 401 (signature missing or wrong, timestamp stale), 400 (not JSON), 422 (not CRM events),
-409 (a replayed delivery). A state store that does not answer is a 503 (the sender retries),
+409 (a delivery id received before with other events). A delivery sent again (the sender's retry
+after a lost answer, under the same id) is a 200 that stores nothing again. A state store that does not answer is a 503 (the sender retries),
 never a lost event: the answer 200 comes only after the inbox committed.
 """
 
@@ -78,7 +79,7 @@ class WebhookHandler(BaseHTTPRequestHandler):
             accepted = self.server.inbox.accept(verified.delivery_id, verified.scheme, events)
         except ReplayRefused:
             raise Refusal(
-                409, "this delivery was received before (a replay); nothing stored"
+                409, "this delivery id was received before with other events; nothing stored"
             ) from None
         except sa.exc.OperationalError as error:
             logger.error("webhook inbox unavailable: %s", type(error.orig).__name__)
