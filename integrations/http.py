@@ -142,6 +142,12 @@ class CircuitBreaker:
                     self.open_seconds,
                 )
 
+    def not_sent(self) -> None:
+        """The attempt stopped before it had an answer or a failure to report (the shared
+        bucket's database failed, an interrupt): a probe it was leaves the next call to probe."""
+        with self._lock:
+            self._probing = False
+
     def snapshot(self) -> dict[str, object]:
         with self._lock:
             return {
@@ -299,9 +305,13 @@ class ApiClient:
         retry = self._retry
         while True:
             self.breaker.before_attempt(self.log)
-            if self.bucket is not None:
-                self.waited += self.bucket.acquire()
-            response, failure, error = self._attempt(method, url, json, params, headers)
+            try:
+                if self.bucket is not None:
+                    self.waited += self.bucket.acquire()
+                response, failure, error = self._attempt(method, url, json, params, headers)
+            except BaseException:
+                self.breaker.not_sent()  # else the circuit waited for this probe for good
+                raise
             if response is not None and response.status_code not in RETRYABLE:
                 self.breaker.succeeded(self.log)
                 return response

@@ -9,9 +9,11 @@ import time
 
 import pytest
 import requests
+import sqlalchemy as sa
 
 from integrations.crm.client import CrmClient, CrmRequestRejected, CrmUnavailable
 from integrations.http import ApiClient, ApiLimits, ApiUnavailable, SharedTokenBucket
+from integrations.sql.connect import create_engine
 from tests.sandbox_faults import set_faults
 
 QUICK = ApiLimits(backoff=0.02, backoff_max=0.2)
@@ -85,6 +87,35 @@ def test_an_outage_opens_the_circuit_then_calls_fail_fast_until_a_probe_succeeds
     logged = caplog.text
     assert "crm circuit OPEN after 3 consecutive failures" in logged
     assert "half-open" in logged and "crm circuit closed" in logged
+
+
+def test_a_probe_stopped_before_it_was_sent_lets_the_next_call_probe(
+    crm_sandbox, crm_token, tmp_path
+):
+    """The circuit is due a probe, and the shared bucket's state store fails as the probe takes
+    its token: once the store is back, calls reach the CRM again (they failed fast for good)."""
+    limits = ApiLimits(
+        requests_per_second=1000, retries=0, failures_to_open=2, open_seconds=0.3, backoff=0.01
+    )
+    state_url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+    crm = client(crm_sandbox, crm_token, limits, bucket=SharedTokenBucket(state_url, "crm", limits))
+    set_faults(crm_sandbox, crm_token, outage_seconds=0.5)
+    for _ in range(2):
+        with pytest.raises(CrmUnavailable, match="503"):
+            list(crm.list_objects("contacts"))
+    assert crm.api.stats()["circuit"]["state"] == "open"
+    time.sleep(0.6)  # the outage is over; the next call is the probe
+    state = create_engine(state_url)
+    with state.begin() as connection:
+        connection.execute(sa.text("ALTER TABLE api_rate_limits RENAME TO away"))
+    with pytest.raises(sa.exc.OperationalError):
+        list(crm.list_objects("contacts"))
+    with state.begin() as connection:
+        connection.execute(sa.text("ALTER TABLE away RENAME TO api_rate_limits"))
+    state.dispose()
+    time.sleep(0.4)
+    assert list(crm.list_objects("contacts")) == []
+    assert crm.api.stats()["circuit"]["state"] == "closed"
 
 
 def test_a_closed_port_is_unavailable_not_a_crash():
