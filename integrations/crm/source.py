@@ -4,9 +4,9 @@ last-modified date.
 The key is the CRM's object id (`hs_object_id`); the cursor its last-modified property
 (`lastmodifieddate` for contacts, `hs_lastmodifieddate` for the rest), kept as naive UTC.
 `CrmClient.search_modified_since` pages through every result, each page a search from the newest
-date served (an object edited meanwhile is served again, and a batch keeps its newest state). Archived objects never show in a search, so there are no
-soft deletes to read: a deleted CRM object keeps its last staged state (its `deletion` webhook
-stays in the inbox's history).
+date served (an object edited meanwhile is served again, and a batch keeps its newest state).
+Archived objects never show in a search, so there are no soft deletes to read: a deleted CRM
+object keeps its last staged state (its `deletion` webhook stays in the inbox's history).
 """
 
 from __future__ import annotations
