@@ -759,6 +759,45 @@ def test_sqlite_text_that_is_not_utf8_is_the_rows_dead_letter(tmp_path, state):
     engine.dispose()
 
 
+@pytest.mark.parametrize("store", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_sqlite_key_that_is_not_utf8_is_dead_lettered_and_the_run_goes_on(request, tmp_path, store):
+    """A text key another program wrote in Latin-1 reached the state store, whose driver cannot
+    encode it: every run failed at that batch, nothing after it synced. Its row is dead-lettered
+    as a row without a usable key, with its bytes; the others land and the watermark moves past
+    it, also when it is the batch's last row."""
+    path = tmp_path / "lines.sqlite"
+    with closing(sqlite3.connect(path)) as raw, raw:
+        raw.execute(
+            "CREATE TABLE source_lines (id TEXT PRIMARY KEY, line_number TEXT, amount REAL, "
+            "booked_on TEXT, memo TEXT, updated_at TIMESTAMP, deleted_at TIMESTAMP)"
+        )
+        for n, key in enumerate([b"A1", b"B2", "José".encode("latin-1")], start=1):
+            raw.execute(
+                "INSERT INTO source_lines VALUES (CAST(? AS TEXT), ?, ?, '2025-01-02', 'x', ?, "
+                "NULL)",
+                (key, f"L{n}", float(n), f"2025-01-01 0{n}:00:00"),
+            )
+    url = (
+        request.getfixturevalue("postgres_database")()
+        if store == "postgres"
+        else f"sqlite:///{tmp_path / 'state.sqlite'}"
+    )
+    state = StateStore(url, dlq_key=DLQ_KEY)
+    engine = create_engine(f"sqlite:///{path}")
+
+    result = run(engine, state)
+    assert (result.written, result.counts["rejected"]) == (2, 1)
+    assert sorted(rows(engine)) == ["L1", "L2"]
+    assert result.watermark_after.updated_at == datetime(2025, 1, 1, 3)
+    [letter] = state.list_dead_letters(SPEC.name)
+    assert letter.record_key.startswith("!unkeyed:")
+    assert letter.reason.startswith("the key is not UTF-8 text")
+    assert letter.payload["id"].encode("utf-8", "surrogateescape") == "José".encode("latin-1")
+    assert run(engine, state).counts["rejected"] == 0  # held, not refused again
+    state.dispose()
+    engine.dispose()
+
+
 def test_reconciliation_leaves_records_held_in_the_dlq_out_of_both_sides(sql_database, state):
     """A record synced, then changed so that its contract refuses it, is held: the destination
     keeps what it had, which is no drift (it was reported extra). A row the mapping fails on

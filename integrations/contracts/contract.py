@@ -280,11 +280,12 @@ def _not_utf8(values: pd.Series) -> list[object]:
         except TypeError:
             "".join(value for value in present if isinstance(value, str)).encode()
     except UnicodeEncodeError:
-        return [index for index, value in values.items() if _holds_surrogates(value)]
+        return [index for index, value in values.items() if holds_surrogates(value)]
     return []
 
 
-def _holds_surrogates(value: object) -> bool:
+def holds_surrogates(value: object) -> bool:
+    """Whether `value` is text holding bytes that are no UTF-8, kept as lone surrogates."""
     if not isinstance(value, str):
         return False
     try:

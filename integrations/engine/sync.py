@@ -31,7 +31,7 @@ from itertools import repeat
 import numpy as np
 import pandas as pd
 
-from integrations.contracts.contract import ContractViolation, RowRejection
+from integrations.contracts.contract import ContractViolation, RowRejection, holds_surrogates
 from integrations.engine import columns
 from integrations.engine.budget import ErrorBudget
 from integrations.engine.destination import (
@@ -243,6 +243,8 @@ def _unusable_key(value: object) -> str | None:
         return f"the key is longer than {MAX_KEY_LENGTH} characters"
     if any(ord(char) < 32 for char in text):
         return "the key holds control characters"
+    if not text.isascii() and holds_surrogates(text):  # no state store or letter takes them
+        return "the key is not UTF-8 text (bytes another program wrote in another encoding)"
     return None
 
 
