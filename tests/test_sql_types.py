@@ -5,8 +5,10 @@ and MariaDB windows, number-typed destination keys. Real SQLite, PostgreSQL and 
 from __future__ import annotations
 
 import dataclasses
+import math
 import uuid
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import pandas as pd
 import pandera.pandas as pa
@@ -622,6 +624,84 @@ def test_a_float_key_is_refused_before_any_write(sql_database):
     assert "table 'priced', column 'price'" in message
     assert "float field" in message and "What to do: declare the key int" in message
     engine.dispose()
+
+
+# --- NaN and infinity from PostgreSQL ------------------------------------------------------------
+
+
+class ReadingV1(pa.DataFrameModel):
+    reading_id: Series[int]
+    amount: Series[float]
+    ratio: Series[float] = pa.Field(nullable=True)
+    price: Series[float] = pa.Field(nullable=True)
+
+    class Config:
+        coerce = True
+
+
+READINGS = flow("readings", "readings", Target("books", "readings_out", "reading_id"), ReadingV1)
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.postgres
+def test_a_nan_is_refused_naming_its_field_and_infinity_is_kept_where_it_can_be(
+    postgres_database, sql_database, state
+):
+    """PostgreSQL's 'NaN' (double precision, real, numeric) was read as missing: a nullable field
+    got NULL, a required one was refused as "missing", and a change between NaN and NULL was
+    never synced. A NaN is its row's refusal, naming the field, and its letter keeps it apart
+    from NULL; ±Infinity is written where the destination holds it, and refused naming the
+    column on MariaDB, which holds none."""
+    source = create_engine(postgres_database())
+    table = source_table(
+        source,
+        "readings",
+        sa.Column("amount", sa.Double),
+        sa.Column("ratio", sa.REAL, nullable=True),
+        sa.Column("price", sa.Numeric, nullable=True),
+        rows=[  # batches of 2
+            {"id": n, "amount": a, "ratio": r, "price": p, "updated_at": T0 + timedelta(hours=n)}
+            for n, a, r, p in (
+                (1, 1.0, None, None),
+                (2, 2.0, NAN, Decimal("NaN")),
+                (3, NAN, 1.0, Decimal(1)),
+                (4, INF, -INF, Decimal("Infinity")),
+                (5, 5.0, 0.5, Decimal(5)),
+            )
+        ],
+    )
+    destination = create_engine(sql_database())
+    mariadb = destination.dialect.name == "mariadb"
+
+    result = sync(READINGS, source, destination, state)
+    assert (result.written, result.counts["rejected"]) == ((2, 3) if mariadb else (3, 2))
+    letters = {letter.record_key: letter for letter in state.list_dead_letters(READINGS.name)}
+    assert letters["2"].reason.endswith("ratio is NaN (not a number); price is NaN (not a number)")
+    assert letters["3"].reason.endswith("amount is NaN (not a number)")
+    assert math.isnan(letters["2"].payload["ratio"]) and letters["2"].payload["price"] == "NaN"
+    landed = rows_of(destination, "readings_out")
+    if mariadb:
+        assert "column 'amount' cannot hold the value, which is infinite" in letters["4"].reason
+    else:
+        assert landed[4][:3] == (INF, -INF, INF)
+    assert landed[1][:3] == (1.0, None, None)
+
+    with source.begin() as connection:  # NaN becomes NULL, NULL becomes NaN
+        later = T0 + timedelta(days=1)
+        connection.execute(
+            table.update().where(table.c.id == 2).values(ratio=None, price=None, updated_at=later)
+        )
+        connection.execute(
+            table.update().where(table.c.id == 1).values(ratio=NAN, updated_at=later)
+        )
+    again = sync(READINGS, source, destination, state)
+    assert (again.written, again.counts["rejected"]) == (1, 1)
+    assert rows_of(destination, "readings_out")[2][:3] == (2.0, None, None)
+    assert state.list_dead_letters(READINGS.name, keys=["1"])[0].reason.endswith(
+        "ratio is NaN (not a number)"
+    )
+    source.dispose()
+    destination.dispose()
 
 
 # --- a database's words about a value, PII masked ----------------------------------------------

@@ -142,6 +142,9 @@ class Contract:
             for index in _not_utf8(values):
                 reasons[index].append(f"{name} is not UTF-8 text")
                 settled[index].add(name)
+            for index in _nans(values):
+                reasons[index].append(f"{name} is NaN (not a number)")
+                settled[index].add(name)
             if not (column.coerce or schema.coerce):
                 continue
             if _is_integer(column) and values.dtype.kind in "fO":
@@ -295,6 +298,22 @@ def holds_surrogates(value: object) -> bool:
     return False
 
 
+def _nans(values: pd.Series) -> list[object]:
+    """The rows holding the value NaN (a PostgreSQL float's or numeric's 'NaN'), which pandas,
+    pandera's rules and a mapping would each take for a missing value: a nullable field wrote
+    it as NULL, a change between the two was never seen. A source keeps it apart from NULL in
+    a nullable Float64 column (see integrations/sql/source.py), or as Decimal('NaN')."""
+    if isinstance(values.array, pd.arrays.FloatingArray):
+        return list(values.index[np.isnan(values.array.to_numpy("float64", na_value=0.0))])
+    if values.dtype != object or not values.hasnans:  # float64's NaN is a NULL
+        return []
+    return list(values.index[values.map(_is_decimal_nan).astype(bool)])
+
+
+def _is_decimal_nan(value: object) -> bool:
+    return isinstance(value, Decimal) and value.is_nan()
+
+
 def _is_integer(column: pa.Column) -> bool:
     kind = getattr(column.dtype, "type", None)
     return kind is not None and pd.api.types.is_integer_dtype(kind)
@@ -304,7 +323,7 @@ def _with_fraction(values: pd.Series) -> pd.Series:
     """Whether each value is a finite number with a fraction (floats, or Decimals as a NUMERIC
     column gives them)."""
     if values.dtype.kind == "f":
-        numbers = values.to_numpy()
+        numbers = values.to_numpy("float64", na_value=np.nan)  # Float64's NA too
         return pd.Series(np.isfinite(numbers) & (numbers != np.trunc(numbers)), values.index)
     return values.map(_has_fraction).astype(bool)
 

@@ -28,9 +28,9 @@ _FIELD_HASH_KEY = "handoff.fields.1"
 
 
 def ready_columns(frame: pd.DataFrame) -> dict[str, list[object]]:
-    """Each column as JSON-ready values: Python scalars, None for nulls, ISO text for dates and
-    timestamps (a zoned one as UTC, without the zone, as handoff's times are), exact text for
-    decimals."""
+    """Each column as JSON-ready values: Python scalars, None for nulls (a NaN a source kept
+    apart from them stays NaN), ISO text for dates and timestamps (a zoned one as UTC, without
+    the zone, as handoff's times are), exact text for decimals."""
     return {name: ready_values(frame[name]) for name in frame.columns}
 
 
@@ -43,6 +43,8 @@ def ready_values(column: pd.Series) -> list[object]:
         values = column.to_numpy().tolist()  # numpy scalars become Python ones
     else:
         values = column.to_numpy(dtype=object).tolist()
+        for at in missing.nonzero()[0]:  # a NUMERIC's 'NaN' is a value, not a null
+            missing[at] = not _is_nan_decimal(values[at])
         kinds = set(map(type, values))
         if any(issubclass(kind, np.generic) for kind in kinds):  # numpy scalars: Python ones
             values = [value.item() if isinstance(value, np.generic) else value for value in values]
@@ -52,6 +54,10 @@ def ready_values(column: pd.Series) -> list[object]:
     if missing.any():
         values = [None if gone else value for value, gone in zip(values, missing, strict=True)]
     return values
+
+
+def _is_nan_decimal(value: object) -> bool:
+    return isinstance(value, Decimal) and value.is_nan()
 
 
 def _plain(value: object) -> object:

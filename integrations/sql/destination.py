@@ -67,6 +67,7 @@ from integrations.sql.fit import (
     fixed_point_columns,
     float_columns_of_integers,
     holds_bools,
+    infinite_numbers,
     kind_of,
     python_type,
     reflect_fitting_table,
@@ -95,6 +96,7 @@ class SqlTable:
         self._fixed_point: dict[str, tuple[int, int]] = {}  # name: (precision, scale)
         self._coarse_times: dict[str, int] = {}  # name: digits of a second's fraction kept
         self._float_integers: list[str] = []  # int fields in floating-point columns
+        self._finite_floats: list[str] = []  # float fields of a database without ±Infinity
         self._bools_as_integers: list[str] = []  # bool fields in integer columns
         self._zoned: list[str] = []  # PostgreSQL timestamptz columns
         self._text_dates: list[str] = []  # str fields in DATE columns
@@ -115,6 +117,11 @@ class SqlTable:
         self._fixed_point = fixed_point_columns(self._table, contract)
         self._coarse_times = coarse_time_columns(self._table, contract)
         self._float_integers = float_columns_of_integers(self._table, contract)
+        self._finite_floats = [
+            name
+            for name in self._fields
+            if self.dialect in ("mysql", "mariadb") and kind_of(contract, name) == "float"
+        ]
         self._bools_as_integers = [
             name
             for name in self._fields
@@ -248,6 +255,14 @@ class SqlTable:
                     at,
                     f"column {name!r} is floating-point and the value {why}. What to do: make "
                     "the column BIGINT or NUMERIC, or bound the field in the contract",
+                )
+        for name in self._finite_floats:
+            for at in infinite_numbers(columns[name]):
+                found.setdefault(
+                    at,
+                    f"column {name!r} cannot hold the value, which is infinite: MariaDB and "
+                    "MySQL have no infinity. What to do: bound the field in the contract (or "
+                    "map the value to one the column holds)",
                 )
         for name, (precision, scale) in self._fixed_point.items():
             for at, why in beyond_fixed_point(columns[name], precision, scale).items():

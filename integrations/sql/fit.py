@@ -375,6 +375,16 @@ def beyond_exact_floats(values: Sequence[object]) -> dict[int, str]:
     }
 
 
+def infinite_numbers(values: Sequence[object]) -> list[int]:
+    """The positions of ±Infinity, which no MariaDB/MySQL column holds (PyMySQL refused the
+    whole statement, naming no column)."""
+    return [
+        at
+        for at, value in enumerate(values)
+        if isinstance(value, float | Decimal) and value in (math.inf, -math.inf)
+    ]
+
+
 def fixed_point_columns(table: sa.Table, contract: Contract) -> dict[str, tuple[int, int]]:
     """The contract's number fields whose column is fixed-point, by name: (precision, scale).
     NUMERIC(p) is NUMERIC(p, 0), as SQL has it; NUMERIC without a precision keeps any value."""

@@ -102,6 +102,11 @@ class SqlSource:
             for at, column in enumerate(self.select.selected_columns)
             if isinstance(column.type, sa.Integer)
         ]
+        self._floats = [
+            at
+            for at, column in enumerate(self.select.selected_columns)
+            if isinstance(column.type, sa.Float)
+        ]
 
     def _no_date_when_zero(self, *names: str | None) -> list[str]:
         """The columns among `names` whose MariaDB zero dates are read as NULL. PyMySQL hands a
@@ -369,6 +374,11 @@ class SqlSource:
             # 12345 becomes "12345.0" as text. Rebuilt from the rows, only in such a batch.
             if dtypes.iloc[at].kind == "f":
                 frame.isetitem(at, _exact_integers([row[at] for row in rows]))
+        for at in self._floats:
+            # float64 has one NaN for NULL and for PostgreSQL's 'NaN': told apart, only in a
+            # batch holding both kinds of NaN, for the contract to refuse the value NaN.
+            if dtypes.iloc[at].kind == "f" and frame.iloc[:, at].hasnans:
+                frame.isetitem(at, _nan_apart_from_null([row[at] for row in rows]))
         return frame
 
     def _no_numbers(self, cursor: pd.Series) -> None:
@@ -587,6 +597,16 @@ def _exact_integers(values: list) -> pd.api.extensions.ExtensionArray | np.ndarr
         exact = np.empty(len(values), dtype=object)
         exact[:] = values
         return exact
+
+
+def _nan_apart_from_null(values: list) -> pd.api.extensions.ExtensionArray | np.ndarray:
+    """Floats and nulls as float64; when some value is NaN itself, as pandas' nullable Float64,
+    whose NA (a NULL) is no NaN (the value)."""
+    numbers = np.array(values, dtype="float64")  # None becomes NaN
+    nulls = np.fromiter((value is None for value in values), bool, len(values))
+    if (np.isnan(numbers) == nulls).all():
+        return numbers
+    return pd.arrays.FloatingArray(numbers, nulls)
 
 
 def _result_processors(dialect: sa.Dialect, query: sa.Select, description) -> list:
