@@ -23,7 +23,7 @@ from integrations.engine.source import FAR_FUTURE
 from integrations.engine.spec import FlowSpec
 from integrations.engine.state import utcnow
 from sensors.schedules import pool_tags
-from sensors.stopped_windows import standing_trip, trip_stands
+from sensors.trips import standing_trip, trip_stands
 
 # A month of days per tick: a month-end's corrections are requested at once, while a mass edit
 # (three years of invoices touched) is requested a month per tick instead of a thousand runs in

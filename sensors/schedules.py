@@ -1,11 +1,22 @@
 """Schedules: each flow's sync (hourly by default, the safety net under the sensors) and its
-daily reconciliation check."""
+daily reconciliation check.
+
+While the flow's error budget is tripped, a sync's tick requests no run (each would stop at its
+start, with its failure alert, once per tick) and says why. A daily-partitioned flow's skipped
+day is kept as a stopped window (`refused`): the stopped-windows sensor requests it once the
+trip clears, as it does a day whose run the trip refused. An unpartitioned flow's next run reads
+what the skipped hours changed, from its watermark."""
+
+from datetime import datetime
 
 import dagster as dg
 
 from assets.checks import RECONCILIATION_CHECK
-from assets.factory import asset_key
+from assets.factory import asset_key, partitions_of
 from integrations.engine.spec import FlowSpec
+from integrations.engine.state import StoppedWindow
+from resources import StateStoreResource
+from sensors.trips import standing_trip, trip_stands
 
 RECONCILIATION_CRON = "30 3 * * *"
 
@@ -15,30 +26,86 @@ def pool_tags(spec: FlowSpec) -> dict[str, str]:
     return {"handoff/pool": spec.pool} if spec.pool else {}
 
 
+def _hourly_sync(spec: FlowSpec) -> dg.ScheduleDefinition:
+    key = asset_key(spec)
+
+    @dg.schedule(
+        name=f"{spec.name}_schedule",
+        cron_schedule=spec.schedule,
+        target=[key],
+        default_status=dg.DefaultScheduleStatus.STOPPED,
+        description=f"Syncs {key.to_user_string()} (skips while its error budget is tripped).",
+    )
+    def _sync(context: dg.ScheduleEvaluationContext, state: StateStoreResource):
+        with state.open() as store:
+            trip = standing_trip(store, spec)
+        if trip is not None:
+            return dg.SkipReason(
+                f"{key.to_user_string()} skipped: {trip_stands(trip)}; "
+                + _clear_todo(spec, "its next run reads what changed meanwhile")
+            )
+        return dg.RunRequest(tags=pool_tags(spec))
+
+    return _sync
+
+
+def _daily_sync(spec: FlowSpec) -> dg.ScheduleDefinition:
+    """A partitioned flow syncs each day's partition once the day is over."""
+    key, partitions = asset_key(spec), partitions_of(spec)
+    name = f"{spec.name}_schedule"
+
+    @dg.schedule(
+        name=name,
+        cron_schedule=partitions.get_cron_schedule(),
+        execution_timezone=partitions.timezone,
+        job=dg.define_asset_job(f"{spec.name}_daily", selection=[key], tags=pool_tags(spec)),
+        default_status=dg.DefaultScheduleStatus.STOPPED,
+        description=f"Syncs each day of {key.to_user_string()} once it is over (a day it skips "
+        "while the error budget is tripped is requested once the trip clears).",
+    )
+    def _sync(context: dg.ScheduleEvaluationContext, state: StateStoreResource):
+        with dg.partition_loading_context(effective_dt=context.scheduled_execution_time):
+            window = partitions.get_last_partition_window()
+        if window is None:
+            return dg.SkipReason(f"{key.to_user_string()} has no day over yet")
+        day = partitions.get_partition_key_for_timestamp(window.start.timestamp())
+        with state.open() as store:
+            trip = standing_trip(store, spec)
+            if trip is not None:  # kept: requested by the stopped-windows sensor once it clears
+                store.keep_stopped_window(
+                    StoppedWindow(spec.name, window.start, window.end, _tick(context), "refused")
+                )
+        if trip is not None:
+            return dg.SkipReason(
+                f"{key.to_user_string()} {day} skipped: {trip_stands(trip)}; "
+                + _clear_todo(
+                    spec,
+                    f"the day is kept, and requested by sensor `{spec.name}_stopped_windows` "
+                    "once it clears",
+                )
+            )
+        return dg.RunRequest(run_key=day, partition_key=day)
+
+    return _sync
+
+
+def _clear_todo(spec: FlowSpec, then: str) -> str:
+    """What clears a standing trip, and what becomes of the skipped tick's sync (`then`)."""
+    return (
+        f"replay or discard its dead letters (`handoff dlq replay --flow {spec.name}`), or "
+        f"approve going on (`handoff budget clear --flow {spec.name} --why ...`); {then}"
+    )
+
+
+def _tick(context: dg.ScheduleEvaluationContext) -> str:
+    """Who stopped a window the schedule skipped: its tick (there is no run)."""
+    moment: datetime = context.scheduled_execution_time
+    return f"schedule tick {moment:%Y-%m-%dT%H:%M%z}"
+
+
 def flow_schedules(specs: list[FlowSpec]) -> list[dg.ScheduleDefinition]:
-    syncs = [
-        dg.ScheduleDefinition(
-            name=f"{spec.name}_schedule",
-            target=[asset_key(spec)],
-            cron_schedule=spec.schedule,
-            default_status=dg.DefaultScheduleStatus.STOPPED,
-            tags=pool_tags(spec),
-        )
-        for spec in specs
-        if spec.schedule and not spec.partitions
-    ]
-    # A partitioned flow syncs each day's partition once the day is over.
-    daily = [
-        dg.build_schedule_from_partitioned_job(
-            dg.define_asset_job(
-                f"{spec.name}_daily", selection=[asset_key(spec)], tags=pool_tags(spec)
-            ),
-            name=f"{spec.name}_schedule",
-            default_status=dg.DefaultScheduleStatus.STOPPED,
-        )
-        for spec in specs
-        if spec.partitions
-    ]
+    syncs = [_hourly_sync(spec) for spec in specs if spec.schedule and not spec.partitions]
+    daily = [_daily_sync(spec) for spec in specs if spec.partitions]
     reconciliations = [
         dg.ScheduleDefinition(
             name=f"{spec.name}_reconciliation_schedule",

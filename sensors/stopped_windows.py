@@ -17,29 +17,14 @@ import dagster as dg
 
 from assets.factory import asset_key, partitions_of
 from integrations.engine.spec import FlowSpec
-from integrations.engine.state import BudgetTrip, FlowBusy, StateStore, StoppedWindow
+from integrations.engine.state import FlowBusy, StateStore, StoppedWindow
 from resources import StateStoreResource
 from sensors.schedules import pool_tags
+from sensors.trips import standing_trip, trip_stands
 
 # As many as the changed-days sensor requests in a tick: a month of days. Those beyond wait in
 # the state store, and are requested once the runs of the first ones went through.
 MAX_WINDOWS_PER_TICK = 30
-
-
-def standing_trip(store: StateStore, spec: FlowSpec) -> BudgetTrip | None:
-    """The flow's error-budget trip that stops its runs: one with dead letters still open (one
-    whose letters were all replayed or discarded clears at the next run's start)."""
-    return next(
-        (trip for trip in store.standing_budget_trips(spec.name) if trip.open_letters), None
-    )
-
-
-def trip_stands(trip: BudgetTrip) -> str:
-    """Why a sensor requests no run while `trip` stands, and what clears it."""
-    return (
-        f"the error budget's trip of run {trip.run_id} stands ({trip.open_letters} of its dead "
-        f"letters open; `handoff budget list --flow {trip.flow}`)"
-    )
 
 
 def flow_busy(store: StateStore, spec: FlowSpec) -> bool:

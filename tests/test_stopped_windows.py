@@ -8,13 +8,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import dagster as dg
 import pytest
 import sqlalchemy as sa
 
 from assets.chinook import CHINOOK_INVOICES
+from assets.crm_contacts import CRM_CONTACTS
 from assets.finance_invoices import FINANCE_INVOICES
 from definitions import defs, resources
 from integrations.cli import main
@@ -404,3 +405,75 @@ def test_a_run_forgets_no_window_stopped_after_it_read(tmp_path):
     assert state.list_stopped_windows(spec.name) == [] and live(engine)["L3"] == 3.0
     state.dispose()
     engine.dispose()
+
+
+def plant_trip(state: StateStore, flow: str) -> None:
+    """An error-budget trip of `flow` with one dead letter open."""
+    letter = DeadLetter(flow, "x", "contract", "planted: currency is not allowed", {})
+    state.commit_batch(BatchCommit(flow, "trip", dead_letters=[letter]))
+    state.trip_budget(BudgetTrip(flow, "trip", utcnow(), 1, 1, 0.1, {"p": 1}), actor="t", why="t")
+
+
+def schedule_tick(name: str, instance: dg.DagsterInstance, at: datetime):
+    """The schedule's evaluation at `at` (UTC), as the daemon does it."""
+    context = dg.build_schedule_context(
+        instance=instance,
+        scheduled_execution_time=at.replace(tzinfo=UTC),
+        resources=resources(),
+        repository_def=defs.get_repository_def(),
+    )
+    return defs.resolve_schedule_def(name).evaluate_tick(context)
+
+
+def test_the_schedule_skips_a_day_while_a_trip_stands_and_the_day_is_synced_once_it_clears(
+    world, state
+):
+    """The schedule launched a run of each day that failed at its start (its alert each
+    midnight) while a trip stood. Now it skips, saying why, and the day it skipped is kept:
+    once the trip clears, the stopped-windows sensor requests it, and its run syncs it."""
+    plant_trip(state, FLOW)
+    with dg.instance_for_test() as instance:
+        skipped = schedule_tick(f"{FLOW}_schedule", instance, datetime(2025, 1, 21))
+        assert not skipped.run_requests
+        assert "finance/invoices 2025-01-20 skipped: the error budget's trip of run trip " in (
+            skipped.skip_message
+        )
+        assert f"`handoff budget list --flow {FLOW}`" in skipped.skip_message
+        assert f"requested by sensor `{FLOW}_stopped_windows` once it clears" in (
+            skipped.skip_message
+        )
+        assert stopped(world.state_url) == [("2025-01-20", "2025-01-21", "refused")]
+
+        state.discard_dead_letters(
+            state.list_dead_letters(FLOW), actor="t", why="planted", run_id="discard"
+        )
+        (next_day,) = schedule_tick(
+            f"{FLOW}_schedule", instance, datetime(2025, 1, 22)
+        ).run_requests
+        assert next_day.partition_key == "2025-01-21"
+        (request,) = tick(f"{FLOW}_stopped_windows", instance).run_requests
+        assert request.partition_key == "2025-01-20"
+        assert run(FINANCE_INVOICES, instance, partition_key="2025-01-20").success
+    assert stopped(world.state_url) == []
+    finance = f"sqlite:///{world.home / 'finance.sqlite'}"
+    day = "SELECT count(*) FROM invoices WHERE invoice_date >= '2025-01-20' AND invoice_date < '2025-01-21'"
+    assert query(finance, day) == query(world.erp_url, day) != [(0,)]
+
+
+def test_an_unpartitioned_flow_s_schedule_skips_while_a_trip_stands(world, state):
+    """An hourly run that would stop at its start is not launched; the watermark's next run
+    reads what the skipped hours changed."""
+    flow = CRM_CONTACTS.name
+    plant_trip(state, flow)
+    with dg.instance_for_test() as instance:
+        skipped = schedule_tick(f"{flow}_schedule", instance, datetime(2025, 1, 21, 10))
+        assert not skipped.run_requests
+        assert "crm/contacts skipped: the error budget's trip of run trip stands" in (
+            skipped.skip_message
+        )
+        assert f"`handoff budget clear --flow {flow} --why ...`" in skipped.skip_message
+        assert main(["budget", "clear", "--flow", flow, "--why", "planted"]) == 0
+        (request,) = schedule_tick(
+            f"{flow}_schedule", instance, datetime(2025, 1, 21, 11)
+        ).run_requests
+        assert request.tags["handoff/pool"] == CRM_CONTACTS.pool
