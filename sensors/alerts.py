@@ -2,7 +2,7 @@
 and failed runs. Each condition alerts once (the sensors' cursors remember what was said)."""
 
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import dagster as dg
 
@@ -63,13 +63,17 @@ def dead_letter_sensor(specs: list[FlowSpec]) -> dg.SensorDefinition:
         default_status=dg.DefaultSensorStatus.STOPPED,
     )
     def _old(context: dg.SensorEvaluationContext, notifier: Notifier, state: StateStoreResource):
+        # Per flow, the first_seen below which letters were looked at: each tick looks at those
+        # that grew old since, so a letter is alerted once whatever its id (runs on hosts whose
+        # clocks disagree write ids out of first_seen's order).
         said = json.loads(context.cursor) if context.cursor else {}
         alerted = []
         with state.open() as store:
             for spec in specs:
-                count, oldest, highest = store.old_dead_letters(
-                    spec.name, utcnow() - spec.dead_letter_max_age, after_id=said.get(spec.name, 0)
-                )
+                before = utcnow() - spec.dead_letter_max_age
+                since, after_id = _looked(said.get(spec.name))
+                count, oldest = store.old_dead_letters(spec.name, before, since, after_id)
+                said[spec.name] = max(before, since or before).isoformat()
                 if not count:
                     continue
                 notifier.send(
@@ -84,7 +88,6 @@ def dead_letter_sensor(specs: list[FlowSpec]) -> dg.SensorDefinition:
                         details={"count": count},
                     )
                 )
-                said[spec.name] = highest
                 alerted.append(spec.name)
         return dg.SensorResult(
             cursor=json.dumps(said),
@@ -92,6 +95,14 @@ def dead_letter_sensor(specs: list[FlowSpec]) -> dg.SensorDefinition:
         )
 
     return _old
+
+
+def _looked(said: str | int | None) -> tuple[datetime | None, int]:
+    """Where a flow's last look at its dead letters ended: the first_seen it looked below, or
+    (a cursor of an older handoff) the highest letter id it alerted."""
+    if isinstance(said, str):
+        return datetime.fromisoformat(said), 0
+    return None, said or 0
 
 
 def run_failure_sensor(specs: list[FlowSpec]) -> dg.SensorDefinition:

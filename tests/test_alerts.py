@@ -1,13 +1,17 @@
 """A stale flow, an old dead letter and a failed run each give exactly one alert on the webhook."""
 
 import dataclasses
-from datetime import timedelta
+import json
+from datetime import datetime, timedelta
 
 import dagster as dg
 
 from assets.crm_contacts import CRM_CONTACTS
 from assets.factory import flow_asset
 from definitions import resources
+from integrations.engine import state as state_module
+from integrations.engine.state import BatchCommit, DeadLetter, utcnow
+from sensors import alerts as alerts_module
 from sensors.alerts import dead_letter_sensor, run_failure_sensor, stale_flow_sensor
 
 
@@ -87,3 +91,51 @@ def test_a_receiver_that_is_down_does_not_break_alerting(world, monkeypatch, cap
         result = tick(sensor, instance)
     assert "never succeeded" in caplog.text and "could not post" in caplog.text
     assert result.cursor
+
+
+def test_each_old_dead_letter_alerts_once_whatever_order_its_run_wrote_it_in(
+    world, state, alert_receiver, monkeypatch
+):
+    """Runs on hosts whose clocks disagree (or after a clock was set back) write letters whose
+    ids do not follow their first_seen. The sensor remembered the highest id it alerted and
+    looked only above it: a letter of a lower id that grew old later was never alerted."""
+    flow = CRM_CONTACTS.name
+    hourly = dataclasses.replace(CRM_CONTACTS, dead_letter_max_age=timedelta(hours=1))
+    now = utcnow()
+
+    def written_at(key: str, clock: datetime) -> None:
+        letter = DeadLetter(flow, key, "contract", "erp.customer@v1: planted", {})
+        with monkeypatch.context() as host:
+            host.setattr(state_module, "utcnow", lambda: clock)
+            state.commit_batch(BatchCommit(flow, f"run on {key}", dead_letters=[letter]))
+
+    written_at("1", now)
+    written_at("2", now - timedelta(hours=2))  # a later run, on a host two hours behind
+    sensor = dead_letter_sensor([hourly])
+
+    def tick_at(moment: datetime, cursor: str | None):
+        with monkeypatch.context() as sensor_host:
+            sensor_host.setattr(alerts_module, "utcnow", lambda: moment)
+            return tick(sensor, instance, cursor)
+
+    with dg.instance_for_test() as instance:
+        first = tick_at(now + timedelta(minutes=1), None)  # letter 2 is old, letter 1 not yet
+        second = tick_at(now + timedelta(minutes=61), first.cursor)
+        third = tick_at(now + timedelta(hours=3), second.cursor)
+    assert third.skip_reason
+    assert [alert["handoff"]["details"]["count"] for alert in alert_receiver.received] == [1, 1]
+
+
+def test_a_cursor_of_an_older_handoff_alerts_no_letter_again(world, state, alert_receiver):
+    """Its cursor held the highest letter id alerted per flow: the letters up to it are not
+    alerted again, those above are."""
+    flow = CRM_CONTACTS.name
+    for key in ("1", "2"):
+        letter = DeadLetter(flow, key, "contract", "erp.customer@v1: planted", {})
+        state.commit_batch(BatchCommit(flow, "run", dead_letters=[letter]))
+    first_id = state.list_dead_letters(flow)[0].id
+    hasty = dataclasses.replace(CRM_CONTACTS, dead_letter_max_age=timedelta(0))
+    with dg.instance_for_test() as instance:
+        upgraded = tick(dead_letter_sensor([hasty]), instance, json.dumps({flow: first_id}))
+        assert tick(dead_letter_sensor([hasty]), instance, upgraded.cursor).skip_reason
+    assert [alert["handoff"]["details"]["count"] for alert in alert_receiver.received] == [1]

@@ -833,21 +833,25 @@ class StateStore:
             return [row._asdict() for row in connection.execute(query)]
 
     def old_dead_letters(
-        self, flow: str, seen_before: datetime, after_id: int = 0
-    ) -> tuple[int, datetime | None, int]:
-        """Open dead letters first seen before `seen_before` with id > `after_id`:
-        (how many, the oldest first_seen, the highest id)."""
-        query = sa.select(
-            sa.func.count(), sa.func.min(dead_letters.c.first_seen), sa.func.max(dead_letters.c.id)
-        ).where(
+        self,
+        flow: str,
+        seen_before: datetime,
+        seen_since: datetime | None = None,
+        after_id: int = 0,
+    ) -> tuple[int, datetime | None]:
+        """Open dead letters first seen before `seen_before` (and at or after `seen_since`), with
+        id > `after_id`: (how many, the oldest first_seen)."""
+        query = sa.select(sa.func.count(), sa.func.min(dead_letters.c.first_seen)).where(
             dead_letters.c.flow == flow,
             dead_letters.c.resolved_at.is_(None),
             dead_letters.c.first_seen < seen_before,
             dead_letters.c.id > after_id,
         )
+        if seen_since is not None:
+            query = query.where(dead_letters.c.first_seen >= seen_since)
         with self.engine.connect() as connection:
-            count, oldest, highest = connection.execute(query).one()
-        return count, oldest, highest or after_id
+            count, oldest = connection.execute(query).one()
+        return count, oldest
 
     def count_open_dead_letters(self, flow: str | None = None) -> int:
         query = sa.select(sa.func.count()).where(dead_letters.c.resolved_at.is_(None))
