@@ -98,6 +98,13 @@ def _age(text: str) -> timedelta:
     return timedelta(**{units[text[-1]]: int(text[:-1])})
 
 
+def _at_least_one(text: str) -> int:
+    """A count to show: 0 showed nothing (as if none matched), a negative one failed or cut."""
+    if not text.lstrip("-").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number, 1 or more")
+    return int(text)
+
+
 def cmd_seed(args: argparse.Namespace) -> int:
     from integrations.erp.seed import seed_erp
 
@@ -613,7 +620,12 @@ def parser() -> argparse.ArgumentParser:
 
     listing = letters(dlq.add_parser("list", help="dead letters, PII masked"))
     listing.add_argument("--all", action="store_true", help="include resolved ones")
-    listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument(
+        "--limit",
+        type=_at_least_one,
+        default=100,
+        help="show at most this many, 1 or more (default 100; says when more match)",
+    )
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(run=cmd_dlq_list)
     show = dlq.add_parser("show", help="one dead letter with its payload, PII masked")

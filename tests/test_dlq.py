@@ -176,6 +176,20 @@ def test_filters_by_kind_and_age(world, erp, crm_client, state, capsys):
     assert "no dead letters match" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("limit", ["0", "-3"])
+def test_a_limit_below_one_is_refused_saying_so(world, state, capsys, limit):
+    """`--limit 0` said "no dead letters match" with letters open; a negative limit listed some
+    of them on SQLite, and failed with a traceback of SQL on PostgreSQL."""
+    letter = DeadLetter(FLOW, "1", "contract", "erp.customer@v1: planted", {})
+    state.commit_batch(BatchCommit(FLOW, "run", dead_letters=[letter]))
+    with pytest.raises(SystemExit) as refused:
+        main(["dlq", "list", "--limit", limit])
+    assert refused.value.code == 2
+    assert f"--limit: {limit} is not a whole number, 1 or more" in capsys.readouterr().err
+    assert main(["dlq", "list", "--limit", "1"]) == 0
+    assert "erp.customer@v1: planted" in capsys.readouterr().out
+
+
 def test_payloads_are_encrypted_at_rest_and_shown_masked(world, erp, crm_client, state, capsys):
     sync(erp, crm_client, state)
     letter = bad_email_letter(state)
