@@ -207,6 +207,49 @@ def test_values_refused_before_validation_fail_no_other_rule():
     assert verdict.valid.index.tolist() == ["1", "4", "5"]
 
 
+class FilledV1(pa.DataFrameModel):
+    count: Series[int] = pa.Field(nullable=True)
+    total: Series[float]
+
+    @pa.dataframe_parser
+    def total_defaults_to_the_count(cls, frame: pd.DataFrame) -> pd.DataFrame:
+        return frame.assign(total=frame["total"].fillna(frame["count"]))
+
+    class Config:
+        coerce = True
+
+
+class MisparsedV1(pa.DataFrameModel):
+    count: Series[int] = pa.Field(nullable=True)
+    total: Series[float]
+
+    @pa.parser("total")
+    def total_in_cents(cls, series: pd.Series) -> pd.Series:
+        return series.map(lambda value: float(value) / 100)  # a bug: text is not a number
+
+    class Config:
+        coerce = True
+
+
+def test_a_refused_row_s_other_faults_skip_a_parser_needing_the_refused_value():
+    """A rule of the whole row that reads the field the row was refused for cannot judge the
+    rest without it: the row's first fault stands, and the batch goes on."""
+    batch = pd.DataFrame({"count": [7, 10.5], "total": [14.0, None]}).set_axis(["1", "2"])
+    verdict = Contract("t", 1, FilledV1).judge(batch)
+    assert [(r.index, r.reason) for r in verdict.rejections] == [
+        ("2", "t@v1: count is not a whole number")
+    ]
+    assert verdict.valid.index.tolist() == ["1"]
+
+
+def test_a_bug_in_a_contract_is_not_swallowed_by_a_refused_row_s_other_faults():
+    """Any error of validating a refused row's other fields was ignored: a contract's bug (here
+    a parser that cannot read text) passed unseen, its letter missing the fault."""
+    batch = pd.DataFrame({"count": [7, 10.5], "total": [14.0, "two"]}).set_axis(["1", "2"])
+    with pytest.raises(ValueError, match="could not convert string to float"):
+        Contract("t", 1, MisparsedV1).judge(batch)
+
+
 def test_contracts_are_versioned_and_mark_pii():
     assert ERP_CUSTOMER.label == "erp.customer@v1" and CRM_CONTACT.label == "crm.contact@v1"
     assert {"email", "phone", "first_name", "last_name"} <= ERP_CUSTOMER.pii_fields

@@ -183,8 +183,9 @@ class Contract:
                 for index, reason, whole_row in _failures(errors.failure_cases):
                     if not whole_row and index in reasons and reason not in reasons[index]:
                         reasons[index].append(reason)
-            except Exception:  # the row is refused already: its first fault stands
-                pass
+            except KeyError as missing:  # a parser of the whole row needs a refused value
+                if not names & set(missing.args):
+                    raise
 
     def _schema_for(self, frame: pd.DataFrame) -> tuple[pa.DataFrameSchema, bool]:
         """The model's schema, leaving alone the columns of `frame` that already hold what
