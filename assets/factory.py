@@ -256,7 +256,7 @@ def _sync_replay_or_repair(context, spec, config, source, destination, state):
         drift = reconcile(spec, source, destination, state)
         result = sync.repair(drift.missing + drift.differing, acknowledged)
         if drift.extra:
-            archived = sync.archive_extras(drift.extra_ids, config.allow_mass_archive)
+            archived = sync.archive_extras(drift.extra_ids, config.allow_mass_archive, result)
             result.counts["archived"] += archived
             if archived < len(drift.extra):
                 context.log.warning(

@@ -11,12 +11,14 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from datetime import UTC, datetime, timedelta, timezone
 
+import dagster as dg
 import pandas as pd
 import pandera.pandas as pa
 import pytest
 import sqlalchemy as sa
 from pandera.typing import Series
 
+from assets.factory import flow_asset
 from integrations.contracts import Contract
 from integrations.engine.errors import (
     ArchiveGuardTripped,
@@ -31,6 +33,7 @@ from integrations.engine.sync import Sync, SyncResult
 from integrations.sql.connect import create_engine
 from integrations.sql.destination import SqlTable
 from integrations.sql.source import SqlSource
+from resources import ErpDatabase, SqlDestinationDatabase, StateStoreResource
 from tests.conftest import DLQ_KEY
 from tests.test_sql_destination import LINES, LedgerLineV1, create, ledger_columns, rows
 
@@ -480,6 +483,37 @@ def test_a_repair_that_archives_a_holder_lands_the_letters_waiting_on_it(sql_dat
         assert sync.archive_extras(drift.extra_ids) == 1
     assert live(engine) == {"L2": 1.0, "L3": 3.0}
     assert state.list_dead_letters(LOOSE_SPEC.name) == []
+    engine.dispose()
+
+
+def test_a_repair_s_materialization_counts_the_letters_its_archives_landed(sql_database, state):
+    """The repair landed 1's letter once it archived 2 (deleted outright), but its
+    materialization did not say so: nothing updated, and 1's letter counted open."""
+    url = sql_database()
+    engine = create_engine(url)
+    source_lines(engine, [datetime(2025, 1, 1, n) for n in range(3)])
+    run(engine, state, LOOSE_SPEC)
+    renumber(engine, [(1, "L2")], hour=1)
+    assert run(engine, state, LOOSE_SPEC).counts["rejected"] == 1
+    with engine.begin() as connection:
+        connection.execute(sa.text("DELETE FROM source_lines WHERE id = 2"))
+    repaired = dg.materialize(
+        [flow_asset(LOOSE_SPEC)],
+        resources={
+            SOURCE.system: ErpDatabase(url=url),
+            LOOSE_SPEC.target.system: SqlDestinationDatabase(url=url, create_missing_tables=True),
+            "state": StateStoreResource(
+                url=state.engine.url.render_as_string(hide_password=False), dlq_key=DLQ_KEY
+            ),
+        },
+        run_config={"ops": {"books__ledger_lines": {"config": {"repair": True}}}},
+    )
+    (event,) = repaired.get_asset_materialization_events()
+    counts = event.materialization.metadata
+    # Archived: 2's row, then 1's at the number it left; updated: 1, onto 2's number.
+    assert (counts["archived"].value, counts["updated"].value) == (2, 1)
+    assert counts["dead_letters_open"].value == 0
+    assert live(engine) == {"L2": 1.0, "L3": 3.0}
     engine.dispose()
 
 

@@ -612,11 +612,17 @@ class Sync(ErrorBudget, DestinationIds):
             self._replaying = was
 
     @_one_at_a_time
-    def archive_extras(self, destination_ids: Sequence[str], approved: bool = False) -> int:
+    def archive_extras(
+        self,
+        destination_ids: Sequence[str],
+        approved: bool = False,
+        result: SyncResult | None = None,
+    ) -> int:
         """Archive the extra rows reconciliation found (live in the destination, not expected
         from the source) that this flow wrote, for records the source no longer has: a row
         deleted outright, which no run reads. Rows the ledger holds for no record (not written
-        by handoff) are left alone. How many were archived."""
+        by handoff) are left alone. The letters waiting on the ids they held are tried again,
+        and counted in `result` (the repair's). How many were archived."""
         owners = self.state.live_owners(self.spec.name, list(destination_ids))
         keys = sorted({key for held in owners.values() for key in held})
         present = self._in_source(keys)
@@ -626,7 +632,7 @@ class Sync(ErrorBudget, DestinationIds):
         self._guard(gone, approved)  # a source emptied by mistake is no reason to archive all
         self._let_go = set()
         archived = self._archive_gone(gone, replaying=False)
-        self._retried(SyncResult(flow=self.spec.name, run_id=self.run_id, full=False))
+        self._retried(result or SyncResult(flow=self.spec.name, run_id=self.run_id, full=False))
         return archived
 
     def _archive_gone(self, keys: list[str], replaying: bool = True) -> int:
