@@ -23,6 +23,7 @@ from integrations.engine.source import FAR_FUTURE
 from integrations.engine.spec import FlowSpec
 from integrations.engine.state import utcnow
 from sensors.schedules import pool_tags
+from sensors.stopped_windows import queued_days, within
 from sensors.trips import standing_trip, trip_stands
 
 # A month of days per tick: a month-end's corrections are requested at once, while a mass edit
@@ -118,6 +119,14 @@ def changed_days_sensor(spec: FlowSpec) -> dg.SensorDefinition:
                 skip_reason=f"{len(days)} changed days of {key.to_user_string()} wait: "
                 f"{trip_stands(trip)}",
                 cursor=_cursor(mark if moved else seen.get("high_water_mark"), sorted(days)),
+            )
+        # A day whose run waits to begin (the stopped-windows sensor's, say) reads the change.
+        queued = queued_days(context.instance, key)
+        days = {day for day in days if not within(day, day, queued)}
+        if not days:
+            return dg.SensorResult(
+                skip_reason=f"the changed days of {key.to_user_string()} have runs queued already",
+                cursor=_cursor(mark if moved else seen.get("high_water_mark"), []),
             )
         requested, later = _most_recent_first(days)
         if later:

@@ -37,16 +37,54 @@ def flow_busy(store: StateStore, spec: FlowSpec) -> bool:
         return True
 
 
+# Runs that have not begun reading: each reads its days after whatever a sensor saw now.
+_NOT_BEGUN = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+]
+
+
+def queued_days(instance: dg.DagsterInstance, key: dg.AssetKey) -> list[tuple[str, str]]:
+    """The (first, last) days of the asset's runs that wait to begin: a day within one needs no
+    other run (the changed-days sensor's and this one's requests had different keys, so both
+    sensors' runs of a day went, the second waiting for the first and, past its wait, failing)."""
+    windows = []
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=_NOT_BEGUN)):
+        if key not in (run.asset_selection or ()):
+            continue
+        tags = run.tags
+        if "dagster/partition" in tags:
+            windows.append((tags["dagster/partition"], tags["dagster/partition"]))
+        elif "dagster/asset_partition_range_start" in tags:
+            windows.append(
+                (
+                    tags["dagster/asset_partition_range_start"],
+                    tags["dagster/asset_partition_range_end"],
+                )
+            )
+    return windows
+
+
+def within(first: str, last: str, windows: list[tuple[str, str]]) -> bool:
+    """Whether the days first … last (ISO dates) are all within one of the windows."""
+    return any(start <= first and last <= end for start, end in windows)
+
+
 def _utc(moment: datetime) -> datetime:
     return moment.replace(tzinfo=UTC)  # the state store keeps naive UTC
+
+
+def _days(spec: FlowSpec, window: StoppedWindow) -> dg.PartitionKeyRange:
+    return partitions_of(spec).get_partition_key_range_for_time_window(
+        dg.TimeWindow(_utc(window.start), _utc(window.end))
+    )
 
 
 def _run_request(spec: FlowSpec, window: StoppedWindow) -> dg.RunRequest:
     """A run of the window: its day's partition, or a one-run backfill of its range. The key
     names the window's latest stop: a window refused again is requested again."""
-    days = partitions_of(spec).get_partition_key_range_for_time_window(
-        dg.TimeWindow(_utc(window.start), _utc(window.end))
-    )
+    days = _days(spec, window)
     one_day = days.start == days.end
     return dg.RunRequest(
         run_key=f"{spec.name}:stopped:{days.start}:{days.end}:{window.stopped_at.isoformat()}",
@@ -99,8 +137,17 @@ def stopped_windows_sensor(spec: FlowSpec) -> dg.SensorDefinition:
                 f"{len(windows)} windows of {key.to_user_string()} wait: a run of the flow is "
                 "going on"
             )
+        # A window whose run waits to begin is read by it: it is forgotten once that run is
+        # through, or kept again, with a new stop, should the run be stopped too.
+        queued = queued_days(context.instance, key)
+        todo = [w for w in windows if not within(*_days(spec, w), queued)]
+        if not todo:
+            return dg.SkipReason(
+                f"{len(windows)} windows of {key.to_user_string()} wait for the runs of them "
+                "queued already"
+            )
         # The most recent first, as the changed-days sensor: the days reports are read for now.
-        latest = sorted(windows, key=lambda window: window.start, reverse=True)
+        latest = sorted(todo, key=lambda window: window.start, reverse=True)
         return dg.SensorResult(
             run_requests=[_run_request(spec, window) for window in latest[:MAX_WINDOWS_PER_TICK]]
         )

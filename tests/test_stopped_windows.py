@@ -13,6 +13,7 @@ from datetime import UTC, date, datetime, timedelta
 import dagster as dg
 import pytest
 import sqlalchemy as sa
+from dagster._core.test_utils import create_run_for_test
 
 from assets.chinook import CHINOOK_INVOICES
 from assets.crm_contacts import CRM_CONTACTS
@@ -38,6 +39,7 @@ from tests.test_finance_flows import JANUARY, change_invoices, materialize, quer
 from tests.test_sql_cursors import SOURCE, SPEC, live, source_lines
 
 FLOW = FINANCE_INVOICES.name
+FINANCE_INVOICES_KEY = dg.AssetKey(["finance", "invoices"])
 # Invoices of these days are broken by a bad import: a one-run backfill of them (50 invoices of
 # the world's, above the error budget's 20 rows) trips.
 BROKEN_DAYS = {
@@ -477,3 +479,62 @@ def test_an_unpartitioned_flow_s_schedule_skips_while_a_trip_stands(world, state
             f"{flow}_schedule", instance, datetime(2025, 1, 21, 11)
         ).run_requests
         assert request.tags["handoff/pool"] == CRM_CONTACTS.pool
+
+
+def queue_run_of(instance: dg.DagsterInstance, request: dg.RunRequest) -> None:
+    """The requested run, created and not begun yet (as one the queue holds)."""
+    create_run_for_test(
+        instance,
+        job_name="__ASSET_JOB",
+        status=dg.DagsterRunStatus.NOT_STARTED,
+        tags={**request.tags, "dagster/partition": request.partition_key},
+        asset_selection=frozenset({FINANCE_INVOICES_KEY}),
+    )
+
+
+def test_a_day_both_sensors_would_request_is_run_once(world, state):
+    """A day refused while a trip stood, whose rows changed meanwhile: once the trip cleared,
+    both sensors requested it under different run keys, two runs of one day (the second
+    waiting for the first and, past its wait, failing with its alert). A day whose run waits
+    in the queue is not requested again, whichever sensor asked first."""
+    with dg.instance_for_test() as instance:
+        materialize(FINANCE_INVOICES, instance, tags=JANUARY)
+        idle = tick(f"{FLOW}_changed_days", instance)
+        plant_trip(state, FLOW)
+        (paid, paid_on), (other, other_on) = query(
+            world.erp_url,
+            "SELECT invoice_number, invoice_date FROM invoices WHERE invoice_date >= '2025-01-20' "
+            "ORDER BY invoice_date DESC LIMIT 2",
+        )
+        days = [str(paid_on)[:10], str(other_on)[:10]]
+        assert days[0] != days[1] or pytest.skip("the world's last two invoices share a day")
+        for day in days:
+            start = datetime.fromisoformat(day)
+            state.keep_stopped_window(
+                StoppedWindow(FLOW, start, start + timedelta(days=1), "refused", "refused")
+            )
+        change_invoices(world.erp_url, {paid: {"status": "paid"}, other: {"status": "paid"}})
+        held = tick(f"{FLOW}_changed_days", instance, idle.cursor)
+        state.discard_dead_letters(
+            state.list_dead_letters(FLOW), actor="t", why="planted", run_id="discard"
+        )
+
+        # The changed-days sensor first: its runs queued, the other requests neither day.
+        changed = tick(f"{FLOW}_changed_days", instance, held.cursor).run_requests
+        assert sorted(r.partition_key for r in changed) == sorted(days)
+        queue_run_of(instance, changed[0])
+        (stopped_day,) = tick(f"{FLOW}_stopped_windows", instance).run_requests
+        assert stopped_day.partition_key == changed[1].partition_key
+        queue_run_of(instance, changed[1])
+        assert "2 windows of finance/invoices wait for the runs of them queued already" in (
+            skip_message(tick(f"{FLOW}_stopped_windows", instance))
+        )
+
+    with dg.instance_for_test() as instance:  # the stopped-windows sensor first
+        for request in tick(f"{FLOW}_stopped_windows", instance).run_requests:
+            queue_run_of(instance, request)
+        again = tick(f"{FLOW}_changed_days", instance, held.cursor)
+        assert not again.run_requests
+        assert "the changed days of finance/invoices have runs queued already" in (
+            skip_message(again)
+        )
