@@ -28,6 +28,7 @@ from integrations.engine.source import SourceUnavailable
 from integrations.engine.spec import FlowSpec
 from integrations.engine.state import (
     REASON_KINDS,
+    AuditHead,
     DeadLetter,
     StateStore,
     StateStoreUnavailable,
@@ -103,6 +104,14 @@ def _at_least_one(text: str) -> int:
     if not text.lstrip("-").isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text} is not a whole number, 1 or more")
     return int(text)
+
+
+def _audit_head(text: str) -> AuditHead:
+    """`ID:HASH`, as a materialization's `audit_head` shows it."""
+    try:
+        return AuditHead.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def cmd_seed(args: argparse.Namespace) -> int:
@@ -466,14 +475,23 @@ def cmd_budget_clear(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    verdict = _store().verify_audit()
+    """Walk the chain; with `--head`, the trail must still hold that entry as recorded."""
+    verdict = _store().verify_audit(head=args.head)
     if verdict.intact:
-        print(f"audit trail intact: {verdict.entries} entries, head {(verdict.head or '')[:16]}")
+        held = f"; it holds entry {args.head.id} as recorded" if args.head else ""
+        print(f"audit trail intact: {verdict.entries} entries, head {verdict.head or 'none'}{held}")
         return 0
+    if verdict.broken_position is None:  # no broken link: the chain holds, but not its head
+        found = f"audit trail broken: {verdict.problem}; the {verdict.entries} entries left verify"
+    else:
+        found = (
+            f"audit trail broken at entry {verdict.broken_id} (position "
+            f"{verdict.broken_position}): {verdict.problem}; the {verdict.entries} entries "
+            "before it verify"
+        )
     print(
-        f"audit trail broken at entry {verdict.broken_id} (position {verdict.broken_position}): "
-        f"{verdict.problem}; the {verdict.entries} entries before it verify. What to do: treat "
-        "the trail from there on as untrusted and investigate who changed the state database",
+        f"{found}. What to do: treat the trail from there on as untrusted and investigate who "
+        "changed the state database",
         file=sys.stderr,
     )
     return 1
@@ -660,6 +678,13 @@ def parser() -> argparse.ArgumentParser:
         dest="audit", required=True
     )
     verify = audit.add_parser("verify", help="walk the hash chain; report the first broken link")
+    verify.add_argument(
+        "--head",
+        type=_audit_head,
+        metavar="ID:HASH",
+        help="the head recorded elsewhere (a materialization's audit_head): the trail must still "
+        "hold that entry, else it was cut after it",
+    )
     verify.set_defaults(run=cmd_audit_verify)
     story = audit.add_parser("show", help="one record's story across runs and flows")
     story.add_argument("--key", required=True, help="the record key (the source's key)")

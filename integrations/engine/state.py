@@ -14,6 +14,7 @@ import json
 import logging
 import operator
 import os
+import re
 import threading
 import time
 import zlib
@@ -934,16 +935,37 @@ class StateStore:
                 for row in connection.execute(query)
             ]
 
-    def verify_audit(self) -> AuditVerdict:
-        """Walk the hash chain from the first entry; report the first broken link."""
-        previous, count = GENESIS, 0
+    def audit_head(self) -> AuditHead | None:
+        """The trail's newest entry (None: it has none). Recorded where the state store's owner
+        cannot rewrite it (a Dagster materialization), it lets a cut trail be told."""
+        query = sa.select(audit_log.c.id, audit_log.c.entry_hash).order_by(audit_log.c.id.desc())
+        with self.engine.connect() as connection:
+            newest = connection.execute(query.limit(1)).first()
+        return AuditHead(*newest) if newest else None
+
+    def audit_head_problem(self, head: AuditHead) -> str | None:
+        """What became of entry `head.id`, recorded as the trail's head (None: it is there, as
+        recorded), judged by that entry alone: cheap enough for every run (`verify_audit` walks
+        the whole chain)."""
+        query = (
+            sa.select(audit_log).where(audit_log.c.id <= head.id).order_by(audit_log.c.id.desc())
+        )
+        with self.engine.connect() as connection:
+            reached = connection.execute(query.limit(1)).first()
+        return _head_problem(head, reached._asdict() if reached else None)
+
+    def verify_audit(self, head: AuditHead | None = None) -> AuditVerdict:
+        """Walk the hash chain from the first entry; report the first broken link. Given `head`,
+        recorded earlier, the trail must still hold that entry as it was: a trail whose newest
+        entries were removed is a shorter chain that verifies."""
+        newest, reached, count = None, None, 0
         with self.engine.connect() as connection:
             indexed = _KeyIndex(connection)
             for position, row in enumerate(
                 connection.execute(sa.select(audit_log).order_by(audit_log.c.id)), start=1
             ):
                 entry = row._asdict()
-                if entry["prev_hash"] != previous:
+                if entry["prev_hash"] != (newest.hash if newest else GENESIS):
                     problem = "the entry before it was removed or replaced"
                 elif _seal(entry) != entry["entry_hash"]:
                     problem = "its content was changed after it was written"
@@ -954,8 +976,13 @@ class StateStore:
                     )
                 if problem:
                     return AuditVerdict(False, count, entry["id"], position, problem)
-                previous, count = entry["entry_hash"], position
-        return AuditVerdict(True, count, None, None, "intact", head=previous)
+                newest, count = AuditHead(entry["id"], entry["entry_hash"]), position
+                if head is not None and entry["id"] <= head.id:
+                    reached = entry
+        problem = _head_problem(head, reached) if head is not None else None
+        if problem:  # the chain holds, but no longer reaches the head it had
+            return AuditVerdict(False, count, head.id, None, problem, head=newest)
+        return AuditVerdict(True, count, None, None, "intact", head=newest)
 
     # --- writes ------------------------------------------------------------------------------
 
@@ -1416,14 +1443,53 @@ class StateStore:
         )
 
 
+class AuditHead(NamedTuple):
+    """An audit entry's id and hash, written `id:hash`: the trail's head as recorded elsewhere,
+    which the trail must still hold."""
+
+    id: int
+    hash: str
+
+    def __str__(self) -> str:
+        return f"{self.id}:{self.hash}"
+
+    @classmethod
+    def parse(cls, text: str) -> AuditHead:
+        """`id:hash`, as a materialization's `audit_head` shows it."""
+        number, _, digest = text.strip().lower().partition(":")
+        if not number.isdigit() or not _HEX_DIGEST.fullmatch(digest):
+            raise ValueError(
+                f"{text!r} is not an audit head: ID:HASH, an entry's id and its 64 hex digits"
+            )
+        return cls(int(number), digest)
+
+
+_HEX_DIGEST = re.compile("[0-9a-f]{64}")
+
+
 @dataclass(frozen=True)
 class AuditVerdict:
     intact: bool
     entries: int  # entries verified before the first broken link (all of them when intact)
-    broken_id: int | None
-    broken_position: int | None
+    broken_id: int | None  # or the head it was given, when the trail no longer holds it
+    broken_position: int | None  # None: the chain holds, but was cut (`problem` says where)
     problem: str
-    head: str | None = None
+    head: AuditHead | None = None  # the newest entry of a chain that holds
+
+
+def _head_problem(head: AuditHead, reached: Mapping[str, object] | None) -> str | None:
+    """What became of entry `head.id`, recorded as the trail's head, given `reached`: the trail's
+    last entry up to that id (None: there is none)."""
+    if reached is None or reached["id"] != head.id:
+        # Or earlier: SQLite gives a removed entry's id to the next, and the trail may regrow.
+        cut = f"cut after entry {reached['id']} or earlier" if reached else "emptied"
+        return f"the trail was {cut}: entry {head.id}, recorded as its head, is gone"
+    if reached["entry_hash"] != head.hash or _seal(reached) != head.hash:
+        return (
+            f"entry {head.id} is not the one recorded as the trail's head (its hash differs): "
+            "the trail was cut before it and written again, or it was changed"
+        )
+    return None
 
 
 def _seal(entry: dict[str, object]) -> str:
