@@ -1,13 +1,17 @@
-"""A flow's checks: its contract (evaluated by every sync) and a daily reconciliation."""
+"""A flow's checks: its contract and the audit trail's anchor (evaluated by every sync) and a
+daily reconciliation."""
 
 import dagster as dg
 
 from assets.connections import flow_connections, required_resources
 from integrations.engine.reconcile import Drift, reconcile
 from integrations.engine.spec import FlowSpec
+from integrations.engine.state import AuditHead, StateStore
 from integrations.engine.sync import SyncResult
 
 CONTRACT_CHECK = "contract"
+AUDIT_ANCHOR_CHECK = "audit_anchor"
+AUDIT_HEAD = "audit_head"  # the materialization's metadata: the trail's head after its run
 RECONCILIATION_CHECK = "reconciliation"
 SAMPLE = 5
 
@@ -33,6 +37,49 @@ def contract_check_result(spec: FlowSpec, result: SyncResult) -> dg.AssetCheckRe
             "samples": dg.MetadataValue.json(result.samples),
             "contract": spec.target_contract.label,
         },
+    )
+
+
+def audit_anchor_check_spec(key: dg.AssetKey) -> dg.AssetCheckSpec:
+    return dg.AssetCheckSpec(
+        AUDIT_ANCHOR_CHECK,
+        asset=key,
+        description="The state store's audit trail still holds the head (newest entry) this "
+        "asset's previous materialization recorded as `audit_head`: fails when the trail's "
+        "newest entries were removed, which its hash chain alone cannot show.",
+    )
+
+
+def audit_anchor_check_result(
+    instance: dg.DagsterInstance, key: dg.AssetKey, state: StateStore
+) -> dg.AssetCheckResult:
+    """The head the asset's latest materialization recorded, judged against the trail as a run
+    starts (its own entries could take the removed entries' ids on SQLite)."""
+    event = instance.get_latest_materialization_event(key)
+    recorded = event.asset_materialization.metadata.get(AUDIT_HEAD) if event else None
+    if recorded is None:
+        return dg.AssetCheckResult(
+            check_name=AUDIT_ANCHOR_CHECK,
+            passed=True,
+            description=f"no materialization of {key.to_user_string()} recorded the audit "
+            "trail's head yet: this run records the first",
+        )
+    head = AuditHead.parse(recorded.value)
+    problem = state.audit_head_problem(head)
+    found = f"the trail still holds entry {head.id} as recorded" if problem is None else problem
+    what_to_do = (
+        ". What to do: treat the trail from there on as untrusted and investigate who changed "
+        f"the state database (`handoff audit verify --head {head}` walks the whole trail against "
+        "it); if HANDOFF_STATE_URL names another state database than that run's, this run "
+        "anchors the new one"
+    )
+    return dg.AssetCheckResult(
+        check_name=AUDIT_ANCHOR_CHECK,
+        passed=problem is None,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=f"{found} (the head run {event.run_id} recorded)"
+        + (what_to_do if problem else ""),
+        metadata={"head_recorded": str(head), "recorded_by_run": event.run_id},
     )
 
 

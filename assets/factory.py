@@ -11,7 +11,10 @@ from datetime import timedelta
 import dagster as dg
 
 from assets.checks import (
+    AUDIT_HEAD,
     EXTRA_LEFT,
+    audit_anchor_check_result,
+    audit_anchor_check_spec,
     contract_check_result,
     contract_check_spec,
     drift_metadata,
@@ -28,7 +31,7 @@ from integrations.engine.errors import (
 from integrations.engine.reconcile import Drift, reconcile
 from integrations.engine.source import SourceUnavailable
 from integrations.engine.spec import FlowSpec
-from integrations.engine.state import BudgetTrip, StateStoreUnavailable
+from integrations.engine.state import AuditHead, BudgetTrip, StateStoreUnavailable
 from integrations.engine.sync import Sync, SyncResult
 from integrations.settings import database_url_variable
 from integrations.sql.source import SourceSchemaError
@@ -227,15 +230,20 @@ def _run(
     spec: FlowSpec,
     config: SyncConfig,
     transport: dict[str, object],
-) -> tuple[SyncResult, Drift | None]:
-    """Sync; `transport` receives the destination's health, whether the sync ends well or not."""
+) -> tuple[SyncResult, Drift | None, dg.AssetCheckResult, AuditHead | None]:
+    """Sync; `transport` receives the destination's health, whether the sync ends well or not.
+    Also the audit anchor's check, and the trail's head after the run's commits."""
     connections = flow_connections(context.resources, spec, log=context.log)
     with connections as (source, destination, state):
+        anchor = audit_anchor_check_result(context.instance, asset_key(spec), state)
         try:
-            return _sync_replay_or_repair(context, spec, config, source, destination, state)
+            result, drift = _sync_replay_or_repair(
+                context, spec, config, source, destination, state
+            )
         finally:
             transport.update(destination.health())
             context.log.info("%s transport: %s", spec.target.system, transport)
+        return result, drift, anchor, state.audit_head()
 
 
 def _sync_replay_or_repair(context, spec, config, source, destination, state):
@@ -287,7 +295,7 @@ def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
         description=spec.description
         or f"{spec.name}: {spec.source.table} → {key.to_user_string()}",
         deps=[source_key(spec)],
-        check_specs=[contract_check_spec(spec, key)],
+        check_specs=[contract_check_spec(spec, key), audit_anchor_check_spec(key)],
         required_resource_keys=required_resources(spec),
         pool=spec.pool,
         partitions_def=partitions_of(spec),
@@ -306,7 +314,7 @@ def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
     def _sync(context: dg.AssetExecutionContext, config: SyncConfig):
         transport: dict[str, object] = {}
         try:
-            result, drift = _run(context, spec, config, transport)
+            result, drift, anchor, head = _run(context, spec, config, transport)
         except SyncError as error:
             raise _failure(spec, error, api_facing, transport) from error
         except (SourceUnavailable, StateStoreUnavailable) as error:
@@ -335,8 +343,10 @@ def flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
             metadata.update(
                 {f"repair/{name}": value for name, value in drift_metadata(drift).items()}
             )
+        if head is not None:  # where the state store's owner cannot rewrite it with the trail
+            metadata[AUDIT_HEAD] = str(head)
         return dg.MaterializeResult(
-            metadata=metadata, check_results=[contract_check_result(spec, result)]
+            metadata=metadata, check_results=[contract_check_result(spec, result), anchor]
         )
 
     return _sync

@@ -3,12 +3,15 @@
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
+import dagster as dg
 import pytest
 import sqlalchemy as sa
 
 from assets.crm_contacts import CRM_CONTACTS
+from assets.factory import flow_asset
+from definitions import resources
 from integrations.cli import main
-from integrations.engine.state import AUDIT_TABLES, AuditRecord, StateStore
+from integrations.engine.state import AUDIT_TABLES, AuditHead, AuditRecord, StateStore
 from integrations.erp.changes import move_customers
 from tests.conftest import DLQ_KEY
 from tests.contacts import sync
@@ -21,12 +24,25 @@ DROP_TRIGGERS = {
 }
 
 
-def tamper(store, statement: str, **values) -> None:
+def tamper(store, *statements: str, **values) -> None:
     """What someone with DDL rights on the state database could do."""
     with store.engine.begin() as connection:
         for drop in DROP_TRIGGERS[store.engine.dialect.name]:
             connection.exec_driver_sql(drop)
-        connection.execute(sa.text(statement), values)
+        for statement in statements:
+            connection.execute(sa.text(statement), values)
+
+
+# The trail's newest entries removed, with their records: a shorter chain that still verifies.
+CUT_AFTER = [
+    f"DELETE FROM {table} WHERE {column} > :kept"
+    for table, column in (
+        ("audit_keys", "audit_id"),
+        ("audit_bodies", "audit_id"),
+        ("audit_records", "audit_id"),
+        ("audit_log", "id"),
+    )
+]
 
 
 def test_an_untouched_trail_verifies(world, erp, crm_client, state, capsys):
@@ -137,6 +153,58 @@ def test_the_audit_refuses_edits_while_its_triggers_stand(world, erp, crm_client
         with pytest.raises(sa.exc.DatabaseError, match="append-only"):  # noqa: SIM117
             with state.engine.begin() as connection:
                 connection.execute(sa.text(statement))
+
+
+def materialize_contacts(instance: dg.DagsterInstance) -> tuple[str, dg.AssetCheckEvaluation]:
+    """A run of crm/contacts in Dagster: the audit head its materialization recorded, and its
+    audit anchor's check."""
+    result = dg.materialize([flow_asset(CRM_CONTACTS)], resources=resources(), instance=instance)
+    (event,) = result.get_asset_materialization_events()
+    (anchor,) = [c for c in result.get_asset_check_evaluations() if c.check_name == "audit_anchor"]
+    return event.materialization.metadata["audit_head"].value, anchor
+
+
+def test_a_trail_cut_after_a_materialization_is_caught(any_world, crm_client, capsys):
+    """Removing the trail's newest entries leaves a chain that verifies; the head each
+    materialization records in Dagster's event log is what the trail no longer holds."""
+    store = StateStore(any_world.state_url, dlq_key=DLQ_KEY)
+    with dg.instance_for_test() as instance:
+        first, anchor = materialize_contacts(instance)
+        assert anchor.passed, "nothing recorded before the first run"
+        newest = store.audit_entries()[-1]
+        assert first == f"{newest['id']}:{newest['entry_hash']}", "the head after its commits"
+        assert newest["actor"].startswith("dagster run ")
+
+        second, anchor = materialize_contacts(instance)
+        assert anchor.passed and f"holds entry {first.split(':')[0]}" in anchor.description
+        assert main(["audit", "verify", "--head", second]) == 0
+        assert f"it holds entry {second.split(':')[0]} as recorded" in capsys.readouterr().out
+
+        kept = int(first.split(":")[0])
+        tamper(store, *CUT_AFTER, kept=kept)
+        assert store.verify_audit().intact, "the chain alone cannot tell"
+        assert main(["audit", "verify", "--head", first]) == 0, "what it still holds verifies"
+        assert main(["audit", "verify", "--head", second]) == 1
+        assert f"the trail was cut after entry {kept} or earlier" in capsys.readouterr().err
+
+        _, anchor = materialize_contacts(instance)
+        assert not anchor.passed and anchor.severity == dg.AssetCheckSeverity.ERROR
+        assert f"cut after entry {kept} or earlier" in anchor.description
+        assert anchor.metadata["head_recorded"].value == second
+        assert not store.verify_audit(AuditHead.parse(second)).intact, "its entries regrew"
+    store.dispose()
+
+
+def test_a_head_is_given_as_id_and_hash(world, state, capsys):
+    with pytest.raises(SystemExit):
+        main(["audit", "verify", "--head", "12"])
+    assert "not an audit head: ID:HASH" in capsys.readouterr().err
+    state.append_audit(actor="test", action="note", why="test", detail={})
+    head = state.audit_head()
+    assert head.id == 1 and AuditHead.parse(str(head).upper()) == head
+    forged = AuditHead(1, "0" * 64)
+    assert "entry 1 is not the one recorded" in state.verify_audit(forged).problem
+    assert state.verify_audit(AuditHead(2, head.hash)).problem.startswith("the trail was cut after")
 
 
 def test_a_records_story_shows_each_change_field_by_field(world, erp, crm_client, state, capsys):

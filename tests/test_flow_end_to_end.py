@@ -49,8 +49,10 @@ def test_first_sync_fills_the_crm_and_a_rerun_sends_nothing(any_world, crm_clien
         assert any_world.crm.store.stats()["upsert_inputs"] == received, "the rerun sent records"
         assert {c["id"]: c["updatedAt"] for c in crm_contacts(crm_client)} == before
 
-        (check,) = first.get_asset_check_evaluations()
-        assert check.check_name == "contract" and not check.passed
+        checks = {check.check_name: check for check in first.get_asset_check_evaluations()}
+        assert checks.keys() == {"contract", "audit_anchor"}
+        check = checks["contract"]
+        assert not check.passed
         assert check.metadata["rejected"].value == counts["rejected"]
         samples = check.metadata["samples"].value
         assert samples and all(
