@@ -66,19 +66,22 @@ def audit_anchor_check_result(
         )
     head = AuditHead.parse(recorded.value)
     problem = state.audit_head_problem(head)
-    found = f"the trail still holds entry {head.id} as recorded" if problem is None else problem
-    what_to_do = (
-        ". What to do: treat the trail from there on as untrusted and investigate who changed "
-        f"the state database (`handoff audit verify --head {head}` walks the whole trail against "
-        "it); if HANDOFF_STATE_URL names another state database than that run's, this run "
-        "anchors the new one"
-    )
+    if problem is None:
+        description = (
+            f"the trail still holds entry {head.id}, its head as run {event.run_id} saw it"
+        )
+    else:
+        description = (
+            f"{problem} (run {event.run_id} recorded it). What to do: treat the trail from there "
+            "on as untrusted and investigate who changed the state database (`handoff audit "
+            f"verify --head {head}` walks the whole trail against it); if HANDOFF_STATE_URL "
+            "names another state database than that run's, this run anchors the new one"
+        )
     return dg.AssetCheckResult(
         check_name=AUDIT_ANCHOR_CHECK,
         passed=problem is None,
         severity=dg.AssetCheckSeverity.ERROR,
-        description=f"{found} (the head run {event.run_id} recorded)"
-        + (what_to_do if problem else ""),
+        description=description,
         metadata={"head_recorded": str(head), "recorded_by_run": event.run_id},
     )
 

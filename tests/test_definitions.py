@@ -21,6 +21,7 @@ def test_the_asset_graph_resolves_with_flows_checks_sensors_and_schedules():
     assert contacts in graph.get_all_asset_keys()
     assert graph.get(contacts).parent_keys == {dg.AssetKey(["erp", "customers"])}
     assert dg.AssetCheckKey(contacts, "contract") in graph.asset_check_keys
+    assert dg.AssetCheckKey(contacts, "audit_anchor") in graph.asset_check_keys
     assert dg.AssetCheckKey(contacts, "reconciliation") in graph.asset_check_keys
     assert (
         graph.get(contacts).freshness_policy.fail_window.to_timedelta().total_seconds() == 3 * 3600
