@@ -4,7 +4,9 @@ staging table by the sensor-requested run, once each, the requestor resolved to 
 from __future__ import annotations
 
 import time
-from datetime import datetime
+import uuid
+from dataclasses import replace
+from datetime import datetime, timedelta
 
 import dagster as dg
 import sqlalchemy as sa
@@ -13,8 +15,12 @@ from assets.erp_support_tickets import ERP_SUPPORT_TICKETS
 from assets.factory import flow_asset
 from assets.helpdesk_users import HELPDESK_USERS
 from definitions import active_flows, definitions, resources
-from integrations.helpdesk.source import updated_since
+from integrations.engine.sync import Sync
+from integrations.helpdesk.client import RtClient
+from integrations.helpdesk.source import RtTickets, updated_since
 from integrations.sql.connect import create_engine
+from integrations.sql.destination import SqlTable
+from tests.rt_gateway import RtGateway
 
 SUPPORT_TICKETS = dg.AssetKey(["erp", "support_tickets"])
 
@@ -120,3 +126,50 @@ def test_the_query_asks_rt_for_a_relative_instant_so_its_time_zone_does_not_matt
     assert updated_since(datetime(2026, 11, 26, 11, 0, 0), now) == (
         "LastUpdated >= '3660 seconds ago'"
     )
+
+
+def sync_tickets(world, client: RtClient, spec) -> None:
+    erp, state = create_engine(world.erp_url), world.state()
+    try:
+        Sync(
+            spec,
+            RtTickets(client, spec.source),
+            SqlTable(erp, spec.target),
+            state,
+            run_id=uuid.uuid4().hex,
+            actor="test",
+            why="test",
+        ).run()
+    finally:
+        erp.dispose()
+        state.dispose()
+
+
+def test_a_ticket_answered_while_the_run_reads_rt_costs_no_other_ticket(helpdesk_world, rt_client):
+    rt = helpdesk_world.rt
+    tickets = [
+        rt_client.create_ticket({"Queue": "General", "Subject": f"question {n}"}) for n in range(6)
+    ]
+    time.sleep(1.1)  # RT keeps LastUpdated to the second: the answer comes later than them all
+    searches = []
+
+    def agent_answers_the_first_ticket_between_two_pages(method: str, path: str) -> None:
+        if path.startswith("/REST/2.0/tickets"):
+            searches.append(path)
+            if len(searches) == 2:
+                rt_client.update_ticket(tickets[0], {"Status": "open"})
+
+    gateway = RtGateway(rt.base_url, agent_answers_the_first_ticket_between_two_pages)
+    paging = RtClient(gateway.url, user=rt.user, password=rt.password, page_size=2)
+    spec = replace(ERP_SUPPORT_TICKETS, lookback=timedelta(0))
+    try:
+        sync_tickets(helpdesk_world, paging, spec)
+        assert len(searches) >= 2, "the run read more than one page"
+        rows = staged(helpdesk_world.erp_url)
+        assert sorted(rows) == tickets, "a ticket the pages skipped is never staged"
+        assert rows[tickets[0]]["status"] == "open", "the answered ticket as it is now"
+        sync_tickets(helpdesk_world, paging, spec)
+        assert sorted(staged(helpdesk_world.erp_url)) == tickets
+    finally:
+        paging.close()
+        gateway.close()

@@ -7,6 +7,12 @@ with `N` widened by `CLOCK_MARGIN` against clock skew; the flow's lookback re-re
 minutes again, and the ledger's diff keeps what did not change from being written twice.
 REST2's answers carry times in UTC (`…Z`), which the rows keep as naive UTC datetimes.
 
+The engine's watermark needs the rows oldest change first, and RT's pages in that order are
+offsets: a ticket changed while they are read moves to the end, and the one after a page slides
+back past the offset, never read (and the watermark passes it). So a read lists the matches'
+(LastUpdated, id) first, by ids (a change does not move a ticket), then reads the tickets a page
+of ids at a time in that order; one changed in between comes last, as it is now.
+
 RT hides deleted tickets from every REST2 search, so a ticket deleted in RT keeps its last
 synced state in the destination; there are no soft deletes to archive.
 """
@@ -35,7 +41,6 @@ COLUMNS = [
     "Resolved",
     "LastUpdated",
 ]
-ORDER = ("LastUpdated", "id")  # the engine's (cursor, key) order
 
 
 def updated_since(since: datetime, now: datetime | None = None) -> str:
@@ -62,6 +67,15 @@ def _row(ticket: dict) -> tuple:
     )
 
 
+def _changed_order(ticket: dict) -> tuple[datetime, int]:
+    """A ticket's place in the engine's (cursor, key) order."""
+    return rt_time(ticket.get("LastUpdated")) or datetime.min, int(ticket["id"])
+
+
+def _ids_query(ids: Iterable[int]) -> str:
+    return " OR ".join(f"id = {ticket_id}" for ticket_id in ids)
+
+
 def _frames(tickets: Iterable[dict], size: int) -> Iterator[pd.DataFrame]:
     iterator = iter(tickets)
     while chunk := list(islice(iterator, size)):
@@ -81,11 +95,31 @@ class RtTickets:
             )
         self.client, self.spec = client, spec
 
-    def _search(self, ticketsql: str) -> Iterator[dict]:
+    def _search(self, ticketsql: str, fields: Sequence[str] = FIELDS) -> Iterator[dict]:
         try:
-            yield from self.client.search_tickets(ticketsql, FIELDS, order_by=ORDER)
+            yield from self.client.search_tickets(ticketsql, fields)
         except RtError as error:
             raise SourceUnavailable(str(error)) from error
+
+    def _in_changed_order(self, ticketsql: str) -> Iterator[dict]:
+        """The matching tickets oldest change first, each once (see the module docstring)."""
+        listed = sorted(
+            _changed_order(ticket) for ticket in self._search(ticketsql, ["LastUpdated"])
+        )
+        changed_since: list[dict] = []
+        step = self.client.page_size
+        for start in range(0, len(listed), step):
+            page = listed[start : start + step]
+            found = {int(t["id"]): t for t in self._search(_ids_query(i for _, i in page))}
+            for place in page:
+                ticket = found.get(place[1])
+                if ticket is None:
+                    continue  # deleted meanwhile
+                if _changed_order(ticket) == place:
+                    yield ticket
+                else:
+                    changed_since.append(ticket)
+        yield from sorted(changed_since, key=_changed_order)
 
     def batches(
         self, since: datetime | None, batch_size: int, within: object | None = None
@@ -93,7 +127,7 @@ class RtTickets:
         if within is not None:
             raise ValueError("RT tickets are not read by partition")
         query = updated_since(since) if since is not None else "id > 0"
-        yield from _frames(self._search(query), batch_size)
+        yield from _frames(self._in_changed_order(query), batch_size)
 
     def in_window(self, column: str, start: datetime, end: datetime) -> object:
         raise ValueError("RT tickets are not read by partition")
@@ -102,8 +136,7 @@ class RtTickets:
         ids = sorted({int(key) for key in keys})
         step = min(batch_size, PAGE)  # the query travels in the URL
         for start in range(0, len(ids), step):
-            query = " OR ".join(f"id = {ticket_id}" for ticket_id in ids[start : start + step])
-            yield from _frames(self._search(query), batch_size)
+            yield from _frames(self._search(_ids_query(ids[start : start + step])), batch_size)
 
     def deleted_keys(self, since: datetime | None, within: object | None = None) -> list[object]:
         return []  # REST2 never shows deleted tickets (see the module docstring)
