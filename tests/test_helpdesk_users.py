@@ -22,6 +22,7 @@ from integrations.helpdesk.support_tier import TIER_FIELD, TIER_WINDOW, TIERS, s
 from integrations.sql.connect import create_engine
 from resources.helpdesk import HelpdeskResource
 from tests.expectations import assert_one_per_valid_customer
+from tests.rt_gateway import RtGateway
 
 TIER = f"CF.{{{TIER_FIELD}}}"
 
@@ -152,3 +153,29 @@ def test_an_rt_outage_mid_run_fails_naming_rt_and_the_next_run_loses_nothing(hel
         assert histories(client, already) == before, "the rerun rewrote what RT already held"
         assert state.count_synced(spec.name) == len(rt_users(client))
         state.dispose()
+
+
+def test_a_user_created_whose_answer_was_lost_is_not_dead_lettered(
+    helpdesk_world, rt_client, monkeypatch
+):
+    lost = []
+
+    def gateway_times_out_on_the_first_create(method: str, path: str) -> int | None:
+        if (method, path) == ("POST", "/REST/2.0/user") and not lost:
+            lost.append(path)
+            return 504  # RT goes on and creates the user; the client is told the gateway gave up
+        return None
+
+    gateway = RtGateway(helpdesk_world.rt.base_url, gateway_times_out_on_the_first_create)
+    monkeypatch.setenv("RT_BASE_URL", gateway.url)
+    try:
+        with dg.instance_for_test() as instance:
+            counts = materialize(instance)
+    finally:
+        gateway.close()
+    assert lost, "a create's answer was lost"
+    refused = counts["dead_letters_open_by_kind"].get("destination-rejected", 0)
+    assert refused == 0, "RT holds that user: its resent create's 'Name in use' is no refusal"
+    users = rt_users(rt_client)
+    assert counts["inserted"] == len(users)
+    assert_one_per_valid_customer(helpdesk_world.erp_url, list(users))

@@ -95,7 +95,8 @@ class RtClient:
         idempotent: bool = True,
     ) -> object:
         """One call through the shared transport. Every POST here is a search, or a user
-        create that a resend cannot double (RT refuses a second user of the same name)."""
+        create that a resend cannot double (RT refuses a second user of the same name; the
+        users destination then finds the one the first send made)."""
         where = f"{method} {path}"
         try:
             response = self.api.request(

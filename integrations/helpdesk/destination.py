@@ -68,18 +68,12 @@ class RtUsers:
             held = self._held(list(wanted), wanted)
             for record in records:
                 name = self._name(record)
-                current = held.get(name)
                 try:
-                    if current is None:
-                        self.client.create_user(self._body({**wanted[name], "Name": name}))
-                    else:
-                        changes = {k: v for k, v in wanted[name].items() if current.get(k) != v}
-                        if changes:
-                            self.client.update_user(name, self._body(changes))
+                    created = self._write(name, wanted[name], held.get(name))
                 except RtRequestRejected as error:
                     refused.append(Refusal(record.key, str(error)))
                     continue
-                written.append(Written(record.key, name, created=current is None))
+                written.append(Written(record.key, name, created=created))
             wrong = self._not_stored(
                 {item.destination_id: wanted[item.destination_id] for item in written}
             )
@@ -129,6 +123,25 @@ class RtUsers:
         """The record as RT would hold it, enabled (a customer back from deletion is enabled)."""
         fields = {k: _text(v) for k, v in record.properties.items() if k != self.id_property}
         return {**fields, "Disabled": "0"}
+
+    def _write(self, name: str, want: Mapping[str, str], current: dict | None) -> bool:
+        """Create the user, or send the fields RT holds otherwise; whether it was created
+        (RT did not hold it when the chunk was read)."""
+        created = current is None
+        if current is None:
+            try:
+                self.client.create_user(self._body({**want, "Name": name}))
+                return created
+            except RtRequestRejected:
+                # A create resent after its answer was lost (a gateway timing out while RT went
+                # on) is refused, the name in use: the first one made the user; finish it.
+                current = self._held([name], {name: want}).get(name)
+                if current is None:
+                    raise
+        changes = {k: v for k, v in want.items() if current.get(k) != v}
+        if changes:
+            self.client.update_user(name, self._body(changes))
+        return created
 
     def _held(self, names: list[str], wanted: Mapping[str, Mapping[str, str]]) -> dict[str, dict]:
         fields = sorted({k for want in wanted.values() for k in want} - {"Disabled"})
