@@ -3,6 +3,8 @@ outage that opens the shared transport's circuit breaker."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 
 import pytest
@@ -13,6 +15,7 @@ from integrations.helpdesk.client import (
     RtRequestRejected,
     RtUnavailable,
 )
+from integrations.helpdesk.local_rt import RT_LIB
 from integrations.helpdesk.support_tier import TIER_FIELD
 from integrations.http import ApiLimits
 
@@ -91,3 +94,45 @@ def test_an_rt_outage_opens_the_circuit_names_rt_and_a_probe_closes_it(rt):
     time.sleep(0.6)
     assert client.ping(), "the half-open probe reaches RT again and closes the circuit"
     assert client.api.stats()["circuit"]["state"] == "closed"
+
+
+# An agent of the README's least-privilege kind: ShowTicket on one queue, not on the whole RT.
+_QUEUE_AGENT = r"""
+use strict; use warnings; use RT; RT::LoadConfig(); RT::Init();
+my $user = RT::User->new(RT->SystemUser);
+my ($ok, $msg) = $user->Create(Name => 'handoff', Password => $ENV{AGENT_PASSWORD}, Privileged => 1);
+die "$msg\n" unless $ok;
+my $queue = RT::Queue->new(RT->SystemUser); $queue->Load('General');
+for my $right (qw(SeeQueue ShowTicket)) {
+    ($ok, $msg) = $user->PrincipalObj->GrantRight(Right => $right, Object => $queue);
+    die "$msg\n" unless $ok;
+}
+"""
+
+
+def test_ticket_search_reads_every_page_when_rt_does_not_count_them(rt, rt_client):
+    # Without SQL ACL checks RT does not count what a user with queue rights may see: its
+    # answers carry no page count.
+    setting = rt.home / "RT_SiteConfig.d" / "50-no-sql-acl.pm"
+    setting.write_text("Set($UseSQLForACLChecks, 0);\n1;\n")
+    try:
+        rt.reset()
+        environment = {
+            **os.environ,
+            "RT_SITE_CONFIG": str(rt.home / "RT_SiteConfig.pm"),
+            "RT_SITE_CONFIG_DIR": str(rt.home / "RT_SiteConfig.d"),
+            "AGENT_PASSWORD": "agent-password-1",
+        }
+        subprocess.run(
+            ["perl", f"-I{RT_LIB}", "-e", _QUEUE_AGENT], env=environment, check=True, text=True
+        )
+        created = [
+            rt_client.create_ticket({"Queue": "General", "Subject": f"printer {n}"})
+            for n in range(5)
+        ]
+        agent = RtClient(rt.base_url, user="handoff", password="agent-password-1", page_size=2)
+        found = list(agent.search_tickets("Queue = 'General'", ["Status"]))
+        assert [int(ticket["id"]) for ticket in found] == created
+    finally:
+        setting.unlink()
+        rt.reset()
