@@ -435,6 +435,48 @@ def test_a_swap_whose_half_a_trigger_skips_is_not_written(postgres_database, sta
     engine.dispose()
 
 
+@pytest.mark.postgres
+def test_an_update_a_trigger_skips_is_dead_lettered_and_lands_once_it_is_dropped(
+    postgres_database, state
+):
+    """A DBA's trigger that keeps closed periods' rows (BEFORE UPDATE, RETURN NULL, no error)
+    skipped a changed line's update: PostgreSQL returned it no more than a row held as sent, the
+    run counted it unchanged and the ledger took its new hash, so the change was never sent
+    again. Now its letter says the trigger skipped it; the open period's line lands; once the
+    trigger is dropped, a replay lands it."""
+    engine = create_engine(postgres_database())
+    source_lines(engine, [datetime(2025, 1, 1, n) for n in range(2)])
+    with engine.begin() as connection:
+        connection.exec_driver_sql("UPDATE source_lines SET booked_on = '2025-02-03' WHERE id = 2")
+    run(engine, state)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "CREATE FUNCTION keep_closed_periods() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN IF OLD.booked_on < '2025-02-01' THEN RETURN NULL; END IF; RETURN NEW; END $$"
+        )
+        connection.exec_driver_sql(
+            "CREATE TRIGGER keep_closed_periods BEFORE UPDATE ON ledger_lines FOR EACH ROW "
+            "EXECUTE FUNCTION keep_closed_periods()"
+        )
+        connection.exec_driver_sql(
+            "UPDATE source_lines SET amount = amount + 0.5, updated_at = '2025-01-02'"
+        )
+    skipped = run(engine, state)
+    assert (skipped.counts["updated"], skipped.counts["rejected"]) == (1, 1)
+    assert live(engine) == {"L1": 1.0, "L2": 2.5}
+    (letter,) = state.list_dead_letters(SPEC.name)
+    assert letter.record_key == "1"
+    assert "a trigger on the table skipped the row" in letter.reason
+    assert "What to do:" in letter.reason
+    with engine.begin() as connection:
+        connection.exec_driver_sql("DROP TRIGGER keep_closed_periods ON ledger_lines")
+    with syncing(engine, state, run_id="replay") as sync:
+        assert sync.replay([letter]).counts["updated"] == 1
+    assert live(engine) == {"L1": 1.5, "L2": 2.5}
+    assert state.list_dead_letters(SPEC.name) == []
+    engine.dispose()
+
+
 def test_a_record_refused_a_number_lands_when_a_later_run_moves_its_holder_off(sql_database, state):
     """2 was refused 1's number; a later run moved 1 to another: 2's letter waited for an
     operator's replay (2's row unchanged, it was held), though the number was free."""

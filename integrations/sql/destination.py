@@ -2,7 +2,8 @@
 
 One transaction per upsert call (the engine's chunk), by dialect:
 - PostgreSQL: COPY the chunk into a temporary table, then one `INSERT … SELECT … ON CONFLICT (key)
-  DO UPDATE … WHERE (columns) IS DISTINCT FROM (excluded)`: rows already equal are not rewritten.
+  DO UPDATE … WHERE (columns) IS DISTINCT FROM (excluded)`: rows already equal are not rewritten
+  (but noted, to tell them from rows a trigger skipped: neither is returned).
 - MariaDB/MySQL: new keys by a plain `INSERT`, known ones by one `UPDATE … JOIN` with a temporary
   table of the chunk (multi-row statements by PyMySQL). Not `ON DUPLICATE KEY UPDATE`: it fires on
   any unique index, so a new record holding another row's unique value would write over that row.
@@ -75,6 +76,8 @@ from integrations.sql.fit import (
 
 _IN_CHUNK = 500
 _TEMP_TABLE = "handoff_upsert_batch"
+_HELD = "handoff_upsert_held"  # PostgreSQL: keys of the rows an upsert found held as sent
+_NOTE_HELD = "handoff_note_held"  # and the function that notes one
 _SAVEPOINT = "handoff_chunk"
 LOCK_ATTEMPTS = 5  # a chunk's transaction, run again after each lost lock conflict
 LOCK_PAUSE_SECONDS = 0.2  # before the second attempt; doubled before each next one
@@ -220,7 +223,7 @@ class SqlTable:
             else:
                 rows = list(zip(*columns.values(), strict=True))
                 written = self._upsert_executemany(connection, fields, rows)
-            if whole and (written.skipped or self._unreturned(columns, written)):
+            if whole and written.skipped:
                 raise RecordsRejected(_SKIPPED)  # raised in the transaction: it rolls back
             return written
 
@@ -235,15 +238,6 @@ class SqlTable:
             keys, ids = [keys[at] for at in landed], [ids[at] for at in landed]
         flags = [created.get(id_, None if told else False) for id_ in ids]
         return Upserted(WrittenColumns(keys, ids, flags), refused)
-
-    def _unreturned(self, columns: Columns, written: _Written) -> bool:
-        """Whether PostgreSQL returned no row for some of a chunk of records that take each
-        other's ids: each such row changes, so one not returned was skipped by a trigger (in
-        another chunk it may be a row held as sent already)."""
-        if self.dialect != "postgresql":
-            return False
-        sent = set(map(self._key_text, columns[self.target.id_property]))
-        return bool(sent - written.created.keys())
 
     def _not_kept(self, columns: Columns) -> dict[int, str]:
         """The records a fixed-point, floating-point or coarse time column would not keep as
@@ -386,30 +380,46 @@ class SqlTable:
             f"SELECT {quoted} FROM {table} WITH NO DATA"
         )
         copy_columns(connection, _TEMP_TABLE, columns)
+        self._note_rows_held(connection)
         mine = ", ".join([*(f"{table}.{name}" for name in others), f"{table}.{archived}"])
         theirs = ", ".join([*(f"EXCLUDED.{name}" for name in others), "NULL"])
         updates = ", ".join(
             [*(f"{name} = EXCLUDED.{name}" for name in others), f"{archived} = NULL"]
         )
+        # A row found equal is noted held (and not rewritten): every other one is returned,
+        # unless a BEFORE trigger skipped it, of the INSERT (before the conflict) or the UPDATE.
         returned = connection.exec_driver_sql(
             f"INSERT INTO {table} ({quoted}) SELECT {quoted} FROM {_TEMP_TABLE} "
             f"ON CONFLICT ({key}) DO UPDATE SET {updates} "
-            f"WHERE ({mine}) IS DISTINCT FROM ({theirs}) "
+            f"WHERE CASE WHEN ({mine}) IS DISTINCT FROM ({theirs}) THEN true "
+            f"ELSE pg_temp.{_NOTE_HELD}({table}.{key}) END "
             f"RETURNING {key}, (xmax = 0)"
         )
         created = {self._key_text(value): inserted for value, inserted in returned}
         if len(created) == len(sent):
             return _Written(created)
-        # Rows left out of RETURNING were already equal (kept, not rewritten, not created), or a
-        # BEFORE trigger skipped them: those are not in the table, or still archived. (Not
-        # compared with the batch: a trigger that normalises values, lower(email), made rows
-        # the upsert found equal differ from what was sent.)
+        # Neither returned nor held: skipped. (Not compared with the batch: a trigger that
+        # normalises values, lower(email), made rows the upsert found equal differ from it.)
         skipped = connection.exec_driver_sql(
-            f"SELECT batch.{key} FROM {_TEMP_TABLE} AS batch LEFT JOIN {table} "
-            f"ON {table}.{key} = batch.{key} "
-            f"WHERE {table}.{key} IS NULL OR {table}.{archived} IS NOT NULL"
+            f"SELECT batch.{key} FROM {_TEMP_TABLE} AS batch WHERE NOT EXISTS "
+            f"(SELECT FROM {_HELD} WHERE {_HELD}.{key} = batch.{key})"
         ).scalars()
         return _Written(created, frozenset(map(self._key_text, skipped)) - created.keys())
+
+    def _note_rows_held(self, connection: sa.Connection) -> None:
+        """A temporary table for the keys of the rows the upsert finds held as sent, and the
+        function its `WHERE` notes one with (false: the row is not rewritten). RETURNING leaves
+        out both such rows and rows a trigger skipped: only this tells them apart. Called for
+        rows found equal alone, so a chunk of changes pays nothing per row."""
+        quote = self.engine.dialect.identifier_preparer.quote
+        connection.exec_driver_sql(
+            f"CREATE TEMPORARY TABLE {_HELD} ON COMMIT DROP AS "
+            f"SELECT {quote(self.target.id_property)} FROM {quote(self.table.name)} WITH NO DATA"
+        )
+        connection.exec_driver_sql(
+            f"CREATE OR REPLACE FUNCTION pg_temp.{_NOTE_HELD}(anyelement) RETURNS boolean "
+            f"LANGUAGE sql AS 'INSERT INTO pg_temp.{_HELD} VALUES ($1) RETURNING false'"
+        )
 
     def _upsert_executemany(
         self, connection: sa.Connection, fields: list[str], rows: list[tuple]
