@@ -9,6 +9,7 @@ import functools
 from datetime import timedelta
 
 import dagster as dg
+from pydantic import Field
 
 from assets.checks import (
     AUDIT_HEAD,
@@ -40,19 +41,34 @@ API_SYSTEMS = {"crm", "helpdesk"}
 
 
 class SyncConfig(dg.Config):
-    full_refresh: bool = False
-    """Read every source row (reconciliation) instead of only what changed since the watermark."""
-    allow_mass_archive: bool = False
-    """Let this run archive more than the flow's archive guard allows (after checking the source)."""
-    repair: bool = False
-    """Reconcile, then send again exactly the records missing or differing in the destination
-    (extra records are not archived: the reconciliation check says what to do)."""
-    replay: bool = False
-    """Sync the flow's open dead letters again (from the source, or their payload), nothing else;
-    it goes on while the flow's error budget is tripped."""
-    acknowledge_budget_trip: bool = False
-    """Run although an earlier run tripped the flow's error budget and some of its dead letters
-    are still open (after checking them): clears the trip, audited; they stay in the DLQ."""
+    # Field descriptions, not attribute docstrings: the Launchpad shows only the former.
+    full_refresh: bool = Field(
+        default=False,
+        description="Read every source row (reconciliation) instead of only what changed since "
+        "the watermark.",
+    )
+    allow_mass_archive: bool = Field(
+        default=False,
+        description="Let this run archive more than the flow's archive guard allows (after "
+        "checking the source).",
+    )
+    repair: bool = Field(
+        default=False,
+        description="Reconcile, then send again exactly the records missing or differing in the "
+        "destination, and archive the extra ones this flow wrote whose source rows are gone "
+        "(any other extra record is left, with a warning).",
+    )
+    replay: bool = Field(
+        default=False,
+        description="Sync the flow's open dead letters again (from the source, or their payload), "
+        "nothing else; it goes on while the flow's error budget is tripped.",
+    )
+    acknowledge_budget_trip: bool = Field(
+        default=False,
+        description="Run although an earlier run tripped the flow's error budget and some of its "
+        "dead letters are still open (after checking them): clears the trip, audited; they stay "
+        "in the DLQ.",
+    )
 
 
 def asset_key(spec: FlowSpec) -> dg.AssetKey:

@@ -69,3 +69,13 @@ def test_a_missing_secret_stops_the_load_with_one_error_naming_it(tmp_path, secr
     assert done.returncode != 0
     assert output.count(f"{secret} is not set") == 1, output
     assert "handoff cannot load" in output
+
+
+def test_every_run_config_field_of_a_flow_says_what_it_does():
+    """The Launchpad shows a field's description: attribute docstrings never reached it, so
+    `repair`, `replay` and the rest were bare names there."""
+    contacts = defs.resolve_assets_def(dg.AssetKey(["crm", "contacts"]))
+    config = contacts.op.config_schema.as_field().config_type
+    assert set(config.fields) >= {"full_refresh", "repair", "replay", "acknowledge_budget_trip"}
+    undescribed = [name for name, field in config.fields.items() if not field.description]
+    assert undescribed == []
