@@ -4,7 +4,7 @@ database on SQLite, PostgreSQL and MariaDB, through Dagster."""
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import date, timedelta
 
 import dagster as dg
 import pytest
@@ -16,6 +16,7 @@ from assets.factory import asset_key, flow_asset
 from assets.finance_invoices import FINANCE_INVOICES
 from assets.finance_payments import FINANCE_PAYMENTS
 from definitions import defs, resources
+from integrations import settings
 from integrations.engine.state import utcnow
 from integrations.erp import schema as erp_schema
 from integrations.sql.connect import create_engine
@@ -480,3 +481,72 @@ def test_finance_flows_are_daily_partitioned_and_wired():
         assert asset.backfill_policy == dg.BackfillPolicy.single_run()
     customers = defs.resolve_assets_def(dg.AssetKey(["finance", "chinook_customers"]))
     assert customers.required_resource_keys >= {"chinook", "finance", "state"}
+
+
+def reconciled(spec, instance) -> dg.AssetCheckEvaluation:
+    """The flow's reconciliation check, run as its daily schedule runs it."""
+    key = asset_key(spec)
+    result = dg.materialize(
+        [flow_asset(spec), reconciliation_check(spec, key)],
+        resources=resources(),
+        instance=instance,
+        selection=dg.AssetSelection.checks(dg.AssetCheckKey(key, "reconciliation")),
+    )
+    (evaluation,) = result.get_asset_check_evaluations()
+    return evaluation
+
+
+def test_reconciliation_leaves_out_invoices_dated_on_days_no_partition_holds_yet(any_world):
+    """The daily reconciliation compared the whole ERP with finance: an invoice dated today
+    (its day is synced once it is over) or before the flow's first day was reported missing,
+    one re-dated to today differing, and the check failed with ERROR every morning, asking for
+    a repair. They are on neither side now; a January invoice lost from finance still is drift."""
+    today, now = utcnow().date(), utcnow()
+    erp = create_engine(any_world.erp_url)
+    outside_january = "invoice_date NOT BETWEEN :first AND :last"
+    with erp.begin() as connection:  # the ERP's invoices of January 2025 only: a quick backfill
+        for table in ("payments", "invoices"):
+            connection.execute(
+                sa.text(
+                    f"DELETE FROM {table} WHERE invoice_id IN "
+                    f"(SELECT invoice_id FROM invoices WHERE {outside_january})"
+                ),
+                {"first": date(2025, 1, 1), "last": date(2025, 1, 31)},
+            )
+    with dg.instance_for_test() as instance:
+        materialize(FINANCE_INVOICES, instance, tags=JANUARY)
+        assert reconciled(FINANCE_INVOICES, instance).passed
+        with erp.begin() as connection:
+            for number, day in (("INV-09999998", today), ("INV-09999999", date(2023, 12, 31))):
+                connection.execute(
+                    sa.text(
+                        "INSERT INTO invoices (invoice_id, invoice_number, order_id, customer_id, "
+                        "invoice_date, due_date, amount, currency, status, created_at, updated_at) "
+                        "SELECT :id, :number, order_id, customer_id, :day, :day, amount, currency, "
+                        "'open', :now, :now FROM invoices ORDER BY invoice_id LIMIT 1"
+                    ),
+                    {"id": int(number[4:]), "number": number, "day": day, "now": now},
+                )
+            connection.execute(
+                sa.text(
+                    "UPDATE invoices SET invoice_date = :day, updated_at = :now "
+                    "WHERE invoice_id = (SELECT max(invoice_id) FROM invoices WHERE invoice_id < 9000000)"
+                ),
+                {"day": today, "now": now},
+            )
+        evaluation = reconciled(FINANCE_INVOICES, instance)
+        assert evaluation.passed, evaluation.description
+
+        finance = create_engine(settings.finance_database_url())
+        with finance.begin() as connection:
+            gone = connection.execute(
+                sa.text(
+                    "DELETE FROM invoices "
+                    "WHERE invoice_number = (SELECT min(invoice_number) FROM invoices)"
+                )
+            )
+            assert gone.rowcount == 1
+        finance.dispose()
+        lost = reconciled(FINANCE_INVOICES, instance)
+        assert not lost.passed and lost.metadata["missing"].value == 1
+    erp.dispose()

@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from integrations.engine.columns import ready_columns, records
 from integrations.engine.destination import Destination
 from integrations.engine.hashing import content_hash
 from integrations.engine.source import Source
 from integrations.engine.spec import FlowSpec
-from integrations.engine.state import StateStore
+from integrations.engine.state import StateStore, utcnow
 from integrations.engine.sync import expected_records
 
 
@@ -91,6 +92,32 @@ def held_records(spec: FlowSpec, source: Source, state: StateStore) -> set[str]:
     return set(opened) | unchanged
 
 
+# Bounds that hold every business date a daily-partitioned flow's rows have, on each dialect.
+EARLIEST, LATEST = datetime(1900, 1, 1), datetime(9999, 1, 1)
+
+
+def unpartitioned_records(spec: FlowSpec, source: Source) -> set[str]:
+    """Keys of a daily-partitioned flow's rows dated on a day it has no partition for: today or
+    later (a day is synced once it is over), or before its first day. No run has read them yet,
+    so they are on neither side, as held records are. A row with no date, which every window's
+    run reads, is in both windows, and so is reconciled."""
+    if spec.partitions is None:
+        return set()
+    today = utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
+    first = datetime.fromisoformat(spec.partitions.start)
+    return _keys_dated(spec, source, today, LATEST) ^ _keys_dated(spec, source, EARLIEST, first)
+
+
+def _keys_dated(spec: FlowSpec, source: Source, start: datetime, end: datetime) -> set[str]:
+    """Keys of the rows whose business date is in [start, end), and of those with none."""
+    within = source.in_window(spec.partitions.column, start, end)
+    return {
+        str(key)
+        for batch in source.batches(None, spec.batch_size, within=within)
+        for key in batch[spec.source.key]
+    }
+
+
 def reconcile(spec: FlowSpec, source: Source, destination: Destination, state: StateStore) -> Drift:
     fields = [
         name for name in spec.target_contract.schema.columns if name != spec.target.id_property
@@ -100,7 +127,7 @@ def reconcile(spec: FlowSpec, source: Source, destination: Destination, state: S
     columns = spec.target_contract.schema.columns
     flags = frozenset(name for name in fields if str(columns[name].dtype).startswith("bool"))
     null_is_empty = getattr(destination, "null_is_empty", False)
-    held = held_records(spec, source, state)
+    held = held_records(spec, source, state) | unpartitioned_records(spec, source)
     held_ids = {
         entry.destination_id
         for entry in state.ledger_entries(spec.name, sorted(held)).values()
