@@ -4,6 +4,7 @@ daily reconciliation."""
 import dagster as dg
 
 from assets.connections import flow_connections, required_resources
+from integrations.engine.destination import DestinationMismatch
 from integrations.engine.reconcile import Drift, reconcile
 from integrations.engine.spec import FlowSpec
 from integrations.engine.state import AuditHead, StateStore
@@ -116,8 +117,13 @@ def reconciliation_check(spec: FlowSpec, key: dg.AssetKey) -> dg.AssetChecksDefi
         blocking=False,
     )
     def _reconciliation(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        with flow_connections(context.resources, spec) as (source, destination, state):
-            drift = reconcile(spec, source, destination, state)
+        try:
+            with flow_connections(context.resources, spec) as (source, destination, state):
+                drift = reconcile(spec, source, destination, state)
+        except DestinationMismatch as error:
+            raise dg.Failure(
+                description=f"flow {spec.name}: {error}", metadata={"flow": spec.name}
+            ) from error
         return dg.AssetCheckResult(
             passed=drift.in_sync,
             severity=dg.AssetCheckSeverity.ERROR,

@@ -550,3 +550,38 @@ def test_reconciliation_leaves_out_invoices_dated_on_days_no_partition_holds_yet
         lost = reconciled(FINANCE_INVOICES, instance)
         assert not lost.passed and lost.metadata["missing"].value == 1
     erp.dispose()
+
+
+def test_reconciliation_before_the_first_run_reports_every_payment_missing(world):
+    """Before the embedded finance database had the flow's table (its first run creates it),
+    the reconciliation check stopped on SQLAlchemy's NoSuchTableError. Nothing is synced yet:
+    every payment is missing, and a repair sends them."""
+    paid = query(world.erp_url, "SELECT count(*) FROM payments")[0][0]
+    with dg.instance_for_test() as instance:
+        first = reconciled(FINANCE_PAYMENTS, instance)
+        assert not first.passed
+        assert (first.metadata["missing"].value, first.metadata["destination_count"].value) == (
+            paid,
+            0,
+        )
+        assert "repair: true" in first.description
+
+
+def test_reconciliation_of_a_table_the_dbas_have_not_made_says_what_to_do(world, finance_url):
+    engine = create_engine(finance_url)
+    with engine.begin() as connection:
+        connection.execute(sa.text("DROP TABLE payments"))
+    engine.dispose()
+    key = asset_key(FINANCE_PAYMENTS)
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [flow_asset(FINANCE_PAYMENTS), reconciliation_check(FINANCE_PAYMENTS, key)],
+            resources=resources(),
+            instance=instance,
+            selection=dg.AssetSelection.checks(dg.AssetCheckKey(key, "reconciliation")),
+            raise_on_error=False,
+        )
+    (failure,) = [event for event in result.all_events if event.is_step_failure]
+    said = failure.step_failure_data.error.message
+    assert "flow erp_payments_to_finance_payments" in said
+    assert "no table 'payments'" in said and "What to do" in said

@@ -161,7 +161,16 @@ class SqlTable:
     @property
     def table(self) -> sa.Table:
         if self._table is None:  # reads (snapshot, archive) need no contract
-            self._table = sa.Table(self.target.dataset, sa.MetaData(), autoload_with=self.engine)
+            try:
+                self._table = sa.Table(
+                    self.target.dataset, sa.MetaData(), autoload_with=self.engine
+                )
+            except sa.exc.NoSuchTableError:
+                raise DestinationMismatch(
+                    f"the destination has no table {self.target.dataset!r}. What to do: create "
+                    "it as the flow's contract says (or let handoff create it: "
+                    "create_missing_tables), then rerun"
+                ) from None
         return self._table
 
     def ids_of(self, keys: Sequence[object]) -> list[str]:
@@ -602,7 +611,10 @@ class SqlTable:
     # --- reads -------------------------------------------------------------------------------
 
     def snapshot(self, fields: Sequence[str]) -> Iterator[tuple[str, str, dict[str, object]]]:
-        """Every live record, with values as the engine sends them (ISO text, floats)."""
+        """Every live record, with values as the engine sends them (ISO text, floats); none
+        while a table handoff may create is missing (no run made it yet)."""
+        if self.create_missing and not sa.inspect(self.engine).has_table(self.target.dataset):
+            return
         table, key, text = self.table, self.target.id_property, self._key_text
         wanted = [name for name in fields if name in table.c]
         query = sa.select(table.c[key], *(_read(table.c[name]) for name in wanted)).where(
