@@ -11,7 +11,9 @@ The engine's watermark needs the rows oldest change first, and RT's pages in tha
 offsets: a ticket changed while they are read moves to the end, and the one after a page slides
 back past the offset, never read (and the watermark passes it). So a read lists the matches'
 (LastUpdated, id) first, by ids (a change does not move a ticket), then reads the tickets a page
-of ids at a time in that order; one changed in between comes last, as it is now.
+of ids at a time in that order. One changed in between is left to the next run, which reads it
+as it is then: served last, its new time moved the watermark past the tickets created meanwhile,
+which no list of this run held (never staged).
 
 RT hides deleted tickets from every REST2 search, so a ticket deleted in RT keeps its last
 synced state in the destination; there are no soft deletes to archive.
@@ -106,7 +108,6 @@ class RtTickets:
         listed = sorted(
             _changed_order(ticket) for ticket in self._search(ticketsql, ["LastUpdated"])
         )
-        changed_since: list[dict] = []
         step = self.client.page_size
         for start in range(0, len(listed), step):
             page = listed[start : start + step]
@@ -115,11 +116,8 @@ class RtTickets:
                 ticket = found.get(place[1])
                 if ticket is None:
                     continue  # deleted meanwhile
-                if _changed_order(ticket) == place:
+                if _changed_order(ticket) == place:  # else changed since: the next run's
                     yield ticket
-                else:
-                    changed_since.append(ticket)
-        yield from sorted(changed_since, key=_changed_order)
 
     def batches(
         self, since: datetime | None, batch_size: int, within: object | None = None
