@@ -63,17 +63,21 @@ def dead_letter_sensor(specs: list[FlowSpec]) -> dg.SensorDefinition:
         default_status=dg.DefaultSensorStatus.STOPPED,
     )
     def _old(context: dg.SensorEvaluationContext, notifier: Notifier, state: StateStoreResource):
-        # Per flow, the first_seen below which letters were looked at: each tick looks at those
-        # that grew old since, so a letter is alerted once whatever its id (runs on hosts whose
-        # clocks disagree write ids out of first_seen's order).
+        # Per flow, the first_seen below which letters were looked at and the highest id then:
+        # each tick looks at those that grew old since and those written since, so a letter is
+        # alerted once whatever its id and first_seen (runs on hosts whose clocks disagree write
+        # ids out of first_seen's order, and letters already old).
         said = json.loads(context.cursor) if context.cursor else {}
         alerted = []
         with state.open() as store:
             for spec in specs:
                 before = utcnow() - spec.dead_letter_max_age
                 since, after_id = _looked(said.get(spec.name))
-                count, oldest = store.old_dead_letters(spec.name, before, since, after_id)
-                said[spec.name] = max(before, since or before).isoformat()
+                count, oldest, highest = store.old_dead_letters(spec.name, before, since, after_id)
+                said[spec.name] = {
+                    "seen_before": max(before, since or before).isoformat(),
+                    "highest_id": highest or after_id or 0,
+                }
                 if not count:
                     continue
                 notifier.send(
@@ -97,11 +101,14 @@ def dead_letter_sensor(specs: list[FlowSpec]) -> dg.SensorDefinition:
     return _old
 
 
-def _looked(said: str | int | None) -> tuple[datetime | None, int]:
-    """Where a flow's last look at its dead letters ended: the first_seen it looked below, or
-    (a cursor of an older handoff) the highest letter id it alerted."""
+def _looked(said: dict | str | int | None) -> tuple[datetime | None, int | None]:
+    """Where a flow's last look at its dead letters ended: the first_seen it looked below and
+    the highest letter id then; an older handoff's cursor held one of them (the id: the highest
+    it alerted)."""
+    if isinstance(said, dict):
+        return datetime.fromisoformat(said["seen_before"]), said["highest_id"]
     if isinstance(said, str):
-        return datetime.fromisoformat(said), 0
+        return datetime.fromisoformat(said), None
     return None, said or 0
 
 

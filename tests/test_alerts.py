@@ -126,6 +126,34 @@ def test_each_old_dead_letter_alerts_once_whatever_order_its_run_wrote_it_in(
     assert [alert["handoff"]["details"]["count"] for alert in alert_receiver.received] == [1, 1]
 
 
+def test_a_letter_already_old_when_written_after_a_tick_is_alerted_once(
+    world, state, alert_receiver, monkeypatch
+):
+    """A run on a host two hours behind writes a letter after the sensor's tick: its first_seen
+    is already below where that tick looked, and the sensor looks only above it (by first_seen)
+    from then on: the letter was never alerted. The old id cursor alerted it."""
+    flow = CRM_CONTACTS.name
+    hourly = dataclasses.replace(CRM_CONTACTS, dead_letter_max_age=timedelta(hours=1))
+    now = utcnow()
+    sensor = dead_letter_sensor([hourly])
+
+    def tick_at(moment: datetime, cursor: str | None):
+        with monkeypatch.context() as sensor_host:
+            sensor_host.setattr(alerts_module, "utcnow", lambda: moment)
+            return tick(sensor, instance, cursor)
+
+    with dg.instance_for_test() as instance:
+        first = tick_at(now, None)
+        letter = DeadLetter(flow, "behind", "contract", "erp.customer@v1: planted", {})
+        with monkeypatch.context() as host:
+            host.setattr(state_module, "utcnow", lambda: now - timedelta(hours=2))
+            state.commit_batch(BatchCommit(flow, "run on a host behind", dead_letters=[letter]))
+        second = tick_at(now + timedelta(minutes=5), first.cursor)
+        third = tick_at(now + timedelta(minutes=10), second.cursor)
+    assert first.skip_reason and third.skip_reason
+    assert [alert["handoff"]["details"]["count"] for alert in alert_receiver.received] == [1]
+
+
 def test_a_cursor_of_an_older_handoff_alerts_no_letter_again(world, state, alert_receiver):
     """Its cursor held the highest letter id alerted per flow: the letters up to it are not
     alerted again, those above are."""

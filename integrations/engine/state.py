@@ -838,21 +838,30 @@ class StateStore:
         flow: str,
         seen_before: datetime,
         seen_since: datetime | None = None,
-        after_id: int = 0,
-    ) -> tuple[int, datetime | None]:
-        """Open dead letters first seen before `seen_before` (and at or after `seen_since`), with
-        id > `after_id`: (how many, the oldest first_seen)."""
-        query = sa.select(sa.func.count(), sa.func.min(dead_letters.c.first_seen)).where(
+        after_id: int | None = 0,
+    ) -> tuple[int, datetime | None, int | None]:
+        """Open dead letters first seen before `seen_before` that are new to the looker: first
+        seen at or after `seen_since`, or written after letter `after_id` (one written already
+        old, by a host whose clock is behind); None for either leaves it out. Returns how many,
+        the oldest first_seen, and the flow's highest letter id now (the next `after_id`)."""
+        new = [
+            *([dead_letters.c.first_seen >= seen_since] if seen_since is not None else []),
+            *([dead_letters.c.id > after_id] if after_id is not None else []),
+        ]
+        highest = (
+            sa.select(sa.func.max(dead_letters.c.id))
+            .where(dead_letters.c.flow == flow)
+            .scalar_subquery()
+        )
+        query = sa.select(sa.func.count(), sa.func.min(dead_letters.c.first_seen), highest).where(
             dead_letters.c.flow == flow,
             dead_letters.c.resolved_at.is_(None),
             dead_letters.c.first_seen < seen_before,
-            dead_letters.c.id > after_id,
+            sa.or_(*new) if new else sa.true(),
         )
-        if seen_since is not None:
-            query = query.where(dead_letters.c.first_seen >= seen_since)
         with self.engine.connect() as connection:
-            count, oldest = connection.execute(query).one()
-        return count, oldest
+            count, oldest, top = connection.execute(query).one()
+        return count, oldest, top
 
     def count_open_dead_letters(self, flow: str | None = None) -> int:
         query = sa.select(sa.func.count()).where(dead_letters.c.resolved_at.is_(None))
