@@ -84,7 +84,8 @@ def _daily_sync(spec: FlowSpec) -> dg.ScheduleDefinition:
                     "once it clears",
                 )
             )
-        return dg.RunRequest(run_key=day, partition_key=day)
+        # Its asset named: the sensors see the day's run queued (queued_days), not request it too.
+        return dg.RunRequest(run_key=day, partition_key=day, asset_selection=[key])
 
     return _sync
 

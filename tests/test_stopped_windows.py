@@ -482,13 +482,16 @@ def test_an_unpartitioned_flow_s_schedule_skips_while_a_trip_stands(world, state
 
 
 def queue_run_of(instance: dg.DagsterInstance, request: dg.RunRequest) -> None:
-    """The requested run, created and not begun yet (as one the queue holds)."""
+    """The requested run, created and not begun yet (as one the queue holds): its asset
+    selection is the request's, none when the request names none, as the daemons make it."""
     create_run_for_test(
         instance,
-        job_name="__ASSET_JOB",
+        job_name=request.job_name or "__ASSET_JOB",
         status=dg.DagsterRunStatus.NOT_STARTED,
         tags={**request.tags, "dagster/partition": request.partition_key},
-        asset_selection=frozenset({FINANCE_INVOICES_KEY}),
+        asset_selection=(
+            frozenset(request.asset_selection) if request.asset_selection is not None else None
+        ),
     )
 
 
@@ -538,3 +541,25 @@ def test_a_day_both_sensors_would_request_is_run_once(world, state):
         assert "the changed days of finance/invoices have runs queued already" in (
             skip_message(again)
         )
+
+
+def test_a_day_the_schedule_queued_is_not_requested_again_by_the_changed_days_sensor(world, state):
+    """The schedule's run of yesterday waits in the queue (its pool is busy) when the sensor
+    sees yesterday's late edits: it requested the day again (the schedule's run named no asset,
+    so the sensor did not see it queued), the second run waiting for the first and failing."""
+    with dg.instance_for_test() as instance:
+        materialize(FINANCE_INVOICES, instance, tags=JANUARY)
+        idle = tick(f"{FLOW}_changed_days", instance)
+        ((number, invoiced),) = query(
+            world.erp_url,
+            "SELECT invoice_number, invoice_date FROM invoices ORDER BY invoice_date DESC LIMIT 1",
+        )
+        day = datetime.fromisoformat(str(invoiced)[:10])
+        (scheduled,) = schedule_tick(
+            f"{FLOW}_schedule", instance, day + timedelta(days=1)
+        ).run_requests
+        assert scheduled.partition_key == f"{day:%Y-%m-%d}"
+        queue_run_of(instance, scheduled)
+        change_invoices(world.erp_url, {number: {"status": "paid"}})
+        changed = tick(f"{FLOW}_changed_days", instance, idle.cursor)
+    assert not changed.run_requests, "the day's run waits in the queue already"
