@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from urllib.parse import unquote_plus
 from dataclasses import replace
 from datetime import datetime, timedelta
+from urllib.parse import unquote_plus
 
 import dagster as dg
 import sqlalchemy as sa
