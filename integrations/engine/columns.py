@@ -43,9 +43,10 @@ def ready_values(column: pd.Series) -> list[object]:
         values = column.to_numpy().tolist()  # numpy scalars become Python ones
     else:
         values = column.to_numpy(dtype=object).tolist()
-        for at in missing.nonzero()[0]:  # a NUMERIC's 'NaN' is a value, not a null
-            missing[at] = not _is_nan_decimal(values[at])
         kinds = set(map(type, values))
+        if Decimal in kinds:  # a NUMERIC's 'NaN' is a value, not a null
+            for at in missing.nonzero()[0]:
+                missing[at] = not _is_nan_decimal(values[at])
         if any(issubclass(kind, np.generic) for kind in kinds):  # numpy scalars: Python ones
             values = [value.item() if isinstance(value, np.generic) else value for value in values]
         sample = next((v for v, gone in zip(values, missing, strict=True) if not gone), None)

@@ -102,10 +102,10 @@ class SqlSource:
             for at, column in enumerate(self.select.selected_columns)
             if isinstance(column.type, sa.Integer)
         ]
-        self._floats = [
+        self._floats = [  # PostgreSQL's alone hold a NaN (SQLite stores it as NULL)
             at
             for at, column in enumerate(self.select.selected_columns)
-            if isinstance(column.type, sa.Float)
+            if isinstance(column.type, sa.Float) and engine.dialect.name == "postgresql"
         ]
 
     def _no_date_when_zero(self, *names: str | None) -> list[str]:
