@@ -418,13 +418,13 @@ def plant_trip(state: StateStore, flow: str) -> None:
 
 def schedule_tick(name: str, instance: dg.DagsterInstance, at: datetime):
     """The schedule's evaluation at `at` (UTC), as the daemon does it."""
-    context = dg.build_schedule_context(
+    with dg.build_schedule_context(  # closed: else its resources keep the instance's state set
         instance=instance,
         scheduled_execution_time=at.replace(tzinfo=UTC),
         resources=resources(),
         repository_def=defs.get_repository_def(),
-    )
-    return defs.resolve_schedule_def(name).evaluate_tick(context)
+    ) as context:
+        return defs.resolve_schedule_def(name).evaluate_tick(context)
 
 
 def test_the_schedule_skips_a_day_while_a_trip_stands_and_the_day_is_synced_once_it_clears(
