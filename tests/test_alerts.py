@@ -20,6 +20,13 @@ def tick(sensor, instance, cursor=None):
     return sensor(context)
 
 
+def tick_at(monkeypatch, moment: datetime, sensor, instance, cursor: str | None):
+    """The sensor's tick as if the time were `moment`."""
+    with monkeypatch.context() as sensor_host:
+        sensor_host.setattr(alerts_module, "utcnow", lambda: moment)
+        return tick(sensor, instance, cursor)
+
+
 def test_a_stale_flow_alerts_once(world, alert_receiver):
     impatient = dataclasses.replace(CRM_CONTACTS, max_staleness=timedelta(0))
     sensor = stale_flow_sensor([impatient])
@@ -113,15 +120,11 @@ def test_each_old_dead_letter_alerts_once_whatever_order_its_run_wrote_it_in(
     written_at("2", now - timedelta(hours=2))  # a later run, on a host two hours behind
     sensor = dead_letter_sensor([hourly])
 
-    def tick_at(moment: datetime, cursor: str | None):
-        with monkeypatch.context() as sensor_host:
-            sensor_host.setattr(alerts_module, "utcnow", lambda: moment)
-            return tick(sensor, instance, cursor)
-
     with dg.instance_for_test() as instance:
-        first = tick_at(now + timedelta(minutes=1), None)  # letter 2 is old, letter 1 not yet
-        second = tick_at(now + timedelta(minutes=61), first.cursor)
-        third = tick_at(now + timedelta(hours=3), second.cursor)
+        # At the first tick letter 2 is old, letter 1 not yet.
+        first = tick_at(monkeypatch, now + timedelta(minutes=1), sensor, instance, None)
+        second = tick_at(monkeypatch, now + timedelta(minutes=61), sensor, instance, first.cursor)
+        third = tick_at(monkeypatch, now + timedelta(hours=3), sensor, instance, second.cursor)
     assert third.skip_reason
     assert [alert["handoff"]["details"]["count"] for alert in alert_receiver.received] == [1, 1]
 
@@ -137,19 +140,14 @@ def test_a_letter_already_old_when_written_after_a_tick_is_alerted_once(
     now = utcnow()
     sensor = dead_letter_sensor([hourly])
 
-    def tick_at(moment: datetime, cursor: str | None):
-        with monkeypatch.context() as sensor_host:
-            sensor_host.setattr(alerts_module, "utcnow", lambda: moment)
-            return tick(sensor, instance, cursor)
-
     with dg.instance_for_test() as instance:
-        first = tick_at(now, None)
+        first = tick_at(monkeypatch, now, sensor, instance, None)
         letter = DeadLetter(flow, "behind", "contract", "erp.customer@v1: planted", {})
         with monkeypatch.context() as host:
             host.setattr(state_module, "utcnow", lambda: now - timedelta(hours=2))
             state.commit_batch(BatchCommit(flow, "run on a host behind", dead_letters=[letter]))
-        second = tick_at(now + timedelta(minutes=5), first.cursor)
-        third = tick_at(now + timedelta(minutes=10), second.cursor)
+        second = tick_at(monkeypatch, now + timedelta(minutes=5), sensor, instance, first.cursor)
+        third = tick_at(monkeypatch, now + timedelta(minutes=10), sensor, instance, second.cursor)
     assert first.skip_reason and third.skip_reason
     assert [alert["handoff"]["details"]["count"] for alert in alert_receiver.received] == [1]
 
