@@ -47,11 +47,6 @@ def rt_time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC).replace(tzinfo=None)
 
 
-def ticketsql_time(moment: datetime) -> str:
-    """A naive UTC datetime as TicketSQL reads it (RT compares in UTC, to the second)."""
-    return moment.strftime("%Y-%m-%d %H:%M:%S")
-
-
 class RtClient:
     def __init__(
         self,
