@@ -510,16 +510,21 @@ def test_letters_waiting_on_letters_land_round_by_round(sql_database, state):
     engine.dispose()
 
 
-def test_a_repair_that_archives_a_holder_lands_the_letters_waiting_on_it(sql_database, state):
-    """1 was refused L2 (2's); 2 was deleted outright, and the repair archived its row: 1's
-    letter stayed open, held run after run (1 unchanged), until an operator's replay."""
-    engine = create_engine(sql_database())
+def a_letter_waiting_on_a_deleted_holder(engine, state) -> None:
+    """1 is refused L2, which 2 holds; then 2 is deleted outright, which no run reads."""
     source_lines(engine, [datetime(2025, 1, 1, n) for n in range(3)])
     run(engine, state, LOOSE_SPEC)
     renumber(engine, [(1, "L2")], hour=1)
     assert run(engine, state, LOOSE_SPEC).counts["rejected"] == 1
     with engine.begin() as connection:
         connection.execute(sa.text("DELETE FROM source_lines WHERE id = 2"))
+
+
+def test_a_repair_that_archives_a_holder_lands_the_letters_waiting_on_it(sql_database, state):
+    """1 was refused L2 (2's); 2 was deleted outright, and the repair archived its row: 1's
+    letter stayed open, held run after run (1 unchanged), until an operator's replay."""
+    engine = create_engine(sql_database())
+    a_letter_waiting_on_a_deleted_holder(engine, state)
     with syncing(engine, state, LOOSE_SPEC, run_id="repair") as sync:
         drift = reconcile(LOOSE_SPEC, sync.source, sync.destination, state)
         assert sync.archive_extras(drift.extra_ids) == 1
@@ -533,12 +538,7 @@ def test_a_repair_s_materialization_counts_the_letters_its_archives_landed(sql_d
     materialization did not say so: nothing updated, and 1's letter counted open."""
     url = sql_database()
     engine = create_engine(url)
-    source_lines(engine, [datetime(2025, 1, 1, n) for n in range(3)])
-    run(engine, state, LOOSE_SPEC)
-    renumber(engine, [(1, "L2")], hour=1)
-    assert run(engine, state, LOOSE_SPEC).counts["rejected"] == 1
-    with engine.begin() as connection:
-        connection.execute(sa.text("DELETE FROM source_lines WHERE id = 2"))
+    a_letter_waiting_on_a_deleted_holder(engine, state)
     repaired = dg.materialize(
         [flow_asset(LOOSE_SPEC)],
         resources={
