@@ -26,7 +26,9 @@ system cannot be reached. What each attempt goes through, in order:
    process waits, not only the one that was told.
 3. The request itself, with a (connect, read) **timeout** on every call.
 4. On 429/5xx/timeout/dropped connection: **retry** after Retry-After when the answer carries
-   one, otherwise after an exponential backoff with jitter. urllib3's `Retry` computes that
+   one (one longer than `retry_after_max`, a spent daily quota, stops the call instead: the
+   run fails saying so, rather than sleeping for hours), otherwise after an exponential backoff
+   with jitter. urllib3's `Retry` computes that
    schedule; the loop is ours (not urllib3's adapter) because every attempt, retries included,
    must pass the breaker and take a token, which retries inside the adapter would bypass.
 
@@ -74,6 +76,9 @@ class ApiLimits:
     # flaky API does not trip it, while a dead one does within ~12 s of backoff.
     failures_to_open: int = 8
     open_seconds: float = 10.0
+    # A longer Retry-After (a daily quota spent, a gateway's hour) stops the call instead: a run
+    # asleep for hours holds its flow's lock and its Dagster run for nothing.
+    retry_after_max: float = 120.0
 
 
 class ApiUnavailable(Exception):
@@ -333,8 +338,15 @@ class ApiClient:
                     f"{self.system}: {where}: {failure} after {self.limits.retries + 1} attempts "
                     f"talking to {self.base_url}"
                 ) from None
+            after = retry.get_retry_after(response.raw) if response is not None else None
+            if after is not None and after > self.limits.retry_after_max:
+                raise ApiUnavailable(
+                    f"{self.system}: {where}: {failure}, asking to wait {after:.0f} s, longer "
+                    f"than a run waits ({self.limits.retry_after_max:.0f} s; a quota spent?); "
+                    "rerun once it has passed"
+                )
             self.counts["retries"] += 1
-            self._pause(retry, response)
+            self._pause(retry, after)
 
     def _attempt(self, method, url, json, params, headers):
         """One request with the timeouts: (response, None, None) or (None, what failed, error)."""
@@ -357,9 +369,8 @@ class ApiClient:
             self.counts[str(response.status_code)] += 1
         return response, f"{response.status_code} {response.reason}", None
 
-    def _pause(self, retry: Retry, response: requests.Response | None) -> None:
+    def _pause(self, retry: Retry, after: float | None) -> None:
         """Retry-After when the answer has one (shared through the bucket), else backoff."""
-        after = retry.get_retry_after(response.raw) if response is not None else None
         if after is not None:
             if self.bucket is not None:
                 self.bucket.push_back(after)

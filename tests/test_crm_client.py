@@ -45,6 +45,29 @@ def test_429_waits_as_long_as_retry_after_says(crm_sandbox, crm_token):
     assert len(list(crm.list_objects("contacts"))) == 10
 
 
+def test_a_retry_after_longer_than_a_run_waits_stops_the_call_saying_so(crm_sandbox, crm_token):
+    """A 429 asking to wait a quarter of an hour (a quota spent) was slept through, the run
+    holding its flow and its Dagster run all the while."""
+    set_faults(crm_sandbox, crm_token, rate_limit=0.001, rate_burst=1)
+    crm = client(crm_sandbox, crm_token)
+    crm.batch_upsert("contacts", "erp_customer_id", contacts(0))
+    outcome: list[BaseException] = []
+
+    def second_call() -> None:
+        try:
+            crm.batch_upsert("contacts", "erp_customer_id", contacts(5))
+        except BaseException as error:
+            outcome.append(error)
+
+    waiting = threading.Thread(target=second_call, daemon=True)
+    waiting.start()
+    waiting.join(timeout=10)
+    assert not waiting.is_alive(), "the call slept through Retry-After: 1000"
+    (error,) = outcome
+    assert isinstance(error, CrmUnavailable | ApiUnavailable)
+    assert "asking to wait 1000 s, longer than a run waits (120 s" in str(error)
+
+
 def test_5xx_and_slow_answers_are_retried_until_they_succeed(crm_sandbox, crm_token):
     set_faults(crm_sandbox, crm_token, error_rate=0.4, slow_rate=0.2, slow_seconds=0.6, seed=3)
     crm = client(crm_sandbox, crm_token, ApiLimits(backoff=0.02, read_timeout=0.3))
