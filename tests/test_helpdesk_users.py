@@ -16,6 +16,7 @@ from assets.factory import flow_asset
 from assets.helpdesk_users import HELPDESK_USERS
 from definitions import resources
 from integrations.erp.changes import move_customers, soft_delete_customers
+from integrations.erp.schema import customers
 from integrations.helpdesk.client import RtClient
 from integrations.helpdesk.destination import RtUsers
 from integrations.helpdesk.support_tier import TIER_FIELD, TIER_WINDOW, TIERS, support_tier
@@ -179,3 +180,34 @@ def test_a_user_created_whose_answer_was_lost_is_not_dead_lettered(
     users = rt_users(rt_client)
     assert counts["inserted"] == len(users)
     assert_one_per_valid_customer(helpdesk_world.erp_url, list(users))
+
+
+def refused_by_rt(world) -> list:
+    state = world.state()
+    try:
+        letters = state.list_dead_letters(flow=HELPDESK_USERS.name, limit=100_000)
+    finally:
+        state.dispose()
+    return [letter for letter in letters if letter.reason_kind == "destination-rejected"]
+
+
+def test_a_user_whose_name_rt_holds_in_another_case_is_that_user(helpdesk_world, rt_client):
+    engine = create_engine(helpdesk_world.erp_url)
+    with engine.connect() as connection:
+        number = connection.execute(
+            sa.select(customers.c.customer_number)
+            .where(customers.c.deleted_at.is_(None))
+            .order_by(customers.c.customer_id)
+        ).scalar()
+    engine.dispose()
+    # An agent made the customer's user by hand before handoff did: RT names compare without
+    # case, so RT holds the customer's user (it refuses a second one "Name in use").
+    rt_client.create_user({"Name": number.lower(), "EmailAddress": "typed.by.hand@example.org"})
+    with dg.instance_for_test() as instance:
+        first = materialize(instance)
+        again = materialize(instance)
+    assert refused_by_rt(helpdesk_world) == [], "RT holds that user: no refusal"
+    held = rt_client.users_by_name([number], ["EmailAddress", "CustomFields"])[number]
+    assert held["Name"] == number.lower() and held["EmailAddress"] != "typed.by.hand@example.org"
+    assert held["CustomFields"][0]["values"], "the tier reached the user RT holds"
+    assert first["updated"] >= 1 and again["written"] == 0

@@ -144,17 +144,22 @@ class RtClient:
 
     def users_by_name(self, names: Sequence[str], fields: Sequence[str]) -> dict[str, dict]:
         """The users with these names (enabled or disabled), each with `fields` and `Disabled`
-        as "0"/"1" (REST2 leaves it empty in searches, so enabled users are asked for apart)."""
+        as "0"/"1" (REST2 leaves it empty in searches, so enabled users are asked for apart).
+        Keyed by the name as asked: RT compares names without case ("c0000001" is the user
+        "C0000001", and refuses to make another), and answers with the name as it holds it."""
         found: dict[str, dict] = {}
         for start in range(0, len(names), self.page_size):
-            chunk = [
-                {"field": "Name", "value": name} for name in names[start : start + self.page_size]
-            ]
+            asked = {name.lower(): name for name in names[start : start + self.page_size]}
+            chunk = [{"field": "Name", "value": name} for name in asked.values()]
             shown = ",".join(["Name", *fields])
             every = self._search("/users", [("fields", shown), ("find_disabled_rows", 1)], chunk)
             enabled = {item["Name"] for item in self._search("/users", [("fields", "Name")], chunk)}
             for item in every:
-                found[item["Name"]] = {**item, "Disabled": "0" if item["Name"] in enabled else "1"}
+                disabled = "0" if item["Name"] in enabled else "1"
+                found[asked.get(item["Name"].lower(), item["Name"])] = {
+                    **item,
+                    "Disabled": disabled,
+                }
         return found
 
     def all_users(self, fields: Sequence[str]) -> Iterator[dict]:
