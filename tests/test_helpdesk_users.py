@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from assets.factory import flow_asset
 from assets.helpdesk_users import HELPDESK_USERS
 from definitions import resources
+from integrations.engine.state import utcnow
 from integrations.erp.changes import move_customers, soft_delete_customers
 from integrations.erp.schema import customers
 from integrations.helpdesk.client import RtClient
@@ -189,6 +190,42 @@ def refused_by_rt(world) -> list:
     finally:
         state.dispose()
     return [letter for letter in letters if letter.reason_kind == "destination-rejected"]
+
+
+def edit_customer(erp_url: str, number: str, **values) -> None:
+    engine = create_engine(erp_url)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.update(customers)
+            .where(customers.c.customer_number == number)
+            .values(**values, updated_at=utcnow())
+        )
+    engine.dispose()
+
+
+def test_a_field_rt_refuses_in_an_update_is_dead_lettered_with_rts_own_words(
+    helpdesk_world, rt_client
+):
+    with dg.instance_for_test() as instance:
+        materialize(instance)
+        number = sorted(rt_users(rt_client))[0]
+        before = rt_client.users_by_name([number], ["RealName"])[number]["RealName"]
+        # RT made a user for mail from an address nobody knew; the customer now uses it.
+        rt_client.create_user(
+            {"Name": "walk.in@example.org", "EmailAddress": "walk.in@example.org"}
+        )
+        edit_customer(
+            helpdesk_world.erp_url, number, email="walk.in@example.org", first_name="Renamed"
+        )
+        materialize(instance)
+    (letter,) = refused_by_rt(helpdesk_world)
+    assert letter.payload["customer_number"] == number
+    assert "RT did not store EmailAddress" in letter.reason
+    assert "Email address in use" in letter.reason, "RT's own word for the refused field"
+    assert "What to do:" in letter.reason
+    assert "walk.in@example.org" not in letter.reason
+    assert before not in letter.reason, "RT's word on a field it stored names its old value"
+    assert rt_client.users_by_name([number], ["RealName"])[number]["RealName"].startswith("Renamed")
 
 
 def test_a_user_whose_name_rt_holds_in_another_case_is_that_user(helpdesk_world, rt_client):

@@ -5,7 +5,8 @@ request per user that is new or differs, sending only the fields that differ (RT
 transaction per changed field, so an unchanged field is never sent). A second search checks
 that RT stored what was sent: REST2 answers 201 even when it drops a custom-field value it
 refuses, and a 2xx is never taken as success wholesale. A user RT refuses (an address another
-user has) is reported on its own; the others of the chunk are written.
+user has) is reported on its own; the others of the chunk are written. RT answers an update with
+a message per field, a refused one's saying why: the refusal carries those words.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from integrations.engine.destination import (
     Upserted,
     Written,
 )
+from integrations.engine.masking import scrub
 from integrations.helpdesk.client import (
     RtAuthError,
     RtClient,
@@ -30,6 +32,12 @@ from integrations.helpdesk.client import (
 
 CUSTOM_FIELD = re.compile(r"^CF\.\{(.+)\}$")  # how TicketSQL names a custom field
 MAX_BATCH = 50
+# RT's words for a field it changed, where they are not the field's name.
+_SAID_AS = {"Disabled": ("enabled", "disabled")}
+_WHAT_TO_DO = (
+    "What to do: correct the value in the ERP, or in RT what refuses it (another RT user holding "
+    "the address, the custom field's values, the API user's rights), then replay the letter"
+)
 
 
 def _text(value: object) -> str:
@@ -64,12 +72,13 @@ class RtUsers:
         wanted = {self._name(record): self._wanted(record) for record in records}
         written: list[Written] = []
         refused: list[Refusal] = []
+        answers: dict[str, list[str]] = {}
         try:
             held = self._held(list(wanted), wanted)
             for record in records:
                 name = self._name(record)
                 try:
-                    created = self._write(name, wanted[name], held.get(name))
+                    created, answers[name] = self._write(name, wanted[name], held.get(name))
                 except RtRequestRejected as error:
                     refused.append(Refusal(record.key, str(error)))
                     continue
@@ -80,9 +89,14 @@ class RtUsers:
         except (RtUnavailable, RtAuthError) as error:
             raise DestinationUnavailable(str(error)) from error
         refused += [
-            Refusal(item.key, f"RT did not store {wrong[item.destination_id]}")
+            Refusal(
+                item.key,
+                _not_stored_reason(
+                    wrong[name], wanted[name], answers.get(name, []), held.get(name) or {}
+                ),
+            )
             for item in written
-            if item.destination_id in wrong
+            if (name := item.destination_id) in wrong
         ]
         return Upserted([item for item in written if item.destination_id not in wrong], refused)
 
@@ -124,14 +138,16 @@ class RtUsers:
         fields = {k: _text(v) for k, v in record.properties.items() if k != self.id_property}
         return {**fields, "Disabled": "0"}
 
-    def _write(self, name: str, want: Mapping[str, str], current: dict | None) -> bool:
+    def _write(
+        self, name: str, want: Mapping[str, str], current: dict | None
+    ) -> tuple[bool, list[str]]:
         """Create the user, or send the fields RT holds otherwise; whether it was created
-        (RT did not hold it when the chunk was read)."""
+        (RT did not hold it when the chunk was read), and RT's messages on the update."""
         created = current is None
         if current is None:
             try:
                 self.client.create_user(self._body({**want, "Name": name}))
-                return created
+                return created, []
             except RtRequestRejected:
                 # A create resent after its answer was lost (a gateway timing out while RT went
                 # on) is refused, the name in use: the first one made the user; finish it.
@@ -139,9 +155,9 @@ class RtUsers:
                 if current is None:
                     raise
         changes = {k: v for k, v in want.items() if current.get(k) != v}
-        if changes:
-            self.client.update_user(name, self._body(changes))
-        return created
+        if not changes:
+            return created, []
+        return created, self.client.update_user(name, self._body(changes))
 
     def _held(self, names: list[str], wanted: Mapping[str, Mapping[str, str]]) -> dict[str, dict]:
         fields = sorted({k for want in wanted.values() for k in want} - {"Disabled"})
@@ -166,7 +182,7 @@ class RtUsers:
             body["CustomFields"] = custom
         return body
 
-    def _not_stored(self, wanted: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+    def _not_stored(self, wanted: Mapping[str, Mapping[str, str]]) -> dict[str, list[str]]:
         """Users whose fields RT holds otherwise than sent, with those fields' names."""
         if not wanted:
             return {}
@@ -176,5 +192,29 @@ class RtUsers:
             stored = held.get(name, {})
             differing = sorted(k for k, v in want.items() if stored.get(k) != v)
             if differing:
-                wrong[name] = ", ".join(differing)
+                wrong[name] = differing
         return wrong
+
+
+def _not_stored_reason(
+    fields: Sequence[str],
+    want: Mapping[str, str],
+    answer: Sequence[str],
+    before: Mapping[str, str],
+) -> str:
+    """Why RT kept these fields as they were, in its words: its messages on the update, less
+    those reporting a field it stored (they quote the value it replaced, which the engine
+    cannot mask: it knows only the record's values, so the values RT held are masked here)."""
+    stored = [name for name in want if name not in fields]
+    said = [message for message in answer if not any(_reports(message, f) for f in stored)]
+    words = "; ".join(f"'{message}'" for message in said) or "nothing about it"
+    reason = f"RT did not store {', '.join(fields)}; RT said {words}. {_WHAT_TO_DO}"
+    return scrub(reason, [before.get(name) for name in want])
+
+
+def _reports(message: str, field: str) -> bool:
+    """Whether RT's message is about this field: it names a custom field by its name, and says
+    "User enabled"/"User disabled" for Disabled."""
+    match = CUSTOM_FIELD.match(field)
+    labels = (match.group(1),) if match else _SAID_AS.get(field, (field,))
+    return any(re.search(rf"\b{re.escape(label)}\b", message) for label in labels)
