@@ -248,3 +248,30 @@ def test_a_user_whose_name_rt_holds_in_another_case_is_that_user(helpdesk_world,
     assert held["Name"] == number.lower() and held["EmailAddress"] != "typed.by.hand@example.org"
     assert held["CustomFields"][0]["values"], "the tier reached the user RT holds"
     assert first["updated"] >= 1 and again["written"] == 0
+
+
+def test_the_snapshot_serves_every_user_though_one_is_disabled_while_it_pages(
+    helpdesk_world, rt_client
+):
+    names = [f"C{n:07d}" for n in range(1, 9)]
+    for name in names:
+        rt_client.create_user({"Name": name, "CustomFields": {TIER_FIELD: "gold"}})
+    pages = []
+
+    def an_agent_disables_a_user_of_the_first_page(method: str, path: str) -> None:
+        if path.startswith("/REST/2.0/users"):
+            pages.append(path)
+            if len(pages) == 2:
+                rt_client.update_user(names[0], {"Disabled": 1})
+
+    rt = helpdesk_world.rt
+    gateway = RtGateway(rt.base_url, an_agent_disables_a_user_of_the_first_page)
+    paging = RtClient(gateway.url, user=rt.user, password=rt.password, page_size=3)
+    try:
+        served = [name for name, _, _ in RtUsers(paging).snapshot([TIER])]
+    finally:
+        paging.close()
+        gateway.close()
+    assert len(pages) > 2, "the snapshot read more than one page"
+    assert sorted(set(served) - {names[0]}) == names[1:], "a user the pages skipped"
+    assert len(served) == len(set(served)), "a user served twice"

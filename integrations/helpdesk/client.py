@@ -163,9 +163,26 @@ class RtClient:
         return found
 
     def all_users(self, fields: Sequence[str]) -> Iterator[dict]:
-        """Every enabled user with `fields`."""
-        everyone = [{"field": "id", "operator": ">", "value": 0}]
-        yield from self._search("/users", [("fields", ",".join(["Name", *fields]))], everyone)
+        """Every enabled user with `fields`, by name. Each page is a new search for the names
+        after the last one served, not an offset: a user disabled meanwhile (gone from the
+        results) would slide the next one back past the offset, never served, and one created
+        before the offset would push one into the next page, served twice. The comparison is
+        RT's case-sensitive one, which orders as its ORDER BY does (a case-blind one compares
+        lower(Name) on SQLite and PostgreSQL while the order is Name's)."""
+        params = [
+            ("fields", ",".join(["Name", *fields])),
+            ("orderby", "Name"),
+            ("per_page", self.page_size),
+        ]
+        after: list[dict] = []  # no condition: every user
+        while True:
+            answer = self._collection("POST", "/users", params, after)
+            items = answer.get("items", [])
+            yield from items
+            if not _more_pages(answer, 1):
+                return
+            last = items[-1]["Name"]
+            after = [{"field": "Name", "operator": ">", "value": last, "case_sensitive": 1}]
 
     def create_user(self, fields: Mapping[str, object]) -> None:
         self._request("POST", "/user", body=dict(fields))
