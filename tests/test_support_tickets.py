@@ -215,3 +215,42 @@ def test_a_ticket_created_while_the_run_reads_rt_is_not_passed_by_the_watermark(
     finally:
         paging.close()
         gateway.close()
+
+
+def test_a_ticket_answered_while_the_run_lists_is_not_passed_by_a_later_change(
+    helpdesk_world, rt_client, monkeypatch
+):
+    """A listed ticket answered while the run still lists, then another ticket changed later
+    and listed with that time: the answered one is left to the next run, so the run must serve
+    nothing changed after it (served, the later time moved the watermark past the answer by
+    more than the lookback and clock margin: never read). A listing outlasting them takes a big
+    RT; here the lookback and margin are nought and the two changes seconds apart."""
+    monkeypatch.setattr("integrations.helpdesk.source.CLOCK_MARGIN", timedelta(0))
+    rt = helpdesk_world.rt
+    tickets = [
+        rt_client.create_ticket({"Queue": "General", "Subject": f"question {n}"}) for n in range(4)
+    ]
+    time.sleep(1.1)
+    listings: list[str] = []
+
+    def answers_come_between_two_pages_of_the_listing(method, path) -> None:
+        if "id = " not in unquote_plus(path) and path.startswith("/REST/2.0/tickets"):
+            listings.append(path)
+            if len(listings) == 2:  # the first page (tickets 0 and 1) is listed
+                rt_client.update_ticket(tickets[0], {"Status": "open"})
+                time.sleep(2.1)
+                rt_client.update_ticket(tickets[3], {"Status": "stalled"})
+
+    gateway = RtGateway(rt.base_url, answers_come_between_two_pages_of_the_listing)
+    paging = RtClient(gateway.url, user=rt.user, password=rt.password, page_size=2)
+    spec = replace(ERP_SUPPORT_TICKETS, lookback=timedelta(0))
+    try:
+        sync_tickets(helpdesk_world, paging, spec)
+        sync_tickets(helpdesk_world, paging, spec)
+        rows = staged(helpdesk_world.erp_url)
+        assert sorted(rows) == tickets
+        assert rows[tickets[3]]["status"] == "stalled"
+        assert rows[tickets[0]]["status"] == "open", "the answer is never read"
+    finally:
+        paging.close()
+        gateway.close()

@@ -13,7 +13,10 @@ back past the offset, never read (and the watermark passes it). So a read lists 
 (LastUpdated, id) first, by ids (a change does not move a ticket), then reads the tickets a page
 of ids at a time in that order. One changed in between is left to the next run, which reads it
 as it is then: served last, its new time moved the watermark past the tickets created meanwhile,
-which no list of this run held (never staged).
+which no list of this run held (never staged). And the run stops before the first listed ticket
+whose place is at or past that change: a ticket changed later still, listed with its new time
+(the listing of a big RT outlasts the lookback), moved the watermark past the one left behind,
+which the next run then never read.
 
 RT hides deleted tickets from every REST2 search, so a ticket deleted in RT keeps its last
 synced state in the destination; there are no soft deletes to archive.
@@ -108,16 +111,22 @@ class RtTickets:
         listed = sorted(
             _changed_order(ticket) for ticket in self._search(ticketsql, ["LastUpdated"])
         )
+        left_at: tuple[datetime, int] | None = None  # the earliest change left to the next run
         step = self.client.page_size
         for start in range(0, len(listed), step):
             page = listed[start : start + step]
             found = {int(t["id"]): t for t in self._search(_ids_query(i for _, i in page))}
             for place in page:
+                if left_at is not None and place >= left_at:
+                    return  # the watermark must not pass a change left to the next run
                 ticket = found.get(place[1])
                 if ticket is None:
                     continue  # deleted meanwhile
-                if _changed_order(ticket) == place:  # else changed since: the next run's
+                now = _changed_order(ticket)
+                if now == place:
                     yield ticket
+                else:  # changed since: the next run's
+                    left_at = min(now, left_at or now)
 
     def batches(
         self, since: datetime | None, batch_size: int, within: object | None = None
