@@ -242,6 +242,44 @@ def test_a_refused_row_s_other_faults_skip_a_parser_needing_the_refused_value():
     assert verdict.valid.index.tolist() == ["1"]
 
 
+def filled_by(fill) -> type[pa.DataFrameModel]:
+    """FilledV1 with another way of reading the count in its parser of the whole row."""
+
+    class Filled(pa.DataFrameModel):
+        count: Series[int] = pa.Field(nullable=True)
+        total: Series[float]
+
+        @pa.dataframe_parser
+        def total_defaults_to_the_count(cls, frame: pd.DataFrame) -> pd.DataFrame:
+            return frame.assign(total=fill(frame))
+
+        class Config:
+            coerce = True
+
+    return Filled
+
+
+@pytest.mark.parametrize(
+    "fill",
+    [
+        lambda frame: frame[["total", "count"]].bfill(axis=1)["total"],  # KeyError "[...] not in"
+        lambda frame: frame["total"].fillna(frame.get("count") * 1),  # TypeError on None
+        lambda frame: frame.eval("total.fillna(count)"),  # pandas' UndefinedVariableError
+    ],
+    ids=["columns-selected", "frame-get", "eval"],
+)
+def test_a_parser_of_the_whole_row_needing_the_refused_value_fails_in_its_own_way(fill):
+    """Only a KeyError naming the refused field was taken for a parser needing it: any other
+    way of missing it stopped the whole batch (and its run) on the refused row."""
+    batch = pd.DataFrame({"count": [7, 10.5], "total": [14.0, None]}).set_axis(["1", "2"])
+    verdict = Contract("t", 1, filled_by(fill)).judge(batch)
+    assert [(r.index, r.reason) for r in verdict.rejections] == [
+        ("2", "t@v1: count is not a whole number")
+    ]
+    assert verdict.valid.index.tolist() == ["1"]
+    assert verdict.valid["total"].tolist() == [14.0]
+
+
 def test_a_bug_in_a_contract_is_not_swallowed_by_a_refused_row_s_other_faults():
     """Any error of validating a refused row's other fields was ignored: a contract's bug (here
     a parser that cannot read text) passed unseen, its letter missing the fault."""

@@ -171,21 +171,26 @@ class Contract:
         """The other fields' faults of rows refused before validation: they are validated apart,
         without the columns they were refused for, so that one letter names every fault (fixing
         one should not reveal the next). Only rules of one field: a rule of the whole row may
-        need the refused value."""
+        need the refused value. So may a parser of the whole row: whatever it raises without
+        that value (a KeyError, a TypeError of the None `frame.get` gave it, pandas' own error
+        of `eval`), the row's first faults stand; a field's parser failing is the contract's
+        bug, raised."""
         groups: dict[frozenset[str], list[object]] = defaultdict(list)
         for index in rows.index:
             groups[frozenset(settled[index])].append(index)
         for names, indexes in groups.items():
+            schema = self.schema.remove_columns(list(names))
             try:
-                schema = self.schema.remove_columns(list(names))
-                schema.validate(rows.loc[indexes].drop(columns=list(names)), lazy=True)
+                parsed = _whole_row_parsed(schema, rows.loc[indexes].drop(columns=list(names)))
+            except Exception:  # it may need the refused value (see the docstring)
+                continue
+            schema.parsers = []  # run above; remove_columns made this schema a copy
+            try:
+                schema.validate(parsed, lazy=True)
             except pa.errors.SchemaErrors as errors:
                 for index, reason, whole_row in _failures(errors.failure_cases):
                     if not whole_row and index in reasons and reason not in reasons[index]:
                         reasons[index].append(reason)
-            except KeyError as missing:  # a parser of the whole row needs a refused value
-                if not names & set(missing.args):
-                    raise
 
     def _schema_for(self, frame: pd.DataFrame) -> tuple[pa.DataFrameSchema, bool]:
         """The model's schema, leaving alone the columns of `frame` that already hold what
@@ -197,6 +202,14 @@ class Contract:
             if name in columns and _holds(columns[name], values)
         )
         return _schema_trusting(self.model, typed)
+
+
+def _whole_row_parsed(schema: pa.DataFrameSchema, frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` through the schema's parsers of the whole row alone, as validating runs them
+    first (before coercion, the fields' parsers and every rule)."""
+    if not schema.parsers:
+        return frame
+    return pa.DataFrameSchema(parsers=schema.parsers).validate(frame)
 
 
 # Failures of one row's value. Any other (a coercion, a type, a missing column) can hide the
