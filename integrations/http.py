@@ -103,20 +103,24 @@ class CircuitBreaker:
         self.times_opened = 0
         self.opened_at: float | None = None
         self.last_failure = ""
-        self._probing = False
+        # The half-open circuit's probe under way (None: none): only its own attempt gives its
+        # place up unanswered (see not_sent).
+        self._probe: object | None = None
         self._lock = threading.Lock()
 
-    def before_attempt(self, log: logging.Logger | logging.LoggerAdapter) -> None:
+    def before_attempt(self, log: logging.Logger | logging.LoggerAdapter) -> object | None:
+        """Let an attempt go, or raise CircuitOpen; returns the probe's token when it is the
+        half-open circuit's probe (hand it to `not_sent`)."""
         with self._lock:
             if self.state == "closed":
-                return
+                return None
             waited = time.monotonic() - (self.opened_at or 0.0)
             if self.state == "open" and waited >= self.open_seconds:
-                self.state, self._probing = "half_open", False
+                self.state, self._probe = "half_open", None
                 log.info("%s circuit half-open: sending one probe", self.system)
-            if self.state == "half_open" and not self._probing:
-                self._probing = True
-                return
+            if self.state == "half_open" and self._probe is None:
+                self._probe = object()
+                return self._probe
             retry_in = max(0.0, self.open_seconds - waited)
             raise CircuitOpen(
                 f"{self.system} circuit open after {self.consecutive_failures} consecutive "
@@ -128,7 +132,7 @@ class CircuitBreaker:
         with self._lock:
             if self.state != "closed":
                 log.info("%s circuit closed: the probe succeeded", self.system)
-            self.state, self.consecutive_failures, self._probing = "closed", 0, False
+            self.state, self.consecutive_failures, self._probe = "closed", 0, None
 
     def failed(self, what: str, log: logging.Logger | logging.LoggerAdapter) -> None:
         with self._lock:
@@ -136,7 +140,7 @@ class CircuitBreaker:
             self.last_failure = what
             tripped = self.consecutive_failures >= self.failures_to_open
             if self.state == "half_open" or (self.state == "closed" and tripped):
-                self.state, self.opened_at, self._probing = "open", time.monotonic(), False
+                self.state, self.opened_at, self._probe = "open", time.monotonic(), None
                 self.times_opened += 1
                 log.warning(
                     "%s circuit OPEN after %d consecutive failures (last: %s); failing fast "
@@ -147,11 +151,15 @@ class CircuitBreaker:
                     self.open_seconds,
                 )
 
-    def not_sent(self) -> None:
+    def not_sent(self, probe: object | None) -> None:
         """The attempt stopped before it had an answer or a failure to report (the shared
-        bucket's database failed, an interrupt): a probe it was leaves the next call to probe."""
+        bucket's database failed, an interrupt): a probe it was (`probe`, as `before_attempt`
+        gave it) leaves the next call to probe. Any other attempt (one let go while the circuit
+        was closed, or the probe of an earlier half-open spell) leaves the probe under way
+        alone: freeing its place let a second probe out beside it."""
         with self._lock:
-            self._probing = False
+            if probe is not None and probe is self._probe:
+                self._probe = None
 
     def snapshot(self) -> dict[str, object]:
         with self._lock:
@@ -309,13 +317,13 @@ class ApiClient:
         repeatable = method in IDEMPOTENT_METHODS or idempotent or bool(idempotency_key)
         retry = self._retry
         while True:
-            self.breaker.before_attempt(self.log)
+            probe = self.breaker.before_attempt(self.log)
             try:
                 if self.bucket is not None:
                     self.waited += self.bucket.acquire()
                 response, failure, error = self._attempt(method, url, json, params, headers)
             except BaseException:
-                self.breaker.not_sent()  # else the circuit waited for this probe for good
+                self.breaker.not_sent(probe)  # else the circuit waited for this probe for good
                 raise
             if response is not None and response.status_code not in RETRYABLE:
                 self.breaker.succeeded(self.log)

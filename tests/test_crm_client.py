@@ -4,6 +4,7 @@ outages (circuit breaker), lost answers (idempotency keys), and a rate limit sha
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 
@@ -139,6 +140,57 @@ def test_a_probe_stopped_before_it_was_sent_lets_the_next_call_probe(
     time.sleep(0.4)
     assert list(crm.list_objects("contacts")) == []
     assert crm.api.stats()["circuit"]["state"] == "closed"
+
+
+def test_a_call_that_took_its_token_before_the_circuit_opened_leaves_its_probe_alone(
+    crm_sandbox, crm_token, tmp_path
+):
+    """A call waits for its token while an outage opens the circuit and a probe goes out; its
+    token then fails (the shared bucket's state store locked, then changed). Its "not sent" let
+    go of the probe's place, not its own: the next call probed too, two at once."""
+    limits = ApiLimits(
+        requests_per_second=1000, retries=0, failures_to_open=2, open_seconds=0.4, backoff=0.01
+    )
+    path = tmp_path / "state.sqlite"
+    waiting = client(
+        crm_sandbox, crm_token, limits, bucket=SharedTokenBucket(f"sqlite:///{path}", "crm", limits)
+    )
+    crm = client(crm_sandbox, crm_token, limits)  # the same CRM and settings: the same breaker
+    outcomes: dict[str, object] = {}
+
+    def call(name: str, on: CrmClient) -> threading.Thread:
+        def run() -> None:
+            try:
+                outcomes[name] = list(on.list_objects("contacts"))
+            except Exception as error:
+                outcomes[name] = error
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # the bucket's store busy: the call waits for its token
+    holder.execute("ALTER TABLE api_rate_limits RENAME TO away")
+    stuck = call("stuck", waiting)
+    time.sleep(0.3)
+    set_faults(crm_sandbox, crm_token, outage_seconds=0.3)
+    for _ in range(2):
+        with pytest.raises(CrmUnavailable, match="503"):
+            list(crm.list_objects("contacts"))
+    time.sleep(0.5)  # the outage is over and the circuit due a probe
+    set_faults(crm_sandbox, crm_token, latency=1.5)
+    probe = call("probe", crm)
+    time.sleep(0.3)
+    holder.execute("COMMIT")  # the waiting call's token fails: it was never sent
+    stuck.join(timeout=10)
+    assert isinstance(outcomes["stuck"], sa.exc.OperationalError)
+    assert crm.api.stats()["circuit"]["state"] == "half_open"
+    with pytest.raises(CrmUnavailable, match="circuit open"):
+        list(crm.list_objects("contacts"))
+    probe.join(timeout=10)
+    assert outcomes["probe"] == [] and crm.api.stats()["circuit"]["state"] == "closed"
+    holder.close()
 
 
 def test_a_closed_port_is_unavailable_not_a_crash():
