@@ -11,10 +11,13 @@ from assets.crm_contacts import CRM_CONTACTS
 from assets.factory import flow_asset
 from definitions import resources
 from integrations.cli import main
+from integrations.crm.client import CrmClient
 from integrations.engine.state import AUDIT_TABLES, AuditHead, AuditRecord, StateStore
 from integrations.erp.changes import move_customers
+from integrations.http import ApiLimits
 from tests.conftest import DLQ_KEY
 from tests.contacts import sync
+from tests.sandbox_faults import set_faults, traffic
 
 DROP_TRIGGERS = {
     "sqlite": [
@@ -226,6 +229,24 @@ def test_a_records_story_shows_each_change_field_by_field(world, erp, crm_client
     assert main(["audit", "show", "--key", key]) == 0
     out = capsys.readouterr().out
     assert "live as" in out and "insert" in out and "update" in out
+
+
+def test_a_create_whose_answer_was_lost_is_audited_as_created(
+    world, erp, crm_sandbox, crm_token, state
+):
+    """A third of the CRM's answers are lost after it wrote (a connection closed on the way
+    back): the retry of a batch upsert found its contacts there, and the run audited and
+    counted as updated what it had created."""
+    set_faults(crm_sandbox, crm_token, drop_rate=0.3, seed=1)
+    crm = CrmClient(crm_sandbox.base_url, crm_token, ApiLimits(retries=8, backoff=0.01))
+    result = sync(erp, crm, state)
+    crm.close()
+    assert traffic(crm_sandbox, crm_token)["counts"]["dropped"] > 0
+    assert result.counts["updated"] == 0 and result.counts["inserted"] == result.counts["valid"]
+    batches = [entry["detail"] for entry in state.audit_entries(CRM_CONTACTS.name)]
+    assert sum(batch["updated"] for batch in batches) == 0
+    key = next(iter(state.ledger_entries(CRM_CONTACTS.name, ["1", "2", "3"])))
+    assert [entry["action"] for entry in state.record_history(key)] == ["insert"]
 
 
 @pytest.mark.postgres

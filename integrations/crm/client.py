@@ -3,11 +3,13 @@
 Transport (timeouts, retries, the shared rate limit, the circuit breaker) is the shared
 `integrations.http.ApiClient`. Upserts by natural key, archives, reads and searches are
 idempotent, so they are retried freely; associations are not naturally idempotent and carry
-an `Idempotency-Key`. Errors never carry request headers.
+an `Idempotency-Key`, and so does each batch upsert, for its answer (see `batch_upsert`).
+Errors never carry request headers.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -126,6 +128,12 @@ class CrmClient:
 
         Each input is `{"id": <id_property value>, "properties": {...}, "objectWriteTraceId": ...}`;
         an error names the inputs it is about by their `objectWriteTraceId` in its `context`.
+
+        The call's retries carry one `Idempotency-Key`: an answer lost after the CRM wrote is
+        replayed to the retry, which would otherwise find the objects there, each `new: false`
+        (an object this call created audited as updated), where the CRM honours the key. A key
+        of this call only, never of the inputs: a later call with the same inputs (a rerun, the
+        run's end retrying a refusal) must be served anew, not handed an old answer.
         """
         if len(inputs) > MAX_BATCH:
             raise ValueError(f"batch upsert takes at most {MAX_BATCH} inputs, got {len(inputs)}")
@@ -135,6 +143,7 @@ class CrmClient:
             f"/crm/v3/objects/{object_type}/batch/upsert",
             json=body,
             params={"idProperty": id_property},
+            idempotency_key=f"batch-upsert-{uuid.uuid4()}",
         )
         return BatchAnswer(list(answer.get("results", [])), list(answer.get("errors", [])))
 
