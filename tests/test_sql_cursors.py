@@ -1066,6 +1066,41 @@ def test_records_the_destination_refuses_count_once_against_the_error_budget(sql
     engine.dispose()
 
 
+def test_a_trip_holds_its_own_runs_letters_not_the_earlier_ones_it_retried(tmp_path, state):
+    """Three earlier runs each refused a record taking record 1's number. A run moves 1 off it
+    and retries their letters at its end (one lands, two are refused again), and is stopped by
+    its own 3 refusals of 26 rows. Its trip took in the two retried letters: counted among the
+    letters it left, they kept every run stopped until replayed, though it never judged them.
+    (Its share was its own: 3 of 26.)"""
+    engine = create_engine(f"sqlite:///{tmp_path / 'erp.sqlite'}")
+    source_lines(engine, [datetime(2025, 1, 1) + timedelta(minutes=n) for n in range(40)])
+    spec = dataclasses.replace(LOOSE_SPEC, batch_size=10)
+
+    def run_as(run_id: str) -> SyncResult:
+        with syncing(engine, state, spec, run_id=run_id) as sync:
+            return sync.run()
+
+    run_as("first")
+    for hour, line in enumerate((35, 36, 37), start=1):
+        renumber(engine, [(line, "L1")], hour=hour)
+        assert run_as(f"earlier-{hour}").counts["rejected"] == 1
+    renumber(engine, [(1, "L500"), (3, "L38"), (4, "L39"), (5, "L40")], hour=5)
+    with engine.begin() as connection:  # and 22 other lines change, as they should
+        connection.execute(
+            sa.text("UPDATE source_lines SET memo = 'y', updated_at = :at WHERE id BETWEEN 6 AND 27"),
+            {"at": datetime(2025, 1, 2, 6)},
+        )  # fmt: skip
+    with pytest.raises(ErrorBudgetExceeded) as stopped:
+        run_as("tripping")
+    trip = stopped.value.trip
+    assert (trip.failed, trip.seen) == (3, 26)
+    assert trip.letters == 3, "the two earlier letters it retried are not this run's"
+    assert state.count_open_dead_letters(spec.name) == 5
+    with pytest.raises(ErrorBudgetTripStands, match="3 of the 3 dead letters"):
+        run_as("next")
+    engine.dispose()
+
+
 def test_uuid_keys_make_a_watermark(sql_database, state):
     """A UUID primary key (Decimal keys likewise) is not JSON: the watermark keeps its text."""
     engine = create_engine(sql_database())

@@ -393,6 +393,9 @@ class BatchCommit:
     resolution: str = "synced"
     # AuditRecords, or plain tuples in their fields' order (a batch's writes make one each).
     audit_records: list[tuple] = field(default_factory=list)
+    # The letters are earlier runs' letters a run retried at its end (see Sync._retried): one
+    # refused again stays the letter of the run that refused it, which its trip holds it to.
+    retried: bool = False
 
 
 def _chunks(items: Sequence[object], dialect: str) -> Iterator[Sequence[object]]:
@@ -1016,7 +1019,9 @@ class StateStore:
             if batch.claims or batch.released:
                 self._claim(connection, batch)
             if batch.dead_letters:
-                self._put_dead_letters(connection, batch.run_id, batch.dead_letters, now)
+                self._put_dead_letters(
+                    connection, batch.run_id, batch.dead_letters, now, keep_runs=batch.retried
+                )
             if batch.watermark is not None:
                 connection.execute(
                     self._upsert_cursor,
@@ -1348,8 +1353,15 @@ class StateStore:
             )
 
     def _put_dead_letters(
-        self, connection, run_id: str, letters: Iterable[DeadLetter], now: datetime
+        self,
+        connection,
+        run_id: str,
+        letters: Iterable[DeadLetter],
+        now: datetime,
+        keep_runs: bool = False,
     ) -> None:
+        """Open the letters, or refresh the open ones of their records; those keep their runs
+        when `keep_runs` (see BatchCommit.retried)."""
         letters = list(letters)
         flow_keys = {(letter.flow, letter.record_key) for letter in letters}
         existing: dict[tuple[str, str], int] = {}
@@ -1396,7 +1408,10 @@ class StateStore:
                     }
                 )
             else:
-                updates.append({**values, "known": known})
+                refreshed = {**values, "known": known}
+                if keep_runs:  # the parameters name the columns set: the run is left out
+                    del refreshed["run_id"]
+                updates.append(refreshed)
         if inserts:
             bulk_write(
                 connection,

@@ -401,6 +401,8 @@ class Sync(ErrorBudget, DestinationIds):
         # that let go of their ids (moved off, archived) in this run (see _retried).
         self._clashed: list[str] = []
         self._let_go: set[str] = set()
+        # Retrying letters at a run's end: those of earlier runs stay theirs (see _retried).
+        self._retrying = False
         # The stages of a run (see _drive): the batch being committed, and its commit.
         self._in_flight: InFlight | None = None
         self._committed: Future | None = None
@@ -490,7 +492,8 @@ class Sync(ErrorBudget, DestinationIds):
         as a replay of their letters, in one batch. So are the records an earlier run refused
         for an id that a record this run moved off or archived held (its next change could be
         months away), and then those waiting on what that replay moved, round by round. What
-        still clashes stays in the DLQ."""
+        still clashes stays in the DLQ, an earlier run's letter still that run's: this run did
+        not judge its record, and its error budget's trip does not hold it (see BatchCommit)."""
         clashed, self._clashed = sorted(set(self._clashed)), []
         own = (
             self.state.list_dead_letters(self.spec.name, keys=clashed, limit=None)
@@ -504,17 +507,21 @@ class Sync(ErrorBudget, DestinationIds):
         )
         if not letters:
             return result
-        for _ in range(_RETRY_ROUNDS):
-            again = self.replay(
-                letters, batch_size=max(self.spec.batch_size, len(letters)), retry=False
-            )
-            for name in ("inserted", "updated", "unchanged", "archived"):
-                result.counts[name] += again.counts[name]
-            result.open_dead_letters = again.open_dead_letters
-            # What this replay moved off or archived frees ids others wait for.
-            letters = self._waiting_for(self._let_go) if self._let_go else []
-            if not letters:
-                break
+        self._retrying = True
+        try:
+            for _ in range(_RETRY_ROUNDS):
+                again = self.replay(
+                    letters, batch_size=max(self.spec.batch_size, len(letters)), retry=False
+                )
+                for name in ("inserted", "updated", "unchanged", "archived"):
+                    result.counts[name] += again.counts[name]
+                result.open_dead_letters = again.open_dead_letters
+                # What this replay moved off or archived frees ids others wait for.
+                letters = self._waiting_for(self._let_go) if self._let_go else []
+                if not letters:
+                    break
+        finally:
+            self._retrying = False
         self._clashed = []
         # This run's refusals that landed are its own to count again; an earlier run's counted.
         still = (
@@ -1158,6 +1165,7 @@ class Sync(ErrorBudget, DestinationIds):
                 resolved=plan.in_sync,
                 resolution="replayed" if self._replaying else "synced",
                 audit_records=records,
+                retried=self._retrying,
             ),
             audit=self._batch_entry(detail),
         )
