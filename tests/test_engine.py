@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 import sqlalchemy as sa
@@ -34,6 +35,25 @@ def test_counts_add_up_and_progress_is_logged_per_batch(world, erp, crm_client, 
             )
         ).first()
     assert result.watermark_after.key == newest.customer_id
+
+
+def test_dead_letters_are_summed_up_once_per_batch_and_kept_whole_in_the_dlq(
+    world, erp, crm_client, state, caplog
+):
+    with caplog.at_level(logging.INFO):
+        result = sync(erp, crm_client, state, log=logging.getLogger("test"))
+    lines = [r.getMessage() for r in caplog.records if "dead-lettered" in r.getMessage()]
+    assert 0 < len(lines) <= result.batches, "one summary per batch, not a line per letter"
+    letters = state.list_dead_letters(limit=10_000)
+    assert len(letters) == result.counts["rejected"], "the DLQ holds every letter"
+    logged = sum(int(re.search(r": (\d+) dead-lettered in this batch", line)[1]) for line in lines)
+    assert logged == result.counts["rejected"]
+    for line in lines:
+        # Counts per kind, a few keys each (the first of that kind), and where the rest are.
+        for count, examples in re.findall(r"contract (\d+) \(e\.g\. ([^)]*)\)", line):
+            assert 1 <= len(examples.split(", ")) <= min(3, int(count))
+        assert "handoff dlq list --flow erp_customers_to_crm_contacts" in line
+        assert not any(letter.reason in line for letter in letters), "reasons are in the DLQ"
 
 
 def deleted_never_synced(erp) -> int:

@@ -18,7 +18,7 @@ import logging
 import math
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence, Set
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -74,7 +74,7 @@ logger = logging.getLogger(__name__)
 
 PHASES = ("extract", "validate", "map", "diff", "load", "commit")
 SAMPLE_SIZE = 5
-LOGGED_LETTERS = 20  # dead letters logged one by one per run
+EXAMPLE_KEYS = 3  # keys a batch's dead-letter summary names per reason kind
 MAX_KEY_LENGTH = 200  # the state store keys records by text of at most 255 characters
 
 
@@ -911,6 +911,7 @@ class Sync(ErrorBudget, DestinationIds):
                 self._call_destination(lambda: self._archive(archived))
             written, refused = self._load_movers_first(plan, staged.live)
             self._note_rejections(result, refused)
+            self._log_letters(letters + refused)
             landed = set(written.keys)
             plan.displaced = {k: held for k, held in plan.displaced.items() if held[1] in landed}
             plan.relocated = self._relocated(plan, written, in_flight)
@@ -1452,23 +1453,12 @@ class Sync(ErrorBudget, DestinationIds):
         )
 
     def _note_rejections(self, result: SyncResult, letters: Sequence[DeadLetter]) -> None:
-        """Count the batch's rejections; log each of the run's first ones with its correlation
-        id (the rest are in the DLQ and the audit trail, not flooding the run's log)."""
-        logged = before = min(result.counts["rejected"], LOGGED_LETTERS)
+        """Count the batch's rejections and keep the run's first few as samples (PII masked)."""
         result.counts["rejected"] += sum(map(_rows_in, letters))
         pii = self.spec.source_contract.pii_fields | self.spec.target_contract.pii_fields
         for letter in letters:
             result.reasons[letter.reason] += 1
             result.kinds[letter.reason_kind] += 1
-            if logged < LOGGED_LETTERS:
-                logged += 1
-                self.log.warning(
-                    "%s: dead-lettered %s (%s): %s",
-                    self.spec.name,
-                    letter.correlation_id,
-                    letter.reason_kind,
-                    letter.reason,
-                )
             if len(result.samples) < SAMPLE_SIZE and "rows" not in letter.payload:
                 result.samples.append(
                     {
@@ -1477,11 +1467,31 @@ class Sync(ErrorBudget, DestinationIds):
                         "record": mask_record(letter.payload, pii),
                     }
                 )
-        unlogged = len(letters) - (logged - before)
-        if unlogged:
-            self.log.warning(
-                "%s: %d more dead-lettered in this batch; `handoff dlq list --flow %s` lists them",
-                self.spec.name,
-                unlogged,
-                self.spec.name,
-            )
+
+    def _log_letters(self, letters: Sequence[DeadLetter]) -> None:
+        """One line for a batch's dead letters: how many of each kind, with a few keys. Each
+        letter's reason and payload are in the DLQ (`handoff dlq list`), so the run's log stays
+        a summary however many rows a first run rejects."""
+        if not letters:
+            return
+        keys_by_kind: dict[str, list[str]] = defaultdict(list)
+        rows_by_kind: Counter = Counter()
+        for letter in letters:
+            keys_by_kind[letter.reason_kind].append(self._shown_key(letter.record_key))
+            rows_by_kind[letter.reason_kind] += _rows_in(letter)
+        kinds = "; ".join(
+            f"{kind} {rows} (e.g. {', '.join(keys_by_kind[kind][:EXAMPLE_KEYS])})"
+            for kind, rows in rows_by_kind.most_common()
+        )
+        self.log.warning(
+            "%s: %d dead-lettered in this batch: %s; `handoff dlq list --flow %s` lists them",
+            self.spec.name,
+            rows_by_kind.total(),
+            kinds,
+            self.spec.name,
+        )
+
+    def _shown_key(self, key: str) -> str:
+        """A record key as a log may show it: masked where the flow is keyed by a PII field."""
+        pii = self.spec.source_contract.pii_fields
+        return str(mask_value(key)) if self.spec.source.key in pii else key
