@@ -1,5 +1,5 @@
 """A flow's checks: its contract and the audit trail's anchor (evaluated by every sync) and a
-daily reconciliation."""
+daily reconciliation (on its own, never along with a sync)."""
 
 import dagster as dg
 
@@ -14,7 +14,12 @@ CONTRACT_CHECK = "contract"
 AUDIT_ANCHOR_CHECK = "audit_anchor"
 AUDIT_HEAD = "audit_head"  # the materialization's metadata: the trail's head after its run
 RECONCILIATION_CHECK = "reconciliation"
+SYNC_CHECKS = (CONTRACT_CHECK, AUDIT_ANCHOR_CHECK)  # the asset's own, evaluated by every sync
 SAMPLE = 5
+
+
+def reconciliation_schedule_name(spec: FlowSpec) -> str:
+    return f"{spec.name}_reconciliation_schedule"
 
 
 def contract_check_spec(spec: FlowSpec, key: dg.AssetKey) -> dg.AssetCheckSpec:
@@ -108,15 +113,37 @@ def drift_metadata(drift: Drift) -> dict[str, object]:
 
 
 def reconciliation_check(spec: FlowSpec, key: dg.AssetKey) -> dg.AssetChecksDefinition:
-    @dg.asset_check(
-        asset=key,
-        name=RECONCILIATION_CHECK,
-        description=f"Compares the source with {key.to_user_string()}: counts and a content hash "
-        "over keys; reports missing, extra and differing records.",
+    """Reads the whole source and destination, so it runs on its own (its daily schedule, or
+    the check executed from the UI), not along with a materialization of its asset: the UI's
+    Materialize selects every check of the asset, and a can-subset check may leave its result
+    out (Dagster shows it skipped in that run)."""
+
+    @dg.multi_asset_check(
+        name=f"{key.to_python_identifier()}_{RECONCILIATION_CHECK}",
+        specs=[
+            dg.AssetCheckSpec(
+                RECONCILIATION_CHECK,
+                asset=key,
+                description=f"Compares the source with {key.to_user_string()}: counts and a "
+                "content hash over keys; reports missing, extra and differing records. Reads "
+                "both whole, so it runs daily on its own schedule (or execute the check alone), "
+                "not with each materialization.",
+                blocking=False,
+            )
+        ],
+        can_subset=True,
         required_resource_keys=required_resources(spec),
-        blocking=False,
     )
-    def _reconciliation(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+    def _reconciliation(context: dg.AssetCheckExecutionContext):
+        if key in context.job_def.asset_layer.selected_asset_keys:
+            context.log.info(
+                "%s: reconciliation skipped in a run that materializes %s (it reads the whole "
+                "destination): its schedule `%s` runs it, or execute the check on its own",
+                spec.name,
+                key.to_user_string(),
+                reconciliation_schedule_name(spec),
+            )
+            return
         try:
             with flow_connections(context.resources, spec) as (source, destination, state):
                 drift = reconcile(spec, source, destination, state)
@@ -124,7 +151,9 @@ def reconciliation_check(spec: FlowSpec, key: dg.AssetKey) -> dg.AssetChecksDefi
             raise dg.Failure(
                 description=f"flow {spec.name}: {error}", metadata={"flow": spec.name}
             ) from error
-        return dg.AssetCheckResult(
+        yield dg.AssetCheckResult(
+            asset_key=key,
+            check_name=RECONCILIATION_CHECK,
             passed=drift.in_sync,
             severity=dg.AssetCheckSeverity.ERROR,
             description="; ".join([f"{spec.name}: {drift.summary()}", *what_to_do(drift, key)]),

@@ -16,6 +16,7 @@ from pydantic import Field
 from assets.checks import (
     AUDIT_HEAD,
     EXTRA_LEFT,
+    SYNC_CHECKS,
     audit_anchor_check_result,
     audit_anchor_check_spec,
     contract_check_result,
@@ -75,6 +76,22 @@ class SyncConfig(dg.Config):
 
 def asset_key(spec: FlowSpec) -> dg.AssetKey:
     return dg.AssetKey([spec.target.system, spec.target.dataset])
+
+
+def sync_checks(specs: list[FlowSpec]) -> list[dg.AssetCheckKey]:
+    """The checks a sync of these flows evaluates (contract, audit anchor). A run request that
+    names its assets names these too: left unnamed, Dagster adds every check of those assets,
+    the reconciliation with it."""
+    return [dg.AssetCheckKey(asset_key(spec), name) for spec in specs for name in SYNC_CHECKS]
+
+
+def sync_selection(specs: list[FlowSpec]) -> dg.AssetSelection:
+    """What a sync runs: the flows' assets and their sync checks, not the reconciliation, which
+    reads the whole destination, on its own schedule."""
+    keys = [asset_key(spec) for spec in specs]
+    return dg.AssetSelection.assets(*keys).without_checks() | dg.AssetSelection.checks(
+        *sync_checks(specs)
+    )
 
 
 def source_key(spec: FlowSpec) -> dg.AssetKey:

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from assets.factory import asset_key, partitions_of
+from assets.factory import asset_key, partitions_of, sync_checks, sync_selection
 from integrations.engine.source import FAR_FUTURE
 from integrations.engine.spec import FlowSpec
 from integrations.engine.state import utcnow
@@ -72,7 +72,7 @@ def changed_days_sensor(spec: FlowSpec) -> dg.SensorDefinition:
         name=f"{spec.name}_changed_days",
         description=f"Requests a run of each day of {key.to_user_string()} whose rows changed in "
         f"{system} `{spec.source.table}` since it last looked (the schedule syncs a day once).",
-        target=[key],
+        target=sync_selection([spec]),
         minimum_interval_seconds=60,
         default_status=dg.DefaultSensorStatus.STOPPED,
         required_resource_keys={system, "state"},
@@ -140,6 +140,7 @@ def changed_days_sensor(spec: FlowSpec) -> dg.SensorDefinition:
                     run_key=f"{spec.name}:{day}:{mark}",
                     partition_key=day,
                     asset_selection=[key],
+                    asset_check_keys=sync_checks([spec]),
                     tags={"handoff/high_water_mark": mark, **pool_tags(spec)},
                 )
                 for day in requested

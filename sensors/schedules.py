@@ -11,8 +11,8 @@ from datetime import datetime
 
 import dagster as dg
 
-from assets.checks import RECONCILIATION_CHECK
-from assets.factory import asset_key, partitions_of
+from assets.checks import RECONCILIATION_CHECK, reconciliation_schedule_name
+from assets.factory import asset_key, partitions_of, sync_checks, sync_selection
 from integrations.engine.spec import FlowSpec
 from integrations.engine.state import StoppedWindow
 from resources import StateStoreResource
@@ -32,7 +32,7 @@ def _hourly_sync(spec: FlowSpec) -> dg.ScheduleDefinition:
     @dg.schedule(
         name=f"{spec.name}_schedule",
         cron_schedule=spec.schedule,
-        target=[key],
+        target=sync_selection([spec]),
         default_status=dg.DefaultScheduleStatus.STOPPED,
         description=f"Syncs {key.to_user_string()} (skips while its error budget is tripped).",
     )
@@ -58,7 +58,9 @@ def _daily_sync(spec: FlowSpec) -> dg.ScheduleDefinition:
         name=name,
         cron_schedule=partitions.get_cron_schedule(),
         execution_timezone=partitions.timezone,
-        job=dg.define_asset_job(f"{spec.name}_daily", selection=[key], tags=pool_tags(spec)),
+        job=dg.define_asset_job(
+            f"{spec.name}_daily", selection=sync_selection([spec]), tags=pool_tags(spec)
+        ),
         default_status=dg.DefaultScheduleStatus.STOPPED,
         description=f"Syncs each day of {key.to_user_string()} once it is over (a day it skips "
         "while the error budget is tripped is requested once the trip clears).",
@@ -85,7 +87,12 @@ def _daily_sync(spec: FlowSpec) -> dg.ScheduleDefinition:
                 )
             )
         # Its asset named: the sensors see the day's run queued (queued_days), not request it too.
-        return dg.RunRequest(run_key=day, partition_key=day, asset_selection=[key])
+        return dg.RunRequest(
+            run_key=day,
+            partition_key=day,
+            asset_selection=[key],
+            asset_check_keys=sync_checks([spec]),
+        )
 
     return _sync
 
@@ -109,7 +116,7 @@ def flow_schedules(specs: list[FlowSpec]) -> list[dg.ScheduleDefinition]:
     daily = [_daily_sync(spec) for spec in specs if spec.partitions]
     reconciliations = [
         dg.ScheduleDefinition(
-            name=f"{spec.name}_reconciliation_schedule",
+            name=reconciliation_schedule_name(spec),
             job=dg.define_asset_job(
                 f"{spec.name}_reconciliation",
                 selection=dg.AssetSelection.checks(

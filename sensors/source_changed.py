@@ -9,7 +9,7 @@ from collections import defaultdict
 
 import dagster as dg
 
-from assets.factory import asset_key
+from assets.factory import asset_key, sync_checks, sync_selection
 from integrations.engine.spec import FlowSpec
 from sensors.schedules import pool_tags
 
@@ -21,7 +21,7 @@ def _sensor(system: str, table: str, specs: list[FlowSpec]) -> dg.SensorDefiniti
         name=f"{system}_{table}_changed",
         description=f"Requests a sync of {', '.join(k.to_user_string() for k in keys)} when "
         f"{system} `{table}` changed since they last synced.",
-        target=keys,
+        target=sync_selection(specs),
         minimum_interval_seconds=30,
         default_status=dg.DefaultSensorStatus.STOPPED,
         required_resource_keys={system, "state"},
@@ -41,7 +41,7 @@ def _sensor(system: str, table: str, specs: list[FlowSpec]) -> dg.SensorDefiniti
             )
         with context.resources.state.open() as store:
             behind = [
-                asset_key(spec)
+                spec
                 for spec in specs
                 if (mark := store.watermark(spec.name)) is None or mark.updated_at < high_water_mark
             ]
@@ -54,7 +54,8 @@ def _sensor(system: str, table: str, specs: list[FlowSpec]) -> dg.SensorDefiniti
             run_requests=[
                 dg.RunRequest(
                     run_key=f"{system}_{table}:{high_water_mark.isoformat()}",
-                    asset_selection=behind,
+                    asset_selection=[asset_key(spec) for spec in behind],
+                    asset_check_keys=sync_checks(behind),
                     tags={
                         "handoff/high_water_mark": high_water_mark.isoformat(),
                         **pool_tags(specs[0]),

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from assets.factory import asset_key, partitions_of
+from assets.factory import asset_key, partitions_of, sync_checks, sync_selection
 from integrations.engine.spec import FlowSpec
 from integrations.engine.state import FlowBusy, StateStore, StoppedWindow
 from resources import StateStoreResource
@@ -90,6 +90,7 @@ def _run_request(spec: FlowSpec, window: StoppedWindow) -> dg.RunRequest:
         run_key=f"{spec.name}:stopped:{days.start}:{days.end}:{window.stopped_at.isoformat()}",
         partition_key=days.start if one_day else None,
         asset_selection=[asset_key(spec)],
+        asset_check_keys=sync_checks([spec]),
         tags={
             "handoff/stopped_window": f"{window.stop} by run {window.run_id}",
             **pool_tags(spec),
@@ -113,7 +114,7 @@ def stopped_windows_sensor(spec: FlowSpec) -> dg.SensorDefinition:
         description=f"Once no error-budget trip stands, requests a run of each window of "
         f"{key.to_user_string()} the error budget stopped (refused while a trip stood, or "
         "tripped in mid-run).",
-        target=[key],
+        target=sync_selection([spec]),
         minimum_interval_seconds=60,
         # On by default, unlike the others: it requests nothing unless a run was stopped, and the
         # stop's message promises the window is requested again once the trip clears.

@@ -13,7 +13,7 @@ import json
 
 import dagster as dg
 
-from assets.factory import asset_key
+from assets.factory import asset_key, sync_checks, sync_selection
 from integrations.engine.spec import FlowSpec
 from integrations.webhooks.inbox import WebhookInbox
 from sensors.schedules import pool_tags
@@ -34,7 +34,7 @@ def webhook_inbox_sensors(specs: list[FlowSpec]) -> list[dg.SensorDefinition]:
         description="Requests a sync of "
         + ", ".join(key.to_user_string() for key in keys)
         + " when CRM webhooks (`handoff webhooks serve`) are waiting in the inbox.",
-        target=keys,
+        target=sync_selection(followed),
         minimum_interval_seconds=15,
         default_status=dg.DefaultSensorStatus.STOPPED,
         required_resource_keys={"state"},
@@ -65,6 +65,7 @@ def webhook_inbox_sensors(specs: list[FlowSpec]) -> list[dg.SensorDefinition]:
         request = dg.RunRequest(
             run_key=run_key,
             asset_selection=[asset_key(spec) for spec in behind],
+            asset_check_keys=sync_checks(behind),
             tags={"handoff/inbox_events": f"{first}-{last}", **pool_tags(behind[0])},
         )
         return dg.SensorResult(

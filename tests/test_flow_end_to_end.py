@@ -96,6 +96,9 @@ def test_sensor_requests_one_run_that_writes_exactly_the_changes(any_world, crm_
         assert len(tick.run_requests) == 1
         request = tick.run_requests[0]
         assert request.asset_selection == [CONTACTS]
+        assert {key.name for key in request.asset_check_keys} == {"contract", "audit_anchor"}, (
+            "a sensor's sync leaves the reconciliation (the whole CRM read) to its schedule"
+        )
         repeat = sensor(
             dg.build_sensor_context(
                 instance=instance, cursor=tick.cursor, resources=resources(), definitions=defs

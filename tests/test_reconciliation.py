@@ -8,7 +8,7 @@ import sqlalchemy as sa
 
 from assets.checks import reconciliation_check
 from assets.crm_contacts import CRM_CONTACTS
-from assets.factory import asset_key, flow_asset
+from assets.factory import asset_key, flow_asset, sync_checks
 from definitions import defs, resources
 from integrations.engine.reconcile import Drift, reconcile
 from integrations.engine.state import StateStore
@@ -79,6 +79,54 @@ def test_the_reconciliation_check_has_a_daily_schedule():
     assert job.asset_layer.asset_graph.asset_check_keys >= {
         dg.AssetCheckKey(CONTACTS, "reconciliation")
     }
+
+
+def test_a_materialization_with_every_check_leaves_the_reconciliation_to_its_schedule(
+    world, crm_client
+):
+    """The UI's Materialize selects every check of the asset: the reconciliation, which reads
+    the whole CRM, ran after each one. The sync's own checks still run with it."""
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [flow_asset(CRM_CONTACTS), reconciliation_check(CRM_CONTACTS, CONTACTS)],
+            resources=resources(),
+            instance=instance,
+        )
+        assert result.success
+        evaluated = {evaluation.check_name for evaluation in result.get_asset_check_evaluations()}
+        assert evaluated == {"contract", "audit_anchor"}
+        assert check(instance).passed, "executed on its own, it reconciles"
+
+
+def test_syncs_from_schedules_and_sensors_leave_the_reconciliation_out():
+    """Every sync a schedule or sensor started (a sensor's, every 30 s) read the whole CRM too."""
+    reconciliations = {
+        key for key in defs.resolve_asset_graph().asset_check_keys if key.name == "reconciliation"
+    }
+    syncs = [
+        *(s for s in defs.schedules if not s.name.endswith("_reconciliation_schedule")),
+        *(s for s in defs.sensors if s.has_jobs),
+    ]
+    targets = {sync.job_name for sync in syncs}
+    assert len(targets) >= len(syncs) // 2, "every flow's syncs are looked at"
+    for name in targets:
+        checks = checks_run_by(defs.resolve_job_def(name))
+        assert checks and not checks & reconciliations, name
+    # A run request naming its assets names their checks: unnamed, Dagster adds all of them.
+    job = defs.resolve_job_def(defs.resolve_sensor_def("erp_customers_changed").job_name)
+    reconciliation = dg.AssetCheckKey(CONTACTS, "reconciliation")
+    assert reconciliation in checks_run_by(job.get_subset(asset_selection={CONTACTS}))
+    requested = job.get_subset(
+        asset_selection={CONTACTS}, asset_check_selection=set(sync_checks([CRM_CONTACTS]))
+    )
+    assert checks_run_by(requested) == {
+        dg.AssetCheckKey(CONTACTS, "contract"),
+        dg.AssetCheckKey(CONTACTS, "audit_anchor"),
+    }
+
+
+def checks_run_by(job: dg.JobDefinition) -> set[dg.AssetCheckKey]:
+    return {key for data in job.asset_layer.data for key in data.assets_def.check_keys}
 
 
 def test_a_record_whose_letter_was_discarded_is_left_out_while_the_runs_hold_it(
