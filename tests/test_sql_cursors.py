@@ -17,6 +17,7 @@ import pandera.pandas as pa
 import pytest
 import sqlalchemy as sa
 from pandera.typing import Series
+from sqlalchemy.dialects import mysql
 
 from assets.factory import flow_asset
 from integrations.contracts import Contract
@@ -1229,3 +1230,45 @@ def test_a_run_the_error_budget_stops_audits_the_rows_it_dead_lettered(tmp_path,
     assert story["action"] == "dead-letter" and "booked_on is missing" in story["diff"]["reason"]
     assert state.verify_audit().intact
     engine.dispose()
+
+
+def mariadb_in_zone(url: str, zone: str) -> sa.Engine:
+    """A MariaDB engine whose sessions run in `zone`: the URL's own `init_command` says so
+    (handoff's sessions run in UTC otherwise, whatever the server's zone)."""
+    quoted = zone.replace("+", "%2B").replace(":", "%3A")
+    engine = create_engine(f"{url}?init_command=SET+time_zone%3D%27{quoted}%27")
+    with engine.connect() as connection:
+        assert connection.execute(sa.text("SELECT @@session.time_zone")).scalar_one() == zone
+    return engine
+
+
+@pytest.mark.mariadb
+def test_a_mariadb_timestamp_cursor_under_a_chosen_zone_keeps_its_watermark_in_utc(
+    mariadb_database, state
+):
+    """MariaDB shows a TIMESTAMP in the session's zone: under a zone the URL chose (New York's,
+    whose offset a DST change moves), the watermark was New York's wall time, said to be UTC.
+    After the clocks went back (01:59 EDT, then 01:00 EST), a row changed at 01:20 EST fell
+    before the watermark of 01:40 EDT and its 5 minutes' lookback: never read."""
+    url = mariadb_database()
+    utc = create_engine(url)
+    source_lines(utc, [datetime(2025, 11, 2, 5, 40)], mysql.TIMESTAMP(fsp=6))  # 01:40 EDT
+
+    summer = mariadb_in_zone(url, "-04:00")
+    first = run(summer, state)
+    assert first.written == 1
+    assert first.watermark_after.updated_at == datetime(2025, 11, 2, 5, 40), "UTC, not EDT"
+    summer.dispose()
+
+    with utc.begin() as connection:  # 06:20 UTC, 01:20 EST: after the clocks went back
+        connection.execute(
+            sa.text("UPDATE source_lines SET memo = 'changed', updated_at = :at WHERE id = 1"),
+            {"at": datetime(2025, 11, 2, 6, 20)},
+        )
+    utc.dispose()
+    winter = mariadb_in_zone(url, "-05:00")
+    assert SqlSource(winter, SOURCE).high_water_mark() == datetime(2025, 11, 2, 6, 20)
+    second = run(winter, state)
+    assert second.written == 1, "the change after the clocks went back"
+    assert second.watermark_after.updated_at == datetime(2025, 11, 2, 6, 20)
+    winter.dispose()

@@ -7,12 +7,14 @@ import os
 import re
 import sqlite3
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from datetime import date
 
 import numpy as np
 import psycopg
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import make_url
 
 DEFAULT_DRIVERS = {
@@ -101,6 +103,30 @@ def create_engine(url: str) -> sa.Engine:
                     cursor.execute("SET SESSION time_zone = '+00:00'")
 
     return engine
+
+
+@contextmanager
+def timestamps_in_utc(connection: sa.Connection, columns: Iterable[sa.Column]) -> Iterator[None]:
+    """MariaDB reads, writes and compares a TIMESTAMP in the session's zone, and takes no offset
+    in its text: under a zone the configuration chose (handoff's sessions run in UTC otherwise),
+    handoff's naive UTC times were written, read and compared shifted by it, and by a DST
+    change an hour more. So work on `columns`, when one is a TIMESTAMP, runs in UTC; the
+    session's zone is set back after it."""
+    if connection.dialect.name not in ("mysql", "mariadb") or not any(
+        isinstance(column.type, mysql.TIMESTAMP) for column in columns
+    ):
+        yield
+        return
+    zone = connection.exec_driver_sql("SELECT @@session.time_zone").scalar_one()
+    if zone in ("+00:00", "UTC"):
+        yield
+        return
+    connection.exec_driver_sql("SET SESSION time_zone = '+00:00'")
+    try:
+        yield
+    finally:
+        with suppress(sa.exc.DBAPIError):  # a lost connection is discarded anyway
+            connection.exec_driver_sql("SET SESSION time_zone = %s", (zone,))
 
 
 def raise_on_lost_connection(engine: sa.Engine, error_type: type[Exception], what: str) -> None:

@@ -30,7 +30,6 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import NamedTuple, TypeVar
@@ -54,6 +53,7 @@ from integrations.sql.connect import (
     copy_columns,
     copy_new_rows,
     in_key_order,
+    timestamps_in_utc,
     unreachable,
     without_values,
 )
@@ -347,7 +347,10 @@ class SqlTable:
         attempt = 1
         while True:
             try:
-                with self.engine.begin() as connection, self._in_utc(connection):
+                with (
+                    self.engine.begin() as connection,
+                    timestamps_in_utc(connection, self.table.columns),
+                ):
                     return work(connection)
             except UnicodeEncodeError as error:
                 if error.reason == "surrogates not allowed":  # from JSON's "\ud800", say
@@ -586,28 +589,6 @@ class SqlTable:
 
         self._transaction(mark)
 
-    @contextmanager
-    def _in_utc(self, connection: sa.Connection) -> Iterator[None]:
-        """MariaDB reads and writes a TIMESTAMP in the session's zone, and takes no offset in
-        its text: on a table with one, under a zone the configuration chose (handoff's sessions
-        run in UTC otherwise), handoff's naive UTC times would be stored and read shifted by
-        it. So the table's reads and writes run in UTC, and the session's zone is set back."""
-        if self.dialect not in ("mysql", "mariadb") or not any(
-            isinstance(column.type, mysql.TIMESTAMP) for column in self.table.columns
-        ):
-            yield
-            return
-        zone = connection.exec_driver_sql("SELECT @@session.time_zone").scalar_one()
-        if zone in ("+00:00", "UTC"):
-            yield
-            return
-        connection.exec_driver_sql("SET SESSION time_zone = '+00:00'")
-        try:
-            yield
-        finally:
-            with suppress(sa.exc.DBAPIError):  # a lost connection is discarded anyway
-                connection.exec_driver_sql("SET SESSION time_zone = %s", (zone,))
-
     # --- reads -------------------------------------------------------------------------------
 
     def snapshot(self, fields: Sequence[str]) -> Iterator[tuple[str, str, dict[str, object]]]:
@@ -621,7 +602,10 @@ class SqlTable:
             table.c[ARCHIVED_AT].is_(None)
         )
         try:
-            with self.engine.connect() as connection, self._in_utc(connection):
+            with (
+                self.engine.connect() as connection,
+                timestamps_in_utc(connection, self.table.columns),
+            ):
                 result = connection.execution_options(stream_results=True, yield_per=10_000)
                 for row in result.execute(query):
                     values = {

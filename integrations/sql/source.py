@@ -38,7 +38,7 @@ from sqlalchemy.sql.expression import ClauseElement, Executable
 
 from integrations.engine.source import FAR_FUTURE, SourceUnavailable
 from integrations.engine.spec import RecentTotal, SourceTable
-from integrations.sql.connect import raise_on_lost_connection
+from integrations.sql.connect import raise_on_lost_connection, timestamps_in_utc
 
 
 class SourceSchemaError(Exception):
@@ -96,6 +96,7 @@ class SqlSource:
         # MariaDB keeps zero dates ('0000-00-00'), which PyMySQL hands over as text.
         self._zero_dates = engine.dialect.name in ("mysql", "mariadb")
         self._zero_dates_as_null = self._no_date_when_zero(spec.cursor, spec.deleted)
+        self._tables_read = [self.table]  # and the lookups' and totals' tables, as reflected
         self.select, self.columns = self._with_lookups()
         self._integers = [
             at
@@ -137,9 +138,11 @@ class SqlSource:
 
     def _reflect(self, table: str, role: str) -> sa.Table:
         try:
-            return sa.Table(table, sa.MetaData(), autoload_with=self.engine)
+            reflected = sa.Table(table, sa.MetaData(), autoload_with=self.engine)
         except sa.exc.NoSuchTableError as error:
             raise SourceSchemaError(f"{role} table {table!r} is not in the source") from error
+        self._tables_read.append(reflected)
+        return reflected
 
     def _total(self, total: RecentTotal) -> sa.Label:
         """A correlated subquery per row; the child's `via` column should be indexed. The window
@@ -308,10 +311,16 @@ class SqlSource:
         every run, with the text in its message. Such bytes are kept, as lone surrogates
         (surrogateescape) rather than replaced by U+FFFD, which would write the damaged text on
         as if it were the source's: the contract refuses text holding them, so the row is
-        dead-lettered, its payload keeping the original bytes for a replay once it is fixed."""
+        dead-lettered, its payload keeping the original bytes for a replay once it is fixed.
+
+        A MariaDB TIMESTAMP is read and compared in UTC, whatever zone the URL chose: read in
+        that zone, its wall time was taken for UTC (a watermark hours off, and a change after
+        the clocks went back fell before it and was never read)."""
         with self.engine.connect() as connection:
             if connection.dialect.name != "sqlite":
-                yield connection
+                columns = [column for table in self._tables_read for column in table.columns]
+                with timestamps_in_utc(connection, columns):
+                    yield connection
                 return
             driver = connection.connection.driver_connection
             decode, driver.text_factory = driver.text_factory, _BYTES_KEPT
