@@ -617,8 +617,8 @@ def test_a_time_finer_than_its_column_keeps_is_refused_alone(engine):
     assert "What to do:" in refused.reason
 
 
-def dated(number: str, amount: float, booked_on: str) -> OutboundRecord:
-    properties = {"line_number": number, "amount": amount, "booked_on": booked_on, "memo": "x"}
+def dated(number: str, amount: float, booked_on: str, memo: str = "x") -> OutboundRecord:
+    properties = {"line_number": number, "amount": amount, "booked_on": booked_on, "memo": memo}
     return OutboundRecord(key=number, properties=properties, trace_id=number)
 
 
@@ -674,6 +674,10 @@ LOWER_MEMO = (
     "CREATE FUNCTION lower_memo() RETURNS trigger AS $$ BEGIN "
     "NEW.memo := lower(NEW.memo); RETURN NEW; END $$ LANGUAGE plpgsql"
 )
+SUPPRESS_REDUNDANT = (  # named to fire after the others, as PostgreSQL's manual advises
+    "CREATE TRIGGER z_min_update BEFORE UPDATE ON ledger_lines "
+    "FOR EACH ROW EXECUTE FUNCTION suppress_redundant_updates_trigger()"
+)
 HARMLESS_TRIGGERS = {  # PostgreSQL BEFORE triggers that change or spare a write, never skip one
     "normalising": [
         LOWER_MEMO,
@@ -685,9 +689,12 @@ HARMLESS_TRIGGERS = {  # PostgreSQL BEFORE triggers that change or spare a write
         "CREATE TRIGGER lower_memo BEFORE UPDATE ON ledger_lines "
         "FOR EACH ROW EXECUTE FUNCTION lower_memo()",
     ],
-    "suppressing redundant updates": [
-        "CREATE TRIGGER z_min_update BEFORE UPDATE ON ledger_lines "
-        "FOR EACH ROW EXECUTE FUNCTION suppress_redundant_updates_trigger()",
+    "suppressing redundant updates": [SUPPRESS_REDUNDANT],
+    "normalising updates, suppressing redundant ones": [
+        LOWER_MEMO,
+        "CREATE TRIGGER lower_memo BEFORE UPDATE ON ledger_lines "
+        "FOR EACH ROW EXECUTE FUNCTION lower_memo()",
+        SUPPRESS_REDUNDANT,
     ],
 }
 
@@ -714,6 +721,39 @@ def test_a_trigger_that_changes_values_or_spares_equal_rows_refuses_no_record(en
         outcome = table.upsert(changed)
         assert outcome.refused == [] and len(outcome.written) == 2
     assert {n: amount for n, (amount, _, _) in rows(engine).items()} == {"L1": 1.5, "L2": 2.0}
+
+
+CLOSED_PERIOD = [
+    "CREATE FUNCTION closed_period() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    "IF OLD.booked_on < '2025-02-01' THEN RETURN NULL; END IF; RETURN NEW; END $$",
+    "CREATE TRIGGER closed_period BEFORE UPDATE ON ledger_lines "
+    "FOR EACH ROW EXECUTE FUNCTION closed_period()",
+]
+
+
+def test_an_update_a_guard_skips_beside_the_suppressor_is_refused(engine):
+    """Beside an update-only normaliser and `suppress_redundant_updates_trigger`, a guard that
+    skips updates of a closed period (RETURN NULL): a change to a closed row is refused, every
+    time it is sent, while one resent onto an open row the normaliser rewrote is not."""
+    if engine.dialect.name != "postgresql":
+        return
+    create(engine, *ledger_columns())
+    with engine.begin() as connection:
+        for statement in [
+            *HARMLESS_TRIGGERS["normalising updates, suppressing redundant ones"],
+            *CLOSED_PERIOD,
+        ]:
+            connection.exec_driver_sql(statement)
+    table = SqlTable(engine, LINES.target)
+    table.prepare(LINES)
+    opened = [dated("L1", 1.0, "2025-01-02", "Mixed"), dated("L2", 2.0, "2025-03-01", "Mixed")]
+    assert table.upsert(opened).refused == []
+    changed = [dated("L1", 1.5, "2025-01-02", "Mixed"), dated("L2", 2.5, "2025-03-01", "Mixed")]
+    for _ in range(2):  # the second: L2 onto the row the normaliser rewrote
+        outcome = table.upsert(changed)
+        assert [refusal.key for refusal in outcome.refused] == ["L1"]
+        assert [w.destination_id for w in outcome.written] == ["L2"]
+    assert rows(engine) == {"L1": (1.0, "Mixed", None), "L2": (2.5, "mixed", None)}
 
 
 def test_a_table_postgresql_keeps_from_updates_stops_the_write_refusing_no_record(engine):

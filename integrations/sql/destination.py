@@ -412,11 +412,54 @@ class SqlTable:
             return _Written(created)
         # Neither returned nor held: skipped. (Not compared with the batch: a trigger that
         # normalises values, lower(email), made rows the upsert found equal differ from it.)
-        skipped = connection.exec_driver_sql(
+        unaccounted = connection.exec_driver_sql(
             f"SELECT batch.{key} FROM {_TEMP_TABLE} AS batch WHERE NOT EXISTS "
             f"(SELECT FROM {_HELD} WHERE {_HELD}.{key} = batch.{key})"
         ).scalars()
-        return _Written(created, frozenset(map(self._key_text, skipped)) - created.keys())
+        skipped = [value for value in unaccounted if self._key_text(value) not in created]
+        held = self._skips_that_hold_the_record(connection, fields, skipped)
+        return _Written(created, frozenset(map(self._key_text, skipped)) - held)
+
+    def _skips_that_hold_the_record(
+        self, connection: sa.Connection, fields: list[str], keys: list[object]
+    ) -> set[str]:
+        """Of the rows of `keys` (the upsert wrote none of them), those that already hold what
+        the table's triggers make of the record sent, as key texts. An update-only normaliser
+        (lower(email)) left a row differing from its record, so a resend updated it, and
+        `suppress_redundant_updates_trigger` then skipped the update, which changed nothing: no
+        refusal. A guard's skip (RETURN NULL: a closed period) is one. Told apart by sending the
+        updates again in a savepoint, ARCHIVED_AT set so that no suppressor skips them: a row
+        returned equal to the one stored (which is live) holds its record; a row skipped again,
+        or a probe that fails, stays refused. Rolled back either way, AFTER triggers' work too."""
+        if not keys:
+            return set()
+        quote = self.engine.dialect.identifier_preparer.quote
+        table, key, archived = (
+            quote(name) for name in (self.table.name, self.target.id_property, ARCHIVED_AT)
+        )
+        others = [quote(name) for name in fields if name != self.target.id_property]
+        updates = ", ".join([*(f"{name} = batch.{name}" for name in others), f"{archived} = now()"])
+        after = ", ".join(f"{table}.{name}" for name in others)
+        before = ", ".join(f"stored.{name}" for name in others)
+        probe = sa.text(
+            f"UPDATE {table} SET {updates} FROM {_TEMP_TABLE} AS batch, {table} AS stored "
+            f"WHERE {table}.{key} = batch.{key} AND stored.{key} = batch.{key} "
+            f"AND batch.{key} IN :keys AND stored.{archived} IS NULL "
+            f"RETURNING {table}.{key}, ROW({after}) IS NOT DISTINCT FROM ROW({before})"
+        ).bindparams(
+            sa.bindparam("keys", expanding=True, type_=self.table.c[self.target.id_property].type)
+        )
+        held: set[str] = set()
+        savepoint = connection.begin_nested()
+        try:
+            for start in range(0, len(keys), _IN_CHUNK):
+                returned = connection.execute(probe, {"keys": keys[start : start + _IN_CHUNK]})
+                held.update(self._key_text(value) for value, holds in returned if holds)
+        except sa.exc.DBAPIError as error:
+            if unreachable(error):
+                raise
+        savepoint.rollback()
+        return held
 
     def _note_rows_held(self, connection: sa.Connection) -> None:
         """A temporary table for the keys of the rows the upsert finds held as sent, and the
