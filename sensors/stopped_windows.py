@@ -8,10 +8,14 @@ synced: an invoice paid meanwhile stayed open in finance. The engine keeps each 
 the state store until a run of it goes through (sync.py `run_window`); this sensor requests them
 again once the trip is cleared (replayed, discarded or approved), and none while it stands. A
 day's run that gave up waiting for another run of its flow (a long backfill) is kept the same
-way, and requested once the flow is free.
+way, and requested once the flow is free. A window whose requested run failed otherwise (the
+source down) is still kept: it is requested again, under a new run key, after a wait that
+doubles with each failed run of it.
 """
 
-from datetime import UTC, datetime
+import time
+from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 import dagster as dg
 
@@ -25,6 +29,14 @@ from sensors.trips import standing_trip, trip_stands
 # As many as the changed-days sensor requests in a tick: a month of days. Those beyond wait in
 # the state store, and are requested once the runs of the first ones went through.
 MAX_WINDOWS_PER_TICK = 30
+
+# A window's requested run that failed otherwise (the source down, a bug) left it kept with the
+# same stop, so the same run key, which Dagster launches once: it is requested again under a new
+# key, after this wait, doubled with each failed run (a window failing for good does not spin).
+FIRST_RETRY_AFTER = timedelta(minutes=10)
+LONGEST_RETRY_AFTER = timedelta(hours=6)
+# The request a run was made for (its first run key): the sensor counts the runs of each.
+REQUEST_TAG = "handoff/stopped_window_request"
 
 
 def flow_busy(store: StateStore, spec: FlowSpec) -> bool:
@@ -81,17 +93,53 @@ def _days(spec: FlowSpec, window: StoppedWindow) -> dg.PartitionKeyRange:
     )
 
 
-def _run_request(spec: FlowSpec, window: StoppedWindow) -> dg.RunRequest:
-    """A run of the window: its day's partition, or a one-run backfill of its range. The key
-    names the window's latest stop: a window refused again is requested again."""
+def _request_key(spec: FlowSpec, window: StoppedWindow) -> str:
+    """The request of the window's latest stop: a window refused again is requested again."""
+    days = _days(spec, window)
+    return f"{spec.name}:stopped:{days.start}:{days.end}:{window.stopped_at.isoformat()}"
+
+
+class Attempts(NamedTuple):
+    """The runs made for a request of a window, all finished: how many (each failed, or the
+    window would be forgotten), and when the next may be requested."""
+
+    failed: int
+    due: float  # a Unix time
+
+
+def _attempts(instance: dg.DagsterInstance, keys: list[str]) -> dict[str, Attempts | None]:
+    """Per request key, its finished runs' Attempts, or None while one of its runs goes on or
+    waits (Dagster's own retry of a failed one, say). One query for all of them."""
+    records: dict[str, list[dg.RunRecord]] = {key: [] for key in keys}
+    if keys:
+        for record in instance.get_run_records(filters=dg.RunsFilter(tags={REQUEST_TAG: keys})):
+            records[record.dagster_run.tags[REQUEST_TAG]].append(record)
+    return {key: _attempts_of(runs) for key, runs in records.items()}
+
+
+def _attempts_of(runs: list[dg.RunRecord]) -> Attempts | None:
+    if any(not record.dagster_run.is_finished for record in runs):
+        return None
+    if not runs:
+        return Attempts(0, 0.0)
+    ended = max(record.end_time or record.update_timestamp.timestamp() for record in runs)
+    wait = min(FIRST_RETRY_AFTER * 2 ** (len(runs) - 1), LONGEST_RETRY_AFTER)
+    return Attempts(len(runs), ended + wait.total_seconds())
+
+
+def _run_request(spec: FlowSpec, window: StoppedWindow, failed: int) -> dg.RunRequest:
+    """A run of the window: its day's partition, or a one-run backfill of its range. After
+    `failed` runs of the request, a key of its own (Dagster launches a run key once)."""
     days = _days(spec, window)
     one_day = days.start == days.end
+    key = _request_key(spec, window)
     return dg.RunRequest(
-        run_key=f"{spec.name}:stopped:{days.start}:{days.end}:{window.stopped_at.isoformat()}",
+        run_key=f"{key}:after-{failed}-failed" if failed else key,
         partition_key=days.start if one_day else None,
         asset_selection=[asset_key(spec)],
         asset_check_keys=sync_checks([spec]),
         tags={
+            REQUEST_TAG: key,
             "handoff/stopped_window": f"{window.stop} by run {window.run_id}",
             **pool_tags(spec),
             **(
@@ -103,6 +151,18 @@ def _run_request(spec: FlowSpec, window: StoppedWindow) -> dg.RunRequest:
                 }
             ),
         },
+    )
+
+
+def _waiting(key: dg.AssetKey, count: int, dues: list[float], now: float) -> str:
+    """Why no window is requested: each waits for a run of it going on, or after a failed one."""
+    if not dues:
+        return f"{count} windows of {key.to_user_string()} wait for the runs of them going on"
+    minutes = max(1, round((min(dues) - now) / 60))
+    return (
+        f"{count} windows of {key.to_user_string()} wait: their last run failed; the next in "
+        f"{minutes} min (the wait doubles with each failed run, up to "
+        f"{LONGEST_RETRY_AFTER.total_seconds() / 3600:.0f} h)"
     )
 
 
@@ -147,10 +207,23 @@ def stopped_windows_sensor(spec: FlowSpec) -> dg.SensorDefinition:
                 f"{len(windows)} windows of {key.to_user_string()} wait for the runs of them "
                 "queued already"
             )
+        # A window a run was requested for: once it failed otherwise, after its wait.
+        attempts = _attempts(context.instance, [_request_key(spec, w) for w in todo])
+        now = time.time()
+        due, later = [], []
+        for window in todo:
+            attempt = attempts[_request_key(spec, window)]
+            if attempt is not None:
+                (due if attempt.due <= now else later).append((window, attempt))
+        if not due:
+            return dg.SkipReason(_waiting(key, len(windows), [a.due for _, a in later], now))
         # The most recent first, as the changed-days sensor: the days reports are read for now.
-        latest = sorted(todo, key=lambda window: window.start, reverse=True)
+        latest = sorted(due, key=lambda pair: pair[0].start, reverse=True)
         return dg.SensorResult(
-            run_requests=[_run_request(spec, window) for window in latest[:MAX_WINDOWS_PER_TICK]]
+            run_requests=[
+                _run_request(spec, window, attempt.failed)
+                for window, attempt in latest[:MAX_WINDOWS_PER_TICK]
+            ]
         )
 
     return _stopped_windows

@@ -563,3 +563,61 @@ def test_a_day_the_schedule_queued_is_not_requested_again_by_the_changed_days_se
         change_invoices(world.erp_url, {number: {"status": "paid"}})
         changed = tick(f"{FLOW}_changed_days", instance, idle.cursor)
     assert not changed.run_requests, "the day's run waits in the queue already"
+
+
+def run_as_requested(
+    spec, instance: dg.DagsterInstance, sensor: str, request: dg.RunRequest
+) -> dg.ExecuteInProcessResult:
+    """The requested run, tagged as the sensor daemon tags it (its run key and sensor)."""
+    tags = {**request.tags, "dagster/run_key": request.run_key, "dagster/sensor_name": sensor}
+    return run(spec, instance, partition_key=request.partition_key, tags=tags)
+
+
+def launched(instance: dg.DagsterInstance, sensor: str, requests) -> list[dg.RunRequest]:
+    """The requests the sensor daemon launches: it skips one whose run key a run of the sensor
+    used already (dagster/_daemon/sensor.py `fetch_existing_runs`), whatever that run's end."""
+    return [
+        request
+        for request in requests
+        if not instance.get_runs(
+            filters=dg.RunsFilter(
+                tags={"dagster/run_key": request.run_key, "dagster/sensor_name": sensor}
+            )
+        )
+    ]
+
+
+def test_a_window_whose_rerun_failed_otherwise_is_requested_again_after_a_wait(world, monkeypatch):
+    """A stopped window's run failed for another reason (the ERP down): the window stayed kept,
+    but the sensor requested it under the same run key, which Dagster skips, so it was never
+    run again. Now it is requested again under a new key, after a wait that doubles with each
+    failed run (a window failing for good does not spin), until a run of it goes through."""
+    sensor = f"{FLOW}_stopped_windows"
+    store = StateStore(world.state_url, dlq_key=DLQ_KEY)
+    day = datetime(2025, 1, 10)
+    store.keep_stopped_window(StoppedWindow(FLOW, day, day + timedelta(days=1), "r", "busy"))
+    store.dispose()
+    with dg.instance_for_test() as instance:
+        (first,) = tick(sensor, instance).run_requests
+        monkeypatch.setenv("ERP_DATABASE_URL", "postgresql://postgres@127.0.0.1:9/erp")
+        down = run_as_requested(FINANCE_INVOICES, instance, sensor, first)
+        assert not down.success and "rerun when it answers again" in failure(down)
+        assert stopped(world.state_url) == [("2025-01-10", "2025-01-11", "busy")]
+
+        waiting = tick(sensor, instance)
+        assert not launched(instance, sensor, getattr(waiting, "run_requests", None) or [])
+        assert "1 windows of finance/invoices wait: their last run failed; the next in " in (
+            skip_message(waiting)
+        )
+
+        monkeypatch.setattr("sensors.stopped_windows.FIRST_RETRY_AFTER", timedelta(0))
+        (second,) = launched(instance, sensor, tick(sensor, instance).run_requests)
+        assert second.partition_key == "2025-01-10" and second.run_key != first.run_key
+        assert not run_as_requested(FINANCE_INVOICES, instance, sensor, second).success
+        (third,) = launched(instance, sensor, tick(sensor, instance).run_requests)
+        assert third.run_key not in {first.run_key, second.run_key}
+
+        monkeypatch.setenv("ERP_DATABASE_URL", world.erp_url)
+        assert run_as_requested(FINANCE_INVOICES, instance, sensor, third).success
+        assert stopped(world.state_url) == []
+        assert "was stopped by the error budget" in skip_message(tick(sensor, instance))
