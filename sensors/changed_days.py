@@ -10,7 +10,9 @@ sensor's mark when the mark moved. The cursor holds the mark (the newest change 
 changed days not requested yet: a tick requests at most `MAX_DAYS_PER_TICK` runs, the most
 recent days first, and the days beyond wait in the cursor for the next ticks. While the flow's
 error budget is tripped it requests none (each run would stop at its start, and its key be used
-up): the changed days wait in the cursor until the trip clears.
+up): the changed days wait in the cursor until the trip clears. A changed day whose run waits in
+the queue already (the schedule's, say) is left to it, in the cursor until it begins: should it
+never begin (cancelled in the queue), the day is requested.
 """
 
 import json
@@ -23,7 +25,7 @@ from integrations.engine.source import FAR_FUTURE
 from integrations.engine.spec import FlowSpec
 from integrations.engine.state import utcnow
 from sensors.schedules import pool_tags
-from sensors.stopped_windows import queued_days, within
+from sensors.stopped_windows import covering, queued_days
 from sensors.trips import standing_trip, trip_stands
 
 # A month of days per tick: a month-end's corrections are requested at once, while a mass edit
@@ -46,12 +48,37 @@ def _last_look(spec: FlowSpec, context: dg.SensorEvaluationContext) -> datetime 
     return datetime.fromtimestamp(event.timestamp, UTC).replace(tzinfo=None)
 
 
-def _cursor(mark: str | None, waiting: list[str]) -> str:
-    """The mark, and the days found changed but not requested yet (left out when none)."""
+def _cursor(mark: str | None, waiting: list[str], left: dict[str, str]) -> str:
+    """The mark, the days found changed but not requested yet, and those left to a queued run
+    (day → run id) until it begins (each left out when none)."""
     cursor: dict[str, object] = {} if mark is None else {"high_water_mark": mark}
     if waiting:
         cursor["waiting_days"] = waiting
+    if left:
+        cursor["left_to_runs"] = left
     return json.dumps(cursor)
+
+
+def _settle(instance: dg.DagsterInstance, left: dict[str, str]) -> tuple[set[str], dict[str, str]]:
+    """Of the changed days left to runs that waited in the queue: those whose run ended without
+    beginning (cancelled in the queue, failed to launch, deleted), to request now; and those
+    whose run waits still. A run that began read its days after their change: they are done."""
+    if not left:
+        return set(), {}
+    records = {
+        record.dagster_run.run_id: record
+        for record in instance.get_run_records(
+            filters=dg.RunsFilter(run_ids=sorted(set(left.values())))
+        )
+    }
+    never_began, waits = set(), {}
+    for day, run_id in left.items():
+        record = records.get(run_id)
+        if record is None or (record.dagster_run.is_finished and record.start_time is None):
+            never_began.add(day)
+        elif record.start_time is None:
+            waits[day] = run_id
+    return never_began, waits
 
 
 def _most_recent_first(days: set[str]) -> tuple[list[str], list[str]]:
@@ -81,7 +108,8 @@ def changed_days_sensor(spec: FlowSpec) -> dg.SensorDefinition:
         # The source's resource key is the system's name (see source_changed.py).
         table = f"{system} {spec.source.table}"
         seen = json.loads(context.cursor) if context.cursor else {}
-        waiting = set(seen.get("waiting_days", []))
+        never_began, left = _settle(context.instance, seen.get("left_to_runs", {}))
+        waiting = set(seen.get("waiting_days", [])) | never_began
         with getattr(context.resources, system).source(spec.source) as source:
             high_water_mark = source.high_water_mark()
             if high_water_mark is None:
@@ -92,9 +120,14 @@ def changed_days_sensor(spec: FlowSpec) -> dg.SensorDefinition:
                 return dg.SensorResult(
                     skip_reason=f"{key.to_user_string()} was never materialized: backfill it; "
                     f"changes are watched from {mark} on",
-                    cursor=_cursor(mark, sorted(waiting)),
+                    cursor=_cursor(mark, sorted(waiting), left),
                 )
             moved = high_water_mark > last_look
+            # The newest change the sensor saw, its cursor's: it only goes forward, and so names
+            # each request anew (the table's can go back: its newest row deleted, or edited by a
+            # host whose clock is behind; a waiting day requested under an earlier tick's key,
+            # which Dagster launches once, was never run).
+            seen_mark = mark if moved else seen.get("high_water_mark")
             # From the lookback before the last look on: commits that came late.
             changed = source.changed_days(last_look - spec.lookback, column) if moved else []
         # A day not over yet (or before the partitions start) is no partition: its own
@@ -105,12 +138,12 @@ def changed_days_sensor(spec: FlowSpec) -> dg.SensorDefinition:
         if not days and not moved:
             return dg.SensorResult(
                 skip_reason=f"{table} unchanged since {last_look.isoformat()}",
-                cursor=context.cursor,
+                cursor=_cursor(seen_mark, [], left),
             )
         if not days:
             return dg.SensorResult(
                 skip_reason=f"no past day of {key.to_user_string()} changed",
-                cursor=_cursor(mark, []),
+                cursor=_cursor(mark, [], left),
             )
         with context.resources.state.open() as store:
             trip = standing_trip(store, spec)
@@ -118,15 +151,19 @@ def changed_days_sensor(spec: FlowSpec) -> dg.SensorDefinition:
             return dg.SensorResult(
                 skip_reason=f"{len(days)} changed days of {key.to_user_string()} wait: "
                 f"{trip_stands(trip)}",
-                cursor=_cursor(mark if moved else seen.get("high_water_mark"), sorted(days)),
+                cursor=_cursor(seen_mark, sorted(days), left),
             )
-        # A day whose run waits to begin (the stopped-windows sensor's, say) reads the change.
+        # A day whose run waits to begin (the stopped-windows sensor's, say) reads the change:
+        # left to it until it begins.
         queued = queued_days(context.instance, key)
-        days = {day for day in days if not within(day, day, queued)}
+        for day in sorted(days):
+            if (run := covering(day, day, queued)) is not None:
+                left[day] = run.run_id
+                days.discard(day)
         if not days:
             return dg.SensorResult(
                 skip_reason=f"the changed days of {key.to_user_string()} have runs queued already",
-                cursor=_cursor(mark if moved else seen.get("high_water_mark"), []),
+                cursor=_cursor(seen_mark, [], left),
             )
         requested, later = _most_recent_first(days)
         if later:
@@ -137,15 +174,15 @@ def changed_days_sensor(spec: FlowSpec) -> dg.SensorDefinition:
         return dg.SensorResult(
             run_requests=[
                 dg.RunRequest(
-                    run_key=f"{spec.name}:{day}:{mark}",
+                    run_key=f"{spec.name}:{day}:{seen_mark}",
                     partition_key=day,
                     asset_selection=[key],
                     asset_check_keys=sync_checks([spec]),
-                    tags={"handoff/high_water_mark": mark, **pool_tags(spec)},
+                    tags={"handoff/high_water_mark": seen_mark, **pool_tags(spec)},
                 )
                 for day in requested
             ],
-            cursor=_cursor(mark if moved else seen.get("high_water_mark"), later),
+            cursor=_cursor(seen_mark, later, left),
         )
 
     return _changed_days

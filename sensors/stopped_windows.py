@@ -57,30 +57,39 @@ _NOT_BEGUN = [
 ]
 
 
-def queued_days(instance: dg.DagsterInstance, key: dg.AssetKey) -> list[tuple[str, str]]:
-    """The (first, last) days of the asset's runs that wait to begin: a day within one needs no
-    other run (the changed-days sensor's and this one's requests had different keys, so both
-    sensors' runs of a day went, the second waiting for the first and, past its wait, failing)."""
-    windows = []
+class QueuedRun(NamedTuple):
+    """A run of a flow's asset that waits to begin, and its days (ISO dates, first … last)."""
+
+    first: str
+    last: str
+    run_id: str
+
+
+def queued_days(instance: dg.DagsterInstance, key: dg.AssetKey) -> list[QueuedRun]:
+    """The asset's runs that wait to begin: a day within one needs no other run (the changed-days
+    sensor's and this one's requests had different keys, so both sensors' runs of a day went,
+    the second waiting for the first and, past its wait, failing)."""
+    runs = []
     for run in instance.get_runs(filters=dg.RunsFilter(statuses=_NOT_BEGUN)):
         if key not in (run.asset_selection or ()):
             continue
         tags = run.tags
         if "dagster/partition" in tags:
-            windows.append((tags["dagster/partition"], tags["dagster/partition"]))
+            runs.append(QueuedRun(tags["dagster/partition"], tags["dagster/partition"], run.run_id))
         elif "dagster/asset_partition_range_start" in tags:
-            windows.append(
-                (
+            runs.append(
+                QueuedRun(
                     tags["dagster/asset_partition_range_start"],
                     tags["dagster/asset_partition_range_end"],
+                    run.run_id,
                 )
             )
-    return windows
+    return runs
 
 
-def within(first: str, last: str, windows: list[tuple[str, str]]) -> bool:
-    """Whether the days first … last (ISO dates) are all within one of the windows."""
-    return any(start <= first and last <= end for start, end in windows)
+def covering(first: str, last: str, runs: list[QueuedRun]) -> QueuedRun | None:
+    """The queued run whose days hold all of first … last (ISO dates), if any."""
+    return next((run for run in runs if run.first <= first and last <= run.last), None)
 
 
 def _utc(moment: datetime) -> datetime:
@@ -201,7 +210,7 @@ def stopped_windows_sensor(spec: FlowSpec) -> dg.SensorDefinition:
         # A window whose run waits to begin is read by it: it is forgotten once that run is
         # through, or kept again, with a new stop, should the run be stopped too.
         queued = queued_days(context.instance, key)
-        todo = [w for w in windows if not within(*_days(spec, w), queued)]
+        todo = [w for w in windows if covering(*_days(spec, w), queued) is None]
         if not todo:
             return dg.SkipReason(
                 f"{len(windows)} windows of {key.to_user_string()} wait for the runs of them "

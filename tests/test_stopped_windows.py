@@ -621,3 +621,89 @@ def test_a_window_whose_rerun_failed_otherwise_is_requested_again_after_a_wait(w
         assert run_as_requested(FINANCE_INVOICES, instance, sensor, third).success
         assert stopped(world.state_url) == []
         assert "was stopped by the error budget" in skip_message(tick(sensor, instance))
+
+
+def stamp_invoices(erp_url: str, where: str, at: datetime, **params) -> None:
+    """Invoices edited by a writer whose clock says `at` (their change cursor set to it)."""
+    engine = create_engine(erp_url)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(f"UPDATE invoices SET status = 'paid', updated_at = :at WHERE {where}"),
+            {"at": at, **params},
+        )
+    engine.dispose()
+
+
+def test_a_changed_day_is_requested_under_a_run_key_no_earlier_request_used(world):
+    """The changed-days sensor named its requests after the table's newest change. A mass edit
+    left days waiting in its cursor; their rows were edited again by a host whose clock is
+    behind, so the newest change went back to one an earlier tick had seen: a waiting day that
+    tick had requested was requested under the same run key, which Dagster skips, and its
+    changes were never synced."""
+    sensor = f"{FLOW}_changed_days"
+    with dg.instance_for_test() as instance:
+        materialize(FINANCE_INVOICES, instance, tags=JANUARY)
+        idle = tick(sensor, instance)
+        ((first, day),) = query(
+            world.erp_url,
+            "SELECT invoice_number, invoice_date FROM invoices WHERE invoice_date >= '2024-03-01' "
+            "ORDER BY invoice_date, invoice_number LIMIT 1",
+        )
+        day = str(day)[:10]
+        earlier = utcnow()
+        stamp_invoices(world.erp_url, "invoice_number = :n", earlier, n=first)
+        seen = tick(sensor, instance, idle.cursor)
+        (request,) = seen.run_requests
+        assert request.partition_key == day
+        assert run_as_requested(FINANCE_INVOICES, instance, sensor, request).success
+
+        mass = "invoice_date >= :day AND invoice_date < '2024-06-01' AND invoice_number != :n"
+        stamp_invoices(world.erp_url, mass, earlier + timedelta(minutes=1), day=day, n=first)
+        edited = tick(sensor, instance, seen.cursor)
+        assert day in json.loads(edited.cursor)["waiting_days"], "the oldest day waits"
+        stamp_invoices(world.erp_url, mass, earlier - timedelta(hours=1), day=day, n=first)
+
+        waiting = tick(sensor, instance, edited.cursor).run_requests
+        assert day in [r.partition_key for r in waiting]
+        assert launched(instance, sensor, waiting) == waiting, "each under a key of its own"
+
+
+def test_a_changed_day_left_to_a_queued_run_is_requested_once_that_run_is_cancelled(world):
+    """The sensor left a changed day to the day's run waiting in the queue (the schedule's), and
+    forgot it: that run cancelled before it began (by someone clearing the queue), the change
+    was never synced. The day waits for the queued run to begin, and is requested if it does
+    not."""
+    sensor = f"{FLOW}_changed_days"
+    with dg.instance_for_test() as instance:
+        materialize(FINANCE_INVOICES, instance, tags=JANUARY)
+        idle = tick(sensor, instance)
+        ((number, day),) = query(
+            world.erp_url,
+            "SELECT invoice_number, invoice_date FROM invoices WHERE invoice_date >= '2024-03-01' "
+            "ORDER BY invoice_date, invoice_number LIMIT 1",
+        )
+        day = str(day)[:10]
+        queue_run_of(
+            instance,
+            dg.RunRequest(run_key=day, partition_key=day, asset_selection=[FINANCE_INVOICES_KEY]),
+        )
+        change_invoices(world.erp_url, {number: {"status": "paid"}})
+        left = tick(sensor, instance, idle.cursor)
+        assert not left.run_requests
+        assert "the changed days of finance/invoices have runs queued already" in (
+            skip_message(left)
+        )
+        still = tick(sensor, instance, left.cursor)
+        assert not still.run_requests, "the queued run still reads it"
+
+        (queued,) = instance.get_runs(
+            filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.NOT_STARTED])
+        )
+        instance.report_run_canceled(queued)
+        (request,) = tick(sensor, instance, still.cursor).run_requests
+        assert request.partition_key == day
+        assert run_as_requested(FINANCE_INVOICES, instance, sensor, request).success
+    finance = f"sqlite:///{world.home / 'finance.sqlite'}"
+    assert query(finance, "SELECT status FROM invoices WHERE invoice_number = :n", n=number) == [
+        ("paid",)
+    ]
