@@ -30,6 +30,7 @@ from integrations.engine.errors import (
     ArchiveGuardTripped,
     ErrorBudgetExceeded,
     ErrorBudgetTripStands,
+    FlowHeld,
     SyncError,
 )
 from integrations.engine.reconcile import Drift, reconcile
@@ -207,7 +208,9 @@ def _failure(
         )
     if isinstance(error, ErrorBudgetExceeded | ErrorBudgetTripStands):
         metadata["error_budget_trip"] = dg.MetadataValue.json(_trip_metadata(error.trip))
-    stops = ErrorBudgetExceeded | ErrorBudgetTripStands | ArchiveGuardTripped  # a retry won't do
+    # A retry won't do; one of a run that gave up waiting for the flow would wait again, holding
+    # its Dagster run (and its pool's run slot): what it was to sync is requested once it is free.
+    stops = ErrorBudgetExceeded | ErrorBudgetTripStands | ArchiveGuardTripped | FlowHeld
     retryable = api_facing and not isinstance(error, stops)
     return dg.Failure(description=str(error), metadata=metadata, allow_retries=retryable)
 

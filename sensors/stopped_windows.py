@@ -1,5 +1,5 @@
-"""A sensor per daily-partitioned flow: once no error-budget trip stands, a run of each window
-the error budget stopped.
+"""A sensor per flow: once no error-budget trip stands and the flow is free, a run of each
+window whose run stopped.
 
 While a trip stands, every run of a window (a day's, the changed-days sensor's, a backfill's)
 stops at its start, and a run that trips leaves the rest of its window unread. The schedule
@@ -8,9 +8,10 @@ synced: an invoice paid meanwhile stayed open in finance. The engine keeps each 
 the state store until a run of it goes through (sync.py `run_window`); this sensor requests them
 again once the trip is cleared (replayed, discarded or approved), and none while it stands. A
 day's run that gave up waiting for another run of its flow (a long backfill) is kept the same
-way, and requested once the flow is free. A window whose requested run failed otherwise (the
-source down) is still kept: it is requested again, under a new run key, after a wait that
-doubles with each failed run of it.
+way, and requested once the flow is free; so is an unpartitioned flow's run that gave up (its
+window is all the flow has not synced: any run of the flow that goes through syncs it). A window
+whose requested run failed otherwise (the source down) is still kept: it is requested again,
+under a new run key, after a wait that doubles with each failed run of it.
 """
 
 import time
@@ -58,7 +59,8 @@ _NOT_BEGUN = [
 
 
 class QueuedRun(NamedTuple):
-    """A run of a flow's asset that waits to begin, and its days (ISO dates, first … last)."""
+    """A run of a flow's asset that waits to begin, and its days (ISO dates, first … last; none,
+    "" … "", for an unpartitioned flow's run, which syncs all the flow has not synced)."""
 
     first: str
     last: str
@@ -84,6 +86,8 @@ def queued_days(instance: dg.DagsterInstance, key: dg.AssetKey) -> list[QueuedRu
                     run.run_id,
                 )
             )
+        else:
+            runs.append(QueuedRun("", "", run.run_id))
     return runs
 
 
@@ -102,10 +106,19 @@ def _days(spec: FlowSpec, window: StoppedWindow) -> dg.PartitionKeyRange:
     )
 
 
+def _span(spec: FlowSpec, window: StoppedWindow) -> tuple[str, str]:
+    """The window's first and last days; none ("", "") for an unpartitioned flow's."""
+    if spec.partitions is None:
+        return "", ""
+    days = _days(spec, window)
+    return days.start, days.end
+
+
 def _request_key(spec: FlowSpec, window: StoppedWindow) -> str:
     """The request of the window's latest stop: a window refused again is requested again."""
-    days = _days(spec, window)
-    return f"{spec.name}:stopped:{days.start}:{days.end}:{window.stopped_at.isoformat()}"
+    first, last = _span(spec, window)
+    days = f"{first}:{last}:" if (first, last) != ("", "") else ""
+    return f"{spec.name}:stopped:{days}{window.stopped_at.isoformat()}"
 
 
 class Attempts(NamedTuple):
@@ -137,14 +150,15 @@ def _attempts_of(runs: list[dg.RunRecord]) -> Attempts | None:
 
 
 def _run_request(spec: FlowSpec, window: StoppedWindow, failed: int) -> dg.RunRequest:
-    """A run of the window: its day's partition, or a one-run backfill of its range. After
-    `failed` runs of the request, a key of its own (Dagster launches a run key once)."""
-    days = _days(spec, window)
-    one_day = days.start == days.end
+    """A run of the window: its day's partition, or a one-run backfill of its range, or an
+    unpartitioned flow's run. After `failed` runs of the request, a key of its own (Dagster
+    launches a run key once)."""
+    first, last = _span(spec, window)
+    one_day = first == last
     key = _request_key(spec, window)
     return dg.RunRequest(
         run_key=f"{key}:after-{failed}-failed" if failed else key,
-        partition_key=days.start if one_day else None,
+        partition_key=first if one_day and first else None,
         asset_selection=[asset_key(spec)],
         asset_check_keys=sync_checks([spec]),
         tags={
@@ -155,8 +169,8 @@ def _run_request(spec: FlowSpec, window: StoppedWindow, failed: int) -> dg.RunRe
                 {}
                 if one_day
                 else {
-                    "dagster/asset_partition_range_start": days.start,
-                    "dagster/asset_partition_range_end": days.end,
+                    "dagster/asset_partition_range_start": first,
+                    "dagster/asset_partition_range_end": last,
                 }
             ),
         },
@@ -180,9 +194,10 @@ def stopped_windows_sensor(spec: FlowSpec) -> dg.SensorDefinition:
 
     @dg.sensor(
         name=f"{spec.name}_stopped_windows",
-        description=f"Once no error-budget trip stands, requests a run of each window of "
-        f"{key.to_user_string()} the error budget stopped (refused while a trip stood, or "
-        "tripped in mid-run).",
+        description=f"Once no error-budget trip stands and the flow is free, requests a run of "
+        f"each window of {key.to_user_string()} whose run stopped (refused while a trip stood, "
+        "tripped in mid-run, or given up waiting for another run of the flow), until one goes "
+        "through.",
         target=sync_selection([spec]),
         minimum_interval_seconds=60,
         # On by default, unlike the others: it requests nothing unless a run was stopped, and the
@@ -196,7 +211,8 @@ def stopped_windows_sensor(spec: FlowSpec) -> dg.SensorDefinition:
             busy = bool(windows) and trip is None and flow_busy(store, spec)
         if not windows:
             return dg.SkipReason(
-                f"no run of {key.to_user_string()} was stopped by the error budget"
+                f"no run of {key.to_user_string()} waits to be run again (stopped by the error "
+                "budget, or given up waiting for the flow)"
             )
         if trip is not None:
             return dg.SkipReason(
@@ -210,7 +226,7 @@ def stopped_windows_sensor(spec: FlowSpec) -> dg.SensorDefinition:
         # A window whose run waits to begin is read by it: it is forgotten once that run is
         # through, or kept again, with a new stop, should the run be stopped too.
         queued = queued_days(context.instance, key)
-        todo = [w for w in windows if covering(*_days(spec, w), queued) is None]
+        todo = [w for w in windows if covering(*_span(spec, w), queued) is None]
         if not todo:
             return dg.SkipReason(
                 f"{len(windows)} windows of {key.to_user_string()} wait for the runs of them "
@@ -239,5 +255,6 @@ def stopped_windows_sensor(spec: FlowSpec) -> dg.SensorDefinition:
 
 
 def stopped_windows_sensors(specs: list[FlowSpec]) -> list[dg.SensorDefinition]:
-    """One sensor per daily-partitioned flow, with a change cursor or not (Chinook's too)."""
-    return [stopped_windows_sensor(spec) for spec in specs if spec.partitions]
+    """One sensor per flow: a daily-partitioned one's, with a change cursor or not (Chinook's
+    too), and an unpartitioned one's, for its runs that gave up waiting for the flow."""
+    return [stopped_windows_sensor(spec) for spec in specs]

@@ -158,9 +158,7 @@ def test_days_stopped_while_tripped_are_requested_again_once_the_trip_clears(any
             ("paid",)
         ]
         assert stopped(any_world.state_url) == []
-        assert "was stopped by the error budget" in skip_message(
-            tick(f"{FLOW}_stopped_windows", instance)
-        )
+        assert "waits to be run again" in skip_message(tick(f"{FLOW}_stopped_windows", instance))
 
 
 def test_no_run_is_requested_while_a_trip_stands_and_a_window_refused_again_is_kept_again(
@@ -620,7 +618,7 @@ def test_a_window_whose_rerun_failed_otherwise_is_requested_again_after_a_wait(w
         monkeypatch.setenv("ERP_DATABASE_URL", world.erp_url)
         assert run_as_requested(FINANCE_INVOICES, instance, sensor, third).success
         assert stopped(world.state_url) == []
-        assert "was stopped by the error budget" in skip_message(tick(sensor, instance))
+        assert "waits to be run again" in skip_message(tick(sensor, instance))
 
 
 def stamp_invoices(erp_url: str, where: str, at: datetime, **params) -> None:
@@ -707,3 +705,38 @@ def test_a_changed_day_left_to_a_queued_run_is_requested_once_that_run_is_cancel
     assert query(finance, "SELECT status FROM invoices WHERE invoice_number = :n", n=number) == [
         ("paid",)
     ]
+
+
+def test_an_unpartitioned_run_that_waited_too_long_for_the_flow_is_requested_once_it_is_free(
+    world, monkeypatch
+):
+    """A day's run that gave up waiting for another run of its flow is kept and requested again;
+    an unpartitioned flow's (a sensor's run while `handoff dlq replay` held the flow) just
+    failed: the change it was requested for waited for the next change or the hourly schedule.
+    It is kept the same way, and requested once the flow is free."""
+    flow, sensor = CRM_CONTACTS.name, f"{CRM_CONTACTS.name}_stopped_windows"
+    monkeypatch.setattr(Sync, "lock_wait", 0.2)
+    store = StateStore(world.state_url, dlq_key=DLQ_KEY)
+    try:
+        with dg.instance_for_test() as instance:
+            with store.flow_lock(flow, wait=0):  # `handoff dlq replay`, going on
+                busy = run(CRM_CONTACTS, instance)
+                assert not busy.success
+                assert f"this run's sync is kept, and requested again by sensor `{sensor}` " in (
+                    failure(busy)
+                )
+                assert [w.stop for w in store.list_stopped_windows(flow)] == ["busy"]
+                retried = [e for e in busy.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+                assert not retried, "each retry would wait for the flow again, holding the run"
+                assert "a run of the flow is going on" in skip_message(tick(sensor, instance))
+            (request,) = tick(sensor, instance).run_requests
+            assert request.partition_key is None
+            assert request.asset_selection == [dg.AssetKey(["crm", "contacts"])]
+            synced = run_as_requested(CRM_CONTACTS, instance, sensor, request)
+            assert synced.success
+            (materialized,) = synced.get_asset_materialization_events()
+            assert materialized.materialization.metadata["written"].value > 0
+            assert store.list_stopped_windows(flow) == []
+            assert "waits to be run again" in skip_message(tick(sensor, instance))
+    finally:
+        store.dispose()

@@ -46,6 +46,12 @@ class ErrorBudgetTripStands(SyncError):
         self.trip = trip
 
 
+class FlowHeld(SyncError):
+    """Another run, repair or replay of the flow held it for longer than a run waits: this one
+    read and wrote nothing. What it was to sync is kept and requested again once the flow is free
+    (a retry now would wait again, holding its Dagster run)."""
+
+
 class ArchiveGuardTripped(SyncError):
     """The run would archive too much; `plan` lists the archives it would have made."""
 

@@ -343,7 +343,8 @@ class BudgetTrip:
 class StoppedWindow:
     """A window [start, end) of a partitioned flow whose run stopped: `refused` at its start
     while an error-budget trip stood, `tripped` in mid-run, or `busy`, given up waiting for
-    another run of the flow. Kept until a run of it goes through."""
+    another run of the flow; or SINCE_WATERMARK, an unpartitioned flow's run that gave up
+    waiting. Kept until a run of it goes through."""
 
     flow: str
     start: datetime
@@ -351,6 +352,12 @@ class StoppedWindow:
     run_id: str
     stop: str
     stopped_at: datetime | None = None
+
+
+# The window an unpartitioned flow's run keeps (see StoppedWindow): it syncs everything from the
+# flow's watermark on, so any run of the flow that goes through syncs it; kept as an empty window
+# at the epoch, apart from every daily partition.
+SINCE_WATERMARK = (datetime(1970, 1, 1), datetime(1970, 1, 1))
 
 
 class AuditRecord(NamedTuple):  # a tuple: a batch makes one per record, cheaply

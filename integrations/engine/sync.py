@@ -45,7 +45,7 @@ from integrations.engine.destination import (
     WrittenColumns,
     correlation_id,
 )
-from integrations.engine.errors import ArchiveGuardTripped, SyncError
+from integrations.engine.errors import ArchiveGuardTripped, FlowHeld, SyncError
 from integrations.engine.hashing import canonical_json, content_hash
 from integrations.engine.ids import (
     ID_HELD_BY,
@@ -58,6 +58,7 @@ from integrations.engine.masking import mask_record, mask_value, scrub
 from integrations.engine.source import FAR_FUTURE, Source, SourceUnavailable
 from integrations.engine.spec import FlowSpec
 from integrations.engine.state import (
+    SINCE_WATERMARK,
     AuditRecord,
     BatchCommit,
     DeadLetter,
@@ -356,13 +357,16 @@ def _one_at_a_time(method):
                 finally:
                     self._holding_lock = False
         except FlowBusy:
-            self._keep_window("busy")  # a partition's run: its window is requested again
+            # A partition's run keeps its window, an unpartitioned flow's run its sync: each is
+            # requested again once the flow is free.
+            waiting = self._window or self._sync_window
+            self._keep_window("busy", waiting)
             todo = (
                 "wait for it to end (a Dagster run of the flow, a backfill, or `handoff dlq "
                 "replay`), then rerun"
             )
-            window = self._window_todo()
-            raise SyncError(
+            window = self._window_todo(waiting)
+            raise FlowHeld(
                 flow,
                 f"another run, repair or replay of {flow} held the flow for over "
                 f"{self.lock_wait:.0f} s: one runs at a time (two would write the same records, "
@@ -408,8 +412,9 @@ class Sync(ErrorBudget, DestinationIds):
         self._committed: Future | None = None
         # The window [start, end) of a partition's run (see run_window): kept when stopped.
         self._window: tuple[datetime, datetime] | None = None
+        # An unpartitioned flow's run (see run): kept when it gives up waiting for the flow.
+        self._sync_window: tuple[datetime, datetime] | None = None
 
-    @_one_at_a_time
     def run(
         self,
         full: bool = False,
@@ -420,8 +425,23 @@ class Sync(ErrorBudget, DestinationIds):
 
         Before anything is read, an earlier run's error-budget trip stops it, unless
         acknowledged; before anything is written, the archive guard counts what the run would
-        archive.
+        archive. An unpartitioned flow's run that waited too long for another run of the flow
+        is kept in the state store, as a partition's is, until a run of the flow goes through:
+        requested by a sensor for a change, it was requested by nothing again (the sensor's
+        mark had moved), and the change waited for the next one or the hourly schedule.
         """
+        self._sync_window = SINCE_WATERMARK if self.spec.partitions is None else None
+        try:
+            return self._run(full, allow_mass_archive, acknowledge_budget_trip)
+        finally:
+            self._sync_window = None
+
+    @_one_at_a_time
+    def _run(
+        self, full: bool, allow_mass_archive: bool, acknowledge_budget_trip: bool
+    ) -> SyncResult:
+        """run's work, holding the flow's lock."""
+        read_from = utcnow()
         self._stop_while_tripped(approved=acknowledge_budget_trip)
         before = self.state.watermark(self.spec.name)
         if before is not None and before.updated_at > utcnow() + FAR_FUTURE:
@@ -440,7 +460,10 @@ class Sync(ErrorBudget, DestinationIds):
             self._guard_archives(since, approved=allow_mass_archive)
         batches = self.source.batches(since, self.spec.batch_size)
         with self._trip_kept():
-            return self._retried(self._drive(batches, before, full=full, move_watermark=True))
+            result = self._retried(self._drive(batches, before, full=full, move_watermark=True))
+        if self._sync_window is not None:
+            self.state.forget_stopped_windows(self.spec.name, *self._sync_window, read_from)
+        return result
 
     def run_window(
         self,
@@ -758,23 +781,31 @@ class Sync(ErrorBudget, DestinationIds):
                 "resumes from the watermark)",
             ) from error
 
-    def _keep_window(self, stop: str) -> None:
+    def _keep_window(self, stop: str, window: tuple[datetime, datetime] | None = None) -> None:
         """Keep the window of a partition's run that stopped (`refused` at its start while a
         trip stood, `tripped` in mid-run, or `busy`: it gave up waiting for another run of the
-        flow): once no trip stands and the flow is free, it is requested again."""
-        if self._window is not None:
-            start, end = self._window
+        flow), or `window`: once no trip stands and the flow is free, it is requested again."""
+        window = window or self._window
+        if window is not None:
+            start, end = window
             self.state.keep_stopped_window(
                 StoppedWindow(self.spec.name, start, end, self.run_id, stop)
             )
 
-    def _window_todo(self) -> str | None:
-        """What becomes of the window of a partition's run that stopped (see _keep_window);
-        None for a run of no window."""
-        if self._window is None:
+    def _window_todo(self, window: tuple[datetime, datetime] | None = None) -> str | None:
+        """What becomes of the window of a partition's run that stopped, or of `window` (see
+        _keep_window); None for a run of no window."""
+        window = window or self._window
+        if window is None:
             return None
+        if window == SINCE_WATERMARK:
+            return (
+                f"this run's sync is kept, and requested again by sensor "
+                f"`{self.spec.name}_stopped_windows` once the flow is free (with that sensor off, "
+                "rerun then)"
+            )
         return (
-            f"this run's window ({_window_label(*self._window)}) is kept, and requested again "
+            f"this run's window ({_window_label(*window)}) is kept, and requested again "
             f"once no trip stands by sensor `{self.spec.name}_stopped_windows` (with that sensor "
             "off, rerun or backfill it then)"
         )
