@@ -1,13 +1,27 @@
 """Paid invoices → deals: daily partitions, a backfill range in one run, associations, voids."""
 
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
 import dagster as dg
+import pytest
 import sqlalchemy as sa
 
 from assets.crm_contacts import CRM_CONTACTS
 from assets.crm_deals import CRM_DEALS
 from assets.factory import flow_asset
 from definitions import defs, resources
+from integrations.crm.client import CrmClient
+from integrations.crm.destination import CrmObjects
+from integrations.engine.state import StateStore
+from integrations.engine.sync import Sync
+from integrations.http import ApiLimits
 from integrations.sql.connect import create_engine
+from integrations.sql.source import SqlSource
+from tests.conftest import DLQ_KEY
 
 JANUARY = {
     "dagster/asset_partition_range_start": "2025-01-01",
@@ -133,3 +147,122 @@ def test_a_mass_exit_from_the_flows_scope_stops_at_the_archive_guard(world, crm_
         assert allowed.success
         archived = list(crm_client.list_objects("deals", ["erp_invoice_id"], archived=True))
         assert len(archived) == synced
+
+
+def move_invoice(erp_url: str, number: str, customer_number: str) -> None:
+    """The ERP corrects who an invoice was for: it now belongs to another customer."""
+    engine = create_engine(erp_url)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "UPDATE invoices SET customer_id = (SELECT customer_id FROM customers "
+                "WHERE customer_number = :customer), updated_at = CURRENT_TIMESTAMP "
+                "WHERE invoice_number = :n"
+            ),
+            {"customer": customer_number, "n": number},
+        )
+    engine.dispose()
+
+
+@dataclass(frozen=True)
+class MovedDeal:
+    """A synced deal whose invoice the ERP moved to another customer, with a contact a
+    salesperson linked it to by hand."""
+
+    id: str
+    number: str  # its invoice's
+    day: str
+    old: str  # the contact of the customer the invoice was for
+    new: str  # the new customer's contact
+    by_hand: str
+    customers: dict[str, str]  # contact id → customer number
+
+
+def a_moved_deal(world, crm_client, instance) -> MovedDeal:
+    assert dg.materialize(
+        [flow_asset(CRM_CONTACTS)], resources=resources(), instance=instance
+    ).success
+    materialize_deals(instance)
+    contacts = {
+        c["id"]: c["properties"]["erp_customer_id"]
+        for c in crm_client.list_objects("contacts", ["erp_customer_id"])
+    }
+    deal = next(iter(crm_client.list_objects("deals", ["erp_invoice_id", "closedate"])))
+    (old,) = crm_client.associated_ids("deals", deal["id"], "contacts")
+    new, by_hand = [i for i in contacts if i != old][:2]
+    crm_client.associate("deals", "contacts", [(deal["id"], by_hand)], "by hand")
+    move_invoice(world.erp_url, deal["properties"]["erp_invoice_id"], contacts[new])
+    number = deal["properties"]["erp_invoice_id"]
+    return MovedDeal(
+        deal["id"], number, deal["properties"]["closedate"], old, new, by_hand, contacts
+    )
+
+
+def linked_contacts(crm_client, deal: MovedDeal) -> list[str]:
+    return sorted(crm_client.associated_ids("deals", deal.id, "contacts"))
+
+
+def test_a_deal_whose_invoice_moves_to_another_customer_leaves_the_old_contact(world, crm_client):
+    """The deal stayed linked to the old customer's contact (links were only ever added): the
+    CRM showed it under both customers. A link a salesperson made by hand stays."""
+    with dg.instance_for_test() as instance:
+        deal = a_moved_deal(world, crm_client, instance)
+        counts = materialize_deals(instance, tags=None, partition_key=deal.day)
+        assert counts["updated"] == 1
+        assert linked_contacts(crm_client, deal) == sorted([deal.new, deal.by_hand])
+
+        again = materialize_deals(instance, tags=None, partition_key=deal.day)
+        assert again["written"] == 0
+        assert linked_contacts(crm_client, deal) == sorted([deal.new, deal.by_hand])
+
+
+def _die(*_args, **_kwargs) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_between_the_link_and_the_unlink(destination: CrmObjects) -> None:
+    destination.client.dissociate = _die
+
+
+def kill_before_the_ledger_commit(destination: CrmObjects) -> None:
+    upsert = destination.upsert
+
+    def written_then_killed(records):
+        upsert(records)
+        _die()
+
+    destination.upsert = written_then_killed
+
+
+def day_killed(world, day: str, arm: Callable[[CrmObjects], None]) -> None:
+    """Sync the day in a child process that SIGKILLs itself where `arm` says."""
+    pid = os.fork()
+    if pid == 0:  # the child: its own connections, never the parent's
+        try:
+            client = CrmClient(world.crm.base_url, world.token, ApiLimits(retries=0))
+            destination = CrmObjects.for_target(client, CRM_DEALS.target)
+            arm(destination)
+            source = SqlSource(create_engine(world.erp_url), CRM_DEALS.source)
+            state = StateStore(world.state_url, dlq_key=DLQ_KEY)
+            start = datetime.fromisoformat(day)
+            sync = Sync(CRM_DEALS, source, destination, state, run_id="killed", actor="t", why="t")
+            sync.run_window(start, start + timedelta(days=1))
+        finally:
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+@pytest.mark.parametrize(
+    "arm", [kill_between_the_link_and_the_unlink, kill_before_the_ledger_commit]
+)
+def test_a_moved_deal_killed_mid_write_ends_linked_as_if_never_killed(world, crm_client, arm):
+    """Killed after the CRM linked the new contact (and maybe unlinked the old one) but before
+    the ledger noted it: the rerun ends with the same links as a run never killed."""
+    with dg.instance_for_test() as instance:
+        deal = a_moved_deal(world, crm_client, instance)
+        day_killed(world, deal.day, arm)
+        materialize_deals(instance, tags=None, partition_key=deal.day)
+        assert linked_contacts(crm_client, deal) == sorted([deal.new, deal.by_hand])
+        again = materialize_deals(instance, tags=None, partition_key=deal.day)
+        assert again["written"] == 0

@@ -1,10 +1,11 @@
-"""A client for the HubSpot CRM v3 objects API: batch upsert, search, list, batch archive.
+"""A client for the HubSpot CRM v3 objects API: batch upsert, search, list, batch archive; and
+v4 associations (made, listed, removed).
 
 Transport (timeouts, retries, the shared rate limit, the circuit breaker) is the shared
 `integrations.http.ApiClient`. Upserts by natural key, archives, reads and searches are
-idempotent, so they are retried freely; associations are not naturally idempotent and carry
-an `Idempotency-Key`, and so does each batch upsert, for its answer (see `batch_upsert`).
-Errors never carry request headers.
+idempotent, so they are retried freely, and so are removals of associations; making one is not
+naturally idempotent and carries an `Idempotency-Key`, and so does each batch upsert, for its
+answer (see `batch_upsert`). Errors never carry request headers.
 """
 
 from __future__ import annotations
@@ -183,6 +184,17 @@ class CrmClient:
             f"/crm/v4/associations/{from_type}/{to_type}/batch/associate/default",
             json={"inputs": [{"from": {"id": f}, "to": {"id": t}} for f, t in pairs]},
             idempotency_key=idempotency_key,
+        )
+
+    def dissociate(self, from_type: str, to_type: str, pairs: Sequence[tuple[str, str]]) -> None:
+        """Remove the associations between each pair (every label of it). Idempotent by nature:
+        a pair no longer associated is no error, so a retry needs no key."""
+        if len(pairs) > MAX_BATCH:
+            raise ValueError(f"batch archive takes at most {MAX_BATCH} pairs, got {len(pairs)}")
+        self._request(
+            "POST",
+            f"/crm/v4/associations/{from_type}/{to_type}/batch/archive",
+            json={"inputs": [{"from": {"id": f}, "to": [{"id": t}]} for f, t in pairs]},
         )
 
     def associated_ids(self, from_type: str, object_id: str, to_type: str) -> list[str]:

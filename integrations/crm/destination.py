@@ -1,7 +1,9 @@
-"""CRM objects as a sync destination: batch upsert by a unique property, batch archive."""
+"""CRM objects as a sync destination: batch upsert by a unique property, batch archive, and the
+associations each record names (handoff's own, and only those, follow the record)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 
 from integrations.crm.client import (
@@ -20,7 +22,7 @@ from integrations.engine.destination import (
     Upserted,
     Written,
 )
-from integrations.engine.hashing import content_hash, idempotency_key
+from integrations.engine.hashing import canonical_json, content_hash, idempotency_key
 from integrations.engine.spec import Association, Target
 
 
@@ -50,11 +52,11 @@ class CrmObjects:
         """Nothing to check up front: the CRM answers record by record."""
 
     def upsert(self, records: Sequence[OutboundRecord]) -> Upserted:
-        links = {field: None for field in (a.field for a in self.associations)}
+        linking = {field: None for field in (a.field for a in self.associations)}
         inputs = [
             {
                 "id": str(record.properties[self.id_property]),
-                "properties": {k: v for k, v in record.properties.items() if k not in links},
+                "properties": {k: v for k, v in record.properties.items() if k not in linking},
                 "objectWriteTraceId": record.correlation_id or record.trace_id,
             }
             for record in records
@@ -63,10 +65,8 @@ class CrmObjects:
             targets = [self._resolve(association, records) for association in self.associations]
             answer = self.client.batch_upsert(self.object_type, self.id_property, inputs)
             outcome = self._read(records, inputs, answer)
-            accepted = {item.key for item in outcome.written}
-            linked = [record for record in records if record.key in accepted]
-            for association, resolved in zip(self.associations, targets, strict=True):
-                self._link(association, linked, outcome.written, resolved)
+            if self.associations:
+                outcome = self._linked(records, outcome, targets)
         except CrmRequestRejected as error:
             raise RecordsRejected(str(error)) from error
         except (CrmUnavailable, CrmAuthError) as error:
@@ -101,23 +101,55 @@ class CrmObjects:
             )
         return found
 
-    def _link(self, association, records, written: list[Written], resolved: dict[str, str]) -> None:
-        ids = {item.key: item.destination_id for item in written}
-        pairs = [
-            (ids[record.key], resolved[str(record.properties[association.field]).lower()])
-            for record in records
-            if record.properties.get(association.field)
-        ]
+    def _linked(
+        self, records: Sequence[OutboundRecord], outcome: Upserted, targets: list[dict[str, str]]
+    ) -> Upserted:
+        """Link each written record to the objects it names, then unlink it from those handoff
+        linked it to before (its ledger's links) that it names no more; links made by hand stay.
+        Linked first: a crash between the two leaves one link too many, which the rerun (sent
+        again with the same ledger) removes, never none. The outcome carries the new links."""
+        ids = {item.key: item.destination_id for item in outcome.written}
+        written = [record for record in records if record.key in ids]
+        named = {record.key: self._named(record, targets) for record in written}
+        for dataset in dict.fromkeys(a.to_dataset for a in self.associations):
+            self._link(
+                dataset,
+                written,
+                [(ids[r.key], to) for r in written for to in named[r.key][dataset]],
+            )
+            stale = [
+                (ids[r.key], to)
+                for r in written
+                for to in _links(r.links).get(dataset, ())
+                if to not in named[r.key][dataset]
+            ]
+            for start in range(0, len(stale), MAX_BATCH):
+                self.client.dissociate(self.object_type, dataset, stale[start : start + MAX_BATCH])
+        return Upserted(
+            [item._replace(links=canonical_json(named[item.key])) for item in outcome.written],
+            outcome.refused,
+        )
+
+    def _named(self, record: OutboundRecord, targets: list[dict[str, str]]) -> dict[str, list[str]]:
+        """The ids of the objects the record names, by dataset: {"contacts": ["901"]}."""
+        named: dict[str, set[str]] = {a.to_dataset: set() for a in self.associations}
+        for association, resolved in zip(self.associations, targets, strict=True):
+            value = str(record.properties.get(association.field) or "").lower()
+            if value:
+                named[association.to_dataset].add(resolved[value])
+        return {dataset: sorted(found) for dataset, found in named.items()}
+
+    def _link(self, dataset: str, records: Sequence[OutboundRecord], pairs) -> None:
         # The same records with the same content give the same key, whatever the run.
         traces = "|".join(sorted(record.trace_id for record in records))
         for start in range(0, len(pairs), MAX_BATCH):
             chunk = pairs[start : start + MAX_BATCH]
             key = idempotency_key(
-                f"associate {self.object_type}->{association.to_dataset}",
+                f"associate {self.object_type}->{dataset}",
                 traces,
                 content_hash({"pairs": chunk}),
             )
-            self.client.associate(self.object_type, association.to_dataset, chunk, key)
+            self.client.associate(self.object_type, dataset, chunk, key)
 
     def _read(self, records, inputs, answer: BatchAnswer) -> Upserted:
         """Record by record: a result, an error naming the input (by its objectWriteTraceId), or
@@ -160,3 +192,9 @@ class CrmObjects:
             raise RecordsRejected(str(error)) from error
         except (CrmUnavailable, CrmAuthError) as error:
             raise DestinationUnavailable(str(error)) from error
+
+
+def _links(stored: str | None) -> dict[str, list[str]]:
+    """A record's links as the ledger holds them (none for a record written before handoff kept
+    them: those links are left as they are)."""
+    return json.loads(stored) if stored else {}

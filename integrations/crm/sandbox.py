@@ -449,6 +449,27 @@ class SandboxStore:
             ],
         }
 
+    def dissociate(self, from_type: str, to_type: str, body: dict) -> None:
+        """Remove every association between each pair, as HubSpot's v4 batch archive does; a pair
+        not associated (any more) is no error: a retried removal changes nothing."""
+        inputs = body.get("inputs")
+        if not isinstance(inputs, list) or len(inputs) > MAX_BATCH:
+            raise ApiError(400, "VALIDATION_ERROR", f"inputs must be a list of at most {MAX_BATCH}")
+        pairs = []
+        for position, item in enumerate(inputs):
+            try:
+                from_id = int(item["from"]["id"])
+                pairs += [(from_id, int(to["id"])) for to in item["to"]]
+            except (KeyError, TypeError, ValueError):
+                raise ApiError(
+                    400, "VALIDATION_ERROR", f'inputs[{position}] needs from.id and to: [{{"id"}}]'
+                ) from None
+        with self.lock:
+            self.connection.executemany(
+                "DELETE FROM associations WHERE from_type=? AND from_id=? AND to_type=? AND to_id=?",
+                [(from_type, from_id, to_type, to_id) for from_id, to_id in pairs],
+            )
+
     def associations_of(self, from_type: str, from_id: str, to_type: str) -> dict:
         with self.lock:
             rows = self.connection.execute(
@@ -674,6 +695,10 @@ class SandboxHandler(BaseHTTPRequestHandler):
         )
         if association and method == "POST":
             return 200, store.associate(*association.groups(), self._json(raw))
+        removal = re.fullmatch(r"/crm/v4/associations/([a-z_]+)/([a-z_]+)/batch/archive", path)
+        if removal and method == "POST":
+            store.dissociate(*removal.groups(), self._json(raw))
+            return 204, None
         listed = re.fullmatch(r"/crm/v4/objects/([a-z_]+)/(\d+)/associations/([a-z_]+)", path)
         if listed and method == "GET":
             return 200, store.associations_of(*listed.groups())

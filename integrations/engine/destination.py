@@ -20,6 +20,9 @@ class OutboundRecord:
     # The write's id across systems: (run id, flow, key). Sent to the CRM as
     # `objectWriteTraceId`, kept in the logs, the DLQ and the audit trail.
     correlation_id: str = ""
+    # What the destination noted it linked the record to at its last write (Written.links, kept
+    # in the ledger): it unlinks only what it linked itself, not what people linked by hand.
+    links: str | None = None
 
 
 def correlation_id(run_id: str, flow: str, key: str) -> str:
@@ -39,9 +42,11 @@ class OutboundBatch(Sequence[OutboundRecord]):
         *,
         flow: str,
         run_id: str,
+        links: Sequence[str | None] | None = None,
     ):
         self.keys, self.columns, self.hashes = keys, columns, hashes
         self.flow, self.run_id = flow, run_id
+        self.links = links  # per record, as OutboundRecord.links; None: none known for any
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -58,6 +63,7 @@ class OutboundBatch(Sequence[OutboundRecord]):
                 self.hashes[at],
                 flow=self.flow,
                 run_id=self.run_id,
+                links=None if self.links is None else self.links[at],
             )
         key = self.keys[at]
         return OutboundRecord(
@@ -65,6 +71,7 @@ class OutboundBatch(Sequence[OutboundRecord]):
             properties={name: values[at] for name, values in self.columns.items()},
             trace_id=idempotency_key(self.flow, key, self.hashes[at]),
             correlation_id=correlation_id(self.run_id, self.flow, key),
+            links=None if self.links is None else self.links[at],
         )
 
     @classmethod
@@ -92,6 +99,9 @@ class Written(NamedTuple):  # a tuple: a batch makes one per record, cheaply
     # True: created; False: updated; None: the destination held the record as sent already,
     # and rewrote nothing (a destination that can tell).
     created: bool | None
+    # What the destination linked the record to, as text it reads back (a CRM deal's contact);
+    # the ledger keeps it and hands it back as OutboundRecord.links with the record's next write.
+    links: str | None = None
 
 
 class WrittenColumns(Sequence[Written]):
@@ -100,9 +110,14 @@ class WrittenColumns(Sequence[Written]):
     is looked at."""
 
     def __init__(
-        self, keys: Sequence[str], destination_ids: Sequence[str], created: Sequence[bool | None]
+        self,
+        keys: Sequence[str],
+        destination_ids: Sequence[str],
+        created: Sequence[bool | None],
+        links: Sequence[str | None] | None = None,
     ):
         self.keys, self.destination_ids, self.created = keys, destination_ids, created
+        self.links = [None] * len(keys) if links is None else links
 
     @property
     def inserted(self) -> int:
@@ -123,16 +138,19 @@ class WrittenColumns(Sequence[Written]):
         keys: list[str] = []
         destination_ids: list[str] = []
         created: list[bool | None] = []
+        links: list[str | None] = []
         for part in parts:
             if isinstance(part, WrittenColumns):
                 keys += part.keys
                 destination_ids += part.destination_ids
                 created += part.created
+                links += part.links
             else:
                 keys += [item.key for item in part]
                 destination_ids += [item.destination_id for item in part]
                 created += [item.created for item in part]
-        return cls(keys, destination_ids, created)
+                links += [item.links for item in part]
+        return cls(keys, destination_ids, created, links)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -143,8 +161,10 @@ class WrittenColumns(Sequence[Written]):
     def __getitem__(self, at: slice) -> WrittenColumns: ...
     def __getitem__(self, at):
         if isinstance(at, slice):
-            return WrittenColumns(self.keys[at], self.destination_ids[at], self.created[at])
-        return Written(self.keys[at], self.destination_ids[at], self.created[at])
+            return WrittenColumns(
+                self.keys[at], self.destination_ids[at], self.created[at], self.links[at]
+            )
+        return Written(self.keys[at], self.destination_ids[at], self.created[at], self.links[at])
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,9 @@ class InFlight:
     unique-value claims will hold once it lands."""
 
     written: WrittenColumns = field(default_factory=lambda: WrittenColumns([], [], []))
-    entries: LedgerEntries = field(default_factory=lambda: LedgerEntries([], [[], [], [], []]))
+    entries: LedgerEntries = field(
+        default_factory=lambda: LedgerEntries([], [[] for _ in LedgerEntry._fields])
+    )
     claims: list[tuple[str, str, str]] = field(default_factory=list)  # (field, digest, key)
     archived: set[str] = field(default_factory=set)
 
@@ -104,6 +106,7 @@ class InFlight:
                 [*written.destination_ids, *ids],
                 [False] * len(keys) + [True] * len(archived),
                 [*field_hashes, *([None] * len(archived))],
+                [*written.links, *([None] * len(archived))],  # an archived row's links go with it
             ],
         )
         position = plan.position

@@ -53,6 +53,9 @@ ledger = sa.Table(
     # A short hash of each field's value (engine/columns.py `field_hashes`): what a later write
     # changed, field by field, without keeping the values themselves (they can be PII).
     sa.Column("field_hashes", sa.Text, nullable=True),
+    # What the destination linked the record to at its last write (Written.links: a CRM deal's
+    # contact), handed back with the next one: it unlinks only what handoff linked.
+    sa.Column("links", sa.Text, nullable=True),
     sa.Column("synced_at", sa.DateTime, nullable=False),
     sa.Column("run_id", sa.String(64), nullable=False),
     # Who holds a destination id (StateStore.live_owners): one record per row of the destination.
@@ -264,6 +267,7 @@ class LedgerEntry(NamedTuple):  # a tuple: cheap to make a batch of
     destination_id: str | None
     archived: bool
     field_hashes: str | None = None  # as stored; engine/columns.py `changed_fields` reads it
+    links: str | None = None  # as the destination wrote it (Written.links)
 
 
 class LedgerEntries(Mapping[str, LedgerEntry]):
@@ -620,6 +624,7 @@ class StateStore:
                         ledger.c.destination_id,
                         ledger.c.archived,
                         ledger.c.field_hashes,
+                        ledger.c.links,
                     ).where(ledger.c.flow == flow, _among(ledger.c.record_key, chunk, dialect))
                 )
                 for row in rows:
@@ -628,6 +633,7 @@ class StateStore:
                         row.destination_id,
                         row.archived,
                         row.field_hashes,
+                        row.links,
                     )
         return found
 

@@ -257,6 +257,7 @@ def _sub_batch(batch: OutboundBatch, positions: list[int]) -> OutboundBatch:
         _picked(batch.hashes, positions),
         flow=batch.flow,
         run_id=batch.run_id,
+        links=None if batch.links is None else _picked(batch.links, positions),
     )
 
 
@@ -1104,7 +1105,15 @@ class Sync(ErrorBudget, DestinationIds):
             wholes = _picked(wholes, sending)
             values = {name: _picked(column, sending) for name, column in values.items()}
             texts = {name: _picked(column, sending) for name, column in texts.items()}
-        outbound = OutboundBatch(keys, values, hashes, flow=self.spec.name, run_id=self.run_id)
+        # What the destination linked each record to, as the ledger holds it (an archived row's
+        # went with it): a record that names another object now is unlinked from the old one.
+        linked = [
+            None if (known := ledger.get(key)) is None or known.archived else known.links
+            for key in keys
+        ]
+        outbound = OutboundBatch(
+            keys, values, hashes, flow=self.spec.name, run_id=self.run_id, links=linked
+        )
         to_archive = {
             key: entry.destination_id
             for key, entry in ledger.items()
