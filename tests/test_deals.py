@@ -216,6 +216,18 @@ def test_a_deal_whose_invoice_moves_to_another_customer_leaves_the_old_contact(w
         assert linked_contacts(crm_client, deal) == sorted([deal.new, deal.by_hand])
 
 
+def test_a_deal_moved_back_and_forth_is_linked_to_its_customer_each_time(world, crm_client):
+    """Moved back to a contact it left, then again: each link is made anew. Its idempotency key
+    was the same in every run for the same content, so the CRM replayed the first run's answer
+    for the third run's link instead of linking again: the deal was left with no customer."""
+    with dg.instance_for_test() as instance:
+        deal = a_moved_deal(world, crm_client, instance)
+        for contact in (deal.new, deal.old, deal.new):
+            move_invoice(world.erp_url, deal.number, deal.customers[contact])
+            materialize_deals(instance, tags=None, partition_key=deal.day)
+            assert linked_contacts(crm_client, deal) == sorted([contact, deal.by_hand])
+
+
 def _die(*_args, **_kwargs) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 

@@ -140,13 +140,16 @@ class CrmObjects:
         return {dataset: sorted(found) for dataset, found in named.items()}
 
     def _link(self, dataset: str, records: Sequence[OutboundRecord], pairs) -> None:
-        # The same records with the same content give the same key, whatever the run.
-        traces = "|".join(sorted(record.trace_id for record in records))
+        # Keyed by the run's writes of these records: a retry after a lost answer is replayed,
+        # not acted twice. Another run links anew (linking a pair already linked changes
+        # nothing): a key kept across runs had the CRM replay an old answer for a record moved
+        # back to an object handoff had unlinked it from since, and it stayed unlinked.
+        writes = "|".join(sorted(record.correlation_id or record.trace_id for record in records))
         for start in range(0, len(pairs), MAX_BATCH):
             chunk = pairs[start : start + MAX_BATCH]
             key = idempotency_key(
                 f"associate {self.object_type}->{dataset}",
-                traces,
+                writes,
                 content_hash({"pairs": chunk}),
             )
             self.client.associate(self.object_type, dataset, chunk, key)
