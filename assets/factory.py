@@ -34,7 +34,7 @@ from integrations.engine.errors import (
     SyncError,
 )
 from integrations.engine.reconcile import Drift, reconcile
-from integrations.engine.source import SourceUnavailable
+from integrations.engine.source import FIX_THE_SOURCE, SourceReadFailed, SourceUnavailable
 from integrations.engine.spec import FlowSpec
 from integrations.engine.state import AuditHead, BudgetTrip, StateStoreUnavailable
 from integrations.engine.sync import Sync, SyncResult
@@ -381,6 +381,12 @@ def _flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
                 "that was not written; rerun when it answers again",
                 metadata={"flow": spec.name},
                 allow_retries=True,
+            ) from error
+        except SourceReadFailed as error:  # a replay's or a repair's read, not the engine's run
+            raise dg.Failure(
+                description=f"flow {spec.name}: {error}. What to do: {FIX_THE_SOURCE}, then rerun",
+                metadata={"flow": spec.name},
+                allow_retries=False,
             ) from error
         except SourceSchemaError as error:
             raise dg.Failure(

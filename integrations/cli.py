@@ -24,7 +24,7 @@ from integrations import settings
 from integrations.engine.destination import DestinationMismatch, DestinationUnavailable
 from integrations.engine.errors import SyncError
 from integrations.engine.masking import mask_record
-from integrations.engine.source import SourceUnavailable
+from integrations.engine.source import FIX_THE_SOURCE, SourceReadFailed, SourceUnavailable
 from integrations.engine.spec import FlowSpec
 from integrations.engine.state import (
     REASON_KINDS,
@@ -42,6 +42,7 @@ from integrations.sql.source import SourceSchemaError
 REPLAY_STOPPERS = (
     SyncError,  # FlowNotOpened too
     SourceSchemaError,
+    SourceReadFailed,
     SourceUnavailable,
     StateStoreUnavailable,
     DestinationMismatch,
@@ -395,6 +396,9 @@ def _replay_stopped(spec: FlowSpec, error: Exception) -> str:
             f"check {settings.database_url_variable(spec.source.system)} and that "
             f"{spec.source.system} is seeded or migrated, then {again}"
         )
+    elif isinstance(error, SourceReadFailed):
+        what = str(error)
+        todo = f"{FIX_THE_SOURCE}, then {again}"
     elif isinstance(error, sa.exc.OperationalError):
         complaint = (str(error.orig).strip().splitlines() or [""])[0]
         what = f"a database did not answer: {type(error.orig).__name__}: {complaint}"

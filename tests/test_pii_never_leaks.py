@@ -21,11 +21,14 @@ from assets.factory import flow_asset
 from definitions import resources
 from integrations.cli import main
 from integrations.engine.destination import DestinationMismatch, OutboundRecord
+from integrations.engine.errors import SyncError
+from integrations.engine.source import SourceReadFailed
 from integrations.engine.spec import SourceTable
 from integrations.erp.changes import live_customer_ids, move_customers, soft_delete_customers
 from integrations.sql.connect import create_engine
 from integrations.sql.destination import SqlTable
 from integrations.sql.source import SqlSource
+from tests.test_sql_cursors import syncing
 from tests.test_sql_destination import LINES, create, ledger_columns
 
 
@@ -131,7 +134,7 @@ def test_a_statement_failing_mid_run_repeats_none_of_its_parameters(sql_database
     source = SqlSource(engine, SourceTable(table="subscribers", key="email", deleted=None))
     with engine.begin() as connection:
         connection.exec_driver_sql("ALTER TABLE subscribers RENAME TO unsubscribed")
-    with pytest.raises(sa.exc.DBAPIError) as read:
+    with pytest.raises(SourceReadFailed) as read:
         list(source.rows_with_keys([PERSON], 10))
     assert "subscribers" in told(read.value), "the error still names what failed"
 
@@ -147,4 +150,41 @@ def test_a_statement_failing_mid_run_repeats_none_of_its_parameters(sql_database
     for error in (read.value, written.value):
         assert PERSON not in told(error)
     assert PERSON not in caplog.text
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_row_a_source_view_fails_on_stops_the_run_without_its_value(
+    postgres_database, own_state, caplog
+):
+    """A view casting a legacy text column fails mid-read on one row's value (an email where a
+    number belongs): SQLAlchemy's error, which the run failed with as it was, quoted the value
+    ('invalid input syntax for type double precision: "jane…"'), named no flow and said nothing
+    of what to do."""
+    caplog.set_level(logging.DEBUG)
+    engine = create_engine(postgres_database())
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "CREATE TABLE raw_lines (id int PRIMARY KEY, line_number text, amount_text text, "
+            "booked_on date, memo text, updated_at timestamp, deleted_at timestamp)"
+        )
+        connection.exec_driver_sql(
+            "INSERT INTO raw_lines SELECT n, 'L' || n, CASE n WHEN 4 THEN %s ELSE n::text END, "
+            "'2025-01-02', 'x', '2025-01-01'::timestamp + n * interval '1 hour', NULL "
+            "FROM generate_series(1, 5) AS n",
+            (PERSON,),
+        )
+        connection.exec_driver_sql(
+            "CREATE VIEW source_lines AS SELECT id, line_number, amount_text::float8 AS amount, "
+            "booked_on, memo, updated_at, deleted_at FROM raw_lines"
+        )
+    with syncing(engine, own_state) as sync, pytest.raises(SyncError) as stopped:
+        sync.run()
+    said = told(stopped.value)
+    assert PERSON not in said and PERSON not in caplog.text
+    assert str(stopped.value).startswith(
+        "flow test_dated_lines: the source database refused a read of source_lines: "
+        "InvalidTextRepresentation: invalid input syntax for type double precision"
+    )
+    assert "What to do: a rerun alone will not cure it" in str(stopped.value)
     engine.dispose()

@@ -19,6 +19,20 @@ class SourceUnavailable(Exception):
     """The source could not be read (an API that is down, its circuit open); nothing was lost."""
 
 
+class SourceReadFailed(Exception):
+    """The source answered but refused a read (a view's cast or a computed column failing on one
+    row, a column changed, a permission taken away): a rerun alone does not cure it. Its text
+    names the table and the driver's complaint, without the SQL, its parameters or the values
+    the driver quotes."""
+
+
+# What to do about a SourceReadFailed, before "then rerun …".
+FIX_THE_SOURCE = (
+    "fix what the database says in the source (a view or computed column failing on a row's "
+    "value, a column changed, a grant missing)"
+)
+
+
 class Source(Protocol):
     def batches(
         self, since: datetime | None, batch_size: int, within: object | None = None

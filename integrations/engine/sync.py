@@ -55,7 +55,13 @@ from integrations.engine.ids import (
     key_text,
 )
 from integrations.engine.masking import mask_record, mask_value, scrub
-from integrations.engine.source import FAR_FUTURE, Source, SourceUnavailable
+from integrations.engine.source import (
+    FAR_FUTURE,
+    FIX_THE_SOURCE,
+    Source,
+    SourceReadFailed,
+    SourceUnavailable,
+)
 from integrations.engine.spec import FlowSpec
 from integrations.engine.state import (
     SINCE_WATERMARK,
@@ -771,15 +777,28 @@ class Sync(ErrorBudget, DestinationIds):
             ) from error
 
     def _guarded(self, batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        """The source's batches; a source lost mid-extract stops the run with what to do."""
-        try:
+        """The source's batches; a source lost or refusing mid-extract stops the run with what
+        to do."""
+        with self._reading_source():
             yield from batches
+
+    @contextmanager
+    def _reading_source(self) -> Iterator[None]:
+        try:
+            yield
         except SourceUnavailable as error:
             raise SyncError(
                 self.spec.name,
                 str(error),
                 "every batch before it is committed; rerun when the source answers (the rerun "
                 "resumes from the watermark)",
+            ) from error
+        except SourceReadFailed as error:
+            raise SyncError(
+                self.spec.name,
+                str(error),
+                f"a rerun alone will not cure it: {FIX_THE_SOURCE}, then rerun; every batch "
+                "before it is committed, and the rerun resumes from the watermark",
             ) from error
 
     def _keep_window(self, stop: str, window: tuple[datetime, datetime] | None = None) -> None:
@@ -814,7 +833,8 @@ class Sync(ErrorBudget, DestinationIds):
     def _guard_archives(
         self, since: datetime | None, approved: bool, within: object | None = None
     ) -> None:
-        keys = [str(key) for key in self.source.deleted_keys(since, within)]
+        with self._reading_source():
+            keys = [str(key) for key in self.source.deleted_keys(since, within)]
         if self.spec.in_scope is not None:
             keys += self._leaving_scope(since, within)
         ledger = self.state.ledger_entries(self.spec.name, keys)

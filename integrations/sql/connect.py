@@ -141,10 +141,16 @@ def raise_on_lost_connection(engine: sa.Engine, error_type: type[Exception], wha
             return
         original = context.original_exception
         if context.is_disconnect or unreachable(context.sqlalchemy_exception):
-            first_line = without_values((str(original).strip().splitlines() or [""])[0])
             raise error_type(
-                f"{what} ({redacted(str(engine.url))}) failed: {type(original).__name__}: {first_line}"
+                f"{what} ({redacted(str(engine.url))}) failed: {driver_complaint(original)}"
             ) from original
+
+
+def driver_complaint(original: BaseException | None) -> str:
+    """What a driver's error says, as it may be shown: its class and first line, the values it
+    quotes masked; no SQL, no parameters, none of PostgreSQL's DETAIL or CONTEXT lines."""
+    first_line = without_values((str(original).strip().splitlines() or [""])[0])
+    return f"{type(original).__name__}: {first_line}"
 
 
 def unreachable(error: sa.exc.StatementError | None) -> bool:

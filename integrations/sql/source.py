@@ -36,16 +36,16 @@ from psycopg.pq import Format
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import ClauseElement, Executable
 
-from integrations.engine.source import FAR_FUTURE, SourceUnavailable
+from integrations.engine.source import FAR_FUTURE, SourceReadFailed, SourceUnavailable
 from integrations.engine.spec import RecentTotal, SourceTable
-from integrations.sql.connect import raise_on_lost_connection, timestamps_in_utc
+from integrations.sql.connect import driver_complaint, raise_on_lost_connection, timestamps_in_utc
 
 
 class SourceSchemaError(Exception):
     """The configured table or columns are not in the source database."""
 
 
-__all__ = ["SourceSchemaError", "SourceUnavailable", "SqlSource"]
+__all__ = ["SourceReadFailed", "SourceSchemaError", "SourceUnavailable", "SqlSource"]
 
 # The server-side cursor of one read; each read has its own connection and transaction.
 EXTRACT_CURSOR = "handoff_extract"
@@ -315,19 +315,35 @@ class SqlSource:
 
         A MariaDB TIMESTAMP is read and compared in UTC, whatever zone the URL chose: read in
         that zone, its wall time was taken for UTC (a watermark hours off, and a change after
-        the clocks went back fell before it and was never read)."""
-        with self.engine.connect() as connection:
-            if connection.dialect.name != "sqlite":
-                columns = [column for table in self._tables_read for column in table.columns]
-                with timestamps_in_utc(connection, columns):
+        the clocks went back fell before it and was never read).
+
+        A read the database refuses (a lost database is SourceUnavailable already) is
+        SourceReadFailed, which says why without the SQL, its parameters or the values the
+        driver quotes: SQLAlchemy's error repeated a row's value that a view failed to cast
+        (an email as a number) into the run's failure. It is raised from none of them."""
+        try:
+            with self.engine.connect() as connection:
+                if connection.dialect.name != "sqlite":
+                    columns = [column for table in self._tables_read for column in table.columns]
+                    with timestamps_in_utc(connection, columns):
+                        yield connection
+                    return
+                driver = connection.connection.driver_connection
+                decode, driver.text_factory = driver.text_factory, _BYTES_KEPT
+                try:
                     yield connection
-                return
-            driver = connection.connection.driver_connection
-            decode, driver.text_factory = driver.text_factory, _BYTES_KEPT
-            try:
-                yield connection
-            finally:
-                driver.text_factory = decode
+                finally:
+                    driver.text_factory = decode
+        except sa.exc.DBAPIError as error:
+            raise SourceReadFailed(self._refused(error)) from None
+
+    def _refused(self, error: sa.exc.DBAPIError) -> str:
+        sqlstate = getattr(error.orig, "sqlstate", None)
+        code = f" (SQLSTATE {sqlstate})" if sqlstate else ""
+        return (
+            f"the source database refused a read of {self.spec.table}: "
+            f"{driver_complaint(error.orig)}{code}"
+        )
 
     def _frames(self, query: sa.Select, batch_size: int) -> Iterator[pd.DataFrame]:
         """The rows of `query`, streamed, as frames of `batch_size` rows (none when empty)."""
