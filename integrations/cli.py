@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import fields
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import sqlalchemy as sa
@@ -36,6 +37,9 @@ from integrations.engine.state import (
 )
 from integrations.sql.connect import create_engine, redacted
 from integrations.sql.source import SourceSchemaError
+
+if TYPE_CHECKING:  # the engine is imported when a replay runs
+    from integrations.engine.sync import SyncResult
 
 # What stops one flow's replay (its systems cannot be opened, do not answer or do not fit); the
 # other flows' replays go on.
@@ -344,16 +348,18 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
             failed = True
             continue
         try:
-            written = _replay_flow(specs[flow], chosen, run_id)
+            result = _replay_flow(specs[flow], chosen, run_id)
         except REPLAY_STOPPERS as error:
             print(f"handoff dlq replay: {_replay_stopped(specs[flow], error)}", file=sys.stderr)
             stopped.append(flow)
             continue
         still = store.list_dead_letters(flow=flow, ids=[letter.id for letter in chosen], limit=None)
         print(
-            f"{flow}: replayed {len(chosen)} (run {run_id}): {written} written, "
+            f"{flow}: replayed {len(chosen)} (run {run_id}): {result.written} written, "
             f"{len(chosen) - len(still)} left the DLQ, {len(still)} still failing"
         )
+        if result.counts["unkeyed_held"]:
+            print(_unkeyed_held(flow, result.counts["unkeyed_held"]))
         failed = failed or bool(still)
     if stopped:
         print(
@@ -364,8 +370,20 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
     return 1 if failed or stopped else 0
 
 
-def _replay_flow(spec: FlowSpec, letters: list[DeadLetter], run_id: str) -> int:
-    """Replay one flow's letters through its own systems; the number of records written."""
+def _unkeyed_held(flow: str, held: int) -> str:
+    """What to do about letters whose rows the source still holds without a usable key."""
+    return (
+        f"{flow}: {held} of them hold a source row that is still without a usable key (the "
+        "source holds it as it was): no replay can send a row without its key. What to do: "
+        f"give each row its key in the source (`handoff dlq list --flow {flow}` and `handoff "
+        "dlq show ID` show which row and why); the next run syncs a fixed row whose change "
+        f"time moved, and `handoff dlq replay --flow {flow}` syncs it in any case and closes "
+        "its letter. A row not to be synced: `handoff dlq discard --id ID`"
+    )
+
+
+def _replay_flow(spec: FlowSpec, letters: list[DeadLetter], run_id: str) -> SyncResult:
+    """Replay one flow's letters through its own systems."""
     from integrations.connections import open_flow
     from integrations.engine.sync import Sync
 
@@ -379,7 +397,7 @@ def _replay_flow(spec: FlowSpec, letters: list[DeadLetter], run_id: str) -> int:
             actor=_actor("dlq replay"),
             why="replay",
         )
-        return sync.replay(letters).written
+        return sync.replay(letters)
 
 
 def _replay_stopped(spec: FlowSpec, error: Exception) -> str:

@@ -467,3 +467,49 @@ def test_a_discard_is_history_once_the_record_synced_and_a_repair_passes_it(own_
     synced = {"1": LedgerEntry("other", "1", False, None)}
     own_state.commit_batch(BatchCommit("f", "r2", synced=synced))
     assert own_state.held_letter_hashes("f", ["1"]) == ({}, {})
+
+
+def test_a_letter_of_a_row_without_a_key_closes_once_the_source_gives_it_one(
+    world, state, chinook_copy, capsys
+):
+    """A legacy copy of Chinook's customers without its primary key, one customer's id lost.
+    `dlq replay` judged the stored row again, refused it again, and said only "still failing";
+    once the id was back, no replay synced the customer or closed the letter. It now says the
+    source must give the row its key, and once it has, replays it and closes the letter."""
+    chinook = create_engine(chinook_copy)
+    with chinook.begin() as connection:
+        connection.exec_driver_sql('CREATE TABLE "Legacy" AS SELECT * FROM "Customer"')
+        connection.exec_driver_sql('DROP TABLE "Customer"')
+        connection.exec_driver_sql('ALTER TABLE "Legacy" RENAME TO "Customer"')
+        connection.exec_driver_sql(
+            'UPDATE "Customer" SET "CustomerId" = NULL WHERE "CustomerId" = 4'
+        )
+    with dg.instance_for_test() as instance:
+        run = dg.materialize(
+            [flow_asset(CHINOOK_CUSTOMERS)], resources=resources(), instance=instance
+        )
+        assert run.success
+    (letter,) = state.list_dead_letters(CHINOOK_CUSTOMERS.name)
+    assert letter.record_key.startswith("!unkeyed:")
+
+    assert main(["dlq", "replay", "--flow", CHINOOK_CUSTOMERS.name]) == 1
+    out = capsys.readouterr().out
+    assert "0 left the DLQ, 1 still failing" in out
+    assert "1 of them hold a source row that is still without a usable key" in out
+    assert "give each row its key in the source" in out
+
+    with chinook.begin() as connection:
+        connection.exec_driver_sql(
+            """UPDATE "Customer" SET "CustomerId" = 4 WHERE "Email" = 'bjorn.hansen@yahoo.no'"""
+        )
+    chinook.dispose()
+    assert main(["dlq", "replay", "--flow", CHINOOK_CUSTOMERS.name]) == 0
+    assert "1 written, 1 left the DLQ, 0 still failing" in capsys.readouterr().out
+    assert state.get_dead_letter(letter.id).resolution == "gone"
+    finance = create_engine(f"sqlite:///{world.home / 'finance.sqlite'}")
+    with finance.connect() as connection:
+        landed = connection.execute(
+            sa.text("SELECT email FROM chinook_customers WHERE customer_id = 4")
+        ).scalar_one()
+    finance.dispose()
+    assert landed == "bjorn.hansen@yahoo.no"

@@ -28,7 +28,7 @@ from integrations.engine.errors import (
     SyncError,
 )
 from integrations.engine.reconcile import reconcile
-from integrations.engine.spec import DailyPartitions, FlowSpec, SourceTable
+from integrations.engine.spec import DailyPartitions, ErrorBudget, FlowSpec, SourceTable
 from integrations.engine.state import BatchCommit, StateStore, Watermark
 from integrations.engine.sync import Sync, SyncResult
 from integrations.sql.connect import create_engine
@@ -593,16 +593,41 @@ def test_a_repair_that_would_archive_most_records_stops_at_the_guard(tmp_path, s
     engine.dispose()
 
 
-def test_a_replay_of_rows_without_a_key_judges_them_again(tmp_path, state):
-    """A replay of letters of rows without a usable key died comparing their None key with the
-    watermark's (a replay moves no watermark)."""
+def test_a_replay_of_rows_without_a_key_reads_them_again_and_closes_those_fixed(tmp_path, state):
+    """Rows without a key trip the error budget. Their letters' replay judged their stored
+    payloads again, refused again: once a row was given its key in the source (without its
+    change time moving: no run reads it), no replay synced it or closed its letter, and the
+    trip held on until discarded or approved. A replay now reads the rows changed since theirs:
+    one still without a key is held (counted), one fixed is synced and its letter closed."""
     engine = create_engine(f"sqlite:///{tmp_path / 'lines.sqlite'}")
-    source_lines(engine, [datetime(2025, 1, 1)] * 3, ids=[1, None, None])
-    run(engine, state)
-    letters = state.list_dead_letters(SPEC.name)
-    assert len(letters) == 2 and all(letter.record_key.startswith("!") for letter in letters)
-    with syncing(engine, state, run_id="again") as sync:
-        assert sync.replay(letters).counts["rejected"] == 2
+    source_lines(engine, [datetime(2025, 1, 1, n) for n in range(4)], ids=[1, None, None, 4])
+    spec = dataclasses.replace(SPEC, error_budget=ErrorBudget(max_share=0.1, min_rows=4))
+    with pytest.raises(ErrorBudgetExceeded):
+        run(engine, state, spec)
+    letters = state.list_dead_letters(spec.name)
+    assert len(letters) == 2 and all(
+        letter.record_key.startswith("!unkeyed:") for letter in letters
+    )
+
+    def replay(run_id: str) -> SyncResult:
+        with syncing(engine, state, spec, run_id=run_id) as sync:
+            return sync.replay(state.list_dead_letters(spec.name))
+
+    assert replay("not-yet").counts["unkeyed_held"] == 2  # (L4, which the trip left, is synced)
+    assert len(state.list_dead_letters(spec.name)) == 2 and state.standing_budget_trips(spec.name)
+    with engine.begin() as connection:  # fixed by hand: updated_at stays
+        connection.exec_driver_sql("UPDATE source_lines SET id = 2 WHERE line_number = 'L2'")
+    one = replay("one-fixed")
+    assert (one.counts["unkeyed_held"], one.counts["gone"], one.written) == (1, 1, 1)
+    assert "L2" in live(engine)
+    [still] = state.list_dead_letters(spec.name)
+    assert still.payload["line_number"] == "L3"
+    with engine.begin() as connection:
+        connection.exec_driver_sql("UPDATE source_lines SET id = 3 WHERE line_number = 'L3'")
+    assert replay("both-fixed").counts["unkeyed_held"] == 0
+    assert state.list_dead_letters(spec.name) == [] and not state.standing_budget_trips(spec.name)
+    assert set(live(engine)) == {"L1", "L2", "L3", "L4"}
+    assert run(engine, state, spec).counts["rejected"] == 0, "the trip is settled"
     engine.dispose()
 
 

@@ -292,6 +292,8 @@ def _json_ready(frame: pd.DataFrame) -> list[dict[str, object]]:
 
 # A write's audit action: created, updated, or found as sent (the destination rewrote nothing).
 _ACTIONS = {True: "insert", False: "update", None: "unchanged"}
+# The start of the letter key of a row without a usable key (its content's hash follows).
+UNKEYED = "!unkeyed:"
 # Rounds of the end-of-run retry: each replays the letters waiting on what the one before moved.
 _RETRY_ROUNDS = 10
 # Why a record written with others that take each other's ids is refused with them.
@@ -407,6 +409,8 @@ class Sync(ErrorBudget, DestinationIds):
         self.log = log or logger
         self._force: set[str] = set()
         self._replaying = False
+        # The letter keys of the rows without a usable key this sync read (see replay).
+        self._unkeyed_read: set[str] = set()
         self._holding_lock = False
         # Records refused for a destination id a record outside their batch held, and records
         # that let go of their ids (moved off, archived) in this run (see _retried).
@@ -618,35 +622,66 @@ class Sync(ErrorBudget, DestinationIds):
         already in sync); a record that fails again stays in the DLQ with its new reason. A
         record the source no longer has left it: its letter closes as `gone`, and what the
         destination holds of it is archived (its stored payload was written back: a deleted
-        record brought back to life). A letter of a row without a usable key is judged again
-        from its payload. The watermark stays. A replay goes on while the flow's error budget is
-        tripped (it is how its dead letters are fixed), and clears the trip once none of them is
-        open."""
+        record brought back to life). The watermark stays. A replay goes on while the flow's
+        error budget is tripped (it is how its dead letters are fixed), and clears the trip once
+        none of them is open.
+
+        A letter of a row without a usable key names no row to read again, and its payload, judged
+        again, was refused again: no replay closed it, nor a trip holding it, once the row was
+        fixed. Its replay re-reads the rows changed since that row's time instead (see
+        `_unkeyed_rows`): a row given its key is synced under it, one still without is held
+        again (counted as `unkeyed_held`: the source must give it a key), and a letter whose row
+        is no longer without a key there closes as `gone`."""
         letters = [letter for letter in letters if letter.flow == self.spec.name]
-        keys = [letter.record_key for letter in letters if not letter.record_key.startswith("!")]
-        found = list(self.source.rows_with_keys(keys, batch_size or self.spec.batch_size))
+        unkeyed = [letter for letter in letters if letter.record_key.startswith(UNKEYED)]
+        keys = [letter.record_key for letter in letters if letter not in unkeyed]
+        batch_size = batch_size or self.spec.batch_size
+        found = list(self.source.rows_with_keys(keys, batch_size))
         present = {str(key) for batch in found for key in batch[self.spec.source.key]}
-        unkeyed = [
-            letter.payload
-            for letter in letters
-            if letter.record_key.startswith("!") and letter.payload and "rows" not in letter.payload
-        ]
-        batches = found + ([pd.DataFrame.from_records(unkeyed)] if unkeyed else [])
+        if unkeyed:
+            found += self._unkeyed_rows(unkeyed, present, batch_size)
         gone = sorted({key for key in keys if key not in present})
-        was, self._replaying = self._replaying, True
+        was, self._replaying, self._unkeyed_read = self._replaying, True, set()
         try:
             before = self.state.watermark(self.spec.name)
-            result = self._drive(iter(batches), before, full=False, move_watermark=False)
+            result = self._drive(iter(found), before, full=False, move_watermark=False)
             if retry:  # records refused for an id another batch of the replay held
                 result = self._retried(result)
-            if gone:
-                result.counts["archived"] += self._archive_gone(gone)
-                result.counts["gone"] += len(gone)
+            fixed = [u.record_key for u in unkeyed if u.record_key not in self._unkeyed_read]
+            result.counts["unkeyed_held"] += len(unkeyed) - len(fixed)
+            if gone or fixed:
+                result.counts["archived"] += self._archive_gone(gone + fixed)
+                result.counts["gone"] += len(gone) + len(fixed)
                 result.open_dead_letters = self.state.dead_letter_kinds(self.spec.name)
             self._settle_trip()
             return result
         finally:
             self._replaying = was
+
+    def _changed_at(self, letter: DeadLetter) -> datetime | None:
+        """When the letter's row last changed (UTC, without a zone), as its payload says."""
+        cursor = self.spec.source.cursor
+        if not cursor or not letter.payload or not _a_time(letter.payload.get(cursor)):
+            return None
+        moment = pd.Timestamp(letter.payload[cursor])
+        if moment.tzinfo is not None:
+            moment = moment.tz_convert("UTC").tz_localize(None)
+        return moment.to_pydatetime()
+
+    def _unkeyed_rows(
+        self, letters: Sequence[DeadLetter], present: Set[str], batch_size: int
+    ) -> list[pd.DataFrame]:
+        """The source's rows changed since the earliest of these letters' rows was read (all
+        rows when one has no time of change), less those `present` (read by key already): among
+        them the letters' rows, fixed or not. Bounded by the letters' age, not by the table,
+        unless a letter has no time."""
+        times = [self._changed_at(letter) for letter in letters]
+        since = None if None in times else min(times) - self.spec.lookback
+        column = self.spec.source.key
+        return [
+            batch[~batch[column].map(str).isin(present)]
+            for batch in self.source.batches(since, batch_size)
+        ]
 
     @_one_at_a_time
     def archive_extras(
@@ -1043,9 +1078,10 @@ class Sync(ErrorBudget, DestinationIds):
             digest = content_hash(payload)
             letters.append(
                 self._letter(
-                    f"!unkeyed:{digest[:16]}", "contract", problems.iloc[position], payload
+                    f"{UNKEYED}{digest[:16]}", "contract", problems.iloc[position], payload
                 )
             )
+            self._unkeyed_read.add(letters[-1].record_key)
         clashing = batch[usable][repeated.to_numpy()]
         for key, rows in clashing.groupby(text[repeated], sort=False):
             payload = {"rows": _json_ready(rows)}
