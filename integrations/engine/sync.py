@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import cached_property
-from itertools import repeat
+from itertools import chain, repeat
 
 import numpy as np
 import pandas as pd
@@ -638,13 +638,12 @@ class Sync(ErrorBudget, DestinationIds):
         batch_size = batch_size or self.spec.batch_size
         found = list(self.source.rows_with_keys(keys, batch_size))
         present = {str(key) for batch in found for key in batch[self.spec.source.key]}
-        if unkeyed:
-            found += self._unkeyed_rows(unkeyed, present, batch_size)
+        batches = chain(found, self._unkeyed_rows(unkeyed, present, batch_size) if unkeyed else ())
         gone = sorted({key for key in keys if key not in present})
         was, self._replaying, self._unkeyed_read = self._replaying, True, set()
         try:
             before = self.state.watermark(self.spec.name)
-            result = self._drive(iter(found), before, full=False, move_watermark=False)
+            result = self._drive(batches, before, full=False, move_watermark=False)
             if retry:  # records refused for an id another batch of the replay held
                 result = self._retried(result)
             fixed = [u.record_key for u in unkeyed if u.record_key not in self._unkeyed_read]
@@ -670,18 +669,16 @@ class Sync(ErrorBudget, DestinationIds):
 
     def _unkeyed_rows(
         self, letters: Sequence[DeadLetter], present: Set[str], batch_size: int
-    ) -> list[pd.DataFrame]:
+    ) -> Iterator[pd.DataFrame]:
         """The source's rows changed since the earliest of these letters' rows was read (all
         rows when one has no time of change), less those `present` (read by key already): among
-        them the letters' rows, fixed or not. Bounded by the letters' age, not by the table,
-        unless a letter has no time."""
+        them the letters' rows, fixed or not. As many as the letters' age makes (the table, when
+        a letter has no time), streamed a batch at a time as a run's are."""
         times = [self._changed_at(letter) for letter in letters]
         since = None if None in times else min(times) - self.spec.lookback
         column = self.spec.source.key
-        return [
-            batch[~batch[column].map(str).isin(present)]
-            for batch in self.source.batches(since, batch_size)
-        ]
+        for batch in self.source.batches(since, batch_size):
+            yield batch[~batch[column].map(str).isin(present)]
 
     @_one_at_a_time
     def archive_extras(
