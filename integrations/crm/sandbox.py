@@ -91,6 +91,21 @@ class ApiError(Exception):
         }
 
 
+def _pairs(body: dict, shape: str, of_input) -> list[tuple[int, int]]:
+    """The (from id, to id) pairs of an associations batch's inputs, each read by `of_input`;
+    a 400 naming the input without the `shape` it needs."""
+    inputs = body.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) > MAX_BATCH:
+        raise ApiError(400, "VALIDATION_ERROR", f"inputs must be a list of at most {MAX_BATCH}")
+    pairs = []
+    for position, item in enumerate(inputs):
+        try:
+            pairs += of_input(item)
+        except (KeyError, TypeError, ValueError):
+            raise ApiError(400, "VALIDATION_ERROR", f"inputs[{position}] needs {shape}") from None
+    return pairs
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -409,17 +424,11 @@ class SandboxStore:
         return (207 if missing else 200), answer
 
     def associate(self, from_type: str, to_type: str, body: dict) -> dict:
-        inputs = body.get("inputs")
-        if not isinstance(inputs, list) or len(inputs) > MAX_BATCH:
-            raise ApiError(400, "VALIDATION_ERROR", f"inputs must be a list of at most {MAX_BATCH}")
-        pairs = []
-        for position, item in enumerate(inputs):
-            try:
-                pairs.append((int(item["from"]["id"]), int(item["to"]["id"])))
-            except (KeyError, TypeError, ValueError):
-                raise ApiError(
-                    400, "VALIDATION_ERROR", f"inputs[{position}] needs from.id and to.id"
-                ) from None
+        pairs = _pairs(
+            body,
+            "from.id and to.id",
+            lambda item: [(int(item["from"]["id"]), int(item["to"]["id"]))],
+        )
         with self.lock:
             for from_id, to_id in pairs:
                 for kind, object_id in ((from_type, from_id), (to_type, to_id)):
@@ -452,18 +461,11 @@ class SandboxStore:
     def dissociate(self, from_type: str, to_type: str, body: dict) -> None:
         """Remove every association between each pair, as HubSpot's v4 batch archive does; a pair
         not associated (any more) is no error: a retried removal changes nothing."""
-        inputs = body.get("inputs")
-        if not isinstance(inputs, list) or len(inputs) > MAX_BATCH:
-            raise ApiError(400, "VALIDATION_ERROR", f"inputs must be a list of at most {MAX_BATCH}")
-        pairs = []
-        for position, item in enumerate(inputs):
-            try:
-                from_id = int(item["from"]["id"])
-                pairs += [(from_id, int(to["id"])) for to in item["to"]]
-            except (KeyError, TypeError, ValueError):
-                raise ApiError(
-                    400, "VALIDATION_ERROR", f'inputs[{position}] needs from.id and to: [{{"id"}}]'
-                ) from None
+        pairs = _pairs(
+            body,
+            'from.id and to: [{"id"}]',
+            lambda item: [(int(item["from"]["id"]), int(to["id"])) for to in item["to"]],
+        )
         with self.lock:
             self.connection.executemany(
                 "DELETE FROM associations WHERE from_type=? AND from_id=? AND to_type=? AND to_id=?",
