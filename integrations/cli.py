@@ -464,7 +464,8 @@ def cmd_budget_list(args: argparse.Namespace) -> int:
         print("no error-budget trip stands" + (f" for {args.flow}" if args.flow else ""))
         return 0
     for trip in trips:
-        # A partitioned flow's runs it stopped, requested again once it clears.
+        # The flow's runs it stopped (a partition's, an unpartitioned flow's sync), requested
+        # again once it clears.
         windows = len(store.list_stopped_windows(trip.flow))
         print(
             f"{trip.flow}: tripped by run {trip.run_id} at {_when(trip.tripped_at)} UTC: "

@@ -8,8 +8,9 @@ synced: an invoice paid meanwhile stayed open in finance. The engine keeps each 
 the state store until a run of it goes through (sync.py `run_window`); this sensor requests them
 again once the trip is cleared (replayed, discarded or approved), and none while it stands. A
 day's run that gave up waiting for another run of its flow (a long backfill) is kept the same
-way, and requested once the flow is free; so is an unpartitioned flow's run that gave up (its
-window is all the flow has not synced: any run of the flow that goes through syncs it). A window
+way, and requested once the flow is free; so is an unpartitioned flow's run that the trip or
+the budget stopped, or that gave up (its window is all the flow has not synced: any run of the
+flow that goes through syncs it). A window
 whose requested run failed otherwise (the source down) is still kept: it is requested again,
 under a new run key, after a wait that doubles with each failed run of it.
 """

@@ -35,6 +35,7 @@ from integrations.sql.connect import create_engine
 from integrations.sql.destination import SqlTable
 from integrations.sql.source import SqlSource
 from tests.conftest import DLQ_KEY
+from tests.test_error_budget import break_emails, mend_emails_quietly
 from tests.test_finance_flows import JANUARY, change_invoices, materialize, query, run
 from tests.test_sql_cursors import SOURCE, SPEC, live, source_lines
 
@@ -740,3 +741,42 @@ def test_an_unpartitioned_run_that_waited_too_long_for_the_flow_is_requested_onc
             assert "waits to be run again" in skip_message(tick(sensor, instance))
     finally:
         store.dispose()
+
+
+def test_an_unpartitioned_run_the_error_budget_stopped_is_requested_once_the_trip_clears(
+    world, erp, state, capsys
+):
+    """A partition's run the error budget stopped (tripped in mid-run, or refused at its start)
+    is kept and requested once the trip clears; an unpartitioned flow's was not: its change (and
+    the rows after the failing batch) waited for the next change or the hourly schedule. It is
+    kept the same way, as its sync from the watermark."""
+    flow, sensor = CRM_CONTACTS.name, f"{CRM_CONTACTS.name}_stopped_windows"
+    broken = break_emails(erp)
+    with dg.instance_for_test() as instance:
+        tripped = run(CRM_CONTACTS, instance)
+        assert not tripped.success
+        assert "the watermark did not advance past the failing batch" in failure(tripped)
+        kept = f"this run's sync is kept, and requested again by sensor `{sensor}` once no trip"
+        assert kept in failure(tripped)
+        assert [w.stop for w in state.list_stopped_windows(flow)] == ["tripped"]
+        refused = run(CRM_CONTACTS, instance)
+        assert not refused.success and kept in failure(refused)
+        assert [w.stop for w in state.list_stopped_windows(flow)] == ["refused"]
+        assert "1 windows of crm/contacts wait: the error budget's trip of run " in (
+            skip_message(tick(sensor, instance))
+        )
+
+        mend_emails_quietly(erp, broken)
+        replay = {"ops": {"crm__contacts": {"config": {"replay": True}}}}
+        assert run(CRM_CONTACTS, instance, run_config=replay).success
+        assert main(["dlq", "discard", "--flow", flow, "--reason", "the seed's bad rows"]) == 0
+        assert "the trip is cleared, runs go on" in capsys.readouterr().out
+        (request,) = tick(sensor, instance).run_requests
+        assert request.partition_key is None
+        assert request.tags["handoff/stopped_window"] == f"refused by run {refused.run_id}"
+        synced = run_as_requested(CRM_CONTACTS, instance, sensor, request)
+        assert synced.success
+        (materialized,) = synced.get_asset_materialization_events()
+        assert materialized.materialization.metadata["written"].value > 1500, "the unread rows"
+        assert state.list_stopped_windows(flow) == []
+        assert "waits to be run again" in skip_message(tick(sensor, instance))

@@ -1,7 +1,8 @@
 """The error budget of a sync: a run that fails too many of the rows it judges stops, and its
 trip stands, stopping every later run of the flow at its start, until someone acknowledges it
-(its dead letters replayed or discarded, or going on approved). A partition's run it stops keeps
-its window (see Sync._keep_window), requested again once no trip stands."""
+(its dead letters replayed or discarded, or going on approved). A run it stops keeps its window
+(a partition's, or an unpartitioned flow's sync from the watermark: see Sync._keep_window),
+requested again once no trip stands."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ class ErrorBudget:
     _replaying: bool
     _clashed: list[str]
     # and Sync's _letter_records and _batch_entry (the audit of a stopped batch's letters),
-    # _keep_window and _window_todo (a partition's run stopped)
+    # _keep_window and _window_todo (a run stopped: a partition's, or an unpartitioned flow's)
 
     def _stop_while_tripped(self, approved: bool) -> None:
         """Stop before reading anything while an earlier run's error-budget trip stands (some of
@@ -78,8 +79,8 @@ class ErrorBudget:
             raise
 
     def _kept(self, trip: BudgetTrip, window: str | None = None) -> BudgetTrip:
-        """The trip as the state store keeps it (see _trip_kept), and the window of the
-        partition's run it stopped (`window`: how, see _keep_window)."""
+        """The trip as the state store keeps it (see _trip_kept), and the window of the run it
+        stopped (`window`: how, see _keep_window)."""
         try:
             kept = self.state.trip_budget(trip, actor=self.actor, why=self.why)
             if window is not None:
@@ -131,7 +132,7 @@ class ErrorBudget:
                 f"(or the contract, or the destination), then {replay}: every batch of this run "
                 "was committed, the rejected rows wait in the DLQ"
             )
-        if self._window is None:
+        if self._window is None:  # a run from the watermark: the next run resumes there
             return (
                 f"(or the contract), then {replay}; the watermark did not advance past the "
                 "failing batch"

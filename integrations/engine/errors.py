@@ -26,7 +26,7 @@ class ErrorBudgetTripStands(SyncError):
     """An earlier run tripped the flow's error budget and nobody acknowledged it (its dead
     letters replayed or discarded, or going on approved): this run stopped at its start, before
     reading anything. `trip` is the earlier run's; `window` says what becomes of the window of a
-    partition's run it stopped."""
+    partition's run it stopped, or of an unpartitioned flow's sync."""
 
     def __init__(self, trip: BudgetTrip, window: str | None = None):
         flow = trip.flow

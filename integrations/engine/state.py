@@ -113,9 +113,9 @@ budget_trips = sa.Table(
     sa.Index("ix_budget_trips_flow", "flow", "resolved_at"),
 )
 
-# Windows of a partitioned flow (a day, or a backfill's range [start, end)) whose run the error
-# budget stopped: refused at its start while a trip stood, or tripped with the rest of the window
-# unread. The schedule never reruns a failed partition and a sensor's run key is used once, so
+# Windows of a partitioned flow (a day, or a backfill's range [start, end)), or an unpartitioned
+# flow's sync (SINCE_WATERMARK), whose run the error budget stopped: refused at its start while a
+# trip stood, or tripped with the rest unread (or that gave up waiting for the flow). The schedule never reruns a failed partition and a sensor's run key is used once, so
 # each is kept until a run of it goes through, and requested again once no trip stands.
 stopped_windows = sa.Table(
     "stopped_windows",
@@ -347,8 +347,8 @@ class BudgetTrip:
 class StoppedWindow:
     """A window [start, end) of a partitioned flow whose run stopped: `refused` at its start
     while an error-budget trip stood, `tripped` in mid-run, or `busy`, given up waiting for
-    another run of the flow; or SINCE_WATERMARK, an unpartitioned flow's run that gave up
-    waiting. Kept until a run of it goes through."""
+    another run of the flow; or SINCE_WATERMARK, an unpartitioned flow's run stopped in any of
+    these ways. Kept until a run of it goes through."""
 
     flow: str
     start: datetime

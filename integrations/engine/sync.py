@@ -368,13 +368,12 @@ def _one_at_a_time(method):
         except FlowBusy:
             # A partition's run keeps its window, an unpartitioned flow's run its sync: each is
             # requested again once the flow is free.
-            waiting = self._window or self._sync_window
-            self._keep_window("busy", waiting)
+            self._keep_window("busy")
             todo = (
                 "wait for it to end (a Dagster run of the flow, a backfill, or `handoff dlq "
                 "replay`), then rerun"
             )
-            window = self._window_todo(waiting)
+            window = self._window_todo()
             raise FlowHeld(
                 flow,
                 f"another run, repair or replay of {flow} held the flow for over "
@@ -423,7 +422,7 @@ class Sync(ErrorBudget, DestinationIds):
         self._committed: Future | None = None
         # The window [start, end) of a partition's run (see run_window): kept when stopped.
         self._window: tuple[datetime, datetime] | None = None
-        # An unpartitioned flow's run (see run): kept when it gives up waiting for the flow.
+        # An unpartitioned flow's run (see run): kept when it stops, as a partition's window.
         self._sync_window: tuple[datetime, datetime] | None = None
 
     def run(
@@ -436,10 +435,11 @@ class Sync(ErrorBudget, DestinationIds):
 
         Before anything is read, an earlier run's error-budget trip stops it, unless
         acknowledged; before anything is written, the archive guard counts what the run would
-        archive. An unpartitioned flow's run that waited too long for another run of the flow
-        is kept in the state store, as a partition's is, until a run of the flow goes through:
-        requested by a sensor for a change, it was requested by nothing again (the sensor's
-        mark had moved), and the change waited for the next one or the hourly schedule.
+        archive. An unpartitioned flow's run that waited too long for another run of the flow,
+        or that the error budget stopped (at its start, or in mid-run), is kept in the state
+        store, as a partition's is, until a run of the flow goes through: requested by a sensor
+        for a change, it was requested by nothing again (the sensor's mark had moved), and the
+        change waited for the next one or the hourly schedule.
         """
         self._sync_window = SINCE_WATERMARK if self.spec.partitions is None else None
         try:
@@ -833,28 +833,33 @@ class Sync(ErrorBudget, DestinationIds):
                 "before it is committed, and the rerun resumes from the watermark",
             ) from error
 
-    def _keep_window(self, stop: str, window: tuple[datetime, datetime] | None = None) -> None:
-        """Keep the window of a partition's run that stopped (`refused` at its start while a
-        trip stood, `tripped` in mid-run, or `busy`: it gave up waiting for another run of the
-        flow), or `window`: once no trip stands and the flow is free, it is requested again."""
-        window = window or self._window
+    def _stopped_window(self) -> tuple[datetime, datetime] | None:
+        """What a run that stops keeps: a partition's run its window, an unpartitioned flow's
+        run its sync (SINCE_WATERMARK); None for a replay or repair."""
+        return self._window or self._sync_window
+
+    def _keep_window(self, stop: str) -> None:
+        """Keep the window of a run that stopped (`refused` at its start while a trip stood,
+        `tripped` in mid-run, or `busy`: it gave up waiting for another run of the flow): once
+        no trip stands and the flow is free, it is requested again."""
+        window = self._stopped_window()
         if window is not None:
             start, end = window
             self.state.keep_stopped_window(
                 StoppedWindow(self.spec.name, start, end, self.run_id, stop)
             )
 
-    def _window_todo(self, window: tuple[datetime, datetime] | None = None) -> str | None:
-        """What becomes of the window of a partition's run that stopped, or of `window` (see
-        _keep_window); None for a run of no window."""
-        window = window or self._window
+    def _window_todo(self) -> str | None:
+        """What becomes of the window of a run that stopped (see _keep_window); None for a run
+        of no window."""
+        window = self._stopped_window()
         if window is None:
             return None
         if window == SINCE_WATERMARK:
             return (
                 f"this run's sync is kept, and requested again by sensor "
-                f"`{self.spec.name}_stopped_windows` once the flow is free (with that sensor off, "
-                "rerun then)"
+                f"`{self.spec.name}_stopped_windows` once no trip stands and the flow is free "
+                "(with that sensor off, rerun then)"
             )
         return (
             f"this run's window ({_window_label(*window)}) is kept, and requested again "
