@@ -200,7 +200,10 @@ def stopped_windows_sensor(spec: FlowSpec) -> dg.SensorDefinition:
         "tripped in mid-run, or given up waiting for another run of the flow), until one goes "
         "through.",
         target=sync_selection([spec]),
-        minimum_interval_seconds=60,
+        # Every 5 minutes, as the alert sensors: one on for each flow, checked each minute, had the
+        # daemon log a tick of each a minute though none had anything to do. What it waits for is
+        # someone clearing a trip, or a run of the flow (itself waited for 5 minutes) ending.
+        minimum_interval_seconds=300,
         # On by default, unlike the others: it requests nothing unless a run was stopped, and the
         # stop's message promises the window is requested again once the trip clears.
         default_status=dg.DefaultSensorStatus.RUNNING,
