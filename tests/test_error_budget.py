@@ -5,6 +5,7 @@ with a third of a batch in the DLQ."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import dagster as dg
@@ -255,3 +256,20 @@ def test_a_run_stopped_while_its_threads_wind_down_leaves_its_trip(
     monkeypatch.setattr(StateStore, "trip_budget", keep)
     with pytest.raises(ErrorBudgetTripStands):
         sync(erp, crm_client, state, run_id="run-2")
+
+
+def test_the_batch_the_budget_stops_the_run_at_has_its_dead_letters_summed_up_in_the_log(
+    world, erp, crm_client, state, caplog
+):
+    """The batch that trips the budget keeps its letters, but its summary line came only after
+    the load the trip skips: a run stopped at its first batch logged no dead letter at all."""
+    break_emails(erp)
+    with caplog.at_level(logging.INFO), pytest.raises(ErrorBudgetExceeded):
+        sync(erp, crm_client, state, log=logging.getLogger("test"))
+    lines = [
+        r.getMessage() for r in caplog.records if "dead-lettered in this batch" in r.getMessage()
+    ]
+    assert len(lines) == 1, "one summary for the batch the run stopped at"
+    letters = state.list_dead_letters(flow=FLOW, limit=None)  # all the first batch's
+    assert f": {len(letters)} dead-lettered in this batch: contract {len(letters)}" in lines[0]
+    assert_no_pii_or_secret(lines[0], state)

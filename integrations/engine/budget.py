@@ -40,8 +40,9 @@ class ErrorBudget:
     _window: tuple[datetime, datetime] | None
     _replaying: bool
     _clashed: list[str]
-    # and Sync's _letter_records and _batch_entry (the audit of a stopped batch's letters),
-    # _keep_window and _window_todo (a run stopped: a partition's, or an unpartitioned flow's)
+    # and Sync's _letter_records, _batch_entry and _log_letters (the audit and the log's summary
+    # of a stopped batch's letters), _keep_window and _window_todo (a run stopped: a partition's,
+    # or an unpartitioned flow's)
 
     def _stop_while_tripped(self, approved: bool) -> None:
         """Stop before reading anything while an earlier run's error-budget trip stands (some of
@@ -160,7 +161,8 @@ class ErrorBudget:
         share = failed / seen
         if share <= budget.max_share:
             return
-        if pending:  # the batch's rejected rows are kept, and audited, but nothing is loaded
+        if pending:  # the batch's rejected rows are kept, audited and logged; nothing is loaded
+            self._log_letters(pending)
             self.state.commit_batch(
                 BatchCommit(
                     self.spec.name,
