@@ -125,8 +125,11 @@ def timestamps_in_utc(connection: sa.Connection, columns: Iterable[sa.Column]) -
     try:
         yield
     finally:
-        with suppress(sa.exc.DBAPIError):  # a lost connection is discarded anyway
-            connection.exec_driver_sql("SET SESSION time_zone = %s", (zone,))
+        # A connection lost meanwhile is discarded, zone and all: setting it back would only
+        # raise "Can't reconnect until invalid transaction is rolled back" over the loss.
+        if not connection.invalidated:
+            with suppress(sa.exc.DBAPIError):
+                connection.exec_driver_sql("SET SESSION time_zone = %s", (zone,))
 
 
 def raise_on_lost_connection(engine: sa.Engine, error_type: type[Exception], what: str) -> None:
