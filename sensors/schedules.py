@@ -44,7 +44,11 @@ def _hourly_sync(spec: FlowSpec) -> dg.ScheduleDefinition:
                 f"{key.to_user_string()} skipped: {trip_stands(trip)}; "
                 + _clear_todo(spec, "its next run reads what changed meanwhile")
             )
-        return dg.RunRequest(tags=pool_tags(spec))
+        # Its asset named: the stopped-windows sensor sees the run queued (queued_days), and
+        # leaves it a sync kept after a run gave up waiting for the flow, not request another.
+        return dg.RunRequest(
+            asset_selection=[key], asset_check_keys=sync_checks([spec]), tags=pool_tags(spec)
+        )
 
     return _sync
 

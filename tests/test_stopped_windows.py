@@ -23,6 +23,7 @@ from integrations.cli import main
 from integrations.engine.errors import ErrorBudgetExceeded, ErrorBudgetTripStands, SyncError
 from integrations.engine.spec import DailyPartitions
 from integrations.engine.state import (
+    SINCE_WATERMARK,
     BatchCommit,
     BudgetTrip,
     DeadLetter,
@@ -487,7 +488,10 @@ def queue_run_of(instance: dg.DagsterInstance, request: dg.RunRequest) -> None:
         instance,
         job_name=request.job_name or "__ASSET_JOB",
         status=dg.DagsterRunStatus.NOT_STARTED,
-        tags={**request.tags, "dagster/partition": request.partition_key},
+        tags={
+            **request.tags,
+            **({"dagster/partition": request.partition_key} if request.partition_key else {}),
+        },
         asset_selection=(
             frozenset(request.asset_selection) if request.asset_selection is not None else None
         ),
@@ -780,3 +784,19 @@ def test_an_unpartitioned_run_the_error_budget_stopped_is_requested_once_the_tri
         assert materialized.materialization.metadata["written"].value > 1500, "the unread rows"
         assert state.list_stopped_windows(flow) == []
         assert "waits to be run again" in skip_message(tick(sensor, instance))
+
+
+def test_an_unpartitioned_flow_s_kept_sync_is_left_to_its_hourly_run_queued_already(world, state):
+    """A sync kept after it gave up waiting for the flow is requested once the flow is free,
+    unless a run of the flow waits to begin: that one reads it. The hourly schedule's run named
+    no asset, so the sensor saw none queued and requested a second run beside it, which waited
+    for the first and, past its wait, gave up and was kept again."""
+    flow = CRM_CONTACTS.name
+    state.keep_stopped_window(StoppedWindow(flow, *SINCE_WATERMARK, "gave-up", "busy"))
+    with dg.instance_for_test() as instance:
+        (hourly,) = schedule_tick(
+            f"{flow}_schedule", instance, datetime(2025, 1, 21, 10)
+        ).run_requests
+        assert {key.name for key in hourly.asset_check_keys or ()} <= {"contract", "audit_anchor"}
+        queue_run_of(instance, hourly)
+        assert "queued already" in skip_message(tick(f"{flow}_stopped_windows", instance))
