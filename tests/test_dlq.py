@@ -236,6 +236,18 @@ def set_chinook_email(chinook_url: str, customer_id: int, email: str) -> None:
     engine.dispose()
 
 
+def finance_email(world, customer_id: int) -> str:
+    """The email the finance database holds for a Chinook customer."""
+    finance = create_engine(f"sqlite:///{world.home / 'finance.sqlite'}")
+    with finance.connect() as connection:
+        email = connection.execute(
+            sa.text("SELECT email FROM chinook_customers WHERE customer_id = :id"),
+            {"id": customer_id},
+        ).scalar_one()
+    finance.dispose()
+    return email
+
+
 def chinook_letter_fixed_at_the_source(chinook_url: str, state: StateStore) -> DeadLetter:
     """Chinook's customer 4 refused into the embedded finance database, then fixed in Chinook."""
     set_chinook_email(chinook_url, 4, "not-an-address")
@@ -299,12 +311,7 @@ def test_replay_opens_each_flows_own_source_and_sql_destination(
     out = capsys.readouterr().out
     for flow in (CHINOOK_CUSTOMERS.name, FLOW):
         assert f"{flow}: replayed 1" in out and "1 written, 1 left the DLQ" in out
-    finance = create_engine(f"sqlite:///{world.home / 'finance.sqlite'}")
-    with finance.connect() as connection:
-        landed = connection.execute(
-            sa.text("SELECT email FROM chinook_customers WHERE customer_id = 4")
-        ).scalar_one()
-    finance.dispose()
+    landed = finance_email(world, customer_id=4)
     assert landed == "bjorn@example.no"
     assert state.get_dead_letter(chinook.id).resolution == "replayed"
     assert state.get_dead_letter(contact.id).resolution == "replayed"
@@ -506,10 +513,5 @@ def test_a_letter_of_a_row_without_a_key_closes_once_the_source_gives_it_one(
     assert main(["dlq", "replay", "--flow", CHINOOK_CUSTOMERS.name]) == 0
     assert "1 written, 1 left the DLQ, 0 still failing" in capsys.readouterr().out
     assert state.get_dead_letter(letter.id).resolution == "gone"
-    finance = create_engine(f"sqlite:///{world.home / 'finance.sqlite'}")
-    with finance.connect() as connection:
-        landed = connection.execute(
-            sa.text("SELECT email FROM chinook_customers WHERE customer_id = 4")
-        ).scalar_one()
-    finance.dispose()
+    landed = finance_email(world, customer_id=4)
     assert landed == "bjorn.hansen@yahoo.no"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta
 from urllib.parse import unquote_plus
@@ -146,12 +148,33 @@ def sync_tickets(world, client: RtClient, spec) -> SyncResult:
         state.dispose()
 
 
+def questions(rt_client: RtClient, count: int) -> list[int]:
+    """`count` new tickets, and a second more: RT keeps LastUpdated to the second, so a change
+    made after this comes later than them all."""
+    tickets = [
+        rt_client.create_ticket({"Queue": "General", "Subject": f"question {n}"})
+        for n in range(count)
+    ]
+    time.sleep(1.1)
+    return tickets
+
+
+@contextmanager
+def paging_by_two(rt, hook) -> Iterator[RtClient]:
+    """A client reading RT two tickets a page through a gateway that calls `hook` on each
+    request (a change made while a run reads RT)."""
+    gateway = RtGateway(rt.base_url, hook)
+    paging = RtClient(gateway.url, user=rt.user, password=rt.password, page_size=2)
+    try:
+        yield paging
+    finally:
+        paging.close()
+        gateway.close()
+
+
 def test_a_ticket_answered_while_the_run_reads_rt_costs_no_other_ticket(helpdesk_world, rt_client):
     rt = helpdesk_world.rt
-    tickets = [
-        rt_client.create_ticket({"Queue": "General", "Subject": f"question {n}"}) for n in range(6)
-    ]
-    time.sleep(1.1)  # RT keeps LastUpdated to the second: the answer comes later than them all
+    tickets = questions(rt_client, 6)
     searches = []
 
     def agent_answers_the_first_ticket_between_two_pages(method: str, path: str) -> None:
@@ -160,10 +183,8 @@ def test_a_ticket_answered_while_the_run_reads_rt_costs_no_other_ticket(helpdesk
             if len(searches) == 2:
                 rt_client.update_ticket(tickets[0], {"Status": "open"})
 
-    gateway = RtGateway(rt.base_url, agent_answers_the_first_ticket_between_two_pages)
-    paging = RtClient(gateway.url, user=rt.user, password=rt.password, page_size=2)
     spec = replace(ERP_SUPPORT_TICKETS, lookback=timedelta(0))
-    try:
+    with paging_by_two(rt, agent_answers_the_first_ticket_between_two_pages) as paging:
         sync_tickets(helpdesk_world, paging, spec)
         assert len(searches) >= 2, "the run read more than one page"
         assert set(tickets[1:]) <= set(staged(helpdesk_world.erp_url)), (
@@ -173,9 +194,6 @@ def test_a_ticket_answered_while_the_run_reads_rt_costs_no_other_ticket(helpdesk
         rows = staged(helpdesk_world.erp_url)
         assert sorted(rows) == tickets
         assert rows[tickets[0]]["status"] == "open", "the answered ticket as it is now"
-    finally:
-        paging.close()
-        gateway.close()
 
 
 def test_a_ticket_created_while_the_run_reads_rt_is_not_passed_by_the_watermark(
@@ -186,10 +204,7 @@ def test_a_ticket_created_while_the_run_reads_rt_is_not_passed_by_the_watermark(
     watermark past the new ticket, which no list of the run held (never staged once the run
     outlasted the lookback and RT's clock margin). The answered one is the next run's."""
     rt = helpdesk_world.rt
-    tickets = [
-        rt_client.create_ticket({"Queue": "General", "Subject": f"question {n}"}) for n in range(4)
-    ]
-    time.sleep(1.1)
+    tickets = questions(rt_client, 4)
     created: list[int] = []
 
     def a_ticket_comes_then_an_agent_answers_once_the_run_has_listed(method, path) -> None:
@@ -198,10 +213,8 @@ def test_a_ticket_created_while_the_run_reads_rt_is_not_passed_by_the_watermark(
             time.sleep(1.1)  # RT keeps seconds: the answer comes after the new ticket
             rt_client.update_ticket(tickets[0], {"Status": "open"})
 
-    gateway = RtGateway(rt.base_url, a_ticket_comes_then_an_agent_answers_once_the_run_has_listed)
-    paging = RtClient(gateway.url, user=rt.user, password=rt.password, page_size=2)
     spec = replace(ERP_SUPPORT_TICKETS, lookback=timedelta(0))
-    try:
+    with paging_by_two(rt, a_ticket_comes_then_an_agent_answers_once_the_run_has_listed) as paging:
         result = sync_tickets(helpdesk_world, paging, spec)
         (new,) = created
         (listed,) = rt_client.search_tickets(f"id = {new}", ["LastUpdated"])
@@ -212,9 +225,6 @@ def test_a_ticket_created_while_the_run_reads_rt_is_not_passed_by_the_watermark(
         rows = staged(helpdesk_world.erp_url)
         assert sorted(rows) == sorted([*tickets, new])
         assert rows[tickets[0]]["status"] == "open", "the answered ticket as it is now"
-    finally:
-        paging.close()
-        gateway.close()
 
 
 def test_a_ticket_answered_while_the_run_lists_is_not_passed_by_a_later_change(
@@ -227,10 +237,7 @@ def test_a_ticket_answered_while_the_run_lists_is_not_passed_by_a_later_change(
     RT; here the lookback and margin are nought and the two changes seconds apart."""
     monkeypatch.setattr("integrations.helpdesk.source.CLOCK_MARGIN", timedelta(0))
     rt = helpdesk_world.rt
-    tickets = [
-        rt_client.create_ticket({"Queue": "General", "Subject": f"question {n}"}) for n in range(4)
-    ]
-    time.sleep(1.1)
+    tickets = questions(rt_client, 4)
     listings: list[str] = []
 
     def answers_come_between_two_pages_of_the_listing(method, path) -> None:
@@ -241,16 +248,11 @@ def test_a_ticket_answered_while_the_run_lists_is_not_passed_by_a_later_change(
                 time.sleep(2.1)
                 rt_client.update_ticket(tickets[3], {"Status": "stalled"})
 
-    gateway = RtGateway(rt.base_url, answers_come_between_two_pages_of_the_listing)
-    paging = RtClient(gateway.url, user=rt.user, password=rt.password, page_size=2)
     spec = replace(ERP_SUPPORT_TICKETS, lookback=timedelta(0))
-    try:
+    with paging_by_two(rt, answers_come_between_two_pages_of_the_listing) as paging:
         sync_tickets(helpdesk_world, paging, spec)
         sync_tickets(helpdesk_world, paging, spec)
         rows = staged(helpdesk_world.erp_url)
         assert sorted(rows) == tickets
         assert rows[tickets[3]]["status"] == "stalled"
         assert rows[tickets[0]]["status"] == "open", "the answer is never read"
-    finally:
-        paging.close()
-        gateway.close()
