@@ -35,7 +35,7 @@ from integrations.engine.state import (
     StateStoreUnavailable,
     utcnow,
 )
-from integrations.sql.connect import create_engine, redacted
+from integrations.sql.connect import create_engine, driver_complaint, redacted, unreachable
 from integrations.sql.source import SourceSchemaError
 
 if TYPE_CHECKING:  # the engine is imported when a replay runs
@@ -402,7 +402,7 @@ def _replay_flow(spec: FlowSpec, letters: list[DeadLetter], run_id: str) -> Sync
 
 def _replay_stopped(spec: FlowSpec, error: Exception) -> str:
     """What stopped a flow's replay, naming the flow, and what to do (the driver's first line at
-    most: no SQL, no values)."""
+    most, the values it quotes masked: no SQL, no values)."""
     if isinstance(error, SyncError):  # FlowNotOpened too
         return str(error)  # names the flow and what to do
     again = f"rerun `handoff dlq replay --flow {spec.name}`"
@@ -417,10 +417,12 @@ def _replay_stopped(spec: FlowSpec, error: Exception) -> str:
     elif isinstance(error, SourceReadFailed):
         what = str(error)
         todo = f"{FIX_THE_SOURCE}, then {again}"
-    elif isinstance(error, sa.exc.OperationalError):
-        complaint = (str(error.orig).strip().splitlines() or [""])[0]
-        what = f"a database did not answer: {type(error.orig).__name__}: {complaint}"
+    elif isinstance(error, sa.exc.OperationalError) and unreachable(error):
+        what = f"a database did not answer: {driver_complaint(error.orig)}"
         todo = f"check its URL in this shell's environment; {again} when it answers"
+    elif isinstance(error, sa.exc.OperationalError):  # a refusal no connector words
+        what = f"a database refused the replay: {driver_complaint(error.orig)}"
+        todo = f"fix what the database names (a value, a limit, a check on the table), then {again}"
     else:  # unavailable: nothing was marked synced that was not written
         what, todo = str(error), f"{again} when it answers"
     return f"flow {spec.name}: {what}. What to do: {todo}"

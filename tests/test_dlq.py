@@ -347,6 +347,41 @@ def test_a_flow_that_cannot_be_opened_is_reported_and_the_others_are_replayed(
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("any_world", ["postgres"], indirect=True)
+def test_a_database_refusal_that_quotes_a_value_is_reported_with_it_masked(
+    any_world, crm_client, capsys
+):
+    """A replay stopped by a database error no connector words (here the state store's own
+    check refusing the ledger entry, SQLSTATE 54000, an OperationalError to psycopg) printed
+    the driver's first line as it was, quoting the customer's email."""
+    erp, state = create_engine(any_world.erp_url), StateStore(any_world.state_url, dlq_key=DLQ_KEY)
+    sync(erp, crm_client, state)
+    letter = bad_email_letter(state)
+    email = f"fixed.{letter.record_key}@example.com"
+    fix_email_quietly(erp, letter.record_key, email)
+    with state.engine.begin() as connection:
+        connection.exec_driver_sql(
+            "CREATE FUNCTION refuse_entry() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "RAISE EXCEPTION 'ledger entry too large for the contact: \"%%\"', TG_ARGV[0] "
+            "USING ERRCODE = '54000'; END $$"
+        )
+        connection.exec_driver_sql(
+            "CREATE TRIGGER refuse_entry BEFORE INSERT OR UPDATE ON ledger FOR EACH ROW "
+            f"EXECUTE FUNCTION refuse_entry('{email}')"
+        )
+
+    assert main(["dlq", "replay", "--id", str(letter.id)]) == 1
+    err = capsys.readouterr().err
+    assert email not in err
+    assert f"flow {FLOW}: a database refused the replay: ProgramLimitExceeded: " in err
+    assert 'ledger entry too large for the contact: "…"' in err
+    assert "What to do: fix what the database names" in err and f"--flow {FLOW}" in err
+    assert state.get_dead_letter(letter.id).resolved_at is None
+    state.dispose()
+    erp.dispose()
+
+
+@pytest.mark.postgres
 def test_any_number_of_letters_are_looked_up_by_id_or_key(postgres_database):
     """A replay of 70,000 letters ran, then failed to count them: one parameter per id is past
     PostgreSQL's 65,535 (and the CLI counted at most 100 still failing)."""
