@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import pytest
 import requests
 
+from integrations.crm import sandbox
 from integrations.crm.client import CrmAuthError, CrmClient, CrmRequestRejected
 
 
@@ -159,3 +160,51 @@ def test_fault_settings_are_checked(crm_sandbox, crm_token):
     assert answer.status_code == 400 and "error_rat" in answer.json()["message"]
     unauthorised = requests.get(f"{crm_sandbox.base_url}/_sandbox/faults", timeout=5)
     assert unauthorised.status_code == 401
+
+
+def test_idempotency_keys_are_kept_24_hours_then_forgotten(crm_sandbox, crm_token, monkeypatch):
+    """Every batch upsert carries an Idempotency-Key, and the sandbox kept every answer forever:
+    a long-running sandbox's file grew with each batch. A key is kept 24 hours, as Stripe keeps
+    it: a retry within them is replayed, an older key acts as a new one, and expired keys are
+    deleted (once a minute at most) as new ones come."""
+    url = f"{crm_sandbox.base_url}/crm/v3/objects/contacts/batch/upsert?idProperty=erp_customer_id"
+    store = crm_sandbox.store
+
+    def upsert(key: str, number: int) -> requests.Response:
+        headers = {"Authorization": f"Bearer {crm_token}", "Idempotency-Key": key}
+        answer = requests.post(url, json={"inputs": [contact(number)]}, headers=headers, timeout=5)
+        assert answer.status_code == 200
+        return answer
+
+    def back_date(key: str, hours: float) -> None:
+        with store.lock:
+            store.connection.execute(
+                "UPDATE idempotency_keys SET created_ms = created_ms - ? WHERE key = ?",
+                (int(hours * 3600 * 1000), key),
+            )
+
+    def keys() -> set[str]:
+        with store.lock:
+            return {key for (key,) in store.connection.execute("SELECT key FROM idempotency_keys")}
+
+    def replayed(answer: requests.Response) -> bool:
+        return answer.headers.get("Idempotent-Replayed") == "true"
+
+    assert not replayed(upsert("k-1", 1))
+    back_date("k-1", hours=23.9)
+    assert replayed(upsert("k-1", 1)), "a retry within 24 hours"
+    back_date("k-1", hours=0.2)
+    sent = store.stats()["upsert_inputs"]
+    assert not replayed(upsert("k-1", 1)), "a key past 24 hours is a new key"
+    assert store.stats()["upsert_inputs"] == sent + 1
+    assert replayed(upsert("k-1", 1)), "its new answer is kept for 24 hours more"
+
+    upsert("k-2", 2)
+    back_date("k-1", hours=25)
+    back_date("k-2", hours=25)
+    upsert("k-3", 3)
+    assert keys() == {"k-1", "k-2", "k-3"}, "deleted a minute after the last deletion, not before"
+    later = sandbox._now_ms() + sandbox.IDEMPOTENCY_SWEEP_EVERY_MS
+    monkeypatch.setattr(sandbox, "_now_ms", lambda: later)
+    upsert("k-4", 4)
+    assert keys() == {"k-3", "k-4"}

@@ -6,7 +6,8 @@ Served by `handoff crm-sandbox --port P`. Bearer-token auth, HubSpot-shaped erro
 
 `Idempotency-Key` on a POST is honoured as Stripe does: the same key with the same request
 replays the first answer (header `Idempotent-Replayed: true`) without acting again; the same key
-with a different request is refused with 422. Faults (rate limits, 5xx, latency, dropped
+with a different request is refused with 422. A key is kept 24 hours, as Stripe keeps it: an older
+one is a new key, and expired keys are deleted as new ones come. Faults (rate limits, 5xx, latency, dropped
 connections, per-record refusals, outages) are injected by `integrations.crm.faults`. Every change
 is sent as a signed webhook to a subscriber, when one is set (`integrations.crm.webhooks`).
 """
@@ -73,7 +74,12 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     body TEXT,
     created_ms INTEGER NOT NULL
 );
+CREATE INDEX IF NOT EXISTS ix_idempotency_keys_created ON idempotency_keys (created_ms);
 """
+# Stripe keeps an idempotency key 24 hours; a long-running sandbox would keep every batch's answer.
+IDEMPOTENCY_KEY_LIFETIME_MS = 24 * 3600 * 1000
+# Expired keys are deleted at most this often: one DELETE a minute, not one per request.
+IDEMPOTENCY_SWEEP_EVERY_MS = 60 * 1000
 
 
 class ApiError(Exception):
@@ -134,6 +140,7 @@ class SandboxStore:
         self.connection.executescript(SCHEMA)
         self.lock = threading.Lock()
         self.on_change = lambda changes: None  # the webhook sender's, once there is one
+        self._keys_swept_ms = 0  # when expired idempotency keys were last deleted
 
     def close(self) -> None:
         self.connection.close()
@@ -235,21 +242,39 @@ class SandboxStore:
         return (207 if refused else 200), answer
 
     def replay(self, key: str) -> tuple[str, int, dict | None] | None:
-        """The first answer given under an idempotency key: (fingerprint, status, body)."""
+        """The first answer given under an idempotency key within its 24 hours: (fingerprint,
+        status, body); none for a key that expired but is not deleted yet."""
         with self.lock:
             row = self.connection.execute(
-                "SELECT fingerprint, status, body FROM idempotency_keys WHERE key=?", (key,)
+                "SELECT fingerprint, status, body FROM idempotency_keys "
+                "WHERE key = ? AND created_ms > ?",
+                (key, _now_ms() - IDEMPOTENCY_KEY_LIFETIME_MS),
             ).fetchone()
         if row is None:
             return None
         return row[0], row[1], json.loads(row[2]) if row[2] else None
 
     def remember(self, key: str, fingerprint: str, status: int, body: dict | None) -> None:
+        """Keep the first answer under a key; an expired key's answer is replaced by it."""
+        now = _now_ms()
+        expired_at = now - IDEMPOTENCY_KEY_LIFETIME_MS
         with self.lock:
+            self._forget_expired_keys(now, expired_at)
             self.connection.execute(
-                "INSERT OR IGNORE INTO idempotency_keys VALUES (?, ?, ?, ?, ?)",
-                (key, fingerprint, status, json.dumps(body) if body else None, _now_ms()),
+                "INSERT INTO idempotency_keys VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE "
+                "SET fingerprint = excluded.fingerprint, status = excluded.status, "
+                "body = excluded.body, created_ms = excluded.created_ms "
+                "WHERE idempotency_keys.created_ms <= ?",
+                (key, fingerprint, status, json.dumps(body) if body else None, now, expired_at),
             )
+
+    def _forget_expired_keys(self, now: int, expired_at: int) -> None:
+        """Delete the keys past their 24 hours, once a minute at most (the caller holds the
+        lock): every batch upsert stores one, and none was ever deleted."""
+        if now - self._keys_swept_ms < IDEMPOTENCY_SWEEP_EVERY_MS:
+            return
+        self._keys_swept_ms = now
+        self.connection.execute("DELETE FROM idempotency_keys WHERE created_ms <= ?", (expired_at,))
 
     def _upsert_one(
         self, object_type: str, item: object, default_id_property: str | None, position: int
