@@ -2,10 +2,10 @@
 daily reconciliation check.
 
 While the flow's error budget is tripped, a sync's tick requests no run (each would stop at its
-start, with its failure alert, once per tick) and says why. A daily-partitioned flow's skipped
-day is kept as a stopped window (`refused`): the stopped-windows sensor requests it once the
-trip clears, as it does a day whose run the trip refused. An unpartitioned flow's next run reads
-what the skipped hours changed, from its watermark."""
+start, with its failure alert, once per tick) and says why. What the tick skipped is kept as a
+stopped window (`refused`), as the refused run would have kept it: a daily-partitioned flow's
+day, an unpartitioned flow's sync (SINCE_WATERMARK). The stopped-windows sensor requests it once
+the trip clears, not the next tick (an hour on, or a day for a flow synced daily)."""
 
 from datetime import datetime
 
@@ -14,9 +14,9 @@ import dagster as dg
 from assets.checks import RECONCILIATION_CHECK, reconciliation_schedule_name
 from assets.factory import asset_key, partitions_of, sync_checks, sync_selection
 from integrations.engine.spec import FlowSpec
-from integrations.engine.state import StoppedWindow
+from integrations.engine.state import SINCE_WATERMARK
 from resources import StateStoreResource
-from sensors.trips import standing_trip, trip_stands
+from sensors.trips import clear_todo, trip_skips, trip_stands
 
 RECONCILIATION_CRON = "30 3 * * *"
 
@@ -34,15 +34,16 @@ def _hourly_sync(spec: FlowSpec) -> dg.ScheduleDefinition:
         cron_schedule=spec.schedule,
         target=sync_selection([spec]),
         default_status=dg.DefaultScheduleStatus.STOPPED,
-        description=f"Syncs {key.to_user_string()} (skips while its error budget is tripped).",
+        description=f"Syncs {key.to_user_string()} (a sync it skips while the error budget is "
+        "tripped is requested once the trip clears).",
     )
     def _sync(context: dg.ScheduleEvaluationContext, state: StateStoreResource):
         with state.open() as store:
-            trip = standing_trip(store, spec)
+            trip = trip_skips(store, spec, SINCE_WATERMARK, _tick(context))
         if trip is not None:
             return dg.SkipReason(
                 f"{key.to_user_string()} skipped: {trip_stands(trip)}; "
-                + _clear_todo(spec, "its next run reads what changed meanwhile")
+                + clear_todo(spec, "its sync")
             )
         # Its asset named: the stopped-windows sensor sees the run queued (queued_days), and
         # leaves it a sync kept after a run gave up waiting for the flow, not request another.
@@ -76,19 +77,11 @@ def _daily_sync(spec: FlowSpec) -> dg.ScheduleDefinition:
             return dg.SkipReason(f"{key.to_user_string()} has no day over yet")
         day = partitions.get_partition_key_for_timestamp(window.start.timestamp())
         with state.open() as store:
-            trip = standing_trip(store, spec)
-            if trip is not None:  # kept: requested by the stopped-windows sensor once it clears
-                store.keep_stopped_window(
-                    StoppedWindow(spec.name, window.start, window.end, _tick(context), "refused")
-                )
+            trip = trip_skips(store, spec, (window.start, window.end), _tick(context))
         if trip is not None:
             return dg.SkipReason(
                 f"{key.to_user_string()} {day} skipped: {trip_stands(trip)}; "
-                + _clear_todo(
-                    spec,
-                    f"the day is kept, and requested by sensor `{spec.name}_stopped_windows` "
-                    "once it clears",
-                )
+                + clear_todo(spec, "the day")
             )
         # Its asset named: the sensors see the day's run queued (queued_days), not request it too.
         return dg.RunRequest(
@@ -99,14 +92,6 @@ def _daily_sync(spec: FlowSpec) -> dg.ScheduleDefinition:
         )
 
     return _sync
-
-
-def _clear_todo(spec: FlowSpec, then: str) -> str:
-    """What clears a standing trip, and what becomes of the skipped tick's sync (`then`)."""
-    return (
-        f"replay or discard its dead letters (`handoff dlq replay --flow {spec.name}`), or "
-        f"approve going on (`handoff budget clear --flow {spec.name} --why ...`); {then}"
-    )
 
 
 def _tick(context: dg.ScheduleEvaluationContext) -> str:

@@ -2,16 +2,31 @@
 
 The cursor holds the last high-water mark seen; a tick costs one `max(updated_at)` query per table
 plus one watermark read per flow, so it stays far below Dagster's 60 s tick budget.
+
+While a flow's error budget is tripped, its run would stop at its start, each with its failed run
+and alert: the sensor requests none for it, says why, and keeps its sync as a stopped window
+(`refused`, as the refused run would have), which the flow's stopped-windows sensor requests once
+the trip clears. The cursor moves on: the change it saw waits in the state store, not in it.
 """
 
 import json
 from collections import defaultdict
+from datetime import UTC, datetime
 
 import dagster as dg
 
 from assets.factory import asset_key, sync_checks, sync_selection
 from integrations.engine.spec import FlowSpec
+from integrations.engine.state import SINCE_WATERMARK, BudgetTrip
 from sensors.schedules import pool_tags
+from sensors.trips import clear_todo, trip_skips, trip_stands
+
+
+def _skipped(spec: FlowSpec, trip: BudgetTrip) -> str:
+    """Why a flow behind the change gets no run: its trip, what clears it, and that it is kept."""
+    return f"{asset_key(spec).to_user_string()} skipped: {trip_stands(trip)}; " + clear_todo(
+        spec, "its sync"
+    )
 
 
 def _sensor(system: str, table: str, specs: list[FlowSpec]) -> dg.SensorDefinition:
@@ -45,17 +60,30 @@ def _sensor(system: str, table: str, specs: list[FlowSpec]) -> dg.SensorDefiniti
                 for spec in specs
                 if (mark := store.watermark(spec.name)) is None or mark.updated_at < high_water_mark
             ]
+            # A flow whose trip stands gets no run (it would stop at its start): its sync is kept.
+            tick = f"sensor tick {datetime.now(UTC):%Y-%m-%dT%H:%M:%S%z}"
+            tripped = [
+                (spec, trip)
+                for spec in behind
+                if (trip := trip_skips(store, spec, SINCE_WATERMARK, tick)) is not None
+            ]
         new_cursor = json.dumps({"high_water_mark": high_water_mark.isoformat()})
         if not behind:
             return dg.SensorResult(
                 skip_reason=f"flows already synced up to {high_water_mark}", cursor=new_cursor
             )
+        skipped = {spec.name: _skipped(spec, trip) for spec, trip in tripped}
+        to_sync = [spec for spec in behind if spec.name not in skipped]
+        if not to_sync:
+            return dg.SensorResult(skip_reason="; ".join(skipped.values()), cursor=new_cursor)
+        if skipped:
+            context.log.info("; ".join(skipped.values()))
         return dg.SensorResult(
             run_requests=[
                 dg.RunRequest(
                     run_key=f"{system}_{table}:{high_water_mark.isoformat()}",
-                    asset_selection=[asset_key(spec) for spec in behind],
-                    asset_check_keys=sync_checks(behind),
+                    asset_selection=[asset_key(spec) for spec in to_sync],
+                    asset_check_keys=sync_checks(to_sync),
                     tags={
                         "handoff/high_water_mark": high_water_mark.isoformat(),
                         **pool_tags(specs[0]),

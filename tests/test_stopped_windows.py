@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+from collections import Counter
 from datetime import UTC, date, datetime, timedelta
 
 import dagster as dg
@@ -18,6 +19,7 @@ from dagster._core.test_utils import create_run_for_test
 from assets.chinook import CHINOOK_INVOICES
 from assets.crm_contacts import CRM_CONTACTS
 from assets.finance_invoices import FINANCE_INVOICES
+from assets.helpdesk_users import HELPDESK_USERS
 from definitions import defs, resources
 from integrations.cli import main
 from integrations.engine.errors import ErrorBudgetExceeded, ErrorBudgetTripStands, SyncError
@@ -32,10 +34,13 @@ from integrations.engine.state import (
     utcnow,
 )
 from integrations.engine.sync import Sync
+from integrations.erp.schema import customers
 from integrations.sql.connect import create_engine
 from integrations.sql.destination import SqlTable
 from integrations.sql.source import SqlSource
+from sensors.source_changed import source_changed_sensors
 from tests.conftest import DLQ_KEY
+from tests.expectations import valid_customers
 from tests.test_error_budget import break_emails, mend_emails_quietly
 from tests.test_finance_flows import JANUARY, change_invoices, materialize, query, run
 from tests.test_sql_cursors import SOURCE, SPEC, live, source_lines
@@ -462,10 +467,13 @@ def test_the_schedule_skips_a_day_while_a_trip_stands_and_the_day_is_synced_once
     assert query(finance, day) == query(world.erp_url, day) != [(0,)]
 
 
-def test_an_unpartitioned_flow_s_schedule_skips_while_a_trip_stands(world, state):
-    """An hourly run that would stop at its start is not launched; the watermark's next run
-    reads what the skipped hours changed."""
-    flow = CRM_CONTACTS.name
+def test_an_unpartitioned_flow_s_schedule_skips_while_a_trip_stands_and_its_sync_is_kept(
+    world, state
+):
+    """An hourly run that would stop at its start is not launched. Its sync was not kept, as the
+    refused run's is: once the trip cleared, nothing synced the flow before the next tick (an
+    hour on). Now it is kept, and the stopped-windows sensor requests it once the trip clears."""
+    flow, sensor = CRM_CONTACTS.name, f"{CRM_CONTACTS.name}_stopped_windows"
     plant_trip(state, flow)
     with dg.instance_for_test() as instance:
         skipped = schedule_tick(f"{flow}_schedule", instance, datetime(2025, 1, 21, 10))
@@ -474,11 +482,92 @@ def test_an_unpartitioned_flow_s_schedule_skips_while_a_trip_stands(world, state
             skipped.skip_message
         )
         assert f"`handoff budget clear --flow {flow} --why ...`" in skipped.skip_message
+        assert f"its sync is kept, and requested by sensor `{sensor}` once it clears" in (
+            skipped.skip_message
+        )
+        assert stopped(world.state_url, flow) == [("1970-01-01", "1970-01-01", "refused")]
+        assert "1 windows of crm/contacts wait: the error budget's trip of run trip" in (
+            skip_message(tick(sensor, instance))
+        )
         assert main(["budget", "clear", "--flow", flow, "--why", "planted"]) == 0
-        (request,) = schedule_tick(
+        (request,) = tick(sensor, instance).run_requests
+        assert request.tags["handoff/stopped_window"] == (
+            "refused by run schedule tick 2025-01-21T10:00+0000"
+        )
+        assert run_as_requested(CRM_CONTACTS, instance, sensor, request).success
+        assert stopped(world.state_url, flow) == []
+        (hourly,) = schedule_tick(
             f"{flow}_schedule", instance, datetime(2025, 1, 21, 11)
         ).run_requests
-        assert request.tags["handoff/pool"] == CRM_CONTACTS.pool
+        assert hourly.tags["handoff/pool"] == CRM_CONTACTS.pool
+
+
+def move_one_customer(erp_url: str) -> None:
+    """A synced customer (a valid email no other shares) moves city: one change past the mark."""
+    valid = valid_customers(erp_url)
+    emails = Counter(valid.values())
+    number = min(number for number, email in valid.items() if emails[email] == 1)
+    erp = create_engine(erp_url)
+    with erp.begin() as connection:
+        newest = connection.execute(sa.select(sa.func.max(customers.c.updated_at))).scalar_one()
+        connection.execute(
+            sa.update(customers)
+            .where(customers.c.customer_number == number)
+            .values(city="Tripville", updated_at=newest + timedelta(seconds=1))
+        )
+    erp.dispose()
+
+
+def test_the_change_sensor_skips_while_a_trip_stands_and_the_change_is_synced_once_it_clears(
+    world, state
+):
+    """The change sensor of an unpartitioned flow requested a run for each change while a trip
+    stood: each stopped at its start, with its failed run and alert. Now it requests none and
+    says why; the flow's sync is kept, and requested once the trip clears, so the change it saw
+    (its cursor moved past it) is synced then."""
+    flow, changed = CRM_CONTACTS.name, "erp_customers_changed"
+    sensor = f"{flow}_stopped_windows"
+    with dg.instance_for_test() as instance:
+        assert run(CRM_CONTACTS, instance).success
+        idle = tick(changed, instance)
+        assert not idle.run_requests
+        plant_trip(state, flow)
+        move_one_customer(world.erp_url)
+        skipped = tick(changed, instance, idle.cursor)
+        assert not skipped.run_requests
+        assert "crm/contacts skipped: the error budget's trip of run trip stands" in (
+            skip_message(skipped)
+        )
+        assert f"`handoff dlq replay --flow {flow}`" in skip_message(skipped)
+        assert f"its sync is kept, and requested by sensor `{sensor}` once it clears" in (
+            skip_message(skipped)
+        )
+        assert stopped(world.state_url, flow) == [("1970-01-01", "1970-01-01", "refused")]
+        assert "unchanged since" in skip_message(tick(changed, instance, skipped.cursor))
+
+        assert main(["budget", "clear", "--flow", flow, "--why", "planted"]) == 0
+        (request,) = tick(sensor, instance).run_requests
+        assert request.tags["handoff/stopped_window"].startswith("refused by run sensor tick ")
+        synced = run_as_requested(CRM_CONTACTS, instance, sensor, request)
+        assert synced.success
+        (materialized,) = synced.get_asset_materialization_events()
+        assert materialized.materialization.metadata["written"].value == 1, "the change"
+        assert stopped(world.state_url, flow) == []
+
+
+def test_the_change_sensor_still_requests_the_flows_of_the_table_no_trip_stops(world, state):
+    """Two flows read ERP customers (the helpdesk's, once configured): a trip of one keeps its
+    sync for the stopped-windows sensor; the other's run is requested as before."""
+    (sensor,) = source_changed_sensors([CRM_CONTACTS, HELPDESK_USERS])
+    plant_trip(state, CRM_CONTACTS.name)
+    with dg.instance_for_test() as instance:
+        context = dg.build_sensor_context(
+            instance=instance, resources=resources(), definitions=defs
+        )
+        (request,) = sensor(context).run_requests
+    assert request.asset_selection == [dg.AssetKey(["helpdesk", "users"])]
+    assert stopped(world.state_url, CRM_CONTACTS.name) == [("1970-01-01", "1970-01-01", "refused")]
+    assert stopped(world.state_url, HELPDESK_USERS.name) == []
 
 
 def queue_run_of(instance: dg.DagsterInstance, request: dg.RunRequest) -> None:
