@@ -726,6 +726,16 @@ def stamp_invoices(erp_url: str, where: str, at: datetime, **params) -> None:
     engine.dispose()
 
 
+def first_march_invoice(erp_url: str) -> tuple[str, str]:
+    """The number and day of the first invoice of March 2024 (after the January the tests sync)."""
+    ((number, day),) = query(
+        erp_url,
+        "SELECT invoice_number, invoice_date FROM invoices WHERE invoice_date >= '2024-03-01' "
+        "ORDER BY invoice_date, invoice_number LIMIT 1",
+    )
+    return number, str(day)[:10]
+
+
 def test_a_changed_day_is_requested_under_a_run_key_no_earlier_request_used(world):
     """The changed-days sensor named its requests after the table's newest change. A mass edit
     left days waiting in its cursor; their rows were edited again by a host whose clock is
@@ -736,12 +746,7 @@ def test_a_changed_day_is_requested_under_a_run_key_no_earlier_request_used(worl
     with dg.instance_for_test() as instance:
         materialize(FINANCE_INVOICES, instance, tags=JANUARY)
         idle = tick(sensor, instance)
-        ((first, day),) = query(
-            world.erp_url,
-            "SELECT invoice_number, invoice_date FROM invoices WHERE invoice_date >= '2024-03-01' "
-            "ORDER BY invoice_date, invoice_number LIMIT 1",
-        )
-        day = str(day)[:10]
+        first, day = first_march_invoice(world.erp_url)
         earlier = utcnow()
         stamp_invoices(world.erp_url, "invoice_number = :n", earlier, n=first)
         seen = tick(sensor, instance, idle.cursor)
@@ -769,12 +774,7 @@ def test_a_changed_day_left_to_a_queued_run_is_requested_once_that_run_is_cancel
     with dg.instance_for_test() as instance:
         materialize(FINANCE_INVOICES, instance, tags=JANUARY)
         idle = tick(sensor, instance)
-        ((number, day),) = query(
-            world.erp_url,
-            "SELECT invoice_number, invoice_date FROM invoices WHERE invoice_date >= '2024-03-01' "
-            "ORDER BY invoice_date, invoice_number LIMIT 1",
-        )
-        day = str(day)[:10]
+        number, day = first_march_invoice(world.erp_url)
         queue_run_of(
             instance,
             dg.RunRequest(run_key=day, partition_key=day, asset_selection=[FINANCE_INVOICES_KEY]),
