@@ -51,8 +51,12 @@ REPLAY_STOPPERS = (
     StateStoreUnavailable,
     DestinationMismatch,
     DestinationUnavailable,
-    sa.exc.OperationalError,
+    sa.exc.DBAPIError,  # a database that does not answer, or refuses (a value, a limit, a check)
 )
+
+# What stops any command with one line, not a traceback (whose driver text may quote a value).
+DATABASE_ERRORS = (sa.exc.DBAPIError, StateStoreUnavailable)
+STATE_URL_VARIABLE = "HANDOFF_STATE_URL"
 
 
 def _flows() -> dict[str, FlowSpec]:
@@ -417,15 +421,27 @@ def _replay_stopped(spec: FlowSpec, error: Exception) -> str:
     elif isinstance(error, SourceReadFailed):
         what = str(error)
         todo = f"{FIX_THE_SOURCE}, then {again}"
-    elif isinstance(error, sa.exc.OperationalError) and unreachable(error):
-        what = f"a database did not answer: {driver_complaint(error.orig)}"
-        todo = f"check its URL in this shell's environment; {again} when it answers"
-    elif isinstance(error, sa.exc.OperationalError):  # a refusal no connector words
-        what = f"a database refused the replay: {driver_complaint(error.orig)}"
-        todo = f"fix what the database names (a value, a limit, a check on the table), then {again}"
+    elif isinstance(error, sa.exc.DBAPIError):  # no connector words it
+        what, todo = _database_failed(error, "the replay", "its URL", again)
     else:  # unavailable: nothing was marked synced that was not written
         what, todo = str(error), f"{again} when it answers"
     return f"flow {spec.name}: {what}. What to do: {todo}"
+
+
+def _database_failed(error: sa.exc.DBAPIError, task: str, url: str, again: str) -> tuple[str, str]:
+    """What a database error says (the driver's first line, the values it quotes masked) and
+    what to do: a database that does not answer is looked for at its `url`; a refusal is not
+    cured by waiting, but by fixing what the database names."""
+    complaint = driver_complaint(error.orig)
+    if unreachable(error):
+        return (
+            f"a database did not answer: {complaint}",
+            f"check {url} in this shell's environment; {again} when it answers",
+        )
+    return (
+        f"a database refused {task}: {complaint}",
+        f"fix what the database names (a value, a limit, a check on the table), then {again}",
+    )
 
 
 def cmd_dlq_discard(args: argparse.Namespace) -> int:
@@ -599,6 +615,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="handoff", description=__doc__)
+    # The variable naming the database a command works on, for what to do when it fails.
+    root.set_defaults(database_url=STATE_URL_VARIABLE)
     commands = root.add_subparsers(dest="command", required=True)
 
     seed = commands.add_parser(
@@ -610,7 +628,7 @@ def parser() -> argparse.ArgumentParser:
     seed.add_argument(
         "--seed", type=int, default=42, help="random seed: the same seed gives the same data"
     )
-    seed.set_defaults(run=cmd_seed)
+    seed.set_defaults(run=cmd_seed, database_url=settings.database_url_variable("erp"))
 
     sandbox = commands.add_parser("crm-sandbox", help="serve the local HubSpot-compatible CRM")
     sandbox.add_argument("--port", type=int, default=8765)
@@ -727,14 +745,35 @@ def parser() -> argparse.ArgumentParser:
         "--rounds", type=int, default=0, help="stop after N rounds (0: run until Ctrl-C)"
     )
     simulate.add_argument("--seed", type=int, default=7)
-    simulate.set_defaults(run=cmd_simulate)
+    simulate.set_defaults(run=cmd_simulate, database_url=settings.database_url_variable("erp"))
     return root
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except DATABASE_ERRORS as error:
+        print(f"handoff {_command(args)}: {_command_failed(args, error)}", file=sys.stderr)
+        return 1
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command as typed, e.g. `dlq list`: a group's subcommand is kept under its name."""
+    chosen = getattr(args, args.command, None)
+    return f"{args.command} {chosen}" if isinstance(chosen, str) else args.command
+
+
+def _command_failed(args: argparse.Namespace, error: Exception) -> str:
+    """What stopped a command at its database, and what to do, in one line."""
+    again = "rerun the command"
+    if isinstance(error, StateStoreUnavailable):  # names the store's URL, without its password
+        what = str(error)
+        todo = f"check {STATE_URL_VARIABLE} in this shell's environment; {again} when it answers"
+    else:
+        what, todo = _database_failed(error, "the command", args.database_url, again)
+    return f"{what}. What to do: {todo}"
 
 
 if __name__ == "__main__":

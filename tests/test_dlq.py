@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
@@ -346,36 +347,109 @@ def test_a_flow_that_cannot_be_opened_is_reported_and_the_others_are_replayed(
     assert f"flows not replayed, their letters left as they are: {FLOW}" in err
 
 
+def refuse_with_a_value(state: StateStore, table: str, value: str, sqlstate: str) -> None:
+    """A trigger on the state store's `table` refusing every write with `sqlstate`, its message
+    quoting `value` as PostgreSQL's own messages quote one."""
+    with state.engine.begin() as connection:
+        connection.exec_driver_sql(
+            "CREATE FUNCTION refuse_entry() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "RAISE EXCEPTION 'entry refused for the contact: \"%%\"', TG_ARGV[0] "
+            f"USING ERRCODE = '{sqlstate}'; END $$"
+        )
+        connection.exec_driver_sql(
+            f"CREATE TRIGGER refuse_entry BEFORE INSERT OR UPDATE ON {table} FOR EACH ROW "
+            f"EXECUTE FUNCTION refuse_entry('{value}')"
+        )
+
+
 @pytest.mark.postgres
 @pytest.mark.parametrize("any_world", ["postgres"], indirect=True)
+@pytest.mark.parametrize(
+    ("sqlstate", "complaint"),
+    [
+        ("54000", "ProgramLimitExceeded"),  # an OperationalError to SQLAlchemy
+        ("23514", "CheckViolation"),  # an IntegrityError
+        ("22001", "StringDataRightTruncation"),  # a DataError
+    ],
+)
 def test_a_database_refusal_that_quotes_a_value_is_reported_with_it_masked(
-    any_world, crm_client, capsys
+    any_world, crm_client, capsys, sqlstate, complaint
 ):
     """A replay stopped by a database error no connector words (here the state store's own
-    check refusing the ledger entry, SQLSTATE 54000, an OperationalError to psycopg) printed
-    the driver's first line as it was, quoting the customer's email."""
+    check refusing the ledger entry) printed the driver's first line as it was, quoting the
+    customer's email; one SQLAlchemy calls an IntegrityError or a DataError ended the replay
+    with a traceback quoting it."""
     erp, state = create_engine(any_world.erp_url), StateStore(any_world.state_url, dlq_key=DLQ_KEY)
     sync(erp, crm_client, state)
     letter = bad_email_letter(state)
     email = f"fixed.{letter.record_key}@example.com"
     fix_email_quietly(erp, letter.record_key, email)
-    with state.engine.begin() as connection:
-        connection.exec_driver_sql(
-            "CREATE FUNCTION refuse_entry() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-            "RAISE EXCEPTION 'ledger entry too large for the contact: \"%%\"', TG_ARGV[0] "
-            "USING ERRCODE = '54000'; END $$"
-        )
-        connection.exec_driver_sql(
-            "CREATE TRIGGER refuse_entry BEFORE INSERT OR UPDATE ON ledger FOR EACH ROW "
-            f"EXECUTE FUNCTION refuse_entry('{email}')"
-        )
+    refuse_with_a_value(state, "ledger", email, sqlstate)
 
     assert main(["dlq", "replay", "--id", str(letter.id)]) == 1
     err = capsys.readouterr().err
     assert email not in err
-    assert f"flow {FLOW}: a database refused the replay: ProgramLimitExceeded: " in err
-    assert 'ledger entry too large for the contact: "…"' in err
+    assert f"flow {FLOW}: a database refused the replay: {complaint}: " in err
+    assert 'entry refused for the contact: "…"' in err
     assert "What to do: fix what the database names" in err and f"--flow {FLOW}" in err
+    assert state.get_dead_letter(letter.id).resolved_at is None
+    state.dispose()
+    erp.dispose()
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 nothing listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["dlq", "list"],
+        ["dlq", "show", "1"],
+        ["dlq", "replay"],
+        ["dlq", "discard", "--flow", FLOW, "--reason", "known"],
+        ["budget", "list"],
+        ["budget", "clear", "--flow", FLOW, "--why", "known"],
+        ["audit", "verify"],
+        ["audit", "show", "--key", "1"],
+        ["webhooks", "status"],
+    ],
+)
+def test_every_command_reports_a_state_store_that_does_not_answer(command, monkeypatch, capsys):
+    """Every command but a replay's flows ended with a traceback when the state store did not
+    answer; each now says so in one line, with what to do, and exits 1."""
+    state_url = f"postgresql://postgres@127.0.0.1:{closed_port()}/handoff_state"
+    monkeypatch.setenv("HANDOFF_STATE_URL", state_url)
+
+    assert main(command) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"handoff {' '.join(command[:2])}: ") and err.count("\n") == 1
+    assert "Connection refused" in err and "Traceback" not in err
+    assert "What to do: check HANDOFF_STATE_URL" in err
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("any_world", ["postgres"], indirect=True)
+def test_a_refusal_outside_a_replay_is_reported_with_its_value_masked(
+    any_world, crm_client, capsys
+):
+    """A discard the state store refused (here its check on the letters, quoting the email)
+    ended with a traceback quoting the value; it is now one line, the value masked."""
+    erp, state = create_engine(any_world.erp_url), StateStore(any_world.state_url, dlq_key=DLQ_KEY)
+    sync(erp, crm_client, state)
+    letter = bad_email_letter(state)
+    email = f"known.{letter.record_key}@example.com"
+    refuse_with_a_value(state, "dead_letters", email, "23514")
+
+    assert main(["dlq", "discard", "--id", str(letter.id), "--reason", "known"]) == 1
+    err = capsys.readouterr().err
+    assert email not in err and err.count("\n") == 1
+    assert err.startswith("handoff dlq discard: a database refused the command: CheckViolation: ")
+    assert 'entry refused for the contact: "…"' in err
+    assert "What to do: fix what the database names" in err
     assert state.get_dead_letter(letter.id).resolved_at is None
     state.dispose()
     erp.dispose()
