@@ -146,8 +146,19 @@ def _attempts_of(runs: list[dg.RunRecord]) -> Attempts | None:
     if not runs:
         return Attempts(0, 0.0)
     ended = max(record.end_time or record.update_timestamp.timestamp() for record in runs)
-    wait = min(FIRST_RETRY_AFTER * 2 ** (len(runs) - 1), LONGEST_RETRY_AFTER)
-    return Attempts(len(runs), ended + wait.total_seconds())
+    return Attempts(len(runs), ended + retry_wait(len(runs)).total_seconds())
+
+
+def retry_wait(failed: int) -> timedelta:
+    """The wait after a window's `failed`-th failed run: doubling from FIRST_RETRY_AFTER up to
+    LONGEST_RETRY_AFTER (and no further: a window failing for weeks would double it past what
+    a timedelta holds, and the sensor would fail every tick)."""
+    wait = FIRST_RETRY_AFTER
+    for _ in range(failed - 1):
+        if wait >= LONGEST_RETRY_AFTER:
+            break
+        wait *= 2
+    return min(wait, LONGEST_RETRY_AFTER)
 
 
 def _run_request(spec: FlowSpec, window: StoppedWindow, failed: int) -> dg.RunRequest:

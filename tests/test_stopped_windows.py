@@ -39,6 +39,7 @@ from integrations.sql.connect import create_engine
 from integrations.sql.destination import SqlTable
 from integrations.sql.source import SqlSource
 from sensors.source_changed import source_changed_sensors
+from sensors.stopped_windows import retry_wait
 from tests.conftest import DLQ_KEY
 from tests.expectations import valid_customers
 from tests.test_error_budget import break_emails, mend_emails_quietly
@@ -677,6 +678,13 @@ def launched(instance: dg.DagsterInstance, sensor: str, requests) -> list[dg.Run
             )
         )
     ]
+
+
+def test_the_wait_before_a_failing_window_is_requested_again_doubles_up_to_six_hours():
+    """A window whose runs kept failing for weeks doubled its wait past what a timedelta holds:
+    from its fortieth failed run on, the sensor failed every tick (OverflowError)."""
+    assert [retry_wait(n) for n in (1, 2, 3)] == [timedelta(minutes=m) for m in (10, 20, 40)]
+    assert retry_wait(40) == retry_wait(10_000) == timedelta(hours=6)
 
 
 def test_a_window_whose_rerun_failed_otherwise_is_requested_again_after_a_wait(world, monkeypatch):
