@@ -163,7 +163,7 @@ class ErrorBudget:
             return
         if pending:  # the batch's rejected rows are kept, audited and logged; nothing is loaded
             self._log_letters(pending)
-            self.state.commit_batch(
+            self._commit_batch(
                 BatchCommit(
                     self.spec.name,
                     self.run_id,

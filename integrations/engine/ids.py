@@ -233,7 +233,7 @@ class DestinationIds:
         flight = in_flight or InFlight()
         flying = dict(zip(flight.written.keys, flight.written.destination_ids, strict=True))
         wanted_ids = set(wanted.values())
-        owners = self.state.live_owners(self.spec.name, list(wanted.values()))
+        owners = self._live_owners(list(wanted.values()))
         for key, destination_id in flying.items():
             if destination_id in wanted_ids:  # only the ids wanted: not the whole batch
                 owners.setdefault(destination_id, set()).add(key)

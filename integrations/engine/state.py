@@ -270,6 +270,13 @@ class LedgerEntry(NamedTuple):  # a tuple: cheap to make a batch of
     links: str | None = None  # as the destination wrote it (Written.links)
 
 
+class Empty(NamedTuple):
+    """Which of a flow's tables hold nothing of it (StateStore.empty_of)."""
+
+    ledger: bool
+    letters: bool
+
+
 class LedgerEntries(Mapping[str, LedgerEntry]):
     """A batch's ledger entries a column at a time, by record key: an entry is made only when
     one is looked up (a million-row sync makes a million, and reads a few)."""
@@ -401,6 +408,8 @@ class BatchCommit:
     released: list[str] = field(default_factory=list)
     # Keys whose open dead letters are settled: written, or found already in sync.
     resolved: list[str] = field(default_factory=list)
+    # Of the synced and resolved keys, those that may have an open letter (None: any of them).
+    lettered: Sequence[str] | None = None
     resolution: str = "synced"
     # AuditRecords, or plain tuples in their fields' order (a batch's writes make one each).
     audit_records: list[tuple] = field(default_factory=list)
@@ -653,6 +662,22 @@ class StateStore:
                 for destination_id, key in rows:
                     found[destination_id].add(key)
         return dict(found)
+
+    def empty_of(self, flow: str) -> Empty:
+        """Whether the ledger holds no record of the flow, live or archived (a first sync),
+        and whether no letter of the flow is open or discarded."""
+        letters = sa.select(dead_letters.c.id).where(
+            dead_letters.c.flow == flow,
+            sa.or_(dead_letters.c.resolved_at.is_(None), dead_letters.c.resolution == "discarded"),
+        )
+        with self.engine.connect() as connection:
+            return Empty(
+                connection.execute(
+                    sa.select(ledger.c.record_key).where(ledger.c.flow == flow).limit(1)
+                ).first()
+                is None,
+                connection.execute(letters.limit(1)).first() is None,
+            )
 
     def count_synced(self, flow: str) -> int:
         """Records the flow holds live (not archived) in the destination."""
@@ -1026,7 +1051,9 @@ class StateStore:
                     "run_id": [batch.run_id] * count,
                 }
                 bulk_write(connection, ledger, columns, key=["flow", "record_key"])
-            settled = [*batch.synced, *batch.resolved]
+            settled = batch.lettered
+            if settled is None:
+                settled = [*batch.synced, *batch.resolved]
             if settled:
                 self._resolve(connection, batch.flow, settled, now, batch.resolution)
             if batch.claims or batch.released:

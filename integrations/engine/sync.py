@@ -46,6 +46,7 @@ from integrations.engine.destination import (
     correlation_id,
 )
 from integrations.engine.errors import ArchiveGuardTripped, FlowHeld, SyncError
+from integrations.engine.first_sync import FirstSync
 from integrations.engine.hashing import canonical_json, content_hash
 from integrations.engine.ids import (
     ID_HELD_BY,
@@ -361,10 +362,12 @@ def _one_at_a_time(method):
         try:
             with self.state.flow_lock(flow, wait=self.lock_wait):
                 self._holding_lock = True
+                self._first_sync = FirstSync.of(self.state.empty_of(flow))
                 try:
                     return method(self, *args, **kwargs)
                 finally:
                     self._holding_lock = False
+                    self._first_sync = FirstSync()
         except FlowBusy:
             # A partition's run keeps its window, an unpartitioned flow's run its sync: each is
             # requested again once the flow is free.
@@ -411,6 +414,8 @@ class Sync(ErrorBudget, DestinationIds):
         # The letter keys of the rows without a usable key this sync read (see replay).
         self._unkeyed_read: set[str] = set()
         self._holding_lock = False
+        # What the run committed, while it holds the lock of a flow whose tables were empty.
+        self._first_sync = FirstSync()
         # Records refused for a destination id a record outside their batch held, and records
         # that let go of their ids (moved off, archived) in this run (see _retried).
         self._clashed: list[str] = []
@@ -730,7 +735,7 @@ class Sync(ErrorBudget, DestinationIds):
                 AuditRecord(flow, key, "replay", trace(key), {"closed": "gone from the source"})
                 for key in keys
             ]
-        self.state.commit_batch(
+        self._commit_batch(
             BatchCommit(
                 flow,
                 self.run_id,
@@ -1136,7 +1141,7 @@ class Sync(ErrorBudget, DestinationIds):
         texts = {name: columns.json_texts(column) for name, column in values.items()}
         wholes = columns.record_texts(texts)
         hashes = columns.content_hashes(wholes)
-        ledger = self.state.ledger_entries(self.spec.name, keys + list(gone.index))
+        ledger = self._ledger_entries(keys + list(gone.index))
         if in_flight is not None:  # the batch still being committed is newer than the ledger
             ledger.update(
                 (key, in_flight.entries[key])
@@ -1246,7 +1251,7 @@ class Sync(ErrorBudget, DestinationIds):
             "dead_lettered": len(letters),
             "watermark": watermark.as_dict() if watermark else None,
         }
-        self.state.commit_batch(
+        self._commit_batch(
             BatchCommit(
                 spec.name,
                 self.run_id,
@@ -1268,6 +1273,23 @@ class Sync(ErrorBudget, DestinationIds):
             ),
             audit=self._batch_entry(detail),
         )
+
+    def _commit_batch(self, batch: BatchCommit, audit: dict[str, object]) -> None:
+        """Commit `batch`; a first sync settles only the letters it may have opened."""
+        first = self._first_sync
+        batch.lettered = first.letters.to_look_up([*batch.synced, *batch.resolved])
+        first.committing(batch)
+        self.state.commit_batch(batch, audit)
+
+    def _ledger_entries(self, keys: Sequence[str]) -> dict[str, LedgerEntry]:
+        """The ledger's entries of these keys (a first sync asks only for those it wrote)."""
+        wanted = self._first_sync.keys.to_look_up(keys)
+        return self.state.ledger_entries(self.spec.name, wanted)
+
+    def _live_owners(self, destination_ids: Sequence[str]) -> dict[str, set[str]]:
+        """The records the ledger holds live under each of these destination ids."""
+        wanted = self._first_sync.destination_ids.to_look_up(destination_ids)
+        return self.state.live_owners(self.spec.name, wanted)
 
     def _batch_entry(self, detail: dict[str, object]) -> dict[str, object]:
         """The audit entry of one batch's commit."""
@@ -1372,6 +1394,7 @@ class Sync(ErrorBudget, DestinationIds):
         was discarded with this content: a discard sticks until the record changes. Also
         returns the keys with open dead letters, live or gone."""
         keys = [*live.index, *gone.index, *(letter.record_key for letter in letters)]
+        keys = self._first_sync.letters.to_look_up(keys)
         opened, discarded = self.state.held_letter_hashes(self.spec.name, keys)
         if self._replaying:
             return live, letters, set(opened)

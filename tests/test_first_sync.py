@@ -1,0 +1,161 @@
+"""A first sync asks the state store only about what it wrote itself (engine/first_sync.py), and
+still sees all of that: a record read twice in the run, a letter it opened, an id it gave."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from integrations.engine.first_sync import RunWritten
+from integrations.engine.state import StateStore
+from integrations.engine.sync import Sync
+from integrations.sql.connect import create_engine
+from integrations.sql.destination import SqlTable
+from integrations.sql.source import SqlSource
+from tests.test_sql_cursors import SOURCE, SPEC, source_lines
+from tests.test_sql_destination import rows
+
+LOOKUPS = ("ledger_entries", "live_owners", "held_letter_hashes")
+
+
+@pytest.fixture
+def state(own_state):
+    return own_state
+
+
+def asked(state: StateStore, monkeypatch) -> dict[str, list[str]]:
+    """What the run asks the state store about, by lookup: every value, and every key whose open
+    letters a commit settles."""
+    seen: dict[str, list[str]] = defaultdict(list)
+    for name in LOOKUPS:
+        lookup = getattr(state, name)
+
+        def spied(flow, values, lookup=lookup, name=name):
+            seen[name] += list(values)
+            return lookup(flow, values)
+
+        monkeypatch.setattr(state, name, spied)
+    commit = state.commit_batch
+
+    def committed(batch, audit=None):
+        settled = batch.lettered if batch.lettered is not None else [*batch.synced]
+        seen["settled"] += [*settled]
+        return commit(batch, audit)
+
+    monkeypatch.setattr(state, "commit_batch", committed)
+    return seen
+
+
+class ReadTwice(SqlSource):
+    """A source that, once its first batch is read, changes some of that batch's rows and hands
+    them over again after the others, as an API read page by page may: `moves` maps a line id to
+    the columns it gets."""
+
+    def __init__(self, engine: sa.Engine, moves: dict[int, dict[str, object]]):
+        super().__init__(engine, SOURCE)
+        self.moves = moves
+
+    def batches(self, since, batch_size, within=None) -> Iterator[pd.DataFrame]:
+        later = datetime(2025, 2, 1)
+        for number, batch in enumerate(super().batches(since, batch_size, within)):
+            yield batch
+            if number == 0:
+                with self.engine.begin() as connection:
+                    for line, values in self.moves.items():
+                        sets = "".join(f"{name} = :{name}, " for name in values)
+                        connection.execute(
+                            sa.text(
+                                f"UPDATE source_lines SET {sets}updated_at = :at WHERE id = :i"
+                            ),
+                            {**values, "at": later + timedelta(minutes=line), "i": line},
+                        )
+        yield from self.rows_with_keys(sorted(self.moves), batch_size)
+
+
+def first_sync(engine: sa.Engine, state: StateStore, source: SqlSource, run_id: str = "r"):
+    writer = create_engine(engine.url.render_as_string(hide_password=False))
+    try:
+        destination = SqlTable(writer, SPEC.target, create_missing=True)
+        sync = Sync(SPEC, source, destination, state, run_id=run_id, actor="t", why="t")
+        return sync.run()
+    finally:
+        writer.dispose()
+
+
+def test_a_first_sync_asks_the_state_store_nothing_it_did_not_write(tmp_path, state, monkeypatch):
+    """A first sync of 1M rows asked the ledger about every key and destination id, and the
+    dead-letter queue about every key twice, each finding nothing: a third of the database's
+    work. A later run, its ledger no longer empty, asks the ledger about every record it reads."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'lines.sqlite'}")
+    source_lines(engine, [datetime(2025, 1, 1, hour) for hour in range(6)])
+    seen = asked(state, monkeypatch)
+    result = first_sync(engine, state, SqlSource(engine, SOURCE))
+    assert (result.written, result.batches) == (6, 3)
+    assert {name: seen[name] for name in [*LOOKUPS, "settled"]} == {
+        name: [] for name in [*LOOKUPS, "settled"]
+    }
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text("UPDATE source_lines SET memo = 'y', updated_at = :at"),
+            {"at": datetime(2025, 1, 3)},
+        )
+    seen.clear()
+    again = first_sync(engine, state, SqlSource(engine, SOURCE), run_id="r2")
+    assert again.counts["updated"] == 6
+    assert sorted(seen["ledger_entries"]) == [str(n) for n in range(1, 7)]
+    assert seen["held_letter_hashes"] == [], "no letter stood as it began: none to ask about"
+    engine.dispose()
+
+
+def test_a_record_read_twice_in_a_first_sync_is_diffed_against_its_first_write(
+    sql_database, state, monkeypatch
+):
+    """Line 1 changes after it was written, line 3 is handed over again unchanged, and line 2,
+    dead-lettered in the first batch, comes back fixed; line 6 asks for line 1's number, refused
+    until line 1 has moved off it (the run tries it again at its end). Each is found where this
+    run put it."""
+    engine = create_engine(sql_database())
+    source_lines(engine, [datetime(2025, 1, 1, hour) for hour in range(6)])
+    with engine.begin() as connection:
+        connection.execute(sa.text("UPDATE source_lines SET amount = NULL WHERE id = 2"))
+        connection.execute(sa.text("UPDATE source_lines SET line_number = 'L1' WHERE id = 6"))
+    moves = {1: {"amount": 10.0, "line_number": "L1b"}, 2: {"amount": 2.0}, 3: {}}
+    seen = asked(state, monkeypatch)
+    result = first_sync(engine, state, ReadTwice(engine, moves))
+    counts = result.counts
+    assert (counts["inserted"], counts["updated"], counts["unchanged"]) == (6, 1, 1)
+    assert {key: row[:2] for key, row in rows(engine).items() if row[2] is None} == {
+        "L1b": (10.0, "x"),
+        "L1": (6.0, "x"),
+        "L2": (2.0, "x"),
+        "L3": (3.0, "x"),
+        "L4": (4.0, "x"),
+        "L5": (5.0, "x"),
+    }
+    letters = state.list_dead_letters(include_resolved=True)
+    assert [(letter.record_key, letter.resolution) for letter in letters] == [
+        ("2", "synced"),
+        ("6", "replayed"),
+    ]
+    assert "is record 1's destination id too" in letters[1].reason
+    # It asked about what it had written, and only that (but for the filter's rare false hit):
+    # not line 2, dead-lettered, nor the lines read once.
+    assert sorted(seen["ledger_entries"]) == ["1", "3"]
+    assert set(seen["live_owners"]) == {"L1"}
+    assert sorted(seen["held_letter_hashes"]) == ["2", "6"]
+    assert sorted(seen["settled"]) == ["2", "6"]
+    engine.dispose()
+
+
+def test_what_a_run_wrote_is_always_found_and_most_else_is_not_asked():
+    written = RunWritten(empty=True)
+    keys = [str(n) for n in range(200_000)]
+    written.add(keys[:100_000])
+    assert written.to_look_up(keys[:100_000]) == keys[:100_000]
+    assert len(written.to_look_up(keys[100_000:])) < 100  # two bits in 2^26: few false hits
+    assert RunWritten().to_look_up(keys[:3]) == keys[:3]  # a table not empty: ask about all
