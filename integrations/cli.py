@@ -31,6 +31,7 @@ from integrations.engine.state import (
     REASON_KINDS,
     AuditHead,
     DeadLetter,
+    MissingSecret,
     StateStore,
     StateStoreUnavailable,
     utcnow,
@@ -756,6 +757,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except DATABASE_ERRORS as error:
         print(f"handoff {_command(args)}: {_command_failed(args, error)}", file=sys.stderr)
+        return 1
+    except MissingSecret as error:  # its text names the variable, and what to do
+        print(f"handoff {_command(args)}: {error}", file=sys.stderr)
         return 1
 
 

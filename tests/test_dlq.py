@@ -431,6 +431,19 @@ def test_every_command_reports_a_state_store_that_does_not_answer(command, monke
     assert "What to do: check HANDOFF_STATE_URL" in err
 
 
+@pytest.mark.parametrize("command", [["dlq", "list"], ["audit", "verify"], ["budget", "list"]])
+def test_a_dlq_key_that_is_no_key_is_reported_in_one_line(command, tmp_path, monkeypatch, capsys):
+    """A HANDOFF_DLQ_KEY that is no Fernet key ended every command with a traceback."""
+    monkeypatch.setenv("HANDOFF_STATE_URL", f"sqlite:///{tmp_path / 'state.sqlite'}")
+    monkeypatch.setenv("HANDOFF_DLQ_KEY", "not-a-key")
+
+    assert main(command) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"handoff {' '.join(command[:2])}: ") and err.count("\n") == 1
+    assert "HANDOFF_DLQ_KEY is not a Fernet key" in err and "`handoff dlq keygen`" in err
+    assert "Traceback" not in err and "not-a-key" not in err
+
+
 @pytest.mark.postgres
 @pytest.mark.parametrize("any_world", ["postgres"], indirect=True)
 def test_a_refusal_outside_a_replay_is_reported_with_its_value_masked(
