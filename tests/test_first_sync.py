@@ -6,17 +6,21 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from unittest.mock import Mock
 
 import pandas as pd
+import psycopg
 import pytest
 import sqlalchemy as sa
 
+from integrations.engine.errors import FlowHeld
 from integrations.engine.first_sync import RunWritten
-from integrations.engine.state import StateStore
+from integrations.engine.state import StateStore, StateStoreUnavailable
 from integrations.engine.sync import Sync
 from integrations.sql.connect import create_engine
 from integrations.sql.destination import SqlTable
 from integrations.sql.source import SqlSource
+from tests.conftest import DLQ_KEY, POSTGRES_ADMIN
 from tests.test_sql_cursors import SOURCE, SPEC, source_lines
 from tests.test_sql_destination import rows
 
@@ -159,3 +163,82 @@ def test_what_a_run_wrote_is_always_found_and_most_else_is_not_asked():
     assert written.to_look_up(keys[:100_000]) == keys[:100_000]
     assert len(written.to_look_up(keys[100_000:])) < 100  # two bits in 2^26: few false hits
     assert RunWritten().to_look_up(keys[:3]) == keys[:3]  # a table not empty: ask about all
+
+
+def test_a_failed_first_look_leaves_the_run_holding_no_lock(tmp_path, state, monkeypatch):
+    """The look at the flow's tables as the lock is taken failed: the Sync went on believing it
+    held the lock, and its next run ran alongside the holder of the flow."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'lines.sqlite'}")
+    source_lines(engine, [datetime(2025, 1, 1, hour) for hour in range(2)])
+    looked = state.empty_of
+    monkeypatch.setattr(
+        state, "empty_of", Mock(side_effect=[StateStoreUnavailable("down"), looked])
+    )
+    writer = create_engine(engine.url.render_as_string(hide_password=False))
+    destination = SqlTable(writer, SPEC.target, create_missing=True)
+    sync = Sync(SPEC, SqlSource(engine, SOURCE), destination, state, run_id="r", actor="t", why="t")
+    with pytest.raises(StateStoreUnavailable):
+        sync.run()
+    sync.lock_wait = 0.2
+    with state.flow_lock(SPEC.name, wait=0), pytest.raises(FlowHeld):
+        sync.run()
+    assert state.count_synced(SPEC.name) == 0
+    writer.dispose()
+    engine.dispose()
+
+
+class Interleaved(SqlSource):
+    """Hands over its first batch, then lets `meanwhile` run, then lines 3 to 6 as they are."""
+
+    def __init__(self, engine: sa.Engine, meanwhile):
+        super().__init__(engine, SOURCE)
+        self.meanwhile = meanwhile
+
+    def batches(self, since, batch_size, within=None) -> Iterator[pd.DataFrame]:
+        yield next(iter(super().batches(since, batch_size, within)))
+        self.meanwhile()
+        yield from self.rows_with_keys([3, 4, 5, 6], batch_size)
+
+
+@pytest.mark.postgres
+def test_a_first_sync_that_lost_its_lock_asks_about_everything_again(
+    postgres_database, tmp_path, caplog
+):
+    """The lock's session ended mid-run (a state store restarted) and another run of the flow
+    wrote meanwhile: a first sync that went on asking only about its own writes rewrote what the
+    other run had written, left open a letter the record's sync settled, and wrote a record over
+    the row another held. It now notices the lock is gone and asks about everything."""
+    url = postgres_database()
+    state = StateStore(url, dlq_key=DLQ_KEY)
+    engine = create_engine(f"sqlite:///{tmp_path / 'lines.sqlite'}")
+    source_lines(engine, [datetime(2025, 1, 1, hour) for hour in range(6)])
+    with engine.begin() as connection:
+        connection.execute(sa.text("UPDATE source_lines SET amount = NULL WHERE id = 5"))
+
+    def another_run_meanwhile():
+        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+                "AND granted AND database = (SELECT oid FROM pg_database WHERE datname = %s)",
+                (url.rsplit("/", 1)[1],),
+            )
+        other = StateStore(url, dlq_key=DLQ_KEY)
+        first_sync(engine, other, SqlSource(engine, SOURCE), run_id="other")
+        other.dispose()
+        with engine.begin() as connection:  # then line 5 is fixed, line 3 takes line 6's number
+            connection.execute(sa.text("UPDATE source_lines SET amount = 5.0 WHERE id = 5"))
+            connection.execute(sa.text("UPDATE source_lines SET line_number = 'L6' WHERE id = 3"))
+
+    result = first_sync(engine, state, Interleaved(engine, another_run_meanwhile))
+    assert "the flow's lock was lost during the run" in caplog.text
+    # Lines 1, 2 and then 5 inserted; lines 4 and 6 as the other run wrote them; 3 refused.
+    counts = result.counts
+    assert (counts["inserted"], counts["updated"], counts["unchanged"]) == (3, 0, 2)
+    assert rows(engine)["L6"][:2] == (6.0, "x")
+    letters = {
+        letter.record_key: letter for letter in state.list_dead_letters(include_resolved=True)
+    }
+    assert letters["5"].resolution == "synced"
+    assert "is record 6's destination id too" in letters["3"].reason
+    state.dispose()
+    engine.dispose()

@@ -232,6 +232,14 @@ def _append_only(connection) -> bool:
 
 _LETTERS_LOCK = 7260419  # the advisory lock space of a flow's dead letters (see _put_dead_letters)
 _RUNS_LOCK = 7260420  # the advisory lock space of a flow's runs (see StateStore.flow_lock)
+# Whether a session (pid, started then) holds a flow's lock: a two-key advisory lock is
+# (classid, objid) with objsubid 2, its second key an oid (hashtext's int4, unsigned).
+_HOLDS_LOCK = sa.text(
+    "SELECT EXISTS (SELECT 1 FROM pg_locks JOIN pg_stat_activity USING (pid) "
+    "WHERE locktype = 'advisory' AND pid = :pid AND backend_start = :started AND granted "
+    "AND classid = CAST(:space AS oid) AND objsubid = 2 "
+    "AND CAST(objid AS bigint) = (CAST(hashtext(:flow) AS bigint) & 4294967295))"
+)
 _IN_CHUNK = 500  # keys per IN (...) list, well under every dialect's parameter limit
 _ARRAY_CHUNK = 100_000  # keys per PostgreSQL array parameter
 # PostgreSQL plans a batch's key lookups by its statistics. A first sync grows the ledger from
@@ -519,13 +527,14 @@ class StateStore:
         self.engine.dispose()
 
     @contextmanager
-    def flow_lock(self, flow: str, wait: float) -> Iterator[None]:
+    def flow_lock(self, flow: str, wait: float) -> Iterator[Callable[[], bool]]:
         """Hold the flow's lock: one run, repair or replay of a flow at a time, whatever process
         runs it (two would diff against one ledger and write the same records, each a move the
         other does not see). Waits up to `wait` seconds for the holder, then raises FlowBusy.
         The lock is a PostgreSQL session's advisory lock, or an flock on a file beside a SQLite
-        store: the holder's end releases it, and so does its death (a killed run holds nothing)."""
-        take, release = (
+        store: the holder's end releases it, and so does its death (a killed run holds nothing).
+        Yields whether the lock is still held: a PostgreSQL session can end under a run."""
+        take, release, still_held = (
             self._advisory_lock(flow)
             if self.engine.dialect.name == "postgresql"
             else self._file_lock(flow)
@@ -536,11 +545,13 @@ class StateStore:
                 if time.monotonic() >= deadline:
                     raise FlowBusy(flow)
                 time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-            yield
+            yield still_held
         finally:
             release()
 
-    def _advisory_lock(self, flow: str) -> tuple[Callable[[], bool], Callable[[], None]]:
+    def _advisory_lock(
+        self, flow: str
+    ) -> tuple[Callable[[], bool], Callable[[], None], Callable[[], bool]]:
         connection = self.engine.connect()  # its own session: the lock is the session's
         key = {"space": _RUNS_LOCK, "flow": flow}
         # The session is idle all run long: not a reason to end it; but a client gone silently
@@ -548,6 +559,10 @@ class StateStore:
         connection.exec_driver_sql("SET tcp_keepalives_idle = 60")
         if connection.dialect.server_version_info >= (14,):
             connection.exec_driver_sql("SET idle_session_timeout = 0")
+        session = connection.exec_driver_sql(  # a pid is reused: with its start, never
+            "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+        ).one()
+        connection.commit()
         held = False
 
         def take() -> bool:
@@ -583,15 +598,25 @@ class StateStore:
                     flow,
                 )
 
-        return take, release
+        def still_held() -> bool:
+            """Asked of the server, on a session of the pool's (the lock's own is not for
+            sharing among a run's threads)."""
+            with self.engine.connect() as asking:
+                return asking.execute(
+                    _HOLDS_LOCK, {**key, "pid": session.pid, "started": session.backend_start}
+                ).scalar_one()
 
-    def _file_lock(self, flow: str) -> tuple[Callable[[], bool], Callable[[], None]]:
+        return take, release, still_held
+
+    def _file_lock(
+        self, flow: str
+    ) -> tuple[Callable[[], bool], Callable[[], None], Callable[[], bool]]:
         database = self.engine.url.database or ""
         if database.startswith("file:"):  # a URI (`?uri=true`): its path
             database = database.removeprefix("file:").split("?")[0]
         in_memory = database == ":memory:" or self.engine.url.query.get("mode") == "memory"
         if not database or in_memory:  # one process's store: nobody to wait for
-            return (lambda: True), (lambda: None)
+            return (lambda: True), (lambda: None), (lambda: True)
         folder = Path(database).with_name(Path(database).name + ".locks")
         folder.mkdir(exist_ok=True)
         name = hashlib.sha256(flow.encode()).hexdigest()[:16]
@@ -608,7 +633,7 @@ class StateStore:
         def release() -> None:
             os.close(handle)  # the flock goes with it
 
-        return take, release
+        return take, release, lambda: True  # held while its file is open: all run long
 
     # --- reads -------------------------------------------------------------------------------
 

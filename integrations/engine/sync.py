@@ -19,7 +19,7 @@ import math
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence, Set
+from collections.abc import Callable, Iterator, Sequence, Set
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -360,9 +360,10 @@ def _one_at_a_time(method):
             return method(self, *args, **kwargs)
         flow = self.spec.name
         try:
-            with self.state.flow_lock(flow, wait=self.lock_wait):
-                self._holding_lock = True
-                self._first_sync = FirstSync.of(self.state.empty_of(flow))
+            with self.state.flow_lock(flow, wait=self.lock_wait) as still_held:
+                first_sync = FirstSync.of(self.state.empty_of(flow))
+                self._holding_lock, self._lock_held = True, still_held
+                self._first_sync = first_sync
                 try:
                     return method(self, *args, **kwargs)
                 finally:
@@ -416,6 +417,7 @@ class Sync(ErrorBudget, DestinationIds):
         self._holding_lock = False
         # What the run committed, while it holds the lock of a flow whose tables were empty.
         self._first_sync = FirstSync()
+        self._lock_held: Callable[[], bool] = lambda: True
         # Records refused for a destination id a record outside their batch held, and records
         # that let go of their ids (moved off, archived) in this run (see _retried).
         self._clashed: list[str] = []
@@ -1274,21 +1276,37 @@ class Sync(ErrorBudget, DestinationIds):
             audit=self._batch_entry(detail),
         )
 
+    @property
+    def _known(self) -> FirstSync:
+        """What the run wrote to tables of its flow that held none as it began, while it still
+        holds the flow's lock: a lock lost with its session (a state store restarted) lets
+        another run write alongside, so from then on the run asks about everything."""
+        first = self._first_sync
+        if first.knows and not self._lock_held():
+            self._first_sync = first = FirstSync()
+            self.log.warning(
+                "%s: the flow's lock was lost during the run (its state store session ended); "
+                "another run of the flow may write alongside: this run now looks every record "
+                "up in the state store",
+                self.spec.name,
+            )
+        return first
+
     def _commit_batch(self, batch: BatchCommit, audit: dict[str, object]) -> None:
         """Commit `batch`; a first sync settles only the letters it may have opened."""
-        first = self._first_sync
+        first = self._known
         batch.lettered = first.letters.to_look_up([*batch.synced, *batch.resolved])
         first.committing(batch)
         self.state.commit_batch(batch, audit)
 
     def _ledger_entries(self, keys: Sequence[str]) -> dict[str, LedgerEntry]:
         """The ledger's entries of these keys (a first sync asks only for those it wrote)."""
-        wanted = self._first_sync.keys.to_look_up(keys)
+        wanted = self._known.keys.to_look_up(keys)
         return self.state.ledger_entries(self.spec.name, wanted)
 
     def _live_owners(self, destination_ids: Sequence[str]) -> dict[str, set[str]]:
         """The records the ledger holds live under each of these destination ids."""
-        wanted = self._first_sync.destination_ids.to_look_up(destination_ids)
+        wanted = self._known.destination_ids.to_look_up(destination_ids)
         return self.state.live_owners(self.spec.name, wanted)
 
     def _batch_entry(self, detail: dict[str, object]) -> dict[str, object]:
@@ -1394,7 +1412,7 @@ class Sync(ErrorBudget, DestinationIds):
         was discarded with this content: a discard sticks until the record changes. Also
         returns the keys with open dead letters, live or gone."""
         keys = [*live.index, *gone.index, *(letter.record_key for letter in letters)]
-        keys = self._first_sync.letters.to_look_up(keys)
+        keys = self._known.letters.to_look_up(keys)
         opened, discarded = self.state.held_letter_hashes(self.spec.name, keys)
         if self._replaying:
             return live, letters, set(opened)
