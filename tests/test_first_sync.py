@@ -201,13 +201,12 @@ class Interleaved(SqlSource):
 
 
 @pytest.mark.postgres
-def test_a_first_sync_that_lost_its_lock_asks_about_everything_again(
-    postgres_database, tmp_path, caplog
-):
+def test_a_run_that_lost_its_lock_stops_before_writing_more(postgres_database, tmp_path):
     """The lock's session ended mid-run (a state store restarted) and another run of the flow
-    wrote meanwhile: a first sync that went on asking only about its own writes rewrote what the
-    other run had written, left open a letter the record's sync settled, and wrote a record over
-    the row another held. It now notices the lock is gone and asks about everything."""
+    wrote meanwhile. The first went on writing beside it: a first sync, asking only about its
+    own writes, rewrote what the other had written, left open a letter its sync settled, and
+    wrote a record over the row another held. It now stops before its next batch, its sync
+    kept for the stopped-windows sensor, and the rerun finds everything where it is."""
     url = postgres_database()
     state = StateStore(url, dlq_key=DLQ_KEY)
     engine = create_engine(f"sqlite:///{tmp_path / 'lines.sqlite'}")
@@ -226,19 +225,36 @@ def test_a_first_sync_that_lost_its_lock_asks_about_everything_again(
         first_sync(engine, other, SqlSource(engine, SOURCE), run_id="other")
         other.dispose()
         with engine.begin() as connection:  # then line 5 is fixed, line 3 takes line 6's number
-            connection.execute(sa.text("UPDATE source_lines SET amount = 5.0 WHERE id = 5"))
-            connection.execute(sa.text("UPDATE source_lines SET line_number = 'L6' WHERE id = 3"))
+            later = {"at": datetime(2025, 1, 2)}
+            connection.execute(
+                sa.text("UPDATE source_lines SET amount = 5.0, updated_at = :at WHERE id = 5"),
+                later,
+            )
+            connection.execute(
+                sa.text(
+                    "UPDATE source_lines SET line_number = 'L6', updated_at = :at WHERE id = 3"
+                ),
+                later,
+            )
 
-    result = first_sync(engine, state, Interleaved(engine, another_run_meanwhile))
-    assert "the flow's lock was lost during the run" in caplog.text
-    # Lines 1, 2 and then 5 inserted; lines 4 and 6 as the other run wrote them; 3 refused.
-    counts = result.counts
-    assert (counts["inserted"], counts["updated"], counts["unchanged"]) == (3, 0, 2)
+    with pytest.raises(FlowHeld, match="the flow's lock was lost during the run") as stopped:
+        first_sync(engine, state, Interleaved(engine, another_run_meanwhile))
+    assert "rerun once no other run of the flow is going on" in str(stopped.value)
+    # Lines 1 and 2 are the first run's at most (its first batch may be stopped too); the
+    # other run's lines are the other's still.
+    assert {key: state.ledger_rows(key)[0]["run_id"] for key in "346"} == dict.fromkeys(
+        "346", "other"
+    )
+    # Kept for the sensor (and forgotten by the other run if it began reading after the stop).
+    assert f"requested again by sensor `{SPEC.name}_stopped_windows`" in str(stopped.value)
+
+    rerun = first_sync(engine, state, SqlSource(engine, SOURCE), run_id="rerun")
+    assert (rerun.counts["inserted"], rerun.counts["updated"]) == (1, 0)  # line 5
     assert rows(engine)["L6"][:2] == (6.0, "x")
     letters = {
         letter.record_key: letter for letter in state.list_dead_letters(include_resolved=True)
     }
     assert letters["5"].resolution == "synced"
-    assert "is record 6's destination id too" in letters["3"].reason
+    assert letters["3"].resolved_at is None and "line_number" in letters["3"].reason  # L6: 6's
     state.dispose()
     engine.dispose()

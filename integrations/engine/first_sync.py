@@ -35,10 +35,6 @@ class RunWritten:
     def __init__(self, empty: bool = False):
         self._bits = np.zeros(_BITS // 8, dtype=np.uint8) if empty else None
 
-    @property
-    def knows(self) -> bool:
-        return self._bits is not None
-
     def add(self, values: Iterable[str | None]) -> None:
         if self._bits is None:
             return
@@ -74,11 +70,6 @@ class FirstSync(NamedTuple):
     keys: RunWritten = RunWritten()  # the ledger's record keys
     destination_ids: RunWritten = RunWritten()  # the ledger's destination ids
     letters: RunWritten = RunWritten()  # keys of letters open or discarded
-
-    @property
-    def knows(self) -> bool:
-        """Whether any of its tables held none of the flow's as the run began."""
-        return any(written.knows for written in self)
 
     @classmethod
     def of(cls, empty: Empty) -> FirstSync:

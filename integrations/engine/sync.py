@@ -845,6 +845,26 @@ class Sync(ErrorBudget, DestinationIds):
         run its sync (SINCE_WATERMARK); None for a replay or repair."""
         return self._window or self._sync_window
 
+    def _stop_if_not_alone(self) -> None:
+        """Before a batch is written: stop if the flow's lock went with its session (a state
+        store restarted, a connection dropped). Another run of the flow may be writing: two
+        alongside could each write over the other's newer rows with older ones, and a first
+        sync asks the ledger only about its own writes."""
+        if not self._holding_lock or self._lock_held():
+            return
+        self._keep_window("busy")
+        todo = (
+            "rerun once no other run of the flow is going on (the rerun resumes from the watermark)"
+        )
+        window = self._window_todo()
+        raise FlowHeld(
+            self.spec.name,
+            "the flow's lock was lost during the run (its state store session ended), so "
+            "another run of the flow may be writing: this run stopped before writing the next "
+            "batch; every batch before it is committed",
+            todo if window is None else f"{todo}; {window}",
+        )
+
     def _keep_window(self, stop: str) -> None:
         """Keep the window of a run that stopped (`refused` at its start while a trip stood,
         `tripped` in mid-run, or `busy`: it gave up waiting for another run of the flow): once
@@ -999,6 +1019,7 @@ class Sync(ErrorBudget, DestinationIds):
             letters += self._letters(staged.live, plan.taken, "contract")
             result.counts["valid"] += len(valid) - len(plan.taken)
             clock.lap("diff")
+            self._stop_if_not_alone()
             self._note_rejections(result, letters)
             self._check_budget(result, pending=letters)
 
@@ -1276,37 +1297,21 @@ class Sync(ErrorBudget, DestinationIds):
             audit=self._batch_entry(detail),
         )
 
-    @property
-    def _known(self) -> FirstSync:
-        """What the run wrote to tables of its flow that held none as it began, while it still
-        holds the flow's lock: a lock lost with its session (a state store restarted) lets
-        another run write alongside, so from then on the run asks about everything."""
-        first = self._first_sync
-        if first.knows and not self._lock_held():
-            self._first_sync = first = FirstSync()
-            self.log.warning(
-                "%s: the flow's lock was lost during the run (its state store session ended); "
-                "another run of the flow may write alongside: this run now looks every record "
-                "up in the state store",
-                self.spec.name,
-            )
-        return first
-
     def _commit_batch(self, batch: BatchCommit, audit: dict[str, object]) -> None:
         """Commit `batch`; a first sync settles only the letters it may have opened."""
-        first = self._known
+        first = self._first_sync
         batch.lettered = first.letters.to_look_up([*batch.synced, *batch.resolved])
         first.committing(batch)
         self.state.commit_batch(batch, audit)
 
     def _ledger_entries(self, keys: Sequence[str]) -> dict[str, LedgerEntry]:
         """The ledger's entries of these keys (a first sync asks only for those it wrote)."""
-        wanted = self._known.keys.to_look_up(keys)
+        wanted = self._first_sync.keys.to_look_up(keys)
         return self.state.ledger_entries(self.spec.name, wanted)
 
     def _live_owners(self, destination_ids: Sequence[str]) -> dict[str, set[str]]:
         """The records the ledger holds live under each of these destination ids."""
-        wanted = self._known.destination_ids.to_look_up(destination_ids)
+        wanted = self._first_sync.destination_ids.to_look_up(destination_ids)
         return self.state.live_owners(self.spec.name, wanted)
 
     def _batch_entry(self, detail: dict[str, object]) -> dict[str, object]:
@@ -1412,7 +1417,7 @@ class Sync(ErrorBudget, DestinationIds):
         was discarded with this content: a discard sticks until the record changes. Also
         returns the keys with open dead letters, live or gone."""
         keys = [*live.index, *gone.index, *(letter.record_key for letter in letters)]
-        keys = self._known.letters.to_look_up(keys)
+        keys = self._first_sync.letters.to_look_up(keys)
         opened, discarded = self.state.held_letter_hashes(self.spec.name, keys)
         if self._replaying:
             return live, letters, set(opened)
