@@ -239,7 +239,7 @@ def test_a_run_that_lost_its_lock_stops_before_writing_more(postgres_database, t
 
     with pytest.raises(FlowHeld, match="the flow's lock was lost during the run") as stopped:
         first_sync(engine, state, Interleaved(engine, another_run_meanwhile))
-    assert "rerun once no other run of the flow is going on" in str(stopped.value)
+    assert "run it again once no other run of the flow is going on" in str(stopped.value)
     # Lines 1 and 2 are the first run's at most (its first batch may be stopped too); the
     # other run's lines are the other's still.
     assert {key: state.ledger_rows(key)[0]["run_id"] for key in "346"} == dict.fromkeys(

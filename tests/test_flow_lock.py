@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from datetime import datetime, timedelta
 
 import psycopg
@@ -140,4 +141,45 @@ def test_the_lock_outlives_an_idle_session_timeout_and_its_loss_fails_no_run(
     assert "the flow's lock was lost during the run" in caplog.text
     with store.flow_lock(SPEC.name, wait=0):  # nothing left held
         pass
+    store.dispose()
+
+
+@pytest.fixture
+def owner_role_url(postgres):
+    """A state store database owned by a role its login role becomes on connecting (`ALTER ROLE
+    … SET role`, as objects owned by an owner role are often set up)."""
+    suffix = uuid.uuid4().hex[:8]
+    owner, login, name = f"handoff_owner_{suffix}", f"handoff_login_{suffix}", f"handoff_{suffix}"
+    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {owner} NOLOGIN")
+        admin.execute(f"CREATE ROLE {login} LOGIN IN ROLE {owner}")
+        admin.execute(f"ALTER ROLE {login} SET role = '{owner}'")
+        admin.execute(f'CREATE DATABASE "{name}" OWNER {owner}')
+    yield f"postgresql://{login}@127.0.0.1:5432/{name}"
+    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.execute(f"DROP ROLE {login}")
+        admin.execute(f"DROP ROLE {owner}")
+
+
+@pytest.mark.postgres
+def test_a_run_whose_session_runs_as_another_role_still_holds_its_lock(engine, owner_role_url):
+    """Whether a run still held its lock was asked of pg_stat_activity, whose session start
+    times a role that set another one sees as NULL, its own included: every run then took its
+    lock for lost and stopped before its first batch."""
+    store = StateStore(owner_role_url, dlq_key=DLQ_KEY)
+    with syncing(engine, store) as sync:
+        assert sync.run().counts["inserted"] == 3
+    with store.flow_lock(SPEC.name, wait=0) as still_held:
+        assert still_held()
+        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+                "AND granted AND database = (SELECT oid FROM pg_database WHERE datname = %s)",
+                (owner_role_url.rsplit("/", 1)[1],),
+            )
+        ended = time.monotonic() + 10  # the server ends the session a moment later
+        while still_held() and time.monotonic() < ended:
+            time.sleep(0.05)
+        assert not still_held()
     store.dispose()

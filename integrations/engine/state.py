@@ -15,6 +15,7 @@ import logging
 import operator
 import os
 import re
+import secrets
 import threading
 import time
 import zlib
@@ -232,13 +233,18 @@ def _append_only(connection) -> bool:
 
 _LETTERS_LOCK = 7260419  # the advisory lock space of a flow's dead letters (see _put_dead_letters)
 _RUNS_LOCK = 7260420  # the advisory lock space of a flow's runs (see StateStore.flow_lock)
-# Whether a session (pid, started then) holds a flow's lock: a two-key advisory lock is
-# (classid, objid) with objsubid 2, its second key an oid (hashtext's int4, unsigned).
+# Each lock session also holds a mark of its own (a random key in this space): a pid a new
+# session reuses does not hold it, so the mark tells the lock's session from its successor
+# without pg_stat_activity (whose start times a role may not see: a session under SET ROLE).
+_SESSION_MARKS = 7260421
+# Whether a session (pid) holds a flow's lock and its mark: a two-key advisory lock is
+# (classid, objid) with objsubid 2, its second key an oid (an int4 read unsigned).
 _HOLDS_LOCK = sa.text(
-    "SELECT EXISTS (SELECT 1 FROM pg_locks JOIN pg_stat_activity USING (pid) "
-    "WHERE locktype = 'advisory' AND pid = :pid AND backend_start = :started AND granted "
-    "AND classid = CAST(:space AS oid) AND objsubid = 2 "
-    "AND CAST(objid AS bigint) = (CAST(hashtext(:flow) AS bigint) & 4294967295))"
+    "SELECT count(*) = 2 FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = :pid "
+    "AND objsubid = 2 AND ("
+    "(classid = CAST(:space AS oid) "
+    "AND CAST(objid AS bigint) = (CAST(hashtext(:flow) AS bigint) & 4294967295)) "
+    "OR (classid = CAST(:marks AS oid) AND CAST(objid AS bigint) = :mark))"
 )
 _IN_CHUNK = 500  # keys per IN (...) list, well under every dialect's parameter limit
 _ARRAY_CHUNK = 100_000  # keys per PostgreSQL array parameter
@@ -559,9 +565,14 @@ class StateStore:
         connection.exec_driver_sql("SET tcp_keepalives_idle = 60")
         if connection.dialect.server_version_info >= (14,):
             connection.exec_driver_sql("SET idle_session_timeout = 0")
-        session = connection.exec_driver_sql(  # a pid is reused: with its start, never
-            "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
-        ).one()
+        pid, mark = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar_one(), None
+        while mark is None:  # a random key: another session holds it once in two billion
+            candidate = secrets.randbelow(2**31)
+            marked = connection.execute(
+                sa.text("SELECT pg_try_advisory_lock(CAST(:marks AS int), CAST(:mark AS int))"),
+                {"marks": _SESSION_MARKS, "mark": candidate},
+            ).scalar_one()
+            mark = candidate if marked else None
         connection.commit()
         held = False
 
@@ -603,7 +614,7 @@ class StateStore:
             sharing among a run's threads)."""
             with self.engine.connect() as asking:
                 return asking.execute(
-                    _HOLDS_LOCK, {**key, "pid": session.pid, "started": session.backend_start}
+                    _HOLDS_LOCK, {**key, "pid": pid, "marks": _SESSION_MARKS, "mark": mark}
                 ).scalar_one()
 
         return take, release, still_held

@@ -854,7 +854,8 @@ class Sync(ErrorBudget, DestinationIds):
             return
         self._keep_window("busy")
         todo = (
-            "rerun once no other run of the flow is going on (the rerun resumes from the watermark)"
+            "run it again once no other run of the flow is going on (a sync resumes from "
+            "the watermark)"
         )
         window = self._window_todo()
         raise FlowHeld(
