@@ -73,6 +73,8 @@ cursors = sa.Table(
     sa.Column("run_id", sa.String(64), nullable=False),
 )
 
+_STANDING = "resolved_at IS NULL OR resolution = 'discarded'"
+
 dead_letters = sa.Table(
     "dead_letters",
     metadata,
@@ -93,6 +95,15 @@ dead_letters = sa.Table(
     # The error-budget trip the letter is part of (budget_trips.id): a run stopped with it open.
     sa.Column("budget_trip_id", sa.Integer, nullable=True),
     sa.Index("ix_dead_letters_flow_key", "flow", "record_key"),
+    # The flow's letters that stand (open, or discarded and so held): what a run looks for at
+    # its start and end, found without reading the resolved ones a long-lived flow piles up
+    # (a million of them made each look a scan of 0.3 s).
+    sa.Index(
+        "ix_dead_letters_standing",
+        "flow",
+        postgresql_where=sa.text(_STANDING),
+        sqlite_where=sa.text(_STANDING),
+    ),
 )
 
 # Runs the error budget stopped, kept until someone acknowledges them: the trip's dead letters
