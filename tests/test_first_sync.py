@@ -9,7 +9,6 @@ from datetime import datetime, timedelta
 from unittest.mock import Mock
 
 import pandas as pd
-import psycopg
 import pytest
 import sqlalchemy as sa
 
@@ -20,7 +19,8 @@ from integrations.engine.sync import Sync
 from integrations.sql.connect import create_engine
 from integrations.sql.destination import SqlTable
 from integrations.sql.source import SqlSource
-from tests.conftest import DLQ_KEY, POSTGRES_ADMIN
+from tests.conftest import DLQ_KEY
+from tests.test_flow_lock import end_lock_sessions
 from tests.test_sql_cursors import SOURCE, SPEC, source_lines
 from tests.test_sql_destination import rows
 
@@ -215,12 +215,7 @@ def test_a_run_that_lost_its_lock_stops_before_writing_more(postgres_database, t
         connection.execute(sa.text("UPDATE source_lines SET amount = NULL WHERE id = 5"))
 
     def another_run_meanwhile():
-        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
-            admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
-                "AND granted AND database = (SELECT oid FROM pg_database WHERE datname = %s)",
-                (url.rsplit("/", 1)[1],),
-            )
+        end_lock_sessions(url)
         other = StateStore(url, dlq_key=DLQ_KEY)
         first_sync(engine, other, SqlSource(engine, SOURCE), run_id="other")
         other.dispose()

@@ -22,6 +22,17 @@ from tests.conftest import DLQ_KEY, POSTGRES_ADMIN
 from tests.test_sql_cursors import SPEC, source_lines, syncing
 
 
+def end_lock_sessions(url: str) -> None:
+    """End the sessions that hold advisory locks in the database at `url`, as a state store's
+    restart or a dropped connection would: their flow locks go with them."""
+    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+            "AND granted AND database = (SELECT oid FROM pg_database WHERE datname = %s)",
+            (url.rsplit("/", 1)[1],),
+        )
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def store(request, tmp_path):
     if request.param == "postgres":
@@ -131,13 +142,7 @@ def test_the_lock_outlives_an_idle_session_timeout_and_its_loss_fails_no_run(
         time.sleep(2.5)
         with pytest.raises(FlowBusy), store.flow_lock(SPEC.name, wait=0):
             pass
-        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
-            admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_locks "
-                "WHERE locktype = 'advisory' AND granted AND database = "
-                "(SELECT oid FROM pg_database WHERE datname = %s)",
-                (url.rsplit("/", 1)[1],),
-            )
+        end_lock_sessions(url)
     assert "the flow's lock was lost during the run" in caplog.text
     with store.flow_lock(SPEC.name, wait=0):  # nothing left held
         pass
@@ -172,12 +177,7 @@ def test_a_run_whose_session_runs_as_another_role_still_holds_its_lock(engine, o
         assert sync.run().counts["inserted"] == 3
     with store.flow_lock(SPEC.name, wait=0) as still_held:
         assert still_held()
-        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
-            admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
-                "AND granted AND database = (SELECT oid FROM pg_database WHERE datname = %s)",
-                (owner_role_url.rsplit("/", 1)[1],),
-            )
+        end_lock_sessions(owner_role_url)
         ended = time.monotonic() + 10  # the server ends the session a moment later
         while still_held() and time.monotonic() < ended:
             time.sleep(0.05)

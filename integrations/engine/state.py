@@ -106,6 +106,13 @@ dead_letters = sa.Table(
     ),
 )
 
+
+def _standing() -> sa.ColumnElement[bool]:
+    """A letter that stands: open, or discarded and so held (ix_dead_letters_standing's
+    condition, `_STANDING`)."""
+    return sa.or_(dead_letters.c.resolved_at.is_(None), dead_letters.c.resolution == "discarded")
+
+
 # Runs the error budget stopped, kept until someone acknowledges them: the trip's dead letters
 # all replayed or discarded (resolution `settled`), or going on approved (`approved`). While one
 # stands, every run of its flow stops at its start (a replay does not).
@@ -715,7 +722,7 @@ class StateStore:
         and whether no letter of the flow is open or discarded."""
         letters = sa.select(dead_letters.c.id).where(
             dead_letters.c.flow == flow,
-            sa.or_(dead_letters.c.resolved_at.is_(None), dead_letters.c.resolution == "discarded"),
+            _standing(),
         )
         with self.engine.connect() as connection:
             return Empty(
@@ -755,10 +762,7 @@ class StateStore:
                     ).where(
                         dead_letters.c.flow == flow,
                         _among(dead_letters.c.record_key, chunk, dialect),
-                        sa.or_(
-                            dead_letters.c.resolved_at.is_(None),
-                            dead_letters.c.resolution == "discarded",
-                        ),
+                        _standing(),
                     )
                 )
                 for row in rows:
@@ -784,10 +788,7 @@ class StateStore:
             sa.select(dead_letters.c.record_key)
             .where(
                 dead_letters.c.flow == flow,
-                sa.or_(
-                    dead_letters.c.resolved_at.is_(None),
-                    dead_letters.c.resolution == "discarded",
-                ),
+                _standing(),
             )
             .distinct()
         )
