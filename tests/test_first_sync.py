@@ -253,3 +253,34 @@ def test_a_run_that_lost_its_lock_stops_before_writing_more(postgres_database, t
     assert letters["3"].resolved_at is None and "line_number" in letters["3"].reason  # L6: 6's
     state.dispose()
     engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_repair_that_lost_its_lock_archives_nothing(postgres_database, tmp_path, monkeypatch):
+    """Archiving the extra rows reconciliation found (records deleted outright) wrote to the
+    destination without asking whether the run still held the flow's lock: a run of the flow
+    going on meanwhile may have given the id to another record. It stops before it archives."""
+    url = postgres_database()
+    state = StateStore(url, dlq_key=DLQ_KEY)
+    engine = create_engine(f"sqlite:///{tmp_path / 'lines.sqlite'}")
+    source_lines(engine, [datetime(2025, 1, 1, hour) for hour in range(3)])
+    first_sync(engine, state, SqlSource(engine, SOURCE))
+    with engine.begin() as connection:
+        connection.execute(sa.text("DELETE FROM source_lines WHERE id = 2"))
+    writer = create_engine(engine.url.render_as_string(hide_password=False))
+    destination = SqlTable(writer, SPEC.target)
+    sync = Sync(SPEC, SqlSource(engine, SOURCE), destination, state, run_id="repair", actor="t", why="t")
+    in_source = sync._in_source
+
+    def lock_lost_meanwhile(keys):
+        end_lock_sessions(url)
+        return in_source(keys)
+
+    monkeypatch.setattr(sync, "_in_source", lock_lost_meanwhile)
+    with pytest.raises(FlowHeld, match="the flow's lock was lost during the run"):
+        sync.archive_extras(["L2"])
+    assert rows(engine)["L2"][2] is None  # still live
+    assert not state.ledger_entries(SPEC.name, ["2"])["2"].archived
+    state.dispose()
+    writer.dispose()
+    engine.dispose()

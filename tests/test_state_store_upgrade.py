@@ -124,6 +124,43 @@ def test_an_older_state_store_gains_what_it_lacks_and_keeps_what_it_holds(state_
     StateStore(state_url, dlq_key=DLQ_KEY).dispose()  # up to date: opens as it is
 
 
+_KEY_COLUMNS = sa.text(
+    "SELECT table_name || '.' || column_name, collation_name FROM information_schema.columns "
+    "WHERE (table_name, column_name) IN (('ledger', 'flow'), ('ledger', 'record_key'), "
+    "('ledger', 'destination_id'), ('audit_keys', 'record_key'))"
+)
+
+
+@pytest.mark.postgres
+def test_a_new_postgresql_store_matches_keys_byte_by_byte_and_an_older_one_keeps_its_own(
+    postgres_database,
+):
+    """Under the database's collation each insert into the ledger's and the audit keys' indexes
+    compared keys with strcoll (a quarter longer at a million rows). A store
+    made before keeps its collation (changing it rebuilds the indexes under a lock) and works
+    as it did."""
+    new, old = postgres_database(), postgres_database()
+    older_store(old)
+    collations = {}
+    for url in (new, old):
+        store = StateStore(url, dlq_key=DLQ_KEY)
+        try:
+            store.commit_batch(BatchCommit("f", "r1", synced={"é2": LedgerEntry("h", "d", False)}))
+            assert store.ledger_entries("f", ["é2"])["é2"].destination_id == "d"
+            assert store.live_owners("f", ["d"]) == {"d": {"é2"}}
+            with store.engine.connect() as connection:
+                collations[url] = dict(connection.execute(_KEY_COLUMNS).all())
+        finally:
+            store.dispose()
+    assert set(collations[new].values()) == {"C"} and len(collations[new]) == 4
+    assert collations[old] == {
+        "ledger.flow": None,
+        "ledger.record_key": None,
+        "ledger.destination_id": None,
+        "audit_keys.record_key": "C",  # new to that store
+    }
+
+
 def test_a_column_that_cannot_be_added_is_named_with_what_to_do_and_nothing_changes(state_url):
     older_store(state_url, sealed_audit=False)
     with pytest.raises(SchemaOutdated) as outdated:

@@ -725,6 +725,7 @@ class Sync(ErrorBudget, DestinationIds):
             destination_id for destination_id in live.values() if destination_id not in kept
         ]
         self._let_go.update(live)  # letters waiting on them may land now (see _retried)
+        self._stop_if_not_alone()
         if archived:
             self._call_destination(lambda: self._archive(archived))
         trace = functools.partial(correlation_id, self.run_id, flow)
@@ -846,10 +847,10 @@ class Sync(ErrorBudget, DestinationIds):
         return self._window or self._sync_window
 
     def _stop_if_not_alone(self) -> None:
-        """Before a batch is written: stop if the flow's lock went with its session (a state
-        store restarted, a connection dropped). Another run of the flow may be writing: two
-        alongside could each write over the other's newer rows with older ones, and a first
-        sync asks the ledger only about its own writes."""
+        """Before a batch, or an archive of records gone, is written: stop if the flow's lock
+        went with its session (a state store restarted, a connection dropped). Another run of
+        the flow may be writing: two alongside could each write over the other's newer rows
+        with older ones, and a first sync asks the ledger only about its own writes."""
         if not self._holding_lock or self._lock_held():
             return
         self._keep_window("busy")
