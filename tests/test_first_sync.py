@@ -269,7 +269,9 @@ def test_a_repair_that_lost_its_lock_archives_nothing(postgres_database, tmp_pat
         connection.execute(sa.text("DELETE FROM source_lines WHERE id = 2"))
     writer = create_engine(engine.url.render_as_string(hide_password=False))
     destination = SqlTable(writer, SPEC.target)
-    sync = Sync(SPEC, SqlSource(engine, SOURCE), destination, state, run_id="repair", actor="t", why="t")
+    sync = Sync(
+        SPEC, SqlSource(engine, SOURCE), destination, state, run_id="repair", actor="t", why="t"
+    )
     in_source = sync._in_source
 
     def lock_lost_meanwhile(keys):
