@@ -25,4 +25,4 @@ lint: install
 
 # The whole suite: lint, then every test (PostgreSQL ones skip only outside CI when it is absent).
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist worksteal

@@ -30,9 +30,10 @@ from integrations.settings import CHINOOK_DATASET
 from integrations.sql.connect import create_engine
 from integrations.webhooks.signatures import parse_secrets
 
-# The code location refuses to load without its secrets; tests run with throwaway ones.
-DLQ_KEY = Fernet.generate_key().decode()
-os.environ.setdefault("HANDOFF_DLQ_KEY", DLQ_KEY)
+# The code location refuses to load without its secrets; tests run with throwaway ones. The key
+# the code location reads is the one tests read letters with: one made here, or the environment's
+# (a key exported in the shell, or the xdist controller's, which its workers inherit).
+DLQ_KEY = os.environ.setdefault("HANDOFF_DLQ_KEY", Fernet.generate_key().decode())
 os.environ.setdefault("CRM_ACCESS_TOKEN", secrets.token_urlsafe(24))
 os.environ.setdefault(
     "CRM_WEBHOOK_SECRET", "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
@@ -301,6 +302,18 @@ _FIGURES: list[str] = []
 def figures():
     """Lines a test reports; printed in the run's summary (no -s needed)."""
     return _FIGURES
+
+
+def pytest_sessionfinish(session):
+    """An xdist worker hands its figures to the controller, which prints the summary."""
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:
+        output["figures"] = list(_FIGURES)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    _FIGURES.extend(getattr(node, "workeroutput", {}).get("figures", []))
 
 
 def pytest_terminal_summary(terminalreporter):
