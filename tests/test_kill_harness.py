@@ -44,7 +44,7 @@ def kill_and_check(
     erp_url: str,
     state_url: str,
     destination: Callable[[], AbstractContextManager[Destination]],
-    capsys,
+    figures: list[str],
 ) -> Report:
     seed_erp(erp_url, rows=400, seed=11)
     erp = create_engine(erp_url)
@@ -71,8 +71,7 @@ def kill_and_check(
 
     report = run_harness(spec, opener, seeded_points(seed=2026, count=POINTS, most=MOST), change)
     erp.dispose()
-    with capsys.disabled():
-        print(f"\n{report.summary()}")
+    figures.append(report.summary())  # printed in the run's summary
     assert all(outcome.killed for outcome in report.outcomes), [
         str(o.point) for o in report.outcomes if not o.killed
     ]
@@ -81,7 +80,7 @@ def kill_and_check(
 
 
 @pytest.mark.slow
-def test_crm_sync_survives_sigkill_at_every_seeded_point(tmp_path, crm_sandbox, crm_token, capsys):
+def test_crm_sync_survives_sigkill_at_every_seeded_point(tmp_path, crm_sandbox, crm_token, figures):
     @contextmanager
     def crm():
         client = CrmClient(crm_sandbox.base_url, crm_token, ApiLimits(retries=2, backoff=0.05))
@@ -95,13 +94,13 @@ def test_crm_sync_survives_sigkill_at_every_seeded_point(tmp_path, crm_sandbox, 
         f"sqlite:///{tmp_path / 'erp.sqlite'}",
         f"sqlite:///{tmp_path / 'state.sqlite'}",
         crm,
-        capsys,
+        figures,
     )
 
 
 @pytest.mark.slow
 @pytest.mark.postgres
-def test_sql_sync_survives_sigkill_at_every_seeded_point(postgres_database, capsys):
+def test_sql_sync_survives_sigkill_at_every_seeded_point(postgres_database, figures):
     warehouse_url = postgres_database()
 
     @contextmanager
@@ -112,4 +111,4 @@ def test_sql_sync_survives_sigkill_at_every_seeded_point(postgres_database, caps
         finally:
             engine.dispose()
 
-    kill_and_check(SQL_SPEC, postgres_database(), postgres_database(), warehouse, capsys)
+    kill_and_check(SQL_SPEC, postgres_database(), postgres_database(), warehouse, figures)
