@@ -168,7 +168,7 @@ def _metadata(spec: FlowSpec, result: SyncResult) -> dict[str, object]:
         "batches": result.batches,
         "seconds": round(result.seconds, 3),
         "rows_per_second": round(result.rows_per_second, 1),
-        "timings": dg.MetadataValue.json({k: round(v, 4) for k, v in result.timings.items()}),
+        "stage_seconds": dg.MetadataValue.json(result.stage_timings(digits=4)),
         "cursor_before": dg.MetadataValue.json(
             result.watermark_before.as_dict() if result.watermark_before else None
         ),

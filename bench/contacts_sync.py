@@ -26,7 +26,7 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet
 
-from bench.steps import ROOT, change_one_percent, peak_rss_mb, sync_figures
+from bench.steps import ROOT, change_one_percent, peak_rss_mb, stage_line, sync_figures
 from bench.steps import run_step as bench_step
 
 
@@ -158,7 +158,7 @@ def main() -> None:
             sandbox.terminate()
             sandbox.wait()
         rate = figures["rows"] / figures["seconds"] if figures["seconds"] else 0.0
-        print(f"{label}: phase seconds {figures.get('timings')}", file=sys.stderr)
+        print(f"{label}: {stage_line(figures)}", file=sys.stderr)
         rows.append((label, figures["seconds"], rate, figures["written"], figures["peak_rss_mb"]))
 
     if args.erp == "postgres":

@@ -33,7 +33,13 @@ from pathlib import Path
 import pandera.pandas as pa
 from pandera.typing import Series
 
-from bench.steps import calibration_seconds, change_one_percent, peak_rss_mb, sync_figures
+from bench.steps import (
+    calibration_seconds,
+    change_one_percent,
+    peak_rss_mb,
+    stage_line,
+    sync_figures,
+)
 from bench.steps import run_step as bench_step
 from integrations.contracts import Contract
 from integrations.contracts.erp_customer import ERP_CUSTOMER
@@ -344,7 +350,7 @@ def bench(db: str, rows: int) -> list[tuple]:
             figures = [run_step(step, env) for step in steps][-1]
             rate = figures["rows"] / figures["seconds"] if figures["seconds"] else 0.0
             if figures.get("timings"):
-                print(f"{db} {rows:,} {label}: phase seconds {figures['timings']}", file=sys.stderr)
+                print(f"{db} {rows:,} {label}: {stage_line(figures)}", file=sys.stderr)
             rss = figures["peak_rss_mb"] if label.startswith("handoff") else None
             # SQLite runs inside the step's process: no server to measure.
             cpu = (figures["client_cpu"], None if db == "sqlite" else figures["server_cpu"])

@@ -93,8 +93,21 @@ def sync_figures(spec, source, destination, state) -> dict[str, object]:
         "seconds": result.seconds,
         "rows": result.counts["read"],
         "written": result.written,
-        "timings": {k: round(v, 2) for k, v in result.timings.items()},
+        "timings": result.stage_timings(),
     }
+
+
+def stage_line(figures: dict[str, object]) -> str:
+    """A sync step's busy seconds per stage, which overlap: the busiest is the limit."""
+    stages = figures.get("timings") or {}
+    return f"{figures['seconds']:.2f} s in all; busy per stage: " + "; ".join(
+        f"{stage} {phases['total']:.2f} ("
+        + ", ".join(
+            f"{phase} {seconds:.2f}" for phase, seconds in phases.items() if phase != "total"
+        )
+        + ")"
+        for stage, phases in stages.items()
+    )
 
 
 def change_one_percent(env: dict[str, str]) -> dict[str, object]:

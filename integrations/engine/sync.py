@@ -80,7 +80,14 @@ from integrations.engine.state import (
 
 logger = logging.getLogger(__name__)
 
-PHASES = ("extract", "validate", "map", "diff", "load", "commit")
+# A run's three stages, each a thread working on one batch at a time (see `Sync._drive`), and the
+# phases each times. Stages overlap: their seconds add up to more than the run's.
+STAGES = {
+    "reader": ("extract", "validate", "map"),
+    "loader": ("diff", "load"),
+    "committer": ("commit",),
+}
+PHASES = tuple(phase for phases in STAGES.values() for phase in phases)
 SAMPLE_SIZE = 5
 EXAMPLE_KEYS = 3  # keys a batch's dead-letter summary names per reason kind
 MAX_KEY_LENGTH = 200  # the state store keys records by text of at most 255 characters
@@ -109,6 +116,17 @@ class SyncResult:
     @property
     def written(self) -> int:
         return self.counts["inserted"] + self.counts["updated"] + self.counts["archived"]
+
+    def stage_timings(self, digits: int = 2) -> dict[str, dict[str, float]]:
+        """Seconds each stage was busy (`total`) and its phases': stages overlap, and each one's
+        seconds include its waits for the GIL and for the databases."""
+        return {
+            stage: {
+                "total": round(sum(self.timings[phase] for phase in phases), digits),
+                **{phase: round(self.timings[phase], digits) for phase in phases},
+            }
+            for stage, phases in STAGES.items()
+        }
 
 
 @dataclass
