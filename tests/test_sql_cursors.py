@@ -9,7 +9,7 @@ import sqlite3
 import uuid
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 
 import dagster as dg
 import pandas as pd
@@ -172,6 +172,28 @@ def test_a_sqlite_cursor_stored_without_a_fraction_is_read_at_the_watermark(tmp_
         connection.exec_driver_sql(insert.format(2, "2025-01-01 10:05:00"))
     assert run(engine, state, spec).written == 1
     assert sorted(rows(engine)) == ["L1", "L2"]
+    engine.dispose()
+
+
+def test_a_sqlite_time_west_of_utc_changed_after_the_watermark_is_read(tmp_path, state):
+    """SQLite compares its text times as text: "… 09:00:00-05:00" (14:00 UTC, a writer in New
+    York) sorted before the bound of a watermark at 12:00, so the change was never read, while
+    the sensor's mark saw it. So is the day a changed-days sensor asks for."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'lines.sqlite'}")
+    source_lines(engine, [datetime(2025, 1, 2, 11), datetime(2025, 1, 2, 12)])
+    spec = dataclasses.replace(SPEC, lookback=timedelta(0))
+    assert run(engine, state, spec).written == 2
+    assert state.watermark(SPEC.name).updated_at == datetime(2025, 1, 2, 12)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "UPDATE source_lines SET memo = 'moved', updated_at = '2025-01-02 09:00:00-05:00' "
+            "WHERE id = 1"
+        )
+    source = SqlSource(engine, SOURCE)
+    assert source.high_water_mark() == datetime(2025, 1, 2, 14)
+    assert source.changed_days(datetime(2025, 1, 2, 13), "booked_on") == [date(2025, 1, 2)]
+    assert run(engine, state, spec).written == 1
+    assert rows(engine)["L1"][1] == "moved"
     engine.dispose()
 
 

@@ -179,6 +179,43 @@ def test_an_unsigned_bigint_beyond_int64_beside_a_null_is_read_exact(mariadb_dat
     engine.dispose()
 
 
+class CounterV1(pa.DataFrameModel):
+    counter_id: Series[int]
+    total: Series[pa.UInt64]
+
+    class Config:
+        coerce = True
+
+
+COUNTERS = flow("counters", "counters", Target("books", "counters_out", "counter_id"), CounterV1)
+
+
+@pytest.mark.mariadb
+def test_a_number_beyond_sqlite_integer_is_its_records_dead_letter(
+    mariadb_database, tmp_path, state
+):
+    """sqlite3 raises an OverflowError, no database error, for an int beyond 64 bits (a MariaDB
+    BIGINT UNSIGNED read exactly): it ended the whole run, every rerun too. Now it is the
+    record's refusal: its chunk is bisected, and it alone is dead-lettered."""
+    source = create_engine(mariadb_database())
+    source_table(
+        source,
+        "counters",
+        sa.Column("total", mysql.BIGINT(unsigned=True)),
+        rows=[
+            {"id": 1, "total": 42, "updated_at": T0},
+            {"id": 2, "total": 2**64 - 1, "updated_at": T0},
+        ],
+    )
+    destination = create_engine(f"sqlite:///{tmp_path / 'books.sqlite'}")
+    assert sync(COUNTERS, source, destination, state).written == 1
+    (letter,) = state.list_dead_letters(flow=COUNTERS.name)
+    assert letter.record_key == "2" and "beyond 64 bits" in letter.reason
+    assert rows_of(destination, "counters_out") == {1: (42, None)}
+    source.dispose()
+    destination.dispose()
+
+
 # --- zoned timestamps -----------------------------------------------------------------------
 
 
@@ -604,6 +641,26 @@ def test_a_uuid_column_takes_a_uuids_text_and_refuses_other_text(
     drift = reconcile(TICKETS, SqlSource(source, TICKETS.source), checked, state)
     assert drift.in_sync, drift.summary()
     destination.dispose()
+
+
+@pytest.mark.postgres
+def test_a_negative_zero_beside_a_zero_arrives_as_sent(postgres_database, state):
+    """COPY's text of a column of few values is made once per distinct value: -0.0 equals 0.0,
+    so whichever came second in a batch was written as the first."""
+    engine = create_engine(postgres_database())
+    source_table(
+        engine,
+        "readings",
+        sa.Column("amount", sa.Double),
+        sa.Column("ratio", sa.Double, nullable=True),
+        sa.Column("price", sa.Double, nullable=True),
+        rows=[{"id": n, "amount": a, "updated_at": T0} for n, a in ((1, 0.0), (2, -0.0))],
+    )
+    assert sync(READINGS, engine, engine, state).written == 2
+    with engine.connect() as connection:
+        stored = connection.exec_driver_sql("SELECT reading_id, amount::text FROM readings_out")
+        assert dict(stored.all()) == {1: "0", 2: "-0"}
+    engine.dispose()
 
 
 class PricedV1(pa.DataFrameModel):

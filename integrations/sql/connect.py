@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from datetime import date
+from decimal import Decimal
 
 import numpy as np
 import psycopg
@@ -286,7 +287,8 @@ def _copy_texts(values: Sequence) -> Sequence[str]:
         joined = "".join(present)
         if not any(special in joined for special in _COPY_SPECIAL):
             return values if present is values else [_NULL if v is None else v for v in values]
-    distinct = set(values) if len(kinds) == 1 else ()
+    # Not floats nor decimals: -0.0 == 0.0 and Decimal("1.0") == Decimal("1"), written apart.
+    distinct = set(values) if len(kinds) == 1 and not kinds & {float, Decimal} else ()
     if 0 < len(distinct) <= _FEW:
         text = {value: _copy_text(value) for value in distinct}
         return list(map(text.__getitem__, values))

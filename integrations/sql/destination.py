@@ -362,6 +362,11 @@ class SqlTable:
                     "sent. What to do: connect in UTF-8 (handoff's default; drop the URL's "
                     "charset or client_encoding)"
                 ) from None
+            except OverflowError:  # sqlite3's, binding an int beyond 64 bits: no DBAPIError
+                raise RecordsRejected(
+                    "a whole number beyond 64 bits, which SQLite's INTEGER cannot hold. What to "
+                    "do: bound the field in the contract, or map it to text"
+                ) from None
             except (sa.exc.DBAPIError, _KeyRace) as error:
                 if isinstance(error, sa.exc.DBAPIError) and not _lock_conflict(error):
                     raise _classified(error) from error

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 
 import numpy as np
 import pandas as pd
@@ -244,7 +244,26 @@ class SqlSource:
         bound's "… 10:00:00.000000", so a row at exactly `since` was never read. The bound is
         the whole second, as text without a fraction: it reads a few rows more, never fewer
         (the ledger skips what is unchanged), and the cursor's index still serves the query."""
-        return sa.or_(self.cursor >= self._compared(since), self._no_date(self.cursor))
+        return sa.or_(self._from(since), self._no_date(self.cursor))
+
+    def _from(self, since: datetime) -> sa.ColumnElement[bool]:
+        """Cursor ≥ `since`. On SQLite, also a time written with a UTC offset west of Greenwich:
+        "… 09:00:00-05:00" is 14:00 UTC, yet sorts as text before a bound of 11:55, and was
+        never read. The index's range starts a day early (no zone is a day off UTC); within it,
+        SQLite's `datetime()` reads such a time as the instant it is."""
+        bound = self._compared(since)
+        if not self._text_times:
+            return self.cursor >= bound
+        early = (as_utc(since) - timedelta(days=1)).strftime("%Y-%m-%d %H:%M:%S")
+        return sa.and_(
+            self.cursor >= sa.literal(early, sa.String),
+            sa.or_(self.cursor >= bound, sa.func.datetime(self.cursor) >= bound),
+        )
+
+    @property
+    def _text_times(self) -> bool:
+        """Whether the cursor is a time SQLite keeps as text (and compares as text)."""
+        return self.engine.dialect.name == "sqlite" and isinstance(self.cursor.type, sa.DateTime)
 
     def _within_python(self, column: sa.Column) -> sa.ColumnElement[bool]:
         """A PostgreSQL date or time Python can hold: not ±infinity, nor a year past 9999 or
@@ -273,7 +292,7 @@ class SqlSource:
 
     def _compared(self, moment: datetime) -> object:
         """`moment` as the cursor compares with it: on SQLite, the whole second as text."""
-        if self.engine.dialect.name == "sqlite" and isinstance(self.cursor.type, sa.DateTime):
+        if self._text_times:
             return sa.literal(as_utc(moment).strftime("%Y-%m-%d %H:%M:%S"), sa.String)
         return _bound(self.cursor, moment)
 
@@ -439,7 +458,7 @@ class SqlSource:
         if self.cursor is None:
             return None
         latest = datetime.now(UTC) + FAR_FUTURE  # a cursor in 2099 would blind the sensor
-        if self.engine.dialect.name == "sqlite" and isinstance(self.cursor.type, sa.DateTime):
+        if self._text_times:
             # Text times compared as text: "…-02T09:00" sorts after "…-02 23:00". Normalised to
             # the millisecond, as SQLite reads them (what it reads as no time is left out).
             normalised = sa.func.strftime("%Y-%m-%d %H:%M:%f", self.cursor)
@@ -474,7 +493,7 @@ class SqlSource:
             sa.select(day)
             .distinct()
             .where(
-                self.cursor >= self._compared(since),
+                self._from(since),
                 self._before(datetime.now(UTC) + FAR_FUTURE),
                 self._within_python(self.cursor),
                 self._within_python(self.table.c[column]),
