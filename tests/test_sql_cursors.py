@@ -597,6 +597,27 @@ def test_a_record_refused_its_new_number_keeps_its_row(sql_database, state):
     engine.dispose()
 
 
+def test_a_repair_lands_a_swap_of_numbers_across_its_batches(sql_database, state):
+    """Lines 1 and 3 swap numbers in place (no change time: found by reconciling). The repair
+    sends 1, 2 and 3, two a batch: 1 is refused for 3's number, then 3 for 1's. A run tries such
+    records again at its end, together; a repair did not: both stayed refused, the table kept
+    the old numbers, and no later run read them."""
+    engine = create_engine(sql_database())
+    source_lines(engine, [datetime(2025, 1, 1, n) for n in range(4)])
+    run(engine, state)
+    with engine.begin() as connection:
+        for line, number in ((1, "L9"), (3, "L1"), (1, "L3")):
+            connection.execute(
+                sa.text("UPDATE source_lines SET line_number = :n WHERE id = :i"),
+                {"n": number, "i": line},
+            )
+    with syncing(engine, state, run_id="fix") as sync:
+        sync.repair(["1", "2", "3"])
+    assert state.list_dead_letters(SPEC.name) == []
+    assert live(engine) == {"L1": 3.0, "L2": 2.0, "L3": 1.0, "L4": 4.0}
+    engine.dispose()
+
+
 def test_a_repair_that_would_archive_most_records_stops_at_the_guard(tmp_path, state):
     """Rows deleted outright and archived by a repair skipped the archive guard: a source
     emptied by mistake (a wrong database) archived everything."""

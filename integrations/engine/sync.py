@@ -634,7 +634,8 @@ class Sync(ErrorBudget, DestinationIds):
             batches = self.source.rows_with_keys(list(keys), self.spec.batch_size)
             before = self.state.watermark(self.spec.name)
             with self._trip_kept():
-                return self._drive(batches, before, full=False, move_watermark=False)
+                # As a run: records refused for each other's ids across batches land at the end.
+                return self._retried(self._drive(batches, before, full=False, move_watermark=False))
         finally:
             self._force = set()
 
