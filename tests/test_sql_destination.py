@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import uuid
 from collections.abc import Iterator
@@ -540,10 +541,10 @@ def test_text_that_is_no_valid_unicode_is_the_records_refusal(engine):
     latin.dispose()
 
 
-def test_a_value_a_fixed_point_column_would_round_is_refused_alone(engine):
-    """PostgreSQL and MariaDB round extra decimals into NUMERIC(p, s) without a word: such a
-    record is refused with the column and what to do, and the rest of the chunk lands."""
-    create(engine, *ledger_columns(amount=sa.Numeric(8, 2)))
+def refusing_rounded_values(engine: sa.Engine, amount, declared: str) -> SqlTable:
+    """Lines with values an `amount` column of 8 digits, 2 decimals would not keep: those are
+    refused, naming the column (as `declared`, a pattern) and what to do; the rest lands."""
+    create(engine, *ledger_columns(amount=amount))
     table = SqlTable(engine, LINES.target)
     table.prepare(LINES)
     outcome = table.upsert(
@@ -559,7 +560,7 @@ def test_a_value_a_fixed_point_column_would_round_is_refused_alone(engine):
     reasons = {refusal.key: refusal.reason for refusal in outcome.refused}
     assert sorted(reasons) == ["2", "3", "4"]
     for key in ("2", "3"):
-        assert "column 'amount' is NUMERIC(8, 2)" in reasons[key]
+        assert re.search(f"column 'amount' is {declared}", reasons[key]), reasons[key]
         assert "more than 2 decimals, and the column would store it rounded" in reasons[key]
         assert "What to do:" in reasons[key]
     assert "more than 6 digits before the decimal point" in reasons["4"]
@@ -568,6 +569,24 @@ def test_a_value_a_fixed_point_column_would_round_is_refused_alone(engine):
         "L1": 10.25,
         "L5": 999_999.99,
     }
+    return table
+
+
+@pytest.mark.mariadb
+def test_mariadb_rounds_into_a_double_with_decimals_and_such_a_value_is_refused(
+    mariadb_database,
+):
+    """MariaDB's DOUBLE(p, s) (FLOAT(p, s) too) rounds every value to s decimals without a word,
+    even in strict mode: 12.345 was stored 12.35 and counted written as sent."""
+    engine = create_engine(mariadb_database())
+    refusing_rounded_values(engine, mysql.DOUBLE(8, 2), r"DOUBLE\(8, 2\)")
+    engine.dispose()
+
+
+def test_a_value_a_fixed_point_column_would_round_is_refused_alone(engine):
+    """PostgreSQL and MariaDB round extra decimals into NUMERIC(p, s) without a word: such a
+    record is refused with the column and what to do, and the rest of the chunk lands."""
+    table = refusing_rounded_values(engine, sa.Numeric(8, 2), r"(NUMERIC|DECIMAL)\(8, 2\)")
 
     refused_all = table.upsert([record("L2", 12.345)])
     assert not refused_all.written and [r.key for r in refused_all.refused] == ["2"]

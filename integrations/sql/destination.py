@@ -248,6 +248,10 @@ class SqlTable:
         flags = [created.get(id_, None if told else False) for id_ in ids]
         return Upserted(WrittenColumns(keys, ids, flags), refused)
 
+    def _declared(self, name: str) -> str:
+        """The column's type as the database declares it: NUMERIC(8, 2), DOUBLE(8, 2)."""
+        return self.table.c[name].type.compile(dialect=self.engine.dialect)
+
     def _not_kept(self, columns: Columns) -> dict[int, str]:
         """The records a fixed-point, floating-point or coarse time column would not keep as
         sent, or a MariaDB server would not take in one statement, by position, with why."""
@@ -271,7 +275,7 @@ class SqlTable:
             for at, why in beyond_fixed_point(columns[name], precision, scale).items():
                 found.setdefault(
                     at,
-                    f"column {name!r} is NUMERIC({precision}, {scale}) and the value {why}. "
+                    f"column {name!r} is {self._declared(name)} and the value {why}. "
                     "What to do: bound the field in the contract (or round it in the flow's "
                     "mapping) to what the column holds, or widen the column",
                 )

@@ -387,13 +387,15 @@ def infinite_numbers(values: Sequence[object]) -> list[int]:
 
 def fixed_point_columns(table: sa.Table, contract: Contract) -> dict[str, tuple[int, int]]:
     """The contract's number fields whose column is fixed-point, by name: (precision, scale).
-    NUMERIC(p) is NUMERIC(p, 0), as SQL has it; NUMERIC without a precision keeps any value."""
+    NUMERIC(p) is NUMERIC(p, 0), as SQL has it; NUMERIC without a precision keeps any value.
+    MariaDB's DOUBLE(p, s) and FLOAT(p, s) are floating-point, yet round every value to s
+    decimals without a word (even in strict mode): fixed-point as far as a value is kept."""
     found: dict[str, tuple[int, int]] = {}
     for name in contract.schema.columns:
         stored = table.c[name].type
+        scaled_float = isinstance(stored, sa.Float) and getattr(stored, "scale", None) is not None
         if (
-            isinstance(stored, sa.Numeric)
-            and not isinstance(stored, sa.Float)
+            ((isinstance(stored, sa.Numeric) and not isinstance(stored, sa.Float)) or scaled_float)
             and stored.precision is not None
             and kind_of(contract, name) in ("int", "float")
         ):
