@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import pandas as pd
@@ -214,6 +214,49 @@ def test_a_number_beyond_sqlite_integer_is_its_records_dead_letter(
     assert rows_of(destination, "counters_out") == {1: (42, None)}
     source.dispose()
     destination.dispose()
+
+
+class StockV1(pa.DataFrameModel):
+    stock_id: Series[int]
+    quantity: Series[int]
+    due_on: Series[pa.Date]
+
+    class Config:
+        coerce = True
+
+
+STOCK = flow("stock", "stock", Target("books", "stock_out", "stock_id"), StockV1)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("number", ["NUMERIC(12, 0)", "DOUBLE PRECISION"])
+def test_whole_numbers_in_a_numeric_column_and_days_in_a_timestamp_reconcile(
+    postgres_database, state, number
+):
+    """The fit takes an int field into a NUMERIC or floating-point column, and a date field into
+    a timestamp column; they read back as 42.0 and midnight, which reconciliation compared with
+    "42" and "2025-03-01": every record drifted, for good, and each repair rewrote it."""
+    engine = create_engine(postgres_database())
+    source_table(
+        engine,
+        "stock",
+        sa.Column("quantity", sa.Integer),
+        sa.Column("due_on", sa.Date),
+        rows=[{"id": 1, "quantity": 42, "due_on": date(2025, 3, 1), "updated_at": T0}],
+    )
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            f"CREATE TABLE stock_out (stock_id BIGINT PRIMARY KEY, quantity {number} NOT NULL, "
+            "due_on TIMESTAMP NOT NULL, archived_at TIMESTAMP)"
+        )
+    assert sync(STOCK, engine, engine, state).written == 1
+    table = SqlTable(engine, STOCK.target)
+    drift = reconcile(STOCK, SqlSource(engine, STOCK.source), table, state)
+    assert drift.in_sync, drift.summary()
+    with engine.begin() as connection:  # a real drift is still one
+        connection.exec_driver_sql("UPDATE stock_out SET quantity = 41.5, due_on = due_on + '1h'")
+    assert reconcile(STOCK, SqlSource(engine, STOCK.source), table, state).differing == ["1"]
+    engine.dispose()
 
 
 # --- zoned timestamps -----------------------------------------------------------------------
@@ -497,7 +540,7 @@ def test_bools_in_an_integer_column_reconcile(sql_database, state):
     assert drift.in_sync, drift.summary()
     engine.dispose()
     # A CRM gives the text back ("True" from the sandbox, "true" from HubSpot): the same flag.
-    said = [_as_stored({"flag": held}, ["flag"], frozenset({"flag"})) for held in HELD_TRUE]
+    said = [_as_stored({"flag": held}, ["flag"], {"flag": "bool"}) for held in HELD_TRUE]
     assert said == [{"flag": "true"}] * len(HELD_TRUE)
 
 

@@ -9,9 +9,12 @@ an md5 over its sorted (id, hash) pairs.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+import math
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 
 from integrations.engine.columns import ready_columns, records
 from integrations.engine.destination import Destination
@@ -50,23 +53,41 @@ class Drift:
 def _as_stored(
     record: dict[str, object],
     fields: Iterable[str],
-    flags: frozenset[str] = frozenset(),
+    kinds: Mapping[str, str] | None = None,
     null_is_empty: bool = False,
 ) -> dict[str, str | None]:
     """The record's values as both sides compare them: text, and NULL as None, apart from empty
     text, unless the destination keeps them as one (`null_is_empty`: a CRM's cleared property
-    reads back as ""); the contract's bool fields (`flags`) as true or false, whether a side
-    holds True, 1 (an integer column, MariaDB's BOOLEAN) or text ("true" from a CRM)."""
-    return {name: _stored(record.get(name), name in flags, null_is_empty) for name in fields}
+    reads back as ""). By the contract's kind of the field (`kinds`): a bool as true or false,
+    whether a side holds True, 1 (an integer column, MariaDB's BOOLEAN) or text ("true" from a
+    CRM); a whole number as itself, held as 42.0 by a NUMERIC or floating-point column; a date
+    as the day, held at midnight by a timestamp column."""
+    kinds = kinds or {}
+    return {name: _stored(record.get(name), kinds.get(name), null_is_empty) for name in fields}
 
 
-def _stored(value: object, flag: bool, null_is_empty: bool) -> str | None:
+def _stored(value: object, kind: str | None, null_is_empty: bool) -> str | None:
     if value is None:
         return "" if null_is_empty else None
-    if not flag:
+    if kind == "int" and isinstance(value, float | Decimal) and math.isfinite(value):
+        return str(int(value)) if value == int(value) else str(value)
+    if kind == "date" and isinstance(value, str) and _MIDNIGHT.fullmatch(value[10:]):
+        return value[:10]
+    if kind != "bool":
         return str(value)
     said = str(value).strip().lower()
     return {"1": "true", "t": "true", "0": "false", "f": "false"}.get(said, said)
+
+
+_MIDNIGHT = re.compile(r"([T ]00:00(:00(\.0+)?)?)?")
+
+
+def _kind(dtype: object) -> str | None:
+    """The kinds `_stored` tells apart, of a contract field's dtype."""
+    said = str(dtype).lower().removeprefix("u")  # uint: int
+    return next(
+        (kind for kind in ("bool", "int", "datetime", "date") if said.startswith(kind)), None
+    )
 
 
 def _digest(pairs: dict[str, str]) -> str:
@@ -125,7 +146,7 @@ def reconcile(spec: FlowSpec, source: Source, destination: Destination, state: S
     # A record held in the DLQ is on neither side: the destination may keep what it synced
     # before the record went bad, which is no drift of the destination's.
     columns = spec.target_contract.schema.columns
-    flags = frozenset(name for name in fields if str(columns[name].dtype).startswith("bool"))
+    kinds = {name: _kind(columns[name].dtype) for name in fields}
     null_is_empty = getattr(destination, "null_is_empty", False)
     held = held_records(spec, source, state) | unpartitioned_records(spec, source)
     held_ids = {
@@ -140,14 +161,14 @@ def reconcile(spec: FlowSpec, source: Source, destination: Destination, state: S
     source_key_of: dict[str, str] = {}
     for key, record in expected_records(spec, source, held):
         id_value = same(str(record[spec.target.id_property]))
-        expected[id_value] = content_hash(_as_stored(record, fields, flags, null_is_empty))
+        expected[id_value] = content_hash(_as_stored(record, fields, kinds, null_is_empty))
         source_key_of[id_value] = key
     actual: dict[str, str] = {}
     destination_ids: dict[str, str] = {}
     for id_value, destination_id, properties in destination.snapshot(fields):
         if destination_id not in held_ids:
             actual[same(id_value)] = content_hash(
-                _as_stored(properties, fields, flags, null_is_empty)
+                _as_stored(properties, fields, kinds, null_is_empty)
             )
             destination_ids[same(id_value)] = destination_id
     extra = sorted(actual.keys() - expected.keys())
