@@ -3,6 +3,7 @@ still sees all of that: a record read twice in the run, a letter it opened, an i
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -153,6 +154,54 @@ def test_a_record_read_twice_in_a_first_sync_is_diffed_against_its_first_write(
     assert set(seen["live_owners"]) == {"L1"}
     assert sorted(seen["held_letter_hashes"]) == ["2", "6"]
     assert sorted(seen["settled"]) == ["2", "6"]
+    engine.dispose()
+
+
+class ThenAgain(SqlSource):
+    """Hands over what changed, then sets `line` back to `amount` and hands it over again."""
+
+    def __init__(self, engine: sa.Engine, line: int, amount: float):
+        super().__init__(engine, SOURCE)
+        self.line, self.amount = line, amount
+
+    def batches(self, since, batch_size, within=None) -> Iterator[pd.DataFrame]:
+        yield from super().batches(since, batch_size, within)
+        with self.engine.begin() as connection:
+            connection.execute(
+                sa.text("UPDATE source_lines SET amount = :a WHERE id = :i"),
+                {"a": self.amount, "i": self.line},
+            )
+        yield from self.rows_with_keys([self.line], batch_size)
+
+
+def test_a_letter_a_batch_opens_closes_when_a_later_batch_finds_the_record_in_sync(
+    tmp_path, state, monkeypatch
+):
+    """Line 2 loses its amount (a letter) and, later in the same run, is handed over again as the
+    ledger holds it: in sync, so its letter closes, as the next run's read would close it. The
+    reader looked for the record's letters before the batch that opened it was committed (the
+    commits run two batches behind): the letter stayed open, for a record in sync, until someone
+    replayed it."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'lines.sqlite'}")
+    source_lines(engine, [datetime(2025, 1, 1, hour) for hour in range(4)])
+    assert first_sync(engine, state, SqlSource(engine, SOURCE)).written == 4
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text("UPDATE source_lines SET amount = NULL, updated_at = :at WHERE id = 2"),
+            {"at": datetime(2025, 1, 2)},
+        )
+    commit = state.commit_batch
+
+    def slow_commit(batch, audit=None):  # a state store a little slower than the reader
+        if batch.dead_letters:
+            time.sleep(0.5)
+        return commit(batch, audit)
+
+    monkeypatch.setattr(state, "commit_batch", slow_commit)
+    again = first_sync(engine, state, ThenAgain(engine, 2, 2.0), run_id="r2")
+    assert (again.counts["rejected"], again.written) == (1, 0)
+    assert rows(engine)["L2"][0] == 2.0 and state.ledger_rows("2")[0]["run_id"] == "r"
+    assert state.list_dead_letters(SPEC.name) == [], "line 2 is in sync: its letter closes"
     engine.dispose()
 
 

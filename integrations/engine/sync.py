@@ -18,7 +18,7 @@ import logging
 import math
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator, Sequence, Set
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -789,6 +789,9 @@ class Sync(ErrorBudget, DestinationIds):
         # work overlaps Python's. The loader diffs against the ledger plus the batch still being
         # committed (`_in_flight`), and waits for that commit before handing on its own batch.
         self._in_flight, self._committed = None, None
+        # The keys lettered by the last two batches handed to the committer: the reader looked
+        # for a batch's open letters while those two may not have been committed yet.
+        self._recent_letters: deque[set[str]] = deque(maxlen=2)
         with (
             _HeapFrozen(),
             ThreadPoolExecutor(1, thread_name_prefix=f"handoff-{self.spec.name}-load") as loader,
@@ -1036,7 +1039,9 @@ class Sync(ErrorBudget, DestinationIds):
                 staged.valid, set(staged.gone.index), in_flight or InFlight()
             )
             letters = staged.letters + self._letters(staged.live, taken, "contract")
-            plan = self._diff(valid, staged.gone, result, staged.open_letters, in_flight)
+            # A record lettered by a batch still being committed, found in sync now, settles it.
+            open_letters = staged.open_letters.union(*self._recent_letters)
+            plan = self._diff(valid, staged.gone, result, open_letters, in_flight)
             letters += self._letters(staged.live, plan.taken, "contract")
             result.counts["valid"] += len(valid) - len(plan.taken)
             clock.lap("diff")
@@ -1075,6 +1080,7 @@ class Sync(ErrorBudget, DestinationIds):
             plan.outbound.keys, {}, plan.outbound.hashes, flow=self.spec.name, run_id=self.run_id
         )
         self._in_flight = flight
+        self._recent_letters.append({letter.record_key for letter in letters + refused})
         self._committed = self._committer.submit(
             self._commit_staged,
             (staged.rows, watermark),
