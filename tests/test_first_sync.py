@@ -3,6 +3,7 @@ still sees all of that: a record read twice in the run, a letter it opened, an i
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -301,6 +302,82 @@ def test_a_run_that_lost_its_lock_stops_before_writing_more(postgres_database, t
     assert letters["5"].resolution == "synced"
     assert letters["3"].resolved_at is None and "line_number" in letters["3"].reason  # L6: 6's
     state.dispose()
+    engine.dispose()
+
+
+class AfterEvent(SqlSource):
+    """Reads nothing until `ready` is set; then lets `meanwhile` change the source, and reads."""
+
+    def __init__(self, engine: sa.Engine, ready: threading.Event, meanwhile):
+        super().__init__(engine, SOURCE)
+        self.ready, self.meanwhile = ready, meanwhile
+
+    def batches(self, since, batch_size, within=None) -> Iterator[pd.DataFrame]:
+        assert self.ready.wait(30)
+        self.meanwhile()
+        yield from super().batches(since, batch_size, within)
+
+
+@pytest.mark.postgres
+def test_a_run_that_lost_its_lock_commits_nothing_once_another_took_it(postgres_database, tmp_path):
+    """Run 1's lock goes with its session while it loads its first batch (line 2 refused: no
+    amount); run 2 takes the flow and looks at its tables, finding them empty; run 1's commit,
+    under way, landed after that look: run 2, a first sync asking only about its own writes,
+    never saw line 2's letter, and left it open once line 2, fixed, was synced. Run 1's commit
+    is now refused: run 2 took the flow's lock after it."""
+    url = postgres_database()
+    state, other = StateStore(url, dlq_key=DLQ_KEY), StateStore(url, dlq_key=DLQ_KEY)
+    engine = create_engine(f"sqlite:///{tmp_path / 'lines.sqlite'}")
+    source_lines(engine, [datetime(2025, 1, 1, hour) for hour in range(4)])
+    with engine.begin() as connection:
+        connection.execute(sa.text("UPDATE source_lines SET amount = NULL WHERE id = 2"))
+    looked, committed, outcome = threading.Event(), threading.Event(), {}
+    empty_of, commit = other.empty_of, state.commit_batch
+
+    def looking(flow):
+        try:
+            return empty_of(flow)
+        finally:
+            looked.set()
+
+    def committing(batch, audit=None):
+        try:
+            return commit(batch, audit)
+        finally:
+            committed.set()
+
+    def fix_line_2():
+        with engine.begin() as connection:
+            connection.execute(sa.text("UPDATE source_lines SET amount = 2.0 WHERE id = 2"))
+
+    other.empty_of, state.commit_batch = looking, committing
+    second = threading.Thread(
+        target=lambda: outcome.update(
+            second=first_sync(engine, other, AfterEvent(engine, committed, fix_line_2), "second")
+        )
+    )
+    writer = create_engine(engine.url.render_as_string(hide_password=False))
+    destination = SqlTable(writer, SPEC.target, create_missing=True)
+    upsert = destination.upsert
+
+    def loading(records, whole=False):
+        if not second.is_alive() and "second" not in outcome:
+            end_lock_sessions(url)  # run 1's lock goes with its session, mid-batch
+            second.start()
+            assert looked.wait(30)
+        return upsert(records, whole)
+
+    destination.upsert = loading
+    run = Sync(SPEC, SqlSource(engine, SOURCE), destination, state, run_id="r", actor="t", why="t")
+    with pytest.raises(FlowHeld, match="another run took the flow, so this run committed nothing"):
+        run.run()
+    second.join(60)
+    assert outcome["second"].written == 4
+    assert [row["run_id"] for key in "1234" for row in state.ledger_rows(key)] == ["second"] * 4
+    assert state.list_dead_letters(SPEC.name) == [], "line 2 is synced: no letter stays open"
+    for store in (state, other):
+        store.dispose()
+    writer.dispose()
     engine.dispose()
 
 

@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import sqlalchemy as sa
 from cryptography.fernet import Fernet, InvalidToken
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import postgresql, sqlite
 
 from integrations.engine.hashing import sorted_json
 from integrations.sql.connect import (
@@ -152,6 +152,15 @@ stopped_windows = sa.Table(
     sa.Column("stopped_at", sa.DateTime, nullable=False),  # the latest stop: a new request's key
     sa.Column("run_id", sa.String(64), nullable=False),
     sa.Column("stop", sa.String(16), nullable=False),  # refused or tripped
+)
+
+# Each flow's lock, as often as it was taken: a run's commits carry the number it took the lock
+# as (`BatchCommit.fence`), and one the lock went from since (its session ended) is refused.
+flow_fences = sa.Table(
+    "flow_fences",
+    metadata,
+    sa.Column("flow", sa.String(120), primary_key=True),
+    sa.Column("taken", sa.BigInteger, nullable=False),
 )
 
 # Who holds each unique value (as a digest of its lower-cased text: no PII in the clear).
@@ -429,6 +438,21 @@ class FlowBusy(Exception):
     """Another run, repair or replay of the flow held its lock for longer than one waits."""
 
 
+class LockTakenSince(Exception):
+    """A commit of a run whose lock another run took since: refused, nothing of it written."""
+
+
+class HeldLock:
+    """A flow's lock, held: called, whether it still is (a PostgreSQL session can end under a
+    run); `fence`, the number this holder took it as, for its commits to carry."""
+
+    def __init__(self, still_held: Callable[[], bool], fence: int):
+        self._still_held, self.fence = still_held, fence
+
+    def __call__(self) -> bool:
+        return self._still_held()
+
+
 class MissingSecret(RuntimeError):
     """A secret handoff needs is not in the environment."""
 
@@ -455,6 +479,8 @@ class BatchCommit:
     # The letters are earlier runs' letters a run retried at its end (see Sync._retried): one
     # refused again stays the letter of the run that refused it, which its trip holds it to.
     retried: bool = False
+    # The fence its run took the flow's lock as (StateStore.flow_lock); None: no lock to check.
+    fence: int | None = None
 
 
 def _chunks(items: Sequence[object], dialect: str) -> Iterator[Sequence[object]]:
@@ -527,6 +553,13 @@ class StateStore:
         # table → [its rows at this store's last analysis, rows written since]
         self._growth: dict[str, list[int]] = {}
         self._growth_lock = threading.Lock()
+        insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
+        self._move_fence = (
+            insert(flow_fences)
+            .values(flow=sa.bindparam("flow"), taken=1)
+            .on_conflict_do_update(index_elements=["flow"], set_={"taken": flow_fences.c.taken + 1})
+            .returning(flow_fences.c.taken)
+        )
         self._upsert_cursor = upsert_statement(
             self.engine.dialect.name,
             cursors,
@@ -558,13 +591,19 @@ class StateStore:
         self.engine.dispose()
 
     @contextmanager
-    def flow_lock(self, flow: str, wait: float) -> Iterator[Callable[[], bool]]:
+    def flow_lock(self, flow: str, wait: float) -> Iterator[HeldLock]:
         """Hold the flow's lock: one run, repair or replay of a flow at a time, whatever process
         runs it (two would diff against one ledger and write the same records, each a move the
         other does not see). Waits up to `wait` seconds for the holder, then raises FlowBusy.
         The lock is a PostgreSQL session's advisory lock, or an flock on a file beside a SQLite
         store: the holder's end releases it, and so does its death (a killed run holds nothing).
-        Yields whether the lock is still held: a PostgreSQL session can end under a run."""
+        Yields the lock held (HeldLock): whether it still is, and the fence its commits carry.
+
+        Taking the lock moves the flow's fence on, once the commit of any earlier holder under
+        way has ended: a commit that carries an older one is refused (`commit_batch`). So a run
+        whose session ended mid-run (its lock taken by another run meanwhile) commits nothing
+        more, and the new holder's first look at the flow's tables (`empty_of`) comes after the
+        old holder's last commit."""
         take, release, still_held = (
             self._advisory_lock(flow)
             if self.engine.dialect.name == "postgresql"
@@ -576,9 +615,26 @@ class StateStore:
                 if time.monotonic() >= deadline:
                     raise FlowBusy(flow)
                 time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-            yield still_held
+            yield HeldLock(still_held, self._fence_on(flow))
         finally:
             release()
+
+    def _fence_on(self, flow: str) -> int:
+        """Move the flow's fence on; the new one. The row's update waits for a commit that
+        holds it (`_check_fence`) to end."""
+        with self.engine.begin() as connection:
+            return connection.execute(self._move_fence, {"flow": flow}).scalar_one()
+
+    @staticmethod
+    def _check_fence(connection: sa.Connection, flow: str, fence: int) -> None:
+        """Refuse, within a commit's transaction, a commit whose run the lock went from."""
+        now = connection.execute(
+            sa.select(flow_fences.c.taken)
+            .where(flow_fences.c.flow == flow)
+            .with_for_update(read=True)
+        ).scalar_one_or_none()
+        if now != fence:
+            raise LockTakenSince(flow)
 
     def _advisory_lock(
         self, flow: str
@@ -1095,6 +1151,8 @@ class StateStore:
         """Ledger, dead letters, resolutions, watermark and audit entry, all or nothing."""
         now = utcnow()
         with self.engine.begin() as connection:
+            if batch.fence is not None:
+                self._check_fence(connection, batch.flow, batch.fence)
             if batch.synced:
                 entries = LedgerEntries.of(batch.synced)
                 count = len(entries.keys)

@@ -71,6 +71,7 @@ from integrations.engine.state import (
     DeadLetter,
     FlowBusy,
     LedgerEntry,
+    LockTakenSince,
     StateStore,
     StateStoreUnavailable,
     StoppedWindow,
@@ -378,14 +379,14 @@ def _one_at_a_time(method):
             return method(self, *args, **kwargs)
         flow = self.spec.name
         try:
-            with self.state.flow_lock(flow, wait=self.lock_wait) as still_held:
+            with self.state.flow_lock(flow, wait=self.lock_wait) as held:
                 first_sync = FirstSync.of(self.state.empty_of(flow))
-                self._holding_lock, self._lock_held = True, still_held
+                self._holding_lock, self._lock_held, self._fence = True, held, held.fence
                 self._first_sync = first_sync
                 try:
                     return method(self, *args, **kwargs)
                 finally:
-                    self._holding_lock = False
+                    self._holding_lock, self._fence = False, None
                     self._first_sync = FirstSync()
         except FlowBusy:
             # A partition's run keeps its window, an unpartitioned flow's run its sync: each is
@@ -436,6 +437,7 @@ class Sync(ErrorBudget, DestinationIds):
         # What the run committed, while it holds the lock of a flow whose tables were empty.
         self._first_sync = FirstSync()
         self._lock_held: Callable[[], bool] = lambda: True
+        self._fence: int | None = None  # the flow's lock's, while held: the commits carry it
         # Records refused for a destination id a record outside their batch held, and records
         # that let go of their ids (moved off, archived) in this run (see _retried).
         self._clashed: list[str] = []
@@ -875,17 +877,22 @@ class Sync(ErrorBudget, DestinationIds):
         with older ones, and a first sync asks the ledger only about its own writes."""
         if not self._holding_lock or self._lock_held():
             return
+        raise self._lock_lost(
+            "this run stopped before writing the next batch; every batch before it is committed"
+        )
+
+    def _lock_lost(self, what: str) -> FlowHeld:
+        """The stop of a run whose lock went with its session, its window kept."""
         self._keep_window("busy")
         todo = (
             "run it again once no other run of the flow is going on (a sync resumes from "
             "the watermark)"
         )
         window = self._window_todo()
-        raise FlowHeld(
+        return FlowHeld(
             self.spec.name,
             "the flow's lock was lost during the run (its state store session ended), so "
-            "another run of the flow may be writing: this run stopped before writing the next "
-            "batch; every batch before it is committed",
+            f"another run of the flow may be writing: {what}",
             todo if window is None else f"{todo}; {window}",
         )
 
@@ -1328,8 +1335,16 @@ class Sync(ErrorBudget, DestinationIds):
         """Commit `batch`; a first sync settles only the letters it may have opened."""
         first = self._first_sync
         batch.lettered = first.letters.to_look_up([*batch.synced, *batch.resolved])
+        batch.fence = self._fence
         first.committing(batch)
-        self.state.commit_batch(batch, audit)
+        try:
+            self.state.commit_batch(batch, audit)
+        except LockTakenSince:
+            raise self._lock_lost(
+                "another run took the flow, so this run committed nothing more (what its last "
+                "batch wrote to the destination, the rerun sends again: upserts make that "
+                "harmless)"
+            ) from None
 
     def _ledger_entries(self, keys: Sequence[str]) -> dict[str, LedgerEntry]:
         """The ledger's entries of these keys (a first sync asks only for those it wrote)."""
