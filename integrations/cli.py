@@ -344,6 +344,12 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
     if not letters:
         print("no open dead letters match; nothing to replay")
         return 0
+    if settings.dlq_key() is None:  # checked before any record is sent: a replay letters again
+        raise MissingSecret(
+            "HANDOFF_DLQ_KEY is not set: a replay reads the letters' payloads and dead-letters "
+            "what fails again, encrypted with it. Set it to the key the flows run with (the "
+            "demo keeps it in $HANDOFF_HOME/dlq_key); nothing was replayed"
+        )
     specs, failed, stopped = _flows(), False, []
     run_id = f"replay-{uuid.uuid4().hex[:12]}"
     for flow in sorted({letter.flow for letter in letters}):

@@ -95,8 +95,8 @@ class CircuitOpen(ApiUnavailable):
 class CircuitBreaker:
     """Closed → open after N consecutive failures → half-open probe after a pause → closed."""
 
-    def __init__(self, system: str, failures_to_open: int, open_seconds: float):
-        self.system = system
+    def __init__(self, system: str, failures_to_open: int, open_seconds: float, address: str = ""):
+        self.system, self.address = system, address
         self.failures_to_open, self.open_seconds = failures_to_open, open_seconds
         self.state = "closed"
         self.consecutive_failures = 0
@@ -124,8 +124,9 @@ class CircuitBreaker:
             retry_in = max(0.0, self.open_seconds - waited)
             raise CircuitOpen(
                 f"{self.system} circuit open after {self.consecutive_failures} consecutive "
-                f"failures (last: {self.last_failure}); calls fail fast, the next probe goes "
-                f"out in {retry_in:.0f} s"
+                f"failures{f' talking to {self.address}' if self.address else ''} (last: "
+                f"{self.last_failure}); calls fail fast, the next probe goes out in "
+                f"{retry_in:.0f} s"
             )
 
     def succeeded(self, log: logging.Logger | logging.LoggerAdapter) -> None:
@@ -181,7 +182,9 @@ def breaker_for(system: str, base_url: str, limits: ApiLimits) -> CircuitBreaker
     with _breakers_lock:
         key = (system, base_url, limits.failures_to_open, limits.open_seconds)
         if key not in _breakers:
-            _breakers[key] = CircuitBreaker(system, limits.failures_to_open, limits.open_seconds)
+            _breakers[key] = CircuitBreaker(
+                system, limits.failures_to_open, limits.open_seconds, address=base_url
+            )
         return _breakers[key]
 
 

@@ -431,6 +431,24 @@ def test_every_command_reports_a_state_store_that_does_not_answer(command, monke
     assert "What to do: check HANDOFF_STATE_URL" in err
 
 
+def test_a_replay_without_the_dlq_key_sends_nothing_and_says_which_key(
+    world, erp, crm_client, state, monkeypatch, capsys
+):
+    """Without HANDOFF_DLQ_KEY a replay sent the record, then failed writing its letter again,
+    advising a new key, which cannot read the letters written under the flows' own."""
+    sync(erp, crm_client, state)
+    letter = bad_email_letter(state)
+    sent = world.crm.store.stats()["upsert_inputs"]
+    monkeypatch.delenv("HANDOFF_DLQ_KEY")
+
+    assert main(["dlq", "replay", "--id", str(letter.id)]) == 1
+    err = capsys.readouterr().err
+    assert "HANDOFF_DLQ_KEY is not set" in err and "the key the flows run with" in err
+    assert "nothing was replayed" in err and "Traceback" not in err
+    assert world.crm.store.stats()["upsert_inputs"] == sent
+    assert state.get_dead_letter(letter.id).attempts == letter.attempts
+
+
 @pytest.mark.parametrize("command", [["dlq", "list"], ["audit", "verify"], ["budget", "list"]])
 def test_a_dlq_key_that_is_no_key_is_reported_in_one_line(command, tmp_path, monkeypatch, capsys):
     """A HANDOFF_DLQ_KEY that is no Fernet key ended every command with a traceback."""

@@ -1588,7 +1588,9 @@ class StateStore:
         if self._fernet is None:
             raise MissingSecret(
                 "HANDOFF_DLQ_KEY is not set: dead-letter payloads are encrypted at rest with it. "
-                "Generate one with `handoff dlq keygen` and set it where the flows run"
+                "Set it to the key the flows run with (the demo keeps it in "
+                "$HANDOFF_HOME/dlq_key); where there is none yet, make one with `handoff dlq "
+                "keygen`: a new key cannot read the letters written under another"
             )
         text = json.dumps(payload, sort_keys=True, default=str)
         return self._fernet.encrypt(text.encode()).decode()
