@@ -64,6 +64,5 @@ CRM_DEALS = FlowSpec(
     mapping=invoice_to_deal,
     in_scope=is_paid,
     partitions=DailyPartitions(column="invoice_date", start="2024-01-01"),
-    watch_source=False,
     pool="crm_api",
 )

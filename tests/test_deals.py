@@ -16,7 +16,7 @@ from assets.factory import flow_asset
 from definitions import defs, resources
 from integrations.crm.client import CrmClient
 from integrations.crm.destination import CrmObjects
-from integrations.engine.state import StateStore
+from integrations.engine.state import StateStore, utcnow
 from integrations.engine.sync import Sync
 from integrations.http import ApiLimits
 from integrations.sql.connect import create_engine
@@ -115,6 +115,48 @@ def test_a_voided_invoice_archives_its_deal_when_its_day_is_rewritten(world, crm
         assert (counts["archived"], counts["written"]) == (1, 1)
         archived = list(crm_client.list_objects("deals", ["erp_invoice_id"], archived=True))
         assert [d["properties"]["erp_invoice_id"] for d in archived] == [number]
+
+
+def test_an_invoice_paid_after_its_day_ran_becomes_a_deal_by_a_run_of_its_day(world, crm_client):
+    """A day's deals were synced once, by the schedule, when the day was over: an invoice paid a
+    week later was never in scope of a run again, and never became a deal. The flow's
+    changed-days sensor requests a run of its day."""
+    sensor = defs.resolve_sensor_def(f"{CRM_DEALS.name}_changed_days")
+
+    def tick(instance, cursor):
+        context = dg.build_sensor_context(
+            instance=instance, cursor=cursor, resources=resources(), definitions=defs
+        )
+        return sensor(context)
+
+    with dg.instance_for_test() as instance:
+        assert dg.materialize(
+            [flow_asset(CRM_CONTACTS)], resources=resources(), instance=instance
+        ).success
+        materialize_deals(instance)
+        idle = tick(instance, None)
+        assert not idle.run_requests, "nothing changed since the backfill"
+        engine = create_engine(world.erp_url)
+        with engine.begin() as connection:
+            number, day = connection.execute(
+                sa.text(
+                    "SELECT invoice_number, invoice_date FROM invoices WHERE status = 'open' "
+                    "AND invoice_date BETWEEN '2025-01-01' AND '2025-01-31' LIMIT 1"
+                )
+            ).one()
+            connection.execute(
+                sa.text(
+                    "UPDATE invoices SET status = 'paid', updated_at = :now "
+                    "WHERE invoice_number = :n"
+                ),
+                {"n": number, "now": utcnow() + timedelta(seconds=1)},
+            )
+        engine.dispose()
+        (request,) = tick(instance, idle.cursor).run_requests
+        assert request.partition_key == str(day)[:10]
+        materialize_deals(instance, tags=None, partition_key=request.partition_key)
+        deals = crm_client.list_objects("deals", ["erp_invoice_id"])
+        assert number in {deal["properties"]["erp_invoice_id"] for deal in deals}
 
 
 def test_deals_are_daily_partitioned_with_a_single_run_backfill_policy():
