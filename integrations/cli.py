@@ -276,7 +276,21 @@ def _when(moment) -> str | None:
     return moment.isoformat(timespec="seconds") if moment else None
 
 
+def _shown_url(url: str) -> str:
+    """A database URL as a person may see it: its password hidden."""
+    return sa.engine.make_url(url).render_as_string(hide_password=True)
+
+
+def _flow_named(value: str | None) -> str | None:
+    """A flow's name, also when given as its asset's key (`crm/contacts`, as the UI shows it)."""
+    by_asset = {
+        f"{spec.target.system}/{spec.target.dataset}": name for name, spec in _flows().items()
+    }
+    return by_asset.get(value, value) if value else value
+
+
 def _selected(store: StateStore, args: argparse.Namespace, limit: int | None) -> list[DeadLetter]:
+    args.flow = _flow_named(args.flow)
     older = getattr(args, "older_than", None)
     return store.list_dead_letters(
         flow=args.flow,
@@ -297,7 +311,13 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
-        print("no dead letters match" + (f" in {args.flow}" if args.flow else ""))
+        unknown = args.flow and args.flow not in _flows()
+        known = f" (no flow is named so; the flows: {', '.join(sorted(_flows()))})"
+        print(
+            "no dead letters match"
+            + (f" in {args.flow}" if args.flow else "")
+            + (known if unknown else "")
+        )
         return 0
     state = f"{'state':<30}  " if args.all else ""  # open, or how and when it closed
     print(f"{'id':>6}  {'flow':<32} {'key':<12} {'kind':<20} {'att':>3}  {state}reason")
@@ -528,6 +548,13 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     if verdict.intact:
         held = f"; it holds entry {args.head.id} as recorded" if args.head else ""
         print(f"audit trail intact: {verdict.entries} entries, head {verdict.head or 'none'}{held}")
+        if not verdict.entries:  # a store just made, maybe not the flows' one
+            print(
+                f"(an empty trail: is {_shown_url(settings.state_url())} the flows' state store? "
+                "HANDOFF_HOME is relative to the current directory, HANDOFF_STATE_URL names "
+                "another store)",
+                file=sys.stderr,
+            )
         return 0
     if verdict.broken_position is None:  # no broken link: the chain holds, but not its head
         found = f"audit trail broken: {verdict.problem}; the {verdict.entries} entries left verify"

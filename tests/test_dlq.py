@@ -177,6 +177,19 @@ def test_filters_by_kind_and_age(world, erp, crm_client, state, capsys):
     assert "no dead letters match" in capsys.readouterr().out
 
 
+def test_a_flow_is_named_by_its_name_or_its_assets_key(world, erp, crm_client, state, capsys):
+    """The UI shows asset keys, the CLI took flow names only: `--flow crm/contacts` matched
+    nothing, and said so as if the flow had no letters."""
+    sync(erp, crm_client, state)
+    assert main(["dlq", "list", "--flow", "crm/contacts", "--json", "--limit", "10000"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed and {row["flow"] for row in listed} == {FLOW}
+    assert main(["dlq", "list", "--flow", "crm/nothing"]) == 0
+    said = capsys.readouterr().out
+    assert "no dead letters match in crm/nothing (no flow is named so; the flows: " in said
+    assert FLOW in said
+
+
 @pytest.mark.parametrize("limit", ["0", "-3"])
 def test_a_limit_below_one_is_refused_saying_so(world, state, capsys, limit):
     """`--limit 0` said "no dead letters match" with letters open; a negative limit listed some
