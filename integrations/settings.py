@@ -43,8 +43,10 @@ def chinook_database_url() -> str:
     `HANDOFF_HOME` (the shared file is read-only; SQLite's WAL needs to write beside it)."""
     if os.environ.get("CHINOOK_DATABASE_URL"):
         return os.environ["CHINOOK_DATABASE_URL"]
+    if not CHINOOK_DATASET.exists():  # read-only: its absence is an error naming it, no empty copy
+        return f"sqlite:///file:{CHINOOK_DATASET}?mode=ro&uri=true"
     copy = handoff_home() / "chinook.sqlite"
-    if not copy.exists() and CHINOOK_DATASET.exists():
+    if not copy.exists() or copy.stat().st_size == 0:  # an empty one: SQLite made it, unasked
         shutil.copyfile(CHINOOK_DATASET, copy)
         copy.chmod(0o644)
     return f"sqlite:///{copy}"
