@@ -16,6 +16,7 @@ fifteen at 10M).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -34,13 +35,17 @@ class RunWritten:
 
     def __init__(self, empty: bool = False):
         self._bits = np.zeros(_BITS // 8, dtype=np.uint8) if empty else None
+        # The committer adds, and so may the loader (an error budget's trip): each byte's
+        # read-modify-write must not lose the other's bit.
+        self._adding = threading.Lock()
 
     def add(self, values: Iterable[str | None]) -> None:
         if self._bits is None:
             return
         written = [value for value in values if value is not None]
-        for at in _positions(written):
-            np.bitwise_or.at(self._bits, at >> np.uint64(3), _bit(at))
+        with self._adding:
+            for at in _positions(written):
+                np.bitwise_or.at(self._bits, at >> np.uint64(3), _bit(at))
 
     def to_look_up(self, values: Sequence[str]) -> list[str]:
         """The values the table may hold."""
