@@ -89,6 +89,8 @@ STAGES = {
     "committer": ("commit",),
 }
 PHASES = tuple(phase for phases in STAGES.values() for phase in phases)
+# A batch's counts the progress line sums, as its commit audits them.
+_PROGRESS = ("rows", "inserted", "updated", "archived", "dead_lettered")
 SAMPLE_SIZE = 5
 EXAMPLE_KEYS = 3  # keys a batch's dead-letter summary names per reason kind
 MAX_KEY_LENGTH = 200  # the state store keys records by text of at most 255 characters
@@ -794,6 +796,7 @@ class Sync(ErrorBudget, DestinationIds):
         # The keys lettered by the last two batches handed to the committer: the reader looked
         # for a batch's open letters while those two may not have been committed yet.
         self._recent_letters: deque[set[str]] = deque(maxlen=2)
+        self._committed_counts: Counter = Counter()
         with (
             _HeapFrozen(),
             ThreadPoolExecutor(1, thread_name_prefix=f"handoff-{self.spec.name}-load") as loader,
@@ -1108,20 +1111,23 @@ class Sync(ErrorBudget, DestinationIds):
         """Commit one loaded batch (the committer's stage): `read` is its rows and watermark."""
         clock = _Clock(result.timings)
         with self._state_lost():
-            self._commit(*read, plan, flight, letters)
+            detail = self._commit(*read, plan, flight, letters)
         if self._in_flight is flight:
             self._in_flight = None
         clock.lap("commit")
         result.batches += 1
         result.seconds = time.perf_counter() - self._started
+        # What the commits so far hold (the reader's counts run up to two batches ahead).
+        done = self._committed_counts
+        done.update({name: detail[name] for name in _PROGRESS})
         self.log.info(
             "%s: batch %d committed: %d rows done, %.0f rows/s, %d written, %d rejected",
             self.spec.name,
             result.batches,
-            result.counts["read"],
-            result.rows_per_second,
-            result.written,
-            result.counts["rejected"],
+            done["rows"],
+            done["rows"] / max(result.seconds, 1e-9),
+            done["inserted"] + done["updated"] + done["archived"],
+            done["dead_lettered"],
         )
 
     def _keyed(self, batch: pd.DataFrame) -> tuple[pd.DataFrame, list[DeadLetter]]:
@@ -1292,9 +1298,9 @@ class Sync(ErrorBudget, DestinationIds):
         plan: _Plan,
         flight: InFlight,
         letters: list[DeadLetter],
-    ) -> None:
+    ) -> dict[str, object]:
         """Ledger, unique-value claims, dead letters, watermark (None: it stays) and audit: one
-        transaction."""
+        transaction. Returns the batch's counts, as audited."""
         spec = self.spec
         written = flight.written
         records = self._audit_records(plan, flight, letters)
@@ -1330,6 +1336,7 @@ class Sync(ErrorBudget, DestinationIds):
             ),
             audit=self._batch_entry(detail),
         )
+        return detail
 
     def _commit_batch(self, batch: BatchCommit, audit: dict[str, object]) -> None:
         """Commit `batch`; a first sync settles only the letters it may have opened."""
