@@ -68,29 +68,14 @@ def _flows() -> dict[str, FlowSpec]:
 
 
 def _masked_fields(flow: str, fields: Iterable[str]) -> frozenset[str]:
-    """Which of a payload's fields to mask: the flow's PII fields and, when it has any, every
-    field it does not declare (a column no contract names may hold anything: a street address,
-    a fax number); every flow's when the flow is unknown (mask more, never less)."""
+    """Which of a payload's fields to mask (FlowSpec.masked_fields); every flow's when the flow
+    is unknown (mask more, never less)."""
     specs = _flows()
     chosen = [specs[flow]] if flow in specs else list(specs.values())
-    pii = frozenset().union(
-        *(spec.source_contract.pii_fields | spec.target_contract.pii_fields for spec in chosen)
-    )
+    pii = frozenset().union(*(spec.pii_fields for spec in chosen))
     if not pii:
         return pii
-    return pii | (frozenset(fields) - frozenset().union(*map(_declared_fields, chosen)))
-
-
-def _declared_fields(spec: FlowSpec) -> frozenset[str]:
-    """The fields a flow names: its contracts', and its key, cursor, soft-delete and partition
-    columns."""
-    source = spec.source
-    named = {source.key, source.cursor, source.deleted}
-    if spec.partitions:
-        named.add(spec.partitions.column)
-    return frozenset(spec.source_contract.schema.columns).union(
-        spec.target_contract.schema.columns, named - {None}
-    )
+    return pii | (frozenset(fields) - frozenset().union(*(s.declared_fields for s in chosen)))
 
 
 def _store() -> StateStore:

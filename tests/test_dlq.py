@@ -286,7 +286,8 @@ CHINOOK_CUSTOMER_ONE = {  # where Luís Gonçalves lives, and his fax: PII Chino
 def test_chinook_addresses_and_undeclared_columns_are_masked(world, state, chinook_copy, capsys):
     """Chinook's customer contract left Address, PostalCode, Fax and State undeclared: `dlq
     show` and the contract check's samples printed them in clear. They are PII now, and `dlq
-    show` masks any column a flow with PII does not declare (here SupportRepId)."""
+    show` and the samples mask any column a flow with PII does not declare (here SupportRepId:
+    the samples showed it in clear)."""
     set_chinook_email(chinook_copy, 1, "luis at embraer")
     with dg.instance_for_test() as instance:
         run = dg.materialize(
@@ -307,6 +308,7 @@ def test_chinook_addresses_and_undeclared_columns_are_masked(world, state, chino
         "State": "S***",
     }
     assert shown["SupportRepId"] == "3***", "a column no contract names"
+    assert sample["record"]["SupportRepId"] == "3***", "so in the check's samples too"
     assert (shown["CustomerId"], shown["Country"]) == (1, "Brazil"), "declared, not PII"
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -149,3 +149,27 @@ class FlowSpec:
     # When to alert: no successful sync for this long; a dead letter left open this long.
     max_staleness: timedelta = timedelta(hours=3)
     dead_letter_max_age: timedelta = timedelta(days=1)
+
+    @property
+    def pii_fields(self) -> frozenset[str]:
+        """The fields either contract marks as personal."""
+        return self.source_contract.pii_fields | self.target_contract.pii_fields
+
+    @property
+    def declared_fields(self) -> frozenset[str]:
+        """The fields the flow names: its contracts', and its key, cursor, soft-delete and
+        partition columns."""
+        source = self.source
+        named = {source.key, source.cursor, source.deleted}
+        if self.partitions:
+            named.add(self.partitions.column)
+        return frozenset(self.source_contract.schema.columns).union(
+            self.target_contract.schema.columns, named - {None}
+        )
+
+    def masked_fields(self, fields: Iterable[str]) -> frozenset[str]:
+        """Which of a record's fields a person sees masked: the personal ones and, when the flow
+        has any, every field it does not declare (a column no contract names may hold anything:
+        a street address, a fax number)."""
+        pii = self.pii_fields
+        return pii | (frozenset(fields) - self.declared_fields) if pii else pii

@@ -1648,16 +1648,16 @@ class Sync(ErrorBudget, DestinationIds):
     def _note_rejections(self, result: SyncResult, letters: Sequence[DeadLetter]) -> None:
         """Count the batch's rejections and keep the run's first few as samples (PII masked)."""
         result.counts["rejected"] += sum(map(_rows_in, letters))
-        pii = self.spec.source_contract.pii_fields | self.spec.target_contract.pii_fields
         for letter in letters:
             result.reasons[letter.reason] += 1
             result.kinds[letter.reason_kind] += 1
             if len(result.samples) < SAMPLE_SIZE and "rows" not in letter.payload:
+                masked = self.spec.masked_fields(letter.payload)  # as the CLI shows letters
                 result.samples.append(
                     {
                         "key": letter.record_key,
                         "reason": letter.reason,
-                        "record": mask_record(letter.payload, pii),
+                        "record": mask_record(letter.payload, masked),
                     }
                 )
 
