@@ -155,6 +155,7 @@ def _metadata(spec: FlowSpec, result: SyncResult) -> dict[str, object]:
             "valid",
             "rejected",
             "unchanged",
+            "skipped",
             "held",
             "inserted",
             "updated",

@@ -1248,7 +1248,11 @@ class Sync(ErrorBudget, DestinationIds):
             and not entry.archived
             and entry.destination_id
         }
-        result.counts["unchanged"] += len(gone) - len(to_archive)
+        # Rows deleted or out of scope at the source that were never synced: nothing to do, and
+        # not "unchanged" either (a first sync counted every soft-deleted row so).
+        never = sum(key not in ledger for key in gone.index)
+        result.counts["skipped"] += never
+        result.counts["unchanged"] += len(gone) - len(to_archive) - never
         # A dead-lettered record that left the source (or the flow) has nothing left to send: its
         # letter closes, as an archived record's does with its commit.
         in_sync += [key for key in gone.index if key in open_letters and key not in to_archive]
