@@ -296,12 +296,12 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
-        unknown = args.flow and args.flow not in _flows()
-        known = f" (no flow is named so; the flows: {', '.join(sorted(_flows()))})"
+        flows = _flows()
+        unknown = f" (no flow is named so; the flows: {', '.join(sorted(flows))})"
         print(
             "no dead letters match"
             + (f" in {args.flow}" if args.flow else "")
-            + (known if unknown else "")
+            + (unknown if args.flow and args.flow not in flows else "")
         )
         return 0
     state = f"{'state':<30}  " if args.all else ""  # open, or how and when it closed

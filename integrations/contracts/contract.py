@@ -204,6 +204,15 @@ class Contract:
         return _schema_trusting(self.model, typed)
 
 
+def kind_of(contract: Contract, field: str) -> str:
+    """The contract field's kind: str, int, float, bool, datetime or date."""
+    dtype = str(contract.schema.columns[field].dtype).lower().removeprefix("u")  # uint: int
+    for kind in ("datetime", "date", "int", "float", "bool"):
+        if dtype.startswith(kind):
+            return kind
+    return "str"
+
+
 def _whole_row_parsed(schema: pa.DataFrameSchema, frame: pd.DataFrame) -> pd.DataFrame:
     """`frame` through the schema's parsers of the whole row alone, as validating runs them
     first (before coercion, the fields' parsers and every rule)."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 
+from integrations.contracts.contract import kind_of
 from integrations.engine.columns import ready_columns, records
 from integrations.engine.destination import Destination
 from integrations.engine.hashing import content_hash
@@ -82,14 +83,6 @@ def _stored(value: object, kind: str | None, null_is_empty: bool) -> str | None:
 _MIDNIGHT = re.compile(r"([T ]00:00(:00(\.0+)?)?)?")
 
 
-def _kind(dtype: object) -> str | None:
-    """The kinds `_stored` tells apart, of a contract field's dtype."""
-    said = str(dtype).lower().removeprefix("u")  # uint: int
-    return next(
-        (kind for kind in ("bool", "int", "datetime", "date") if said.startswith(kind)), None
-    )
-
-
 def _digest(pairs: dict[str, str]) -> str:
     md5 = hashlib.md5(usedforsecurity=False)
     for key in sorted(pairs):
@@ -145,8 +138,7 @@ def reconcile(spec: FlowSpec, source: Source, destination: Destination, state: S
     ]
     # A record held in the DLQ is on neither side: the destination may keep what it synced
     # before the record went bad, which is no drift of the destination's.
-    columns = spec.target_contract.schema.columns
-    kinds = {name: _kind(columns[name].dtype) for name in fields}
+    kinds = {name: kind_of(spec.target_contract, name) for name in fields}
     null_is_empty = getattr(destination, "null_is_empty", False)
     held = held_records(spec, source, state) | unpartitioned_records(spec, source)
     held_ids = {

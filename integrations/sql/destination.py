@@ -37,6 +37,7 @@ from typing import NamedTuple, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
+from integrations.contracts.contract import kind_of
 from integrations.engine.destination import (
     DestinationMismatch,
     DestinationUnavailable,
@@ -69,7 +70,6 @@ from integrations.sql.fit import (
     float_columns_of_integers,
     holds_bools,
     infinite_numbers,
-    kind_of,
     python_type,
     reflect_fitting_table,
 )

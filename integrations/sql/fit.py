@@ -31,6 +31,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql
 
 from integrations.contracts import Contract
+from integrations.contracts.contract import kind_of
 from integrations.engine.destination import DestinationMismatch
 from integrations.engine.spec import FlowSpec
 
@@ -57,15 +58,6 @@ _CREATED_TYPES: dict[str, sa.types.TypeEngine] = {
     "date": sa.Date(),
 }
 EXACT_FLOAT_INTEGERS = 2**53  # a double holds every whole number up to this, and not all beyond
-
-
-def kind_of(contract: Contract, field: str) -> str:
-    """The contract field's kind: str, int, float, bool, datetime or date."""
-    dtype = str(contract.schema.columns[field].dtype).lower().removeprefix("u")  # uint: int
-    for kind in ("datetime", "date", "int", "float", "bool"):
-        if dtype.startswith(kind):
-            return kind
-    return "str"
 
 
 def holds_bools(column: sa.Column) -> bool:
