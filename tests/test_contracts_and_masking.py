@@ -120,9 +120,9 @@ class StampedV1(pa.DataFrameModel):
         coerce = True
 
 
-def test_text_times_out_of_range_empty_or_in_a_declared_format():
-    """Year 1 or 9999 is refused, not a crash of the batch (pandas holds neither); "" stays a
-    null; a field's own format is the contract's to apply."""
+def test_text_times_of_any_year_empty_or_in_a_declared_format():
+    """Year 1 or 9999 is a time (pandas holds neither in nanoseconds: they were refused); ""
+    stays a null; a field's own format is the contract's to apply."""
     batch = pd.DataFrame(
         {
             "at": ["0001-01-01T00:00:00", "9999-12-31", "", "2025-01-03 10:00"],
@@ -130,36 +130,47 @@ def test_text_times_out_of_range_empty_or_in_a_declared_format():
         }
     ).set_axis(["1", "2", "3", "4"])
     verdict = Contract("t", 1, StampedV1).judge(batch)
-    assert [(r.index, r.reason) for r in verdict.rejections] == [
-        ("1", "t@v1: at is not a date and time"),
-        ("2", "t@v1: at is not a date and time"),
+    assert verdict.rejections == []
+    at = verdict.valid["at"]
+    assert at.dtype == "datetime64[us]"
+    assert at.tolist()[:2] + at.tolist()[3:] == [
+        pd.Timestamp("0001-01-01"),
+        pd.Timestamp("9999-12-31"),
+        pd.Timestamp("2025-01-03 10:00"),
     ]
-    assert verdict.valid["at"].tolist()[1:] == [pd.Timestamp("2025-01-03 10:00")]
-    assert pd.isna(verdict.valid["at"].iloc[0])
-    assert verdict.valid["day_first"].tolist() == [pd.Timestamp("2025-01-03")] * 2
+    assert pd.isna(at.iloc[2])
+    assert verdict.valid["day_first"].tolist() == [pd.Timestamp("2025-01-03")] * 4
+    ordinary = Contract("t", 1, StampedV1).judge(batch.iloc[3:])
+    assert ordinary.valid["at"].dtype == "datetime64[ns]", "pandas' default, where it holds"
 
 
 def test_times_and_values_of_the_wrong_type_are_refused_in_words():
-    """A time pandas cannot hold, as a database gives it (a datetime of year 9999), and text in
-    a number field were refused as "coerce_dtype('datetime64[ns]')" and "dtype('float64')"."""
+    """A time pandas cannot hold where the contract leaves coercion to pandera (a field of its
+    own format, as a database gives it: a datetime of year 9999), and text in a number field
+    were refused as "coerce_dtype('datetime64[ns]')" and "dtype('float64')"."""
     from datetime import datetime
 
     batch = pd.DataFrame(
         {
             "at": [datetime(9999, 12, 31), datetime(2025, 1, 3), datetime(2025, 1, 4)],
-            "day_first": [None] * 3,
+            "day_first": [datetime(9999, 12, 31), None, None],
         }
     ).set_axis(["1", "2", "3"])
     verdict = Contract("t", 1, StampedV1).judge(batch)
     assert [(r.index, r.reason) for r in verdict.rejections] == [
-        ("1", "t@v1: at is not a date and time (of the years 1677 to 2262)")
+        ("1", "t@v1: day_first is not a date and time (of the years 1677 to 2262)")
     ]
     # Beside text that is no time (PostgreSQL's 'infinity'), it failed the whole batch.
-    mixed = batch.assign(at=[datetime(9999, 12, 31), "infinity", datetime(2025, 1, 4)])
+    mixed = batch.assign(
+        at=[datetime(9999, 12, 31), "infinity", datetime(2025, 1, 4)], day_first=None
+    )
     verdict = Contract("t", 1, StampedV1).judge(mixed)
     assert [(r.index, r.reason) for r in verdict.rejections] == [
-        ("1", "t@v1: at is not a date and time"),
         ("2", "t@v1: at is not a date and time"),
+    ]
+    assert verdict.valid["at"].tolist() == [
+        pd.Timestamp("9999-12-31"),
+        pd.Timestamp("2025-01-04"),
     ]
     totals = pd.DataFrame({"count": [1, 2], "total": [2.0, "two"]}).set_axis(["1", "2"])
     (refused,) = Contract("t", 1, CountedV1).judge(totals).rejections

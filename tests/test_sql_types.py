@@ -851,3 +851,74 @@ def test_a_trigger_that_quotes_a_personal_value_in_capitals_has_it_masked(
     assert "member J*** has a negative qty" in letter.reason
     assert "jane" not in letter.reason.lower()
     destination.dispose()
+
+
+# --- "valid forever": the last day a database holds -------------------------------------------
+
+
+class TermV1(pa.DataFrameModel):
+    term_id: Series[int]
+    valid_to: Series[pa.DateTime] = pa.Field(nullable=True)
+    valid_until: Series[pa.Date] = pa.Field(nullable=True)
+    starts_on: Series[pa.Date]
+
+    class Config:
+        coerce = True
+
+
+TERMS = flow("terms", "terms", Target("finance", "terms_out", "term_id"), TermV1)
+FOREVER = datetime(9999, 12, 31, 23, 59, 59)
+D0 = date(2025, 1, 1)
+EARLY = datetime(1000, 1, 1, 12, 30)
+
+
+def test_the_last_day_a_database_holds_is_a_date_like_any_other(sql_database, state):
+    """An ERP's "valid forever" (9999-12-31) is past the times pandas holds by default (1677 to
+    2262): every such record was dead-lettered, a date field's as "not of type date"."""
+    engine = create_engine(sql_database())
+    source_table(
+        engine,
+        "terms",
+        sa.Column("valid_to", sa.DateTime, nullable=True),
+        sa.Column("valid_until", sa.Date, nullable=True),
+        sa.Column("starts_on", sa.Date),
+        rows=[  # batches of 2: each far day beside an ordinary one, then with a NULL
+            {**term, "updated_at": T0}
+            for term in [
+                {"id": 1, "valid_to": FOREVER, "valid_until": date(9999, 12, 31), "starts_on": D0},
+                {"id": 2, "valid_to": T0, "valid_until": date(2025, 6, 30), "starts_on": D0},
+                {"id": 3, "valid_to": None, "valid_until": None, "starts_on": date(1, 1, 1)},
+                {"id": 4, "valid_to": EARLY, "valid_until": date(2300, 1, 1), "starts_on": D0},
+            ]
+        ],
+    )
+    result = sync(TERMS, engine, engine, state)
+    assert result.counts["rejected"] == 0, [d.reason for d in state.list_dead_letters(TERMS.name)]
+    assert result.written == 4
+    stored = rows_of(engine, "terms_out")
+    as_days = {
+        key: (_a_time(valid_to), _a_day(valid_until), _a_day(starts_on))
+        for key, (valid_to, valid_until, starts_on, *_archived) in stored.items()
+    }
+    assert as_days == {
+        1: (FOREVER, date(9999, 12, 31), D0),
+        2: (T0, date(2025, 6, 30), D0),
+        3: (None, None, date(1, 1, 1)),
+        4: (EARLY, date(2300, 1, 1), D0),
+    }
+    assert sync(TERMS, engine, engine, state, full=True).written == 0, "the same hashes"
+    table = SqlTable(engine, TERMS.target)
+    drift = reconcile(TERMS, SqlSource(engine, TERMS.source), table, state)
+    assert drift.in_sync, drift.summary()
+    engine.dispose()
+
+
+def _a_time(value: object) -> datetime | None:
+    """A time as the destination gives it back (SQLite: ISO text)."""
+    return datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
+def _a_day(value: object) -> date | None:
+    if isinstance(value, str):
+        return date.fromisoformat(value[:10])
+    return value.date() if isinstance(value, datetime) else value

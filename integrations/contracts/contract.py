@@ -153,7 +153,8 @@ class Contract:
                     reasons[index].append(f"{name} is not a whole number")
             elif _naive_times(column) and values.dtype == object:
                 kind = infer_dtype(values, skipna=True)
-                if kind in _TIME_KINDS:  # coercion reads times and dates alike, value by value
+                # Coercion reads times and dates alike, value by value, but in nanoseconds only.
+                if kind in _TIME_KINDS and all(map(_fits_nanoseconds, values)):
                     continue
                 parsed, refused = (_parsed_times if kind == "string" else _mixed_times)(values)
                 for index in refused:
@@ -255,6 +256,8 @@ def _holds(column: pa.Column, values: pd.Series) -> bool:
         return False
     if column.dtype == _STR:
         return values.dtype == object and infer_dtype(values, skipna=True) in {"string", "empty"}
+    if isinstance(column.dtype, pandas_engine.Date):  # coercion goes through nanoseconds
+        return values.dtype == object and infer_dtype(values, skipna=True) in {"date", "empty"}
     return column.dtype is not None and pandas_engine.Engine.dtype(values.dtype) == column.dtype
 
 
@@ -375,43 +378,65 @@ def _naive_times(column: pa.Column) -> bool:
 
 def _parsed_times(texts: pd.Series) -> tuple[pd.Series, list[object]]:
     """ISO 8601 texts as times (with an offset: in UTC, without zone); any other text as pandas
-    reads it alone; and the texts that are no time pandas can hold (out of its range too). Text
-    pandas reads as no time at all ("", "NaT") is a null, as coercion made it."""
+    reads it alone; and the texts that are no time at all. Text pandas reads as no time ("",
+    "NaT") is a null, as coercion made it. Times of years 1 to 9999 all fit (see `_in_unit`)."""
     parsed = pd.to_datetime(texts, format="ISO8601", errors="coerce", utc=True)
-    refused = []
+    refused, alone = [], {}
     for index in texts.index[texts.notna() & parsed.isna()]:
         try:
-            alone = pd.Timestamp(texts[index])
-            if alone is not pd.NaT:
-                alone = alone.tz_localize("UTC") if alone.tzinfo is None else alone
-                parsed[index] = alone.as_unit("ns")
-        except (ValueError, TypeError, OverflowError):  # out of bounds is a ValueError too
+            time = pd.Timestamp(texts[index])
+        except (ValueError, TypeError, OverflowError):
             refused.append(index)
-    return parsed.dt.tz_localize(None), refused
+            continue
+        if time is not pd.NaT:
+            alone[index] = time.tz_localize("UTC") if time.tzinfo is None else time
+    return _in_unit(parsed, alone).dt.tz_localize(None), refused
 
 
 _TIME_KINDS = frozenset({"datetime", "datetime64", "date", "empty"})
 
 
 def _mixed_times(values: pd.Series) -> tuple[pd.Series, list[object]]:
-    """Times beside text (a SQLite column holds both when some of its text is no time) or
-    beside what is no time at all (a number): each value on its own, as `_parsed_times` reads
-    text; anything but text and times is refused."""
+    """Times beside text (a SQLite column holds both when some of its text is no time), beside
+    what is no time at all (a number), or past what nanoseconds hold: each value on its own, as
+    `_parsed_times` reads text; anything but text and times is refused."""
     parsed = pd.Series(pd.NaT, index=values.index, dtype="datetime64[ns]")
-    refused = []
+    refused, alone = [], {}
     for index, value in values.items():
         if not isinstance(value, str | date) or pd.isna(value):
             if pd.notna(value):
                 refused.append(index)
             continue
         try:
-            alone = pd.Timestamp(value)
-            if alone is not pd.NaT:
-                alone = alone if alone.tzinfo is None else alone.tz_convert("UTC").tz_localize(None)
-                parsed[index] = alone.as_unit("ns")  # out of pandas' range: a ValueError too
+            time = pd.Timestamp(value)
         except (ValueError, TypeError, OverflowError):
             refused.append(index)
-    return parsed, refused
+            continue
+        if time is not pd.NaT:
+            alone[index] = time if time.tzinfo is None else time.tz_convert("UTC").tz_localize(None)
+    return _in_unit(parsed, alone), refused
+
+
+def _in_unit(parsed: pd.Series, alone: dict[object, pd.Timestamp]) -> pd.Series:
+    """`parsed` with the `alone` times set, in nanoseconds when they all fit (years 1677 to
+    2262, pandas' default), else in microseconds: an ERP's "valid forever", 9999-12-31, is a
+    time like any other."""
+    unit = "ns" if all(map(_fits_nanoseconds, alone.values())) else "us"
+    parsed = parsed.dt.as_unit(unit).copy()  # a view of the old column otherwise
+    for index, time in alone.items():
+        parsed[index] = time.as_unit(unit)
+    return parsed
+
+
+def _fits_nanoseconds(value: object) -> bool:
+    """Whether a time (or anything else: left to coercion) fits pandas' nanoseconds."""
+    if not isinstance(value, date) or 1678 <= value.year <= 2261:
+        return True
+    try:
+        pd.Timestamp(value).as_unit("ns")
+    except (ValueError, OverflowError):  # out of bounds
+        return False
+    return True
 
 
 def _failures(cases: pd.DataFrame) -> Iterator[tuple[object, str, bool]]:
