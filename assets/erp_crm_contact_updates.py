@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from assets.crm_contacts import CRM_CONTACTS
 from integrations.contracts.crm_contact_object import CRM_CONTACT_OBJECT
 from integrations.contracts.erp_crm_contact_update import ERP_CRM_CONTACT_UPDATE
 from integrations.engine.spec import FlowSpec, SourceTable, Target
@@ -42,4 +43,5 @@ ERP_CRM_CONTACT_UPDATES = FlowSpec(
     pool="crm_api",
     archive_deleted=False,
     watch_source=False,  # the webhook inbox says when; the hourly schedule catches lost webhooks
+    echo_of=CRM_CONTACTS,  # what handoff wrote there comes back as changes: not staged
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from assets.crm_deals import CRM_DEALS
 from integrations.contracts.crm_deal_object import CRM_DEAL_OBJECT
 from integrations.contracts.erp_crm_deal import ERP_CRM_DEAL
 from integrations.engine.spec import FlowSpec, SourceTable, Target
@@ -42,4 +43,5 @@ ERP_CRM_DEALS = FlowSpec(
     pool="crm_api",
     archive_deleted=False,
     watch_source=False,  # the webhook inbox says when; the hourly schedule catches lost webhooks
+    echo_of=CRM_DEALS,  # what handoff wrote there comes back as changes: not staged
 )

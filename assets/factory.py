@@ -160,6 +160,7 @@ def _metadata(spec: FlowSpec, result: SyncResult) -> dict[str, object]:
             "inserted",
             "updated",
             "archived",
+            *(["echoes"] if spec.echo_of else []),
         )
     }
     return {

@@ -11,11 +11,14 @@ import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 
 import dagster as dg
 import requests
 import sqlalchemy as sa
 
+from assets.checks import reconciliation_check
+from assets.crm_contacts import CRM_CONTACTS
 from assets.erp_crm_contact_updates import ERP_CRM_CONTACT_UPDATES
 from assets.erp_crm_deals import ERP_CRM_DEALS
 from assets.factory import flow_asset
@@ -296,3 +299,86 @@ def test_a_burst_of_1000_events_with_10_percent_duplicates_is_stored_once_each(
         assert metadata["erp/crm_deals"]["inserted"] == 200
     assert set(staged(world.erp_url, "crm_contact_updates", "crm_contact_id")) == set(contacts)
     assert set(staged(world.erp_url, "crm_deals", "crm_deal_id")) == set(deals)
+
+
+def test_what_handoff_wrote_to_the_crm_is_not_staged_back_until_a_person_changes_it(
+    world, crm_client
+):
+    """handoff's own writes to the CRM came back through its changes: every contact synced from
+    the ERP was staged for the ERP's owners as if a salesperson had changed it."""
+    with dg.instance_for_test() as instance:
+        written = counts(
+            dg.materialize([flow_asset(CRM_CONTACTS)], resources=resources(), instance=instance)
+        )["crm/contacts"]["inserted"]
+        assert written > 100
+
+        echoed = counts(run_updates(instance))["erp/crm_contact_updates"]
+        assert (echoed["inserted"], echoed["echoes"], echoed["rejected"]) == (0, written, 0)
+        assert staged(world.erp_url, "crm_contact_updates", "crm_contact_id") == {}
+        assert reconciled(instance).passed, "echoes are on neither side"
+
+        # A salesperson moves one contact and clears another's phone: each is a change now.
+        by_number = {
+            c["properties"]["erp_customer_id"]: c
+            for c in crm_client.list_objects("contacts", properties=["erp_customer_id", "phone"])
+        }
+        phoned = next(n for n, c in sorted(by_number.items()) if c["properties"]["phone"])
+        moved = next(n for n in sorted(by_number) if n != phoned)
+        crm_client.batch_upsert(
+            "contacts",
+            "erp_customer_id",
+            [
+                {"id": moved, "properties": {"city": "Lyon"}},
+                {"id": phoned, "properties": {"phone": ""}},
+            ],
+        )
+        changed = counts(run_updates(instance))["erp/crm_contact_updates"]
+        assert (changed["inserted"], changed["echoes"]) == (2, written - 2)
+        rows = staged(world.erp_url, "crm_contact_updates", "erp_customer_id")
+        assert set(rows) == {moved, phoned} and rows[moved]["city"] == "Lyon"
+
+        # The ERP's owners take the move in, and handoff writes the ERP's record back over it:
+        # the staged row follows the CRM (an echo now, but of a record staged before).
+        engine = create_engine(world.erp_url)
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text(
+                    "UPDATE customers SET city = 'Paris', updated_at = :now "
+                    "WHERE customer_number = :number"
+                ),
+                {"now": datetime.now(UTC).replace(tzinfo=None), "number": moved},
+            )
+        engine.dispose()
+        assert (
+            counts(
+                dg.materialize([flow_asset(CRM_CONTACTS)], resources=resources(), instance=instance)
+            )["crm/contacts"]["updated"]
+            == 1
+        )
+        followed = counts(run_updates(instance))["erp/crm_contact_updates"]
+        assert (followed["updated"], followed["inserted"]) == (1, 0)
+        rows = staged(world.erp_url, "crm_contact_updates", "erp_customer_id")
+        assert rows[moved]["city"] == "Paris"
+        assert reconciled(instance).passed
+
+
+def reconciled(instance) -> dg.AssetCheckEvaluation:
+    result = dg.materialize(
+        [
+            flow_asset(ERP_CRM_CONTACT_UPDATES),
+            reconciliation_check(ERP_CRM_CONTACT_UPDATES, CONTACT_UPDATES),
+        ],
+        resources=resources(),
+        instance=instance,
+        selection=dg.AssetSelection.checks(dg.AssetCheckKey(CONTACT_UPDATES, "reconciliation")),
+    )
+    (evaluation,) = result.get_asset_check_evaluations()
+    return evaluation
+
+
+def run_updates(instance) -> dg.ExecuteInJobResult:
+    result = dg.materialize(
+        [flow_asset(ERP_CRM_CONTACT_UPDATES)], resources=resources(), instance=instance
+    )
+    assert result.success
+    return result

@@ -151,7 +151,7 @@ def reconcile(spec: FlowSpec, source: Source, destination: Destination, state: S
     same = str.lower if getattr(destination, "ids_ignore_case", False) else str
     expected: dict[str, str] = {}
     source_key_of: dict[str, str] = {}
-    for key, record in expected_records(spec, source, held):
+    for key, record in expected_records(spec, source, state, held):
         id_value = same(str(record[spec.target.id_property]))
         expected[id_value] = content_hash(_as_stored(record, fields, kinds, null_is_empty))
         source_key_of[id_value] = key

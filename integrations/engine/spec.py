@@ -149,6 +149,22 @@ class FlowSpec:
     # When to alert: no successful sync for this long; a dead letter left open this long.
     max_staleness: timedelta = timedelta(hours=3)
     dead_letter_max_age: timedelta = timedelta(days=1)
+    # The flow that writes the objects this one reads back (CRM contacts handoff wrote from the
+    # ERP): a record never taken whose fields that flow writes hold what it last wrote is its
+    # echo, not a change, and is not taken (see integrations/engine/echoes.py).
+    echo_of: FlowSpec | None = None
+
+    def __post_init__(self) -> None:
+        if self.echo_of is not None:
+            writer = self.echo_of
+            links = {association.field for association in writer.target.associations}
+            written = set(writer.target_contract.schema.columns) - links
+            unread = written - set(self.source_contract.schema.columns)
+            if unread:
+                raise ValueError(
+                    f"{self.name}: echo_of={self.echo_of.name} writes fields this flow's source "
+                    f"contract does not read ({sorted(unread)}), so an echo cannot be told"
+                )
 
     @property
     def pii_fields(self) -> frozenset[str]:

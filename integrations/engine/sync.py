@@ -45,6 +45,7 @@ from integrations.engine.destination import (
     WrittenColumns,
     correlation_id,
 )
+from integrations.engine.echoes import echoes
 from integrations.engine.errors import ArchiveGuardTripped, FlowHeld, SyncError
 from integrations.engine.first_sync import FirstSync
 from integrations.engine.hashing import canonical_json, content_hash
@@ -356,17 +357,22 @@ def _no_records(spec: FlowSpec) -> pd.DataFrame:
 
 
 def expected_records(
-    spec: FlowSpec, source: Source, held: Set[str] = frozenset()
+    spec: FlowSpec, source: Source, state: StateStore, held: Set[str] = frozenset()
 ) -> Iterator[tuple[str, dict[str, object]]]:
     """Every live source record that passes both contracts and maps, but those `held` (in the
-    DLQ), mapped: what the destination should hold (reconciliation reads the whole source this
-    way). A row the mapping fails on is left out, as its sync dead-letters it."""
+    DLQ) and the echoes a run leaves out, mapped: what the destination should hold
+    (reconciliation reads the whole source this way). A row the mapping fails on is left out,
+    as its sync dead-letters it."""
     for batch in source.batches(None, spec.batch_size):
         batch = batch.set_axis(batch[spec.source.key].astype(str), axis=0)
         if held:  # a lookup per row: the DLQ may hold many
             batch = batch[np.fromiter((key not in held for key in batch.index), bool, len(batch))]
         batch = batch[~_out_of_flow(spec, batch)]
         valid = spec.source_contract.judge(batch).valid
+        if spec.echo_of is not None:
+            taken = state.ledger_entries(spec.name, list(valid.index))
+            fresh = [key for key in valid.index if key not in taken]
+            valid = valid.drop(index=echoes(spec.echo_of, state, valid, fresh))
         mapped = spec.target_contract.judge(mapped_rows(spec, valid)[0]).valid
         yield from zip(mapped.index, _json_ready(mapped), strict=True)
 
@@ -1001,7 +1007,7 @@ class Sync(ErrorBudget, DestinationIds):
         live, gone = keyed[~gone_mask], keyed[gone_mask]
         live, letters, open_letters = self._without_held(live, gone, letters, result)
         dated, undated = self._dated(live)
-        valid, rejected = self._validate(dated, clock)
+        valid, rejected = self._validate(dated, clock, result, open_letters)
         return _Staged(
             len(batch),
             self._last_dated(batch),
@@ -1168,13 +1174,20 @@ class Sync(ErrorBudget, DestinationIds):
         keyed.index.name = None
         return keyed, letters
 
-    def _validate(self, live: pd.DataFrame, clock: _Clock) -> tuple[pd.DataFrame, list[DeadLetter]]:
-        """Source contract → mapping → target contract."""
+    def _validate(
+        self,
+        live: pd.DataFrame,
+        clock: _Clock,
+        result: SyncResult,
+        open_letters: Set[str],
+    ) -> tuple[pd.DataFrame, list[DeadLetter]]:
+        """Source contract → (echoes set aside) → mapping → target contract."""
         spec = self.spec
         try:
             source_verdict = spec.source_contract.judge(live)
             clock.lap("validate")
-            mapped, unmappable = mapped_rows(self.spec, source_verdict.valid)
+            taken = self._without_echoes(source_verdict.valid, result, open_letters)
+            mapped, unmappable = mapped_rows(self.spec, taken)
             clock.lap("map")
             target_verdict = spec.target_contract.judge(mapped)
         except ContractViolation as error:
@@ -1186,6 +1199,20 @@ class Sync(ErrorBudget, DestinationIds):
         return target_verdict.valid, self._letters(live, rejections, "contract") + self._letters(
             live, unmappable, "mapping"
         )
+
+    def _without_echoes(
+        self, valid: pd.DataFrame, result: SyncResult, open_letters: Set[str]
+    ) -> pd.DataFrame:
+        """`valid` without the echoes of what `echo_of` wrote (see integrations/engine/echoes.py):
+        records this flow never took, with no open letter, that a repair does not force."""
+        writer = self.spec.echo_of
+        if writer is None or valid.empty:
+            return valid
+        keys = [key for key in valid.index if key not in self._force and key not in open_letters]
+        taken = self._ledger_entries(keys)
+        echoed = echoes(writer, self.state, valid, [key for key in keys if key not in taken])
+        result.counts["echoes"] += len(echoed)
+        return valid.drop(index=echoed)
 
     def _diff(
         self,
