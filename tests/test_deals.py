@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from assets.crm_contacts import CRM_CONTACTS
 from assets.crm_deals import CRM_DEALS
+from assets.erp_crm_deals import ERP_CRM_DEALS
 from assets.factory import flow_asset
 from definitions import defs, resources
 from integrations.crm.client import CrmClient
@@ -94,6 +95,13 @@ def test_a_month_of_deals_in_one_run_linked_to_their_contacts(any_world, crm_cli
 
         again = materialize_deals(instance)
         assert again["written"] == 0, "re-running the backfill writes nothing"
+
+        staged = dg.materialize(
+            [flow_asset(ERP_CRM_DEALS)], resources=resources(), instance=instance
+        )
+        (event,) = staged.get_asset_materialization_events()
+        back = {key: value.value for key, value in event.materialization.metadata.items()}
+        assert (back["echoes"], back["inserted"]) == (len(synced), 0), "handoff's own deals"
 
 
 def test_a_voided_invoice_archives_its_deal_when_its_day_is_rewritten(world, crm_client):
