@@ -17,16 +17,9 @@ import dagster as dg
 
 from assets.factory import asset_key, sync_checks, sync_selection
 from integrations.engine.spec import FlowSpec
-from integrations.engine.state import SINCE_WATERMARK, BudgetTrip
+from integrations.engine.state import SINCE_WATERMARK
 from sensors.schedules import pool_tags
-from sensors.trips import clear_todo, trip_skips, trip_stands
-
-
-def _skipped(spec: FlowSpec, trip: BudgetTrip) -> str:
-    """Why a flow behind the change gets no run: its trip, what clears it, and that it is kept."""
-    return f"{asset_key(spec).to_user_string()} skipped: {trip_stands(trip)}; " + clear_todo(
-        spec, "its sync"
-    )
+from sensors.trips import sync_skipped, trip_skips
 
 
 def _sensor(system: str, table: str, specs: list[FlowSpec]) -> dg.SensorDefinition:
@@ -72,7 +65,7 @@ def _sensor(system: str, table: str, specs: list[FlowSpec]) -> dg.SensorDefiniti
             return dg.SensorResult(
                 skip_reason=f"flows already synced up to {high_water_mark}", cursor=new_cursor
             )
-        skipped = {spec.name: _skipped(spec, trip) for spec, trip in tripped}
+        skipped = {spec.name: sync_skipped(spec, trip) for spec, trip in tripped}
         to_sync = [spec for spec in behind if spec.name not in skipped]
         if not to_sync:
             return dg.SensorResult(skip_reason="; ".join(skipped.values()), cursor=new_cursor)

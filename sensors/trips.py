@@ -5,6 +5,7 @@ and requested by the flow's stopped-windows sensor once the trip clears."""
 
 from datetime import datetime
 
+from assets.factory import asset_key
 from integrations.engine.spec import FlowSpec
 from integrations.engine.state import BudgetTrip, StateStore, StoppedWindow
 
@@ -35,6 +36,14 @@ def trip_stands(trip: BudgetTrip) -> str:
     return (
         f"the error budget's trip of run {trip.run_id} stands ({trip.open_letters} of its dead "
         f"letters open; `handoff budget list --flow {trip.flow}`)"
+    )
+
+
+def sync_skipped(spec: FlowSpec, trip: BudgetTrip) -> str:
+    """Why a sensor requests no sync of an unpartitioned flow: its trip, what clears it, and that
+    its sync is kept."""
+    return f"{asset_key(spec).to_user_string()} skipped: {trip_stands(trip)}; " + clear_todo(
+        spec, "its sync"
     )
 
 

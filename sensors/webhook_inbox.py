@@ -5,21 +5,29 @@ consumed one tick later, once Dagster committed that cursor with its run request
 fails before the commit is evaluated again from the old cursor, and asks for the same run key
 (which Dagster launches once). The run reads the CRM by its own watermark, not the events: an
 event only says *when*, so a lost one costs latency, and the hourly schedule catches up.
+
+While a flow's error budget is tripped, its run would stop at its start, with its failed run and
+alert: the sensor requests none for it, says why, and keeps its sync as a stopped window
+(`refused`), which the flow's stopped-windows sensor requests once the trip clears.
 """
 
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 import dagster as dg
 
 from assets.factory import asset_key, sync_checks, sync_selection
 from integrations.engine.spec import FlowSpec
+from integrations.engine.state import SINCE_WATERMARK
 from integrations.webhooks.inbox import WebhookInbox
 from sensors.schedules import pool_tags
+from sensors.trips import sync_skipped, trip_skips
 
 MAX_EVENTS_PER_TICK = 10_000  # one run covers them all; this only bounds the tick's read
 NO_FLOW = "no flow follows these events"
+KEPT = "a trip stands: its flow's sync is kept as a stopped window"
 
 
 def webhook_inbox_sensors(specs: list[FlowSpec]) -> list[dg.SensorDefinition]:
@@ -61,12 +69,27 @@ def webhook_inbox_sensors(specs: list[FlowSpec]) -> list[dg.SensorDefinition]:
                 skip_reason=f"{len(events)} events about {sorted(changed)}: {NO_FLOW}",
                 cursor=json.dumps({"last_id": last, "run_key": None}),
             )
+        tick = f"sensor tick {datetime.now(UTC):%Y-%m-%dT%H:%M:%S%z}"
+        with context.resources.state.open() as store:
+            skipped = {
+                spec.name: sync_skipped(spec, trip)
+                for spec in behind
+                if (trip := trip_skips(store, spec, SINCE_WATERMARK, tick)) is not None
+            }
+        to_sync = [spec for spec in behind if spec.name not in skipped]
+        if not to_sync:
+            return dg.SensorResult(
+                skip_reason="; ".join(skipped.values()),
+                cursor=json.dumps({"last_id": last, "run_key": KEPT}),
+            )
+        if skipped:
+            context.log.info("; ".join(skipped.values()))
         run_key = f"crm_webhooks:{first}-{last}"
         request = dg.RunRequest(
             run_key=run_key,
-            asset_selection=[asset_key(spec) for spec in behind],
-            asset_check_keys=sync_checks(behind),
-            tags={"handoff/inbox_events": f"{first}-{last}", **pool_tags(behind[0])},
+            asset_selection=[asset_key(spec) for spec in to_sync],
+            asset_check_keys=sync_checks(to_sync),
+            tags={"handoff/inbox_events": f"{first}-{last}", **pool_tags(to_sync[0])},
         )
         return dg.SensorResult(
             run_requests=[request], cursor=json.dumps({"last_id": last, "run_key": run_key})

@@ -10,11 +10,13 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
+from assets.erp_crm_contact_updates import ERP_CRM_CONTACT_UPDATES
 from definitions import active_flows, definitions, resources
-from integrations.engine.state import utcnow
+from integrations.engine.state import BatchCommit, BudgetTrip, DeadLetter, StateStore, utcnow
 from integrations.webhooks.events import parse_delivery
 from integrations.webhooks.inbox import ReplayRefused, WebhookInbox, webhook_inbox
 from sensors.webhook_inbox import NO_FLOW
+from tests.conftest import DLQ_KEY
 from tests.webhooks import event
 
 
@@ -104,3 +106,27 @@ def test_consumed_events_are_forgotten_but_ids_never_come_back(inbox):
     assert inbox.forget_consumed(before=utcnow() + timedelta(seconds=1)) == 2
     assert [e.object_id for e in inbox.after(0, 10)] == [4]
     assert inbox.counts() == {"deliveries": 3, "events": 1, "waiting": 1}
+
+
+def test_no_run_is_requested_for_a_flow_whose_trip_stands_and_its_sync_is_kept(inbox):
+    """Each tick with events asked for a run of a tripped flow that stopped at its start, with its
+    failed run and alert, as long as CRM webhooks came. Now that flow is skipped, saying why, and
+    its sync kept for its stopped-windows sensor; a flow no trip stops is still requested."""
+    flow = ERP_CRM_CONTACT_UPDATES.name
+    state = StateStore(inbox.engine.url.render_as_string(hide_password=False), dlq_key=DLQ_KEY)
+    letter = DeadLetter(flow, "x", "contract", "planted: country is not a code", {})
+    state.commit_batch(BatchCommit(flow, "trip", dead_letters=[letter]))
+    state.trip_budget(BudgetTrip(flow, "trip", utcnow(), 1, 1, 0.1, {"p": 1}), actor="t", why="t")
+    with dg.instance_for_test() as instance:
+        inbox.accept("d1", "test", events(event(1)))
+        skipped = tick(instance, None)
+        assert not skipped.run_requests
+        message = skipped.skip_reason.skip_message
+        assert "erp/crm_contact_updates skipped: the error budget's trip of run trip" in message
+        assert f"requested by sensor `{flow}_stopped_windows` once it clears" in message
+        assert [w.stop for w in state.list_stopped_windows(flow)] == ["refused"]
+
+        inbox.accept("d2", "test", events(event(2), event(3, "deal.creation")))
+        (request,) = tick(instance, skipped.cursor).run_requests
+        assert request.asset_selection == [dg.AssetKey(["erp", "crm_deals"])]
+    state.dispose()
