@@ -192,3 +192,26 @@ def test_the_inbox_counts_an_event_sent_again_under_a_new_delivery_as_a_duplicat
         assert retry.json() == {"stored": 1, "duplicates": 1}
     assert inbox.counts() == {"deliveries": 2, "events": 2, "waiting": 2}
     inbox.dispose()
+
+
+def test_an_association_change_is_stored_and_the_delivery_it_came_in_is_not_refused(server):
+    """HubSpot's association changes name their objects as fromObjectId and toObjectId, with no
+    objectId: the whole delivery was refused (422, never retried), losing every event it carried."""
+    linked = {
+        key: value
+        for key, value in event(0, "contact.associationChange").items()
+        if key != "objectId"
+    }
+    linked.update(
+        associationType="CONTACT_TO_COMPANY",
+        fromObjectId=301,
+        toObjectId=9001,
+        associationRemoved=False,
+        isPrimaryAssociation=True,
+    )
+    body = json.dumps([event(302, "contact.propertyChange", propertyName="city"), linked])
+    answer = post(server, body.encode(), signed(server.url, SECRET, body.encode(), "hubspot"))
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"stored": 2, "duplicates": 0}
+    stored_events = [(e.subscription_type, e.object_id) for e in server.inbox.after(0, 10)]
+    assert stored_events == [("contact.propertyChange", 302), ("contact.associationChange", 301)]

@@ -64,7 +64,9 @@ def _event(event: object, where: str) -> CrmEvent:
     if kind not in OBJECT_TYPES or action not in ACTIONS:
         raise PayloadRefused(f"{where}.subscriptionType {subscription!r} is not a CRM event type")
     event_id = _whole(event, "eventId", where)
-    object_id = _whole(event, "objectId", where)
+    # HubSpot names an association change's objects fromObjectId and toObjectId, not objectId.
+    linked = action == "associationChange" and "objectId" not in event
+    object_id = _whole(event, "fromObjectId" if linked else "objectId", where)
     occurred = _whole(event, "occurredAt", where)
     portal = _whole(event, "portalId", where, required=False)
     if occurred < _EARLIEST_MS or occurred > 4_102_444_800_000:
