@@ -4,10 +4,15 @@ on PostgreSQL as on SQLite."""
 from __future__ import annotations
 
 import json
+import os
+import threading
+import time
 from datetime import timedelta
 
 import dagster as dg
+import psycopg
 import pytest
+import requests
 import sqlalchemy as sa
 
 from assets.erp_crm_contact_updates import ERP_CRM_CONTACT_UPDATES
@@ -17,7 +22,7 @@ from integrations.webhooks.events import parse_delivery
 from integrations.webhooks.inbox import ReplayRefused, WebhookInbox, webhook_inbox
 from sensors.webhook_inbox import NO_FLOW
 from tests.conftest import DLQ_KEY
-from tests.webhooks import event
+from tests.webhooks import deliver, event, receiver
 
 
 def events(*items) -> list:
@@ -130,3 +135,65 @@ def test_no_run_is_requested_for_a_flow_whose_trip_stands_and_its_sync_is_kept(i
         (request,) = tick(instance, skipped.cursor).run_requests
         assert request.asset_selection == [dg.AssetKey(["erp", "crm_deals"])]
     state.dispose()
+
+
+def test_on_postgresql_an_event_committed_after_a_later_id_is_not_passed_by_the_cursor(
+    postgres_database, tmp_path, monkeypatch
+):
+    """Receiver threads commit in any order on PostgreSQL: the sensor saw a later id committed
+    first, its cursor passed an earlier one still uncommitted, and that event was marked consumed
+    by a run that never covered it (its deal flow never requested)."""
+    url = postgres_database()
+    monkeypatch.setenv("HANDOFF_HOME", str(tmp_path))
+    monkeypatch.setenv("HANDOFF_STATE_URL", url)
+    secret = os.environ["CRM_WEBHOOK_SECRET"]
+    with receiver(url, [secret]) as server, dg.instance_for_test() as instance:
+        admin = psycopg.connect(url, autocommit=True)
+        # Another delivery's transaction, still open, holds an event of delivery A: A's thread
+        # stops mid-transaction, its first event under an id already handed out.
+        holder = psycopg.connect(url)
+        held = event(7, "deal.propertyChange", event_id=72, propertyName="amount")
+        holder.execute(
+            "INSERT INTO webhook_inbox (event_key, delivery_id, subscription_type, object_type,"
+            " object_id, property_name, occurred_at, received_at)"
+            " VALUES (%s, 'other', 'deal.propertyChange', 'deals', 7, 'amount', now(), now())",
+            (f"{held['portalId']}:72",),
+        )
+        first = event(6, "deal.creation", event_id=71)
+        answers: dict[str, requests.Response] = {}
+
+        def send(name: str, events: list) -> None:
+            answers[name] = deliver(requests.Session(), server.url, secret, events)[0]
+
+        def waiting_on_locks() -> int:
+            return admin.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            ).fetchone()[0]
+
+        def until(condition) -> None:
+            deadline = time.monotonic() + 10
+            while not condition():
+                assert time.monotonic() < deadline, "timed out"
+                time.sleep(0.02)
+
+        senders = [threading.Thread(target=send, args=("a", [first, held]))]
+        senders[0].start()
+        until(lambda: waiting_on_locks() == 1)
+        senders.append(threading.Thread(target=send, args=("b", [event(8)])))
+        senders[1].start()
+        until(lambda: "b" in answers or waiting_on_locks() == 2)
+
+        before = tick(instance, None)  # while A is still open
+        holder.commit()  # the held event lands; A (and B after it) finish
+        for sender in senders:
+            sender.join(10)
+        after = tick(instance, before.cursor)
+        requested = {
+            key for r in before.run_requests + after.run_requests for key in r.asset_selection
+        }
+        holder.close()
+        admin.close()
+        assert {answers["a"].status_code, answers["b"].status_code} == {200}
+        assert dg.AssetKey(["erp", "crm_deals"]) in requested, "the deal events were passed"
+        assert dg.AssetKey(["erp", "crm_contact_updates"]) in requested

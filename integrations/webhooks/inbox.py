@@ -81,6 +81,12 @@ class InboxEvent:
     object_id: int
 
 
+# Held by each delivery's transaction on PostgreSQL until it commits, so inbox ids are committed
+# in order: a later id committed first had the sensor's cursor pass an earlier one, never seen.
+# (SQLite's single writer lock does the same.)
+_IN_ID_ORDER = sa.text("SELECT pg_advisory_xact_lock(hashtext('handoff webhook_inbox'))")
+
+
 def _insert_ignoring_duplicates(dialect: str):
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
@@ -98,6 +104,7 @@ class WebhookInbox:
         with self.engine.begin() as connection:
             create_or_evolve(connection, metadata, "the webhook inbox")
         self._insert = _insert_ignoring_duplicates(self.engine.dialect.name)
+        self._postgres = self.engine.dialect.name == "postgresql"
         self._accepted = itertools.count(1)
 
     def dispose(self) -> None:
@@ -110,6 +117,8 @@ class WebhookInbox:
         stored = 0
         try:
             with self.engine.begin() as connection:
+                if self._postgres:
+                    connection.execute(_IN_ID_ORDER)
                 connection.execute(
                     webhook_deliveries.insert().values(
                         delivery_id=delivery_id, scheme=scheme, received_at=now, events=len(events)
