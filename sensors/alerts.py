@@ -2,7 +2,7 @@
 and failed runs. Each condition alerts once (the sensors' cursors remember what was said)."""
 
 import json
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
@@ -23,7 +23,8 @@ def stale_flow_sensor(specs: list[FlowSpec]) -> dg.SensorDefinition:
     )
     def _stale(context: dg.SensorEvaluationContext, notifier: Notifier):
         said = json.loads(context.cursor) if context.cursor else {}
-        now = utcnow().timestamp()
+        # Said to be UTC: a naive time's timestamp() is read in the host's zone (8 h off in LA).
+        now = utcnow().replace(tzinfo=UTC).timestamp()
         alerted = []
         for spec in specs:
             allowed = max_staleness(spec).total_seconds()

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import time
 from datetime import datetime, timedelta
 
 import dagster as dg
@@ -43,6 +44,23 @@ def test_a_stale_flow_alerts_once(world, alert_receiver):
     assert alert["handoff"]["kind"] == "stale_flow"
     assert alert["handoff"]["flow"] == "erp_customers_to_crm_contacts"
     assert "last succeeded" in alert["text"] and "What to do:" in alert["text"]
+
+
+def test_a_fresh_flow_is_not_stale_on_a_host_west_of_utc(world, alert_receiver, monkeypatch):
+    """The sensor's clock is naive UTC; read as the host's local time (Los Angeles, 8 hours
+    behind UTC in winter), a flow materialized a minute ago was 8 hours old, past its 3 hours."""
+    with dg.instance_for_test() as instance:
+        instance.report_runless_asset_event(dg.AssetMaterialization(["crm", "contacts"]))
+        with monkeypatch.context() as host:
+            host.setenv("TZ", "America/Los_Angeles")
+            time.tzset()
+            try:
+                result = tick(stale_flow_sensor([CRM_CONTACTS]), instance)
+            finally:
+                host.undo()
+                time.tzset()
+    assert result.skip_reason, "materialized a minute ago, within its 3 hours"
+    assert alert_receiver.received == []
 
 
 def test_old_dead_letters_alert_once(world, alert_receiver):
