@@ -274,6 +274,14 @@ def _flow_named(value: str | None) -> str | None:
     return by_asset.get(value, value) if value else value
 
 
+def _unknown(flow: str | None) -> str:
+    """What to add when `--flow` names no flow (empty otherwise): the flows there are."""
+    flows = _flows()
+    if not flow or flow in flows:
+        return ""
+    return f" (no flow is named so; the flows: {', '.join(sorted(flows))})"
+
+
 def _selected(store: StateStore, args: argparse.Namespace, limit: int | None) -> list[DeadLetter]:
     args.flow = _flow_named(args.flow)
     older = getattr(args, "older_than", None)
@@ -296,12 +304,10 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
-        flows = _flows()
-        unknown = f" (no flow is named so; the flows: {', '.join(sorted(flows))})"
         print(
             "no dead letters match"
             + (f" in {args.flow}" if args.flow else "")
-            + (unknown if args.flow and args.flow not in flows else "")
+            + _unknown(args.flow)
         )
         return 0
     state = f"{'state':<30}  " if args.all else ""  # open, or how and when it closed
@@ -489,9 +495,10 @@ def cmd_dlq_keygen(args: argparse.Namespace) -> int:
 
 def cmd_budget_list(args: argparse.Namespace) -> int:
     store = _store()
-    trips = store.standing_budget_trips(args.flow)
+    flow = _flow_named(args.flow)
+    trips = store.standing_budget_trips(flow)
     if not trips:
-        print("no error-budget trip stands" + (f" for {args.flow}" if args.flow else ""))
+        print("no error-budget trip stands" + (f" for {flow}" if flow else "") + _unknown(flow))
         return 0
     for trip in trips:
         # The flow's runs it stopped (a partition's, an unpartitioned flow's sync), requested
@@ -508,6 +515,7 @@ def cmd_budget_list(args: argparse.Namespace) -> int:
 
 def cmd_budget_clear(args: argparse.Namespace) -> int:
     """Approve going on despite a flow's error-budget trip: its letters stay in the DLQ."""
+    args.flow = _flow_named(args.flow)
     if args.flow not in _flows():
         print(f"handoff budget clear: no flow {args.flow} is declared", file=sys.stderr)
         return 2
@@ -560,6 +568,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 def cmd_audit_show(args: argparse.Namespace) -> int:
     """A record's story: where it stands in each flow, every audited action, its dead letters."""
     store = _store()
+    args.flow = _flow_named(args.flow)
     story = {
         "key": args.key,
         "ledger": [

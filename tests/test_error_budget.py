@@ -17,7 +17,14 @@ from assets.factory import flow_asset
 from definitions import resources
 from integrations.cli import main
 from integrations.engine.errors import ErrorBudgetExceeded, ErrorBudgetTripStands
-from integrations.engine.state import StateStore
+from integrations.engine.state import (
+    AuditRecord,
+    BatchCommit,
+    BudgetTrip,
+    DeadLetter,
+    StateStore,
+    utcnow,
+)
 from sensors.alerts import run_failure_sensor
 from tests.conftest import DLQ_KEY
 from tests.contacts import sync
@@ -273,3 +280,25 @@ def test_the_batch_the_budget_stops_the_run_at_has_its_dead_letters_summed_up_in
     letters = state.list_dead_letters(flow=FLOW, limit=None)  # all the first batch's
     assert f": {len(letters)} dead-lettered in this batch: contract {len(letters)}" in lines[0]
     assert_no_pii_or_secret(lines[0], state)
+
+
+def test_the_budget_and_audit_commands_take_a_flow_by_its_assets_key(world, state, capsys):
+    """The UI shows asset keys: `budget list --flow crm/contacts` said no trip stood while one
+    did, `budget clear` refused the flow, and `audit show` found no record."""
+    letter = DeadLetter(FLOW, "7", "contract", "erp.customer@v1: planted", {})
+    state.commit_batch(BatchCommit(FLOW, "run-1", dead_letters=[letter]))
+    lettered = AuditRecord(FLOW, "7", "dead-letter", f"run-1:{FLOW}:7")
+    state.append_audit(
+        [lettered], actor="test", action="sync", why="manual", detail={}, run_id="run-1", flow=FLOW
+    )
+    trip = BudgetTrip(FLOW, "run-1", utcnow(), failed=1, seen=2, max_share=0.1, reasons={})
+    state.trip_budget(trip, actor="test", why="test")
+
+    assert main(["budget", "list", "--flow", "crm/contacts"]) == 0
+    assert f"{FLOW}: tripped by run run-1" in capsys.readouterr().out
+    assert main(["audit", "show", "--key", "7", "--flow", "crm/contacts"]) == 0
+    assert "dead-letter run run-1" in capsys.readouterr().out
+    assert main(["budget", "clear", "--flow", "crm/contacts", "--why", "checked"]) == 0
+    assert f"{FLOW}: cleared the error budget's trip of run run-1" in capsys.readouterr().out
+    assert main(["budget", "list", "--flow", "crm/nothing"]) == 0
+    assert "(no flow is named so; the flows: " in capsys.readouterr().out
