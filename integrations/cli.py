@@ -95,7 +95,8 @@ def _age(text: str) -> timedelta:
 
 
 def _at_least_one(text: str) -> int:
-    """A count to show: 0 showed nothing (as if none matched), a negative one failed or cut."""
+    """A count, 1 or more: a limit of 0 showed nothing (as if none matched), a negative one
+    failed or cut; 0 rows to seed was a traceback."""
     if not text.lstrip("-").isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text} is not a whole number, 1 or more")
     return int(text)
@@ -651,7 +652,7 @@ def parser() -> argparse.ArgumentParser:
         "seed", help="fill the ERP (ERP_DATABASE_URL, or SQLite under HANDOFF_HOME)"
     )
     seed.add_argument(
-        "--rows", type=int, default=10_000, help="number of customers (default 10000)"
+        "--rows", type=_at_least_one, default=10_000, help="number of customers (default 10000)"
     )
     seed.add_argument(
         "--seed", type=int, default=42, help="random seed: the same seed gives the same data"

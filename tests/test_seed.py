@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import sqlalchemy as sa
 
 from integrations.cli import main
@@ -63,6 +64,17 @@ def test_the_cli_seeds_under_handoff_home(tmp_path, monkeypatch, capsys):
     assert rows(f"sqlite:///{tmp_path / 'erp.sqlite'}", "SELECT count(*) FROM customers") == [
         (300,)
     ]
+
+
+@pytest.mark.parametrize("count", ["0", "-3"])
+def test_a_row_count_below_one_is_refused_in_one_line(tmp_path, monkeypatch, capsys, count):
+    """`handoff seed --rows 0` ended in seed_erp's traceback."""
+    monkeypatch.setenv("HANDOFF_HOME", str(tmp_path))
+    monkeypatch.delenv("ERP_DATABASE_URL", raising=False)
+    with pytest.raises(SystemExit) as refused:
+        main(["seed", "--rows", count])
+    assert refused.value.code == 2
+    assert f"--rows: {count} is not a whole number, 1 or more" in capsys.readouterr().err
 
 
 def test_seeding_postgresql_uses_the_same_data(postgres_database, tmp_path):
