@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
+
+from integrations.engine.state import MissingSecret
 
 # Real data nobody here wrote (DESIGN.md): the Chinook music store, beside the repository.
 CHINOOK_DATASET = (
@@ -74,7 +77,19 @@ def crm_access_token() -> str | None:
 def crm_requests_per_second() -> float | None:
     """The CRM's API request limit (`CRM_REQUESTS_PER_SECOND`); unset: no client-side limit."""
     value = os.environ.get("CRM_REQUESTS_PER_SECOND")
-    return float(value) if value else None
+    if not value:
+        return None
+    try:
+        limit = float(value)
+    except ValueError:
+        limit = math.nan
+    # `10/s` stopped the load with a bare ValueError; 0, a negative one or inf limited nothing.
+    if not 0 < limit < math.inf:
+        raise MissingSecret(
+            f"CRM_REQUESTS_PER_SECOND is {value!r}, not a number of requests a second above 0: "
+            "set it to your CRM's limit (HubSpot's tier, e.g. 10), or unset it for no limit"
+        )
+    return limit
 
 
 def crm_sandbox_path() -> Path:

@@ -13,7 +13,8 @@ import pytest
 
 from assets.crm_deals import CRM_DEALS
 from assets.factory import flow_asset
-from definitions import defs
+from definitions import defs, resources
+from integrations.engine.state import MissingSecret
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,6 +73,17 @@ def test_a_missing_secret_stops_the_load_with_one_error_naming_it(tmp_path, secr
     assert done.returncode != 0
     assert output.count(f"{secret} is not set") == 1, output
     assert "handoff cannot load" in output
+
+
+@pytest.mark.parametrize("limit", ["10/s", "0", "-5", "inf"])
+def test_a_request_limit_that_is_no_limit_stops_the_load_naming_it(monkeypatch, limit):
+    """`CRM_REQUESTS_PER_SECOND=10/s` stopped the load with float()'s ValueError, naming no
+    variable; 0, a negative limit or inf loaded, and limited nothing."""
+    monkeypatch.setenv("CRM_REQUESTS_PER_SECOND", limit)
+    with pytest.raises(MissingSecret, match=f"CRM_REQUESTS_PER_SECOND is '{limit}', not a number"):
+        resources()
+    monkeypatch.setenv("CRM_REQUESTS_PER_SECOND", "10")
+    assert resources()["crm"].requests_per_second == 10
 
 
 def test_every_run_config_field_of_a_flow_says_what_it_does():
