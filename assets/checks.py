@@ -22,6 +22,11 @@ def reconciliation_schedule_name(spec: FlowSpec) -> str:
     return f"{spec.name}_reconciliation_schedule"
 
 
+def reconciliation_op_name(key: dg.AssetKey) -> str:
+    """The reconciliation check's op: the step a failed run of it names."""
+    return f"{key.to_python_identifier()}_{RECONCILIATION_CHECK}"
+
+
 def contract_check_spec(spec: FlowSpec, key: dg.AssetKey) -> dg.AssetCheckSpec:
     return dg.AssetCheckSpec(
         CONTRACT_CHECK,
@@ -119,7 +124,7 @@ def reconciliation_check(spec: FlowSpec, key: dg.AssetKey) -> dg.AssetChecksDefi
     out (Dagster shows it skipped in that run)."""
 
     @dg.multi_asset_check(
-        name=f"{key.to_python_identifier()}_{RECONCILIATION_CHECK}",
+        name=reconciliation_op_name(key),
         specs=[
             dg.AssetCheckSpec(
                 RECONCILIATION_CHECK,

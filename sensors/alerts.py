@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
+from assets.checks import reconciliation_op_name
 from assets.factory import asset_key, max_staleness
 from integrations.alerts import Alert
 from integrations.engine.spec import FlowSpec
@@ -114,7 +115,15 @@ def _looked(said: dict | str | int | None) -> tuple[datetime | None, int | None]
 
 
 def run_failure_sensor(specs: list[FlowSpec]) -> dg.SensorDefinition:
-    flows_by_step = {"__".join(asset_key(spec).path): spec.name for spec in specs}
+    # A flow's steps: its asset's, and its reconciliation check's (its daily run fails too).
+    flows_by_step = {
+        step: spec.name
+        for spec in specs
+        for step in (
+            asset_key(spec).to_python_identifier(),
+            reconciliation_op_name(asset_key(spec)),
+        )
+    }
 
     @dg.run_failure_sensor(
         name="handoff_run_failures",
@@ -126,7 +135,7 @@ def run_failure_sensor(specs: list[FlowSpec]) -> dg.SensorDefinition:
         failures = context.get_step_failure_events()
         names = sorted({flows_by_step.get(e.step_key, e.step_key) for e in failures if e.step_key})
         errors = [
-            failure.step_failure_data.error.message.strip()
+            _raised(failure.step_failure_data.error)
             for failure in failures
             if failure.step_failure_data.error
         ]
@@ -143,6 +152,14 @@ def run_failure_sensor(specs: list[FlowSpec]) -> dg.SensorDefinition:
         )
 
     return _failed
+
+
+def _raised(error) -> str:
+    """The error the step raised: Dagster wraps one that is no dg.Failure in an error naming only
+    the op ("Error occurred while executing op ..."), which told the alert's reader nothing."""
+    while error.cls_name == "DagsterExecutionStepExecutionError" and error.cause is not None:
+        error = error.cause
+    return error.message.strip()
 
 
 def alert_sensors(specs: list[FlowSpec]) -> list[dg.SensorDefinition]:

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 
 import dagster as dg
 
+from assets.checks import reconciliation_check
 from assets.crm_contacts import CRM_CONTACTS
 from assets.factory import flow_asset
 from definitions import resources
@@ -107,6 +108,37 @@ def test_a_failed_run_alerts_once_with_the_flow_and_what_to_do(
     assert alert["handoff"]["kind"] == "run_failure"
     assert alert["handoff"]["flow"] == "erp_customers_to_crm_contacts"
     assert failed.run_id in alert["text"] and "What to do:" in alert["text"]
+
+
+def test_a_failed_reconciliation_run_alerts_naming_its_flow_and_the_error_it_raised(
+    world, alert_receiver, monkeypatch, tmp_path
+):
+    """The daily reconciliation's run failing on a source without its table alerted for flow
+    `crm__contacts_reconciliation` (its op), with Dagster's wrapper for the error ("Error
+    occurred while executing op ...") instead of the error."""
+    monkeypatch.setenv("ERP_DATABASE_URL", f"sqlite:///{tmp_path / 'empty.sqlite'}")
+    key = dg.AssetKey(["crm", "contacts"])
+    with dg.instance_for_test() as instance:
+        failed = dg.materialize(
+            [reconciliation_check(CRM_CONTACTS, key)],
+            selection=dg.AssetSelection.checks(dg.AssetCheckKey(key, "reconciliation")),
+            resources=resources(),
+            instance=instance,
+            raise_on_error=False,
+        )
+        assert not failed.success
+        (event,) = [e for e in failed.all_events if e.event_type_value == "PIPELINE_FAILURE"]
+        context = dg.build_run_status_sensor_context(
+            sensor_name="handoff_run_failures",
+            dagster_event=event,
+            dagster_instance=instance,
+            dagster_run=instance.get_run_by_id(failed.run_id),
+            resources=resources(),
+        ).for_run_failure()
+        run_failure_sensor([CRM_CONTACTS])(context)
+    (alert,) = alert_receiver.received
+    assert alert["handoff"]["flow"] == "erp_customers_to_crm_contacts"
+    assert "table 'customers' is not in the source database" in alert["text"]
 
 
 def test_a_receiver_that_is_down_does_not_break_alerting(world, monkeypatch, caplog):
