@@ -1340,3 +1340,26 @@ def test_a_mariadb_timestamp_cursor_under_a_chosen_zone_keeps_its_watermark_in_u
     assert second.written == 1, "the change after the clocks went back"
     assert second.watermark_after.updated_at == datetime(2025, 11, 2, 6, 20)
     winter.dispose()
+
+
+def test_a_date_cursor_reads_its_last_day_again_and_marks_the_sensor_in_time(sql_database, state):
+    """A change cursor of days (an ERP's `changed_on DATE`): its newest value was handed to the
+    change sensors as a date, which they compare with the flows' watermarks (times): every tick
+    of a flow synced once failed with a TypeError. A change later on the last day read is read,
+    as the lookback reads that day again."""
+    engine = create_engine(sql_database())
+    source_lines(engine, [date(2025, 1, 1), date(2025, 1, 2)], cursor_type=sa.Date)
+    assert run(engine, state).written == 2
+    newest = SqlSource(engine, SOURCE).high_water_mark()
+    assert newest == datetime(2025, 1, 2)
+    assert not state.watermark(SPEC.name).updated_at < newest, "synced: no run to request"
+    with engine.begin() as connection:  # the same day, later: its cursor does not move
+        connection.execute(sa.text("UPDATE source_lines SET amount = 20 WHERE id = 2"))
+        connection.execute(
+            sa.text("UPDATE source_lines SET updated_at = :d WHERE id = 1"), {"d": date(2025, 1, 3)}
+        )
+    again = run(engine, state)
+    assert (again.counts["updated"], again.counts["unchanged"]) == (1, 1), "L1's day is no field"
+    assert rows(engine)["L2"][0] == 20
+    assert SqlSource(engine, SOURCE).high_water_mark() == datetime(2025, 1, 3)
+    engine.dispose()

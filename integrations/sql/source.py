@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 
 import numpy as np
 import pandas as pd
@@ -477,7 +477,9 @@ class SqlSource:
             newest = connection.execute(query).scalar_one()
         if isinstance(newest, datetime):
             return as_utc(newest)
-        return newest if isinstance(newest, date) else None  # all zero dates: no mark
+        if isinstance(newest, date):  # a cursor of days: its start, compared with watermarks
+            return datetime.combine(newest, time())
+        return None  # all zero dates: no mark
 
     def changed_days(self, since: datetime, column: str) -> list[date]:
         """The days of `column` (a partitioned flow's business date) of the rows whose cursor is
