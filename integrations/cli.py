@@ -89,15 +89,28 @@ def _actor(command: str) -> str:
 def _age(text: str) -> timedelta:
     """`90s`, `30m`, `2h`, `7d`."""
     units = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-    if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit():
+    if len(text) < 2 or text[-1] not in units or not text[:-1].isdecimal():
         raise argparse.ArgumentTypeError(f"{text!r} is not an age like 90s, 30m, 2h or 7d")
-    return timedelta(**{units[text[-1]]: int(text[:-1])})
+    try:
+        age = timedelta(**{units[text[-1]]: int(text[:-1])})
+        utcnow() - age  # a time before year 1 was an OverflowError's traceback
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"{text!r} is older than any dead letter") from None
+    return age
+
+
+def _letter_id(text: str) -> int:
+    """A dead letter's id: a whole number the state store can hold (SQLite's INTEGER failed on
+    a larger one with an OverflowError's traceback)."""
+    if not text.isdecimal() or int(text) >= 2**63:
+        raise argparse.ArgumentTypeError(f"{text} is no dead letter's id (see `handoff dlq list`)")
+    return int(text)
 
 
 def _at_least_one(text: str) -> int:
     """A count, 1 or more: a limit of 0 showed nothing (as if none matched), a negative one
     failed or cut; 0 rows to seed was a traceback."""
-    if not text.lstrip("-").isdigit() or int(text) < 1:
+    if not text.lstrip("-").isdecimal() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text} is not a whole number, 1 or more")
     return int(text)
 
@@ -704,7 +717,9 @@ def parser() -> argparse.ArgumentParser:
         command.add_argument("--flow", help="only this flow's letters")
         command.add_argument("--kind", choices=REASON_KINDS, help="only this kind of reason")
         command.add_argument("--older-than", type=_age, help="first seen at least this long ago")
-        command.add_argument("--id", type=int, action="append", help="this letter (repeatable)")
+        command.add_argument(
+            "--id", type=_letter_id, action="append", help="this letter (repeatable)"
+        )
         command.add_argument("--key", action="append", help="this record key (repeatable)")
         return command
 
@@ -719,7 +734,7 @@ def parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(run=cmd_dlq_list)
     show = dlq.add_parser("show", help="one dead letter with its payload, PII masked")
-    show.add_argument("id", type=int)
+    show.add_argument("id", type=_letter_id)
     show.set_defaults(run=cmd_dlq_show)
     replay = letters(
         dlq.add_parser("replay", help="sync open letters again from the source (or payload)")

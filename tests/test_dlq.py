@@ -670,3 +670,22 @@ def test_a_letter_of_a_row_without_a_key_closes_once_the_source_gives_it_one(
     assert state.get_dead_letter(letter.id).resolution == "gone"
     landed = finance_email(world, customer_id=4)
     assert landed == "bjorn.hansen@yahoo.no"
+
+
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        (["list", "--older-than", "1000000d"], "'1000000d' is older than any dead letter"),
+        (["list", "--older-than", "²h"], "'²h' is not an age like 90s, 30m, 2h or 7d"),
+        (["list", "--limit", "²"], "² is not a whole number, 1 or more"),
+        (["show", "99999999999999999999"], "99999999999999999999 is no dead letter's id"),
+        (["replay", "--id", "99999999999999999999"], "is no dead letter's id"),
+    ],
+)
+def test_an_age_or_id_no_letter_can_have_is_refused_in_one_line(world, capsys, command, said):
+    """Each ended in a traceback: a time before year 1, int() of a superscript digit (which
+    isdigit() takes), an id beyond SQLite's INTEGER."""
+    with pytest.raises(SystemExit) as refused:
+        main(["dlq", *command])
+    assert refused.value.code == 2
+    assert said in capsys.readouterr().err
