@@ -614,9 +614,11 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
             f"by run {row['run_id']}"
         )
     for entry in story["history"]:
+        # A Dagster run's actor is the run itself: named once.
+        by = "" if entry["actor"] == f"dagster run {entry['run_id']}" else f"; {entry['actor']}"
         print(
             f"{entry['at']}  {entry['flow']}  {entry['action']:<11} run {entry['run_id']} "
-            f"({entry['trigger']}; {entry['actor']})  {json.dumps(entry['diff'], default=str)}"
+            f"({entry['trigger']}{by})  {json.dumps(entry['diff'], default=str)}"
         )
     for letter in story["dead_letters"]:
         print(

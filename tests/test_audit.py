@@ -177,6 +177,11 @@ def test_a_trail_cut_after_a_materialization_is_caught(any_world, crm_client, ca
         newest = store.audit_entries()[-1]
         assert first == f"{newest['id']}:{newest['entry_hash']}", "the head after its commits"
         assert newest["actor"].startswith("dagster run ")
+        with store.engine.connect() as connection:
+            key = connection.execute(sa.text("SELECT min(record_key) FROM ledger")).scalar_one()
+        assert main(["audit", "show", "--key", key]) == 0
+        (told,) = [line for line in capsys.readouterr().out.splitlines() if " insert " in line]
+        assert told.count(newest["run_id"]) == 1, "a Dagster run's id was named twice"
 
         second, anchor = materialize_contacts(instance)
         assert anchor.passed and f"holds entry {first.split(':')[0]}" in anchor.description
