@@ -332,6 +332,6 @@ def _iso_ms(value: object) -> int | None:
     if not value:
         return None
     text = str(value)
-    if text.isdigit():
+    if text.isdecimal():
         return int(text)
     return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)

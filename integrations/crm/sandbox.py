@@ -368,7 +368,7 @@ class SandboxStore:
             )
         ids = []
         for item in inputs:
-            if not isinstance(item, dict) or not str(item.get("id", "")).isdigit():
+            if not isinstance(item, dict) or not str(item.get("id", "")).isdecimal():
                 raise ApiError(400, "VALIDATION_ERROR", 'each input must be {"id": "<object id>"}')
             ids.append(int(item["id"]))
         now = _now_ms()
@@ -394,7 +394,7 @@ class SandboxStore:
             row = self.connection.execute(
                 "SELECT * FROM objects WHERE id=? AND object_type=?", (object_id, object_type)
             ).fetchone()
-        if row is None or not str(object_id).isdigit():
+        if row is None or not str(object_id).isdecimal():
             raise ApiError(404, "OBJECT_NOT_FOUND", f"no {object_type} object with id {object_id}")
         return self._view(row, properties)
 
@@ -422,7 +422,7 @@ class SandboxStore:
             for item in inputs:
                 value = str(item.get("id", "")) if isinstance(item, dict) else ""
                 if id_property == "hs_object_id":
-                    object_id = int(value) if value.isdigit() else None
+                    object_id = int(value) if value.isdecimal() else None
                 else:
                     object_id = self._find(object_type, id_property, value)
                 row = None
@@ -502,7 +502,7 @@ class SandboxStore:
             rows = self.connection.execute(
                 "SELECT to_id FROM associations WHERE from_type=? AND from_id=? AND to_type=? "
                 "ORDER BY to_id",
-                (from_type, int(from_id) if from_id.isdigit() else -1, to_type),
+                (from_type, int(from_id) if from_id.isdecimal() else -1, to_type),
             ).fetchall()
         return {"results": [{"toObjectId": row[0], "associationTypes": []} for row in rows]}
 

@@ -1636,7 +1636,7 @@ class AuditHead(NamedTuple):
     def parse(cls, text: str) -> AuditHead:
         """`id:hash`, as a materialization's `audit_head` shows it."""
         number, _, digest = text.strip().lower().partition(":")
-        if not number.isdigit() or not _HEX_DIGEST.fullmatch(digest):
+        if not number.isdecimal() or not _HEX_DIGEST.fullmatch(digest):
             raise ValueError(
                 f"{text!r} is not an audit head: ID:HASH, an entry's id and its 64 hex digits"
             )

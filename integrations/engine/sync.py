@@ -295,7 +295,7 @@ def _picked(values: list, positions: list[int]) -> list:
 
 
 def _natural(key: str) -> tuple[int, str]:
-    return (int(key), "") if key.isdigit() else (0, key)
+    return (int(key), "") if key.isdecimal() else (0, key)
 
 
 def _json_key(key: object) -> object:

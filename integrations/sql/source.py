@@ -601,7 +601,7 @@ BEFORE_EVERY_DATE = datetime(1, 1, 1)
 
 def _whole_number(key: object) -> bool:
     text = str(key)
-    return text.lstrip("-").isdigit() and str(int(text)) == text
+    return text.lstrip("-").isdecimal() and str(int(text)) == text
 
 
 def _is_number(value: object) -> bool:

@@ -92,7 +92,7 @@ class WebhookHandler(BaseHTTPRequestHandler):
         if length is None or self.headers.get("Transfer-Encoding"):
             self.close_connection = True
             raise Refusal(411, "send a Content-Length (chunked bodies are not accepted)")
-        if not length.isdigit():
+        if not length.isdecimal():
             self.close_connection = True
             raise Refusal(400, "Content-Length is not a number")
         if int(length) > self.server.max_body:

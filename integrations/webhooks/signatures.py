@@ -108,7 +108,7 @@ def _fresh(timestamp_seconds: float, now: float, what: str) -> None:
 
 
 def _number(value: str | None, what: str) -> int:
-    if not value or not value.strip().isdigit():
+    if not value or not value.strip().isdecimal():
         raise SignatureRefused(f"{what} is missing or not a whole number")
     return int(value.strip())
 
