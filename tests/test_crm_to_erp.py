@@ -4,18 +4,23 @@ duplicates) is stored once each and leads to the right rows."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import random
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import dagster as dg
+import pandera.pandas as pa
+import pytest
 import requests
 import sqlalchemy as sa
+from pandera.typing import Series
 
 from assets.checks import reconciliation_check
 from assets.crm_contacts import CRM_CONTACTS
@@ -23,6 +28,8 @@ from assets.erp_crm_contact_updates import ERP_CRM_CONTACT_UPDATES
 from assets.erp_crm_deals import ERP_CRM_DEALS
 from assets.factory import flow_asset
 from definitions import active_flows, definitions, resources
+from integrations.contracts import Contract
+from integrations.contracts.crm_contact_object import CrmContactObjectV1
 from integrations.crm.faults import Faults
 from integrations.sql.connect import create_engine
 from tests.webhooks import event, receiver, signed
@@ -382,3 +389,17 @@ def run_updates(instance) -> dg.ExecuteInJobResult:
     )
     assert result.success
     return result
+
+
+def test_an_echo_is_told_only_by_the_fields_both_flows_name():
+    """A staging flow reading a field the writer never writes (a job title salespeople keep)
+    would have taken a change to it for an echo, and never staged it."""
+
+    class ContactWithTitleV1(CrmContactObjectV1):
+        jobtitle: Series[str] = pa.Field(nullable=True)
+
+    titled = Contract("crm.contact_object", 2, ContactWithTitleV1)
+    with pytest.raises(ValueError, match=re.escape("fields this flow reads (['jobtitle'])")):
+        dataclasses.replace(ERP_CRM_CONTACT_UPDATES, source_contract=titled)
+    alone = dataclasses.replace(ERP_CRM_CONTACT_UPDATES, source_contract=titled, echo_of=None)
+    assert alone.echo_of is None, "without echo_of, every version is staged"

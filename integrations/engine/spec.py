@@ -156,15 +156,26 @@ class FlowSpec:
 
     def __post_init__(self) -> None:
         if self.echo_of is not None:
-            writer = self.echo_of
-            links = {association.field for association in writer.target.associations}
-            written = set(writer.target_contract.schema.columns) - links
-            unread = written - set(self.source_contract.schema.columns)
-            if unread:
-                raise ValueError(
-                    f"{self.name}: echo_of={self.echo_of.name} writes fields this flow's source "
-                    f"contract does not read ({sorted(unread)}), so an echo cannot be told"
-                )
+            self._check_echoes(self.echo_of)
+
+    def _check_echoes(self, writer: FlowSpec) -> None:
+        """An echo is told by comparing every field this flow reads with what `writer` wrote:
+        both must name the same fields (but this flow's key, cursor and soft-delete column, and
+        the writer's links)."""
+        links = {association.field for association in writer.target.associations}
+        written = set(writer.target_contract.schema.columns) - links
+        own = {self.source.key, self.source.cursor, self.source.deleted}
+        read = set(self.source_contract.schema.columns) - own
+        if written - read:
+            raise ValueError(
+                f"{self.name}: echo_of={writer.name} writes fields this flow's source contract "
+                f"does not read ({sorted(written - read)}), so an echo cannot be told"
+            )
+        if read - written:  # a person's change to such a field would be taken for an echo
+            raise ValueError(
+                f"{self.name}: echo_of={writer.name} does not write fields this flow reads "
+                f"({sorted(read - written)}), so a change to one cannot be told from an echo"
+            )
 
     @property
     def pii_fields(self) -> frozenset[str]:
