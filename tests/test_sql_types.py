@@ -913,6 +913,63 @@ def test_the_last_day_a_database_holds_is_a_date_like_any_other(sql_database, st
     engine.dispose()
 
 
+class TermRowV1(pa.DataFrameModel):
+    id: Series[int]
+    valid_to: Series[pa.DateTime] = pa.Field(nullable=True)
+
+    class Config:
+        coerce = True
+
+
+class TermDayV1(pa.DataFrameModel):
+    term_id: Series[int]
+    valid_until: Series[pa.Date] = pa.Field(nullable=True)
+
+    class Config:
+        coerce = True
+
+
+TERM_DAYS = FlowSpec(
+    name="test_term_days",
+    source=SourceTable(table="terms", key="id"),
+    source_contract=Contract("test.term_row", 1, TermRowV1),
+    target=Target("finance", "term_days", "term_id"),
+    target_contract=Contract("test.term_day", 1, TermDayV1),
+    mapping=lambda rows: pd.DataFrame(
+        {"term_id": rows["id"], "valid_until": rows["valid_to"]}, index=rows.index
+    ),
+    batch_size=2,
+)
+
+
+def test_a_far_time_mapped_to_a_date_field_leaves_its_neighbours_alone(sql_database, state):
+    """A batch's times are microseconds once one is past 2262: a date field the mapping gave
+    them to refused every row of the batch as "not of type date", the ordinary ones too."""
+    engine = create_engine(sql_database())
+    source_table(
+        engine,
+        "terms",
+        sa.Column("valid_to", sa.DateTime, nullable=True),
+        rows=[
+            {"id": 1, "valid_to": FOREVER, "updated_at": T0},
+            {"id": 2, "valid_to": T0, "updated_at": T0},
+        ],
+    )
+    result = sync(TERM_DAYS, engine, engine, state)
+    assert result.counts["rejected"] == 0, [
+        d.reason for d in state.list_dead_letters(TERM_DAYS.name)
+    ]
+    stored = rows_of(engine, "term_days")
+    assert {key: _a_day(day) for key, (day, *_archived) in stored.items()} == {
+        1: date(9999, 12, 31),
+        2: T0.date(),
+    }
+    table = SqlTable(engine, TERM_DAYS.target)
+    drift = reconcile(TERM_DAYS, SqlSource(engine, TERM_DAYS.source), table, state)
+    assert drift.in_sync, drift.summary()
+    engine.dispose()
+
+
 def _a_time(value: object) -> datetime | None:
     """A time as the destination gives it back (SQLite: ISO text)."""
     return datetime.fromisoformat(value) if isinstance(value, str) else value

@@ -160,6 +160,12 @@ class Contract:
                 for index in refused:
                     reasons[index].append(f"{name} is not a date and time")
                 batch = batch.assign(**{name: parsed})
+            elif _naive_dates(column) and _beyond_nanoseconds(values):
+                # Coercion to a date goes through nanoseconds: one far day failed every row.
+                parsed, refused = _mixed_times(values)
+                for index in refused:
+                    reasons[index].append(f"{name} is not a date")
+                batch = batch.assign(**{name: parsed.dt.date})
             else:
                 continue
             for index in refused:
@@ -374,6 +380,23 @@ def _naive_times(column: pa.Column) -> bool:
         and dtype.tz is None
         and not getattr(dtype, "to_datetime_kwargs", None)
     )
+
+
+def _naive_dates(column: pa.Column) -> bool:
+    """A date column read by pandas' default rules (no `to_datetime_kwargs` of its own)."""
+    dtype = column.dtype
+    return isinstance(dtype, pandas_engine.Date) and not getattr(dtype, "to_datetime_kwargs", None)
+
+
+def _beyond_nanoseconds(values: pd.Series) -> bool:
+    """Whether a date field's values hold a time past pandas' nanoseconds: a date-and-time
+    field's column in microseconds (see `_in_unit`) mapped to it, or a database's datetimes.
+    Python's dates alone are taken as they are (see `_holds`)."""
+    if values.dtype.kind == "M":
+        return values.dt.unit != "ns"
+    if values.dtype != object or infer_dtype(values, skipna=True) == "date":
+        return False
+    return not all(map(_fits_nanoseconds, values))
 
 
 def _parsed_times(texts: pd.Series) -> tuple[pd.Series, list[object]]:
