@@ -369,6 +369,34 @@ def test_what_handoff_wrote_to_the_crm_is_not_staged_back_until_a_person_changes
         assert reconciled(instance).passed
 
 
+def test_echoes_count_among_the_rows_the_error_budget_judges(world, crm_client):
+    """Echoes passed the contract as unchanged records do, but the error budget left them out
+    of the rows it judged: a few bad contacts among the CRM's new ones beside hundreds of
+    handoff's own tripped the budget and stopped the flow."""
+    with dg.instance_for_test() as instance:
+        written = counts(
+            dg.materialize([flow_asset(CRM_CONTACTS)], resources=resources(), instance=instance)
+        )["crm/contacts"]["inserted"]
+        assert written > 100
+        people = [
+            {"id": f"person{n}@example.com", "properties": {"firstname": "P", "country": "FR"}}
+            for n in range(18)
+        ] + [  # not a country code: refused by the staging contract
+            {"id": f"typo{n}@example.com", "properties": {"firstname": "T", "country": "France"}}
+            for n in range(3)
+        ]
+        created(crm_client, "contacts", "email", people)
+        result = dg.materialize(
+            [flow_asset(ERP_CRM_CONTACT_UPDATES)],
+            resources=resources(),
+            instance=instance,
+            raise_on_error=False,
+        )
+        assert result.success, "3 rejected of the run's 21 + echoes is within the budget"
+        staging = counts(result)["erp/crm_contact_updates"]
+        assert (staging["inserted"], staging["rejected"], staging["echoes"]) == (18, 3, written)
+
+
 def reconciled(instance) -> dg.AssetCheckEvaluation:
     result = dg.materialize(
         [

@@ -154,7 +154,9 @@ class ErrorBudget:
         # Refused for an id a record of another batch held: tried again at the run's end (see
         # _retried), judged then (a renumbering across batches stopped every run).
         deferred = len(set(self._clashed))
-        seen = result.counts["valid"] + result.counts["rejected"] - refused - deferred
+        # Echoes passed the contract too (not staged, as unchanged records are not written).
+        judged = result.counts["valid"] + result.counts["echoes"] + result.counts["rejected"]
+        seen = judged - refused - deferred
         if self._replaying or seen < budget.min_rows:  # a replay retries known-bad records
             return
         failed = result.counts["rejected"] - deferred
