@@ -517,7 +517,12 @@ def test_reconciliation_leaves_out_invoices_dated_on_days_no_partition_holds_yet
         materialize(FINANCE_INVOICES, instance, tags=JANUARY)
         assert reconciled(FINANCE_INVOICES, instance).passed
         with erp.begin() as connection:
-            for number, day in (("INV-09999998", today), ("INV-09999999", date(2023, 12, 31))):
+            for number, day in (
+                ("INV-09999998", today),
+                ("INV-09999999", date(2023, 12, 31)),
+                ("INV-09999997", date(9999, 12, 31)),  # "valid forever": no partition either
+                ("INV-09999996", date(1, 1, 1)),
+            ):
                 connection.execute(
                     sa.text(
                         "INSERT INTO invoices (invoice_id, invoice_number, order_id, customer_id, "

@@ -106,10 +106,6 @@ def held_records(spec: FlowSpec, source: Source, state: StateStore) -> set[str]:
     return set(opened) | unchanged
 
 
-# Bounds that hold every business date a daily-partitioned flow's rows have, on each dialect.
-EARLIEST, LATEST = datetime(1900, 1, 1), datetime(9999, 1, 1)
-
-
 def unpartitioned_records(spec: FlowSpec, source: Source) -> set[str]:
     """Keys of a daily-partitioned flow's rows dated on a day it has no partition for: today or
     later (a day is synced once it is over), or before its first day. No run has read them yet,
@@ -119,11 +115,15 @@ def unpartitioned_records(spec: FlowSpec, source: Source) -> set[str]:
         return set()
     today = utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
     first = datetime.fromisoformat(spec.partitions.start)
-    return _keys_dated(spec, source, today, LATEST) ^ _keys_dated(spec, source, EARLIEST, first)
+    # Open-ended: an ERP's "valid forever" (9999-12-31) or a year-1 day has no partition either.
+    return _keys_dated(spec, source, today, None) ^ _keys_dated(spec, source, None, first)
 
 
-def _keys_dated(spec: FlowSpec, source: Source, start: datetime, end: datetime) -> set[str]:
-    """Keys of the rows whose business date is in [start, end), and of those with none."""
+def _keys_dated(
+    spec: FlowSpec, source: Source, start: datetime | None, end: datetime | None
+) -> set[str]:
+    """Keys of the rows whose business date is in [start, end) (None: unbounded), and of those
+    with none."""
     within = source.in_window(spec.partitions.column, start, end)
     return {
         str(key)

@@ -40,9 +40,10 @@ class Source(Protocol):
         """Rows with cursor ≥ `since` (all rows when None) and `within` (a partition window,
         from `in_window`), in (cursor, key) order, at most `batch_size` a frame."""
 
-    def in_window(self, column: str, start: datetime, end: datetime) -> object:
-        """The condition `start <= column < end`, or no date at all (a row no window holds, read
-        by every window's run to be dead-lettered), for `batches(within=...)`."""
+    def in_window(self, column: str, start: datetime | None, end: datetime | None) -> object:
+        """The condition `start <= column < end` (None: no such bound), or no date at all (a row
+        no window holds, read by every window's run to be dead-lettered), for
+        `batches(within=...)`."""
 
     def rows_with_keys(self, keys: Sequence[object], batch_size: int) -> Iterator[pd.DataFrame]:
         """The rows with these keys (a repair)."""

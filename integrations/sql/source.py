@@ -194,31 +194,35 @@ class SqlSource:
         ]
         return sa.select(*own, *extra).select_from(joined), columns
 
-    def in_window(self, column: str, start: datetime, end: datetime) -> sa.ColumnElement[bool]:
-        """`start <= column < end`, as dates when the column is a date; or no date at all (NULL,
-        a MariaDB zero date): no window holds such a row, so each window's run reads it and the
-        engine dead-letters it (held, once dead-lettered, until its content changes)."""
+    def in_window(
+        self, column: str, start: datetime | None, end: datetime | None
+    ) -> sa.ColumnElement[bool]:
+        """`start <= column < end` (None: no such bound), as dates when the column is a date; or
+        no date at all (NULL, a MariaDB zero date): no window holds such a row, so each window's
+        run reads it and the engine dead-letters it (held, once dead-lettered, until its content
+        changes)."""
         if column not in self.table.c:
             raise SourceSchemaError(f"table {self.spec.table!r} has no column {column!r}")
         target = self.table.c[column]
         undated = sa.or_(self._no_date(target), sa.not_(self._within_python(target)))
+        compared, bounds = target, [start, end]
         if isinstance(target.type, sa.DateTime) and self.engine.dialect.name == "sqlite":
             # SQLite keeps timestamps as text, written by whoever filled the file ("2021-01-01
             # 00:00:00" in Chinook, with microseconds by SQLAlchemy): compare them normalised.
             # Text SQLite reads as no time ("2021-01-32", a number) has no date either: each
             # window's run reads it, for the contract to dead-letter (it was read by none).
-            normalised = sa.func.datetime(target)
-            undated = normalised.is_(None)
-            dated = sa.and_(
-                normalised >= start.strftime("%Y-%m-%d %H:%M:%S"),
-                normalised < end.strftime("%Y-%m-%d %H:%M:%S"),
-            )
+            compared = sa.func.datetime(target)
+            undated = compared.is_(None)
+            bounds = [b and b.strftime("%Y-%m-%d %H:%M:%S") for b in bounds]
+        elif isinstance(target.type, sa.Date):
+            bounds = [b and b.date() for b in bounds]
         else:
-            if isinstance(target.type, sa.Date):
-                start, end = start.date(), end.date()
-            else:
-                start, end = _bound(target, start), _bound(target, end)
-            dated = sa.and_(target >= start, target < end)
+            bounds = [b and _bound(target, b) for b in bounds]
+        low, high = bounds
+        dated = sa.and_(
+            compared >= low if low is not None else sa.true(),
+            compared < high if high is not None else sa.true(),
+        )
         return sa.or_(dated, undated)
 
     def batches(
