@@ -13,7 +13,8 @@ CUSTOMER_NUMBER = r"C\d{7}"
 
 def ticket_to_staging_row(tickets: pd.DataFrame) -> pd.DataFrame:
     """Each field by its meaning in the ERP's staging table."""
-    requestor = tickets["RequestorName"].astype("string")
+    # RT compares user names without case: "c0000001" is customer C0000001's user.
+    requestor = tickets["RequestorName"].astype("string").str.upper()
     return pd.DataFrame(
         {
             "ticket_id": tickets["id"],

@@ -256,3 +256,15 @@ def test_a_ticket_answered_while_the_run_lists_is_not_passed_by_a_later_change(
         assert sorted(rows) == tickets
         assert rows[tickets[3]]["status"] == "stalled"
         assert rows[tickets[0]]["status"] == "open", "the answer is never read"
+
+
+def test_a_customer_whose_rt_user_is_named_in_another_case_is_the_tickets_customer(
+    helpdesk_world, rt_client
+):
+    # An agent made the customer's user by hand as "c…": RT holds that user as the customer's
+    # (helpdesk/users writes to it) and files the customer's mail under it.
+    ((number, email),) = customers_with_email(helpdesk_world.erp_url, 1)
+    rt_client.create_user({"Name": number.lower(), "EmailAddress": email})
+    ticket = rt_client.create_ticket({"Queue": "General", "Subject": "hello", "Requestor": email})
+    sync_tickets(helpdesk_world, rt_client, ERP_SUPPORT_TICKETS)
+    assert staged(helpdesk_world.erp_url)[ticket]["customer_number"] == number
