@@ -275,3 +275,25 @@ def test_the_snapshot_serves_every_user_though_one_is_disabled_while_it_pages(
     assert len(pages) > 2, "the snapshot read more than one page"
     assert sorted(set(served) - {names[0]}) == names[1:], "a user the pages skipped"
     assert len(served) == len(set(served)), "a user served twice"
+
+
+def test_a_new_customer_whose_address_an_rt_user_has_is_dead_lettered_with_what_to_do(
+    helpdesk_world, rt_client
+):
+    engine = create_engine(helpdesk_world.erp_url)
+    with engine.connect() as connection:
+        number, email = connection.execute(
+            sa.select(customers.c.customer_number, customers.c.email)
+            .where(customers.c.deleted_at.is_(None), customers.c.country.is_not(None))
+            .order_by(customers.c.customer_id)
+        ).first()
+    engine.dispose()
+    # The customer mailed the helpdesk before handoff ran: RT made a user named by the address.
+    rt_client.create_user({"Name": email.lower(), "EmailAddress": email.lower()})
+    with dg.instance_for_test() as instance:
+        materialize(instance)
+    (letter,) = refused_by_rt(helpdesk_world)
+    assert letter.payload["customer_number"] == number
+    assert "Email address in use" in letter.reason, "RT's own words"
+    assert "What to do:" in letter.reason
+    assert email.lower() not in letter.reason.lower()

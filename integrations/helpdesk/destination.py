@@ -80,7 +80,7 @@ class RtUsers:
                 try:
                     created, answers[name] = self._write(name, wanted[name], held.get(name))
                 except RtRequestRejected as error:
-                    refused.append(Refusal(record.key, str(error)))
+                    refused.append(Refusal(record.key, f"{error}. {_WHAT_TO_DO}"))
                     continue
                 written.append(Written(record.key, name, created=created))
             wrong = self._not_stored(
