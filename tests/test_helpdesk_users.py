@@ -4,6 +4,8 @@ changed customers, soft deletes as disabled users, and an RT outage mid-sync."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
 import threading
 import time
 from datetime import UTC, datetime
@@ -15,11 +17,13 @@ import sqlalchemy as sa
 from assets.factory import flow_asset
 from assets.helpdesk_users import HELPDESK_USERS
 from definitions import resources
+from integrations.engine.spec import ErrorBudget
 from integrations.engine.state import utcnow
 from integrations.erp.changes import move_customers, soft_delete_customers
 from integrations.erp.schema import customers
 from integrations.helpdesk.client import RtClient
 from integrations.helpdesk.destination import RtUsers
+from integrations.helpdesk.local_rt import RT_LIB
 from integrations.helpdesk.support_tier import TIER_FIELD, TIER_WINDOW, TIERS, support_tier
 from integrations.sql.connect import create_engine
 from resources.helpdesk import HelpdeskResource
@@ -297,3 +301,36 @@ def test_a_new_customer_whose_address_an_rt_user_has_is_dead_lettered_with_what_
     assert "Email address in use" in letter.reason, "RT's own words"
     assert "What to do:" in letter.reason
     assert email.lower() not in letter.reason.lower()
+
+
+# An RT whose tier field lacks a value handoff sends (set up by hand, `basic` forgotten).
+_WITHOUT_BASIC = r"""
+use strict; use warnings; use RT; RT::LoadConfig(); RT::Init();
+my $cf = RT::CustomField->new(RT->SystemUser);
+$cf->LoadByName(Name => $ENV{TIER_FIELD}, LookupType => RT::User->CustomFieldLookupType);
+my $values = $cf->Values;
+while (my $value = $values->Next) {
+    next unless $value->Name eq 'basic';
+    my ($ok, $msg) = $cf->DeleteValue($value->id); die "$msg\n" unless $ok;
+}
+"""
+
+
+def test_a_new_users_tier_rt_refuses_is_dead_lettered_with_rts_own_words(helpdesk_world):
+    rt = helpdesk_world.rt
+    environment = {
+        **os.environ,
+        "RT_SITE_CONFIG": str(rt.home / "RT_SiteConfig.pm"),
+        "RT_SITE_CONFIG_DIR": str(rt.home / "RT_SiteConfig.d"),
+        "TIER_FIELD": TIER_FIELD,
+    }
+    subprocess.run(["perl", f"-I{RT_LIB}", "-e", _WITHOUT_BASIC], env=environment, check=True)
+    spec = dataclasses.replace(HELPDESK_USERS, error_budget=ErrorBudget(max_share=1.0))
+    with dg.instance_for_test() as instance:
+        dg.materialize([flow_asset(spec)], resources=resources(), instance=instance)
+    letters = refused_by_rt(helpdesk_world)
+    assert letters, "the basic customers' tier is refused"
+    for letter in letters:
+        assert f"RT did not store {TIER}" in letter.reason
+        # REST2 answers a create 201 and drops the value without a word; an update says why.
+        assert "Invalid value for custom field" in letter.reason, "RT's own words"

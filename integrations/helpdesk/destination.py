@@ -86,6 +86,7 @@ class RtUsers:
             wrong = self._not_stored(
                 {item.destination_id: wanted[item.destination_id] for item in written}
             )
+            wrong = self._ask_why(wrong, wanted, answers)
         except (RtUnavailable, RtAuthError) as error:
             raise DestinationUnavailable(str(error)) from error
         refused += [
@@ -158,6 +159,25 @@ class RtUsers:
         if not changes:
             return created, []
         return created, self.client.update_user(name, self._body(changes))
+
+    def _ask_why(
+        self,
+        wrong: Mapping[str, list[str]],
+        wanted: Mapping[str, Mapping[str, str]],
+        answers: dict[str, list[str]],
+    ) -> dict[str, list[str]]:
+        """Send the fields RT did not store without a word (REST2 answers a create 201 and drops
+        a custom-field value it refuses) again as an update, whose answer says why; the users
+        still holding them otherwise, as `_not_stored` tells them."""
+        silent = {name: fields for name, fields in wrong.items() if not answers.get(name)}
+        for name, fields in silent.items():
+            try:
+                body = self._body({field: wanted[name][field] for field in fields})
+                answers[name] = self.client.update_user(name, body)
+            except RtRequestRejected as error:
+                answers[name] = [str(error)]
+        still = self._not_stored({name: wanted[name] for name in silent})
+        return {name: f for name, f in wrong.items() if name not in silent} | still
 
     def _held(self, names: list[str], wanted: Mapping[str, Mapping[str, str]]) -> dict[str, dict]:
         fields = sorted({k for want in wanted.values() for k in want} - {"Disabled"})
