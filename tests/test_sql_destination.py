@@ -597,7 +597,13 @@ class StampV1(pa.DataFrameModel):
     at: Series[pa.DateTime]
 
 
+class StampTextV1(pa.DataFrameModel):
+    stamp_id: Series[str]
+    at: Series[str]  # a time's ISO text, into the same timestamp column
+
+
 STAMPS = into_table("stamps", "stamp_id", StampV1)
+STAMP_TEXTS = into_table("stamps", "stamp_id", StampTextV1)
 COARSE_TIMES = {  # a column without microseconds, as a user may have declared it
     "mysql": mysql.DATETIME(),
     "mariadb": mysql.DATETIME(),
@@ -605,10 +611,12 @@ COARSE_TIMES = {  # a column without microseconds, as a user may have declared i
 }
 
 
-def test_a_time_finer_than_its_column_keeps_is_refused_alone(engine):
+@pytest.mark.parametrize("spec", [STAMPS, STAMP_TEXTS], ids=["datetime", "text"])
+def test_a_time_finer_than_its_column_keeps_is_refused_alone(engine, spec):
     """MariaDB cuts a DATETIME's fraction of a second, PostgreSQL rounds a timestamp(0)'s,
     without a word (and reconciliation then finds the record drifted for good): such a record
-    is refused with the column and what to do. A whole second lands; SQLite keeps the text."""
+    is refused with the column and what to do, whether the field is a time or a time's text. A
+    whole second lands; SQLite keeps the text."""
     sa.Table(
         "stamps",
         sa.MetaData(),
@@ -616,8 +624,8 @@ def test_a_time_finer_than_its_column_keeps_is_refused_alone(engine):
         sa.Column("at", COARSE_TIMES.get(engine.dialect.name, sa.DateTime())),
         sa.Column("archived_at", sa.DateTime),
     ).create(engine)
-    table = SqlTable(engine, STAMPS.target)
-    table.prepare(STAMPS)
+    table = SqlTable(engine, spec.target)
+    table.prepare(spec)
     outcome = table.upsert(
         [
             OutboundRecord(key=n, properties={"stamp_id": n, "at": at}, trace_id=n)

@@ -458,13 +458,17 @@ _VALUE_ROOM = 64  # a value's quotes and comma, or a number's or a time's text
 
 
 def coarse_time_columns(table: sa.Table, contract: Contract) -> dict[str, int]:
-    """The contract's date-and-time fields whose column keeps less than microseconds, by name:
-    the digits of a second's fraction it keeps. A MariaDB DATETIME or TIMESTAMP keeps none unless
-    declared with them (it cuts the rest), a PostgreSQL timestamp(p) keeps p (it rounds)."""
+    """The contract's date-and-time fields (and text fields, holding a time's ISO text) whose
+    column keeps less than microseconds, by name: the digits of a second's fraction it keeps. A
+    MariaDB DATETIME or TIMESTAMP keeps none unless declared with them (it cuts the rest), a
+    PostgreSQL timestamp(p) keeps p (it rounds)."""
     found: dict[str, int] = {}
     for name in contract.schema.columns:
         stored = table.c[name].type
-        if kind_of(contract, name) != "datetime" or not isinstance(stored, sa.DateTime):
+        # A str field's time text is cut or rounded by the column as a datetime field's is.
+        if kind_of(contract, name) not in ("datetime", "str") or not isinstance(
+            stored, sa.DateTime
+        ):
             continue
         if isinstance(stored, mysql.DATETIME | mysql.TIMESTAMP):
             digits = stored.fsp or 0
