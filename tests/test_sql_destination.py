@@ -592,6 +592,45 @@ def test_a_value_a_fixed_point_column_would_round_is_refused_alone(engine):
     assert not refused_all.written and [r.key for r in refused_all.refused] == ["2"]
 
 
+class ShortCodeV1(pa.DataFrameModel):
+    code_id: Series[str]
+    code: Series[str]
+
+
+SHORT_CODES = into_table("short_codes", "code_id", ShortCodeV1)
+
+
+def test_a_text_longer_than_its_column_is_refused_alone_not_cut(engine):
+    """PostgreSQL and MariaDB cut the spaces beyond a VARCHAR(n)'s length without a word (the
+    record then drifted for good), and refused a longer text naming no column: either record
+    is refused alone with the column and what to do; the rest lands. SQLite keeps the text."""
+    sa.Table(
+        "short_codes",
+        sa.MetaData(),
+        sa.Column("code_id", sa.String(20), primary_key=True),
+        sa.Column("code", sa.String(3)),
+        sa.Column("archived_at", sa.DateTime),
+    ).create(engine)
+    table = SqlTable(engine, SHORT_CODES.target)
+    table.prepare(SHORT_CODES)
+    sent = {"1": "abc  ", "2": "abcd", "3": "ab"}
+    outcome = table.upsert(
+        [
+            OutboundRecord(key=n, properties={"code_id": n, "code": c}, trace_id=n)
+            for n, c in sent.items()
+        ]
+    )
+    stored = {key: values["code"] for key, _, values in table.snapshot(["code"])}
+    if engine.dialect.name == "sqlite":
+        assert not outcome.refused and stored == sent
+        return
+    assert [w.key for w in outcome.written] == ["3"] and stored == {"3": "ab"}
+    assert [r.key for r in outcome.refused] == ["1", "2"]
+    for refused in outcome.refused:
+        assert refused.reason.startswith("column 'code' is VARCHAR(3) and the text has")
+        assert "What to do: widen the column" in refused.reason
+
+
 class StampV1(pa.DataFrameModel):
     stamp_id: Series[str]
     at: Series[pa.DateTime]
@@ -930,11 +969,11 @@ def test_a_lax_mariadb_server_still_refuses_what_it_would_cut(mariadb_database):
     """A server whose sql_mode is not strict would cut a text too long for its column, with a
     warning only: handoff's session refuses it, so the record is dead-lettered, not cut."""
     engine = create_engine(mariadb_database() + "?init_command=SET%20sql_mode%3D%27%27")
-    create(engine, *ledger_columns())  # booked_on is VARCHAR(10)
+    create(engine, *ledger_columns())  # memo is TEXT: at most 65,535 bytes
     table = SqlTable(engine, LINES.target)
     table.prepare(LINES)
     with pytest.raises(RecordsRejected, match="too long"):
-        table.upsert([dated("L1", 10.0, "2025-01-01 and then some")])
+        table.upsert([dated("L1", 10.0, "2025-01-01", memo="x" * 70_000)])
     assert rows(engine) == {}
     engine.dispose()
 

@@ -64,6 +64,7 @@ from integrations.sql.fit import (
     beyond_fixed_point,
     beyond_packet,
     beyond_time_precision,
+    bounded_text_columns,
     coarse_time_columns,
     create_table,
     fixed_point_columns,
@@ -98,6 +99,7 @@ class SqlTable:
         self._fields: list[str] = []
         self._fixed_point: dict[str, tuple[int, int]] = {}  # name: (precision, scale)
         self._coarse_times: dict[str, int] = {}  # name: digits of a second's fraction kept
+        self._text_lengths: dict[str, int] = {}  # name: characters a VARCHAR(n)/CHAR(n) holds
         self._float_integers: list[str] = []  # int fields in floating-point columns
         self._finite_floats: list[str] = []  # float fields of a database without ±Infinity
         self._bools_as_integers: list[str] = []  # bool fields in integer columns
@@ -119,6 +121,8 @@ class SqlTable:
         contract = spec.target_contract
         self._fixed_point = fixed_point_columns(self._table, contract)
         self._coarse_times = coarse_time_columns(self._table, contract)
+        if self.dialect != "sqlite":  # SQLite keeps text of any length in a VARCHAR(n)
+            self._text_lengths = bounded_text_columns(self._table, contract)
         self._float_integers = float_columns_of_integers(self._table, contract)
         self._finite_floats = [
             name
@@ -328,6 +332,17 @@ class SqlTable:
                     f"the record {why}. What to do: raise max_allowed_packet on the server (up "
                     "to 1 GiB), or bound the field's length in the contract",
                 )
+        for name, length in self._text_lengths.items():
+            for at, value in enumerate(columns[name]):
+                if isinstance(value, str) and len(value) > length:
+                    found.setdefault(
+                        at,
+                        f"column {name!r} is {self._declared(name)} and the text has "
+                        f"{len(value):,} characters, which the database would refuse, or cut "
+                        "(trailing spaces) without a word. What to do: widen the column, or "
+                        "bound the field's length in the contract (or trim it in the flow's "
+                        "mapping)",
+                    )
         for name, digits in self._coarse_times.items():
             for at, why in beyond_time_precision(columns[name], digits).items():
                 found.setdefault(

@@ -457,6 +457,20 @@ _STATEMENT_ROOM = 4096  # INSERT INTO … (…) VALUES, the names of the table a
 _VALUE_ROOM = 64  # a value's quotes and comma, or a number's or a time's text
 
 
+def bounded_text_columns(table: sa.Table, contract: Contract) -> dict[str, int]:
+    """The contract's text fields whose column holds at most so many characters (VARCHAR(n),
+    CHAR(n)), by name: their length. PostgreSQL and MariaDB refuse a longer text, unless what is
+    beyond the length is spaces: those they cut without a word. (SQLite keeps any text.)"""
+    return {
+        name: stored.length
+        for name in contract.schema.columns
+        if kind_of(contract, name) == "str"
+        and isinstance(stored := table.c[name].type, sa.String)
+        and not isinstance(stored, sa.Enum)  # its values are the database's to judge
+        and stored.length is not None
+    }
+
+
 def coarse_time_columns(table: sa.Table, contract: Contract) -> dict[str, int]:
     """The contract's date-and-time fields (and text fields, holding a time's ISO text) whose
     column keeps less than microseconds, by name: the digits of a second's fraction it keeps. A
