@@ -547,6 +547,56 @@ def test_bools_in_an_integer_column_reconcile(sql_database, state):
 HELD_TRUE = [True, 1, "1", "True", "true", "t"]
 
 
+class CurrencyV1(pa.DataFrameModel):
+    currency_id: Series[int]
+    code: Series[str] = pa.Field(nullable=True)
+
+    class Config:
+        coerce = True
+
+
+CURRENCIES = flow(
+    "currencies", "currencies", Target("books", "currencies_out", "currency_id"), CurrencyV1
+)
+
+
+def test_text_in_a_char_column_reconciles_and_one_ending_in_a_space_is_refused(sql_database, state):
+    """PostgreSQL reads a CHAR(n) column's text padded ("EU  "), MariaDB without the spaces it
+    ended in: reconciliation found such records drifted, for good. Read as sent, they are in
+    sync; text ending in a space, which would not read back so, is refused naming the column."""
+    engine = create_engine(sql_database())
+    source_table(
+        engine,
+        "currencies",
+        sa.Column("code", sa.Text),
+        rows=[
+            {"id": 1, "code": "EU", "updated_at": T0},
+            {"id": 2, "code": "USD ", "updated_at": T0},
+            {"id": 3, "code": None, "updated_at": T0},
+        ],
+    )
+    sa.Table(
+        "currencies_out",
+        sa.MetaData(),
+        sa.Column("currency_id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("code", sa.CHAR(4)),
+        sa.Column("archived_at", sa.DateTime, nullable=True),
+    ).create(engine)
+    result = sync(CURRENCIES, engine, engine, state)
+    letters = state.list_dead_letters(flow=CURRENCIES.name, limit=None)
+    if engine.dialect.name == "sqlite":  # it keeps the text as sent
+        assert result.written == 3 and not letters
+    else:
+        assert result.written == 2
+        assert [letter.record_key for letter in letters] == ["2"]
+        assert "column 'code' is CHAR(4), which reads text without" in letters[0].reason
+    drift = reconcile(
+        CURRENCIES, SqlSource(engine, CURRENCIES.source), SqlTable(engine, CURRENCIES.target), state
+    )
+    assert drift.in_sync, drift.summary()
+    engine.dispose()
+
+
 # --- number-typed destination keys ----------------------------------------------------------
 
 

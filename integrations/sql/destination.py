@@ -196,8 +196,12 @@ class SqlTable:
     def _padded_key(self) -> bool:
         """A CHAR(n) key, which PostgreSQL pads with spaces and MariaDB compares without them
         (SQLite keeps the text as sent)."""
-        key = self.table.c[self.target.id_property]
-        return isinstance(key.type, sa.CHAR) and self.dialect != "sqlite"
+        return self._pads(self.table.c[self.target.id_property])
+
+    def _pads(self, column: sa.Column) -> bool:
+        """A CHAR(n) column: PostgreSQL reads its text padded with spaces, MariaDB without the
+        spaces it ended in (SQLite keeps the text as sent)."""
+        return isinstance(column.type, sa.CHAR) and self.dialect != "sqlite"
 
     # --- writes ------------------------------------------------------------------------------
 
@@ -292,6 +296,17 @@ class SqlTable:
                         f"the key column {key.name!r} is {key.type}, which pads keys with "
                         "spaces: a key ending in one would be another record's. What to do: "
                         "trim the key in the flow's mapping, or make the column varchar",
+                    )
+        for name in self._fields:
+            if name == key.name or not self._pads(self.table.c[name]):
+                continue
+            for at, value in enumerate(columns[name]):
+                if isinstance(value, str) and value.endswith(" "):
+                    found.setdefault(
+                        at,
+                        f"column {name!r} is {self._declared(name)}, which reads text without "
+                        "the spaces it ends in: the record would drift for good. What to do: "
+                        "trim the field in the flow's mapping, or make the column varchar",
                     )
         endless = _ENDLESS if self.dialect == "postgresql" else frozenset()  # as lowered
         for name in self._text_dates:
@@ -665,6 +680,7 @@ class SqlTable:
             return
         table, key, text = self.table, self.target.id_property, self._key_text
         wanted = [name for name in fields if name in table.c]
+        padded = {name for name in wanted if self._pads(table.c[name])}  # read as sent
         query = sa.select(table.c[key], *(_read(table.c[name]) for name in wanted)).where(
             table.c[ARCHIVED_AT].is_(None)
         )
@@ -676,7 +692,10 @@ class SqlTable:
                 result = connection.execution_options(stream_results=True, yield_per=10_000)
                 for row in result.execute(query):
                     values = {
-                        name: _as_sent(value) for name, value in zip(wanted, row[1:], strict=True)
+                        name: _unpadded(value)
+                        if name in padded and value is not None
+                        else _as_sent(value)
+                        for name, value in zip(wanted, row[1:], strict=True)
                     }
                     yield text(row[0]), text(row[0]), values
         except sa.exc.DBAPIError as error:
