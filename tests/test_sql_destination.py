@@ -865,6 +865,37 @@ def test_a_clash_on_another_unique_column_is_refused_not_written_over(engine):
     assert rows(engine)["L1"] == before["L1"]
 
 
+REPLACING = {
+    "column": "booked_on VARCHAR(10) UNIQUE ON CONFLICT REPLACE, memo TEXT, archived_at TIMESTAMP",
+    "table": 'booked_on VARCHAR(10), memo TEXT, archived_at TIMESTAMP, UNIQUE ("booked_on") '
+    "ON CONFLICT REPLACE",
+    "key's own": "booked_on VARCHAR(10), memo TEXT, archived_at TIMESTAMP, UNIQUE (line_number) "
+    "ON CONFLICT REPLACE",
+}
+
+
+@pytest.mark.parametrize("declared", REPLACING.values(), ids=REPLACING.keys())
+def test_a_sqlite_unique_column_that_replaces_rows_is_refused_before_any_write(tmp_path, declared):
+    """SQLite's UNIQUE … ON CONFLICT REPLACE on another column deleted the row holding a new
+    record's value without a word (the upsert's ON CONFLICT covers the key alone): a record
+    lost, though the ledger held it synced. Refused before any write; on the key, harmless."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'replacing.sqlite'}")
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "CREATE TABLE ledger_lines (line_number VARCHAR(20) PRIMARY KEY, amount DOUBLE, "
+            f"{declared})"
+        )
+    table = SqlTable(engine, LINES.target)
+    if "line_number" in declared:
+        table.prepare(LINES)
+        return
+    with pytest.raises(DestinationMismatch) as refused:
+        table.prepare(LINES)
+    assert "column 'booked_on': unique with ON CONFLICT REPLACE" in str(refused.value)
+    assert "What to do: make the table again without ON CONFLICT REPLACE" in str(refused.value)
+    engine.dispose()
+
+
 @pytest.fixture(
     params=[
         pytest.param("postgres", marks=pytest.mark.postgres),

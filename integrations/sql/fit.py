@@ -212,6 +212,15 @@ def _misfits(engine: sa.Engine, table: sa.Table, spec: FlowSpec) -> list[tuple[s
                 "case-insensitive collation)",
             )
         )
+    for columns in _replacing_constraints(engine, table, key):
+        problems.append(
+            (
+                columns,
+                "unique with ON CONFLICT REPLACE: a record holding another row's value would "
+                "delete that row without a word, not be refused",
+                "make the table again without ON CONFLICT REPLACE (SQLite cannot alter it)",
+            )
+        )
     if key in table.c and not _is_unique(engine, table, key):
         problems.append(
             (
@@ -305,6 +314,52 @@ def _loose_comparison(engine: sa.Engine, table: sa.Table, key: str) -> str | Non
                 if [row[2] for row in keyed] == [key] and keyed[0][4].upper() != "BINARY":
                     return f"collation {keyed[0][4]} compares keys loosely"
     return None
+
+
+def _replacing_constraints(engine: sa.Engine, table: sa.Table, key: str) -> list[str]:
+    """The columns (as "a, b") of each SQLite UNIQUE or PRIMARY KEY constraint but the key's
+    alone declared ON CONFLICT REPLACE: the upsert's ON CONFLICT (key) does not cover it."""
+    if engine.dialect.name != "sqlite":
+        return []
+    with engine.connect() as connection:
+        declared = connection.exec_driver_sql(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table.name,)
+        ).scalar()
+    found = []
+    for definition in _top_level_parts(declared or ""):
+        if not _REPLACES.search(definition):
+            continue
+        constraint = _TABLE_CONSTRAINT.match(definition)
+        names = constraint[1].split(",") if constraint else [definition]
+        columns = [_NAME.match(name)[1].strip('"`[]') for name in names]  # no COLLATE, ASC
+        if columns != [key]:
+            found.append(", ".join(columns))
+    return found
+
+
+def _top_level_parts(declared: str) -> list[str]:
+    """A CREATE TABLE's column and constraint definitions: its body split at the commas outside
+    parentheses and quotes."""
+    body = declared[declared.find("(") + 1 : declared.rfind(")")]
+    parts, depth, quote, start = [], 0, "", 0
+    for at, char in enumerate(body):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "\"'`[":
+            quote = "]" if char == "[" else char
+        elif char in "()":
+            depth += 1 if char == "(" else -1
+        elif char == "," and depth == 0:
+            parts.append(body[start:at])
+            start = at + 1
+    return [*parts, body[start:]]
+
+
+_REPLACES = re.compile(r"\b(UNIQUE|PRIMARY\s+KEY)\b.*\bON\s+CONFLICT\s+REPLACE\b", re.I | re.S)
+_TABLE_CONSTRAINT = re.compile(
+    r"\s*(?:CONSTRAINT\s+\S+\s+)?(?:UNIQUE|PRIMARY\s+KEY)\s*\(([^)]*)\)", re.I
+)
+_NAME = re.compile(r"\s*(\"[^\"]+\"|`[^`]+`|\[[^\]]+\]|\S+)")
 
 
 def _is_unique(engine: sa.Engine, table: sa.Table, key: str) -> bool:
