@@ -23,7 +23,7 @@ import dagster as dg
 from assets.factory import asset_key, partitions_of, sync_checks, sync_selection
 from integrations.engine.source import FAR_FUTURE
 from integrations.engine.spec import FlowSpec
-from integrations.engine.state import utcnow
+from integrations.engine.state import looked_back, utcnow
 from sensors.schedules import pool_tags
 from sensors.stopped_windows import covering, queued_days
 from sensors.trips import standing_trip, trip_stands
@@ -129,7 +129,9 @@ def changed_days_sensor(spec: FlowSpec) -> dg.SensorDefinition:
             # which Dagster launches once, was never run).
             seen_mark = mark if moved else seen.get("high_water_mark")
             # From the lookback before the last look on: commits that came late.
-            changed = source.changed_days(last_look - spec.lookback, column) if moved else []
+            changed = (
+                source.changed_days(looked_back(last_look, spec.lookback), column) if moved else []
+            )
         # A day not over yet (or before the partitions start) is no partition: its own
         # scheduled run reads it.
         days = waiting | {

@@ -1363,3 +1363,17 @@ def test_a_date_cursor_reads_its_last_day_again_and_marks_the_sensor_in_time(sql
     assert rows(engine)["L2"][0] == 20
     assert SqlSource(engine, SOURCE).high_water_mark() == datetime(2025, 1, 3)
     engine.dispose()
+
+
+def test_a_cursor_of_year_one_placeholders_reads_again_without_overflow(sql_database, state):
+    """A legacy table stamping rows never changed with 0001-01-01 (a "no date" placeholder):
+    the watermark stood at year 1, and every later run failed taking the lookback off it (an
+    OverflowError naming nothing)."""
+    engine = create_engine(sql_database())
+    source_lines(engine, [datetime(1, 1, 1), datetime(1, 1, 1, 0, 2)])
+    assert run(engine, state).written == 2
+    assert state.watermark(SPEC.name).updated_at.year == 1
+    with engine.begin() as connection:
+        connection.execute(sa.text("UPDATE source_lines SET amount = 30 WHERE id = 2"))
+    assert run(engine, state).counts["updated"] == 1, "the lookback reads from year 1 itself"
+    engine.dispose()

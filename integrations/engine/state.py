@@ -23,7 +23,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import NamedTuple
 
@@ -292,6 +292,15 @@ _ANALYSE_AFTER = 10_000  # rows written, at least
 def utcnow() -> datetime:
     """Naive UTC, the convention of every timestamp handoff stores."""
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+def looked_back(moment: datetime, lookback: timedelta) -> datetime:
+    """`moment` less a lookback, but no earlier than the first time Python holds: a cursor of
+    year-1 placeholders (a legacy "no date") left nothing to subtract from."""
+    try:
+        return moment - lookback
+    except OverflowError:
+        return datetime.min.replace(tzinfo=moment.tzinfo)
 
 
 def _naive_utc(moment: datetime) -> datetime:

@@ -77,6 +77,7 @@ from integrations.engine.state import (
     StateStoreUnavailable,
     StoppedWindow,
     Watermark,
+    looked_back,
     utcnow,
 )
 
@@ -501,7 +502,7 @@ class Sync(ErrorBudget, DestinationIds):
             before = None
         since = None
         if before is not None and not full:
-            since = before.updated_at - self.spec.lookback
+            since = looked_back(before.updated_at, self.spec.lookback)
         if self.spec.archive_deleted:
             self._guard_archives(since, approved=allow_mass_archive)
         batches = self.source.batches(since, self.spec.batch_size)
@@ -711,7 +712,7 @@ class Sync(ErrorBudget, DestinationIds):
         them the letters' rows, fixed or not. As many as the letters' age makes (the table, when
         a letter has no time), streamed a batch at a time as a run's are."""
         times = [self._changed_at(letter) for letter in letters]
-        since = None if None in times else min(times) - self.spec.lookback
+        since = None if None in times else looked_back(min(times), self.spec.lookback)
         column = self.spec.source.key
         for batch in self.source.batches(since, batch_size):
             yield batch[~batch[column].map(str).isin(present)]

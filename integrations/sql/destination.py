@@ -749,7 +749,7 @@ def _naive_utc(value: object) -> object:
         return value
     if moment.tzinfo is None:
         return value
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds")
 
 
 def _not_a_date(value: object) -> str | None:
@@ -784,7 +784,8 @@ def _as_sent(value: object) -> object:
     if isinstance(value, datetime):
         if value.tzinfo is not None:  # a zoned column, read in the session's zone: sent as UTC
             value = value.astimezone(UTC)
-        return value.strftime("%Y-%m-%dT%H:%M:%S.%f")
+        # isoformat, not strftime: its %Y leaves a year before 1000 unpadded ("1-01-01").
+        return value.replace(tzinfo=None).isoformat(timespec="microseconds")
     if isinstance(value, date):
         return value.isoformat()
     if isinstance(value, uuid.UUID):  # a UUID column's: its canonical text, as sent

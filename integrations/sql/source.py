@@ -38,6 +38,7 @@ from sqlalchemy.sql.expression import ClauseElement, Executable
 
 from integrations.engine.source import FAR_FUTURE, SourceReadFailed, SourceUnavailable
 from integrations.engine.spec import RecentTotal, SourceTable
+from integrations.engine.state import looked_back
 from integrations.sql.connect import driver_complaint, raise_on_lost_connection, timestamps_in_utc
 
 
@@ -213,7 +214,7 @@ class SqlSource:
             # window's run reads it, for the contract to dead-letter (it was read by none).
             compared = sa.func.datetime(target)
             undated = compared.is_(None)
-            bounds = [b and b.strftime("%Y-%m-%d %H:%M:%S") for b in bounds]
+            bounds = [b and _sqlite_text(b) for b in bounds]
         elif isinstance(target.type, sa.Date):
             bounds = [b and b.date() for b in bounds]
         else:
@@ -258,7 +259,7 @@ class SqlSource:
         bound = self._compared(since)
         if not self._text_times:
             return self.cursor >= bound
-        early = (as_utc(since) - timedelta(days=1)).strftime("%Y-%m-%d %H:%M:%S")
+        early = _sqlite_text(looked_back(as_utc(since), timedelta(days=1)))
         return sa.and_(
             self.cursor >= sa.literal(early, sa.String),
             sa.or_(self.cursor >= bound, sa.func.datetime(self.cursor) >= bound),
@@ -297,7 +298,7 @@ class SqlSource:
     def _compared(self, moment: datetime) -> object:
         """`moment` as the cursor compares with it: on SQLite, the whole second as text."""
         if self._text_times:
-            return sa.literal(as_utc(moment).strftime("%Y-%m-%d %H:%M:%S"), sa.String)
+            return sa.literal(_sqlite_text(as_utc(moment)), sa.String)
         return _bound(self.cursor, moment)
 
     def rows_with_keys(self, keys: Sequence[object], batch_size: int) -> Iterator[pd.DataFrame]:
@@ -610,6 +611,12 @@ def _whole_number(key: object) -> bool:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float | np.number) and not isinstance(value, bool)
+
+
+def _sqlite_text(moment: datetime) -> str:
+    """A time as SQLite keeps it as text, to the second, its wall time (strftime's %Y left year
+    1 unpadded, "1-01-01", which sorts after every padded time: a bound that read nothing)."""
+    return moment.replace(tzinfo=None).isoformat(sep=" ", timespec="seconds")
 
 
 def as_utc(moment: datetime) -> datetime:
