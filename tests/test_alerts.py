@@ -29,6 +29,19 @@ def tick_at(monkeypatch, moment: datetime, sensor, instance, cursor: str | None)
         return tick(sensor, instance, cursor)
 
 
+def alert_on_failure(instance: dg.DagsterInstance, failed: dg.ExecuteInProcessResult) -> None:
+    """The run-failure sensor, evaluated on the failed run as the daemon evaluates it."""
+    (event,) = [e for e in failed.all_events if e.event_type_value == "PIPELINE_FAILURE"]
+    context = dg.build_run_status_sensor_context(
+        sensor_name="handoff_run_failures",
+        dagster_event=event,
+        dagster_instance=instance,
+        dagster_run=instance.get_run_by_id(failed.run_id),
+        resources=resources(),
+    ).for_run_failure()
+    run_failure_sensor([CRM_CONTACTS])(context)
+
+
 def test_a_stale_flow_alerts_once(world, alert_receiver):
     impatient = dataclasses.replace(CRM_CONTACTS, max_staleness=timedelta(0))
     sensor = stale_flow_sensor([impatient])
@@ -94,16 +107,7 @@ def test_a_failed_run_alerts_once_with_the_flow_and_what_to_do(
             raise_on_error=False,
         )
         assert not failed.success
-        run = instance.get_run_by_id(failed.run_id)
-        (event,) = [e for e in failed.all_events if e.event_type_value == "PIPELINE_FAILURE"]
-        context = dg.build_run_status_sensor_context(
-            sensor_name="handoff_run_failures",
-            dagster_event=event,
-            dagster_instance=instance,
-            dagster_run=run,
-            resources=resources(),
-        ).for_run_failure()
-        run_failure_sensor([CRM_CONTACTS])(context)
+        alert_on_failure(instance, failed)
     (alert,) = alert_receiver.received
     assert alert["handoff"]["kind"] == "run_failure"
     assert alert["handoff"]["flow"] == "erp_customers_to_crm_contacts"
@@ -127,15 +131,7 @@ def test_a_failed_reconciliation_run_alerts_naming_its_flow_and_the_error_it_rai
             raise_on_error=False,
         )
         assert not failed.success
-        (event,) = [e for e in failed.all_events if e.event_type_value == "PIPELINE_FAILURE"]
-        context = dg.build_run_status_sensor_context(
-            sensor_name="handoff_run_failures",
-            dagster_event=event,
-            dagster_instance=instance,
-            dagster_run=instance.get_run_by_id(failed.run_id),
-            resources=resources(),
-        ).for_run_failure()
-        run_failure_sensor([CRM_CONTACTS])(context)
+        alert_on_failure(instance, failed)
     (alert,) = alert_receiver.received
     assert alert["handoff"]["flow"] == "erp_customers_to_crm_contacts"
     assert "table 'customers' is not in the source database" in alert["text"]

@@ -25,9 +25,9 @@ from integrations.engine.state import (
     StateStore,
     utcnow,
 )
-from sensors.alerts import run_failure_sensor
 from tests.conftest import DLQ_KEY
 from tests.contacts import sync
+from tests.test_alerts import alert_on_failure
 
 FLOW = CRM_CONTACTS.name
 
@@ -214,15 +214,7 @@ def test_through_dagster_a_standing_trip_fails_each_run_until_run_config_acknowl
         assert "erp.customer@v1: email is not a valid email address" in trip["top_reasons"]
         assert_no_pii_or_secret(stopped.description, state)
 
-        (event,) = [e for e in rerun.all_events if e.event_type_value == "PIPELINE_FAILURE"]
-        context = dg.build_run_status_sensor_context(
-            sensor_name="handoff_run_failures",
-            dagster_event=event,
-            dagster_instance=instance,
-            dagster_run=instance.get_run_by_id(rerun.run_id),
-            resources=resources(),
-        ).for_run_failure()
-        run_failure_sensor([CRM_CONTACTS])(context)
+        alert_on_failure(instance, rerun)
         (alert,) = alert_receiver.received
         assert f"the error budget stopped run {first.run_id}" in alert["text"]
         assert "handoff budget clear" in alert["text"]
