@@ -119,6 +119,29 @@ def test_a_record_gone_from_the_source_leaves_the_dlq_and_is_not_brought_back(
     assert story[-1] == "replay"
 
 
+def test_a_letter_discarded_while_its_replay_waited_for_the_flow_is_not_sent(
+    world, erp, crm_client, state, capsys
+):
+    """`handoff dlq replay` chose its letters, then waited for the flow a run held; a letter
+    discarded meanwhile was sent all the same (a record someone chose not to sync, in the CRM)."""
+    sync(erp, crm_client, state)
+    letter = bad_email_letter(state)
+    fixed = f"fixed.{letter.record_key}@example.com"
+    fix_email_quietly(erp, letter.record_key, fixed)
+    sent = world.crm.store.stats()["upsert_inputs"]
+    said: list[int] = []
+    with state.flow_lock(FLOW, wait=5):  # a run of the flow under way
+        replay = threading.Thread(target=lambda: said.append(main(["dlq", "replay"])))
+        replay.start()
+        time.sleep(3)  # the replay has chosen its letters and waits for the flow
+        assert main(["dlq", "discard", "--id", str(letter.id), "--reason", "customer left"]) == 0
+    replay.join(timeout=120)
+    assert not replay.is_alive() and said
+    assert world.crm.store.stats()["upsert_inputs"] == sent, "nothing sent"
+    assert not crm_client.batch_read_ids("contacts", "email", [fixed])
+    assert state.get_dead_letter(letter.id).resolution == "discarded"
+
+
 def test_discard_closes_letters_with_an_audited_reason(world, erp, crm_client, state, capsys):
     sync(erp, crm_client, state)
     letter = bad_email_letter(state)

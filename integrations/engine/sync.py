@@ -670,6 +670,10 @@ class Sync(ErrorBudget, DestinationIds):
         again (counted as `unkeyed_held`: the source must give it a key), and a letter whose row
         is no longer without a key there closes as `gone`."""
         letters = [letter for letter in letters if letter.flow == self.spec.name]
+        if letters:  # chosen before the flow's lock was ours: one closed since is not sent
+            ids = [letter.id for letter in letters]
+            still_open = {o.id for o in self.state.list_dead_letters(ids=ids, limit=None)}
+            letters = [letter for letter in letters if letter.id in still_open]
         unkeyed = [letter for letter in letters if letter.record_key.startswith(UNKEYED)]
         keys = [letter.record_key for letter in letters if letter not in unkeyed]
         batch_size = batch_size or self.spec.batch_size
