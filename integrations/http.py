@@ -41,6 +41,7 @@ never headers: tokens stay out of logs, exceptions and dead letters.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -50,7 +51,7 @@ from datetime import UTC, datetime
 
 import requests
 import sqlalchemy as sa
-from urllib3.exceptions import MaxRetryError, NewConnectionError
+from urllib3.exceptions import InvalidHeader, MaxRetryError, NewConnectionError
 from urllib3.util.retry import Retry
 
 from integrations.sql.connect import create_engine
@@ -349,7 +350,7 @@ class ApiClient:
                     f"{self.system}: {where}: {failure} after {self.limits.retries + 1} attempts "
                     f"talking to {self.base_url}"
                 ) from None
-            after = retry.get_retry_after(response.raw) if response is not None else None
+            after = _retry_after(retry, response)
             if after is not None and after > self.limits.retry_after_max:
                 raise ApiUnavailable(
                     f"{self.system}: {where}: {failure}, asking to wait {after:.0f} s, longer "
@@ -404,6 +405,21 @@ class ApiClient:
             "circuit": self.breaker.snapshot(),
             "at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
+
+
+def _retry_after(retry: Retry, response: requests.Response | None) -> float | None:
+    """The answer's Retry-After in seconds: whole (as HTTP has it), a date, or decimal (as some
+    gateways send it); None without one, or with one that says no sane wait (the backoff then)."""
+    if response is None:
+        return None
+    try:
+        return retry.get_retry_after(response.raw)
+    except InvalidHeader:  # urllib3 reads whole seconds and dates only: "1.5" raised past us
+        try:
+            seconds = float(response.headers["Retry-After"])
+        except ValueError:
+            return None
+        return seconds if 0 <= seconds < math.inf else None
 
 
 def _never_processed(response: requests.Response | None, error: Exception | None) -> bool:

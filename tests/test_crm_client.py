@@ -7,6 +7,7 @@ import logging
 import sqlite3
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
@@ -67,6 +68,44 @@ def test_a_retry_after_longer_than_a_run_waits_stops_the_call_saying_so(crm_sand
     (error,) = outcome
     assert isinstance(error, CrmUnavailable | ApiUnavailable)
     assert "asking to wait 1000 s, longer than a run waits (120 s" in str(error)
+
+
+class Throttling(BaseHTTPRequestHandler):
+    """Answers 429 with the server's `retry_after` text once, then 200."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.seen.append(time.monotonic())
+        first = len(self.server.seen) == 1
+        self.send_response(429 if first else 200)
+        if first:
+            self.send_header("Retry-After", self.server.retry_after)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *_args):
+        pass
+
+
+@pytest.mark.parametrize(("retry_after", "waited"), [("0.6", 0.55), ("soon", 0.0)])
+def test_a_retry_after_that_is_not_whole_seconds_is_waited_or_backed_off_not_a_crash(
+    retry_after, waited
+):
+    """A gateway's "Retry-After: 0.6" (or one not a number) raised urllib3's InvalidHeader out of
+    the client: the call was not retried and the run failed naming neither system nor call."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Throttling)
+    server.seen, server.retry_after = [], retry_after
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        crm = CrmClient(f"http://127.0.0.1:{server.server_port}", "s3cret-token", QUICK)
+        crm.batch_archive("contacts", ["1"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    first, second = server.seen
+    assert second - first >= waited
+    assert crm.api.stats()["answered_429"] == 1 and crm.api.stats()["retries"] == 1
 
 
 def test_5xx_and_slow_answers_are_retried_until_they_succeed(crm_sandbox, crm_token):
