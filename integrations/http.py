@@ -54,7 +54,7 @@ import sqlalchemy as sa
 from urllib3.exceptions import InvalidHeader, MaxRetryError, NewConnectionError
 from urllib3.util.retry import Retry
 
-from integrations.sql.connect import create_engine
+from integrations.sql.connect import create_engine, raise_on_lost_connection
 
 RETRYABLE = frozenset({429, 500, 502, 503, 504})
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
@@ -88,6 +88,16 @@ class ApiUnavailable(Exception):
 
 class CircuitOpen(ApiUnavailable):
     """The system's circuit breaker is open: the call was not attempted."""
+
+
+class RateLimitUnavailable(ApiUnavailable):
+    """The shared token bucket's database (the state store) was lost: the call was not sent."""
+
+    def __init__(self, message: str):
+        super().__init__(
+            f"{message}. What to do: rerun once the state store answers (no call goes out "
+            "without its token, so nothing was sent past the limit)"
+        )
 
 
 # --- circuit breaker ------------------------------------------------------------------------
@@ -219,6 +229,10 @@ class SharedTokenBucket:
         self.interval = 1.0 / limits.requests_per_second
         self.tolerance = (max(limits.burst, 1) - 1) * self.interval
         self.engine = create_engine(url)
+        # Else SQLAlchemy's error quoting the bucket's UPDATE stopped a run naming no flow.
+        raise_on_lost_connection(
+            self.engine, RateLimitUnavailable, f"the rate limit of {name}, kept in the state store"
+        )
         now = _DATABASE_NOW[self.engine.dialect.name]
         try:
             _buckets.create_all(self.engine)

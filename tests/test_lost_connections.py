@@ -8,7 +8,9 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
+from integrations.crm.client import CrmClient, shared_bucket
 from integrations.engine.errors import SyncError
+from integrations.http import ApiLimits
 from tests.conftest import POSTGRES_ADMIN, _world
 from tests.contacts import sync
 from tests.expectations import assert_crm_matches_erp
@@ -108,3 +110,26 @@ def test_the_state_store_lost_mid_commit_stops_the_run_and_the_rerun_completes(
     assert world.crm.store.stats()["upsert_inputs"] > sent, "the lost batch was sent again"
     assert_crm_matches_erp(world.erp_url, crm_client)
     assert sync(erp, crm_client, state, run_id="run-3").written == 0
+
+
+def test_the_state_store_lost_as_a_call_takes_its_rate_limit_token_stops_the_run_clearly(
+    world, erp, state
+):
+    """The shared rate limit's bucket is a row of the state store: its session cut as a CRM call
+    took a token, SQLAlchemy's OperationalError came through as it was, quoting the bucket's
+    UPDATE, naming no flow and nothing to do."""
+    limits = ApiLimits(requests_per_second=1000, retries=2, backoff=0.05)
+    bucket = shared_bucket(world.state_url, world.crm.base_url, limits)
+    crm = CrmClient(world.crm.base_url, world.token, limits, bucket=bucket)
+    try:
+        cut(bucket.engine, "UPDATE api_rate_limits", 3, "before_cursor_execute")
+        with pytest.raises(SyncError) as stopped:
+            sync(erp, crm, state)
+        message = str(stopped.value)
+        assert "flow erp_customers_to_crm_contacts" in message
+        assert "the state store" in message and "What to do:" in message
+        assert "UPDATE api_rate_limits" not in message
+        assert sync(erp, crm, state, run_id="run-2").counts["read"] > 0
+        assert_crm_matches_erp(world.erp_url, crm)
+    finally:
+        crm.close()
