@@ -799,7 +799,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parser().parse_args(argv)
     try:
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()  # inside the try: a reader gone (`| head`) is seen here
+        return code
+    except BrokenPipeError:
+        # `handoff dlq list | head`: the reader took what it wanted and left. Not an error
+        # worth a traceback; stdout goes to /dev/null so the exit's flush is quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a command ended by SIGPIPE
     except DATABASE_ERRORS as error:
         print(f"handoff {_command(args)}: {_command_failed(args, error)}", file=sys.stderr)
         return 1
