@@ -208,3 +208,38 @@ def test_idempotency_keys_are_kept_24_hours_then_forgotten(crm_sandbox, crm_toke
     monkeypatch.setattr(sandbox, "_now_ms", lambda: later)
     upsert("k-4", 4)
     assert keys() == {"k-3", "k-4"}
+
+
+def test_a_person_changes_one_contact_by_its_id_as_in_hubspot(crm_sandbox, crm_client, crm_token):
+    """`PATCH /crm/v3/objects/contacts/{id}` (what a person in the CRM does, and how the README
+    plays one): it changes that contact alone, tells the webhooks, and handoff's next upsert by
+    `erp_customer_id` still finds it."""
+    changes = []
+    crm_sandbox.store.on_change = changes.extend
+    created = crm_client.batch_upsert("contacts", "erp_customer_id", [contact(1), contact(2)])
+    first, second = (result["id"] for result in created.results)
+    changes.clear()
+    headers = {"Authorization": f"Bearer {crm_token}"}
+    url = f"{crm_sandbox.base_url}/crm/v3/objects/contacts"
+    time.sleep(0.01)
+    patched = requests.patch(
+        f"{url}/{first}", json={"properties": {"city": "Gothenburg"}}, headers=headers, timeout=5
+    )
+    assert patched.status_code == 200, patched.text
+    body = patched.json()
+    assert body["id"] == first and body["properties"]["city"] == "Gothenburg"
+    assert body["updatedAt"] > created.results[0]["updatedAt"] and "new" not in body
+    assert [(c.object_id, c.action, c.properties) for c in changes] == [
+        (int(first), "propertyChange", {"city": "Gothenburg"})
+    ]
+    again = crm_client.batch_upsert("contacts", "erp_customer_id", [contact(1, city="Oslo")])
+    assert again.results[0]["id"] == first and again.results[0]["new"] is False
+    clash = requests.patch(
+        f"{url}/{second}",
+        json={"properties": {"email": "PERSON.1@example.com"}},
+        headers=headers,
+        timeout=5,
+    )
+    assert clash.status_code == 409 and clash.json()["category"] == "CONFLICT"
+    missing = requests.patch(f"{url}/999", json={"properties": {}}, headers=headers, timeout=5)
+    assert missing.status_code == 404 and missing.json()["category"] == "OBJECT_NOT_FOUND"

@@ -276,15 +276,44 @@ class SandboxStore:
         self._keys_swept_ms = now
         self.connection.execute("DELETE FROM idempotency_keys WHERE created_ms <= ?", (expired_at,))
 
+    def update(self, object_type: str, object_id: str, body: dict) -> dict:
+        """HubSpot's `PATCH /crm/v3/objects/{type}/{id}`: change one live object's properties
+        by its id, as a person in the CRM does (its webhooks are sent like any change)."""
+        with self.lock:
+            row = self.connection.execute(
+                "SELECT id FROM objects WHERE id=? AND object_type=? AND archived=0",
+                (object_id, object_type),
+            ).fetchone()
+            if row is None or not str(object_id).isdecimal():
+                raise ApiError(
+                    404, "OBJECT_NOT_FOUND", f"no live {object_type} object with id {object_id}"
+                )
+            self.connection.execute("BEGIN IMMEDIATE")
+            try:
+                view, changed = self._upsert_one(object_type, body, None, 0, object_id=row[0])
+                self.connection.execute("COMMIT")
+            except BaseException:
+                self.connection.execute("ROLLBACK")
+                raise
+        if changed:
+            self.on_change([Change(object_type, int(view["id"]), "propertyChange", changed)])
+        view.pop("new")
+        return view
+
     def _upsert_one(
-        self, object_type: str, item: object, default_id_property: str | None, position: int
+        self,
+        object_type: str,
+        item: object,
+        default_id_property: str | None,
+        position: int,
+        object_id: int | None = None,
     ):
         if not isinstance(item, dict):
             raise ApiError(400, "VALIDATION_ERROR", f"inputs[{position}] must be an object")
         id_property = item.get("idProperty") or default_id_property
         id_value = item.get("id")
         properties = item.get("properties")
-        if not id_property or id_value in (None, ""):
+        if object_id is None and (not id_property or id_value in (None, "")):
             raise ApiError(400, "VALIDATION_ERROR", f"inputs[{position}] needs id and idProperty")
         if not isinstance(properties, dict):
             raise ApiError(
@@ -304,7 +333,8 @@ class SandboxStore:
         properties = {
             name: ("" if value is None else str(value)) for name, value in properties.items()
         }
-        properties[id_property] = str(id_value)
+        if object_id is None:
+            properties[id_property] = str(id_value)
         email = properties.get("email")
         if object_type == "contacts" and email and not re.fullmatch(EMAIL_PATTERN, email):
             raise ApiError(
@@ -313,8 +343,17 @@ class SandboxStore:
                 f"inputs[{position}]: email is not a valid email address",
                 subCategory="INVALID_EMAIL",
             )
-        existing = self._find(object_type, id_property, str(id_value))
-        for unique in (id_property, *UNIQUE_PROPERTIES.get(object_type, ())):
+        existing = object_id or self._find(object_type, id_property, str(id_value))
+        uniques = UNIQUE_PROPERTIES.get(object_type, ())
+        if object_id is None:
+            uniques = (id_property, *uniques)
+        else:  # changed by its id: the unique properties it holds (its upserts' idProperty) stay
+            held = self.connection.execute(
+                "SELECT property FROM unique_values WHERE object_id=? AND object_type=?",
+                (object_id, object_type),
+            )
+            uniques = (*dict.fromkeys([name for (name,) in held]), *uniques)
+        for unique in uniques:
             value = properties.get(unique)
             owner = self._find(object_type, unique, value) if value else None
             if owner is not None and owner != existing:
@@ -351,7 +390,7 @@ class SandboxStore:
                 )
             properties = merged
         if changed:
-            for unique in {id_property, *UNIQUE_PROPERTIES.get(object_type, ())}:
+            for unique in set(uniques):
                 if properties.get(unique):
                     self.connection.execute(
                         "INSERT OR REPLACE INTO unique_values VALUES (?, ?, ?, ?)",
@@ -613,6 +652,9 @@ class SandboxHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._handle("POST")
 
+    def do_PATCH(self) -> None:
+        self._handle("PATCH")
+
     def _handle(self, method: str) -> None:
         url = urlparse(self.path)
         query = parse_qs(url.query)
@@ -747,6 +789,8 @@ class SandboxHandler(BaseHTTPRequestHandler):
             )
         if method == "GET" and third is None:
             return 200, store.get(object_type, second, properties)
+        if method == "PATCH" and second is not None and third is None:
+            return 200, store.update(object_type, second, self._json(raw))
         if method != "POST":
             raise ApiError(405, "METHOD_NOT_ALLOWED", f"{method} is not allowed on {path}")
         body = self._json(raw)
