@@ -323,6 +323,8 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
             + (f" in {args.flow}" if args.flow else "")
             + _unknown(args.flow)
         )
+        if _nothing_synced(store):  # not even an audit entry: likely the wrong store
+            print(_which_store("an empty state store"), file=sys.stderr)
         return 0
     state = f"{'state':<30}  " if args.all else ""  # open, or how and when it closed
     print(f"{'id':>6}  {'flow':<32} {'key':<12} {'kind':<20} {'att':>3}  {state}reason")
@@ -335,6 +337,18 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
     if len(found) > len(rows):  # the count of open letters ignored the filters
         print(f"(showing the first {len(rows)} that match; --limit N shows more)")
     return 0
+
+
+def _which_store(what: str) -> str:
+    """Said when a store holds nothing at all: it may be one just made, not the flows' own."""
+    return (
+        f"({what}: is {_shown_url(settings.state_url())} the flows' state store? "
+        "HANDOFF_HOME is relative to the current directory, HANDOFF_STATE_URL names another store)"
+    )
+
+
+def _nothing_synced(store: StateStore) -> bool:
+    return store.audit_head() is None
 
 
 def _letter_state(row: dict[str, object]) -> str:
@@ -556,12 +570,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         held = f"; it holds entry {args.head.id} as recorded" if args.head else ""
         print(f"audit trail intact: {verdict.entries} entries, head {verdict.head or 'none'}{held}")
         if not verdict.entries:  # a store just made, maybe not the flows' one
-            print(
-                f"(an empty trail: is {_shown_url(settings.state_url())} the flows' state store? "
-                "HANDOFF_HOME is relative to the current directory, HANDOFF_STATE_URL names "
-                "another store)",
-                file=sys.stderr,
-            )
+            print(_which_store("an empty trail"), file=sys.stderr)
         return 0
     if verdict.broken_position is None:  # no broken link: the chain holds, but not its head
         found = f"audit trail broken: {verdict.problem}; the {verdict.entries} entries left verify"
@@ -606,6 +615,8 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
         return 0 if story["history"] or story["ledger"] else 1
     if not story["history"] and not story["ledger"]:
         print(f"no record {args.key!r} in the audit trail", file=sys.stderr)
+        if _nothing_synced(store):
+            print(_which_store("an empty state store"), file=sys.stderr)
         return 1
     for row in story["ledger"]:
         state = "archived" if row["archived"] else "live"
