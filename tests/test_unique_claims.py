@@ -324,3 +324,56 @@ def test_a_record_a_repair_archives_lets_go_of_its_values(tmp_path, own_state):
     result = sync_people(engine, own_state)
     assert (result.counts["inserted"], result.counts["rejected"]) == (1, 0)
     engine.dispose()
+
+
+def test_refusals_for_values_other_records_hold_count_as_one_reason(tmp_path, own_state):
+    """Each refusal named its holder ("email is already used by record 3884"), so the run's
+    counted reasons (the materialization's top five, the check's top ten, an error budget
+    trip's) held one reason per holder, and undercounted the rule by far."""
+    rows = [(n, f"p{n}@example.com", f"+100{n}") for n in range(1, 4)]
+    rows += [(n + 10, f"P{n}@example.com", f"+200{n}") for n in range(1, 4)]
+    _, engine = people(tmp_path, rows)
+    result = sync_people(engine, own_state)
+    assert result.counts["rejected"] == 3
+    assert dict(result.reasons) == {
+        "test.person@v1: email is already used by another record (ignoring case)": 3
+    }
+    letters = own_state.list_dead_letters(flow=PEOPLE.name)
+    assert {letter.reason[-40:] for letter in letters} == {
+        f"email is already used by record {n} (ignoring case)"[-40:] for n in range(1, 4)
+    }, "each letter still names its holder"
+    engine.dispose()
+
+
+class PersonByEmailV1(pa.DataFrameModel):
+    email: Series[str] = pa.Field(metadata={"pii": True})
+    phone: Series[str] = pa.Field(nullable=True)
+
+
+def test_a_holder_keyed_by_a_personal_field_is_named_masked(tmp_path, own_state):
+    """A flow keyed by an email: a record refused for a phone another holds named that other
+    record's key, the email, in clear in its letter's reason and the run's log."""
+    _, engine = people(tmp_path, [(1, "ada@example.com", "+1001"), (2, "bob@example.com", "+1001")])
+    by_email = FlowSpec(
+        name="test_people_by_email",
+        source=SourceTable(table="people", key="email"),
+        source_contract=Contract("test.person_by_email", 1, PersonByEmailV1),
+        target=Target("books", "people_by_email", "email", unique_ignoring_case=("phone",)),
+        target_contract=Contract("test.person_by_email", 1, PersonByEmailV1),
+        mapping=lambda rows: rows[["email", "phone"]],
+    )
+    writer = SqlTable(engine, by_email.target, create_missing=True)
+    result = Sync(
+        by_email,
+        SqlSource(engine, by_email.source),
+        writer,
+        own_state,
+        run_id="r",
+        actor="t",
+        why="t",
+    ).run()
+    assert result.counts["rejected"] == 1
+    (letter,) = own_state.list_dead_letters(flow=by_email.name)
+    assert "phone is already used by record" in letter.reason
+    assert "ada@example.com" not in letter.reason
+    engine.dispose()

@@ -373,7 +373,7 @@ class DestinationIds:
             mine = [(name, wanted[name][key]) for name in fields if key in wanted[name]]
             held_by = [(name, owners[name].get(digest, key)) for name, digest in mine]
             clashes = [
-                f"{name} is already used by record {owner} (ignoring case)"
+                f"{name} is already used by record {self._shown_key(owner)} (ignoring case)"
                 for name, owner in held_by
                 if owner != key and owner not in releasing
             ]

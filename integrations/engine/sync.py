@@ -16,6 +16,7 @@ import functools
 import gc
 import logging
 import math
+import re
 import threading
 import time
 from collections import Counter, defaultdict, deque
@@ -254,6 +255,16 @@ def _archived(destination_id: str, kept: Set[str]) -> dict[str, str]:
     if destination_id in kept:
         return {"destination_id": destination_id, "row": "kept: another record holds it"}
     return {"destination_id": destination_id}
+
+
+# "email is already used by record 3884": one rule, whichever record holds the value.
+_HOLDER = re.compile(r"used by record \S+")
+
+
+def _grouped(reason: str) -> str:
+    """A reason as the run's counts group it: without the record that holds a value (each
+    holder made a reason of its own, and the top reasons undercounted the rule by far)."""
+    return _HOLDER.sub("used by another record", reason)
 
 
 def _rows_in(letter: DeadLetter) -> int:
@@ -1685,7 +1696,7 @@ class Sync(ErrorBudget, DestinationIds):
         """Count the batch's rejections and keep the run's first few as samples (PII masked)."""
         result.counts["rejected"] += sum(map(_rows_in, letters))
         for letter in letters:
-            result.reasons[letter.reason] += 1
+            result.reasons[_grouped(letter.reason)] += 1
             result.kinds[letter.reason_kind] += 1
             if len(result.samples) < SAMPLE_SIZE and "rows" not in letter.payload:
                 masked = self.spec.masked_fields(letter.payload)  # as the CLI shows letters
