@@ -43,6 +43,7 @@ from bench.steps import (
 from bench.steps import run_step as bench_step
 from integrations.contracts import Contract
 from integrations.contracts.erp_customer import ERP_CUSTOMER
+from integrations.contracts.rules import CUSTOMER_NUMBER
 from integrations.engine.spec import FlowSpec, SourceTable, Target
 
 COLUMNS = [
@@ -61,7 +62,7 @@ MARIADB_ADMIN = {"host": "127.0.0.1", "port": 3306, "user": "root", "password": 
 
 
 class ReportingCustomerV1(pa.DataFrameModel):
-    customer_number: Series[str] = pa.Field(str_matches=r"^C\d{7}$", unique=True)
+    customer_number: Series[str] = pa.Field(str_matches=CUSTOMER_NUMBER, unique=True)
     first_name: Series[str]
     last_name: Series[str]
     email: Series[str]

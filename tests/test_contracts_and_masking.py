@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from collections.abc import Iterator
 from decimal import Decimal
 
 import pandas as pd
@@ -11,6 +14,7 @@ from pandera.engines import pandas_engine
 from pandera.typing import Series
 
 from assets.crm_contacts import customer_to_contact
+from integrations import contracts
 from integrations.contracts import Contract
 from integrations.contracts.crm_contact import CRM_CONTACT
 from integrations.contracts.erp_customer import ERP_CUSTOMER
@@ -38,17 +42,52 @@ def test_source_contract_names_each_broken_rule_without_the_value():
     verdict = ERP_CUSTOMER.judge(customers())
     reasons = {rejection.index: rejection.reason for rejection in verdict.rejections}
     assert set(reasons) == {"2", "3"}
-    assert reasons["2"] == "erp.customer@v1: email is not a valid email address"
-    assert reasons["3"] == "erp.customer@v1: country is missing"
+    assert reasons["2"] == "erp.customer@v2: email is not a valid email address"
+    assert reasons["3"] == "erp.customer@v2: country is missing"
     assert all("alan@" not in reason for reason in reasons.values())
     assert list(verdict.valid.index) == ["1", "4"]
+
+
+def test_a_key_or_code_is_refused_with_a_newline_at_its_end_or_another_script_s_digits():
+    """`^C\\d{7}$` took "C1234567\\n" (Python's `$` matches before a final newline) and
+    "C١٢٣٤٥٦٧": a key a trimmed or corrected ERP row no longer had, written to the CRM as is."""
+    numbers = ["C0000001", "C0000002\n", "C٠٠٠٠٠٠٣", "C0000004"]
+    verdict = ERP_CUSTOMER.judge(
+        customers(country=["GB\n", "GB", "US", "NL"], customer_number=numbers)
+    )
+    reasons = {rejection.index: rejection.reason for rejection in verdict.rejections}
+    assert set(reasons) == {"1", "2", "3"}
+    assert reasons["1"].startswith("erp.customer@v2: country str_matches(")
+    assert "customer_number str_matches(" in reasons["2"]
+    assert reasons["3"].startswith("erp.customer@v2: customer_number str_matches(")
+    assert list(verdict.valid.index) == ["4"]
+
+
+def _patterns() -> Iterator[tuple[str, str, str]]:
+    """(contract, field, pattern) of every `str_matches` rule of the project's contracts."""
+    for module in pkgutil.iter_modules(contracts.__path__):
+        for value in vars(importlib.import_module(f"{contracts.__name__}.{module.name}")).values():
+            if isinstance(value, Contract):
+                for name, column in value.schema.columns.items():
+                    for check in column.checks:
+                        if check.name == "str_matches":
+                            yield value.label, name, check.statistics["pattern"]
+
+
+def test_every_pattern_of_a_contract_is_of_the_whole_value_in_ascii_digits():
+    """A pattern ending in `$` takes a value with a newline at its end, `\\d` another script's
+    digits: the contracts use `rules.whole` and `[0-9]`."""
+    found = list(_patterns())
+    assert len(found) > 20
+    loose = [(label, name, p) for label, name, p in found if p.endswith("$") or "\\d" in p]
+    assert loose == []
 
 
 def test_target_contract_refuses_the_second_email_that_differs_only_in_case():
     valid = ERP_CUSTOMER.judge(customers()).valid
     verdict = CRM_CONTACT.judge(customer_to_contact(valid))
     assert [(r.index, r.reason) for r in verdict.rejections] == [
-        ("4", "crm.contact@v1: email is used by another customer in this batch (ignoring case)")
+        ("4", "crm.contact@v2: email is used by another customer in this batch (ignoring case)")
     ]
     assert verdict.valid["email"].tolist() == ["ada@example.com"]
 
@@ -105,8 +144,8 @@ def test_text_times_are_read_each_as_itself_whatever_the_batch():
     (refused,) = ERP_INVOICE.judge(invoices(["x", "2024-01-02"])).rejections
     assert (refused.index, refused.reason) == (  # and its other fault, in the same letter
         "1",
-        "erp.invoice@v1: invoice_date is not a date and time; "
-        "invoice_number str_matches('^INV-\\d{8}$')",
+        "erp.invoice@v2: invoice_date is not a date and time; "
+        "invoice_number str_matches('^INV-[0-9]{8}\\Z')",
     )
 
 
@@ -186,8 +225,8 @@ def test_a_number_with_a_fraction_is_refused_by_an_integer_field_not_cut():
     batch = customers(customer_id=[Decimal("1.00"), 2.0, Decimal("10.70"), 10.5])
     verdict = ERP_CUSTOMER.judge(batch.assign(email="ada@example.com", country=["GB"] * 3 + [""]))
     assert {r.index: r.reason for r in verdict.rejections} == {
-        "3": "erp.customer@v1: customer_id is not a whole number",
-        "4": "erp.customer@v1: customer_id is not a whole number; country str_matches('^[A-Z]{2}$')",
+        "3": "erp.customer@v2: customer_id is not a whole number",
+        "4": "erp.customer@v2: customer_id is not a whole number; country str_matches('^[A-Z]{2}\\Z')",
     }
     assert verdict.valid["customer_id"].tolist() == [1, 2]
 
@@ -300,7 +339,7 @@ def test_a_bug_in_a_contract_is_not_swallowed_by_a_refused_row_s_other_faults():
 
 
 def test_contracts_are_versioned_and_mark_pii():
-    assert ERP_CUSTOMER.label == "erp.customer@v1" and CRM_CONTACT.label == "crm.contact@v1"
+    assert ERP_CUSTOMER.label == "erp.customer@v2" and CRM_CONTACT.label == "crm.contact@v2"
     assert {"email", "phone", "first_name", "last_name"} <= ERP_CUSTOMER.pii_fields
     assert "country" not in CRM_CONTACT.pii_fields and "email" in CRM_CONTACT.pii_fields
 

@@ -29,7 +29,7 @@ from assets.erp_crm_deals import ERP_CRM_DEALS
 from assets.factory import flow_asset
 from definitions import active_flows, definitions, resources
 from integrations.contracts import Contract
-from integrations.contracts.crm_contact_object import CrmContactObjectV1
+from integrations.contracts.crm_contact_object import CrmContactObjectV2
 from integrations.crm.faults import Faults
 from integrations.sql.connect import create_engine
 from tests.webhooks import event, receiver, signed
@@ -423,7 +423,7 @@ def test_an_echo_is_told_only_by_the_fields_both_flows_name():
     """A staging flow reading a field the writer never writes (a job title salespeople keep)
     would have taken a change to it for an echo, and never staged it."""
 
-    class ContactWithTitleV1(CrmContactObjectV1):
+    class ContactWithTitleV1(CrmContactObjectV2):
         jobtitle: Series[str] = pa.Field(nullable=True)
 
     titled = Contract("crm.contact_object", 2, ContactWithTitleV1)

@@ -211,7 +211,7 @@ def test_through_dagster_a_standing_trip_fails_each_run_until_run_config_acknowl
         assert "handoff budget clear" in stopped.metadata["what_to_do"].value
         trip = stopped.metadata["error_budget_trip"].value
         assert trip["dead_letters_open"] == state.count_open_dead_letters(FLOW) > 300
-        assert "erp.customer@v1: email is not a valid email address" in trip["top_reasons"]
+        assert "erp.customer@v2: email is not a valid email address" in trip["top_reasons"]
         assert_no_pii_or_secret(stopped.description, state)
 
         alert_on_failure(instance, rerun)

@@ -4,10 +4,11 @@ import pandera.pandas as pa
 from pandera.typing import Series
 
 from integrations.contracts.contract import Contract
+from integrations.contracts.rules import ORGANISATION_NUMBER
 
 
-class CrmCompanyV1(pa.DataFrameModel):
-    erp_organisation_id: Series[str] = pa.Field(str_matches=r"^O\d{7}$", unique=True)
+class CrmCompanyV2(pa.DataFrameModel):
+    erp_organisation_id: Series[str] = pa.Field(str_matches=ORGANISATION_NUMBER, unique=True)
     name: Series[str] = pa.Field(str_length={"min_value": 1})
     domain: Series[str] = pa.Field(nullable=True)
     city: Series[str] = pa.Field(nullable=True)
@@ -18,4 +19,4 @@ class CrmCompanyV1(pa.DataFrameModel):
         strict = True
 
 
-CRM_COMPANY = Contract(name="crm.company", version=1, model=CrmCompanyV1)
+CRM_COMPANY = Contract(name="crm.company", version=2, model=CrmCompanyV2)

@@ -6,11 +6,15 @@ import pandera.pandas as pa
 from pandera.typing import Series
 
 from integrations.contracts.contract import Contract
-from integrations.contracts.rules import first_of_case_insensitive_duplicates, is_email
+from integrations.contracts.rules import (
+    CUSTOMER_NUMBER,
+    first_of_case_insensitive_duplicates,
+    is_email,
+)
 
 
-class CrmContactV1(pa.DataFrameModel):
-    erp_customer_id: Series[str] = pa.Field(str_matches=r"^C\d{7}$", unique=True)
+class CrmContactV2(pa.DataFrameModel):
+    erp_customer_id: Series[str] = pa.Field(str_matches=CUSTOMER_NUMBER, unique=True)
     email: Series[str] = pa.Field(metadata={"pii": True})
     firstname: Series[str] = pa.Field(metadata={"pii": True})
     lastname: Series[str] = pa.Field(metadata={"pii": True})
@@ -35,4 +39,4 @@ class CrmContactV1(pa.DataFrameModel):
         strict = True
 
 
-CRM_CONTACT = Contract(name="crm.contact", version=1, model=CrmContactV1)
+CRM_CONTACT = Contract(name="crm.contact", version=2, model=CrmContactV2)

@@ -6,12 +6,13 @@ import pandera.pandas as pa
 from pandera.typing import Series
 
 from integrations.contracts.contract import Contract
+from integrations.contracts.rules import CUSTOMER_NUMBER
 
 
-class CrmContactObjectV1(pa.DataFrameModel):
+class CrmContactObjectV2(pa.DataFrameModel):
     hs_object_id: Series[int] = pa.Field(gt=0, unique=True)
     # Set on contacts handoff created from ERP customers; empty on contacts made in the CRM.
-    erp_customer_id: Series[str] = pa.Field(nullable=True, str_matches=r"^C\d{7}$")
+    erp_customer_id: Series[str] = pa.Field(nullable=True, str_matches=CUSTOMER_NUMBER)
     email: Series[str] = pa.Field(nullable=True, metadata={"pii": True})
     firstname: Series[str] = pa.Field(nullable=True, metadata={"pii": True})
     lastname: Series[str] = pa.Field(nullable=True, metadata={"pii": True})
@@ -26,4 +27,4 @@ class CrmContactObjectV1(pa.DataFrameModel):
         strict = False
 
 
-CRM_CONTACT_OBJECT = Contract(name="crm.contact_object", version=1, model=CrmContactObjectV1)
+CRM_CONTACT_OBJECT = Contract(name="crm.contact_object", version=2, model=CrmContactObjectV2)

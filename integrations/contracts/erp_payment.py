@@ -4,12 +4,13 @@ import pandera.pandas as pa
 from pandera.typing import Series
 
 from integrations.contracts.contract import Contract
+from integrations.contracts.rules import INVOICE_NUMBER
 
 
-class ErpPaymentV1(pa.DataFrameModel):
+class ErpPaymentV2(pa.DataFrameModel):
     payment_id: Series[int] = pa.Field(gt=0, unique=True)
     invoice_id: Series[int] = pa.Field(gt=0)
-    invoice_number: Series[str] = pa.Field(str_matches=r"^INV-\d{8}$")
+    invoice_number: Series[str] = pa.Field(str_matches=INVOICE_NUMBER)
     paid_on: Series[pa.Date]
     amount: Series[float] = pa.Field(gt=0)
     method: Series[str] = pa.Field(isin=["card", "transfer", "direct_debit"])
@@ -19,4 +20,4 @@ class ErpPaymentV1(pa.DataFrameModel):
         strict = False
 
 
-ERP_PAYMENT = Contract(name="erp.payment", version=1, model=ErpPaymentV1)
+ERP_PAYMENT = Contract(name="erp.payment", version=2, model=ErpPaymentV2)

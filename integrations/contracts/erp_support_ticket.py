@@ -6,14 +6,15 @@ import pandera.pandas as pa
 from pandera.typing import Series
 
 from integrations.contracts.contract import Contract
+from integrations.contracts.rules import CUSTOMER_NUMBER
 
 
-class ErpSupportTicketV1(pa.DataFrameModel):
+class ErpSupportTicketV2(pa.DataFrameModel):
     ticket_id: Series[int] = pa.Field(gt=0, unique=True)
     status: Series[str]
     queue: Series[str]
     # The requestor's ERP customer, when the requestor is one (RT user named by customer number).
-    customer_number: Series[str] = pa.Field(nullable=True, str_matches=r"^C\d{7}$")
+    customer_number: Series[str] = pa.Field(nullable=True, str_matches=CUSTOMER_NUMBER)
     requestor_email: Series[str] = pa.Field(nullable=True, metadata={"pii": True})
     created_at: Series[pa.DateTime]
     resolved_at: Series[pa.DateTime] = pa.Field(nullable=True)
@@ -24,4 +25,4 @@ class ErpSupportTicketV1(pa.DataFrameModel):
         strict = True
 
 
-ERP_SUPPORT_TICKET = Contract(name="erp.support_ticket", version=1, model=ErpSupportTicketV1)
+ERP_SUPPORT_TICKET = Contract(name="erp.support_ticket", version=2, model=ErpSupportTicketV2)

@@ -4,15 +4,16 @@ import pandera.pandas as pa
 from pandera.typing import Series
 
 from integrations.contracts.contract import Contract
+from integrations.contracts.rules import CURRENCY_CODE, CUSTOMER_NUMBER, INVOICE_NUMBER
 
 
-class FinanceInvoiceV1(pa.DataFrameModel):
-    invoice_number: Series[str] = pa.Field(str_matches=r"^INV-\d{8}$", unique=True)
-    customer_number: Series[str] = pa.Field(str_matches=r"^C\d{7}$")
+class FinanceInvoiceV2(pa.DataFrameModel):
+    invoice_number: Series[str] = pa.Field(str_matches=INVOICE_NUMBER, unique=True)
+    customer_number: Series[str] = pa.Field(str_matches=CUSTOMER_NUMBER)
     invoice_date: Series[pa.Date]
     due_date: Series[pa.Date]
     amount: Series[float] = pa.Field(gt=0)
-    currency: Series[str] = pa.Field(str_matches=r"^[A-Z]{3}$")
+    currency: Series[str] = pa.Field(str_matches=CURRENCY_CODE)
     status: Series[str] = pa.Field(isin=["open", "paid", "void"])
 
     @pa.dataframe_check(name="due_after_invoiced", error="is due before it was invoiced")
@@ -24,4 +25,4 @@ class FinanceInvoiceV1(pa.DataFrameModel):
         strict = True
 
 
-FINANCE_INVOICE = Contract(name="finance.invoice", version=1, model=FinanceInvoiceV1)
+FINANCE_INVOICE = Contract(name="finance.invoice", version=2, model=FinanceInvoiceV2)

@@ -10,13 +10,17 @@ import pandera.pandas as pa
 from pandera.typing import Series
 
 from integrations.contracts.contract import Contract
-from integrations.contracts.rules import first_of_case_insensitive_duplicates, is_email
+from integrations.contracts.rules import (
+    CUSTOMER_NUMBER,
+    first_of_case_insensitive_duplicates,
+    is_email,
+)
 from integrations.helpdesk.support_tier import TIER_FIELD, TIERS
 
 
-class RtUserV1(pa.DataFrameModel):
+class RtUserV2(pa.DataFrameModel):
     # The ERP customer number: RT's unique user name, stable when the customer changes email.
-    Name: Series[str] = pa.Field(str_matches=r"^C\d{7}$", unique=True)
+    Name: Series[str] = pa.Field(str_matches=CUSTOMER_NUMBER, unique=True)
     EmailAddress: Series[str] = pa.Field(metadata={"pii": True})
     RealName: Series[str] = pa.Field(str_length={"min_value": 1}, metadata={"pii": True})
     Organization: Series[str] = pa.Field(nullable=True)
@@ -42,4 +46,4 @@ class RtUserV1(pa.DataFrameModel):
         strict = True
 
 
-RT_USER = Contract(name="rt.user", version=1, model=RtUserV1)
+RT_USER = Contract(name="rt.user", version=2, model=RtUserV2)
