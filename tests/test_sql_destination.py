@@ -485,6 +485,8 @@ def test_text_a_date_or_time_column_would_change_is_refused_or_said_in_utc(engin
         "3": ("2025-01-02T23:30:00", "2025-01-02T10:00:00"),
         "4": ("2025-01-02 and a note", "2025-01-02T10:00:00"),
         "5": ("2025-01-02", "Jan 2 2025 10:00 EST"),
+        "6": ("2025-01-02", "２０２５-01-02T10:00:00"),  # full-width digits
+        "7": ("2025-01-02", "2025-01-02T10:00:00\n"),
     }
     outcome = table.upsert(
         [
@@ -493,10 +495,11 @@ def test_text_a_date_or_time_column_would_change_is_refused_or_said_in_utc(engin
         ]
     )
     reasons = {refusal.key: refusal.reason for refusal in outcome.refused}
-    assert sorted(reasons) == ["3", "4", "5"]
+    assert sorted(reasons) == ["3", "4", "5", "6", "7"]
     assert "column 'day' is a DATE and the text holds a time of day" in reasons["3"]
     assert "column 'day' is a DATE and the text is no ISO 8601 date" in reasons["4"]
-    assert "column 'at' is a timestamp and the text is no ISO 8601 date and time" in reasons["5"]
+    for refused in "567":
+        assert "column 'at' is a timestamp and the text is no ISO 8601" in reasons[refused]
     with engine.connect() as connection:
         stored = connection.execute(sa.text("SELECT stamp_id, day, at FROM text_times")).all()
     as_text = {n: (str(day)[:10], str(at)[:19].replace("T", " ")) for n, day, at in stored}

@@ -333,7 +333,7 @@ class SqlTable:
                 if (
                     isinstance(value, str)
                     and value.lower() not in endless
-                    and not _ISO_TIME.match(value)
+                    and not _ISO_TIME.fullmatch(value)
                 ):
                     found.setdefault(
                         at,
@@ -741,7 +741,7 @@ _ENDLESS = frozenset({"infinity", "+infinity", "-infinity"})
 def _naive_utc(value: object) -> object:
     """ISO 8601 text with an offset ("…10:00+05:00", "…Z") as the UTC time it names, without a
     zone, as handoff's times are; any other value as it is."""
-    if not isinstance(value, str) or not _ISO_TIME.match(value):
+    if not isinstance(value, str) or not _ISO_TIME.fullmatch(value):
         return value
     try:
         moment = datetime.fromisoformat(value)
@@ -767,7 +767,12 @@ def _not_a_date(value: object) -> str | None:
 
 
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-_ISO_TIME = re.compile(r"\d{4}-\d\d-\d\d([T ]\d\d:\d\d(:\d\d(\.\d+)?)?)?(Z|[+-]\d\d(:?\d\d)?)?$")
+# Whole (`$` took a final newline) and in ASCII digits (`\d` took "２０２５", which SQLite stored
+# as it was and the others refused, naming no column).
+_ISO_TIME = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]+)?)?)?"
+    r"(Z|[+-][0-9]{2}(:?[0-9]{2})?)?"
+)
 
 
 def _unpadded(value: object) -> str:
