@@ -28,8 +28,9 @@ system cannot be reached. What each attempt goes through, in order:
 4. On 429/5xx/timeout/dropped connection: **retry** after Retry-After when the answer carries
    one (one longer than `retry_after_max`, a spent daily quota, stops the call instead: the
    run fails saying so, rather than sleeping for hours), otherwise after an exponential backoff
-   with jitter. urllib3's `Retry` computes that
-   schedule; the loop is ours (not urllib3's adapter) because every attempt, retries included,
+   with jitter, from the first retry on (urllib3 2.x's own schedule sends the first retry at
+   once; `FirstRetryWaits` keeps its schedule but starts it there). urllib3's `Retry` computes
+   that schedule; the loop is ours (not urllib3's adapter) because every attempt, retries included,
    must pass the breaker and take a token, which retries inside the adapter would bypass.
 
 A POST is retried after it may have reached the server only when the caller says it is
@@ -42,12 +43,14 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import threading
 import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import takewhile
 
 import requests
 import sqlalchemy as sa
@@ -98,6 +101,23 @@ class RateLimitUnavailable(ApiUnavailable):
             f"{message}. What to do: rerun once the state store answers (no call goes out "
             "without its token, so nothing was sent past the limit)"
         )
+
+
+class FirstRetryWaits(Retry):
+    """urllib3's Retry, whose backoff starts at the first retry: urllib3 2.x waits nothing
+    before it (its schedule begins at the second), so a server that just failed (a 503 while
+    it restarts, a dropped connection) got the same request back at once, a wasted attempt
+    that counts toward the breaker. Here the nth consecutive failure waits
+    `backoff_factor * 2 ** (n - 1)` plus up to `backoff_jitter`, at most `backoff_max`."""
+
+    def get_backoff_time(self) -> float:
+        # The failures in a row since the last redirect, as urllib3 counts them.
+        in_a_row = takewhile(lambda error: error.redirect_location is None, reversed(self.history))
+        failures = sum(1 for _ in in_a_row)
+        if not failures:
+            return 0.0
+        backoff = self.backoff_factor * 2 ** (failures - 1) + random.random() * self.backoff_jitter
+        return float(max(0.0, min(self.backoff_max, backoff)))
 
 
 # --- circuit breaker ------------------------------------------------------------------------
@@ -302,7 +322,7 @@ class ApiClient:
         self.session.headers.update(headers)
         self.counts: Counter[str] = Counter()
         self.waited = 0.0
-        self._retry = Retry(
+        self._retry = FirstRetryWaits(
             total=limits.retries,
             backoff_factor=limits.backoff,
             backoff_max=limits.backoff_max,
@@ -395,7 +415,7 @@ class ApiClient:
             self.counts[str(response.status_code)] += 1
         return response, f"{response.status_code} {response.reason}", None
 
-    def _pause(self, retry: Retry, after: float | None) -> None:
+    def _pause(self, retry: FirstRetryWaits, after: float | None) -> None:
         """Retry-After when the answer has one (shared through the bucket), else backoff."""
         if after is not None:
             if self.bucket is not None:

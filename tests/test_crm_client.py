@@ -70,15 +70,16 @@ def test_a_retry_after_longer_than_a_run_waits_stops_the_call_saying_so(crm_sand
     assert "asking to wait 1000 s, longer than a run waits (120 s" in str(error)
 
 
-class Throttling(BaseHTTPRequestHandler):
-    """Answers 429 with the server's `retry_after` text once, then 200."""
+class FailsOnce(BaseHTTPRequestHandler):
+    """Answers the server's `status` once (with its `retry_after` text, when it has one), then
+    200; `seen` holds when each request arrived."""
 
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
         self.server.seen.append(time.monotonic())
         first = len(self.server.seen) == 1
-        self.send_response(429 if first else 200)
-        if first:
+        self.send_response(self.server.status if first else 200)
+        if first and self.server.retry_after is not None:
             self.send_header("Retry-After", self.server.retry_after)
         self.send_header("Content-Length", "2")
         self.end_headers()
@@ -88,24 +89,41 @@ class Throttling(BaseHTTPRequestHandler):
         pass
 
 
+def failing_once(
+    status: int, retry_after: str | None, limits: ApiLimits
+) -> tuple[CrmClient, list[float]]:
+    """A batch archive against a server that answers `status` once: the client, and when each
+    of its requests arrived."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FailsOnce)
+    server.seen, server.status, server.retry_after = [], status, retry_after
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        crm = CrmClient(f"http://127.0.0.1:{server.server_port}", "s3cret-token", limits)
+        crm.batch_archive("contacts", ["1"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    return crm, server.seen
+
+
 @pytest.mark.parametrize(("retry_after", "waited"), [("0.6", 0.55), ("soon", 0.0)])
 def test_a_retry_after_that_is_not_whole_seconds_is_waited_or_backed_off_not_a_crash(
     retry_after, waited
 ):
     """A gateway's "Retry-After: 0.6" (or one not a number) raised urllib3's InvalidHeader out of
     the client: the call was not retried and the run failed naming neither system nor call."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Throttling)
-    server.seen, server.retry_after = [], retry_after
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        crm = CrmClient(f"http://127.0.0.1:{server.server_port}", "s3cret-token", QUICK)
-        crm.batch_archive("contacts", ["1"])
-    finally:
-        server.shutdown()
-        server.server_close()
-    first, second = server.seen
+    crm, (first, second) = failing_once(429, retry_after, QUICK)
     assert second - first >= waited
     assert crm.api.stats()["answered_429"] == 1 and crm.api.stats()["retries"] == 1
+
+
+@pytest.mark.parametrize("status", [503, 429])
+def test_the_first_retry_waits_the_backoff_too(status):
+    """urllib3 2.x's backoff is 0 before the first retry: a 503 without Retry-After (or a 429
+    without one) was sent again at once, the server given no time to recover."""
+    crm, (first, second) = failing_once(status, None, ApiLimits(backoff=0.3, backoff_max=2))
+    assert second - first >= 0.3, "the first retry waited the first backoff"
+    assert crm.api.stats()["retries"] == 1
 
 
 def test_5xx_and_slow_answers_are_retried_until_they_succeed(crm_sandbox, crm_token):
