@@ -222,3 +222,63 @@ def test_an_association_change_is_stored_and_the_delivery_it_came_in_is_not_refu
     assert answer.json() == {"stored": 2, "duplicates": 0}
     stored_events = [(e.subscription_type, e.object_id) for e in server.inbox.after(0, 10)]
     assert stored_events == [("contact.propertyChange", 302), ("contact.associationChange", 301)]
+
+
+def generic(object_id: int, action: str, type_id: str, **extra) -> dict:
+    """An event of HubSpot's generic subscription types: `object.<action>`, the object type by
+    its id in `objectTypeId`, as apps on HubSpot's newer platform receive them."""
+    return event(object_id, f"object.{action}", objectTypeId=type_id, **extra)
+
+
+def test_generic_object_events_are_stored_as_the_object_types_they_name(server):
+    """HubSpot's `object.creation`/`object.propertyChange`/`object.deletion` (objectTypeId
+    "0-1" contacts, "0-2" companies, "0-3" deals) were refused as "not a CRM event type": a
+    newer app's every delivery answered 422, never retried, each change it carried lost."""
+    linked = {k: v for k, v in generic(0, "associationChange", "").items() if k != "objectId"}
+    del linked["objectTypeId"]
+    linked.update(fromObjectTypeId="0-3", toObjectTypeId="0-1", fromObjectId=405, toObjectId=9)
+    events = [
+        generic(401, "creation", "0-1"),
+        generic(402, "propertyChange", "0-1", propertyName="city", propertyValue="Oslo"),
+        generic(403, "propertyChange", "0-2", propertyName="domain", propertyValue="a.example"),
+        generic(404, "deletion", "0-3"),
+        linked,
+    ]
+    body = json.dumps(events).encode()
+    answer = post(server, body, signed(server.url, SECRET, body, "hubspot"))
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"stored": 5, "duplicates": 0}
+    assert [
+        (e.subscription_type, e.object_type, e.object_id) for e in server.inbox.after(0, 10)
+    ] == [
+        ("object.creation", "contacts", 401),
+        ("object.propertyChange", "contacts", 402),
+        ("object.propertyChange", "companies", 403),
+        ("object.deletion", "deals", 404),
+        ("object.associationChange", "deals", 405),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("bad", "fragment"),
+    [
+        (
+            generic(501, "creation", "2-143967026"),
+            "events[1].objectTypeId '2-143967026' is an object type handoff does not sync (it "
+            "knows 0-1 contacts, 0-2 companies, 0-3 deals, 0-5 tickets): subscribe to those",
+        ),
+        (
+            {k: v for k, v in generic(502, "deletion", "0-1").items() if k != "objectTypeId"},
+            "events[1].objectTypeId must name the object type of an object.deletion event",
+        ),
+        (generic(503, "privacyDeletion", "0-1"), "'object.privacyDeletion' is not a CRM event"),
+    ],
+    ids=["unknown object type", "no object type", "no generic privacy deletion"],
+)
+def test_a_generic_event_of_an_object_type_handoff_does_not_know_is_refused_saying_which(
+    server, bad, fragment
+):
+    body = json.dumps([generic(500, "creation", "0-1"), bad]).encode()
+    answer = post(server, body, signed(server.url, SECRET, body, "hubspot"))
+    assert answer.status_code == 422 and fragment in answer.json()["error"], answer.text
+    assert stored(server) == {"deliveries": 0, "events": 0, "waiting": 0}

@@ -3,6 +3,11 @@
 A delivery is a JSON array of up to 100 events (HubSpot), or one event object (one Standard
 Webhooks message). Each event names what changed, never the whole record: the flow reads the
 record from the CRM's API, so a lost or reordered event costs nothing but latency.
+
+Two forms of subscription type: the legacy one names the object (`contact.propertyChange`);
+HubSpot's generic one (apps on its newer platform) is `object.<action>`
+(`object.propertyChange`) and names the object type by id in `objectTypeId` (`"0-1"` contacts;
+an association change's own object in `fromObjectTypeId`). Both come to the same event.
 """
 
 from __future__ import annotations
@@ -22,6 +27,11 @@ ACTIONS = {
     "associationChange",
     "privacyDeletion",
 }
+# HubSpot's ids of the standard object types, as a generic (`object.*`) event names them.
+OBJECT_TYPE_IDS = {"0-1": "contacts", "0-2": "companies", "0-3": "deals", "0-5": "tickets"}
+GENERIC = "object"
+# HubSpot sends privacy deletions in the legacy form only (`contact.privacyDeletion`).
+GENERIC_ACTIONS = ACTIONS - {"privacyDeletion"}
 _EARLIEST_MS = 946_684_800_000  # 2000-01-01: an occurredAt before it is not a real event
 
 
@@ -54,14 +64,46 @@ def _whole(event: dict, name: str, where: str, required: bool = True) -> int | N
     return value
 
 
+def _generic_object_type(event: dict, action: str, where: str) -> str:
+    """The object type a generic (`object.*`) event is about, by its `objectTypeId` (an
+    association change's own object: `fromObjectTypeId`, when it has no `objectTypeId`). One
+    handoff does not sync (a custom object's "2-…", a note's "0-46") is refused by name: stored,
+    it would request runs of no flow, and the subscription is the thing to change."""
+    name = (
+        "fromObjectTypeId"
+        if action == "associationChange" and "objectTypeId" not in event
+        else "objectTypeId"
+    )
+    type_id = event.get(name)
+    if not isinstance(type_id, str) or not type_id:
+        raise PayloadRefused(
+            f"{where}.{name} must name the object type of an object.{action} event (e.g. "
+            "'0-1' for contacts)"
+        )
+    if type_id not in OBJECT_TYPE_IDS:
+        known = ", ".join(f"{key} {value}" for key, value in OBJECT_TYPE_IDS.items())
+        raise PayloadRefused(
+            f"{where}.{name} {type_id[:40]!r} is an object type handoff does not sync (it "
+            f"knows {known}): subscribe to those object types only"
+        )
+    return OBJECT_TYPE_IDS[type_id]
+
+
 def _event(event: object, where: str) -> CrmEvent:
     if not isinstance(event, dict):
         raise PayloadRefused(f"{where} must be an object")
     subscription = event.get("subscriptionType")
     if not isinstance(subscription, str) or subscription.count(".") != 1:
-        raise PayloadRefused(f"{where}.subscriptionType must look like 'contact.propertyChange'")
+        raise PayloadRefused(
+            f"{where}.subscriptionType must look like 'contact.propertyChange' or "
+            "'object.propertyChange'"
+        )
     kind, action = subscription.split(".")
-    if kind not in OBJECT_TYPES or action not in ACTIONS:
+    if kind == GENERIC and action in GENERIC_ACTIONS:
+        object_type = _generic_object_type(event, action, where)
+    elif kind in OBJECT_TYPES and action in ACTIONS:
+        object_type = OBJECT_TYPES[kind]
+    else:
         raise PayloadRefused(f"{where}.subscriptionType {subscription!r} is not a CRM event type")
     event_id = _whole(event, "eventId", where)
     # HubSpot names an association change's objects fromObjectId and toObjectId, not objectId.
@@ -77,7 +119,7 @@ def _event(event: object, where: str) -> CrmEvent:
     return CrmEvent(
         event_key=f"{portal or 0}:{event_id}",
         subscription_type=subscription,
-        object_type=OBJECT_TYPES[kind],
+        object_type=object_type,
         object_id=object_id,
         occurred_at=datetime.fromtimestamp(occurred / 1000, UTC).replace(tzinfo=None),
         property_name=name if action == "propertyChange" else None,
