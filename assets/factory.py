@@ -31,10 +31,11 @@ from integrations.engine.errors import (
     ErrorBudgetExceeded,
     ErrorBudgetTripStands,
     FlowHeld,
+    SourceRefusedRead,
     SyncError,
 )
 from integrations.engine.reconcile import Drift, reconcile
-from integrations.engine.source import FIX_THE_SOURCE, SourceReadFailed, SourceUnavailable
+from integrations.engine.source import SourceReadFailed, SourceUnavailable
 from integrations.engine.spec import FlowSpec
 from integrations.engine.state import AuditHead, BudgetTrip, StateStoreUnavailable
 from integrations.engine.sync import Sync, SyncResult
@@ -210,9 +211,15 @@ def _failure(
         )
     if isinstance(error, ErrorBudgetExceeded | ErrorBudgetTripStands):
         metadata["error_budget_trip"] = dg.MetadataValue.json(_trip_metadata(error.trip))
-    # A retry won't do; one of a run that gave up waiting for the flow would wait again, holding
+    # A retry won't do (a refused read is refused again); one of a run that gave up waiting for the flow would wait again, holding
     # its Dagster run (and its pool's run slot): what it was to sync is requested once it is free.
-    stops = ErrorBudgetExceeded | ErrorBudgetTripStands | ArchiveGuardTripped | FlowHeld
+    stops = (
+        ErrorBudgetExceeded
+        | ErrorBudgetTripStands
+        | ArchiveGuardTripped
+        | FlowHeld
+        | SourceRefusedRead
+    )
     retryable = api_facing and not isinstance(error, stops)
     return dg.Failure(description=str(error), metadata=metadata, allow_retries=retryable)
 
@@ -386,7 +393,7 @@ def _flow_asset(spec: FlowSpec) -> dg.AssetsDefinition:
             ) from error
         except SourceReadFailed as error:  # a replay's or a repair's read, not the engine's run
             raise dg.Failure(
-                description=f"flow {spec.name}: {error}. What to do: {FIX_THE_SOURCE}, then rerun",
+                description=f"flow {spec.name}: {error}. What to do: {error.todo}, then rerun",
                 metadata={"flow": spec.name},
                 allow_retries=False,
             ) from error

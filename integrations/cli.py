@@ -25,7 +25,7 @@ from integrations import settings
 from integrations.engine.destination import DestinationMismatch, DestinationUnavailable
 from integrations.engine.errors import SyncError
 from integrations.engine.masking import mask_record
-from integrations.engine.source import FIX_THE_SOURCE, SourceReadFailed, SourceUnavailable
+from integrations.engine.source import SourceReadFailed, SourceUnavailable
 from integrations.engine.spec import FlowSpec
 from integrations.engine.state import (
     REASON_KINDS,
@@ -150,8 +150,8 @@ def cmd_crm_sandbox(args: argparse.Namespace) -> int:
     from integrations.crm.faults import Faults
     from integrations.webhooks.signatures import parse_secrets
 
-    faults = Faults(**{f.name: getattr(args, f.name) for f in fields(Faults)})
     try:
+        faults = Faults(**{f.name: getattr(args, f.name) for f in fields(Faults)})
         server = SandboxServer(
             settings.crm_sandbox_path(),
             token,
@@ -249,7 +249,8 @@ def _fault_arguments(group) -> None:
     from integrations.crm.faults import Faults
 
     for setting in fields(Faults):
-        kind = int if setting.name in ("rate_burst", "outage_after_requests", "seed") else float
+        whole = ("rate_burst", "outage_after_requests", "refuse_reads", "seed")
+        kind = int if setting.name in whole else float
         group.add_argument(
             f"--{setting.name.replace('_', '-')}", type=kind, default=setting.default
         )
@@ -466,7 +467,7 @@ def _replay_stopped(spec: FlowSpec, error: Exception) -> str:
         )
     elif isinstance(error, SourceReadFailed):
         what = str(error)
-        todo = f"{FIX_THE_SOURCE}, then {again}"
+        todo = f"{error.todo}, then {again}"
     elif isinstance(error, sa.exc.DBAPIError):  # no connector words it
         what, todo = _database_failed(error, "the replay", "its URL", again)
     else:  # unavailable: nothing was marked synced that was not written

@@ -3,17 +3,19 @@ outages (circuit breaker), lost answers (idempotency keys), and a rate limit sha
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import threading
 import time
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
 import sqlalchemy as sa
 
-from integrations.crm.client import CrmClient, CrmRequestRejected, CrmUnavailable
+from integrations.crm.client import CrmClient, CrmReadRefused, CrmRequestRejected, CrmUnavailable
 from integrations.http import ApiClient, ApiLimits, ApiUnavailable, SharedTokenBucket
 from integrations.sql.connect import create_engine
 from tests.sandbox_faults import set_faults
@@ -124,6 +126,74 @@ def test_the_first_retry_waits_the_backoff_too(status):
     crm, (first, second) = failing_once(status, None, ApiLimits(backoff=0.3, backoff_max=2))
     assert second - first >= 0.3, "the first retry waited the first backoff"
     assert crm.api.stats()["retries"] == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "said", "todo"),
+    [
+        (403, "403 MISSING_SCOPES: This app hasn't been granted", "crm.objects.contacts.read"),
+        (400, "400 VALIDATION_ERROR: There was a problem", "properties the flow reads"),
+        (404, "404 OBJECT_NOT_FOUND: Not Found", "CRM_BASE_URL"),
+    ],
+)
+def test_a_read_the_crm_refuses_says_what_it_answered_and_is_not_retried(
+    crm_sandbox, crm_token, status, said, todo
+):
+    """A 403 (a token without the read scope) on a search was reported as the CRM refusing the
+    token, a 400 or 404 as a refusal of records; the source called each "unavailable, rerun"."""
+    crm = client(crm_sandbox, crm_token)
+    crm.batch_upsert("contacts", "erp_customer_id", contacts(0))  # writes still go through
+    set_faults(crm_sandbox, crm_token, refuse_reads=status)
+    for read in (
+        lambda: list(crm.search_modified_since("contacts", datetime(2000, 1, 1))),
+        lambda: crm.newest_modification("contacts"),
+        lambda: list(crm.list_objects("contacts")),
+        lambda: crm.batch_read("contacts", ["1"]),
+    ):
+        with pytest.raises(CrmReadRefused) as refused:
+            read()
+        assert refused.value.status == status and said in str(refused.value)
+        assert todo in refused.value.todo and crm_token not in str(refused.value)
+    assert "required scopes: crm.objects.contacts.read" in str(refused.value) or status != 403
+    assert counts(crm_sandbox)["refused_reads"] == 4, "each read asked once: no retries"
+    assert crm.api.stats()["retries"] == 0
+
+
+class QuotingRefusal(BaseHTTPRequestHandler):
+    """A CRM whose 400 quotes the request's token and a person's email address."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        token = self.headers["Authorization"].removeprefix("Bearer ")
+        body = json.dumps(
+            {
+                "status": "error",
+                "category": "VALIDATION_ERROR",
+                "message": f"token {token} may not filter on email = ada.lovelace@example.com",
+            }
+        ).encode()
+        self.send_response(400)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args):
+        pass
+
+
+def test_a_refused_read_quoting_the_token_or_an_email_keeps_both_masked():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), QuotingRefusal)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        crm = CrmClient(f"http://127.0.0.1:{server.server_port}", "s3cret-token", QUICK)
+        with pytest.raises(CrmReadRefused) as refused:
+            crm.newest_modification("contacts")
+    finally:
+        server.shutdown()
+        server.server_close()
+    text = str(refused.value)
+    assert "400 VALIDATION_ERROR: token *** may not filter on email = a***@e***.com" in text
+    assert "s3cret-token" not in text and "ada.lovelace" not in text
 
 
 def test_5xx_and_slow_answers_are_retried_until_they_succeed(crm_sandbox, crm_token):

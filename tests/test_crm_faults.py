@@ -2,7 +2,8 @@
 (a) a 10 requests/s limit, (b) 30% of requests answered 5xx, (c) 10% of batch inputs refused,
 (d) the CRM down in the middle of a run. Each ends with the CRM holding exactly the valid ERP
 set (less what the CRM refused, which is in the DLQ with the CRM's reason). Figures go to the
-run's summary; `--outage-seconds 30` runs (d) with the issue's 30 s outage.
+run's summary; `--outage-seconds 30` runs (d) with the issue's 30 s outage. (e) a read the CRM
+refuses (4xx) stops a CRM-sourced flow at once, saying what the CRM answered and what to fix.
 """
 
 from __future__ import annotations
@@ -11,11 +12,15 @@ import dataclasses
 import time
 
 import dagster as dg
+import pytest
 import requests
 
 from assets.crm_contacts import CRM_CONTACTS
+from assets.erp_crm_contact_updates import ERP_CRM_CONTACT_UPDATES
 from assets.factory import flow_asset
 from definitions import resources
+from integrations.crm.source import CrmObjectsSource
+from integrations.engine.source import SourceReadFailed, SourceUnavailable
 from integrations.engine.spec import ErrorBudget
 from integrations.engine.state import StateStore
 from resources import CrmResource
@@ -181,3 +186,49 @@ def test_d_an_outage_mid_run_fails_fast_with_the_circuit_open_then_completes(
     figures.append(
         f"CRM fault (d) {outage:g} s outage after 8 requests: {outcome}; CRM = valid ERP set"
     )
+
+
+def test_e_a_read_the_crm_refuses_fails_the_run_saying_what_to_fix_not_to_rerun(world):
+    """A token without the contacts read scope: the CRM answers every search 403. The run said
+    "unavailable ... rerun when the source answers" and Dagster retried it three times, each
+    refused alike; it now fails once, with the CRM's answer and what to fix."""
+    set_faults(world.crm, world.token, refuse_reads=403)
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [flow_asset(ERP_CRM_CONTACT_UPDATES)],
+            resources=resources(),
+            instance=instance,
+            raise_on_error=False,
+        )
+    set_faults(world.crm, world.token)
+    assert not result.success
+    retried = [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+    assert not retried, "a rerun gets the same 403"
+    (failure,) = result.get_step_failure_events()
+    description = failure.step_failure_data.user_failure_data.description
+    assert description.startswith(
+        f"flow {ERP_CRM_CONTACT_UPDATES.name}: CRM contacts: POST /crm/v3/objects/contacts/search: "
+        "the CRM refused the read: 403 MISSING_SCOPES: This app hasn't been granted"
+    )
+    assert "required scopes: crm.objects.contacts.read" in description
+    assert (
+        "What to do: a rerun alone will not cure it: give the CRM token (CRM_ACCESS_TOKEN, its "
+        "app) the scope the CRM names, e.g. crm.objects.contacts.read"
+    ) in description
+    assert "unavailable" not in description and world.token not in description
+
+
+def test_e_a_refused_read_is_its_own_kind_while_an_outage_stays_unavailable(world, crm_client):
+    """The sensor's look at the CRM (its high-water mark): a 4xx is SourceReadFailed with what
+    to fix; a CRM that keeps answering 503 is still SourceUnavailable, to rerun."""
+    source = CrmObjectsSource(crm_client, ERP_CRM_CONTACT_UPDATES.source)
+    set_faults(world.crm, world.token, refuse_reads=400)
+    with pytest.raises(SourceReadFailed, match="400 VALIDATION_ERROR") as refused:
+        source.high_water_mark()
+    assert "properties the flow reads, filters and sorts on exist for contacts" in (
+        refused.value.todo
+    )
+    set_faults(world.crm, world.token, outage_seconds=30)
+    with pytest.raises(SourceUnavailable, match="503"):
+        source.high_water_mark()
+    set_faults(world.crm, world.token)

@@ -10,6 +10,7 @@ answer (see `batch_upsert`). Errors never carry request headers.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -17,11 +18,13 @@ from datetime import UTC, datetime
 
 import requests
 
+from integrations.engine.masking import MASK, mask_email
 from integrations.http import ApiClient, ApiLimits, ApiUnavailable, SharedTokenBucket
 
 MAX_BATCH = 100  # HubSpot's limit for batch endpoints
 SEARCH_PAGE = 100
 SEARCH_WINDOW = 10_000  # HubSpot's search stops paging here (offsets page one instant only)
+_EMAIL = re.compile(r"[^@\s\"'<>(),;:]+@[^@\s\"'<>(),;:]+")
 
 
 class CrmError(Exception):
@@ -32,8 +35,29 @@ class CrmUnavailable(CrmError):
     """Could not reach the CRM, or it kept answering 429/5xx after every retry."""
 
 
-class CrmAuthError(CrmError):
+class CrmRefused(CrmError):
+    """The CRM answered, and refused: waiting and rerunning get the same answer. `todo` says
+    what cures it (without "then rerun")."""
+
+    todo = "fix what the CRM says"
+
+
+class CrmAuthError(CrmRefused):
     """The CRM refused the access token."""
+
+    todo = "check CRM_ACCESS_TOKEN: the CRM refused the token (revoked, expired, another account's)"
+
+
+class CrmReadRefused(CrmRefused):
+    """The CRM answered a read (a search, a list, a batch read) with a 4xx other than 429: a token
+    without the object type's read scope, a property or object type the CRM does not have. Not an
+    outage: a rerun gets the same answer. Its text is the CRM's status, category and message
+    (the token and any email address in it masked); `todo` is what to check for that status."""
+
+    def __init__(self, where: str, status: int, category: str, message: str, object_type: str):
+        self.status, self.category, self.message = status, category, message
+        self.todo = _what_cures(status, object_type)
+        super().__init__(f"{where}: the CRM refused the read: {status} {category}: {message}")
 
 
 class CrmRequestRejected(CrmError):
@@ -82,6 +106,7 @@ class CrmClient:
             log=log,
         )
         self.base_url = self.api.base_url
+        self._token = access_token  # masked out of the CRM's messages, should one quote it
 
     def close(self) -> None:
         self.api.close()
@@ -94,7 +119,10 @@ class CrmClient:
         json: object = None,
         params: dict | None = None,
         idempotency_key: str | None = None,
+        read_of: str | None = None,
     ) -> dict:
+        """The answer's JSON; `read_of` (an object type) marks a read, whose 4xx (but 401 and
+        429) is CrmReadRefused, not a refusal of the request's records."""
         where = f"{method} {path}"
         try:
             response = self.api.request(
@@ -107,6 +135,9 @@ class CrmClient:
             )
         except ApiUnavailable as error:
             raise CrmUnavailable(str(error)) from None
+        status = response.status_code
+        if read_of is not None and status != 401 and 400 <= status < 500:  # 401: the token's
+            raise self._read_refused(where, response, read_of)
         if response.status_code in (401, 403):
             raise CrmAuthError(
                 f"{where}: the CRM refused the access token ({response.status_code}); "
@@ -120,6 +151,29 @@ class CrmClient:
                 str(body.get("message", response.reason)),
             )
         return _json_or_empty(response)
+
+    def _read_refused(
+        self, where: str, response: requests.Response, object_type: str
+    ) -> CrmReadRefused:
+        """The CRM's own words for a refused read: its message, what its `errors` add (HubSpot
+        names a missing scope there), the token and email addresses masked, cut short."""
+        body = _json_or_empty(response)
+        details = [str(body.get("message") or response.reason)]
+        for error in body.get("errors") or []:
+            if not isinstance(error, dict):
+                continue
+            context = error.get("context") if isinstance(error.get("context"), dict) else {}
+            scopes = context.get("requiredGranularScopes") or context.get("requiredScopes")
+            details.append(str(error.get("message", "")))
+            if isinstance(scopes, list):
+                details.append(f"required scopes: {', '.join(map(str, scopes))}")
+        text = " ".join(detail for detail in details if detail)
+        text = _EMAIL.sub(
+            lambda found: mask_email(found[0]),
+            text.replace(self._token, MASK) if self._token else text,
+        )
+        category = str(body.get("category", "ERROR"))[:60]
+        return CrmReadRefused(where, response.status_code, category, text[:400], object_type)
 
     def batch_upsert(
         self, object_type: str, id_property: str, inputs: Sequence[dict[str, object]]
@@ -199,7 +253,9 @@ class CrmClient:
 
     def associated_ids(self, from_type: str, object_id: str, to_type: str) -> list[str]:
         answer = self._request(
-            "GET", f"/crm/v4/objects/{from_type}/{object_id}/associations/{to_type}"
+            "GET",
+            f"/crm/v4/objects/{from_type}/{object_id}/associations/{to_type}",
+            read_of=from_type,
         )
         return [str(item["toObjectId"]) for item in answer.get("results", [])]
 
@@ -232,6 +288,7 @@ class CrmClient:
                 "POST",
                 f"/crm/v3/objects/{object_type}/search",
                 json=_search_from(modified, floor_ms, properties, after),
+                read_of=object_type,
             )
             last_ms, at_last = floor_ms, set(served_at_floor)
             for item in page.get("results", []):
@@ -264,6 +321,7 @@ class CrmClient:
             "POST",
             f"/crm/v3/objects/{object_type}/batch/read",
             json={"properties": list(properties), "inputs": [{"id": str(i)} for i in ids]},
+            read_of=object_type,
         )
         return list(answer.get("results", []))
 
@@ -278,6 +336,7 @@ class CrmClient:
                 "properties": [modified],
                 "limit": 1,
             },
+            read_of=object_type,
         )
         results = answer.get("results") or []
         moment = _iso_ms(results[0]["properties"].get(modified)) if results else None
@@ -291,12 +350,34 @@ class CrmClient:
         if properties:
             params["properties"] = ",".join(properties)
         while True:
-            page = self._request("GET", f"/crm/v3/objects/{object_type}", params=params)
+            page = self._request(
+                "GET", f"/crm/v3/objects/{object_type}", params=params, read_of=object_type
+            )
             yield from page.get("results", [])
             after = page.get("paging", {}).get("next", {}).get("after")
             if not after:
                 return
             params["after"] = after
+
+
+def _what_cures(status: int, object_type: str) -> str:
+    """What to check when the CRM refuses a read with `status`."""
+    if status == 403:
+        return (
+            f"give the CRM token (CRM_ACCESS_TOKEN, its app) the scope the CRM names, e.g. "
+            f"crm.objects.{object_type}.read, or use a token that has it"
+        )
+    if status == 400:
+        return (
+            f"check that the properties the flow reads, filters and sorts on exist for "
+            f"{object_type} in the CRM (its property settings), and their names"
+        )
+    if status == 404:
+        return (
+            f"check that CRM_BASE_URL is the CRM's API root and that the CRM has {object_type} "
+            "(an object type or a path it does not know)"
+        )
+    return "fix what the CRM says about the request"
 
 
 def _json_or_empty(response: requests.Response) -> dict:

@@ -11,10 +11,12 @@ from integrations.crm.client import (
     BatchAnswer,
     CrmAuthError,
     CrmClient,
+    CrmReadRefused,
     CrmRequestRejected,
     CrmUnavailable,
 )
 from integrations.engine.destination import (
+    DestinationMismatch,
     DestinationUnavailable,
     OutboundRecord,
     RecordsRejected,
@@ -185,6 +187,8 @@ class CrmObjects:
             for item in self.client.list_objects(self.object_type, [self.id_property, *fields]):
                 properties = item.get("properties", {})
                 yield str(properties.get(self.id_property) or ""), str(item["id"]), properties
+        except CrmReadRefused as error:  # a scope or a property missing: waiting will not help
+            raise DestinationMismatch(f"{error}. What to do: {error.todo}, then rerun") from error
         except (CrmUnavailable, CrmAuthError) as error:
             raise DestinationUnavailable(str(error)) from error
 

@@ -15,7 +15,11 @@ API's routes only (never to `/_sandbox/`), in this order, as a gateway in front 
    multi-status (207) shape; which inputs is decided by their id, so it stays the same on a
    retry or a rerun (as a CRM-side validation rule would);
 6. `drop_rate`: that share of requests processed, then their connection closed without an
-   answer (the client cannot know the write happened: what idempotency keys are for).
+   answer (the client cannot know the write happened: what idempotency keys are for);
+7. `refuse_reads`: every read of CRM objects (a list, a get, a search, a batch read) answered
+   with this 4xx status, after the token is checked, in HubSpot's shape for it: 403
+   MISSING_SCOPES (a token without the object type's read scope), 400 VALIDATION_ERROR (a search
+   naming a property the CRM does not have), 404 OBJECT_NOT_FOUND (0: off). Writes go through.
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
+from http import HTTPStatus
 
 SERVER_ERRORS = (500, 502, 503)
+# What `refuse_reads` may answer: a client error HTTP names, but the 429 of the rate limit.
+REFUSALS = frozenset(status.value for status in HTTPStatus if 400 <= status < 500) - {429}
 
 
 @dataclass
@@ -43,7 +50,15 @@ class Faults:
     drop_rate: float = 0.0
     outage_seconds: float = 0.0
     outage_after_requests: int = 0
+    refuse_reads: int = 0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.refuse_reads and self.refuse_reads not in REFUSALS:
+            raise ValueError(
+                f"refuse_reads must be a 4xx status other than 429 (or 0: off), got "
+                f"{self.refuse_reads}"
+            )
 
     @classmethod
     def from_json(cls, body: dict, base: Faults | None = None) -> Faults:
@@ -145,6 +160,13 @@ class FaultInjector:
             with self.lock:
                 self.counts["rejected_inputs"] += 1
         return refused
+
+    def refuses_read(self) -> int:
+        """The 4xx status every read of CRM objects is answered with now (0: none)."""
+        status = self.faults.refuse_reads
+        if status:
+            self.count("refused_reads")
+        return status
 
     def count(self, name: str) -> None:
         with self.lock:

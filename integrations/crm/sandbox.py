@@ -599,6 +599,43 @@ def _refusal(position: int, item: dict) -> dict[str, object]:
     }
 
 
+def _read_refused(status: int, path: str) -> ApiError:
+    """HubSpot's answer to a read it refuses: a token without the object type's read scope
+    (403, the scope named in `errors`), a search naming a property the object type does not have
+    (400), or another 4xx; `path` is a /crm/v3|v4/objects/<type>/... path."""
+    parts = path.split("/")
+    object_type = parts[4] if len(parts) > 4 else "objects"
+    if status == 403:
+        return ApiError(
+            403,
+            "MISSING_SCOPES",
+            "This app hasn't been granted all required scopes to make this call. Read more "
+            "about required scopes here: https://developers.hubspot.com/scopes.",
+            errors=[
+                {
+                    "message": "One or more of the following scopes are required.",
+                    "context": {"requiredGranularScopes": [f"crm.objects.{object_type}.read"]},
+                }
+            ],
+            links={"scopes": "https://developers.hubspot.com/scopes"},
+        )
+    if status == 400:
+        return ApiError(
+            400,
+            "VALIDATION_ERROR",
+            "There was a problem with the request.",
+            errors=[
+                {
+                    "message": f"A property named in the request does not exist for "
+                    f"{object_type} (injected by the sandbox)",
+                    "code": "PROPERTY_DOESNT_EXIST",
+                }
+            ],
+        )
+    category = "OBJECT_NOT_FOUND" if status == 404 else "ERROR"
+    return ApiError(status, category, f"{HTTPStatus(status).phrase} (injected by the sandbox)")
+
+
 def _sort_key(value: object, name: str, modified: str):
     if name in (modified, "createdate") and value:
         return _to_ms(value)
@@ -670,6 +707,8 @@ class SandboxHandler(BaseHTTPRequestHandler):
         headers: dict[str, str] = {}
         try:
             self._authorise()
+            if not url.path.startswith("/_sandbox/"):
+                self._refuse_read(method, url.path)
             status, body = self._once(method, url, query, raw, headers)
         except ApiError as error:
             status, body = error.status, error.body()
@@ -734,6 +773,14 @@ class SandboxHandler(BaseHTTPRequestHandler):
                 "INVALID_AUTHENTICATION",
                 "Authentication credentials not found or invalid. Send 'Authorization: Bearer <token>'.",
             )
+
+    def _refuse_read(self, method: str, path: str) -> None:
+        """A read of CRM objects (a list, a get, a search, a batch read) answered with the
+        faults' `refuse_reads` status, once the token is checked, as HubSpot answers it."""
+        path = path.rstrip("/")
+        reads = method == "GET" or path.endswith(("/search", "/batch/read"))
+        if path.startswith("/crm/") and reads and (status := self.server.faults.refuses_read()):
+            raise _read_refused(status, path)
 
     def _route(self, method: str, path: str, query: dict, raw: bytes) -> tuple[int, dict | None]:
         store = self.server.store

@@ -17,8 +17,14 @@ from itertools import islice
 
 import pandas as pd
 
-from integrations.crm.client import MAX_BATCH, CrmClient, CrmError, last_modified_property
-from integrations.engine.source import SourceUnavailable
+from integrations.crm.client import (
+    MAX_BATCH,
+    CrmClient,
+    CrmError,
+    CrmRefused,
+    last_modified_property,
+)
+from integrations.engine.source import SourceReadFailed, SourceUnavailable
 from integrations.engine.spec import SourceTable
 
 KEY = "hs_object_id"
@@ -81,7 +87,7 @@ class CrmObjectsSource:
                 frame[self.modified] = frame[self.modified].dt.tz_localize(None)
                 yield frame
         except CrmError as error:
-            raise SourceUnavailable(f"CRM {self.spec.table}: {error}") from error
+            raise _read_failed(self.spec.table, error) from error
 
     def batches(
         self, since: datetime | None, batch_size: int, within: object | None = None
@@ -113,5 +119,14 @@ class CrmObjectsSource:
         try:
             newest = self.client.newest_modification(self.spec.table)
         except CrmError as error:
-            raise SourceUnavailable(f"CRM {self.spec.table}: {error}") from error
+            raise _read_failed(self.spec.table, error) from error
         return None if newest is None else newest.replace(tzinfo=None)
+
+
+def _read_failed(object_type: str, error: CrmError) -> Exception:
+    """A CRM that answered and refused the read (a 4xx: a scope missing, a property unknown, the
+    token refused) as SourceReadFailed, saying what to fix: a rerun gets the same answer. Not
+    reached, or 429/5xx after every retry: SourceUnavailable, rerun when it answers."""
+    if isinstance(error, CrmRefused):
+        return SourceReadFailed(f"CRM {object_type}: {error}", error.todo)
+    return SourceUnavailable(f"CRM {object_type}: {error}")

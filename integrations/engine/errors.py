@@ -52,6 +52,12 @@ class FlowHeld(SyncError):
     (a retry now would wait again, holding its Dagster run)."""
 
 
+class SourceRefusedRead(SyncError):
+    """The source answered and refused the read (a database's error on a row, an API's 4xx: a
+    scope missing, a property unknown): the same run again gets the same answer, so it is not
+    retried; what to do names what to fix first."""
+
+
 class ArchiveGuardTripped(SyncError):
     """The run would archive too much; `plan` lists the archives it would have made."""
 

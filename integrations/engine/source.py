@@ -19,18 +19,26 @@ class SourceUnavailable(Exception):
     """The source could not be read (an API that is down, its circuit open); nothing was lost."""
 
 
-class SourceReadFailed(Exception):
-    """The source answered but refused a read (a view's cast or a computed column failing on one
-    row, a column changed, a permission taken away): a rerun alone does not cure it. Its text
-    names the table and the driver's complaint, without the SQL, its parameters or the values
-    the driver quotes."""
-
-
-# What to do about a SourceReadFailed, before "then rerun …".
+# What to do about a database's SourceReadFailed, before "then rerun …".
 FIX_THE_SOURCE = (
     "fix what the database says in the source (a view or computed column failing on a row's "
     "value, a column changed, a grant missing)"
 )
+
+
+class SourceReadFailed(Exception):
+    """The source answered but refused a read (a view's cast or a computed column failing on one
+    row, a column changed, a permission taken away; an API's 4xx): a rerun alone does not cure
+    it. Its text names the table and the source's complaint, without the SQL, its parameters or
+    the values it quotes; `todo` is what cures it, before "then rerun" (a database's by
+    default)."""
+
+    def __init__(self, message: str, todo: str = FIX_THE_SOURCE):
+        super().__init__(message)
+        self.todo = todo
+
+    def __reduce__(self):
+        return type(self), (str(self), self.todo)
 
 
 class Source(Protocol):

@@ -47,7 +47,7 @@ from integrations.engine.destination import (
     correlation_id,
 )
 from integrations.engine.echoes import echoes
-from integrations.engine.errors import ArchiveGuardTripped, FlowHeld, SyncError
+from integrations.engine.errors import ArchiveGuardTripped, FlowHeld, SourceRefusedRead, SyncError
 from integrations.engine.first_sync import FirstSync
 from integrations.engine.hashing import canonical_json, content_hash
 from integrations.engine.ids import (
@@ -60,7 +60,6 @@ from integrations.engine.ids import (
 from integrations.engine.masking import mask_record, mask_value, scrub
 from integrations.engine.source import (
     FAR_FUTURE,
-    FIX_THE_SOURCE,
     Source,
     SourceReadFailed,
     SourceUnavailable,
@@ -883,10 +882,10 @@ class Sync(ErrorBudget, DestinationIds):
                 "resumes from the watermark)",
             ) from error
         except SourceReadFailed as error:
-            raise SyncError(
+            raise SourceRefusedRead(
                 self.spec.name,
                 str(error),
-                f"a rerun alone will not cure it: {FIX_THE_SOURCE}, then rerun; every batch "
+                f"a rerun alone will not cure it: {error.todo}, then rerun; every batch "
                 "before it is committed, and the rerun resumes from the watermark",
             ) from error
 
