@@ -325,6 +325,41 @@ def test_invoice_dates_sqlite_cannot_read_are_dead_lettered_not_fatal(world, sta
     assert all("InvoiceDate is not a date and time" in letter.reason for letter in letters)
 
 
+def test_invoice_dates_sqlite_reads_as_no_date_are_read_by_every_day(world, state):
+    """SQLite keeps any text in the ERP's DATE column too: an invoice dated '15/01/2025' (typed by
+    hand, loaded from a spreadsheet), or 20250115 (a number), sorted before every day's bounds, so
+    no partition's run read it. The first was never synced though its contract takes it, and
+    reconciliation took it for dated before the first partition; the second was never
+    dead-lettered. As with a DATETIME, each day's run reads them: one lands, the other is
+    dead-lettered."""
+    spelled, number = [
+        row[0]
+        for row in query(
+            world.erp_url,
+            "SELECT invoice_number FROM invoices WHERE invoice_date BETWEEN '2025-01-01' AND "
+            "'2025-01-31' ORDER BY invoice_number LIMIT 2",
+        )
+    ]
+    engine = create_engine(world.erp_url)
+    with engine.begin() as connection:
+        for invoice, day in ((spelled, "15/01/2025"), (number, 20250115)):
+            connection.execute(
+                sa.text("UPDATE invoices SET invoice_date = :day WHERE invoice_number = :n"),
+                {"day": day, "n": invoice},
+            )
+    engine.dispose()
+    finance = f"sqlite:///{world.home / 'finance.sqlite'}"
+    with dg.instance_for_test() as instance:
+        counts = materialize(FINANCE_INVOICES, instance, tags=JANUARY)
+        assert counts["rejected"] == 1
+        (letter,) = state.list_dead_letters(FINANCE_INVOICES.name)
+        assert letter.payload["invoice_number"] == number and "invoice_date" in letter.reason
+        landed = "SELECT invoice_date FROM invoices WHERE invoice_number = :n"
+        assert [str(day)[:10] for (day,) in query(finance, landed, n=spelled)] == ["2025-01-15"]
+        again = materialize(FINANCE_INVOICES, instance, partition_key="2025-02-01")
+        assert again["held"] == 1, "a day of February reads them too"
+
+
 def change_invoices(erp_url: str, changes: dict[str, dict[str, object]]) -> None:
     """Edit invoices by number, now (their change cursor moves to the present)."""
     engine = create_engine(erp_url)

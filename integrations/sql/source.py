@@ -207,11 +207,12 @@ class SqlSource:
         target = self.table.c[column]
         undated = sa.or_(self._no_date(target), sa.not_(self._within_python(target)))
         compared, bounds = target, [start, end]
-        if isinstance(target.type, sa.DateTime) and self.engine.dialect.name == "sqlite":
-            # SQLite keeps timestamps as text, written by whoever filled the file ("2021-01-01
-            # 00:00:00" in Chinook, with microseconds by SQLAlchemy): compare them normalised.
-            # Text SQLite reads as no time ("2021-01-32", a number) has no date either: each
-            # window's run reads it, for the contract to dead-letter (it was read by none).
+        if isinstance(target.type, sa.Date | sa.DateTime) and self.engine.dialect.name == "sqlite":
+            # SQLite keeps dates and timestamps as text, written by whoever filled the file
+            # ("2021-01-01 00:00:00" in Chinook, with microseconds by SQLAlchemy): compare them
+            # normalised. Text SQLite reads as no time ("2021-01-32", "15/01/2025", a number)
+            # has no date either: each window's run reads it, for the contract to dead-letter
+            # (it was read by none).
             compared = sa.func.datetime(target)
             undated = compared.is_(None)
             bounds = [b and _sqlite_text(b) for b in bounds]
