@@ -3,6 +3,7 @@ database on SQLite, PostgreSQL and MariaDB, through Dagster."""
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import date, timedelta
 
@@ -433,6 +434,39 @@ def test_an_invoice_changed_after_its_day_ran_is_synced_by_a_run_of_its_day(any_
     ]
     archived = "SELECT archived_at IS NOT NULL FROM invoices WHERE invoice_number = :n"
     assert query(finance, archived, n=voided) == [(1,)]
+
+
+def test_an_invoice_dated_past_its_months_end_stops_no_sensor_tick(world, state):
+    """SQLite's date() keeps '2025-02-30' as written: the changed-days sensor read it as a day,
+    and failed on every tick ("day is out of range for month") while the change was in its
+    lookback, requesting no changed day at all. Such a date is no day: the tick requests the
+    others, and each day's run reads the invoice and dead-letters it."""
+    sensor = defs.resolve_sensor_def(f"{FINANCE_INVOICES.name}_changed_days")
+    context = functools.partial(dg.build_sensor_context, resources=resources(), definitions=defs)
+    (impossible, changed, changed_on) = query(
+        world.erp_url,
+        "SELECT a.invoice_number, b.invoice_number, b.invoice_date FROM invoices a, invoices b "
+        "WHERE a.invoice_date = '2025-01-10' AND b.invoice_date = '2025-01-20' LIMIT 1",
+    )[0]
+    with dg.instance_for_test() as instance:
+        materialize(FINANCE_INVOICES, instance, tags=JANUARY)
+        idle = sensor(context(instance=instance))
+        change_invoices(world.erp_url, {impossible: {}, changed: {"status": "void"}})
+        engine = create_engine(world.erp_url)
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text(
+                    "UPDATE invoices SET invoice_date = '2025-02-30' WHERE invoice_number = :n"
+                ),
+                {"n": impossible},
+            )
+        engine.dispose()
+        ticked = sensor(context(instance=instance, cursor=idle.cursor))
+        assert [request.partition_key for request in ticked.run_requests] == [str(changed_on)[:10]]
+        counts = materialize(FINANCE_INVOICES, instance, partition_key="2025-01-20")
+    assert counts["rejected"] == 1
+    (letter,) = state.list_dead_letters(FINANCE_INVOICES.name)
+    assert letter.payload["invoice_number"] == impossible and "invoice_date" in letter.reason
 
 
 def test_a_mass_edit_is_requested_a_month_of_days_per_tick_the_most_recent_first(world):

@@ -242,6 +242,20 @@ def test_the_newest_sqlite_cursor_is_the_latest_time_whatever_its_text(tmp_path)
     engine.dispose()
 
 
+def test_a_sqlite_time_past_its_months_end_is_no_mark(tmp_path):
+    """SQLite reads '2025-01-31 25:00' as no time, but '2025-02-30 10:00' as written, which
+    Python holds no time for: newest, it failed the sensors' every tick ("day is out of range
+    for month"). It is no mark, as other text that is no time."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'lines.sqlite'}")
+    source_lines(engine, [datetime(2025, 1, 2, 9), None])
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "UPDATE source_lines SET updated_at = '2025-02-30 10:00:00' WHERE id = 2"
+        )
+    assert SqlSource(engine, SOURCE).high_water_mark() == datetime(2025, 1, 2, 9)
+    engine.dispose()
+
+
 def test_a_record_renumbered_leaves_no_row_behind(sql_database, state):
     """A record written under another destination id than before (an invoice renumbered:
     same source row, new invoice number) left its old row live: counted twice in every total,
