@@ -893,6 +893,36 @@ def test_mariadb_zero_dates_in_the_cursor_and_soft_delete_are_no_date(mariadb_da
     engine.dispose()
 
 
+@pytest.mark.mariadb
+def test_a_mariadb_partial_business_date_is_the_day_whose_window_reads_it(mariadb_database):
+    """A legacy table's partial dates ('2025-03-00', '2025-00-00') came to changed-days as text
+    no day is read from: the sensor failed on every tick ("day is out of range for month")
+    while such a row's change was in its lookback. MariaDB sorts one after the last day before
+    it, and that day's window reads it: it is the day changed-days names."""
+    engine = create_engine(mariadb_database())
+    with engine.begin() as connection:
+        connection.exec_driver_sql("SET SESSION sql_mode = ''")
+        connection.exec_driver_sql(
+            "CREATE TABLE source_lines (id INTEGER PRIMARY KEY, booked_on DATE NOT NULL, "
+            "updated_at DATETIME(6) NOT NULL, deleted_at DATETIME NULL)"
+        )
+        connection.exec_driver_sql(
+            "INSERT INTO source_lines VALUES (1, '2025-03-00', '2025-03-05 10:00', NULL), "
+            "(2, '2025-00-00', '2025-03-05 11:00', NULL), (3, '2025-03-01', '2025-03-05', NULL)"
+        )
+    source = SqlSource(engine, SOURCE)
+    days = source.changed_days(datetime(2025, 3, 1), "booked_on")
+    assert days == [date(2024, 12, 31), date(2025, 2, 28), date(2025, 3, 1)]
+
+    def read_on(day: date) -> list[int]:
+        start = datetime.combine(day, datetime.min.time())
+        within = source.in_window("booked_on", start, start + timedelta(days=1))
+        return [n for frame in source.batches(None, 10, within) for n in frame["id"]]
+
+    assert [read_on(day) for day in days] == [[2], [1], [3]]
+    engine.dispose()
+
+
 def test_sqlite_text_that_is_not_utf8_is_the_rows_dead_letter(tmp_path, state):
     """A memo another program wrote in Latin-1 failed every run as "source unavailable",
     quoting the text (PII) in the failure. The row is dead-lettered, saying why without its

@@ -526,11 +526,19 @@ class SqlSource:
 
 
 def _a_date(value: object) -> date:
+    """The day the database gave, as a date or as text. A MariaDB partial date ('2025-03-00',
+    '2025-00-00', a legacy schema's) has no day of its own: it is the day MariaDB sorts it
+    after, whose window reads it (read as a day, it failed the sensor's every tick)."""
     if isinstance(value, datetime):
         return value.date()
     if isinstance(value, date):
         return value
-    return date.fromisoformat(str(value)[:10])
+    year, month, day = map(int, str(value)[:10].split("-"))
+    if month == 0:
+        return date(year - 1, 12, 31)
+    if day == 0:
+        return date(year, month, 1) - timedelta(days=1)
+    return date(year, month, day)
 
 
 class _LenientTimes(sa.types.TypeDecorator):
