@@ -740,6 +740,29 @@ def test_a_holder_keyed_by_a_sqlite_column_without_a_type_is_found(tmp_path, sta
     engine.dispose()
 
 
+def test_keys_of_numbers_and_text_at_one_time_make_a_watermark(tmp_path, state):
+    """A SQLite key column without a type holds numbers beside text (1, 2, 'A1'); stamped at
+    one time (a bulk update), the watermark's key was compared across the two, and every run
+    after the first failed with a TypeError naming no flow. SQLite orders numbers before text;
+    so does the watermark."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'lines.sqlite'}")
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "CREATE TABLE source_lines (id PRIMARY KEY, line_number TEXT, amount REAL, "
+            "booked_on TEXT, memo TEXT, updated_at TIMESTAMP, deleted_at TIMESTAMP)"
+        )
+        for key in (1, 2, "A1"):
+            connection.exec_driver_sql(
+                "INSERT INTO source_lines VALUES (?, ?, 1, '2025-01-02', 'x', "
+                "'2025-01-02 10:00:00', NULL)",
+                (key, f"L{key}"),
+            )
+    assert run(engine, state).written == 3
+    assert run(engine, state).counts["unchanged"] == 3
+    assert state.watermark(SPEC.name) == Watermark(datetime(2025, 1, 2, 10), "A1")
+    engine.dispose()
+
+
 def test_a_replay_of_a_record_deleted_since_archives_it_not_revives_it(sql_database, state):
     """A synced record whose change was dead-lettered, then deleted from the source (no soft
     delete): replay wrote its stored payload, live again. Its letter closes as gone, and its

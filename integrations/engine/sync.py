@@ -318,6 +318,12 @@ def _json_key(key: object) -> object:
     return key if isinstance(key, int | float | str) else str(key)
 
 
+def _in_order(watermark: Watermark) -> tuple[datetime, bool, object]:
+    """A watermark as the source orders its rows: by time, then key, numbers before text (a
+    SQLite column without a type holds both; compared, they failed every run after the first)."""
+    return watermark.updated_at, isinstance(watermark.key, str), watermark.key
+
+
 def _json_ready(frame: pd.DataFrame) -> list[dict[str, object]]:
     """Rows as plain dicts (Python scalars, None for nulls, ISO text for dates and timestamps,
     exact text for decimals), converted column by column."""
@@ -1499,7 +1505,7 @@ class Sync(ErrorBudget, DestinationIds):
                 )
             moment = now
         watermark = Watermark(moment, _json_key(key))
-        if before and (watermark.updated_at, watermark.key) < (before.updated_at, before.key):
+        if before and _in_order(watermark) < _in_order(before):
             return before  # a lookback batch never moves the watermark back
         return watermark
 
