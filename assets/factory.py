@@ -211,8 +211,9 @@ def _failure(
         )
     if isinstance(error, ErrorBudgetExceeded | ErrorBudgetTripStands):
         metadata["error_budget_trip"] = dg.MetadataValue.json(_trip_metadata(error.trip))
-    # A retry won't do (a refused read is refused again); one of a run that gave up waiting for the flow would wait again, holding
-    # its Dagster run (and its pool's run slot): what it was to sync is requested once it is free.
+    # A retry won't do (a refused read is refused again); one of a run that gave up waiting for
+    # the flow would wait again, holding its Dagster run (and its pool's run slot): what it was
+    # to sync is requested once it is free.
     stops = (
         ErrorBudgetExceeded
         | ErrorBudgetTripStands
