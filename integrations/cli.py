@@ -500,14 +500,20 @@ def cmd_dlq_discard(args: argparse.Namespace) -> int:
     if not letters:
         print("no open dead letters match; nothing discarded")
         return 0
-    settled = store.discard_dead_letters(
+    discarded = store.discard_dead_letters(
         letters,
         actor=_actor("dlq discard"),
         why=args.reason,
         run_id=f"discard-{uuid.uuid4().hex[:12]}",
     )
-    print(f"discarded {len(letters)} dead letters (audited, reason: {args.reason})")
-    for trip in settled:
+    print(f"discarded {len(discarded.letters)} dead letters (audited, reason: {args.reason})")
+    if len(discarded.letters) < len(letters):  # a replay or a run closed them meanwhile
+        closed = sorted({letter.id for letter in letters} - {d.id for d in discarded.letters})
+        print(
+            f"{len(closed)} closed meanwhile (by a replay, a run or another discard), left as "
+            f"they are: ids {', '.join(map(str, closed))} (`handoff dlq show ID` tells how)"
+        )
+    for trip in discarded.settled:
         print(
             f"{trip.flow}: none of the dead letters of the error budget's trip of run "
             f"{trip.run_id} is open any more: the trip is cleared, runs go on"

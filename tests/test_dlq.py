@@ -553,12 +553,12 @@ def test_a_discard_of_two_flows_beside_a_commit_is_no_deadlock(postgres_database
         )
     letters = store.list_dead_letters()
     committing = threading.Event()
-    resolve, append = StateStore._resolve, StateStore._append_audit
+    close, append = StateStore._discard, StateStore._append_audit
 
-    def resolving(connection, flow, keys, now, resolution):
+    def closing(connection, flow, ids, now):
         if threading.current_thread().name == "discard" and flow == "flow_b":
             committing.wait(10)  # the commit of flow_b holds its letter now
-        return resolve(connection, flow, keys, now, resolution)
+        return close(connection, flow, ids, now)
 
     def appending(connection, **entry):
         if threading.current_thread().name == "commit":
@@ -566,7 +566,7 @@ def test_a_discard_of_two_flows_beside_a_commit_is_no_deadlock(postgres_database
             time.sleep(0.5)
         return append(connection, **entry)
 
-    monkeypatch.setattr(StateStore, "_resolve", staticmethod(resolving))
+    monkeypatch.setattr(StateStore, "_discard", staticmethod(closing))
     monkeypatch.setattr(StateStore, "_append_audit", staticmethod(appending))
     discarding, committer = StateStore(url, dlq_key=DLQ_KEY), StateStore(url, dlq_key=DLQ_KEY)
     failures = []
@@ -712,3 +712,91 @@ def test_an_age_or_id_no_letter_can_have_is_refused_in_one_line(world, capsys, c
         main(["dlq", *command])
     assert refused.value.code == 2
     assert said in capsys.readouterr().err
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def shared_state_url(request, tmp_path):
+    """A state store that two processes (here two engines, each its own connection) share."""
+    if request.param == "postgres":
+        return request.getfixturevalue("postgres_database")()
+    return f"sqlite:///{tmp_path / 'state.sqlite'}"
+
+
+def test_a_discard_racing_a_replay_that_closed_the_letter_audits_no_discard(
+    shared_state_url, monkeypatch, capsys
+):
+    """`handoff dlq discard` chose a letter while a replay's commit, closing it, was under way;
+    its update then found the letter closed (it waited for the replay's row lock), yet the
+    discard was audited for it all the same: the trail said a record that landed was thrown
+    away. Here the replay's commit is held open until the discard waits behind it."""
+    store = StateStore(shared_state_url, dlq_key=DLQ_KEY)
+    letter = DeadLetter("people", "42", "contract", "bad email", {}, content_hash="h")
+    store.commit_batch(BatchCommit("people", "r1", dead_letters=[letter]))
+    (letter,) = store.list_dead_letters("people")
+    replaying = StateStore(shared_state_url, dlq_key=DLQ_KEY)
+    committing, release, updating = threading.Event(), threading.Event(), threading.Event()
+
+    @sa.event.listens_for(replaying.engine, "commit")
+    def _held_open(_connection):  # before the database commits: the letter's row stays locked
+        committing.set()
+        release.wait(30)
+
+    def _updating(_connection, _cursor, statement, *_args):
+        if threading.current_thread().name == "discard" and statement.startswith("UPDATE"):
+            updating.set()
+
+    replay = BatchCommit(
+        "people",
+        "replay-1",
+        synced={"42": LedgerEntry("h2", "d42", False)},
+        resolution="replayed",
+        audit_records=[state_module.AuditRecord("people", "42", "replay", "replay-1:42")],
+    )
+    audit = {"actor": "ops", "action": "replay", "why": "replay", "detail": {}}
+    monkeypatch.setenv("HANDOFF_STATE_URL", shared_state_url)
+    said: list[int] = []
+    threads = [
+        threading.Thread(target=lambda: replaying.commit_batch(replay, audit), name="replay"),
+        threading.Thread(
+            target=lambda: said.append(
+                main(["dlq", "discard", "--id", str(letter.id), "--reason", "customer left"])
+            ),
+            name="discard",
+        ),
+    ]
+    sa.event.listen(sa.engine.Engine, "before_cursor_execute", _updating)
+    try:
+        threads[0].start()
+        assert committing.wait(10), "the replay reached its commit"
+        threads[1].start()  # lists the letter open (the replay has not committed), then waits
+        assert updating.wait(10), "the discard reached its update"
+        if store.engine.dialect.name == "postgresql":
+            waiting = sa.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock' AND query LIKE 'UPDATE dead_letters%'"
+            )
+            deadline = time.monotonic() + 10
+            with store.engine.connect() as connection:
+                while not connection.execute(waiting).scalar():
+                    assert time.monotonic() < deadline, "the discard waits for the replay's row"
+                    time.sleep(0.05)
+                    connection.rollback()
+        else:
+            time.sleep(0.5)  # in SQLite's busy wait for the replay's write lock
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(30)
+        sa.event.remove(sa.engine.Engine, "before_cursor_execute", _updating)
+    assert store.get_dead_letter(letter.id).resolution == "replayed"
+    assert [entry["action"] for entry in store.audit_entries("people")] == ["replay"]
+    assert [told["action"] for told in store.record_history("42", "people")] == ["replay"]
+    assert store.verify_audit().intact
+    out = capsys.readouterr().out
+    assert said == [0] and "discarded 0 dead letters" in out
+    assert (
+        "1 closed meanwhile (by a replay, a run or another discard), left as they are: "
+        f"ids {letter.id}" in out
+    )
+    for opened in (store, replaying):
+        opened.dispose()

@@ -407,6 +407,14 @@ class BudgetTrip:
         return self.failed / self.seen if self.seen else 0.0
 
 
+class Discarded(NamedTuple):
+    """What a discard did: the letters it closed (those still open when it came to them), and
+    the error-budget trips that closing them settled."""
+
+    letters: list[DeadLetter]
+    settled: list[BudgetTrip]
+
+
 @dataclass(frozen=True)
 class StoppedWindow:
     """A window [start, end) of a partitioned flow whose run stopped: `refused` at its start
@@ -1384,44 +1392,70 @@ class StateStore:
 
     def discard_dead_letters(
         self, letters: Sequence[DeadLetter], *, actor: str, why: str, run_id: str
-    ) -> list[BudgetTrip]:
-        """Close dead letters without syncing them; the audit trail keeps who and why. One
-        transaction per flow, which resolves its letters before it takes the audit trail's lock,
-        as a batch's commit does: with two flows in one, a commit of the second flow between
-        them was a deadlock. Returns the error-budget trips the discard settled."""
+    ) -> Discarded:
+        """Close dead letters without syncing them; the audit trail keeps who and why. A letter
+        is discarded only if it is still open when its row is locked: one a replay or a run
+        closed since it was chosen (it landed) is left as it is, and not audited as discarded.
+        One transaction per flow, which resolves its letters before it takes the audit trail's
+        lock, as a batch's commit does: with two flows in one, a commit of the second flow
+        between them was a deadlock. Returns the letters discarded and the error-budget trips
+        the discard settled."""
         now = utcnow()
+        discarded: list[DeadLetter] = []
         settled: list[BudgetTrip] = []
         for flow in sorted({letter.flow for letter in letters}):
+            chosen = [letter for letter in letters if letter.flow == flow]
             with self.engine.begin() as connection:
-                keys = [letter.record_key for letter in letters if letter.flow == flow]
-                self._resolve(connection, flow, keys, now, "discarded")
-                records = [
-                    AuditRecord(
-                        flow,
-                        letter.record_key,
-                        "discard",
-                        letter.correlation_id or f"{run_id}:{flow}:{letter.record_key}",
-                        {"reason": letter.reason, "kind": letter.reason_kind},
+                closed = self._discard(connection, flow, [letter.id for letter in chosen], now)
+                chosen = [letter for letter in chosen if letter.id in closed]
+                if chosen:
+                    self._append_audit(
+                        connection,
+                        now=now,
+                        actor=actor,
+                        action="discard",
+                        why=why,
+                        detail={"discarded": len(chosen)},
+                        run_id=run_id,
+                        flow=flow,
+                        records=[
+                            AuditRecord(
+                                flow,
+                                letter.record_key,
+                                "discard",
+                                letter.correlation_id or f"{run_id}:{flow}:{letter.record_key}",
+                                {"reason": letter.reason, "kind": letter.reason_kind},
+                            )
+                            for letter in chosen
+                        ],
                     )
-                    for letter in letters
-                    if letter.flow == flow
-                ]
-                self._append_audit(
-                    connection,
-                    now=now,
-                    actor=actor,
-                    action="discard",
-                    why=why,
-                    detail={"discarded": len(records)},
-                    run_id=run_id,
-                    flow=flow,
-                    records=records,
-                )
+            discarded += chosen
             # Its own transaction, after: a trip left standing is settled by the next run's start.
             trip = self.settle_budget_trip(flow, actor=actor, why=why, run_id=run_id)
             if trip is not None and trip.resolution:
                 settled.append(trip)
-        return settled
+        return Discarded(discarded, settled)
+
+    @staticmethod
+    def _discard(connection, flow: str, ids: Sequence[int | None], now: datetime) -> set[int]:
+        """Close the flow's letters of these ids that are still open; the ids closed. The update
+        locks each row and judges it as committed (a replay's commit that closed it under way is
+        waited for), so the caller audits exactly the letters this discard closed."""
+        dialect, closed = connection.dialect.name, set()
+        for chunk in _chunks(sorted({i for i in ids if i is not None}), dialect):
+            closed.update(
+                connection.execute(
+                    sa.update(dead_letters)
+                    .where(
+                        dead_letters.c.flow == flow,
+                        _among(dead_letters.c.id, chunk, dialect),
+                        dead_letters.c.resolved_at.is_(None),
+                    )
+                    .values(resolved_at=now, resolution="discarded")
+                    .returning(dead_letters.c.id)
+                ).scalars()
+            )
+        return closed
 
     @staticmethod
     def _append_audit(
