@@ -7,6 +7,8 @@ stopped window (`refused`), as the refused run would have kept it: a daily-parti
 day, an unpartitioned flow's sync (SINCE_WATERMARK). The stopped-windows sensor requests it once
 the trip clears, not the next tick (an hour on, or a day for a flow synced daily)."""
 
+from collections import defaultdict
+from collections.abc import Sequence
 from datetime import datetime
 
 import dagster as dg
@@ -24,6 +26,27 @@ RECONCILIATION_CRON = "30 3 * * *"
 def pool_tags(spec: FlowSpec) -> dict[str, str]:
     """`handoff/pool` on scheduled and sensed runs: deploy/dagster.yaml limits runs per pool."""
     return {"handoff/pool": spec.pool} if spec.pool else {}
+
+
+def runs_per_pool(
+    run_key: str, specs: Sequence[FlowSpec], tags: dict[str, str]
+) -> list[dg.RunRequest]:
+    """A sensor's syncs of `specs`, one run per pool: a run's `handoff/pool` tag holds one pool,
+    and the production instance lets one run per pool go at a time. A run of two pools' flows,
+    tagged with one, waited behind that pool's runs while it wrote through the other beside
+    them. `run_key` stays as it is where the flows share a pool."""
+    groups: dict[str | None, list[FlowSpec]] = defaultdict(list)
+    for spec in specs:
+        groups[spec.pool].append(spec)
+    return [
+        dg.RunRequest(
+            run_key=run_key if len(groups) == 1 else f"{run_key}:{pool or 'no pool'}",
+            asset_selection=[asset_key(spec) for spec in group],
+            asset_check_keys=sync_checks(group),
+            tags={**tags, **pool_tags(group[0])},
+        )
+        for pool, group in groups.items()
+    ]
 
 
 def _hourly_sync(spec: FlowSpec) -> dg.ScheduleDefinition:

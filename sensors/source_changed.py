@@ -15,10 +15,10 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from assets.factory import asset_key, sync_checks, sync_selection
+from assets.factory import asset_key, sync_selection
 from integrations.engine.spec import FlowSpec
 from integrations.engine.state import SINCE_WATERMARK
-from sensors.schedules import pool_tags
+from sensors.schedules import runs_per_pool
 from sensors.trips import sync_skipped, trip_skips
 
 
@@ -72,17 +72,11 @@ def _sensor(system: str, table: str, specs: list[FlowSpec]) -> dg.SensorDefiniti
         if skipped:
             context.log.info("; ".join(skipped.values()))
         return dg.SensorResult(
-            run_requests=[
-                dg.RunRequest(
-                    run_key=f"{system}_{table}:{high_water_mark.isoformat()}",
-                    asset_selection=[asset_key(spec) for spec in to_sync],
-                    asset_check_keys=sync_checks(to_sync),
-                    tags={
-                        "handoff/high_water_mark": high_water_mark.isoformat(),
-                        **pool_tags(specs[0]),
-                    },
-                )
-            ],
+            run_requests=runs_per_pool(
+                f"{system}_{table}:{high_water_mark.isoformat()}",
+                to_sync,
+                {"handoff/high_water_mark": high_water_mark.isoformat()},
+            ),
             cursor=new_cursor,
         )
 

@@ -1,9 +1,10 @@
-"""The CRM webhook sensor: a run of the CRM → ERP flows whenever CRM events wait in the inbox.
+"""The CRM webhook sensor: a run of the CRM → ERP flows (one per pool) whenever CRM events wait
+in the inbox.
 
-The cursor is the last inbox id a run was requested for, with that run's key. Events are marked
-consumed one tick later, once Dagster committed that cursor with its run request: a tick that
-fails before the commit is evaluated again from the old cursor, and asks for the same run key
-(which Dagster launches once). The run reads the CRM by its own watermark, not the events: an
+The cursor is the last inbox id a run was requested for, with that run's key (the stem of the
+keys of a run per pool). Events are marked consumed one tick later, once Dagster committed that
+cursor with its run request: a tick that fails before the commit is evaluated again from the old
+cursor, and asks for the same run key (which Dagster launches once). The run reads the CRM by its own watermark, not the events: an
 event only says *when*, so a lost one costs latency, and the hourly schedule catches up.
 
 While a flow's error budget is tripped, its run would stop at its start, with its failed run and
@@ -18,11 +19,11 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from assets.factory import asset_key, sync_checks, sync_selection
+from assets.factory import asset_key, sync_selection
 from integrations.engine.spec import FlowSpec
 from integrations.engine.state import SINCE_WATERMARK
 from integrations.webhooks.inbox import WebhookInbox
-from sensors.schedules import pool_tags
+from sensors.schedules import runs_per_pool
 from sensors.trips import sync_skipped, trip_skips
 
 MAX_EVENTS_PER_TICK = 10_000  # one run covers them all; this only bounds the tick's read
@@ -84,15 +85,10 @@ def webhook_inbox_sensors(specs: list[FlowSpec]) -> list[dg.SensorDefinition]:
             )
         if skipped:
             context.log.info("; ".join(skipped.values()))
-        run_key = f"crm_webhooks:{first}-{last}"
-        request = dg.RunRequest(
-            run_key=run_key,
-            asset_selection=[asset_key(spec) for spec in to_sync],
-            asset_check_keys=sync_checks(to_sync),
-            tags={"handoff/inbox_events": f"{first}-{last}", **pool_tags(to_sync[0])},
-        )
+        run_key = f"crm_webhooks:{first}-{last}"  # each pool's run's key, or the stem of them
+        requests = runs_per_pool(run_key, to_sync, {"handoff/inbox_events": f"{first}-{last}"})
         return dg.SensorResult(
-            run_requests=[request], cursor=json.dumps({"last_id": last, "run_key": run_key})
+            run_requests=requests, cursor=json.dumps({"last_id": last, "run_key": run_key})
         )
 
     return [crm_webhooks]

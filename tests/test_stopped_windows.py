@@ -18,6 +18,7 @@ from dagster._core.test_utils import create_run_for_test
 
 from assets.chinook import CHINOOK_INVOICES
 from assets.crm_contacts import CRM_CONTACTS
+from assets.factory import asset_key, flow_asset
 from assets.finance_invoices import FINANCE_INVOICES
 from assets.helpdesk_users import HELPDESK_USERS
 from definitions import defs, resources
@@ -567,8 +568,32 @@ def test_the_change_sensor_still_requests_the_flows_of_the_table_no_trip_stops(w
         )
         (request,) = sensor(context).run_requests
     assert request.asset_selection == [dg.AssetKey(["helpdesk", "users"])]
+    assert request.tags["handoff/pool"] == "rt_api", "the pool it writes through, not the CRM's"
     assert stopped(world.state_url, CRM_CONTACTS.name) == [("1970-01-01", "1970-01-01", "refused")]
     assert stopped(world.state_url, HELPDESK_USERS.name) == []
+
+
+def test_a_change_read_by_flows_of_two_pools_is_synced_by_one_run_per_pool(world, state):
+    """ERP customers feed crm/contacts (pool crm_api) and helpdesk/users (rt_api): the change
+    sensor requested one run of both, tagged with the CRM's pool alone. The production instance
+    lets one run per `handoff/pool` go at a time: that run waited behind every CRM run, and
+    wrote to RT beside a run of rt_api's. Now each pool's flows are a run tagged with its pool,
+    the pool of every asset it materializes."""
+    (sensor,) = source_changed_sensors([CRM_CONTACTS, HELPDESK_USERS])
+    with dg.instance_for_test() as instance:
+        context = dg.build_sensor_context(
+            instance=instance, resources=resources(), definitions=defs
+        )
+        requests = sensor(context).run_requests
+    tagged = {tuple(r.asset_selection): r.tags.get("handoff/pool") for r in requests}
+    assert tagged == {
+        (dg.AssetKey(["crm", "contacts"]),): "crm_api",
+        (dg.AssetKey(["helpdesk", "users"]),): "rt_api",
+    }
+    for request, spec in zip(requests, (CRM_CONTACTS, HELPDESK_USERS), strict=True):
+        assert flow_asset(spec).op.pool == request.tags["handoff/pool"]
+        assert {key.asset_key for key in request.asset_check_keys} == {asset_key(spec)}
+    assert len({request.run_key for request in requests}) == 2, "each run is requested once"
 
 
 def queue_run_of(instance: dg.DagsterInstance, request: dg.RunRequest) -> None:

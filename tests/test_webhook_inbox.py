@@ -3,6 +3,7 @@ on PostgreSQL as on SQLite."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -16,11 +17,12 @@ import requests
 import sqlalchemy as sa
 
 from assets.erp_crm_contact_updates import ERP_CRM_CONTACT_UPDATES
+from assets.erp_crm_deals import ERP_CRM_DEALS
 from definitions import active_flows, definitions, resources
 from integrations.engine.state import BatchCommit, BudgetTrip, DeadLetter, StateStore, utcnow
 from integrations.webhooks.events import parse_delivery
 from integrations.webhooks.inbox import ReplayRefused, WebhookInbox, webhook_inbox
-from sensors.webhook_inbox import NO_FLOW
+from sensors.webhook_inbox import NO_FLOW, webhook_inbox_sensors
 from tests.conftest import DLQ_KEY
 from tests.webhooks import deliver, event, receiver
 
@@ -77,6 +79,30 @@ def test_events_are_consumed_once_the_request_covering_them_is_committed(inbox):
         assert not idle.run_requests
         assert run_keys(inbox) == [NO_FLOW, request.run_key, request.run_key]
         assert inbox.counts() == {"deliveries": 2, "events": 3, "waiting": 0}
+
+
+def test_events_for_flows_of_two_pools_are_one_run_per_pool_each_tagged_with_its_own(inbox):
+    """The CRM → ERP flows share the crm_api pool today; one given another pool was synced in
+    a run tagged crm_api alone (its first flow's), which the production instance's one run per
+    `handoff/pool` neither held back nor counted for the other pool."""
+    deals = dataclasses.replace(ERP_CRM_DEALS, pool="erp_db")
+    (sensor,) = webhook_inbox_sensors([ERP_CRM_CONTACT_UPDATES, deals])
+    inbox.accept("d1", "test", events(event(1), event(2, "deal.creation")))
+    with dg.instance_for_test() as instance:
+        context = dg.build_sensor_context(instance=instance, resources=resources())
+        wanted = sensor(context)
+        tagged = {
+            (tuple(r.asset_selection), r.tags["handoff/pool"], r.run_key)
+            for r in wanted.run_requests
+        }
+        assert tagged == {
+            ((dg.AssetKey(["erp", "crm_contact_updates"]),), "crm_api", "crm_webhooks:1-2:crm_api"),
+            ((dg.AssetKey(["erp", "crm_deals"]),), "erp_db", "crm_webhooks:1-2:erp_db"),
+        }
+        sensor(
+            dg.build_sensor_context(instance=instance, cursor=wanted.cursor, resources=resources())
+        )
+    assert run_keys(inbox) == ["crm_webhooks:1-2", "crm_webhooks:1-2"], "the runs' stem"
 
 
 def test_the_inbox_on_postgresql_refuses_replays_and_counts_duplicates(postgres_database):
