@@ -4,8 +4,11 @@ do; nothing it holds is lost."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from datetime import datetime, timedelta
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 
@@ -23,9 +26,11 @@ from integrations.engine.state import (
     _seal,
     audit_log,
     audit_records,
+    metadata,
 )
+from integrations.sql import evolve
 from integrations.sql.connect import create_engine
-from integrations.sql.evolve import SchemaOutdated
+from integrations.sql.evolve import SchemaOutdated, UpgradeBlocked, create_or_evolve
 from tests.conftest import DLQ_KEY
 
 THEN = datetime(2025, 1, 2, 3, 4, 5)
@@ -228,3 +233,159 @@ def test_a_state_store_on_mariadb_is_refused_with_what_to_do(mariadb_database):
     failed deep in the ledger's upsert."""
     with pytest.raises(ValueError, match=r"PostgreSQL or SQLite, not mariadb.*HANDOFF_STATE_URL"):
         StateStore(mariadb_database())
+
+
+def _session(url: str, name: str, *statements: str) -> psycopg.Connection:
+    """Another client of the store's database, in a transaction left open after `statements`."""
+    session = psycopg.connect(url, application_name=name)
+    for statement in statements:
+        session.execute(statement)
+    return session
+
+
+def _opened(url: str, within: float) -> StateStore | BaseException:
+    """The store opened (or why it did not), or AssertionError if that took over `within` s."""
+    outcome: list[StateStore | BaseException] = []
+
+    def open_store():
+        try:
+            outcome.append(StateStore(url, dlq_key=DLQ_KEY))
+        except BaseException as error:  # the test judges it
+            outcome.append(error)
+
+    opening = threading.Thread(target=open_store)
+    opening.start()
+    opening.join(within)
+    assert outcome, f"opening the store still waits after {within} s"
+    return outcome[0]
+
+
+def _indexes(url: str, table: str) -> dict[str, bool]:
+    """The table's indexes and whether each is valid."""
+    with psycopg.connect(url) as session:
+        return dict(
+            session.execute(
+                "SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c "
+                "ON c.oid = i.indexrelid WHERE i.indrelid = %s::regclass",
+                (table,),
+            ).fetchall()
+        )
+
+
+def _waiting(url: str, statement: str, deadline: float = 10) -> None:
+    """Until a session waits for a lock in `statement` (its start)."""
+    ends = time.monotonic() + deadline
+    with psycopg.connect(url, autocommit=True) as session:
+        while not session.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND query LIKE %s",
+            (statement + "%",),
+        ).fetchone()[0]:
+            assert time.monotonic() < ends, f"no session waits in {statement}"
+            time.sleep(0.05)
+
+
+@pytest.mark.postgres
+def test_an_upgrade_that_cannot_get_a_lock_stops_fast_naming_who_holds_it(
+    postgres_database, monkeypatch
+):
+    """An older store's upgrade added its columns and built its indexes in one transaction
+    without a lock timeout: behind a session reading the ledger (a report left in a transaction)
+    its ALTER waited for ever, and every run queued behind the ALTER's lock. Now it waits a few
+    seconds, then stops naming that session and what to do; once it is gone the upgrade goes
+    through, and a second open finds nothing to do."""
+    monkeypatch.setattr(evolve, "LOCK_TIMEOUT", 1.0)
+    url = postgres_database()
+    older_store(url)
+    report = _session(url, "quarterly report", "SELECT count(*) FROM ledger")
+    try:
+        started = time.monotonic()
+        blocked = _opened(url, within=20)
+        assert isinstance(blocked, UpgradeBlocked), blocked
+        assert time.monotonic() - started < 10
+        message = str(blocked)
+        assert message.startswith(
+            "the state store at postgresql+psycopg://postgres@127.0.0.1:5432/"
+        )
+        assert (
+            "its upgrade stopped at adding " in message and " to ledger: it waited 1 s" in message
+        )
+        assert f"pid {report.info.backend_pid} (application 'quarterly report'" in message
+        assert "idle in transaction" in message and "holding AccessShareLock" in message
+        assert "What to do: let them finish, or end them" in message
+        assert f"WHERE pid IN ({report.info.backend_pid})" in message
+        assert "the upgrade goes on where it stopped" in message
+        assert report.execute("SELECT count(*) FROM ledger").fetchone() == (1,), "untouched"
+    finally:
+        report.close()
+    store = _opened(url, within=20)
+    assert isinstance(store, StateStore), store
+    try:
+        assert store.ledger_entries("f", ["1"]) == {"1": LedgerEntry("h1", "d1", False, None)}
+        assert {"field_hashes", "links"} <= {
+            c["name"] for c in sa.inspect(store.engine).get_columns("ledger")
+        }
+        assert _indexes(url, "ledger") == {"ledger_pkey": True, "ix_ledger_destination": True}
+        assert _indexes(url, "dead_letters")["ix_dead_letters_standing"]
+    finally:
+        store.dispose()
+    engine = create_engine(url)
+    try:
+        assert create_or_evolve(engine, metadata, "the state store") == [], "nothing left to do"
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_an_index_is_built_while_the_table_takes_writes_and_a_build_cut_short_is_redone(
+    postgres_database, monkeypatch
+):
+    """The upgrade built a missing index inside its transaction, holding the table's write lock
+    for the build (minutes over millions of ledger rows): every run's commit waited. Now it is
+    built concurrently: behind a run's commit under way it waits, and the next commit goes
+    through meanwhile; a build that waits too long stops the upgrade, its index left invalid,
+    and the next open builds it again."""
+    monkeypatch.setattr(evolve, "LOCK_TIMEOUT", 4.0)
+    url = postgres_database()
+    StateStore(url, dlq_key=DLQ_KEY).dispose()
+    with psycopg.connect(url, autocommit=True) as session:
+        session.execute("DROP INDEX ix_ledger_destination")
+    row = "INSERT INTO ledger VALUES ('f', '{0}', 'h', 'd{0}', false, NULL, NULL, now(), 'r')"
+    commit_under_way = _session(url, "a run's commit", row.format(1))
+    try:
+        opening = threading.Thread(target=lambda: _opened(url, within=20))
+        opening.start()
+        _waiting(url, "CREATE INDEX")
+        with psycopg.connect(url, options="-c lock_timeout=2000") as next_commit:
+            next_commit.execute(row.format(2))  # not queued behind the build
+        commit_under_way.commit()
+        opening.join(20)
+        assert _indexes(url, "ledger")["ix_ledger_destination"] is True
+    finally:
+        commit_under_way.close()
+
+    with psycopg.connect(url, autocommit=True) as session:
+        session.execute("DROP INDEX ix_ledger_destination")
+    monkeypatch.setattr(evolve, "LOCK_TIMEOUT", 1.0)
+    commit_under_way = _session(url, "a run's commit", row.format(3))
+    try:
+        blocked = _opened(url, within=20)
+        assert isinstance(blocked, UpgradeBlocked), blocked
+        message = str(blocked)
+        assert "stopped at building index ix_ledger_destination of ledger" in message
+        assert "the index is left invalid, and built again by the next upgrade" in message
+        assert f'pid {commit_under_way.info.backend_pid} (application "a run\'s commit"' in (
+            message
+        )
+        assert _indexes(url, "ledger")["ix_ledger_destination"] is False, "cut short"
+    finally:
+        commit_under_way.close()
+    store = _opened(url, within=20)
+    assert isinstance(store, StateStore), store
+    store.dispose()
+    assert _indexes(url, "ledger")["ix_ledger_destination"] is True
+    with psycopg.connect(url) as session:
+        (definition,) = session.execute(
+            "SELECT pg_get_indexdef('ix_ledger_destination'::regclass)"
+        ).fetchone()
+    assert definition.endswith("ON public.ledger USING btree (flow, destination_id)")

@@ -265,6 +265,13 @@ def _append_only(connection) -> bool:
     return standing == len(AUDIT_TABLES)
 
 
+def _make_append_only(connection) -> None:
+    """The audit tables' append-only triggers, where any is missing."""
+    if not _append_only(connection):
+        for statement in _APPEND_ONLY[connection.dialect.name]:
+            connection.exec_driver_sql(statement)
+
+
 _LETTERS_LOCK = 7260419  # the advisory lock space of a flow's dead letters (see _put_dead_letters)
 _RUNS_LOCK = 7260420  # the advisory lock space of a flow's runs (see StateStore.flow_lock)
 # Each lock session also holds a mark of its own (a random key in this space): a pid a new
@@ -585,19 +592,14 @@ class StateStore:
         )
 
     def _create_schema(self, attempts: int = 3) -> None:
-        """Tables (or the columns and indexes an older handoff's lack) and append-only triggers,
-        in one transaction. Processes opening a new store at once take turns on PostgreSQL (an
-        advisory lock); on SQLite the one that loses the race (it creates what another just
-        created) tries again."""
+        """Tables (or the columns and indexes an older handoff's lack) and append-only triggers.
+        On PostgreSQL in short steps, each waiting a few seconds at most for its lock, while the
+        store is in use (see integrations/sql/evolve.py); processes opening a new store at once
+        take turns. On SQLite in one transaction; the one that loses the race (it creates what
+        another just created) tries again."""
         for attempt in range(attempts):
             try:
-                with self.engine.begin() as connection:
-                    if connection.dialect.name == "postgresql":
-                        connection.exec_driver_sql("SELECT pg_advisory_xact_lock(7260418)")
-                    create_or_evolve(connection, metadata, "the state store")
-                    if not _append_only(connection):
-                        for statement in _APPEND_ONLY[connection.dialect.name]:
-                            connection.exec_driver_sql(statement)
+                create_or_evolve(self.engine, metadata, "the state store", then=_make_append_only)
                 return
             except sa.exc.DBAPIError:
                 if attempt == attempts - 1:

@@ -101,8 +101,7 @@ class WebhookInbox:
 
     def __init__(self, url: str):
         self.engine = create_engine(url)
-        with self.engine.begin() as connection:
-            create_or_evolve(connection, metadata, "the webhook inbox")
+        create_or_evolve(self.engine, metadata, "the webhook inbox")
         self._insert = _insert_ignoring_duplicates(self.engine.dialect.name)
         self._postgres = self.engine.dialect.name == "postgresql"
         self._accepted = itertools.count(1)
