@@ -127,8 +127,22 @@ def test_tickets_arrive_once_each_by_the_sensors_runs(helpdesk_world, rt_client)
 def test_the_query_asks_rt_for_a_relative_instant_so_its_time_zone_does_not_matter():
     now = datetime(2026, 11, 26, 12, 0, 0)
     assert updated_since(datetime(2026, 11, 26, 11, 0, 0), now) == (
-        "LastUpdated >= '3660 seconds ago'"
+        "LastUpdated >= 'now - 3660 seconds'"
     )
+
+
+def test_a_run_an_hour_after_its_watermark_reads_the_tickets_changed_since(
+    helpdesk_world, rt_client
+):
+    """The hourly run's query asks RT for changes since an hour and more ago: RT read "3960
+    seconds ago" as the year 3959 and the run found nothing (here, an hour's lookback)."""
+    (ticket,) = questions(rt_client, 1)
+    spec = replace(ERP_SUPPORT_TICKETS, lookback=timedelta(hours=1))
+    sync_tickets(helpdesk_world, rt_client, spec)
+    rt_client.update_ticket(ticket, {"Status": "open"})
+    result = sync_tickets(helpdesk_world, rt_client, spec)
+    assert result.counts["updated"] == 1
+    assert staged(helpdesk_world.erp_url)[ticket]["status"] == "open"
 
 
 def sync_tickets(world, client: RtClient, spec) -> SyncResult:

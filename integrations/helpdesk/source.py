@@ -2,10 +2,12 @@
 
 RT keeps times to the second and reads the dates in a TicketSQL query in its own time zone
 (which the API does not tell), ignoring a zone written after them. So the query asks for
-tickets updated `N seconds ago` or later (RT computes that instant itself, whatever its zone),
+tickets updated `now - N seconds` or later (RT computes that instant itself, whatever its zone),
 with `N` widened by `CLOCK_MARGIN` against clock skew; the flow's lookback re-reads the last
-minutes again, and the ledger's diff keeps what did not change from being written twice.
-REST2's answers carry times in UTC (`…Z`), which the rows keep as naive UTC datetimes.
+minutes again, and the ledger's diff keeps what did not change from being written twice. Not
+`N seconds ago`: RT's date parser reads a number of four digits as a time of day or a year
+("3960 seconds ago" is the year 3959), so a run 17 minutes to 3 hours after its watermark missed
+the changes. REST2's answers carry times in UTC (`…Z`), which the rows keep as naive UTC datetimes.
 
 The engine's watermark needs the rows oldest change first, and RT's pages in that order are
 offsets: a ticket changed while they are read moves to the end, and the one after a page slides
@@ -52,7 +54,7 @@ def updated_since(since: datetime, now: datetime | None = None) -> str:
     """TicketSQL for 'updated at or after `since`' (naive UTC), free of RT's time zone."""
     now = now or datetime.now(UTC).replace(tzinfo=None)
     seconds = max(0, int((now - since + CLOCK_MARGIN).total_seconds()))
-    return f"LastUpdated >= '{seconds} seconds ago'"
+    return f"LastUpdated >= 'now - {seconds} seconds'"
 
 
 def _row(ticket: dict) -> tuple:
