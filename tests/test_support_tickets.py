@@ -282,3 +282,72 @@ def test_a_customer_whose_rt_user_is_named_in_another_case_is_the_tickets_custom
     ticket = rt_client.create_ticket({"Queue": "General", "Subject": "hello", "Requestor": email})
     sync_tickets(helpdesk_world, rt_client, ERP_SUPPORT_TICKETS)
     assert staged(helpdesk_world.erp_url)[ticket]["customer_number"] == number
+
+
+class NamingClient(RtClient):
+    """The real client, noting every ticket RT named in an answer of LastUpdated alone (the
+    read's listings, as opposed to its reads of whole tickets)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.named: set[int] = set()
+
+    def _collection(self, method, path, params, body=None) -> dict:
+        answer = super()._collection(method, path, params, body)
+        if ("fields", "LastUpdated") in params:
+            self.named.update(int(ticket["id"]) for ticket in answer.get("items", []))
+        return answer
+
+
+def test_a_first_read_holds_about_a_page_of_tickets_never_every_ticket(rt, rt_client, monkeypatch):
+    """Listing every ticket's (LastUpdated, id) before reading any held the whole RT in memory.
+    At each batch served, the tickets the read has named but not served yet stay within two
+    pages (a window and the look at where the next one ends), however many tickets RT holds.
+    Three seconds apart, each second's tickets are further than the clock margin (2 s here, one
+    clock on this machine) from the others, which RT's widened bounds would name too."""
+    monkeypatch.setattr("integrations.helpdesk.source.CLOCK_MARGIN", timedelta(seconds=2))
+    tickets = []
+    for second in range(3):
+        tickets += [
+            rt_client.create_ticket({"Queue": "General", "Subject": f"q {second}.{n}"})
+            for n in range(3)
+        ]
+        time.sleep(3.5)
+    page = 2
+    naming = NamingClient(rt.base_url, user=rt.user, password=rt.password, page_size=page)
+    served, ahead = [], []
+    for frame in RtTickets(naming, ERP_SUPPORT_TICKETS.source).batches(None, batch_size=page):
+        served += frame["id"].tolist()
+        ahead.append(len(naming.named - set(served)))
+    listed = rt_client.search_tickets("id > 0", ["LastUpdated"])
+    assert served == [i for _, i in sorted((t["LastUpdated"], int(t["id"])) for t in listed)]
+    assert sorted(served) == tickets, "each ticket once"
+    assert max(ahead) <= 2 * page, f"the read held {max(ahead)} tickets ahead of a {page}-page"
+
+
+def test_a_ticket_answered_after_the_run_read_it_is_staged_as_answered_and_not_refused(
+    helpdesk_world, rt_client
+):
+    """The walk meets a ticket read, then changed, again at its new time: both in one batch, the
+    contract refused the batch's two rows of one id."""
+    rt = helpdesk_world.rt
+    tickets = questions(rt_client, 4)
+    reads = []
+
+    def agent_answers_the_first_ticket_once_read(method, path) -> None:
+        if "id = " in unquote_plus(path):
+            reads.append(path)
+            if len(reads) == 2:  # the first page of tickets (the first two) has been read
+                rt_client.update_ticket(tickets[0], {"Status": "open"})
+
+    with paging_by_two(rt, agent_answers_the_first_ticket_once_read) as paging:
+        result = sync_tickets(helpdesk_world, paging, ERP_SUPPORT_TICKETS)
+    state = helpdesk_world.state()
+    try:
+        letters = state.list_dead_letters(flow=ERP_SUPPORT_TICKETS.name, limit=100)
+    finally:
+        state.dispose()
+    assert letters == [], "a ticket read twice is no refusal"
+    rows = staged(helpdesk_world.erp_url)
+    assert sorted(rows) == tickets and result.counts["inserted"] == 4
+    assert rows[tickets[0]]["status"] == "open", "the answered ticket as it is now"

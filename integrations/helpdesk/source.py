@@ -11,14 +11,20 @@ the changes. REST2's answers carry times in UTC (`…Z`), which the rows keep as
 
 The engine's watermark needs the rows oldest change first, and RT's pages in that order are
 offsets: a ticket changed while they are read moves to the end, and the one after a page slides
-back past the offset, never read (and the watermark passes it). So a read lists the matches'
-(LastUpdated, id) first, by ids (a change does not move a ticket), then reads the tickets a page
-of ids at a time in that order. One changed in between is left to the next run, which reads it
-as it is then: served last, its new time moved the watermark past the tickets created meanwhile,
-which no list of this run held (never staged). And the run stops before the first listed ticket
-whose place is at or past that change: a ticket changed later still, listed with its new time
-(the listing of a big RT outlasts the lookback), moved the watermark past the one left behind,
-which the next run then never read.
+back past the offset, never read (and the watermark passes it). So a read walks the changes in
+windows of time, each holding about a page of tickets: an ordered page tells where the window
+ends (before the time of the page's last ticket; a second holding a page or more is a window of
+its own), the window's (LastUpdated, id) are listed by ids (a change does not move a ticket),
+and its tickets read a page of ids at a time in that order (one second's are in id order
+already: they are listed and read a page at a time). Memory holds a window, never the table. A
+window ends at a time some ticket had when the walk looked: a ticket made or changed later comes
+later, in a window listed after it. One changed between its listing and its reading is left to
+the next run, which reads it as it is then: served last, its new time moved the watermark past
+the tickets created meanwhile, which no list of this run held (never staged). And the run stops
+before the first listed ticket whose place is at or past that change: a ticket changed later
+still, listed with its new time (the walk of a big RT outlasts the lookback), moved the watermark
+past the one left behind, which the next run then never read. A ticket read, then changed, is
+read again where the walk meets its new time (a batch keeps its newest state).
 
 RT hides deleted tickets from every REST2 search, so a ticket deleted in RT keeps its last
 synced state in the destination; there are no soft deletes to archive.
@@ -36,7 +42,10 @@ from integrations.engine.source import SourceUnavailable
 from integrations.engine.spec import SourceTable
 from integrations.helpdesk.client import PAGE, RtClient, RtError, rt_time
 
+Place = tuple[datetime, int]  # a ticket's (LastUpdated, id)
+
 CLOCK_MARGIN = timedelta(seconds=60)
+ONE_SECOND = timedelta(seconds=1)  # RT keeps times to the second
 FIELDS = ("Status", "Queue", "Requestor", "Created", "Resolved", "LastUpdated")
 COLUMNS = [
     "id",
@@ -57,6 +66,16 @@ def updated_since(since: datetime, now: datetime | None = None) -> str:
     return f"LastUpdated >= 'now - {seconds} seconds'"
 
 
+def updated_between(start: datetime | None, end: datetime | None) -> str:
+    """TicketSQL for 'updated in [start, end)' (naive UTC, None: no bound), each bound widened by
+    CLOCK_MARGIN: the walk keeps the answers by their exact times (see `RtTickets._places`)."""
+    now = datetime.now(UTC).replace(tzinfo=None)
+    conditions = ["id > 0"] if start is None else [updated_since(start, now)]
+    if end is not None and (seconds := int((now - end - CLOCK_MARGIN).total_seconds())) > 0:
+        conditions.append(f"LastUpdated < 'now - {seconds} seconds'")
+    return " AND ".join(conditions)
+
+
 def _row(ticket: dict) -> tuple:
     """One REST2 ticket as a row; the first requestor speaks for the ticket."""
     requestors = ticket.get("Requestor") or []
@@ -74,7 +93,7 @@ def _row(ticket: dict) -> tuple:
     )
 
 
-def _changed_order(ticket: dict) -> tuple[datetime, int]:
+def _changed_order(ticket: dict) -> Place:
     """A ticket's place in the engine's (cursor, key) order."""
     return rt_time(ticket.get("LastUpdated")) or datetime.min, int(ticket["id"])
 
@@ -83,13 +102,20 @@ def _ids_query(ids: Iterable[int]) -> str:
     return " OR ".join(f"id = {ticket_id}" for ticket_id in ids)
 
 
+def _pages(items: Iterable[Place], size: int) -> Iterator[list[Place]]:
+    iterator = iter(items)
+    while page := list(islice(iterator, size)):
+        yield page
+
+
 def _frames(tickets: Iterable[dict], size: int) -> Iterator[pd.DataFrame]:
     iterator = iter(tickets)
     while chunk := list(islice(iterator, size)):
         frame = pd.DataFrame.from_records([_row(ticket) for ticket in chunk], columns=COLUMNS)
         for name in ("Created", "Resolved", "LastUpdated"):
             frame[name] = pd.to_datetime(frame[name])
-        yield frame
+        # A ticket read, then changed and read again at its new place: its newest state only.
+        yield frame.drop_duplicates("id", keep="last")
 
 
 class RtTickets:
@@ -108,15 +134,11 @@ class RtTickets:
         except RtError as error:
             raise SourceUnavailable(str(error)) from error
 
-    def _in_changed_order(self, ticketsql: str) -> Iterator[dict]:
-        """The matching tickets oldest change first, each once (see the module docstring)."""
-        listed = sorted(
-            _changed_order(ticket) for ticket in self._search(ticketsql, ["LastUpdated"])
-        )
-        left_at: tuple[datetime, int] | None = None  # the earliest change left to the next run
-        step = self.client.page_size
-        for start in range(0, len(listed), step):
-            page = listed[start : start + step]
+    def _in_changed_order(self, since: datetime | None) -> Iterator[dict]:
+        """The tickets changed at or after `since` oldest change first (see the module
+        docstring)."""
+        left_at: Place | None = None  # the earliest change left to the next run
+        for page in self._places_in_order(since):
             found = {int(t["id"]): t for t in self._search(_ids_query(i for _, i in page))}
             for place in page:
                 if left_at is not None and place >= left_at:
@@ -130,13 +152,56 @@ class RtTickets:
                 else:  # changed since: the next run's
                     left_at = min(now, left_at or now)
 
+    def _places_in_order(self, since: datetime | None) -> Iterator[list[Place]]:
+        """The places of the tickets changed at or after `since`, in order, a page at a time,
+        window by window: what is held is a window, about a page."""
+        for start, end, one_second in self._windows(since):
+            listed = self._places(start, end)
+            yield from _pages(listed if one_second else sorted(listed), self.client.page_size)
+
+    def _windows(
+        self, start: datetime | None
+    ) -> Iterator[tuple[datetime | None, datetime | None, bool]]:
+        """[start, end) windows from `start` on, each holding fewer than a page of tickets, or
+        one second (`True`: its tickets come in id order, however many); the last has no end."""
+        size = self.client.page_size
+        while True:
+            ordered = self._by_change(updated_between(start, None))
+            ahead = list(islice((p for p in ordered if start is None or p[0] >= start), size))
+            if len(ahead) < size:
+                yield start, None, False
+                return
+            first, last = ahead[0][0], ahead[-1][0]
+            if last > first:
+                yield start, last, False
+                start = last
+                continue
+            if start is None or start < last:
+                # Empty, unless a change slid the ordered pages past a ticket before that second.
+                yield start, last, False
+            yield last, last + ONE_SECOND, True
+            start = last + ONE_SECOND
+
+    def _places(self, start: datetime | None, end: datetime | None) -> Iterator[Place]:
+        """The places in [start, end), listed by ids (RT's bounds are widened: kept by time)."""
+        for ticket in self._search(updated_between(start, end), ["LastUpdated"]):
+            place = _changed_order(ticket)
+            if (start is None or place[0] >= start) and (end is None or place[0] < end):
+                yield place
+
+    def _by_change(self, ticketsql: str) -> Iterator[Place]:
+        try:
+            for ticket in self.client.tickets_by_change(ticketsql):
+                yield _changed_order(ticket)
+        except RtError as error:
+            raise SourceUnavailable(str(error)) from error
+
     def batches(
         self, since: datetime | None, batch_size: int, within: object | None = None
     ) -> Iterator[pd.DataFrame]:
         if within is not None:
             raise ValueError("RT tickets are not read by partition")
-        query = updated_since(since) if since is not None else "id > 0"
-        yield from _frames(self._in_changed_order(query), batch_size)
+        yield from _frames(self._in_changed_order(since), batch_size)
 
     def in_window(self, column: str, start: datetime, end: datetime) -> object:
         raise ValueError("RT tickets are not read by partition")
