@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from assets.factory import flow_asset
 from assets.helpdesk_users import HELPDESK_USERS
 from definitions import resources
+from integrations.cli import main
 from integrations.engine.spec import ErrorBudget
 from integrations.engine.state import utcnow
 from integrations.erp.changes import move_customers, soft_delete_customers
@@ -230,6 +231,47 @@ def test_a_field_rt_refuses_in_an_update_is_dead_lettered_with_rts_own_words(
     assert "walk.in@example.org" not in letter.reason
     assert before not in letter.reason, "RT's word on a field it stored names its old value"
     assert rt_client.users_by_name([number], ["RealName"])[number]["RealName"].startswith("Renamed")
+
+
+def test_a_value_longer_than_rt_keeps_is_refused_naming_the_field_and_its_limit(
+    helpdesk_world, rt_client, capsys
+):
+    """RT keeps WorkPhone in 30 bytes and RealName in 120 and cuts a longer value without a word:
+    the letter said only "RT did not store WorkPhone", which no replay could clear. The limit is
+    in bytes: 86 letters of accented name are 172."""
+    with dg.instance_for_test() as instance:
+        materialize(instance)
+        number = sorted(rt_users(rt_client))[0]
+        before = rt_client.users_by_name([number], ["RealName", "WorkPhone"])[number]
+        edit_customer(
+            helpdesk_world.erp_url,
+            number,
+            first_name="Ñ" * 45,
+            last_name="é" * 40,
+            phone="+49 30 1234567-890 ext. 4711 (HQ)",  # 33 characters: the ERP keeps 40
+        )
+        counts = materialize(instance)
+    assert "destination-rejected" not in counts["dead_letters_open_by_kind"]
+    state = helpdesk_world.state()
+    try:
+        letters = state.list_dead_letters(flow=HELPDESK_USERS.name, limit=100)
+    finally:
+        state.dispose()
+    (letter,) = [x for x in letters if x.payload["customer_number"] == number]
+    assert letter.reason_kind == "contract"
+    assert "WorkPhone is longer than the 30 bytes of UTF-8 RT keeps" in letter.reason
+    assert "RealName is longer than the 120 bytes of UTF-8 RT keeps" in letter.reason
+    assert "shorten it in the ERP, then replay the letter" in letter.reason
+    assert "é" not in letter.reason and "4711" not in letter.reason, "no personal value"
+    held = rt_client.users_by_name([number], ["RealName", "WorkPhone"])[number]
+    assert held == before, "RT holds the user as it was, not cut"
+
+    # 19 × 2 + 1 + 40 × 2 = 119 bytes: RT keeps it whole.
+    edit_customer(helpdesk_world.erp_url, number, first_name="Ñ" * 19, phone="+49 30 1234567")
+    assert main(["dlq", "replay", "--id", str(letter.id)]) == 0
+    assert "1 left the DLQ" in capsys.readouterr().out
+    held = rt_client.users_by_name([number], ["RealName", "WorkPhone"])[number]
+    assert (held["RealName"], held["WorkPhone"]) == ("Ñ" * 19 + " " + "é" * 40, "+49 30 1234567")
 
 
 def test_a_user_whose_name_rt_holds_in_another_case_is_that_user(helpdesk_world, rt_client):

@@ -33,3 +33,8 @@ def is_email(values: pd.Series) -> pd.Series:
 def first_of_case_insensitive_duplicates(values: pd.Series) -> pd.Series:
     """True for each value not already seen earlier in the batch, ignoring case."""
     return ~values.str.lower().duplicated(keep="first")
+
+
+def utf8_bytes(values: pd.Series) -> pd.Series:
+    """Each text's length in bytes of UTF-8: what a database column of so many bytes holds."""
+    return values.str.encode("utf-8").str.len()
