@@ -28,6 +28,7 @@ from integrations.contracts import Contract
 from integrations.engine.destination import DestinationMismatch
 from integrations.engine.errors import (
     ArchiveGuardTripped,
+    DestinationRefusedWrite,
     ErrorBudgetExceeded,
     ErrorBudgetTripStands,
     FlowHeld,
@@ -211,15 +212,16 @@ def _failure(
         )
     if isinstance(error, ErrorBudgetExceeded | ErrorBudgetTripStands):
         metadata["error_budget_trip"] = dg.MetadataValue.json(_trip_metadata(error.trip))
-    # A retry won't do (a refused read is refused again); one of a run that gave up waiting for
-    # the flow would wait again, holding its Dagster run (and its pool's run slot): what it was
-    # to sync is requested once it is free.
+    # A retry won't do (a refused read or write is refused again); one of a run that gave up
+    # waiting for the flow would wait again, holding its Dagster run (and its pool's run slot):
+    # what it was to sync is requested once it is free.
     stops = (
         ErrorBudgetExceeded
         | ErrorBudgetTripStands
         | ArchiveGuardTripped
         | FlowHeld
         | SourceRefusedRead
+        | DestinationRefusedWrite
     )
     retryable = api_facing and not isinstance(error, stops)
     return dg.Failure(description=str(error), metadata=metadata, allow_retries=retryable)

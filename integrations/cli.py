@@ -249,7 +249,7 @@ def _fault_arguments(group) -> None:
     from integrations.crm.faults import Faults
 
     for setting in fields(Faults):
-        whole = ("rate_burst", "outage_after_requests", "refuse_reads", "seed")
+        whole = ("rate_burst", "outage_after_requests", "refuse_reads", "refuse_writes", "seed")
         kind = int if setting.name in whole else float
         group.add_argument(
             f"--{setting.name.replace('_', '-')}", type=kind, default=setting.default

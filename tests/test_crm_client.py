@@ -15,7 +15,13 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from integrations.crm.client import CrmClient, CrmReadRefused, CrmRequestRejected, CrmUnavailable
+from integrations.crm.client import (
+    CrmAuthError,
+    CrmClient,
+    CrmReadRefused,
+    CrmRequestRejected,
+    CrmUnavailable,
+)
 from integrations.http import ApiClient, ApiLimits, ApiUnavailable, SharedTokenBucket
 from integrations.sql.connect import create_engine
 from tests.sandbox_faults import set_faults
@@ -159,8 +165,52 @@ def test_a_read_the_crm_refuses_says_what_it_answered_and_is_not_retried(
     assert crm.api.stats()["retries"] == 0
 
 
+@pytest.mark.parametrize(
+    ("status", "said", "todo"),
+    [
+        (
+            403,
+            "the CRM refused the write: 403 MISSING_SCOPES: This app hasn't been granted",
+            "give the CRM token (CRM_ACCESS_TOKEN, its app) the scope the CRM names, e.g. "
+            "crm.objects.contacts.write",
+        ),
+        (
+            401,
+            "the CRM refused the access token: 401 INVALID_AUTHENTICATION: Authentication "
+            "credentials not found or invalid",
+            "check CRM_ACCESS_TOKEN: the CRM refused the token",
+        ),
+    ],
+)
+def test_a_write_the_crm_refuses_for_the_token_says_what_it_answered_and_what_to_fix(
+    crm_sandbox, crm_token, status, said, todo
+):
+    """A 403 on a write (a token without the write scope) was "the CRM refused the access token
+    (403)", without the CRM's words or the scope it names, and handed on as an outage."""
+    crm = client(crm_sandbox, crm_token)
+    crm.batch_upsert("contacts", "erp_customer_id", contacts(0))
+    ids = [item["id"] for item in crm.list_objects("contacts")]
+    set_faults(crm_sandbox, crm_token, refuse_writes=status)
+    for write in (
+        lambda: crm.batch_upsert("contacts", "erp_customer_id", contacts(5)),
+        lambda: crm.batch_archive("contacts", ids[:1]),
+        lambda: crm.associate("contacts", "companies", [(ids[0], "1")], "key-1"),
+        lambda: crm.dissociate("contacts", "companies", [(ids[0], "1")]),
+    ):
+        with pytest.raises(CrmAuthError) as refused:
+            write()
+        assert refused.value.status == status and said in str(refused.value)
+        assert todo in refused.value.todo and crm_token not in str(refused.value)
+    assert "required scopes: crm.objects.contacts.write" in str(refused.value) or status != 403
+    assert len(list(crm.list_objects("contacts"))) == 5, "reads go through, nothing written"
+    assert counts(crm_sandbox)["refused_writes"] == 4, "each write asked once: no retries"
+    assert crm.api.stats()["retries"] == 0
+
+
 class QuotingRefusal(BaseHTTPRequestHandler):
-    """A CRM whose 400 quotes the request's token and a person's email address."""
+    """A CRM whose refusal (`status`) quotes the request's token and a person's email address."""
+
+    status = 400
 
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -172,7 +222,7 @@ class QuotingRefusal(BaseHTTPRequestHandler):
                 "message": f"token {token} may not filter on email = ada.lovelace@example.com",
             }
         ).encode()
-        self.send_response(400)
+        self.send_response(self.status)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -181,18 +231,36 @@ class QuotingRefusal(BaseHTTPRequestHandler):
         pass
 
 
-def test_a_refused_read_quoting_the_token_or_an_email_keeps_both_masked():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), QuotingRefusal)
+class QuotingScopeRefusal(QuotingRefusal):
+    status = 403
+
+
+@pytest.mark.parametrize(
+    ("handler", "call", "kind"),
+    [
+        (QuotingRefusal, lambda crm: crm.newest_modification("contacts"), CrmReadRefused),
+        (
+            QuotingScopeRefusal,
+            lambda crm: crm.batch_upsert("contacts", "erp_customer_id", contacts(0)),
+            CrmAuthError,
+        ),
+    ],
+)
+def test_a_refusal_quoting_the_token_or_an_email_keeps_both_masked(handler, call, kind):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         crm = CrmClient(f"http://127.0.0.1:{server.server_port}", "s3cret-token", QUICK)
-        with pytest.raises(CrmReadRefused) as refused:
-            crm.newest_modification("contacts")
+        with pytest.raises(kind) as refused:
+            call(crm)
     finally:
         server.shutdown()
         server.server_close()
     text = str(refused.value)
-    assert "400 VALIDATION_ERROR: token *** may not filter on email = a***@e***.com" in text
+    assert (
+        f"{handler.status} VALIDATION_ERROR: token *** may not filter on email = a***@e***.com"
+        in text
+    )
     assert "s3cret-token" not in text and "ada.lovelace" not in text
 
 

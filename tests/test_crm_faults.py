@@ -3,7 +3,9 @@
 (d) the CRM down in the middle of a run. Each ends with the CRM holding exactly the valid ERP
 set (less what the CRM refused, which is in the DLQ with the CRM's reason). Figures go to the
 run's summary; `--outage-seconds 30` runs (d) with the issue's 30 s outage. (e) a read the CRM
-refuses (4xx) stops a CRM-sourced flow at once, saying what the CRM answered and what to fix.
+refuses (4xx) stops a CRM-sourced flow at once, saying what the CRM answered and what to fix;
+(f) so does a write the CRM refuses for the token (401) or its scope (403), no record of it
+dead-lettered.
 """
 
 from __future__ import annotations
@@ -232,3 +234,36 @@ def test_e_a_refused_read_is_its_own_kind_while_an_outage_stays_unavailable(worl
     with pytest.raises(SourceUnavailable, match="503"):
         source.high_water_mark()
     set_faults(world.crm, world.token)
+
+
+def test_f_a_write_the_crm_refuses_for_the_token_scope_fails_the_run_once_saying_what_to_fix(
+    world, crm_client
+):
+    """A token without the contacts write scope: the CRM answers every upsert 403. The run said
+    "CRM contacts is unavailable ... rerun when CRM contacts answers again" and Dagster retried
+    it three times, each refused alike; it now fails once, with the CRM's answer and what to fix,
+    and its records are not the CRM's refusals of them: none is dead-lettered, the rerun sends
+    them."""
+    set_faults(world.crm, world.token, refuse_writes=403)
+    with dg.instance_for_test() as instance:
+        result = materialize(instance, crm_resource(world))
+        set_faults(world.crm, world.token)
+        assert not result.success
+        retried = [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+        assert not retried, "a rerun gets the same 403"
+        (failure,) = result.get_step_failure_events()
+        description = failure.step_failure_data.user_failure_data.description
+        assert description.startswith(
+            f"flow {FLOW}: CRM contacts: POST /crm/v3/objects/contacts/batch/upsert: the CRM "
+            "refused the write: 403 MISSING_SCOPES: This app hasn't been granted"
+        )
+        assert "required scopes: crm.objects.contacts.write" in description
+        assert (
+            "What to do: a rerun alone will not cure it: give the CRM token (CRM_ACCESS_TOKEN, "
+            "its app) the scope the CRM names, e.g. crm.objects.contacts.write"
+        ) in description
+        assert "unavailable" not in description and world.token not in description
+        assert not refused_by_crm(world), "the token's refusal is no record's"
+        again = materialize(instance, crm_resource(world))
+    assert again.success
+    assert_crm_matches_erp(world.erp_url, crm_client)

@@ -10,6 +10,8 @@ import requests
 
 from integrations.crm import sandbox
 from integrations.crm.client import CrmAuthError, CrmClient, CrmRequestRejected
+from integrations.crm.destination import CrmObjects
+from integrations.engine.destination import DestinationMismatch
 
 
 def contact(number: int, email: str | None = None, **extra: str) -> dict:
@@ -29,9 +31,13 @@ def test_requests_without_the_token_get_a_hubspot_error_body(crm_sandbox):
     body = answer.json()
     assert body["status"] == "error" and body["category"] == "INVALID_AUTHENTICATION"
     assert body["correlationId"] and "Bearer" in body["message"]
-    with pytest.raises(CrmAuthError, match="CRM_ACCESS_TOKEN") as caught:
+    with pytest.raises(CrmAuthError, match="401 INVALID_AUTHENTICATION") as caught:
         list(CrmClient(crm_sandbox.base_url, "wrong-token").list_objects("contacts"))
-    assert "wrong-token" not in str(caught.value)
+    assert "wrong-token" not in str(caught.value) and "CRM_ACCESS_TOKEN" in caught.value.todo
+    # Reconciliation's read of the CRM: not an outage to wait out, the token to check.
+    contacts = CrmObjects(CrmClient(crm_sandbox.base_url, "wrong-token"), "contacts", "email")
+    with pytest.raises(DestinationMismatch, match="What to do: check CRM_ACCESS_TOKEN"):
+        list(contacts.snapshot(["email"]))
 
 
 def test_upsert_creates_then_updates_and_keeps_updated_at_when_nothing_changed(crm_client):

@@ -43,9 +43,21 @@ class CrmRefused(CrmError):
 
 
 class CrmAuthError(CrmRefused):
-    """The CRM refused the access token."""
+    """The CRM refused the access token (401), or a request the token has no scope for (403, a
+    write without the object type's write scope): every record of it alike, so not the records'
+    fault, and a rerun gets the same answer. Its text is the CRM's status, category and message
+    (the token and any email address in it masked); `todo` is what to check for that status."""
 
     todo = "check CRM_ACCESS_TOKEN: the CRM refused the token (revoked, expired, another account's)"
+
+    def __init__(
+        self, where: str, status: int, category: str, message: str, write_of: str | None = None
+    ):
+        self.status, self.category, self.message = status, category, message
+        refused = "the access token" if status == 401 else "the write" if write_of else "the call"
+        if status != 401:
+            self.todo = _what_cures(status, write_of, "write")
+        super().__init__(f"{where}: the CRM refused {refused}: {status} {category}: {message}")
 
 
 class CrmReadRefused(CrmRefused):
@@ -56,7 +68,7 @@ class CrmReadRefused(CrmRefused):
 
     def __init__(self, where: str, status: int, category: str, message: str, object_type: str):
         self.status, self.category, self.message = status, category, message
-        self.todo = _what_cures(status, object_type)
+        self.todo = _what_cures(status, object_type, "read")
         super().__init__(f"{where}: the CRM refused the read: {status} {category}: {message}")
 
 
@@ -120,9 +132,11 @@ class CrmClient:
         params: dict | None = None,
         idempotency_key: str | None = None,
         read_of: str | None = None,
+        write_of: str | None = None,
     ) -> dict:
         """The answer's JSON; `read_of` (an object type) marks a read, whose 4xx (but 401 and
-        429) is CrmReadRefused, not a refusal of the request's records."""
+        429) is CrmReadRefused, not a refusal of the request's records. A 401 or 403 is
+        CrmAuthError, of the token or of its scope for `write_of` (the object type written)."""
         where = f"{method} {path}"
         try:
             response = self.api.request(
@@ -138,11 +152,9 @@ class CrmClient:
         status = response.status_code
         if read_of is not None and status != 401 and 400 <= status < 500:  # 401: the token's
             raise self._read_refused(where, response, read_of)
-        if response.status_code in (401, 403):
-            raise CrmAuthError(
-                f"{where}: the CRM refused the access token ({response.status_code}); "
-                "check CRM_ACCESS_TOKEN"
-            )
+        if status in (401, 403):
+            category, text = self._refusal(response)
+            raise CrmAuthError(where, status, category, text, write_of)
         if response.status_code >= 400:
             body = _json_or_empty(response)
             raise CrmRequestRejected(
@@ -155,8 +167,12 @@ class CrmClient:
     def _read_refused(
         self, where: str, response: requests.Response, object_type: str
     ) -> CrmReadRefused:
-        """The CRM's own words for a refused read: its message, what its `errors` add (HubSpot
-        names a missing scope there), the token and email addresses masked, cut short."""
+        category, text = self._refusal(response)
+        return CrmReadRefused(where, response.status_code, category, text, object_type)
+
+    def _refusal(self, response: requests.Response) -> tuple[str, str]:
+        """The CRM's category and own words for a refusal: its message, what its `errors` add
+        (HubSpot names a missing scope there), the token and email addresses masked, cut short."""
         body = _json_or_empty(response)
         details = [str(body.get("message") or response.reason)]
         for error in body.get("errors") or []:
@@ -172,8 +188,7 @@ class CrmClient:
             lambda found: mask_email(found[0]),
             text.replace(self._token, MASK) if self._token else text,
         )
-        category = str(body.get("category", "ERROR"))[:60]
-        return CrmReadRefused(where, response.status_code, category, text[:400], object_type)
+        return str(body.get("category", "ERROR"))[:60], text[:400]
 
     def batch_upsert(
         self, object_type: str, id_property: str, inputs: Sequence[dict[str, object]]
@@ -199,6 +214,7 @@ class CrmClient:
             json=body,
             params={"idProperty": id_property},
             idempotency_key=f"batch-upsert-{uuid.uuid4()}",
+            write_of=object_type,
         )
         return BatchAnswer(list(answer.get("results", [])), list(answer.get("errors", [])))
 
@@ -238,6 +254,7 @@ class CrmClient:
             f"/crm/v4/associations/{from_type}/{to_type}/batch/associate/default",
             json={"inputs": [{"from": {"id": f}, "to": {"id": t}} for f, t in pairs]},
             idempotency_key=idempotency_key,
+            write_of=from_type,
         )
 
     def dissociate(self, from_type: str, to_type: str, pairs: Sequence[tuple[str, str]]) -> None:
@@ -249,6 +266,7 @@ class CrmClient:
             "POST",
             f"/crm/v4/associations/{from_type}/{to_type}/batch/archive",
             json={"inputs": [{"from": {"id": f}, "to": [{"id": t}]} for f, t in pairs]},
+            write_of=from_type,
         )
 
     def associated_ids(self, from_type: str, object_id: str, to_type: str) -> list[str]:
@@ -266,6 +284,7 @@ class CrmClient:
             "POST",
             f"/crm/v3/objects/{object_type}/batch/archive",
             json={"inputs": [{"id": str(object_id)} for object_id in ids]},
+            write_of=object_type,
         )
 
     def search_modified_since(
@@ -360,12 +379,14 @@ class CrmClient:
             params["after"] = after
 
 
-def _what_cures(status: int, object_type: str) -> str:
-    """What to check when the CRM refuses a read with `status`."""
+def _what_cures(status: int, object_type: str | None, access: str) -> str:
+    """What to check when the CRM refuses a read or a write (`access`) of `object_type` (None:
+    a call the client does not tie to one) with `status`."""
     if status == 403:
+        example = f", e.g. crm.objects.{object_type}.{access}" if object_type else ""
         return (
-            f"give the CRM token (CRM_ACCESS_TOKEN, its app) the scope the CRM names, e.g. "
-            f"crm.objects.{object_type}.read, or use a token that has it"
+            f"give the CRM token (CRM_ACCESS_TOKEN, its app) the scope the CRM names{example}, "
+            "or use a token that has it"
         )
     if status == 400:
         return (

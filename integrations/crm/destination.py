@@ -11,12 +11,13 @@ from integrations.crm.client import (
     BatchAnswer,
     CrmAuthError,
     CrmClient,
-    CrmReadRefused,
+    CrmRefused,
     CrmRequestRejected,
     CrmUnavailable,
 )
 from integrations.engine.destination import (
     DestinationMismatch,
+    DestinationRefused,
     DestinationUnavailable,
     OutboundRecord,
     RecordsRejected,
@@ -71,7 +72,9 @@ class CrmObjects:
                 outcome = self._linked(records, outcome, targets)
         except CrmRequestRejected as error:
             raise RecordsRejected(str(error)) from error
-        except (CrmUnavailable, CrmAuthError) as error:
+        except CrmAuthError as error:  # the token or its scope: every record alike, every rerun
+            raise DestinationRefused(str(error), error.todo) from error
+        except CrmUnavailable as error:
             raise DestinationUnavailable(str(error)) from error
         return outcome
 
@@ -187,9 +190,9 @@ class CrmObjects:
             for item in self.client.list_objects(self.object_type, [self.id_property, *fields]):
                 properties = item.get("properties", {})
                 yield str(properties.get(self.id_property) or ""), str(item["id"]), properties
-        except CrmReadRefused as error:  # a scope or a property missing: waiting will not help
+        except CrmRefused as error:  # the token, a scope or a property: waiting will not help
             raise DestinationMismatch(f"{error}. What to do: {error.todo}, then rerun") from error
-        except (CrmUnavailable, CrmAuthError) as error:
+        except CrmUnavailable as error:
             raise DestinationUnavailable(str(error)) from error
 
     def archive(self, destination_ids: Sequence[str]) -> None:
@@ -197,7 +200,9 @@ class CrmObjects:
             self.client.batch_archive(self.object_type, destination_ids)
         except CrmRequestRejected as error:
             raise RecordsRejected(str(error)) from error
-        except (CrmUnavailable, CrmAuthError) as error:
+        except CrmAuthError as error:
+            raise DestinationRefused(str(error), error.todo) from error
+        except CrmUnavailable as error:
             raise DestinationUnavailable(str(error)) from error
 
 

@@ -19,7 +19,10 @@ API's routes only (never to `/_sandbox/`), in this order, as a gateway in front 
 7. `refuse_reads`: every read of CRM objects (a list, a get, a search, a batch read) answered
    with this 4xx status, after the token is checked, in HubSpot's shape for it: 403
    MISSING_SCOPES (a token without the object type's read scope), 400 VALIDATION_ERROR (a search
-   naming a property the CRM does not have), 404 OBJECT_NOT_FOUND (0: off). Writes go through.
+   naming a property the CRM does not have), 404 OBJECT_NOT_FOUND (0: off). Writes go through;
+8. `refuse_writes`: every write of CRM objects (an upsert, an archive, an association made or
+   removed) answered so, reads going through: 403 MISSING_SCOPES (a token without the object
+   type's write scope), 401 INVALID_AUTHENTICATION (a token the CRM no longer takes for writes).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from http import HTTPStatus
 SERVER_ERRORS = (500, 502, 503)
 # What `refuse_reads` may answer: a client error HTTP names, but the 429 of the rate limit.
 REFUSALS = frozenset(status.value for status in HTTPStatus if 400 <= status < 500) - {429}
+# What `refuse_writes` may answer: the token's refusals (a write's other 4xx is its records').
+WRITE_REFUSALS = frozenset({401, 403})
 
 
 @dataclass
@@ -51,6 +56,7 @@ class Faults:
     outage_seconds: float = 0.0
     outage_after_requests: int = 0
     refuse_reads: int = 0
+    refuse_writes: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -58,6 +64,10 @@ class Faults:
             raise ValueError(
                 f"refuse_reads must be a 4xx status other than 429 (or 0: off), got "
                 f"{self.refuse_reads}"
+            )
+        if self.refuse_writes and self.refuse_writes not in WRITE_REFUSALS:
+            raise ValueError(
+                f"refuse_writes must be 401 or 403 (or 0: off), got {self.refuse_writes}"
             )
 
     @classmethod
@@ -166,6 +176,13 @@ class FaultInjector:
         status = self.faults.refuse_reads
         if status:
             self.count("refused_reads")
+        return status
+
+    def refuses_write(self) -> int:
+        """The 401 or 403 every write of CRM objects is answered with now (0: none)."""
+        status = self.faults.refuse_writes
+        if status:
+            self.count("refused_writes")
         return status
 
     def count(self, name: str) -> None:

@@ -599,12 +599,24 @@ def _refusal(position: int, item: dict) -> dict[str, object]:
     }
 
 
-def _read_refused(status: int, path: str) -> ApiError:
-    """HubSpot's answer to a read it refuses: a token without the object type's read scope
-    (403, the scope named in `errors`), a search naming a property the object type does not have
-    (400), or another 4xx; `path` is a /crm/v3|v4/objects/<type>/... path."""
+def _unauthenticated() -> ApiError:
+    """HubSpot's answer to a request without a token it takes."""
+    return ApiError(
+        401,
+        "INVALID_AUTHENTICATION",
+        "Authentication credentials not found or invalid. Send 'Authorization: Bearer <token>'.",
+    )
+
+
+def _refused(status: int, path: str, access: str = "read") -> ApiError:
+    """HubSpot's answer to a read or a write (`access`) it refuses: a token without the object
+    type's scope for it (403, the scope named in `errors`), a token it does not take (401), a
+    search naming a property the object type does not have (400), or another 4xx; `path` is a
+    /crm/v3/objects/<type>/... or /crm/v4/associations/<type>/... path."""
     parts = path.split("/")
     object_type = parts[4] if len(parts) > 4 else "objects"
+    if status == 401:
+        return _unauthenticated()
     if status == 403:
         return ApiError(
             403,
@@ -614,7 +626,7 @@ def _read_refused(status: int, path: str) -> ApiError:
             errors=[
                 {
                     "message": "One or more of the following scopes are required.",
-                    "context": {"requiredGranularScopes": [f"crm.objects.{object_type}.read"]},
+                    "context": {"requiredGranularScopes": [f"crm.objects.{object_type}.{access}"]},
                 }
             ],
             links={"scopes": "https://developers.hubspot.com/scopes"},
@@ -708,7 +720,7 @@ class SandboxHandler(BaseHTTPRequestHandler):
         try:
             self._authorise()
             if not url.path.startswith("/_sandbox/"):
-                self._refuse_read(method, url.path)
+                self._refuse(method, url.path)
             status, body = self._once(method, url, query, raw, headers)
         except ApiError as error:
             status, body = error.status, error.body()
@@ -768,19 +780,21 @@ class SandboxHandler(BaseHTTPRequestHandler):
         header = self.headers.get("Authorization", "")
         token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
         if not token or not hmac.compare_digest(token.encode(), self.server.token.encode()):
-            raise ApiError(
-                401,
-                "INVALID_AUTHENTICATION",
-                "Authentication credentials not found or invalid. Send 'Authorization: Bearer <token>'.",
-            )
+            raise _unauthenticated()
 
-    def _refuse_read(self, method: str, path: str) -> None:
+    def _refuse(self, method: str, path: str) -> None:
         """A read of CRM objects (a list, a get, a search, a batch read) answered with the
-        faults' `refuse_reads` status, once the token is checked, as HubSpot answers it."""
+        faults' `refuse_reads` status, a write (anything else) with their `refuse_writes`, once
+        the token is checked, as HubSpot answers them."""
         path = path.rstrip("/")
-        reads = method == "GET" or path.endswith(("/search", "/batch/read"))
-        if path.startswith("/crm/") and reads and (status := self.server.faults.refuses_read()):
-            raise _read_refused(status, path)
+        if not path.startswith("/crm/"):
+            return
+        faults = self.server.faults
+        if method == "GET" or path.endswith(("/search", "/batch/read")):
+            if status := faults.refuses_read():
+                raise _refused(status, path, "read")
+        elif status := faults.refuses_write():
+            raise _refused(status, path, "write")
 
     def _route(self, method: str, path: str, query: dict, raw: bytes) -> tuple[int, dict | None]:
         store = self.server.store

@@ -191,6 +191,20 @@ class DestinationUnavailable(Exception):
     """The destination could not be reached, or kept failing after retries."""
 
 
+class DestinationRefused(Exception):
+    """The destination answered and refused the writes themselves, whatever records they carry
+    (its credentials refused, or their scope short of writing): a rerun alone gets the same
+    answer. Its text is the destination's answer; `todo` is what cures it, before "then
+    rerun"."""
+
+    def __init__(self, message: str, todo: str):
+        super().__init__(message)
+        self.todo = todo
+
+    def __reduce__(self):
+        return type(self), (str(self), self.todo)
+
+
 class DestinationMismatch(Exception):
     """The destination cannot hold the flow's records (a missing table or column, a wrong type,
     a key that is not unique): found before anything is written."""

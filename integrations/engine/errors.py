@@ -58,6 +58,12 @@ class SourceRefusedRead(SyncError):
     retried; what to do names what to fix first."""
 
 
+class DestinationRefusedWrite(SyncError):
+    """The destination answered and refused the writes themselves (an API's 401, or its 403 for
+    a token without the write scope), not the records in them: the same run again gets the same
+    answer, so it is not retried; what to do names what to fix first."""
+
+
 class ArchiveGuardTripped(SyncError):
     """The run would archive too much; `plan` lists the archives it would have made."""
 

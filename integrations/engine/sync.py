@@ -38,6 +38,7 @@ from integrations.engine.budget import ErrorBudget
 from integrations.engine.destination import (
     Destination,
     DestinationMismatch,
+    DestinationRefused,
     DestinationUnavailable,
     OutboundBatch,
     OutboundRecord,
@@ -47,7 +48,13 @@ from integrations.engine.destination import (
     correlation_id,
 )
 from integrations.engine.echoes import echoes
-from integrations.engine.errors import ArchiveGuardTripped, FlowHeld, SourceRefusedRead, SyncError
+from integrations.engine.errors import (
+    ArchiveGuardTripped,
+    DestinationRefusedWrite,
+    FlowHeld,
+    SourceRefusedRead,
+    SyncError,
+)
 from integrations.engine.first_sync import FirstSync
 from integrations.engine.hashing import canonical_json, content_hash
 from integrations.engine.ids import (
@@ -1664,6 +1671,13 @@ class Sync(ErrorBudget, DestinationIds):
                 f"{todo or 'rerun when ' + self.destination.name + ' answers again'}; nothing "
                 "after the last committed batch was marked synced (the rerun resumes from the "
                 "watermark)",
+            ) from error
+        except DestinationRefused as error:
+            raise DestinationRefusedWrite(
+                self.spec.name,
+                f"{self.destination.name}: {error}",
+                f"a rerun alone will not cure it: {error.todo}, then rerun; nothing after the "
+                "last committed batch was marked synced (the rerun resumes from the watermark)",
             ) from error
         except DestinationMismatch as error:
             what, todo = _what_and_todo(error)
