@@ -5,7 +5,7 @@ set (less what the CRM refused, which is in the DLQ with the CRM's reason). Figu
 run's summary; `--outage-seconds 30` runs (d) with the issue's 30 s outage. (e) a read the CRM
 refuses (4xx) stops a CRM-sourced flow at once, saying what the CRM answered and what to fix;
 (f) so does a write the CRM refuses for the token (401) or its scope (403), no record of it
-dead-lettered.
+dead-lettered; (g) and a search that cannot page past the contacts sharing one instant.
 """
 
 from __future__ import annotations
@@ -267,3 +267,43 @@ def test_f_a_write_the_crm_refuses_for_the_token_scope_fails_the_run_once_saying
         again = materialize(instance, crm_resource(world))
     assert again.success
     assert_crm_matches_erp(world.erp_url, crm_client)
+
+
+def test_g_contacts_sharing_one_instant_past_the_search_window_fail_the_run_once_saying_why(
+    world,
+):
+    """A bulk update stamps 10,050 CRM contacts with one modification instant: HubSpot's search
+    pages no further than 10,000 of them, so every run stopped at the same place. It failed as
+    "unavailable ... rerun when the source answers" and Dagster retried it to the same end; it
+    now fails once, saying why no rerun helps and what does."""
+    numbers = [f"C{n:07d}" for n in range(10_050)]
+    for start in range(0, len(numbers), 100):
+        inputs = [
+            {"id": n, "properties": {"email": f"{n}@example.com"}} for n in numbers[start:][:100]
+        ]
+        world.crm.store.batch_upsert("contacts", {"inputs": inputs}, "erp_customer_id")
+    store = world.crm.store
+    with store.lock:  # what the bulk update left: one instant for all
+        store.connection.execute("UPDATE objects SET updated_ms = ?", (1_767_225_600_000,))
+        store.connection.commit()
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [flow_asset(ERP_CRM_CONTACT_UPDATES)],
+            resources=resources(),
+            instance=instance,
+            raise_on_error=False,
+        )
+    assert not result.success
+    retried = [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+    assert not retried, "a rerun reads the same 10,000 and stops there again"
+    (failure,) = result.get_step_failure_events()
+    description = failure.step_failure_data.user_failure_data.description
+    assert description.startswith(
+        f"flow {ERP_CRM_CONTACT_UPDATES.name}: CRM contacts: POST /crm/v3/objects/contacts/search: "
+        "10,000 or more contacts share the modification instant 2026-01-01T00:00:00.000+00:00, "
+        "and HubSpot's search pages no further than 10,000 results. What to do: a rerun alone "
+        "will not cure it: this flow reads CRM contacts only by that search, and so do a full "
+        "refresh (full_refresh) and a repair"
+    )
+    assert "edit a property of some of the contacts last modified at that instant" in description
+    assert "unavailable" not in description

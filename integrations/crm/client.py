@@ -72,6 +72,26 @@ class CrmReadRefused(CrmRefused):
         super().__init__(f"{where}: the CRM refused the read: {status} {category}: {message}")
 
 
+class CrmSearchWindowFull(CrmRefused):
+    """So many objects share one modification instant that HubSpot's search cannot page past
+    them (a bulk import or update stamps them together): every run's search from there reads
+    them again and stops at the same place, so a rerun cannot help; `todo` says what can."""
+
+    def __init__(self, where: str, object_type: str, instant: datetime):
+        self.todo = (
+            f"this flow reads CRM {object_type} only by that search, and so do a full refresh "
+            "(full_refresh) and a repair (its reconciliation reads the source by the same "
+            f"search): in the CRM, edit a property of some of the {object_type} last modified at "
+            f"that instant (in groups of fewer than {SEARCH_WINDOW:,}) so that fewer than "
+            f"{SEARCH_WINDOW:,} share it"
+        )
+        super().__init__(
+            f"{where}: {SEARCH_WINDOW:,} or more {object_type} share the modification instant "
+            f"{instant.isoformat(timespec='milliseconds')}, and HubSpot's search pages no further "
+            f"than {SEARCH_WINDOW:,} results"
+        )
+
+
 class CrmRequestRejected(CrmError):
     """The CRM refused the request's content (4xx): the body's message and category are kept."""
 
@@ -326,8 +346,10 @@ class CrmClient:
             elif int(next_after) < SEARCH_WINDOW:
                 served_at_floor, after = at_last, next_after
             else:  # HubSpot's search stops paging at 10,000 results
-                raise CrmError(
-                    f"more than {SEARCH_WINDOW} {object_type} share one modification instant"
+                raise CrmSearchWindowFull(
+                    f"POST /crm/v3/objects/{object_type}/search",
+                    object_type,
+                    datetime.fromtimestamp(floor_ms / 1000, UTC),
                 )
 
     def batch_read(
