@@ -12,6 +12,7 @@ import pytest
 from integrations.helpdesk.client import (
     RtAuthError,
     RtClient,
+    RtReadRefused,
     RtRequestRejected,
     RtUnavailable,
 )
@@ -136,3 +137,29 @@ def test_ticket_search_reads_every_page_when_rt_does_not_count_them(rt, rt_clien
     finally:
         setting.unlink()
         rt.reset()
+
+
+def test_a_ticket_read_rt_refuses_quotes_rt_and_says_what_to_fix(rt, rt_client):
+    """A read of tickets RT answers with a 4xx is RT's refusal, not an outage: its status and
+    message (the address in the query masked, not where in RT's code it died) and what to fix."""
+    with pytest.raises(RtReadRefused) as unparsed:
+        next(rt_client.search_tickets("Requestor.EmailAddress = 'ada@example.com' AND (", []))
+    assert unparsed.value.status == 400
+    assert unparsed.value.what == (
+        "RT GET /tickets: refused the read: 400 Wrong query, expecting a OPEN_PAREN or KEYWORD "
+        "in '(Requestor.EmailAddress = 'a***@e***.com' AND (>)<--here AND id > 0'"
+    )
+    assert "ada@example.com" not in str(unparsed.value) and "Tickets.pm" not in str(unparsed.value)
+    assert "TicketSQL" in unparsed.value.todo
+
+    # RT_BASE_URL with REST2's path in it: RT has no /REST/2.0/REST/2.0/tickets.
+    doubled = RtClient(f"{rt.base_url}/REST/2.0", user=rt.user, password=rt.password)
+    with pytest.raises(RtReadRefused, match="refused the read: 404 Not Found") as missing:
+        doubled.newest_ticket_update()
+    assert missing.value.todo.startswith("check RT_BASE_URL")
+
+    # RT_BASE_URL naming another path of RT's: its web UI sends to its login page.
+    elsewhere = RtClient(f"{rt.base_url}/rt", user=rt.user, password=rt.password)
+    with pytest.raises(RtReadRefused, match=r"redirected to /NoAuth/Login\.html") as login:
+        elsewhere.newest_ticket_update()
+    assert login.value.todo.startswith("check RT_BASE_URL")

@@ -12,15 +12,18 @@ from datetime import datetime, timedelta
 from urllib.parse import unquote_plus
 
 import dagster as dg
+import pytest
 import sqlalchemy as sa
 
 from assets.erp_support_tickets import ERP_SUPPORT_TICKETS
 from assets.factory import flow_asset
 from assets.helpdesk_users import HELPDESK_USERS
 from definitions import active_flows, definitions, resources
+from integrations.engine.source import SourceReadFailed, SourceUnavailable
 from integrations.engine.sync import Sync, SyncResult
 from integrations.helpdesk.client import RtClient, rt_time
 from integrations.helpdesk.source import RtTickets, updated_since
+from integrations.http import ApiLimits
 from integrations.sql.connect import create_engine
 from integrations.sql.destination import SqlTable
 from tests.rt_gateway import RtGateway
@@ -351,3 +354,78 @@ def test_a_ticket_answered_after_the_run_read_it_is_staged_as_answered_and_not_r
     rows = staged(helpdesk_world.erp_url)
     assert sorted(rows) == tickets and result.counts["inserted"] == 4
     assert rows[tickets[0]]["status"] == "open", "the answered ticket as it is now"
+
+
+def failed_once(run: dg.ExecuteInJobResult) -> str:
+    """The description of a run's one failure, which Dagster did not retry."""
+    assert not run.success
+    retried = [e for e in run.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+    assert not retried, "a rerun gets RT's same answer"
+    (failure,) = run.get_step_failure_events()
+    return failure.step_failure_data.user_failure_data.description
+
+
+def test_a_read_rt_refuses_fails_the_run_once_saying_what_to_fix(helpdesk_world, monkeypatch):
+    """Wrong credentials (RT answers 401), then a user without the rights to read tickets behind
+    a proxy that says so (403): the run said "unavailable ... rerun when the source answers" and
+    Dagster retried it, each refused alike; it now fails once, quoting RT, saying what to fix."""
+    prefix = f"flow {ERP_SUPPORT_TICKETS.name}: RT tickets: RT GET /tickets: "
+    fix = "What to do: a rerun alone will not cure it: "
+    monkeypatch.setenv("RT_PASSWORD", "not-the-password")
+    with dg.instance_for_test() as instance:
+        run = dg.materialize(
+            [flow_asset(ERP_SUPPORT_TICKETS)],
+            resources=resources(),
+            instance=instance,
+            raise_on_error=False,
+        )
+    description = failed_once(run)
+    assert description.startswith(
+        f"{prefix}refused the credentials: 401 Unauthorized. {fix}check RT_USER and RT_PASSWORD, "
+        "or RT_TOKEN"
+    )
+    assert "not-the-password" not in description and "unavailable" not in description
+
+    rt = helpdesk_world.rt
+    monkeypatch.setenv("RT_PASSWORD", rt.password)
+    gateway = RtGateway(rt.base_url, lambda method, path: 403 if "/tickets" in path else None)
+    monkeypatch.setenv("RT_BASE_URL", gateway.url)
+    try:
+        with dg.instance_for_test() as instance:
+            run = dg.materialize(
+                [flow_asset(ERP_SUPPORT_TICKETS)],
+                resources=resources(),
+                instance=instance,
+                raise_on_error=False,
+            )
+    finally:
+        gateway.close()
+    description = failed_once(run)
+    assert description.startswith(
+        f"{prefix}refused the read: 403 Forbidden. {fix}give the RT user handoff reads as "
+        "(RT_USER, or RT_TOKEN's owner) the rights SeeQueue and ShowTicket"
+    )
+    assert "unavailable" not in description
+
+
+def test_rt_out_of_reach_or_failing_is_still_unavailable_to_rerun(helpdesk_world):
+    """What a rerun can cure stays SourceUnavailable: RT answering 503 (after the retries) and
+    RT not reached at all; the 4xx of a read is SourceReadFailed."""
+    rt = helpdesk_world.rt
+    answers = {"status": 503}
+    gateway = RtGateway(rt.base_url, lambda method, path: answers["status"])
+    limits = ApiLimits(retries=1, backoff=0.01)
+    client = RtClient(gateway.url, user=rt.user, password=rt.password, limits=limits)
+    source = RtTickets(client, ERP_SUPPORT_TICKETS.source)
+    try:
+        with pytest.raises(SourceUnavailable, match="503"):
+            source.high_water_mark()
+        answers["status"] = 400
+        with pytest.raises(SourceReadFailed, match="refused the read: 400 Bad Request"):
+            source.high_water_mark()
+    finally:
+        client.close()
+        gateway.close()
+    nowhere = RtClient(gateway.url, user=rt.user, password=rt.password, limits=limits)
+    with pytest.raises(SourceUnavailable, match="ConnectionError"):
+        RtTickets(nowhere, ERP_SUPPORT_TICKETS.source).high_water_mark()

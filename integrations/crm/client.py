@@ -10,7 +10,6 @@ answer (see `batch_upsert`). Errors never carry request headers.
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -18,13 +17,12 @@ from datetime import UTC, datetime
 
 import requests
 
-from integrations.engine.masking import MASK, mask_email
+from integrations.engine.masking import mask_emails
 from integrations.http import ApiClient, ApiLimits, ApiUnavailable, SharedTokenBucket
 
 MAX_BATCH = 100  # HubSpot's limit for batch endpoints
 SEARCH_PAGE = 100
 SEARCH_WINDOW = 10_000  # HubSpot's search stops paging here (offsets page one instant only)
-_EMAIL = re.compile(r"[^@\s\"'<>(),;:]+@[^@\s\"'<>(),;:]+")
 
 
 class CrmError(Exception):
@@ -204,10 +202,7 @@ class CrmClient:
             if isinstance(scopes, list):
                 details.append(f"required scopes: {', '.join(map(str, scopes))}")
         text = " ".join(detail for detail in details if detail)
-        text = _EMAIL.sub(
-            lambda found: mask_email(found[0]),
-            text.replace(self._token, MASK) if self._token else text,
-        )
+        text = mask_emails(text, [self._token])
         return str(body.get("category", "ERROR"))[:60], text[:400]
 
     def batch_upsert(

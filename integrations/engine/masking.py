@@ -6,6 +6,7 @@ import re
 from collections.abc import Iterable, Mapping
 
 MASK = "***"
+_EMAIL = re.compile(r"[^@\s\"'<>(),;:]+@[^@\s\"'<>(),;:]+")
 
 
 def mask_email(value: str) -> str:
@@ -15,6 +16,15 @@ def mask_email(value: str) -> str:
     host, dot, tld = domain.rpartition(".")
     masked_domain = f"{host[:1]}{MASK}{dot}{tld}" if host else f"{domain[:1]}{MASK}"
     return f"{local[:1]}{MASK}@{masked_domain}"
+
+
+def mask_emails(text: str, secrets: Iterable[str | None] = ()) -> str:
+    """An API's message with every email address in it masked, and these secrets (its token,
+    its password) too, should the API quote them."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, MASK)
+    return _EMAIL.sub(lambda found: mask_email(found[0]), text)
 
 
 def mask_text(value: str) -> str:

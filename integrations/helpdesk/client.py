@@ -10,14 +10,18 @@ the system name "RT". Errors name RT and the request, never the credentials.
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 import requests
 
+from integrations.engine.masking import mask_emails
 from integrations.http import ApiClient, ApiLimits, ApiUnavailable, SharedTokenBucket
 
 PAGE = 100  # REST2's largest page
+TICKET_READS = ("/tickets", "/transactions")  # searches (a ticket is written at /ticket)
 
 
 class RtError(Exception):
@@ -28,8 +32,29 @@ class RtUnavailable(RtError):
     """RT could not be reached, or kept answering 429/5xx after every retry."""
 
 
-class RtAuthError(RtError):
-    """RT refused the credentials."""
+class RtRefused(RtError):
+    """RT answered, and refused: waiting and rerunning get the same answer. `what` is RT's
+    answer, `todo` what cures it (without "then rerun")."""
+
+    def __init__(self, what: str, todo: str):
+        self.what, self.todo = what, todo
+        super().__init__(f"{what}; {todo}")
+
+
+class RtAuthError(RtRefused):
+    """RT refused the credentials (401), or a write for want of the user's rights (403)."""
+
+
+class RtReadRefused(RtRefused):
+    """RT answered a read of tickets with a 4xx other than 401 (the credentials') and 429 (a
+    limit: retried, then unavailable): a TicketSQL it cannot parse (400), a user without the
+    right to read them, or a proxy refusing (403), a path it does not have (404); or with a page
+    that is not REST2's JSON (its login page: RT_BASE_URL names another path). Not an outage:
+    a rerun gets the same answer. RT's message has the credentials and email addresses masked."""
+
+    def __init__(self, where: str, status: int, message: str):
+        self.status = status
+        super().__init__(f"RT {where}: refused the read: {status} {message}", _what_cures(status))
 
 
 class RtRequestRejected(RtError):
@@ -38,6 +63,40 @@ class RtRequestRejected(RtError):
     def __init__(self, status: int, message: str):
         self.status = status
         super().__init__(f"RT answered {status}: {message}")
+
+
+CHECK_CREDENTIALS = (
+    "check RT_USER and RT_PASSWORD, or RT_TOKEN: RT refused them (a wrong password, a disabled "
+    "user, a revoked or expired token)"
+)
+CHECK_RIGHTS = (
+    "check the rights of the RT user handoff acts as (RT_USER, or RT_TOKEN's owner): the README "
+    "lists them"
+)
+CHECK_BASE_URL = (
+    "check RT_BASE_URL: RT's web address including its path (https://rt.example.com or "
+    "https://example.com/rt), without /REST/2.0, of an RT 5 (REST2 is built in)"
+)
+_PERL_PLACE = re.compile(r"\s+at /\S+ line \d+\.?\s*$")  # where in RT's code it died
+
+
+def _what_cures(status: int) -> str:
+    """What to check when RT refuses a read of tickets with `status`."""
+    if status == 403:
+        return (
+            "give the RT user handoff reads as (RT_USER, or RT_TOKEN's owner) the rights SeeQueue "
+            "and ShowTicket on the queues whose tickets the ERP should see (Admin, Queues, the "
+            "queue, User Rights), or use a user that has them; or let the proxy in front of RT "
+            "pass REST2's GET /tickets"
+        )
+    if status == 400:
+        return (
+            "check that RT_BASE_URL is an RT 5 (its REST2 parses the flow's TicketSQL on id and "
+            "LastUpdated) and what RT says about the query"
+        )
+    if status == 404 or status < 400:
+        return CHECK_BASE_URL
+    return "fix what RT says about the request (RT_BASE_URL, the user's rights in RT)"
 
 
 def rt_time(value: str | None) -> datetime | None:
@@ -65,7 +124,7 @@ class RtClient:
         elif user and password:
             authorization = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
         else:
-            raise RtAuthError("set RT_TOKEN, or RT_USER and RT_PASSWORD, to reach RT")
+            raise RtAuthError("RT: no credentials", "set RT_TOKEN, or RT_USER and RT_PASSWORD")
         self.api = ApiClient(
             "RT",
             base_url,
@@ -75,6 +134,7 @@ class RtClient:
             log=log,
         )
         self.base_url = self.api.base_url
+        self._secrets = (password, token)  # masked out of RT's messages, should one quote them
         self.page_size = min(page_size, PAGE)
 
     def close(self) -> None:
@@ -91,7 +151,8 @@ class RtClient:
     ) -> object:
         """One call through the shared transport. Every POST here is a search, or a user
         create that a resend cannot double (RT refuses a second user of the same name; the
-        users destination then finds the one the first send made)."""
+        users destination then finds the one the first send made). A read of tickets that RT
+        refuses is RtReadRefused (see it), not a refusal of what was sent."""
         where = f"{method} {path}"
         try:
             response = self.api.request(
@@ -99,16 +160,38 @@ class RtClient:
             )
         except ApiUnavailable as error:
             raise RtUnavailable(str(error)) from None
-        if response.status_code in (401, 403):
-            raise RtAuthError(
-                f"RT {where}: refused the credentials ({response.status_code}); check RT_USER/"
-                "RT_PASSWORD or RT_TOKEN and the user's rights"
-            )
+        status = response.status_code
         body_json = _json_or_none(response)
-        if response.status_code >= 400:
+        tickets_read = path in TICKET_READS
+        if status == 401 or (status == 403 and not tickets_read):
+            said = self._said(response, body_json)
+            raise RtAuthError(
+                f"RT {where}: refused the credentials: {status} {said}",
+                CHECK_CREDENTIALS if status == 401 else CHECK_RIGHTS,
+            )
+        not_rest2 = status < 300 and not isinstance(body_json, dict)
+        if tickets_read and (400 <= status < 500 or not_rest2):
+            raise RtReadRefused(where, status, self._said(response, body_json))
+        if status >= 400:
             message = body_json.get("message") if isinstance(body_json, dict) else None
-            raise RtRequestRejected(response.status_code, str(message or response.reason))
+            raise RtRequestRejected(status, str(message or response.reason))
         return body_json
+
+    def _said(self, response: requests.Response, body_json: object) -> str:
+        """RT's message for an answer, short, without the credentials or email addresses (a
+        TicketSQL it quotes may hold one), or what the answer was when it is not REST2's JSON."""
+        message = body_json.get("message") if isinstance(body_json, dict) else None
+        if message:
+            text = _PERL_PLACE.sub("", str(message))
+        elif response.status_code < 300:
+            kind = response.headers.get("Content-Type", "no content type").split(";")[0]
+            redirected = (
+                f", redirected to {urlsplit(response.url).path}" if response.history else ""
+            )
+            text = f"an answer that is not REST2's JSON ({kind}{redirected})"
+        else:
+            text = str(response.reason)
+        return mask_emails(text, self._secrets)[:400]
 
     def _search(
         self, path: str, params: Sequence[tuple[str, object]] = (), body: object = None

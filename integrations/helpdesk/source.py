@@ -38,9 +38,9 @@ from itertools import islice
 
 import pandas as pd
 
-from integrations.engine.source import SourceUnavailable
+from integrations.engine.source import SourceReadFailed, SourceUnavailable
 from integrations.engine.spec import SourceTable
-from integrations.helpdesk.client import PAGE, RtClient, RtError, rt_time
+from integrations.helpdesk.client import PAGE, RtClient, RtError, RtRefused, rt_time
 
 Place = tuple[datetime, int]  # a ticket's (LastUpdated, id)
 
@@ -74,6 +74,15 @@ def updated_between(start: datetime | None, end: datetime | None) -> str:
     if end is not None and (seconds := int((now - end - CLOCK_MARGIN).total_seconds())) > 0:
         conditions.append(f"LastUpdated < 'now - {seconds} seconds'")
     return " AND ".join(conditions)
+
+
+def _read_failed(error: RtError) -> Exception:
+    """An RT that answered and refused the read (the credentials, the user's rights, a query it
+    cannot parse, a path it does not have) as SourceReadFailed, saying what to fix: a rerun gets
+    the same answer. Not reached, or 429/5xx after every retry: SourceUnavailable, to rerun."""
+    if isinstance(error, RtRefused):
+        return SourceReadFailed(f"RT tickets: {error.what}", error.todo)
+    return SourceUnavailable(str(error))
 
 
 def _row(ticket: dict) -> tuple:
@@ -132,7 +141,7 @@ class RtTickets:
         try:
             yield from self.client.search_tickets(ticketsql, fields)
         except RtError as error:
-            raise SourceUnavailable(str(error)) from error
+            raise _read_failed(error) from error
 
     def _in_changed_order(self, since: datetime | None) -> Iterator[dict]:
         """The tickets changed at or after `since` oldest change first (see the module
@@ -194,7 +203,7 @@ class RtTickets:
             for ticket in self.client.tickets_by_change(ticketsql):
                 yield _changed_order(ticket)
         except RtError as error:
-            raise SourceUnavailable(str(error)) from error
+            raise _read_failed(error) from error
 
     def batches(
         self, since: datetime | None, batch_size: int, within: object | None = None
@@ -219,4 +228,4 @@ class RtTickets:
         try:
             return self.client.newest_ticket_update()
         except RtError as error:
-            raise SourceUnavailable(str(error)) from error
+            raise _read_failed(error) from error
