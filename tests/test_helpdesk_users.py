@@ -376,3 +376,30 @@ def test_a_new_users_tier_rt_refuses_is_dead_lettered_with_rts_own_words(helpdes
         assert f"RT did not store {TIER}" in letter.reason
         # REST2 answers a create 201 and drops the value without a word; an update says why.
         assert "Invalid value for custom field" in letter.reason, "RT's own words"
+
+
+def test_rt_refusing_the_credentials_fails_the_run_once_saying_what_to_fix(
+    helpdesk_world, monkeypatch
+):
+    """A wrong password (RT answers 401) failed the run as "RT users is unavailable ... rerun
+    when it answers again", and Dagster retried it to the same answer: it now fails once,
+    quoting RT and saying what to check, the password masked, no record dead-lettered."""
+    monkeypatch.setenv("RT_PASSWORD", "not-the-password")
+    with dg.instance_for_test() as instance:
+        run = dg.materialize(
+            [flow_asset(HELPDESK_USERS)],
+            resources=resources(),
+            instance=instance,
+            raise_on_error=False,
+        )
+    assert not run.success
+    retried = [e for e in run.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+    assert not retried, "a rerun gets RT's same answer"
+    (failure,) = run.get_step_failure_events()
+    description = failure.step_failure_data.user_failure_data.description
+    assert "refused the credentials: 401" in description, description
+    assert "check RT_USER and RT_PASSWORD, or RT_TOKEN" in description
+    assert "unavailable" not in description and "not-the-password" not in description
+    state = helpdesk_world.state()
+    assert state.dead_letter_kinds(HELPDESK_USERS.name) == {}
+    state.dispose()

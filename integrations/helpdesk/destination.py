@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 
 from integrations.engine.destination import (
+    DestinationRefused,
     DestinationUnavailable,
     OutboundRecord,
     RecordsRejected,
@@ -87,8 +88,10 @@ class RtUsers:
                 {item.destination_id: wanted[item.destination_id] for item in written}
             )
             wrong = self._ask_why(wrong, wanted, answers)
-        except (RtUnavailable, RtAuthError) as error:
+        except RtUnavailable as error:
             raise DestinationUnavailable(str(error)) from error
+        except RtAuthError as error:  # the credentials or rights, not the records: refused alike
+            raise DestinationRefused(str(error), error.todo) from error
         refused += [
             Refusal(
                 item.key,
@@ -113,8 +116,10 @@ class RtUsers:
                     self.client.update_user(name, {"Disabled": 1})
         except RtRequestRejected as error:
             raise RecordsRejected(str(error)) from error
-        except (RtUnavailable, RtAuthError) as error:
+        except RtUnavailable as error:
             raise DestinationUnavailable(str(error)) from error
+        except RtAuthError as error:  # the credentials or rights, not the records: refused alike
+            raise DestinationRefused(str(error), error.todo) from error
 
     def snapshot(self, fields: Sequence[str]) -> Iterator[tuple[str, str, dict[str, object]]]:
         """Every enabled user that carries one of the synced custom fields (RT's own users and
@@ -126,8 +131,10 @@ class RtUsers:
                 flat = _flatten(user)
                 if any(flat.get(name) for name in custom):
                     yield flat["Name"], flat["Name"], dict(flat)
-        except (RtUnavailable, RtAuthError) as error:
+        except RtUnavailable as error:
             raise DestinationUnavailable(str(error)) from error
+        except RtAuthError as error:  # the credentials or rights, not the records: refused alike
+            raise DestinationRefused(str(error), error.todo) from error
 
     # --- internals ---------------------------------------------------------------------------
 
