@@ -3,6 +3,13 @@
 The cursor holds the last high-water mark seen; a tick costs one `max(updated_at)` query per table
 plus one watermark read per flow, so it stays far below Dagster's 60 s tick budget.
 
+A source whose times keep whole seconds (RT's LastUpdated) can hold a change made after a run
+read, within the second that run synced up to: the high-water mark stays equal to the flow's
+watermark and tells nothing. Such a source offers an exact change counter (RT's newest ticket
+transaction, one request more), which the cursor keeps: where it moved, a flow synced up to that
+very second is behind too. It is the counter at the tick, not at the run's read: a change made
+between the two costs one run more, which finds nothing new.
+
 While a flow's error budget is tripped, its run would stop at its start, each with its failed run
 and alert: the sensor requests none for it, says why, and keeps its sync as a stopped window
 (`refused`, as the refused run would have), which the flow's stopped-windows sensor requests once
@@ -40,10 +47,12 @@ def _sensor(system: str, table: str, specs: list[FlowSpec]) -> dg.SensorDefiniti
         cursor = json.loads(context.cursor) if context.cursor else {}
         with getattr(context.resources, system).source(specs[0].source) as source:
             high_water_mark = source.high_water_mark()
+            counter = source.change_counter() if high_water_mark is not None else None
         if high_water_mark is None:
             return dg.SensorResult(skip_reason=f"{system} {table} is empty", cursor=context.cursor)
-        seen = cursor.get("high_water_mark")
-        if seen is not None and high_water_mark.isoformat() <= seen:
+        newest, seen = high_water_mark.isoformat(), cursor.get("high_water_mark")
+        moved = counter is not None and counter != cursor.get("change_counter")
+        if seen is not None and (newest < seen or (newest == seen and not moved)):
             return dg.SensorResult(
                 skip_reason=f"{system} {table} unchanged since {seen}", cursor=context.cursor
             )
@@ -51,7 +60,9 @@ def _sensor(system: str, table: str, specs: list[FlowSpec]) -> dg.SensorDefiniti
             behind = [
                 spec
                 for spec in specs
-                if (mark := store.watermark(spec.name)) is None or mark.updated_at < high_water_mark
+                if (mark := store.watermark(spec.name)) is None
+                or mark.updated_at < high_water_mark
+                or (moved and mark.updated_at == high_water_mark)  # a change within its second
             ]
             # A flow whose trip stands gets no run (it would stop at its start): its sync is kept.
             tick = f"sensor tick {datetime.now(UTC):%Y-%m-%dT%H:%M:%S%z}"
@@ -60,7 +71,9 @@ def _sensor(system: str, table: str, specs: list[FlowSpec]) -> dg.SensorDefiniti
                 for spec in behind
                 if (trip := trip_skips(store, spec, SINCE_WATERMARK, tick)) is not None
             ]
-        new_cursor = json.dumps({"high_water_mark": high_water_mark.isoformat()})
+        new_cursor = json.dumps(
+            {"high_water_mark": newest} | ({} if counter is None else {"change_counter": counter})
+        )
         if not behind:
             return dg.SensorResult(
                 skip_reason=f"flows already synced up to {high_water_mark}", cursor=new_cursor
@@ -73,9 +86,10 @@ def _sensor(system: str, table: str, specs: list[FlowSpec]) -> dg.SensorDefiniti
             context.log.info("; ".join(skipped.values()))
         return dg.SensorResult(
             run_requests=runs_per_pool(
-                f"{system}_{table}:{high_water_mark.isoformat()}",
+                # Dagster requests a run key once: a change within the same second is another.
+                f"{system}_{table}:{newest}" + ("" if counter is None else f":{counter}"),
                 to_sync,
-                {"handoff/high_water_mark": high_water_mark.isoformat()},
+                {"handoff/high_water_mark": newest},
             ),
             cursor=new_cursor,
         )

@@ -111,6 +111,20 @@ for my $right (qw(SeeQueue ShowTicket)) {
 """
 
 
+def queue_agent(rt, page_size: int = 2) -> RtClient:
+    """A client acting as a new agent with SeeQueue and ShowTicket on the General queue."""
+    environment = {
+        **os.environ,
+        "RT_SITE_CONFIG": str(rt.home / "RT_SiteConfig.pm"),
+        "RT_SITE_CONFIG_DIR": str(rt.home / "RT_SiteConfig.d"),
+        "AGENT_PASSWORD": "agent-password-1",
+    }
+    subprocess.run(
+        ["perl", f"-I{RT_LIB}", "-e", _QUEUE_AGENT], env=environment, check=True, text=True
+    )
+    return RtClient(rt.base_url, user="handoff", password="agent-password-1", page_size=page_size)
+
+
 def test_ticket_search_reads_every_page_when_rt_does_not_count_them(rt, rt_client):
     # Without SQL ACL checks RT does not count what a user with queue rights may see: its
     # answers carry no page count.
@@ -118,20 +132,11 @@ def test_ticket_search_reads_every_page_when_rt_does_not_count_them(rt, rt_clien
     setting.write_text("Set($UseSQLForACLChecks, 0);\n1;\n")
     try:
         rt.reset()
-        environment = {
-            **os.environ,
-            "RT_SITE_CONFIG": str(rt.home / "RT_SiteConfig.pm"),
-            "RT_SITE_CONFIG_DIR": str(rt.home / "RT_SiteConfig.d"),
-            "AGENT_PASSWORD": "agent-password-1",
-        }
-        subprocess.run(
-            ["perl", f"-I{RT_LIB}", "-e", _QUEUE_AGENT], env=environment, check=True, text=True
-        )
+        agent = queue_agent(rt)
         created = [
             rt_client.create_ticket({"Queue": "General", "Subject": f"printer {n}"})
             for n in range(5)
         ]
-        agent = RtClient(rt.base_url, user="handoff", password="agent-password-1", page_size=2)
         found = list(agent.search_tickets("Queue = 'General'", ["Status"]))
         assert [int(ticket["id"]) for ticket in found] == created
     finally:
@@ -163,3 +168,23 @@ def test_a_ticket_read_rt_refuses_quotes_rt_and_says_what_to_fix(rt, rt_client):
     with pytest.raises(RtReadRefused, match=r"redirected to /NoAuth/Login\.html") as login:
         elsewhere.newest_ticket_update()
     assert login.value.todo.startswith("check RT_BASE_URL")
+
+
+def test_the_newest_ticket_change_moves_with_each_ticket_change_the_agent_may_see(rt, rt_client):
+    """The sensor's exact change counter: RT's newest ticket transaction moves with a change
+    made within the second of the newest LastUpdated, not with a change to a user; and for an
+    agent without ShowTicketComments, whose newest transaction is a comment it may not see, it is
+    the newest it may see, not none (RT leaves the comment out of a page of one)."""
+    agent = queue_agent(rt)
+    ticket = rt_client.create_ticket({"Queue": "General", "Subject": "printer"})
+    created = rt_client.newest_ticket_change()
+    rt_client.update_ticket(ticket, {"Status": "open"})
+    answered = rt_client.newest_ticket_change()
+    assert answered > created
+    assert agent.newest_ticket_change() == answered
+    rt_client.create_user({"Name": "C0000001", "EmailAddress": "ada@example.com"})
+    assert rt_client.newest_ticket_change() == answered, "a user's change is no ticket's"
+    comment = {"Content": "internal note", "ContentType": "text/plain"}
+    assert rt_client.api.request("POST", f"/REST/2.0/ticket/{ticket}/comment", json=comment).ok
+    assert rt_client.newest_ticket_change() > answered
+    assert agent.newest_ticket_change() == answered

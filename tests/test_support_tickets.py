@@ -3,6 +3,7 @@ staging table by the sensor-requested run, once each, the requestor resolved to 
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -429,3 +430,81 @@ def test_rt_out_of_reach_or_failing_is_still_unavailable_to_rerun(helpdesk_world
     nowhere = RtClient(gateway.url, user=rt.user, password=rt.password, limits=limits)
     with pytest.raises(SourceUnavailable, match="ConnectionError"):
         RtTickets(nowhere, ERP_SUPPORT_TICKETS.source).high_water_mark()
+
+
+def test_a_ticket_answered_within_the_second_a_run_synced_up_to_gets_a_run(
+    helpdesk_world, rt_client, monkeypatch
+):
+    """RT keeps LastUpdated to the second. A run reads a ticket answered at second S, moving its
+    watermark to S; another ticket, answered within S once the run had listed what it reads, is
+    left to the next run. RT's newest LastUpdated, S, equalled the watermark, and the sensor
+    skipped until another change or the hourly run. Both answers fall within one second: the
+    first as the run lists the tickets it reads (the start of a second), the second as it reads
+    them; a sensor tick then, from before the run or from between the two answers, requests a
+    run, which stages the second answer."""
+    rt = helpdesk_world.rt
+    first, second = questions(rt_client, 2)
+    gateway_hook = {"armed": False}
+    between: dict[str, object] = {}  # RT's newest change between the answers, as a tick saw it
+
+    def two_answers_within_one_second_around_the_runs_read(method: str, path: str) -> None:
+        query = unquote_plus(path)
+        if not gateway_hook["armed"] or not path.startswith("/REST/2.0/tickets?"):
+            return
+        lists_what_it_reads = "fields=LastUpdated&" in query and "orderby=LastUpdated" not in query
+        if lists_what_it_reads and not between:
+            time.sleep(1.02 - time.time() % 1)  # RT's clock is this machine's
+            rt_client.update_ticket(first, {"Status": "open"})
+            between["change_counter"] = rt_client.newest_ticket_change()
+        elif "id = " in query and between:  # it reads the tickets listed
+            rt_client.update_ticket(second, {"Status": "open"})
+            gateway_hook["armed"] = False
+
+    gateway = RtGateway(rt.base_url, two_answers_within_one_second_around_the_runs_read)
+    monkeypatch.setenv("RT_BASE_URL", gateway.url)
+    defs = definitions(active_flows())
+    sensor = defs.resolve_sensor_def("helpdesk_tickets_changed")
+    try:
+        with dg.instance_for_test() as instance:
+
+            def sync(request: dg.RunRequest) -> None:
+                assets = [flow_asset(ERP_SUPPORT_TICKETS)]
+                run = dg.materialize(
+                    assets, resources=resources(), instance=instance, tags=request.tags
+                )
+                assert run.success
+
+            start = tick(sensor, instance, defs, None)
+            (request,) = start.run_requests
+            sync(request)
+            before = tick(sensor, instance, defs, start.cursor)
+            assert not before.run_requests
+
+            gateway_hook["armed"] = True
+            sync(request)
+            answered = {
+                int(t["id"]): rt_time(t["LastUpdated"])
+                for t in rt_client.search_tickets("id > 0", ["LastUpdated"])
+            }
+            state = helpdesk_world.state()
+            try:
+                watermark = state.watermark(ERP_SUPPORT_TICKETS.name)
+            finally:
+                state.dispose()
+            assert answered[first] == answered[second] == watermark.updated_at, (
+                "RT took over a second for four requests: the answers fell in two seconds"
+            )
+            assert staged(helpdesk_world.erp_url)[second]["status"] == "new", "left to the next run"
+
+            second_s = watermark.updated_at.isoformat()
+            mid_run = json.dumps({"high_water_mark": second_s, **between})
+            for cursor in (before.cursor, mid_run):
+                after = tick(sensor, instance, defs, cursor)
+                (request,) = after.run_requests
+                # Not the key a tick between the answers requested: Dagster requests one once.
+                assert request.run_key != f"helpdesk_tickets:{second_s}:{between['change_counter']}"
+            sync(request)
+            assert staged(helpdesk_world.erp_url)[second]["status"] == "open"
+            assert not tick(sensor, instance, defs, after.cursor).run_requests
+    finally:
+        gateway.close()

@@ -63,3 +63,8 @@ class Source(Protocol):
     def high_water_mark(self) -> datetime | None:
         """The newest cursor value (but those FAR_FUTURE past now): the sensor's cheap 'did
         anything change?'."""
+
+    def change_counter(self) -> int | None:
+        """A number that moves with every change (RT's newest ticket transaction), or None. The
+        sensor compares it where the high-water mark is inconclusive: a cursor kept in whole
+        seconds holds a change made within the second a run synced up to at the same value."""

@@ -21,6 +21,7 @@ from integrations.engine.masking import mask_emails
 from integrations.http import ApiClient, ApiLimits, ApiUnavailable, SharedTokenBucket
 
 PAGE = 100  # REST2's largest page
+NEWEST_CHANGES = 20  # a page of the newest ticket transactions, for one the user may see
 TICKET_READS = ("/tickets", "/transactions")  # searches (a ticket is written at /ticket)
 
 
@@ -333,6 +334,24 @@ class RtClient:
         )
         items = answer.get("items", []) if isinstance(answer, dict) else []
         return rt_time(items[0].get("LastUpdated")) if items else None
+
+    def newest_ticket_change(self) -> int | None:
+        """The id of the newest transaction on a ticket: RT records one for every change, its ids
+        only grow, and two changes within a second (LastUpdated keeps seconds) have two. Of a
+        page of the newest, the newest the user may see: a comment is hidden from a user without
+        ShowTicketComments, and RT leaves it out of the page, not out of the count."""
+        answer = self._request(
+            "GET",
+            "/transactions",
+            params=[
+                ("query", "ObjectType = 'RT::Ticket'"),
+                ("orderby", "id"),
+                ("order", "DESC"),
+                ("per_page", NEWEST_CHANGES),
+            ],
+        )
+        items = answer.get("items", []) if isinstance(answer, dict) else []
+        return max((int(item["id"]) for item in items), default=None)
 
     def create_ticket(self, fields: Mapping[str, object]) -> int:
         """Not resent once it may have reached RT: a second ticket would be a duplicate."""

@@ -229,3 +229,11 @@ class RtTickets:
             return self.client.newest_ticket_update()
         except RtError as error:
             raise _read_failed(error) from error
+
+    def change_counter(self) -> int | None:
+        """RT's newest ticket transaction: it moves with a change made within the second of the
+        newest LastUpdated, which the high-water mark does not."""
+        try:
+            return self.client.newest_ticket_change()
+        except RtError as error:
+            raise _read_failed(error) from error

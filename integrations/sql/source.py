@@ -458,6 +458,9 @@ class SqlSource:
         with self._reading() as connection:
             return list(connection.execute(query).scalars())
 
+    def change_counter(self) -> None:
+        return None  # none kept: the sensor goes by the high-water mark alone
+
     def high_water_mark(self) -> datetime | None:
         """The newest cursor value in the table: the sensor's cheap 'did anything change?'
         (None for an empty table or one without a cursor)."""
