@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from integrations.crm.client import (
     CrmAuthError,
     CrmClient,
+    CrmEndpointNotFound,
     CrmReadRefused,
     CrmRequestRejected,
     CrmUnavailable,
@@ -205,6 +206,76 @@ def test_a_write_the_crm_refuses_for_the_token_says_what_it_answered_and_what_to
     assert len(list(crm.list_objects("contacts"))) == 5, "reads go through, nothing written"
     assert counts(crm_sandbox)["refused_writes"] == 4, "each write asked once: no retries"
     assert crm.api.stats()["retries"] == 0
+
+
+def test_a_write_or_lookup_under_a_base_url_the_crm_has_no_api_at_is_the_endpoints_404(
+    crm_sandbox, crm_token
+):
+    """CRM_BASE_URL with a path segment too: every write and every lookup of linked objects was
+    answered 404, taken as a refusal of the request's records (each then dead-lettered); it is
+    the endpoint's, saying to check CRM_BASE_URL, asked once."""
+    wrong = f"{crm_sandbox.base_url}/v9"
+    crm = CrmClient(wrong, crm_token, QUICK)
+    for call, path in (
+        (
+            lambda: crm.batch_upsert("contacts", "erp_customer_id", contacts(0)),
+            "/crm/v3/objects/contacts/batch/upsert",
+        ),
+        (
+            lambda: crm.batch_read_ids("contacts", "erp_customer_id", ["C0000001"]),
+            "/crm/v3/objects/contacts/batch/read",
+        ),
+        (lambda: crm.batch_archive("contacts", ["1"]), "/crm/v3/objects/contacts/batch/archive"),
+        (
+            lambda: crm.associate("contacts", "companies", [("1", "2")], "key-1"),
+            "/crm/v4/associations/contacts/companies/batch/associate/default",
+        ),
+    ):
+        with pytest.raises(CrmEndpointNotFound) as missing:
+            call()
+        assert str(missing.value).startswith(
+            f"POST {path}: the CRM has no such endpoint: 404 OBJECT_NOT_FOUND: no route for POST "
+            f"/v9{path}"
+        )
+        assert missing.value.todo.startswith("check that CRM_BASE_URL is the CRM's API root")
+        assert missing.value.todo.endswith(f"CRM_BASE_URL is now {wrong}")
+    assert crm.api.stats()["retries"] == 0
+    assert not list(client(crm_sandbox, crm_token).list_objects("contacts"))
+
+
+class NoneOfTheObjects(BaseHTTPRequestHandler):
+    """A CRM answering a batch read of objects none of which it has with HubSpot's 404, which
+    lists their ids in its context."""
+
+    def do_POST(self):
+        inputs = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+        body = json.dumps(
+            {
+                "status": "error",
+                "category": "OBJECT_NOT_FOUND",
+                "message": "Could not get some CONTACT objects, they may be deleted or not exist.",
+                "context": {"ids": [item["id"] for item in inputs["inputs"]]},
+            }
+        ).encode()
+        self.send_response(404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args):
+        pass
+
+
+def test_a_404_naming_the_objects_looked_up_stays_a_refusal_of_those_records():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NoneOfTheObjects)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        crm = CrmClient(f"http://127.0.0.1:{server.server_port}", "token", QUICK)
+        with pytest.raises(CrmRequestRejected, match="404 OBJECT_NOT_FOUND: Could not get some"):
+            crm.batch_read_ids("contacts", "erp_customer_id", ["C0000001"])
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 class QuotingRefusal(BaseHTTPRequestHandler):

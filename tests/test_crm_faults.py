@@ -5,7 +5,8 @@ set (less what the CRM refused, which is in the DLQ with the CRM's reason). Figu
 run's summary; `--outage-seconds 30` runs (d) with the issue's 30 s outage. (e) a read the CRM
 refuses (4xx) stops a CRM-sourced flow at once, saying what the CRM answered and what to fix;
 (f) so does a write the CRM refuses for the token (401) or its scope (403), no record of it
-dead-lettered; (g) and a search that cannot page past the contacts sharing one instant.
+dead-lettered; (g) and a search that cannot page past the contacts sharing one instant; (h) a
+CRM_BASE_URL the CRM has no endpoint under fails the run once, no record dead-lettered.
 """
 
 from __future__ import annotations
@@ -307,3 +308,43 @@ def test_g_contacts_sharing_one_instant_past_the_search_window_fail_the_run_once
     )
     assert "edit a property of some of the contacts last modified at that instant" in description
     assert "unavailable" not in description
+
+
+def test_h_a_crm_base_url_with_a_wrong_path_fails_the_run_once_dead_lettering_nothing(
+    world, crm_client
+):
+    """CRM_BASE_URL with a path the CRM has no API under: every batch upsert answered 404. Each
+    batch was taken as refused for its records, split to single records, and every contact of
+    the run dead-lettered as "the CRM refused it", each to replay; the run now fails once, saying
+    what the CRM answered and to check CRM_BASE_URL, nothing dead-lettered: the rerun with the
+    right URL sends them all."""
+    wrong = f"{world.crm.base_url}/v9"
+    with dg.instance_for_test() as instance:
+        result = materialize(
+            instance,
+            CrmResource(
+                base_url=wrong,
+                access_token=dg.EnvVar("CRM_ACCESS_TOKEN"),
+                rate_limit_url=world.state_url,
+            ),
+        )
+        assert not result.success
+        retried = [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+        assert not retried, "a rerun gets the same 404"
+        (failure,) = result.get_step_failure_events()
+        description = failure.step_failure_data.user_failure_data.description
+        assert description.startswith(
+            f"flow {FLOW}: CRM contacts: POST /crm/v3/objects/contacts/batch/upsert: the CRM has "
+            "no such endpoint: 404 OBJECT_NOT_FOUND: no route for POST /v9/crm/v3/objects/"
+        ), description
+        assert (
+            "What to do: a rerun alone will not cure it: check that CRM_BASE_URL is the CRM's API "
+            f"root and that the CRM has contacts (an object type or a path it does not know); "
+            f"CRM_BASE_URL is now {wrong}"
+        ) in description
+        assert "unavailable" not in description and world.token not in description
+        assert not refused_by_crm(world), "the URL's 404 is no record's"
+        assert not list(crm_client.list_objects("contacts"))
+        again = materialize(instance, crm_resource(world))
+    assert again.success
+    assert_crm_matches_erp(world.erp_url, crm_client)

@@ -104,6 +104,39 @@ def test_a_month_of_deals_in_one_run_linked_to_their_contacts(any_world, crm_cli
         assert (back["echoes"], back["inserted"]) == (len(synced), 0), "handoff's own deals"
 
 
+def test_deals_under_a_crm_base_url_without_the_api_fail_once_dead_lettering_none(
+    world, crm_client, monkeypatch
+):
+    """CRM_BASE_URL with a path the CRM has no API under: the lookup of the deals' contacts was
+    answered 404, taken as the deals' fault, and every deal of the month was dead-lettered, each
+    to replay; the run now fails once, saying to check CRM_BASE_URL, no deal dead-lettered."""
+    with dg.instance_for_test() as instance:
+        assert dg.materialize(
+            [flow_asset(CRM_CONTACTS)], resources=resources(), instance=instance
+        ).success
+        monkeypatch.setenv("CRM_BASE_URL", f"{world.crm.base_url}/v9")
+        result = run_deals(instance, raise_on_error=False)
+        assert not result.success
+        retried = [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+        assert not retried, "a rerun gets the same 404"
+        (failure,) = result.get_step_failure_events()
+        description = failure.step_failure_data.user_failure_data.description
+        assert description.startswith(
+            f"flow {CRM_DEALS.name}: CRM deals: POST /crm/v3/objects/contacts/batch/read: the CRM "
+            "has no such endpoint: 404 OBJECT_NOT_FOUND"
+        ), description
+        assert "check that CRM_BASE_URL is the CRM's API root" in description
+        store = StateStore(world.state_url, dlq_key=DLQ_KEY)
+        try:
+            letters = store.list_dead_letters(flow=CRM_DEALS.name, limit=100_000)
+        finally:
+            store.dispose()
+        assert not [letter for letter in letters if letter.reason_kind == "destination-rejected"]
+        monkeypatch.setenv("CRM_BASE_URL", world.crm.base_url)
+        assert materialize_deals(instance)["inserted"] > 0
+    assert list(crm_client.list_objects("deals"))
+
+
 def test_a_voided_invoice_archives_its_deal_when_its_day_is_rewritten(world, crm_client):
     with dg.instance_for_test() as instance:
         assert dg.materialize(

@@ -70,6 +70,18 @@ class CrmReadRefused(CrmRefused):
         super().__init__(f"{where}: the CRM refused the read: {status} {category}: {message}")
 
 
+class CrmEndpointNotFound(CrmRefused):
+    """The CRM answered 404 for the endpoint itself, naming no object of the request: a
+    CRM_BASE_URL with a wrong path, an API version or an object type the CRM does not have. Every
+    record alike, every rerun: a misconfiguration, not the records' fault (a 404 for objects the
+    request names, which HubSpot lists in its `context`, stays theirs)."""
+
+    def __init__(self, where: str, category: str, message: str, object_type: str, base_url: str):
+        self.status, self.category, self.message = 404, category, message
+        self.todo = f"{_what_cures(404, object_type, 'write')}; CRM_BASE_URL is now {base_url}"
+        super().__init__(f"{where}: the CRM has no such endpoint: 404 {category}: {message}")
+
+
 class CrmSearchWindowFull(CrmRefused):
     """So many objects share one modification instant that HubSpot's search cannot page past
     them (a bulk import or update stamps them together): every run's search from there reads
@@ -151,10 +163,13 @@ class CrmClient:
         idempotency_key: str | None = None,
         read_of: str | None = None,
         write_of: str | None = None,
+        lookup_of: str | None = None,
     ) -> dict:
         """The answer's JSON; `read_of` (an object type) marks a read, whose 4xx (but 401 and
         429) is CrmReadRefused, not a refusal of the request's records. A 401 or 403 is
-        CrmAuthError, of the token or of its scope for `write_of` (the object type written)."""
+        CrmAuthError, of the token or of its scope for `write_of` (the object type written). A
+        404 naming no object of a write or of a lookup (`lookup_of`: a read whose other 4xx is
+        its records') is CrmEndpointNotFound: the endpoint is missing, not the records."""
         where = f"{method} {path}"
         try:
             response = self.api.request(
@@ -170,6 +185,10 @@ class CrmClient:
         status = response.status_code
         if read_of is not None and status != 401 and 400 <= status < 500:  # 401: the token's
             raise self._read_refused(where, response, read_of)
+        endpoint_of = write_of or lookup_of
+        if status == 404 and endpoint_of is not None and not _names_objects(response):
+            category, text = self._refusal(response)
+            raise CrmEndpointNotFound(where, category, text, endpoint_of, self.base_url)
         if status in (401, 403):
             category, text = self._refusal(response)
             raise CrmAuthError(where, status, category, text, write_of)
@@ -247,6 +266,7 @@ class CrmClient:
                 "properties": [id_property],
                 "inputs": [{"id": value} for value in values],
             },
+            lookup_of=object_type,
         )
         return {
             str(item["properties"].get(id_property, "")).lower(): str(item["id"])
@@ -416,6 +436,16 @@ def _what_cures(status: int, object_type: str | None, access: str) -> str:
             "(an object type or a path it does not know)"
         )
     return "fix what the CRM says about the request"
+
+
+def _names_objects(response: requests.Response) -> bool:
+    """Whether a 404 is about objects the request names (HubSpot lists their ids in its
+    `context`, or in the context of each of its `errors`), not about the endpoint."""
+    body = _json_or_empty(response)
+    contexts = [body.get("context")] + [
+        error.get("context") for error in body.get("errors") or [] if isinstance(error, dict)
+    ]
+    return any(isinstance(context, dict) and context.get("ids") for context in contexts)
 
 
 def _json_or_empty(response: requests.Response) -> dict:

@@ -11,6 +11,7 @@ from integrations.crm.client import (
     BatchAnswer,
     CrmAuthError,
     CrmClient,
+    CrmEndpointNotFound,
     CrmRefused,
     CrmRequestRejected,
     CrmUnavailable,
@@ -72,7 +73,7 @@ class CrmObjects:
                 outcome = self._linked(records, outcome, targets)
         except CrmRequestRejected as error:
             raise RecordsRejected(str(error)) from error
-        except CrmAuthError as error:  # the token or its scope: every record alike, every rerun
+        except (CrmAuthError, CrmEndpointNotFound) as error:  # every record alike, every rerun
             raise DestinationRefused(str(error), error.todo) from error
         except CrmUnavailable as error:
             raise DestinationUnavailable(str(error)) from error
@@ -200,7 +201,7 @@ class CrmObjects:
             self.client.batch_archive(self.object_type, destination_ids)
         except CrmRequestRejected as error:
             raise RecordsRejected(str(error)) from error
-        except CrmAuthError as error:
+        except (CrmAuthError, CrmEndpointNotFound) as error:
             raise DestinationRefused(str(error), error.todo) from error
         except CrmUnavailable as error:
             raise DestinationUnavailable(str(error)) from error

@@ -193,9 +193,9 @@ class DestinationUnavailable(Exception):
 
 class DestinationRefused(Exception):
     """The destination answered and refused the writes themselves, whatever records they carry
-    (its credentials refused, or their scope short of writing): a rerun alone gets the same
-    answer. Its text is the destination's answer; `todo` is what cures it, before "then
-    rerun"."""
+    (its credentials refused, their scope short of writing, or no such endpoint at its
+    configured address): a rerun alone gets the same answer. Its text is the destination's
+    answer; `todo` is what cures it, before "then rerun"."""
 
     def __init__(self, message: str, todo: str):
         super().__init__(message)

@@ -59,9 +59,10 @@ class SourceRefusedRead(SyncError):
 
 
 class DestinationRefusedWrite(SyncError):
-    """The destination answered and refused the writes themselves (an API's 401, or its 403 for
-    a token without the write scope), not the records in them: the same run again gets the same
-    answer, so it is not retried; what to do names what to fix first."""
+    """The destination answered and refused the writes themselves (an API's 401, its 403 for a
+    token without the write scope, its 404 for an endpoint it does not have), not the records in
+    them: the same run again gets the same answer, so it is not retried; what to do names what
+    to fix first."""
 
 
 class ArchiveGuardTripped(SyncError):
