@@ -28,7 +28,7 @@ from tests.webhooks import deliver, event, receiver
 
 
 def events(*items) -> list:
-    return parse_delivery(json.dumps(list(items)).encode())
+    return parse_delivery(json.dumps(list(items)).encode()).events
 
 
 @pytest.fixture

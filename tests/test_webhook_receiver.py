@@ -263,22 +263,84 @@ def test_generic_object_events_are_stored_as_the_object_types_they_name(server):
     ("bad", "fragment"),
     [
         (
-            generic(501, "creation", "2-143967026"),
-            "events[1].objectTypeId '2-143967026' is an object type handoff does not sync (it "
-            "knows 0-1 contacts, 0-2 companies, 0-3 deals, 0-5 tickets): subscribe to those",
+            generic(501, "creation", "custom_thing"),
+            "events[1].objectTypeId 'custom_thing' is not an object type id (e.g. '0-1'",
         ),
         (
             {k: v for k, v in generic(502, "deletion", "0-1").items() if k != "objectTypeId"},
             "events[1].objectTypeId must name the object type of an object.deletion event",
         ),
         (generic(503, "privacyDeletion", "0-1"), "'object.privacyDeletion' is not a CRM event"),
+        (
+            {k: v for k, v in generic(504, "creation", "2-143967026").items() if k != "eventId"},
+            "events[1].eventId must be a non-negative whole number",
+        ),
+        (
+            {k: v for k, v in event(505, "product.creation").items() if k != "objectId"},
+            "events[1].objectId must be a non-negative whole number",
+        ),
     ],
-    ids=["unknown object type", "no object type", "no generic privacy deletion"],
+    ids=[
+        "not an object type id",
+        "no object type",
+        "no generic privacy deletion",
+        "an ignored type's event without an id",
+        "an ignored legacy event without an object id",
+    ],
 )
-def test_a_generic_event_of_an_object_type_handoff_does_not_know_is_refused_saying_which(
-    server, bad, fragment
-):
+def test_a_delivery_with_a_malformed_event_is_refused_whole_saying_which(server, bad, fragment):
+    """An event of a type handoff does not sync is checked as any other: one that is malformed
+    (no id, no object type) has its delivery refused, nothing of it stored."""
     body = json.dumps([generic(500, "creation", "0-1"), bad]).encode()
     answer = post(server, body, signed(server.url, SECRET, body, "hubspot"))
     assert answer.status_code == 422 and fragment in answer.json()["error"], answer.text
     assert stored(server) == {"deliveries": 0, "events": 0, "waiting": 0}
+
+
+def test_events_of_object_types_handoff_does_not_sync_are_set_aside_and_the_others_stored(
+    server, caplog
+):
+    """A delivery with one event of a custom object ("2-…") or of a legacy object type handoff
+    does not know (`product.creation`) was refused whole (422); HubSpot does not send a 4xx
+    again, so the contact and deal changes beside it were lost until a scheduled run. They are
+    stored and the delivery answered 200, the others counted as ignored, by kind, in the answer,
+    the receiver's tally and a log line carrying no property value."""
+    events = [
+        generic(601, "creation", "0-1"),
+        generic(602, "propertyChange", "2-143967026", propertyName="vin", propertyValue="WVW123"),
+        event(603, "product.creation"),
+        event(604, "deal.propertyChange", propertyName="amount", propertyValue="4200"),
+        generic(605, "creation", "2-143967026"),
+        generic(606, "deletion", "0-46"),
+    ]
+    body = json.dumps(events).encode()
+    with caplog.at_level("WARNING", logger="handoff.webhooks"):
+        answer = post(server, body, signed(server.url, SECRET, body, "hubspot"))
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {
+        "stored": 2,
+        "duplicates": 0,
+        "ignored": 4,
+        "ignored_kinds": [
+            "object.creation 2-143967026",
+            "object.deletion 0-46",
+            "object.propertyChange 2-143967026",
+            "product.creation",
+        ],
+    }
+    assert [(e.object_type, e.object_id) for e in server.inbox.after(0, 10)] == [
+        ("contacts", 601),
+        ("deals", 604),
+    ]
+    assert stored(server) == {"deliveries": 1, "events": 2, "waiting": 2}
+    assert server.tally["ignored"] == 4 and server.tally["stored"] == 2
+    (line,) = [r.getMessage() for r in caplog.records if "set aside" in r.getMessage()]
+    assert "4 of its events set aside, of object types handoff does not sync" in line
+    assert "product.creation" in line and "0-1 contacts" in line
+    assert "WVW123" not in line and "vin" not in line and "4200" not in line
+
+    only_ignored = json.dumps([generic(607, "creation", "2-143967026")]).encode()
+    answer = post(server, only_ignored, signed(server.url, SECRET, only_ignored, "hubspot"))
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["stored"] == 0 and answer.json()["ignored"] == 1
+    assert stored(server) == {"deliveries": 2, "events": 2, "waiting": 2}

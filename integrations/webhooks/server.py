@@ -4,8 +4,12 @@ Every refusal is a 4xx naming its reason, decided before anything is stored: 404
 route), 411/413 (no length, or larger than `max_body`, refused before reading it), 415 (not
 JSON), 401 (signature missing or wrong, timestamp stale), 400 (not JSON), 422 (not CRM events),
 409 (a delivery id received before with other events). A delivery sent again (the sender's retry
-after a lost answer, under the same id) is a 200 that stores nothing again. A state store that does not answer is a 503 (the sender retries),
-never a lost event: the answer 200 comes only after the inbox committed.
+after a lost answer, under the same id) is a 200 that stores nothing again. Well-formed events of
+object types handoff does not sync are set aside, not refused (HubSpot sends no 4xx again, and the
+events beside them would be lost): the 200 stores the others and counts them (`ignored`, with
+their kinds, in the answer, the tally and a log line without record data). A state store that
+does not answer is a 503 (the sender retries), never a lost event: the answer 200 comes only
+after the inbox committed.
 """
 
 from __future__ import annotations
@@ -19,7 +23,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import sqlalchemy as sa
 
-from integrations.webhooks.events import NotJson, PayloadRefused, parse_delivery
+from integrations.webhooks.events import (
+    OBJECT_TYPE_IDS,
+    NotJson,
+    PayloadRefused,
+    parse_delivery,
+)
 from integrations.webhooks.inbox import ReplayRefused, WebhookInbox
 from integrations.webhooks.signatures import SignatureRefused, verify
 
@@ -70,13 +79,15 @@ class WebhookHandler(BaseHTTPRequestHandler):
         except SignatureRefused as error:
             raise Refusal(401, str(error)) from None
         try:
-            events = parse_delivery(body)
+            delivery = parse_delivery(body)
         except NotJson as error:
             raise Refusal(400, str(error)) from None
         except PayloadRefused as error:
             raise Refusal(422, str(error)) from None
         try:
-            accepted = self.server.inbox.accept(verified.delivery_id, verified.scheme, events)
+            accepted = self.server.inbox.accept(
+                verified.delivery_id, verified.scheme, delivery.events
+            )
         except ReplayRefused:
             raise Refusal(
                 409, "this delivery id was received before with other events; nothing stored"
@@ -84,8 +95,19 @@ class WebhookHandler(BaseHTTPRequestHandler):
         except sa.exc.OperationalError as error:
             logger.error("webhook inbox unavailable: %s", type(error.orig).__name__)
             raise Refusal(503, "the inbox is unavailable; send again later") from None
-        self.server.note(200, accepted.stored, accepted.duplicates)
-        return {"stored": accepted.stored, "duplicates": accepted.duplicates}
+        self.server.note(200, accepted.stored, accepted.duplicates, len(delivery.ignored))
+        answer: dict[str, object] = {"stored": accepted.stored, "duplicates": accepted.duplicates}
+        if delivery.ignored:
+            answer.update(ignored=len(delivery.ignored), ignored_kinds=delivery.ignored_kinds())
+            logger.warning(
+                "delivery %s: %d of its events set aside, of object types handoff does not sync "
+                "(%s; it syncs %s): subscribe to those object types only",
+                verified.delivery_id,
+                len(delivery.ignored),
+                ", ".join(delivery.ignored_kinds()),
+                ", ".join(f"{key} {value}" for key, value in OBJECT_TYPE_IDS.items()),
+            )
+        return answer
 
     def _body(self) -> bytes:
         length = self.headers.get("Content-Length")
@@ -147,9 +169,15 @@ class WebhookServer(ThreadingHTTPServer):
         base = self.public_url or f"http://{handler.headers.get('Host', '')}"
         return base + handler.path
 
-    def note(self, status: int, stored: int = 0, duplicates: int = 0) -> None:
+    def note(self, status: int, stored: int = 0, duplicates: int = 0, ignored: int = 0) -> None:
+        counts = (
+            (str(status), 1),
+            ("stored", stored),
+            ("duplicates", duplicates),
+            ("ignored", ignored),
+        )
         with self._lock:
-            for name, count in ((str(status), 1), ("stored", stored), ("duplicates", duplicates)):
+            for name, count in counts:
                 self.tally[name] = self.tally.get(name, 0) + count
 
     def start_in_thread(self) -> threading.Thread:
