@@ -28,6 +28,7 @@ from integrations.engine.spec import ErrorBudget
 from integrations.engine.state import StateStore
 from resources import CrmResource
 from tests.conftest import DLQ_KEY
+from tests.dagster_runs import failed_once
 from tests.expectations import assert_crm_matches_erp
 from tests.sandbox_faults import set_faults, traffic
 
@@ -204,11 +205,7 @@ def test_e_a_read_the_crm_refuses_fails_the_run_saying_what_to_fix_not_to_rerun(
             raise_on_error=False,
         )
     set_faults(world.crm, world.token)
-    assert not result.success
-    retried = [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
-    assert not retried, "a rerun gets the same 403"
-    (failure,) = result.get_step_failure_events()
-    description = failure.step_failure_data.user_failure_data.description
+    description = failed_once(result)
     assert description.startswith(
         f"flow {ERP_CRM_CONTACT_UPDATES.name}: CRM contacts: POST /crm/v3/objects/contacts/search: "
         "the CRM refused the read: 403 MISSING_SCOPES: This app hasn't been granted"
@@ -249,11 +246,7 @@ def test_f_a_write_the_crm_refuses_for_the_token_scope_fails_the_run_once_saying
     with dg.instance_for_test() as instance:
         result = materialize(instance, crm_resource(world))
         set_faults(world.crm, world.token)
-        assert not result.success
-        retried = [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
-        assert not retried, "a rerun gets the same 403"
-        (failure,) = result.get_step_failure_events()
-        description = failure.step_failure_data.user_failure_data.description
+        description = failed_once(result)
         assert description.startswith(
             f"flow {FLOW}: CRM contacts: POST /crm/v3/objects/contacts/batch/upsert: the CRM "
             "refused the write: 403 MISSING_SCOPES: This app hasn't been granted"
@@ -294,11 +287,7 @@ def test_g_contacts_sharing_one_instant_past_the_search_window_fail_the_run_once
             instance=instance,
             raise_on_error=False,
         )
-    assert not result.success
-    retried = [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
-    assert not retried, "a rerun reads the same 10,000 and stops there again"
-    (failure,) = result.get_step_failure_events()
-    description = failure.step_failure_data.user_failure_data.description
+    description = failed_once(result)
     assert description.startswith(
         f"flow {ERP_CRM_CONTACT_UPDATES.name}: CRM contacts: POST /crm/v3/objects/contacts/search: "
         "10,000 or more contacts share the modification instant 2026-01-01T00:00:00.000+00:00, "
@@ -328,11 +317,7 @@ def test_h_a_crm_base_url_with_a_wrong_path_fails_the_run_once_dead_lettering_no
                 rate_limit_url=world.state_url,
             ),
         )
-        assert not result.success
-        retried = [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
-        assert not retried, "a rerun gets the same 404"
-        (failure,) = result.get_step_failure_events()
-        description = failure.step_failure_data.user_failure_data.description
+        description = failed_once(result)
         assert description.startswith(
             f"flow {FLOW}: CRM contacts: POST /crm/v3/objects/contacts/batch/upsert: the CRM has "
             "no such endpoint: 404 OBJECT_NOT_FOUND: no route for POST /v9/crm/v3/objects/"

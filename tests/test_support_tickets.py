@@ -27,6 +27,7 @@ from integrations.helpdesk.source import RtTickets, updated_since
 from integrations.http import ApiLimits
 from integrations.sql.connect import create_engine
 from integrations.sql.destination import SqlTable
+from tests.dagster_runs import failed_once
 from tests.rt_gateway import RtGateway
 
 SUPPORT_TICKETS = dg.AssetKey(["erp", "support_tickets"])
@@ -355,15 +356,6 @@ def test_a_ticket_answered_after_the_run_read_it_is_staged_as_answered_and_not_r
     rows = staged(helpdesk_world.erp_url)
     assert sorted(rows) == tickets and result.counts["inserted"] == 4
     assert rows[tickets[0]]["status"] == "open", "the answered ticket as it is now"
-
-
-def failed_once(run: dg.ExecuteInJobResult) -> str:
-    """The description of a run's one failure, which Dagster did not retry."""
-    assert not run.success
-    retried = [e for e in run.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
-    assert not retried, "a rerun gets RT's same answer"
-    (failure,) = run.get_step_failure_events()
-    return failure.step_failure_data.user_failure_data.description
 
 
 def test_a_read_rt_refuses_fails_the_run_once_saying_what_to_fix(helpdesk_world, monkeypatch):
