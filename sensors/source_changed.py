@@ -3,12 +3,13 @@
 The cursor holds the last high-water mark seen; a tick costs one `max(updated_at)` query per table
 plus one watermark read per flow, so it stays far below Dagster's 60 s tick budget.
 
-A source whose times keep whole seconds (RT's LastUpdated) can hold a change made after a run
-read, within the second that run synced up to: the high-water mark stays equal to the flow's
-watermark and tells nothing. Such a source offers an exact change counter (RT's newest ticket
-transaction, one request more), which the cursor keeps: where it moved, a flow synced up to that
-very second is behind too. It is the counter at the tick, not at the run's read: a change made
-between the two costs one run more, which finds nothing new.
+A source whose times keep whole seconds (RT's LastUpdated, a MariaDB DATETIME) can hold a change
+made after a run read, within the second that run synced up to: the high-water mark stays equal to
+the flow's watermark and tells nothing. Such a source offers a change counter (RT's newest ticket
+transaction; a fingerprint of a SQL table's rows at the mark's second; one query or request more),
+which the cursor keeps: where it moved, a flow synced up to that very second is behind too. It is
+the counter at the tick, not at the run's read: a change made between the two costs one run more,
+which finds nothing new.
 
 While a flow's error budget is tripped, its run would stop at its start, each with its failed run
 and alert: the sensor requests none for it, says why, and keeps its sync as a stopped window
@@ -47,7 +48,7 @@ def _sensor(system: str, table: str, specs: list[FlowSpec]) -> dg.SensorDefiniti
         cursor = json.loads(context.cursor) if context.cursor else {}
         with getattr(context.resources, system).source(specs[0].source) as source:
             high_water_mark = source.high_water_mark()
-            counter = source.change_counter() if high_water_mark is not None else None
+            counter = None if high_water_mark is None else source.change_counter(high_water_mark)
         if high_water_mark is None:
             return dg.SensorResult(skip_reason=f"{system} {table} is empty", cursor=context.cursor)
         newest, seen = high_water_mark.isoformat(), cursor.get("high_water_mark")

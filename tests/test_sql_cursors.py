@@ -17,7 +17,7 @@ import pandera.pandas as pa
 import pytest
 import sqlalchemy as sa
 from pandera.typing import Series
-from sqlalchemy.dialects import mysql
+from sqlalchemy.dialects import mysql, postgresql
 
 from assets.factory import flow_asset
 from integrations.contracts import Contract
@@ -35,6 +35,7 @@ from integrations.sql.connect import create_engine
 from integrations.sql.destination import SqlTable
 from integrations.sql.source import SqlSource
 from resources import ErpDatabase, SqlDestinationDatabase, StateStoreResource
+from sensors.source_changed import source_changed_sensors
 from tests.conftest import DLQ_KEY
 from tests.test_sql_destination import LINES, LedgerLineV1, create, ledger_columns, rows
 
@@ -1443,4 +1444,66 @@ def test_a_cursor_of_year_one_placeholders_reads_again_without_overflow(sql_data
     with engine.begin() as connection:
         connection.execute(sa.text("UPDATE source_lines SET amount = 30 WHERE id = 2"))
     assert run(engine, state).counts["updated"] == 1, "the lookback reads from year 1 itself"
+    engine.dispose()
+
+
+# A change cursor kept in whole seconds: MariaDB's DATETIME, PostgreSQL's timestamp(0), and
+# SQLite's text as SQLAlchemy writes it (a fraction of zeros).
+WHOLE_SECONDS = sa.DateTime().with_variant(postgresql.TIMESTAMP(precision=0), "postgresql")
+
+
+def tick(sensor: dg.SensorDefinition, engine: sa.Engine, state: StateStore, cursor, instance=None):
+    """One evaluation of `sensor`, with the source and the state store as resources."""
+    return sensor(
+        dg.build_sensor_context(
+            instance=instance,
+            cursor=cursor,
+            resources={
+                SOURCE.system: ErpDatabase(url=engine.url.render_as_string(hide_password=False)),
+                "state": StateStoreResource(
+                    url=state.engine.url.render_as_string(hide_password=False), dlq_key=DLQ_KEY
+                ),
+            },
+        )
+    )
+
+
+def change_within_the_second(engine: sa.Engine, line: int, second: datetime, **values) -> None:
+    """Line `line` changed, its cursor set to `second` (what a source keeping seconds stamps a
+    change made within the second a run read up to)."""
+    table = sa.Table("source_lines", sa.MetaData(), autoload_with=engine)
+    with engine.begin() as connection:
+        connection.execute(
+            table.update().where(table.c.id == line).values(updated_at=second, **values)
+        )
+
+
+def test_a_change_within_the_synced_second_of_a_whole_second_cursor_requests_a_run(
+    sql_database, state
+):
+    """A cursor kept in whole seconds holds a row changed again within the second a run synced up
+    to (or one moved into it) at the same value: the table's newest cursor equalled the flow's
+    watermark, and every tick said "already synced" until another change or the schedule. The
+    sensor keeps a fingerprint of the rows at that second, and a run when it moved reads them."""
+    engine = create_engine(sql_database())
+    first, second = datetime(2025, 1, 2, 10), datetime(2025, 1, 2, 11)
+    source_lines(engine, [first, second], cursor_type=WHOLE_SECONDS)
+    assert run(engine, state).written == 2
+    assert state.watermark(SPEC.name).updated_at == second
+    (sensor,) = source_changed_sensors([SPEC])
+    idle = tick(sensor, engine, state, tick(sensor, engine, state, None).cursor)
+    assert not idle.run_requests, "nothing changed since the sync"
+
+    change_within_the_second(engine, 2, second, amount=20)  # L2 again, within its second
+    changed = tick(sensor, engine, state, idle.cursor)
+    (request,) = changed.run_requests
+    assert request.asset_selection == [flow_asset(SPEC).key]
+    again = run(engine, state)
+    assert again.counts["updated"] == 1 and rows(engine)["L2"][0] == 20
+    assert not tick(sensor, engine, state, changed.cursor).run_requests, "the same change: no run"
+
+    change_within_the_second(engine, 1, second, amount=10)  # L1 moved into that second
+    moved = tick(sensor, engine, state, changed.cursor)
+    assert moved.run_requests and moved.run_requests[0].run_key != request.run_key
+    assert run(engine, state).counts["updated"] == 1 and rows(engine)["L1"][0] == 10
     engine.dispose()

@@ -115,7 +115,7 @@ class CrmObjectsSource:
     def deleted_keys(self, since: datetime | None, within: object | None = None) -> list[object]:
         return []  # searches never show archived objects (see the module docstring)
 
-    def change_counter(self) -> None:
+    def change_counter(self, high_water_mark: datetime) -> None:
         return None  # none kept: the sensor goes by the high-water mark alone
 
     def high_water_mark(self) -> datetime | None:

@@ -64,7 +64,9 @@ class Source(Protocol):
         """The newest cursor value (but those FAR_FUTURE past now): the sensor's cheap 'did
         anything change?'."""
 
-    def change_counter(self) -> int | None:
-        """A number that moves with every change (RT's newest ticket transaction), or None. The
-        sensor compares it where the high-water mark is inconclusive: a cursor kept in whole
-        seconds holds a change made within the second a run synced up to at the same value."""
+    def change_counter(self, high_water_mark: datetime) -> int | None:
+        """A number that moves with every change at `high_water_mark` (RT's newest ticket
+        transaction, a fingerprint of a SQL table's rows at that second), or None; compared for
+        equality only. The sensor compares it where the high-water mark is inconclusive: a
+        cursor kept in whole seconds holds a change made within the second a run synced up to
+        at the same value."""

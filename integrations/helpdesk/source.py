@@ -230,7 +230,7 @@ class RtTickets:
         except RtError as error:
             raise _read_failed(error) from error
 
-    def change_counter(self) -> int | None:
+    def change_counter(self, high_water_mark: datetime) -> int | None:
         """RT's newest ticket transaction: it moves with a change made within the second of the
         newest LastUpdated, which the high-water mark does not."""
         try:

@@ -24,6 +24,7 @@ the rows.
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, time, timedelta
@@ -47,6 +48,9 @@ class SourceSchemaError(Exception):
 
 
 __all__ = ["SourceReadFailed", "SourceSchemaError", "SourceUnavailable", "SqlSource"]
+
+# The rows fingerprinted for the sensor's change counter: a bulk stamp's first, by key.
+SAME_SECOND_ROWS = 1000
 
 # The server-side cursor of one read; each read has its own connection and transaction.
 EXTRACT_CURSOR = "handoff_extract"
@@ -458,8 +462,46 @@ class SqlSource:
         with self._reading() as connection:
             return list(connection.execute(query).scalars())
 
-    def change_counter(self) -> None:
-        return None  # none kept: the sensor goes by the high-water mark alone
+    def change_counter(self, high_water_mark: datetime) -> int | None:
+        """A fingerprint of the table's own columns in the rows at the high-water mark's second:
+        a cursor kept in whole seconds (MariaDB's DATETIME, PostgreSQL's timestamp(0), SQLite's
+        text of seconds, a DATE) keeps a row changed again within that second, or moved into
+        it, at the mark, which then tells the sensor nothing. A row count and the greatest key
+        there miss a row changed twice; the rows' values move with every change but one undone
+        within the second (which leaves nothing to sync, unless a run read between). One query
+        on the cursor's index, of the rows at that second, the first SAME_SECOND_ROWS by key:
+        a change past those in a bulk stamp waits for the next change or the schedule. None
+        for a mark with a fraction: such a cursor tells two changes apart by their values."""
+        if self.cursor is None or high_water_mark.microsecond:
+            return None
+        query = (
+            sa.select(*(sa.type_coerce(column, sa.String) for column in self.table.c))
+            .where(self._at_second(high_water_mark))
+            .order_by(self.key)
+            .limit(SAME_SECOND_ROWS)
+        )
+        with self._reading() as connection:
+            rows = connection.execute(query).all()
+        digest = hashlib.sha256(repr([tuple(row) for row in rows]).encode("utf-8", "replace"))
+        return int.from_bytes(digest.digest()[:8])
+
+    def _at_second(self, moment: datetime) -> sa.ColumnElement[bool]:
+        """Cursor within `moment`'s second (on its day, for a cursor of days). SQLite's text
+        times are read as the instants they are (a UTC offset, a "T"), within a text range of
+        a day either side, which the cursor's index serves."""
+        if not isinstance(self.cursor.type, sa.DateTime):
+            return self.cursor == moment.date()
+        if not self._text_times:
+            return sa.and_(
+                self.cursor >= self._compared(moment),
+                self.cursor < self._compared(moment + timedelta(seconds=1)),
+            )
+        day = timedelta(days=1)
+        return sa.and_(
+            self.cursor >= sa.literal(_sqlite_text(looked_back(as_utc(moment), day)), sa.String),
+            self.cursor < sa.literal(_sqlite_text(as_utc(moment) + 2 * day), sa.String),
+            _as_sqlite_reads(self.cursor, "%Y-%m-%d %H:%M:%S") == _sqlite_text(as_utc(moment)),
+        )
 
     def high_water_mark(self) -> datetime | None:
         """The newest cursor value in the table: the sensor's cheap 'did anything change?'
