@@ -5,14 +5,16 @@ invoice paid, voided or deleted a week on) is read by no run of its own. The sen
 business days of the rows changed since its last look and requests a run of each such day's
 partition, which rewrites that day (the ledger's diff sends only what changed).
 
-A tick costs one `max(updated_at)` query, and one DISTINCT query over the rows changed since the
-sensor's mark when the mark moved. The cursor holds the mark (the newest change seen) and the
-changed days not requested yet: a tick requests at most `MAX_DAYS_PER_TICK` runs, the most
-recent days first, and the days beyond wait in the cursor for the next ticks. While the flow's
-error budget is tripped it requests none (each run would stop at its start, and its key be used
-up): the changed days wait in the cursor until the trip clears. A changed day whose run waits in
-the queue already (the schedule's, say) is left to it, in the cursor until it begins: should it
-never begin (cancelled in the queue), the day is requested.
+A tick costs one `max(updated_at)` query and the source's change counter (one query at the mark's
+second, for a cursor keeping whole seconds: see source_changed.py), and one DISTINCT query over the
+rows changed since the sensor's mark when the mark or, at the same mark, the counter moved. The
+cursor holds the mark (the newest change seen), the counter there, and the changed days not
+requested yet: a tick requests at most `MAX_DAYS_PER_TICK` runs, the most recent days first, and
+the days beyond wait in the cursor for the next ticks. While the flow's error budget is tripped it
+requests none (each run would stop at its start, and its key be used up): the changed days wait in
+the cursor until the trip clears. A changed day whose run waits in the queue already (the
+schedule's, say) is left to it, in the cursor until it begins: should it never begin (cancelled in
+the queue), the day is requested.
 """
 
 import json
@@ -48,10 +50,13 @@ def _last_look(spec: FlowSpec, context: dg.SensorEvaluationContext) -> datetime 
     return datetime.fromtimestamp(event.timestamp, UTC).replace(tzinfo=None)
 
 
-def _cursor(mark: str | None, waiting: list[str], left: dict[str, str]) -> str:
-    """The mark, the days found changed but not requested yet, and those left to a queued run
-    (day → run id) until it begins (each left out when none)."""
+def _cursor(mark: str | None, counter: int | None, waiting: list[str], left: dict[str, str]) -> str:
+    """The mark and the source's change counter there, the days found changed but not requested
+    yet, and those left to a queued run (day → run id) until it begins (each left out when
+    none)."""
     cursor: dict[str, object] = {} if mark is None else {"high_water_mark": mark}
+    if counter is not None:
+        cursor["change_counter"] = counter
     if waiting:
         cursor["waiting_days"] = waiting
     if left:
@@ -115,19 +120,26 @@ def changed_days_sensor(spec: FlowSpec) -> dg.SensorDefinition:
             if high_water_mark is None:
                 return dg.SensorResult(skip_reason=f"{table} is empty", cursor=context.cursor)
             mark = high_water_mark.isoformat()
+            counter = source.change_counter(high_water_mark)
             last_look = _last_look(spec, context)
             if last_look is None:
                 return dg.SensorResult(
                     skip_reason=f"{key.to_user_string()} was never materialized: backfill it; "
                     f"changes are watched from {mark} on",
-                    cursor=_cursor(mark, sorted(waiting), left),
+                    cursor=_cursor(mark, counter, sorted(waiting), left),
                 )
-            moved = high_water_mark > last_look
+            # Or a change within the second of the newest it saw (a cursor keeping seconds).
+            moved = high_water_mark > last_look or (
+                mark == seen.get("high_water_mark")
+                and counter is not None
+                and counter != seen.get("change_counter")
+            )
             # The newest change the sensor saw, its cursor's: it only goes forward, and so names
             # each request anew (the table's can go back: its newest row deleted, or edited by a
             # host whose clock is behind; a waiting day requested under an earlier tick's key,
             # which Dagster launches once, was never run).
             seen_mark = mark if moved else seen.get("high_water_mark")
+            seen_counter = counter if moved else seen.get("change_counter")
             # From the lookback before the last look on: commits that came late.
             changed = (
                 source.changed_days(looked_back(last_look, spec.lookback), column) if moved else []
@@ -140,12 +152,12 @@ def changed_days_sensor(spec: FlowSpec) -> dg.SensorDefinition:
         if not days and not moved:
             return dg.SensorResult(
                 skip_reason=f"{table} unchanged since {last_look.isoformat()}",
-                cursor=_cursor(seen_mark, [], left),
+                cursor=_cursor(seen_mark, seen_counter, [], left),
             )
         if not days:
             return dg.SensorResult(
                 skip_reason=f"no past day of {key.to_user_string()} changed",
-                cursor=_cursor(mark, [], left),
+                cursor=_cursor(mark, counter, [], left),
             )
         with context.resources.state.open() as store:
             trip = standing_trip(store, spec)
@@ -153,7 +165,7 @@ def changed_days_sensor(spec: FlowSpec) -> dg.SensorDefinition:
             return dg.SensorResult(
                 skip_reason=f"{len(days)} changed days of {key.to_user_string()} wait: "
                 f"{trip_stands(trip)}",
-                cursor=_cursor(seen_mark, sorted(days), left),
+                cursor=_cursor(seen_mark, seen_counter, sorted(days), left),
             )
         # A day whose run waits to begin (the stopped-windows sensor's, say) reads the change:
         # left to it until it begins.
@@ -165,7 +177,7 @@ def changed_days_sensor(spec: FlowSpec) -> dg.SensorDefinition:
         if not days:
             return dg.SensorResult(
                 skip_reason=f"the changed days of {key.to_user_string()} have runs queued already",
-                cursor=_cursor(seen_mark, [], left),
+                cursor=_cursor(seen_mark, seen_counter, [], left),
             )
         requested, later = _most_recent_first(days)
         if later:
@@ -173,10 +185,12 @@ def changed_days_sensor(spec: FlowSpec) -> dg.SensorDefinition:
                 f"{len(days)} days of {key.to_user_string()} changed: requesting the "
                 f"{len(requested)} most recent, {len(later)} wait for the next ticks"
             )
+        # Dagster requests a run key once: a change within the same second is another.
+        run_key_counter = "" if seen_counter is None else f":{seen_counter}"
         return dg.SensorResult(
             run_requests=[
                 dg.RunRequest(
-                    run_key=f"{spec.name}:{day}:{seen_mark}",
+                    run_key=f"{spec.name}:{day}:{seen_mark}" + run_key_counter,
                     partition_key=day,
                     asset_selection=[key],
                     asset_check_keys=sync_checks([spec]),
@@ -184,7 +198,7 @@ def changed_days_sensor(spec: FlowSpec) -> dg.SensorDefinition:
                 )
                 for day in requested
             ],
-            cursor=_cursor(seen_mark, later, left),
+            cursor=_cursor(seen_mark, seen_counter, later, left),
         )
 
     return _changed_days

@@ -5,6 +5,7 @@ over records the destination refuses. Real SQLite, PostgreSQL and MariaDB."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import sqlite3
 import uuid
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ from integrations.sql.connect import create_engine
 from integrations.sql.destination import SqlTable
 from integrations.sql.source import SqlSource
 from resources import ErpDatabase, SqlDestinationDatabase, StateStoreResource
+from sensors.changed_days import changed_days_sensor
 from sensors.source_changed import source_changed_sensors
 from tests.conftest import DLQ_KEY
 from tests.test_sql_destination import LINES, LedgerLineV1, create, ledger_columns, rows
@@ -1506,4 +1508,29 @@ def test_a_change_within_the_synced_second_of_a_whole_second_cursor_requests_a_r
     moved = tick(sensor, engine, state, changed.cursor)
     assert moved.run_requests and moved.run_requests[0].run_key != request.run_key
     assert run(engine, state).counts["updated"] == 1 and rows(engine)["L1"][0] == 10
+    engine.dispose()
+
+
+def test_a_change_within_the_second_a_changed_days_sensor_saw_requests_its_day(sql_database, state):
+    """The changed-days sensor had the same blind second: a row of a past day changed again
+    within the second of the newest change it saw requested no run of its day."""
+    engine = create_engine(sql_database())
+    first, second = datetime(2025, 1, 2, 10), datetime(2025, 1, 2, 11)
+    source_lines(engine, [first, second], cursor_type=WHOLE_SECONDS)
+    spec = dataclasses.replace(
+        SPEC, partitions=DailyPartitions(column="booked_on", start="2025-01-01")
+    )
+    sensor = changed_days_sensor(spec)
+    looked = json.dumps({"high_water_mark": first.isoformat()})
+    with dg.instance_for_test() as instance:
+        seen = tick(sensor, engine, state, looked, instance)
+        (request,) = seen.run_requests
+        assert request.partition_key == "2025-01-02"
+        assert not tick(sensor, engine, state, seen.cursor, instance).run_requests
+
+        change_within_the_second(engine, 2, second, amount=20)
+        changed = tick(sensor, engine, state, seen.cursor, instance)
+        (again,) = changed.run_requests
+        assert again.partition_key == "2025-01-02" and again.run_key != request.run_key
+        assert not tick(sensor, engine, state, changed.cursor, instance).run_requests
     engine.dispose()
