@@ -474,8 +474,10 @@ class SqlSource:
         for a mark with a fraction: such a cursor tells two changes apart by their values."""
         if self.cursor is None or high_water_mark.microsecond:
             return None
+        # Each value as the database writes it as text: no driver reads a time it cannot hold
+        # (PostgreSQL's 'infinity' in any column failed the tick).
         query = (
-            sa.select(*(sa.type_coerce(column, sa.String) for column in self.table.c))
+            sa.select(*(sa.cast(column, sa.String) for column in self.table.c))
             .where(self._at_second(high_water_mark))
             .order_by(self.key)
             .limit(SAME_SECOND_ROWS)
