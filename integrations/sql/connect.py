@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 import os
 import re
 import sqlite3
@@ -12,9 +11,11 @@ from contextlib import contextmanager, suppress
 from datetime import date
 from decimal import Decimal
 
-import numpy as np
 import psycopg
+import pyarrow as pa
+import pyarrow.compute as pc
 import sqlalchemy as sa
+from pyarrow import csv as arrow_csv
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import make_url
 
@@ -250,62 +251,92 @@ def upsert_statement(
 Columns = Mapping[str, Sequence]  # column name → its values, every column as long
 
 
-def copy_columns(connection: sa.Connection, table: str, columns: Columns) -> int:
-    """PostgreSQL `COPY … FROM STDIN` of `columns` into `table`, inside the connection's
-    transaction; the rows the table took (fewer when a trigger skipped some). The text is made a
-    column at a time and joined in C: per-row Python (a driver's `write_row`) would cost more
-    than the server's work."""
+def copy_columns(connection: sa.Connection, table: str, columns: Columns | pa.Table) -> int:
+    """PostgreSQL `COPY … FROM STDIN` of `columns` (or a `copy_table` of them) into `table`,
+    inside the connection's transaction; the rows the table took (fewer when a trigger skipped
+    some). Arrow writes the rows as CSV in C++, a part at a time: per-value Python (a driver's
+    `write_row`, or text joined in Python) would cost more than the server's work."""
+    batch = columns if isinstance(columns, pa.Table) else copy_table(columns)
     quote = connection.dialect.identifier_preparer.quote
-    names = ", ".join(quote(name) for name in columns)
-    statement = f"COPY {quote(table)} ({names}) FROM STDIN"
-    texts = [_copy_texts(values) for values in columns.values()]
-    rows = len(texts[0]) if texts else 0
+    names = ", ".join(quote(name) for name in batch.column_names)
+    statement = f"COPY {quote(table)} ({names}) FROM STDIN (FORMAT csv)"
     try:
         with connection.connection.driver_connection.cursor() as cursor:
             with cursor.copy(statement) as copy:
-                for start in range(0, rows, _COPY_ROWS):
-                    part = zip(
-                        *(column[start : start + _COPY_ROWS] for column in texts), strict=True
-                    )
-                    copy.write(("\n".join(map("\t".join, part)) + "\n").encode())
+                for start in range(0, batch.num_rows, _COPY_ROWS):
+                    part = pa.BufferOutputStream()
+                    arrow_csv.write_csv(batch.slice(start, _COPY_ROWS), part, _COPY_CSV)
+                    copy.write(part.getvalue())
             return cursor.rowcount
     except psycopg.Error as error:  # the driver's own: worded as SQLAlchemy words the others
         raise sa.exc.DBAPIError.instance(statement, None, error, psycopg.Error) from error
 
 
 _COPY_ROWS = 10_000  # rows per message to the server
-_COPY_SPECIAL = ("\\", "\t", "\n", "\r")
+# Every value quoted, NULL unquoted and empty: PostgreSQL's CSV tells NULL from "" that way, and
+# reads a quoted value's text as it is (no escapes; delimiters, quotes and line breaks inside).
+_COPY_CSV = arrow_csv.WriteOptions(include_header=False, quoting_style="all_valid")
 
 
-def _copy_texts(values: Sequence) -> Sequence[str]:
-    """One column's values in COPY's text format: NULL as \\N, booleans as t/f, dates in ISO,
-    backslashes and control characters escaped. Plain text is taken as it is, a column of few
-    distinct values (a run id, a flag, a time) is converted once per value."""
+def copy_table(columns: Columns) -> pa.Table:
+    """`columns` as an Arrow table whose CSV PostgreSQL's COPY reads as the values: a column of
+    text or whole numbers is converted in C++, any other a value at a time (`_copy_texts`)."""
+    return pa.table({name: _copy_array(values) for name, values in columns.items()})
+
+
+def _copy_array(values: Sequence) -> pa.Array | pa.ChunkedArray:
+    """One column as Arrow holds it faithfully (booleans as t/f), else as each value's text."""
+    held = _held_by_arrow(values)
+    if held is None:
+        return pa.array(_copy_texts(values), pa.string())
+    return pc.if_else(held, "t", "f") if pa.types.is_boolean(held.type) else held
+
+
+def _held_by_arrow(values: Sequence) -> pa.Array | pa.ChunkedArray | None:
+    """`values` converted in C++ if all are of a kind whose text Arrow writes as Python does:
+    text, whole numbers of 64 bits, NULLs (and booleans, for t/f). Not floats, decimals nor
+    times: Arrow's CSV of them is other text (1.0 as 1, -0.0 as -0, Decimal("2.5") at its
+    column's scale 2.50, times with a space and six digits), which a text column would keep."""
+    first = next((value for value in values if value is not None), None)
+    if not (first is None or isinstance(first, str | int)):
+        return None  # not converted only to be dropped: a column of times costs as much as text
+    try:
+        held = pa.array(values)  # the kind inferred in C++
+    except (pa.ArrowException, ValueError, TypeError, OverflowError):  # mixed, beyond 64 bits
+        return None
+    return held if any(kind(held.type) for kind in _HELD_AS_THEY_ARE) else None
+
+
+_HELD_AS_THEY_ARE = (
+    pa.types.is_string,
+    pa.types.is_integer,
+    pa.types.is_boolean,
+    pa.types.is_null,
+)
+
+
+def _copy_texts(values: Sequence) -> list[str | None]:
+    """Values as text (None stays NULL), a column of few distinct values (a sync's time, a
+    flag) converted once per value."""
     kinds = set(map(type, values)) - {type(None)}
-    if kinds <= {str}:
-        present = [value for value in values if value is not None] if None in values else values
-        joined = "".join(present)
-        if not any(special in joined for special in _COPY_SPECIAL):
-            return values if present is values else [_NULL if v is None else v for v in values]
     # Not floats nor decimals: -0.0 == 0.0 and Decimal("1.0") == Decimal("1"), written apart.
     distinct = set(values) if len(kinds) == 1 and not kinds & {float, Decimal} else ()
-    if 0 < len(distinct) <= _FEW:
+    # Nor aware times: 10:00+02:00 == 08:00+00:00, which a timestamp without zone reads apart.
+    if 0 < len(distinct) <= _FEW and not any(map(_zoned, distinct)):
         text = {value: _copy_text(value) for value in distinct}
         return list(map(text.__getitem__, values))
     return [_copy_text(value) for value in values]
 
 
-_NULL = "\\N"
 _FEW = 64
 
 
-def _copy_text(value: object) -> str:
-    if value is None:
-        return _NULL
-    if isinstance(value, str):
-        for special, escaped in _COPY_ESCAPES:
-            if special in value:
-                value = value.replace(special, escaped)
+def _zoned(value: object) -> bool:
+    return getattr(value, "tzinfo", None) is not None
+
+
+def _copy_text(value: object) -> str | None:
+    if value is None or isinstance(value, str):
         return value
     if isinstance(value, bool):
         return "t" if value else "f"
@@ -314,21 +345,20 @@ def _copy_text(value: object) -> str:
     return str(value)
 
 
-_COPY_ESCAPES = (("\\", "\\\\"), ("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r"))
-
-
-def in_key_order(columns: Columns, key: str) -> Columns:
-    """`columns` sorted by `key`'s values: a batch's keys then land in the key's index leaf by
+def in_key_order(batch: pa.Table, key: str) -> pa.Table:
+    """`batch` sorted by `key`'s values: a batch's keys then land in the key's index leaf by
     leaf, not at random (a quarter less server time for a COPY into a big table). Sorted by
-    numpy, in C; columns whose key numpy cannot order natively are left as they are."""
-    values = np.array(columns[key])
-    if len(values) < 2 or values.dtype.kind not in "iuU":
-        return columns
-    order = np.argsort(values, kind="stable").tolist()
-    return {name: operator.itemgetter(*order)(column) for name, column in columns.items()}
+    Arrow, one take of the whole table; a key Arrow holds as neither text nor whole numbers is
+    left as it is."""
+    values = batch[key]
+    if batch.num_rows < 2 or not (
+        pa.types.is_string(values.type) or pa.types.is_integer(values.type)
+    ):
+        return batch
+    return batch.take(pc.sort_indices(values))
 
 
-def copy_new_rows(connection: sa.Connection, table: str, columns: Columns) -> int | None:
+def copy_new_rows(connection: sa.Connection, table: str, columns: Columns | pa.Table) -> int | None:
     """COPY `columns` straight into `table` (PostgreSQL) if none of their keys is there yet: the
     common case of a first load, at COPY's speed; the rows the table took. None, with nothing
     written, when one is (the caller upserts them instead): the attempt runs in a savepoint."""
@@ -360,8 +390,8 @@ def bulk_write(
     if not key:
         copy_columns(connection, table.name, columns)
         return
-    columns = in_key_order(columns, key[-1])
-    if copy_new_rows(connection, table.name, columns) is not None:
+    batch = in_key_order(copy_table(columns), key[-1])  # converted once, for either COPY
+    if copy_new_rows(connection, table.name, batch) is not None:
         return
     quote = connection.dialect.identifier_preparer.quote
     quoted = ", ".join(quote(name) for name in names)
@@ -370,7 +400,7 @@ def bulk_write(
         f"CREATE TEMPORARY TABLE {staging} ON COMMIT DROP AS "
         f"SELECT {quoted} FROM {quote(table.name)} WITH NO DATA"
     )
-    copy_columns(connection, staging, columns)
+    copy_columns(connection, staging, batch)
     updates = ", ".join(
         f"{quote(name)} = EXCLUDED.{quote(name)}" for name in names if name not in key
     )

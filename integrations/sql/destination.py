@@ -54,6 +54,7 @@ from integrations.sql.connect import (
     Columns,
     copy_columns,
     copy_new_rows,
+    copy_table,
     in_key_order,
     timestamps_in_utc,
     unreachable,
@@ -416,10 +417,9 @@ class SqlTable:
             attempt += 1
 
     def _upsert_postgresql(self, connection: sa.Connection, columns: Columns) -> _Written:
-        fields = list(columns)
-        columns = in_key_order(columns, self.target.id_property)
-        sent = columns[self.target.id_property]
-        stored = copy_new_rows(connection, self.table.name, columns)
+        fields, sent = list(columns), columns[self.target.id_property]
+        batch = in_key_order(copy_table(columns), self.target.id_property)  # for either COPY
+        stored = copy_new_rows(connection, self.table.name, batch)
         if stored is not None:  # a first load: all new, and all there unless a trigger skipped
             ids = set(map(self._key_text, sent))
             skipped = ids - self._present(connection, sent) if stored < len(sent) else set()
@@ -433,7 +433,7 @@ class SqlTable:
             f"CREATE TEMPORARY TABLE {_TEMP_TABLE} ON COMMIT DROP AS "
             f"SELECT {quoted} FROM {table} WITH NO DATA"
         )
-        copy_columns(connection, _TEMP_TABLE, columns)
+        copy_columns(connection, _TEMP_TABLE, batch)
         self._note_rows_held(connection)
         mine = ", ".join([*(f"{table}.{name}" for name in others), f"{table}.{archived}"])
         theirs = ", ".join([*(f"EXCLUDED.{name}" for name in others), "NULL"])
