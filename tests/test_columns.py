@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from decimal import Decimal
 
+import numpy as np
 import pandas as pd
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -73,6 +74,37 @@ def test_a_zoned_time_is_the_utc_time_it_names():
     same = ["2025-01-03 10:00:00-05:00", "2025-01-03 15:00:00+00:00"]
     texts = [columns.ready_values(pd.Series(pd.to_datetime([moment]))) for moment in same]
     assert texts == [["2025-01-03T15:00:00.000000"]] * 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.none() | st.datetimes()), st.sampled_from(["us", "ns"]))
+def test_times_are_their_iso_text_in_microseconds(moments, unit):
+    if unit == "ns":  # pandas' nanoseconds hold the years 1678 to 2261
+        moments = [m for m in moments if m is None or 1678 <= m.year <= 2261]
+    column = pd.Series(moments, dtype=f"datetime64[{unit}]")
+    assert columns.ready_values(column) == [
+        None if moment is None else moment.isoformat(timespec="microseconds") for moment in moments
+    ]
+
+
+def test_times_past_the_year_9999_or_before_the_first_are_numpy_s_text():
+    """Arrow writes the years 0 to 9999 as numpy does; others its own way, or not at all."""
+    far = np.array(["10000-01-01T00:00:00.5", "-0001-12-31T23:59:59", "NaT"], "datetime64[us]")
+    assert columns.ready_values(pd.Series(far)) == [
+        "10000-01-01T00:00:00.500000",
+        "-001-12-31T23:59:59.000000",
+        None,
+    ]
+
+
+def test_field_hashes_are_pinned():
+    """Ledgers store them: a write compares the fields' hashes with those of the last one."""
+    texts = {"city": ['"Oslo"', '"Tromsø"', "null"], "n": ["1", "2.5", "true"]}
+    assert columns.field_hashes(texts) == [
+        "503f8768:13f928eea25b9e82",
+        "503f8768:ce8fcf800495a149",
+        "503f8768:35530b3ec7226d40",
+    ]
 
 
 def test_field_hashes_tell_which_fields_changed():

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 from collections.abc import Iterator
 from decimal import Decimal
 
 import pandas as pd
 import pandera.pandas as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pandera.engines import pandas_engine
 from pandera.typing import Series
 
@@ -19,6 +22,7 @@ from integrations.contracts import Contract
 from integrations.contracts.crm_contact import CRM_CONTACT
 from integrations.contracts.erp_customer import ERP_CUSTOMER
 from integrations.contracts.erp_invoice import ERP_INVOICE
+from integrations.contracts.rules import EMAIL_PATTERN, is_email
 from integrations.engine.hashing import content_hash, idempotency_key
 from integrations.engine.masking import mask_email, mask_record, scrub
 
@@ -336,6 +340,49 @@ def test_a_bug_in_a_contract_is_not_swallowed_by_a_refused_row_s_other_faults():
     batch = pd.DataFrame({"count": [7, 10.5], "total": [14.0, "two"]}).set_axis(["1", "2"])
     with pytest.raises(ValueError, match="could not convert string to float"):
         Contract("t", 1, MisparsedV1).judge(batch)
+
+
+def test_text_that_is_not_utf8_is_refused_in_a_column_with_nulls_or_without():
+    batch = customers(
+        phone=[None, "+44 \udce9", "+1 2", "+31 3"],
+        city=["London", "Paris", "Lyon\udcff", "Austin"],
+    )
+    verdict = ERP_CUSTOMER.judge(batch)
+    assert [(rejection.index, rejection.reason) for rejection in verdict.rejections] == [
+        ("2", "erp.customer@v2: phone is not UTF-8 text; email is not a valid email address"),
+        ("3", "erp.customer@v2: city is not UTF-8 text; country is missing"),
+    ]
+    assert list(verdict.valid.index) == ["1", "4"]
+
+
+# Parts of addresses, mostly clean: ASCII's (a column of them is read at once), with ASCII's
+# whitespace or "@", or with other letters and whitespace.
+_ASCII_PART = st.text(st.sampled_from("ab1-.")) | st.text(
+    st.sampled_from([*"@.a", " ", "\t", "\n", "\x0b", "\x1c", "\x1f", "\x00"]), max_size=3
+)
+_OTHER_PART = st.text(st.sampled_from("ab.")) | st.text(
+    st.sampled_from([*"@.a", "é", "\xa0", "\x85", "\u2028"]), max_size=3
+)
+
+
+def _addresses(part: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    """Addresses and near misses: parts around an "@" and a "."."""
+    return part | st.builds("{}@{}.{}".format, part, part, part)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.lists(_addresses(_ASCII_PART)),
+    st.lists(st.none() | _addresses(_OTHER_PART) | _addresses(_ASCII_PART), max_size=4),
+)
+def test_is_email_is_the_pattern_matched_whole_on_each_value(ascii_values, others):
+    for values in (ascii_values, ascii_values + others):
+        index = [f"r{at}" for at in range(len(values))]
+        found = is_email(pd.Series(values, index=index, dtype=object))
+        assert found.dtype == bool and list(found.index) == index
+        assert found.tolist() == [
+            value is not None and re.fullmatch(EMAIL_PATTERN, value) is not None for value in values
+        ]
 
 
 def test_contracts_are_versioned_and_mark_pii():

@@ -308,12 +308,12 @@ def _not_utf8(values: pd.Series) -> list[object]:
     them. One encoding of the whole column finds there are none, the common case."""
     if values.dtype != object:
         return []
-    present = values.to_numpy()[values.notna().to_numpy()]
+    texts = values.to_numpy()
     try:
         try:
-            "".join(present).encode()  # in C; a value that is no str makes it a TypeError
-        except TypeError:
-            "".join(value for value in present if isinstance(value, str)).encode()
+            "".join(texts).encode()  # in C, without a pass for nulls where there are none
+        except TypeError:  # a null, or a value that is no str
+            "".join(value for value in texts if isinstance(value, str)).encode()
     except UnicodeEncodeError:
         return [index for index, value in values.items() if holds_surrogates(value)]
     return []

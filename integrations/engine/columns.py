@@ -12,9 +12,12 @@ import json
 from collections.abc import Mapping, Sequence
 from datetime import date
 from decimal import Decimal
+from types import NoneType
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from integrations.engine.hashing import canonical_json
 
@@ -22,6 +25,10 @@ from integrations.engine.hashing import canonical_json
 _ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
 # What that encoder makes of one str (ensure_ascii=False): json's own C function, value by value.
 _ENCODE_STR = json.encoder.encode_basestring
+# What a column of text holds: JSON-ready as it is.
+_TEXT = frozenset({str, NoneType})
+# The times Arrow writes as numpy does (but for the "T"): numpy's years have at least four digits.
+_ARROW_YEARS = (np.datetime64("0000-01-01", "us"), np.datetime64("10000-01-01", "us"))
 # Field hashes are SipHash-2-4 (pandas' `hash_array`, in C) of each value's canonical text under
 # this fixed key: a standard function of the text, so they stay comparable across versions.
 _FIELD_HASH_KEY = "handoff.fields.1"
@@ -35,25 +42,47 @@ def ready_columns(frame: pd.DataFrame) -> dict[str, list[object]]:
 
 
 def ready_values(column: pd.Series) -> list[object]:
-    missing = column.isna().to_numpy()
+    """A column's JSON-ready values (see `ready_columns`). Text beside None, most of a batch,
+    is returned as it is, without looking for nulls (a pass of pandas' over every value)."""
     if pd.api.types.is_datetime64_any_dtype(column):
         wall = column.dt.tz_convert("UTC").dt.tz_localize(None) if column.dt.tz else column
-        values = np.datetime_as_string(wall.to_numpy(dtype="datetime64[us]"), unit="us").tolist()
+        values = _iso_times(wall.to_numpy(dtype="datetime64[us]"))
     elif isinstance(column.dtype, np.dtype) and column.dtype != object:
         values = column.to_numpy().tolist()  # numpy scalars become Python ones
     else:
         values = column.to_numpy(dtype=object).tolist()
         kinds = set(map(type, values))
-        if Decimal in kinds:  # a NUMERIC's 'NaN' is a value, not a null
-            for at in missing.nonzero()[0]:
-                missing[at] = not _is_nan_decimal(values[at])
-        if any(issubclass(kind, np.generic) for kind in kinds):  # numpy scalars: Python ones
-            values = [value.item() if isinstance(value, np.generic) else value for value in values]
-        sample = next((v for v, gone in zip(values, missing, strict=True) if not gone), None)
-        if isinstance(sample, date | Decimal):
-            values = [_plain(value) for value in values]
+        if kinds <= _TEXT:
+            return values
+        return _ready_objects(values, kinds, column.isna().to_numpy())
+    return _nulls_as_none(values, column.isna().to_numpy())
+
+
+def _iso_times(moments: np.ndarray) -> list[str | None]:
+    """Times in microseconds as ISO 8601 text, as numpy writes them (NaT aside: a null). Arrow
+    writes the years 0 to 9999 alike, with a space for the "T", in half numpy's time."""
+    if not ((moments >= _ARROW_YEARS[0]) & (moments < _ARROW_YEARS[1]) | np.isnat(moments)).all():
+        return np.datetime_as_string(moments, unit="us").tolist()
+    texts = pa.array(moments, from_pandas=True).cast(pa.string())
+    return pc.replace_substring(texts, " ", "T", max_replacements=1).to_pylist()
+
+
+def _ready_objects(values: list[object], kinds: set[type], missing: np.ndarray) -> list[object]:
+    """Python objects (or pandas' scalars of an extension type) as JSON-ready values."""
+    if Decimal in kinds:  # a NUMERIC's 'NaN' is a value, not a null
+        for at in missing.nonzero()[0]:
+            missing[at] = not _is_nan_decimal(values[at])
+    if any(issubclass(kind, np.generic) for kind in kinds):  # numpy scalars: Python ones
+        values = [value.item() if isinstance(value, np.generic) else value for value in values]
+    sample = next((v for v, gone in zip(values, missing, strict=True) if not gone), None)
+    if isinstance(sample, date | Decimal):
+        values = [_plain(value) for value in values]
+    return _nulls_as_none(values, missing)
+
+
+def _nulls_as_none(values: list[object], missing: np.ndarray) -> list[object]:
     if missing.any():
-        values = [None if gone else value for value, gone in zip(values, missing, strict=True)]
+        return [None if gone else value for value, gone in zip(values, missing, strict=True)]
     return values
 
 
@@ -75,9 +104,12 @@ def records(columns: Mapping[str, Sequence[object]]) -> list[dict[str, object]]:
 
 def json_texts(values: Sequence[object]) -> list[str]:
     """Each value's canonical JSON text; a column of text or of numbers is encoded in one call."""
-    present = [value for value in values if value is not None]
-    kinds = set(map(type, present))
-    if not present:
+    kinds = set(map(type, values))
+    present = (
+        [value for value in values if value is not None] if NoneType in kinds else list(values)
+    )
+    kinds.discard(NoneType)
+    if not kinds:
         return ["null"] * len(values)
     if kinds == {str}:  # the function the encoder itself applies to each str
         pieces = list(map(_ENCODE_STR, present))
@@ -92,11 +124,21 @@ def json_texts(values: Sequence[object]) -> list[str]:
 
 
 def record_texts(texts: Mapping[str, Sequence[str]]) -> list[str]:
-    """Each record's canonical JSON (keys sorted), from its values' texts."""
+    """Each record's canonical JSON (keys sorted), from its values' texts: the records' pieces in
+    one list, joined once and split at a NUL between records (JSON escapes any NUL it holds)."""
     names = sorted(texts)
-    template = "{" + ",".join(canonical_json(name).replace("%", "%%") + ":%s" for name in names)
-    template += "}"
-    return [template % row for row in zip(*(texts[name] for name in names), strict=True)]
+    if not names:
+        return []
+    count = len(texts[names[0]])
+    width = 2 * len(names)
+    labels = [("," if at else "{") + canonical_json(name) + ":" for at, name in enumerate(names)]
+    pieces: list[str] = [""] * (width * count)
+    for at, (name, label) in enumerate(zip(names, labels, strict=True)):
+        pieces[2 * at :: width] = [label] * count
+        pieces[2 * at + 1 :: width] = texts[name]
+    pieces[width::width] = ["}\x00" + labels[0]] * (count - 1)
+    pieces.append("}")
+    return "".join(pieces).split("\x00") if count else []
 
 
 def content_hashes(record_texts: Sequence[str]) -> list[str]:
@@ -110,23 +152,28 @@ def content_hashes(record_texts: Sequence[str]) -> list[str]:
 def field_hashes(texts: Mapping[str, Sequence[str]]) -> list[str]:
     """Per record, a short hash of each field's value, as `names:hashes` (8 hex digits naming the
     sorted field names, then 8 per field in that order): enough to tell which fields a later write
-    changes, in a few dozen bytes of the ledger."""
+    changes, in a few dozen bytes of the ledger. The hex of all records is written at once, a NUL
+    between records, and split."""
     names = sorted(texts)
     if not names:
         return []
     hashed = np.column_stack(
         [
-            pd.util.hash_array(
-                np.asarray(texts[name], dtype=object), hash_key=_FIELD_HASH_KEY, categorize=False
-            )
+            pd.util.hash_array(_utf8(texts[name]), hash_key=_FIELD_HASH_KEY, categorize=False)
             >> np.uint64(32)
             for name in names
         ]
     ).astype(">u4")
-    width = 4 * len(names)
-    packed = hashed.tobytes()
+    if not len(hashed):
+        return []
     prefix = _names_digest(names) + ":"
-    return [prefix + packed[at : at + width].hex() for at in range(0, len(packed), width)]
+    hexed = hashed.tobytes().hex("\x00", 4 * len(names))
+    return (prefix + hexed.replace("\x00", "\x00" + prefix)).split("\x00")
+
+
+def _utf8(texts: Sequence[str]) -> np.ndarray:
+    """The texts' UTF-8, which `hash_array` hashes as it is (a str it encodes itself, slower)."""
+    return np.fromiter(map(str.encode, texts), dtype=object, count=len(texts))
 
 
 def changed_fields(before: str | None, after: str, names: Sequence[str]) -> list[str] | None:
