@@ -280,6 +280,34 @@ def _rows_in(letter: DeadLetter) -> int:
     return 1
 
 
+def _key_problems(keys: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """Why each key cannot key a record (None where it can), and the usable keys as text.
+
+    Whole numbers are all usable. Text keys are looked at all at once: only those that are not
+    plainly fine (ASCII without whitespace or control characters, 1 to MAX_KEY_LENGTH long) go
+    through `_unusable_key` one by one, so a batch of ordinary keys costs no Python per key.
+    """
+    if isinstance(keys.dtype, np.dtype) and keys.dtype.kind in "iu":  # never null: all usable
+        return pd.Series(None, index=keys.index, dtype=object), keys.astype(str)
+    values = keys.to_numpy(dtype=object)
+    if set(map(type, values)) != {str}:  # nulls, numbers, str subclasses: one by one
+        problems = keys.map(_unusable_key)
+        return problems, keys[problems.isna()].map(key_text)
+    lengths = np.fromiter(map(len, values), np.int64, len(values))
+    fine = np.fromiter(map(str.isascii, values), bool, len(values))
+    fine &= (lengths > 0) & (lengths <= MAX_KEY_LENGTH)
+    at = np.flatnonzero(fine)
+    codes = np.frombuffer("".join(values[at]).encode("ascii"), np.uint8)
+    spaced = np.flatnonzero(codes <= ord(" "))  # whitespace or a control character
+    if spaced.size:
+        fine[at[np.searchsorted(np.cumsum(lengths[at]), spaced, side="right")]] = False
+    problems = np.full(len(values), None, dtype=object)
+    for position in np.flatnonzero(~fine):
+        problems[position] = _unusable_key(values[position])
+    problems = pd.Series(problems, index=keys.index, dtype=object)
+    return problems, keys[problems.isna()]  # text keys are their own text (key_text)
+
+
 def _unusable_key(value: object) -> str | None:
     """Why a source key cannot key a record (None when it can)."""
     if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
@@ -1168,12 +1196,7 @@ class Sync(ErrorBudget, DestinationIds):
         """The batch indexed by record key; rows whose key is missing, unusable or repeated
         within the batch are dead-lettered instead (the source must settle which row is right)."""
         keys = batch[self.spec.source.key]
-        if isinstance(keys.dtype, np.dtype) and keys.dtype.kind in "iu":  # never null: all usable
-            problems = pd.Series(None, index=keys.index, dtype=object)
-            text = keys.astype(str)
-        else:
-            problems = keys.map(_unusable_key)
-            text = keys[problems.isna()].map(key_text)
+        problems, text = _key_problems(keys)
         usable = problems.isna()
         repeated = text.duplicated(keep=False)
         letters = []
@@ -1197,8 +1220,11 @@ class Sync(ErrorBudget, DestinationIds):
                     payload,
                 )
             )
-        keyed = batch[usable][~repeated.to_numpy()]
-        keyed = keyed.set_axis(text[~repeated].to_numpy(), axis=0)
+        if usable.all() and not repeated.any():  # as a batch mostly is: no copy to filter
+            keyed = batch.set_axis(text.to_numpy(), axis=0)
+        else:
+            keyed = batch[usable][~repeated.to_numpy()]
+            keyed = keyed.set_axis(text[~repeated].to_numpy(), axis=0)
         keyed.index.name = None
         return keyed, letters
 
