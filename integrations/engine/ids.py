@@ -50,6 +50,25 @@ class IdCheck(NamedTuple):
     vacated: dict[str, list[str]]
 
 
+def _sharing(keys: list[str], ids: list[str], sending: list[int]) -> dict[str, str]:
+    """The records sent (`sending`: their positions) to an id another record of the batch
+    holds, each with that record: one in sync already holds its id first, then the first sent
+    to it. A batch whose ids are all distinct, as one mostly is, has none."""
+    if len(set(ids)) == len(ids):
+        return {}
+    holder: dict[str, str] = {}
+    sent = set(sending)
+    for at, key in enumerate(keys):
+        if at not in sent:
+            holder.setdefault(ids[at], key)
+    taken = {}
+    for at in sending:
+        owner = holder.setdefault(ids[at], keys[at])
+        if owner != keys[at]:
+            taken[keys[at]] = owner
+    return taken
+
+
 def _still_held(
     candidates: dict[str, list[str]], wanted: dict[str, str], moving: dict[str, str | None]
 ) -> dict[str, str]:
@@ -165,18 +184,9 @@ class DestinationIds:
         if not sending or name not in valid:
             return IdCheck([], {}, {})
         keys, ids = valid.index.tolist(), self._ids(valid[name].tolist())
-        holder: dict[str, str] = {}
-        sent = set(sending)
-        for at, key in enumerate(keys):  # records in sync already hold their ids first
-            if at not in sent:
-                holder.setdefault(ids[at], key)
-        taken: dict[str, str] = {}  # record → the record that holds its id
+        taken = _sharing(keys, ids, sending)  # record → the record that holds its id
         displaced: dict[str, tuple[str, str]] = {}
         vacated: dict[str, list[str]] = {}
-        for at in sending:
-            owner = holder.setdefault(ids[at], keys[at])
-            if owner != keys[at]:
-                taken[keys[at]] = owner
         if getattr(self.destination, "ids_of", None) is not None:
             new = {
                 keys[at]: ids[at]
@@ -192,9 +202,11 @@ class DestinationIds:
             candidates, deserted = self._holders(new, now.keys(), in_flight)
             held: dict[str, str] = {}
             while True:  # a refused record keeps its row, and so holds its id: to a fixed point
-                moving = {
-                    key: at for key, at in now.items() if key not in taken and key not in held
-                }
+                moving = (
+                    {key: at for key, at in now.items() if key not in taken and key not in held}
+                    if taken or held
+                    else now
+                )
                 kept = _still_held(candidates, new, moving)
                 if kept.keys() == held.keys():
                     break
