@@ -21,6 +21,8 @@ from pandas.api.types import infer_dtype
 from pandera.engines import numpy_engine, pandas_engine
 from pandera.errors import SchemaErrorReason
 
+from integrations.contracts.text_checks import at_once
+
 
 @dataclass(frozen=True)
 class RowRejection:
@@ -280,7 +282,7 @@ def _schema_trusting(
     columns (an index, a frame-wide dtype, parsers) is kept whole. Numpy's coercions go value
     by value; pandas' may not (a date's format is guessed from the first date in the batch).
     """
-    schema = model.to_schema()
+    schema = _checks_at_once(model.to_schema())
     if schema.dtype is not None or schema.index is not None or schema.parsers:
         return schema, False
     by_value = all(
@@ -300,6 +302,17 @@ def _schema_trusting(
     )
     trusting.coerce = False
     return trusting, by_value
+
+
+def _checks_at_once(schema: pa.DataFrameSchema) -> pa.DataFrameSchema:
+    """`schema` with its columns' `str_matches` and `str_length` run on a column at once (see
+    integrations/contracts/text_checks.py), in the same order: a copy, when there are any."""
+    changed = {
+        name: {"checks": [at_once(check) for check in column.checks]}
+        for name, column in schema.columns.items()
+        if any(at_once(check) is not check for check in column.checks)
+    }
+    return schema.update_columns(changed) if changed else schema
 
 
 def _not_utf8(values: pd.Series) -> list[object]:
