@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from integrations.contracts.contract import ContractViolation, RowRejection, holds_surrogates
+from integrations.contracts.text_checks import lengths
 from integrations.engine import columns
 from integrations.engine.budget import ErrorBudget
 from integrations.engine.destination import (
@@ -293,14 +294,14 @@ def _key_problems(keys: pd.Series) -> tuple[pd.Series, pd.Series]:
     if set(map(type, values)) != {str}:  # nulls, numbers, str subclasses: one by one
         problems = keys.map(_unusable_key)
         return problems, keys[problems.isna()].map(key_text)
-    lengths = np.fromiter(map(len, values), np.int64, len(values))
+    sizes = lengths(values)
     fine = np.fromiter(map(str.isascii, values), bool, len(values))
-    fine &= (lengths > 0) & (lengths <= MAX_KEY_LENGTH)
+    fine &= (sizes > 0) & (sizes <= MAX_KEY_LENGTH)
     at = np.flatnonzero(fine)
     codes = np.frombuffer("".join(values[at]).encode("ascii"), np.uint8)
     spaced = np.flatnonzero(codes <= ord(" "))  # whitespace or a control character
     if spaced.size:
-        fine[at[np.searchsorted(np.cumsum(lengths[at]), spaced, side="right")]] = False
+        fine[at[np.searchsorted(np.cumsum(sizes[at]), spaced, side="right")]] = False
     problems = np.full(len(values), None, dtype=object)
     for position in np.flatnonzero(~fine):
         problems[position] = _unusable_key(values[position])
