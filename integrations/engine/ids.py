@@ -246,12 +246,15 @@ class DestinationIds:
         flying = dict(zip(flight.written.keys, flight.written.destination_ids, strict=True))
         wanted_ids = set(wanted.values())
         owners = self._live_owners(list(wanted.values()))
-        for key, destination_id in flying.items():
-            if destination_id in wanted_ids:  # only the ids wanted: not the whole batch
-                owners.setdefault(destination_id, set()).add(key)
+        if not wanted_ids.isdisjoint(flying.values()):  # only the ids wanted: not the whole batch
+            for key, destination_id in flying.items():
+                if destination_id in wanted_ids:
+                    owners.setdefault(destination_id, set()).add(key)
         candidates: dict[str, list[str]] = {}
         for key, destination_id in wanted.items():
-            for owner in sorted(owners.get(destination_id, set()) - {key}):
+            if destination_id not in owners:  # most: no set made for them
+                continue
+            for owner in sorted(owners[destination_id] - {key}):
                 if owner in flight.archived or flying.get(owner, destination_id) != destination_id:
                     continue  # the batch being committed moved or archived it
                 candidates.setdefault(key, []).append(owner)
