@@ -117,3 +117,10 @@ def test_field_hashes_tell_which_fields_changed():
     assert columns.changed_fields(None, new, names) is None, "nothing kept: cannot tell"
     assert columns.changed_fields(old, new, ["city", "email"]) is None, "other fields"
     assert columns.changed_fields('{"city": "abc"}', new, names) is None, "an older format"
+
+
+def test_a_payload_holding_text_that_was_no_utf8_hashes_as_content_hash_does():
+    record = {"name": "Bj\udcf6rk", "city": None, "n": 3}  # Latin-1 bytes kept as surrogates
+    values = {name: [value] for name, value in record.items()}
+    texts = {name: columns.json_texts(column) for name, column in values.items()}
+    assert columns.content_hashes(columns.record_texts(texts)) == [content_hash(record)]

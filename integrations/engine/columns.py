@@ -142,9 +142,10 @@ def record_texts(texts: Mapping[str, Sequence[str]]) -> list[str]:
 
 
 def content_hashes(record_texts: Sequence[str]) -> list[str]:
-    """md5 of each record's canonical JSON: `hashing.content_hash`, record by record."""
+    """md5 of each record's canonical JSON: `hashing.content_hash`, record by record (a lone
+    surrogate too, as its code point: a dead letter's payload may hold text that was no UTF-8)."""
     return [
-        hashlib.md5(text.encode("utf-8"), usedforsecurity=False).hexdigest()
+        hashlib.md5(text.encode("utf-8", "surrogatepass"), usedforsecurity=False).hexdigest()
         for text in record_texts
     ]
 

@@ -1720,13 +1720,29 @@ class Sync(ErrorBudget, DestinationIds):
     def _letters(
         self, rows: pd.DataFrame, rejections: list[RowRejection], kind: str
     ) -> list[DeadLetter]:
-        payloads = _json_ready(rows.loc[[rejection.index for rejection in rejections]])
+        values = columns.ready_columns(rows.loc[[rejection.index for rejection in rejections]])
+        # Their payloads' content hashes a column at a time, as the diff hashes records.
+        digests = columns.content_hashes(
+            columns.record_texts(
+                {name: columns.json_texts(column) for name, column in values.items()}
+            )
+        )
         return [
-            self._letter(str(rejection.index), kind, rejection.reason, payload)
-            for rejection, payload in zip(rejections, payloads, strict=True)
+            self._letter(str(rejection.index), kind, rejection.reason, payload, digest)
+            for rejection, payload, digest in zip(
+                rejections, columns.records(values), digests, strict=True
+            )
         ]
 
-    def _letter(self, key: str, kind: str, reason: str, payload: dict[str, object]) -> DeadLetter:
+    def _letter(
+        self,
+        key: str,
+        kind: str,
+        reason: str,
+        payload: dict[str, object],
+        digest: str | None = None,
+    ) -> DeadLetter:
+        """`digest`: the payload's content hash, when known."""
         trace = correlation_id(self.run_id, self.spec.name, key)
         return DeadLetter(
             flow=self.spec.name,
@@ -1734,7 +1750,7 @@ class Sync(ErrorBudget, DestinationIds):
             reason_kind=kind,
             reason=reason,
             payload=payload,
-            content_hash=content_hash(payload),
+            content_hash=digest or content_hash(payload),
             correlation_id=trace,
         )
 
