@@ -38,7 +38,7 @@ def test_column_texts_are_the_canonical_encoding_of_each_record(rows):
     frame = _frame(rows)
     values = columns.ready_columns(frame)
     records = columns.records(values)
-    texts = {name: columns.json_texts(column) for name, column in values.items()}
+    texts = columns.texts_of(values)
     assert columns.record_texts(texts) == [canonical_json(record) for record in records]
     assert columns.content_hashes(columns.record_texts(texts)) == [
         content_hash(record) for record in records
@@ -122,5 +122,5 @@ def test_field_hashes_tell_which_fields_changed():
 def test_a_payload_holding_text_that_was_no_utf8_hashes_as_content_hash_does():
     record = {"name": "Bj\udcf6rk", "city": None, "n": 3}  # Latin-1 bytes kept as surrogates
     values = {name: [value] for name, value in record.items()}
-    texts = {name: columns.json_texts(column) for name, column in values.items()}
+    texts = columns.texts_of(values)
     assert columns.content_hashes(columns.record_texts(texts)) == [content_hash(record)]

@@ -123,6 +123,11 @@ def json_texts(values: Sequence[object]) -> list[str]:
     return ["null" if value is None else next(found) for value in values]
 
 
+def texts_of(values: Mapping[str, Sequence[object]]) -> dict[str, list[str]]:
+    """Each column's values' canonical JSON texts (`json_texts`)."""
+    return {name: json_texts(column) for name, column in values.items()}
+
+
 def record_texts(texts: Mapping[str, Sequence[str]]) -> list[str]:
     """Each record's canonical JSON (keys sorted), from its values' texts: the records' pieces in
     one list, joined once and split at a NUL between records (JSON escapes any NUL it holds)."""

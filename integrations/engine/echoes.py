@@ -52,10 +52,7 @@ def _matching(
     values = columns.ready_columns(rows.loc[keys, [names[at] for at in shown]])
     values = {name: values.get(name, [None] * len(keys)) for name in names}
     emptied = {name: [None if v == "" else v for v in column] for name, column in values.items()}
-    as_read, as_null = (
-        columns.field_hashes({name: columns.json_texts(column) for name, column in some.items()})
-        for some in (values, emptied)
-    )
+    as_read, as_null = (columns.field_hashes(columns.texts_of(some)) for some in (values, emptied))
     return [
         key
         for key, read, nulled in zip(keys, as_read, as_null, strict=True)

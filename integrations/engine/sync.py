@@ -1283,7 +1283,7 @@ class Sync(ErrorBudget, DestinationIds):
         keys = valid.index.tolist()
         in_sync: list[str] = []
         values = columns.ready_columns(valid)
-        texts = {name: columns.json_texts(column) for name, column in values.items()}
+        texts = columns.texts_of(values)
         wholes = columns.record_texts(texts)
         hashes = columns.content_hashes(wholes)
         ledger = self._ledger_entries(keys + list(gone.index))
@@ -1722,11 +1722,7 @@ class Sync(ErrorBudget, DestinationIds):
     ) -> list[DeadLetter]:
         values = columns.ready_columns(rows.loc[[rejection.index for rejection in rejections]])
         # Their payloads' content hashes a column at a time, as the diff hashes records.
-        digests = columns.content_hashes(
-            columns.record_texts(
-                {name: columns.json_texts(column) for name, column in values.items()}
-            )
-        )
+        digests = columns.content_hashes(columns.record_texts(columns.texts_of(values)))
         return [
             self._letter(str(rejection.index), kind, rejection.reason, payload, digest)
             for rejection, payload, digest in zip(
