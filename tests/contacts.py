@@ -6,8 +6,8 @@ from integrations.engine.sync import Sync
 from integrations.sql.source import SqlSource
 
 
-def sync(erp, crm_client, state, run_id="run-1", full=False, log=None):
-    source = SqlSource(erp, CRM_CONTACTS.source)
+def sync(erp, crm_client, state, run_id="run-1", full=False, log=None, arrow=True):
+    source = SqlSource(erp, CRM_CONTACTS.source, arrow=arrow)
     destination = CrmObjects(crm_client, "contacts", "erp_customer_id")
     return Sync(
         CRM_CONTACTS, source, destination, state, run_id=run_id, actor="test", why="manual", log=log

@@ -4,7 +4,7 @@ Each point names a phase and an occurrence: the harness forks a child process th
 flow through the real engine, real databases and the real destination, and kills itself with
 SIGKILL when the point is reached. The phases:
 
-- `extract`: after the n-th query to the source has returned rows (mid-extract);
+- `extract`: after the n-th batch read from the source has arrived (mid-extract);
 - `mid-load`: before the n-th write call to the destination (earlier chunks of the batch are
   in the destination, not in the ledger);
 - `after-load`: after the n-th write call returned (the destination has it, the ledger not);
@@ -103,12 +103,15 @@ def _arm(point: KillPoint, source, destination, state) -> None:
         return phase == point.phase and seen[phase] == point.nth
 
     if point.phase == "extract":
+        batches = source.batches
 
-        @sa.event.listens_for(source.engine, "after_cursor_execute")
-        def _(conn, cursor, statement, *args):
-            # PostgreSQL's extract declares a cursor for its SELECT (integrations/sql/source.py).
-            if statement.lstrip().upper().startswith(("SELECT", "DECLARE")) and count("extract"):
-                _die()
+        def extracting(*args, **kwargs):
+            for batch in batches(*args, **kwargs):
+                if count("extract"):
+                    _die()
+                yield batch
+
+        source.batches = extracting
 
     if point.phase in ("mid-load", "after-load"):
         upsert = destination.upsert

@@ -182,9 +182,10 @@ def test_a_row_a_source_view_fails_on_stops_the_run_without_its_value(
         sync.run()
     said = told(stopped.value)
     assert PERSON not in said and PERSON not in caplog.text
+    # The server's complaint (read through Arrow, the failed stream gives no condition name)
     assert str(stopped.value).startswith(
         "flow test_dated_lines: the source database refused a read of source_lines: "
-        "InvalidTextRepresentation: invalid input syntax for type double precision"
     )
+    assert "invalid input syntax for type double precision" in str(stopped.value)
     assert "What to do: a rerun alone will not cure it" in str(stopped.value)
     engine.dispose()

@@ -154,7 +154,9 @@ def test_a_read_stopped_early_leaves_no_query_running(postgres_database):
 
 
 def test_a_connection_lost_before_the_stream_is_unavailable(postgres_database):
-    engine, source = _seeded(postgres_database, 300)
+    """The classic read's cursor (the Arrow read's: tests/test_sql_arrow_reads.py)."""
+    engine, _ = _seeded(postgres_database, 300)
+    source = SqlSource(engine, CUSTOMERS, arrow=False)
     cut = []
 
     @sa.event.listens_for(engine, "after_cursor_execute")

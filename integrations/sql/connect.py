@@ -48,7 +48,7 @@ def normalise_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def _zone_given(engine: sa.Engine) -> bool:
+def zone_given(engine: sa.Engine) -> bool:
     """Whether whoever configured the connection chose its session time zone: in the URL (libpq
     `options`, a MariaDB `init_command`) or in libpq's environment (PGOPTIONS, PGTZ)."""
     said = [str(value) for value in engine.url.query.values()]
@@ -72,7 +72,7 @@ def create_engine(url: str) -> sa.Engine:
     keys a repair read and the records a write sent (emails, names) in the text of every error a
     statement raised, and of every error raised from one, into logs and Dagster's event log."""
     engine = sa.create_engine(normalise_url(url), pool_pre_ping=True, hide_parameters=True)
-    in_utc = not _zone_given(engine)
+    in_utc = not zone_given(engine)
     if engine.dialect.name == "sqlite":
 
         @sa.event.listens_for(engine, "connect")
@@ -171,7 +171,7 @@ def unreachable(error: sa.exc.StatementError | None) -> bool:
     sqlstate = getattr(original, "sqlstate", None)
     # PostgreSQL's, by its SQLSTATE (PyMySQL's errors carry one too, MariaDB's: codes tell more)
     if isinstance(original, psycopg.Error) and sqlstate is not None:
-        return sqlstate[:2] in _PG_UNAVAILABLE_CLASSES or sqlstate in _PG_CORRUPT
+        return postgresql_unavailable(sqlstate)
     if not isinstance(error, sa.exc.OperationalError):
         return False
     if isinstance(original, sqlite3.Error):
@@ -215,6 +215,11 @@ _QUOTED_VALUE = re.compile(
     r"((?:entry|value|text):? )'.*?'(?= for |$)|(: )\".*\"$|(value )\".*\"(?= is out of range)",
     re.IGNORECASE,
 )
+
+
+def postgresql_unavailable(sqlstate: str) -> bool:
+    """Whether PostgreSQL's SQLSTATE says the server cannot be used, whatever the statement."""
+    return sqlstate[:2] in _PG_UNAVAILABLE_CLASSES or sqlstate in _PG_CORRUPT
 
 
 def without_values(message: str) -> str:

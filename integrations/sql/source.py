@@ -14,11 +14,13 @@ zoned column (`timestamptz`) is compared with `since` as that instant, and the n
 comes back in UTC; a window's bounds become UTC wall-clock times for a column without a zone, so
 the session's time zone does not move a partition.
 
-On PostgreSQL (psycopg), SQLAlchemy declares the cursor and psycopg streams `FETCH ALL` from it in
-chunks of a batch: the server sends rows as it produces them, with no round trip per batch, and
-they arrive as plain tuples, without SQLAlchemy's per-row objects (a third less time than
-SQLAlchemy's own streaming). Elsewhere (PyMySQL's SSCursor, SQLite's stepping) SQLAlchemy streams
-the rows.
+On PostgreSQL, a query whose columns Arrow holds as psycopg's values would be (integers, text,
+dates and times without a zone, floats, booleans) is read through ADBC, as binary COPY decoded
+in C++ (see integrations/sql/arrow_reads.py). For any other, SQLAlchemy declares the cursor and
+psycopg streams `FETCH ALL` from it in chunks of a batch: the server sends rows as it produces
+them, with no round trip per batch, and they arrive as plain tuples, without SQLAlchemy's
+per-row objects (a third less time than SQLAlchemy's own streaming). Elsewhere (PyMySQL's
+SSCursor, SQLite's stepping) SQLAlchemy streams the rows.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from sqlalchemy.sql.expression import ClauseElement, Executable
 from integrations.engine.source import FAR_FUTURE, SourceReadFailed, SourceUnavailable
 from integrations.engine.spec import RecentTotal, SourceTable
 from integrations.engine.state import looked_back
+from integrations.sql.arrow_reads import ArrowRead, arrow_readable
 from integrations.sql.connect import driver_complaint, raise_on_lost_connection, timestamps_in_utc
 
 
@@ -74,9 +77,11 @@ def _compile_declare(element: _DeclareCursor, compiler, **kw) -> str:
 
 
 class SqlSource:
-    def __init__(self, engine: sa.Engine, spec: SourceTable):
+    def __init__(self, engine: sa.Engine, spec: SourceTable, arrow: bool = True):
+        """`arrow=False` reads PostgreSQL through psycopg's cursor alone, never through Arrow."""
         self.engine = engine
         self.spec = spec
+        self._through_arrow = arrow
         raise_on_lost_connection(engine, SourceUnavailable, f"the source database of {spec.table}")
         # Identifiers from configuration are checked against the reflected schema, never interpolated.
         try:
@@ -376,6 +381,36 @@ class SqlSource:
 
     def _frames(self, query: sa.Select, batch_size: int) -> Iterator[pd.DataFrame]:
         """The rows of `query`, streamed, as frames of `batch_size` rows (none when empty)."""
+        arrow = self._arrow and self._arrow.frames(query, batch_size, self.columns)
+        if arrow:
+            yield from self._arrow_frames(arrow, batch_size)
+            return
+        yield from self._classic_frames(query, batch_size)
+
+    @functools.cached_property
+    def _arrow(self) -> ArrowRead | None:
+        """The reads through Arrow (see integrations/sql/arrow_reads.py), when the table's
+        columns (its lookups' and totals' too) all come through it as they would without."""
+        if not (self._through_arrow and arrow_readable(self.engine)):
+            return None
+        arrow = ArrowRead(self.engine, self.spec.table)
+        try:
+            return arrow if arrow.holds(self.select) else None
+        except SourceReadFailed:  # a type the driver cannot describe: the classic read may
+            return None
+
+    def _arrow_frames(self, frames: Iterator, batch_size: int) -> Iterator[pd.DataFrame]:
+        for frame in frames:
+            if isinstance(frame, pd.DataFrame):
+                yield frame
+                continue
+            # A time Python cannot hold: these rows again, read the classic way, which keeps it
+            # as PostgreSQL's text for the contract to dead-letter.
+            keys = frame.column(self.spec.key).to_pylist()
+            again = self.select.where(self.key.in_(keys)).order_by(*self.order)
+            yield from self._classic_frames(again, batch_size)
+
+    def _classic_frames(self, query: sa.Select, batch_size: int) -> Iterator[pd.DataFrame]:
         with self._reading() as connection:
             if connection.dialect.driver == "psycopg":
                 yield from self._psycopg_frames(connection, query, batch_size)
