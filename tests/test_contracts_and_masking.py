@@ -19,6 +19,7 @@ from pandera.typing import Series
 from assets.crm_contacts import customer_to_contact
 from integrations import contracts
 from integrations.contracts import Contract
+from integrations.contracts.contract import _not_utf8
 from integrations.contracts.crm_contact import CRM_CONTACT
 from integrations.contracts.erp_customer import ERP_CUSTOMER
 from integrations.contracts.erp_invoice import ERP_INVOICE
@@ -353,6 +354,13 @@ def test_text_that_is_not_utf8_is_refused_in_a_column_with_nulls_or_without():
         ("3", "erp.customer@v2: city is not UTF-8 text; country is missing"),
     ]
     assert list(verdict.valid.index) == ["1", "4"]
+
+
+@pytest.mark.parametrize("others", [[None, ""], [float("nan"), ""], [7, None], ["", ""]], ids=str)
+def test_text_that_is_not_utf8_is_found_beside_nulls_empty_text_and_numbers(others):
+    values = pd.Series(["a", *others, "b\udcff", "c"], index=list("vwxyz"))
+    assert _not_utf8(values) == ["y"]
+    assert _not_utf8(values.drop("y")) == []
 
 
 # Parts of addresses, mostly clean: ASCII's (a column of them is read at once), with ASCII's

@@ -326,10 +326,19 @@ def _not_utf8(values: pd.Series) -> list[object]:
         try:
             "".join(texts).encode()  # in C, without a pass for nulls where there are none
         except TypeError:  # a null, or a value that is no str
-            "".join(value for value in texts if isinstance(value, str)).encode()
+            _texts_alone(texts)
     except UnicodeEncodeError:
         return [index for index, value in values.items() if holds_surrogates(value)]
     return []
+
+
+def _texts_alone(texts: np.ndarray) -> None:
+    """Encode the texts among `texts`: those left once None and empty text are (in C, half the
+    time of a test of each value), or, when a value is no text (NaN, a number), each text."""
+    try:
+        "".join(filter(None, texts)).encode()
+    except TypeError:
+        "".join(value for value in texts if isinstance(value, str)).encode()
 
 
 def holds_surrogates(value: object) -> bool:
