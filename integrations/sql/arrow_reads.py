@@ -115,11 +115,10 @@ class ArrowRead:
                 yield cursor
         except adbc_driver_manager.Error as error:
             sqlstate = getattr(error, "sqlstate", None) or ""
-            lost = (
-                postgresql_unavailable(sqlstate)
-                if sqlstate
-                else (isinstance(error, adbc_driver_manager.OperationalError))
-            )
+            if sqlstate:
+                lost = postgresql_unavailable(sqlstate)
+            else:  # a connection refused, closed or reset
+                lost = isinstance(error, adbc_driver_manager.OperationalError)
             raise self._failed(_complaint(error, sqlstate), sqlstate, lost) from None
         except OSError as error:  # the stream's: libpq's message, without a SQLSTATE
             raise self._failed(_complaint(error), "", _lost_in_stream(str(error))) from None
@@ -226,10 +225,12 @@ def _frame(table: pa.Table) -> pd.DataFrame:
     odd = {at: _odd(values) for at, values in enumerate(table.columns)}
     odd = {at: column for at, column in odd.items() if column is not None}
     plain = table.select([at for at in range(table.num_columns) if at not in odd])
-    wider = [pa.int64() if field.type in _INTEGERS else field.type for field in plain.schema]
-    frame = plain.cast(
-        pa.schema([field.with_type(kind) for field, kind in zip(plain.schema, wider, strict=True)])
-    ).to_pandas(deduplicate_objects=False, coerce_temporal_nanoseconds=True)
+    wider = [
+        field.with_type(pa.int64()) if field.type in _INTEGERS else field for field in plain.schema
+    ]
+    frame = plain.cast(pa.schema(wider)).to_pandas(
+        deduplicate_objects=False, coerce_temporal_nanoseconds=True
+    )
     for at, column in sorted(odd.items()):
         frame.insert(at, table.column_names[at], column)
     return frame
