@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pandas as pd
 import psycopg
 import pytest
@@ -46,6 +48,14 @@ INSERT INTO beyond VALUES
 """
 
 
+def _database_with(postgres_database, sql: str) -> str:
+    """A fresh database, `sql` run in it."""
+    url = postgres_database()
+    with psycopg.connect(url) as connection:
+        connection.execute(sql)
+    return url
+
+
 def _sources(url: str, table: str, key: str = "id") -> tuple[SqlSource, SqlSource]:
     """The table's source read through Arrow, and one read the classic way."""
     engine = create_engine(url)
@@ -69,9 +79,7 @@ def _same_frames(arrow: SqlSource, classic: SqlSource, batch_size: int) -> list[
 @pytest.mark.parametrize("batch_size", [1, 4, 5, 100])
 def test_frames_through_arrow_are_the_classic_reads(postgres_database, batch_size):
     """Batches of nulls alone, of values alone and of both, cut across ADBC's own batches."""
-    url = postgres_database()
-    with psycopg.connect(url) as connection:
-        connection.execute(HELD)
+    url = _database_with(postgres_database, HELD)
     frames = _same_frames(*_sources(url, "held"), batch_size)
     assert sum(map(len, frames)) == 12
 
@@ -79,9 +87,7 @@ def test_frames_through_arrow_are_the_classic_reads(postgres_database, batch_siz
 def test_times_python_cannot_hold_are_read_again_as_text(postgres_database):
     """±infinity, a year past 9999 or before Christ: ADBC gives no such time, so their batch
     is read the classic way, which keeps PostgreSQL's text for the contract to refuse."""
-    url = postgres_database()
-    with psycopg.connect(url) as connection:
-        connection.execute(BEYOND)
+    url = _database_with(postgres_database, BEYOND)
     frames = _same_frames(*_sources(url, "beyond"), 2)
     assert frames[0]["moment"].tolist()[1] == "infinity"
     assert frames[1]["day"].tolist()[0] == "0044-03-15 BC"
@@ -106,25 +112,23 @@ def test_a_column_arrow_does_not_serve_is_read_the_classic_way(postgres_database
 
 def test_a_key_with_a_quote_is_found_through_arrow(postgres_database):
     """The keys of a repair are written into the SQL by SQLAlchemy's literal rendering."""
-    url = postgres_database()
-    with psycopg.connect(url) as connection:
-        connection.execute(
-            "CREATE TABLE quoted (id text PRIMARY KEY, updated_at timestamp);"
-            "INSERT INTO quoted VALUES ('O''Brien', now()), ('back\\slash', now()), ('x', now())"
-        )
+    url = _database_with(
+        postgres_database,
+        "CREATE TABLE quoted (id text PRIMARY KEY, updated_at timestamp);"
+        "INSERT INTO quoted VALUES ('O''Brien', now()), ('back\\slash', now()), ('x', now())",
+    )
     arrow, _ = _sources(url, "quoted")
     (frame,) = arrow.rows_with_keys(["O'Brien", "back\\slash", "not a key"], 10)
     assert sorted(frame["id"]) == ["O'Brien", "back\\slash"]
 
 
 def test_a_refused_read_names_the_table_but_no_value(postgres_database):
-    url = postgres_database()
-    with psycopg.connect(url) as connection:
-        connection.execute(
-            "CREATE TABLE people (id int PRIMARY KEY, updated_at timestamp, email text);"
-            "INSERT INTO people VALUES (1, now(), 'ann@example.com');"
-            "CREATE VIEW numbered AS SELECT id, updated_at, email::int AS email FROM people"
-        )
+    url = _database_with(
+        postgres_database,
+        "CREATE TABLE people (id int PRIMARY KEY, updated_at timestamp, email text);"
+        "INSERT INTO people VALUES (1, now(), 'ann@example.com');"
+        "CREATE VIEW numbered AS SELECT id, updated_at, email::int AS email FROM people",
+    )
     arrow, _ = _sources(url, "numbered")
     with pytest.raises(SourceReadFailed, match="refused a read of numbered") as refused:
         list(arrow.batches(None, 10))
@@ -132,16 +136,21 @@ def test_a_refused_read_names_the_table_but_no_value(postgres_database):
     assert "SELECT" not in str(refused.value), "no SQL (it holds a read's values)"
 
 
-def test_a_connection_lost_mid_stream_is_unavailable(postgres_database):
-    url = postgres_database()
-    with psycopg.connect(url) as connection:
-        connection.execute(
-            "CREATE TABLE wide (id int PRIMARY KEY, updated_at timestamp, note text);"
-            "INSERT INTO wide SELECT n, now(), repeat('x', 200) FROM generate_series(1, 200000) n"
-        )
+def _streaming(postgres_database, rows: int) -> tuple[str, SqlSource, Iterator[pd.DataFrame]]:
+    """A read through Arrow of `rows` wide rows, its first batch taken, the stream still open."""
+    url = _database_with(
+        postgres_database,
+        "CREATE TABLE wide (id int PRIMARY KEY, updated_at timestamp, note text);"
+        f"INSERT INTO wide SELECT n, now(), repeat('x', 200) FROM generate_series(1, {rows}) n",
+    )
     arrow, _ = _sources(url, "wide")
     batches = arrow.batches(None, 1000)
     next(batches)
+    return url, arrow, batches
+
+
+def test_a_connection_lost_mid_stream_is_unavailable(postgres_database):
+    url, arrow, batches = _streaming(postgres_database, 200000)
     with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
         admin.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
@@ -154,15 +163,7 @@ def test_a_connection_lost_mid_stream_is_unavailable(postgres_database):
 
 
 def test_a_read_through_arrow_stopped_early_leaves_no_session(postgres_database):
-    url = postgres_database()
-    with psycopg.connect(url) as connection:
-        connection.execute(
-            "CREATE TABLE wide (id int PRIMARY KEY, updated_at timestamp, note text);"
-            "INSERT INTO wide SELECT n, now(), repeat('x', 200) FROM generate_series(1, 50000) n"
-        )
-    arrow, _ = _sources(url, "wide")
-    batches = arrow.batches(None, 1000)
-    next(batches)
+    url, _, batches = _streaming(postgres_database, 50000)
     batches.close()  # what a run that fails on its first batch does
     with psycopg.connect(url, autocommit=True) as connection:
         copying = connection.execute(
