@@ -166,6 +166,46 @@ def test_a_new_postgresql_store_matches_keys_byte_by_byte_and_an_older_one_keeps
     }
 
 
+_LEDGER_UPDATES = sa.text(
+    "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'ledger'"
+)
+
+
+@pytest.mark.postgres
+def test_a_postgresql_ledger_updates_known_records_in_place_new_store_or_older(
+    postgres_database,
+):
+    """A known record's write changes none of the ledger's indexed columns: with room left on
+    its page, PostgreSQL keeps the new version beside the old one (a HOT update) and adds no
+    index entries. A store made before gains that room for its pages from then on."""
+    for older in (False, True):
+        url = postgres_database()
+        if older:
+            older_store(url)
+        store = StateStore(url, dlq_key=DLQ_KEY)
+        try:
+            with store.engine.connect() as connection:
+                options = connection.exec_driver_sql(
+                    "SELECT reloptions FROM pg_class WHERE relname = 'ledger'"
+                ).scalar()
+            assert options == ["fillfactor=90"]
+            # 1,000 records written, then one in twenty changed (as an incremental run would)
+            for digest, keys in (("h1", range(1000)), ("h2", range(0, 1000, 20))):
+                entries = {str(n): LedgerEntry(digest, f"d{n}", False, digest) for n in keys}
+                store.commit_batch(BatchCommit("g", digest, synced=entries))
+            deadline = time.monotonic() + 10  # a session reports its counts within a second
+            while time.monotonic() < deadline:
+                with store.engine.connect() as connection:
+                    updates = connection.execute(_LEDGER_UPDATES).one()
+                if updates[0] >= 50:
+                    break
+                time.sleep(0.2)
+            assert updates == (50, 50), "every update in place"
+            assert store.ledger_entries("g", ["20"])["20"].content_hash == "h2"
+        finally:
+            store.dispose()
+
+
 def test_a_column_that_cannot_be_added_is_named_with_what_to_do_and_nothing_changes(state_url):
     older_store(state_url, sealed_audit=False)
     with pytest.raises(SchemaOutdated) as outdated:
