@@ -51,6 +51,10 @@ def asked(state: StateStore, monkeypatch) -> dict[str, list[str]]:
     def committed(batch, audit=None):
         settled = batch.lettered if batch.lettered is not None else [*batch.synced]
         seen["settled"] += [*settled]
+        refreshed = batch.letters_open
+        if refreshed is None:
+            refreshed = [letter.record_key for letter in batch.dead_letters]
+        seen["refreshed"] += [*refreshed]
         return commit(batch, audit)
 
     monkeypatch.setattr(state, "commit_batch", committed)
@@ -102,8 +106,8 @@ def test_a_first_sync_asks_the_state_store_nothing_it_did_not_write(tmp_path, st
     seen = asked(state, monkeypatch)
     result = first_sync(engine, state, SqlSource(engine, SOURCE))
     assert (result.written, result.batches) == (6, 3)
-    assert {name: seen[name] for name in [*LOOKUPS, "settled"]} == {
-        name: [] for name in [*LOOKUPS, "settled"]
+    assert {name: seen[name] for name in [*LOOKUPS, "settled", "refreshed"]} == {
+        name: [] for name in [*LOOKUPS, "settled", "refreshed"]
     }
     with engine.begin() as connection:
         connection.execute(
@@ -155,6 +159,24 @@ def test_a_record_read_twice_in_a_first_sync_is_diffed_against_its_first_write(
     assert set(seen["live_owners"]) == {"L1"}
     assert sorted(seen["held_letter_hashes"]) == ["2", "6"]
     assert sorted(seen["settled"]) == ["2", "6"]
+    assert seen["refreshed"] == [], "no letter stood as it began, nor was one opened twice"
+    engine.dispose()
+
+
+def test_a_record_refused_twice_in_a_first_sync_keeps_one_letter(sql_database, state, monkeypatch):
+    """Line 2 is refused in the first batch, and again when it comes back still without an
+    amount: the second refusal is looked for and refreshes the first letter (one letter, two
+    attempts); no other key's letter is looked for."""
+    engine = create_engine(sql_database())
+    source_lines(engine, [datetime(2025, 1, 1, hour) for hour in range(6)])
+    with engine.begin() as connection:
+        connection.execute(sa.text("UPDATE source_lines SET amount = NULL WHERE id = 2"))
+    seen = asked(state, monkeypatch)
+    result = first_sync(engine, state, ReadTwice(engine, {2: {"memo": "again"}}))
+    assert result.counts["rejected"] == 2
+    letters = state.list_dead_letters(SPEC.name)
+    assert [(letter.record_key, letter.attempts) for letter in letters] == [("2", 2)]
+    assert seen["refreshed"] == ["2"]
     engine.dispose()
 
 

@@ -520,6 +520,8 @@ class BatchCommit:
     retried: bool = False
     # The fence its run took the flow's lock as (StateStore.flow_lock); None: no lock to check.
     fence: int | None = None
+    # Of the dead letters' keys, those that may have an open letter to refresh (None: any).
+    letters_open: Sequence[str] | None = None
 
 
 def _chunks(items: Sequence[object], dialect: str) -> Iterator[Sequence[object]]:
@@ -1207,7 +1209,12 @@ class StateStore:
                 self._claim(connection, batch)
             if batch.dead_letters:
                 self._put_dead_letters(
-                    connection, batch.run_id, batch.dead_letters, now, keep_runs=batch.retried
+                    connection,
+                    batch.run_id,
+                    batch.dead_letters,
+                    now,
+                    keep_runs=batch.retried,
+                    may_be_open=batch.letters_open,
                 )
             if batch.watermark is not None:
                 connection.execute(
@@ -1572,17 +1579,23 @@ class StateStore:
         letters: Iterable[DeadLetter],
         now: datetime,
         keep_runs: bool = False,
+        may_be_open: Sequence[str] | None = None,
     ) -> None:
         """Open the letters, or refresh the open ones of their records; those keep their runs
-        when `keep_runs` (see BatchCommit.retried)."""
+        when `keep_runs` (see BatchCommit.retried). Open letters are looked for only under the
+        keys `may_be_open` (None: under every key)."""
         letters = list(letters)
         flow_keys = {(letter.flow, letter.record_key) for letter in letters}
+        flows = sorted({flow for flow, _ in flow_keys})
+        if may_be_open is not None:
+            maybe = set(may_be_open)
+            flow_keys = {(flow, key) for flow, key in flow_keys if key in maybe}
         existing: dict[tuple[str, str], int] = {}
         dialect = connection.dialect.name
         if dialect == "postgresql":  # two runs of a flow (a backfill beside a schedule) take
             # turns from the lookup to the commit: else both found no open letter for a record
             # and each opened one.
-            for flow in sorted({flow for flow, _ in flow_keys}):
+            for flow in flows:
                 connection.execute(
                     sa.text("SELECT pg_advisory_xact_lock(CAST(:space AS int), hashtext(:flow))"),
                     {"space": _LETTERS_LOCK, "flow": flow},

@@ -1425,9 +1425,13 @@ class Sync(ErrorBudget, DestinationIds):
         return detail
 
     def _commit_batch(self, batch: BatchCommit, audit: dict[str, object]) -> None:
-        """Commit `batch`; a first sync settles only the letters it may have opened."""
+        """Commit `batch`; a first sync settles, and refreshes, only the letters it may have
+        opened."""
         first = self._first_sync
         batch.lettered = first.letters.to_look_up([*batch.synced, *batch.resolved])
+        batch.letters_open = first.letters.to_look_up(
+            [letter.record_key for letter in batch.dead_letters]
+        )
         batch.fence = self._fence
         first.committing(batch)
         try:
