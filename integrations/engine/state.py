@@ -50,7 +50,7 @@ metadata = sa.MetaData()
 _FLOW = sa.String(120).with_variant(postgresql.VARCHAR(120, collation="C"), "postgresql")
 _KEY = sa.String(255).with_variant(postgresql.VARCHAR(255, collation="C"), "postgresql")
 
-LEDGER_FILLFACTOR = 90
+_LEDGER_FILLFACTOR = 90
 ledger = sa.Table(
     "ledger",
     metadata,
@@ -72,7 +72,7 @@ ledger = sa.Table(
     # Room on each page for a row's next version: a write of a known record changes no indexed
     # column, so PostgreSQL keeps the new version beside the old one (a HOT update) and adds no
     # index entries (half the time of an incremental run's ledger upsert, for 9% more pages).
-    postgresql_with={"fillfactor": LEDGER_FILLFACTOR},
+    postgresql_with={"fillfactor": _LEDGER_FILLFACTOR},
 )
 
 cursors = sa.Table(
@@ -270,21 +270,27 @@ def _append_only(connection) -> bool:
     return standing == len(AUDIT_TABLES)
 
 
+def _settle(connection) -> None:
+    """What the tables' metadata does not bring to a store: the audit tables' append-only
+    triggers, and in a PostgreSQL store made before it the ledger's room for updates (see
+    `ledger`; its pages from then on)."""
+    _make_append_only(connection)
+    if connection.dialect.name == "postgresql" and not _ledger_filled_so(connection):
+        connection.exec_driver_sql(f"ALTER TABLE ledger SET (fillfactor = {_LEDGER_FILLFACTOR})")
+
+
 def _make_append_only(connection) -> None:
-    """The audit tables' append-only triggers, where any is missing; and the ledger's room for
-    updates (see `ledger`) in a PostgreSQL store made before it (its pages from then on)."""
+    """The audit tables' append-only triggers, where any is missing."""
     if not _append_only(connection):
         for statement in _APPEND_ONLY[connection.dialect.name]:
             connection.exec_driver_sql(statement)
-    if connection.dialect.name == "postgresql" and not _ledger_filled_so(connection):
-        connection.exec_driver_sql(f"ALTER TABLE ledger SET (fillfactor = {LEDGER_FILLFACTOR})")
 
 
 def _ledger_filled_so(connection) -> bool:
     options = connection.exec_driver_sql(
         "SELECT reloptions FROM pg_class WHERE oid = to_regclass('ledger')"
     ).scalar()
-    return f"fillfactor={LEDGER_FILLFACTOR}" in (options or [])
+    return f"fillfactor={_LEDGER_FILLFACTOR}" in (options or [])
 
 
 _LETTERS_LOCK = 7260419  # the advisory lock space of a flow's dead letters (see _put_dead_letters)
@@ -616,7 +622,7 @@ class StateStore:
         another just created) tries again."""
         for attempt in range(attempts):
             try:
-                create_or_evolve(self.engine, metadata, "the state store", then=_make_append_only)
+                create_or_evolve(self.engine, metadata, "the state store", then=_settle)
                 return
             except sa.exc.DBAPIError:
                 if attempt == attempts - 1:
