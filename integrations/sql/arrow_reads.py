@@ -4,9 +4,10 @@ It cost under half the CPU of psycopg's tuples made into a frame, and a full syn
 the GIL, which every other stage waits for, through most of that.
 
 It serves a query whose every column Arrow holds as psycopg's values would become in a frame:
-integers, text, booleans, dates and times without a zone, doubles. Any other (a numeric's
-Decimal, a real, a `timestamptz`, a range, an array, a uuid), or a query SQLAlchemy cannot
-write out with its values, is read the classic way (see integrations/sql/source.py). So is a
+integers, text, booleans, dates and times without a zone, doubles, and numerics (the driver's
+text of each, made a Decimal as psycopg makes PostgreSQL's own). Any other (a real, a
+`timestamptz`, a range, an array, a uuid), or a query SQLAlchemy cannot write out with its
+values, is read the classic way (see integrations/sql/source.py). So is a
 batch holding a time Python cannot hold (±infinity, a year past 9999 or before Christ): the
 classic read keeps those as PostgreSQL's text, for the contract to dead-letter; ADBC's driver
 gives no such value.
@@ -19,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from datetime import date, datetime, timedelta
+from decimal import Decimal
 
 import adbc_driver_manager
 import adbc_driver_postgresql.dbapi as adbc
@@ -170,12 +172,30 @@ def _written_out(query: sa.Select, dialect: sa.Dialect) -> str | None:
 def _held(kind: pa.DataType) -> bool:
     return (
         kind in _INTEGERS
+        or _numeric(kind)
         or kind in _TEXT
         or kind == pa.float64()  # a real's float32 is no text's digits (0.1)
         or kind == pa.bool_()
         or kind == pa.date32()
         or (pa.types.is_timestamp(kind) and kind.tz is None and kind.unit == "us")
     )
+
+
+def _numeric(kind: pa.DataType) -> bool:
+    """PostgreSQL's numeric, as the driver gives it: an opaque type over the value's text."""
+    return isinstance(kind, pa.OpaqueType) and kind.type_name == "numeric"
+
+
+def _decimals(values: pa.ChunkedArray) -> np.ndarray:
+    """A numeric column's values as Decimals (None for NULL). The driver writes each value's
+    digits as PostgreSQL does, its scale's zeros too ("10.50"), but for NaN and ±Infinity
+    ("nan", "inf"), which Decimal reads alike."""
+    texts = pa.chunked_array([chunk.storage for chunk in values.chunks], pa.string())
+    decimals = np.full(len(texts), None, dtype=object)
+    decimals[texts.is_valid().to_numpy(zero_copy_only=False)] = list(
+        map(Decimal, texts.drop_null().to_pylist())
+    )
+    return decimals
 
 
 def _rechunked(reader: pa.RecordBatchReader, size: int) -> Iterator[pa.Table]:
@@ -217,10 +237,10 @@ def _within_python(table: pa.Table) -> bool:
 
 
 def _frame(table: pa.Table) -> pd.DataFrame:
-    """The table as the classic read's frame: integers int64 (Int64 with nulls), text and
-    dates as Python objects, times in nanoseconds (Python's datetimes beyond them), floats
-    float64 (Float64 when one is the value NaN, kept apart from NULL), booleans bool (objects
-    with nulls), and a column of nulls alone as None. The columns pandas' own conversion of
+    """The table as the classic read's frame: integers int64 (Int64 with nulls), text, dates
+    and numerics (Decimals) as Python objects, times in nanoseconds (Python's datetimes beyond
+    them), floats float64 (Float64 when one is the value NaN, kept apart from NULL), booleans
+    bool (objects with nulls), and a column of nulls alone as None. The columns pandas' own conversion of
     the table gets right go through it at once (a third of the time, column by column)."""
     odd = {at: _odd(values) for at, values in enumerate(table.columns)}
     odd = {at: column for at, column in odd.items() if column is not None}
@@ -242,6 +262,8 @@ def _odd(values: pa.ChunkedArray) -> object | None:
     kind = values.type
     if values.null_count == len(values):
         return np.full(len(values), None, dtype=object)
+    if _numeric(kind):
+        return _decimals(values)
     if kind in _INTEGERS and values.null_count:
         return (
             values.cast(pa.int64()).to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get).array
