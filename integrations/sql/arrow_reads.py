@@ -100,7 +100,7 @@ class ArrowRead:
         with self._reading() as cursor:
             cursor.adbc_statement.set_options(**{_BATCH_BYTES: str(1 << 20)})
             cursor.execute(sql)
-            with closing(cursor.fetch_record_batch()) as reader:
+            with closing(_stream(cursor)) as reader:
                 for table in _rechunked(reader, batch_size):
                     table = table.rename_columns(names)
                     yield _frame(table) if _within_python(table) else table
@@ -122,7 +122,7 @@ class ArrowRead:
             else:  # a connection refused, closed or reset
                 lost = isinstance(error, adbc_driver_manager.OperationalError)
             raise self._failed(_complaint(error, sqlstate), sqlstate, lost) from None
-        except OSError as error:  # the stream's: libpq's message, without a SQLSTATE
+        except OSError as error:  # a stream's ADBC could not tell: libpq's message alone
             raise self._failed(_complaint(error), "", _lost_in_stream(str(error))) from None
 
     def _failed(self, complaint: str, sqlstate: str, lost: bool) -> Exception:
@@ -135,6 +135,13 @@ class ArrowRead:
         return SourceReadFailed(
             f"the source database refused a read of {self.what}: {complaint}{code}"
         )
+
+
+def _stream(cursor: adbc.Cursor) -> pa.RecordBatchReader:
+    """The cursor's result as ADBC's own reader (what its `fetch_record_batch` unwraps): a
+    refusal mid-stream (a statement timeout, a cancel, a standby's recovery conflict) is then
+    the driver's error, with its SQLSTATE, not pyarrow's OSError with libpq's words alone."""
+    return cursor._results.reader
 
 
 def _lost_in_stream(message: str) -> bool:
