@@ -23,7 +23,7 @@ HELD = """
 CREATE TABLE held (
     id int PRIMARY KEY, updated_at timestamp NOT NULL, small smallint, whole int, big bigint,
     double double precision, flag boolean, note text, code varchar(8), grade char(3),
-    day date, moment timestamp, amount numeric(12, 2), exact numeric
+    day date, moment timestamp, amount numeric(12, 2), exact numeric, instant timestamptz
 );
 INSERT INTO held
 SELECT n, timestamp '2024-01-01' + n * interval '1 hour',
@@ -38,7 +38,10 @@ SELECT n, timestamp '2024-01-01' + n * interval '1 hour',
        CASE WHEN n % 4 > 0 THEN (n - 6) * 1000.5 END,
        (ARRAY['NaN', 'Infinity', '-Infinity', '0', '0.000', '-10.50', '1e-40', '1e40',
               '123456789012345678901234567890.000000000123456789', NULL, '0.1', '100000000'])[n]
-       ::numeric
+       ::numeric,
+       CASE n WHEN 2 THEN timestamptz '9999-12-31 23:59:59.999999+00' WHEN 3 THEN NULL
+              WHEN 5 THEN '1500-06-01 12:00+00'
+              ELSE timestamptz '2024-03-31 00:30:00.5+01' + n * interval '1 hour' END
 FROM generate_series(1, 12) AS n
 """
 # Times Python cannot hold: the classic read keeps them as PostgreSQL's text.
@@ -102,18 +105,21 @@ def test_times_python_cannot_hold_are_read_again_as_text(postgres_database):
 
 
 def test_a_column_arrow_does_not_serve_is_read_the_classic_way(postgres_database):
-    """A real is the digits of its text (Arrow's float32 of 0.1 is not), a timestamptz an
-    instant in the session's zone: such a table is read as it was."""
+    """A real is the digits of its text (Arrow's float32 of 0.1 is not), and a timestamptz an
+    instant in the session's zone where the URL chose one (the driver's are in UTC): such a
+    table is read as it was."""
     url = postgres_database()
     with psycopg.connect(url) as connection:
         for kind in ("real", "timestamptz"):
             connection.execute(
                 f"CREATE TABLE {kind} (id int PRIMARY KEY, updated_at timestamp, v {kind})"
             )
-    engine = create_engine(url)
-    for table in ("real", "timestamptz"):
+    zoned = create_engine(f"{url}?options=-c%20timezone%3DEurope/Paris")
+    for engine, table in ((create_engine(url), "real"), (zoned, "timestamptz")):
         source = SqlSource(engine, SourceTable(table=table, key="id", deleted=None))
         assert source._arrow is None, table
+    in_utc = SqlSource(create_engine(url), SourceTable(table="timestamptz", key="id", deleted=None))
+    assert in_utc._arrow is not None
 
 
 def test_a_key_with_a_quote_is_found_through_arrow(postgres_database):

@@ -4,10 +4,10 @@ It cost under half the CPU of psycopg's tuples made into a frame, and a full syn
 the GIL, which every other stage waits for, through most of that.
 
 It serves a query whose every column Arrow holds as psycopg's values would become in a frame:
-integers, text, booleans, dates and times without a zone, doubles, and numerics (the driver's
-text of each, made a Decimal as psycopg makes PostgreSQL's own). Any other (a real, a
-`timestamptz`, a range, an array, a uuid), or a query SQLAlchemy cannot write out with its
-values, is read the classic way (see integrations/sql/source.py). So is a
+integers, text, booleans, dates, times without a zone and (in a session in UTC) with one,
+doubles, and numerics (the driver's text of each, made a Decimal as psycopg makes PostgreSQL's
+own). Any other (a real, a range, an array, a uuid), or a query SQLAlchemy cannot write out
+with its values, is read the classic way (see integrations/sql/source.py). So is a
 batch holding a time Python cannot hold (±infinity, a year past 9999 or before Christ): the
 classic read keeps those as PostgreSQL's text, for the contract to dead-letter; ADBC's driver
 gives no such value.
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import adbc_driver_manager
@@ -85,7 +85,7 @@ class ArrowRead:
             return False
         with self._reading() as cursor:
             schema = cursor.adbc_execute_schema(sql)
-        return all(_held(field.type) for field in schema)
+        return all(_held(field.type, self._in_utc) for field in schema)
 
     def frames(
         self, query: sa.Select, batch_size: int, names: list[str]
@@ -176,7 +176,10 @@ def _written_out(query: sa.Select, dialect: sa.Dialect) -> str | None:
     return str(compiled)
 
 
-def _held(kind: pa.DataType) -> bool:
+def _held(kind: pa.DataType, in_utc: bool) -> bool:
+    """Whether the classic read's frame holds the type's values as Arrow does. A timestamptz
+    only in a session in UTC: the classic read gives its instants in the session's zone, the
+    driver in UTC whatever the zone."""
     return (
         kind in _INTEGERS
         or _numeric(kind)
@@ -184,8 +187,12 @@ def _held(kind: pa.DataType) -> bool:
         or kind == pa.float64()  # a real's float32 is no text's digits (0.1)
         or kind == pa.bool_()
         or kind == pa.date32()
-        or (pa.types.is_timestamp(kind) and kind.tz is None and kind.unit == "us")
+        or (pa.types.is_timestamp(kind) and kind.unit == "us" and kind.tz in _ZONES[in_utc])
     )
+
+
+# The zones of the times a read holds: a timestamp's none, a timestamptz's UTC in a UTC session.
+_ZONES = {False: (None,), True: (None, "UTC")}
 
 
 def _numeric(kind: pa.DataType) -> bool:
@@ -278,5 +285,9 @@ def _odd(values: pa.ChunkedArray) -> object | None:
     if kind == pa.float64() and pc.any(pc.is_nan(values)).as_py():
         return pd.arrays.FloatingArray(values.to_numpy(), values.is_null().to_numpy())
     if pa.types.is_timestamp(kind) and not _within(_bounds(values, pa.int64()), _NANOSECOND_RANGE):
-        return values.to_pandas(timestamp_as_object=True).to_numpy()
+        moments = values.to_pandas(timestamp_as_object=True).to_numpy()
+        if kind.tz is None:
+            return moments
+        # psycopg's instants are in datetime's own UTC (Arrow's: a zoneinfo of that name)
+        return np.array([m and m.replace(tzinfo=UTC) for m in moments], dtype=object)
     return None
