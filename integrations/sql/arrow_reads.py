@@ -254,8 +254,9 @@ def _frame(table: pa.Table) -> pd.DataFrame:
     """The table as the classic read's frame: integers int64 (Int64 with nulls), text, dates
     and numerics (Decimals) as Python objects, times in nanoseconds (Python's datetimes beyond
     them), floats float64 (Float64 when one is the value NaN, kept apart from NULL), booleans
-    bool (objects with nulls), and a column of nulls alone as None. The columns pandas' own conversion of
-    the table gets right go through it at once (a third of the time, column by column)."""
+    bool (objects with nulls), and a column of nulls alone as None. The columns pandas' own
+    conversion of the table gets right go through it at once (a third of the time, column by
+    column)."""
     odd = {at: _odd(values) for at, values in enumerate(table.columns)}
     odd = {at: column for at, column in odd.items() if column is not None}
     plain = table.select([at for at in range(table.num_columns) if at not in odd])
