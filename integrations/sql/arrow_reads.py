@@ -187,12 +187,12 @@ def _held(kind: pa.DataType, in_utc: bool) -> bool:
         or kind == pa.float64()  # a real's float32 is no text's digits (0.1)
         or kind == pa.bool_()
         or kind == pa.date32()
-        or (pa.types.is_timestamp(kind) and kind.unit == "us" and kind.tz in _ZONES[in_utc])
+        or (
+            pa.types.is_timestamp(kind)
+            and kind.unit == "us"
+            and (kind.tz is None or (in_utc and kind.tz == "UTC"))
+        )
     )
-
-
-# The zones of the times a read holds: a timestamp's none, a timestamptz's UTC in a UTC session.
-_ZONES = {False: (None,), True: (None, "UTC")}
 
 
 def _numeric(kind: pa.DataType) -> bool:
